@@ -1,0 +1,42 @@
+"""What an engine run returns: the counters, the cycle count and why it stopped."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .. import isa
+
+
+@dataclasses.dataclass
+class EngineResult:
+    """Counters of one run. Both engines (Numba and reference) return this."""
+
+    total_cycles: int
+    stop: int  # isa.STOP_*
+    pe_counters: np.ndarray  # int64 [H, W, isa.N_PE_COUNTERS]
+    link_counters: np.ndarray  # int64 [H, W, 4, isa.N_LINK_COUNTERS]
+    stuck: list[str] = dataclasses.field(default_factory=list)  # deadlock / max-cycles report
+    wall_seconds: float = 0.0
+    threads: int = 1
+
+    @property
+    def complete(self) -> bool:
+        return self.stop == isa.STOP_COMPLETE
+
+    @property
+    def stop_name(self) -> str:
+        return isa.STOP_NAMES[self.stop]
+
+    def pe(self, name: str) -> np.ndarray:
+        """One per-PE counter as an [H, W] array."""
+        return self.pe_counters[:, :, isa.PE_COUNTER_NAMES.index(name)]
+
+    def link(self, name: str) -> np.ndarray:
+        """One per-link counter as an [H, W, 4] array (ports north, south, east, west)."""
+        return self.link_counters[:, :, :, isa.LINK_COUNTER_NAMES.index(name)]
+
+    def idle_cycles(self) -> np.ndarray:
+        """Per PE: cycles in none of the busy / setup / stall classes."""
+        classes = self.pe_counters[:, :, isa.C_BUSY:isa.C_STALL_SYNC + 1].sum(axis=2)
+        return self.total_cycles - classes

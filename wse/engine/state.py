@@ -1,0 +1,183 @@
+"""Engine state built from a trace and a wafer configuration.
+
+PE axis first (PE index y*W + x of the trace's mesh), then small fixed trailing dims: route
+slot (a PE's routes sorted by color), thread, record field (layout.py). Per-op constants that depend on the
+configuration (SIMD width, substeps, bytes, setup) are computed here once, so the kernels see
+only integers.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import isa
+from ..hardware import WaferConfig
+from ..trace import Trace
+from . import layout as L
+
+
+class State(NamedTuple):
+    """Mutable engine state and counters (record layouts in layout.py)."""
+
+    rt: np.ndarray  # int8 [P, R, RT_FIELDS] static routes
+    color_slot: np.ndarray  # int8 [P, colors] slot of a color's route, else -1
+    q: np.ndarray  # int32 [P, R, Q_FIELDS] queues
+    th: np.ndarray  # int32 [P, T, TH_FIELDS] microthreads
+    pe: np.ndarray  # int32 [P, PE_FIELDS]
+    sem: np.ndarray  # int32 [P, MAX_SEMAPHORES]
+    sem_add: np.ndarray  # int32 [P, MAX_SEMAPHORES] signals of this cycle
+    # Additive counters, counter-major and 32-bit: a cycle touches only the counters it changes;
+    # the driver folds them into int64 totals after every chunk.
+    acc: np.ndarray  # int32 [N_ACC, P] PE counters C_BUSY .. C_OPS
+    link_acc: np.ndarray  # int32 [N_LINK_COUNTERS, P, 4]
+    finish: np.ndarray  # int64 [P] cycle after the PE's last op completed
+
+
+# Additive PE counters held in State.acc: isa.PE_COUNTERS[:N_ACC].
+N_ACC = isa.C_OPS + 1
+
+
+class Consts(NamedTuple):
+    mesh_width: int
+    n_threads: int
+    depth: int
+    hop_latency: int
+    ramp_latency: int
+    link_capacity: int
+    read_ports: int
+    write_ports: int
+    max_chunk_cycles: int  # keeps the 32-bit accumulators from overflowing within a chunk
+
+
+def staggered(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Copies of the arrays in one buffer, each starting at a different offset modulo 4 KiB.
+
+    Separately allocated large arrays all start page-aligned, so parallel streams through them
+    collide in the same L1 sets and alias at 4 KiB; staggered starts avoid that. Contents and
+    shapes are unchanged.
+    """
+    offsets, end = {}, 0
+    for i, (name, a) in enumerate(arrays.items()):
+        start = -(-end // 4096) * 4096 + (i * 320) % 4096
+        offsets[name] = start
+        end = start + a.nbytes
+    buf = np.zeros(end + 64, dtype=np.uint8)
+    base = (-buf.ctypes.data) % 64
+    out = {}
+    for name, a in arrays.items():
+        o = base + offsets[name]
+        v = buf[o:o + a.nbytes].view(a.dtype).reshape(a.shape)
+        v[...] = a
+        out[name] = v
+    return out
+
+
+def op_constants(trace: Trace, cfg: WaferConfig) -> np.ndarray:
+    """Configuration-dependent per-op constants (docs/model.md, 'Ops'): int64 [n_ops, OT_FIELDS]."""
+    n = len(trace.ops["opcode"])
+    ot = np.zeros((n, L.OT_FIELDS), dtype=np.int64)
+    for i in range(n):
+        op = trace.op(i)
+        reads, writes = isa.op_streams(op.opcode, op.kind, op.dtype, op.dst, op.src0, op.src1)
+        row = ot[i]
+        row[L.OT_CODE], row[L.OT_LENGTH] = op.opcode, op.length
+        row[L.OT_CIN], row[L.OT_COUT], row[L.OT_SEM] = op.color_in, op.color_out, op.sem
+        row[L.OT_RECV] = op.opcode in (isa.OP_RECV, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND)
+        row[L.OT_SEND] = op.opcode in (isa.OP_SEND, isa.OP_RECV_COMPUTE_SEND)
+        if op.opcode == isa.OP_COMPUTE:
+            row[L.OT_SETUP] = cfg.vector_setup_cycles
+            widest = max(b for _, b in reads + writes)
+            simd = cfg.simd_width(op.kind, op.dtype) or 1
+            row[L.OT_WIDTH] = min(simd, cfg.sram_port_bytes // widest)
+        elif op.opcode in (isa.OP_SIGNAL, isa.OP_WAIT):
+            row[L.OT_SETUP], row[L.OT_WIDTH] = 0, 1
+        else:
+            row[L.OT_SETUP], row[L.OT_WIDTH] = cfg.fabric_setup_cycles, 1
+        if op.opcode in (isa.OP_COMPUTE, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND):
+            row[L.OT_FLOPS] = isa.KIND_FLOPS[op.kind]
+        row[L.OT_RBYTES] = sum(b for _, b in reads)
+        row[L.OT_WBYTES] = sum(b for _, b in writes)
+        row[L.OT_WR] = len(writes)
+        if len(reads) == 2 and (cfg.sram_read_ports < 2 or _banks_conflict(reads[0][0], reads[1][0], cfg)):
+            row[L.OT_NSUB], row[L.OT_RD_FIRST], row[L.OT_RD_LAST] = 2, 1, 1
+        else:
+            row[L.OT_NSUB], row[L.OT_RD_FIRST], row[L.OT_RD_LAST] = 1, 0, len(reads)
+    return ot
+
+
+def _banks_conflict(a0: int, a1: int, cfg: WaferConfig) -> bool:
+    def group(a: int) -> int:
+        return (a // cfg.sram_bank_word_bytes) % cfg.sram_banks % cfg.sram_bank_conflict_modulus
+    return group(a0) == group(a1)
+
+
+def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarray]:
+    """Initial engine state, constants and op table for a validated trace on a configuration."""
+    W, H, T = trace.mesh_width, trace.mesh_height, trace.threads
+    P = W * H
+    r = trace.routes
+    pe = r["pe"].astype(np.int64)
+    color = r["color"].astype(np.int64)
+    order = np.lexsort((color, pe))
+    pe, color = pe[order], color[order]
+    rx, tx = r["rx"].astype(np.int64)[order], r["tx"].astype(np.int64)[order]
+    n_routes = np.bincount(pe, minlength=P)
+    R = max(1, int(n_routes.max()) if P else 1)
+    first = np.cumsum(n_routes) - n_routes
+    slot = np.arange(len(pe)) - first[pe]
+
+    rt = np.full((P, R, L.RT_FIELDS), -1, dtype=np.int8)
+    rt[:, :, L.RT_RX] = isa.PORT_RAMP
+    rt[:, :, L.RT_TX] = 0
+    rt[pe, slot, L.RT_RX], rt[pe, slot, L.RT_TX] = rx, tx
+    color_slot = np.full((P, max(cfg.colors, 1)), -1, dtype=np.int8)
+    color_slot[pe, color] = slot
+    x, y = pe % W, pe // W
+    for port in range(isa.N_LINK_PORTS):
+        m = (tx >> port & 1) == 1
+        nb = (y[m] + isa.PORT_DY[port]) * W + x[m] + isa.PORT_DX[port]
+        dslot = color_slot[nb, color[m]].astype(np.int64)
+        rt[pe[m], slot[m], L.RT_DOWN + port] = dslot
+        rt[nb, dslot, L.RT_UP] = slot[m]
+
+    ot = op_constants(trace, cfg)
+    pp = trace.pe_program.reshape(P, T)
+    has = pp >= 0
+    safe = np.where(has, pp, 0)
+    op0 = np.where(has, trace.prog_start[safe], 0)
+    th = np.zeros((P, T, L.TH_FIELDS), dtype=np.int32)
+    th[:, :, L.TH_OP] = op0
+    th[:, :, L.TH_END] = np.where(has, trace.prog_start[safe] + trace.prog_len[safe], 0)
+    th[:, :, L.TH_IN] = -1
+    th[:, :, L.TH_OUT] = -1
+    if len(ot):
+        row = ot[op0]
+        for field, col in ((L.TH_LEFT, L.OT_LENGTH), (L.TH_SETUP, L.OT_SETUP), (L.TH_CODE, L.OT_CODE),
+                           (L.TH_SEM, L.OT_SEM), (L.TH_NSUB, L.OT_NSUB), (L.TH_RD_FIRST, L.OT_RD_FIRST),
+                           (L.TH_RD_LAST, L.OT_RD_LAST), (L.TH_WR, L.OT_WR), (L.TH_WIDTH, L.OT_WIDTH)):
+            th[:, :, field] = np.where(has, row[:, :, col], 0)
+        pes = np.broadcast_to(np.arange(P)[:, None], has.shape)
+        for field, col, flag in ((L.TH_IN, L.OT_CIN, L.OT_RECV), (L.TH_OUT, L.OT_COUT, L.OT_SEND)):
+            use = has & (row[:, :, flag] != 0)
+            th[:, :, field] = np.where(use, color_slot[pes, np.where(use, row[:, :, col], 0)], -1)
+
+    pe_rec = np.zeros((P, L.PE_FIELDS), dtype=np.int32)
+    pe_rec[:, L.PE_ROUTES] = n_routes
+    pe_rec[:, L.PE_LIVE] = has.sum(axis=1)
+    per_cycle = int(ot[:, L.OT_WIDTH].max(initial=1)) * int(max(
+        1, ot[:, L.OT_FLOPS].max(initial=1), ot[:, L.OT_RBYTES].max(initial=1),
+        ot[:, L.OT_WBYTES].max(initial=1))) * max(T, 1)
+    state = State(**staggered(dict(
+        rt=rt, color_slot=color_slot, q=np.zeros((P, R, L.Q_FIELDS), np.int32), th=th, pe=pe_rec,
+        sem=np.zeros((P, isa.MAX_SEMAPHORES), np.int32),
+        sem_add=np.zeros((P, isa.MAX_SEMAPHORES), np.int32),
+        acc=np.zeros((N_ACC, P), np.int32),
+        link_acc=np.zeros((isa.N_LINK_COUNTERS, P, isa.N_LINK_PORTS), np.int32),
+        finish=np.zeros(P, np.int64),
+    )))
+    consts = Consts(W, T, cfg.queue_depth_wavelets, cfg.hop_latency_cycles,
+                    cfg.ramp_latency_cycles, cfg.link_wavelets_per_cycle,
+                    cfg.sram_read_ports, cfg.sram_write_ports,
+                    max(1, (2**31 - 1) // (per_cycle + 1)))
+    return state, consts, ot

@@ -1,0 +1,1 @@
+"""Results: the HDF5 run file and its human-readable summary."""

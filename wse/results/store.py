@@ -1,0 +1,175 @@
+"""The HDF5 run file: what a run measured, written so that an incomplete file never looks complete.
+
+Layout (docs/results-schema.md is normative): root attributes with the schema version, the
+resolved configuration as TOML, the trace identity and `complete`; `/summary` scalars;
+`/pe/<counter>` [H, W] and `/link/<counter>` [H, W, 4] arrays; `/stuck` lines when a run stopped
+early. Every dataset has `units`, `description` and `dims` attributes. The file is written as
+`<name>.partial` and renamed when closed; `complete` is set last and only for a completed run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .. import __version__, isa
+from ..engine.result import EngineResult
+from ..errors import RunFileError
+from ..hardware import WaferConfig, config_from_toml_text
+
+SCHEMA_VERSION = 1
+LINK_PORTS = "north,south,east,west"
+# Attributes that differ between two runs of the same inputs (excluded from determinism checks).
+VOLATILE_ATTRS = ("created", "wall_seconds", "threads")
+
+
+@dataclasses.dataclass
+class RunInfo:
+    """Identity of a run: where the trace came from and how it was stepped."""
+
+    trace_path: str
+    trace_hash: str
+    trace_mesh: tuple[int, int]  # (width, height) simulated
+    threads: int
+    wall_seconds: float
+
+
+def summary_values(res: EngineResult, cfg: WaferConfig) -> dict[str, tuple[Any, str, str]]:
+    """Scalars for /summary: name -> (value, units, description)."""
+    pe = res.pe_counters
+    H, W = pe.shape[:2]
+    cycles = res.total_cycles
+    n_pe = H * W
+    active = int((pe[:, :, isa.C_OPS] > 0).sum())
+    busy = int(pe[:, :, isa.C_BUSY].sum())
+    flops = int(pe[:, :, isa.C_FLOPS].sum())
+    peak_flops_per_pe_cycle = 2 * (cfg.simd_width(isa.KIND_FMAC, isa.DTYPE_FP16) or 1)
+    out: dict[str, tuple[Any, str, str]] = {
+        "total_cycles": (cycles, "cycles", "cycles until every thread finished and every queue drained"),
+        "seconds": (cycles / cfg.clock_hz, "s", "total_cycles at the configured clock"),
+        "simulated_pes": (n_pe, "PEs", "PEs in the trace's mesh"),
+        "active_pes": (active, "PEs", "PEs that completed at least one op"),
+        "pe_utilization": (busy / (n_pe * cycles) if cycles else 0.0, "fraction",
+                           "busy PE-cycles over all simulated PE-cycles"),
+        "active_pe_utilization": (busy / (active * cycles) if cycles and active else 0.0, "fraction",
+                                  "busy PE-cycles over the PE-cycles of active PEs"),
+        "flop_efficiency": (flops / (n_pe * cycles * peak_flops_per_pe_cycle) if cycles else 0.0,
+                            "fraction", "FLOPs over the fp16 FMAC peak of the simulated PEs"),
+        "idle_cycles": (int(res.idle_cycles().sum()), "cycles", "PE-cycles in no busy, setup or stall class"),
+    }
+    for i, (name, units, desc) in enumerate(isa.PE_COUNTERS):
+        if name in ("finish_cycle", "peak_queue_wavelets"):
+            out[f"max_{name}"] = (int(pe[:, :, i].max(initial=0)), units, f"largest over PEs: {desc}")
+        else:
+            out[name] = (int(pe[:, :, i].sum()), units, f"sum over PEs: {desc}")
+    for i, (name, units, desc) in enumerate(isa.LINK_COUNTERS):
+        out[f"link_{name}"] = (int(res.link_counters[:, :, :, i].sum()), units, f"sum over links: {desc}")
+    return out
+
+
+def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunInfo) -> Path:
+    """Write the run file. Returns its path. `complete` is true only for a completed run."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["complete"] = False
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["wse_version"] = __version__
+            f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            f.attrs["config"] = cfg.to_toml()
+            f.attrs["wafer"] = cfg.name
+            f.attrs["trace_path"] = info.trace_path
+            f.attrs["trace_hash"] = info.trace_hash
+            f.attrs["trace_mesh_width"], f.attrs["trace_mesh_height"] = info.trace_mesh
+            f.attrs["threads"] = info.threads
+            f.attrs["wall_seconds"] = info.wall_seconds
+            f.attrs["stop_reason"] = res.stop_name
+            g = f.create_group("summary")
+            for name, (value, units, desc) in summary_values(res, cfg).items():
+                _dataset(g, name, np.asarray(value), units, desc, "")
+            g = f.create_group("pe")
+            for i, (name, units, desc) in enumerate(isa.PE_COUNTERS):
+                _dataset(g, name, res.pe_counters[:, :, i], units, desc, "y,x")
+            _dataset(g, "idle_cycles", res.idle_cycles(), "cycles",
+                     "cycles in none of the busy, setup or stall classes", "y,x")
+            g = f.create_group("link")
+            g.attrs["ports"] = LINK_PORTS
+            for i, (name, units, desc) in enumerate(isa.LINK_COUNTERS):
+                _dataset(g, name, res.link_counters[:, :, :, i], units,
+                         f"{desc} (port order {LINK_PORTS})", "y,x,port")
+            if res.stuck:
+                d = f.create_dataset("stuck", data=np.array(res.stuck, dtype=h5py.string_dtype()))
+                d.attrs.update(units="", description="unfinished threads and undrained queues at the stop",
+                               dims="line")
+            f.flush()
+            f.attrs["complete"] = res.complete
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunFileError(f"{path}: cannot write run file ({e})") from None
+    return path
+
+
+def _dataset(g: h5py.Group, name: str, data: np.ndarray, units: str, desc: str, dims: str) -> None:
+    kw: dict[str, Any] = {}
+    if data.ndim >= 2 and data.size > 1:
+        kw = dict(compression="gzip", shuffle=True, chunks=True)
+    d = g.create_dataset(name, data=data, **kw)
+    d.attrs["units"] = units
+    d.attrs["description"] = desc
+    d.attrs["dims"] = dims
+
+
+@dataclasses.dataclass
+class RunFile:
+    """A run file read back: attributes, summary scalars and counter arrays."""
+
+    path: Path
+    attrs: dict[str, Any]
+    summary: dict[str, Any]
+    pe: dict[str, np.ndarray]
+    link: dict[str, np.ndarray]
+    stuck: list[str]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete", False))
+
+    def config(self) -> WaferConfig:
+        return config_from_toml_text(self.attrs["config"], f"{self.path}: attribute config")
+
+
+def read_run(path: str | Path) -> RunFile:
+    """Read a run file with plain h5py; errors name the file."""
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise RunFileError(f"{path}: not a readable HDF5 run file") from None
+    with f:
+        try:
+            version = int(f.attrs["schema_version"])
+        except (KeyError, TypeError, ValueError):
+            raise RunFileError(f"{path}: not a wse run file (no schema_version attribute)") from None
+        if version != SCHEMA_VERSION:
+            raise RunFileError(f"{path}: run file schema_version {version} is not supported")
+        attrs = {k: _plain(v) for k, v in f.attrs.items()}
+        summary = {k: _plain(d[()]) for k, d in f["summary"].items()} if "summary" in f else {}
+        pe = {k: d[()] for k, d in f["pe"].items()} if "pe" in f else {}
+        link = {k: d[()] for k, d in f["link"].items()} if "link" in f else {}
+        stuck = [s.decode() if isinstance(s, bytes) else str(s) for s in f["stuck"][()]] if "stuck" in f else []
+    return RunFile(path, attrs, summary, pe, link, stuck)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, bytes):
+        return v.decode()
+    return v

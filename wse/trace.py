@@ -1,0 +1,492 @@
+"""Traces: per-PE programs plus static color routes, their validation and their HDF5 form.
+
+A trace is what the engine executes. Programs are deduplicated: the op table holds each distinct
+program once and `pe_program[y, x, thread]` names the program a PE's microthread runs (-1: none).
+Routes are a columnar table of (pe, color, rx port, tx port mask). docs/trace-format.md is the
+normative description of the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import h5py
+import numpy as np
+
+from . import isa
+from .errors import TraceError
+from .hardware import WaferConfig
+
+FORMAT_NAME = "wse-trace"
+FORMAT_VERSION = 1
+
+OP_COLUMNS = (
+    ("opcode", np.int8), ("kind", np.int8), ("dtype", np.int8), ("color_in", np.int8),
+    ("color_out", np.int8), ("sem", np.int8), ("length", np.int32), ("dst", np.int32),
+    ("src0", np.int32), ("src1", np.int32),
+)
+ROUTE_COLUMNS = (("pe", np.int32), ("color", np.int8), ("rx", np.int8), ("tx", np.uint8))
+
+
+class Op(NamedTuple):
+    """One instruction of a microthread program. Addresses are SRAM byte offsets."""
+
+    opcode: int
+    kind: int = isa.KIND_NONE
+    dtype: int = isa.DTYPE_FP16
+    color_in: int = isa.NO_COLOR
+    color_out: int = isa.NO_COLOR
+    sem: int = 0
+    length: int = 0
+    dst: int = 0
+    src0: int = 0
+    src1: int = 0
+
+    def describe(self) -> str:
+        name = isa.OPCODE_NAMES[self.opcode] if 0 <= self.opcode < isa.N_OPCODES else f"opcode {self.opcode}"
+        if self.opcode == isa.OP_COMPUTE or self.opcode in (isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND):
+            if 0 <= self.kind < isa.N_KINDS:
+                name += f" {isa.KIND_NAMES[self.kind]}"
+        return name
+
+
+def compute(kind: int, length: int, dst: int, src0: int, src1: int = 0,
+            dtype: int = isa.DTYPE_FP16) -> Op:
+    """Vector op over local SRAM (see isa.op_streams for which operands it reads)."""
+    return Op(isa.OP_COMPUTE, kind, dtype, length=length, dst=dst, src0=src0, src1=src1)
+
+
+def send(color: int, length: int, src: int, dtype: int = isa.DTYPE_FP16) -> Op:
+    """Send `length` elements from SRAM at `src`, one per wavelet, on `color`."""
+    return Op(isa.OP_SEND, dtype=dtype, color_out=color, length=length, src0=src)
+
+
+def recv(color: int, length: int, dst: int, dtype: int = isa.DTYPE_FP16) -> Op:
+    """Receive `length` wavelets on `color` into SRAM at `dst`."""
+    return Op(isa.OP_RECV, dtype=dtype, color_in=color, length=length, dst=dst)
+
+
+def recv_compute(color: int, kind: int, length: int, dst: int, src0: int = 0,
+                 dtype: int = isa.DTYPE_FP16) -> Op:
+    """dst <- kind(SRAM operand, wavelet) per element, e.g. the last stage of a reduction."""
+    return Op(isa.OP_RECV_COMPUTE, kind, dtype, color_in=color, length=length, dst=dst, src0=src0)
+
+
+def recv_compute_send(color_in: int, color_out: int, kind: int, length: int, src0: int = 0,
+                      dtype: int = isa.DTYPE_FP16) -> Op:
+    """Forward kind(SRAM operand, wavelet) on color_out: one stage of a pipelined chain.
+
+    For FMAC the SRAM operand is the accumulator, addressed by src0 here (stored as dst).
+    """
+    dst = src0 if kind == isa.KIND_FMAC else 0
+    return Op(isa.OP_RECV_COMPUTE_SEND, kind, dtype, color_in=color_in, color_out=color_out,
+              length=length, dst=dst, src0=src0)
+
+
+def signal(sem: int) -> Op:
+    return Op(isa.OP_SIGNAL, sem=sem)
+
+
+def wait(sem: int) -> Op:
+    return Op(isa.OP_WAIT, sem=sem)
+
+
+@dataclasses.dataclass
+class Trace:
+    """A complete trace: mesh size, routes, deduplicated programs and their assignment."""
+
+    mesh_width: int
+    mesh_height: int
+    routes: dict[str, np.ndarray]  # columns of ROUTE_COLUMNS
+    ops: dict[str, np.ndarray]  # columns of OP_COLUMNS
+    prog_start: np.ndarray  # int32 [n_programs]
+    prog_len: np.ndarray  # int32 [n_programs]
+    pe_program: np.ndarray  # int32 [H, W, T], -1 = no program
+    meta: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def threads(self) -> int:
+        return int(self.pe_program.shape[2])
+
+    @property
+    def n_pes(self) -> int:
+        return self.mesh_width * self.mesh_height
+
+    def op(self, i: int) -> Op:
+        return Op(*(int(self.ops[name][i]) for name, _ in OP_COLUMNS))
+
+    def program(self, pid: int) -> list[Op]:
+        s = int(self.prog_start[pid])
+        return [self.op(i) for i in range(s, s + int(self.prog_len[pid]))]
+
+    def content_hash(self) -> str:
+        """sha256 over the mesh size and every array: identifies the trace a run used."""
+        h = hashlib.sha256(f"{self.mesh_width}x{self.mesh_height}".encode())
+        for name, _ in ROUTE_COLUMNS:
+            h.update(np.ascontiguousarray(self.routes[name]).tobytes())
+        for name, _ in OP_COLUMNS:
+            h.update(np.ascontiguousarray(self.ops[name]).tobytes())
+        for a in (self.prog_start, self.prog_len, self.pe_program):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+    def pe_xy(self, pe: int) -> tuple[int, int]:
+        return pe % self.mesh_width, pe // self.mesh_width
+
+    def first_user(self, pid: int) -> tuple[int, int, int]:
+        """(x, y, thread) of the first PE thread running program pid, for error messages."""
+        y, x, t = (int(v[0]) for v in np.nonzero(self.pe_program == pid))
+        return x, y, t
+
+    # ---- I/O ------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write the trace; the file appears only when complete (write, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".partial")
+        comp = dict(compression="gzip", shuffle=True)
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["format"] = FORMAT_NAME
+                f.attrs["format_version"] = FORMAT_VERSION
+                f.attrs["mesh_width"] = self.mesh_width
+                f.attrs["mesh_height"] = self.mesh_height
+                f.attrs["meta"] = json.dumps(self.meta, sort_keys=True)
+                g = f.create_group("routes")
+                for name, dt in ROUTE_COLUMNS:
+                    g.create_dataset(name, data=self.routes[name].astype(dt), **_chunked(comp, len(self.routes[name])))
+                g = f.create_group("ops")
+                for name, dt in OP_COLUMNS:
+                    g.create_dataset(name, data=self.ops[name].astype(dt), **_chunked(comp, len(self.ops[name])))
+                g = f.create_group("programs")
+                g.create_dataset("start", data=self.prog_start.astype(np.int32))
+                g.create_dataset("length", data=self.prog_len.astype(np.int32))
+                f.create_dataset("pe_program", data=self.pe_program.astype(np.int32), **comp)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise TraceError(f"{path}: cannot write trace ({e})") from None
+
+
+def _chunked(comp: dict, n: int) -> dict:
+    return comp if n > 0 else {}
+
+
+def load(path: str | Path) -> Trace:
+    """Read and structurally check a trace file; errors name the file and dataset."""
+    path = Path(path)
+    if not path.exists():
+        raise TraceError(f"{path}: no such trace file")
+    if path.stat().st_size == 0:
+        raise TraceError(f"{path}: trace file is empty")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise TraceError(f"{path}: not a readable HDF5 trace file (truncated or corrupt?)") from None
+    try:
+        with f:
+            return _read(f, path)
+    except TraceError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise TraceError(f"{path}: corrupt trace file ({type(e).__name__}: {e})") from None
+
+
+def _read(f: h5py.File, path: Path) -> Trace:
+    if f.attrs.get("format") != FORMAT_NAME:
+        raise TraceError(f"{path}: not a wse trace file (attribute 'format' is not {FORMAT_NAME!r})")
+    version = int(f.attrs.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        raise TraceError(f"{path}: trace format_version {version} is not supported (expected {FORMAT_VERSION})")
+
+    def ds(name: str, dt) -> np.ndarray:
+        if name not in f:
+            raise TraceError(f"{path}: missing dataset /{name}")
+        obj = f[name]
+        if not isinstance(obj, h5py.Dataset):
+            raise TraceError(f"{path}: /{name} is not a dataset")
+        a = obj[()]
+        if not isinstance(a, np.ndarray) or not np.issubdtype(a.dtype, np.integer):
+            raise TraceError(f"{path}: /{name} must be an integer array")
+        out = a.astype(dt)
+        if not np.array_equal(out, a):
+            raise TraceError(f"{path}: /{name} has values that do not fit {np.dtype(dt).name}")
+        return out
+
+    try:
+        w, h = int(f.attrs["mesh_width"]), int(f.attrs["mesh_height"])
+    except (KeyError, TypeError, ValueError):
+        raise TraceError(f"{path}: missing or bad mesh_width / mesh_height attributes") from None
+    meta_raw = f.attrs.get("meta", "{}")
+    try:
+        meta = json.loads(meta_raw)
+    except (TypeError, ValueError):
+        raise TraceError(f"{path}: attribute 'meta' is not JSON") from None
+    routes = {name: ds(f"routes/{name}", dt) for name, dt in ROUTE_COLUMNS}
+    ops = {name: ds(f"ops/{name}", dt) for name, dt in OP_COLUMNS}
+    trace = Trace(
+        mesh_width=w, mesh_height=h, routes=routes, ops=ops,
+        prog_start=ds("programs/start", np.int32), prog_len=ds("programs/length", np.int32),
+        pe_program=ds("pe_program", np.int32), meta=meta,
+    )
+    check_structure(trace, str(path))
+    return trace
+
+
+def check_structure(t: Trace, where: str) -> None:
+    """Checks that need no wafer configuration: shapes, enumerations, program references."""
+    if not (1 <= t.mesh_width <= 4096 and 1 <= t.mesh_height <= 4096):
+        raise TraceError(f"{where}: mesh {t.mesh_width}x{t.mesh_height} is out of range")
+    for cols, table in ((ROUTE_COLUMNS, t.routes), (OP_COLUMNS, t.ops)):
+        lens = {len(table[name]) for name, _ in cols}
+        if len(lens) > 1 or any(table[name].ndim != 1 for name, _ in cols):
+            raise TraceError(f"{where}: columns of one table have different lengths")
+    if t.pe_program.ndim != 3 or t.pe_program.shape[:2] != (t.mesh_height, t.mesh_width):
+        raise TraceError(f"{where}: pe_program must have shape ({t.mesh_height}, {t.mesh_width}, threads), "
+                         f"got {t.pe_program.shape}")
+    if t.pe_program.shape[2] < 1:
+        raise TraceError(f"{where}: pe_program has no thread axis")
+    n_ops, n_prog = len(t.ops["opcode"]), len(t.prog_start)
+    if len(t.prog_len) != n_prog:
+        raise TraceError(f"{where}: programs/start and programs/length differ in length")
+    bad = np.nonzero((t.prog_start < 0) | (t.prog_len < 1) | (t.prog_start + t.prog_len > n_ops))[0]
+    if len(bad):
+        raise TraceError(f"{where}: program {bad[0]} refers to ops outside the op table (or is empty)")
+    pp = t.pe_program
+    if pp.size and (pp.min() < -1 or pp.max() >= n_prog):
+        y, x, th = (int(v[0]) for v in np.nonzero((pp < -1) | (pp >= n_prog)))
+        raise TraceError(f"{where}: PE ({x}, {y}) thread {th}: program id {pp[y, x, th]} does not exist")
+    r = t.routes
+    bad = np.nonzero((r["pe"] < 0) | (r["pe"] >= t.n_pes))[0]
+    if len(bad):
+        raise TraceError(f"{where}: route {bad[0]}: PE index {r['pe'][bad[0]]} is outside the mesh")
+    bad = np.nonzero((r["rx"] < 0) | (r["rx"] >= isa.N_PORTS) | (r["tx"] == 0) | (r["tx"] >= 1 << isa.N_PORTS))[0]
+    if len(bad):
+        i = bad[0]
+        x, y = t.pe_xy(int(r["pe"][i]))
+        raise TraceError(f"{where}: PE ({x}, {y}) color {r['color'][i]}: route has bad rx port "
+                         f"{r['rx'][i]} or empty/bad tx mask {r['tx'][i]}")
+    o = t.ops
+    for i in range(n_ops):
+        code, kind, dtype = int(o["opcode"][i]), int(o["kind"][i]), int(o["dtype"][i])
+        msg = None
+        if not 0 <= code < isa.N_OPCODES:
+            msg = f"unknown opcode {code}"
+        elif not 0 <= kind < isa.N_KINDS:
+            msg = f"unknown compute kind {kind}"
+        elif not 0 <= dtype < isa.N_DTYPES:
+            msg = f"unknown dtype {dtype}"
+        elif code in (isa.OP_COMPUTE, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND) and kind == isa.KIND_NONE:
+            msg = "compute op without a kind"
+        elif code not in (isa.OP_SIGNAL, isa.OP_WAIT) and o["length"][i] < 1:
+            msg = f"length {o['length'][i]} must be at least 1"
+        elif code in (isa.OP_SIGNAL, isa.OP_WAIT) and not 0 <= o["sem"][i] < isa.MAX_SEMAPHORES:
+            msg = f"semaphore {o['sem'][i]} out of range [0, {isa.MAX_SEMAPHORES})"
+        if msg:
+            raise TraceError(f"{where}: {_op_location(t, i)}: {msg}")
+
+
+def _op_location(t: Trace, op_index: int) -> str:
+    """'PE (x, y) thread t op k (name)' for the first PE whose program contains op_index."""
+    pids = np.nonzero((t.prog_start <= op_index) & (op_index < t.prog_start + t.prog_len))[0]
+    desc = t.op(op_index).describe()
+    for pid in pids:
+        if np.any(t.pe_program == pid):
+            x, y, th = t.first_user(int(pid))
+            return f"PE ({x}, {y}) thread {th} op {op_index - int(t.prog_start[pid])} ({desc})"
+    return f"op {op_index} ({desc}, in no PE's program)"
+
+
+def validate(t: Trace, cfg: WaferConfig, where: str = "trace") -> None:
+    """Check the trace against a wafer: raise TraceError naming the PE, color or op at fault."""
+    check_structure(t, where)
+    W, H = t.mesh_width, t.mesh_height
+    if W > cfg.mesh_width or H > cfg.mesh_height:
+        raise TraceError(f"{where}: trace mesh {W}x{H} does not fit wafer {cfg.name} "
+                         f"({cfg.mesh_width}x{cfg.mesh_height})")
+    if t.threads > cfg.microthreads:
+        used = np.nonzero((t.pe_program[:, :, cfg.microthreads:] >= 0))
+        if len(used[0]):
+            y, x, th = int(used[0][0]), int(used[1][0]), int(used[2][0]) + cfg.microthreads
+            raise TraceError(f"{where}: PE ({x}, {y}) uses thread {th} but wafer {cfg.name} "
+                             f"has {cfg.microthreads} microthreads")
+    _validate_routes(t, cfg, where)
+    _validate_ops(t, cfg, where)
+    _validate_pe_programs(t, where)
+
+
+def _validate_routes(t: Trace, cfg: WaferConfig, where: str) -> None:
+    r = t.routes
+    pe, color, rx, tx = (r[k].astype(np.int64) for k in ("pe", "color", "rx", "tx"))
+    W, H = t.mesh_width, t.mesh_height
+    x, y = pe % W, pe // W
+
+    def fail(i: int, msg: str) -> None:
+        raise TraceError(f"{where}: PE ({x[i]}, {y[i]}) color {color[i]}: {msg}")
+
+    bad = np.nonzero((color < 0) | (color >= cfg.colors))[0]
+    if len(bad):
+        fail(bad[0], f"color out of range (wafer {cfg.name} has {cfg.colors} colors)")
+    key = pe * 64 + color
+    order = np.argsort(key, kind="stable")
+    dup = np.nonzero(np.diff(key[order]) == 0)[0]
+    if len(dup):
+        fail(order[dup[0] + 1], "more than one route for this color")
+    bad = np.nonzero(tx >> rx & 1)[0]
+    if len(bad):
+        fail(bad[0], f"route sends back out of its rx port {isa.PORT_NAMES[rx[bad[0]]]}")
+    for p in range(isa.N_LINK_PORTS):
+        nx, ny = x + isa.PORT_DX[p], y + isa.PORT_DY[p]
+        off = (nx < 0) | (nx >= W) | (ny < 0) | (ny >= H)
+        bad = np.nonzero(off & ((tx >> p & 1) == 1))[0]
+        if len(bad):
+            fail(bad[0], f"route sends {isa.PORT_NAMES[p]}, off the mesh")
+        bad = np.nonzero(off & (rx == p))[0]
+        if len(bad):
+            fail(bad[0], f"route receives from {isa.PORT_NAMES[p]}, off the mesh")
+    # Every wavelet sent to a neighbour must land in a route that receives from this side.
+    sorted_keys = key[order]
+    for p in range(isa.N_LINK_PORTS):
+        src = np.nonzero(tx >> p & 1)[0]
+        if not len(src):
+            continue
+        nkey = ((y[src] + isa.PORT_DY[p]) * W + x[src] + isa.PORT_DX[p]) * 64 + color[src]
+        pos = np.searchsorted(sorted_keys, nkey)
+        pos_c = np.minimum(pos, len(sorted_keys) - 1)
+        found = sorted_keys[pos_c] == nkey
+        j = order[pos_c]
+        ok = found & (rx[j] == isa.PORT_OPPOSITE[p])
+        bad = np.nonzero(~ok)[0]
+        if len(bad):
+            i = src[bad[0]]
+            fail(i, f"route sends {isa.PORT_NAMES[p]} but PE ({x[i] + isa.PORT_DX[p]}, "
+                    f"{y[i] + isa.PORT_DY[p]}) has no route for color {color[i]} receiving from "
+                    f"{isa.PORT_NAMES[isa.PORT_OPPOSITE[p]]}: wavelets would be lost")
+
+
+def _validate_ops(t: Trace, cfg: WaferConfig, where: str) -> None:
+    o = t.ops
+    used = np.zeros(len(t.prog_start), dtype=bool)
+    ids = t.pe_program[t.pe_program >= 0]
+    used[np.unique(ids)] = True
+    for pid in np.nonzero(used)[0]:
+        s = int(t.prog_start[pid])
+        for i in range(s, s + int(t.prog_len[pid])):
+            op = t.op(i)
+            msg = None
+            if op.opcode == isa.OP_COMPUTE and cfg.simd_width(op.kind, op.dtype) is None:
+                msg = f"no {isa.KIND_NAMES[op.kind]} instruction for dtype {isa.DTYPE_NAMES[op.dtype]}"
+            for c, role, needed in ((op.color_in, "input", op.opcode in (isa.OP_RECV, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND)),
+                                    (op.color_out, "output", op.opcode in (isa.OP_SEND, isa.OP_RECV_COMPUTE_SEND))):
+                if needed and not 0 <= c < cfg.colors:
+                    msg = f"{role} color {c} out of range (wafer {cfg.name} has {cfg.colors} colors)"
+            if msg is None:
+                reads, writes = isa.op_streams(op.opcode, op.kind, op.dtype, op.dst, op.src0, op.src1)
+                for addr, nbytes in reads + writes:
+                    end = addr + op.length * nbytes
+                    if addr < 0 or end > cfg.sram_bytes:
+                        msg = (f"SRAM operand [{addr}, {end}) is outside the {cfg.sram_bytes}-byte SRAM")
+                        break
+                    if addr % nbytes:
+                        msg = f"SRAM operand at {addr} is not aligned to its {nbytes}-byte elements"
+                        break
+            if msg:
+                raise TraceError(f"{where}: {_op_location(t, i)}: {msg}")
+
+
+def _program_tables(t: Trace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per program: semaphore balance [n_prog, MAX_SEM], send-color mask, recv-color mask."""
+    n = len(t.prog_start)
+    bal = np.zeros((n, isa.MAX_SEMAPHORES), dtype=np.int64)
+    smask = np.zeros(n, dtype=np.int64)
+    rmask = np.zeros(n, dtype=np.int64)
+    o = t.ops
+    prog_of_op = np.repeat(np.arange(n), t.prog_len)
+    idx = np.concatenate([np.arange(s, s + l) for s, l in zip(t.prog_start, t.prog_len)]) if n else np.zeros(0, int)
+    code = o["opcode"][idx]
+    for which, sign in ((isa.OP_SIGNAL, 1), (isa.OP_WAIT, -1)):
+        m = code == which
+        np.add.at(bal, (prog_of_op[m], o["sem"][idx][m].astype(np.int64)), sign)
+    m = np.isin(code, (isa.OP_SEND, isa.OP_RECV_COMPUTE_SEND))
+    np.bitwise_or.at(smask, prog_of_op[m], np.int64(1) << o["color_out"][idx][m].astype(np.int64))
+    m = np.isin(code, (isa.OP_RECV, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND))
+    np.bitwise_or.at(rmask, prog_of_op[m], np.int64(1) << o["color_in"][idx][m].astype(np.int64))
+    return bal, smask, rmask
+
+
+def _validate_pe_programs(t: Trace, where: str) -> None:
+    """Per PE: semaphores balance; sends and receives use colors routed to/from the ramp."""
+    W, H, T = t.mesh_width, t.mesh_height, t.threads
+    bal, smask, rmask = _program_tables(t)
+    pp = t.pe_program.reshape(W * H, T)
+    has = pp >= 0
+    safe = np.where(has, pp, 0)
+    pe_bal = (bal[safe] * has[:, :, None]).sum(axis=1)
+    bad = np.nonzero(np.any(pe_bal != 0, axis=1))[0]
+    if len(bad):
+        p = bad[0]
+        s = int(np.nonzero(pe_bal[p])[0][0])
+        raise TraceError(f"{where}: PE ({p % W}, {p // W}): semaphore {s} has "
+                         f"{'more signals than waits' if pe_bal[p, s] > 0 else 'more waits than signals'}")
+    pe_send = np.bitwise_or.reduce(np.where(has, smask[safe], 0), axis=1)
+    pe_recv = np.bitwise_or.reduce(np.where(has, rmask[safe], 0), axis=1)
+    r = t.routes
+    ramp_in = np.zeros(W * H, dtype=np.int64)
+    ramp_out = np.zeros(W * H, dtype=np.int64)
+    rp, rc = r["pe"].astype(np.int64), r["color"].astype(np.int64)
+    m = r["rx"] == isa.PORT_RAMP
+    np.bitwise_or.at(ramp_in, rp[m], np.int64(1) << rc[m])
+    m = (r["tx"].astype(np.int64) >> isa.PORT_RAMP & 1) == 1
+    np.bitwise_or.at(ramp_out, rp[m], np.int64(1) << rc[m])
+    for mask, have, what in ((pe_send, ramp_in, "sends on color {c} but has no route for it with rx = ramp"),
+                             (pe_recv, ramp_out, "receives on color {c} but has no route for it with ramp in tx")):
+        missing = mask & ~have
+        bad = np.nonzero(missing)[0]
+        if len(bad):
+            p = bad[0]
+            c = int(np.nonzero([(int(missing[p]) >> k) & 1 for k in range(64)])[0][0])
+            raise TraceError(f"{where}: PE ({p % W}, {p // W}) {what.format(c=c)}")
+
+
+class TraceBuilder:
+    """Builds a Trace: routes added per PE and color, programs deduplicated by content."""
+
+    def __init__(self, mesh_width: int, mesh_height: int, threads: int = 1, **meta: str):
+        self.mesh_width, self.mesh_height = mesh_width, mesh_height
+        self.pe_program = np.full((mesh_height, mesh_width, threads), -1, dtype=np.int32)
+        self._routes: list[tuple[int, int, int, int]] = []
+        self._programs: dict[tuple[Op, ...], int] = {}
+        self.meta = {k: str(v) for k, v in meta.items()}
+
+    def route(self, x: int, y: int, color: int, rx: int, tx: Iterable[int]) -> None:
+        """Static route at PE (x, y): wavelets of `color` entering from `rx` leave through `tx`."""
+        self._routes.append((y * self.mesh_width + x, color, rx, isa.tx_mask(*tx)))
+
+    def program(self, ops: Iterable[Op]) -> int:
+        """Id of a program with these ops; identical programs share one id."""
+        key = tuple(ops)
+        if not key:
+            raise ValueError("a program needs at least one op")
+        return self._programs.setdefault(key, len(self._programs))
+
+    def assign(self, x: int, y: int, thread: int, ops: Iterable[Op]) -> None:
+        """Run `ops` on microthread `thread` of PE (x, y)."""
+        if thread >= self.pe_program.shape[2]:
+            extra = np.full(self.pe_program.shape[:2] + (thread + 1 - self.pe_program.shape[2],), -1, np.int32)
+            self.pe_program = np.concatenate([self.pe_program, extra], axis=2)
+        self.pe_program[y, x, thread] = self.program(ops)
+
+    def build(self) -> Trace:
+        progs = sorted(self._programs.items(), key=lambda kv: kv[1])
+        flat = [op for ops, _ in progs for op in ops]
+        lens = np.array([len(ops) for ops, _ in progs], dtype=np.int32)
+        starts = (np.cumsum(lens) - lens).astype(np.int32)
+        ops = {name: np.array([getattr(op, name) for op in flat], dtype=dt) for name, dt in OP_COLUMNS}
+        r = np.array(self._routes, dtype=np.int64).reshape(-1, 4)
+        routes = {name: r[:, i].astype(dt) for i, (name, dt) in enumerate(ROUTE_COLUMNS)}
+        return Trace(self.mesh_width, self.mesh_height, routes, ops, starts, lens,
+                     self.pe_program.copy(), dict(self.meta))

@@ -1,0 +1,1 @@
+"""Workload generators: synthetic patterns now; transformer layers and models later."""
