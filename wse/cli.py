@@ -105,8 +105,8 @@ def synth_cmd(pattern: str, mesh: str, wavelets: int | None, hops: int | None, e
     for name, value in given.items():
         if value is not None and name not in uses:
             raise WseError(f"--{name} does not apply to pattern {pattern} (it takes {', '.join('--' + u for u in uses)})")
-        if value is not None and value < 1:
-            raise WseError(f"--{name} must be at least 1")
+        if value is not None and not 1 <= value <= 2**31 - 1:
+            raise WseError(f"--{name} must be in [1, 2147483647]")
     n_wave = wavelets or 64
     n_elem = elements or 256
     if pattern == "stream":
@@ -163,7 +163,7 @@ def run_cmd(trace_path: str, wafer: str | None, config_file: str | None, sets: t
         click.echo(format_summary(rf.summary, cfg, rf.attrs))
         click.echo(f"wrote {output}" + ("" if res.complete else " (marked incomplete)"))
     if not res.complete:
-        click.echo(f"error: run stopped: {res.stop_name} at cycle {res.total_cycles:,}", err=True)
+        click.echo(f"error: run stopped ({res.stop_name}) after {res.total_cycles:,} cycles", err=True)
         for line in res.stuck:
             click.echo(f"  {line}", err=True)
         sys.exit(EXIT_INCOMPLETE)

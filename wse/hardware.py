@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -47,7 +48,7 @@ PARAMS: tuple[Param, ...] = (
     Param("wafer", "clock_hz", float, "Hz", 1e6, 1e11, "core clock [U: 1.1 GHz per WaferLLM]"),
     Param("sram", "sram_bytes", int, "bytes", 64, 1 << 24, "SRAM per PE, code and data [P]"),
     Param("sram", "sram_reserved_bytes", int, "bytes", 0, 1 << 24,
-          "SRAM kept for code, descriptors and runtime; workloads may not place data there [U]"),
+          "SRAM kept for code, descriptors and runtime; workload generators place no data there [U]"),
     Param("sram", "sram_banks", int, "banks", 1, 64, "SRAM banks per PE [P SDK appendix]"),
     Param("sram", "sram_bank_word_bytes", int, "bytes", 1, 64,
           "interleave unit: successive words live in successive banks [P SDK appendix]"),
@@ -130,7 +131,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
     if isinstance(v, float):
         return repr(v)
     return str(v)
@@ -228,9 +229,11 @@ def load_config(path: str | Path) -> WaferConfig:
     """A TOML configuration file: `base = "<preset>"` (default wse3) plus [section] overrides."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read configuration file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: configuration file is not UTF-8 text") from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -238,7 +241,10 @@ def load_config(path: str | Path) -> WaferConfig:
     base = doc.get("base", "wse3")
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base must be a preset name string")
-    values = _read_preset(base)
+    try:
+        values = _read_preset(base)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: base: {e}") from None
     values.update(_flatten(doc, str(path)))
     return _validated(values, str(path))
 

@@ -378,7 +378,8 @@ def _validate_ops(t: Trace, cfg: WaferConfig, where: str) -> None:
         for i in range(s, s + int(t.prog_len[pid])):
             op = t.op(i)
             msg = None
-            if op.opcode == isa.OP_COMPUTE and cfg.simd_width(op.kind, op.dtype) is None:
+            computes = op.opcode in (isa.OP_COMPUTE, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND)
+            if computes and cfg.simd_width(op.kind, op.dtype) is None:
                 msg = f"no {isa.KIND_NAMES[op.kind]} instruction for dtype {isa.DTYPE_NAMES[op.dtype]}"
             for c, role, needed in ((op.color_in, "input", op.opcode in (isa.OP_RECV, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND)),
                                     (op.color_out, "output", op.opcode in (isa.OP_SEND, isa.OP_RECV_COMPUTE_SEND))):
@@ -421,6 +422,8 @@ def _program_tables(t: Trace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _validate_pe_programs(t: Trace, where: str) -> None:
     """Per PE: semaphores balance; sends and receives use colors routed to/from the ramp."""
     W, H, T = t.mesh_width, t.mesh_height, t.threads
+    if len(t.prog_start) == 0:
+        return
     bal, smask, rmask = _program_tables(t)
     pp = t.pe_program.reshape(W * H, T)
     has = pp >= 0
@@ -450,6 +453,19 @@ def _validate_pe_programs(t: Trace, where: str) -> None:
             p = bad[0]
             c = int(np.nonzero([(int(missing[p]) >> k) & 1 for k in range(64)])[0][0])
             raise TraceError(f"{where}: PE ({p % W}, {p // W}) {what.format(c=c)}")
+
+
+def _column(what: str, values, dt) -> np.ndarray:
+    """values as a column of dtype dt; TraceError if any value does not fit the file format."""
+    a = np.asarray(values, dtype=object if len(values) == 0 else None)
+    if a.size == 0:
+        return np.zeros(0, dtype=dt)
+    info = np.iinfo(dt)
+    lo, hi = int(np.min(a)), int(np.max(a))
+    if lo < info.min or hi > info.max:
+        bad = lo if lo < info.min else hi
+        raise TraceError(f"{what} = {bad} does not fit the trace format ({np.dtype(dt).name})")
+    return np.asarray(a, dtype=dt)
 
 
 class TraceBuilder:
@@ -485,8 +501,9 @@ class TraceBuilder:
         flat = [op for ops, _ in progs for op in ops]
         lens = np.array([len(ops) for ops, _ in progs], dtype=np.int32)
         starts = (np.cumsum(lens) - lens).astype(np.int32)
-        ops = {name: np.array([getattr(op, name) for op in flat], dtype=dt) for name, dt in OP_COLUMNS}
+        ops = {name: _column(f"op field {name}", [getattr(op, name) for op in flat], dt)
+               for name, dt in OP_COLUMNS}
         r = np.array(self._routes, dtype=np.int64).reshape(-1, 4)
-        routes = {name: r[:, i].astype(dt) for i, (name, dt) in enumerate(ROUTE_COLUMNS)}
+        routes = {name: _column(f"route field {name}", r[:, i], dt) for i, (name, dt) in enumerate(ROUTE_COLUMNS)}
         return Trace(self.mesh_width, self.mesh_height, routes, ops, starts, lens,
                      self.pe_program.copy(), dict(self.meta))

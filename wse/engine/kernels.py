@@ -213,6 +213,7 @@ def _make_run(parallel: bool):
                             if done:
                                 # the op completed at cycle t; the next one starts at t + 1
                                 acc[C_OPS, p] += 1
+                                finish[p] = t + 1
                                 op += 1
                                 th[p, h, TH_OP] = op
                                 th[p, h, TH_SUB] = 0
@@ -230,7 +231,6 @@ def _make_run(parallel: bool):
                                     th[p, h, TH_OUT] = color_slot[p, ot[op, OT_COUT]] if ot[op, OT_SEND] else -1
                                 else:
                                     pe[p, PE_LIVE] -= 1
-                                    finish[p] = t + 1
                         h += 1
                         if h == T:
                             h = 0

@@ -145,10 +145,12 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     pp = trace.pe_program.reshape(P, T)
     has = pp >= 0
     safe = np.where(has, pp, 0)
-    op0 = np.where(has, trace.prog_start[safe], 0)
+    start = np.append(trace.prog_start, 0)  # a dummy entry keeps empty program tables indexable
+    length = np.append(trace.prog_len, 0)
+    op0 = np.where(has, start[safe], 0)
     th = np.zeros((P, T, L.TH_FIELDS), dtype=np.int32)
     th[:, :, L.TH_OP] = op0
-    th[:, :, L.TH_END] = np.where(has, trace.prog_start[safe] + trace.prog_len[safe], 0)
+    th[:, :, L.TH_END] = np.where(has, start[safe] + length[safe], 0)
     th[:, :, L.TH_IN] = -1
     th[:, :, L.TH_OUT] = -1
     if len(ot):

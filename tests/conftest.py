@@ -1,0 +1,20 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from wse import hardware  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny() -> hardware.WaferConfig:
+    """8x8 WSE-3-like wafer: hop latency 2, ramp latency 2, queue depth 4, 8-wide fp16 FMAC."""
+    return hardware.load_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny2() -> hardware.WaferConfig:
+    """8x8 WSE-2-like wafer: hop latency 1, 4-wide fp16 FMAC."""
+    return hardware.load_preset("tiny2")

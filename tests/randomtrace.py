@@ -1,0 +1,144 @@
+"""Random small traces for differential tests: streams (unicast, multicast, forwarded chains),
+vector ops with random operands, and signal/wait pairs, spread over random threads and orders,
+on a randomly perturbed small wafer. Many of them deadlock on purpose (ops in a bad order);
+both engines must agree on that too.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from wse import hardware, isa
+from wse.trace import (Trace, TraceBuilder, compute, recv, recv_compute, recv_compute_send, send,
+                       signal, wait)
+
+DIRS = {(1, 0): isa.PORT_EAST, (-1, 0): isa.PORT_WEST, (0, 1): isa.PORT_SOUTH, (0, -1): isa.PORT_NORTH}
+KINDS = [(isa.KIND_FMAC, isa.DTYPE_FP16), (isa.KIND_FMAC, isa.DTYPE_FP32), (isa.KIND_FMAC, isa.DTYPE_MIXED),
+         (isa.KIND_ADD, isa.DTYPE_FP16), (isa.KIND_ADD, isa.DTYPE_FP32), (isa.KIND_MUL, isa.DTYPE_FP16),
+         (isa.KIND_MAX, isa.DTYPE_FP32), (isa.KIND_MOV, isa.DTYPE_FP16), (isa.KIND_SCALE, isa.DTYPE_FP32)]
+
+
+def random_config(rng: np.random.Generator) -> hardware.WaferConfig:
+    base = hardware.load_preset(str(rng.choice(["tiny", "tiny2"])))
+    sets = [
+        f"fabric.queue_depth_wavelets={rng.integers(1, 6)}",
+        f"fabric.hop_latency_cycles={rng.integers(1, 4)}",
+        f"fabric.ramp_latency_cycles={rng.integers(1, 4)}",
+        f"fabric.link_wavelets_per_cycle={rng.integers(1, 3)}",
+        f"sram.sram_read_ports={rng.integers(1, 3)}",
+        f"sram.sram_write_ports={rng.integers(1, 3)}",
+        f"compute.vector_setup_cycles={rng.integers(0, 4)}",
+        f"compute.fabric_setup_cycles={rng.integers(0, 4)}",
+        "engine.watchdog_cycles=40",
+        f"engine.max_cycles={60 if rng.random() < 0.15 else 4000}",
+    ]
+    return base.with_overrides(sets)
+
+
+def _path(rng: np.random.Generator, src: tuple[int, int], dst: tuple[int, int]) -> list[tuple[int, int]]:
+    """Dimension-ordered path (x first or y first, at random) from src to dst, inclusive."""
+    (x, y), (tx, ty) = src, dst
+    pts = [(x, y)]
+    order = ("x", "y") if rng.random() < 0.5 else ("y", "x")
+    for axis in order:
+        while (x != tx) if axis == "x" else (y != ty):
+            if axis == "x":
+                x += 1 if tx > x else -1
+            else:
+                y += 1 if ty > y else -1
+            pts.append((x, y))
+    return pts
+
+
+def random_trace(seed: int) -> tuple[Trace, hardware.WaferConfig]:
+    rng = np.random.default_rng(seed)
+    cfg = random_config(rng)
+    W, H = int(rng.integers(2, 6)), int(rng.integers(1, 5))
+    # Half the cases spread ops over many threads (mostly completing runs); the others pack
+    # them into a few threads in random order (often deadlocking).
+    spread = rng.random() < 0.5
+    T = 8 if spread else int(rng.integers(1, 4))
+    n_colors = 6
+    b = TraceBuilder(W, H, T, generator="randomtrace", seed=seed)
+    taken: set[tuple[int, int, int]] = set()  # (x, y, color) routes in use
+    ops: dict[tuple[int, int], list] = {(x, y): [] for x in range(W) for y in range(H)}
+
+    def addr(n: int, nbytes: int) -> int:
+        return int(rng.integers(0, 1024)) * 4 if n * nbytes < 40000 else 0
+
+    def add_flow(src: tuple[int, int], n: int) -> None:
+        for _ in range(4):
+            c = int(rng.integers(0, n_colors))
+            dst = (int(rng.integers(0, W)), int(rng.integers(0, H)))
+            if dst == src:
+                continue
+            pts = _path(rng, src, dst)
+            if any((px, py, c) in taken for px, py in pts):
+                continue
+            for i, (px, py) in enumerate(pts):
+                rx = isa.PORT_RAMP if i == 0 else DIRS[(pts[i - 1][0] - px, pts[i - 1][1] - py)]
+                tx = [] if i == len(pts) - 1 else [DIRS[(pts[i + 1][0] - px, pts[i + 1][1] - py)]]
+                deliver = i == len(pts) - 1 or (i > 0 and rng.random() < 0.3)
+                if deliver:
+                    tx.append(isa.PORT_RAMP)
+                b.route(px, py, c, rx, tx)
+                taken.add((px, py, c))
+                if deliver:
+                    last = i == len(pts) - 1
+                    roll = rng.random()
+                    if last and roll < 0.3:
+                        # forward along a new flow: a pipelined chain stage
+                        c2 = _forward(px, py, n)
+                        if c2 is not None:
+                            ops[(px, py)].append(recv_compute_send(c, c2, isa.KIND_ADD, n, src0=addr(n, 2)))
+                            continue
+                    if roll < 0.6:
+                        ops[(px, py)].append(recv(c, n, addr(n, 2)))
+                    else:
+                        ops[(px, py)].append(recv_compute(c, isa.KIND_ADD, n, dst=addr(n, 2), src0=addr(n, 2)))
+            ops[src].append(send(c, n, addr(n, 2)))
+            return
+
+    def _forward(x: int, y: int, n: int) -> int | None:
+        """Start a flow from (x, y) carrying the forwarded stream; its color, or None."""
+        for _ in range(4):
+            c2 = int(rng.integers(0, n_colors))
+            dst = (int(rng.integers(0, W)), int(rng.integers(0, H)))
+            if dst == (x, y):
+                continue
+            pts = _path(rng, (x, y), dst)
+            if any((px, py, c2) in taken for px, py in pts):
+                continue
+            for i, (px, py) in enumerate(pts):
+                rx = isa.PORT_RAMP if i == 0 else DIRS[(pts[i - 1][0] - px, pts[i - 1][1] - py)]
+                if i == len(pts) - 1:
+                    b.route(px, py, c2, rx, [isa.PORT_RAMP])
+                    ops[(px, py)].append(recv(c2, n, addr(n, 2)))
+                else:
+                    b.route(px, py, c2, rx, [DIRS[(pts[i + 1][0] - px, pts[i + 1][1] - py)]])
+                taken.add((px, py, c2))
+            return c2
+        return None
+
+    for _ in range(int(rng.integers(0, 7))):
+        add_flow((int(rng.integers(0, W)), int(rng.integers(0, H))), int(rng.integers(1, 13)))
+    for pe in ops:
+        for _ in range(int(rng.integers(0, 3))):
+            kind, dtype = KINDS[int(rng.integers(0, len(KINDS)))]
+            n = int(rng.integers(1, 41))
+            ops[pe].append(compute(kind, n, dst=addr(n, 4), src0=addr(n, 4), src1=addr(n, 4), dtype=dtype))
+    # distribute over threads in random order, then add signal/wait pairs
+    threads: dict[tuple[int, int], list[list]] = {pe: [[] for _ in range(T)] for pe in ops}
+    for pe, lst in ops.items():
+        for j, op in enumerate(rng.permutation(len(lst))):
+            threads[pe][j % T if spread else int(rng.integers(0, T))].append(lst[op])
+        for _ in range(int(rng.integers(0, 3))):
+            s = int(rng.integers(0, 4))
+            a, w = int(rng.integers(0, T)), int(rng.integers(0, T))
+            ta, tw = threads[pe][a], threads[pe][w]
+            ta.insert(int(rng.integers(0, len(ta) + 1)), signal(s))
+            tw.insert(int(rng.integers(0, len(tw) + 1)), wait(s))
+    for (x, y), ths in threads.items():
+        for t, lst in enumerate(ths):
+            if lst:
+                b.assign(x, y, t, lst)
+    return b.build(), cfg
