@@ -5,6 +5,11 @@ and link counters. Phase 2 runs each PE's CE step and queue update, reading neig
 and writing only that PE's records. Each phase is a loop over PEs (`prange` in the parallel
 kernel, integer-sum reductions only), so results do not depend on the thread count. Kernels
 import only numpy, numba and integer constants (ISA codes and record layouts).
+
+The state arrives as flat 1-D arrays (layout.py gives the record fields; every record has 8
+fields, so a field's index is base + (slot << 3) + FIELD) and every index is cast to uint64
+at the point of use: Numba then emits a plain load, without the negative-index wraparound and
+runtime-stride multiplications it adds for signed, multi-dimensional indexing.
 """
 from __future__ import annotations
 
@@ -12,19 +17,24 @@ import numpy as np
 from numba import njit, prange
 
 from ..isa import (
-    C_BUSY, C_FLOPS, C_OPS, C_RECEIVED, C_SENT, C_SETUP, C_SRAM_READ, C_SRAM_WRITE,
-    C_STALL_RECV, C_STALL_SEND, C_STALL_SRAM, C_STALL_SYNC, L_BLOCKED, L_CONTENTION,
-    L_WAVELETS, OP_SIGNAL, OP_WAIT, PORT_RAMP, STOP_COMPLETE, STOP_DEADLOCK,
+    C_BUSY, C_SETUP, C_STALL_RECV, C_STALL_SEND, C_STALL_SRAM, C_STALL_SYNC, L_BLOCKED,
+    L_CONTENTION, MAX_SEMAPHORES, OP_SIGNAL, OP_WAIT, PORT_RAMP, STOP_COMPLETE, STOP_DEADLOCK,
 )
 from .layout import (
-    CQ_OCC, CQ_PIPE, CQ_READY, OT_CIN, OT_CODE, OT_COUT, OT_FLOPS, OT_LENGTH, OT_NSUB,
-    OT_RBYTES, OT_RD_FIRST, OT_RD_LAST, OT_RECV, OT_SEM, OT_SEND, OT_SETUP, OT_WBYTES,
-    OT_WIDTH, OT_WR, PE_GRANT, PE_LIVE, PE_PEAK, PE_ROUTES, PE_RR, Q_OCC, Q_PIPE, Q_READY,
-    RT_DOWN, RT_RX, RT_TX, RT_UP, TH_CODE, TH_END, TH_IN, TH_LEFT, TH_NSUB, TH_OP, TH_OUT,
-    TH_RD_FIRST, TH_RD_LAST, TH_SEM, TH_SETUP, TH_SUB, TH_WIDTH, TH_WR,
+    A_FLOPS, A_OPS, A_RECEIVED, A_SENT, A_SRAM_READ, A_SRAM_WRITE, CODE_DONE, CQ_OCC, CQ_PIPE,
+    CQ_READY, CTRL_CODE, CTRL_SUB, CTRL_TWO, OT_CIN, OT_COUT, OT_CTRL, OT_FIELDS, OT_FLOPS, OT_LENGTH,
+    OT_RBYTES, OT_RECV, OT_SEND, OT_SETUP, OT_WBYTES, OT_WIDTH, PE_GRANT, PE_LIVE, PE_PEAK,
+    PE_ROUTES, PE_RR, Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_DOWN, RT_RX, RT_TX, RT_UP, TH_CTRL,
+    TH_END, TH_IN, TH_LEFT, TH_OP, TH_OUT, TH_SETUP, TH_WIDTH,
 )
 
 RUNNING = -1  # returned when the chunk ended before the run did
+
+
+@njit(cache=True, inline="always")
+def _u(i):
+    """An index as uint64: no wraparound code (all indices here are non-negative)."""
+    return np.uint64(i)
 
 
 @njit(cache=True, inline="always")
@@ -39,269 +49,312 @@ def _neighbour(p, port, W):
     return p - 1
 
 
+@njit(cache=True)
+def _route_block(lo, hi, F, W, R, depth, cap):
+    """Phase 1 for PEs lo .. hi-1: round-robin grants from last cycle's state.
+
+    Returns how many PEs granted a route. Writes only those PEs' grant mask, round-robin
+    pointer, grant counts and link counters.
+    """
+    rt = F.rt
+    q = F.q
+    pe = F.pe
+    link_acc = F.link_acc
+    P = F.finish.shape[0]
+    rshift = 3
+    granted = 0
+    for p in range(lo, hi):
+        pb = p << rshift
+        nr = pe[_u(pb + PE_ROUTES)]
+        if nr == 0:
+            continue
+        qb = (p * R) << rshift
+        g = 0  # granted slots
+        used = 0  # 4 bits of carried-wavelet count per port
+        waiting = 0  # link ports with a ready wavelet that was not granted
+        first = -1
+        k = pe[_u(pb + PE_RR)]
+        for _j in range(nr):
+            kb = qb + (k << rshift)
+            if q[_u(kb + Q_READY)] > 0:
+                tx = rt[_u(kb + RT_TX)]
+                ok = True
+                for port in range(5):
+                    if (tx >> port) & 1:
+                        if ((used >> (4 * port)) & 15) >= cap:
+                            ok = False
+                        elif port == PORT_RAMP:
+                            if q[_u(kb + CQ_OCC)] >= depth:
+                                ok = False
+                        else:
+                            nbq = (_neighbour(p, port, W) * R + rt[_u(kb + RT_DOWN + port)]) << rshift
+                            if q[_u(nbq + Q_OCC)] >= depth:
+                                ok = False
+                if ok:
+                    g |= 1 << k
+                    q[_u(kb + Q_GRANTS)] += 1
+                    for port in range(5):
+                        if (tx >> port) & 1:
+                            used += 1 << (4 * port)
+                    if first < 0:
+                        first = k
+                else:
+                    waiting |= tx & 15
+            k += 1
+            if k == nr:
+                k = 0
+        pe[_u(pb + PE_GRANT)] = g
+        if first >= 0:
+            pe[_u(pb + PE_RR)] = first + 1 if first + 1 < nr else 0
+            granted += 1
+        if waiting != 0:
+            for port in range(4):
+                if (waiting >> port) & 1:
+                    if ((used >> (4 * port)) & 15) >= cap:
+                        link_acc[_u(((L_CONTENTION * P + p) << 2) + port)] += 1
+                    else:
+                        link_acc[_u(((L_BLOCKED * P + p) << 2) + port)] += 1
+
+    return granted
+
+
+@njit(cache=True)
+def _update_block(lo, hi, t, F, W, R, T, n_colors, depth, cap, hop_bit, ramp_bit,
+                  read_ports, write_ports):
+    """Phase 2 for PEs lo .. hi-1: CE step, then queue update.
+
+    Returns (wavelets held + live threads, PEs that progressed). Reads neighbours' grants;
+    writes only these PEs' records.
+    """
+    rt = F.rt
+    color_slot = F.color_slot
+    q = F.q
+    th = F.th
+    pe = F.pe
+    sem = F.sem
+    sem_add = F.sem_add
+    cyc = F.cyc
+    acc = F.acc
+    finish = F.finish
+    ot = F.ot
+    P = finish.shape[0]
+    rshift = 3
+    pending = 0
+    progressed = 0
+    th0 = t % T
+    for p in range(lo, hi):
+        pb = p << rshift
+        nr = pe[_u(pb + PE_ROUTES)]
+        lv = pe[_u(pb + PE_LIVE)]
+        if nr == 0 and lv == 0:
+            continue
+        qb = (p * R) << rshift
+        # step 1: the CE's microthreads
+        sent = 0  # slots injected into this cycle
+        if lv > 0:
+            rd = read_ports
+            wr = write_ports
+            ramp = cap
+            busy = False
+            setup = False
+            st_sram = False
+            st_recv = False
+            st_send = False
+            st_sync = False
+            signalled = False
+            h = th0
+            for _j in range(T):
+                hb = (p * T + h) << rshift
+                ctrl = th[_u(hb + TH_CTRL)]
+                code = ctrl & CTRL_CODE
+                if code != CODE_DONE:
+                    done = False
+                    left_setup = th[_u(hb + TH_SETUP)]
+                    if left_setup > 0:
+                        th[_u(hb + TH_SETUP)] = left_setup - 1
+                        setup = True
+                    elif code == OP_SIGNAL:
+                        sem_add[_u(p * MAX_SEMAPHORES + (ctrl >> 12))] += 1
+                        signalled = True
+                        busy = True
+                        done = True
+                    elif code == OP_WAIT:
+                        si = _u(p * MAX_SEMAPHORES + (ctrl >> 12))
+                        if sem[si] > 0:
+                            sem[si] -= 1
+                            busy = True
+                            done = True
+                        else:
+                            st_sync = True
+                    elif (ctrl & CTRL_TWO) != 0 and (ctrl & CTRL_SUB) == 0:
+                        # first of two substeps: one read access
+                        need_r = (ctrl >> 6) & 3
+                        if need_r > rd:
+                            st_sram = True
+                        else:
+                            rd -= need_r
+                            th[_u(hb + TH_CTRL)] = ctrl | CTRL_SUB
+                            busy = True
+                    else:
+                        islot = th[_u(hb + TH_IN)]
+                        oslot = th[_u(hb + TH_OUT)]
+                        need_r = (ctrl >> 8) & 3
+                        need_w = (ctrl >> 10) & 3
+                        if islot >= 0 and q[_u(qb + (islot << rshift) + CQ_READY)] == 0:
+                            st_recv = True
+                        elif oslot >= 0 and (q[_u(qb + (oslot << rshift) + Q_OCC)] >= depth
+                                             or ramp == 0 or (sent >> oslot) & 1):
+                            st_send = True
+                        elif need_r > rd or need_w > wr:
+                            st_sram = True
+                        else:
+                            rd -= need_r
+                            wr -= need_w
+                            busy = True
+                            if ctrl & CTRL_SUB:
+                                th[_u(hb + TH_CTRL)] = ctrl ^ CTRL_SUB
+                            if islot >= 0:
+                                ib = qb + (islot << rshift)
+                                q[_u(ib + CQ_READY)] -= 1
+                                q[_u(ib + CQ_OCC)] -= 1
+                            if oslot >= 0:
+                                sent |= 1 << oslot
+                                ramp -= 1
+                            left = th[_u(hb + TH_LEFT)] - th[_u(hb + TH_WIDTH)]
+                            if left > 0:
+                                th[_u(hb + TH_LEFT)] = left
+                            else:
+                                th[_u(hb + TH_LEFT)] = 0
+                                done = True
+                    if done:
+                        # the op completed at cycle t: count it whole; the next op
+                        # starts at t + 1
+                        op = th[_u(hb + TH_OP)]
+                        ob = op * OT_FIELDS
+                        n = ot[_u(ob + OT_LENGTH)]
+                        if n != 0:
+                            acc[_u(A_FLOPS * P + p)] += n * ot[_u(ob + OT_FLOPS)]
+                            acc[_u(A_SRAM_READ * P + p)] += n * ot[_u(ob + OT_RBYTES)]
+                            acc[_u(A_SRAM_WRITE * P + p)] += n * ot[_u(ob + OT_WBYTES)]
+                            acc[_u(A_SENT * P + p)] += n * ot[_u(ob + OT_SEND)]
+                            acc[_u(A_RECEIVED * P + p)] += n * ot[_u(ob + OT_RECV)]
+                        acc[_u(A_OPS * P + p)] += 1
+                        finish[_u(p)] = t + 1
+                        op += 1
+                        th[_u(hb + TH_OP)] = op
+                        if op < th[_u(hb + TH_END)]:
+                            ob = op * OT_FIELDS
+                            th[_u(hb + TH_LEFT)] = ot[_u(ob + OT_LENGTH)]
+                            th[_u(hb + TH_SETUP)] = ot[_u(ob + OT_SETUP)]
+                            th[_u(hb + TH_CTRL)] = ot[_u(ob + OT_CTRL)]
+                            th[_u(hb + TH_WIDTH)] = ot[_u(ob + OT_WIDTH)]
+                            th[_u(hb + TH_IN)] = color_slot[
+                                _u(p * n_colors + ot[_u(ob + OT_CIN)])] if ot[_u(ob + OT_RECV)] else -1
+                            th[_u(hb + TH_OUT)] = color_slot[
+                                _u(p * n_colors + ot[_u(ob + OT_COUT)])] if ot[_u(ob + OT_SEND)] else -1
+                        else:
+                            th[_u(hb + TH_CTRL)] = CODE_DONE
+                            pe[_u(pb + PE_LIVE)] -= 1
+                h += 1
+                if h == T:
+                    h = 0
+            if signalled:
+                for s in range(MAX_SEMAPHORES):
+                    si = _u(p * MAX_SEMAPHORES + s)
+                    sem[si] += sem_add[si]
+                    sem_add[si] = 0
+            if busy:
+                cyc[_u(C_BUSY * P + p)] += 1
+                progressed += 1
+            elif setup:
+                cyc[_u(C_SETUP * P + p)] += 1
+                progressed += 1
+            elif st_sram:
+                cyc[_u(C_STALL_SRAM * P + p)] += 1
+            elif st_recv:
+                cyc[_u(C_STALL_RECV * P + p)] += 1
+            elif st_send:
+                cyc[_u(C_STALL_SEND * P + p)] += 1
+            elif st_sync:
+                cyc[_u(C_STALL_SYNC * P + p)] += 1
+
+        # step 2: queue update (arrivals, latency, departures)
+        held = 0
+        if nr > 0:
+            g = pe[_u(pb + PE_GRANT)]
+            top = 0
+            for k in range(nr):
+                kb = qb + (k << rshift)
+                pipe = q[_u(kb + Q_PIPE)]
+                occ = q[_u(kb + Q_OCC)]
+                rx = rt[_u(kb + RT_RX)]
+                if rx == PORT_RAMP:
+                    if (sent >> k) & 1:
+                        pipe |= ramp_bit
+                        occ += 1
+                else:
+                    us = rt[_u(kb + RT_UP)]
+                    if us >= 0 and (pe[_u((_neighbour(p, rx, W) << rshift) + PE_GRANT)] >> us) & 1:
+                        pipe |= hop_bit
+                        occ += 1
+                cocc = q[_u(kb + CQ_OCC)]
+                if pipe != 0 or (g >> k) & 1:
+                    ready = q[_u(kb + Q_READY)] + (pipe & 1)
+                    pipe >>= 1
+                    if (g >> k) & 1:
+                        ready -= 1
+                        occ -= 1
+                        if (rt[_u(kb + RT_TX)] >> PORT_RAMP) & 1:
+                            q[_u(kb + CQ_PIPE)] |= ramp_bit
+                            cocc += 1
+                            q[_u(kb + CQ_OCC)] = cocc
+                    q[_u(kb + Q_READY)] = ready
+                    q[_u(kb + Q_PIPE)] = pipe
+                    q[_u(kb + Q_OCC)] = occ
+                cpipe = q[_u(kb + CQ_PIPE)]
+                if cpipe != 0:
+                    q[_u(kb + CQ_READY)] += cpipe & 1
+                    q[_u(kb + CQ_PIPE)] = cpipe >> 1
+                if occ > top:
+                    top = occ
+                if cocc > top:
+                    top = cocc
+                held += occ + cocc
+            if top > pe[_u(pb + PE_PEAK)]:
+                pe[_u(pb + PE_PEAK)] = top
+        pending += held + pe[_u(pb + PE_LIVE)]
+
+    return pending, progressed
+
+
 def _make_run(parallel: bool):
     loop = prange if parallel else range
 
-    def run_cycles(t, t_stop, last_progress, watchdog, S, ot, W, T, depth, cap,
+    def run_cycles(t, t_stop, last_progress, watchdog, F, blocks, W, R, T, n_colors, depth, cap,
                    hop_latency, ramp_latency, read_ports, write_ports):
         """Step cycles t .. t_stop-1. Returns (next cycle, stop code or RUNNING, last progress).
 
-        The per-PE bodies are written inline: calling helpers with the state tuple would copy
-        and reference-count every array per call.
+        F holds the flat state arrays (state.Flat); blocks[b] .. blocks[b+1] are the PE ranges
+        stepped as one unit (in parallel across blocks in the parallel kernel; any partition
+        gives identical results).
         """
-        rt = S.rt
-        color_slot = S.color_slot
-        q = S.q
-        th = S.th
-        pe = S.pe
-        sem = S.sem
-        sem_add = S.sem_add
-        acc = S.acc
-        link_acc = S.link_acc
-        finish = S.finish
-        n_sem = sem.shape[1]
-        P = pe.shape[0]
+        n_blocks = blocks.shape[0] - 1
+        granted = np.zeros(n_blocks, dtype=np.int64)
+        pending = np.zeros(n_blocks, dtype=np.int64)
+        progressed = np.zeros(n_blocks, dtype=np.int64)
         hop_bit = 1 << (hop_latency - 1)
         ramp_bit = 1 << (ramp_latency - 1)
         while t < t_stop:
-            # ---- phase 1: router arbitration from last cycle's state ----------------------
-            granted = 0
-            for p in loop(P):
-                nr = pe[p, PE_ROUTES]
-                if nr == 0:
-                    continue
-                g = 0  # granted slots
-                used = 0  # 4 bits of carried-wavelet count per port
-                waiting = 0  # link ports with a ready wavelet that was not granted
-                first = -1
-                k = pe[p, PE_RR]
-                for _j in range(nr):
-                    if q[p, k, Q_READY] > 0:
-                        tx = rt[p, k, RT_TX]
-                        ok = True
-                        for port in range(5):
-                            if (tx >> port) & 1:
-                                if ((used >> (4 * port)) & 15) >= cap:
-                                    ok = False
-                                elif port == PORT_RAMP:
-                                    if q[p, k, CQ_OCC] >= depth:
-                                        ok = False
-                                elif q[_neighbour(p, port, W), rt[p, k, RT_DOWN + port], Q_OCC] >= depth:
-                                    ok = False
-                        if ok:
-                            g |= 1 << k
-                            for port in range(5):
-                                if (tx >> port) & 1:
-                                    used += 1 << (4 * port)
-                            if first < 0:
-                                first = k
-                        else:
-                            waiting |= tx & 15
-                    k += 1
-                    if k == nr:
-                        k = 0
-                pe[p, PE_GRANT] = g
-                if first >= 0:
-                    pe[p, PE_RR] = first + 1 if first + 1 < nr else 0
-                    granted += 1
-                if used != 0 or waiting != 0:
-                    for port in range(4):
-                        carried = (used >> (4 * port)) & 15
-                        if carried:
-                            link_acc[L_WAVELETS, p, port] += carried
-                        if (waiting >> port) & 1:
-                            if carried >= cap:
-                                link_acc[L_CONTENTION, p, port] += 1
-                            else:
-                                link_acc[L_BLOCKED, p, port] += 1
-
-            # ---- phase 2: each PE updates its own state -------------------------------------
-            pending = 0
-            progressed = 0
-            th0 = t % T
-            for p in loop(P):
-                nr = pe[p, PE_ROUTES]
-                lv = pe[p, PE_LIVE]
-                if nr == 0 and lv == 0:
-                    continue
-                # step 1: the CE's microthreads
-                sent = 0  # slots injected into this cycle
-                if lv > 0:
-                    rd = read_ports
-                    wr = write_ports
-                    ramp = cap
-                    busy = False
-                    setup = False
-                    st_sram = False
-                    st_recv = False
-                    st_send = False
-                    st_sync = False
-                    signalled = False
-                    h = th0
-                    for _j in range(T):
-                        op = th[p, h, TH_OP]
-                        if op < th[p, h, TH_END]:
-                            done = False
-                            if th[p, h, TH_SETUP] > 0:
-                                th[p, h, TH_SETUP] -= 1
-                                setup = True
-                            else:
-                                code = th[p, h, TH_CODE]
-                                if code == OP_SIGNAL:
-                                    sem_add[p, th[p, h, TH_SEM]] += 1
-                                    signalled = True
-                                    busy = True
-                                    done = True
-                                elif code == OP_WAIT:
-                                    s = th[p, h, TH_SEM]
-                                    if sem[p, s] > 0:
-                                        sem[p, s] -= 1
-                                        busy = True
-                                        done = True
-                                    else:
-                                        st_sync = True
-                                else:
-                                    sub = th[p, h, TH_SUB]
-                                    if sub + 1 < th[p, h, TH_NSUB]:
-                                        # a non-last substep: reads only
-                                        if th[p, h, TH_RD_FIRST] > rd:
-                                            st_sram = True
-                                        else:
-                                            rd -= th[p, h, TH_RD_FIRST]
-                                            th[p, h, TH_SUB] = sub + 1
-                                            busy = True
-                                    else:
-                                        islot = th[p, h, TH_IN]
-                                        oslot = th[p, h, TH_OUT]
-                                        need_r = th[p, h, TH_RD_LAST]
-                                        need_w = th[p, h, TH_WR]
-                                        if islot >= 0 and q[p, islot, CQ_READY] == 0:
-                                            st_recv = True
-                                        elif oslot >= 0 and (q[p, oslot, Q_OCC] >= depth or ramp == 0
-                                                             or (sent >> oslot) & 1):
-                                            st_send = True
-                                        elif need_r > rd or need_w > wr:
-                                            st_sram = True
-                                        else:
-                                            rd -= need_r
-                                            wr -= need_w
-                                            busy = True
-                                            th[p, h, TH_SUB] = 0
-                                            n = th[p, h, TH_WIDTH]
-                                            left = th[p, h, TH_LEFT]
-                                            if n > left:
-                                                n = left
-                                            th[p, h, TH_LEFT] = left - n
-                                            f = ot[op, OT_FLOPS]
-                                            if f != 0:
-                                                acc[C_FLOPS, p] += n * f
-                                            b = ot[op, OT_RBYTES]
-                                            if b != 0:
-                                                acc[C_SRAM_READ, p] += n * b
-                                            b = ot[op, OT_WBYTES]
-                                            if b != 0:
-                                                acc[C_SRAM_WRITE, p] += n * b
-                                            if islot >= 0:
-                                                q[p, islot, CQ_READY] -= 1
-                                                q[p, islot, CQ_OCC] -= 1
-                                                acc[C_RECEIVED, p] += 1
-                                            if oslot >= 0:
-                                                sent |= 1 << oslot
-                                                ramp -= 1
-                                                acc[C_SENT, p] += 1
-                                            done = left == n
-                            if done:
-                                # the op completed at cycle t; the next one starts at t + 1
-                                acc[C_OPS, p] += 1
-                                finish[p] = t + 1
-                                op += 1
-                                th[p, h, TH_OP] = op
-                                th[p, h, TH_SUB] = 0
-                                if op < th[p, h, TH_END]:
-                                    th[p, h, TH_LEFT] = ot[op, OT_LENGTH]
-                                    th[p, h, TH_SETUP] = ot[op, OT_SETUP]
-                                    th[p, h, TH_CODE] = ot[op, OT_CODE]
-                                    th[p, h, TH_SEM] = ot[op, OT_SEM]
-                                    th[p, h, TH_NSUB] = ot[op, OT_NSUB]
-                                    th[p, h, TH_RD_FIRST] = ot[op, OT_RD_FIRST]
-                                    th[p, h, TH_RD_LAST] = ot[op, OT_RD_LAST]
-                                    th[p, h, TH_WR] = ot[op, OT_WR]
-                                    th[p, h, TH_WIDTH] = ot[op, OT_WIDTH]
-                                    th[p, h, TH_IN] = color_slot[p, ot[op, OT_CIN]] if ot[op, OT_RECV] else -1
-                                    th[p, h, TH_OUT] = color_slot[p, ot[op, OT_COUT]] if ot[op, OT_SEND] else -1
-                                else:
-                                    pe[p, PE_LIVE] -= 1
-                        h += 1
-                        if h == T:
-                            h = 0
-                    if signalled:
-                        for s in range(n_sem):
-                            sem[p, s] += sem_add[p, s]
-                            sem_add[p, s] = 0
-                    if busy:
-                        acc[C_BUSY, p] += 1
-                        progressed += 1
-                    elif setup:
-                        acc[C_SETUP, p] += 1
-                        progressed += 1
-                    elif st_sram:
-                        acc[C_STALL_SRAM, p] += 1
-                    elif st_recv:
-                        acc[C_STALL_RECV, p] += 1
-                    elif st_send:
-                        acc[C_STALL_SEND, p] += 1
-                    elif st_sync:
-                        acc[C_STALL_SYNC, p] += 1
-
-                # step 2: queue update (arrivals, latency, departures)
-                held = 0
-                if nr > 0:
-                    g = pe[p, PE_GRANT]
-                    top = 0
-                    for k in range(nr):
-                        pipe = q[p, k, Q_PIPE]
-                        occ = q[p, k, Q_OCC]
-                        rx = rt[p, k, RT_RX]
-                        if rx == PORT_RAMP:
-                            if (sent >> k) & 1:
-                                pipe |= ramp_bit
-                                occ += 1
-                        else:
-                            us = rt[p, k, RT_UP]
-                            if us >= 0 and (pe[_neighbour(p, rx, W), PE_GRANT] >> us) & 1:
-                                pipe |= hop_bit
-                                occ += 1
-                        cocc = q[p, k, CQ_OCC]
-                        if pipe != 0 or (g >> k) & 1:
-                            ready = q[p, k, Q_READY] + (pipe & 1)
-                            pipe >>= 1
-                            if (g >> k) & 1:
-                                ready -= 1
-                                occ -= 1
-                                if (rt[p, k, RT_TX] >> PORT_RAMP) & 1:
-                                    q[p, k, CQ_PIPE] |= ramp_bit
-                                    cocc += 1
-                                    q[p, k, CQ_OCC] = cocc
-                            q[p, k, Q_READY] = ready
-                            q[p, k, Q_PIPE] = pipe
-                            q[p, k, Q_OCC] = occ
-                        cpipe = q[p, k, CQ_PIPE]
-                        if cpipe != 0:
-                            q[p, k, CQ_READY] += cpipe & 1
-                            q[p, k, CQ_PIPE] = cpipe >> 1
-                        if occ > top:
-                            top = occ
-                        if cocc > top:
-                            top = cocc
-                        held += occ + cocc
-                    if top > pe[p, PE_PEAK]:
-                        pe[p, PE_PEAK] = top
-                pending += held + pe[p, PE_LIVE]
-
-            if granted + progressed > 0:
+            for b in loop(n_blocks):
+                granted[b] = _route_block(blocks[b], blocks[b + 1], F, W, R, depth, cap)
+            for b in loop(n_blocks):
+                pending[b], progressed[b] = _update_block(
+                    blocks[b], blocks[b + 1], t, F, W, R, T, n_colors, depth, cap, hop_bit,
+                    ramp_bit, read_ports, write_ports)
+            if granted.sum() + progressed.sum() > 0:
                 last_progress = t
             t += 1
-            if pending == 0:
+            if pending.sum() == 0:
                 return t, STOP_COMPLETE, last_progress
             if t - 1 - last_progress >= watchdog:
                 return t, STOP_DEADLOCK, last_progress

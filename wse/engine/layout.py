@@ -2,7 +2,8 @@
 
 Each PE's hot state sits in a few small contiguous records instead of dozens of separate
 arrays: the kernel then keeps a handful of base pointers in registers and touches one or two
-cache lines per record.
+cache lines per record. Route, queue, thread and PE records have exactly 8 fields (the kernels
+index them as base + (slot << 3) + field).
 """
 
 # rt[p, slot, :] int8 - static route table, slots sorted by color
@@ -19,26 +20,25 @@ Q_PIPE = 2  # bit i: a wavelet in flight becomes ready after i more cycles
 CQ_READY = 3
 CQ_OCC = 4
 CQ_PIPE = 5
+Q_GRANTS = 6  # times granted (folded into link counters by the driver after each chunk)
 Q_FIELDS = 8
 
-# th[p, thread, :] int32 - microthread state, with the current op's constants copied in at
-# op start so a cycle's work reads one record (no dependent load from the op table)
+# th[p, thread, :] int32 - microthread state; the current op's constants are copied in at op
+# start so a cycle's work reads one 32-byte record and nothing from the op table
 TH_OP = 0  # current op (global index into the op table)
 TH_END = 1  # one past the program's last op
 TH_LEFT = 2  # elements left in the current op
 TH_SETUP = 3  # setup cycles left
-TH_SUB = 4  # substep within the current step
-TH_IN = 5  # route slot the current op receives from, else -1
-TH_OUT = 6  # route slot the current op sends into, else -1
-TH_CODE = 7  # opcode
-TH_SEM = 8  # semaphore (signal / wait)
-TH_NSUB = 9  # substeps per step
-TH_RD_FIRST = 10  # read accesses in a non-last substep
-TH_RD_LAST = 11  # read accesses in the last substep
-TH_WR = 12  # write accesses in the last substep
-TH_WIDTH = 13  # elements per step
-TH_FIELDS = 16
-# per-element counters of the current op stay in the op table (OT_FLOPS, OT_RBYTES, OT_WBYTES)
+TH_CTRL = 4  # packed: opcode | sub << 4 | two substeps << 5 | reads first << 6 | reads last << 8
+#              | writes << 10 | semaphore << 12
+TH_WIDTH = 5  # elements per step
+TH_IN = 6  # route slot the current op receives from, else -1
+TH_OUT = 7  # route slot the current op sends into, else -1
+TH_FIELDS = 8
+CTRL_CODE = 15  # opcode mask; CODE_DONE marks a finished or idle thread
+CODE_DONE = 15
+CTRL_SUB = 1 << 4
+CTRL_TWO = 1 << 5
 
 # pe[p, :] int32 - per-PE scalars
 PE_ROUTES = 0  # number of routes
@@ -50,19 +50,31 @@ PE_FIELDS = 8
 
 # ot[op, :] int64 - per-op constants for a configuration
 OT_CODE = 0
-OT_LENGTH = 1
-OT_CIN = 2
-OT_COUT = 3
-OT_SEM = 4
-OT_SETUP = 5  # setup cycles
-OT_WIDTH = 6  # elements per step
-OT_NSUB = 7  # substeps per step (1 or 2)
-OT_RD_FIRST = 8  # read accesses in a non-last substep
-OT_RD_LAST = 9  # read accesses in the last substep
-OT_WR = 10  # write accesses in the last substep
-OT_RBYTES = 11  # SRAM bytes read per element
-OT_WBYTES = 12  # SRAM bytes written per element
-OT_FLOPS = 13  # FLOPs per element
-OT_RECV = 14  # 1: takes a wavelet per element
-OT_SEND = 15  # 1: injects a wavelet per element
+OT_LENGTH = 1  # elements
+OT_CIN = 2  # color received from, else -1
+OT_COUT = 3  # color sent on, else -1
+OT_SETUP = 4  # setup cycles
+OT_WIDTH = 5  # elements per step
+OT_CTRL = 6  # the packed TH_CTRL word of the op (substep 0)
+OT_RBYTES = 7  # SRAM bytes read per element
+OT_WBYTES = 8  # SRAM bytes written per element
+OT_FLOPS = 9  # FLOPs per element
+OT_RECV = 10  # 1: takes a wavelet per element
+OT_SEND = 11  # 1: injects a wavelet per element
 OT_FIELDS = 16
+
+
+def ctrl_word(code: int, two_substeps: bool, reads_first: int, reads_last: int, writes: int,
+              sem: int) -> int:
+    """The packed TH_CTRL word (see TH_CTRL)."""
+    return (code | (CTRL_TWO if two_substeps else 0) | reads_first << 6 | reads_last << 8
+            | writes << 10 | sem << 12)
+
+
+# acc[:, p] int64 - per-op counters, in the order of isa.PE_COUNTERS from C_FLOPS
+A_FLOPS = 0
+A_SRAM_READ = 1
+A_SRAM_WRITE = 2
+A_SENT = 3
+A_RECEIVED = 4
+A_OPS = 5

@@ -27,27 +27,57 @@ class State(NamedTuple):
     pe: np.ndarray  # int32 [P, PE_FIELDS]
     sem: np.ndarray  # int32 [P, MAX_SEMAPHORES]
     sem_add: np.ndarray  # int32 [P, MAX_SEMAPHORES] signals of this cycle
-    # Additive counters, counter-major and 32-bit: a cycle touches only the counters it changes;
-    # the driver folds them into int64 totals after every chunk.
-    acc: np.ndarray  # int32 [N_ACC, P] PE counters C_BUSY .. C_OPS
-    link_acc: np.ndarray  # int32 [N_LINK_COUNTERS, P, 4]
+    # Counters are counter-major so a cycle touches only what it changes. Cycle classes
+    # (C_BUSY .. C_STALL_SYNC) count per cycle in int32 and are folded into int64 totals after
+    # every chunk; the per-element counters (C_FLOPS .. C_OPS) are added when an op completes
+    # (the driver adds the finished elements of ops in progress when a run stops).
+    cyc: np.ndarray  # int32 [N_CLASSES, P]
+    acc: np.ndarray  # int64 [N_OP_COUNTERS, P] PE counters C_FLOPS .. C_OPS
+    link_acc: np.ndarray  # int32 [N_LINK_COUNTERS, P, 4] (L_WAVELETS comes from Q_GRANTS)
     finish: np.ndarray  # int64 [P] cycle after the PE's last op completed
 
 
-# Additive PE counters held in State.acc: isa.PE_COUNTERS[:N_ACC].
-N_ACC = isa.C_OPS + 1
+N_CLASSES = isa.C_STALL_SYNC + 1
+N_OP_COUNTERS = isa.C_OPS + 1 - isa.C_FLOPS
+MAX_CHUNK_CYCLES = 1 << 30  # keeps the int32 per-chunk counters from overflowing
+
+
+class Flat(NamedTuple):
+    """The state as flat 1-D views, plus the op table: what the kernels index."""
+
+    rt: np.ndarray
+    color_slot: np.ndarray
+    q: np.ndarray
+    th: np.ndarray
+    pe: np.ndarray
+    sem: np.ndarray
+    sem_add: np.ndarray
+    cyc: np.ndarray
+    acc: np.ndarray
+    link_acc: np.ndarray
+    finish: np.ndarray
+    ot: np.ndarray
+
+
+def flat(S: State, ot: np.ndarray) -> Flat:
+    """Flat views of the state (shared memory: kernel writes land in S)."""
+    views = [a.reshape(-1) for a in S]
+    assert all(np.shares_memory(v, a) for v, a in zip(views, S) if a.size)
+    return Flat(*views, np.ascontiguousarray(ot).reshape(-1))
 
 
 class Consts(NamedTuple):
     mesh_width: int
+    n_routes: int  # route slots per PE (R)
     n_threads: int
+    n_colors: int
     depth: int
     hop_latency: int
     ramp_latency: int
     link_capacity: int
     read_ports: int
     write_ports: int
-    max_chunk_cycles: int  # keeps the 32-bit accumulators from overflowing within a chunk
+    blocks: np.ndarray  # int64 PE block boundaries for the kernel (set by the driver)
 
 
 def staggered(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -82,7 +112,7 @@ def op_constants(trace: Trace, cfg: WaferConfig) -> np.ndarray:
         reads, writes = isa.op_streams(op.opcode, op.kind, op.dtype, op.dst, op.src0, op.src1)
         row = ot[i]
         row[L.OT_CODE], row[L.OT_LENGTH] = op.opcode, op.length
-        row[L.OT_CIN], row[L.OT_COUT], row[L.OT_SEM] = op.color_in, op.color_out, op.sem
+        row[L.OT_CIN], row[L.OT_COUT] = op.color_in, op.color_out
         row[L.OT_RECV] = op.opcode in (isa.OP_RECV, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND)
         row[L.OT_SEND] = op.opcode in (isa.OP_SEND, isa.OP_RECV_COMPUTE_SEND)
         if op.opcode == isa.OP_COMPUTE:
@@ -98,11 +128,9 @@ def op_constants(trace: Trace, cfg: WaferConfig) -> np.ndarray:
             row[L.OT_FLOPS] = isa.KIND_FLOPS[op.kind]
         row[L.OT_RBYTES] = sum(b for _, b in reads)
         row[L.OT_WBYTES] = sum(b for _, b in writes)
-        row[L.OT_WR] = len(writes)
-        if len(reads) == 2 and (cfg.sram_read_ports < 2 or _banks_conflict(reads[0][0], reads[1][0], cfg)):
-            row[L.OT_NSUB], row[L.OT_RD_FIRST], row[L.OT_RD_LAST] = 2, 1, 1
-        else:
-            row[L.OT_NSUB], row[L.OT_RD_FIRST], row[L.OT_RD_LAST] = 1, 0, len(reads)
+        two = len(reads) == 2 and (cfg.sram_read_ports < 2 or _banks_conflict(reads[0][0], reads[1][0], cfg))
+        row[L.OT_CTRL] = L.ctrl_word(op.opcode, two, 1 if two else 0, 1 if two else len(reads),
+                                     len(writes), op.sem)
     return ot
 
 
@@ -153,12 +181,12 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     th[:, :, L.TH_END] = np.where(has, start[safe] + length[safe], 0)
     th[:, :, L.TH_IN] = -1
     th[:, :, L.TH_OUT] = -1
+    th[:, :, L.TH_CTRL] = L.CODE_DONE
     if len(ot):
         row = ot[op0]
-        for field, col in ((L.TH_LEFT, L.OT_LENGTH), (L.TH_SETUP, L.OT_SETUP), (L.TH_CODE, L.OT_CODE),
-                           (L.TH_SEM, L.OT_SEM), (L.TH_NSUB, L.OT_NSUB), (L.TH_RD_FIRST, L.OT_RD_FIRST),
-                           (L.TH_RD_LAST, L.OT_RD_LAST), (L.TH_WR, L.OT_WR), (L.TH_WIDTH, L.OT_WIDTH)):
-            th[:, :, field] = np.where(has, row[:, :, col], 0)
+        for field, col in ((L.TH_LEFT, L.OT_LENGTH), (L.TH_SETUP, L.OT_SETUP), (L.TH_CTRL, L.OT_CTRL),
+                           (L.TH_WIDTH, L.OT_WIDTH)):
+            th[:, :, field] = np.where(has, row[:, :, col], th[:, :, field])
         pes = np.broadcast_to(np.arange(P)[:, None], has.shape)
         for field, col, flag in ((L.TH_IN, L.OT_CIN, L.OT_RECV), (L.TH_OUT, L.OT_COUT, L.OT_SEND)):
             use = has & (row[:, :, flag] != 0)
@@ -167,19 +195,16 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     pe_rec = np.zeros((P, L.PE_FIELDS), dtype=np.int32)
     pe_rec[:, L.PE_ROUTES] = n_routes
     pe_rec[:, L.PE_LIVE] = has.sum(axis=1)
-    per_cycle = int(ot[:, L.OT_WIDTH].max(initial=1)) * int(max(
-        1, ot[:, L.OT_FLOPS].max(initial=1), ot[:, L.OT_RBYTES].max(initial=1),
-        ot[:, L.OT_WBYTES].max(initial=1))) * max(T, 1)
     state = State(**staggered(dict(
         rt=rt, color_slot=color_slot, q=np.zeros((P, R, L.Q_FIELDS), np.int32), th=th, pe=pe_rec,
         sem=np.zeros((P, isa.MAX_SEMAPHORES), np.int32),
         sem_add=np.zeros((P, isa.MAX_SEMAPHORES), np.int32),
-        acc=np.zeros((N_ACC, P), np.int32),
+        cyc=np.zeros((N_CLASSES, P), np.int32),
+        acc=np.zeros((N_OP_COUNTERS, P), np.int64),
         link_acc=np.zeros((isa.N_LINK_COUNTERS, P, isa.N_LINK_PORTS), np.int32),
         finish=np.zeros(P, np.int64),
     )))
-    consts = Consts(W, T, cfg.queue_depth_wavelets, cfg.hop_latency_cycles,
+    consts = Consts(W, R, T, max(cfg.colors, 1), cfg.queue_depth_wavelets, cfg.hop_latency_cycles,
                     cfg.ramp_latency_cycles, cfg.link_wavelets_per_cycle,
-                    cfg.sram_read_ports, cfg.sram_write_ports,
-                    max(1, (2**31 - 1) // (per_cycle + 1)))
+                    cfg.sram_read_ports, cfg.sram_write_ports, np.array([0, P], dtype=np.int64))
     return state, consts, ot
