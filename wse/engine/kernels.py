@@ -24,7 +24,7 @@ from .layout import (
     A_FLOPS, A_OPS, A_RECEIVED, A_SENT, A_SRAM_READ, A_SRAM_WRITE, CODE_DONE, CQ_OCC, CQ_PIPE,
     CQ_READY, CTRL_CODE, CTRL_SUB, CTRL_TWO, OT_CIN, OT_COUT, OT_CTRL, OT_FIELDS, OT_FLOPS, OT_LENGTH,
     OT_RBYTES, OT_RECV, OT_SEND, OT_SETUP, OT_WBYTES, OT_WIDTH, PE_GRANT, PE_LIVE, PE_PEAK,
-    PE_ROUTES, PE_RR, Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_DOWN, RT_RX, RT_TX, RT_UP, TH_CTRL,
+    PE_ROUTES, PE_RR, Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX, RT_UP, RT_UP_PE, TH_CTRL,
     TH_END, TH_IN, TH_LEFT, TH_OP, TH_OUT, TH_SETUP, TH_WIDTH,
 )
 
@@ -54,7 +54,8 @@ def _route_block(lo, hi, F, W, R, depth, cap):
     """Phase 1 for PEs lo .. hi-1: round-robin grants from last cycle's state.
 
     Returns how many PEs granted a route. Writes only those PEs' grant mask, round-robin
-    pointer, grant counts and link counters.
+    pointer, grant counts and link counters. Port use is counted in 4-bit fields of `used`
+    (one per port); a route fits when no field of used + its RT_INC exceeds `cap`.
     """
     rt = F.rt
     q = F.q
@@ -62,6 +63,10 @@ def _route_block(lo, hi, F, W, R, depth, cap):
     link_acc = F.link_acc
     P = F.finish.shape[0]
     rshift = 3
+    # adding bias to a field sets its bit 3 exactly when the field exceeds cap (cap <= 8)
+    bias = 0
+    for port in range(5):
+        bias |= (7 - cap) << (4 * port)
     granted = 0
     for p in range(lo, hi):
         pb = p << rshift
@@ -77,29 +82,30 @@ def _route_block(lo, hi, F, W, R, depth, cap):
         for _j in range(nr):
             kb = qb + (k << rshift)
             if q[_u(kb + Q_READY)] > 0:
-                tx = rt[_u(kb + RT_TX)]
-                ok = True
-                for port in range(5):
-                    if (tx >> port) & 1:
-                        if ((used >> (4 * port)) & 15) >= cap:
-                            ok = False
-                        elif port == PORT_RAMP:
-                            if q[_u(kb + CQ_OCC)] >= depth:
-                                ok = False
-                        else:
-                            nbq = (_neighbour(p, port, W) * R + rt[_u(kb + RT_DOWN + port)]) << rshift
-                            if q[_u(nbq + Q_OCC)] >= depth:
-                                ok = False
+                inc = rt[_u(kb + RT_INC)]
+                ok = ((used + inc + bias) & (inc << 3)) == 0
+                if ok and (inc >> (4 * PORT_RAMP)) != 0 and q[_u(kb + CQ_OCC)] >= depth:
+                    ok = False
+                if ok:
+                    down = rt[_u(kb + RT_DOWNQ)]
+                    if down >= 0:
+                        ok = q[_u(down + Q_OCC)] < depth
+                    elif down == -2:
+                        slots = rt[_u(kb + RT_DOWNS)]
+                        for port in range(4):
+                            d = (slots >> (8 * port)) & 255
+                            if d != 0:
+                                nbq = (_neighbour(p, port, W) * R + d - 1) << rshift
+                                if q[_u(nbq + Q_OCC)] >= depth:
+                                    ok = False
                 if ok:
                     g |= 1 << k
                     q[_u(kb + Q_GRANTS)] += 1
-                    for port in range(5):
-                        if (tx >> port) & 1:
-                            used += 1 << (4 * port)
+                    used += inc
                     if first < 0:
                         first = k
                 else:
-                    waiting |= tx & 15
+                    waiting |= rt[_u(kb + RT_TX)] & 15
             k += 1
             if k == nr:
                 k = 0
@@ -114,7 +120,6 @@ def _route_block(lo, hi, F, W, R, depth, cap):
                         link_acc[_u(((L_CONTENTION * P + p) << 2) + port)] += 1
                     else:
                         link_acc[_u(((L_BLOCKED * P + p) << 2) + port)] += 1
-
     return granted
 
 
@@ -294,7 +299,7 @@ def _update_block(lo, hi, t, F, W, R, T, n_colors, depth, cap, hop_bit, ramp_bit
                         occ += 1
                 else:
                     us = rt[_u(kb + RT_UP)]
-                    if us >= 0 and (pe[_u((_neighbour(p, rx, W) << rshift) + PE_GRANT)] >> us) & 1:
+                    if us >= 0 and (pe[_u((rt[_u(kb + RT_UP_PE)] << rshift) + PE_GRANT)] >> us) & 1:
                         pipe |= hop_bit
                         occ += 1
                 cocc = q[_u(kb + CQ_OCC)]

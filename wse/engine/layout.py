@@ -6,11 +6,14 @@ cache lines per record. Route, queue, thread and PE records have exactly 8 field
 index them as base + (slot << 3) + field).
 """
 
-# rt[p, slot, :] int8 - static route table, slots sorted by color
+# rt[p, slot, :] int32 - static route table, slots sorted by color
 RT_RX = 0  # rx port
 RT_TX = 1  # tx port mask
 RT_UP = 2  # slot of the upstream route (link rx only), else -1
-RT_DOWN = 3  # RT_DOWN + port: neighbour's slot for each link port in tx, else -1
+RT_UP_PE = 3  # PE index of the upstream router (link rx only), else -1
+RT_INC = 4  # sum over tx ports of 1 << (4 * port): the route's use of per-port capacity
+RT_DOWNQ = 5  # one link port in tx: flat q index of the neighbour's record; none: -1; more: -2
+RT_DOWNS = 6  # byte `port` holds 1 + the neighbour's slot for each link port in tx (0: none)
 RT_FIELDS = 8
 
 # q[p, slot, :] int32 - the route's router queue and (tx has the ramp) its CE queue

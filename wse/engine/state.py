@@ -20,7 +20,7 @@ from . import layout as L
 class State(NamedTuple):
     """Mutable engine state and counters (record layouts in layout.py)."""
 
-    rt: np.ndarray  # int8 [P, R, RT_FIELDS] static routes
+    rt: np.ndarray  # int32 [P, R, RT_FIELDS] static routes
     color_slot: np.ndarray  # int8 [P, colors] slot of a color's route, else -1
     q: np.ndarray  # int32 [P, R, Q_FIELDS] queues
     th: np.ndarray  # int32 [P, T, TH_FIELDS] microthreads
@@ -155,19 +155,29 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     first = np.cumsum(n_routes) - n_routes
     slot = np.arange(len(pe)) - first[pe]
 
-    rt = np.full((P, R, L.RT_FIELDS), -1, dtype=np.int8)
+    rt = np.full((P, R, L.RT_FIELDS), -1, dtype=np.int32)
     rt[:, :, L.RT_RX] = isa.PORT_RAMP
     rt[:, :, L.RT_TX] = 0
+    rt[:, :, L.RT_INC] = 0
+    rt[:, :, L.RT_DOWNS] = 0
     rt[pe, slot, L.RT_RX], rt[pe, slot, L.RT_TX] = rx, tx
     color_slot = np.full((P, max(cfg.colors, 1)), -1, dtype=np.int8)
     color_slot[pe, color] = slot
     x, y = pe % W, pe // W
-    for port in range(isa.N_LINK_PORTS):
+    n_links = np.zeros(len(pe), dtype=np.int64)
+    for port in range(isa.N_PORTS):
         m = (tx >> port & 1) == 1
+        rt[pe[m], slot[m], L.RT_INC] += 1 << (4 * port)
+        if port == isa.PORT_RAMP:
+            continue
+        n_links += m
         nb = (y[m] + isa.PORT_DY[port]) * W + x[m] + isa.PORT_DX[port]
         dslot = color_slot[nb, color[m]].astype(np.int64)
-        rt[pe[m], slot[m], L.RT_DOWN + port] = dslot
+        rt[pe[m], slot[m], L.RT_DOWNS] += (dslot + 1) << (8 * port)
+        rt[pe[m], slot[m], L.RT_DOWNQ] = (nb * R + dslot) * L.Q_FIELDS
         rt[nb, dslot, L.RT_UP] = slot[m]
+        rt[nb, dslot, L.RT_UP_PE] = pe[m]
+    rt[pe[n_links > 1], slot[n_links > 1], L.RT_DOWNQ] = -2
 
     ot = op_constants(trace, cfg)
     pp = trace.pe_program.reshape(P, T)
