@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -128,7 +127,7 @@ def synth_cmd(pattern: str, mesh: str, wavelets: int | None, hops: int | None, e
 
 @cli.command("run")
 @click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False), help="trace file")
-@click.option("--wafer", help=f"wafer preset (default wse3)")
+@click.option("--wafer", help="wafer preset (default wse3)")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="wafer configuration TOML")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="override a configuration key")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")

@@ -369,7 +369,6 @@ def _validate_routes(t: Trace, cfg: WaferConfig, where: str) -> None:
 
 
 def _validate_ops(t: Trace, cfg: WaferConfig, where: str) -> None:
-    o = t.ops
     used = np.zeros(len(t.prog_start), dtype=bool)
     ids = t.pe_program[t.pe_program >= 0]
     used[np.unique(ids)] = True
