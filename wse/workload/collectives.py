@@ -1,0 +1,224 @@
+"""Collectives along one line of PEs (a row or a column of a region).
+
+`LineAllReduce` is the two-level, two-way chain all-reduce of MeshGEMV (WaferLLM): the line is
+cut into groups; inside a group the part below the group's middle PE chains partial sums up to
+it and the part above chains down to it, each stage a pipelined receive-add-forward; the group
+roots then chain the same way to the middle group's root, which broadcasts the sum along the
+whole line on one multicast color. With `groups=1, root="end"` it is the single-chain
+pipeline all-reduce baseline. Positions are 0..n-1; "lo"/"hi" are the neighbours at i-1/i+1.
+
+Each collective gives static routes per position (`routes()`) and, for a vector of m elements,
+the ops of position i per thread (`ops(i, ...)`). Every position's routes are independent of
+m, so one set of routes serves every all-reduce of a workload along that axis.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from .. import isa
+from ..trace import Op, recv, recv_compute, recv_compute_send, send, signal, wait, compute
+from .mesh import HI, LO, RAMP
+
+SEM_REDUCE = 0  # semaphore: thread 1 tells thread 0 that the upper-side partial arrived
+
+
+def default_groups(n: int) -> int:
+    """Group count for a line of n: the divisor of n closest to sqrt(n) (more groups on ties)."""
+    if n <= 2:
+        return 1
+    root = math.sqrt(n)
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: (abs(d - root), -d))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReduceColors:
+    """The nine colors of one axis' all-reduce: level-1 and level-2 chains both ways, broadcast."""
+
+    up1: tuple[int, int]  # level 1, toward higher index (alternating by position parity)
+    down1: tuple[int, int]  # level 1, toward lower index
+    up2: tuple[int, int]  # level 2, toward higher index (alternating by group parity)
+    down2: tuple[int, int]
+    bcast: int
+
+    @staticmethod
+    def from_base(base: int) -> "ReduceColors":
+        c = list(range(base, base + 9))
+        return ReduceColors((c[0], c[1]), (c[2], c[3]), (c[4], c[5]), (c[6], c[7]), c[8])
+
+
+class LineAllReduce:
+    """All-reduce of a vector held by every position of a line; the result lands everywhere."""
+
+    def __init__(self, n: int, colors: ReduceColors, groups: int | None = None, root: str = "middle"):
+        self.n = n
+        self.colors = colors
+        self.groups = groups if groups is not None else default_groups(n)
+        if not 1 <= self.groups <= n:
+            raise ValueError(f"groups must be in [1, {n}]")
+        self.root_mode = root
+        sizes = [n // self.groups + (1 if g < n % self.groups else 0) for g in range(self.groups)]
+        self.bounds: list[tuple[int, int, int]] = []  # (first, last + 1, root) per group
+        a = 0
+        for s in sizes:
+            b = a + s
+            r = b - 1 if root == "end" else (a + b - 1) // 2
+            self.bounds.append((a, b, r))
+            a = b
+        self.roots = [r for _, _, r in self.bounds]
+        self.mid = self.groups - 1 if root == "end" else (self.groups - 1) // 2
+        self.final_root = self.roots[self.mid]
+        self.group_of = [g for g, (a, b, _) in enumerate(self.bounds) for _ in range(a, b)]
+
+    # ---- routes ------------------------------------------------------------------------------
+
+    def routes(self) -> dict[int, dict[int, tuple[str, tuple[str, ...]]]]:
+        """color -> {position: (rx side, tx sides)}."""
+        out: dict[int, dict[int, tuple[str, tuple[str, ...]]]] = {}
+
+        def add(color: int, pos: int, rx: str, tx: tuple[str, ...]) -> None:
+            per = out.setdefault(color, {})
+            assert pos not in per, (color, pos)
+            per[pos] = (rx, tx)
+
+        c = self.colors
+        for a, b, r in self.bounds:
+            for i in range(a, r):  # chain up toward the root
+                add(c.up1[i % 2], i, RAMP, (HI,))
+                add(c.up1[i % 2], i + 1, LO, (RAMP,))
+            for i in range(r + 1, b):  # chain down toward the root
+                add(c.down1[i % 2], i, RAMP, (LO,))
+                add(c.down1[i % 2], i - 1, HI, (RAMP,))
+        roots = self.roots
+        for g in range(self.groups - 1):
+            lo_root, hi_root = roots[g], roots[g + 1]
+            if g < self.mid:  # root g sends up to root g + 1
+                col = c.up2[g % 2]
+                add(col, lo_root, RAMP, (HI,))
+                for i in range(lo_root + 1, hi_root):
+                    add(col, i, LO, (HI,))
+                add(col, hi_root, LO, (RAMP,))
+            else:  # root g + 1 sends down to root g
+                col = c.down2[(g + 1) % 2]
+                add(col, hi_root, RAMP, (LO,))
+                for i in range(lo_root + 1, hi_root):
+                    add(col, i, HI, (LO,))
+                add(col, lo_root, HI, (RAMP,))
+        f = self.final_root
+        for i in range(self.n):
+            if i == f:
+                tx = tuple(s for s, ok in ((LO, i > 0), (HI, i < self.n - 1)) if ok)
+                if tx:
+                    add(c.bcast, i, RAMP, tx)
+            elif i < f:
+                add(c.bcast, i, HI, (RAMP,) + ((LO,) if i > 0 else ()))
+            else:
+                add(c.bcast, i, LO, (RAMP,) + ((HI,) if i < self.n - 1 else ()))
+        return out
+
+    # ---- roles and ops ------------------------------------------------------------------------
+
+    def role(self, i: int) -> tuple:
+        """What position i's ops depend on (positions with equal roles run equal ops)."""
+        g = self.group_of[i]
+        a, b, r = self.bounds[g]
+        if i < r:
+            l1 = ("up", i == a)
+        elif i > r:
+            l1 = ("down", i == b - 1)
+        else:
+            l1 = ("root", r > a, r < b - 1)
+        l2 = None
+        if i == r:
+            if g < self.mid:
+                l2 = ("up", g == 0)
+            elif g > self.mid:
+                l2 = ("down", g == self.groups - 1)
+            else:
+                l2 = ("root", g > 0, g < self.groups - 1)
+        return (i % 2, l1, g % 2 if i == r else 0, l2, i == self.final_root)
+
+    def ops(self, i: int, m: int, buf: int, tmp: int, kind: int = isa.KIND_ADD,
+            dtype: int = isa.DTYPE_FP16) -> dict[int, list[Op]]:
+        """Ops of position i for an all-reduce of m elements in place at `buf`."""
+        return self.role_ops(self.role(i), m, buf, tmp, kind, dtype)
+
+    def role_ops(self, role: tuple, m: int, buf: int, tmp: int, kind: int = isa.KIND_ADD,
+                 dtype: int = isa.DTYPE_FP16, at_root: dict[int, list[Op]] | None = None
+                 ) -> dict[int, list[Op]]:
+        """Ops for a position with this role (see role()): thread -> ops.
+
+        Roots that receive from both sides take the upper side on thread 1 into `tmp` and
+        combine it on thread 0. One `kind` operation per element per combining stage.
+        `at_root` ops run at the final root between the reduction and the broadcast (the
+        hand-off barrier nests a column all-reduce there).
+        """
+        if self.n == 1 or m == 0:
+            return {t: list(v) for t, v in (at_root or {}).items()} if role[-1] else {}
+        par, l1, gpar, l2, final = role
+        c = self.colors
+        t0: list[Op] = []
+        t1: list[Op] = []
+
+        def combine(lo_color: int | None, hi_color: int | None) -> None:
+            if lo_color is not None:
+                t0.append(recv_compute(lo_color, kind, m, dst=buf, src0=buf, dtype=dtype))
+            if hi_color is not None:
+                t1.extend([recv(hi_color, m, tmp, dtype), signal(SEM_REDUCE)])
+                t0.extend([wait(SEM_REDUCE), compute(kind, m, dst=buf, src0=buf, src1=tmp, dtype=dtype)])
+
+        if l1[0] == "up":
+            t0.append(send(c.up1[par], m, buf, dtype) if l1[1] else
+                      recv_compute_send(c.up1[1 - par], c.up1[par], kind, m, src0=buf, dtype=dtype))
+        elif l1[0] == "down":
+            t0.append(send(c.down1[par], m, buf, dtype) if l1[1] else
+                      recv_compute_send(c.down1[1 - par], c.down1[par], kind, m, src0=buf, dtype=dtype))
+        else:
+            combine(c.up1[1 - par] if l1[1] else None, c.down1[1 - par] if l1[2] else None)
+            if l2[0] == "up":
+                t0.append(send(c.up2[gpar], m, buf, dtype) if l2[1] else
+                          recv_compute_send(c.up2[1 - gpar], c.up2[gpar], kind, m, src0=buf, dtype=dtype))
+            elif l2[0] == "down":
+                t0.append(send(c.down2[gpar], m, buf, dtype) if l2[1] else
+                          recv_compute_send(c.down2[1 - gpar], c.down2[gpar], kind, m, src0=buf, dtype=dtype))
+            else:
+                combine(c.up2[1 - gpar] if l2[1] else None, c.down2[1 - gpar] if l2[2] else None)
+        if final and at_root:
+            t0.extend(at_root.get(0, ()))
+            t1.extend(at_root.get(1, ()))
+        t0.append(send(c.bcast, m, buf, dtype) if final else recv(c.bcast, m, buf, dtype))
+        out = {0: t0}
+        if t1:
+            out[1] = t1
+        return out
+
+    def combine_flops(self, m: int) -> int:
+        """`kind` operations the all-reduce performs for m elements: (n - 1) per element."""
+        return (self.n - 1) * m if self.n > 1 else 0
+
+
+class LineBroadcast:
+    """Broadcast along a line from root position(s): one multicast color."""
+
+    def __init__(self, n: int, color: int):
+        self.n = n
+        self.color = color
+
+    def routes_for_root(self, root: int) -> dict[int, tuple[str, tuple[str, ...]]]:
+        per: dict[int, tuple[str, tuple[str, ...]]] = {}
+        for i in range(self.n):
+            if i == root:
+                tx = tuple(s for s, ok in ((LO, i > 0), (HI, i < self.n - 1)) if ok)
+                if tx:
+                    per[i] = (RAMP, tx)
+            elif i < root:
+                per[i] = (HI, (RAMP,) + ((LO,) if i > 0 else ()))
+            else:
+                per[i] = (LO, (RAMP,) + ((HI,) if i < self.n - 1 else ()))
+        return per
+
+    def ops(self, i: int, root: int, m: int, buf: int, dtype: int = isa.DTYPE_FP16) -> list[Op]:
+        if self.n == 1 or m == 0:
+            return []
+        return [send(self.color, m, buf, dtype)] if i == root else [recv(self.color, m, buf, dtype)]

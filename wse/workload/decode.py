@@ -1,0 +1,297 @@
+"""A whole model's decode step on one wafer: sizing, traces, exact stage composition.
+
+`plan_model` picks the slot size P (the largest that places the chain and fits every region's
+SRAM), `full_trace` builds one trace with every region and lane, and `stage_traces` builds the
+small traces that compose to the same cycle count:
+
+Every region ends with a hand-off barrier whose anchor PE fires once; all that follows in the
+region, and everything the next region does, is a pure time shift of that anchor (the next
+region sits idle until its lanes arrive). So with a_k the cycle at which region k's anchor
+fires (measured by the anchor PE's finish_cycle when the barrier is its last op):
+
+    a_0          = finish(anchor_0)  in  A_0 = region 0 alone
+    a_{k+1}      = a_k + finish(anchor_{k+1}) in S_k  -  finish(anchor_k) in B_k
+    total cycles = a_{n-2} + total(S_{n-2}) - finish(anchor_{n-2}) in B_{n-2}
+
+where B_k is region k running only its barrier, and S_k is region k running its barrier and
+its lane sends into region k+1 running its whole program (without its own lane sends). S_k and
+B_k depend only on the kinds of regions k, k+1 and the direction between them, so a model with
+identical layers needs a handful of distinct small simulations. `--full` simulates the one big
+trace instead; the two agree exactly (tests/test_decode.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from ..errors import WseError
+from ..hardware import WaferConfig
+from ..trace import Trace
+from .layer import (DecodeParams, Lanes, RegionBuild, decode_layer, embedding, embedding_memory, lm_head,
+                    lm_memory, plan_layer, token_column, ROW_BCAST)
+from .mesh import X, Y, MeshBuilder, Region
+from .models import ModelSpec
+from .placement import (PlacementError, Slot, add_lane_routes, direction, lane_sources, lane_targets,
+                        serpentine, transfer_color)
+from .plan import FitError, check_colors, usable_sram
+
+ELEM = 2
+
+
+@dataclasses.dataclass
+class ModelPlan:
+    spec: ModelSpec
+    cfg: WaferConfig
+    params: DecodeParams
+    P: int
+    n_layers: int
+    slots: list[Slot]
+    token_col: int
+
+    @property
+    def width(self) -> int:
+        return max(s.region.x0 + s.region.width for s in self.slots)
+
+    @property
+    def height(self) -> int:
+        return max(s.region.y0 + s.region.height for s in self.slots)
+
+
+def _table_slots(spec: ModelSpec, P: int, cfg: WaferConfig, head: bool, params: DecodeParams,
+                 most: int) -> int:
+    """Fewest P x P slots (at most `most`) a vocab x hidden table needs (embedding or LM head)."""
+    for k in range(1, most + 1):
+        try:
+            (lm_memory if head else embedding_memory)(spec, k * P, P, cfg, params)
+            return k
+        except FitError:
+            continue
+    raise PlacementError(f"the {'LM head' if head else 'embedding'} does not fit in {most} slots of {P}x{P}")
+
+
+def plan_model(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: int | None = None,
+               P: int | None = None) -> ModelPlan:
+    """Slot size and placement. With P=None the largest P that places and fits is chosen."""
+    check_colors(cfg)
+    n_layers = spec.layers if n_layers is None else n_layers
+    if not 1 <= n_layers <= spec.layers:
+        raise WseError(f"--layers must be in [1, {spec.layers}] for {spec.name}")
+    need, have = _bytes_needed(spec, params, n_layers), usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height
+    if need > have:
+        raise _does_not_fit(spec, cfg, params, n_layers, None)
+    area_bound = int((cfg.mesh_width * cfg.mesh_height / (n_layers + 2)) ** 0.5)
+    top = min(cfg.mesh_width, cfg.mesh_height, spec.hidden_size, area_bound)
+    candidates = [P] if P else list(range(top, 0, -1))
+    last_error: Exception | None = None
+    for p in candidates:
+        try:
+            most = cfg.mesh_width // p - 1
+            k_e = _table_slots(spec, p, cfg, False, params, most)
+            k_h = _table_slots(spec, p, cfg, True, params, cfg.mesh_width // p)
+            slots = serpentine(n_layers, k_e, k_h, p, cfg.mesh_width, cfg.mesh_height)
+            kinds = {0, n_layers - 1}
+            if spec.moe and spec.moe.dense_layers < n_layers:
+                kinds.add(spec.moe.dense_layers)
+            for layer in sorted(kinds):
+                plan_layer(spec, layer, p, cfg, params)
+            return ModelPlan(spec, cfg, params, p, n_layers, slots, token_column(spec, k_e * p, params.token))
+        except (PlacementError, FitError) as e:
+            last_error = e
+    raise _does_not_fit(spec, cfg, params, n_layers, last_error)
+
+
+def _bytes_needed(spec: ModelSpec, params: DecodeParams, n_layers: int) -> int:
+    """16-bit weights of the mapped layers, embedding and head, plus their KV cache."""
+    weights = ELEM * (spec.embedding_params() + spec.lm_head_params() + spec.hidden_size
+                      + sum(spec.layer_params(i) for i in range(n_layers)))
+    return weights + 2 * spec.kv_size * params.context * params.batch * ELEM * n_layers
+
+
+def _does_not_fit(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: int,
+                  cause: Exception | None) -> WseError:
+    """The error for a model that does not fit: bytes missing and wafers needed."""
+    frac = n_layers / spec.layers
+    need = _bytes_needed(spec, params, n_layers)
+    kv = 2 * spec.kv_size * params.context * params.batch * ELEM * n_layers
+    weights = need - kv
+    have = usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height
+    wafers = -(-need // have)
+    detail = f" ({cause})" if cause else ""
+    what = spec.name if frac == 1 else f"{spec.name} ({n_layers} of {spec.layers} layers)"
+    if need > have:
+        return FitError(f"{what} does not fit on one {cfg.name} wafer: weights {weights:,} B + KV cache "
+                        f"{kv:,} B = {need:,} B, usable SRAM {have:,} B; {need - have:,} B missing; "
+                        f"it needs at least {wafers} wafers{detail}")
+    return FitError(f"{what} ({need:,} B of weights and KV cache, {have:,} B usable) found no slot size "
+                    f"that places every region and fits its SRAM{detail}")
+
+
+# ---- traces ------------------------------------------------------------------------------------
+
+
+def _build_region(plan: ModelPlan, slot: Slot, region: Region, builder: MeshBuilder, lanes: Lanes) -> RegionBuild:
+    if slot.kind == "embedding":
+        return embedding(plan.spec, region, builder, plan.cfg, plan.params, lanes)
+    if slot.kind == "lm_head":
+        return lm_head(plan.spec, region, builder, plan.cfg, plan.params, lanes)
+    lp = plan_layer(plan.spec, slot.index, plan.P, plan.cfg, plan.params)
+    return decode_layer(lp, region, builder, lanes)
+
+
+def _lanes_between(plan: ModelPlan, k: int) -> tuple[dict, dict]:
+    a, b = plan.slots[k], plan.slots[k + 1]
+    src = lane_sources(a, plan.P, plan.token_col)
+    return src, lane_targets(a, b, src, plan.P)
+
+
+def _spread(slot: Slot) -> tuple:
+    return (X, ROW_BCAST) if slot.kind == "lm_head" else (Y, 18)
+
+
+def full_trace(plan: ModelPlan) -> tuple[Trace, list[RegionBuild]]:
+    """One trace holding every region and lane of the decode step."""
+    b = MeshBuilder(plan.width, plan.height, 4, model=plan.spec.name, phase="decode", P=plan.P,
+                    batch=plan.params.batch, context=plan.params.context, layers=plan.n_layers)
+    builds = []
+    n = len(plan.slots)
+    lanes_io = [_lanes_between(plan, k) for k in range(n - 1)]
+    for k, slot in enumerate(plan.slots):
+        c_in = transfer_color(k - 1) if k > 0 else None
+        c_out = transfer_color(k) if k < n - 1 else None
+        spread, bc = _spread(slot)
+        lanes = Lanes(c_in, lanes_io[k - 1][1] if k > 0 else {}, c_out, lanes_io[k][0] if k < n - 1 else {},
+                      spread, bc)
+        builds.append(_build_region(plan, slot, slot.region, b, lanes))
+    for k in range(n - 1):
+        add_lane_routes(b, plan.slots[k], plan.slots[k + 1], *lanes_io[k], transfer_color(k))
+    return b.build(), builds
+
+
+@dataclasses.dataclass
+class StageTrace:
+    key: tuple
+    trace: Trace
+    anchor: tuple[int, int] | None  # mesh (x, y) whose finish_cycle marks the anchor of interest
+
+
+def _key(plan: ModelPlan, slot: Slot) -> tuple:
+    """Regions with equal keys run identical programs."""
+    if slot.kind != "layer":
+        return (slot.kind, slot.region.width, slot.region.height)
+    spec = plan.spec
+    moe = spec.is_moe_layer(slot.index)
+    from .layer import moe_experts
+    return ("layer", moe, tuple(moe_experts(spec, slot.index, plan.params.batch)) if moe else ())
+
+
+def _sub(plan: ModelPlan, slots: list[Slot]) -> tuple[int, int, int, int]:
+    x0 = min(s.region.x0 for s in slots)
+    y0 = min(s.region.y0 for s in slots)
+    x1 = max(s.region.x0 + s.region.width for s in slots)
+    y1 = max(s.region.y0 + s.region.height for s in slots)
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def _shift(r: Region, ox: int, oy: int) -> Region:
+    return Region(r.x0 - ox, r.y0 - oy, r.width, r.height)
+
+
+def stage_A0(plan: ModelPlan) -> StageTrace:
+    """Region 0 alone, its lane sends omitted."""
+    s = plan.slots[0]
+    ox, oy, w, h = _sub(plan, [s])
+    b = MeshBuilder(w, h, 4, stage="A0")
+    rb = _build_region(plan, s, _shift(s.region, ox, oy), b, Lanes(None, {}, None, {}))
+    ax, ay = rb.anchor
+    return StageTrace(("A", _key(plan, s)), b.build(), (rb.region.x0 + ax, rb.region.y0 + ay))
+
+
+def stage_B(plan: ModelPlan, k: int) -> StageTrace:
+    """Region k running only its hand-off barrier."""
+    from .layer import handoff, reducers, THREADS
+    from .mesh import RegionProgram
+    s = plan.slots[k]
+    ox, oy, w, h = _sub(plan, [s])
+    b = MeshBuilder(w, h, 4, stage="B")
+    region = _shift(s.region, ox, oy)
+    red = reducers(region, b, plan.params)
+    prog = RegionProgram(region, THREADS)
+    prog.add_roles(X, [red[X].role(i) for i in range(region.width)])
+    prog.add_roles(Y, [red[Y].role(j) for j in range(region.height)])
+    prog.add(lambda xr, yr, sp: handoff(red, xr[0], yr[0], 0, 64))
+    prog.program_ids(b)
+    ax, ay = red[X].final_root, red[Y].final_root
+    return StageTrace(("B", _key(plan, s)), b.build(), (region.x0 + ax, region.y0 + ay))
+
+
+def stage_S(plan: ModelPlan, k: int) -> StageTrace:
+    """Region k's barrier and lane sends into region k+1's whole program (no onward sends)."""
+    from .layer import handoff, reducers, THREADS, _merge
+    from .mesh import RegionProgram
+    a, nxt = plan.slots[k], plan.slots[k + 1]
+    ox, oy, w, h = _sub(plan, [a, nxt])
+    b = MeshBuilder(w, h, 4, stage="S")
+    src, dst = _lanes_between(plan, k)
+    color = transfer_color(k)
+    ra = _shift(a.region, ox, oy)
+    red = reducers(ra, b, plan.params)
+    prog = RegionProgram(ra, THREADS)
+    prog.add_roles(X, [red[X].role(i) for i in range(ra.width)])
+    prog.add_roles(Y, [(red[Y].role(j),) for j in range(ra.height)])
+    lanes_a = Lanes(None, {}, color, src)
+    lanes_a.install(b, prog)
+    P = plan.P
+    from .layer import split as _split
+    chunks = _split(plan.spec.hidden_size, P)
+
+    def body(xr, yr, sp):
+        out = handoff(red, xr[0], yr[0][0], 0, 64)
+        if "out" in sp:
+            _merge(out, lanes_a.send(sp, chunks[sp["out"]] * plan.params.batch, 4096))
+        return out
+
+    prog.add(body)
+    prog.program_ids(b)
+    spread, bc = _spread(nxt)
+    rb = _build_region(plan, nxt, _shift(nxt.region, ox, oy), b, Lanes(color, dst, None, {}, spread, bc))
+    add_lane_routes(b, a, nxt, src, dst, color, ox, oy)
+    anchor = None
+    if k + 1 < len(plan.slots) - 1:
+        anchor = (rb.region.x0 + rb.anchor[0], rb.region.y0 + rb.anchor[1])
+    key = ("S", _key(plan, a), _key(plan, nxt), direction(a.region, nxt.region), k + 1 == len(plan.slots) - 1)
+    return StageTrace(key, b.build(), anchor)
+
+
+@dataclasses.dataclass
+class DecodeResult:
+    total_cycles: int
+    anchors: list[int]  # a_k per region (the last region has none)
+    stage_cycles: dict[tuple, int]  # distinct simulation key -> its total cycles
+    simulations: int
+    results: dict[tuple, object]  # key -> EngineResult of each distinct simulation
+
+
+def compose(plan: ModelPlan, simulate: Callable[[Trace], object]) -> DecodeResult:
+    """Cycles of the decode step from the distinct stage simulations (see module docstring)."""
+    cache: dict[tuple, object] = {}
+
+    def run(st: StageTrace):
+        if st.key not in cache:
+            r = simulate(st.trace)
+            if not r.complete:
+                raise WseError(f"stage {st.key} did not complete ({r.stop_name}): " + "; ".join(r.stuck[:3]))
+            cache[st.key] = r
+        return cache[st.key]
+
+    def finish(st: StageTrace) -> int:
+        r = run(st)
+        x, y = st.anchor
+        return int(r.pe("finish_cycle")[y, x])
+
+    n = len(plan.slots)
+    anchors = [finish(stage_A0(plan))]
+    for k in range(n - 2):
+        anchors.append(anchors[-1] + finish(stage_S(plan, k)) - finish(stage_B(plan, k)))
+    last = stage_S(plan, n - 2)
+    total = anchors[-1] + run(last).total_cycles - finish(stage_B(plan, n - 2))
+    return DecodeResult(total, anchors, {k: r.total_cycles for k, r in cache.items()}, len(cache), cache)

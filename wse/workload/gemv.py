@@ -1,0 +1,132 @@
+"""MeshGEMV: y[1, N] = x[1, M] . W[M, N] on a P_x x P_y region (docs/workloads.md).
+
+PE (i, j) holds the weight tile W[rows of chunk j, columns of chunk i] (M split over the P_y
+rows, N over the P_x columns, chunks differing by at most one) and the input chunk j, which an
+earlier step left replicated along its row. It runs one vector FMAC per input element (length
+= its column chunk), then the partial outputs are all-reduced along the column. The result,
+chunk i of y, ends on every PE of column i: replicated along Y, ready to be the input of a GEMV
+whose input axis is X. `reduce_axis` picks the orientation, so successive GEMVs alternate.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .. import isa
+from ..trace import compute
+from .collectives import LineAllReduce
+from .mesh import X, Y, Axis, Allocator, RegionProgram, split
+
+FP16 = isa.DTYPE_FP16
+ELEM = 2  # bytes of a 16-bit element
+
+
+@dataclasses.dataclass
+class GemvShape:
+    """Sizes of one GEMV on a region, and where its buffers live."""
+
+    m: int  # input length (reduction dimension)
+    n: int  # output length
+    reduce_axis: Axis  # axis along which partial outputs are summed
+    in_chunks: list[int]  # input chunk per position along reduce_axis
+    out_chunks: list[int]  # output chunk per position along the other axis
+    weights: int = 0  # address of the tile
+    pitch: int = 0  # bytes per tile row (multiple of 8: every row starts in one bank group)
+
+    @property
+    def out_axis(self) -> Axis:
+        return X if self.reduce_axis is Y else Y
+
+    def tile_bytes(self) -> int:
+        return max(self.in_chunks) * self.pitch
+
+    def weight_bytes(self) -> int:
+        """Bytes of real weights over the region (no padding)."""
+        return self.m * self.n * ELEM
+
+
+def plan_gemv(m: int, n: int, reduce_axis: Axis, px: int, py: int) -> GemvShape:
+    rn, on = (py, px) if reduce_axis is Y else (px, py)
+    return GemvShape(m, n, reduce_axis, split(m, rn), split(n, on))
+
+
+def alloc_gemv(shape: GemvShape, mem: Allocator, name: str) -> None:
+    shape.pitch = -(-max(shape.out_chunks) * ELEM // 8) * 8
+    shape.weights = mem.alloc(name, shape.tile_bytes(), "weights")
+
+
+def gemv_ops(shape: GemvShape, in_pos: int, out_pos: int, x: int, y: int, batch: int = 1,
+             x_stride: int = 0, y_stride: int = 0) -> list:
+    """The local FMACs of the PE at (in_pos along the reduce axis, out_pos along the other).
+
+    For each of `batch` input vectors (at x + b * x_stride), one FMAC per input element
+    accumulates a weight row into the output chunk at y + b * y_stride.
+    """
+    mt, nt = shape.in_chunks[in_pos], shape.out_chunks[out_pos]
+    ops = []
+    if nt == 0:
+        return ops
+    for b in range(batch):
+        for r in range(mt):
+            ops.append(compute(isa.KIND_FMAC, nt, dst=y + b * y_stride, src0=shape.weights + r * shape.pitch,
+                               src1=x + b * x_stride + r * ELEM, dtype=FP16))
+    return ops
+
+
+def gemv_flops(shape: GemvShape, batch: int = 1) -> int:
+    """Local FMAC FLOPs over the region: 2 M N per input vector."""
+    return 2 * shape.m * shape.n * batch
+
+
+def reduce_flops(shape: GemvShape, lines: int, batch: int = 1) -> int:
+    """Adds of the all-reduce: (positions - 1) per output element per vector."""
+    return (lines - 1) * shape.n * batch
+
+
+def standalone(m: int, n: int, px: int, py: int, cfg, algo: str = "two-level", groups: int | None = None,
+               batch: int = 1):
+    """A GEMV kernel trace on a px x py region: (trace, facts) with analytic FLOPs and bytes."""
+    from ..errors import WseError
+    from .mesh import MeshBuilder, Region
+    from .plan import AxisCollectives, fit_check
+
+    if m < 1 or n < 1 or px < 1 or py < 1:
+        raise WseError("gemv: --m, --n and the region sizes must be positive")
+    if py > m or px > n:
+        raise WseError(f"gemv: a {px}x{py} region needs m >= {py} and n >= {px} (every PE gets a tile)")
+    region = Region(0, 0, px, py)
+    shape = plan_gemv(m, n, Y, px, py)
+    mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
+    alloc_gemv(shape, mem, "w")
+    nt = max(shape.out_chunks) * batch
+    x = mem.alloc("x", max(shape.in_chunks) * batch * ELEM, "activations")
+    y = mem.alloc("y", nt * ELEM, "activations", bank_offset=4)
+    tmp = mem.alloc("tmp", nt * ELEM, "scratch")
+    fit_check(mem, cfg, f"gemv {m}x{n} on {px}x{py}")
+    b = MeshBuilder(px, py, 2, kernel="gemv", m=m, n=n, region=f"{px}x{py}", algo=algo, batch=batch)
+    coll = AxisCollectives(region, b, algo=algo, groups=groups, axes=(Y,))
+    red = coll.reduce[Y]
+    prog = RegionProgram(region, 2)
+    prog.add_roles(X, [shape.out_chunks[i] for i in range(px)])
+    prog.add_roles(Y, [(shape.in_chunks[j], red.role(j)) for j in range(py)])
+    in_index = {c: shape.in_chunks.index(c) for c in shape.in_chunks}
+    out_index = {c: shape.out_chunks.index(c) for c in shape.out_chunks}
+
+    def body(xr, yr, _sp):
+        nt, (mt, role) = xr[0], yr[0]
+        ops = gemv_ops(shape, in_index[mt], out_index[nt], x, y, batch, max(shape.in_chunks) * ELEM,
+                       max(shape.out_chunks) * ELEM)
+        out = red.role_ops(role, nt * batch, y, tmp)
+        out[0] = ops + out.get(0, [])
+        return out
+
+    prog.add(body)
+    prog.program_ids(b)
+    trace = b.build()
+    facts = {
+        "model_flops": gemv_flops(shape, batch),
+        "reduce_flops": reduce_flops(shape, py, batch),
+        "weight_bytes": shape.weight_bytes(),
+        "allocated_weight_bytes": shape.tile_bytes() * px * py,
+        "sram_bytes_per_pe": mem.used,
+    }
+    return trace, facts

@@ -1,0 +1,575 @@
+"""Region programs of a decode step: decoder layers, the embedding lookup and the LM head.
+
+Layout on a P x P layer region (docs/workloads.md): the hidden vector is split into P chunks,
+chunk i living on every PE of column i ("column layout"). GEMVs alternate their reduction axis:
+QKV and gate/up reduce along X and leave their outputs split over rows ("row layout"); O and
+down reduce along Y and return to column layout, so no transpose crosses the mesh. The KV cache
+of the context is split over columns (tokens) and rows (K/V dimensions, each row's query
+dimensions kept with the key/value dimensions they attend with); scores are all-reduced down
+the columns, softmax statistics and weighted values along the rows.
+
+A region receives its input at one PE per lane (lane d carries hidden chunk d) and hands its
+output on at one PE per lane after a hand-off barrier: a region-wide all-reduce of one element
+whose single anchor PE (the root of the column all-reduce nested at the row all-reduces' root
+column) makes everything after it a pure time shift of the anchor's send. That is what lets a
+token's stages compose exactly (placement.py).
+
+Operand placement avoids SRAM bank conflicts the way a compiler would: weights in bank group 0,
+a dot-product scratch in group 1, GEMV outputs in group 2, the residual stream and caches in
+group 3 (byte offsets 0, 2, 4, 6 from 16-byte boundaries).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .. import isa
+from ..errors import WseError
+from ..trace import Op, compute, recv, send, signal, wait
+from .collectives import LineAllReduce, LineBroadcast, ReduceColors
+from .gemv import ELEM, GemvShape, gemv_ops
+from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
+from .models import ModelSpec
+from .plan import DIAG_BCAST, KV_SHIFT, REDUCE_BASE, ROW_BCAST, fit_check
+
+FP16 = isa.DTYPE_FP16
+MUL, ADD, FMAC, MAX, MOV, SCALE = (isa.KIND_MUL, isa.KIND_ADD, isa.KIND_FMAC, isa.KIND_MAX, isa.KIND_MOV,
+                                   isa.KIND_SCALE)
+# Elementwise functions without a SIMD instruction, as vector FMACs per element [assumption]:
+EXP_FMACS = 4  # exp by range reduction and a polynomial
+SILU_FMACS = 4  # x * sigmoid(x): the exp plus the reciprocal folded in
+SOFTMAX_FLOPS = 1 + 1 + 2 * EXP_FMACS + 2 + 1  # max, subtract, exp, sum, scale per element
+SILU_MUL_FLOPS = 2 * SILU_FMACS + 1  # SiLU(gate) * up per element
+G0, G1, G2, G3 = 0, 2, 4, 6  # byte offsets selecting bank groups 0..3
+# semaphores (0 is the all-reduce's)
+SEM_KV_READY, SEM_KV_RECEIVED, SEM_KV_SENT = 1, 2, 3
+THREADS = 4  # 0 main, 1 all-reduce upper-side receives, 2 KV shift send, 3 KV shift receive
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeParams:
+    batch: int = 1
+    context: int = 128  # cached tokens attended to, the current one included
+    token: int = 1  # token id looked up in the embedding (all sequences of a batch: adjacent ids)
+    algo: str = "two-level"  # all-reduce algorithm: two-level or chain
+    groups: int | None = None  # two-level group count (default: divisor of P nearest sqrt P)
+
+
+@dataclasses.dataclass
+class RegionBuild:
+    """What a region generator produced besides the programs and routes in the builder."""
+
+    kind: str
+    region: Region
+    memory: Allocator
+    flops: dict[str, int]  # analytic executed FLOPs by component; "allreduce": the collectives' adds
+    model_flops: int  # FLOPs of the computation itself, each operation counted once
+    weight_bytes: int  # real weight bytes resident (no padding)
+    kv_bytes: int  # real KV-cache bytes resident
+    anchor: tuple[int, int]  # local (x, y) of the hand-off anchor PE
+
+
+def reducers(region: Region, builder: MeshBuilder | None, params: DecodeParams) -> dict:
+    """The all-reduce of each axis of a region (routes added to the builder when given)."""
+    out = {}
+    for axis in (X, Y):
+        n = region.size(axis)
+        colors = ReduceColors.from_base(REDUCE_BASE[axis])
+        if params.algo == "chain":
+            red = LineAllReduce(n, colors, groups=1, root="end")
+        elif params.algo == "two-level":
+            red = LineAllReduce(n, colors, groups=min(params.groups, n) if params.groups else None)
+        else:
+            raise WseError(f"unknown all-reduce algorithm {params.algo!r} (two-level, chain)")
+        if builder is not None:
+            for color, per in red.routes().items():
+                builder.line_routes(region, axis, color, per)
+        out[axis] = red
+    return out
+
+
+def anchor_of(red: dict) -> tuple[int, int]:
+    """Local (x, y) of the hand-off anchor: the column all-reduce root on the row roots' column."""
+    return red[X].final_root, red[Y].final_root
+
+
+def _merge(out: dict[int, list[Op]], *parts: dict[int, list[Op]]) -> dict[int, list[Op]]:
+    for p in parts:
+        for t, ops in p.items():
+            out.setdefault(t, []).extend(ops)
+    return out
+
+
+def handoff(red: dict, xrole: tuple, yrole: tuple, buf: int, tmp: int) -> dict[int, list[Op]]:
+    """The hand-off barrier: a one-element all-reduce over the region with a single anchor."""
+    inner = red[Y].role_ops(yrole, 1, buf, tmp) if xrole[-1] else None
+    return red[X].role_ops(xrole, 1, buf, tmp, ADD, FP16, at_root=inner)
+
+
+def handoff_flops(region: Region) -> int:
+    return region.height * (region.width - 1) + (region.height - 1)
+
+
+class Lanes:
+    """Input and output lanes of a region: lane d carries hidden chunk d.
+
+    in_lanes / out_lanes map lane -> local (x, y). Input lanes are spread along `spread` (Y:
+    down the receiver's column, X: along its row) on `bcast_color`.
+    """
+
+    def __init__(self, color_in: int | None, in_lanes: dict[int, tuple[int, int]], color_out: int | None,
+                 out_lanes: dict[int, tuple[int, int]], spread=Y, bcast_color: int = DIAG_BCAST):
+        self.color_in, self.in_lanes = color_in, dict(in_lanes) if color_in is not None else {}
+        self.color_out, self.out_lanes = color_out, dict(out_lanes) if color_out is not None else {}
+        self.spread, self.bcast_color = spread, bcast_color
+
+    def install(self, builder: MeshBuilder, prog: RegionProgram) -> None:
+        R = prog.region
+        for d, (x, y) in self.in_lanes.items():
+            prog.mark(x, y, "in", d)
+        for d, (x, y) in self.out_lanes.items():
+            prog.mark(x, y, "out", d)
+        n = R.size(self.spread)
+        if not self.in_lanes or n == 1:
+            return
+        bc = LineBroadcast(n, self.bcast_color)
+        for x, y in self.in_lanes.values():
+            line, root = (x, y) if self.spread is Y else (y, x)
+            builder.line_routes(R, self.spread, self.bcast_color, bc.routes_for_root(root), lines=[line])
+
+    def receive(self, sp: dict, m: int, buf: int, n_line: int) -> dict[int, list[Op]]:
+        """Receive a lane at its receiver and spread it along the line."""
+        if self.color_in is None:
+            return {}
+        if "in" in sp:
+            ops = [recv(self.color_in, m, buf)]
+            return {0: ops + ([send(self.bcast_color, m, buf)] if n_line > 1 else [])}
+        return {0: [recv(self.bcast_color, m, buf)]} if n_line > 1 else {}
+
+    def send(self, sp: dict, m: int, buf: int) -> dict[int, list[Op]]:
+        if self.color_out is None or "out" not in sp:
+            return {}
+        return {0: [send(self.color_out, m, buf)]}
+
+
+# ---- decoder layer ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    """Sizes and buffers of one decoder layer on a P x P region."""
+
+    spec: ModelSpec
+    layer: int
+    P: int
+    params: DecodeParams
+    mem: Allocator
+    Hc: list[int]
+    q_r: list[int]
+    k_r: list[int]
+    qkv_r: list[int]
+    o_r: list[int]
+    f_r: list[int]
+    e_r: list[int]
+    T_c: list[int]
+    heads_r: list[int]
+    shapes: dict[str, GemvShape]
+    buf: dict[str, int]
+
+    @property
+    def moe(self) -> bool:
+        return self.spec.is_moe_layer(self.layer)
+
+
+def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams) -> LayerPlan:
+    """Split the layer over a P x P region and allocate its SRAM (FitError if it does not fit)."""
+    if spec.mla:
+        raise WseError(f"{spec.name}: multi-head latent attention (MLA) has no decode mapping yet")
+    H, B, T = spec.hidden_size, params.batch, params.context
+    if P > H:
+        raise WseError(f"a {P}x{P} region is larger than the hidden size {H}")
+    moe = spec.is_moe_layer(layer)
+    if moe and spec.moe.expert_bias:
+        raise WseError(f"{spec.name}: experts with biases have no decode mapping yet")
+    Hc = split(H, P)
+    q_r, k_r = split(spec.q_size, P), split(spec.kv_size, P)
+    qkv_r = [q + 2 * k for q, k in zip(q_r, k_r)]
+    o_r = split(spec.attn_out_size, P)
+    ffn = spec.moe.expert_ffn_size if moe else spec.ffn_size
+    f_r = split(ffn, P)
+    e_r = split(spec.moe.experts, P) if moe else [0] * P
+    T_c = split(T, P)
+    heads_r = split(spec.heads, P)
+    mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
+    shapes: dict[str, GemvShape] = {}
+
+    def weights(name: str, m: int, n: int, axis, ins: list[int], outs: list[int], copies: int = 1) -> None:
+        s = GemvShape(m, n, axis, ins, outs)
+        s.pitch = -(-max(outs) * ELEM // 8) * 8
+        s.weights = mem.alloc(f"w_{name}", s.tile_bytes() * copies, "weights", G0)
+        shapes[name] = s
+
+    weights("qkv", H, spec.q_size + 2 * spec.kv_size, X, Hc, qkv_r)
+    weights("o", spec.attn_out_size, H, Y, o_r, Hc)
+    if moe:
+        n_exp = spec.moe.experts + spec.moe.shared_experts
+        weights("router", H, spec.moe.experts, X, Hc, e_r)
+        weights("gate_up", H, 2 * ffn, X, Hc, [2 * f for f in f_r], n_exp)
+        weights("down", ffn, H, Y, f_r, Hc, n_exp)
+    else:
+        weights("gate_up", H, 2 * ffn, X, Hc, [2 * f for f in f_r])
+        weights("down", ffn, H, Y, f_r, Hc)
+    buf: dict[str, int] = {}
+    buf["g1"] = mem.alloc("g1", max(Hc) * ELEM, "weights", G0)
+    buf["g2"] = mem.alloc("g2", max(Hc) * ELEM, "weights", G0)
+    if spec.qkv_bias:
+        buf["b_qkv"] = mem.alloc("b_qkv", max(qkv_r) * ELEM, "weights", G0)
+    if spec.o_bias:
+        buf["b_o"] = mem.alloc("b_o", max(Hc) * ELEM, "weights", G0)
+    if moe and spec.moe.router_bias:
+        buf["b_router"] = mem.alloc("b_router", max(e_r) * ELEM, "weights", G0)
+    kv_tok = 2 * max(k_r)
+    buf["kv"] = mem.alloc("kv_cache", max((max(T_c) + 1) * kv_tok, max(o_r)) * B * ELEM, "kv_cache", G3)
+    buf["h"] = mem.alloc("h", max(Hc) * B * ELEM, "activations", G3)
+    buf["xn"] = mem.alloc("xn", max(Hc) * B * ELEM, "activations", G3)
+    buf["sc"] = mem.alloc("scores", max(spec.heads * max(T_c), 1) * B * ELEM, "activations", G3)
+    buf["qkv"] = mem.alloc("qkv", max(max(qkv_r), max(e_r)) * B * ELEM, "activations", G2)
+    buf["att"] = mem.alloc("att", max(o_r) * B * ELEM, "activations", G2)
+    buf["gu"] = mem.alloc("gate_up", 2 * max(f_r) * B * ELEM, "activations", G2)
+    buf["y"] = mem.alloc("y", max(Hc) * B * ELEM, "activations", G2)
+    longest = max(max(qkv_r), spec.heads * max(T_c), max(o_r), max(Hc), 2 * max(f_r), max(e_r)) * B
+    buf["dot"] = mem.alloc("dot", longest * ELEM, "scratch", G1)
+    buf["scal"] = mem.alloc("scalars", 16 * B * ELEM, "scratch", G1)
+    buf["tmp"] = mem.alloc("tmp", longest * ELEM, "scratch", G0)
+    fit_check(mem, cfg, f"{spec.name} layer {layer} on a {P}x{P} region (batch {B}, context {T})")
+    return LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, shapes, buf)
+
+
+def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: Lanes) -> RegionBuild:
+    """Programs and routes of one decoder layer's decode step on `region`."""
+    spec, P, prm = plan.spec, plan.P, plan.params
+    B, H = prm.batch, spec.hidden_size
+    b_ = plan.buf
+    S = plan.shapes
+    Hc, qkv_r, o_r, f_r, e_r = plan.Hc, plan.qkv_r, plan.o_r, plan.f_r, plan.e_r
+    red = reducers(region, builder, prm)
+    rx, ry = red[X], red[Y]
+    tmp, dot, scal, h, xn = b_["tmp"], b_["dot"], b_["scal"], b_["h"], b_["xn"]
+    qkv, att, gu, yb, sc, kvc = b_["qkv"], b_["att"], b_["gu"], b_["y"], b_["sc"], b_["kv"]
+    hstride = max(Hc) * ELEM
+    prog = RegionProgram(region, THREADS)
+    prog.add_roles(X, [(i_chunk(Hc, i), i % 2, rx.role(i), plan.T_c[i], i == 0, i == P - 1) for i in range(P)])
+    prog.add_roles(Y, [(i_chunk(qkv_r, j), plan.q_r[j], plan.k_r[j], i_chunk(o_r, j), i_chunk(f_r, j),
+                        i_chunk(e_r, j), plan.heads_r[j], ry.role(j)) for j in range(P)])
+    lanes.install(builder, prog)
+    for i in range(P - 1):  # KV shift: column i sends east on KV_SHIFT[i % 2]
+        builder.line_routes(region, X, KV_SHIFT[i % 2], {i: (RAMP, (HI,)), i + 1: (LO, (RAMP,))})
+
+    def norm(hi: int, xrole: tuple, g: int) -> dict[int, list[Op]]:
+        """RMSNorm of h into xn: sum of squares, row all-reduce, scale, weight."""
+        out = {0: [compute(FMAC, hi, dst=dot, src0=h + b * hstride) for b in range(B)]}
+        _merge(out, rx.role_ops(xrole, B, scal, tmp))
+        out[0].append(compute(SCALE, hi * B, dst=xn, src0=h))
+        out[0] += [compute(MUL, hi, dst=xn + b * hstride, src0=xn + b * hstride, src1=g) for b in range(B)]
+        return out
+
+    def ffn(i: int, j: int, xrole: tuple, yrole: tuple, expert: int, batch: int) -> dict[int, list[Op]]:
+        """Gated FFN on `batch` sequences: gate/up (reduce X), SiLU * up, down (reduce Y)."""
+        s_gu = dataclasses.replace(S["gate_up"], weights=S["gate_up"].weights + expert * S["gate_up"].tile_bytes())
+        s_dn = dataclasses.replace(S["down"], weights=S["down"].weights + expert * S["down"].tile_bytes())
+        fj = f_r[j]
+        out = {0: gemv_ops(s_gu, i, j, xn, gu, batch, hstride, 2 * max(f_r) * ELEM)}
+        _merge(out, rx.role_ops(xrole, 2 * fj * batch, gu, tmp))
+        act = fj * batch
+        out[0] += [compute(FMAC, act, dst=gu, src0=dot) for _ in range(SILU_FMACS)]
+        out[0].append(compute(MUL, act, dst=gu, src0=gu, src1=dot))
+        out[0] += gemv_ops(s_dn, j, i, gu, yb, batch, max(f_r) * ELEM, hstride)
+        return _merge(out, ry.role_ops(yrole, Hc[i] * batch, yb, tmp))
+
+    def body(xr, yr, sp):
+        i, parity, xrole, tc, first_col, last_col = xr[0]
+        jq, qj, kj, jo, jf, je, hj, yrole = yr[0]
+        hi, qkvj, oj = Hc[i], qkv_r[jq], o_r[jo]
+        out: dict[int, list[Op]] = {}
+        _merge(out, lanes.receive(sp, hi * B, h, P))
+        _merge(out, norm(hi, xrole, b_["g1"]))
+        # QKV projection (reduce X): slice j of q|k|v on every PE of row j
+        out[0] += gemv_ops(S["qkv"], i, jq, xn, qkv, B, hstride, max(qkv_r) * ELEM)
+        _merge(out, rx.role_ops(xrole, qkvj * B, qkv, tmp))
+        if "b_qkv" in b_:
+            out[0] += [compute(ADD, qkvj, dst=qkv + b * max(qkv_r) * ELEM, src0=qkv + b * max(qkv_r) * ELEM,
+                               src1=b_["b_qkv"]) for b in range(B)]
+        # RoPE on the slice's q and k dimensions: x * cos + rotate(x) * sin
+        rope = (qj + kj) * B
+        out[0] += [compute(MUL, rope, dst=qkv, src0=qkv, src1=dot), compute(FMAC, rope, dst=qkv, src0=dot)]
+        # KV cache, shift-based: column 0 appends the new token, every column passes its oldest east
+        kv = 2 * kj * B
+        t0 = [compute(MOV, kv, dst=kvc, src0=qkv)] if first_col else []
+        t0.append(signal(SEM_KV_READY))
+        t2 = [wait(SEM_KV_READY)]
+        t3: list[Op] = []
+        if not last_col:
+            t2 += [send(KV_SHIFT[parity], kv, kvc), signal(SEM_KV_SENT)]
+            t0.append(wait(SEM_KV_SENT))
+        if not first_col:
+            t3 += [recv(KV_SHIFT[1 - parity], kv, kvc + tc * kv * ELEM), signal(SEM_KV_RECEIVED)]
+            t0.append(wait(SEM_KV_RECEIVED))
+        _merge(out, {0: t0, 2: t2, 3: t3})
+        # scores: per sequence and cached token, a dot product over the row's query dimensions
+        out[0] += [compute(FMAC, qj, dst=dot, src0=qkv) for _ in range(B * tc)]
+        ns = spec.heads * tc * B
+        _merge(out, ry.role_ops(yrole, ns, sc, tmp))
+        # softmax over the tokens of the heads this row owns
+        e = hj * tc * B
+        if e:
+            out[0].append(compute(MAX, e, dst=sc, src0=sc, src1=dot))
+        _merge(out, rx.role_ops(xrole, hj * B, scal, tmp, MAX))
+        if e:
+            out[0].append(compute(SCALE, e, dst=sc, src0=sc))  # s - max
+            out[0] += [compute(FMAC, e, dst=sc, src0=dot) for _ in range(EXP_FMACS)]
+            out[0].append(compute(FMAC, e, dst=dot, src0=sc))  # sum
+        _merge(out, rx.role_ops(xrole, hj * B, scal, tmp))
+        if e:
+            out[0].append(compute(SCALE, e, dst=sc, src0=sc))  # / sum
+        # every row needs every head's probabilities for its value dimensions
+        _merge(out, ry.role_ops(yrole, ns, sc, tmp))
+        # weighted values: per sequence and token an FMAC over the row's output dimensions
+        out[0] += [compute(FMAC, oj, dst=att + b * max(o_r) * ELEM, src0=kvc) for b in range(B) for _ in range(tc)]
+        _merge(out, rx.role_ops(xrole, oj * B, att, tmp))
+        # O projection (reduce Y) back to column layout, bias, residual
+        out[0] += gemv_ops(S["o"], jo, i, att, yb, B, max(o_r) * ELEM, hstride)
+        _merge(out, ry.role_ops(yrole, hi * B, yb, tmp))
+        if "b_o" in b_:
+            out[0] += [compute(ADD, hi, dst=yb + b * hstride, src0=yb + b * hstride, src1=b_["b_o"])
+                       for b in range(B)]
+        out[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
+        _merge(out, norm(hi, xrole, b_["g2"]))
+        if plan.moe:
+            _merge(out, moe_ffn(i, jf, je, xrole, yrole))
+        else:
+            _merge(out, ffn(i, jf, xrole, yrole, 0, B))
+        out[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
+        _merge(out, handoff(red, xrole, yrole, scal, tmp))
+        _merge(out, lanes.send(sp, hi * B, h))
+        return out
+
+    def moe_ffn(i: int, jf: int, je: int, xrole: tuple, yrole: tuple) -> dict[int, list[Op]]:
+        m = spec.moe
+        ej = e_r[je]
+        out = {0: gemv_ops(S["router"], i, je, xn, qkv, B, hstride, max(e_r) * ELEM)}
+        _merge(out, rx.role_ops(xrole, ej * B, qkv, tmp))
+        if "b_router" in b_:
+            out[0] += [compute(ADD, ej, dst=qkv + b * max(e_r) * ELEM, src0=qkv + b * max(e_r) * ELEM,
+                               src1=b_["b_router"]) for b in range(B)]
+        if ej:  # top-k: k max passes over the row's logits, merged down the columns
+            out[0] += [compute(MAX, ej * B, dst=qkv, src0=qkv, src1=dot) for _ in range(m.experts_per_token)]
+        _merge(out, ry.role_ops(yrole, m.experts_per_token * B, scal, tmp, MAX))
+        for e, users in moe_experts(spec, plan.layer, B).items():
+            _merge(out, ffn(i, jf, xrole, yrole, e, users))
+            out[0].append(compute(FMAC, Hc[i] * users, dst=h, src0=yb))  # gate-weighted sum into h
+        return out
+
+    prog.add(body)
+    prog.program_ids(builder)
+    executed, model = layer_flops(plan)
+    return RegionBuild("layer", region, plan.mem, executed, model, layer_weight_bytes(plan),
+                       2 * spec.kv_size * prm.context * B * ELEM, anchor_of(red))
+
+
+def i_chunk(chunks: list[int], i: int) -> int:
+    """Index of the first position with the same chunk size (positions with equal sizes share ops)."""
+    return chunks.index(chunks[i])
+
+
+def moe_experts(spec: ModelSpec, layer: int, batch: int) -> dict[int, int]:
+    """Experts computed in a MoE layer's decode step -> how many sequences use each.
+
+    Routing is uniform and deterministic: sequence b uses experts (b*k + layer + i) mod E,
+    i < k, so a batch spreads over the experts; shared experts serve every sequence.
+    """
+    m = spec.moe
+    assert m
+    use: dict[int, int] = {}
+    for b in range(batch):
+        for i in range(m.experts_per_token):
+            e = (b * m.experts_per_token + layer + i) % m.experts
+            use[e] = use.get(e, 0) + 1
+    for s in range(m.shared_experts):
+        use[m.experts + s] = batch
+    return dict(sorted(use.items()))
+
+
+def layer_weight_bytes(plan: LayerPlan) -> int:
+    spec, H = plan.spec, plan.spec.hidden_size
+    S = plan.shapes
+    n = S["qkv"].weight_bytes() + S["o"].weight_bytes() + 2 * H * ELEM
+    n += (S["qkv"].n if spec.qkv_bias else 0) * ELEM + (H if spec.o_bias else 0) * ELEM
+    if plan.moe:
+        m = spec.moe
+        n += S["router"].weight_bytes() + (m.experts if m.router_bias else 0) * ELEM
+        n += (m.experts + m.shared_experts) * (S["gate_up"].weight_bytes() + S["down"].weight_bytes())
+    else:
+        n += S["gate_up"].weight_bytes() + S["down"].weight_bytes()
+    return n
+
+
+def layer_flops(plan: LayerPlan) -> tuple[dict[str, int], int]:
+    """Analytic FLOPs of one layer's decode step: (executed by component, model FLOPs).
+
+    Executed FLOPs include the elementwise work every PE of a line repeats on its replicated
+    chunk (norms, RoPE, residuals, activations: P times) and the all-reduces' adds
+    ("allreduce"); model FLOPs count each operation of the layer once.
+    """
+    spec, P, prm = plan.spec, plan.P, plan.params
+    B, T, H = prm.batch, prm.context, spec.hidden_size
+    qkv_n = spec.q_size + 2 * spec.kv_size
+    norm = 2 * 4 * H * B  # two RMSNorms: sum of squares (2), scale (1), weight (1)
+    rope = 3 * (spec.q_size + spec.kv_size) * B
+    residual = 2 * H * B
+    qkv_bias = qkv_n * B if spec.qkv_bias else 0
+    o_bias = H * B if spec.o_bias else 0
+    model = {
+        "qkv": 2 * H * qkv_n * B, "scores": 2 * spec.q_size * T * B,
+        "softmax": SOFTMAX_FLOPS * spec.heads * T * B, "values": 2 * spec.attn_out_size * T * B,
+        "o": 2 * spec.attn_out_size * H * B,
+    }
+    executed = dict(model, norm=P * norm, rope=P * rope, residual=P * residual, bias=P * (qkv_bias + o_bias))
+    elementwise = norm + rope + residual + qkv_bias + o_bias
+    n1 = P - 1  # combining stages of an all-reduce along a line of P
+    ar = (2 * P * n1 * B  # the norms' sums
+          + n1 * qkv_n * B + n1 * spec.heads * T * B  # qkv, scores
+          + 2 * n1 * spec.heads * B  # softmax max and sum
+          + n1 * spec.heads * T * B + n1 * spec.attn_out_size * B + n1 * H * B)  # probs, values, o
+    if plan.moe:
+        m = spec.moe
+        u = sum(moe_experts(spec, plan.layer, B).values())
+        f = m.expert_ffn_size
+        router_bias = m.experts * B if m.router_bias else 0
+        topk = m.experts_per_token * m.experts * B
+        gemvs = 2 * H * m.experts * B + u * (2 * H * 2 * f + 2 * f * H)
+        act = u * SILU_MUL_FLOPS * f
+        combine = u * 2 * H
+        executed["ffn"] = gemvs + P * (router_bias + topk + act + combine)
+        model["ffn"] = gemvs
+        elementwise += router_bias + topk + act + combine
+        ar += n1 * m.experts * B + P * n1 * m.experts_per_token * B + u * (n1 * 2 * f + n1 * H)
+    else:
+        f = spec.ffn_size
+        gemvs = B * (2 * H * 2 * f + 2 * f * H)
+        act = B * SILU_MUL_FLOPS * f
+        executed["ffn"] = gemvs + P * act
+        model["ffn"] = gemvs
+        elementwise += act
+        ar += n1 * 2 * f * B + n1 * H * B
+    executed["allreduce"] = ar + handoff_flops(Region(0, 0, P, P))
+    return executed, sum(model.values()) + elementwise
+
+
+# ---- embedding and LM head ----------------------------------------------------------------------
+
+
+def embedding_memory(spec: ModelSpec, width: int, height: int, cfg, params: DecodeParams
+                     ) -> tuple[Allocator, list[int], dict[str, int]]:
+    """SRAM of the embedding table on a width x height region: vocab over columns, hidden
+    over rows (FitError if it does not fit)."""
+    mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
+    Vc, Hr = split(spec.vocab_size, width), split(spec.hidden_size, height)
+    buf = {"table": mem.alloc("table", max(Vc) * (-(-max(Hr) * ELEM // 8) * 8), "weights", G0),
+           "out": mem.alloc("out", max(Hr) * params.batch * ELEM, "activations", G3),
+           "scal": mem.alloc("scalars", 16 * ELEM, "scratch", G1),
+           "tmp": mem.alloc("tmp", 16 * ELEM, "scratch", G0)}
+    fit_check(mem, cfg, f"{spec.name} embedding on a {width}x{height} region")
+    return mem, Hr, buf
+
+
+def embedding(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params: DecodeParams,
+              lanes: Lanes) -> RegionBuild:
+    """Embedding lookup: the column holding the token's row sends chunk d from row d (lane d)."""
+    B = params.batch
+    mem, Hr, buf = embedding_memory(spec, region.width, region.height, cfg, params)
+    red = reducers(region, builder, params)
+    prog = RegionProgram(region, THREADS)
+    prog.add_roles(X, [(red[X].role(i),) for i in range(region.width)])
+    prog.add_roles(Y, [(red[Y].role(j), Hr[j]) for j in range(region.height)])
+    lanes.install(builder, prog)
+
+    def body(xr, yr, sp):
+        out = handoff(red, xr[0][0], yr[0][0], buf["scal"], buf["tmp"])
+        return _merge(out, lanes.send(sp, yr[0][1] * B, buf["out"]))
+
+    prog.add(body)
+    prog.program_ids(builder)
+    return RegionBuild("embedding", region, mem, {"allreduce": handoff_flops(region)}, 0,
+                       spec.embedding_params() * ELEM, 0, anchor_of(red))
+
+
+def token_column(spec: ModelSpec, width: int, token: int) -> int:
+    """Column of the embedding region whose vocab slice holds `token`."""
+    if not 0 <= token < spec.vocab_size:
+        raise WseError(f"--token {token} is outside the vocabulary [0, {spec.vocab_size})")
+    bounds = [0]
+    for v in split(spec.vocab_size, width):
+        bounds.append(bounds[-1] + v)
+    return max(c for c in range(width) if bounds[c] <= token)
+
+
+def lm_memory(spec: ModelSpec, width: int, height: int, cfg, params: DecodeParams
+              ) -> tuple[Allocator, GemvShape, list[int], list[int], dict[str, int]]:
+    """SRAM of the LM head on a width x height region (FitError if it does not fit)."""
+    B, H, V = params.batch, spec.hidden_size, spec.vocab_size
+    mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
+    Hr, Vc = split(H, height), split(V, width)
+    shape = GemvShape(H, V, Y, Hr, Vc)
+    shape.pitch = -(-max(Vc) * ELEM // 8) * 8
+    shape.weights = mem.alloc("w_lm", shape.tile_bytes(), "weights", G0)
+    buf = {"g": mem.alloc("g", max(Hr) * ELEM, "weights", G0),
+           "h": mem.alloc("h", max(Hr) * B * ELEM, "activations", G3),
+           "xn": mem.alloc("xn", max(Hr) * B * ELEM, "activations", G3),
+           "logits": mem.alloc("logits", max(Vc) * B * ELEM, "activations", G2),
+           "dot": mem.alloc("dot", max(max(Hr), max(Vc)) * B * ELEM, "scratch", G1),
+           "scal": mem.alloc("scalars", 16 * B * ELEM, "scratch", G1),
+           "tmp": mem.alloc("tmp", max(Vc) * B * ELEM, "scratch", G0)}
+    fit_check(mem, cfg, f"{spec.name} LM head on a {width}x{height} region")
+    return mem, shape, Hr, Vc, buf
+
+
+def lm_head(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params: DecodeParams,
+            lanes: Lanes) -> RegionBuild:
+    """Final RMSNorm, logits (a GEMV reducing along Y, vocab over columns) and the argmax.
+
+    Lane d arrives on row d and is spread along the row; the argmax ends with a row all-reduce
+    of each sequence's maximum.
+    """
+    B, H, V = params.batch, spec.hidden_size, spec.vocab_size
+    W_, H_ = region.width, region.height
+    mem, shape, Hr, Vc, buf = lm_memory(spec, W_, H_, cfg, params)
+    g, h, xn, logits, dot, scal, tmp = (buf[k] for k in ("g", "h", "xn", "logits", "dot", "scal", "tmp"))
+    red = reducers(region, builder, params)
+    rx, ry = red[X], red[Y]
+    prog = RegionProgram(region, THREADS)
+    prog.add_roles(X, [(i_chunk(Vc, i), rx.role(i)) for i in range(W_)])
+    prog.add_roles(Y, [(i_chunk(Hr, j), ry.role(j)) for j in range(H_)])
+    lanes.install(builder, prog)
+    hs = max(Hr) * ELEM
+
+    def body(xr, yr, sp):
+        i, xrole = xr[0]
+        j, yrole = yr[0]
+        hj, vi = Hr[j], Vc[i]
+        out = lanes.receive(sp, hj * B, h, W_)
+        _merge(out, {0: [compute(FMAC, hj, dst=dot, src0=h + b * hs) for b in range(B)]})
+        _merge(out, ry.role_ops(yrole, B, scal, tmp))
+        out[0].append(compute(SCALE, hj * B, dst=xn, src0=h))
+        out[0] += [compute(MUL, hj, dst=xn + b * hs, src0=xn + b * hs, src1=g) for b in range(B)]
+        out[0] += gemv_ops(shape, j, i, xn, logits, B, hs, max(Vc) * ELEM)
+        _merge(out, ry.role_ops(yrole, vi * B, logits, tmp))
+        out[0].append(compute(MAX, vi * B, dst=logits, src0=logits, src1=dot))
+        return _merge(out, rx.role_ops(xrole, B, scal, tmp, MAX))
+
+    prog.add(body)
+    prog.program_ids(builder)
+    # the norm is repeated by every PE of a row, the argmax by every PE of a column
+    flops = {"norm": W_ * 4 * H * B, "lm_head": 2 * H * V * B, "argmax": H_ * V * B,
+             "allreduce": W_ * (H_ - 1) * B + (H_ - 1) * V * B + H_ * (W_ - 1) * B}
+    weights = (spec.lm_head_params() or spec.embedding_params()) * ELEM + H * ELEM
+    return RegionBuild("lm_head", region, mem, flops, 4 * H * B + 2 * H * V * B + V * B, weights, 0,
+                       anchor_of(red))

@@ -1,0 +1,244 @@
+"""Building mesh-sized traces fast: regions, axis roles, program classes and bulk routes.
+
+A workload on a region of the mesh is a sequence of steps (local vector ops, collectives along
+X or Y, transfers). What a PE does in a step depends only on its role along X, its role along Y
+and its position relative to the region's diagonal, so PEs with the same (X role, Y role,
+diagonal side) share one program: a region of 10^5 PEs needs a few hundred programs, built
+once each and assigned with numpy indexing. Routes are added per line in bulk the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Hashable, Iterable
+
+import numpy as np
+
+from .. import isa
+from ..errors import TraceError
+from ..trace import Op, Trace, _column, OP_COLUMNS, ROUTE_COLUMNS
+
+# Sides of a position on a line: toward the lower index, toward the higher index, the CE.
+LO, HI, RAMP = "lo", "hi", "ramp"
+Ops = dict[int, list[Op]]  # thread -> ops
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    """One axis of a region: X (lo = west, hi = east) or Y (lo = north, hi = south)."""
+
+    name: str
+    lo_port: int
+    hi_port: int
+
+    def port(self, side: str) -> int:
+        return {LO: self.lo_port, HI: self.hi_port, RAMP: isa.PORT_RAMP}[side]
+
+
+X = Axis("x", isa.PORT_WEST, isa.PORT_EAST)
+Y = Axis("y", isa.PORT_NORTH, isa.PORT_SOUTH)
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """A P_x x P_y block of PEs with its origin at mesh column x0, row y0."""
+
+    x0: int
+    y0: int
+    width: int
+    height: int
+
+    def size(self, axis: Axis) -> int:
+        return self.width if axis is X else self.height
+
+
+def split(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` near-equal integer chunks (larger chunks first)."""
+    q, r = divmod(total, parts)
+    return [q + 1 if i < r else q for i in range(parts)]
+
+
+def offsets(sizes: list[int]) -> list[int]:
+    return [int(v) for v in np.cumsum([0] + sizes[:-1])]
+
+
+class Allocator:
+    """Region-uniform SRAM allocation: every PE of a region uses the same addresses.
+
+    Buffers are 16-byte aligned; `used` records the bytes a PE really needs per buffer (its
+    largest share), so padding = allocated - used stays visible.
+    """
+
+    def __init__(self, base: int, limit: int):
+        self.base = self.top = base
+        self.limit = limit
+        self.buffers: dict[str, tuple[int, int, str]] = {}  # name -> (addr, bytes, kind)
+
+    def alloc(self, name: str, nbytes: int, kind: str, bank_offset: int = 0) -> int:
+        """Reserve nbytes; `bank_offset` (bytes, < 16) shifts the start to another bank group."""
+        if name in self.buffers:
+            raise ValueError(f"buffer {name} allocated twice")
+        addr = -(-self.top // 16) * 16 + bank_offset
+        self.top = addr + max(nbytes, 0)
+        self.buffers[name] = (addr, nbytes, kind)
+        return addr
+
+    def addr(self, name: str) -> int:
+        return self.buffers[name][0]
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _, nbytes, kind in self.buffers.values():
+            out[kind] = out.get(kind, 0) + nbytes
+        return out
+
+    @property
+    def used(self) -> int:
+        return self.top - self.base
+
+
+Step = Callable[[tuple, tuple, dict], Ops]
+
+
+class RegionProgram:
+    """Steps of one region's workload, with per-axis role tables.
+
+    `x_roles[i]` / `y_roles[j]` are hashable role descriptions of column i / row j (whatever
+    the steps need to know about a position). A few PEs may also carry a `special` role (set
+    with mark(); e.g. the PE that receives an input lane). A step is called as
+    `step(xr, yr, sp)` with the PE's column roles, row roles and special role (None for most
+    PEs) and returns {thread: ops}.
+    """
+
+    def __init__(self, region: Region, threads: int):
+        self.region = region
+        self.threads = threads
+        self.steps: list[Step] = []
+        self.x_roles: list[list[Hashable]] = [[] for _ in range(region.width)]
+        self.y_roles: list[list[Hashable]] = [[] for _ in range(region.height)]
+        self.special: dict[tuple[int, int], dict[str, Hashable]] = {}
+
+    def add_roles(self, axis: Axis, roles: list[Hashable]) -> int:
+        """Append one role column for an axis; returns its index in the per-position tuples."""
+        table = self.x_roles if axis is X else self.y_roles
+        assert len(roles) == len(table)
+        for t, r in zip(table, roles):
+            t.append(r)
+        return len(table[0]) - 1
+
+    def mark(self, x: int, y: int, key: str, value: Hashable) -> None:
+        """Give PE (x, y) of the region the special role key=value."""
+        self.special.setdefault((x, y), {})[key] = value
+
+    def add(self, step: Step) -> None:
+        self.steps.append(step)
+
+    def ops_of(self, xr: tuple, yr: tuple, sp: dict | None) -> dict[int, list[Op]]:
+        out: dict[int, list[Op]] = {}
+        for step in self.steps:
+            for t, ops in step(xr, yr, sp or {}).items():
+                out.setdefault(t, []).extend(ops)
+        return out
+
+    def program_ids(self, builder: "MeshBuilder") -> None:
+        """Build each distinct PE program once and assign it to every PE of the region."""
+        R = self.region
+        xkeys = [tuple(r) for r in self.x_roles]
+        ykeys = [tuple(r) for r in self.y_roles]
+        xu = {k: i for i, k in enumerate(dict.fromkeys(xkeys))}
+        yu = {k: i for i, k in enumerate(dict.fromkeys(ykeys))}
+        xid = np.array([xu[k] for k in xkeys], dtype=np.int64)
+        yid = np.array([yu[k] for k in ykeys], dtype=np.int64)
+        skeys = [None] + list(dict.fromkeys(tuple(sorted(v.items())) for v in self.special.values()))
+        sidx = {k: i for i, k in enumerate(skeys)}
+        sid = np.zeros((R.height, R.width), dtype=np.int64)
+        for (x, y), v in self.special.items():
+            sid[y, x] = sidx[tuple(sorted(v.items()))]
+        code = (yid[:, None] * len(xu) + xid[None, :]) * len(skeys) + sid
+        uniq, inverse = np.unique(code, return_inverse=True)
+        inverse = inverse.reshape(code.shape)
+        xlist, ylist = list(xu), list(yu)
+        pids = np.full((len(uniq), self.threads), -1, dtype=np.int64)
+        for u, c in enumerate(uniq):
+            rest, s = divmod(int(c), len(skeys))
+            yk, xk = divmod(rest, len(xu))
+            sp = dict(skeys[s]) if skeys[s] is not None else None
+            for t, ops in self.ops_of(xlist[xk], ylist[yk], sp).items():
+                if ops:
+                    if t >= self.threads:
+                        raise ValueError(f"step used thread {t}; region has {self.threads}")
+                    pids[u, t] = builder.program(ops)
+        builder.ensure_threads(self.threads)
+        builder.pe_program[R.y0:R.y0 + R.height, R.x0:R.x0 + R.width, :self.threads] = pids[inverse]
+
+
+class MeshBuilder:
+    """Routes in bulk and deduplicated programs for a whole mesh; builds a Trace."""
+
+    def __init__(self, width: int, height: int, threads: int = 1, **meta: str):
+        self.width, self.height = width, height
+        self.pe_program = np.full((height, width, threads), -1, dtype=np.int32)
+        self._routes: list[np.ndarray] = []  # each [n, 4]: pe, color, rx, tx mask
+        self._programs: dict[tuple[Op, ...], int] = {}
+        self.meta = {k: str(v) for k, v in meta.items()}
+
+    def ensure_threads(self, threads: int) -> None:
+        if threads > self.pe_program.shape[2]:
+            extra = np.full((self.height, self.width, threads - self.pe_program.shape[2]), -1, np.int32)
+            self.pe_program = np.concatenate([self.pe_program, extra], axis=2)
+
+    def program(self, ops: Iterable[Op]) -> int:
+        key = tuple(ops)
+        return self._programs.setdefault(key, len(self._programs))
+
+    def routes(self, x: np.ndarray, y: np.ndarray, color: int | np.ndarray, rx: np.ndarray,
+               tx: np.ndarray) -> None:
+        """Add routes at PEs (x, y) (arrays); rx ports and tx port masks (arrays)."""
+        x, y = np.asarray(x, np.int64), np.asarray(y, np.int64)
+        n = x.size
+        a = np.empty((n, 4), dtype=np.int64)
+        a[:, 0] = y * self.width + x
+        a[:, 1] = color
+        a[:, 2] = rx
+        a[:, 3] = tx
+        self._routes.append(a)
+
+    def line_routes(self, region: Region, axis: Axis, color: int,
+                    per_position: dict[int, tuple[str, tuple[str, ...]]],
+                    lines: np.ndarray | None = None) -> None:
+        """Routes of one color on every line of `region` along `axis` (or the given lines).
+
+        per_position maps a position on the line to (rx side, tx sides). Each line (row for X,
+        column for Y) gets the same routes.
+        """
+        if not per_position:
+            return
+        pos = np.array(sorted(per_position), dtype=np.int64)
+        rx = np.array([axis.port(per_position[p][0]) for p in pos])
+        tx = np.array([isa.tx_mask(*(axis.port(s) for s in per_position[p][1])) for p in pos])
+        other = region.height if axis is X else region.width
+        lines = np.arange(other) if lines is None else np.asarray(lines, np.int64)
+        pp, ll = np.meshgrid(pos, lines, indexing="xy")
+        rr = np.broadcast_to(rx[None, :], pp.shape)
+        tt = np.broadcast_to(tx[None, :], pp.shape)
+        if axis is X:
+            xs, ys = region.x0 + pp, region.y0 + ll
+        else:
+            xs, ys = region.x0 + ll, region.y0 + pp
+        self.routes(xs.ravel(), ys.ravel(), color, rr.ravel(), tt.ravel())
+
+    def build(self) -> Trace:
+        progs = sorted(self._programs.items(), key=lambda kv: kv[1])
+        flat = [op for ops, _ in progs for op in ops]
+        lens = np.array([len(ops) for ops, _ in progs], dtype=np.int32)
+        starts = (np.cumsum(lens) - lens).astype(np.int32)
+        ops = {name: _column(f"op field {name}", [getattr(op, name) for op in flat], dt)
+               for name, dt in OP_COLUMNS}
+        r = np.concatenate(self._routes) if self._routes else np.zeros((0, 4), np.int64)
+        key = r[:, 0] * 64 + r[:, 1]
+        if len(np.unique(key)) != len(key):
+            order = np.argsort(key, kind="stable")
+            dup = r[order[np.nonzero(np.diff(key[order]) == 0)[0][0] + 1]]
+            raise TraceError(f"internal: two routes for color {dup[1]} at PE "
+                             f"({dup[0] % self.width}, {dup[0] // self.width})")
+        routes = {name: _column(f"route field {name}", r[:, i], dt) for i, (name, dt) in enumerate(ROUTE_COLUMNS)}
+        return Trace(self.width, self.height, routes, ops, starts, lens, self.pe_program.copy(), dict(self.meta))

@@ -1,0 +1,213 @@
+"""Transformer model specs (traces/models/*.toml) and their exact parameter and FLOP counts.
+
+A spec names the shapes of a decoder-only transformer: dense or MoE feed-forward, standard
+multi-head / grouped-query attention or DeepSeek's multi-head latent attention (MLA). The
+counts here are closed forms over those shapes; tests compare them with the published totals.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from ..errors import WseError
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "traces" / "models"
+DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "mxfp4": 4.25 / 8}
+
+
+class ModelError(WseError):
+    """An unknown model or a malformed model spec."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MoE:
+    experts: int
+    experts_per_token: int
+    shared_experts: int
+    expert_ffn_size: int
+    dense_layers: int = 0  # the first layers keep a dense FFN (DeepSeek-V3: 3)
+    router_bias: bool = False  # a per-expert routing bias (DeepSeek / gpt-oss)
+    expert_bias: bool = False  # biases inside each expert (gpt-oss)
+    expert_weight_dtype: str | None = None  # e.g. mxfp4 (gpt-oss); default: weight_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class MLA:
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    hidden_size: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn_size: int
+    vocab_size: int
+    gated_ffn: bool = True
+    activation: str = "silu"
+    norm: str = "rmsnorm"
+    tied_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    attention_sinks: bool = False
+    weight_dtype: str = "bf16"
+    moe: MoE | None = None
+    mla: MLA | None = None
+    published_params: float | None = None  # total, for tests
+    source: str = ""
+
+    # ---- structure ---------------------------------------------------------------------------
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer >= self.moe.dense_layers
+
+    @property
+    def q_size(self) -> int:
+        """Width of the query projection output."""
+        if self.mla:
+            return self.heads * (self.mla.qk_nope_head_dim + self.mla.qk_rope_head_dim)
+        return self.heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        """Width of each of the K and V projection outputs (standard attention)."""
+        return self.kv_heads * self.head_dim
+
+    @property
+    def attn_out_size(self) -> int:
+        """Width of the attention output (input of the O projection)."""
+        return self.heads * (self.mla.v_head_dim if self.mla else self.head_dim)
+
+    # ---- parameter counts (exact) ------------------------------------------------------------
+
+    def attention_params(self) -> int:
+        h = self.hidden_size
+        if self.mla:
+            m = self.mla
+            qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+            if m.q_lora_rank:
+                q = h * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * self.heads * qk
+            else:
+                q = h * self.heads * qk
+            kv = h * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank \
+                + m.kv_lora_rank * self.heads * (m.qk_nope_head_dim + m.v_head_dim)
+            return q + kv + self.heads * m.v_head_dim * h
+        n = h * self.q_size + 2 * h * self.kv_size + self.attn_out_size * h
+        if self.qkv_bias:
+            n += self.q_size + 2 * self.kv_size
+        if self.o_bias:
+            n += h
+        if self.attention_sinks:
+            n += self.heads
+        return n
+
+    def dense_ffn_params(self) -> int:
+        return (3 if self.gated_ffn else 2) * self.hidden_size * self.ffn_size
+
+    def expert_params(self) -> int:
+        """One routed expert."""
+        assert self.moe
+        f = self.moe.expert_ffn_size
+        n = (3 if self.gated_ffn else 2) * self.hidden_size * f
+        if self.moe.expert_bias:
+            n += (2 if self.gated_ffn else 1) * f + self.hidden_size
+        return n
+
+    def moe_ffn_params(self) -> int:
+        m = self.moe
+        assert m
+        router = self.hidden_size * m.experts + (m.experts if m.router_bias else 0)
+        return router + (m.experts + m.shared_experts) * self.expert_params()
+
+    def layer_params(self, layer: int) -> int:
+        ffn = self.moe_ffn_params() if self.is_moe_layer(layer) else self.dense_ffn_params()
+        return self.attention_params() + ffn + 2 * self.hidden_size
+
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    def lm_head_params(self) -> int:
+        return 0 if self.tied_embeddings else self.vocab_size * self.hidden_size
+
+    def total_params(self) -> int:
+        return (self.embedding_params() + self.lm_head_params() + self.hidden_size
+                + sum(self.layer_params(i) for i in range(self.layers)))
+
+    def active_params(self) -> int:
+        """Parameters touched per token (routed experts: experts_per_token of them)."""
+        n = self.total_params()
+        if self.moe:
+            idle = self.moe.experts - self.moe.experts_per_token
+            n -= idle * self.expert_params() * (self.layers - self.moe.dense_layers)
+        return n
+
+    def weight_bytes(self) -> float:
+        """Bytes of all weights in their stored dtypes."""
+        total = self.total_params() * DTYPE_BYTES[self.weight_dtype]
+        if self.moe and self.moe.expert_weight_dtype:
+            experts = self.moe.experts * self.expert_params() * (self.layers - self.moe.dense_layers)
+            total += experts * (DTYPE_BYTES[self.moe.expert_weight_dtype] - DTYPE_BYTES[self.weight_dtype])
+        return total
+
+    # ---- FLOPs -------------------------------------------------------------------------------
+
+    def attention_flops_per_token(self, context: int) -> int:
+        """Scores and weighted sum over `context` cached tokens, all layers: 2 FLOP per MAC."""
+        if self.mla:
+            qk = self.mla.qk_nope_head_dim + self.mla.qk_rope_head_dim
+            per_layer = 2 * self.heads * context * (qk + self.mla.v_head_dim)
+        else:
+            per_layer = 4 * self.heads * self.head_dim * context
+        return per_layer * self.layers
+
+    def decode_flops_per_token(self, context: int) -> int:
+        """Matrix FLOPs of one decode step: 2 per active weight (embedding lookup excluded)
+        plus attention over `context` tokens."""
+        return 2 * (self.active_params() - self.embedding_params()) + self.attention_flops_per_token(context)
+
+
+def _build(doc: dict[str, Any], where: str) -> ModelSpec:
+    doc = dict(doc)
+    try:
+        moe = MoE(**doc.pop("moe")) if "moe" in doc else None
+        mla = MLA(**doc.pop("mla")) if "mla" in doc else None
+        spec = ModelSpec(moe=moe, mla=mla, **doc)
+    except TypeError as e:
+        raise ModelError(f"{where}: bad model spec ({e})") from None
+    if spec.weight_dtype not in DTYPE_BYTES:
+        raise ModelError(f"{where}: weight_dtype {spec.weight_dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+    for field in ("hidden_size", "layers", "heads", "kv_heads", "head_dim", "ffn_size", "vocab_size"):
+        if not isinstance(getattr(spec, field), int) or getattr(spec, field) < 1:
+            raise ModelError(f"{where}: {field} must be a positive integer")
+    if spec.heads % spec.kv_heads:
+        raise ModelError(f"{where}: heads ({spec.heads}) must be a multiple of kv_heads ({spec.kv_heads})")
+    return spec
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in MODELS_DIR.glob("*.toml"))
+
+
+def load_model(name_or_path: str) -> ModelSpec:
+    """A model by name (traces/models/NAME.toml) or by path to a TOML spec."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml" and "/" not in name_or_path:
+        path = MODELS_DIR / f"{name_or_path}.toml"
+        if not path.exists():
+            raise ModelError(f"unknown model {name_or_path!r} (models: {', '.join(model_names())})")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read model spec ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: malformed TOML: {e}") from None
+    return _build(doc, str(path))

@@ -1,0 +1,145 @@
+"""Placing a whole model on a wafer: region slots, the region chain and the lanes between.
+
+The wafer is tiled with P x P slots in bands of rows; bands run alternately east and west
+(a serpentine), so consecutive regions always touch. The chain is: the embedding (k_e slots
+wide), the layers (one slot each), the LM head (k_h slots wide). A token's activations flow
+along the chain; between consecutive regions lane d carries hidden chunk d on its own straight
+row or column, all lanes of a transition on one color (alternating between two colors along
+the chain, so neighbouring transitions never share a route).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .. import isa
+from ..errors import WseError
+from .mesh import MeshBuilder, Region
+from .plan import TRANSFER
+
+
+class PlacementError(WseError):
+    """The regions cannot be placed on the wafer with this slot size."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    kind: str  # embedding, layer, lm_head
+    index: int  # layer index (embedding -1, LM head = layers)
+    region: Region
+
+
+def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, height: int) -> list[Slot]:
+    """Slots of the chain on a width x height mesh of P x P slots (PlacementError if it fails)."""
+    nx, ny = width // P, height // P
+    if nx < 1 or ny < 1:
+        raise PlacementError(f"a {P}x{P} slot does not fit the {width}x{height} mesh")
+    if k_embed >= nx:
+        raise PlacementError(f"the embedding needs {k_embed} slots of {P}x{P}; a band holds {nx}, "
+                             f"leaving none for the first layer beside it")
+    slots = [Slot("embedding", -1, Region(0, 0, k_embed * P, P))]
+    band, col = 0, k_embed  # next free slot; band 0 runs east
+
+    def advance(b: int, c: int) -> tuple[int, int]:
+        east = b % 2 == 0
+        c2 = c + 1 if east else c - 1
+        if 0 <= c2 < nx:
+            return b, c2
+        return b + 1, c  # turn: the slot below
+
+    for layer in range(n_layers):
+        if band >= ny:
+            raise PlacementError(f"{n_layers} layers do not fit: {nx * ny} slots of {P}x{P}, "
+                                 f"{k_embed} + {n_layers} + {k_head} needed")
+        slots.append(Slot("layer", layer, Region(col * P, band * P, P, P)))
+        if layer < n_layers - 1:
+            band, col = advance(band, col)
+    # the LM head continues the band if there is room, else starts below the last layer
+    east = band % 2 == 0
+    room = (nx - 1 - col) if east else col
+    if room >= k_head:
+        c0 = col + 1 if east else col - k_head
+        b = band
+    else:
+        b = band + 1
+        east_next = b % 2 == 0
+        c0 = col if east_next else col - k_head + 1
+        if c0 < 0 or c0 + k_head > nx:
+            raise PlacementError(f"the LM head ({k_head} slots of {P}x{P}) has no room after the last layer")
+    if b >= ny:
+        raise PlacementError(f"the LM head does not fit below the last layer ({ny} bands of {P} rows)")
+    slots.append(Slot("lm_head", n_layers, Region(c0 * P, b * P, k_head * P, P)))
+    return slots
+
+
+def lane_sources(slot: Slot, P: int, token_col: int) -> dict[int, tuple[int, int]]:
+    """Lane -> local (x, y) sending it: the diagonal of a layer, the token's column of the embedding."""
+    if slot.kind == "embedding":
+        return {d: (token_col, d) for d in range(P)}
+    return {d: (d, d) for d in range(P)}
+
+
+def direction(a: Region, b: Region) -> str:
+    if a.y0 == b.y0 and b.x0 >= a.x0 + a.width:
+        return "east"
+    if a.y0 == b.y0 and b.x0 + b.width <= a.x0:
+        return "west"
+    if b.y0 == a.y0 + a.height and b.x0 <= a.x0 < b.x0 + b.width:
+        return "south"
+    raise PlacementError(f"regions at ({a.x0}, {a.y0}) and ({b.x0}, {b.y0}) do not touch")
+
+
+def lane_targets(src: Slot, dst: Slot, sources: dict[int, tuple[int, int]], P: int
+                 ) -> dict[int, tuple[int, int]]:
+    """Lane -> local (x, y) receiving it in `dst`, on the source's row or column."""
+    a, b = src.region, dst.region
+    way = direction(a, b)
+    out = {}
+    for d, (sx, sy) in sources.items():
+        ax, ay = a.x0 + sx, a.y0 + sy
+        if way in ("east", "west"):
+            if dst.kind == "layer":
+                x = d
+            else:  # a wide region entered from its west (east-bound) or east (west-bound) edge
+                x = d if way == "east" else b.width - P + d
+            out[d] = (x, ay - b.y0)
+        else:
+            if not b.x0 <= ax < b.x0 + b.width:
+                raise PlacementError("a vertical lane misses the region below")
+            out[d] = (ax - b.x0, d)
+            if dst.kind == "layer" and ax - b.x0 != d:
+                raise PlacementError("a vertical lane would not land on the layer's diagonal")
+    return out
+
+
+def add_lane_routes(builder: MeshBuilder, src: Slot, dst: Slot, sources: dict[int, tuple[int, int]],
+                    targets: dict[int, tuple[int, int]], color: int, ox: int = 0, oy: int = 0) -> None:
+    """Straight routes of every lane from src to dst on one color (mesh offset ox, oy)."""
+    a, b = src.region, dst.region
+    xs, ys, rx, tx = [], [], [], []
+    for d, (sx, sy) in sources.items():
+        x0, y0 = a.x0 + sx - ox, a.y0 + sy - oy
+        x1, y1 = b.x0 + targets[d][0] - ox, b.y0 + targets[d][1] - oy
+        if y0 == y1:
+            step = 1 if x1 > x0 else -1
+            out_port = isa.PORT_EAST if step > 0 else isa.PORT_WEST
+            in_port = isa.PORT_WEST if step > 0 else isa.PORT_EAST
+            cells = [(x, y0) for x in range(x0, x1 + step, step)]
+        elif x0 == x1:
+            step = 1 if y1 > y0 else -1
+            out_port = isa.PORT_SOUTH if step > 0 else isa.PORT_NORTH
+            in_port = isa.PORT_NORTH if step > 0 else isa.PORT_SOUTH
+            cells = [(x0, y) for y in range(y0, y1 + step, step)]
+        else:
+            raise PlacementError("a lane must run along one row or column")
+        for n, (x, y) in enumerate(cells):
+            xs.append(x)
+            ys.append(y)
+            first, last = n == 0, n == len(cells) - 1
+            rx.append(isa.PORT_RAMP if first else in_port)
+            tx.append(isa.tx_mask(isa.PORT_RAMP if last else out_port))
+    builder.routes(xs, ys, color, rx, tx)
+
+
+def transfer_color(k: int) -> int:
+    """Color of the transition from chain element k to k + 1."""
+    return TRANSFER[k % 2]
