@@ -244,8 +244,12 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams) -
     return LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, shapes, buf)
 
 
-def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: Lanes) -> RegionBuild:
-    """Programs and routes of one decoder layer's decode step on `region`."""
+PARTS = ("norm1", "qkv", "attention", "o", "norm2", "ffn", "handoff")
+
+
+def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: Lanes,
+                 parts: tuple[str, ...] = PARTS) -> RegionBuild:
+    """Programs and routes of one decoder layer's decode step on `region` (or some `parts`)."""
     spec, P, prm = plan.spec, plan.P, plan.params
     B, H = prm.batch, spec.hidden_size
     b_ = plan.buf
@@ -289,18 +293,45 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
         i, parity, xrole, tc, first_col, last_col = xr[0]
         jq, qj, kj, jo, jf, je, hj, yrole = yr[0]
         hi, qkvj, oj = Hc[i], qkv_r[jq], o_r[jo]
-        out: dict[int, list[Op]] = {}
+        out: dict[int, list[Op]] = {0: []}
         _merge(out, lanes.receive(sp, hi * B, h, P))
-        _merge(out, norm(hi, xrole, b_["g1"]))
-        # QKV projection (reduce X): slice j of q|k|v on every PE of row j
-        out[0] += gemv_ops(S["qkv"], i, jq, xn, qkv, B, hstride, max(qkv_r) * ELEM)
-        _merge(out, rx.role_ops(xrole, qkvj * B, qkv, tmp))
-        if "b_qkv" in b_:
-            out[0] += [compute(ADD, qkvj, dst=qkv + b * max(qkv_r) * ELEM, src0=qkv + b * max(qkv_r) * ELEM,
-                               src1=b_["b_qkv"]) for b in range(B)]
-        # RoPE on the slice's q and k dimensions: x * cos + rotate(x) * sin
-        rope = (qj + kj) * B
-        out[0] += [compute(MUL, rope, dst=qkv, src0=qkv, src1=dot), compute(FMAC, rope, dst=qkv, src0=dot)]
+        if "norm1" in parts:
+            _merge(out, norm(hi, xrole, b_["g1"]))
+        if "qkv" in parts:
+            # QKV projection (reduce X): slice j of q|k|v on every PE of row j
+            out[0] += gemv_ops(S["qkv"], i, jq, xn, qkv, B, hstride, max(qkv_r) * ELEM)
+            _merge(out, rx.role_ops(xrole, qkvj * B, qkv, tmp))
+            if "b_qkv" in b_:
+                out[0] += [compute(ADD, qkvj, dst=qkv + b * max(qkv_r) * ELEM, src0=qkv + b * max(qkv_r) * ELEM,
+                                   src1=b_["b_qkv"]) for b in range(B)]
+            # RoPE on the slice's q and k dimensions: x * cos + rotate(x) * sin
+            rope = (qj + kj) * B
+            out[0] += [compute(MUL, rope, dst=qkv, src0=qkv, src1=dot), compute(FMAC, rope, dst=qkv, src0=dot)]
+        if "attention" in parts:
+            _merge(out, attention(first_col, last_col, parity, tc, qj, kj, oj, hj, xrole, yrole))
+        if "o" in parts:
+            # O projection (reduce Y) back to column layout, bias, residual
+            out[0] += gemv_ops(S["o"], jo, i, att, yb, B, max(o_r) * ELEM, hstride)
+            _merge(out, ry.role_ops(yrole, hi * B, yb, tmp))
+            if "b_o" in b_:
+                out[0] += [compute(ADD, hi, dst=yb + b * hstride, src0=yb + b * hstride, src1=b_["b_o"])
+                           for b in range(B)]
+            out[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
+        if "norm2" in parts:
+            _merge(out, norm(hi, xrole, b_["g2"]))
+        if "ffn" in parts:
+            if plan.moe:
+                _merge(out, moe_ffn(i, jf, je, xrole, yrole))
+            else:
+                _merge(out, ffn(i, jf, xrole, yrole, 0, B))
+            out[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
+        if "handoff" in parts:
+            _merge(out, handoff(red, xrole, yrole, scal, tmp))
+        _merge(out, lanes.send(sp, hi * B, h))
+        return out
+
+    def attention(first_col, last_col, parity, tc, qj, kj, oj, hj, xrole, yrole) -> dict[int, list[Op]]:
+        """Decode attention of the row's heads over the column's cached tokens."""
         # KV cache, shift-based: column 0 appends the new token, every column passes its oldest east
         kv = 2 * kj * B
         t0 = [compute(MOV, kv, dst=kvc, src0=qkv)] if first_col else []
@@ -313,7 +344,7 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
         if not first_col:
             t3 += [recv(KV_SHIFT[1 - parity], kv, kvc + tc * kv * ELEM), signal(SEM_KV_RECEIVED)]
             t0.append(wait(SEM_KV_RECEIVED))
-        _merge(out, {0: t0, 2: t2, 3: t3})
+        out = {0: t0, 2: t2, 3: t3}
         # scores: per sequence and cached token, a dot product over the row's query dimensions
         out[0] += [compute(FMAC, qj, dst=dot, src0=qkv) for _ in range(B * tc)]
         ns = spec.heads * tc * B
@@ -334,23 +365,7 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
         _merge(out, ry.role_ops(yrole, ns, sc, tmp))
         # weighted values: per sequence and token an FMAC over the row's output dimensions
         out[0] += [compute(FMAC, oj, dst=att + b * max(o_r) * ELEM, src0=kvc) for b in range(B) for _ in range(tc)]
-        _merge(out, rx.role_ops(xrole, oj * B, att, tmp))
-        # O projection (reduce Y) back to column layout, bias, residual
-        out[0] += gemv_ops(S["o"], jo, i, att, yb, B, max(o_r) * ELEM, hstride)
-        _merge(out, ry.role_ops(yrole, hi * B, yb, tmp))
-        if "b_o" in b_:
-            out[0] += [compute(ADD, hi, dst=yb + b * hstride, src0=yb + b * hstride, src1=b_["b_o"])
-                       for b in range(B)]
-        out[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
-        _merge(out, norm(hi, xrole, b_["g2"]))
-        if plan.moe:
-            _merge(out, moe_ffn(i, jf, je, xrole, yrole))
-        else:
-            _merge(out, ffn(i, jf, xrole, yrole, 0, B))
-        out[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
-        _merge(out, handoff(red, xrole, yrole, scal, tmp))
-        _merge(out, lanes.send(sp, hi * B, h))
-        return out
+        return _merge(out, rx.role_ops(xrole, oj * B, att, tmp))
 
     def moe_ffn(i: int, jf: int, je: int, xrole: tuple, yrole: tuple) -> dict[int, list[Op]]:
         m = spec.moe
@@ -370,7 +385,7 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
 
     prog.add(body)
     prog.program_ids(builder)
-    executed, model = layer_flops(plan)
+    executed, model = layer_flops(plan, parts)
     return RegionBuild("layer", region, plan.mem, executed, model, layer_weight_bytes(plan),
                        2 * spec.kv_size * prm.context * B * ELEM, anchor_of(red))
 
@@ -412,8 +427,9 @@ def layer_weight_bytes(plan: LayerPlan) -> int:
     return n
 
 
-def layer_flops(plan: LayerPlan) -> tuple[dict[str, int], int]:
-    """Analytic FLOPs of one layer's decode step: (executed by component, model FLOPs).
+def layer_flops(plan: LayerPlan, parts: tuple[str, ...] = PARTS) -> tuple[dict[str, int], int]:
+    """Analytic FLOPs of one layer's decode step (or its `parts`): (executed by component,
+    model FLOPs).
 
     Executed FLOPs include the elementwise work every PE of a line repeats on its replicated
     chunk (norms, RoPE, residuals, activations: P times) and the all-reduces' adds
@@ -422,46 +438,52 @@ def layer_flops(plan: LayerPlan) -> tuple[dict[str, int], int]:
     spec, P, prm = plan.spec, plan.P, plan.params
     B, T, H = prm.batch, prm.context, spec.hidden_size
     qkv_n = spec.q_size + 2 * spec.kv_size
-    norm = 2 * 4 * H * B  # two RMSNorms: sum of squares (2), scale (1), weight (1)
-    rope = 3 * (spec.q_size + spec.kv_size) * B
-    residual = 2 * H * B
-    qkv_bias = qkv_n * B if spec.qkv_bias else 0
-    o_bias = H * B if spec.o_bias else 0
-    model = {
-        "qkv": 2 * H * qkv_n * B, "scores": 2 * spec.q_size * T * B,
-        "softmax": SOFTMAX_FLOPS * spec.heads * T * B, "values": 2 * spec.attn_out_size * T * B,
-        "o": 2 * spec.attn_out_size * H * B,
-    }
-    executed = dict(model, norm=P * norm, rope=P * rope, residual=P * residual, bias=P * (qkv_bias + o_bias))
-    elementwise = norm + rope + residual + qkv_bias + o_bias
     n1 = P - 1  # combining stages of an all-reduce along a line of P
-    ar = (2 * P * n1 * B  # the norms' sums
-          + n1 * qkv_n * B + n1 * spec.heads * T * B  # qkv, scores
-          + 2 * n1 * spec.heads * B  # softmax max and sum
-          + n1 * spec.heads * T * B + n1 * spec.attn_out_size * B + n1 * H * B)  # probs, values, o
-    if plan.moe:
-        m = spec.moe
-        u = sum(moe_experts(spec, plan.layer, B).values())
-        f = m.expert_ffn_size
-        router_bias = m.experts * B if m.router_bias else 0
-        topk = m.experts_per_token * m.experts * B
-        gemvs = 2 * H * m.experts * B + u * (2 * H * 2 * f + 2 * f * H)
-        act = u * SILU_MUL_FLOPS * f
-        combine = u * 2 * H
-        executed["ffn"] = gemvs + P * (router_bias + topk + act + combine)
-        model["ffn"] = gemvs
-        elementwise += router_bias + topk + act + combine
-        ar += n1 * m.experts * B + P * n1 * m.experts_per_token * B + u * (n1 * 2 * f + n1 * H)
-    else:
-        f = spec.ffn_size
-        gemvs = B * (2 * H * 2 * f + 2 * f * H)
-        act = B * SILU_MUL_FLOPS * f
-        executed["ffn"] = gemvs + P * act
-        model["ffn"] = gemvs
-        elementwise += act
-        ar += n1 * 2 * f * B + n1 * H * B
-    executed["allreduce"] = ar + handoff_flops(Region(0, 0, P, P))
-    return executed, sum(model.values()) + elementwise
+    model: dict[str, int] = {}
+    replicated: dict[str, int] = {}  # per-line elementwise work, repeated by the P PEs of a line
+    ar = 0
+    if "norm1" in parts:
+        replicated["norm"] = 4 * H * B  # sum of squares (2), scale (1), weight (1)
+        ar += P * n1 * B
+    if "norm2" in parts:
+        replicated["norm"] = replicated.get("norm", 0) + 4 * H * B
+        ar += P * n1 * B
+    if "qkv" in parts:
+        model["qkv"] = 2 * H * qkv_n * B
+        replicated["rope"] = 3 * (spec.q_size + spec.kv_size) * B
+        replicated["bias"] = qkv_n * B if spec.qkv_bias else 0
+        ar += n1 * qkv_n * B
+    if "attention" in parts:
+        model.update(scores=2 * spec.q_size * T * B, softmax=SOFTMAX_FLOPS * spec.heads * T * B,
+                     values=2 * spec.attn_out_size * T * B)
+        ar += 2 * n1 * spec.heads * T * B + 2 * n1 * spec.heads * B + n1 * spec.attn_out_size * B
+    if "o" in parts:
+        model["o"] = 2 * spec.attn_out_size * H * B
+        replicated["bias"] = replicated.get("bias", 0) + (H * B if spec.o_bias else 0)
+        replicated["residual"] = H * B
+        ar += n1 * H * B
+    if "ffn" in parts:
+        replicated["residual"] = replicated.get("residual", 0) + H * B
+        if plan.moe:
+            m = spec.moe
+            u = sum(moe_experts(spec, plan.layer, B).values())
+            f = m.expert_ffn_size
+            model["ffn"] = 2 * H * m.experts * B + u * (2 * H * 2 * f + 2 * f * H)
+            replicated["ffn"] = ((m.experts * B if m.router_bias else 0) + m.experts_per_token * m.experts * B
+                                 + u * SILU_MUL_FLOPS * f + u * 2 * H)
+            ar += n1 * m.experts * B + P * n1 * m.experts_per_token * B + u * (n1 * 2 * f + n1 * H)
+        else:
+            f = spec.ffn_size
+            model["ffn"] = B * (2 * H * 2 * f + 2 * f * H)
+            replicated["ffn"] = B * SILU_MUL_FLOPS * f
+            ar += n1 * 2 * f * B + n1 * H * B
+    if "handoff" in parts:
+        ar += handoff_flops(Region(0, 0, P, P))
+    executed = dict(model)
+    for k, v in replicated.items():
+        executed[k] = executed.get(k, 0) + P * v
+    executed["allreduce"] = ar
+    return executed, sum(model.values()) + sum(replicated.values())
 
 
 # ---- embedding and LM head ----------------------------------------------------------------------

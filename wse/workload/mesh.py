@@ -116,6 +116,7 @@ class RegionProgram:
         self.x_roles: list[list[Hashable]] = [[] for _ in range(region.width)]
         self.y_roles: list[list[Hashable]] = [[] for _ in range(region.height)]
         self.special: dict[tuple[int, int], dict[str, Hashable]] = {}
+        self.thread_roles: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
     def add_roles(self, axis: Axis, roles: list[Hashable]) -> int:
         """Append one role column for an axis; returns its index in the per-position tuples."""
@@ -133,6 +134,7 @@ class RegionProgram:
         self.steps.append(step)
 
     def ops_of(self, xr: tuple, yr: tuple, sp: dict | None) -> dict[int, list[Op]]:
+        """All threads' ops of a PE with these roles."""
         out: dict[int, list[Op]] = {}
         for step in self.steps:
             for t, ops in step(xr, yr, sp or {}).items():
@@ -140,35 +142,58 @@ class RegionProgram:
         return out
 
     def program_ids(self, builder: "MeshBuilder") -> None:
-        """Build each distinct PE program once and assign it to every PE of the region."""
+        """Build each distinct PE program once and assign it to every PE of the region.
+
+        `self.thread_roles[t] = (x_columns, y_columns)` may declare that thread t's ops depend
+        only on those role columns (indices into the position's role entries laid end to end); its programs are then built once per distinct value of
+        them (the steps must honour that), which keeps position-dependent threads cheap.
+        """
         R = self.region
-        xkeys = [tuple(r) for r in self.x_roles]
-        ykeys = [tuple(r) for r in self.y_roles]
-        xu = {k: i for i, k in enumerate(dict.fromkeys(xkeys))}
-        yu = {k: i for i, k in enumerate(dict.fromkeys(ykeys))}
-        xid = np.array([xu[k] for k in xkeys], dtype=np.int64)
-        yid = np.array([yu[k] for k in ykeys], dtype=np.int64)
+        builder.ensure_threads(self.threads)
         skeys = [None] + list(dict.fromkeys(tuple(sorted(v.items())) for v in self.special.values()))
         sidx = {k: i for i, k in enumerate(skeys)}
         sid = np.zeros((R.height, R.width), dtype=np.int64)
         for (x, y), v in self.special.items():
             sid[y, x] = sidx[tuple(sorted(v.items()))]
-        code = (yid[:, None] * len(xu) + xid[None, :]) * len(skeys) + sid
-        uniq, inverse = np.unique(code, return_inverse=True)
-        inverse = inverse.reshape(code.shape)
-        xlist, ylist = list(xu), list(yu)
-        pids = np.full((len(uniq), self.threads), -1, dtype=np.int64)
-        for u, c in enumerate(uniq):
-            rest, s = divmod(int(c), len(skeys))
-            yk, xk = divmod(rest, len(xu))
-            sp = dict(skeys[s]) if skeys[s] is not None else None
-            for t, ops in self.ops_of(xlist[xk], ylist[yk], sp).items():
-                if ops:
+        groups: dict[tuple, list[int]] = {}
+        for t in range(self.threads):
+            cols = self.thread_roles.get(t)
+            groups.setdefault(cols, []).append(t)
+        for cols, threads in groups.items():
+            xc, yc = cols if cols is not None else (None, None)
+            xkeys = [tuple(r) if xc is None else tuple(_flat(r)[c] for c in xc) for r in self.x_roles]
+            ykeys = [tuple(r) if yc is None else tuple(_flat(r)[c] for c in yc) for r in self.y_roles]
+            xu = {k: i for i, k in enumerate(dict.fromkeys(xkeys))}
+            yu = {k: i for i, k in enumerate(dict.fromkeys(ykeys))}
+            xrep = {xu[k]: i for i, k in reversed(list(enumerate(xkeys)))}
+            yrep = {yu[k]: j for j, k in reversed(list(enumerate(ykeys)))}
+            xid = np.array([xu[k] for k in xkeys], dtype=np.int64)
+            yid = np.array([yu[k] for k in ykeys], dtype=np.int64)
+            code = (yid[:, None] * len(xu) + xid[None, :]) * len(skeys) + sid
+            uniq, inverse = np.unique(code, return_inverse=True)
+            inverse = inverse.reshape(code.shape)
+            pids = np.full((len(uniq), len(threads)), -1, dtype=np.int64)
+            for u, c in enumerate(uniq):
+                rest, s_ = divmod(int(c), len(skeys))
+                yk, xk = divmod(rest, len(xu))
+                sp = dict(skeys[s_]) if skeys[s_] is not None else None
+                ops_by_thread = self.ops_of(tuple(self.x_roles[xrep[xk]]), tuple(self.y_roles[yrep[yk]]), sp)
+                for t in ops_by_thread:
                     if t >= self.threads:
                         raise ValueError(f"step used thread {t}; region has {self.threads}")
-                    pids[u, t] = builder.program(ops)
-        builder.ensure_threads(self.threads)
-        builder.pe_program[R.y0:R.y0 + R.height, R.x0:R.x0 + R.width, :self.threads] = pids[inverse]
+                for n, t in enumerate(threads):
+                    ops = ops_by_thread.get(t)
+                    if ops:
+                        pids[u, n] = builder.program(ops)
+            for n, t in enumerate(threads):
+                builder.pe_program[R.y0:R.y0 + R.height, R.x0:R.x0 + R.width, t] = pids[inverse, n]
+
+
+def _flat(entries: list) -> tuple:
+    out: list = []
+    for e in entries:
+        out.extend(e if isinstance(e, tuple) else (e,))
+    return tuple(out)
 
 
 class MeshBuilder:

@@ -1,0 +1,257 @@
+"""Distributed GEMM on a P x P region: C[M, N] = A[M, K] . B[K, N] (docs/workloads.md).
+
+PE (i, j) accumulates the tile C[rows of chunk j, columns of chunk i]. K is cut into P blocks
+(padded to a multiple of P). In each of P steps a PE multiplies its current A tile (M_j x K_t)
+by its current B tile (K_t x N_i) as M_j * K_t rank-1 vector FMACs of length N_i; the three
+algorithms differ in how the tiles travel:
+
+- `meshgemm`: Cannon compute-shift with each line's ring interleaved onto the physical line
+  (c0 -> c2 -> c4 ... -> c5 -> c3 -> c1 -> c0), so every logical neighbour is at most two hops
+  away. A tiles move one logical step along X, B tiles along Y, double-buffered on their own
+  threads so the shift overlaps the compute. Tiles start pre-skewed.
+- `cannon`: the same with the plain ring, whose wrap-around link spans the whole line.
+- `summa`: step k broadcasts column k's A tiles along the rows and row k's B tiles along the
+  columns; static routes cannot follow a moving root, so the broadcast is a pipelined software
+  relay (receive-forward at every PE), double-buffered like the shifts.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .. import isa
+from ..errors import WseError
+from ..hardware import WaferConfig
+from ..trace import Op, compute, recv, recv_compute_send, send, signal, wait
+from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
+from .plan import fit_check
+
+ELEM = 2
+FMAC, MOV = isa.KIND_FMAC, isa.KIND_MOV
+# threads: 0 compute, 2/3 A traffic, 4/5 B traffic
+T_COMPUTE, T_A_SEND, T_A_RECV, T_B_SEND, T_B_RECV = 0, 2, 3, 4, 5
+# Semaphores, one per (signalling thread, waiting thread) pair so no waiter can take a signal
+# meant for another: tile arrived (receiver -> compute, receiver -> sender), compute done
+# (compute -> receiver), tile sent (sender -> receiver); for SUMMA the relay threads signal
+# arrival to compute and compute releases each relay thread.
+S_IN_C = {T_A_RECV: 4, T_B_RECV: 5, T_A_SEND: 4, T_B_SEND: 5}  # SUMMA relays reuse 4..7 by thread
+S_IN_SEND = {T_A_RECV: 6, T_B_RECV: 7}
+S_DONE = {T_A_RECV: 8, T_B_RECV: 9, T_A_SEND: 10, T_B_SEND: 11}
+S_OUT = {T_A_SEND: 12, T_B_SEND: 13}
+S_RELAY_IN = {T_A_SEND: 4, T_A_RECV: 5, T_B_SEND: 6, T_B_RECV: 7}  # SUMMA: relay thread -> compute
+ALGOS = ("meshgemm", "cannon", "summa")
+
+
+def ring_order(n: int, interleaved: bool) -> list[int]:
+    """Physical position of each logical ring position."""
+    if not interleaved:
+        return list(range(n))
+    evens = list(range(0, n, 2))
+    odds = list(range(1, n, 2))
+    return evens + odds[::-1]
+
+
+def color_flows(flows: list[tuple[int, int]], pool: list[int]) -> list[int]:
+    """Greedy colors for flows (src, dst) on one line: flows sharing a router differ."""
+    used: dict[int, set[int]] = {}
+    out = []
+    for s, d in flows:
+        lo, hi = min(s, d), max(s, d)
+        routers = range(lo, hi + 1)
+        taken = set().union(*(used.get(r, set()) for r in routers))
+        free = [c for c in pool if c not in taken]
+        if not free:
+            raise WseError("the GEMM's shift pattern needs more colors than the wafer has")
+        out.append(free[0])
+        for r in routers:
+            used.setdefault(r, set()).add(free[0])
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Shift:
+    """One logical-ring shift along a line: each position sends to its logical predecessor."""
+
+    send_color: tuple[int, ...]  # per position
+    recv_color: tuple[int, ...]
+    routes: dict[int, dict[int, tuple[str, tuple[str, ...]]]]
+
+    @staticmethod
+    def build(n: int, interleaved: bool, pool: list[int]) -> "Shift":
+        if n == 1:
+            return Shift((0,), (0,), {})
+        phys = ring_order(n, interleaved)
+        flows = [(phys[l], phys[(l - 1) % n]) for l in range(n)]
+        colors = color_flows(flows, pool)
+        send_c, recv_c = [0] * n, [0] * n
+        routes: dict[int, dict[int, tuple[str, tuple[str, ...]]]] = {}
+        for (s, d), c in zip(flows, colors):
+            send_c[s], recv_c[d] = c, c
+            step = 1 if d > s else -1
+            out, back = (HI, LO) if step > 0 else (LO, HI)
+            per = routes.setdefault(c, {})
+            for p in range(s, d + step, step):
+                assert p not in per
+                per[p] = (RAMP if p == s else back, (RAMP,) if p == d else (out,))
+        return Shift(tuple(send_c), tuple(recv_c), routes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Relay:
+    """Software-relayed broadcast along a line from any root (SUMMA): east and west chains."""
+
+    east: tuple[int, int]
+    west: tuple[int, int]
+
+    def routes(self, n: int) -> dict[int, dict[int, tuple[str, tuple[str, ...]]]]:
+        out: dict[int, dict[int, tuple[str, tuple[str, ...]]]] = {}
+        for i in range(n - 1):
+            out.setdefault(self.east[i % 2], {}).update({i: (RAMP, (HI,))})
+            out[self.east[i % 2]][i + 1] = (LO, (RAMP,))
+            out.setdefault(self.west[(i + 1) % 2], {}).update({i + 1: (RAMP, (LO,))})
+            out[self.west[(i + 1) % 2]][i] = (HI, (RAMP,))
+        return out
+
+    def ops(self, i: int, root: int, n: int, m: int, buf: int) -> dict[int, list[Op]]:
+        """Thread -> ops of position i when `root` broadcasts m elements (east on T+0, west T+1)."""
+        if n == 1:
+            return {}
+        if i == root:
+            out: dict[int, list[Op]] = {}
+            if i < n - 1:
+                out[0] = [send(self.east[i % 2], m, buf)]
+            if i > 0:
+                out[1] = [send(self.west[i % 2], m, buf)]
+            return out
+        if i > root:
+            cin = self.east[(i - 1) % 2]
+            return {0: [recv_compute_send(cin, self.east[i % 2], MOV, m) if i < n - 1 else recv(cin, m, buf)]}
+        cin = self.west[(i + 1) % 2]
+        return {1: [recv_compute_send(cin, self.west[i % 2], MOV, m) if i > 0 else recv(cin, m, buf)]}
+
+
+S_ALIGN = {T_A_SEND: 10, T_A_RECV: 11, T_B_SEND: 14, T_B_RECV: 15}  # alignment: sent / received
+
+
+def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "meshgemm",
+               align_a: bool = False, align_b: bool = False) -> tuple["Trace", dict[str, int]]:  # noqa: F821
+    """A GEMM kernel trace on a P x P region: (trace, analytic facts).
+
+    By default both operands start in Cannon's skewed placement (static weights are stored
+    that way). align_a / align_b add the initial alignment of an operand produced on the mesh
+    (row j of A shifted j logical steps along X, column i of B i steps along Y), as a prefill
+    layer needs for its activations.
+    """
+    if algo not in ALGOS:
+        raise WseError(f"unknown GEMM algorithm {algo!r} ({', '.join(ALGOS)})")
+    if min(m, k, n, P) < 1 or P > min(m, n):
+        raise WseError(f"gemm: sizes must be positive and the region ({P}x{P}) no larger than m and n")
+    Mr, Nc = split(m, P), split(n, P)
+    Kt = -(-k // P)
+    mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
+    pb = -(-max(Nc) * ELEM // 8) * 8
+    A = [mem.alloc(f"a{q}", max(Mr) * Kt * ELEM, "activations", 6) for q in range(2)]
+    B = [mem.alloc(f"b{q}", Kt * pb, "weights", 0) for q in range(2)]
+    C = mem.alloc("c", max(Mr) * pb, "activations", 4)
+    fit_check(mem, cfg, f"gemm {m}x{k}x{n} on {P}x{P} ({algo})")
+    region = Region(0, 0, P, P)
+    b = MeshBuilder(P, P, 6, kernel="gemm", m=m, k=k, n=n, region=f"{P}x{P}", algo=algo)
+    prog = RegionProgram(region, 6)
+    if algo == "summa":
+        relay_x, relay_y = Relay((0, 1), (2, 3)), Relay((4, 5), (6, 7))
+        for axis, rel in ((X, relay_x), (Y, relay_y)):
+            for color, per in rel.routes(P).items():
+                b.line_routes(region, axis, color, per)
+        prog.add_roles(X, [(Nc.index(Nc[i]), i) for i in range(P)])
+        prog.add_roles(Y, [(Mr.index(Mr[j]), j) for j in range(P)])
+        prog.thread_roles = {T_COMPUTE: ((0,), (0,)), T_A_SEND: ((1,), (0,)), T_A_RECV: ((1,), (0,)),
+                             T_B_SEND: ((0,), (1,)), T_B_RECV: ((0,), (1,))}
+    else:
+        inter = algo == "meshgemm"
+        sx = Shift.build(P, inter, list(range(0, 12)))
+        sy = Shift.build(P, inter, list(range(12, 24)))
+        for axis, sh in ((X, sx), (Y, sy)):
+            for color, per in sh.routes.items():
+                b.line_routes(region, axis, color, per)
+        lx = {p: l for l, p in enumerate(ring_order(P, inter))}
+        rx_ = [lx[i] if align_b else 0 for i in range(P)]
+        ry_ = [lx[j] if align_a else 0 for j in range(P)]
+        prog.add_roles(X, [(Nc.index(Nc[i]), sx.send_color[i], sx.recv_color[i], rx_[i], rx_[i] > 0)
+                           for i in range(P)])
+        prog.add_roles(Y, [(Mr.index(Mr[j]), sy.send_color[j], sy.recv_color[j], ry_[j], ry_[j] > 0)
+                           for j in range(P)])
+        # each thread's ops depend only on some role columns: build them once per value
+        prog.thread_roles = {T_COMPUTE: ((0, 4), (0, 4)), T_A_SEND: ((1, 2), (0, 3)), T_A_RECV: ((1, 2), (0, 3)),
+                             T_B_SEND: ((0, 3), (1, 2)), T_B_RECV: ((0, 3), (1, 2))}
+
+    def step_compute(s: int, mj: int, ni: int) -> list[Op]:
+        return [compute(FMAC, ni, dst=C + r * pb, src0=B[s % 2] + q * pb, src1=A[s % 2] + (r * Kt + q) * ELEM)
+                for r in range(mj) for q in range(Kt)]
+
+    def body(xr, yr, sp):
+        ic, jc = xr[0][0], yr[0][0]
+        mj, ni = Mr[jc], Nc[ic]
+        a_len, b_len = mj * Kt, Kt * ni
+        out: dict[int, list[Op]] = {}
+
+        def add(t: int, ops: list[Op]) -> None:
+            out.setdefault(t, []).extend(ops)
+
+        for s in range(P):
+            if algo == "summa":
+                # step s: column s relays its A tiles along the rows (threads 2 east, 3 west),
+                # row s its B tiles down the columns (4, 5); a relay may start once compute s-2
+                # has released the buffer it fills
+                for rel, pos, length, buf, t_first in ((relay_x, xr[0][1], a_len, A, T_A_SEND),
+                                                       (relay_y, yr[0][1], b_len, B, T_B_SEND)):
+                    ops = rel.ops(pos, s, P, length, buf[s % 2])
+                    for dt in (0, 1):
+                        t = t_first + dt
+                        add(t, ([wait(S_DONE[t])] if s >= 2 else []) + ops.get(dt, []) + [signal(S_RELAY_IN[t])])
+                add(T_COMPUTE, [wait(S_RELAY_IN[t]) for t in (T_A_SEND, T_A_RECV, T_B_SEND, T_B_RECV)])
+                add(T_COMPUTE, step_compute(s, mj, ni))
+                if s < P - 2:
+                    add(T_COMPUTE, [signal(S_DONE[t]) for t in (T_A_SEND, T_A_RECV, T_B_SEND, T_B_RECV)])
+                continue
+            # Cannon-style shift: send this step's tiles, receive the next step's
+            if s == 0:
+                for t_send, t_recv, buf, length, sc, rc, rounds in (
+                        (T_A_SEND, T_A_RECV, A, a_len, xr[0][1], xr[0][2], yr[0][3]),
+                        (T_B_SEND, T_B_RECV, B, b_len, yr[0][1], yr[0][2], xr[0][3])):
+                    if rounds:
+                        _align(add, t_send, t_recv, buf, length, sc, rc, rounds)
+                        add(T_COMPUTE, [wait(S_IN_C[t_recv])])
+            if s > 0:
+                add(T_COMPUTE, [wait(S_IN_C[T_A_RECV]), wait(S_IN_C[T_B_RECV])])
+            add(T_COMPUTE, step_compute(s, mj, ni))
+            if s < P - 2:
+                add(T_COMPUTE, [signal(S_DONE[T_A_RECV]), signal(S_DONE[T_B_RECV])])
+            if s < P - 1:
+                for t_send, t_recv, buf, length, sc, rc in (
+                        (T_A_SEND, T_A_RECV, A, a_len, xr[0][1], xr[0][2]),
+                        (T_B_SEND, T_B_RECV, B, b_len, yr[0][1], yr[0][2])):
+                    add(t_send, ([wait(S_IN_SEND[t_recv])] if s > 0 else []) + [send(sc, length, buf[s % 2])]
+                        + ([signal(S_OUT[t_send])] if s < P - 2 else []))
+                    add(t_recv, ([wait(S_DONE[t_recv]), wait(S_OUT[t_send])] if s > 0 else [])
+                        + [recv(rc, length, buf[(s + 1) % 2]), signal(S_IN_C[t_recv])]
+                        + ([signal(S_IN_SEND[t_recv])] if s < P - 2 else []))
+        return out
+
+    def _align(add, t_send: int, t_recv: int, buf: list[int], length: int, sc: int, rc: int, rounds: int) -> None:
+        """`rounds` single logical shifts of one operand (send / receive threads in lockstep)."""
+        for r in range(1, rounds + 1):
+            add(t_send, ([wait(S_ALIGN[t_recv])] if r > 1 else []) + [send(sc, length, buf[(r - 1) % 2])]
+                + ([signal(S_ALIGN[t_send])] if r < rounds else []))
+            add(t_recv, ([wait(S_ALIGN[t_send])] if r > 1 else []) + [recv(rc, length, buf[r % 2])]
+                + ([signal(S_ALIGN[t_recv])] if r < rounds else []))
+        if rounds % 2:
+            add(t_recv, [compute(MOV, length, dst=buf[0], src0=buf[1])])
+        # the shifts of the compute loop start once the operand is in place
+        add(t_recv, [signal(S_IN_C[t_recv]), signal(S_ALIGN[t_recv])])
+        add(t_send, [wait(S_ALIGN[t_recv])])
+
+    prog.add(body)
+    prog.program_ids(b)
+    trace = b.build()
+    facts = {"model_flops": 2 * m * k * n, "executed_flops": 2 * m * Kt * P * n,
+             "sram_bytes_per_pe": mem.top}
+    return trace, facts

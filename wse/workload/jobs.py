@@ -1,0 +1,214 @@
+"""What `wse trace gen` and `wse run` do with --op and --model: traces, simulations, metrics.
+
+A job builds its trace(s), simulates them (one trace, or the distinct stages of a composed
+model step) and returns a JobResult: the engine counters to store, the figures to print
+(cycles, time, tokens/s, utilization, dominant stall) and the analytic facts that the
+conservation tests compare against (FLOPs, resident weight bytes).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import isa
+from ..engine.result import EngineResult
+from ..errors import WseError
+from ..hardware import WaferConfig
+from ..trace import Trace, validate
+
+Simulate = Callable[[Trace], EngineResult]
+
+
+@dataclasses.dataclass
+class JobResult:
+    """A finished job: the counters of its representative simulation plus job-level figures."""
+
+    engine: EngineResult  # counters written to /pe and /link (the full trace, or the layer stage)
+    trace: Trace  # the trace those counters belong to
+    figures: dict[str, tuple[Any, str, str]]  # name -> (value, units, description), for /summary
+    stages: dict[str, np.ndarray] | None = None  # columnar table of composed stages
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def parse_region(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise WseError(f"--region {text!r}: expected WxH, e.g. 360x360") from None
+    if w < 1 or h < 1:
+        raise WseError(f"--region {text!r}: sizes must be positive")
+    return w, h
+
+
+def _dominant_stall(res: EngineResult) -> str:
+    names = ("stall_sram_cycles", "stall_recv_cycles", "stall_send_cycles", "stall_sync_cycles")
+    totals = {n: int(res.pe(n).sum()) for n in names}
+    name = max(totals, key=lambda n: totals[n])
+    return name.replace("stall_", "").replace("_cycles", "") if totals[name] else "none"
+
+
+def _peak_flops_per_cycle(cfg: WaferConfig) -> int:
+    return 2 * min(cfg.simd_width(isa.KIND_FMAC, isa.DTYPE_FP16), cfg.sram_port_bytes // 2)
+
+
+# ---- kernels -------------------------------------------------------------------------------
+
+
+def kernel_trace(op: str, cfg: WaferConfig, **kw) -> tuple[Trace, dict[str, int]]:
+    """Trace and analytic facts of a kernel (--op gemv | allreduce | attention | gemm)."""
+    region = kw.get("region")
+    if op == "gemv":
+        from .gemv import standalone
+        if region is None:
+            raise WseError("--op gemv needs --region WxH")
+        need(kw, "m", "n")
+        return standalone(kw["m"], kw["n"], region[0], region[1], cfg, algo=kw.get("algo") or "two-level",
+                          groups=kw.get("groups"), batch=kw.get("batch") or 1)
+    if op == "allreduce":
+        from .kernels import allreduce
+        if region is None:
+            raise WseError("--op allreduce needs --region WxH")
+        need(kw, "elements")
+        return allreduce(region, kw["elements"], kw.get("axis") or "y", cfg, kw.get("algo") or "two-level",
+                         kw.get("groups"))
+    if op == "attention":
+        from .kernels import attention
+        if region is None or region[0] != region[1]:
+            raise WseError("--op attention needs a square --region PxP")
+        need(kw, "heads", "head_dim", "context")
+        return attention(region[0], kw["heads"], kw.get("kv_heads") or kw["heads"], kw["head_dim"],
+                         kw["context"], kw.get("batch") or 1, cfg, kw.get("algo") or "two-level", kw.get("groups"))
+    if op == "gemm":
+        from .gemm import standalone as gemm
+        if region is None or region[0] != region[1]:
+            raise WseError("--op gemm needs a square --region PxP")
+        need(kw, "m", "n", "k")
+        return gemm(kw["m"], kw["k"], kw["n"], region[0], cfg, kw.get("algo") or "meshgemm")
+    raise WseError(f"unknown --op {op!r} (gemv, gemm, attention, allreduce)")
+
+
+def need(kw: dict, *names: str) -> None:
+    for n in names:
+        if not kw.get(n):
+            raise WseError(f"this op needs --{n.replace('_', '-')}")
+
+
+def run_kernel(op: str, cfg: WaferConfig, simulate: Simulate, **kw) -> JobResult:
+    trace, facts = kernel_trace(op, cfg, **kw)
+    validate(trace, cfg, where=f"--op {op}")
+    res = simulate(trace)
+    figs = _common_figures(res, cfg, trace.n_pes, res.total_cycles)
+    for name, value in facts.items():
+        units = "flop" if "flops" in name else "bytes" if "bytes" in name else ""
+        figs[f"analytic_{name}"] = (value, units, f"closed form: {name.replace('_', ' ')}")
+    flops = facts.get("model_flops", 0)
+    if res.total_cycles:
+        figs["model_flop_efficiency"] = (flops / (trace.n_pes * res.total_cycles * _peak_flops_per_cycle(cfg)),
+                                         "fraction", "model FLOPs over the fp16 FMAC peak of the region")
+    return JobResult(res, trace, figs)
+
+
+def _common_figures(res: EngineResult, cfg: WaferConfig, pes: int, cycles: int) -> dict[str, tuple[Any, str, str]]:
+    return {
+        "job_cycles": (cycles, "cycles", "cycles of the job"),
+        "job_seconds": (cycles / cfg.clock_hz, "s", "job cycles at the configured clock"),
+        "dominant_stall": (_dominant_stall(res), "", "largest stall class over the simulated PEs"),
+    }
+
+
+# ---- models --------------------------------------------------------------------------------
+
+
+def model_trace(name: str, cfg: WaferConfig, phase: str = "decode", **kw) -> tuple[Trace, Any]:
+    """The full trace of a model step (--model): every region and lane in one trace."""
+    from .decode import full_trace
+    plan = _model_plan(name, cfg, phase, **kw)
+    trace, _ = full_trace(plan)
+    return trace, plan
+
+
+def _model_plan(name: str, cfg: WaferConfig, phase: str, **kw):
+    from .decode import plan_model
+    from .layer import DecodeParams
+    from .models import load_model
+    spec = load_model(name)
+    if phase != "decode":
+        raise WseError(f"--phase {phase}: only decode is mapped for whole models; "
+                       f"prefill runs per layer with --op gemm (see docs/workloads.md)")
+    region = kw.get("region")
+    if region is not None and region[0] != region[1]:
+        raise WseError("--region for a model must be square (PxP)")
+    params = DecodeParams(batch=kw.get("batch") or 1, context=kw.get("context") or 128,
+                          token=kw.get("token") or 1, algo=kw.get("algo") or "two-level", groups=kw.get("groups"))
+    if params.batch < 1 or params.context < 1:
+        raise WseError("--batch and --context must be positive")
+    return plan_model(spec, cfg, params, kw.get("layers"), region[0] if region else None)
+
+
+def run_model(name: str, cfg: WaferConfig, simulate: Simulate, phase: str = "decode", full: bool = False,
+              **kw) -> JobResult:
+    """Simulate one decode step of a model (composed stages, or --full) and derive the figures."""
+    from .decode import compose, full_trace, stage_S
+    plan = _model_plan(name, cfg, phase, **kw)
+    spec, params = plan.spec, plan.params
+    trace, builds = full_trace(plan)
+    layer_builds = [b for b in builds if b.kind == "layer"]
+    if full:
+        validate(trace, cfg, where=f"--model {name}")
+        res = simulate(trace)
+        if not res.complete:
+            return JobResult(res, trace, {"job_cycles": (res.total_cycles, "cycles", "cycles until the stop")})
+        token_cycles, rep, rep_trace, stage_table = res.total_cycles, res, trace, None
+        layer_cycles = None
+    else:
+        def checked(t: Trace) -> EngineResult:
+            validate(t, cfg, where=f"--model {name} stage")
+            return simulate(t)
+        d = compose(plan, checked)
+        token_cycles = d.total_cycles
+        diffs = np.diff(d.anchors)
+        layer_cycles = float(np.mean(diffs[1:])) if len(diffs) > 1 else None
+        # the representative counters: the stage that runs a whole layer
+        k = next((i for i, s in enumerate(plan.slots[1:], start=0) if s.kind == "layer"), 0)
+        st = stage_S(plan, k)
+        rep, rep_trace = d.results[st.key], st.trace
+        keys = list(d.stage_cycles)
+        stage_table = {"stage": np.array(["/".join(map(str, k_)) for k_ in keys], dtype=object),
+                       "cycles": np.array([d.stage_cycles[k_] for k_ in keys], dtype=np.int64)}
+    clock = cfg.clock_hz
+    seconds = token_cycles / clock
+    executed = sum(sum(b.flops.values()) for b in builds)
+    model_flops = sum(b.model_flops for b in builds)
+    pes = sum(b.region.width * b.region.height for b in builds)
+    peak = _peak_flops_per_cycle(cfg)
+    figs = _common_figures(rep, cfg, rep_trace.n_pes, token_cycles)
+    figs.update({
+        "token_cycles": (token_cycles, "cycles", "cycles of one decode step (embedding to argmax)"),
+        "layer_cycles": (layer_cycles if layer_cycles is not None else token_cycles / max(1, plan.n_layers),
+                         "cycles", "cycles per layer (anchor to anchor between layers)" if layer_cycles
+                         is not None else "token cycles over layers (full run)"),
+        "tokens_per_s_per_sequence": (1 / seconds if seconds else 0.0, "tokens/s", "decode rate of one sequence"),
+        "tokens_per_s": (params.batch / seconds if seconds else 0.0, "tokens/s",
+                         "decode rate of the batch (all sequences)"),
+        "batch": (params.batch, "sequences", "sequences decoded together"),
+        "context": (params.context, "tokens", "cached tokens attended to"),
+        "slot_size": (plan.P, "PEs", "side of a layer region"),
+        "pes_used": (pes, "PEs", "PEs in the model's regions"),
+        "layers_mapped": (plan.n_layers, "layers", "layers on the wafer"),
+        "executed_flops": (executed, "flop", "FLOPs executed per step (replicated elementwise work and "
+                                             "all-reduce adds included)"),
+        "model_flops": (model_flops, "flop", "FLOPs of the step, each operation once"),
+        "compute_utilization": (executed / (pes * token_cycles * peak) if token_cycles else 0.0, "fraction",
+                                "executed FLOPs over the fp16 FMAC peak of the model's PEs"),
+        "resident_weight_bytes": (sum(b.weight_bytes for b in builds), "bytes", "weights resident on the wafer"),
+        "allocated_weight_bytes": (sum(b.memory.bytes_by_kind().get("weights", 0) * b.region.width * b.region.height
+                                       for b in builds), "bytes", "weight buffers allocated (tiles padded to "
+                                                                  "the largest chunk)"),
+        "kv_cache_bytes": (sum(b.kv_bytes for b in layer_builds), "bytes", "KV cache resident"),
+        "sram_bytes_per_pe": (max(b.memory.top for b in builds), "bytes", "largest per-PE SRAM use of any region"),
+    })
+    return JobResult(rep, rep_trace, figs, stage_table)

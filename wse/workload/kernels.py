@@ -1,0 +1,69 @@
+"""Single-kernel traces: an all-reduce, and decode attention over a distributed KV cache."""
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import WseError
+from ..hardware import WaferConfig
+from ..trace import Trace
+from .layer import DecodeParams, Lanes, decode_layer, plan_layer, reducers
+from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram
+from .models import ModelSpec
+from .plan import fit_check
+
+ELEM = 2
+
+
+def allreduce(region: tuple[int, int], elements: int, axis: str, cfg: WaferConfig, algo: str = "two-level",
+              groups: int | None = None) -> tuple[Trace, dict[str, int]]:
+    """Every line of a region along `axis` all-reduces an `elements`-long fp16 vector."""
+    if axis not in ("x", "y"):
+        raise WseError(f"--axis {axis!r}: x or y")
+    w, h = region
+    if elements < 1:
+        raise WseError("--elements must be positive")
+    R = Region(0, 0, w, h)
+    mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
+    buf = mem.alloc("vector", elements * ELEM, "activations", 4)
+    tmp = mem.alloc("tmp", elements * ELEM, "scratch")
+    fit_check(mem, cfg, f"an all-reduce of {elements} elements")
+    b = MeshBuilder(w, h, 2, kernel="allreduce", elements=elements, axis=axis, algo=algo)
+    params = DecodeParams(algo=algo, groups=groups)
+    red = reducers(R, b, params)
+    ax = X if axis == "x" else Y
+    prog = RegionProgram(R, 2)
+    roles = [red[ax].role(p) for p in range(R.size(ax))]
+    if ax is X:
+        prog.add_roles(X, roles)
+        prog.add_roles(Y, [0] * h)
+    else:
+        prog.add_roles(X, [0] * w)
+        prog.add_roles(Y, roles)
+    prog.add(lambda xr, yr, sp: red[ax].role_ops((xr if ax is X else yr)[0], elements, buf, tmp))
+    prog.program_ids(b)
+    lines = h if ax is X else w
+    n = R.size(ax)
+    return b.build(), {"model_flops": 0, "allreduce_flops": lines * (n - 1) * elements,
+                       "sram_bytes_per_pe": mem.used}
+
+
+def attention(P: int, heads: int, kv_heads: int, head_dim: int, context: int, batch: int, cfg: WaferConfig,
+              algo: str = "two-level", groups: int | None = None) -> tuple[Trace, dict[str, int]]:
+    """Decode attention (KV append and shift, scores, softmax, weighted values) on a P x P region.
+
+    The q, k and v of the new token are taken as already split over the rows (what the QKV
+    projection of a layer leaves); see layer.py for the layout.
+    """
+    if heads < 1 or kv_heads < 1 or head_dim < 1 or heads % kv_heads:
+        raise WseError("--heads must be a positive multiple of --kv-heads; --head-dim positive")
+    hidden = heads * head_dim
+    spec = ModelSpec(name="attention", hidden_size=hidden, layers=1, heads=heads, kv_heads=kv_heads,
+                     head_dim=head_dim, ffn_size=P, vocab_size=P)
+    params = DecodeParams(batch=batch, context=context, algo=algo, groups=groups)
+    plan = plan_layer(spec, 0, P, cfg, params)
+    b = MeshBuilder(P, P, 4, kernel="attention", heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                    context=context, batch=batch, region=f"{P}x{P}", algo=algo)
+    build = decode_layer(plan, Region(0, 0, P, P), b, Lanes(None, {}, None, {}), parts=("attention",))
+    return b.build(), {"model_flops": build.model_flops,
+                       "executed_flops": sum(build.flops.values()),
+                       "kv_cache_bytes": build.kv_bytes, "sram_bytes_per_pe": plan.mem.top}
