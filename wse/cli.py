@@ -125,41 +125,159 @@ def synth_cmd(pattern: str, mesh: str, wavelets: int | None, hops: int | None, e
                f"{len(tr.prog_start):,} distinct programs")
 
 
+def _config_options(fn):
+    for opt in reversed([
+        click.option("--wafer", help="wafer preset (default wse3)"),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="wafer configuration TOML"),
+        click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="override a configuration key"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _workload_options(fn):
+    """Options shared by `trace gen` and `run` for --op and --model."""
+    for opt in reversed([
+        click.option("--op", type=click.Choice(["gemv", "gemm", "attention", "allreduce"]), help="a kernel"),
+        click.option("--model", help="a model from `wse models` (or a spec .toml)"),
+        click.option("--phase", type=click.Choice(["decode", "prefill"]), default="decode", show_default=True),
+        click.option("--m", "m", type=int, help="GEMV/GEMM rows of the input (M)"),
+        click.option("--n", "n", type=int, help="GEMV/GEMM output columns (N)"),
+        click.option("--k", "k", type=int, help="GEMM contraction length (K)"),
+        click.option("--region", help="region WxH (kernels) or layer slot PxP (models; default: automatic)"),
+        click.option("--algo", help="all-reduce (two-level, chain) or GEMM (meshgemm, cannon, summa)"),
+        click.option("--groups", type=int, help="two-level all-reduce group count"),
+        click.option("--batch", type=int, help="sequences decoded together (default 1)"),
+        click.option("--context", type=int, help="cached tokens attended to (default 128)"),
+        click.option("--prompt-len", "prompt_len", type=int, help="prefill prompt length (default 512)"),
+        click.option("--layers", type=int, help="layers to place (default: all)"),
+        click.option("--token", type=int, help="token id looked up by the embedding (default 1)"),
+        click.option("--heads", type=int, help="attention heads (--op attention)"),
+        click.option("--kv-heads", "kv_heads", type=int, help="KV heads (--op attention)"),
+        click.option("--head-dim", "head_dim", type=int, help="head dimension (--op attention)"),
+        click.option("--elements", type=int, help="vector length (--op allreduce)"),
+        click.option("--axis", type=click.Choice(["x", "y"]), help="all-reduce axis (--op allreduce)"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _workload_kw(kw: dict) -> dict:
+    from .workload.jobs import parse_region
+    out = {k: v for k, v in kw.items() if v is not None}
+    if "region" in out:
+        out["region"] = parse_region(out["region"])
+    for k in ("m", "n", "k", "groups", "batch", "context", "prompt_len", "layers", "heads", "kv_heads",
+              "head_dim", "elements"):
+        if k in out and out[k] < 1:
+            raise WseError(f"--{k.replace('_', '-')} must be positive")
+    return out
+
+
+@trace_group.command("gen")
+@_workload_options
+@_config_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="trace file to write")
+@_clean_errors
+def gen_cmd(op, model, phase, wafer, config_file, sets, output, **kw) -> None:
+    """Write the trace of a kernel (--op) or of a model step (--model) for a wafer."""
+    from .workload import jobs
+
+    cfg = hardware.resolve(wafer, config_file, sets)
+    kw = _workload_kw(kw)
+    if bool(op) == bool(model):
+        raise WseError("give exactly one of --op and --model")
+    if op:
+        tr, _ = jobs.kernel_trace(op, cfg, **kw)
+        trace_mod.validate(tr, cfg, where=f"--op {op}")
+        tr.save(output)
+        click.echo(f"wrote {output}: {op} on {tr.mesh_width}x{tr.mesh_height} PEs, {len(tr.prog_start):,} programs")
+        return
+    if phase == "prefill":
+        written = jobs.prefill_traces(model, cfg, output, **kw)
+        for path, tr in written:
+            click.echo(f"wrote {path}: {tr.meta.get('kernel', 'kernel')} on {tr.mesh_width}x{tr.mesh_height} PEs")
+        return
+    tr, plan = jobs.model_trace(model, cfg, phase, **kw)
+    trace_mod.validate(tr, cfg, where=f"--model {model}")
+    tr.save(output)
+    click.echo(f"wrote {output}: {model} decode step, {len(plan.slots)} regions of {plan.P}x{plan.P} slots, "
+               f"{tr.mesh_width}x{tr.mesh_height} PEs, {len(tr.prog_start):,} programs")
+
+
+@cli.command("models")
+@_clean_errors
+def models_cmd() -> None:
+    """List the model specs with their sizes and parameter counts."""
+    from .workload.models import load_model, model_names
+    click.echo(f"{'model':15} {'layers':>6} {'hidden':>6} {'heads':>7} {'ffn':>6} {'experts':>9} "
+               f"{'params':>9} {'active':>8} {'weights':>9}")
+    for name in model_names():
+        m = load_model(name)
+        experts = f"{m.moe.experts_per_token}/{m.moe.experts}" + (f"+{m.moe.shared_experts}" if m.moe.shared_experts else "") \
+            if m.moe else "-"
+        click.echo(f"{name:15} {m.layers:>6} {m.hidden_size:>6} {m.heads:>4}/{m.kv_heads:<2} {m.ffn_size:>6} "
+                   f"{experts:>9} {_count(m.total_params()):>9} {_count(m.active_params()):>8} "
+                   f"{m.weight_bytes() / 1e9:>7.1f}GB")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e12:.2f}T" if n >= 1e12 else f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 @cli.command("run")
-@click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False), help="trace file")
-@click.option("--wafer", help="wafer preset (default wse3)")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="wafer configuration TOML")
-@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="override a configuration key")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False), help="trace file")
+@_workload_options
+@click.option("--full", is_flag=True, help="simulate every region of a model in one trace (default: compose stages)")
+@_config_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
 @click.option("--threads", type=int, help="Numba threads (default: all cores)")
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
 @_clean_errors
-def run_cmd(trace_path: str, wafer: str | None, config_file: str | None, sets: tuple[str, ...],
-            output: str, threads: int | None, quiet: bool) -> None:
-    """Simulate a trace cycle by cycle and write the run file."""
+def run_cmd(trace_path, op, model, phase, full, wafer, config_file, sets, output, threads, quiet, **kw) -> None:
+    """Simulate a trace, a kernel (--op) or a model step (--model) and write the run file."""
     from .engine.run import simulate
-    from .results.report import format_summary
+    from .results.report import format_job, format_summary
     from .results.store import RunInfo, read_run, write_run
+    from .workload import jobs
 
     cfg = hardware.resolve(wafer, config_file, sets)
-    tr = trace_mod.load(trace_path)
-    trace_mod.validate(tr, cfg, where=trace_path)
+    if sum(bool(v) for v in (trace_path, op, model)) != 1:
+        raise WseError("give exactly one of --trace, --op and --model")
     if threads is not None and threads < 1:
         raise WseError("--threads must be at least 1")
     progress = None
     if not quiet and sys.stderr.isatty():
         def progress(t: int, _max: int) -> None:
             click.echo(f"\r  simulated {t:,} cycles", nl=False, err=True)
-    res = simulate(tr, cfg, threads=threads, progress=progress, validated=True)
-    if progress is not None:
-        click.echo("\r" + " " * 40 + "\r", nl=False, err=True)
-    info = RunInfo(trace_path=str(trace_path), trace_hash=tr.content_hash(),
-                   trace_mesh=(tr.mesh_width, tr.mesh_height), threads=res.threads,
-                   wall_seconds=res.wall_seconds)
-    write_run(output, res, cfg, info)
+
+    def sim(tr):
+        res = simulate(tr, cfg, threads=threads, progress=progress, validated=True)
+        if progress is not None:
+            click.echo("\r" + " " * 40 + "\r", nl=False, err=True)
+        return res
+
+    job = None
+    if trace_path:
+        tr = trace_mod.load(trace_path)
+        trace_mod.validate(tr, cfg, where=trace_path)
+        res, source = sim(tr), str(trace_path)
+    else:
+        kw = _workload_kw(kw)
+        if op:
+            job = jobs.run_kernel(op, cfg, sim, **kw)
+        else:
+            job = jobs.run_model(model, cfg, sim, phase=phase, full=full, **kw)
+        tr, res, source = job.trace, job.engine, f"--op {op}" if op else f"--model {model} ({phase})"
+    info = RunInfo(trace_path=source, trace_hash=tr.content_hash(), trace_mesh=(tr.mesh_width, tr.mesh_height),
+                   threads=res.threads, wall_seconds=res.wall_seconds)
+    write_run(output, res, cfg, info, extra=job.figures if job else None,
+              tables={"stages": job.stages} if job and job.stages else None)
     if not quiet:
         rf = read_run(output)
         click.echo(format_summary(rf.summary, cfg, rf.attrs))
+        if job:
+            click.echo(format_job({k: v[0] for k, v in job.figures.items()}, cfg))
         click.echo(f"wrote {output}" + ("" if res.complete else " (marked incomplete)"))
     if not res.complete:
         click.echo(f"error: run stopped ({res.stop_name}) after {res.total_cycles:,} cycles", err=True)

@@ -39,3 +39,29 @@ def format_summary(summary: dict[str, Any], cfg: WaferConfig, attrs: dict[str, A
     if wall > 0:
         lines.append(f"wall     {wall:.2f} s  ({_si(pes * cycles / wall, 'PE-cycles/s')})")
     return "\n".join(lines)
+
+
+JOB_LINES = (
+    ("token_cycles", "token    {v:,} cycles per decode step = {t}"),
+    ("layer_cycles", "layer    {v:,.0f} cycles per layer"),
+    ("tokens_per_s_per_sequence", "rate     {v:,.0f} tokens/s per sequence"),
+    ("tokens_per_s", "         {v:,.0f} tokens/s in aggregate"),
+    ("ttft_cycles", "TTFT     {v:,} cycles = {t}"),
+    ("compute_utilization", "compute  {p} of the fp16 peak of the model's PEs"),
+    ("model_flop_efficiency", "compute  {p} of the region's fp16 peak (model FLOPs)"),
+    ("dominant_stall", "stalls   dominant cause: {v}"),
+    ("sram_bytes_per_pe", "SRAM     {v:,} bytes per PE at most"),
+)
+
+
+def format_job(figures: dict[str, Any], cfg: WaferConfig) -> str:
+    """The job-level lines of a model or kernel run (those of its figures that exist)."""
+    lines = []
+    for name, fmt in JOB_LINES:
+        if name not in figures:
+            continue
+        v = figures[name]
+        t = _time(v / cfg.clock_hz) if isinstance(v, (int, float)) and "cycles" in name else ""
+        p = f"{100 * v:.2f}%" if isinstance(v, float) else ""
+        lines.append(fmt.format(v=v, t=t, p=p))
+    return "\n".join(lines)

@@ -72,8 +72,14 @@ def summary_values(res: EngineResult, cfg: WaferConfig) -> dict[str, tuple[Any, 
     return out
 
 
-def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunInfo) -> Path:
-    """Write the run file. Returns its path. `complete` is true only for a completed run."""
+def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunInfo,
+              extra: dict[str, tuple[Any, str, str]] | None = None,
+              tables: dict[str, dict[str, np.ndarray]] | None = None) -> Path:
+    """Write the run file. Returns its path. `complete` is true only for a completed run.
+
+    `extra` adds job-level scalars to /summary (name -> (value, units, description));
+    `tables` adds columnar groups (group -> {column: array}).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     try:
@@ -91,8 +97,16 @@ def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunIn
             f.attrs["wall_seconds"] = info.wall_seconds
             f.attrs["stop_reason"] = res.stop_name
             g = f.create_group("summary")
-            for name, (value, units, desc) in summary_values(res, cfg).items():
-                _dataset(g, name, np.asarray(value), units, desc, "")
+            for name, (value, units, desc) in {**summary_values(res, cfg), **(extra or {})}.items():
+                data = np.asarray(value) if not isinstance(value, str) else np.array(value, dtype=h5py.string_dtype())
+                _dataset(g, name, data, units, desc, "")
+            for group, cols in (tables or {}).items():
+                tg = f.create_group(group)
+                for col, arr in cols.items():
+                    arr = np.asarray(arr)
+                    if arr.dtype == object or arr.dtype.kind == "U":
+                        arr = np.array([str(v) for v in arr], dtype=h5py.string_dtype())
+                    _dataset(tg, col, arr, "", f"{group} column {col}", "row")
             g = f.create_group("pe")
             for i, (name, units, desc) in enumerate(isa.PE_COUNTERS):
                 _dataset(g, name, res.pe_counters[:, :, i], units, desc, "y,x")
@@ -136,6 +150,7 @@ class RunFile:
     pe: dict[str, np.ndarray]
     link: dict[str, np.ndarray]
     stuck: list[str]
+    tables: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -161,10 +176,12 @@ def read_run(path: str | Path) -> RunFile:
             raise RunFileError(f"{path}: run file schema_version {version} is not supported")
         attrs = {k: _plain(v) for k, v in f.attrs.items()}
         summary = {k: _plain(d[()]) for k, d in f["summary"].items()} if "summary" in f else {}
+        tables = {g: {k: d[()] for k, d in f[g].items()} for g in f
+                  if g not in ("summary", "pe", "link", "stuck") and isinstance(f[g], h5py.Group)}
         pe = {k: d[()] for k, d in f["pe"].items()} if "pe" in f else {}
         link = {k: d[()] for k, d in f["link"].items()} if "link" in f else {}
         stuck = [s.decode() if isinstance(s, bytes) else str(s) for s in f["stuck"][()]] if "stuck" in f else []
-    return RunFile(path, attrs, summary, pe, link, stuck)
+    return RunFile(path, attrs, summary, pe, link, stuck, tables)
 
 
 def _plain(v: Any) -> Any:

@@ -136,23 +136,76 @@ def _model_plan(name: str, cfg: WaferConfig, phase: str, **kw):
     from .layer import DecodeParams
     from .models import load_model
     spec = load_model(name)
-    if phase != "decode":
-        raise WseError(f"--phase {phase}: only decode is mapped for whole models; "
-                       f"prefill runs per layer with --op gemm (see docs/workloads.md)")
     region = kw.get("region")
     if region is not None and region[0] != region[1]:
         raise WseError("--region for a model must be square (PxP)")
+    algo = kw.get("algo") or "two-level"
+    if algo not in ("two-level", "chain"):
+        raise WseError(f"--algo {algo!r}: decode uses the all-reduce algorithms two-level or chain")
     params = DecodeParams(batch=kw.get("batch") or 1, context=kw.get("context") or 128,
-                          token=kw.get("token") or 1, algo=kw.get("algo") or "two-level", groups=kw.get("groups"))
+                          token=kw.get("token") or 1, algo=algo, groups=kw.get("groups"))
     if params.batch < 1 or params.context < 1:
         raise WseError("--batch and --context must be positive")
     return plan_model(spec, cfg, params, kw.get("layers"), region[0] if region else None)
+
+
+def prefill_traces(name: str, cfg: WaferConfig, output: str, **kw) -> list[tuple[str, Trace]]:
+    """Write the kernel traces of one prefill layer next to `output` (<stem>-<kernel>.h5)."""
+    from pathlib import Path
+    from .prefill import kernel_traces
+    plan = _model_plan(name, cfg, "prefill", **kw)
+    out = Path(output)
+    written = []
+    for kernel, (tr, _) in kernel_traces(plan.spec, cfg, plan.P, kw.get("prompt_len") or 512,
+                                         kw.get("algo") or "meshgemm").items():
+        validate(tr, cfg, where=f"--model {name} prefill {kernel}")
+        path = out.with_name(f"{out.stem}-{kernel}{out.suffix or '.h5'}")
+        tr.save(path)
+        written.append((str(path), tr))
+    return written
+
+
+def run_prefill(name: str, cfg: WaferConfig, simulate: Simulate, **kw) -> JobResult:
+    """Time to first token of a prompt: prefill kernels per layer, composed (prefill.py)."""
+    from .prefill import prefill
+    algo = kw.get("algo") or "meshgemm"
+    plan = _model_plan(name, cfg, "prefill", **{k: v for k, v in kw.items() if k != "algo"})
+    prompt = kw.get("prompt_len") or 512
+
+    def checked(t: Trace) -> EngineResult:
+        validate(t, cfg, where=f"--model {name} prefill")
+        return simulate(t)
+    lm_width = plan.slots[-1].region.width
+    pr = prefill(plan.spec, cfg, plan.P, prompt, lm_width, plan.n_layers, checked, algo)
+    rep_name = max((k for k in pr.results if k != "lm_head"), key=lambda k: pr.kernels[k])
+    rep = pr.results[rep_name]
+    pes = plan.P * plan.P
+    figs = _common_figures(rep, cfg, pes, pr.ttft_cycles)
+    figs.update({
+        "ttft_cycles": (pr.ttft_cycles, "cycles", "time to first token: every layer's prefill, then the LM head"),
+        "ttft_seconds": (pr.ttft_cycles / cfg.clock_hz, "s", "TTFT at the configured clock"),
+        "prefill_layer_cycles": (pr.layer_cycles, "cycles", "one layer's prefill kernels and transfer"),
+        "prompt_len": (prompt, "tokens", "prompt length"),
+        "slot_size": (plan.P, "PEs", "side of a layer region"),
+        "executed_flops": (pr.executed_flops, "flop", "FLOPs executed by the prefill (padding and all-reduce adds included)"),
+        "model_flops": (pr.model_flops, "flop", "FLOPs of the prefill, each operation once"),
+        "compute_utilization": (pr.executed_flops / (plan.n_layers * pes * pr.layer_cycles * _peak_flops_per_cycle(cfg))
+                                if pr.layer_cycles else 0.0, "fraction", "executed FLOPs of the layers over the fp16 "
+                                                                          "peak of their regions"),
+    })
+    keys = list(pr.kernels)
+    table = {"stage": np.array(keys, dtype=object), "cycles": np.array([pr.kernels[k] for k in keys], dtype=np.int64)}
+    return JobResult(rep, pr.traces[rep_name], figs, table, [f"counters: the {rep_name} kernel"])
 
 
 def run_model(name: str, cfg: WaferConfig, simulate: Simulate, phase: str = "decode", full: bool = False,
               **kw) -> JobResult:
     """Simulate one decode step of a model (composed stages, or --full) and derive the figures."""
     from .decode import compose, full_trace, stage_S
+    if phase == "prefill":
+        if full:
+            raise WseError("--full applies to decode; prefill is composed from its kernels")
+        return run_prefill(name, cfg, simulate, **kw)
     plan = _model_plan(name, cfg, phase, **kw)
     spec, params = plan.spec, plan.params
     trace, builds = full_trace(plan)

@@ -1,0 +1,147 @@
+"""Workload traces: kernels and model steps conserve FLOPs, weight bytes and wavelets, and a
+composed model step equals the full simulation exactly."""
+import numpy as np
+import pytest
+
+from engine_compare import assert_same
+from wse import hardware
+from wse.engine import reference
+from wse.engine.run import simulate
+from wse.trace import validate
+from wse.workload import gemv as gemv_mod
+from wse.workload.collectives import default_groups
+from wse.workload.decode import compose, full_trace, plan_model
+from wse.workload.gemm import ALGOS, standalone as gemm
+from wse.workload.kernels import allreduce, attention
+from wse.workload.layer import DecodeParams
+from wse.workload.models import load_model
+from wse.workload.plan import FitError
+
+
+@pytest.fixture(scope="module")
+def small():
+    return hardware.load_preset("small")
+
+
+def run(trace, cfg):
+    validate(trace, cfg)
+    r = simulate(trace, cfg, validated=True)
+    assert r.complete, r.stuck[:5]
+    return r
+
+
+def test_group_count_is_the_divisor_nearest_sqrt():
+    assert [default_groups(n) for n in (256, 360, 720, 7, 1, 2)] == [16, 18, 24, 1, 1, 1]
+
+
+@pytest.mark.parametrize("algo", ["two-level", "chain"])
+@pytest.mark.parametrize("m, n, px, py", [(256, 256, 16, 16), (300, 200, 12, 10), (64, 96, 1, 8)])
+def test_gemv_conserves_flops_and_bytes(algo, m, n, px, py, small):
+    tr, facts = gemv_mod.standalone(m, n, px, py, small, algo=algo, batch=2)
+    r = run(tr, small)
+    assert r.pe("flops").sum() == facts["model_flops"] + facts["reduce_flops"]
+    assert facts["model_flops"] == 2 * m * n * 2
+    assert facts["weight_bytes"] == 2 * m * n
+    assert facts["allocated_weight_bytes"] >= facts["weight_bytes"]
+
+
+def test_two_level_reduce_beats_the_chain_on_long_columns(small):
+    big = small.with_overrides(["wafer.mesh_height=128"])
+    cyc = {a: run(gemv_mod.standalone(4096, 512, 4, 128, big, algo=a)[0], big).total_cycles
+           for a in ("two-level", "chain")}
+    assert cyc["two-level"] < cyc["chain"]
+
+
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_allreduce_flops(axis, small):
+    tr, facts = allreduce((12, 7), 33, axis, small)
+    r = run(tr, small)
+    assert r.pe("flops").sum() == facts["allreduce_flops"] == (7 if axis == "x" else 12) * ((12 if axis == "x" else 7) - 1) * 33
+
+
+def test_allreduce_matches_the_reference_stepper(tiny):
+    tr, _ = allreduce((6, 5), 9, "y", tiny, groups=2)
+    validate(tr, tiny)
+    assert_same(simulate(tr, tiny), reference.simulate(tr, tiny), "allreduce")
+
+
+def test_attention_kernel_flops(small):
+    tr, facts = attention(8, 8, 2, 16, 40, 2, small)
+    r = run(tr, small)
+    assert r.pe("flops").sum() == facts["executed_flops"]
+    assert facts["model_flops"] == 2 * 2 * 128 * 40 * 2 + 13 * 8 * 40 * 2  # scores + values, softmax
+    assert facts["kv_cache_bytes"] == 2 * 2 * 16 * 40 * 2 * 2
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("P", [1, 3, 8])
+def test_gemm_conserves_flops(algo, P, small):
+    tr, facts = gemm(40, 50, 30, P, small, algo)
+    r = run(tr, small)
+    assert r.pe("flops").sum() == facts["executed_flops"]
+    assert facts["model_flops"] == 2 * 40 * 50 * 30
+    assert facts["executed_flops"] == 2 * 40 * (-(-50 // P) * P) * 30
+
+
+@pytest.mark.parametrize("algo", ["meshgemm", "cannon"])
+def test_gemm_alignment_costs_time_not_flops(algo, small):
+    plain_tr, facts = gemm(64, 64, 64, 8, small, algo)
+    aligned_tr, facts2 = gemm(64, 64, 64, 8, small, algo, True, True)
+    plain, aligned = run(plain_tr, small), run(aligned_tr, small)
+    assert aligned.total_cycles > plain.total_cycles
+    assert aligned.pe("flops").sum() == plain.pe("flops").sum() == facts["executed_flops"] == facts2["executed_flops"]
+
+
+def test_gemm_kernel_matches_the_reference_stepper(tiny):
+    tr, _ = gemm(6, 6, 6, 3, tiny, "meshgemm", True, True)
+    validate(tr, tiny)
+    assert_same(simulate(tr, tiny), reference.simulate(tr, tiny), "meshgemm")
+
+
+@pytest.mark.parametrize("model, batch", [("tiny", 1), ("tiny-moe", 2)])
+def test_composed_decode_equals_the_full_simulation(model, batch, small):
+    plan = plan_model(load_model(model), small, DecodeParams(batch=batch, context=12), P=16)
+    trace, builds = full_trace(plan)
+    full = run(trace, small)
+    composed = compose(plan, lambda t: run(t, small))
+    assert composed.total_cycles == full.total_cycles
+    assert composed.simulations <= 2 * len(plan.slots)
+    # conservation over the whole step
+    assert full.pe("flops").sum() == sum(sum(b.flops.values()) for b in builds)
+    spec = plan.spec
+    assert sum(b.weight_bytes for b in builds) == 2 * spec.total_params()
+    assert full.pe("wavelets_sent").sum() > 0
+
+
+def test_identical_layers_are_simulated_once(small):
+    spec = load_model("tiny")
+    many = small.with_overrides(["wafer.mesh_width=160", "wafer.mesh_height=64"])
+    plan = plan_model(spec, many, DecodeParams(context=8), P=16)
+    assert plan.n_layers == 2
+    calls = []
+    compose(plan, lambda t: calls.append(t) or run(t, many))
+    # region 0 alone, then per transition a barrier trace and a stage trace, deduplicated
+    assert len(calls) < 2 * len(plan.slots)
+
+
+def test_a_model_that_does_not_fit_says_how_much_is_missing():
+    with pytest.raises(FitError, match=r"does not fit on one wse3 wafer.*B missing.*at least \d+ wafers"):
+        plan_model(load_model("llama3.1-70b"), hardware.load_preset("wse3"), DecodeParams())
+
+
+def test_llama_8b_places_on_one_wse3():
+    plan = plan_model(load_model("llama3.1-8b"), hardware.load_preset("wse3"), DecodeParams(context=1024))
+    kinds = [s.kind for s in plan.slots]
+    assert kinds.count("layer") == 32 and kinds[0] == "embedding" and kinds[-1] == "lm_head"
+    assert 100 <= plan.P <= 200
+
+
+def test_prefill_conserves_flops(small):
+    from wse.workload.prefill import prefill
+    spec = load_model("tiny")
+    pr = prefill(spec, small, 8, 16, 8, spec.layers, lambda t: run(t, small))
+    simulated = sum(int(r.pe("flops").sum()) for k, r in pr.results.items() if k != "lm_head") * spec.layers \
+        + int(pr.results["lm_head"].pe("flops").sum())
+    assert simulated == pr.executed_flops
+    assert pr.ttft_cycles == spec.layers * pr.layer_cycles + pr.kernels["lm_head"]
+    assert np.all(np.array(list(pr.kernels.values())) > 0)

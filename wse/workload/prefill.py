@@ -1,0 +1,170 @@
+"""Prefill of an S-token prompt and the time to first token (docs/workloads.md).
+
+Each layer's prefill runs on its own P x P region (the decode slot). Activations are S x H
+tiles: tokens over rows, hidden over columns. The layer is a sequence of kernels, each
+simulated cycle by cycle once and composed kernel after kernel (a kernel starts when the
+previous one has finished everywhere, which is what its data dependency requires):
+
+1. RMSNorm, RoPE, softmax, SiLU*up and residuals: one elementwise kernel with the row
+   all-reduces the norms and softmax need (`elementwise`);
+2. six MeshGEMMs: QKV (S x H x (q+2kv)), scores (S x q x S), weighted values (S x S x o),
+   O (S x o x H), gate/up (S x H x 2F), down (S x F x H). Weights are stored pre-skewed; the
+   activation operands are aligned first (both operands of the two attention GEMMs).
+
+The attention GEMMs fold the heads into the contraction and output dimensions, which keeps
+their FLOPs exact (2 S^2 q and 2 S^2 o); causal masking is not exploited. Between layers the
+S x H activations cross to the next region on the P lanes: S * H/P wavelets per lane,
+pipelined. TTFT = embedding lookup + layers x (kernels + transfer) + the LM head's GEMV for
+the last token.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from .. import isa
+from ..errors import WseError
+from ..hardware import WaferConfig
+from ..trace import Trace, compute
+from .gemm import standalone as gemm_trace
+from .gemv import standalone as gemv_trace
+from .layer import EXP_FMACS, SILU_FMACS, DecodeParams, reducers
+from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
+from .models import ModelSpec
+from .plan import fit_check
+
+FMAC, MUL, ADD, MAX, SCALE = isa.KIND_FMAC, isa.KIND_MUL, isa.KIND_ADD, isa.KIND_MAX, isa.KIND_SCALE
+ELEM = 2
+
+
+def elementwise(spec: ModelSpec, P: int, S: int, cfg: WaferConfig, algo: str = "two-level"
+                ) -> tuple[Trace, dict[str, int]]:
+    """The elementwise work of one prefill layer on a P x P region, with its row all-reduces."""
+    H, F, heads = spec.hidden_size, spec.ffn_size, spec.heads
+    Sr = split(S, P)
+    Hc, Kc = split(H, P), split(S, P)
+    rope_c = split(spec.q_size + spec.kv_size, P)
+    act_c = split(spec.moe.expert_ffn_size * spec.moe.experts_per_token if spec.moe else F, P)
+    mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
+    big = max(max(Sr) * max(max(Hc), max(rope_c), max(act_c)), max(Sr) * max(Kc) * heads)
+    a = mem.alloc("a", big * ELEM, "activations", 6)
+    d = mem.alloc("d", big * ELEM, "scratch", 2)
+    scal = mem.alloc("scal", max(Sr) * heads * ELEM, "scratch", 4)
+    tmp = mem.alloc("tmp", max(Sr) * heads * ELEM, "scratch", 0)
+    fit_check(mem, cfg, f"{spec.name} prefill elementwise kernel (S={S}) on {P}x{P}")
+    region = Region(0, 0, P, P)
+    b = MeshBuilder(P, P, 2, kernel="prefill-elementwise", model=spec.name, prompt=S)
+    red = reducers(region, b, DecodeParams(algo=algo))
+    rx = red[X]
+    prog = RegionProgram(region, 2)
+    prog.add_roles(X, [(Hc[i], rope_c[i], act_c[i], Kc[i], rx.role(i)) for i in range(P)])
+    prog.add_roles(Y, [(Sr[j],) for j in range(P)])
+
+    def body(xr, yr, _sp):
+        hi, ri, fi, ki, role = xr[0]
+        (sj,) = yr[0]
+        out: dict[int, list] = {0: []}
+
+        def merge(part):
+            for t, ops in part.items():
+                out.setdefault(t, []).extend(ops)
+
+        def norm():
+            out[0].extend(compute(FMAC, hi, dst=d, src0=a) for _ in range(sj))  # per-token sum of squares
+            merge(rx.role_ops(role, sj, scal, tmp))
+            out[0] += [compute(SCALE, sj * hi, dst=a, src0=a), compute(MUL, sj * hi, dst=a, src0=a, src1=d)]
+
+        norm()
+        if sj * ri:
+            out[0] += [compute(MUL, sj * ri, dst=a, src0=a, src1=d), compute(FMAC, sj * ri, dst=a, src0=d)]
+        e = sj * ki * heads  # this PE's scores: its tokens x its keys x every head
+        if e:
+            out[0].append(compute(MAX, e, dst=a, src0=a, src1=d))
+        merge(rx.role_ops(role, sj * heads, scal, tmp, MAX))
+        if e:
+            out[0] += [compute(SCALE, e, dst=a, src0=a)] + [compute(FMAC, e, dst=a, src0=d)] * EXP_FMACS
+            out[0].append(compute(FMAC, e, dst=d, src0=a))
+        merge(rx.role_ops(role, sj * heads, scal, tmp))
+        if e:
+            out[0].append(compute(SCALE, e, dst=a, src0=a))
+        out[0].append(compute(ADD, sj * hi, dst=a, src0=a, src1=d))  # residual after O
+        norm()
+        if sj * fi:
+            out[0] += [compute(FMAC, sj * fi, dst=a, src0=d)] * SILU_FMACS + [compute(MUL, sj * fi, dst=a, src0=a, src1=d)]
+        out[0].append(compute(ADD, sj * hi, dst=a, src0=a, src1=d))  # residual after the FFN
+        return out
+
+    prog.add(body)
+    prog.program_ids(b)
+    n1 = P - 1
+    act = spec.moe.expert_ffn_size * spec.moe.experts_per_token if spec.moe else F
+    flops = (2 * 4 * S * H + 3 * S * (spec.q_size + spec.kv_size) + 13 * S * S * heads
+             + (2 * SILU_FMACS + 1) * S * act + 2 * S * H)
+    allreduce = n1 * (2 * S + 2 * S * heads)
+    return b.build(), {"executed_flops": flops + allreduce, "model_flops": flops}
+
+
+@dataclasses.dataclass
+class PrefillResult:
+    ttft_cycles: int
+    layer_cycles: int
+    kernels: dict[str, int]  # kernel -> cycles (one layer; transfer and lm_head included)
+    executed_flops: int
+    model_flops: int
+    results: dict[str, object]  # kernel -> EngineResult
+    traces: dict[str, Trace]
+
+
+def prefill(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, layers: int,
+            simulate: Callable[[Trace], object], algo: str = "meshgemm") -> PrefillResult:
+    """Time to first token of a `prompt`-token prompt (module docstring)."""
+    H, S = spec.hidden_size, prompt
+    traces: dict[str, Trace] = {}
+    kernels: dict[str, int] = {}
+    results: dict[str, object] = {}
+    executed = model = 0
+    for name, (tr, facts) in kernel_traces(spec, cfg, P, prompt, algo).items():
+        r = _complete(simulate(tr), f"prefill {name} kernel")
+        kernels[name], results[name] = r.total_cycles, r
+        traces[name] = tr
+        executed += facts["executed_flops"]
+        model += facts["model_flops"]
+    # the S x H activations cross to the next region: S * H/P wavelets per lane, pipelined
+    transfer = S * max(split(H, P)) + 2 * P * cfg.hop_latency_cycles + 2 * cfg.ramp_latency_cycles \
+        + cfg.fabric_setup_cycles
+    kernels["transfer"] = transfer
+    layer = sum(kernels.values())
+    tr, facts = gemv_trace(H, spec.vocab_size, lm_width, P, cfg)
+    r = _complete(simulate(tr), "LM head GEMV")
+    kernels["lm_head"], results["lm_head"], traces["lm_head"] = r.total_cycles, r, tr
+    executed = executed * layers + facts["model_flops"] + facts["reduce_flops"]
+    model = model * layers + facts["model_flops"]
+    return PrefillResult(layers * layer + r.total_cycles, layer, kernels, executed, model, results, traces)
+
+
+def kernel_traces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, algo: str = "meshgemm"
+                  ) -> dict[str, tuple[Trace, dict[str, int]]]:
+    """The kernels of one prefill layer: name -> (trace, facts)."""
+    if spec.mla:
+        raise WseError(f"{spec.name}: multi-head latent attention has no prefill mapping yet")
+    if prompt < P:
+        raise WseError(f"--prompt-len {prompt} is shorter than the region side {P}: every row needs a token")
+    H, S = spec.hidden_size, prompt
+    ffn = spec.moe.expert_ffn_size * spec.moe.experts_per_token if spec.moe else spec.ffn_size
+    shapes = {
+        "qkv": (S, H, spec.q_size + 2 * spec.kv_size, True, False),
+        "scores": (S, spec.q_size, S, True, True),
+        "values": (S, S, spec.attn_out_size, True, True),
+        "o": (S, spec.attn_out_size, H, True, False),
+        "gate_up": (S, H, 2 * ffn, True, False),
+        "down": (S, ffn, H, True, False),
+    }
+    out = {name: gemm_trace(m, k, n, P, cfg, algo, a, b) for name, (m, k, n, a, b) in shapes.items()}
+    out["elementwise"] = elementwise(spec, P, S, cfg)
+    return out
+
+
+def _complete(r, what: str):
+    if not r.complete:
+        raise WseError(f"{what} did not complete ({r.stop_name}): " + "; ".join(r.stuck[:3]))
+    return r
