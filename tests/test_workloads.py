@@ -31,7 +31,7 @@ def run(trace, cfg):
 
 
 def test_group_count_is_the_divisor_nearest_sqrt():
-    assert [default_groups(n) for n in (256, 360, 720, 7, 1, 2)] == [16, 18, 24, 1, 1, 1]
+    assert [default_groups(n) for n in (256, 360, 720, 146, 7, 1, 2)] == [16, 18, 24, 12, 3, 1, 1]
 
 
 @pytest.mark.parametrize("algo", ["two-level", "chain"])

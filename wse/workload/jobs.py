@@ -226,7 +226,8 @@ def run_model(name: str, cfg: WaferConfig, simulate: Simulate, phase: str = "dec
         diffs = np.diff(d.anchors)
         layer_cycles = float(np.mean(diffs[1:])) if len(diffs) > 1 else None
         # the representative counters: the stage that runs a whole layer
-        k = next((i for i, s in enumerate(plan.slots[1:], start=0) if s.kind == "layer"), 0)
+        k = next((i for i in range(len(plan.slots) - 1)
+                  if plan.slots[i].kind == "layer" and plan.slots[i + 1].kind == "layer"), 0)
         st = stage_S(plan, k)
         rep, rep_trace = d.results[st.key], st.trace
         keys = list(d.stage_cycles)
