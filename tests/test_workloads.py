@@ -81,6 +81,8 @@ def test_gemm_conserves_flops(algo, P, small):
     assert r.pe("flops").sum() == facts["executed_flops"]
     assert facts["model_flops"] == 2 * 40 * 50 * 30
     assert facts["executed_flops"] == 2 * 40 * (-(-50 // P) * P) * 30
+    # unicast shifts and relays: every wavelet sent is received exactly once
+    assert r.pe("wavelets_sent").sum() == r.pe("wavelets_received").sum()
 
 
 @pytest.mark.parametrize("algo", ["meshgemm", "cannon"])
