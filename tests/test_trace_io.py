@@ -182,7 +182,7 @@ def test_saved_file_appears_only_when_complete(tmp_path, monkeypatch):
     monkeypatch.setattr(h5py.Group, "create_dataset", spy)
     synthetic.neighbor(8, 8, 16).save(p)
     monkeypatch.undo()
-    assert len(seen) == len(T.ROUTE_COLUMNS) + len(T.OP_COLUMNS) + 3
+    assert len(seen) == len(T.ROUTE_COLUMNS) + len(T.OP_COLUMNS) + 3 + 3  # + the /tags columns
     assert all(s == (False, True) for s in seen)  # written under .partial, final absent
     assert p.exists() and not partial.exists()
     T.load(p)
@@ -565,12 +565,36 @@ def test_load_hdf5_file_that_is_not_a_trace(tmp_path):
 
 
 def test_load_wrong_format_version(tmp_path, good):
-    p = tmp_path / "v2.h5"
+    p = tmp_path / "v9.h5"
     shutil.copy(good, p)
     with h5py.File(p, "a") as f:
-        f.attrs["format_version"] = 2
+        f.attrs["format_version"] = 9
     msg = _load_error(p)
-    assert "format_version 2" in msg
+    assert "format_version 9" in msg
+
+
+def test_version_1_files_without_tags_still_load(tmp_path, good):
+    p = tmp_path / "v1.h5"
+    shutil.copy(good, p)
+    with h5py.File(p, "a") as f:
+        f.attrs["format_version"] = 1
+        del f["ops/tag"]
+        del f["tags"]
+    t = T.load(p)
+    assert (t.ops["tag"] == 0).all() and t.tags == [T.UNTAGGED]
+
+
+def test_tags_round_trip_and_are_checked(tmp_path):
+    b = TraceBuilder(2, 1)
+    qkv = b.tag("layer 0 qkv", 0, "gemv")
+    b.assign(0, 0, 0, [compute(isa.KIND_MOV, 8, 0, 64)._replace(tag=qkv)])
+    p = tmp_path / "t.h5"
+    b.build().save(p)
+    t = T.load(p)
+    assert t.tags[qkv] == T.Tag("layer 0 qkv", 0, "gemv") and t.ops["tag"][0] == qkv
+    with h5py.File(p, "a") as f:
+        f["ops/tag"][0] = 7
+    assert "tag 7 is not in the /tags table" in _load_error(p)
 
 
 @pytest.mark.parametrize("dataset", ["ops/opcode", "routes/tx", "programs/start", "pe_program"])

@@ -22,14 +22,26 @@ from .errors import TraceError
 from .hardware import WaferConfig
 
 FORMAT_NAME = "wse-trace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 files have no op tags
 
 OP_COLUMNS = (
     ("opcode", np.int8), ("kind", np.int8), ("dtype", np.int8), ("color_in", np.int8),
     ("color_out", np.int8), ("sem", np.int8), ("length", np.int32), ("dst", np.int32),
-    ("src0", np.int32), ("src1", np.int32),
+    ("src0", np.int32), ("src1", np.int32), ("tag", np.int32),
 )
 ROUTE_COLUMNS = (("pe", np.int32), ("color", np.int8), ("rx", np.int8), ("tx", np.uint8))
+
+
+class Tag(NamedTuple):
+    """A workload-level op (e.g. "layer 3 qkv"): results are attributed to these."""
+
+    name: str
+    layer: int = -1
+    kind: str = ""
+
+
+UNTAGGED = Tag("untagged", -1, "")
 
 
 class Op(NamedTuple):
@@ -45,6 +57,7 @@ class Op(NamedTuple):
     dst: int = 0
     src0: int = 0
     src1: int = 0
+    tag: int = 0  # index into Trace.tags: the workload-level op this belongs to (0: none)
 
     def describe(self) -> str:
         name = isa.OPCODE_NAMES[self.opcode] if 0 <= self.opcode < isa.N_OPCODES else f"opcode {self.opcode}"
@@ -107,6 +120,7 @@ class Trace:
     prog_len: np.ndarray  # int32 [n_programs]
     pe_program: np.ndarray  # int32 [H, W, T], -1 = no program
     meta: dict[str, str] = dataclasses.field(default_factory=dict)
+    tags: list[Tag] = dataclasses.field(default_factory=lambda: [UNTAGGED])
 
     @property
     def threads(self) -> int:
@@ -132,6 +146,7 @@ class Trace:
             h.update(np.ascontiguousarray(self.ops[name]).tobytes())
         for a in (self.prog_start, self.prog_len, self.pe_program):
             h.update(np.ascontiguousarray(a).tobytes())
+        h.update(json.dumps([list(t) for t in self.tags]).encode())
         return h.hexdigest()
 
     def pe_xy(self, pe: int) -> tuple[int, int]:
@@ -166,6 +181,10 @@ class Trace:
                 g.create_dataset("start", data=self.prog_start.astype(np.int32))
                 g.create_dataset("length", data=self.prog_len.astype(np.int32))
                 f.create_dataset("pe_program", data=self.pe_program.astype(np.int32), **comp)
+                g = f.create_group("tags")
+                g.create_dataset("name", data=np.array([t.name for t in self.tags], dtype=h5py.string_dtype()))
+                g.create_dataset("layer", data=np.array([t.layer for t in self.tags], dtype=np.int32))
+                g.create_dataset("kind", data=np.array([t.kind for t in self.tags], dtype=h5py.string_dtype()))
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
@@ -200,8 +219,9 @@ def _read(f: h5py.File, path: Path) -> Trace:
     if f.attrs.get("format") != FORMAT_NAME:
         raise TraceError(f"{path}: not a wse trace file (attribute 'format' is not {FORMAT_NAME!r})")
     version = int(f.attrs.get("format_version", -1))
-    if version != FORMAT_VERSION:
-        raise TraceError(f"{path}: trace format_version {version} is not supported (expected {FORMAT_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise TraceError(f"{path}: trace format_version {version} is not supported "
+                         f"(readable: {', '.join(map(str, READABLE_VERSIONS))})")
 
     def ds(name: str, dt) -> np.ndarray:
         if name not in f:
@@ -227,14 +247,30 @@ def _read(f: h5py.File, path: Path) -> Trace:
     except (TypeError, ValueError):
         raise TraceError(f"{path}: attribute 'meta' is not JSON") from None
     routes = {name: ds(f"routes/{name}", dt) for name, dt in ROUTE_COLUMNS}
-    ops = {name: ds(f"ops/{name}", dt) for name, dt in OP_COLUMNS}
+    ops = {name: ds(f"ops/{name}", dt) for name, dt in OP_COLUMNS if name != "tag" or version >= 2}
+    if version < 2:
+        ops["tag"] = np.zeros(len(ops["opcode"]), dtype=np.int32)
+    tags = [UNTAGGED]
+    if version >= 2:
+        if "tags" not in f or not all(k in f["tags"] for k in ("name", "layer", "kind")):
+            raise TraceError(f"{path}: missing the /tags table (name, layer, kind)")
+        g = f["tags"]
+        names, kinds = g["name"][()], g["kind"][()]
+        layers = g["layer"][()]
+        if not (len(names) == len(kinds) == len(layers) >= 1):
+            raise TraceError(f"{path}: /tags columns differ in length or are empty")
+        tags = [Tag(_str(n), int(l), _str(k)) for n, l, k in zip(names, layers, kinds)]
     trace = Trace(
         mesh_width=w, mesh_height=h, routes=routes, ops=ops,
         prog_start=ds("programs/start", np.int32), prog_len=ds("programs/length", np.int32),
-        pe_program=ds("pe_program", np.int32), meta=meta,
+        pe_program=ds("pe_program", np.int32), meta=meta, tags=tags,
     )
     check_structure(trace, str(path))
     return trace
+
+
+def _str(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def check_structure(t: Trace, where: str) -> None:
@@ -284,6 +320,8 @@ def check_structure(t: Trace, where: str) -> None:
             msg = "compute op without a kind"
         elif code not in (isa.OP_SIGNAL, isa.OP_WAIT) and o["length"][i] < 1:
             msg = f"length {o['length'][i]} must be at least 1"
+        elif not 0 <= o["tag"][i] < len(t.tags):
+            msg = f"tag {o['tag'][i]} is not in the /tags table ({len(t.tags)} tags)"
         elif code in (isa.OP_SIGNAL, isa.OP_WAIT) and not 0 <= o["sem"][i] < isa.MAX_SEMAPHORES:
             msg = f"semaphore {o['sem'][i]} out of range [0, {isa.MAX_SEMAPHORES})"
         if msg:
@@ -476,6 +514,14 @@ class TraceBuilder:
         self._routes: list[tuple[int, int, int, int]] = []
         self._programs: dict[tuple[Op, ...], int] = {}
         self.meta = {k: str(v) for k, v in meta.items()}
+        self.tags: list[Tag] = [UNTAGGED]
+
+    def tag(self, name: str, layer: int = -1, kind: str = "") -> int:
+        """Id of a workload-level op tag (created on first use)."""
+        t = Tag(name, layer, kind)
+        if t not in self.tags:
+            self.tags.append(t)
+        return self.tags.index(t)
 
     def route(self, x: int, y: int, color: int, rx: int, tx: Iterable[int]) -> None:
         """Static route at PE (x, y): wavelets of `color` entering from `rx` leave through `tx`."""
@@ -505,4 +551,4 @@ class TraceBuilder:
         r = np.array(self._routes, dtype=np.int64).reshape(-1, 4)
         routes = {name: _column(f"route field {name}", r[:, i], dt) for i, (name, dt) in enumerate(ROUTE_COLUMNS)}
         return Trace(self.mesh_width, self.mesh_height, routes, ops, starts, lens,
-                     self.pe_program.copy(), dict(self.meta))
+                     self.pe_program.copy(), dict(self.meta), list(self.tags))

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import isa
 from ..errors import TraceError
-from ..trace import Op, Trace, _column, OP_COLUMNS, ROUTE_COLUMNS
+from ..trace import OP_COLUMNS, ROUTE_COLUMNS, UNTAGGED, Op, Tag, Trace, _column
 
 # Sides of a position on a line: toward the lower index, toward the higher index, the CE.
 LO, HI, RAMP = "lo", "hi", "ramp"
@@ -141,6 +141,7 @@ class RegionProgram:
                 out.setdefault(t, []).extend(ops)
         return out
 
+
     def program_ids(self, builder: "MeshBuilder") -> None:
         """Build each distinct PE program once and assign it to every PE of the region.
 
@@ -205,6 +206,16 @@ class MeshBuilder:
         self._routes: list[np.ndarray] = []  # each [n, 4]: pe, color, rx, tx mask
         self._programs: dict[tuple[Op, ...], int] = {}
         self.meta = {k: str(v) for k, v in meta.items()}
+        self.tags: list[Tag] = [UNTAGGED]
+        self._tag_ids: dict[Tag, int] = {UNTAGGED: 0}
+
+    def tag(self, name: str, layer: int = -1, kind: str = "") -> int:
+        """Id of a workload-level op tag (created on first use)."""
+        t = Tag(name, layer, kind)
+        if t not in self._tag_ids:
+            self._tag_ids[t] = len(self.tags)
+            self.tags.append(t)
+        return self._tag_ids[t]
 
     def ensure_threads(self, threads: int) -> None:
         if threads > self.pe_program.shape[2]:
@@ -266,4 +277,10 @@ class MeshBuilder:
             raise TraceError(f"internal: two routes for color {dup[1]} at PE "
                              f"({dup[0] % self.width}, {dup[0] // self.width})")
         routes = {name: _column(f"route field {name}", r[:, i], dt) for i, (name, dt) in enumerate(ROUTE_COLUMNS)}
-        return Trace(self.width, self.height, routes, ops, starts, lens, self.pe_program.copy(), dict(self.meta))
+        return Trace(self.width, self.height, routes, ops, starts, lens, self.pe_program.copy(), dict(self.meta),
+                     list(self.tags))
+
+
+def tagged(part: dict[int, list[Op]], tag: int) -> dict[int, list[Op]]:
+    """The ops of `part` (thread -> ops) labelled with a workload-level tag."""
+    return {t: [op._replace(tag=tag) if op.tag == 0 else op for op in ops] for t, ops in part.items()}
