@@ -244,11 +244,13 @@ def stage_S(plan: ModelPlan, k: int) -> StageTrace:
     from .layer import split as _split
     chunks = _split(plan.spec.hidden_size, P)
 
+    t_hand = b.tag("handoff", -1, "barrier")
+
     def body(xr, yr, sp):
         out = handoff(red, xr[0], yr[0][0], 0, 64)
         if "out" in sp:
             _merge(out, lanes_a.send(sp, chunks[sp["out"]] * plan.params.batch, 4096))
-        return out
+        return {t: [op._replace(tag=t_hand) for op in ops] for t, ops in out.items()}
 
     prog.add(body)
     prog.program_ids(b)

@@ -249,7 +249,13 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
         add(t_recv, [signal(S_IN_C[t_recv]), signal(S_ALIGN[t_recv])])
         add(t_send, [wait(S_ALIGN[t_recv])])
 
-    prog.add(body)
+    t_compute, t_move = b.tag("gemm compute", -1, "gemm"), b.tag(f"gemm {'relay' if algo == 'summa' else 'shift'}", -1, "transfer")
+
+    def tagged_body(xr, yr, sp):
+        return {t: [op._replace(tag=t_compute if t == T_COMPUTE else t_move) for op in ops]
+                for t, ops in body(xr, yr, sp).items()}
+
+    prog.add(tagged_body)
     prog.program_ids(b)
     trace = b.build()
     facts = {"model_flops": 2 * m * k * n, "executed_flops": 2 * m * Kt * P * n,

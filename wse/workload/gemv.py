@@ -86,7 +86,7 @@ def standalone(m: int, n: int, px: int, py: int, cfg, algo: str = "two-level", g
                batch: int = 1):
     """A GEMV kernel trace on a px x py region: (trace, facts) with analytic FLOPs and bytes."""
     from ..errors import WseError
-    from .mesh import MeshBuilder, Region
+    from .mesh import MeshBuilder, Region, tagged
     from .plan import AxisCollectives, fit_check
 
     if m < 1 or n < 1 or px < 1 or py < 1:
@@ -111,12 +111,14 @@ def standalone(m: int, n: int, px: int, py: int, cfg, algo: str = "two-level", g
     in_index = {c: shape.in_chunks.index(c) for c in shape.in_chunks}
     out_index = {c: shape.out_chunks.index(c) for c in shape.out_chunks}
 
+    t_local, t_reduce = b.tag("gemv", -1, "gemv"), b.tag("allreduce", -1, "allreduce")
+
     def body(xr, yr, _sp):
         nt, (mt, role) = xr[0], yr[0]
         ops = gemv_ops(shape, in_index[mt], out_index[nt], x, y, batch, max(shape.in_chunks) * ELEM,
                        max(shape.out_chunks) * ELEM)
-        out = red.role_ops(role, nt * batch, y, tmp)
-        out[0] = ops + out.get(0, [])
+        out = tagged(red.role_ops(role, nt * batch, y, tmp), t_reduce)
+        out[0] = [op._replace(tag=t_local) for op in ops] + out.get(0, [])
         return out
 
     prog.add(body)

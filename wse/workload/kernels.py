@@ -7,7 +7,7 @@ from ..errors import WseError
 from ..hardware import WaferConfig
 from ..trace import Trace
 from .layer import DecodeParams, Lanes, decode_layer, plan_layer, reducers
-from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram
+from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, tagged
 from .models import ModelSpec
 from .plan import fit_check
 
@@ -39,7 +39,8 @@ def allreduce(region: tuple[int, int], elements: int, axis: str, cfg: WaferConfi
     else:
         prog.add_roles(X, [0] * w)
         prog.add_roles(Y, roles)
-    prog.add(lambda xr, yr, sp: red[ax].role_ops((xr if ax is X else yr)[0], elements, buf, tmp))
+    t = b.tag("allreduce", -1, "allreduce")
+    prog.add(lambda xr, yr, sp: tagged(red[ax].role_ops((xr if ax is X else yr)[0], elements, buf, tmp), t))
     prog.program_ids(b)
     lines = h if ax is X else w
     n = R.size(ax)

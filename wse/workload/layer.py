@@ -27,7 +27,7 @@ from ..errors import WseError
 from ..trace import Op, compute, recv, send, signal, wait
 from .collectives import LineAllReduce, LineBroadcast, ReduceColors
 from .gemv import ELEM, GemvShape, gemv_ops
-from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
+from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, split, tagged
 from .models import ModelSpec
 from .plan import DIAG_BCAST, KV_SHIFT, REDUCE_BASE, ROW_BCAST, fit_check
 
@@ -97,6 +97,17 @@ def _merge(out: dict[int, list[Op]], *parts: dict[int, list[Op]]) -> dict[int, l
         for t, ops in p.items():
             out.setdefault(t, []).extend(ops)
     return out
+
+
+def _mark(out: dict[int, list[Op]]) -> dict[int, int]:
+    return {t: len(ops) for t, ops in out.items()}
+
+
+def _retag(out: dict[int, list[Op]], mark: dict[int, int], tag: int) -> None:
+    """Label the ops added to `out` since `mark` with `tag`."""
+    for t, ops in out.items():
+        start = mark.get(t, 0)
+        ops[start:] = [op._replace(tag=tag) for op in ops[start:]]
 
 
 def handoff(red: dict, xrole: tuple, yrole: tuple, buf: int, tmp: int) -> dict[int, list[Op]]:
@@ -289,15 +300,25 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
         out[0] += gemv_ops(s_dn, j, i, gu, yb, batch, max(f_r) * ELEM, hstride)
         return _merge(out, ry.role_ops(yrole, Hc[i] * batch, yb, tmp))
 
+    L_ = plan.layer
+    tag = {name: builder.tag(f"layer {L_} {name}", L_, kind) for name, kind in (
+        ("input", "transfer"), ("norm1", "norm"), ("qkv", "gemv"), ("attention", "attention"), ("o", "gemv"),
+        ("norm2", "norm"), ("ffn", "ffn"), ("handoff", "barrier"), ("output", "transfer"))}
+
     def body(xr, yr, sp):
         i, parity, xrole, tc, first_col, last_col = xr[0]
         jq, qj, kj, jo, jf, je, hj, yrole = yr[0]
         hi, qkvj, oj = Hc[i], qkv_r[jq], o_r[jo]
         out: dict[int, list[Op]] = {0: []}
+        m = _mark(out)
         _merge(out, lanes.receive(sp, hi * B, h, P))
+        _retag(out, m, tag["input"])
         if "norm1" in parts:
+            m = _mark(out)
             _merge(out, norm(hi, xrole, b_["g1"]))
+            _retag(out, m, tag["norm1"])
         if "qkv" in parts:
+            m = _mark(out)
             # QKV projection (reduce X): slice j of q|k|v on every PE of row j
             out[0] += gemv_ops(S["qkv"], i, jq, xn, qkv, B, hstride, max(qkv_r) * ELEM)
             _merge(out, rx.role_ops(xrole, qkvj * B, qkv, tmp))
@@ -307,9 +328,13 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
             # RoPE on the slice's q and k dimensions: x * cos + rotate(x) * sin
             rope = (qj + kj) * B
             out[0] += [compute(MUL, rope, dst=qkv, src0=qkv, src1=dot), compute(FMAC, rope, dst=qkv, src0=dot)]
+            _retag(out, m, tag["qkv"])
         if "attention" in parts:
+            m = _mark(out)
             _merge(out, attention(first_col, last_col, parity, tc, qj, kj, oj, hj, xrole, yrole))
+            _retag(out, m, tag["attention"])
         if "o" in parts:
+            m = _mark(out)
             # O projection (reduce Y) back to column layout, bias, residual
             out[0] += gemv_ops(S["o"], jo, i, att, yb, B, max(o_r) * ELEM, hstride)
             _merge(out, ry.role_ops(yrole, hi * B, yb, tmp))
@@ -317,17 +342,26 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
                 out[0] += [compute(ADD, hi, dst=yb + b * hstride, src0=yb + b * hstride, src1=b_["b_o"])
                            for b in range(B)]
             out[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
+            _retag(out, m, tag["o"])
         if "norm2" in parts:
+            m = _mark(out)
             _merge(out, norm(hi, xrole, b_["g2"]))
+            _retag(out, m, tag["norm2"])
         if "ffn" in parts:
+            m = _mark(out)
             if plan.moe:
                 _merge(out, moe_ffn(i, jf, je, xrole, yrole))
             else:
                 _merge(out, ffn(i, jf, xrole, yrole, 0, B))
             out[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
+            _retag(out, m, tag["ffn"])
         if "handoff" in parts:
+            m = _mark(out)
             _merge(out, handoff(red, xrole, yrole, scal, tmp))
+            _retag(out, m, tag["handoff"])
+        m = _mark(out)
         _merge(out, lanes.send(sp, hi * B, h))
+        _retag(out, m, tag["output"])
         return out
 
     def attention(first_col, last_col, parity, tc, qj, kj, oj, hj, xrole, yrole) -> dict[int, list[Op]]:
@@ -514,9 +548,11 @@ def embedding(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params
     prog.add_roles(Y, [(red[Y].role(j), Hr[j]) for j in range(region.height)])
     lanes.install(builder, prog)
 
+    t_emb = builder.tag("embedding", -1, "embedding")
+
     def body(xr, yr, sp):
         out = handoff(red, xr[0][0], yr[0][0], buf["scal"], buf["tmp"])
-        return _merge(out, lanes.send(sp, yr[0][1] * B, buf["out"]))
+        return tagged(_merge(out, lanes.send(sp, yr[0][1] * B, buf["out"])), t_emb)
 
     prog.add(body)
     prog.program_ids(builder)
@@ -573,7 +609,12 @@ def lm_head(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params: 
     lanes.install(builder, prog)
     hs = max(Hr) * ELEM
 
+    t_head = builder.tag("lm_head", -1, "lm_head")
+
     def body(xr, yr, sp):
+        return tagged(head_body(xr, yr, sp), t_head)
+
+    def head_body(xr, yr, sp):
         i, xrole = xr[0]
         j, yrole = yr[0]
         hj, vi = Hr[j], Vc[i]

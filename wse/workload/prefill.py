@@ -29,7 +29,7 @@ from ..trace import Trace, compute
 from .gemm import standalone as gemm_trace
 from .gemv import standalone as gemv_trace
 from .layer import EXP_FMACS, SILU_FMACS, DecodeParams, reducers
-from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
+from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split, tagged
 from .models import ModelSpec
 from .plan import fit_check
 
@@ -94,7 +94,8 @@ def elementwise(spec: ModelSpec, P: int, S: int, cfg: WaferConfig, algo: str = "
         out[0].append(compute(ADD, sj * hi, dst=a, src0=a, src1=d))  # residual after the FFN
         return out
 
-    prog.add(body)
+    t_el = b.tag("elementwise", -1, "elementwise")
+    prog.add(lambda xr, yr, sp: tagged(body(xr, yr, sp), t_el))
     prog.program_ids(b)
     n1 = P - 1
     act = spec.moe.expert_ffn_size * spec.moe.experts_per_token if spec.moe else F

@@ -5,7 +5,7 @@ from typing import Callable
 
 from .. import isa
 from ..errors import TraceError
-from ..trace import Trace, TraceBuilder, compute, recv, recv_compute, recv_compute_send, send
+from ..trace import Tag, Trace, TraceBuilder, compute, recv, recv_compute, recv_compute_send, send
 
 E, W_, N_, S_, R_ = isa.PORT_EAST, isa.PORT_WEST, isa.PORT_NORTH, isa.PORT_SOUTH, isa.PORT_RAMP
 FP16_BYTES = isa.DTYPE_SRC_BYTES[isa.DTYPE_FP16]
@@ -123,6 +123,22 @@ def compute_pattern(width: int, height: int, elements: int) -> Trace:
             b.assign(x, y, 0, [op])
     return b.build()
 
+
+def _tag_all(make: Callable[..., Trace]) -> Callable[..., Trace]:
+    """Label every op of the pattern's trace with one tag: the pattern's name."""
+    def wrapped(*args, **kw) -> Trace:
+        tr = make(*args, **kw)
+        name = tr.meta.get("pattern", make.__name__)
+        tr.tags = list(tr.tags) + [Tag(name, -1, "synthetic")]
+        tr.ops["tag"][:] = len(tr.tags) - 1
+        return tr
+    wrapped.__doc__ = make.__doc__
+    wrapped.__name__ = make.__name__
+    return wrapped
+
+
+stream, neighbor, contention, broadcast, chain_reduce, compute_pattern = (
+    _tag_all(f) for f in (stream, neighbor, contention, broadcast, chain_reduce, compute_pattern))
 
 PATTERNS: dict[str, Callable[..., Trace]] = {
     "stream": stream,
