@@ -115,7 +115,8 @@ N_LINK_COUNTERS = len(LINK_COUNTERS)
 STOP_COMPLETE = 0
 STOP_DEADLOCK = 1
 STOP_MAX_CYCLES = 2
-STOP_NAMES = ("complete", "deadlock", "max_cycles")
+STOP_INTERRUPTED = 3  # Ctrl-C, or a snapshot taken while the run goes on
+STOP_NAMES = ("complete", "deadlock", "max_cycles", "interrupted")
 
 
 def tx_mask(*ports: int) -> int:

@@ -23,8 +23,9 @@ from ..isa import (
 from .layout import (
     A_FLOPS, A_OPS, A_RECEIVED, A_SENT, A_SRAM_READ, A_SRAM_WRITE, CODE_DONE, CQ_OCC, CQ_PIPE,
     CQ_READY, CTRL_CODE, CTRL_SUB, CTRL_TWO, OT_CIN, OT_COUT, OT_CTRL, OT_FIELDS, OT_FLOPS, OT_LENGTH,
-    OT_RBYTES, OT_RECV, OT_SEND, OT_SETUP, OT_WBYTES, OT_WIDTH, PE_GRANT, PE_LIVE, PE_PEAK,
-    PE_ROUTES, PE_RR, Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX, RT_UP, RT_UP_PE, TH_CTRL,
+    OT_RBYTES, OT_RECV, OT_SEND, OT_SETUP, OT_TAG, OT_WBYTES, OT_WIDTH, TS_BYTES, TS_FIELDS, TS_FIRST, TS_FLOPS,
+    TS_LAST, TS_OPS, TS_WAVELETS, EVENT_FIELDS, PE_GRANT, PE_LIVE, PE_PEAK,
+    PE_ROUTES, PE_RR, PE_TRACE, Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX, RT_UP, RT_UP_PE, TH_CTRL,
     TH_END, TH_IN, TH_LEFT, TH_OP, TH_OUT, TH_SETUP, TH_WIDTH,
 )
 
@@ -124,8 +125,8 @@ def _route_block(lo, hi, F, W, R, depth, cap):
 
 
 @njit(cache=True)
-def _update_block(lo, hi, t, F, W, R, T, n_colors, depth, cap, hop_bit, ramp_bit,
-                  read_ports, write_ports):
+def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, depth, cap, hop_bit,
+                  ramp_bit, read_ports, write_ports):
     """Phase 2 for PEs lo .. hi-1: CE step, then queue update.
 
     Returns (wavelets held + live threads, PEs that progressed). Reads neighbours' grants;
@@ -142,6 +143,10 @@ def _update_block(lo, hi, t, F, W, R, T, n_colors, depth, cap, hop_bit, ramp_bit
     acc = F.acc
     finish = F.finish
     ot = F.ot
+    th_start = I.th_start
+    tagstat = I.tagstat
+    events = I.events
+    ev_count = I.ev_count
     P = finish.shape[0]
     rshift = 3
     pending = 0
@@ -200,6 +205,8 @@ def _update_block(lo, hi, t, F, W, R, T, n_colors, depth, cap, hop_bit, ramp_bit
                             rd -= need_r
                             th[_u(hb + TH_CTRL)] = ctrl | CTRL_SUB
                             busy = True
+                            if th_start[_u(p * T + h)] < 0:
+                                th_start[_u(p * T + h)] = t
                     else:
                         islot = th[_u(hb + TH_IN)]
                         oslot = th[_u(hb + TH_OUT)]
@@ -216,6 +223,8 @@ def _update_block(lo, hi, t, F, W, R, T, n_colors, depth, cap, hop_bit, ramp_bit
                             rd -= need_r
                             wr -= need_w
                             busy = True
+                            if th_start[_u(p * T + h)] < 0:
+                                th_start[_u(p * T + h)] = t
                             if ctrl & CTRL_SUB:
                                 th[_u(hb + TH_CTRL)] = ctrl ^ CTRL_SUB
                             if islot >= 0:
@@ -245,6 +254,30 @@ def _update_block(lo, hi, t, F, W, R, T, n_colors, depth, cap, hop_bit, ramp_bit
                             acc[_u(A_RECEIVED * P + p)] += n * ot[_u(ob + OT_RECV)]
                         acc[_u(A_OPS * P + p)] += 1
                         finish[_u(p)] = t + 1
+                        # instrumentation: per-tag statistics of this block, the PE's event log
+                        si = _u(p * T + h)
+                        started = th_start[si] if th_start[si] >= 0 else t
+                        sb = (blk * n_tags + ot[_u(ob + OT_TAG)]) * TS_FIELDS
+                        if started < tagstat[_u(sb + TS_FIRST)]:
+                            tagstat[_u(sb + TS_FIRST)] = started
+                        if t + 1 > tagstat[_u(sb + TS_LAST)]:
+                            tagstat[_u(sb + TS_LAST)] = t + 1
+                        tagstat[_u(sb + TS_OPS)] += 1
+                        if n != 0:
+                            tagstat[_u(sb + TS_FLOPS)] += n * ot[_u(ob + OT_FLOPS)]
+                            tagstat[_u(sb + TS_BYTES)] += n * (ot[_u(ob + OT_RBYTES)] + ot[_u(ob + OT_WBYTES)])
+                            tagstat[_u(sb + TS_WAVELETS)] += n * (ot[_u(ob + OT_SEND)] + ot[_u(ob + OT_RECV)])
+                        slot = pe[_u(pb + PE_TRACE)]
+                        if slot >= 0:
+                            k = ev_count[_u(slot)]
+                            if k < max_events:
+                                e = (slot * max_events + k) * EVENT_FIELDS
+                                events[_u(e)] = op
+                                events[_u(e + 1)] = h
+                                events[_u(e + 2)] = started
+                                events[_u(e + 3)] = t + 1
+                                ev_count[_u(slot)] = k + 1
+                        th_start[si] = -1
                         op += 1
                         th[_u(hb + TH_OP)] = op
                         if op < th[_u(hb + TH_END)]:
@@ -335,11 +368,12 @@ def _update_block(lo, hi, t, F, W, R, T, n_colors, depth, cap, hop_bit, ramp_bit
 def _make_run(parallel: bool):
     loop = prange if parallel else range
 
-    def run_cycles(t, t_stop, last_progress, watchdog, F, blocks, W, R, T, n_colors, depth, cap,
-                   hop_latency, ramp_latency, read_ports, write_ports):
+    def run_cycles(t, t_stop, last_progress, watchdog, F, I, n_tags, max_events, blocks, W, R, T, n_colors,
+                   depth, cap, hop_latency, ramp_latency, read_ports, write_ports):
         """Step cycles t .. t_stop-1. Returns (next cycle, stop code or RUNNING, last progress).
 
-        F holds the flat state arrays (state.Flat); blocks[b] .. blocks[b+1] are the PE ranges
+        F holds the flat state arrays (state.Flat), I the instrumentation (state.Ins: per-block
+        tag statistics and the event log of traced PEs); blocks[b] .. blocks[b+1] are the PE ranges
         stepped as one unit (in parallel across blocks in the parallel kernel; any partition
         gives identical results).
         """
@@ -354,8 +388,8 @@ def _make_run(parallel: bool):
                 granted[b] = _route_block(blocks[b], blocks[b + 1], F, W, R, depth, cap)
             for b in loop(n_blocks):
                 pending[b], progressed[b] = _update_block(
-                    blocks[b], blocks[b + 1], t, F, W, R, T, n_colors, depth, cap, hop_bit,
-                    ramp_bit, read_ports, write_ports)
+                    blocks[b], blocks[b + 1], t, F, I, b, n_tags, max_events, W, R, T, n_colors, depth,
+                    cap, hop_bit, ramp_bit, read_ports, write_ports)
             if granted.sum() + progressed.sum() > 0:
                 last_progress = t
             t += 1

@@ -49,6 +49,7 @@ PE_RR = 1  # round-robin start slot
 PE_LIVE = 2  # threads with ops left
 PE_GRANT = 3  # bit k: slot k granted in this cycle's phase 1
 PE_PEAK = 4  # largest queue occupancy seen
+PE_TRACE = 5  # slot in the event log when this PE's op timeline is recorded, else -1
 PE_FIELDS = 8
 
 # ot[op, :] int64 - per-op constants for a configuration
@@ -64,6 +65,7 @@ OT_WBYTES = 8  # SRAM bytes written per element
 OT_FLOPS = 9  # FLOPs per element
 OT_RECV = 10  # 1: takes a wavelet per element
 OT_SEND = 11  # 1: injects a wavelet per element
+OT_TAG = 12  # workload-level op (trace tag)
 OT_FIELDS = 16
 
 
@@ -81,3 +83,14 @@ A_SRAM_WRITE = 2
 A_SENT = 3
 A_RECEIVED = 4
 A_OPS = 5
+
+
+# Instrumentation (Ins): per-block, per-tag statistics, fields of one [block, tag] record
+TS_FIRST = 0  # earliest start cycle of an op with this tag
+TS_LAST = 1  # latest end cycle
+TS_OPS = 2  # ops completed
+TS_FLOPS = 3
+TS_BYTES = 4  # SRAM bytes read and written
+TS_WAVELETS = 5  # wavelets sent and received by the CE
+TS_FIELDS = 6
+EVENT_FIELDS = 4  # op, thread, start cycle, end cycle

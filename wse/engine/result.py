@@ -19,6 +19,9 @@ class EngineResult:
     stuck: list[str] = dataclasses.field(default_factory=list)  # deadlock / max-cycles report
     wall_seconds: float = 0.0
     threads: int = 1
+    timeline: dict[str, np.ndarray] | None = None  # sampled activity (engine/run.py _Timeline)
+    ops: dict[str, np.ndarray] | None = None  # per-tag table of completed ops
+    events: dict[str, np.ndarray] | None = None  # op timelines of sampled PEs
 
     @property
     def complete(self) -> bool:

@@ -1,4 +1,5 @@
-"""Engine driver: builds state, steps the Numba kernel in chunks, stops, reports stuck PEs."""
+"""Engine driver: builds state, steps the Numba kernel in chunks, samples a timeline, stops,
+attributes results to the trace's tags, and reports stuck PEs."""
 from __future__ import annotations
 
 import time
@@ -11,96 +12,306 @@ from .. import isa
 from ..hardware import WaferConfig
 from ..trace import Trace, validate
 from . import kernels
-from .result import EngineResult
 from . import layout as L
-from .state import MAX_CHUNK_CYCLES, N_CLASSES, N_OP_COUNTERS, Consts, Flat, State, build_state, flat
+from .result import EngineResult
+from .state import (MAX_CHUNK_CYCLES, N_CLASSES, N_OP_COUNTERS, Consts, Flat, Ins, State, build_state, flat,
+                    make_ins)
 
 # Below this many PEs the serial kernel is used unless parallel stepping is forced.
 PARALLEL_MIN_PES = 4096
 # The parallel kernel steps PEs in contiguous blocks, this many per Numba thread.
 BLOCKS_PER_THREAD = 4
+# Timeline: first sampling interval and the most samples kept (intervals double beyond it).
+TIMELINE_START_CYCLES = 16
+TIMELINE_MAX_SAMPLES = 1024
+# Op timelines are recorded for this many sampled PEs, at most this many ops each.
+TRACED_PES = 16
+MAX_EVENTS = 4096
 
 ProgressFn = Callable[[int, int], None]  # (cycles simulated, max cycles)
+SnapshotFn = Callable[[EngineResult], None]
 
 
 def simulate(trace: Trace, cfg: WaferConfig, *, threads: int | None = None,
              parallel: bool | None = None, progress: ProgressFn | None = None,
-             validated: bool = False) -> EngineResult:
+             validated: bool = False, snapshot: SnapshotFn | None = None,
+             snapshot_seconds: float = 30.0) -> EngineResult:
     """Run a trace to completion (or deadlock / max_cycles) and return its counters.
 
     threads: Numba threads for the parallel kernel (default: all). parallel: force the
     parallel (True) or serial (False) kernel; by default meshes of PARALLEL_MIN_PES or more
-    PEs step in parallel. Results are identical either way.
+    PEs step in parallel. Results are identical either way. `snapshot` is called with the
+    measurements so far (stop "interrupted") every `snapshot_seconds` of wall time; Ctrl-C
+    ends the run early and returns them the same way.
     """
     if not validated:
         validate(trace, cfg)
-    S, C, ot = build_state(trace, cfg)
-    F = flat(S, ot)
-    P = trace.n_pes
-    if parallel is None:
-        parallel = P >= PARALLEL_MIN_PES and (threads is None or threads > 1)
-    n_threads = threads if threads is not None else numba.config.NUMBA_NUM_THREADS
-    kernel = kernels.run_cycles_parallel if parallel else kernels.run_cycles_serial
-    n_blocks = BLOCKS_PER_THREAD * max(1, n_threads) if parallel else 1
-    C = C._replace(blocks=np.linspace(0, P, n_blocks + 1).astype(np.int64))
-    _call(kernel, 0, 0, -1, F, C, cfg)  # zero cycles: loads or compiles the kernel untimed
-    t0 = time.perf_counter()
-    previous_threads = numba.get_num_threads()
-    if parallel:
-        numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
-    pe_cnt = np.zeros((P, isa.N_PE_COUNTERS), dtype=np.int64)
-    link_cnt = np.zeros((P, isa.N_LINK_PORTS, isa.N_LINK_COUNTERS), dtype=np.int64)
-    tx = S.rt[:, :, L.RT_TX].astype(np.int64)
+    return _Run(trace, cfg, threads, parallel).run(progress, snapshot, snapshot_seconds)
 
-    def fold() -> None:
-        # the 32-bit per-chunk counters into the 64-bit totals
-        pe_cnt[:, :N_CLASSES] += S.cyc.T
+
+class _Run:
+    """One simulation: engine state, 64-bit totals, the timeline and the tag statistics."""
+
+    def __init__(self, trace: Trace, cfg: WaferConfig, threads: int | None, parallel: bool | None):
+        self.trace, self.cfg = trace, cfg
+        S, C, ot = build_state(trace, cfg)
+        self.S, self.ot, self.F = S, ot, flat(S, ot)
+        P = self.P = trace.n_pes
+        if parallel is None:
+            parallel = P >= PARALLEL_MIN_PES and (threads is None or threads > 1)
+        self.parallel = parallel
+        self.n_threads = threads if threads is not None else numba.config.NUMBA_NUM_THREADS
+        self.kernel = kernels.run_cycles_parallel if parallel else kernels.run_cycles_serial
+        n_blocks = BLOCKS_PER_THREAD * max(1, self.n_threads) if parallel else 1
+        self.C = C._replace(blocks=np.linspace(0, P, n_blocks + 1).astype(np.int64))
+        self.n_tags = len(trace.tags)
+        self.traced = sample_pes(trace, TRACED_PES)
+        S.pe[self.traced, L.PE_TRACE] = np.arange(len(self.traced))
+        self.I = make_ins(P, trace.threads, n_blocks, self.n_tags, len(self.traced), MAX_EVENTS)
+        self.pe_cnt = np.zeros((P, isa.N_PE_COUNTERS), dtype=np.int64)
+        self.link_cnt = np.zeros((P, isa.N_LINK_PORTS, isa.N_LINK_COUNTERS), dtype=np.int64)
+        self.tx = S.rt[:, :, L.RT_TX].astype(np.int64)
+        self.region_names, self.region_of = pe_regions(trace)
+        self.timeline = _Timeline(len(self.region_names))
+        self.t = 0
+
+    def call(self, t: int, t_stop: int, last_progress: int) -> tuple[int, int, int]:
+        C, cfg = self.C, self.cfg
+        return self.kernel(t, t_stop, last_progress, cfg.watchdog_cycles, self.F, self.I, self.n_tags, MAX_EVENTS,
+                           C.blocks, C.mesh_width, C.n_routes, C.n_threads, C.n_colors, C.depth, C.link_capacity,
+                           C.hop_latency, C.ramp_latency, C.read_ports, C.write_ports)
+
+    def fold(self) -> None:
+        """The 32-bit per-chunk counters into the 64-bit totals."""
+        S = self.S
+        self.pe_cnt[:, :N_CLASSES] += S.cyc.T
         S.cyc[:] = 0
-        link_cnt[:] += np.moveaxis(S.link_acc, 0, 2)
+        self.link_cnt[:] += np.moveaxis(S.link_acc, 0, 2)
         S.link_acc[:] = 0
         grants = S.q[:, :, L.Q_GRANTS].astype(np.int64)
         for port in range(isa.N_LINK_PORTS):
-            link_cnt[:, port, isa.L_WAVELETS] += (grants * (tx >> port & 1)).sum(axis=1)
+            self.link_cnt[:, port, isa.L_WAVELETS] += (grants * (self.tx >> port & 1)).sum(axis=1)
         S.q[:, :, L.Q_GRANTS] = 0
 
-    try:
-        total, stop = _step(kernel, S, C, F, cfg, progress, fold)
-    finally:
-        numba.set_num_threads(previous_threads)
-    pe_cnt[:, isa.C_FLOPS:isa.C_OPS + 1] = (S.acc + _in_progress(S, ot)).T
-    pe_cnt[:, isa.C_FINISH] = S.finish
-    pe_cnt[:, isa.C_PEAK_QUEUE] = S.pe[:, L.PE_PEAK]
-    wall = time.perf_counter() - t0
-    H, W = trace.mesh_height, trace.mesh_width
-    stuck = [] if stop == isa.STOP_COMPLETE else stuck_report(trace, S, ot)
-    return EngineResult(
-        total_cycles=total, stop=stop,
-        pe_counters=pe_cnt.reshape(H, W, isa.N_PE_COUNTERS),
-        link_counters=link_cnt.reshape(H, W, isa.N_LINK_PORTS, isa.N_LINK_COUNTERS),
-        stuck=stuck, wall_seconds=wall, threads=n_threads if parallel else 1,
-    )
+    def op_counters(self) -> np.ndarray:
+        """[N_OP_COUNTERS, P]: completed ops' counters plus the finished part of ops in progress."""
+        return self.S.acc + _in_progress(self.S, self.ot)
+
+    def sample(self) -> None:
+        S = self.S
+        busy = self.pe_cnt[:, isa.C_BUSY]
+        flops = self.op_counters()[L.A_FLOPS]
+        in_flight = int(S.q[:, :, L.Q_OCC].sum() + S.q[:, :, L.CQ_OCC].sum())
+        self.timeline.add(self.t, busy, flops, in_flight, self.region_of)
+
+    def run(self, progress: ProgressFn | None, snapshot: SnapshotFn | None, snapshot_seconds: float) -> EngineResult:
+        self.call(0, 0, -1)  # zero cycles: loads or compiles the kernel untimed
+        t0 = time.perf_counter()
+        previous_threads = numba.get_num_threads()
+        if self.parallel:
+            numba.set_num_threads(max(1, min(self.n_threads, numba.config.NUMBA_NUM_THREADS)))
+        self.sample()
+        try:
+            stop = self._step(progress, snapshot, snapshot_seconds, t0)
+        except KeyboardInterrupt:
+            stop = isa.STOP_INTERRUPTED
+        finally:
+            numba.set_num_threads(previous_threads)
+        return self.result(stop, time.perf_counter() - t0)
+
+    def _step(self, progress, snapshot, snapshot_seconds: float, t0: float) -> int:
+        """Call the kernel in chunks (about a quarter second each) that end on sample points."""
+        if int(self.S.pe[:, L.PE_LIVE].sum()) == 0:
+            return isa.STOP_COMPLETE
+        last_progress, chunk = -1, 64
+        max_cycles = self.cfg.max_cycles
+        last_snapshot = time.perf_counter()
+        while True:
+            t_stop = min(self.t + min(chunk, MAX_CHUNK_CYCLES), max_cycles, self.timeline.next_sample(self.t))
+            c0 = time.perf_counter()
+            self.t, stop, last_progress = self.call(self.t, t_stop, last_progress)
+            dt = time.perf_counter() - c0
+            self.fold()
+            if self.t >= self.timeline.next_sample(self.t - 1) or stop != kernels.RUNNING:
+                self.sample()
+            if progress is not None:
+                progress(self.t, max_cycles)
+            if stop != kernels.RUNNING:
+                return stop
+            if self.t >= max_cycles:
+                return isa.STOP_MAX_CYCLES
+            if snapshot is not None and time.perf_counter() - last_snapshot >= snapshot_seconds:
+                snapshot(self.result(isa.STOP_INTERRUPTED, time.perf_counter() - t0))
+                last_snapshot = time.perf_counter()
+            chunk = int(min(max(chunk * min(4.0, 0.25 / max(dt, 1e-6)), 16), 1 << 24))
+
+    def result(self, stop: int, wall: float) -> EngineResult:
+        S, trace = self.S, self.trace
+        H, W = trace.mesh_height, trace.mesh_width
+        pe_cnt = self.pe_cnt.copy()
+        pe_cnt[:, isa.C_FLOPS:isa.C_OPS + 1] = self.op_counters().T
+        pe_cnt[:, isa.C_FINISH] = S.finish
+        pe_cnt[:, isa.C_PEAK_QUEUE] = S.pe[:, L.PE_PEAK]
+        stuck = [] if stop == isa.STOP_COMPLETE else stuck_report(trace, S, self.ot)
+        return EngineResult(
+            total_cycles=self.t, stop=stop,
+            pe_counters=pe_cnt.reshape(H, W, isa.N_PE_COUNTERS),
+            link_counters=self.link_cnt.reshape(H, W, isa.N_LINK_PORTS, isa.N_LINK_COUNTERS).copy(),
+            stuck=stuck, wall_seconds=wall, threads=self.n_threads if self.parallel else 1,
+            timeline=self.timeline.arrays(self.region_names), ops=self.ops_table(), events=self.event_log())
+
+    def ops_table(self) -> dict[str, np.ndarray]:
+        """Columnar per-tag table: time span, ops, PEs, FLOPs, bytes, wavelets (completed ops)."""
+        st = self.I.tagstat.reshape(-1, self.n_tags, L.TS_FIELDS)
+        first = st[:, :, L.TS_FIRST].min(axis=0)
+        last = st[:, :, L.TS_LAST].max(axis=0)
+        sums = st.sum(axis=0)
+        pes = tag_pe_counts(self.trace)
+        keep = [k for k in range(self.n_tags) if sums[k, L.TS_OPS] > 0]
+        tags = self.trace.tags
+        return {
+            "tag": np.array(keep, dtype=np.int64),
+            "name": np.array([tags[k].name for k in keep], dtype=object),
+            "layer": np.array([tags[k].layer for k in keep], dtype=np.int64),
+            "kind": np.array([tags[k].kind for k in keep], dtype=object),
+            "start_cycle": first[keep].astype(np.int64),
+            "end_cycle": last[keep].astype(np.int64),
+            "ops": sums[keep, L.TS_OPS],
+            "pes": pes[keep],
+            "flops": sums[keep, L.TS_FLOPS],
+            "sram_bytes": sums[keep, L.TS_BYTES],
+            "wavelets": sums[keep, L.TS_WAVELETS],
+        }
+
+    def event_log(self) -> dict[str, np.ndarray]:
+        """Op timelines of the sampled PEs: one row per completed op."""
+        ev = self.I.events.reshape(-1, MAX_EVENTS, L.EVENT_FIELDS)
+        rows = []
+        W = self.trace.mesh_width
+        for s, p in enumerate(self.traced):
+            n = int(min(self.I.ev_count[s], MAX_EVENTS))
+            for op, thread, start, end in ev[s, :n]:
+                rows.append((p % W, p // W, thread, op, start, end))
+        a = np.array(rows, dtype=np.int64).reshape(-1, 6)
+        tag = self.trace.ops["tag"][a[:, 3]] if len(a) else np.zeros(0, np.int64)
+        return {"x": a[:, 0], "y": a[:, 1], "thread": a[:, 2], "op": a[:, 3], "tag": tag.astype(np.int64),
+                "start_cycle": a[:, 4], "end_cycle": a[:, 5]}
 
 
-def _step(kernel, S: State, C: Consts, F: Flat, cfg: WaferConfig,
-          progress: ProgressFn | None, fold: Callable[[], None]) -> tuple[int, int]:
-    """Call the kernel in chunks sized to about a quarter second each."""
-    if int(S.pe[:, L.PE_LIVE].sum()) == 0:
-        return 0, isa.STOP_COMPLETE
-    t, last_progress, chunk = 0, -1, 64
-    max_cycles = cfg.max_cycles
-    while True:
-        t_stop = min(t + min(chunk, MAX_CHUNK_CYCLES), max_cycles)
-        c0 = time.perf_counter()
-        t, stop, last_progress = _call(kernel, t, t_stop, last_progress, F, C, cfg)
-        dt = time.perf_counter() - c0
-        fold()
-        if progress is not None:
-            progress(t, max_cycles)
-        if stop != kernels.RUNNING:
-            return t, stop
-        if t >= max_cycles:
-            return t, isa.STOP_MAX_CYCLES
-        chunk = int(min(max(chunk * min(4.0, 0.25 / max(dt, 1e-6)), 16), 1 << 24))
+class _Timeline:
+    """Samples taken at interval ends; intervals double (merging pairs) beyond the maximum."""
+
+    def __init__(self, n_regions: int):
+        self.interval = TIMELINE_START_CYCLES
+        self.cycle: list[int] = []
+        self.busy: list[float] = []
+        self.flops: list[int] = []
+        self.in_flight: list[int] = []
+        self.regions: list[np.ndarray] = []
+        self.n_regions = n_regions
+        self._prev_busy: np.ndarray | None = None
+        self._prev_flops = 0
+
+    def next_sample(self, t: int) -> int:
+        return (t // self.interval + 1) * self.interval
+
+    def add(self, t: int, busy: np.ndarray, flops: np.ndarray, in_flight: int, region_of: np.ndarray) -> None:
+        if self._prev_busy is None:  # the state at cycle 0
+            self._prev_busy, self._prev_flops = busy.copy(), int(flops.sum())
+            return
+        if self.cycle and t <= self.cycle[-1]:
+            return
+        d_busy = busy - self._prev_busy
+        self.cycle.append(t)
+        self.busy.append(int(d_busy.sum()))
+        total_flops = int(flops.sum())
+        self.flops.append(total_flops - self._prev_flops)
+        self.in_flight.append(in_flight)
+        self.regions.append(np.bincount(region_of, weights=d_busy, minlength=self.n_regions).astype(np.int64))
+        self._prev_busy, self._prev_flops = busy.copy(), total_flops
+        if len(self.cycle) > TIMELINE_MAX_SAMPLES:
+            self._merge()
+
+    def _merge(self) -> None:
+        """Double the interval: pairs of intervals become one (sums add; in-flight is the later)."""
+        self.interval *= 2
+        keep = [i for i in range(len(self.cycle)) if self.cycle[i] % self.interval == 0 or i == len(self.cycle) - 1]
+        cyc, busy, flops, infl, reg = [], [], [], [], []
+        acc_b, acc_f, acc_r = 0, 0, np.zeros(self.n_regions, np.int64)
+        for i in range(len(self.cycle)):
+            acc_b += self.busy[i]
+            acc_f += self.flops[i]
+            acc_r = acc_r + self.regions[i]
+            if i in keep:
+                cyc.append(self.cycle[i]); busy.append(acc_b); flops.append(acc_f)  # noqa: E702
+                infl.append(self.in_flight[i]); reg.append(acc_r)  # noqa: E702
+                acc_b, acc_f, acc_r = 0, 0, np.zeros(self.n_regions, np.int64)
+        self.cycle, self.busy, self.flops, self.in_flight, self.regions = cyc, busy, flops, infl, reg
+
+    def arrays(self, region_names: list[str]) -> dict[str, np.ndarray]:
+        n = len(self.cycle)
+        return {
+            "cycle": np.array(self.cycle, dtype=np.int64),
+            "busy_pe_cycles": np.array(self.busy, dtype=np.int64),
+            "flops": np.array(self.flops, dtype=np.int64),
+            "wavelets_in_flight": np.array(self.in_flight, dtype=np.int64),
+            "region_busy_pe_cycles": np.array(self.regions, dtype=np.int64).reshape(n, self.n_regions),
+            "region_names": np.array(region_names, dtype=object),
+        }
+
+
+def sample_pes(trace: Trace, n: int) -> np.ndarray:
+    """PEs whose op timelines are recorded: up to n PEs with programs, spread over the mesh."""
+    has = np.nonzero((trace.pe_program >= 0).any(axis=2).reshape(-1))[0]
+    if len(has) <= n:
+        return has
+    return has[np.linspace(0, len(has) - 1, n).round().astype(np.int64)]
+
+
+def _pe_program_classes(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
+    rows = trace.pe_program.reshape(trace.n_pes, trace.threads)
+    return np.unique(rows, axis=0, return_inverse=True)
+
+
+def _program_tags(trace: Trace, pid: int) -> set[int]:
+    s = int(trace.prog_start[pid])
+    return set(int(v) for v in np.unique(trace.ops["tag"][s:s + int(trace.prog_len[pid])]))
+
+
+def tag_pe_counts(trace: Trace) -> np.ndarray:
+    """Per tag: the number of PEs whose programs contain an op with that tag."""
+    uniq, inverse = _pe_program_classes(trace)
+    weight = np.bincount(inverse.reshape(-1), minlength=len(uniq))
+    out = np.zeros(len(trace.tags), dtype=np.int64)
+    for u, row in enumerate(uniq):
+        tags: set[int] = set()
+        for pid in row:
+            if pid >= 0:
+                tags |= _program_tags(trace, int(pid))
+        for tg in tags:
+            out[tg] += weight[u]
+    return out
+
+
+def pe_regions(trace: Trace) -> tuple[list[str], np.ndarray]:
+    """A region label per PE from its ops' tags: "layer L" for layer ops, else the tag's name."""
+    uniq, inverse = _pe_program_classes(trace)
+    names: list[str] = []
+    index: dict[str, int] = {}
+    label = np.zeros(len(uniq), dtype=np.int64)
+    for u, row in enumerate(uniq):
+        tags: set[int] = set()
+        for pid in row:
+            if pid >= 0:
+                tags |= _program_tags(trace, int(pid))
+        layers = sorted(trace.tags[t].layer for t in tags if trace.tags[t].layer >= 0)
+        named = sorted(trace.tags[t].name for t in tags if t != 0)
+        name = f"layer {layers[0]}" if layers else (named[0] if named else "idle")
+        if name not in index:
+            index[name] = len(names)
+            names.append(name)
+        label[u] = index[name]
+    return names, label[inverse.reshape(-1)]
 
 
 def _in_progress(S: State, ot: np.ndarray) -> np.ndarray:
@@ -118,13 +329,6 @@ def _in_progress(S: State, ot: np.ndarray) -> np.ndarray:
                    (L.A_SENT, L.OT_SEND), (L.A_RECEIVED, L.OT_RECV)):
         out[a] = (n * row[:, :, col]).sum(axis=1)
     return out
-
-
-def _call(kernel, t: int, t_stop: int, last_progress: int, F: Flat, C: Consts,
-          cfg: WaferConfig) -> tuple[int, int, int]:
-    return kernel(t, t_stop, last_progress, cfg.watchdog_cycles, F, C.blocks, C.mesh_width, C.n_routes,
-                  C.n_threads, C.n_colors, C.depth, C.link_capacity, C.hop_latency, C.ramp_latency,
-                  C.read_ports, C.write_ports)
 
 
 def stuck_report(trace: Trace, S: State, ot: np.ndarray, limit: int = 20) -> list[str]:

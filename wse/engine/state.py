@@ -66,6 +66,22 @@ def flat(S: State, ot: np.ndarray) -> Flat:
     return Flat(*views, np.ascontiguousarray(ot).reshape(-1))
 
 
+class Ins(NamedTuple):
+    """Instrumentation the kernels fill (flat views): per-tag statistics and op event logs."""
+
+    th_start: np.ndarray  # int64 [P * T] cycle of the current op's first step (-1: none yet)
+    tagstat: np.ndarray  # int64 [blocks * tags * TS_FIELDS]
+    events: np.ndarray  # int64 [traced * max_events * EVENT_FIELDS]
+    ev_count: np.ndarray  # int64 [traced]
+
+
+def make_ins(P: int, T: int, blocks: int, tags: int, traced: int, max_events: int) -> Ins:
+    tagstat = np.zeros((blocks, max(tags, 1), L.TS_FIELDS), dtype=np.int64)
+    tagstat[:, :, L.TS_FIRST] = np.iinfo(np.int64).max
+    return Ins(np.full(P * T, -1, np.int64), tagstat.reshape(-1),
+               np.zeros(max(traced, 1) * max_events * L.EVENT_FIELDS, np.int64), np.zeros(max(traced, 1), np.int64))
+
+
 class Consts(NamedTuple):
     mesh_width: int
     n_routes: int  # route slots per PE (R)
@@ -131,6 +147,7 @@ def op_constants(trace: Trace, cfg: WaferConfig) -> np.ndarray:
         two = len(reads) == 2 and (cfg.sram_read_ports < 2 or _banks_conflict(reads[0][0], reads[1][0], cfg))
         row[L.OT_CTRL] = L.ctrl_word(op.opcode, two, 1 if two else 0, 1 if two else len(reads),
                                      len(writes), op.sem)
+        row[L.OT_TAG] = op.tag
     return ot
 
 
@@ -205,6 +222,7 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     pe_rec = np.zeros((P, L.PE_FIELDS), dtype=np.int32)
     pe_rec[:, L.PE_ROUTES] = n_routes
     pe_rec[:, L.PE_LIVE] = has.sum(axis=1)
+    pe_rec[:, L.PE_TRACE] = -1
     state = State(**staggered(dict(
         rt=rt, color_slot=color_slot, q=np.zeros((P, R, L.Q_FIELDS), np.int32), th=th, pe=pe_rec,
         sem=np.zeros((P, isa.MAX_SEMAPHORES), np.int32),

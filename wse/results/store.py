@@ -1,10 +1,15 @@
-"""The HDF5 run file: what a run measured, written so that an incomplete file never looks complete.
+"""The HDF5 run file (schema 1, docs/results-schema.md): what a run measured, written so that an
+incomplete file never looks complete.
 
-Layout (docs/results-schema.md is normative): root attributes with the schema version, the
-resolved configuration as TOML, the trace identity and `complete`; `/summary` scalars;
-`/pe/<counter>` [H, W] and `/link/<counter>` [H, W, 4] arrays; `/stuck` lines when a run stopped
-early. Every dataset has `units`, `description` and `dims` attributes. The file is written as
-`<name>.partial` and renamed when closed; `complete` is set last and only for a completed run.
+Root attributes name the run (schema and package versions, creation time, the resolved
+configuration as TOML, the trace hash, seed, threads, wall time, stop reason) and `complete`,
+which is set last and only for a completed run. Groups: `/summary` scalars, `/pe/<counter>`
+[H, W] and `/link/<counter>` [H, W, 4] arrays, `/timeline` samples, the `/ops` table (one row
+per workload-level op), `/events` (op timelines of sampled PEs), `/stuck`, and job tables such as
+`/stages`. Every dataset carries `units`, `description` and `dims`; arrays are chunked and
+compressed (gzip with shuffle). Files are written as `<name>.partial` and renamed into place, so
+the name always holds a whole, readable file: a placeholder at the start of a run, snapshots
+while it runs, the final file at the end.
 """
 from __future__ import annotations
 
@@ -27,6 +32,37 @@ LINK_PORTS = "north,south,east,west"
 # Attributes that differ between two runs of the same inputs (excluded from determinism checks).
 VOLATILE_ATTRS = ("created", "wall_seconds", "threads")
 
+TIMELINE = {  # name -> (units, description, dims)
+    "cycle": ("cycle", "end of each sampling interval", "sample"),
+    "busy_pe_cycles": ("cycles", "busy PE-cycles in the interval (divide by its length for active PEs)", "sample"),
+    "flops": ("flop", "FLOPs executed in the interval", "sample"),
+    "wavelets_in_flight": ("wavelets", "wavelets in router and CE queues at the sample", "sample"),
+    "region_busy_pe_cycles": ("cycles", "busy PE-cycles in the interval per region (see regions)", "sample,region"),
+    "regions": ("", "region names: 'layer L' for PEs running a layer, else their op's name", "region"),
+}
+OPS = {
+    "tag": ("", "row of the trace's /tags table", "op"),
+    "name": ("", "workload-level op, e.g. 'layer 3 qkv'", "op"),
+    "layer": ("", "decoder layer, -1 when none", "op"),
+    "kind": ("", "op kind: norm, gemv, attention, ffn, allreduce, transfer, barrier, ...", "op"),
+    "start_cycle": ("cycle", "first step of any PE op with this tag", "op"),
+    "end_cycle": ("cycle", "cycle after the last such op completed", "op"),
+    "ops": ("ops", "PE ops completed", "op"),
+    "pes": ("PEs", "PEs whose programs contain the op", "op"),
+    "flops": ("flop", "FLOPs of the completed ops", "op"),
+    "sram_bytes": ("bytes", "SRAM bytes read and written by the completed ops", "op"),
+    "wavelets": ("wavelets", "wavelets the completed ops sent or received", "op"),
+}
+EVENTS = {
+    "x": ("", "PE column", "event"),
+    "y": ("", "PE row", "event"),
+    "thread": ("", "microthread", "event"),
+    "op": ("", "op index in the trace's op table", "event"),
+    "tag": ("", "row of the trace's /tags table", "event"),
+    "start_cycle": ("cycle", "first step of the op", "event"),
+    "end_cycle": ("cycle", "cycle after it completed", "event"),
+}
+
 
 @dataclasses.dataclass
 class RunInfo:
@@ -37,6 +73,7 @@ class RunInfo:
     trace_mesh: tuple[int, int]  # (width, height) simulated
     threads: int
     wall_seconds: float
+    seed: int = 0  # runs are deterministic; kept for generators that draw random choices
 
 
 def summary_values(res: EngineResult, cfg: WaferConfig) -> dict[str, tuple[Any, str, str]]:
@@ -48,7 +85,8 @@ def summary_values(res: EngineResult, cfg: WaferConfig) -> dict[str, tuple[Any, 
     active = int((pe[:, :, isa.C_OPS] > 0).sum())
     busy = int(pe[:, :, isa.C_BUSY].sum())
     flops = int(pe[:, :, isa.C_FLOPS].sum())
-    peak_flops_per_pe_cycle = 2 * (cfg.simd_width(isa.KIND_FMAC, isa.DTYPE_FP16) or 1)
+    peak_flops_per_pe_cycle = 2 * min(cfg.simd_width(isa.KIND_FMAC, isa.DTYPE_FP16) or 1, cfg.sram_port_bytes // 2)
+    link_slots = 4 * n_pe * cycles * cfg.link_wavelets_per_cycle
     out: dict[str, tuple[Any, str, str]] = {
         "total_cycles": (cycles, "cycles", "cycles until every thread finished and every queue drained"),
         "seconds": (cycles / cfg.clock_hz, "s", "total_cycles at the configured clock"),
@@ -60,6 +98,8 @@ def summary_values(res: EngineResult, cfg: WaferConfig) -> dict[str, tuple[Any, 
                                   "busy PE-cycles over the PE-cycles of active PEs"),
         "flop_efficiency": (flops / (n_pe * cycles * peak_flops_per_pe_cycle) if cycles else 0.0,
                             "fraction", "FLOPs over the fp16 FMAC peak of the simulated PEs"),
+        "link_utilization": (int(res.link_counters[..., isa.L_WAVELETS].sum()) / link_slots if link_slots else 0.0,
+                             "fraction", "wavelets carried over the capacity of all links of the mesh"),
         "idle_cycles": (int(res.idle_cycles().sum()), "cycles", "PE-cycles in no busy, setup or stall class"),
     }
     for i, (name, units, desc) in enumerate(isa.PE_COUNTERS):
@@ -93,20 +133,13 @@ def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunIn
             f.attrs["trace_path"] = info.trace_path
             f.attrs["trace_hash"] = info.trace_hash
             f.attrs["trace_mesh_width"], f.attrs["trace_mesh_height"] = info.trace_mesh
+            f.attrs["seed"] = info.seed
             f.attrs["threads"] = info.threads
             f.attrs["wall_seconds"] = info.wall_seconds
             f.attrs["stop_reason"] = res.stop_name
             g = f.create_group("summary")
             for name, (value, units, desc) in {**summary_values(res, cfg), **(extra or {})}.items():
-                data = np.asarray(value) if not isinstance(value, str) else np.array(value, dtype=h5py.string_dtype())
-                _dataset(g, name, data, units, desc, "")
-            for group, cols in (tables or {}).items():
-                tg = f.create_group(group)
-                for col, arr in cols.items():
-                    arr = np.asarray(arr)
-                    if arr.dtype == object or arr.dtype.kind == "U":
-                        arr = np.array([str(v) for v in arr], dtype=h5py.string_dtype())
-                    _dataset(tg, col, arr, "", f"{group} column {col}", "row")
+                _dataset(g, name, value, units, desc, "")
             g = f.create_group("pe")
             for i, (name, units, desc) in enumerate(isa.PE_COUNTERS):
                 _dataset(g, name, res.pe_counters[:, :, i], units, desc, "y,x")
@@ -117,10 +150,24 @@ def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunIn
             for i, (name, units, desc) in enumerate(isa.LINK_COUNTERS):
                 _dataset(g, name, res.link_counters[:, :, :, i], units,
                          f"{desc} (port order {LINK_PORTS})", "y,x,port")
+            if res.timeline is not None:
+                g = f.create_group("timeline")
+                tl = dict(res.timeline)
+                tl["regions"] = tl.pop("region_names")
+                for name, (units, desc, dims) in TIMELINE.items():
+                    _dataset(g, name, tl[name], units, desc, dims)
+            for group, spec, data in (("ops", OPS, res.ops), ("events", EVENTS, res.events)):
+                if data is not None:
+                    g = f.create_group(group)
+                    for name, (units, desc, dims) in spec.items():
+                        _dataset(g, name, data[name], units, desc, dims)
             if res.stuck:
-                d = f.create_dataset("stuck", data=np.array(res.stuck, dtype=h5py.string_dtype()))
-                d.attrs.update(units="", description="unfinished threads and undrained queues at the stop",
-                               dims="line")
+                _dataset(f, "stuck", np.array(res.stuck, dtype=object), "",
+                         "unfinished threads and undrained queues at the stop", "line")
+            for group, cols in (tables or {}).items():
+                tg = f.create_group(group)
+                for col, arr in cols.items():
+                    _dataset(tg, col, arr, "cycles" if col == "cycles" else "", f"{group}: {col}", "row")
             f.flush()
             f.attrs["complete"] = res.complete
         os.replace(tmp, path)
@@ -130,9 +177,15 @@ def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunIn
     return path
 
 
-def _dataset(g: h5py.Group, name: str, data: np.ndarray, units: str, desc: str, dims: str) -> None:
+def _dataset(g: h5py.Group, name: str, value: Any, units: str, desc: str, dims: str) -> None:
+    if isinstance(value, str):
+        data = np.array(value, dtype=h5py.string_dtype())
+    else:
+        data = np.asarray(value)
+        if data.dtype == object or data.dtype.kind == "U":
+            data = np.array([str(v) for v in data.reshape(-1)], dtype=h5py.string_dtype()).reshape(data.shape)
     kw: dict[str, Any] = {}
-    if data.ndim >= 2 and data.size > 1:
+    if data.ndim >= 1 and data.size > 1 and data.dtype.kind != "O":
         kw = dict(compression="gzip", shuffle=True, chunks=True)
     d = g.create_dataset(name, data=data, **kw)
     d.attrs["units"] = units
@@ -142,7 +195,7 @@ def _dataset(g: h5py.Group, name: str, data: np.ndarray, units: str, desc: str, 
 
 @dataclasses.dataclass
 class RunFile:
-    """A run file read back: attributes, summary scalars and counter arrays."""
+    """A run file read back: attributes, summary scalars and every group's datasets."""
 
     path: Path
     attrs: dict[str, Any]
@@ -158,6 +211,18 @@ class RunFile:
 
     def config(self) -> WaferConfig:
         return config_from_toml_text(self.attrs["config"], f"{self.path}: attribute config")
+
+    @property
+    def timeline(self) -> dict[str, np.ndarray] | None:
+        return self.tables.get("timeline")
+
+    @property
+    def ops(self) -> dict[str, np.ndarray] | None:
+        return self.tables.get("ops")
+
+    @property
+    def events(self) -> dict[str, np.ndarray] | None:
+        return self.tables.get("events")
 
 
 def read_run(path: str | Path) -> RunFile:
@@ -176,12 +241,18 @@ def read_run(path: str | Path) -> RunFile:
             raise RunFileError(f"{path}: run file schema_version {version} is not supported")
         attrs = {k: _plain(v) for k, v in f.attrs.items()}
         summary = {k: _plain(d[()]) for k, d in f["summary"].items()} if "summary" in f else {}
-        tables = {g: {k: d[()] for k, d in f[g].items()} for g in f
-                  if g not in ("summary", "pe", "link", "stuck") and isinstance(f[g], h5py.Group)}
         pe = {k: d[()] for k, d in f["pe"].items()} if "pe" in f else {}
         link = {k: d[()] for k, d in f["link"].items()} if "link" in f else {}
-        stuck = [s.decode() if isinstance(s, bytes) else str(s) for s in f["stuck"][()]] if "stuck" in f else []
+        stuck = [_plain(s) for s in f["stuck"][()]] if "stuck" in f else []
+        tables = {g: {k: _column(d[()]) for k, d in f[g].items()} for g in f
+                  if g not in ("summary", "pe", "link") and isinstance(f[g], h5py.Group)}
     return RunFile(path, attrs, summary, pe, link, stuck, tables)
+
+
+def _column(a: Any) -> Any:
+    if isinstance(a, np.ndarray) and a.dtype.kind in "OS":
+        return np.array([_plain(v) for v in a.reshape(-1)], dtype=object).reshape(a.shape)
+    return _plain(a)
 
 
 def _plain(v: Any) -> Any:
