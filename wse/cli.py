@@ -6,8 +6,10 @@ stopped before completing (deadlock or max_cycles; the run file is written, mark
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
+import time
 from typing import Any, Callable
 
 import click
@@ -225,6 +227,42 @@ def _count(n: int) -> str:
     return f"{n / 1e12:.2f}T" if n >= 1e12 else f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
+class _Progress:
+    """A one-line progress bar on stderr (terminals only): cycles, rate, ETA from ops done."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.shown = False
+
+    def __call__(self, cycles: int, fraction: float) -> None:
+        if not self.enabled:
+            return
+        wall = time.perf_counter() - self.t0
+        rate = cycles / wall if wall > 0 else 0.0
+        eta = f"{wall * (1 - fraction) / fraction:,.0f} s" if 0 < fraction < 1 else "--"
+        width = 20
+        bar = "#" * int(width * min(max(fraction, 0.0), 1.0))
+        click.echo(f"\r  [{bar:<{width}}] {cycles:,} cycles  {rate / 1e3:,.1f} kcycles/s  ETA {eta}   ",
+                   nl=False, err=True)
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            click.echo("\r" + " " * 78 + "\r", nl=False, err=True)
+            self.shown = False
+
+
+def _placeholder(tr, cfg):
+    """An empty, incomplete result: what the run file holds before anything is measured."""
+    import numpy as np
+
+    from .engine.result import EngineResult
+    return EngineResult(0, isa.STOP_RUNNING,
+                        np.zeros((tr.mesh_height, tr.mesh_width, isa.N_PE_COUNTERS), np.int64),
+                        np.zeros((tr.mesh_height, tr.mesh_width, 4, isa.N_LINK_COUNTERS), np.int64))
+
+
 @cli.command("run")
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False), help="trace file")
 @_workload_options
@@ -232,58 +270,175 @@ def _count(n: int) -> str:
 @_config_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
 @click.option("--threads", type=int, help="Numba threads (default: all cores)")
+@click.option("--snapshot-seconds", type=float, default=30.0, show_default=True,
+              help="rewrite the (incomplete) run file this often while a trace runs")
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @_clean_errors
-def run_cmd(trace_path, op, model, phase, full, wafer, config_file, sets, output, threads, quiet, **kw) -> None:
+def run_cmd(trace_path, op, model, phase, full, wafer, config_file, sets, output, threads, snapshot_seconds, quiet,
+            as_json, **kw) -> None:
     """Simulate a trace, a kernel (--op) or a model step (--model) and write the run file."""
-    from .engine.run import simulate
-    from .results.report import format_job, format_summary
-    from .results.store import RunInfo, read_run, write_run
-    from .workload import jobs
-
-    cfg = hardware.resolve(wafer, config_file, sets)
     if sum(bool(v) for v in (trace_path, op, model)) != 1:
         raise WseError("give exactly one of --trace, --op and --model")
+    _simulate_to_file(trace_path, op, model, phase, full, hardware.resolve(wafer, config_file, sets), output,
+                      threads, snapshot_seconds, quiet, as_json, kw)
+
+
+@cli.command("replay")
+@click.argument("trace_path", type=click.Path(dir_okay=False))
+@_config_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
+@click.option("--threads", type=int, help="Numba threads (default: all cores)")
+@click.option("--quiet", is_flag=True, help="print nothing but errors")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@_clean_errors
+def replay_cmd(trace_path, wafer, config_file, sets, output, threads, quiet, as_json) -> None:
+    """Rerun a saved TRACE_PATH on another configuration (e.g. --set fabric.hop_latency_cycles=1)."""
+    _simulate_to_file(trace_path, None, None, "decode", False, hardware.resolve(wafer, config_file, sets), output,
+                      threads, 30.0, quiet, as_json, {})
+
+
+def _simulate_to_file(trace_path, op, model, phase, full, cfg, output, threads, snapshot_seconds, quiet, as_json,
+                      kw) -> None:
+    """Shared body of `run` and `replay`: placeholder file, simulation, final file, summary."""
+    from .engine.run import simulate
+    from .results.report import format_job, format_summary
+    from .results.store import RunInfo, read_run, summary_values, write_run
+    from .workload import jobs
+
     if threads is not None and threads < 1:
         raise WseError("--threads must be at least 1")
-    progress = None
-    if not quiet and sys.stderr.isatty():
-        def progress(t: int, _max: int) -> None:
-            click.echo(f"\r  simulated {t:,} cycles", nl=False, err=True)
+    bar = _Progress(not quiet and not as_json and sys.stderr.isatty())
+    job = None
+    info = RunInfo(trace_path="", trace_hash="", trace_mesh=(0, 0), threads=0, wall_seconds=0.0)
 
-    def sim(tr):
-        res = simulate(tr, cfg, threads=threads, progress=progress, validated=True)
-        if progress is not None:
-            click.echo("\r" + " " * 40 + "\r", nl=False, err=True)
+    def sim(tr, snapshot=None):
+        res = simulate(tr, cfg, threads=threads, progress=bar, validated=True, snapshot=snapshot,
+                       snapshot_seconds=snapshot_seconds)
+        bar.clear()
+        if res.stop == isa.STOP_INTERRUPTED and job is not None:
+            raise KeyboardInterrupt
         return res
 
-    job = None
     if trace_path:
         tr = trace_mod.load(trace_path)
         trace_mod.validate(tr, cfg, where=trace_path)
-        res, source = sim(tr), str(trace_path)
+        info = RunInfo(str(trace_path), tr.content_hash(), (tr.mesh_width, tr.mesh_height), 0, 0.0)
+        write_run(output, _placeholder(tr, cfg), cfg, info)  # a readable, incomplete file from the start
+
+        def snapshot(res):
+            write_run(output, res, cfg, dataclasses.replace(info, threads=res.threads, wall_seconds=res.wall_seconds))
+        res = sim(tr, snapshot)
+        source = str(trace_path)
     else:
         kw = _workload_kw(kw)
+        job = True  # interruption inside a job's simulations ends the job
+        source = f"--op {op}" if op else f"--model {model} ({phase})"
         if op:
             job = jobs.run_kernel(op, cfg, sim, **kw)
         else:
             job = jobs.run_model(model, cfg, sim, phase=phase, full=full, **kw)
-        tr, res, source = job.trace, job.engine, f"--op {op}" if op else f"--model {model} ({phase})"
+        tr, res = job.trace, job.engine
     info = RunInfo(trace_path=source, trace_hash=tr.content_hash(), trace_mesh=(tr.mesh_width, tr.mesh_height),
                    threads=res.threads, wall_seconds=res.wall_seconds)
-    write_run(output, res, cfg, info, extra=job.figures if job else None,
-              tables={"stages": job.stages} if job and job.stages else None)
-    if not quiet:
+    figures = job.figures if job else None
+    write_run(output, res, cfg, info, extra=figures, tables={"stages": job.stages} if job and job.stages else None)
+    if as_json:
+        import json
+        data = {k: v[0] for k, v in summary_values(res, cfg).items()}
+        data.update({k: v[0] for k, v in (figures or {}).items()})
+        click.echo(json.dumps({"file": output, "complete": res.complete, "stop_reason": res.stop_name,
+                               "summary": data}, default=_json_default))
+    elif not quiet:
         rf = read_run(output)
         click.echo(format_summary(rf.summary, cfg, rf.attrs))
-        if job:
-            click.echo(format_job({k: v[0] for k, v in job.figures.items()}, cfg))
+        if figures:
+            click.echo(format_job({k: v[0] for k, v in figures.items()}, cfg))
         click.echo(f"wrote {output}" + ("" if res.complete else " (marked incomplete)"))
+    if res.stop == isa.STOP_INTERRUPTED:
+        click.echo("interrupted: the run file holds what was measured, marked incomplete", err=True)
+        sys.exit(130)
     if not res.complete:
         click.echo(f"error: run stopped ({res.stop_name}) after {res.total_cycles:,} cycles", err=True)
         for line in res.stuck:
             click.echo(f"  {line}", err=True)
         sys.exit(EXIT_INCOMPLETE)
+
+
+def _json_default(v):
+    import numpy as np
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
+
+
+@cli.command("report")
+@click.argument("run_file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@_clean_errors
+def report_cmd(run_file, as_json) -> None:
+    """Configuration, cycles, rates, utilization and the top bottlenecks of a run."""
+    from .results.analysis import build_report, format_report
+    from .results.store import read_run
+    rep = build_report(read_run(run_file))
+    if as_json:
+        import json
+        click.echo(json.dumps(rep, default=_json_default))
+    else:
+        click.echo(format_report(rep))
+
+
+@cli.command("plot")
+@click.argument("run_file", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="folder for the PNGs")
+@click.option("--quiet", is_flag=True)
+@_clean_errors
+def plot_cmd(run_file, outdir, quiet) -> None:
+    """PNG heatmaps of PE utilization and link traffic, an activity timeline, breakdown bars."""
+    from .results.plots import plot_run
+    from .results.store import read_run
+    for path in plot_run(read_run(run_file), outdir):
+        if not quiet:
+            click.echo(f"wrote {path}")
+
+
+@cli.command("export")
+@click.argument("run_file", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["perfetto", "csv"]), required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--quiet", is_flag=True)
+@_clean_errors
+def export_cmd(run_file, fmt, output, quiet) -> None:
+    """Perfetto/Chrome trace of sampled PEs' op timelines, or CSV of the summary and ops."""
+    from .results.export import csv_tables, perfetto
+    from .results.store import read_run
+    rf = read_run(run_file)
+    if fmt == "perfetto":
+        n = perfetto(rf, output)
+        if not quiet:
+            click.echo(f"wrote {output}: {n:,} op slices")
+    else:
+        for path in csv_tables(rf, output):
+            if not quiet:
+                click.echo(f"wrote {path}")
+
+
+@cli.command("compare")
+@click.argument("run_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@_clean_errors
+def compare_cmd(run_files, as_json) -> None:
+    """Key metrics of several runs side by side, with ratios to the first."""
+    from .results.analysis import compare, format_compare
+    from .results.store import read_run
+    cmp = compare([read_run(p) for p in run_files])
+    if as_json:
+        import json
+        click.echo(json.dumps(cmp, default=_json_default))
+    else:
+        click.echo(format_compare(cmp))
 
 
 def main() -> None:

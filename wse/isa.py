@@ -115,8 +115,9 @@ N_LINK_COUNTERS = len(LINK_COUNTERS)
 STOP_COMPLETE = 0
 STOP_DEADLOCK = 1
 STOP_MAX_CYCLES = 2
-STOP_INTERRUPTED = 3  # Ctrl-C, or a snapshot taken while the run goes on
-STOP_NAMES = ("complete", "deadlock", "max_cycles", "interrupted")
+STOP_INTERRUPTED = 3  # Ctrl-C
+STOP_RUNNING = 4  # a placeholder or snapshot written while the run goes on
+STOP_NAMES = ("complete", "deadlock", "max_cycles", "interrupted", "running")
 
 
 def tx_mask(*ports: int) -> int:

@@ -28,7 +28,7 @@ TIMELINE_MAX_SAMPLES = 1024
 TRACED_PES = 16
 MAX_EVENTS = 4096
 
-ProgressFn = Callable[[int, int], None]  # (cycles simulated, max cycles)
+ProgressFn = Callable[[int, float], None]  # (cycles simulated, fraction of ops completed)
 SnapshotFn = Callable[[EngineResult], None]
 
 
@@ -40,9 +40,10 @@ def simulate(trace: Trace, cfg: WaferConfig, *, threads: int | None = None,
 
     threads: Numba threads for the parallel kernel (default: all). parallel: force the
     parallel (True) or serial (False) kernel; by default meshes of PARALLEL_MIN_PES or more
-    PEs step in parallel. Results are identical either way. `snapshot` is called with the
-    measurements so far (stop "interrupted") every `snapshot_seconds` of wall time; Ctrl-C
-    ends the run early and returns them the same way.
+    PEs step in parallel. Results are identical either way. `progress` is called after every
+    chunk. `snapshot` is called with the measurements so far (stop "running") every
+    `snapshot_seconds` of wall time; Ctrl-C ends the run early and returns them (stop
+    "interrupted").
     """
     if not validated:
         validate(trace, cfg)
@@ -74,6 +75,8 @@ class _Run:
         self.region_names, self.region_of = pe_regions(trace)
         self.timeline = _Timeline(len(self.region_names))
         self.t = 0
+        pp = trace.pe_program[trace.pe_program >= 0]
+        self.total_ops = int(trace.prog_len[pp].astype(np.int64).sum()) if len(pp) else 0
 
     def call(self, t: int, t_stop: int, last_progress: int) -> tuple[int, int, int]:
         C, cfg = self.C, self.cfg
@@ -135,13 +138,14 @@ class _Run:
             if self.t >= self.timeline.next_sample(self.t - 1) or stop != kernels.RUNNING:
                 self.sample()
             if progress is not None:
-                progress(self.t, max_cycles)
+                done = int(self.S.acc[L.A_OPS].sum())
+                progress(self.t, done / self.total_ops if self.total_ops else 1.0)
             if stop != kernels.RUNNING:
                 return stop
             if self.t >= max_cycles:
                 return isa.STOP_MAX_CYCLES
             if snapshot is not None and time.perf_counter() - last_snapshot >= snapshot_seconds:
-                snapshot(self.result(isa.STOP_INTERRUPTED, time.perf_counter() - t0))
+                snapshot(self.result(isa.STOP_RUNNING, time.perf_counter() - t0))
                 last_snapshot = time.perf_counter()
             chunk = int(min(max(chunk * min(4.0, 0.25 / max(dt, 1e-6)), 16), 1 << 24))
 

@@ -1,0 +1,186 @@
+"""Run files: every schema field round-trips; kills leave readable incomplete files; report,
+plot, export, compare and replay work on a small run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from wse import hardware, isa
+from wse.cli import cli
+from wse.engine.run import simulate
+from wse.results.store import SCHEMA_VERSION, RunInfo, read_run, write_run
+from wse.workload import synthetic as syn
+
+ROOT_ATTRS = ("schema_version", "wse_version", "created", "complete", "config", "wafer", "trace_path",
+              "trace_hash", "trace_mesh_width", "trace_mesh_height", "seed", "threads", "wall_seconds",
+              "stop_reason")
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A small complete run file of a tagged synthetic trace and its result."""
+    d = tmp_path_factory.mktemp("run")
+    cfg = hardware.load_preset("tiny")
+    tr = syn.chain_reduce(8, 8, 300)
+    res = simulate(tr, cfg)
+    path = d / "run.h5"
+    write_run(path, res, cfg, RunInfo("chain.h5", tr.content_hash(), (8, 8), res.threads, res.wall_seconds))
+    trace_path = d / "chain.h5"
+    tr.save(trace_path)
+    return path, res, cfg, trace_path
+
+
+def test_every_schema_field_round_trips(small_run):
+    path, res, cfg, _ = small_run
+    rf = read_run(path)
+    assert set(ROOT_ATTRS) <= set(rf.attrs)
+    assert rf.attrs["schema_version"] == SCHEMA_VERSION and rf.complete and rf.attrs["stop_reason"] == "complete"
+    assert rf.config() == cfg
+    assert rf.summary["total_cycles"] == res.total_cycles
+    for i, name in enumerate(isa.PE_COUNTER_NAMES):
+        assert np.array_equal(rf.pe[name], res.pe_counters[:, :, i]), name
+    for i, name in enumerate(isa.LINK_COUNTER_NAMES):
+        assert np.array_equal(rf.link[name], res.link_counters[:, :, :, i]), name
+    for group, data in (("timeline", res.timeline), ("ops", res.ops), ("events", res.events)):
+        table = rf.tables[group]
+        for k, v in data.items():
+            key = "regions" if k == "region_names" else k
+            assert np.array_equal(np.asarray(table[key]).astype(np.asarray(v).dtype), np.asarray(v)), (group, k)
+
+
+def test_every_dataset_has_units_description_and_dims(small_run):
+    path = small_run[0]
+    missing = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and not {"units", "description", "dims"} <= set(obj.attrs):
+            missing.append(name)
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+        assert f["pe/busy_cycles"].compression == "gzip" and f["pe/busy_cycles"].shuffle
+    assert missing == []
+
+
+def test_timeline_and_ops_account_for_every_cycle_and_flop(small_run):
+    _, res, _, _ = small_run
+    tl, ops = res.timeline, res.ops
+    assert tl["busy_pe_cycles"].sum() == res.pe("busy_cycles").sum()
+    assert tl["flops"].sum() == res.pe("flops").sum()
+    assert tl["region_busy_pe_cycles"].sum() == res.pe("busy_cycles").sum()
+    assert tl["cycle"][-1] == res.total_cycles
+    # one tag (the pattern) covers every op
+    assert ops["flops"].sum() == res.pe("flops").sum() and ops["ops"].sum() == res.pe("ops_completed").sum()
+    assert ops["end_cycle"].max() == res.total_cycles
+    ev = res.events
+    assert len(ev["x"]) > 0 and (ev["end_cycle"] > ev["start_cycle"]).all()
+
+
+def test_long_runs_keep_an_exact_timeline_by_merging_intervals():
+    cfg = hardware.load_preset("tiny")
+    res = simulate(syn.stream(8, 1, 20000, 7), cfg)
+    tl = res.timeline
+    assert len(tl["cycle"]) <= 1025
+    assert np.all(np.diff(tl["cycle"]) > 0) and tl["cycle"][-1] == res.total_cycles
+    assert tl["busy_pe_cycles"].sum() == res.pe("busy_cycles").sum()
+
+
+def _long_run(tmp_path):
+    trace = tmp_path / "long.h5"
+    syn.neighbor(128, 128, 12000, 4).save(trace)
+    out = tmp_path / "long-run.h5"
+    proc = subprocess.Popen([sys.executable, "-m", "wse.cli", "run", "--trace", str(trace), "--wafer", "wse3",
+                             "--snapshot-seconds", "0.5", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for a snapshot with measurements in it
+        time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()
+        if out.exists():
+            try:
+                if read_run(out).summary.get("total_cycles", 0) > 0:
+                    break
+            except Exception:
+                pass
+    return proc, out
+
+
+def test_a_killed_run_leaves_a_readable_incomplete_file(tmp_path):
+    proc, out = _long_run(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rf = read_run(out)
+    assert not rf.complete and rf.attrs["stop_reason"] == "running"
+    assert 0 < rf.summary["total_cycles"] < 12000
+    assert rf.pe["busy_cycles"].sum() > 0
+
+
+def test_ctrl_c_flushes_what_was_measured(tmp_path):
+    proc, out = _long_run(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    rf = read_run(out)
+    assert not rf.complete and rf.attrs["stop_reason"] == "interrupted"
+    assert rf.summary["total_cycles"] > 0
+
+
+def test_report_plot_export_compare_replay(small_run, tmp_path):
+    path, res, cfg, trace_path = small_run
+    r = invoke("report", path)
+    assert r.exit_code == 0 and "longest ops" in r.output and "chain-reduce" in r.output
+    r = invoke("report", path, "--json")
+    rep = json.loads(r.output)
+    assert rep["metrics"]["total_cycles"]["value"] == res.total_cycles and rep["bottlenecks"]["ops"]
+    r = invoke("plot", path, "-o", tmp_path / "plots")
+    assert r.exit_code == 0, r.output
+    from matplotlib.image import imread
+    pngs = sorted((tmp_path / "plots").glob("*.png"))
+    assert {p.name for p in pngs} >= {"pe_utilization.png", "link_traffic.png", "timeline.png", "ops.png"}
+    for p in pngs:
+        img = imread(p)
+        assert img.shape[0] > 100 and img.shape[1] > 100 and img[..., :3].std() > 0.01, p.name
+    r = invoke("export", path, "--format", "perfetto", "-o", tmp_path / "t.json")
+    assert r.exit_code == 0
+    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    slices = [e for e in events if e["ph"] == "X"]
+    assert slices and all(e["dur"] > 0 for e in slices)
+    r = invoke("export", path, "--format", "csv", "-o", tmp_path / "s.csv")
+    assert r.exit_code == 0 and (tmp_path / "s-ops.csv").read_text().startswith("tag,name,layer,kind")
+    # replay on another configuration, then compare the two
+    r = invoke("replay", trace_path, "--wafer", "tiny2", "--set", "fabric.hop_latency_cycles=3", "-o", tmp_path / "r.h5")
+    assert r.exit_code == 0, r.output
+    r = invoke("compare", path, tmp_path / "r.h5", "--json")
+    cmp = json.loads(r.output)
+    row = next(x for x in cmp["rows"] if x["metric"] == "total_cycles")
+    assert row["values"][0] == res.total_cycles and row["ratios"][1] > 1
+    r = invoke("compare", path, tmp_path / "r.h5")
+    assert "[1]/[0]" in r.output
+
+
+def test_shipped_examples_replay(tmp_path):
+    from pathlib import Path
+    examples = sorted((Path(__file__).parent.parent / "traces" / "examples").glob("*.h5"))
+    assert examples
+    r = invoke("replay", examples[0], "--wafer", "wse2", "-o", tmp_path / "x.h5", "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["complete"]
+
+
+def test_bad_run_files_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_text("nope")
+    for args in (["report", bad], ["plot", bad, "-o", tmp_path / "p"], ["compare", bad],
+                 ["export", bad, "--format", "csv", "-o", tmp_path / "c.csv"]):
+        r = invoke(*args)
+        assert r.exit_code == 2 and "not a readable HDF5 run file" in r.output and "Traceback" not in r.output
