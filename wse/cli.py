@@ -333,7 +333,8 @@ def _simulate_to_file(trace_path, op, model, phase, full, cfg, output, threads, 
     else:
         kw = _workload_kw(kw)
         job = True  # interruption inside a job's simulations ends the job
-        source = f"--op {op}" if op else f"--model {model} ({phase})"
+        what = "whole trace" if full else "a layer stage" if phase == "decode" else "its longest kernel"
+        source = f"--op {op}" if op else f"--model {model} ({phase}; counters of {what})"
         if op:
             job = jobs.run_kernel(op, cfg, sim, **kw)
         else:
