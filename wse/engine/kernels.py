@@ -25,11 +25,13 @@ from .layout import (
     CQ_READY, CTRL_CODE, CTRL_SUB, CTRL_TWO, OT_CIN, OT_COUT, OT_CTRL, OT_FIELDS, OT_FLOPS, OT_LENGTH,
     OT_RBYTES, OT_RECV, OT_SEND, OT_SETUP, OT_TAG, OT_WBYTES, OT_WIDTH, TS_BYTES, TS_FIELDS, TS_FIRST, TS_FLOPS,
     TS_LAST, TS_OPS, TS_WAVELETS, EVENT_FIELDS, PE_GRANT, PE_LIVE, PE_PEAK,
-    PE_ROUTES, PE_RR, PE_TRACE, Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX, RT_UP, RT_UP_PE, TH_CTRL,
+    PE_HELD, PE_INFLIGHT, PE_READY, PE_ROUTES, PE_RR, PE_RXMASK, PE_SLEEP_CLASS, PE_TRACE, Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX, RT_UP, RT_UP_PE, TH_CTRL,
     TH_END, TH_IN, TH_LEFT, TH_OP, TH_OUT, TH_SETUP, TH_WIDTH,
 )
 
 RUNNING = -1  # returned when the chunk ended before the run did
+NEVER = 1 << 62  # a wake-up time that never comes
+PSHIFT = 4  # PE records have 16 fields
 
 
 @njit(cache=True, inline="always")
@@ -54,8 +56,8 @@ def _neighbour(p, port, W):
 def _route_block(lo, hi, F, W, R, depth, cap):
     """Phase 1 for PEs lo .. hi-1: round-robin grants from last cycle's state.
 
-    Returns how many PEs granted a route. Writes only those PEs' grant mask, round-robin
-    pointer, grant counts and link counters. Port use is counted in 4-bit fields of `used`
+    Returns (PEs that granted a route, PEs with ready wavelets). Writes only those PEs' grant
+    mask, round-robin pointer, grant counts and link counters. Port use is counted in 4-bit fields of `used`
     (one per port); a route fits when no field of used + its RT_INC exceeds `cap`.
     """
     rt = F.rt
@@ -69,11 +71,17 @@ def _route_block(lo, hi, F, W, R, depth, cap):
     for port in range(5):
         bias |= (7 - cap) << (4 * port)
     granted = 0
+    evaluated = 0
     for p in range(lo, hi):
-        pb = p << rshift
+        pb = p << PSHIFT
         nr = pe[_u(pb + PE_ROUTES)]
         if nr == 0:
             continue
+        if pe[_u(pb + PE_READY)] == 0:  # nothing to forward: no grant, no link waiting
+            if pe[_u(pb + PE_GRANT)] != 0:
+                pe[_u(pb + PE_GRANT)] = 0
+            continue
+        evaluated += 1
         qb = (p * R) << rshift
         g = 0  # granted slots
         used = 0  # 4 bits of carried-wavelet count per port
@@ -121,16 +129,23 @@ def _route_block(lo, hi, F, W, R, depth, cap):
                         link_acc[_u(((L_CONTENTION * P + p) << 2) + port)] += 1
                     else:
                         link_acc[_u(((L_BLOCKED * P + p) << 2) + port)] += 1
-    return granted
+    return granted, evaluated
 
 
 @njit(cache=True)
 def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, depth, cap, hop_bit,
-                  ramp_bit, read_ports, write_ports):
+                  ramp_bit, read_ports, write_ports, skip):
     """Phase 2 for PEs lo .. hi-1: CE step, then queue update.
 
-    Returns (wavelets held + live threads, PEs that progressed). Reads neighbours' grants;
-    writes only these PEs' records.
+    Returns (wavelets held + live threads, PEs that progressed, earliest wake-up of a sleeping
+    CE, PEs that took the full path). Reads neighbours' grants; writes only these PEs' records.
+
+    Exact skipping (skip=True): a CE whose threads all stall or count down setup sleeps until
+    the first setup ends or a wavelet arrives in one of its CE queues or leaves one of its
+    ramp-fed router queues, the only events that can change what it does; the cycles it
+    sleeps are added to the class it was in (all that could have happened). A PE whose CE is
+    idle or asleep, with nothing in flight, nothing granted and no neighbour granting, is
+    skipped whole.
     """
     rt = F.rt
     color_slot = F.color_slot
@@ -147,21 +162,51 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
     tagstat = I.tagstat
     events = I.events
     ev_count = I.ev_count
+    sleep_until = F.sleep_until
+    sleep_from = F.sleep_from
     P = finish.shape[0]
     rshift = 3
     pending = 0
     progressed = 0
+    next_wake = NEVER
+    active = 0
     th0 = t % T
     for p in range(lo, hi):
-        pb = p << rshift
+        pb = p << PSHIFT
         nr = pe[_u(pb + PE_ROUTES)]
         lv = pe[_u(pb + PE_LIVE)]
         if nr == 0 and lv == 0:
             continue
+        asleep = lv > 0 and sleep_until[_u(p)] > t
+        if skip and (lv == 0 or asleep) and pe[_u(pb + PE_GRANT)] == 0 and pe[_u(pb + PE_INFLIGHT)] == 0:
+            quiet = True
+            mask = pe[_u(pb + PE_RXMASK)]
+            for port in range(4):
+                if (mask >> port) & 1 and pe[_u((_neighbour(p, port, W) << PSHIFT) + PE_GRANT)] != 0:
+                    quiet = False
+            if quiet:
+                if asleep:
+                    if pe[_u(pb + PE_SLEEP_CLASS)] == C_SETUP:
+                        progressed += 1
+                    w = sleep_until[_u(p)]
+                    if w < next_wake:
+                        next_wake = w
+                pending += pe[_u(pb + PE_HELD)] + lv
+                continue
+        active += 1
         qb = (p * R) << rshift
         # step 1: the CE's microthreads
         sent = 0  # slots injected into this cycle
-        if lv > 0:
+        if lv > 0 and asleep:
+            w = sleep_until[_u(p)]
+            if w < next_wake:
+                next_wake = w
+            if pe[_u(pb + PE_SLEEP_CLASS)] == C_SETUP:
+                progressed += 1
+        elif lv > 0:
+            if sleep_until[_u(p)] != 0:
+                _wake(p, t, T, th, pe, cyc, sleep_until, sleep_from, P)
+            min_setup = NEVER  # setup cycles left, after this cycle, of threads in setup
             rd = read_ports
             wr = write_ports
             ramp = cap
@@ -183,6 +228,8 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
                     if left_setup > 0:
                         th[_u(hb + TH_SETUP)] = left_setup - 1
                         setup = True
+                        if left_setup - 1 < min_setup:
+                            min_setup = left_setup - 1
                     elif code == OP_SIGNAL:
                         sem_add[_u(p * MAX_SEMAPHORES + (ctrl >> 12))] += 1
                         signalled = True
@@ -301,26 +348,39 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
                     si = _u(p * MAX_SEMAPHORES + s)
                     sem[si] += sem_add[si]
                     sem_add[si] = 0
+            cls = -1
             if busy:
-                cyc[_u(C_BUSY * P + p)] += 1
+                cls = C_BUSY
                 progressed += 1
             elif setup:
-                cyc[_u(C_SETUP * P + p)] += 1
+                cls = C_SETUP
                 progressed += 1
             elif st_sram:
-                cyc[_u(C_STALL_SRAM * P + p)] += 1
+                cls = C_STALL_SRAM
             elif st_recv:
-                cyc[_u(C_STALL_RECV * P + p)] += 1
+                cls = C_STALL_RECV
             elif st_send:
-                cyc[_u(C_STALL_SEND * P + p)] += 1
+                cls = C_STALL_SEND
             elif st_sync:
-                cyc[_u(C_STALL_SYNC * P + p)] += 1
+                cls = C_STALL_SYNC
+            if cls >= 0:
+                cyc[_u(cls * P + p)] += 1
+            # nothing moved: sleep until the first setup ends (or an event wakes the CE)
+            if skip and not busy and cls >= 0 and pe[_u(pb + PE_LIVE)] > 0:
+                until = t + 1 + min_setup if setup else NEVER
+                if until > t + 1:
+                    sleep_until[_u(p)] = until
+                    sleep_from[_u(p)] = t + 1
+                    pe[_u(pb + PE_SLEEP_CLASS)] = cls
 
         # step 2: queue update (arrivals, latency, departures)
         held = 0
         if nr > 0:
             g = pe[_u(pb + PE_GRANT)]
             top = 0
+            ready_sum = 0
+            inflight = 0
+            woke = False
             for k in range(nr):
                 kb = qb + (k << rshift)
                 pipe = q[_u(kb + Q_PIPE)]
@@ -332,16 +392,19 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
                         occ += 1
                 else:
                     us = rt[_u(kb + RT_UP)]
-                    if us >= 0 and (pe[_u((rt[_u(kb + RT_UP_PE)] << rshift) + PE_GRANT)] >> us) & 1:
+                    if us >= 0 and (pe[_u((rt[_u(kb + RT_UP_PE)] << PSHIFT) + PE_GRANT)] >> us) & 1:
                         pipe |= hop_bit
                         occ += 1
                 cocc = q[_u(kb + CQ_OCC)]
+                ready = q[_u(kb + Q_READY)]
                 if pipe != 0 or (g >> k) & 1:
-                    ready = q[_u(kb + Q_READY)] + (pipe & 1)
+                    ready += pipe & 1
                     pipe >>= 1
                     if (g >> k) & 1:
                         ready -= 1
                         occ -= 1
+                        if rx == PORT_RAMP:
+                            woke = True  # room again for a send
                         if (rt[_u(kb + RT_TX)] >> PORT_RAMP) & 1:
                             q[_u(kb + CQ_PIPE)] |= ramp_bit
                             cocc += 1
@@ -351,8 +414,14 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
                     q[_u(kb + Q_OCC)] = occ
                 cpipe = q[_u(kb + CQ_PIPE)]
                 if cpipe != 0:
+                    if cpipe & 1:
+                        woke = True  # a wavelet for a receive
                     q[_u(kb + CQ_READY)] += cpipe & 1
-                    q[_u(kb + CQ_PIPE)] = cpipe >> 1
+                    cpipe >>= 1
+                    q[_u(kb + CQ_PIPE)] = cpipe
+                if pipe != 0 or cpipe != 0:
+                    inflight += 1
+                ready_sum += ready
                 if occ > top:
                     top = occ
                 if cocc > top:
@@ -360,16 +429,39 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
                 held += occ + cocc
             if top > pe[_u(pb + PE_PEAK)]:
                 pe[_u(pb + PE_PEAK)] = top
+            pe[_u(pb + PE_READY)] = ready_sum
+            pe[_u(pb + PE_INFLIGHT)] = inflight
+            pe[_u(pb + PE_HELD)] = held
+            if woke and sleep_until[_u(p)] > t + 1:
+                sleep_until[_u(p)] = t + 1
         pending += held + pe[_u(pb + PE_LIVE)]
+        if lv > 0 and sleep_until[_u(p)] > t:
+            w = sleep_until[_u(p)]
+            if w < next_wake:
+                next_wake = w
 
-    return pending, progressed
+    return pending, progressed, next_wake, active
+
+
+@njit(cache=True)
+def _wake(p, t, T, th, pe, cyc, sleep_until, sleep_from, P):
+    """Account the cycles a CE slept (sleep_from .. t-1): its class, its threads' setups."""
+    skipped = t - sleep_from[_u(p)]
+    if skipped > 0:
+        cyc[_u(pe[_u((p << PSHIFT) + PE_SLEEP_CLASS)] * P + p)] += skipped
+        for h in range(T):
+            hb = (p * T + h) << 3
+            if (th[_u(hb + TH_CTRL)] & CTRL_CODE) != CODE_DONE and th[_u(hb + TH_SETUP)] > 0:
+                th[_u(hb + TH_SETUP)] -= skipped
+    sleep_until[_u(p)] = 0
+    sleep_from[_u(p)] = t
 
 
 def _make_run(parallel: bool):
     loop = prange if parallel else range
 
     def run_cycles(t, t_stop, last_progress, watchdog, F, I, n_tags, max_events, blocks, W, R, T, n_colors,
-                   depth, cap, hop_latency, ramp_latency, read_ports, write_ports):
+                   depth, cap, hop_latency, ramp_latency, read_ports, write_ports, skip):
         """Step cycles t .. t_stop-1. Returns (next cycle, stop code or RUNNING, last progress).
 
         F holds the flat state arrays (state.Flat), I the instrumentation (state.Ins: per-block
@@ -379,22 +471,37 @@ def _make_run(parallel: bool):
         """
         n_blocks = blocks.shape[0] - 1
         granted = np.zeros(n_blocks, dtype=np.int64)
+        evaluated = np.zeros(n_blocks, dtype=np.int64)
         pending = np.zeros(n_blocks, dtype=np.int64)
         progressed = np.zeros(n_blocks, dtype=np.int64)
+        wake = np.zeros(n_blocks, dtype=np.int64)
+        active = np.zeros(n_blocks, dtype=np.int64)
         hop_bit = 1 << (hop_latency - 1)
         ramp_bit = 1 << (ramp_latency - 1)
         while t < t_stop:
             for b in loop(n_blocks):
-                granted[b] = _route_block(blocks[b], blocks[b + 1], F, W, R, depth, cap)
+                granted[b], evaluated[b] = _route_block(blocks[b], blocks[b + 1], F, W, R, depth, cap)
             for b in loop(n_blocks):
-                pending[b], progressed[b] = _update_block(
+                pending[b], progressed[b], wake[b], active[b] = _update_block(
                     blocks[b], blocks[b + 1], t, F, I, b, n_tags, max_events, W, R, T, n_colors, depth,
-                    cap, hop_bit, ramp_bit, read_ports, write_ports)
-            if granted.sum() + progressed.sum() > 0:
+                    cap, hop_bit, ramp_bit, read_ports, write_ports, skip)
+            moved = granted.sum() + progressed.sum() > 0
+            if moved:
                 last_progress = t
             t += 1
             if pending.sum() == 0:
                 return t, STOP_COMPLETE, last_progress
+            if skip and evaluated.sum() == 0 and active.sum() == 0:
+                # every PE is quiet: nothing happens before the first CE wakes (setup sleepers
+                # make progress every cycle meanwhile); with none, only the watchdog remains
+                first = wake.min()
+                if first < NEVER:
+                    target = min(first, t_stop)
+                    if moved:
+                        last_progress = target - 1
+                    t = target
+                else:
+                    t = min(last_progress + watchdog + 1, t_stop)
             if t - 1 - last_progress >= watchdog:
                 return t, STOP_DEADLOCK, last_progress
         return t, RUNNING, last_progress

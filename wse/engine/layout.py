@@ -2,8 +2,8 @@
 
 Each PE's hot state sits in a few small contiguous records instead of dozens of separate
 arrays: the kernel then keeps a handful of base pointers in registers and touches one or two
-cache lines per record. Route, queue, thread and PE records have exactly 8 fields (the kernels
-index them as base + (slot << 3) + field).
+cache lines per record. Route, queue and thread records have exactly 8 fields (the kernels index
+them as base + (slot << 3) + field); PE records have 16 (base p << 4).
 """
 
 # rt[p, slot, :] int32 - static route table, slots sorted by color
@@ -50,7 +50,12 @@ PE_LIVE = 2  # threads with ops left
 PE_GRANT = 3  # bit k: slot k granted in this cycle's phase 1
 PE_PEAK = 4  # largest queue occupancy seen
 PE_TRACE = 5  # slot in the event log when this PE's op timeline is recorded, else -1
-PE_FIELDS = 8
+PE_SLEEP_CLASS = 6  # cycle class counted while the CE sleeps (see kernels: exact skipping)
+PE_READY = 7  # wavelets ready in the PE's router queues
+PE_INFLIGHT = 8  # routes with wavelets in flight towards a router or CE queue
+PE_HELD = 9  # wavelets held in the PE's queues (ready or in flight)
+PE_RXMASK = 10  # link ports (bits) some route of this PE receives from
+PE_FIELDS = 16
 
 # ot[op, :] int64 - per-op constants for a configuration
 OT_CODE = 0

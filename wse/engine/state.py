@@ -35,6 +35,8 @@ class State(NamedTuple):
     acc: np.ndarray  # int64 [N_OP_COUNTERS, P] PE counters C_FLOPS .. C_OPS
     link_acc: np.ndarray  # int32 [N_LINK_COUNTERS, P, 4] (L_WAVELETS comes from Q_GRANTS)
     finish: np.ndarray  # int64 [P] cycle after the PE's last op completed
+    sleep_until: np.ndarray  # int64 [P] first cycle the CE must run again (0: awake)
+    sleep_from: np.ndarray  # int64 [P] first cycle not yet counted while asleep
 
 
 N_CLASSES = isa.C_STALL_SYNC + 1
@@ -56,6 +58,8 @@ class Flat(NamedTuple):
     acc: np.ndarray
     link_acc: np.ndarray
     finish: np.ndarray
+    sleep_until: np.ndarray
+    sleep_from: np.ndarray
     ot: np.ndarray
 
 
@@ -223,6 +227,10 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     pe_rec[:, L.PE_ROUTES] = n_routes
     pe_rec[:, L.PE_LIVE] = has.sum(axis=1)
     pe_rec[:, L.PE_TRACE] = -1
+    rxmask = np.zeros(P, dtype=np.int64)
+    linked = (rx < isa.N_LINK_PORTS)
+    np.bitwise_or.at(rxmask, pe[linked], np.int64(1) << rx[linked])
+    pe_rec[:, L.PE_RXMASK] = rxmask
     state = State(**staggered(dict(
         rt=rt, color_slot=color_slot, q=np.zeros((P, R, L.Q_FIELDS), np.int32), th=th, pe=pe_rec,
         sem=np.zeros((P, isa.MAX_SEMAPHORES), np.int32),
@@ -230,7 +238,7 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
         cyc=np.zeros((N_CLASSES, P), np.int32),
         acc=np.zeros((N_OP_COUNTERS, P), np.int64),
         link_acc=np.zeros((isa.N_LINK_COUNTERS, P, isa.N_LINK_PORTS), np.int32),
-        finish=np.zeros(P, np.int64),
+        finish=np.zeros(P, np.int64), sleep_until=np.zeros(P, np.int64), sleep_from=np.zeros(P, np.int64),
     )))
     consts = Consts(W, R, T, max(cfg.colors, 1), cfg.queue_depth_wavelets, cfg.hop_latency_cycles,
                     cfg.ramp_latency_cycles, cfg.link_wavelets_per_cycle,
