@@ -442,6 +442,107 @@ def compare_cmd(run_files, as_json) -> None:
         click.echo(format_compare(cmp))
 
 
+@cli.command("system")
+@click.option("--model", required=True, help="model name (wse models)")
+@click.option("--system", "system_name", default="cs3x4", show_default=True,
+              help="system preset (cs3, cs3x4, cs3x16, cs3x64) or TOML file")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="override a system value")
+@click.option("--wafers", default="preset", show_default=True,
+              help="wafers in the chain: a number, 'auto' (fewest that hold weights + KV cache) or 'preset'")
+@click.option("--batch", type=int, default=1, show_default=True, help="sequences decoded together")
+@click.option("--context", type=int, default=1024, show_default=True, help="cached tokens attended to")
+@click.option("--prompt-len", type=int, default=512, show_default=True, help="prompt tokens for TTFT (0: skip)")
+@click.option("--gpu", type=click.Choice(["h100", "h200", "b200"]), default="h100", show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
+@click.option("--threads", type=int, help="Numba threads (default: all cores)")
+@click.option("--quiet", is_flag=True, help="print nothing but errors")
+@_clean_errors
+def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, gpu, output, threads, quiet) -> None:
+    """A model on a multi-wafer system and on GPU nodes, side by side (docs/system.md)."""
+    from .engine.run import simulate
+    from .results.store import RunInfo, write_run
+    from .system import compare
+    from .system.config import load_system
+
+    system = load_system(system_name, sets)
+    if wafers == "preset":
+        n = system.wafers
+    elif wafers == "auto":
+        n = None
+    else:
+        try:
+            n = int(wafers)
+        except ValueError:
+            raise WseError(f"--wafers {wafers!r}: expected a number, 'auto' or 'preset'") from None
+        if n < 1:
+            raise WseError("--wafers must be at least 1")
+    for name, v in (("--batch", batch), ("--context", context)):
+        if v < 1:
+            raise WseError(f"{name} must be at least 1")
+    if prompt_len < 0:
+        raise WseError("--prompt-len must be at least 0")
+    if threads is not None and threads < 1:
+        raise WseError("--threads must be at least 1")
+    cfg = system.wafer_config
+    bar = _Progress(not quiet and sys.stderr.isatty())
+
+    def sim(tr):
+        res = simulate(tr, cfg, threads=threads, progress=bar, validated=True)
+        bar.clear()
+        if res.stop == isa.STOP_INTERRUPTED:
+            raise KeyboardInterrupt
+        return res
+
+    job = compare.run_system(model, system, sim, wafers=n, batch=batch, context=context,
+                             prompt=prompt_len or None, gpu=gpu)
+    rep = job.decode.representative
+    info = RunInfo(trace_path=f"--model {model} --system {system.name} (counters of the largest stage)",
+                   trace_hash="", trace_mesh=(rep.pe_counters.shape[1], rep.pe_counters.shape[0]),
+                   threads=rep.threads, wall_seconds=rep.wall_seconds)
+    write_run(output, rep, cfg, info, extra=compare.figures(job), tables=compare.tables(job))
+    if not quiet:
+        click.echo(f"{model}, batch {batch}, context {context}, 16-bit weights")
+        click.echo(compare.format_rows(job))
+        click.echo(f"wrote {output}")
+
+
+@cli.command("bench")
+@click.option("--only", "only", multiple=True, metavar="NAME",
+              help="run only these benchmarks (repeatable or comma-separated): dense, wse3, layer, token8b, "
+                   "token70b, jit")
+@click.option("--quick", is_flag=True, help="smoke-test sizes (seconds, not minutes)")
+@click.option("--history", type=click.Path(dir_okay=False), default="bench-history.jsonl", show_default=True,
+              help="JSON-lines file each run appends to")
+@click.option("--json", "as_json", is_flag=True, help="print this run's history line")
+@_clean_errors
+def bench_cmd(only, quick, history, as_json) -> None:
+    """Speed and memory benchmarks (docs/performance.md), each in a fresh process."""
+    from pathlib import Path
+
+    from . import bench
+    names = [n.strip() for item in only for n in item.split(",") if n.strip()] or list(bench.NAMES)
+    for n in names:
+        if n not in bench.NAMES:
+            raise WseError(f"--only {n!r}: choose from {', '.join(bench.NAMES)}")
+    results = {}
+    for n in names:
+        if not as_json:
+            click.echo(f"running {n} ...", err=True)
+        results[n] = bench.run_isolated(n, quick)
+        if not as_json:
+            click.echo(bench.format_results({n: results[n]})[0])
+    entry, previous = bench.record(results, quick, Path(history))
+    if as_json:
+        import json
+        click.echo(json.dumps(entry))
+        return
+    m = entry["machine"]
+    click.echo(f"machine: {m['cpus']} CPUs, {m['cpu']}; appended to {history}")
+    for figure, before, now, worse in bench.changes(entry, previous):
+        flag = "  REGRESSION" if worse else ""
+        click.echo(f"  {figure}: {before:,.4g} -> {now:,.4g} ({now / before:.2f}x){flag}")
+
+
 def main() -> None:
     """Console entry point."""
     cli(prog_name="wse")

@@ -89,11 +89,16 @@ class WaferConfig:
     def __getattr__(self, key: str) -> Any:
         # Flat attribute access: cfg.hop_latency_cycles. Keys are unique across sections.
         values = self.__dict__.get("values")
-        if values is not None:
-            for path, v in values.items():
-                if path.split(".", 1)[1] == key:
-                    return v
-        raise AttributeError(key)
+        if values is None:
+            raise AttributeError(key)
+        flat = self.__dict__.get("_flat")
+        if flat is None:
+            flat = {path.split(".", 1)[1]: v for path, v in values.items()}
+            object.__setattr__(self, "_flat", flat)
+        try:
+            return flat[key]
+        except KeyError:
+            raise AttributeError(key) from None
 
     def simd_width(self, kind: int, dtype: int) -> int | None:
         """SIMD width for a compute kind and dtype, or None when the ISA has no such form."""

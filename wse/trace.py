@@ -406,34 +406,61 @@ def _validate_routes(t: Trace, cfg: WaferConfig, where: str) -> None:
                     f"{isa.PORT_NAMES[isa.PORT_OPPOSITE[p]]}: wavelets would be lost")
 
 
+def distinct_ops(t: Trace, idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Ops that differ in any column but the tag: (representatives, inverse).
+
+    representatives[u] is the first op index (in `idx` order; default all ops) with distinct
+    content u; inverse[j] is the content of op idx[j]. Traces repeat the same few ops on
+    thousands of PEs, so per-op work done once per distinct op is exact and fast.
+    """
+    idx = np.arange(len(t.ops["opcode"])) if idx is None else idx
+    if not len(idx):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    key = np.stack([t.ops[name][idx].astype(np.int64) for name, _ in OP_COLUMNS if name != "tag"], axis=1)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    return idx[first], inverse.reshape(-1)
+
+
 def _validate_ops(t: Trace, cfg: WaferConfig, where: str) -> None:
     used = np.zeros(len(t.prog_start), dtype=bool)
     ids = t.pe_program[t.pe_program >= 0]
     used[np.unique(ids)] = True
-    for pid in np.nonzero(used)[0]:
-        s = int(t.prog_start[pid])
-        for i in range(s, s + int(t.prog_len[pid])):
-            op = t.op(i)
-            msg = None
-            computes = op.opcode in (isa.OP_COMPUTE, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND)
-            if computes and cfg.simd_width(op.kind, op.dtype) is None:
-                msg = f"no {isa.KIND_NAMES[op.kind]} instruction for dtype {isa.DTYPE_NAMES[op.dtype]}"
-            for c, role, needed in ((op.color_in, "input", op.opcode in (isa.OP_RECV, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND)),
-                                    (op.color_out, "output", op.opcode in (isa.OP_SEND, isa.OP_RECV_COMPUTE_SEND))):
-                if needed and not 0 <= c < cfg.colors:
-                    msg = f"{role} color {c} out of range (wafer {cfg.name} has {cfg.colors} colors)"
-            if msg is None:
-                reads, writes = isa.op_streams(op.opcode, op.kind, op.dtype, op.dst, op.src0, op.src1)
-                for addr, nbytes in reads + writes:
-                    end = addr + op.length * nbytes
-                    if addr < 0 or end > cfg.sram_bytes:
-                        msg = (f"SRAM operand [{addr}, {end}) is outside the {cfg.sram_bytes}-byte SRAM")
-                        break
-                    if addr % nbytes:
-                        msg = f"SRAM operand at {addr} is not aligned to its {nbytes}-byte elements"
-                        break
-            if msg:
-                raise TraceError(f"{where}: {_op_location(t, i)}: {msg}")
+    pids = np.nonzero(used)[0]
+    if not len(pids):
+        return
+    order = np.concatenate([np.arange(t.prog_start[p], t.prog_start[p] + t.prog_len[p]) for p in pids])
+    reps, inverse = distinct_ops(t, order)
+    failing: dict[int, str] = {}
+    for u, i in enumerate(reps):
+        msg = _op_problem(t.op(int(i)), cfg)
+        if msg:
+            failing[u] = msg
+    if failing:  # the first failing op in program order, named with its own location
+        j = int(np.nonzero(np.isin(inverse, list(failing)))[0][0])
+        raise TraceError(f"{where}: {_op_location(t, int(order[j]))}: {failing[int(inverse[j])]}")
+
+
+def _op_problem(op: Op, cfg: WaferConfig) -> str | None:
+    """Why an op cannot run on this configuration, or None."""
+    msg = None
+    computes = op.opcode in (isa.OP_COMPUTE, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND)
+    if computes and cfg.simd_width(op.kind, op.dtype) is None:
+        msg = f"no {isa.KIND_NAMES[op.kind]} instruction for dtype {isa.DTYPE_NAMES[op.dtype]}"
+    for c, role, needed in ((op.color_in, "input", op.opcode in (isa.OP_RECV, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND)),
+                            (op.color_out, "output", op.opcode in (isa.OP_SEND, isa.OP_RECV_COMPUTE_SEND))):
+        if needed and not 0 <= c < cfg.colors:
+            msg = f"{role} color {c} out of range (wafer {cfg.name} has {cfg.colors} colors)"
+    if msg is None:
+        reads, writes = isa.op_streams(op.opcode, op.kind, op.dtype, op.dst, op.src0, op.src1)
+        for addr, nbytes in reads + writes:
+            end = addr + op.length * nbytes
+            if addr < 0 or end > cfg.sram_bytes:
+                msg = (f"SRAM operand [{addr}, {end}) is outside the {cfg.sram_bytes}-byte SRAM")
+                break
+            if addr % nbytes:
+                msg = f"SRAM operand at {addr} is not aligned to its {nbytes}-byte elements"
+                break
+    return msg
 
 
 def _program_tables(t: Trace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..isa import (
-    C_BUSY, C_SETUP, C_STALL_RECV, C_STALL_SEND, C_STALL_SRAM, C_STALL_SYNC, L_BLOCKED,
+    C_BUSY, C_SETUP, C_STALL_RECV, C_STALL_SEND, C_STALL_SRAM, C_STALL_SYNC, L_BLOCKED, L_WAVELETS,
     L_CONTENTION, MAX_SEMAPHORES, OP_SIGNAL, OP_WAIT, PORT_RAMP, STOP_COMPLETE, STOP_DEADLOCK,
 )
 from .layout import (
@@ -25,7 +25,7 @@ from .layout import (
     CQ_READY, CTRL_CODE, CTRL_SUB, CTRL_TWO, OT_CIN, OT_COUT, OT_CTRL, OT_FIELDS, OT_FLOPS, OT_LENGTH,
     OT_RBYTES, OT_RECV, OT_SEND, OT_SETUP, OT_TAG, OT_WBYTES, OT_WIDTH, TS_BYTES, TS_FIELDS, TS_FIRST, TS_FLOPS,
     TS_LAST, TS_OPS, TS_WAVELETS, EVENT_FIELDS, PE_GRANT, PE_LIVE, PE_PEAK,
-    PE_HELD, PE_INFLIGHT, PE_READY, PE_ROUTES, PE_RR, PE_RXMASK, PE_SLEEP_CLASS, PE_TRACE, Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX, RT_UP, RT_UP_PE, TH_CTRL,
+    PE_HELD, PE_INFLIGHT, PE_READY, PE_ROUTES, PE_RR, PE_RXMASK, PE_SLEEP_CLASS, PE_SLEEP_THREAD, PE_TRACE, Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX, RT_UP, RT_UP_PE, TH_CTRL,
     TH_END, TH_IN, TH_LEFT, TH_OP, TH_OUT, TH_SETUP, TH_WIDTH,
 )
 
@@ -186,7 +186,7 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
                     quiet = False
             if quiet:
                 if asleep:
-                    if pe[_u(pb + PE_SLEEP_CLASS)] == C_SETUP:
+                    if pe[_u(pb + PE_SLEEP_CLASS)] <= C_SETUP:  # busy or setup: progress
                         progressed += 1
                     w = sleep_until[_u(p)]
                     if w < next_wake:
@@ -201,7 +201,7 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
             w = sleep_until[_u(p)]
             if w < next_wake:
                 next_wake = w
-            if pe[_u(pb + PE_SLEEP_CLASS)] == C_SETUP:
+            if pe[_u(pb + PE_SLEEP_CLASS)] <= C_SETUP:
                 progressed += 1
         elif lv > 0:
             if sleep_until[_u(p)] != 0:
@@ -217,6 +217,8 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
             st_send = False
             st_sync = False
             signalled = False
+            stepped = 0  # threads that did something this cycle
+            ff_h = -1  # the thread that took a step of a local compute op it did not finish
             h = th0
             for _j in range(T):
                 hb = (p * T + h) << rshift
@@ -235,12 +237,14 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
                         signalled = True
                         busy = True
                         done = True
+                        stepped += 1
                     elif code == OP_WAIT:
                         si = _u(p * MAX_SEMAPHORES + (ctrl >> 12))
                         if sem[si] > 0:
                             sem[si] -= 1
                             busy = True
                             done = True
+                            stepped += 1
                         else:
                             st_sync = True
                     elif (ctrl & CTRL_TWO) != 0 and (ctrl & CTRL_SUB) == 0:
@@ -252,6 +256,7 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
                             rd -= need_r
                             th[_u(hb + TH_CTRL)] = ctrl | CTRL_SUB
                             busy = True
+                            stepped += 1
                             if th_start[_u(p * T + h)] < 0:
                                 th_start[_u(p * T + h)] = t
                     else:
@@ -270,6 +275,7 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
                             rd -= need_r
                             wr -= need_w
                             busy = True
+                            stepped += 1
                             if th_start[_u(p * T + h)] < 0:
                                 th_start[_u(p * T + h)] = t
                             if ctrl & CTRL_SUB:
@@ -284,6 +290,8 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
                             left = th[_u(hb + TH_LEFT)] - th[_u(hb + TH_WIDTH)]
                             if left > 0:
                                 th[_u(hb + TH_LEFT)] = left
+                                if islot < 0 and oslot < 0 and (ctrl & CTRL_TWO) == 0:
+                                    ff_h = h
                             else:
                                 th[_u(hb + TH_LEFT)] = 0
                                 done = True
@@ -365,9 +373,20 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
                 cls = C_STALL_SYNC
             if cls >= 0:
                 cyc[_u(cls * P + p)] += 1
-            # nothing moved: sleep until the first setup ends (or an event wakes the CE)
-            if skip and not busy and cls >= 0 and pe[_u(pb + PE_LIVE)] > 0:
-                until = t + 1 + min_setup if setup else NEVER
+            if skip and cls >= 0 and pe[_u(pb + PE_LIVE)] > 0:
+                until = t + 1
+                if not busy:
+                    # nothing moved: sleep until the first setup ends (or an event wakes the CE)
+                    until = t + 1 + min_setup if setup else NEVER
+                elif stepped == 1 and ff_h >= 0 and not st_sram:
+                    # one thread computes from SRAM alone, the others wait for events or setup:
+                    # it steps identically until its op's last step or the first setup ends
+                    fb = (p * T + ff_h) << rshift
+                    width = th[_u(fb + TH_WIDTH)]
+                    until = t + (th[_u(fb + TH_LEFT)] + width - 1) // width
+                    if setup and t + 1 + min_setup < until:
+                        until = t + 1 + min_setup
+                    pe[_u(pb + PE_SLEEP_THREAD)] = ff_h
                 if until > t + 1:
                     sleep_until[_u(p)] = until
                     sleep_from[_u(p)] = t + 1
@@ -444,30 +463,91 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
 
 
 @njit(cache=True)
-def _wake(p, t, T, th, pe, cyc, sleep_until, sleep_from, P):
-    """Account the cycles a CE slept (sleep_from .. t-1): its class, its threads' setups."""
+def _account_sleep(p, t, T, th, pe, cyc, sleep_from, P):
+    """Count the cycles a CE slept (sleep_from .. t-1) as if stepped: its class, its threads'
+    setup countdowns and, asleep busy, its computing thread's steps."""
     skipped = t - sleep_from[_u(p)]
     if skipped > 0:
-        cyc[_u(pe[_u((p << PSHIFT) + PE_SLEEP_CLASS)] * P + p)] += skipped
+        cls = pe[_u((p << PSHIFT) + PE_SLEEP_CLASS)]
+        cyc[_u(cls * P + p)] += skipped
         for h in range(T):
             hb = (p * T + h) << 3
             if (th[_u(hb + TH_CTRL)] & CTRL_CODE) != CODE_DONE and th[_u(hb + TH_SETUP)] > 0:
                 th[_u(hb + TH_SETUP)] -= skipped
-    sleep_until[_u(p)] = 0
+        if cls == C_BUSY:  # the computing thread took one step per cycle
+            fb = (p * T + pe[_u((p << PSHIFT) + PE_SLEEP_THREAD)]) << 3
+            th[_u(fb + TH_LEFT)] -= skipped * th[_u(fb + TH_WIDTH)]
     sleep_from[_u(p)] = t
+
+
+@njit(cache=True)
+def _wake(p, t, T, th, pe, cyc, sleep_until, sleep_from, P):
+    """Wake a sleeping CE at cycle t."""
+    _account_sleep(p, t, T, th, pe, cyc, sleep_from, P)
+    sleep_until[_u(p)] = 0
+
+
+@njit(cache=True)
+def fold(t, F, T, pe_cnt, link_cnt, tx):
+    """End of a chunk: sleeping CEs accounted up to t (they stay asleep), then the 32-bit
+    per-chunk counters added into the 64-bit totals pe_cnt [P, classes..] and link_cnt
+    [P, 4, link counters] and cleared. Wavelets per link come from the slots' grant counts."""
+    P = F.finish.shape[0]
+    R = tx.shape[1]
+    n_cls = F.cyc.shape[0] // P
+    n_link = F.link_acc.shape[0] // (P * 4)
+    for p in range(P):
+        if F.sleep_until[p] > 0:
+            _account_sleep(p, t, T, F.th, F.pe, F.cyc, F.sleep_from, P)
+        for c in range(n_cls):
+            pe_cnt[p, c] += F.cyc[c * P + p]
+            F.cyc[c * P + p] = 0
+        for c in range(n_link):
+            for port in range(4):
+                i = ((c * P + p) << 2) + port
+                link_cnt[p, port, c] += F.link_acc[i]
+                F.link_acc[i] = 0
+        for k in range(R):
+            qi = ((p * R + k) << 3) + Q_GRANTS
+            g = F.q[qi]
+            if g != 0:
+                for port in range(4):
+                    if (tx[p, k] >> port) & 1:
+                        link_cnt[p, port, L_WAVELETS] += g
+                F.q[qi] = 0
+
+
+@njit(cache=True)
+def totals(F, T):
+    """(FLOPs of completed ops plus the finished elements of ops in progress, wavelets held
+    in all queues): the timeline's sample of the whole mesh."""
+    P = F.finish.shape[0]
+    flops = 0
+    for p in range(P):
+        flops += F.acc[A_FLOPS * P + p]
+        for h in range(T):
+            hb = (p * T + h) << 3
+            if (F.th[hb + TH_CTRL] & CTRL_CODE) != CODE_DONE:
+                ob = F.th[hb + TH_OP] * OT_FIELDS
+                flops += (F.ot[ob + OT_LENGTH] - F.th[hb + TH_LEFT]) * F.ot[ob + OT_FLOPS]
+    held = 0
+    for i in range(0, F.q.shape[0], 8):
+        held += F.q[i + Q_OCC] + F.q[i + CQ_OCC]
+    return flops, held
 
 
 def _make_run(parallel: bool):
     loop = prange if parallel else range
 
-    def run_cycles(t, t_stop, last_progress, watchdog, F, I, n_tags, max_events, blocks, W, R, T, n_colors,
-                   depth, cap, hop_latency, ramp_latency, read_ports, write_ports, skip):
+    def run_cycles(t, t_stop, last_progress, watchdog, F, I, n_tags, max_events, blocks, n_groups, W, R, T,
+                   n_colors, depth, cap, hop_latency, ramp_latency, read_ports, write_ports, skip):
         """Step cycles t .. t_stop-1. Returns (next cycle, stop code or RUNNING, last progress).
 
         F holds the flat state arrays (state.Flat), I the instrumentation (state.Ins: per-block
         tag statistics and the event log of traced PEs); blocks[b] .. blocks[b+1] are the PE ranges
-        stepped as one unit (in parallel across blocks in the parallel kernel; any partition
-        gives identical results).
+        stepped as one unit. Group g steps blocks g, g + n_groups, ...: groups run in parallel in
+        the parallel kernel, and interleaving spreads busy parts of the mesh over all threads
+        (any partition gives identical results).
         """
         n_blocks = blocks.shape[0] - 1
         granted = np.zeros(n_blocks, dtype=np.int64)
@@ -479,15 +559,19 @@ def _make_run(parallel: bool):
         hop_bit = 1 << (hop_latency - 1)
         ramp_bit = 1 << (ramp_latency - 1)
         while t < t_stop:
-            for b in loop(n_blocks):
-                granted[b], evaluated[b] = _route_block(blocks[b], blocks[b + 1], F, W, R, depth, cap)
-            for b in loop(n_blocks):
-                pending[b], progressed[b], wake[b], active[b] = _update_block(
-                    blocks[b], blocks[b + 1], t, F, I, b, n_tags, max_events, W, R, T, n_colors, depth,
-                    cap, hop_bit, ramp_bit, read_ports, write_ports, skip)
+            for g in loop(n_groups):
+                for b in range(g, n_blocks, n_groups):
+                    granted[b], evaluated[b] = _route_block(blocks[b], blocks[b + 1], F, W, R, depth, cap)
+            for g in loop(n_groups):
+                for b in range(g, n_blocks, n_groups):
+                    pending[b], progressed[b], wake[b], active[b] = _update_block(
+                        blocks[b], blocks[b + 1], t, F, I, b, n_tags, max_events, W, R, T, n_colors, depth,
+                        cap, hop_bit, ramp_bit, read_ports, write_ports, skip)
             moved = granted.sum() + progressed.sum() > 0
             if moved:
                 last_progress = t
+            I.work[0] += active.sum()
+            I.work[1] += 1
             t += 1
             if pending.sum() == 0:
                 return t, STOP_COMPLETE, last_progress
@@ -499,9 +583,10 @@ def _make_run(parallel: bool):
                     target = min(first, t_stop)
                     if moved:
                         last_progress = target - 1
-                    t = target
                 else:
-                    t = min(last_progress + watchdog + 1, t_stop)
+                    target = max(t, min(last_progress + watchdog + 1, t_stop))
+                I.work[2] += target - t
+                t = target
             if t - 1 - last_progress >= watchdog:
                 return t, STOP_DEADLOCK, last_progress
         return t, RUNNING, last_progress

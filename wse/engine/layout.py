@@ -55,6 +55,7 @@ PE_READY = 7  # wavelets ready in the PE's router queues
 PE_INFLIGHT = 8  # routes with wavelets in flight towards a router or CE queue
 PE_HELD = 9  # wavelets held in the PE's queues (ready or in flight)
 PE_RXMASK = 10  # link ports (bits) some route of this PE receives from
+PE_SLEEP_THREAD = 11  # the thread a CE asleep in C_BUSY is computing with (exact skipping)
 PE_FIELDS = 16
 
 # ot[op, :] int64 - per-op constants for a configuration

@@ -22,6 +22,11 @@ class EngineResult:
     timeline: dict[str, np.ndarray] | None = None  # sampled activity (engine/run.py _Timeline)
     ops: dict[str, np.ndarray] | None = None  # per-tag table of completed ops
     events: dict[str, np.ndarray] | None = None  # op timelines of sampled PEs
+    # engine work (exact skipping, docs/model.md): PE-cycles stepped on the full path, cycles
+    # the kernel stepped, cycles it jumped over because every PE was quiet
+    stepped_pe_cycles: int = 0
+    stepped_cycles: int = 0
+    jumped_cycles: int = 0
 
     @property
     def complete(self) -> bool:

@@ -19,10 +19,14 @@ from .state import (MAX_CHUNK_CYCLES, N_CLASSES, N_OP_COUNTERS, Consts, Flat, In
 
 # Below this many PEs the serial kernel is used unless parallel stepping is forced.
 PARALLEL_MIN_PES = 4096
-# The parallel kernel steps PEs in contiguous blocks, this many per Numba thread.
-BLOCKS_PER_THREAD = 4
+# The parallel kernel steps PEs in contiguous blocks of about BLOCK_PES (at most MAX_BLOCKS),
+# dealt round-robin to GROUPS_PER_THREAD groups per Numba thread: each thread then gets blocks
+# from all over the mesh, busy regions and quiet ones alike.
+BLOCK_PES = 512
+MAX_BLOCKS = 512
+GROUPS_PER_THREAD = 2
 # Timeline: first sampling interval and the most samples kept (intervals double beyond it).
-TIMELINE_START_CYCLES = 16
+TIMELINE_START_CYCLES = 64
 TIMELINE_MAX_SAMPLES = 1024
 # Op timelines are recorded for this many sampled PEs, at most this many ops each.
 TRACED_PES = 16
@@ -64,7 +68,8 @@ class _Run:
         self.parallel = parallel
         self.n_threads = threads if threads is not None else numba.config.NUMBA_NUM_THREADS
         self.kernel = kernels.run_cycles_parallel if parallel else kernels.run_cycles_serial
-        n_blocks = BLOCKS_PER_THREAD * max(1, self.n_threads) if parallel else 1
+        self.n_groups = GROUPS_PER_THREAD * max(1, self.n_threads) if parallel else 1
+        n_blocks = max(self.n_groups, min(MAX_BLOCKS, P // BLOCK_PES)) if parallel else 1
         self.C = C._replace(blocks=np.linspace(0, P, n_blocks + 1).astype(np.int64))
         self.n_tags = len(trace.tags)
         self.traced = sample_pes(trace, TRACED_PES)
@@ -82,48 +87,21 @@ class _Run:
     def call(self, t: int, t_stop: int, last_progress: int) -> tuple[int, int, int]:
         C, cfg = self.C, self.cfg
         return self.kernel(t, t_stop, last_progress, cfg.watchdog_cycles, self.F, self.I, self.n_tags, MAX_EVENTS,
-                           C.blocks, C.mesh_width, C.n_routes, C.n_threads, C.n_colors, C.depth, C.link_capacity,
+                           C.blocks, self.n_groups, C.mesh_width, C.n_routes, C.n_threads, C.n_colors, C.depth, C.link_capacity,
                            C.hop_latency, C.ramp_latency, C.read_ports, C.write_ports, self.skip)
 
     def fold(self) -> None:
-        """The 32-bit per-chunk counters into the 64-bit totals (sleeping CEs accounted first)."""
-        S = self.S
-        self.wake_all()
-        self.pe_cnt[:, :N_CLASSES] += S.cyc.T
-        S.cyc[:] = 0
-        self.link_cnt[:] += np.moveaxis(S.link_acc, 0, 2)
-        S.link_acc[:] = 0
-        grants = S.q[:, :, L.Q_GRANTS].astype(np.int64)
-        for port in range(isa.N_LINK_PORTS):
-            self.link_cnt[:, port, isa.L_WAVELETS] += (grants * (self.tx >> port & 1)).sum(axis=1)
-        S.q[:, :, L.Q_GRANTS] = 0
-
-    def wake_all(self) -> None:
-        """Account the cycles sleeping CEs skipped so far (their class, their setups), as if
-        they had been stepped; they stay asleep (kernels._wake does this one PE at a time)."""
-        S, t = self.S, self.t
-        asleep = np.nonzero(S.sleep_until > 0)[0]  # asleep, or due to wake at t or later
-        if not len(asleep):
-            return
-        skipped = t - S.sleep_from[asleep]
-        cls = S.pe[asleep, L.PE_SLEEP_CLASS]
-        np.add.at(S.cyc, (cls, asleep), skipped.astype(S.cyc.dtype))
-        th = S.th[asleep]
-        live = ((th[:, :, L.TH_CTRL] & L.CTRL_CODE) != L.CODE_DONE) & (th[:, :, L.TH_SETUP] > 0)
-        th[:, :, L.TH_SETUP] -= np.where(live, skipped[:, None], 0).astype(th.dtype)
-        S.th[asleep] = th
-        S.sleep_from[asleep] = t
+        """The 32-bit per-chunk counters into the 64-bit totals (sleeping CEs accounted first,
+        as if they had been stepped; they stay asleep)."""
+        kernels.fold(self.t, self.F, self.C.n_threads, self.pe_cnt, self.link_cnt, self.tx)
 
     def op_counters(self) -> np.ndarray:
         """[N_OP_COUNTERS, P]: completed ops' counters plus the finished part of ops in progress."""
         return self.S.acc + _in_progress(self.S, self.ot)
 
     def sample(self) -> None:
-        S = self.S
-        busy = self.pe_cnt[:, isa.C_BUSY]
-        flops = self.op_counters()[L.A_FLOPS]
-        in_flight = int(S.q[:, :, L.Q_OCC].sum() + S.q[:, :, L.CQ_OCC].sum())
-        self.timeline.add(self.t, busy, flops, in_flight, self.region_of)
+        flops, in_flight = kernels.totals(self.F, self.C.n_threads)
+        self.timeline.add(self.t, self.pe_cnt[:, isa.C_BUSY], int(flops), int(in_flight), self.region_of)
 
     def run(self, progress: ProgressFn | None, snapshot: SnapshotFn | None, snapshot_seconds: float) -> EngineResult:
         self.call(0, 0, -1)  # zero cycles: loads or compiles the kernel untimed
@@ -180,7 +158,8 @@ class _Run:
             pe_counters=pe_cnt.reshape(H, W, isa.N_PE_COUNTERS),
             link_counters=self.link_cnt.reshape(H, W, isa.N_LINK_PORTS, isa.N_LINK_COUNTERS).copy(),
             stuck=stuck, wall_seconds=wall, threads=self.n_threads if self.parallel else 1,
-            timeline=self.timeline.arrays(self.region_names), ops=self.ops_table(), events=self.event_log())
+            timeline=self.timeline.arrays(self.region_names), ops=self.ops_table(), events=self.event_log(),
+            stepped_pe_cycles=int(self.I.work[0]), stepped_cycles=int(self.I.work[1]), jumped_cycles=int(self.I.work[2]))
 
     def ops_table(self) -> dict[str, np.ndarray]:
         """Columnar per-tag table: time span, ops, PEs, FLOPs, bytes, wavelets (completed ops)."""
@@ -237,16 +216,15 @@ class _Timeline:
     def next_sample(self, t: int) -> int:
         return (t // self.interval + 1) * self.interval
 
-    def add(self, t: int, busy: np.ndarray, flops: np.ndarray, in_flight: int, region_of: np.ndarray) -> None:
+    def add(self, t: int, busy: np.ndarray, total_flops: int, in_flight: int, region_of: np.ndarray) -> None:
         if self._prev_busy is None:  # the state at cycle 0
-            self._prev_busy, self._prev_flops = busy.copy(), int(flops.sum())
+            self._prev_busy, self._prev_flops = busy.copy(), total_flops
             return
         if self.cycle and t <= self.cycle[-1]:
             return
         d_busy = busy - self._prev_busy
         self.cycle.append(t)
         self.busy.append(int(d_busy.sum()))
-        total_flops = int(flops.sum())
         self.flops.append(total_flops - self._prev_flops)
         self.in_flight.append(in_flight)
         self.regions.append(np.bincount(region_of, weights=d_busy, minlength=self.n_regions).astype(np.int64))

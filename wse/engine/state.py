@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import isa
 from ..hardware import WaferConfig
-from ..trace import Trace
+from ..trace import Trace, distinct_ops
 from . import layout as L
 
 
@@ -77,13 +77,15 @@ class Ins(NamedTuple):
     tagstat: np.ndarray  # int64 [blocks * tags * TS_FIELDS]
     events: np.ndarray  # int64 [traced * max_events * EVENT_FIELDS]
     ev_count: np.ndarray  # int64 [traced]
+    work: np.ndarray  # int64 [3]: PE steps on the full path, cycles stepped, cycles jumped over
 
 
 def make_ins(P: int, T: int, blocks: int, tags: int, traced: int, max_events: int) -> Ins:
     tagstat = np.zeros((blocks, max(tags, 1), L.TS_FIELDS), dtype=np.int64)
     tagstat[:, :, L.TS_FIRST] = np.iinfo(np.int64).max
     return Ins(np.full(P * T, -1, np.int64), tagstat.reshape(-1),
-               np.zeros(max(traced, 1) * max_events * L.EVENT_FIELDS, np.int64), np.zeros(max(traced, 1), np.int64))
+               np.zeros(max(traced, 1) * max_events * L.EVENT_FIELDS, np.int64), np.zeros(max(traced, 1), np.int64),
+               np.zeros(3, np.int64))
 
 
 class Consts(NamedTuple):
@@ -125,12 +127,12 @@ def staggered(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def op_constants(trace: Trace, cfg: WaferConfig) -> np.ndarray:
     """Configuration-dependent per-op constants (docs/model.md, 'Ops'): int64 [n_ops, OT_FIELDS]."""
-    n = len(trace.ops["opcode"])
-    ot = np.zeros((n, L.OT_FIELDS), dtype=np.int64)
-    for i in range(n):
-        op = trace.op(i)
+    reps, inverse = distinct_ops(trace)
+    ot = np.zeros((len(reps), L.OT_FIELDS), dtype=np.int64)
+    for u, i in enumerate(reps):  # once per distinct op (all columns but the tag)
+        op = trace.op(int(i))
         reads, writes = isa.op_streams(op.opcode, op.kind, op.dtype, op.dst, op.src0, op.src1)
-        row = ot[i]
+        row = ot[u]
         row[L.OT_CODE], row[L.OT_LENGTH] = op.opcode, op.length
         row[L.OT_CIN], row[L.OT_COUT] = op.color_in, op.color_out
         row[L.OT_RECV] = op.opcode in (isa.OP_RECV, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND)
@@ -151,7 +153,8 @@ def op_constants(trace: Trace, cfg: WaferConfig) -> np.ndarray:
         two = len(reads) == 2 and (cfg.sram_read_ports < 2 or _banks_conflict(reads[0][0], reads[1][0], cfg))
         row[L.OT_CTRL] = L.ctrl_word(op.opcode, two, 1 if two else 0, 1 if two else len(reads),
                                      len(writes), op.sem)
-        row[L.OT_TAG] = op.tag
+    ot = ot[inverse]
+    ot[:, L.OT_TAG] = trace.ops["tag"]
     return ot
 
 

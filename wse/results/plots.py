@@ -93,4 +93,25 @@ def plot_run(rf: RunFile, outdir: str | Path) -> list[Path]:
             ax.set_title("per-layer breakdown")
             ax.legend(fontsize=7)
             save(fig, "layers.png")
+    wc, gc = rf.tables.get("curve_wafer"), rf.tables.get("curve_gpu")
+    if wc is not None and gc is not None:  # a `wse system` run: throughput against latency
+        fig, ax = plt.subplots(figsize=(7, 5))
+        system = rf.tables.get("system", {})
+        names = dict(zip(system.get("metric", []), zip(system.get("wafer_system", []), system.get("gpu", []))))
+        label_w, label_g = names.get("system", ("wafer system", "GPU nodes"))
+        ax.plot(wc["tokens_per_s_per_user"], wc["tokens_per_s"], "o-", label=f"{label_w} (micro-batches in flight)")
+        for x, y, m in zip(wc["tokens_per_s_per_user"], wc["tokens_per_s"], wc["in_flight"]):
+            ax.annotate(str(m), (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        if len(gc["batch"]):
+            ax.plot(gc["tokens_per_s_per_user"], gc["tokens_per_s"], "s-", label=f"{label_g} (batch)")
+            for x, y, b in zip(gc["tokens_per_s_per_user"], gc["tokens_per_s"], gc["batch"]):
+                ax.annotate(str(b), (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens/s per user (interactivity)")
+        ax.set_ylabel("aggregate tokens/s (throughput)")
+        ax.set_title(f"{rf.attrs.get('trace_path', '')}"[:80], fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "throughput-latency.png")
     return written

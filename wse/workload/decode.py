@@ -47,6 +47,9 @@ class ModelPlan:
     n_layers: int
     slots: list[Slot]
     token_col: int
+    first_layer: int = 0  # a wafer's group of layers starts here (multi-wafer systems)
+    embed: bool = True  # the plan holds the embedding
+    head: bool = True  # the plan holds the LM head
 
     @property
     def width(self) -> int:
@@ -70,48 +73,58 @@ def _table_slots(spec: ModelSpec, P: int, cfg: WaferConfig, head: bool, params: 
 
 
 def plan_model(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: int | None = None,
-               P: int | None = None) -> ModelPlan:
-    """Slot size and placement. With P=None the largest P that places and fits is chosen."""
+               P: int | None = None, first_layer: int = 0, embed: bool = True, head: bool = True) -> ModelPlan:
+    """Slot size and placement. With P=None the largest P that places and fits is chosen.
+
+    first_layer, embed and head describe one wafer's share of a model split over several
+    wafers: layers first_layer .. first_layer + n_layers - 1, with or without the embedding
+    and the LM head.
+    """
     check_colors(cfg)
-    n_layers = spec.layers if n_layers is None else n_layers
-    if not 1 <= n_layers <= spec.layers:
-        raise WseError(f"--layers must be in [1, {spec.layers}] for {spec.name}")
-    need, have = _bytes_needed(spec, params, n_layers), usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height
+    n_layers = spec.layers - first_layer if n_layers is None else n_layers
+    if not 0 <= first_layer < spec.layers or not 1 <= n_layers <= spec.layers - first_layer:
+        raise WseError(f"--layers must be in [1, {spec.layers - first_layer}] for {spec.name}")
+    need = bytes_needed(spec, params, n_layers, first_layer, embed, head)
+    have = usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height
     if need > have:
-        raise _does_not_fit(spec, cfg, params, n_layers, None)
-    area_bound = int((cfg.mesh_width * cfg.mesh_height / (n_layers + 2)) ** 0.5)
+        raise _does_not_fit(spec, cfg, params, n_layers, None, first_layer, embed, head)
+    area_bound = int((cfg.mesh_width * cfg.mesh_height / (n_layers + embed + head)) ** 0.5)
     top = min(cfg.mesh_width, cfg.mesh_height, spec.hidden_size, area_bound)
     candidates = [P] if P else list(range(top, 0, -1))
     last_error: Exception | None = None
+    layers = range(first_layer, first_layer + n_layers)
     for p in candidates:
         try:
             most = cfg.mesh_width // p - 1
-            k_e = _table_slots(spec, p, cfg, False, params, most)
-            k_h = _table_slots(spec, p, cfg, True, params, cfg.mesh_width // p)
-            slots = serpentine(n_layers, k_e, k_h, p, cfg.mesh_width, cfg.mesh_height)
-            kinds = {0, n_layers - 1}
-            if spec.moe and spec.moe.dense_layers < n_layers:
+            k_e = _table_slots(spec, p, cfg, False, params, most) if embed else 0
+            k_h = _table_slots(spec, p, cfg, True, params, cfg.mesh_width // p) if head else 0
+            slots = serpentine(n_layers, k_e, k_h, p, cfg.mesh_width, cfg.mesh_height, first_layer)
+            kinds = {layers[0], layers[-1]}
+            if spec.moe and spec.moe.dense_layers in layers:
                 kinds.add(spec.moe.dense_layers)
             for layer in sorted(kinds):
                 plan_layer(spec, layer, p, cfg, params)
-            return ModelPlan(spec, cfg, params, p, n_layers, slots, token_column(spec, k_e * p, params.token))
+            token_col = token_column(spec, k_e * p, params.token) if embed else 0
+            return ModelPlan(spec, cfg, params, p, n_layers, slots, token_col, first_layer, embed, head)
         except (PlacementError, FitError) as e:
             last_error = e
-    raise _does_not_fit(spec, cfg, params, n_layers, last_error)
+    raise _does_not_fit(spec, cfg, params, n_layers, last_error, first_layer, embed, head)
 
 
-def _bytes_needed(spec: ModelSpec, params: DecodeParams, n_layers: int) -> int:
-    """16-bit weights of the mapped layers, embedding and head, plus their KV cache."""
-    weights = ELEM * (spec.embedding_params() + spec.lm_head_params() + spec.hidden_size
-                      + sum(spec.layer_params(i) for i in range(n_layers)))
+def bytes_needed(spec: ModelSpec, params: DecodeParams, n_layers: int, first_layer: int = 0,
+                 embed: bool = True, head: bool = True) -> int:
+    """16-bit weights of the mapped layers (and the embedding and head when held), plus their
+    KV cache."""
+    weights = ELEM * ((spec.embedding_params() if embed else 0) + (spec.lm_head_params() + spec.hidden_size
+                      if head else 0) + sum(spec.layer_params(i) for i in range(first_layer, first_layer + n_layers)))
     return weights + 2 * spec.kv_size * params.context * params.batch * ELEM * n_layers
 
 
 def _does_not_fit(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: int,
-                  cause: Exception | None) -> WseError:
+                  cause: Exception | None, first_layer: int = 0, embed: bool = True, head: bool = True) -> WseError:
     """The error for a model that does not fit: bytes missing and wafers needed."""
     frac = n_layers / spec.layers
-    need = _bytes_needed(spec, params, n_layers)
+    need = bytes_needed(spec, params, n_layers, first_layer, embed, head)
     kv = 2 * spec.kv_size * params.context * params.batch * ELEM * n_layers
     weights = need - kv
     have = usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height
@@ -184,6 +197,19 @@ def _key(plan: ModelPlan, slot: Slot) -> tuple:
     return ("layer", moe, tuple(moe_experts(spec, slot.index, plan.params.batch)) if moe else ())
 
 
+def key_A0(plan: ModelPlan) -> tuple:
+    return ("A", _key(plan, plan.slots[0]))
+
+
+def key_B(plan: ModelPlan, k: int) -> tuple:
+    return ("B", _key(plan, plan.slots[k]))
+
+
+def key_S(plan: ModelPlan, k: int) -> tuple:
+    a, nxt = plan.slots[k], plan.slots[k + 1]
+    return ("S", _key(plan, a), _key(plan, nxt), direction(a.region, nxt.region), k + 1 == len(plan.slots) - 1)
+
+
 def _sub(plan: ModelPlan, slots: list[Slot]) -> tuple[int, int, int, int]:
     x0 = min(s.region.x0 for s in slots)
     y0 = min(s.region.y0 for s in slots)
@@ -203,7 +229,7 @@ def stage_A0(plan: ModelPlan) -> StageTrace:
     b = MeshBuilder(w, h, 4, stage="A0")
     rb = _build_region(plan, s, _shift(s.region, ox, oy), b, Lanes(None, {}, None, {}))
     ax, ay = rb.anchor
-    return StageTrace(("A", _key(plan, s)), b.build(), (rb.region.x0 + ax, rb.region.y0 + ay))
+    return StageTrace(key_A0(plan), b.build(), (rb.region.x0 + ax, rb.region.y0 + ay))
 
 
 def stage_B(plan: ModelPlan, k: int) -> StageTrace:
@@ -221,7 +247,7 @@ def stage_B(plan: ModelPlan, k: int) -> StageTrace:
     prog.add(lambda xr, yr, sp: handoff(red, xr[0], yr[0], 0, 64))
     prog.program_ids(b)
     ax, ay = red[X].final_root, red[Y].final_root
-    return StageTrace(("B", _key(plan, s)), b.build(), (region.x0 + ax, region.y0 + ay))
+    return StageTrace(key_B(plan, k), b.build(), (region.x0 + ax, region.y0 + ay))
 
 
 def stage_S(plan: ModelPlan, k: int) -> StageTrace:
@@ -260,8 +286,7 @@ def stage_S(plan: ModelPlan, k: int) -> StageTrace:
     anchor = None
     if k + 1 < len(plan.slots) - 1:
         anchor = (rb.region.x0 + rb.anchor[0], rb.region.y0 + rb.anchor[1])
-    key = ("S", _key(plan, a), _key(plan, nxt), direction(a.region, nxt.region), k + 1 == len(plan.slots) - 1)
-    return StageTrace(key, b.build(), anchor)
+    return StageTrace(key_S(plan, k), b.build(), anchor)
 
 
 @dataclasses.dataclass
@@ -271,29 +296,51 @@ class DecodeResult:
     stage_cycles: dict[tuple, int]  # distinct simulation key -> its total cycles
     simulations: int
     results: dict[tuple, object]  # key -> EngineResult of each distinct simulation
+    terms: list[tuple[int, tuple]] = dataclasses.field(default_factory=list)  # (sign, key): sums to the step
+
+    def total(self, counter: str) -> int:
+        """A PE counter summed over the whole step (e.g. flops): the signed sum of the stages'
+        totals, which counts every region's program and every lane transfer exactly once."""
+        return int(sum(sign * int(self.results[key].pe(counter).sum()) for sign, key in self.terms))
+
+    def link_total(self, counter: str) -> int:
+        """A link counter (e.g. wavelets: wavelet-hops) summed over the whole step."""
+        return int(sum(sign * int(self.results[key].link(counter).sum()) for sign, key in self.terms))
 
 
 def compose(plan: ModelPlan, simulate: Callable[[Trace], object]) -> DecodeResult:
-    """Cycles of the decode step from the distinct stage simulations (see module docstring)."""
-    cache: dict[tuple, object] = {}
+    """Cycles of the decode step from the distinct stage simulations (see module docstring).
 
-    def run(st: StageTrace):
-        if st.key not in cache:
+    Stages with equal keys are identical traces: each distinct one is built and simulated once.
+    """
+    cache: dict[tuple, object] = {}
+    anchor_of: dict[tuple, tuple[int, int] | None] = {}
+
+    def run(key: tuple, build: Callable[[], StageTrace]):
+        if key not in cache:
+            st = build()
             r = simulate(st.trace)
             if not r.complete:
                 raise WseError(f"stage {st.key} did not complete ({r.stop_name}): " + "; ".join(r.stuck[:3]))
-            cache[st.key] = r
-        return cache[st.key]
+            cache[key], anchor_of[key] = r, st.anchor
+        return cache[key]
 
-    def finish(st: StageTrace) -> int:
-        r = run(st)
-        x, y = st.anchor
+    def finish(key: tuple, build: Callable[[], StageTrace]) -> int:
+        r = run(key, build)
+        x, y = anchor_of[key]
         return int(r.pe("finish_cycle")[y, x])
 
     n = len(plan.slots)
-    anchors = [finish(stage_A0(plan))]
+    if n == 1:  # one region (a wafer holding one layer): it runs alone
+        r = run(key_A0(plan), lambda: stage_A0(plan))
+        return DecodeResult(r.total_cycles, [], {k: v.total_cycles for k, v in cache.items()}, len(cache), cache,
+                            [(1, key_A0(plan))])
+    anchors = [finish(key_A0(plan), lambda: stage_A0(plan))]
     for k in range(n - 2):
-        anchors.append(anchors[-1] + finish(stage_S(plan, k)) - finish(stage_B(plan, k)))
-    last = stage_S(plan, n - 2)
-    total = anchors[-1] + run(last).total_cycles - finish(stage_B(plan, n - 2))
-    return DecodeResult(total, anchors, {k: r.total_cycles for k, r in cache.items()}, len(cache), cache)
+        anchors.append(anchors[-1] + finish(key_S(plan, k), lambda: stage_S(plan, k))
+                       - finish(key_B(plan, k), lambda: stage_B(plan, k)))
+    total = (anchors[-1] + run(key_S(plan, n - 2), lambda: stage_S(plan, n - 2)).total_cycles
+             - finish(key_B(plan, n - 2), lambda: stage_B(plan, n - 2)))
+    # every region's work once: A0, then each S_k less its B_k (region k's barrier twice)
+    terms = [(1, key_A0(plan))] + [t for k in range(n - 1) for t in ((1, key_S(plan, k)), (-1, key_B(plan, k)))]
+    return DecodeResult(total, anchors, {k: r.total_cycles for k, r in cache.items()}, len(cache), cache, terms)

@@ -28,15 +28,20 @@ class Slot:
     region: Region
 
 
-def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, height: int) -> list[Slot]:
-    """Slots of the chain on a width x height mesh of P x P slots (PlacementError if it fails)."""
+def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, height: int,
+               first_layer: int = 0) -> list[Slot]:
+    """Slots of the chain on a width x height mesh of P x P slots (PlacementError if it fails).
+
+    k_embed = 0 leaves the embedding out and k_head = 0 the LM head (a wafer holding only a
+    group of layers of a model split over several wafers); layers are numbered from first_layer.
+    """
     nx, ny = width // P, height // P
     if nx < 1 or ny < 1:
         raise PlacementError(f"a {P}x{P} slot does not fit the {width}x{height} mesh")
     if k_embed >= nx:
         raise PlacementError(f"the embedding needs {k_embed} slots of {P}x{P}; a band holds {nx}, "
                              f"leaving none for the first layer beside it")
-    slots = [Slot("embedding", -1, Region(0, 0, k_embed * P, P))]
+    slots = [Slot("embedding", -1, Region(0, 0, k_embed * P, P))] if k_embed else []
     band, col = 0, k_embed  # next free slot; band 0 runs east
 
     def advance(b: int, c: int) -> tuple[int, int]:
@@ -50,9 +55,11 @@ def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, hei
         if band >= ny:
             raise PlacementError(f"{n_layers} layers do not fit: {nx * ny} slots of {P}x{P}, "
                                  f"{k_embed} + {n_layers} + {k_head} needed")
-        slots.append(Slot("layer", layer, Region(col * P, band * P, P, P)))
+        slots.append(Slot("layer", first_layer + layer, Region(col * P, band * P, P, P)))
         if layer < n_layers - 1:
             band, col = advance(band, col)
+    if not k_head:
+        return slots
     # the LM head continues the band if there is room, else starts below the last layer
     east = band % 2 == 0
     room = (nx - 1 - col) if east else col
@@ -67,7 +74,7 @@ def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, hei
             raise PlacementError(f"the LM head ({k_head} slots of {P}x{P}) has no room after the last layer")
     if b >= ny:
         raise PlacementError(f"the LM head does not fit below the last layer ({ny} bands of {P} rows)")
-    slots.append(Slot("lm_head", n_layers, Region(c0 * P, b * P, k_head * P, P)))
+    slots.append(Slot("lm_head", first_layer + n_layers, Region(c0 * P, b * P, k_head * P, P)))
     return slots
 
 

@@ -1,0 +1,39 @@
+"""`wse bench`: figures, the history file and regression flags (smoke-test sizes)."""
+import json
+
+from click.testing import CliRunner
+
+from wse import bench
+from wse.cli import cli
+
+
+def test_bench_appends_history_and_compares(tmp_path):
+    hist = tmp_path / "h.jsonl"
+    runner = CliRunner()
+    r1 = runner.invoke(cli, ["bench", "--quick", "--only", "layer", "--history", str(hist), "--json"])
+    assert r1.exit_code == 0, r1.output
+    entry = json.loads(r1.output.strip().splitlines()[-1])
+    layer = entry["results"]["layer"]
+    assert layer["cycles"] > 0 and layer["pe_cycles_per_s"] > 0 and 0 < layer["stepped_fraction"] <= 1
+    assert layer["peak_rss_mb"] > 0 and entry["machine"]["cpus"] >= 1
+    r2 = runner.invoke(cli, ["bench", "--quick", "--only", "layer", "--history", str(hist)])
+    assert r2.exit_code == 0, r2.output
+    assert "layer.pe_cycles_per_s" in r2.output  # compared with the first run
+    lines = hist.read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(x)["quick"] for x in lines)
+    # the same trace simulates to the same cycles every time
+    assert json.loads(lines[1])["results"]["layer"]["cycles"] == layer["cycles"]
+
+
+def test_unknown_benchmark_is_one_clear_error(tmp_path):
+    r = CliRunner().invoke(cli, ["bench", "--only", "nope", "--history", str(tmp_path / "h")])
+    assert r.exit_code == 2 and "choose from" in r.output
+    assert not (tmp_path / "h").exists()
+
+
+def test_regressions_are_flagged_beyond_the_threshold():
+    before = {"results": {"dense": {"pe_cycles_per_s": 100.0}, "token8b": {"wall_s": 10.0}}}
+    after = {"results": {"dense": {"pe_cycles_per_s": 80.0}, "token8b": {"wall_s": 10.5}}}
+    got = {name: worse for name, _, _, worse in bench.changes(after, before)}
+    assert got == {"dense.pe_cycles_per_s": True, "token8b.wall_s": False}
+    assert bench.changes(after, None) == []

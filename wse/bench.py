@@ -1,0 +1,288 @@
+"""Speed and memory benchmarks (`wse bench`, tools/bench_*.py): the figures docs/performance.md
+defines, each measured in a fresh process so its peak memory is its own.
+
+Benchmarks (--quick shrinks each to a smoke-test size):
+  dense     `neighbor` traffic on a 256x256 region of wse3: PE-cycles per wall second
+  wse3      `neighbor` traffic on the whole wse3 mesh: PE-cycles/s and peak memory
+  layer     one llama3.1-8b decode layer on wse3 (a stage trace): simulated PE-cycles/s
+  token8b   a whole llama3.1-8b decode token on one wse3, composed: wall seconds
+  token70b  llama3.1-70b at its per-wafer share of layers, composed: wall seconds
+  jit       cold JIT compile (empty cache) and warm start (cached), process start to finish
+
+Every `wse bench` run appends one JSON line (figures, machine, commit, date) to a history
+file and compares against the last comparable line, so regressions show.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import WseError
+
+NAMES = ("dense", "wse3", "layer", "token8b", "token70b", "jit")
+# Figures compared against the previous history line: (benchmark, key, higher is better).
+HEADLINE = (("dense", "pe_cycles_per_s", True), ("wse3", "pe_cycles_per_s", True),
+            ("layer", "pe_cycles_per_s", True), ("token8b", "wall_s", False), ("token70b", "wall_s", False),
+            ("jit", "warm_start_s", False))
+REGRESSION = 0.15  # a headline figure this much worse than last time is flagged
+TINY_RUN = (
+    "from wse import hardware; from wse.workload import synthetic as s; "
+    "from wse.engine.run import simulate; c = hardware.load_preset('tiny'); "
+    "simulate(s.neighbor(8, 8, 16), c, parallel=False); "
+    "simulate(s.neighbor(8, 8, 16), c, parallel=True)"
+)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _warm_kernels() -> None:
+    """Load (or compile) both kernels so JIT time stays out of timed runs."""
+    from . import hardware
+    from .engine.run import simulate
+    from .workload import synthetic
+    c = hardware.load_preset("tiny")
+    simulate(synthetic.neighbor(8, 8, 8), c, parallel=False)
+    simulate(synthetic.neighbor(8, 8, 8), c, parallel=True)
+
+
+def bench_neighbor(wafer: str, mesh: tuple[int, int] | None, wavelets: int, colors: int = 4,
+                   repeat: int = 1) -> dict[str, Any]:
+    """`neighbor` traffic (every PE streams to its east neighbour): best of `repeat` runs."""
+    import numba
+
+    from . import hardware
+    from .engine.run import simulate
+    from .workload import synthetic
+    cfg = hardware.load_preset(wafer)
+    w, h = mesh or (cfg.mesh_width, cfg.mesh_height)
+    _warm_kernels()
+    t0 = time.perf_counter()
+    trace = synthetic.neighbor(w, h, wavelets, colors)
+    build = time.perf_counter() - t0
+    best = None
+    for _ in range(repeat):
+        r = simulate(trace, cfg, parallel=True)
+        if not r.complete:
+            raise WseError(f"benchmark run stopped: {r.stop_name}")
+        if best is None or r.wall_seconds < best.wall_seconds:
+            best = r
+    return {"wafer": wafer, "mesh": f"{w}x{h}", "pes": w * h, "cycles": best.total_cycles,
+            "wall_s": best.wall_seconds, "build_s": build, "pe_cycles_per_s": w * h * best.total_cycles / best.wall_seconds,
+            "stepped_fraction": best.stepped_pe_cycles / max(1, w * h * best.total_cycles),
+            "threads": numba.get_num_threads(), "trace_mb": _trace_mb(trace)}
+
+
+def _trace_mb(trace) -> float:
+    n = sum(a.nbytes for a in trace.routes.values()) + sum(a.nbytes for a in trace.ops.values())
+    return (n + trace.pe_program.nbytes) / 2**20
+
+
+def _plan(model: str, wafer: str, context: int, share: bool):
+    """The decode plan; with share=True one wafer's share when the model is split over the
+    fewest wafers that hold it (system/wafers.py): a middle wafer's layers when there is one."""
+    from . import hardware
+    from .workload.decode import plan_model
+    from .workload.layer import DecodeParams
+    from .workload.models import load_model
+    cfg = hardware.load_preset(wafer)
+    spec = load_model(model)
+    params = DecodeParams(context=context)
+    if not share:
+        return cfg, plan_model(spec, cfg, params)
+    from .system.config import load_system
+    from .system.wafers import fewest_wafers, wafer_plans
+    system = load_system("cs3", [f'system.wafer="{wafer}"'])
+    plans = wafer_plans(spec, system, params, fewest_wafers(spec, system, params))
+    return cfg, plans[1] if len(plans) > 2 else plans[0]
+
+
+def bench_layer(model: str, wafer: str, context: int) -> dict[str, Any]:
+    """One decode layer: the first stage trace in which a layer region runs its whole step."""
+    from .engine.run import simulate
+    from .workload.decode import stage_S
+    cfg, plan = _plan(model, wafer, context, False)
+    _warm_kernels()
+    k = next(i for i, s in enumerate(plan.slots[:-1]) if s.kind == "layer")
+    t0 = time.perf_counter()
+    stage = stage_S(plan, k)
+    build = time.perf_counter() - t0
+    r = simulate(stage.trace, cfg)
+    pe_cycles = stage.trace.n_pes * r.total_cycles
+    return {"model": model, "wafer": wafer, "slot": plan.P, "pes": stage.trace.n_pes, "cycles": r.total_cycles,
+            "wall_s": r.wall_seconds, "build_s": build, "pe_cycles_per_s": pe_cycles / r.wall_seconds,
+            "stepped_fraction": r.stepped_pe_cycles / max(1, pe_cycles)}
+
+
+def bench_token(model: str, wafer: str, context: int, share: bool) -> dict[str, Any]:
+    """A whole decode token, composed from its distinct stages; wall includes trace builds."""
+    from .engine.run import simulate
+    from .workload.decode import compose
+    cfg, plan = _plan(model, wafer, context, share)
+    _warm_kernels()
+    sim_wall, pe_cycles = 0.0, 0
+
+    def sim(t):
+        nonlocal sim_wall, pe_cycles
+        r = simulate(t, cfg)
+        sim_wall += r.wall_seconds
+        pe_cycles += t.n_pes * r.total_cycles
+        return r
+
+    t0 = time.perf_counter()
+    d = compose(plan, sim)
+    wall = time.perf_counter() - t0
+    return {"model": model, "wafer": wafer, "layers": plan.n_layers, "slot": plan.P, "token_cycles": d.total_cycles,
+            "tokens_per_s": cfg.clock_hz / d.total_cycles, "simulations": d.simulations, "wall_s": wall,
+            "sim_wall_s": sim_wall, "pe_cycles_per_s": pe_cycles / sim_wall if sim_wall else 0.0}
+
+
+def _timed_subprocess(code: str, env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    return time.perf_counter() - t0
+
+
+def bench_jit() -> dict[str, Any]:
+    """Cold compile: a fresh process and an empty Numba cache running a tiny trace through both
+    kernels. Warm start: the same with the cache filled (best of 3)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        cold = _timed_subprocess(TINY_RUN, env)
+        warm = min(_timed_subprocess(TINY_RUN, env) for _ in range(3))
+    return {"cold_compile_s": cold, "warm_start_s": warm}
+
+
+def run_one(name: str, quick: bool) -> dict[str, Any]:
+    """One benchmark in this process."""
+    if name == "dense":
+        out = bench_neighbor("wse3", (64, 64) if quick else (256, 256), 200 if quick else 2000,
+                             repeat=1 if quick else 3)
+    elif name == "wse3":
+        out = bench_neighbor("small" if quick else "wse3", None, 50 if quick else 300)
+    elif name == "layer":
+        out = bench_layer("tiny", "small", 12) if quick else bench_layer("llama3.1-8b", "wse3", 1024)
+    elif name == "token8b":
+        out = bench_token("tiny", "small", 12, False) if quick else bench_token("llama3.1-8b", "wse3", 1024, False)
+    elif name == "token70b":
+        out = (bench_token("tiny", "small", 12, True) if quick
+               else bench_token("llama3.1-70b", "wse3", 1024, True))
+    elif name == "jit":
+        out = bench_jit()
+    else:
+        raise WseError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def run_isolated(name: str, quick: bool) -> dict[str, Any]:
+    """One benchmark in a fresh process (its own peak memory); raises WseError on failure."""
+    cmd = [sys.executable, "-m", "wse.bench", name] + (["--quick"] if quick else [])
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise WseError(f"benchmark {name} failed: {last}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import numba
+    return {"cpus": os.cpu_count(), "cpu": model, "python": platform.python_version(), "numba": numba.__version__,
+            "host": platform.node()}
+
+
+def _commit() -> str:
+    try:
+        p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                           cwd=Path(__file__).parent, timeout=5)
+        return p.stdout.strip() if p.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def record(results: dict[str, Any], quick: bool, history: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Append this run to the history file; return (this entry, the last comparable entry)."""
+    entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "commit": _commit(), "quick": quick, "machine": machine(), "results": results}
+    previous = None
+    if history.exists():
+        for line in history.read_text().splitlines():
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if e.get("quick") == quick and e.get("machine", {}).get("cpus") == entry["machine"]["cpus"]:
+                previous = e
+    history.parent.mkdir(parents=True, exist_ok=True)
+    with history.open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+    return entry, previous
+
+
+def changes(entry: dict[str, Any], previous: dict[str, Any] | None) -> list[tuple[str, float, float, bool]]:
+    """(figure, before, now, regressed) for headline figures present in both entries."""
+    out = []
+    if previous is None:
+        return out
+    for name, key, higher in HEADLINE:
+        a = previous["results"].get(name, {}).get(key)
+        b = entry["results"].get(name, {}).get(key)
+        if a and b:
+            worse = (b < a * (1 - REGRESSION)) if higher else (b > a * (1 + REGRESSION))
+            out.append((f"{name}.{key}", a, b, worse))
+    return out
+
+
+def format_results(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, r in results.items():
+        if name in ("dense", "wse3"):
+            lines.append(f"{name:9s} neighbor {r['mesh']} on {r['wafer']}: {r['pe_cycles_per_s'] / 1e6:.1f} M PE-cycles/s "
+                         f"({r['cycles']:,} cycles, {r['wall_s']:.2f} s, {r['threads']} threads), "
+                         f"peak {r['peak_rss_mb']:,.0f} MB")
+        elif name == "layer":
+            lines.append(f"{name:9s} {r['model']} decode layer on {r['wafer']}: {r['pe_cycles_per_s'] / 1e6:.1f} M "
+                         f"PE-cycles/s ({r['pes']:,} PEs x {r['cycles']:,} cycles in {r['wall_s']:.1f} s; "
+                         f"{100 * r['stepped_fraction']:.0f}% stepped), peak {r['peak_rss_mb']:,.0f} MB")
+        elif name.startswith("token"):
+            lines.append(f"{name:9s} {r['model']} ({r['layers']} layers) token on {r['wafer']}: {r['wall_s']:.1f} s wall "
+                         f"({r['simulations']} simulations, {r['token_cycles']:,} cycles = "
+                         f"{r['tokens_per_s']:,.0f} tokens/s), peak {r['peak_rss_mb']:,.0f} MB")
+        elif name == "jit":
+            lines.append(f"{name:9s} cold compile {r['cold_compile_s']:.1f} s, warm start {r['warm_start_s']:.2f} s")
+    return lines
+
+
+def main() -> None:
+    """`python -m wse.bench NAME [--quick]`: one benchmark, its figures as one JSON line."""
+    args = sys.argv[1:]
+    quick = "--quick" in args
+    names = [a for a in args if a != "--quick"]
+    if len(names) != 1:
+        sys.exit("usage: python -m wse.bench NAME [--quick]")
+    try:
+        print(json.dumps(run_one(names[0], quick)))
+    except WseError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

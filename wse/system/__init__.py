@@ -1,0 +1,1 @@
+"""Systems of several chips: wafer systems and the GPU baseline."""

@@ -1,0 +1,150 @@
+"""`wse system`: one model on a wafer system and on GPU nodes, side by side (docs/system.md).
+
+The wafer side is simulated (system/wafers.py); the GPU side is the analytic model of
+system/gpu.py run on the same model, batch, context and precision (16-bit weights and KV cache,
+what the wafer mapping stores).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from ..trace import Trace
+from ..workload.layer import DecodeParams
+from ..workload.models import load_model
+from .config import SystemConfig
+from .gpu import GpuResult, curve, gpu_decode, gpu_prefill, load_gpu
+from .wafers import SystemDecode, prefill_seconds, run_decode, wafer_plans
+
+ELEM_BYTES = 2.0  # the wafer mapping stores 16-bit weights and KV cache
+
+
+@dataclasses.dataclass
+class SystemJob:
+    decode: SystemDecode
+    gpu: GpuResult
+    gpu_ttft_s: float
+    ttft_s: float  # wafer system; nan without a prefill
+    rows: list[tuple[str, str, Any, Any]]  # (metric, units, wafer system, GPU)
+    gpu_curve: list[Any]
+
+
+def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], object], *, wafers: int | None = None,
+               batch: int = 1, context: int = 1024, prompt: int | None = 512, gpu: str = "h100") -> SystemJob:
+    """Simulate the wafer system, evaluate the GPU model, and tabulate both."""
+    spec = load_model(model)
+    params = DecodeParams(batch=batch, context=context)
+    dec = run_decode(spec, system, params, wafers, simulate)
+    ttft = math.nan
+    if prompt:
+        ttft = prefill_seconds(spec, system, wafer_plans(spec, system, params, dec.wafers), prompt, simulate)
+    g_cfg = load_gpu(gpu)
+    g = gpu_decode(spec, g_cfg, batch=batch, context=context, weight_bytes=ELEM_BYTES, kv_bytes=ELEM_BYTES,
+                   utilization=system.utilization)
+    g_ttft = gpu_prefill(spec, g_cfg, prompt, batch=batch, nodes=g.nodes, weight_bytes=ELEM_BYTES,
+                         kv_bytes=ELEM_BYTES).ttft_s if prompt else math.nan
+    g_curve = curve(spec, g_cfg, context, nodes=g.nodes, weight_bytes=ELEM_BYTES, kv_bytes=ELEM_BYTES)
+    one, most = dec.curve[0], dec.curve[-1]
+    wafer_name = f"{system.name}: {dec.wafers} x {system.wafer}"
+    gpu_name = f"{g.nodes} x 8x{g_cfg.name}"
+    rows = [
+        ("system", "", wafer_name, gpu_name),
+        ("chips", "", dec.wafers, g.gpus),
+        ("tokens/s per user", "tokens/s", one.tokens_per_s_per_user, g.tokens_per_s_per_user),
+        ("aggregate tokens/s", "tokens/s", one.tokens_per_s, g.aggregate_tokens_per_s),
+        ("aggregate tokens/s, best on curve", "tokens/s", most.tokens_per_s,
+         max(p.aggregate_tokens_per_s for p in g_curve) if g_curve else g.aggregate_tokens_per_s),
+        ("  at micro-batches in flight / batch", "", most.in_flight,
+         max(g_curve, key=lambda p: p.aggregate_tokens_per_s).batch if g_curve else batch),
+        ("TTFT", "s", ttft, g_ttft),
+        ("J/token", "J", one.j_per_token, g.j_per_token),
+        ("J/token, pipeline full", "J", most.j_per_token, None),
+        ("$/Mtok", "USD", one.usd_per_mtok, g.usd_per_mtok),
+        ("$/Mtok, pipeline full", "USD", most.usd_per_mtok, None),
+        ("bound", "", _wafer_bound(dec), g.bound),
+    ]
+    return SystemJob(dec, g, g_ttft, ttft, rows, g_curve)
+
+
+def _wafer_bound(dec: SystemDecode) -> str:
+    link_share = dec.link_seconds * (dec.wafers - 1) / dec.latency_s if dec.latency_s else 0.0
+    return f"regions {100 * (1 - link_share):.0f}%, links {100 * link_share:.0f}% of latency"
+
+
+def format_rows(job: SystemJob) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            if math.isnan(v):
+                return "n/a"
+            return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        return str(v)
+    w0 = max(len(r[0]) + len(r[1]) + 3 for r in job.rows)
+    w1 = max(len(cell(r[2])) for r in job.rows)
+    lines = [f"{'':{w0}}  {'wafer system':>{w1}}  GPU nodes"]
+    for name, units, a, b in job.rows:
+        label = f"{name} ({units})" if units else name
+        lines.append(f"{label:{w0}}  {cell(a):>{w1}}  {cell(b)}")
+    d = job.decode
+    lines.append("")
+    for s in d.steps:
+        lines.append(f"wafer {s.wafer}: layers {s.layers.start}-{s.layers.stop - 1}"
+                     f"{' + embedding' if s.embed else ''}{' + LM head' if s.head else ''}, {s.slot}x{s.slot} slots, "
+                     f"{s.cycles:,} cycles/token")
+    if d.wafers > 1:
+        lines.append(f"links: {d.link_bytes[0]:,} B per token each, {d.link_seconds * 1e6:.2f} us per transfer")
+    return "\n".join(lines)
+
+
+def tables(job: SystemJob) -> dict[str, dict[str, np.ndarray]]:
+    """Columnar tables for the run file: the side-by-side table, the wafers, both curves."""
+    d = job.decode
+
+    def text(v: Any) -> str:
+        return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+    return {
+        "system": {"metric": np.array([r[0] for r in job.rows], dtype=object),
+                   "units": np.array([r[1] for r in job.rows], dtype=object),
+                   "wafer_system": np.array([text(r[2]) for r in job.rows], dtype=object),
+                   "gpu": np.array([text(r[3]) for r in job.rows], dtype=object)},
+        "wafers": {"wafer": np.array([s.wafer for s in d.steps], dtype=np.int64),
+                   "first_layer": np.array([s.layers.start for s in d.steps], dtype=np.int64),
+                   "layers": np.array([len(s.layers) for s in d.steps], dtype=np.int64),
+                   "cycles": np.array([s.cycles for s in d.steps], dtype=np.int64),
+                   "flops": np.array([s.flops for s in d.steps], dtype=np.int64),
+                   "sram_bytes": np.array([s.sram_bytes for s in d.steps], dtype=np.int64),
+                   "wavelet_hops": np.array([s.wavelet_hops for s in d.steps], dtype=np.int64),
+                   "link_bytes_out": np.array(d.link_bytes + [0], dtype=np.int64)},
+        "curve_wafer": {"in_flight": np.array([p.in_flight for p in d.curve], dtype=np.int64),
+                        "tokens_per_s_per_user": np.array([p.tokens_per_s_per_user for p in d.curve]),
+                        "tokens_per_s": np.array([p.tokens_per_s for p in d.curve]),
+                        "j_per_token": np.array([p.j_per_token for p in d.curve]),
+                        "usd_per_mtok": np.array([p.usd_per_mtok for p in d.curve])},
+        "curve_gpu": {"batch": np.array([p.batch for p in job.gpu_curve], dtype=np.int64),
+                      "tokens_per_s_per_user": np.array([p.tokens_per_s_per_user for p in job.gpu_curve]),
+                      "tokens_per_s": np.array([p.aggregate_tokens_per_s for p in job.gpu_curve])},
+    }
+
+
+def figures(job: SystemJob) -> dict[str, tuple[Any, str, str]]:
+    """/summary scalars of a system run."""
+    d, one, most = job.decode, job.decode.curve[0], job.decode.curve[-1]
+    return {
+        "wafers": (d.wafers, "wafers", "wafer systems in the chain"),
+        "token_latency_s": (d.latency_s, "s", "one token through every wafer and link"),
+        "tokens_per_s_per_user": (one.tokens_per_s_per_user, "tokens/s", "one micro-batch in flight"),
+        "tokens_per_s": (one.tokens_per_s, "tokens/s", "aggregate, one micro-batch in flight"),
+        "tokens_per_s_full": (most.tokens_per_s, "tokens/s", f"aggregate, {most.in_flight} micro-batches in flight"),
+        "ttft_s": (job.ttft_s, "s", "time to first token of the prompt"),
+        "energy_per_token_j": (one.j_per_token, "J", "energy per token, one micro-batch in flight"),
+        "cost_per_mtok_usd": (one.usd_per_mtok, "USD", "cost per million tokens, one micro-batch in flight"),
+        "gpu_tokens_per_s_per_user": (job.gpu.tokens_per_s_per_user, "tokens/s", f"{job.gpu.gpu} nodes (analytic)"),
+        "gpu_tokens_per_s": (job.gpu.aggregate_tokens_per_s, "tokens/s", "GPU aggregate at this batch"),
+        "gpu_energy_per_token_j": (job.gpu.j_per_token, "J", "GPU energy per token"),
+        "gpu_cost_per_mtok_usd": (job.gpu.usd_per_mtok, "USD", "GPU cost per million tokens"),
+        "gpus": (job.gpu.gpus, "GPUs", "GPUs in the baseline"),
+    }

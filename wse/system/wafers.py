@@ -1,0 +1,218 @@
+"""A model on a chain of wafer systems: layer groups, per-wafer cycle simulation, links,
+pipelining of sequences in flight, energy and cost (docs/system.md).
+
+The layers are split into consecutive groups, one per wafer (the first also holds the
+embedding, the last the LM head). Each wafer's decode step is simulated cycle by cycle
+(composed from its distinct stage traces, decode.compose, which is exact); wafers whose
+groups run identical programs are simulated once. Between wafers the activations of the batch
+(batch x hidden x 2 bytes) cross one link.
+
+Pipelining: every layer region and every link is a pipeline stage that holds one micro-batch
+(the `batch` sequences decoded together) at a time. With m micro-batches in flight a
+micro-batch's next token comes every period(m) = max(L, m * b), where L is the token latency
+through the whole chain and b the longest stage; per-sequence tokens/s = 1 / period and
+aggregate tokens/s = m * batch / period. Each micro-batch in flight needs its own KV cache,
+so m is bounded by the SRAM left on the fullest wafer and by the number of stages.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from ..errors import WseError
+from ..trace import Trace, validate
+from ..workload.decode import ELEM, ModelPlan, bytes_needed, compose, plan_model, _key
+from ..workload.layer import DecodeParams
+from ..workload.models import ModelSpec
+from ..workload.plan import usable_sram
+from .config import SystemConfig
+from .link import Link, LinkLedger
+
+
+def split_layers(n_layers: int, wafers: int) -> list[range]:
+    """Consecutive groups of layers, sizes differing by at most one (larger groups first)."""
+    if not 1 <= wafers <= n_layers:
+        raise WseError(f"{wafers} wafers for {n_layers} layers: each wafer needs at least one layer")
+    q, r = divmod(n_layers, wafers)
+    out, start = [], 0
+    for w in range(wafers):
+        n = q + (1 if w < r else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int) -> list[ModelPlan]:
+    """One decode plan per wafer (WseError naming the wafer if a group does not fit)."""
+    cfg = system.wafer_config
+    plans = []
+    for w, group in enumerate(split_layers(spec.layers, wafers)):
+        try:
+            plans.append(plan_model(spec, cfg, params, len(group), None, group.start, w == 0, w == wafers - 1))
+        except WseError as e:
+            raise WseError(f"wafer {w} of {wafers} (layers {group.start}..{group.stop - 1}): {e}") from None
+    return plans
+
+
+def fewest_wafers(spec: ModelSpec, system: SystemConfig, params: DecodeParams, most: int = 4096) -> int:
+    """The fewest wafers whose SRAM holds the weights plus the KV cache (and whose groups place)."""
+    cfg = system.wafer_config
+    have = usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height
+    total = bytes_needed(spec, params, spec.layers)
+    last: WseError | None = None
+    for w in range(max(1, -(-total // have)), min(most, spec.layers) + 1):
+        groups = split_layers(spec.layers, w)
+        if any(bytes_needed(spec, params, len(g), g.start, i == 0, i == w - 1) > have for i, g in enumerate(groups)):
+            continue
+        try:
+            wafer_plans(spec, system, params, w)
+            return w
+        except WseError as e:
+            last = e
+    raise WseError(f"{spec.name} does not fit on up to {min(most, spec.layers)} {cfg.name} wafers"
+                   + (f": {last}" if last else ""))
+
+
+@dataclasses.dataclass
+class WaferStep:
+    """One wafer's share of a decode step."""
+
+    wafer: int
+    layers: range
+    embed: bool
+    head: bool
+    slot: int  # P
+    cycles: int
+    region_cycles: list[int]  # time each region holds the micro-batch (a pipeline stage)
+    flops: int
+    sram_bytes: int
+    wavelet_hops: int
+    simulations: int
+    spare_sram_bytes: int  # usable SRAM left: room for the KV caches of more micro-batches
+    kv_bytes: int  # KV cache of one micro-batch on this wafer
+
+
+@dataclasses.dataclass
+class PipelinePoint:
+    in_flight: int  # micro-batches
+    period_s: float  # time between tokens of one sequence
+    tokens_per_s_per_user: float
+    tokens_per_s: float  # aggregate
+    j_per_token: float
+    usd_per_mtok: float
+
+
+@dataclasses.dataclass
+class SystemDecode:
+    model: str
+    system: str
+    wafers: int
+    batch: int
+    context: int
+    clock_hz: float
+    steps: list[WaferStep]
+    link_bytes: list[int]  # bytes over each link per token step
+    link_seconds: float  # one link transfer of the batch's activations
+    latency_s: float  # one token through the whole chain
+    bottleneck_s: float  # the longest pipeline stage
+    max_in_flight: int
+    dynamic_j_per_step: float
+    static_w: float
+    curve: list[PipelinePoint]
+    ledger: LinkLedger
+    representative: object = None  # the largest stage simulation (EngineResult): counters for the run file
+
+    @property
+    def simulations(self) -> int:
+        return sum(s.simulations for s in self.steps)
+
+
+def _region_cycles(d) -> list[int]:
+    """Each region's hold time: from the hand-off it waits for to its own."""
+    marks = [0] + list(d.anchors) + [d.total_cycles]
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def _group_key(plan: ModelPlan) -> tuple:
+    return (plan.embed, plan.head, plan.P, tuple(_key(plan, s) for s in plan.slots))
+
+
+def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int | None,
+               simulate: Callable[[Trace], object]) -> SystemDecode:
+    """Simulate one decode step on every distinct wafer and put the chain together."""
+    cfg = system.wafer_config
+    wafers = wafers or fewest_wafers(spec, system, params)
+    plans = wafer_plans(spec, system, params, wafers)
+    have = usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height
+    cache: dict[tuple, object] = {}
+
+    def checked(t: Trace):
+        validate(t, cfg, where=f"{spec.name} on {system.name}")
+        return simulate(t)
+
+    steps = []
+    for w, plan in enumerate(plans):
+        key = _group_key(plan)
+        fresh = key not in cache
+        if fresh:
+            cache[key] = compose(plan, checked)
+        d = cache[key]
+        g = range(plan.first_layer, plan.first_layer + plan.n_layers)
+        kv = 2 * spec.kv_size * params.context * params.batch * ELEM * plan.n_layers
+        steps.append(WaferStep(
+            w, g, plan.embed, plan.head, plan.P, d.total_cycles, _region_cycles(d), d.total("flops"),
+            d.total("sram_read_bytes") + d.total("sram_write_bytes"), d.link_total("wavelets"),
+            d.simulations if fresh else 0,
+            have - bytes_needed(spec, params, plan.n_layers, plan.first_layer, plan.embed, plan.head), kv))
+    link = Link(system.link_bytes_per_s, system.link_latency_s)
+    ledger = LinkLedger(wafers, link)
+    act_bytes = params.batch * spec.hidden_size * ELEM
+    link_s = sum(ledger.transfer(w, w + 1, act_bytes) for w in range(wafers - 1))
+    latency = sum(s.cycles for s in steps) / cfg.clock_hz + link_s
+    stages = [c / cfg.clock_hz for s in steps for c in s.region_cycles] + \
+             [link.busy_seconds(act_bytes)] * (wafers - 1)
+    bottleneck = max(stages)
+    by_kv = min(s.spare_sram_bytes // s.kv_bytes if s.kv_bytes else len(stages) for s in steps)
+    max_in_flight = max(1, min(len(stages), 1 + by_kv))
+    dyn = (sum(s.flops for s in steps) / 2 * system.pj_per_fmac + sum(s.sram_bytes for s in steps) * system.pj_per_sram_byte
+           + sum(s.wavelet_hops for s in steps) * system.pj_per_wavelet_hop
+           + sum(ledger.sent) * system.pj_per_link_byte) * 1e-12
+    static_w = wafers * (system.static_w_per_wafer + system.overhead_w_per_system)
+    result = SystemDecode(spec.name, system.name, wafers, params.batch, params.context, cfg.clock_hz, steps,
+                          list(ledger.sent), link_s / max(wafers - 1, 1) if wafers > 1 else 0.0, latency, bottleneck,
+                          max_in_flight, dyn, static_w, [], ledger)
+    result.curve = [pipeline_point(result, system, m) for m in range(1, max_in_flight + 1)]
+    result.representative = max((r for d in cache.values() for r in d.results.values()),
+                                key=lambda r: r.pe_counters.shape[0] * r.pe_counters.shape[1] * r.total_cycles)
+    return result
+
+
+def pipeline_point(r: SystemDecode, system: SystemConfig, in_flight: int) -> PipelinePoint:
+    """Rates, energy and cost with `in_flight` micro-batches of `batch` sequences in flight."""
+    period = max(r.latency_s, in_flight * r.bottleneck_s)
+    tokens_per_period = in_flight * r.batch
+    rate = tokens_per_period / period
+    j = r.dynamic_j_per_step / r.batch + r.static_w * period / tokens_per_period
+    usd = r.wafers * system.usd_per_system_hour / 3600.0 / (rate * system.utilization) * 1e6
+    return PipelinePoint(in_flight, period, 1.0 / period, rate, j, usd)
+
+
+def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan], prompt: int,
+                    simulate: Callable[[Trace], object]) -> float:
+    """Time to first token: each wafer's layers prefill on its own slot size (simulated kernels,
+    workload/prefill.py), then the LM head; the prompt's activations (prompt x hidden x 2
+    bytes) cross each link."""
+    from ..workload.prefill import prefill
+    cfg = system.wafer_config
+    layer_cycles: dict[int, int] = {}
+    head_cycles = 0
+    for i, plan in enumerate(plans):
+        last = i == len(plans) - 1
+        if plan.P not in layer_cycles or last:
+            pr = prefill(spec, cfg, plan.P, prompt, plan.slots[-1].region.width, 1, simulate)
+            layer_cycles[plan.P] = pr.layer_cycles
+            if last:
+                head_cycles = pr.ttft_cycles - pr.layer_cycles
+    cycles = sum(plan.n_layers * layer_cycles[plan.P] for plan in plans) + head_cycles
+    link = Link(system.link_bytes_per_s, system.link_latency_s)
+    return cycles / cfg.clock_hz + (len(plans) - 1) * link.seconds(prompt * spec.hidden_size * ELEM)
