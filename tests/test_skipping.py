@@ -179,3 +179,27 @@ def test_arrivals_wake_a_computing_ce(tiny):
     assert skip.complete
     assert_identical(skip, dense, "mixed")
     assert skip.stepped_pe_cycles < dense.stepped_pe_cycles // 3
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_runs_of_compute_ops_are_replayed_exactly(tiny, monkeypatch, chunk):
+    """A thread running many short local compute ops sleeps through the whole run: setups,
+    steps, completions, per-tag statistics and the event log are replayed on waking, also when
+    an arrival or a chunk end interrupts the run."""
+    if chunk:
+        monkeypatch.setattr(engine_run, "MAX_CHUNK_CYCLES", chunk)
+    b = TraceBuilder(3, 1)
+    b.route(0, 0, 0, R_, [E])
+    b.route(1, 0, 0, W_, [E])
+    b.route(2, 0, 0, W_, [R_])
+    b.assign(0, 0, 0, [compute(isa.KIND_MOV, 8 * (i % 5 + 1), dst=4096, src0=8192) for i in range(30)]
+             + [send(0, 4, 0)])
+    chain = [compute(isa.KIND_FMAC, 3 + 7 * (i % 4), dst=4096, src0=16384) for i in range(40)]
+    b.assign(2, 0, 0, chain[:20] + [compute(isa.KIND_ADD, 64, dst=4096, src0=8192, src1=12288)] + chain[20:])
+    b.assign(2, 0, 1, [recv(0, 4, 0)])
+    tr = b.build()
+    skip, dense = both(tr, tiny)
+    assert skip.complete
+    assert_identical(skip, dense, "compute runs")
+    assert len(skip.events["op"]) == 31 + 41 + 1  # every op of both programmed PEs
+    assert skip.stepped_pe_cycles < dense.stepped_pe_cycles // 3

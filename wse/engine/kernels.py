@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..isa import (
-    C_BUSY, C_SETUP, C_STALL_RECV, C_STALL_SEND, C_STALL_SRAM, C_STALL_SYNC, L_BLOCKED, L_WAVELETS,
+    C_BUSY, C_SETUP, C_STALL_RECV, C_STALL_SEND, C_STALL_SRAM, C_STALL_SYNC, L_BLOCKED, L_WAVELETS, OP_COMPUTE,
     L_CONTENTION, MAX_SEMAPHORES, OP_SIGNAL, OP_WAIT, PORT_RAMP, STOP_COMPLETE, STOP_DEADLOCK,
 )
 from .layout import (
@@ -205,7 +205,7 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
                 progressed += 1
         elif lv > 0:
             if sleep_until[_u(p)] != 0:
-                _wake(p, t, T, th, pe, cyc, sleep_until, sleep_from, P)
+                _wake(p, t, T, blk, F, I, n_tags, max_events, n_colors)
             min_setup = NEVER  # setup cycles left, after this cycle, of threads in setup
             rd = read_ports
             wr = write_ports
@@ -296,58 +296,7 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
                                 th[_u(hb + TH_LEFT)] = 0
                                 done = True
                     if done:
-                        # the op completed at cycle t: count it whole; the next op
-                        # starts at t + 1
-                        op = th[_u(hb + TH_OP)]
-                        ob = op * OT_FIELDS
-                        n = ot[_u(ob + OT_LENGTH)]
-                        if n != 0:
-                            acc[_u(A_FLOPS * P + p)] += n * ot[_u(ob + OT_FLOPS)]
-                            acc[_u(A_SRAM_READ * P + p)] += n * ot[_u(ob + OT_RBYTES)]
-                            acc[_u(A_SRAM_WRITE * P + p)] += n * ot[_u(ob + OT_WBYTES)]
-                            acc[_u(A_SENT * P + p)] += n * ot[_u(ob + OT_SEND)]
-                            acc[_u(A_RECEIVED * P + p)] += n * ot[_u(ob + OT_RECV)]
-                        acc[_u(A_OPS * P + p)] += 1
-                        finish[_u(p)] = t + 1
-                        # instrumentation: per-tag statistics of this block, the PE's event log
-                        si = _u(p * T + h)
-                        started = th_start[si] if th_start[si] >= 0 else t
-                        sb = (blk * n_tags + ot[_u(ob + OT_TAG)]) * TS_FIELDS
-                        if started < tagstat[_u(sb + TS_FIRST)]:
-                            tagstat[_u(sb + TS_FIRST)] = started
-                        if t + 1 > tagstat[_u(sb + TS_LAST)]:
-                            tagstat[_u(sb + TS_LAST)] = t + 1
-                        tagstat[_u(sb + TS_OPS)] += 1
-                        if n != 0:
-                            tagstat[_u(sb + TS_FLOPS)] += n * ot[_u(ob + OT_FLOPS)]
-                            tagstat[_u(sb + TS_BYTES)] += n * (ot[_u(ob + OT_RBYTES)] + ot[_u(ob + OT_WBYTES)])
-                            tagstat[_u(sb + TS_WAVELETS)] += n * (ot[_u(ob + OT_SEND)] + ot[_u(ob + OT_RECV)])
-                        slot = pe[_u(pb + PE_TRACE)]
-                        if slot >= 0:
-                            k = ev_count[_u(slot)]
-                            if k < max_events:
-                                e = (slot * max_events + k) * EVENT_FIELDS
-                                events[_u(e)] = op
-                                events[_u(e + 1)] = h
-                                events[_u(e + 2)] = started
-                                events[_u(e + 3)] = t + 1
-                                ev_count[_u(slot)] = k + 1
-                        th_start[si] = -1
-                        op += 1
-                        th[_u(hb + TH_OP)] = op
-                        if op < th[_u(hb + TH_END)]:
-                            ob = op * OT_FIELDS
-                            th[_u(hb + TH_LEFT)] = ot[_u(ob + OT_LENGTH)]
-                            th[_u(hb + TH_SETUP)] = ot[_u(ob + OT_SETUP)]
-                            th[_u(hb + TH_CTRL)] = ot[_u(ob + OT_CTRL)]
-                            th[_u(hb + TH_WIDTH)] = ot[_u(ob + OT_WIDTH)]
-                            th[_u(hb + TH_IN)] = color_slot[
-                                _u(p * n_colors + ot[_u(ob + OT_CIN)])] if ot[_u(ob + OT_RECV)] else -1
-                            th[_u(hb + TH_OUT)] = color_slot[
-                                _u(p * n_colors + ot[_u(ob + OT_COUT)])] if ot[_u(ob + OT_SEND)] else -1
-                        else:
-                            th[_u(hb + TH_CTRL)] = CODE_DONE
-                            pe[_u(pb + PE_LIVE)] -= 1
+                        _complete_op(p, h, t, blk, F, I, n_tags, max_events, T, n_colors)
                 h += 1
                 if h == T:
                     h = 0
@@ -381,9 +330,7 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
                 elif stepped == 1 and ff_h >= 0 and not st_sram:
                     # one thread computes from SRAM alone, the others wait for events or setup:
                     # it steps identically until its op's last step or the first setup ends
-                    fb = (p * T + ff_h) << rshift
-                    width = th[_u(fb + TH_WIDTH)]
-                    until = t + (th[_u(fb + TH_LEFT)] + width - 1) // width
+                    until = _chain_end(p, ff_h, t, T, th, ot)
                     if setup and t + 1 + min_setup < until:
                         until = t + 1 + min_setup
                     pe[_u(pb + PE_SLEEP_THREAD)] = ff_h
@@ -463,32 +410,148 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
 
 
 @njit(cache=True)
-def _account_sleep(p, t, T, th, pe, cyc, sleep_from, P):
+def _complete_op(p, h, t, blk, F, I, n_tags, max_events, T, n_colors):
+    """Thread h of PE p completed its op at cycle t: count it whole (counters, per-tag
+    statistics of block blk, the PE's event log) and load its next op, which starts at t + 1."""
+    th, pe, ot, acc = F.th, F.pe, F.ot, F.acc
+    P = F.finish.shape[0]
+    hb = (p * T + h) << 3
+    op = th[_u(hb + TH_OP)]
+    ob = op * OT_FIELDS
+    n = ot[_u(ob + OT_LENGTH)]
+    if n != 0:
+        acc[_u(A_FLOPS * P + p)] += n * ot[_u(ob + OT_FLOPS)]
+        acc[_u(A_SRAM_READ * P + p)] += n * ot[_u(ob + OT_RBYTES)]
+        acc[_u(A_SRAM_WRITE * P + p)] += n * ot[_u(ob + OT_WBYTES)]
+        acc[_u(A_SENT * P + p)] += n * ot[_u(ob + OT_SEND)]
+        acc[_u(A_RECEIVED * P + p)] += n * ot[_u(ob + OT_RECV)]
+    acc[_u(A_OPS * P + p)] += 1
+    F.finish[_u(p)] = t + 1
+    th_start, tagstat = I.th_start, I.tagstat
+    si = _u(p * T + h)
+    started = th_start[si] if th_start[si] >= 0 else t
+    sb = (blk * n_tags + ot[_u(ob + OT_TAG)]) * TS_FIELDS
+    if started < tagstat[_u(sb + TS_FIRST)]:
+        tagstat[_u(sb + TS_FIRST)] = started
+    if t + 1 > tagstat[_u(sb + TS_LAST)]:
+        tagstat[_u(sb + TS_LAST)] = t + 1
+    tagstat[_u(sb + TS_OPS)] += 1
+    if n != 0:
+        tagstat[_u(sb + TS_FLOPS)] += n * ot[_u(ob + OT_FLOPS)]
+        tagstat[_u(sb + TS_BYTES)] += n * (ot[_u(ob + OT_RBYTES)] + ot[_u(ob + OT_WBYTES)])
+        tagstat[_u(sb + TS_WAVELETS)] += n * (ot[_u(ob + OT_SEND)] + ot[_u(ob + OT_RECV)])
+    slot = pe[_u((p << PSHIFT) + PE_TRACE)]
+    if slot >= 0:
+        k = I.ev_count[_u(slot)]
+        if k < max_events:
+            e = (slot * max_events + k) * EVENT_FIELDS
+            I.events[_u(e)] = op
+            I.events[_u(e + 1)] = h
+            I.events[_u(e + 2)] = started
+            I.events[_u(e + 3)] = t + 1
+            I.ev_count[_u(slot)] = k + 1
+    th_start[si] = -1
+    op += 1
+    th[_u(hb + TH_OP)] = op
+    if op < th[_u(hb + TH_END)]:
+        ob = op * OT_FIELDS
+        th[_u(hb + TH_LEFT)] = ot[_u(ob + OT_LENGTH)]
+        th[_u(hb + TH_SETUP)] = ot[_u(ob + OT_SETUP)]
+        th[_u(hb + TH_CTRL)] = ot[_u(ob + OT_CTRL)]
+        th[_u(hb + TH_WIDTH)] = ot[_u(ob + OT_WIDTH)]
+        th[_u(hb + TH_IN)] = F.color_slot[_u(p * n_colors + ot[_u(ob + OT_CIN)])] if ot[_u(ob + OT_RECV)] else -1
+        th[_u(hb + TH_OUT)] = F.color_slot[_u(p * n_colors + ot[_u(ob + OT_COUT)])] if ot[_u(ob + OT_SEND)] else -1
+    else:
+        th[_u(hb + TH_CTRL)] = CODE_DONE
+        pe[_u((p << PSHIFT) + PE_LIVE)] -= 1
+
+
+@njit(cache=True, inline="always")
+def _local_compute(ctrl):
+    """A pure local compute op: one step per cycle, no fabric operand, one SRAM substep."""
+    return (ctrl & CTRL_CODE) == OP_COMPUTE and (ctrl & CTRL_TWO) == 0
+
+
+@njit(cache=True)
+def _chain_end(p, h, t, T, th, ot):
+    """Cycle of the last step of the run of local compute ops thread h is in, the current op
+    (mid-op after cycle t's step) and the following ones: each next op costs its setup and
+    one cycle per step."""
+    hb = (p * T + h) << 3
+    width = th[_u(hb + TH_WIDTH)]
+    end = t + (th[_u(hb + TH_LEFT)] + width - 1) // width
+    op = th[_u(hb + TH_OP)] + 1
+    stop = th[_u(hb + TH_END)]
+    while op < stop:
+        ob = op * OT_FIELDS
+        if not _local_compute(ot[_u(ob + OT_CTRL)]):
+            break
+        w = ot[_u(ob + OT_WIDTH)]
+        end += ot[_u(ob + OT_SETUP)] + max(1, (ot[_u(ob + OT_LENGTH)] + w - 1) // w)
+        op += 1
+    return end
+
+
+@njit(cache=True)
+def _account_sleep(p, t, T, blk, F, I, n_tags, max_events, n_colors):
     """Count the cycles a CE slept (sleep_from .. t-1) as if stepped: its class, its threads'
-    setup countdowns and, asleep busy, its computing thread's steps."""
-    skipped = t - sleep_from[_u(p)]
+    setup countdowns and, asleep busy, its computing thread's steps, op completions and next
+    ops' setups (a run of local compute ops, kernels._chain_end)."""
+    th, pe, cyc = F.th, F.pe, F.cyc
+    P = F.finish.shape[0]
+    t0 = F.sleep_from[_u(p)]
+    skipped = t - t0
     if skipped > 0:
         cls = pe[_u((p << PSHIFT) + PE_SLEEP_CLASS)]
-        cyc[_u(cls * P + p)] += skipped
         for h in range(T):
             hb = (p * T + h) << 3
-            if (th[_u(hb + TH_CTRL)] & CTRL_CODE) != CODE_DONE and th[_u(hb + TH_SETUP)] > 0:
+            if (th[_u(hb + TH_CTRL)] & CTRL_CODE) != CODE_DONE and th[_u(hb + TH_SETUP)] > 0 and \
+                    (cls != C_BUSY or h != pe[_u((p << PSHIFT) + PE_SLEEP_THREAD)]):
                 th[_u(hb + TH_SETUP)] -= skipped
-        if cls == C_BUSY:  # the computing thread took one step per cycle
-            fb = (p * T + pe[_u((p << PSHIFT) + PE_SLEEP_THREAD)]) << 3
-            th[_u(fb + TH_LEFT)] -= skipped * th[_u(fb + TH_WIDTH)]
-    sleep_from[_u(p)] = t
+        if cls != C_BUSY:
+            cyc[_u(cls * P + p)] += skipped
+        else:
+            h = pe[_u((p << PSHIFT) + PE_SLEEP_THREAD)]
+            hb = (p * T + h) << 3
+            si = _u(p * T + h)
+            busy = 0
+            setup = 0
+            c = t0  # next cycle to account
+            while c < t:
+                left_setup = th[_u(hb + TH_SETUP)]
+                if left_setup > 0:
+                    k = min(left_setup, t - c)
+                    th[_u(hb + TH_SETUP)] = left_setup - k
+                    setup += k
+                    c += k
+                    continue
+                if I.th_start[si] < 0:
+                    I.th_start[si] = c
+                width = th[_u(hb + TH_WIDTH)]
+                steps = max(1, (th[_u(hb + TH_LEFT)] + width - 1) // width)
+                if c + steps <= t:  # the op's last step falls inside the sleep: replay it
+                    busy += steps
+                    c += steps
+                    th[_u(hb + TH_LEFT)] = 0
+                    _complete_op(p, h, c - 1, blk, F, I, n_tags, max_events, T, n_colors)
+                else:
+                    th[_u(hb + TH_LEFT)] -= (t - c) * width
+                    busy += t - c
+                    c = t
+            cyc[_u(C_BUSY * P + p)] += busy
+            cyc[_u(C_SETUP * P + p)] += setup
+    F.sleep_from[_u(p)] = t
 
 
 @njit(cache=True)
-def _wake(p, t, T, th, pe, cyc, sleep_until, sleep_from, P):
+def _wake(p, t, T, blk, F, I, n_tags, max_events, n_colors):
     """Wake a sleeping CE at cycle t."""
-    _account_sleep(p, t, T, th, pe, cyc, sleep_from, P)
-    sleep_until[_u(p)] = 0
+    _account_sleep(p, t, T, blk, F, I, n_tags, max_events, n_colors)
+    F.sleep_until[_u(p)] = 0
 
 
 @njit(cache=True)
-def fold(t, F, T, pe_cnt, link_cnt, tx):
+def fold(t, F, I, n_tags, max_events, T, n_colors, pe_cnt, link_cnt, tx):
     """End of a chunk: sleeping CEs accounted up to t (they stay asleep), then the 32-bit
     per-chunk counters added into the 64-bit totals pe_cnt [P, classes..] and link_cnt
     [P, 4, link counters] and cleared. Wavelets per link come from the slots' grant counts."""
@@ -498,7 +561,7 @@ def fold(t, F, T, pe_cnt, link_cnt, tx):
     n_link = F.link_acc.shape[0] // (P * 4)
     for p in range(P):
         if F.sleep_until[p] > 0:
-            _account_sleep(p, t, T, F.th, F.pe, F.cyc, F.sleep_from, P)
+            _account_sleep(p, t, T, 0, F, I, n_tags, max_events, n_colors)
         for c in range(n_cls):
             pe_cnt[p, c] += F.cyc[c * P + p]
             F.cyc[c * P + p] = 0

@@ -93,7 +93,8 @@ class _Run:
     def fold(self) -> None:
         """The 32-bit per-chunk counters into the 64-bit totals (sleeping CEs accounted first,
         as if they had been stepped; they stay asleep)."""
-        kernels.fold(self.t, self.F, self.C.n_threads, self.pe_cnt, self.link_cnt, self.tx)
+        kernels.fold(self.t, self.F, self.I, self.n_tags, MAX_EVENTS, self.C.n_threads, self.C.n_colors, self.pe_cnt,
+                     self.link_cnt, self.tx)
 
     def op_counters(self) -> np.ndarray:
         """[N_OP_COUNTERS, P]: completed ops' counters plus the finished part of ops in progress."""

@@ -1,0 +1,193 @@
+"""Multi-wafer systems (docs/system.md): exact layer splits, link byte conservation, the pipeline
+formulas, energy and $/Mtok from the documented inputs, and the `wse system` command."""
+import dataclasses
+import math
+
+import h5py
+import pytest
+from click.testing import CliRunner
+
+from wse import hardware
+from wse.cli import cli
+from wse.engine.run import simulate
+from wse.errors import WseError
+from wse.system.config import load_system
+from wse.system.link import Link, LinkLedger
+from wse.system.wafers import (fewest_wafers, pipeline_point, run_decode, split_layers, wafer_plans)
+from wse.workload.decode import compose, full_trace, plan_model
+from wse.workload.layer import DecodeParams
+from wse.workload.models import load_model
+
+PARAMS = DecodeParams(batch=2, context=12)
+
+
+@pytest.fixture(scope="module")
+def small_system():
+    return load_system("cs3", ['system.wafer="small"', "system.wafers=2"])
+
+
+def sim(small):
+    return lambda t: simulate(t, small)
+
+
+def test_layer_groups_are_consecutive_and_balanced():
+    for n, w in ((32, 1), (32, 3), (80, 6), (7, 7)):
+        groups = split_layers(n, w)
+        assert [g.start for g in groups][0] == 0 and groups[-1].stop == n
+        assert all(a.stop == b.start for a, b in zip(groups, groups[1:]))
+        assert max(map(len, groups)) - min(map(len, groups)) <= 1
+    with pytest.raises(WseError):
+        split_layers(2, 3)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-moe"])
+def test_a_model_on_two_wafers_splits_exactly(model, small_system):
+    """Each wafer's composed step equals its full trace, cycles and counters alike, and the two
+    wafers together do exactly the single wafer's work."""
+    small = small_system.wafer_config
+    spec = load_model(model)
+    one = plan_model(spec, small, PARAMS, P=16)
+    whole = simulate(full_trace(one)[0], small)
+    flops = wavelets = 0
+    for w, (first, n, embed, head) in enumerate(((0, 1, True, False), (1, 1, False, True))):
+        plan = plan_model(spec, small, PARAMS, n, 16, first, embed, head)
+        assert [s.kind for s in plan.slots] == (["embedding", "layer"] if w == 0 else ["layer", "lm_head"])
+        assert [s.index for s in plan.slots if s.kind == "layer"] == [first]
+        full = simulate(full_trace(plan)[0], small)
+        d = compose(plan, sim(small))
+        assert d.total_cycles == full.total_cycles
+        for counter in ("flops", "sram_read_bytes", "sram_write_bytes", "ops_completed"):
+            assert d.total(counter) == full.pe(counter).sum(), counter
+        assert d.link_total("wavelets") == full.link("wavelets").sum()
+        flops += d.total("flops")
+    # the layers and the tables do the same FLOPs split or not
+    assert flops == whole.pe("flops").sum()
+
+
+def test_a_wafer_holding_one_layer_runs_it_alone(small_system):
+    small = small_system.wafer_config
+    plan = plan_model(load_model("tiny"), small, PARAMS, 1, 16, 1, False, False)
+    assert [s.kind for s in plan.slots] == ["layer"]
+    d = compose(plan, sim(small))
+    assert d.total_cycles == simulate(full_trace(plan)[0], small).total_cycles and d.simulations == 1
+
+
+def test_links_conserve_bytes():
+    link = Link(100e9, 1e-6)
+    ledger = LinkLedger(4, link)
+    sizes = [(0, 1, 4096), (1, 2, 4096), (2, 3, 4096), (0, 1, 123)]
+    t = [ledger.transfer(a, b, n) for a, b, n in sizes]
+    assert t[0] == pytest.approx(1e-6 + 4096 / 100e9)
+    assert sum(ledger.sent) == sum(ledger.received) == sum(n for *_, n in sizes)
+    assert ledger.sent == [4219, 4096, 4096] and ledger.transfers == [2, 1, 1]
+    with pytest.raises(WseError):
+        ledger.transfer(1, 3, 8)
+
+
+def test_system_decode_puts_the_chain_together(small_system):
+    spec = load_model("tiny")
+    small = small_system.wafer_config
+    r = run_decode(spec, small_system, PARAMS, 2, sim(small))
+    act = PARAMS.batch * spec.hidden_size * 2
+    assert r.link_bytes == [act] and sum(r.ledger.received) == act
+    link = Link(small_system.link_bytes_per_s, small_system.link_latency_s)
+    assert r.latency_s == pytest.approx(sum(s.cycles for s in r.steps) / small.clock_hz + link.seconds(act))
+    # each wafer's regions add up to its step; the stages bound the pipeline
+    for s in r.steps:
+        assert sum(s.region_cycles) == s.cycles
+    assert r.bottleneck_s == pytest.approx(max(max(s.region_cycles) for s in r.steps) / small.clock_hz)
+    # the curve follows the pipeline formula
+    for p in r.curve:
+        period = max(r.latency_s, p.in_flight * r.bottleneck_s)
+        assert p.period_s == pytest.approx(period)
+        assert p.tokens_per_s == pytest.approx(p.in_flight * PARAMS.batch / period)
+    assert r.curve[0].tokens_per_s_per_user >= r.curve[-1].tokens_per_s_per_user
+    # counters: the wafers' FLOPs are the single-wafer step's FLOPs
+    single = run_decode(spec, small_system, PARAMS, 1, sim(small))
+    assert sum(s.flops for s in r.steps) == sum(s.flops for s in single.steps)
+    assert single.link_bytes == [] and single.steps[0].embed and single.steps[0].head
+
+
+def test_energy_and_cost_follow_from_the_documented_inputs(small_system):
+    spec = load_model("tiny")
+    sysc = load_system("cs3", ['system.wafer="small"', "system.wafers=2", "cost.usd_per_system_hour=36.0",
+                               "cost.utilization=0.5"])
+    r = run_decode(spec, sysc, PARAMS, 2, sim(sysc.wafer_config))
+    dyn = (sum(s.flops for s in r.steps) / 2 * 0.6 + sum(s.sram_bytes for s in r.steps) * 0.15
+           + sum(s.wavelet_hops for s in r.steps) * 2.0 + sum(r.link_bytes) * 20.0) * 1e-12
+    assert r.dynamic_j_per_step == pytest.approx(dyn)
+    for m in (1, r.max_in_flight):
+        p = pipeline_point(r, sysc, m)
+        tokens = m * PARAMS.batch
+        assert p.j_per_token == pytest.approx(dyn / PARAMS.batch + 2 * (5000 + 8000) * p.period_s / tokens)
+        assert p.usd_per_mtok == pytest.approx(2 * 36.0 / 3600 / (tokens / p.period_s * 0.5) * 1e6)
+
+
+def test_fewest_wafers_hold_weights_and_kv_cache(small_system):
+    spec = dataclasses.replace(load_model("tiny"), layers=6)
+    assert fewest_wafers(spec, small_system, PARAMS) == 1
+    # a long context's KV cache no longer fits in one wafer's layer slots: the fewest that hold it
+    long = DecodeParams(batch=8, context=4096)
+    w = fewest_wafers(spec, small_system, long)
+    assert w >= 2
+    plans = wafer_plans(spec, small_system, long, w)
+    assert plans[0].embed and not plans[0].head and plans[-1].head
+    with pytest.raises(WseError):
+        wafer_plans(spec, small_system, long, w - 1)
+
+
+def test_system_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "s.toml"
+    bad.write_text('base = "cs3"\n[system]\nwafers = 0\n')
+    with pytest.raises(WseError, match="system.wafers"):
+        load_system(str(bad))
+    bad.write_text('base = "cs3"\n[energy]\npj_per_flop = 1.0\n')
+    with pytest.raises(WseError, match="energy.pj_per_flop"):
+        load_system(str(bad))
+    with pytest.raises(WseError, match="unknown system preset"):
+        load_system("cs9")
+    with pytest.raises(WseError, match="system.wafer"):
+        load_system("cs3", ['system.wafer="wse9"'])
+
+
+def test_system_command_writes_the_table_and_plots(tmp_path):
+    cfg = tmp_path / "sys.toml"
+    cfg.write_text('base = "cs3"\n[system]\nname = "chain"\nwafer = "small"\nwafers = 2\n')
+    out = tmp_path / "sys.h5"
+    runner = CliRunner()
+    r = runner.invoke(cli, ["system", "--model", "tiny", "--system", str(cfg), "--batch", "2", "--context", "12",
+                            "--prompt-len", "64", "--gpu", "h200", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "tokens/s per user" in r.output and "J/token" in r.output and "$/Mtok" in r.output
+    with h5py.File(out) as f:
+        assert f.attrs["complete"]
+        metrics = [m.decode() if isinstance(m, bytes) else m for m in f["system/metric"][()]]
+        assert "TTFT" in metrics and f["wafers/cycles"].shape == (2,)
+        assert f["summary/wafers"][()] == 2 and f["summary/gpus"][()] == 8
+        assert math.isfinite(f["summary/ttft_s"][()]) and f["summary/energy_per_token_j"][()] > 0
+        assert len(f["curve_wafer/tokens_per_s"]) >= 1 and len(f["curve_gpu/batch"]) >= 1
+    p = runner.invoke(cli, ["plot", str(out), "-o", str(tmp_path / "plots")])
+    assert p.exit_code == 0 and (tmp_path / "plots" / "throughput-latency.png").exists()
+    rep = runner.invoke(cli, ["report", str(out)])
+    assert rep.exit_code == 0 and "energy_per_token_j" in rep.output
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--wafers", "x"], "--wafers"), (["--wafers", "0"], "--wafers"), (["--batch", "0"], "--batch"),
+    (["--system", "nope"], "unknown system preset"), (["--set", "cost.utilization=2"], "cost.utilization"),
+])
+def test_system_command_bad_input_is_one_clear_error(args, msg, tmp_path):
+    r = CliRunner().invoke(cli, ["system", "--model", "tiny", *args, "-o", str(tmp_path / "x.h5")])
+    assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_model_too_big_names_the_wafer():
+    spec = load_model("llama3.1-70b")
+    sysc = load_system("cs3")
+    with pytest.raises(WseError, match="wafer 0 of 2"):
+        wafer_plans(spec, sysc, DecodeParams(context=1024), 2)
+
+
+def test_hardware_presets_list_only_wafers():
+    assert "cs3" not in hardware.preset_names() and "h100" not in hardware.preset_names()
