@@ -156,7 +156,7 @@ def test_system_command_writes_the_table_and_plots(tmp_path):
     out = tmp_path / "sys.h5"
     runner = CliRunner()
     r = runner.invoke(cli, ["system", "--model", "tiny", "--system", str(cfg), "--batch", "2", "--context", "12",
-                            "--prompt-len", "64", "--gpu", "h200", "-o", str(out)])
+                            "--prompt-len", "32", "--gpu", "h200", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "tokens/s per user" in r.output and "J/token" in r.output and "$/Mtok" in r.output
     with h5py.File(out) as f:
@@ -191,3 +191,28 @@ def test_a_model_too_big_names_the_wafer():
 
 def test_hardware_presets_list_only_wafers():
     assert "cs3" not in hardware.preset_names() and "h100" not in hardware.preset_names()
+
+
+def test_expert_choice_is_uniform_by_default_and_skew_concentrates_it():
+    from wse.workload.layer import moe_experts
+    spec = load_model("mixtral-8x7b")
+    k = spec.moe.experts_per_token
+    uniform = moe_experts(spec, 3, 16)
+    assert uniform == {e: 16 * k // spec.moe.experts for e in range(spec.moe.experts)}
+    assert moe_experts(spec, 3, 16, 0.0) == uniform
+    skewed = moe_experts(spec, 3, 64, 2.0)
+    assert sum(skewed.values()) == 64 * k and skewed == moe_experts(spec, 3, 64, 2.0)  # reproducible
+    assert max(skewed.values()) > 64 * k // spec.moe.experts  # a hot expert
+    mild = moe_experts(spec, 3, 64, 0.5)
+    assert max(skewed.values()) >= max(mild.values())
+    with pytest.raises(WseError):
+        moe_experts(spec, 3, 4, -1.0)
+
+
+def test_skewed_moe_decode_composes_exactly(small_system):
+    small = small_system.wafer_config
+    params = DecodeParams(batch=4, context=12, expert_skew=1.5)
+    plan = plan_model(load_model("tiny-moe"), small, params, P=16)
+    full = simulate(full_trace(plan)[0], small)
+    d = compose(plan, sim(small))
+    assert d.total_cycles == full.total_cycles and d.total("flops") == full.pe("flops").sum()

@@ -154,6 +154,8 @@ def _workload_options(fn):
         click.option("--prompt-len", "prompt_len", type=int, help="prefill prompt length (default 512)"),
         click.option("--layers", type=int, help="layers to place (default: all)"),
         click.option("--token", type=int, help="token id looked up by the embedding (default 1)"),
+        click.option("--expert-skew", "expert_skew", type=float,
+                     help="MoE expert choice: 0 uniform (default), s > 0 Zipf-skewed popularity"),
         click.option("--heads", type=int, help="attention heads (--op attention)"),
         click.option("--kv-heads", "kv_heads", type=int, help="KV heads (--op attention)"),
         click.option("--head-dim", "head_dim", type=int, help="head dimension (--op attention)"),
@@ -452,12 +454,15 @@ def compare_cmd(run_files, as_json) -> None:
 @click.option("--batch", type=int, default=1, show_default=True, help="sequences decoded together")
 @click.option("--context", type=int, default=1024, show_default=True, help="cached tokens attended to")
 @click.option("--prompt-len", type=int, default=512, show_default=True, help="prompt tokens for TTFT (0: skip)")
+@click.option("--expert-skew", type=float, default=0.0, show_default=True,
+              help="MoE expert choice: 0 uniform, s > 0 Zipf-skewed popularity")
 @click.option("--gpu", type=click.Choice(["h100", "h200", "b200"]), default="h100", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
 @click.option("--threads", type=int, help="Numba threads (default: all cores)")
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
 @_clean_errors
-def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, gpu, output, threads, quiet) -> None:
+def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, expert_skew, gpu, output, threads,
+               quiet) -> None:
     """A model on a multi-wafer system and on GPU nodes, side by side (docs/system.md)."""
     from .engine.run import simulate
     from .results.store import RunInfo, write_run
@@ -493,8 +498,10 @@ def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, gpu
             raise KeyboardInterrupt
         return res
 
+    if expert_skew < 0:
+        raise WseError("--expert-skew must be at least 0")
     job = compare.run_system(model, system, sim, wafers=n, batch=batch, context=context,
-                             prompt=prompt_len or None, gpu=gpu)
+                             prompt=prompt_len or None, gpu=gpu, expert_skew=expert_skew)
     rep = job.decode.representative
     info = RunInfo(trace_path=f"--model {model} --system {system.name} (counters of the largest stage)",
                    trace_hash="", trace_mesh=(rep.pe_counters.shape[1], rep.pe_counters.shape[0]),

@@ -11,8 +11,9 @@ Pipelining: every layer region and every link is a pipeline stage that holds one
 (the `batch` sequences decoded together) at a time. With m micro-batches in flight a
 micro-batch's next token comes every period(m) = max(L, m * b), where L is the token latency
 through the whole chain and b the longest stage; per-sequence tokens/s = 1 / period and
-aggregate tokens/s = m * batch / period. Each micro-batch in flight needs its own KV cache,
-so m is bounded by the SRAM left on the fullest wafer and by the number of stages.
+aggregate tokens/s = m * batch / period. Each micro-batch in flight needs its own KV cache in
+every layer region, so m is bounded by the SRAM the regions' PEs have left and by the number of
+stages.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Callable
 
 from ..errors import WseError
 from ..trace import Trace, validate
-from ..workload.decode import ELEM, ModelPlan, bytes_needed, compose, plan_model, _key
+from ..workload.decode import ELEM, ModelPlan, bytes_needed, compose, plan_model, region_key
 from ..workload.layer import DecodeParams
 from ..workload.models import ModelSpec
 from ..workload.plan import usable_sram
@@ -88,8 +89,7 @@ class WaferStep:
     sram_bytes: int
     wavelet_hops: int
     simulations: int
-    spare_sram_bytes: int  # usable SRAM left: room for the KV caches of more micro-batches
-    kv_bytes: int  # KV cache of one micro-batch on this wafer
+    extra_in_flight: int  # more micro-batches whose KV caches fit beside every layer region's data
 
 
 @dataclasses.dataclass
@@ -133,8 +133,25 @@ def _region_cycles(d) -> list[int]:
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
+def _extra_in_flight(plan: ModelPlan) -> int:
+    """Micro-batches beyond the first whose KV caches fit in every layer region of the plan:
+    the SRAM a region's PEs have left over its per-PE KV cache buffer (layer.plan_layer)."""
+    from ..workload.layer import plan_layer
+    most = 1 << 30
+    seen = set()
+    for slot in plan.slots:
+        key = region_key(plan, slot)
+        if slot.kind != "layer" or key in seen:
+            continue
+        seen.add(key)
+        lp = plan_layer(plan.spec, slot.index, plan.P, plan.cfg, plan.params)
+        kv = lp.mem.buffers["kv_cache"][1]
+        most = min(most, (lp.mem.limit - lp.mem.top) // kv if kv else most)
+    return most
+
+
 def _group_key(plan: ModelPlan) -> tuple:
-    return (plan.embed, plan.head, plan.P, tuple(_key(plan, s) for s in plan.slots))
+    return (plan.embed, plan.head, plan.P, tuple(region_key(plan, s) for s in plan.slots))
 
 
 def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int | None,
@@ -143,7 +160,6 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
     cfg = system.wafer_config
     wafers = wafers or fewest_wafers(spec, system, params)
     plans = wafer_plans(spec, system, params, wafers)
-    have = usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height
     cache: dict[tuple, object] = {}
 
     def checked(t: Trace):
@@ -158,12 +174,10 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
             cache[key] = compose(plan, checked)
         d = cache[key]
         g = range(plan.first_layer, plan.first_layer + plan.n_layers)
-        kv = 2 * spec.kv_size * params.context * params.batch * ELEM * plan.n_layers
         steps.append(WaferStep(
             w, g, plan.embed, plan.head, plan.P, d.total_cycles, _region_cycles(d), d.total("flops"),
             d.total("sram_read_bytes") + d.total("sram_write_bytes"), d.link_total("wavelets"),
-            d.simulations if fresh else 0,
-            have - bytes_needed(spec, params, plan.n_layers, plan.first_layer, plan.embed, plan.head), kv))
+            d.simulations if fresh else 0, _extra_in_flight(plan)))
     link = Link(system.link_bytes_per_s, system.link_latency_s)
     ledger = LinkLedger(wafers, link)
     act_bytes = params.batch * spec.hidden_size * ELEM
@@ -172,8 +186,7 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
     stages = [c / cfg.clock_hz for s in steps for c in s.region_cycles] + \
              [link.busy_seconds(act_bytes)] * (wafers - 1)
     bottleneck = max(stages)
-    by_kv = min(s.spare_sram_bytes // s.kv_bytes if s.kv_bytes else len(stages) for s in steps)
-    max_in_flight = max(1, min(len(stages), 1 + by_kv))
+    max_in_flight = max(1, min(len(stages), 1 + min(s.extra_in_flight for s in steps)))
     dyn = (sum(s.flops for s in steps) / 2 * system.pj_per_fmac + sum(s.sram_bytes for s in steps) * system.pj_per_sram_byte
            + sum(s.wavelet_hops for s in steps) * system.pj_per_wavelet_hop
            + sum(ledger.sent) * system.pj_per_link_byte) * 1e-12

@@ -187,27 +187,28 @@ class StageTrace:
     anchor: tuple[int, int] | None  # mesh (x, y) whose finish_cycle marks the anchor of interest
 
 
-def _key(plan: ModelPlan, slot: Slot) -> tuple:
+def region_key(plan: ModelPlan, slot: Slot) -> tuple:
     """Regions with equal keys run identical programs."""
     if slot.kind != "layer":
         return (slot.kind, slot.region.width, slot.region.height)
     spec = plan.spec
     moe = spec.is_moe_layer(slot.index)
     from .layer import moe_experts
-    return ("layer", moe, tuple(moe_experts(spec, slot.index, plan.params.batch)) if moe else ())
+    return ("layer", moe, tuple(moe_experts(spec, slot.index, plan.params.batch, plan.params.expert_skew).items())
+            if moe else ())
 
 
 def key_A0(plan: ModelPlan) -> tuple:
-    return ("A", _key(plan, plan.slots[0]))
+    return ("A", region_key(plan, plan.slots[0]))
 
 
 def key_B(plan: ModelPlan, k: int) -> tuple:
-    return ("B", _key(plan, plan.slots[k]))
+    return ("B", region_key(plan, plan.slots[k]))
 
 
 def key_S(plan: ModelPlan, k: int) -> tuple:
     a, nxt = plan.slots[k], plan.slots[k + 1]
-    return ("S", _key(plan, a), _key(plan, nxt), direction(a.region, nxt.region), k + 1 == len(plan.slots) - 1)
+    return ("S", region_key(plan, a), region_key(plan, nxt), direction(a.region, nxt.region), k + 1 == len(plan.slots) - 1)
 
 
 def _sub(plan: ModelPlan, slots: list[Slot]) -> tuple[int, int, int, int]:

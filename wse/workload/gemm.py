@@ -183,9 +183,28 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
         prog.thread_roles = {T_COMPUTE: ((0, 4), (0, 4)), T_A_SEND: ((1, 2), (0, 3)), T_A_RECV: ((1, 2), (0, 3)),
                              T_B_SEND: ((0, 3), (1, 2)), T_B_RECV: ((0, 3), (1, 2))}
 
+    t_compute, t_move = b.tag("gemm compute", -1, "gemm"), b.tag(f"gemm {'relay' if algo == 'summa' else 'shift'}", -1, "transfer")
+    steps: dict[tuple[int, int, int], list[Op]] = {}
+
     def step_compute(s: int, mj: int, ni: int) -> list[Op]:
-        return [compute(FMAC, ni, dst=C + r * pb, src0=B[s % 2] + q * pb, src1=A[s % 2] + (r * Kt + q) * ELEM)
-                for r in range(mj) for q in range(Kt)]
+        """One step's FMACs (tagged): they depend on the step only through the buffer parity,
+        so each distinct list is built once (prefill GEMMs repeat it millions of times)."""
+        key = (s % 2, mj, ni)
+        if key not in steps:
+            steps[key] = [compute(FMAC, ni, dst=C + r * pb, src0=B[s % 2] + q * pb,
+                                  src1=A[s % 2] + (r * Kt + q) * ELEM)._replace(tag=t_compute)
+                          for r in range(mj) for q in range(Kt)]
+        return steps[key]
+
+    retagged: dict[tuple[Op, int], Op] = {}
+
+    def retag(op: Op, tag: int) -> Op:
+        if op.tag == tag:
+            return op
+        key = (op, tag)
+        if key not in retagged:
+            retagged[key] = op._replace(tag=tag)
+        return retagged[key]
 
     def body(xr, yr, sp):
         ic, jc = xr[0][0], yr[0][0]
@@ -194,7 +213,8 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
         out: dict[int, list[Op]] = {}
 
         def add(t: int, ops: list[Op]) -> None:
-            out.setdefault(t, []).extend(ops)
+            tag = t_compute if t == T_COMPUTE else t_move
+            out.setdefault(t, []).extend(op if op.tag == tag else retag(op, tag) for op in ops)
 
         for s in range(P):
             if algo == "summa":
@@ -208,7 +228,7 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
                         t = t_first + dt
                         add(t, ([wait(S_DONE[t])] if s >= 2 else []) + ops.get(dt, []) + [signal(S_RELAY_IN[t])])
                 add(T_COMPUTE, [wait(S_RELAY_IN[t]) for t in (T_A_SEND, T_A_RECV, T_B_SEND, T_B_RECV)])
-                add(T_COMPUTE, step_compute(s, mj, ni))
+                out.setdefault(T_COMPUTE, []).extend(step_compute(s, mj, ni))  # tagged already
                 if s < P - 2:
                     add(T_COMPUTE, [signal(S_DONE[t]) for t in (T_A_SEND, T_A_RECV, T_B_SEND, T_B_RECV)])
                 continue
@@ -222,7 +242,7 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
                         add(T_COMPUTE, [wait(S_IN_C[t_recv])])
             if s > 0:
                 add(T_COMPUTE, [wait(S_IN_C[T_A_RECV]), wait(S_IN_C[T_B_RECV])])
-            add(T_COMPUTE, step_compute(s, mj, ni))
+            out.setdefault(T_COMPUTE, []).extend(step_compute(s, mj, ni))  # tagged already
             if s < P - 2:
                 add(T_COMPUTE, [signal(S_DONE[T_A_RECV]), signal(S_DONE[T_B_RECV])])
             if s < P - 1:
@@ -249,13 +269,7 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
         add(t_recv, [signal(S_IN_C[t_recv]), signal(S_ALIGN[t_recv])])
         add(t_send, [wait(S_ALIGN[t_recv])])
 
-    t_compute, t_move = b.tag("gemm compute", -1, "gemm"), b.tag(f"gemm {'relay' if algo == 'summa' else 'shift'}", -1, "transfer")
-
-    def tagged_body(xr, yr, sp):
-        return {t: [op._replace(tag=t_compute if t == T_COMPUTE else t_move) for op in ops]
-                for t, ops in body(xr, yr, sp).items()}
-
-    prog.add(tagged_body)
+    prog.add(body)
     prog.program_ids(b)
     trace = b.build()
     facts = {"model_flops": 2 * m * k * n, "executed_flops": 2 * m * Kt * P * n,

@@ -143,7 +143,8 @@ def _model_plan(name: str, cfg: WaferConfig, phase: str, **kw):
     if algo not in ("two-level", "chain"):
         raise WseError(f"--algo {algo!r}: decode uses the all-reduce algorithms two-level or chain")
     params = DecodeParams(batch=kw.get("batch") or 1, context=kw.get("context") or 128,
-                          token=kw.get("token") or 1, algo=algo, groups=kw.get("groups"))
+                          token=kw.get("token") or 1, algo=algo, groups=kw.get("groups"),
+                          expert_skew=kw.get("expert_skew") or 0.0)
     if params.batch < 1 or params.context < 1:
         raise WseError("--batch and --context must be positive")
     return plan_model(spec, cfg, params, kw.get("layers"), region[0] if region else None)

@@ -52,6 +52,7 @@ class DecodeParams:
     token: int = 1  # token id looked up in the embedding (all sequences of a batch: adjacent ids)
     algo: str = "two-level"  # all-reduce algorithm: two-level or chain
     groups: int | None = None  # two-level group count (default: divisor of P nearest sqrt P)
+    expert_skew: float = 0.0  # MoE expert choice: 0 uniform, s > 0 Zipf-skewed popularity (moe_experts)
 
 
 @dataclasses.dataclass
@@ -412,7 +413,7 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
         if ej:  # top-k: k max passes over the row's logits, merged down the columns
             out[0] += [compute(MAX, ej * B, dst=qkv, src0=qkv, src1=dot) for _ in range(m.experts_per_token)]
         _merge(out, ry.role_ops(yrole, m.experts_per_token * B, scal, tmp, MAX))
-        for e, users in moe_experts(spec, plan.layer, B).items():
+        for e, users in moe_experts(spec, plan.layer, B, plan.params.expert_skew).items():
             _merge(out, ffn(i, jf, xrole, yrole, e, users))
             out[0].append(compute(FMAC, Hc[i] * users, dst=h, src0=yb))  # gate-weighted sum into h
         return out
@@ -429,19 +430,35 @@ def i_chunk(chunks: list[int], i: int) -> int:
     return chunks.index(chunks[i])
 
 
-def moe_experts(spec: ModelSpec, layer: int, batch: int) -> dict[int, int]:
+def moe_experts(spec: ModelSpec, layer: int, batch: int, skew: float = 0.0) -> dict[int, int]:
     """Experts computed in a MoE layer's decode step -> how many sequences use each.
 
-    Routing is uniform and deterministic: sequence b uses experts (b*k + layer + i) mod E,
-    i < k, so a batch spreads over the experts; shared experts serve every sequence.
+    skew = 0 (default): uniform and deterministic, sequence b uses experts (b*k + layer + i)
+    mod E, i < k, so a batch spreads over the experts evenly. skew = s > 0: expert popularity
+    follows a Zipf law, the r-th most popular expert of the layer (a fixed per-layer order)
+    drawing weight 1 / (r + 1)^s; each sequence picks k distinct experts by weighted sampling
+    without replacement from a generator seeded by (layer, sequence), so runs are reproducible.
+    Shared experts serve every sequence.
     """
     m = spec.moe
     assert m
+    if skew < 0:
+        raise WseError(f"--expert-skew {skew} must be at least 0")
     use: dict[int, int] = {}
-    for b in range(batch):
-        for i in range(m.experts_per_token):
-            e = (b * m.experts_per_token + layer + i) % m.experts
-            use[e] = use.get(e, 0) + 1
+    if skew == 0:
+        for b in range(batch):
+            for i in range(m.experts_per_token):
+                e = (b * m.experts_per_token + layer + i) % m.experts
+                use[e] = use.get(e, 0) + 1
+    else:
+        import numpy as np
+        order = np.random.default_rng([layer, 7919]).permutation(m.experts)
+        weight = np.empty(m.experts)
+        weight[order] = 1.0 / np.arange(1, m.experts + 1) ** skew
+        for b in range(batch):
+            rng = np.random.default_rng([layer, b, 104729])
+            for e in rng.choice(m.experts, size=m.experts_per_token, replace=False, p=weight / weight.sum()):
+                use[int(e)] = use.get(int(e), 0) + 1
     for s in range(m.shared_experts):
         use[m.experts + s] = batch
     return dict(sorted(use.items()))
@@ -500,7 +517,7 @@ def layer_flops(plan: LayerPlan, parts: tuple[str, ...] = PARTS) -> tuple[dict[s
         replicated["residual"] = replicated.get("residual", 0) + H * B
         if plan.moe:
             m = spec.moe
-            u = sum(moe_experts(spec, plan.layer, B).values())
+            u = sum(moe_experts(spec, plan.layer, B, plan.params.expert_skew).values())
             f = m.expert_ffn_size
             model["ffn"] = 2 * H * m.experts * B + u * (2 * H * 2 * f + 2 * f * H)
             replicated["ffn"] = ((m.experts * B if m.router_bias else 0) + m.experts_per_token * m.experts * B
