@@ -6,8 +6,9 @@ and writing only that PE's records. Each phase is a loop over PEs (`prange` in t
 kernel, integer-sum reductions only), so results do not depend on the thread count. Kernels
 import only numpy, numba and integer constants (ISA codes and record layouts).
 
-The state arrives as flat 1-D arrays (layout.py gives the record fields; every record has 8
-fields, so a field's index is base + (slot << 3) + FIELD) and every index is cast to uint64
+The state arrives as flat 1-D arrays (layout.py gives the record fields; route, queue and
+thread records have 8 fields, so a field's index is base + (slot << 3) + FIELD, PE records 16,
+base p << PSHIFT) and every index is cast to uint64
 at the point of use: Numba then emits a plain load, without the negative-index wraparound and
 runtime-stride multiplications it adds for signed, multi-dimensional indexing.
 """
@@ -143,7 +144,9 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
     Exact skipping (skip=True): a CE whose threads all stall or count down setup sleeps until
     the first setup ends or a wavelet arrives in one of its CE queues or leaves one of its
     ramp-fed router queues, the only events that can change what it does; the cycles it
-    sleeps are added to the class it was in (all that could have happened). A PE whose CE is
+    sleeps are added to the class it was in (all that could have happened). A CE whose one
+    progressing thread computes from SRAM alone sleeps through the run of local compute ops
+    ahead of it (_chain_end); waking replays the ops completed meanwhile (_account_sleep). A PE whose CE is
     idle or asleep, with nothing in flight, nothing granted and no neighbour granting, is
     skipped whole.
     """
