@@ -14,7 +14,7 @@ from ..trace import Trace, validate
 from . import kernels
 from . import layout as L
 from .result import EngineResult
-from .state import (MAX_CHUNK_CYCLES, N_CLASSES, N_OP_COUNTERS, Consts, Flat, Ins, State, build_state, flat,
+from .state import (MAX_CHUNK_CYCLES, N_OP_COUNTERS, State, build_state, flat,
                     make_ins)
 
 # Below this many PEs the serial kernel is used unless parallel stepping is forced.
