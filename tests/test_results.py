@@ -97,7 +97,7 @@ def test_long_runs_keep_an_exact_timeline_by_merging_intervals():
 
 def _long_run(tmp_path):
     trace = tmp_path / "long.h5"
-    syn.neighbor(128, 128, 12000, 4).save(trace)
+    syn.neighbor(256, 256, 12000, 4).save(trace)  # ~25 s: long enough to interrupt
     out = tmp_path / "long-run.h5"
     proc = subprocess.Popen([sys.executable, "-m", "wse.cli", "run", "--trace", str(trace), "--wafer", "wse3",
                              "--snapshot-seconds", "0.5", "-o", str(out)],
