@@ -2,6 +2,8 @@
 attributes results to the trace's tags, and reports stuck PEs."""
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from typing import Callable
 
@@ -111,12 +113,24 @@ class _Run:
         if self.parallel:
             numba.set_num_threads(max(1, min(self.n_threads, numba.config.NUMBA_NUM_THREADS)))
         self.sample()
+        # Ctrl-C sets a flag that the chunk loop checks (the run then ends at a chunk boundary,
+        # never inside a kernel call or a snapshot write); a second Ctrl-C interrupts at once
+        self.interrupted = False
+        previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            def on_sigint(signum, frame):
+                if self.interrupted:
+                    raise KeyboardInterrupt
+                self.interrupted = True
+            previous_handler = signal.signal(signal.SIGINT, on_sigint)
         try:
             stop = self._step(progress, snapshot, snapshot_seconds, t0)
         except KeyboardInterrupt:
             stop = isa.STOP_INTERRUPTED
         finally:
             numba.set_num_threads(previous_threads)
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
         return self.result(stop, time.perf_counter() - t0)
 
     def _step(self, progress, snapshot, snapshot_seconds: float, t0: float) -> int:
@@ -141,6 +155,8 @@ class _Run:
                 return stop
             if self.t >= max_cycles:
                 return isa.STOP_MAX_CYCLES
+            if self.interrupted:
+                return isa.STOP_INTERRUPTED
             if snapshot is not None and time.perf_counter() - last_snapshot >= snapshot_seconds:
                 snapshot(self.result(isa.STOP_RUNNING, time.perf_counter() - t0))
                 last_snapshot = time.perf_counter()
