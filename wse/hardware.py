@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .tomlfile import read_toml, toml_value
 from . import isa
 
 # SIMD widths are keyed "<kind>_<dtype>"; these are the combinations the ISA defines.
@@ -147,11 +148,7 @@ def _parse_set(s: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {s!r}: expected section.key=value")
     path, raw = (x.strip() for x in s.split("=", 1))
     _check_path(path, "--set")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # bare strings such as a name
-    return path, value
+    return path, toml_value(raw)
 
 
 def _check_path(path: str, where: str) -> Param:
@@ -233,16 +230,7 @@ def load_preset(name: str) -> WaferConfig:
 def load_config(path: str | Path) -> WaferConfig:
     """A TOML configuration file: `base = "<preset>"` (default wse3) plus [section] overrides."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read configuration file ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: configuration file is not UTF-8 text") from None
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: malformed TOML: {e}") from None
+    doc = read_toml(path, "configuration file", ConfigError)
     base = doc.get("base", "wse3")
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base must be a preset name string")

@@ -532,6 +532,16 @@ def _column(what: str, values, dt) -> np.ndarray:
     return np.asarray(a, dtype=dt)
 
 
+def pack_programs(programs: dict[tuple[Op, ...], int]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Deduplicated programs (ops -> program id) as op columns, program starts and lengths."""
+    progs = sorted(programs.items(), key=lambda kv: kv[1])
+    flat = [op for ops, _ in progs for op in ops]
+    lens = np.array([len(ops) for ops, _ in progs], dtype=np.int32)
+    starts = (np.cumsum(lens) - lens).astype(np.int32)
+    ops = {name: _column(f"op field {name}", [getattr(op, name) for op in flat], dt) for name, dt in OP_COLUMNS}
+    return ops, starts, lens
+
+
 class TraceBuilder:
     """Builds a Trace: routes added per PE and color, programs deduplicated by content."""
 
@@ -569,12 +579,7 @@ class TraceBuilder:
         self.pe_program[y, x, thread] = self.program(ops)
 
     def build(self) -> Trace:
-        progs = sorted(self._programs.items(), key=lambda kv: kv[1])
-        flat = [op for ops, _ in progs for op in ops]
-        lens = np.array([len(ops) for ops, _ in progs], dtype=np.int32)
-        starts = (np.cumsum(lens) - lens).astype(np.int32)
-        ops = {name: _column(f"op field {name}", [getattr(op, name) for op in flat], dt)
-               for name, dt in OP_COLUMNS}
+        ops, starts, lens = pack_programs(self._programs)
         r = np.array(self._routes, dtype=np.int64).reshape(-1, 4)
         routes = {name: _column(f"route field {name}", r[:, i], dt) for i, (name, dt) in enumerate(ROUTE_COLUMNS)}
         return Trace(self.mesh_width, self.mesh_height, routes, ops, starts, lens,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WseError
+from ..tomlfile import read_toml, toml_value
 from ..hardware import WaferConfig, load_preset
 
 
@@ -116,13 +117,7 @@ def load_system(name_or_path: str, sets: tuple[str, ...] | list[str] = ()) -> Sy
     if name_or_path in system_names():
         where, doc = f"system preset {name_or_path}", _preset_doc(name_or_path)
     elif path.suffix == ".toml" or path.exists():
-        where = str(path)
-        try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise SystemConfigError(f"{path}: cannot read system file ({e.strerror})") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise SystemConfigError(f"{path}: malformed TOML: {e}") from None
+        where, doc = str(path), read_toml(path, "system file", SystemConfigError)
     else:
         raise SystemConfigError(f"unknown system preset {name_or_path!r} (presets: {', '.join(system_names())})")
     values = _read(doc, where)
@@ -132,8 +127,5 @@ def load_system(name_or_path: str, sets: tuple[str, ...] | list[str] = ()) -> Sy
         key, raw = (x.strip() for x in s.split("=", 1))
         if tuple(key.split(".", 1)) not in {(a, b) for a, b, *_ in SCHEMA}:
             raise SystemConfigError(f"--set {s!r}: unknown key {key}")
-        try:
-            values[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            values[key] = raw
+        values[key] = toml_value(raw)
     return _validated(values, where)

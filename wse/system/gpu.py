@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import tomllib
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from ..errors import WseError
+from ..tomlfile import read_toml, toml_value
+from ..workload.mesh import split_ranges as split_layers  # contiguous pipeline stages, earlier ones larger
 from ..workload.models import DTYPE_BYTES, ModelSpec
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets" / "gpus"
@@ -114,11 +115,7 @@ def _parse_set(s: str) -> tuple[str, Any]:
         raise GpuConfigError(f"--set {s!r}: expected key=value or gpu.key=value")
     key, raw = (x.strip() for x in s.split("=", 1))
     key = key.removeprefix("gpu.")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare string such as a name
-    return key, value
+    return key, toml_value(raw)
 
 
 def load_gpu(name_or_path: str, sets: Sequence[str] = ()) -> GpuConfig:
@@ -129,12 +126,7 @@ def load_gpu(name_or_path: str, sets: Sequence[str] = ()) -> GpuConfig:
         if name_or_path not in GPU_NAMES:
             raise GpuConfigError(f"unknown GPU preset {name_or_path!r} (presets: {', '.join(GPU_NAMES)})")
         path = PRESETS_DIR / f"{name_or_path}.toml"
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise GpuConfigError(f"{path}: cannot read GPU configuration ({e.strerror})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise GpuConfigError(f"{path}: malformed TOML: {e}") from None
+    doc = read_toml(path, "GPU configuration", GpuConfigError)
     extra = [k for k in doc if k != "gpu"]
     if extra or not isinstance(doc.get("gpu"), dict):
         raise GpuConfigError(f"{path}: expected exactly one [gpu] table, found {', '.join(doc) or 'nothing'}")
@@ -273,17 +265,6 @@ def _lm_head_terms(spec: ModelSpec, gpu: GpuConfig, rows: float, weight_bytes: f
     params = spec.vocab_size * spec.hidden_size
     bpp = _param_bytes(spec, weight_bytes)[0]
     return _roofline(gpu, params * bpp, 2.0 * params * rows / gpu.matmul_flops_per_s(bpp))
-
-
-def split_layers(layers: int, nodes: int) -> list[range]:
-    """Contiguous pipeline stages of as equal layer counts as possible (earlier ones get extra)."""
-    q, r = divmod(layers, nodes)
-    out, start = [], 0
-    for i in range(nodes):
-        n = q + (1 if i < r else 0)
-        out.append(range(start, start + n))
-        start += n
-    return out
 
 
 def _stage_bytes(spec: ModelSpec, stage: range, first: bool, last: bool, nodes: int,

@@ -24,6 +24,7 @@ from ..errors import WseError
 from ..trace import Trace, validate
 from ..workload.decode import ELEM, ModelPlan, bytes_needed, compose, plan_model, region_key
 from ..workload.layer import DecodeParams
+from ..workload.mesh import split_ranges
 from ..workload.models import ModelSpec
 from ..workload.plan import usable_sram
 from .config import SystemConfig
@@ -34,13 +35,7 @@ def split_layers(n_layers: int, wafers: int) -> list[range]:
     """Consecutive groups of layers, sizes differing by at most one (larger groups first)."""
     if not 1 <= wafers <= n_layers:
         raise WseError(f"{wafers} wafers for {n_layers} layers: each wafer needs at least one layer")
-    q, r = divmod(n_layers, wafers)
-    out, start = [], 0
-    for w in range(wafers):
-        n = q + (1 if w < r else 0)
-        out.append(range(start, start + n))
-        start += n
-    return out
+    return split_ranges(n_layers, wafers)
 
 
 def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int) -> list[ModelPlan]:

@@ -174,22 +174,19 @@ class LineAllReduce:
                 t1.extend([recv(hi_color, m, tmp, dtype), signal(SEM_REDUCE)])
                 t0.extend([wait(SEM_REDUCE), compute(kind, m, dst=buf, src0=buf, src1=tmp, dtype=dtype)])
 
-        if l1[0] == "up":
-            t0.append(send(c.up1[par], m, buf, dtype) if l1[1] else
-                      recv_compute_send(c.up1[1 - par], c.up1[par], kind, m, src0=buf, dtype=dtype))
-        elif l1[0] == "down":
-            t0.append(send(c.down1[par], m, buf, dtype) if l1[1] else
-                      recv_compute_send(c.down1[1 - par], c.down1[par], kind, m, src0=buf, dtype=dtype))
-        else:
-            combine(c.up1[1 - par] if l1[1] else None, c.down1[1 - par] if l1[2] else None)
-            if l2[0] == "up":
-                t0.append(send(c.up2[gpar], m, buf, dtype) if l2[1] else
-                          recv_compute_send(c.up2[1 - gpar], c.up2[gpar], kind, m, src0=buf, dtype=dtype))
-            elif l2[0] == "down":
-                t0.append(send(c.down2[gpar], m, buf, dtype) if l2[1] else
-                          recv_compute_send(c.down2[1 - gpar], c.down2[gpar], kind, m, src0=buf, dtype=dtype))
-            else:
-                combine(c.up2[1 - gpar] if l2[1] else None, c.down2[1 - gpar] if l2[2] else None)
+        def level(leg: tuple, up: tuple[int, int], down: tuple[int, int], p: int) -> bool:
+            """One level of the chain: pass the partial sum on (a chain end sends, others add
+            theirs on the way) or, at the level's root, combine both sides; True at a root."""
+            if leg[0] in ("up", "down"):
+                col = up if leg[0] == "up" else down
+                t0.append(send(col[p], m, buf, dtype) if leg[1] else
+                          recv_compute_send(col[1 - p], col[p], kind, m, src0=buf, dtype=dtype))
+                return False
+            combine(up[1 - p] if leg[1] else None, down[1 - p] if leg[2] else None)
+            return True
+
+        if level(l1, c.up1, c.down1, par):
+            level(l2, c.up2, c.down2, gpar)
         if final and at_root:
             t0.extend(at_root.get(0, ()))
             t1.extend(at_root.get(1, ()))

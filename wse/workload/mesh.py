@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import isa
 from ..errors import TraceError
-from ..trace import OP_COLUMNS, ROUTE_COLUMNS, UNTAGGED, Op, Tag, Trace, _column
+from ..trace import ROUTE_COLUMNS, UNTAGGED, Op, Tag, Trace, _column, pack_programs
 
 # Sides of a position on a line: toward the lower index, toward the higher index, the CE.
 LO, HI, RAMP = "lo", "hi", "ramp"
@@ -55,6 +55,15 @@ def split(total: int, parts: int) -> list[int]:
     """`total` split into `parts` near-equal integer chunks (larger chunks first)."""
     q, r = divmod(total, parts)
     return [q + 1 if i < r else q for i in range(parts)]
+
+
+def split_ranges(total: int, parts: int) -> list[range]:
+    """0 .. total-1 in `parts` consecutive ranges of the sizes `split` gives (larger first)."""
+    out, start = [], 0
+    for n in split(total, parts):
+        out.append(range(start, start + n))
+        start += n
+    return out
 
 
 def offsets(sizes: list[int]) -> list[int]:
@@ -263,12 +272,7 @@ class MeshBuilder:
         self.routes(xs.ravel(), ys.ravel(), color, rr.ravel(), tt.ravel())
 
     def build(self) -> Trace:
-        progs = sorted(self._programs.items(), key=lambda kv: kv[1])
-        flat = [op for ops, _ in progs for op in ops]
-        lens = np.array([len(ops) for ops, _ in progs], dtype=np.int32)
-        starts = (np.cumsum(lens) - lens).astype(np.int32)
-        ops = {name: _column(f"op field {name}", [getattr(op, name) for op in flat], dt)
-               for name, dt in OP_COLUMNS}
+        ops, starts, lens = pack_programs(self._programs)
         r = np.concatenate(self._routes) if self._routes else np.zeros((0, 4), np.int64)
         key = r[:, 0] * 64 + r[:, 1]
         if len(np.unique(key)) != len(key):

@@ -7,11 +7,11 @@ counts here are closed forms over those shapes; tests compare them with the publ
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from ..errors import WseError
+from ..tomlfile import read_toml
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "traces" / "models"
 DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "mxfp4": 4.25 / 8}
@@ -204,10 +204,4 @@ def load_model(name_or_path: str) -> ModelSpec:
         path = MODELS_DIR / f"{name_or_path}.toml"
         if not path.exists():
             raise ModelError(f"unknown model {name_or_path!r} (models: {', '.join(model_names())})")
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read model spec ({e.strerror})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{path}: malformed TOML: {e}") from None
-    return _build(doc, str(path))
+    return _build(read_toml(path, "model spec", ModelError), str(path))
