@@ -156,6 +156,11 @@ def _workload_options(fn):
         click.option("--token", type=int, help="token id looked up by the embedding (default 1)"),
         click.option("--expert-skew", "expert_skew", type=float,
                      help="MoE expert choice: 0 uniform (default), s > 0 Zipf-skewed popularity"),
+        click.option("--moe-mapping", "moe_mapping", type=click.Choice(["auto", "local", "regions"]),
+                     help="routed experts in the layer region (local), in expert regions (regions), or "
+                          "local where it fits (auto, default)"),
+        click.option("--experts-per-region", "experts_per_region", type=int,
+                     help="expert regions hold at most this many routed experts (default: as many as fit)"),
         click.option("--heads", type=int, help="attention heads (--op attention)"),
         click.option("--kv-heads", "kv_heads", type=int, help="KV heads (--op attention)"),
         click.option("--head-dim", "head_dim", type=int, help="head dimension (--op attention)"),
@@ -456,13 +461,17 @@ def compare_cmd(run_files, as_json) -> None:
 @click.option("--prompt-len", type=int, default=512, show_default=True, help="prompt tokens for TTFT (0: skip)")
 @click.option("--expert-skew", type=float, default=0.0, show_default=True,
               help="MoE expert choice: 0 uniform, s > 0 Zipf-skewed popularity")
+@click.option("--moe-mapping", type=click.Choice(["auto", "local", "regions"]), default="auto", show_default=True,
+              help="routed experts in the layer region (local), in expert regions (regions), or local where it fits")
+@click.option("--experts-per-region", type=int, default=0, show_default=True,
+              help="expert regions hold at most this many routed experts (0: as many as fit)")
 @click.option("--gpu", type=click.Choice(["h100", "h200", "b200"]), default="h100", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
 @click.option("--threads", type=int, help="Numba threads (default: all cores)")
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
 @_clean_errors
-def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, expert_skew, gpu, output, threads,
-               quiet) -> None:
+def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, expert_skew, moe_mapping,
+               experts_per_region, gpu, output, threads, quiet) -> None:
     """A model on a multi-wafer system and on GPU nodes, side by side (docs/system.md)."""
     from .engine.run import simulate
     from .results.store import RunInfo, write_run
@@ -501,7 +510,8 @@ def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, exp
     if expert_skew < 0:
         raise WseError("--expert-skew must be at least 0")
     job = compare.run_system(model, system, sim, wafers=n, batch=batch, context=context,
-                             prompt=prompt_len or None, gpu=gpu, expert_skew=expert_skew)
+                             prompt=prompt_len or None, gpu=gpu, expert_skew=expert_skew, moe_mapping=moe_mapping,
+                             experts_per_region=experts_per_region)
     rep = job.decode.representative
     info = RunInfo(trace_path=f"--model {model} --system {system.name} (counters of the largest stage)",
                    trace_hash="", trace_mesh=(rep.pe_counters.shape[1], rep.pe_counters.shape[0]),

@@ -34,10 +34,11 @@ class SystemJob:
 
 def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], object], *, wafers: int | None = None,
                batch: int = 1, context: int = 1024, prompt: int | None = 512, gpu: str = "h100",
-               expert_skew: float = 0.0) -> SystemJob:
+               expert_skew: float = 0.0, moe_mapping: str = "auto", experts_per_region: int = 0) -> SystemJob:
     """Simulate the wafer system, evaluate the GPU model, and tabulate both."""
     spec = load_model(model)
-    params = DecodeParams(batch=batch, context=context, expert_skew=expert_skew)
+    params = DecodeParams(batch=batch, context=context, expert_skew=expert_skew, moe_mapping=moe_mapping,
+                          experts_per_region=experts_per_region)
     dec = run_decode(spec, system, params, wafers, simulate)
     ttft = math.nan
     if prompt:

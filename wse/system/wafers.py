@@ -131,7 +131,7 @@ def _region_cycles(d) -> list[int]:
 def _extra_in_flight(plan: ModelPlan) -> int:
     """Micro-batches beyond the first whose KV caches fit in every layer region of the plan:
     the SRAM a region's PEs have left over its per-PE KV cache buffer (layer.plan_layer)."""
-    from ..workload.layer import plan_layer
+    from ..workload.decode import layer_plan
     most = 1 << 30
     seen = set()
     for slot in plan.slots:
@@ -139,7 +139,7 @@ def _extra_in_flight(plan: ModelPlan) -> int:
         if slot.kind != "layer" or key in seen:
             continue
         seen.add(key)
-        lp = plan_layer(plan.spec, slot.index, plan.P, plan.cfg, plan.params)
+        lp = layer_plan(plan, slot.index)
         kv = lp.mem.buffers["kv_cache"][1]
         most = min(most, (lp.mem.limit - lp.mem.top) // kv if kv else most)
     return most

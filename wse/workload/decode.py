@@ -27,15 +27,17 @@ from typing import Callable
 from ..errors import WseError
 from ..hardware import WaferConfig
 from ..trace import Trace
-from .layer import (DecodeParams, Lanes, RegionBuild, decode_layer, embedding, embedding_memory, lm_head,
-                    lm_memory, plan_layer, token_column, ROW_BCAST)
-from .mesh import X, Y, MeshBuilder, Region
+from .layer import (DecodeParams, Lanes, LayerPlan, RegionBuild, decode_experts, decode_layer, dispatch_parts,
+                    embedding, embedding_memory, lm_head, lm_memory, moe_experts, most_experts, plan_experts,
+                    plan_layer, token_column, ROW_BCAST)
+from .mesh import X, Y, MeshBuilder, Region, split, split_ranges
 from .models import ModelSpec
 from .placement import (PlacementError, Slot, add_lane_routes, direction, lane_sources, lane_targets,
                         serpentine, transfer_color)
 from .plan import FitError, check_colors, usable_sram
 
 ELEM = 2
+SEND_FROM = 128  # SRAM address the lane sends of a stage trace read (the barrier uses 0 and 64)
 
 
 @dataclasses.dataclass
@@ -50,6 +52,7 @@ class ModelPlan:
     first_layer: int = 0  # a wafer's group of layers starts here (multi-wafer systems)
     embed: bool = True  # the plan holds the embedding
     head: bool = True  # the plan holds the LM head
+    experts_per_region: int = 0  # expert parallelism: most routed experts per expert region (0: local)
 
     @property
     def width(self) -> int:
@@ -58,6 +61,27 @@ class ModelPlan:
     @property
     def height(self) -> int:
         return max(s.region.y0 + s.region.height for s in self.slots)
+
+
+def layer_plan(plan: ModelPlan, layer: int) -> LayerPlan:
+    """The layer's plan on the model plan's slot size and MoE mapping."""
+    return plan_layer(plan.spec, layer, plan.P, plan.cfg, plan.params, routed=not plan.experts_per_region)
+
+
+def chain_elements(spec: ModelSpec, first_layer: int, n_layers: int, experts_per_region: int
+                   ) -> list[tuple[str, int, tuple[int, int] | None]]:
+    """The one-slot elements of the chain, (kind, layer, experts): each layer, and with expert
+    parallelism (experts_per_region > 0) each MoE layer followed by its expert regions, the
+    routed experts split into the fewest groups of at most experts_per_region (sizes differing
+    by at most one)."""
+    out: list[tuple[str, int, tuple[int, int] | None]] = []
+    for layer in range(first_layer, first_layer + n_layers):
+        out.append(("layer", layer, None))
+        if experts_per_region and spec.is_moe_layer(layer):
+            E = spec.moe.experts
+            for r in split_ranges(E, -(-E // experts_per_region)):
+                out.append(("experts", layer, (r.start, r.stop)))
+    return out
 
 
 def _table_slots(spec: ModelSpec, P: int, cfg: WaferConfig, head: bool, params: DecodeParams,
@@ -88,27 +112,54 @@ def plan_model(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers
     have = usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height
     if need > have:
         raise _does_not_fit(spec, cfg, params, n_layers, None, first_layer, embed, head)
-    area_bound = int((cfg.mesh_width * cfg.mesh_height / (n_layers + embed + head)) ** 0.5)
+    if params.moe_mapping == "regions" and not spec.moe:
+        raise WseError(f"--moe-mapping regions: {spec.name} has no MoE layer")
+    mappings = {"auto": ("local", "regions"), "local": ("local",), "regions": ("regions",)}[params.moe_mapping]
+    if not any(spec.is_moe_layer(layer) for layer in range(first_layer, first_layer + n_layers)):
+        mappings = ("local",)  # a group of dense layers (e.g. DeepSeek-V3's first three)
+    last_error: Exception | None = None
+    for mapping in mappings:
+        try:
+            return _place(spec, cfg, params, n_layers, P, first_layer, embed, head, mapping == "regions")
+        except (PlacementError, FitError) as e:
+            last_error = e
+    raise _does_not_fit(spec, cfg, params, n_layers, last_error, first_layer, embed, head)
+
+
+def _place(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: int, P: int | None,
+           first_layer: int, embed: bool, head: bool, expert_regions: bool) -> ModelPlan:
+    """The largest slot size (or P) that places the chain and fits every region."""
+    layers = range(first_layer, first_layer + n_layers)
+    moe_layers = [layer for layer in layers if spec.is_moe_layer(layer)]
+    # one slot per layer (and per expert region, at least one per MoE layer) bounds the side
+    least = n_layers + (len(moe_layers) if expert_regions else 0) + embed + head
+    area_bound = int((cfg.mesh_width * cfg.mesh_height / least) ** 0.5)
     top = min(cfg.mesh_width, cfg.mesh_height, spec.hidden_size, area_bound)
     candidates = [P] if P else list(range(top, 0, -1))
-    last_error: Exception | None = None
-    layers = range(first_layer, first_layer + n_layers)
+    last_error: Exception = PlacementError("no slot size to try")
     for p in candidates:
         try:
+            per_region = 0
+            if expert_regions:
+                per_region = most_experts(spec, moe_layers[0], p, cfg, params)
+                if not per_region:
+                    raise FitError(f"not one routed expert of {spec.name} fits a {p}x{p} region")
+                per_region = min(per_region, params.experts_per_region or per_region)
+            chain = chain_elements(spec, first_layer, n_layers, per_region)
             most = cfg.mesh_width // p - 1
             k_e = _table_slots(spec, p, cfg, False, params, most) if embed else 0
             k_h = _table_slots(spec, p, cfg, True, params, cfg.mesh_width // p) if head else 0
-            slots = serpentine(n_layers, k_e, k_h, p, cfg.mesh_width, cfg.mesh_height, first_layer)
+            slots = serpentine(n_layers, k_e, k_h, p, cfg.mesh_width, cfg.mesh_height, first_layer, chain)
             kinds = {layers[0], layers[-1]}
             if spec.moe and spec.moe.dense_layers in layers:
                 kinds.add(spec.moe.dense_layers)
             for layer in sorted(kinds):
-                plan_layer(spec, layer, p, cfg, params)
+                plan_layer(spec, layer, p, cfg, params, routed=not per_region)
             token_col = token_column(spec, k_e * p, params.token) if embed else 0
-            return ModelPlan(spec, cfg, params, p, n_layers, slots, token_col, first_layer, embed, head)
+            return ModelPlan(spec, cfg, params, p, n_layers, slots, token_col, first_layer, embed, head, per_region)
         except (PlacementError, FitError) as e:
             last_error = e
-    raise _does_not_fit(spec, cfg, params, n_layers, last_error, first_layer, embed, head)
+    raise last_error
 
 
 def bytes_needed(spec: ModelSpec, params: DecodeParams, n_layers: int, first_layer: int = 0,
@@ -147,8 +198,10 @@ def _build_region(plan: ModelPlan, slot: Slot, region: Region, builder: MeshBuil
         return embedding(plan.spec, region, builder, plan.cfg, plan.params, lanes)
     if slot.kind == "lm_head":
         return lm_head(plan.spec, region, builder, plan.cfg, plan.params, lanes)
-    lp = plan_layer(plan.spec, slot.index, plan.P, plan.cfg, plan.params)
-    return decode_layer(lp, region, builder, lanes)
+    if slot.kind == "experts":
+        ep = plan_experts(plan.spec, slot.index, slot.experts, plan.P, plan.cfg, plan.params)
+        return decode_experts(ep, region, builder, lanes)
+    return decode_layer(layer_plan(plan, slot.index), region, builder, lanes)
 
 
 def _lanes_between(plan: ModelPlan, k: int) -> tuple[dict, dict]:
@@ -189,11 +242,15 @@ class StageTrace:
 
 def region_key(plan: ModelPlan, slot: Slot) -> tuple:
     """Regions with equal keys run identical programs."""
+    spec = plan.spec
+    if slot.kind == "experts":  # its size, whether it is its layer's last, the experts it runs
+        ep = plan_experts(spec, slot.index, slot.experts, plan.P, plan.cfg, plan.params)
+        return ("experts", slot.experts[1] - slot.experts[0], ep.last, tuple(ep.local_experts().items()))
     if slot.kind != "layer":
         return (slot.kind, slot.region.width, slot.region.height)
-    spec = plan.spec
     moe = spec.is_moe_layer(slot.index)
-    from .layer import moe_experts
+    if moe and plan.experts_per_region:  # router and shared experts only: the same in every MoE layer
+        return ("layer", moe, "expert-regions")
     return ("layer", moe, tuple(moe_experts(spec, slot.index, plan.params.batch, plan.params.expert_skew).items())
             if moe else ())
 
@@ -267,16 +324,19 @@ def stage_S(plan: ModelPlan, k: int) -> StageTrace:
     prog.add_roles(Y, [(red[Y].role(j),) for j in range(ra.height)])
     lanes_a = Lanes(None, {}, color, src)
     lanes_a.install(b, prog)
-    P = plan.P
-    from .layer import split as _split
-    chunks = _split(plan.spec.hidden_size, P)
+    chunks = split(plan.spec.hidden_size, plan.P)
+    dispatch = nxt.kind == "experts"  # region k sends the FFN input, residual stream and gate values
+    B = plan.params.batch
 
     t_hand = b.tag("handoff", -1, "barrier")
 
     def body(xr, yr, sp):
         out = handoff(red, xr[0], yr[0][0], 0, 64)
         if "out" in sp:
-            _merge(out, lanes_a.send(sp, chunks[sp["out"]] * plan.params.batch, 4096))
+            hi = chunks[sp["out"]]
+            parts = dispatch_parts(plan.spec, hi, B, {"xn": SEND_FROM, "h": SEND_FROM, "gates": SEND_FROM}) \
+                if dispatch else [(hi * B, SEND_FROM)]
+            _merge(out, lanes_a.send_parts(sp, parts))
         return {t: [op._replace(tag=t_hand) for op in ops] for t, ops in out.items()}
 
     prog.add(body)

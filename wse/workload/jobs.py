@@ -144,7 +144,8 @@ def _model_plan(name: str, cfg: WaferConfig, phase: str, **kw):
         raise WseError(f"--algo {algo!r}: decode uses the all-reduce algorithms two-level or chain")
     params = DecodeParams(batch=kw.get("batch") or 1, context=kw.get("context") or 128,
                           token=kw.get("token") or 1, algo=algo, groups=kw.get("groups"),
-                          expert_skew=kw.get("expert_skew") or 0.0)
+                          expert_skew=kw.get("expert_skew") or 0.0, moe_mapping=kw.get("moe_mapping") or "auto",
+                          experts_per_region=kw.get("experts_per_region") or 0)
     if params.batch < 1 or params.context < 1:
         raise WseError("--batch and --context must be positive")
     return plan_model(spec, cfg, params, kw.get("layers"), region[0] if region else None)
@@ -224,8 +225,11 @@ def run_model(name: str, cfg: WaferConfig, simulate: Simulate, phase: str = "dec
             return simulate(t)
         d = compose(plan, checked)
         token_cycles = d.total_cycles
-        diffs = np.diff(d.anchors)
-        layer_cycles = float(np.mean(diffs[1:])) if len(diffs) > 1 else None
+        # anchor to anchor between the last regions of consecutive layers (expert regions included)
+        ends = [k for k, s in enumerate(plan.slots[:len(d.anchors)]) if s.kind in ("layer", "experts")
+                and (k + 1 == len(plan.slots) or plan.slots[k + 1].index != s.index)]
+        diffs = np.diff([d.anchors[k] for k in ends])
+        layer_cycles = float(np.mean(diffs)) if len(diffs) else None
         # the representative counters: the stage that runs a whole layer
         k = next((i for i in range(len(plan.slots) - 1)
                   if plan.slots[i].kind == "layer" and plan.slots[i + 1].kind == "layer"), 0)

@@ -53,6 +53,17 @@ class DecodeParams:
     algo: str = "two-level"  # all-reduce algorithm: two-level or chain
     groups: int | None = None  # two-level group count (default: divisor of P nearest sqrt P)
     expert_skew: float = 0.0  # MoE expert choice: 0 uniform, s > 0 Zipf-skewed popularity (moe_experts)
+    moe_mapping: str = "auto"  # routed experts: "local" (in the layer region), "regions" (expert regions), "auto"
+    experts_per_region: int = 0  # expert regions hold at most this many routed experts (0: as many as fit)
+
+    def __post_init__(self) -> None:
+        if self.moe_mapping not in MOE_MAPPINGS:
+            raise WseError(f"--moe-mapping {self.moe_mapping!r} is not one of {', '.join(MOE_MAPPINGS)}")
+        if self.experts_per_region < 0:
+            raise WseError(f"--experts-per-region {self.experts_per_region} must be at least 0")
+
+
+MOE_MAPPINGS = ("auto", "local", "regions")
 
 
 @dataclasses.dataclass
@@ -150,17 +161,29 @@ class Lanes:
 
     def receive(self, sp: dict, m: int, buf: int, n_line: int) -> dict[int, list[Op]]:
         """Receive a lane at its receiver and spread it along the line."""
+        return self.receive_parts(sp, [(m, buf)], n_line)
+
+    def receive_parts(self, sp: dict, parts: list[tuple[int, int]], n_line: int) -> dict[int, list[Op]]:
+        """Receive a lane's payload, (elements, buffer) parts in order, and spread each along the line."""
         if self.color_in is None:
             return {}
-        if "in" in sp:
-            ops = [recv(self.color_in, m, buf)]
-            return {0: ops + ([send(self.bcast_color, m, buf)] if n_line > 1 else [])}
-        return {0: [recv(self.bcast_color, m, buf)]} if n_line > 1 else {}
+        ops: list[Op] = []
+        for m, buf in parts:
+            if "in" in sp:
+                ops.append(recv(self.color_in, m, buf))
+                if n_line > 1:
+                    ops.append(send(self.bcast_color, m, buf))
+            elif n_line > 1:
+                ops.append(recv(self.bcast_color, m, buf))
+        return {0: ops} if ops else {}
 
     def send(self, sp: dict, m: int, buf: int) -> dict[int, list[Op]]:
+        return self.send_parts(sp, [(m, buf)])
+
+    def send_parts(self, sp: dict, parts: list[tuple[int, int]]) -> dict[int, list[Op]]:
         if self.color_out is None or "out" not in sp:
             return {}
-        return {0: [send(self.color_out, m, buf)]}
+        return {0: [send(self.color_out, m, buf) for m, buf in parts]}
 
 
 # ---- decoder layer ------------------------------------------------------------------------------
@@ -186,14 +209,26 @@ class LayerPlan:
     heads_r: list[int]
     shapes: dict[str, GemvShape]
     buf: dict[str, int]
+    routed: bool = True  # a MoE layer's routed experts live in this region (else in expert regions)
 
     @property
     def moe(self) -> bool:
         return self.spec.is_moe_layer(self.layer)
 
+    def local_experts(self) -> dict[int, int]:
+        """Experts this region computes (index of its tile copy -> sequences using it)."""
+        m = self.spec.moe
+        use = moe_experts(self.spec, self.layer, self.params.batch, self.params.expert_skew)
+        if self.routed:
+            return use
+        return {e - m.experts: u for e, u in use.items() if e >= m.experts}
 
-def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams) -> LayerPlan:
-    """Split the layer over a P x P region and allocate its SRAM (FitError if it does not fit)."""
+
+def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, routed: bool = True) -> LayerPlan:
+    """Split the layer over a P x P region and allocate its SRAM (FitError if it does not fit).
+
+    routed=False: a MoE layer keeps only its router and shared experts; the routed experts
+    live in expert regions that follow it in the chain (plan_experts)."""
     if spec.mla:
         raise WseError(f"{spec.name}: multi-head latent attention (MLA) has no decode mapping yet")
     H, B, T = spec.hidden_size, params.batch, params.context
@@ -223,7 +258,7 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams) -
     weights("qkv", H, spec.q_size + 2 * spec.kv_size, X, Hc, qkv_r)
     weights("o", spec.attn_out_size, H, Y, o_r, Hc)
     if moe:
-        n_exp = spec.moe.experts + spec.moe.shared_experts
+        n_exp = (spec.moe.experts if routed else 0) + spec.moe.shared_experts
         weights("router", H, spec.moe.experts, X, Hc, e_r)
         weights("gate_up", H, 2 * ffn, X, Hc, [2 * f for f in f_r], n_exp)
         weights("down", ffn, H, Y, f_r, Hc, n_exp)
@@ -252,8 +287,30 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams) -
     buf["dot"] = mem.alloc("dot", longest * ELEM, "scratch", G1)
     buf["scal"] = mem.alloc("scalars", 16 * B * ELEM, "scratch", G1)
     buf["tmp"] = mem.alloc("tmp", longest * ELEM, "scratch", G0)
+    if moe and not routed:
+        buf["gates"] = mem.alloc("gates", spec.moe.experts_per_token * B * ELEM, "activations", G2)
     fit_check(mem, cfg, f"{spec.name} layer {layer} on a {P}x{P} region (batch {B}, context {T})")
-    return LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, shapes, buf)
+    return LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, shapes, buf,
+                     routed or not moe)
+
+
+def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, buf: dict[str, int], i: int,
+            j: int, xrole: tuple, yrole: tuple, expert: int, batch: int) -> dict[int, list[Op]]:
+    """Gated FFN of PE (i, j) on `batch` sequences: gate/up (reduce X), SiLU * up, down (reduce Y).
+
+    Reads xn, leaves the output chunk in y; `expert` selects the expert's copy of the tiles.
+    """
+    s_gu = dataclasses.replace(S["gate_up"], weights=S["gate_up"].weights + expert * S["gate_up"].tile_bytes())
+    s_dn = dataclasses.replace(S["down"], weights=S["down"].weights + expert * S["down"].tile_bytes())
+    gu, yb, dot, tmp = buf["gu"], buf["y"], buf["dot"], buf["tmp"]
+    fj = f_r[j]
+    out = {0: gemv_ops(s_gu, i, j, buf["xn"], gu, batch, max(Hc) * ELEM, 2 * max(f_r) * ELEM)}
+    _merge(out, red[X].role_ops(xrole, 2 * fj * batch, gu, tmp))
+    act = fj * batch
+    out[0] += [compute(FMAC, act, dst=gu, src0=dot) for _ in range(SILU_FMACS)]
+    out[0].append(compute(MUL, act, dst=gu, src0=gu, src1=dot))
+    out[0] += gemv_ops(s_dn, j, i, gu, yb, batch, max(f_r) * ELEM, max(Hc) * ELEM)
+    return _merge(out, red[Y].role_ops(yrole, Hc[i] * batch, yb, tmp))
 
 
 PARTS = ("norm1", "qkv", "attention", "o", "norm2", "ffn", "handoff")
@@ -289,17 +346,7 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
         return out
 
     def ffn(i: int, j: int, xrole: tuple, yrole: tuple, expert: int, batch: int) -> dict[int, list[Op]]:
-        """Gated FFN on `batch` sequences: gate/up (reduce X), SiLU * up, down (reduce Y)."""
-        s_gu = dataclasses.replace(S["gate_up"], weights=S["gate_up"].weights + expert * S["gate_up"].tile_bytes())
-        s_dn = dataclasses.replace(S["down"], weights=S["down"].weights + expert * S["down"].tile_bytes())
-        fj = f_r[j]
-        out = {0: gemv_ops(s_gu, i, j, xn, gu, batch, hstride, 2 * max(f_r) * ELEM)}
-        _merge(out, rx.role_ops(xrole, 2 * fj * batch, gu, tmp))
-        act = fj * batch
-        out[0] += [compute(FMAC, act, dst=gu, src0=dot) for _ in range(SILU_FMACS)]
-        out[0].append(compute(MUL, act, dst=gu, src0=gu, src1=dot))
-        out[0] += gemv_ops(s_dn, j, i, gu, yb, batch, max(f_r) * ELEM, hstride)
-        return _merge(out, ry.role_ops(yrole, Hc[i] * batch, yb, tmp))
+        return ffn_ops(S, f_r, Hc, red, b_, i, j, xrole, yrole, expert, batch)
 
     L_ = plan.layer
     tag = {name: builder.tag(f"layer {L_} {name}", L_, kind) for name, kind in (
@@ -361,7 +408,10 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
             _merge(out, handoff(red, xrole, yrole, scal, tmp))
             _retag(out, m, tag["handoff"])
         m = _mark(out)
-        _merge(out, lanes.send(sp, hi * B, h))
+        if plan.routed:
+            _merge(out, lanes.send(sp, hi * B, h))
+        else:  # on to the expert regions: the FFN input, the residual stream and the gate values
+            _merge(out, lanes.send_parts(sp, dispatch_parts(spec, hi, B, b_)))
         _retag(out, m, tag["output"])
         return out
 
@@ -412,8 +462,8 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
                                src1=b_["b_router"]) for b in range(B)]
         if ej:  # top-k: k max passes over the row's logits, merged down the columns
             out[0] += [compute(MAX, ej * B, dst=qkv, src0=qkv, src1=dot) for _ in range(m.experts_per_token)]
-        _merge(out, ry.role_ops(yrole, m.experts_per_token * B, scal, tmp, MAX))
-        for e, users in moe_experts(spec, plan.layer, B, plan.params.expert_skew).items():
+        _merge(out, ry.role_ops(yrole, m.experts_per_token * B, b_.get("gates", scal), tmp, MAX))
+        for e, users in plan.local_experts().items():
             _merge(out, ffn(i, jf, xrole, yrole, e, users))
             out[0].append(compute(FMAC, Hc[i] * users, dst=h, src0=yb))  # gate-weighted sum into h
         return out
@@ -423,6 +473,156 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     executed, model = layer_flops(plan, parts)
     return RegionBuild("layer", region, plan.mem, executed, model, layer_weight_bytes(plan),
                        2 * spec.kv_size * prm.context * B * ELEM, anchor_of(red))
+
+
+def dispatch_parts(spec: ModelSpec, hi: int, batch: int, buf: dict[str, int]) -> list[tuple[int, int]]:
+    """Payload of a lane into an expert region: (elements, buffer) of the FFN input chunk, the
+    residual-stream chunk and the batch's top-k gate values."""
+    return [(hi * batch, buf["xn"]), (hi * batch, buf["h"]), (spec.moe.experts_per_token * batch, buf["gates"])]
+
+
+# ---- expert regions (expert parallelism) --------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ExpertPlan:
+    """Routed experts first..last-1 of a MoE layer on a P x P expert region."""
+
+    spec: ModelSpec
+    layer: int
+    experts: tuple[int, int]
+    P: int
+    params: DecodeParams
+    mem: Allocator
+    Hc: list[int]
+    f_r: list[int]
+    shapes: dict[str, GemvShape]
+    buf: dict[str, int]
+
+    @property
+    def last(self) -> bool:
+        """The layer's last expert region: it hands only the residual stream on."""
+        return self.experts[1] == self.spec.moe.experts
+
+    def local_experts(self) -> dict[int, int]:
+        """Experts this region computes (index of its tile copy -> sequences using it)."""
+        e0, e1 = self.experts
+        use = moe_experts(self.spec, self.layer, self.params.batch, self.params.expert_skew)
+        return {e - e0: u for e, u in use.items() if e0 <= e < e1}
+
+
+def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, cfg, params: DecodeParams
+                 ) -> ExpertPlan:
+    """Tiles of routed experts [first, last) of a MoE layer on a P x P region, laid out as in the
+    layer region (gate/up reduce X, down reduce Y), with the buffers of the dispatched payload
+    (FitError if they do not fit)."""
+    H, B, m = spec.hidden_size, params.batch, spec.moe
+    e0, e1 = experts
+    if not spec.is_moe_layer(layer) or not 0 <= e0 < e1 <= m.experts:
+        raise WseError(f"{spec.name} layer {layer}: no routed experts {e0}..{e1 - 1}")
+    if P > H:
+        raise WseError(f"a {P}x{P} region is larger than the hidden size {H}")
+    Hc, f_r = split(H, P), split(m.expert_ffn_size, P)
+    mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
+    shapes = {}
+    for name, (mm, n, axis, ins, outs) in {"gate_up": (H, 2 * m.expert_ffn_size, X, Hc, [2 * f for f in f_r]),
+                                           "down": (m.expert_ffn_size, H, Y, f_r, Hc)}.items():
+        sh = GemvShape(mm, n, axis, ins, outs)
+        sh.pitch = -(-max(outs) * ELEM // 8) * 8
+        sh.weights = mem.alloc(f"w_{name}", sh.tile_bytes() * (e1 - e0), "weights", G0)
+        shapes[name] = sh
+    buf = {"xn": mem.alloc("xn", max(Hc) * B * ELEM, "activations", G3),
+           "h": mem.alloc("h", max(Hc) * B * ELEM, "activations", G3),
+           "gates": mem.alloc("gates", m.experts_per_token * B * ELEM, "activations", G2),
+           "gu": mem.alloc("gate_up", 2 * max(f_r) * B * ELEM, "activations", G2),
+           "y": mem.alloc("y", max(Hc) * B * ELEM, "activations", G2)}
+    longest = max(max(Hc), 2 * max(f_r)) * B
+    buf["dot"] = mem.alloc("dot", longest * ELEM, "scratch", G1)
+    buf["scal"] = mem.alloc("scalars", 16 * ELEM, "scratch", G1)
+    buf["tmp"] = mem.alloc("tmp", longest * ELEM, "scratch", G0)
+    fit_check(mem, cfg, f"{spec.name} layer {layer} experts {e0}..{e1 - 1} on a {P}x{P} region (batch {B})")
+    return ExpertPlan(spec, layer, experts, P, params, mem, Hc, f_r, shapes, buf)
+
+
+def most_experts(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams) -> int:
+    """The most routed experts of a MoE layer one P x P expert region holds (0: not even one)."""
+    from .plan import FitError
+    lo, hi = 0, spec.moe.experts
+    while lo < hi:  # the largest n whose tiles fit (fitting is monotone in n)
+        n = (lo + hi + 1) // 2
+        try:
+            plan_experts(spec, layer, (0, n), P, cfg, params)
+            lo = n
+        except FitError:
+            hi = n - 1
+    return lo
+
+
+def decode_experts(plan: ExpertPlan, region: Region, builder: MeshBuilder, lanes: Lanes) -> RegionBuild:
+    """An expert region's decode step: receive the dispatched payload (FFN input, residual
+    stream, gate values) on its lanes, run the routed experts the batch chose among its own,
+    add their gate-weighted outputs into the residual stream, hand off, and pass the payload on
+    (only the residual stream after the layer's last expert region).
+
+    An expert region none of the batch chose still receives, hands off and passes on: the
+    mapping is static, the choice is per token.
+    """
+    spec, P, B = plan.spec, plan.P, plan.params.batch
+    Hc, f_r, b_ = plan.Hc, plan.f_r, plan.buf
+    red = reducers(region, builder, plan.params)
+    prog = RegionProgram(region, THREADS)
+    prog.add_roles(X, [(i_chunk(Hc, i), red[X].role(i)) for i in range(P)])
+    prog.add_roles(Y, [(i_chunk(f_r, j), red[Y].role(j)) for j in range(P)])
+    lanes.install(builder, prog)
+    L_, (e0, e1) = plan.layer, plan.experts
+    use = plan.local_experts()
+    tag = {name: builder.tag(f"layer {L_} experts {e0}-{e1 - 1} {name}", L_, kind) for name, kind in (
+        ("input", "transfer"), ("ffn", "ffn"), ("handoff", "barrier"), ("output", "transfer"))}
+    h, yb = b_["h"], b_["y"]
+
+    def body(xr, yr, sp):
+        i, xrole = xr[0]
+        jf, yrole = yr[0]
+        hi = Hc[i]
+        out: dict[int, list[Op]] = {0: []}
+        m = _mark(out)
+        _merge(out, lanes.receive_parts(sp, dispatch_parts(spec, hi, B, b_), P))
+        _retag(out, m, tag["input"])
+        m = _mark(out)
+        for e, users in use.items():
+            _merge(out, ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, e, users))
+            out[0].append(compute(FMAC, hi * users, dst=h, src0=yb))  # gate-weighted sum into h
+        _retag(out, m, tag["ffn"])
+        m = _mark(out)
+        _merge(out, handoff(red, xrole, yrole, b_["scal"], b_["tmp"]))
+        _retag(out, m, tag["handoff"])
+        m = _mark(out)
+        parts = [(hi * B, h)] if plan.last else dispatch_parts(spec, hi, B, b_)
+        _merge(out, lanes.send_parts(sp, parts))
+        _retag(out, m, tag["output"])
+        return out
+
+    prog.add(body)
+    prog.program_ids(builder)
+    executed, model = experts_flops(plan)
+    return RegionBuild("experts", region, plan.mem, executed, model, experts_weight_bytes(plan), 0, anchor_of(red))
+
+
+def experts_weight_bytes(plan: ExpertPlan) -> int:
+    return (plan.experts[1] - plan.experts[0]) * (plan.shapes["gate_up"].weight_bytes()
+                                                  + plan.shapes["down"].weight_bytes())
+
+
+def experts_flops(plan: ExpertPlan) -> tuple[dict[str, int], int]:
+    """Analytic FLOPs of an expert region's decode step: (executed by component, model FLOPs)."""
+    spec, P, H = plan.spec, plan.P, plan.spec.hidden_size
+    f, n1 = spec.moe.expert_ffn_size, P - 1
+    u = sum(plan.local_experts().values())
+    model = {"ffn": u * (2 * H * 2 * f + 2 * f * H)}
+    replicated = u * SILU_MUL_FLOPS * f + u * 2 * H
+    executed = {"ffn": model["ffn"] + P * replicated,
+                "allreduce": u * (n1 * 2 * f + n1 * H) + handoff_flops(Region(0, 0, P, P))}
+    return executed, model["ffn"] + replicated
 
 
 def i_chunk(chunks: list[int], i: int) -> int:
@@ -472,7 +672,8 @@ def layer_weight_bytes(plan: LayerPlan) -> int:
     if plan.moe:
         m = spec.moe
         n += S["router"].weight_bytes() + (m.experts if m.router_bias else 0) * ELEM
-        n += (m.experts + m.shared_experts) * (S["gate_up"].weight_bytes() + S["down"].weight_bytes())
+        n += ((m.experts if plan.routed else 0) + m.shared_experts) * (S["gate_up"].weight_bytes()
+                                                                        + S["down"].weight_bytes())
     else:
         n += S["gate_up"].weight_bytes() + S["down"].weight_bytes()
     return n
@@ -517,7 +718,7 @@ def layer_flops(plan: LayerPlan, parts: tuple[str, ...] = PARTS) -> tuple[dict[s
         replicated["residual"] = replicated.get("residual", 0) + H * B
         if plan.moe:
             m = spec.moe
-            u = sum(moe_experts(spec, plan.layer, B, plan.params.expert_skew).values())
+            u = sum(plan.local_experts().values())
             f = m.expert_ffn_size
             model["ffn"] = 2 * H * m.experts * B + u * (2 * H * 2 * f + 2 * f * H)
             replicated["ffn"] = ((m.experts * B if m.router_bias else 0) + m.experts_per_token * m.experts * B

@@ -2,7 +2,8 @@
 
 The wafer is tiled with P x P slots in bands of rows; bands run alternately east and west
 (a serpentine), so consecutive regions always touch. The chain is: the embedding (k_e slots
-wide), the layers (one slot each), the LM head (k_h slots wide). A token's activations flow
+wide), the layers (one slot each; with expert parallelism a MoE layer's slot is followed by its
+expert regions, one slot each), the LM head (k_h slots wide). A token's activations flow
 along the chain; between consecutive regions lane d carries hidden chunk d on its own straight
 row or column, all lanes of a transition on one color (alternating between two colors along
 the chain, so neighbouring transitions never share a route).
@@ -23,18 +24,28 @@ class PlacementError(WseError):
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    kind: str  # embedding, layer, lm_head
+    kind: str  # embedding, layer, experts, lm_head
     index: int  # layer index (embedding -1, LM head = layers)
     region: Region
+    experts: tuple[int, int] | None = None  # an expert region's routed experts [first, last)
+
+
+SQUARE_KINDS = ("layer", "experts")  # P x P regions whose lanes enter and leave on the diagonal
 
 
 def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, height: int,
-               first_layer: int = 0) -> list[Slot]:
+               first_layer: int = 0, chain: list[tuple[str, int, tuple[int, int] | None]] | None = None
+               ) -> list[Slot]:
     """Slots of the chain on a width x height mesh of P x P slots (PlacementError if it fails).
 
     k_embed = 0 leaves the embedding out and k_head = 0 the LM head (a wafer holding only a
     group of layers of a model split over several wafers); layers are numbered from first_layer.
+    `chain` lists the one-slot elements between them as (kind, layer, experts) when it is not
+    just the layers (expert regions, decode.chain_elements).
     """
+    if chain is None:
+        chain = [("layer", first_layer + k, None) for k in range(n_layers)]
+    n_layers = len(chain)
     nx, ny = width // P, height // P
     if nx < 1 or ny < 1:
         raise PlacementError(f"a {P}x{P} slot does not fit the {width}x{height} mesh")
@@ -51,12 +62,12 @@ def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, hei
             return b, c2
         return b + 1, c  # turn: the slot below
 
-    for layer in range(n_layers):
+    for k, (kind, layer, experts) in enumerate(chain):
         if band >= ny:
-            raise PlacementError(f"{n_layers} layers do not fit: {nx * ny} slots of {P}x{P}, "
+            raise PlacementError(f"{n_layers} regions do not fit: {nx * ny} slots of {P}x{P}, "
                                  f"{k_embed} + {n_layers} + {k_head} needed")
-        slots.append(Slot("layer", first_layer + layer, Region(col * P, band * P, P, P)))
-        if layer < n_layers - 1:
+        slots.append(Slot(kind, layer, Region(col * P, band * P, P, P), experts))
+        if k < n_layers - 1:
             band, col = advance(band, col)
     if not k_head:
         return slots
@@ -74,7 +85,7 @@ def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, hei
             raise PlacementError(f"the LM head ({k_head} slots of {P}x{P}) has no room after the last layer")
     if b >= ny:
         raise PlacementError(f"the LM head does not fit below the last layer ({ny} bands of {P} rows)")
-    slots.append(Slot("lm_head", first_layer + n_layers, Region(c0 * P, b * P, k_head * P, P)))
+    slots.append(Slot("lm_head", chain[-1][1] + 1, Region(c0 * P, b * P, k_head * P, P)))
     return slots
 
 
@@ -104,7 +115,7 @@ def lane_targets(src: Slot, dst: Slot, sources: dict[int, tuple[int, int]], P: i
     for d, (sx, sy) in sources.items():
         ax, ay = a.x0 + sx, a.y0 + sy
         if way in ("east", "west"):
-            if dst.kind == "layer":
+            if dst.kind in SQUARE_KINDS:
                 x = d
             else:  # a wide region entered from its west (east-bound) or east (west-bound) edge
                 x = d if way == "east" else b.width - P + d
@@ -113,7 +124,7 @@ def lane_targets(src: Slot, dst: Slot, sources: dict[int, tuple[int, int]], P: i
             if not b.x0 <= ax < b.x0 + b.width:
                 raise PlacementError("a vertical lane misses the region below")
             out[d] = (ax - b.x0, d)
-            if dst.kind == "layer" and ax - b.x0 != d:
+            if dst.kind in SQUARE_KINDS and ax - b.x0 != d:
                 raise PlacementError("a vertical lane would not land on the layer's diagonal")
     return out
 
