@@ -189,9 +189,7 @@ def layer_touched(spec: ModelSpec, layer: int, tokens: float,
 def kv_bytes_per_token_layer(spec: ModelSpec, kv_bytes: float = 2.0) -> float:
     """KV-cache bytes one token adds to one layer. MLA caches the compressed latent plus the
     shared RoPE key (kv_lora_rank + qk_rope_head_dim); standard attention caches K and V."""
-    if spec.mla:
-        return (spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim) * kv_bytes
-    return 2 * spec.kv_size * kv_bytes
+    return spec.kv_cache_width * kv_bytes
 
 
 def kv_replication(spec: ModelSpec, tp: int) -> float:

@@ -168,7 +168,7 @@ def bytes_needed(spec: ModelSpec, params: DecodeParams, n_layers: int, first_lay
     KV cache."""
     weights = ELEM * ((spec.embedding_params() if embed else 0) + (spec.lm_head_params() + spec.hidden_size
                       if head else 0) + sum(spec.layer_params(i) for i in range(first_layer, first_layer + n_layers)))
-    return weights + 2 * spec.kv_size * params.context * params.batch * ELEM * n_layers
+    return weights + spec.kv_cache_width * params.context * params.batch * ELEM * n_layers
 
 
 def _does_not_fit(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: int,
@@ -176,7 +176,7 @@ def _does_not_fit(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_lay
     """The error for a model that does not fit: bytes missing and wafers needed."""
     frac = n_layers / spec.layers
     need = bytes_needed(spec, params, n_layers, first_layer, embed, head)
-    kv = 2 * spec.kv_size * params.context * params.batch * ELEM * n_layers
+    kv = spec.kv_cache_width * params.context * params.batch * ELEM * n_layers
     weights = need - kv
     have = usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height
     wafers = -(-need // have)

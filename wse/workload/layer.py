@@ -28,8 +28,9 @@ from ..trace import Op, compute, recv, send, signal, wait
 from .collectives import LineAllReduce, LineBroadcast, ReduceColors
 from .gemv import ELEM, GemvShape, gemv_ops
 from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, split, tagged
+from .mla import MlaSplit, mla_split, pe_moves
 from .models import ModelSpec
-from .plan import DIAG_BCAST, KV_SHIFT, REDUCE_BASE, ROW_BCAST, fit_check
+from .plan import DIAG_BCAST, KV_SHIFT, REDUCE_BASE, ROW_BCAST, FitError, fit_check
 
 FP16 = isa.DTYPE_FP16
 MUL, ADD, FMAC, MAX, MOV, SCALE = (isa.KIND_MUL, isa.KIND_ADD, isa.KIND_FMAC, isa.KIND_MAX, isa.KIND_MOV,
@@ -210,6 +211,7 @@ class LayerPlan:
     shapes: dict[str, GemvShape]
     buf: dict[str, int]
     routed: bool = True  # a MoE layer's routed experts live in this region (else in expert regions)
+    mla: MlaSplit | None = None  # latent attention's cut over the region (mla.py)
 
     @property
     def moe(self) -> bool:
@@ -229,8 +231,6 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
 
     routed=False: a MoE layer keeps only its router and shared experts; the routed experts
     live in expert regions that follow it in the chain (plan_experts)."""
-    if spec.mla:
-        raise WseError(f"{spec.name}: multi-head latent attention (MLA) has no decode mapping yet")
     H, B, T = spec.hidden_size, params.batch, params.context
     if P > H:
         raise WseError(f"a {P}x{P} region is larger than the hidden size {H}")
@@ -238,9 +238,19 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     if moe and spec.moe.expert_bias:
         raise WseError(f"{spec.name}: experts with biases have no decode mapping yet")
     Hc = split(H, P)
-    q_r, k_r = split(spec.q_size, P), split(spec.kv_size, P)
-    qkv_r = [q + 2 * k for q, k in zip(q_r, k_r)]
-    o_r = split(spec.attn_out_size, P)
+    ms = None
+    if spec.mla:  # rows own the latent cache's dims: q_r, k_r, o_r are the per-token lengths
+        width = spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim
+        if P > width:
+            raise FitError(f"{spec.name}: latent attention maps one cache dimension per row at least, "
+                           f"so a region has at most {width} rows (not {P})")
+        ms = mla_split(spec, P)
+        q_r, k_r, qkv_r = [spec.heads * c for c in ms.c_r], ms.c_r, ms.a_r
+        o_r = [spec.heads * v for v in ms.v_r]
+    else:
+        q_r, k_r = split(spec.q_size, P), split(spec.kv_size, P)
+        qkv_r = [q + 2 * k for q, k in zip(q_r, k_r)]
+        o_r = split(spec.attn_out_size, P)
     ffn = spec.moe.expert_ffn_size if moe else spec.ffn_size
     f_r = split(ffn, P)
     e_r = split(spec.moe.experts, P) if moe else [0] * P
@@ -255,8 +265,17 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         s.weights = mem.alloc(f"w_{name}", s.tile_bytes() * copies, "weights", G0)
         shapes[name] = s
 
-    weights("qkv", H, spec.q_size + 2 * spec.kv_size, X, Hc, qkv_r)
-    weights("o", spec.attn_out_size, H, Y, o_r, Hc)
+    if ms:
+        m_ = spec.mla
+        weights("a", H, m_.q_lora_rank + sum(ms.c_r), X, Hc, qkv_r)
+        weights("qb", m_.q_lora_rank, spec.q_size, Y, ms.qa_r, ms.qn_r)
+        # block-diagonal absorbed up-projections: a PE's tile covers its column's heads only
+        weights("uk", spec.heads * m_.qk_nope_head_dim, m_.kv_lora_rank, X, ms.nope_n, ms.v_r)
+        weights("uv", m_.kv_lora_rank, spec.heads * m_.v_head_dim, Y, ms.v_r, ms.oh_r)
+        weights("o", spec.attn_out_size, H, X, ms.oh_r, Hc)
+    else:
+        weights("qkv", H, spec.q_size + 2 * spec.kv_size, X, Hc, qkv_r)
+        weights("o", spec.attn_out_size, H, Y, o_r, Hc)
     if moe:
         n_exp = (spec.moe.experts if routed else 0) + spec.moe.shared_experts
         weights("router", H, spec.moe.experts, X, Hc, e_r)
@@ -274,7 +293,10 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         buf["b_o"] = mem.alloc("b_o", max(Hc) * ELEM, "weights", G0)
     if moe and spec.moe.router_bias:
         buf["b_router"] = mem.alloc("b_router", max(e_r) * ELEM, "weights", G0)
-    kv_tok = 2 * max(k_r)
+    if ms:
+        buf["g_qa"] = mem.alloc("g_qa", max(ms.qa_r) * ELEM, "weights", G0)
+        buf["g_kv"] = mem.alloc("g_kv", max(ms.v_r) * ELEM, "weights", G0)
+    kv_tok = max(k_r) if ms else 2 * max(k_r)
     buf["kv"] = mem.alloc("kv_cache", max((max(T_c) + 1) * kv_tok, max(o_r)) * B * ELEM, "kv_cache", G3)
     buf["h"] = mem.alloc("h", max(Hc) * B * ELEM, "activations", G3)
     buf["xn"] = mem.alloc("xn", max(Hc) * B * ELEM, "activations", G3)
@@ -283,7 +305,12 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     buf["att"] = mem.alloc("att", max(o_r) * B * ELEM, "activations", G2)
     buf["gu"] = mem.alloc("gate_up", 2 * max(f_r) * B * ELEM, "activations", G2)
     buf["y"] = mem.alloc("y", max(Hc) * B * ELEM, "activations", G2)
-    longest = max(max(qkv_r), spec.heads * max(T_c), max(o_r), max(Hc), 2 * max(f_r), max(e_r)) * B
+    if ms:
+        buf["q"] = mem.alloc("q", max(ms.qn_r) * B * ELEM, "activations", G2)
+        buf["qabs"] = mem.alloc("q_absorbed", max(q_r) * B * ELEM, "activations", G2)
+        buf["oh"] = mem.alloc("o_heads", max(ms.oh_r) * B * ELEM, "activations", G2)
+    longest = max(max(qkv_r), spec.heads * max(T_c), max(o_r), max(Hc), 2 * max(f_r), max(e_r),
+                  max(ms.qn_r) if ms else 0, max(q_r) if ms else 0, max(ms.oh_r) if ms else 0) * B
     buf["dot"] = mem.alloc("dot", longest * ELEM, "scratch", G1)
     buf["scal"] = mem.alloc("scalars", 16 * B * ELEM, "scratch", G1)
     buf["tmp"] = mem.alloc("tmp", longest * ELEM, "scratch", G0)
@@ -291,7 +318,7 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         buf["gates"] = mem.alloc("gates", spec.moe.experts_per_token * B * ELEM, "activations", G2)
     fit_check(mem, cfg, f"{spec.name} layer {layer} on a {P}x{P} region (batch {B}, context {T})")
     return LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, shapes, buf,
-                     routed or not moe)
+                     routed or not moe, ms)
 
 
 def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, buf: dict[str, int], i: int,
@@ -334,6 +361,18 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     prog.add_roles(Y, [(i_chunk(qkv_r, j), plan.q_r[j], plan.k_r[j], i_chunk(o_r, j), i_chunk(f_r, j),
                         i_chunk(e_r, j), plan.heads_r[j], ry.role(j)) for j in range(P)])
     lanes.install(builder, prog)
+    ms = plan.mla
+    if ms:
+        prog.add_roles(X, [(i_chunk(ms.qn_r, i), ms.qn_r[i], ms.nope_runs[i], ms.pe_runs[i], i_chunk(ms.oh_r, i),
+                            ms.oh_r[i], ms.oh_runs[i]) for i in range(P)])
+        prog.add_roles(Y, [(i_chunk(ms.qa_r, j), ms.qa_r[j], ms.c_r[j], ms.v_r[j], ms.rope_lo[j], ms.r_r[j],
+                            i_chunk(Hc, j), Hc[j]) for j in range(P)])
+        if P > 1:  # the transpose back to column layout: each diagonal PE broadcasts down its column
+            bc = LineBroadcast(P, DIAG_BCAST)
+            for d in range(P):
+                prog.mark(d, d, "diag", 1)
+                if lanes.in_lanes.get(d) != (d, d):  # (lanes entering on the diagonal already route it)
+                    builder.line_routes(region, Y, DIAG_BCAST, bc.routes_for_root(d), lines=[d])
     for i in range(P - 1):  # KV shift: column i sends east on KV_SHIFT[i % 2]
         builder.line_routes(region, X, KV_SHIFT[i % 2], {i: (RAMP, (HI,)), i + 1: (LO, (RAMP,))})
 
@@ -365,7 +404,11 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
             m = _mark(out)
             _merge(out, norm(hi, xrole, b_["g1"]))
             _retag(out, m, tag["norm1"])
-        if "qkv" in parts:
+        if "qkv" in parts and ms:
+            m = _mark(out)
+            _merge(out, mla_project(i, jq, xr[1], yr[1], xrole, yrole))
+            _retag(out, m, tag["qkv"])
+        elif "qkv" in parts:
             m = _mark(out)
             # QKV projection (reduce X): slice j of q|k|v on every PE of row j
             out[0] += gemv_ops(S["qkv"], i, jq, xn, qkv, B, hstride, max(qkv_r) * ELEM)
@@ -379,9 +422,19 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
             _retag(out, m, tag["qkv"])
         if "attention" in parts:
             m = _mark(out)
-            _merge(out, attention(first_col, last_col, parity, tc, qj, kj, oj, hj, xrole, yrole))
+            if ms:  # multi-query attention over the latent cache: kv_len = the row's cache dims
+                _merge(out, attention(first_col, last_col, parity, tc, qj, kj, qkv + yr[1][1] * ELEM, oj,
+                                      max(o_r) * ELEM, hj, xrole, yrole))
+            else:
+                _merge(out, attention(first_col, last_col, parity, tc, qj, 2 * kj, qkv, oj, max(o_r) * ELEM, hj,
+                                      xrole, yrole))
             _retag(out, m, tag["attention"])
-        if "o" in parts:
+        if "o" in parts and ms:
+            m = _mark(out)
+            _merge(out, mla_output(i, jo, xr[1], yr[1], xrole, yrole, sp))
+            out[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
+            _retag(out, m, tag["o"])
+        elif "o" in parts:
             m = _mark(out)
             # O projection (reduce Y) back to column layout, bias, residual
             out[0] += gemv_ops(S["o"], jo, i, att, yb, B, max(o_r) * ELEM, hstride)
@@ -415,11 +468,13 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
         _retag(out, m, tag["output"])
         return out
 
-    def attention(first_col, last_col, parity, tc, qj, kj, oj, hj, xrole, yrole) -> dict[int, list[Op]]:
-        """Decode attention of the row's heads over the column's cached tokens."""
+    def attention(first_col, last_col, parity, tc, qj, kv_len, kv_src, oj, o_stride, hj, xrole, yrole
+                  ) -> dict[int, list[Op]]:
+        """Decode attention of the row's heads over the column's cached tokens: per token, a
+        qj-long dot product and an oj-long weighted value; kv_len cached elements per token."""
         # KV cache, shift-based: column 0 appends the new token, every column passes its oldest east
-        kv = 2 * kj * B
-        t0 = [compute(MOV, kv, dst=kvc, src0=qkv)] if first_col else []
+        kv = kv_len * B
+        t0 = [compute(MOV, kv, dst=kvc, src0=kv_src)] if first_col else []
         t0.append(signal(SEM_KV_READY))
         t2 = [wait(SEM_KV_READY)]
         t3: list[Op] = []
@@ -449,15 +504,87 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
         # every row needs every head's probabilities for its value dimensions
         _merge(out, ry.role_ops(yrole, ns, sc, tmp))
         # weighted values: per sequence and token an FMAC over the row's output dimensions
-        out[0] += [compute(FMAC, oj, dst=att + b * max(o_r) * ELEM, src0=kvc) for b in range(B) for _ in range(tc)]
+        if oj:
+            out[0] += [compute(FMAC, oj, dst=att + b * o_stride, src0=kvc) for b in range(B) for _ in range(tc)]
         return _merge(out, rx.role_ops(xrole, oj * B, att, tmp))
+
+    def mla_project(i: int, ja: int, xm: tuple, ym: tuple, xrole: tuple, yrole: tuple) -> dict[int, list[Op]]:
+        """Latent attention's projections (mla.py): q_a | c, their norms, RoPE on k_pe, q, RoPE on
+        q_pe, and the absorbed query q_abs over the row's cache dims."""
+        iq, qn, nope_runs, pe_runs = xm[:4]
+        jqa, qa, c, v, rope_lo, r = ym[:6]
+        ast, qst, cst = max(qkv_r) * ELEM, max(ms.qn_r) * ELEM, max(plan.q_r) * ELEM
+        aj = qkv_r[ja]
+        out = {0: gemv_ops(S["a"], i, ja, xn, qkv, B, hstride, ast)}
+        _merge(out, rx.role_ops(xrole, aj * B, qkv, tmp))
+        # RMSNorm of q_a and of c_kv: sums of squares, one column all-reduce for both
+        for b in range(B):
+            out[0].append(compute(FMAC, qa, dst=dot, src0=qkv + b * ast))
+            if v:
+                out[0].append(compute(FMAC, v, dst=dot, src0=qkv + b * ast + qa * ELEM))
+        _merge(out, ry.role_ops(yrole, 2 * B, scal, tmp))
+        out[0].append(compute(SCALE, (qa + v) * B, dst=qkv, src0=qkv))
+        for b in range(B):
+            out[0].append(compute(MUL, qa, dst=qkv + b * ast, src0=qkv + b * ast, src1=b_["g_qa"]))
+            if v:
+                out[0].append(compute(MUL, v, dst=qkv + b * ast + qa * ELEM, src0=qkv + b * ast + qa * ELEM,
+                                      src1=b_["g_kv"]))
+        if r:  # RoPE on the row's k_pe dims
+            out[0] += [compute(MUL, r * B, dst=qkv, src0=qkv, src1=dot), compute(FMAC, r * B, dst=qkv, src0=dot)]
+        # q = q_a . W_qb (reduce Y): column chunks of every head's nope | rope dims
+        out[0] += gemv_ops(S["qb"], jqa, iq, qkv, b_["q"], B, ast, qst)
+        _merge(out, ry.role_ops(yrole, qn * B, b_["q"], tmp))
+        pe = qn - sum(n for _, _, n in nope_runs)
+        if pe:  # RoPE on the column's q_pe dims
+            out[0] += [compute(MUL, pe * B, dst=b_["q"], src0=b_["q"], src1=dot),
+                       compute(FMAC, pe * B, dst=b_["q"], src0=dot)]
+        # q_abs = [q_nope . W_uk^T | q_pe] on the row's cache dims (reduce X)
+        qa_ = b_["qabs"]
+        for b in range(B):
+            row = 0
+            for hd, pos, n in nope_runs:
+                for t in range(n):
+                    if v:
+                        out[0].append(compute(FMAC, v, dst=qa_ + b * cst + hd * c * ELEM,
+                                              src0=S["uk"].weights + row * S["uk"].pitch,
+                                              src1=b_["q"] + b * qst + (pos + t) * ELEM))
+                    row += 1
+            for hd, off, n, pos in pe_moves(pe_runs, rope_lo, r, v):
+                out[0].append(compute(MOV, n, dst=qa_ + b * cst + (hd * c + off) * ELEM,
+                                      src0=b_["q"] + b * qst + pos * ELEM))
+        return _merge(out, rx.role_ops(xrole, spec.heads * c * B, qa_, tmp))
+
+    def mla_output(i: int, jo: int, xm: tuple, ym: tuple, xrole: tuple, yrole: tuple, sp: dict
+                   ) -> dict[int, list[Op]]:
+        """o = o_lat . W_uv (reduce Y), out = o . W_o (reduce X), transposed back to column layout
+        by a broadcast from the diagonal; leaves the column's chunk in y."""
+        io, ohn, oh_runs = xm[4:7]
+        v, jh, hj_ = ym[3], ym[6], ym[7]
+        ost, ohs = max(o_r) * ELEM, max(ms.oh_r) * ELEM
+        ops: list[Op] = []
+        for b in range(B):
+            for cc in range(v):
+                for hd, pos, n in oh_runs:
+                    ops.append(compute(FMAC, n, dst=b_["oh"] + b * ohs + pos * ELEM,
+                                       src0=S["uv"].weights + cc * S["uv"].pitch + pos * ELEM,
+                                       src1=att + b * ost + (hd * v + cc) * ELEM))
+        out = {0: ops}
+        _merge(out, ry.role_ops(yrole, ohn * B, b_["oh"], tmp))
+        out[0] += gemv_ops(S["o"], io, jh, b_["oh"], yb, B, ohs, hstride)
+        _merge(out, rx.role_ops(xrole, hj_ * B, yb, tmp))
+        if P > 1:
+            if "diag" in sp:
+                out[0].append(send(DIAG_BCAST, hj_ * B, yb))
+            else:
+                out[0].append(recv(DIAG_BCAST, Hc[i] * B, yb))
+        return out
 
     def moe_ffn(i: int, jf: int, je: int, xrole: tuple, yrole: tuple) -> dict[int, list[Op]]:
         m = spec.moe
         ej = e_r[je]
         out = {0: gemv_ops(S["router"], i, je, xn, qkv, B, hstride, max(e_r) * ELEM)}
         _merge(out, rx.role_ops(xrole, ej * B, qkv, tmp))
-        if "b_router" in b_:
+        if "b_router" in b_ and ej:
             out[0] += [compute(ADD, ej, dst=qkv + b * max(e_r) * ELEM, src0=qkv + b * max(e_r) * ELEM,
                                src1=b_["b_router"]) for b in range(B)]
         if ej:  # top-k: k max passes over the row's logits, merged down the columns
@@ -472,7 +599,7 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     prog.program_ids(builder)
     executed, model = layer_flops(plan, parts)
     return RegionBuild("layer", region, plan.mem, executed, model, layer_weight_bytes(plan),
-                       2 * spec.kv_size * prm.context * B * ELEM, anchor_of(red))
+                       spec.kv_cache_width * prm.context * B * ELEM, anchor_of(red))
 
 
 def dispatch_parts(spec: ModelSpec, hi: int, batch: int, buf: dict[str, int]) -> list[tuple[int, int]]:
@@ -546,7 +673,6 @@ def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, 
 
 def most_experts(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams) -> int:
     """The most routed experts of a MoE layer one P x P expert region holds (0: not even one)."""
-    from .plan import FitError
     lo, hi = 0, spec.moe.experts
     while lo < hi:  # the largest n whose tiles fit (fitting is monotone in n)
         n = (lo + hi + 1) // 2
@@ -667,7 +793,11 @@ def moe_experts(spec: ModelSpec, layer: int, batch: int, skew: float = 0.0) -> d
 def layer_weight_bytes(plan: LayerPlan) -> int:
     spec, H = plan.spec, plan.spec.hidden_size
     S = plan.shapes
-    n = S["qkv"].weight_bytes() + S["o"].weight_bytes() + 2 * H * ELEM
+    if plan.mla:  # the absorbed GEMVs' shapes count their blocks only; plus the two latent norms
+        n = sum(S[k].weight_bytes() for k in ("a", "qb", "uk", "uv", "o")) + 2 * H * ELEM
+        n += (sum(plan.mla.qa_r) + sum(plan.mla.v_r)) * ELEM
+    else:
+        n = S["qkv"].weight_bytes() + S["o"].weight_bytes() + 2 * H * ELEM
     n += (S["qkv"].n if spec.qkv_bias else 0) * ELEM + (H if spec.o_bias else 0) * ELEM
     if plan.moe:
         m = spec.moe
@@ -700,17 +830,31 @@ def layer_flops(plan: LayerPlan, parts: tuple[str, ...] = PARTS) -> tuple[dict[s
     if "norm2" in parts:
         replicated["norm"] = replicated.get("norm", 0) + 4 * H * B
         ar += P * n1 * B
-    if "qkv" in parts:
+    ml = spec.mla
+    if "qkv" in parts and ml:
+        width, heads = spec.kv_cache_width, spec.heads
+        a_n = ml.q_lora_rank + width
+        model["qkv"] = 2 * H * a_n * B + 2 * ml.q_lora_rank * spec.q_size * B \
+            + 2 * heads * ml.qk_nope_head_dim * ml.kv_lora_rank * B
+        replicated["norm"] = replicated.get("norm", 0) + 4 * (ml.q_lora_rank + ml.kv_lora_rank) * B
+        replicated["rope"] = 3 * (ml.qk_rope_head_dim + heads * ml.qk_rope_head_dim) * B
+        ar += n1 * a_n * B + P * n1 * 2 * B + n1 * spec.q_size * B + n1 * heads * width * B
+    elif "qkv" in parts:
         model["qkv"] = 2 * H * qkv_n * B
         replicated["rope"] = 3 * (spec.q_size + spec.kv_size) * B
         replicated["bias"] = qkv_n * B if spec.qkv_bias else 0
         ar += n1 * qkv_n * B
     if "attention" in parts:
-        model.update(scores=2 * spec.q_size * T * B, softmax=SOFTMAX_FLOPS * spec.heads * T * B,
-                     values=2 * spec.attn_out_size * T * B)
-        ar += 2 * n1 * spec.heads * T * B + 2 * n1 * spec.heads * B + n1 * spec.attn_out_size * B
+        # MLA: scores over the whole cached latent, values over its c_kv part, for every head
+        q_len = spec.heads * spec.kv_cache_width if ml else spec.q_size
+        o_len = spec.heads * ml.kv_lora_rank if ml else spec.attn_out_size
+        model.update(scores=2 * q_len * T * B, softmax=SOFTMAX_FLOPS * spec.heads * T * B, values=2 * o_len * T * B)
+        ar += 2 * n1 * spec.heads * T * B + 2 * n1 * spec.heads * B + n1 * o_len * B
+    if "o" in parts and ml:
+        model["o"] = 2 * spec.heads * ml.kv_lora_rank * ml.v_head_dim * B
+        ar += n1 * spec.attn_out_size * B
     if "o" in parts:
-        model["o"] = 2 * spec.attn_out_size * H * B
+        model["o"] = model.get("o", 0) + 2 * spec.attn_out_size * H * B
         replicated["bias"] = replicated.get("bias", 0) + (H * B if spec.o_bias else 0)
         replicated["residual"] = H * B
         ar += n1 * H * B

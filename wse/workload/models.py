@@ -83,6 +83,13 @@ class ModelSpec:
         return self.kv_heads * self.head_dim
 
     @property
+    def kv_cache_width(self) -> int:
+        """Elements cached per token and layer: K and V, or MLA's latent plus its shared RoPE key."""
+        if self.mla:
+            return self.mla.kv_lora_rank + self.mla.qk_rope_head_dim
+        return 2 * self.kv_size
+
+    @property
     def attn_out_size(self) -> int:
         """Width of the attention output (input of the O projection)."""
         return self.heads * (self.mla.v_head_dim if self.mla else self.head_dim)

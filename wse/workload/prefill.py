@@ -147,7 +147,8 @@ def kernel_traces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, algo: 
                   ) -> dict[str, tuple[Trace, dict[str, int]]]:
     """The kernels of one prefill layer: name -> (trace, facts)."""
     if spec.mla:
-        raise WseError(f"{spec.name}: multi-head latent attention has no prefill mapping yet")
+        raise WseError(f"{spec.name}: multi-head latent attention has no prefill mapping yet "
+                       "(`wse system --prompt-len 0` skips the time to first token)")
     if prompt < P:
         raise WseError(f"--prompt-len {prompt} is shorter than the region side {P}: every row needs a token")
     H, S = spec.hidden_size, prompt

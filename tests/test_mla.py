@@ -1,0 +1,99 @@
+"""Multi-head latent attention (weight-absorbed decode mapping, workload/mla.py).
+
+The cut over the region must cover every dimension exactly once, a MLA layer must match the
+reference stepper and its analytic FLOPs, the composed step must equal the full simulation,
+and DeepSeek-V3's and Kimi K2's layers must size as their specs say.
+"""
+import pytest
+
+from engine_compare import assert_same
+from wse import hardware
+from wse.engine import reference
+from wse.engine.run import simulate
+from wse.trace import validate
+from wse.workload.decode import compose, full_trace, plan_model
+from wse.workload.layer import DecodeParams, Lanes, decode_layer, layer_flops, layer_weight_bytes, plan_layer
+from wse.workload.mesh import MeshBuilder, Region
+from wse.workload.mla import mla_split, pe_moves
+from wse.workload.models import load_model
+from wse.workload.plan import FitError
+
+
+@pytest.fixture(scope="module")
+def small():
+    return hardware.load_preset("small")
+
+
+def run(trace, cfg):
+    validate(trace, cfg)
+    r = simulate(trace, cfg, validated=True)
+    assert r.complete, r.stuck[:5]
+    return r
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "kimi-k2", "tiny-mla"])
+@pytest.mark.parametrize("P", [1, 5, 37, 200])
+def test_the_cut_covers_every_dimension_once(name, P):
+    spec = load_model(name)
+    m = spec.mla
+    width = m.kv_lora_rank + m.qk_rope_head_dim
+    P = min(P, width)  # at most one row per cache dimension
+    s = mla_split(spec, P)
+    assert sum(s.c_r) == width and sum(s.v_r) == m.kv_lora_rank and sum(s.r_r) == m.qk_rope_head_dim
+    assert sum(s.qa_r) == m.q_lora_rank and sum(s.qn_r) == spec.q_size
+    assert sum(s.nope_n) == spec.heads * m.qk_nope_head_dim
+    assert sum(n for runs in s.oh_runs for _, _, n in runs) == sum(s.oh_r) == spec.attn_out_size
+    # every q_pe element moves into the absorbed query exactly once, at its own rope index
+    moved = {}
+    for i in range(P):
+        for j in range(P):
+            for h, off, n, pos in pe_moves(s.pe_runs[i], s.rope_lo[j], s.r_r[j], s.v_r[j]):
+                for t in range(n):
+                    key = (h, s.rope_lo[j] + off - s.v_r[j] + t)
+                    assert key not in moved
+                    moved[key] = (i, pos + t)
+    assert len(moved) == spec.heads * m.qk_rope_head_dim
+
+
+def test_kv_cache_width_is_the_latent_plus_the_rope_key():
+    assert load_model("deepseek-v3").kv_cache_width == 576
+    assert load_model("llama3.1-8b").kv_cache_width == 2 * 8 * 128
+
+
+def test_a_latent_attention_layer_matches_the_reference_stepper(small):
+    spec = load_model("tiny-mla")
+    roomy = small.with_overrides(["sram.sram_bytes=131072"])  # a whole layer on 4 x 4 PEs
+    parts = ("norm1", "qkv", "attention", "o", "handoff")
+    plan = plan_layer(spec, 1, 4, roomy, DecodeParams(batch=2, context=6))
+    b = MeshBuilder(4, 4, 4)
+    build = decode_layer(plan, Region(0, 0, 4, 4), b, Lanes(None, {}, None, {}), parts)
+    trace = b.build()
+    fast = run(trace, roomy)
+    assert_same(fast, reference.simulate(trace, roomy), "mla layer")
+    assert int(fast.pe("flops").sum()) == sum(build.flops.values()) == sum(layer_flops(plan, parts)[0].values())
+
+
+@pytest.mark.parametrize("kw", [dict(batch=1), dict(batch=2, context=30),
+                                dict(batch=2, moe_mapping="regions", experts_per_region=2)])
+def test_composed_step_equals_the_full_simulation(kw, small):
+    spec = load_model("tiny-mla")
+    plan = plan_model(spec, small, DecodeParams(**kw))
+    trace, builds = full_trace(plan)
+    full = run(trace, small)
+    composed = compose(plan, lambda t: run(t, small))
+    assert composed.total_cycles == full.total_cycles
+    assert composed.total("flops") == int(full.pe("flops").sum()) == sum(sum(b.flops.values()) for b in builds)
+    assert sum(b.weight_bytes for b in builds) == 2 * spec.total_params()
+    assert sum(b.kv_bytes for b in builds if b.kind == "layer") == \
+        spec.layers * spec.kv_cache_width * plan.params.context * plan.params.batch * 2
+
+
+def test_deepseek_layers_size_as_the_spec_says():
+    spec, cfg = load_model("deepseek-v3"), hardware.load_preset("wse3")
+    params = DecodeParams(context=1024)
+    dense = plan_layer(spec, 0, 300, cfg, params)
+    assert layer_weight_bytes(dense) == 2 * spec.layer_params(0)
+    moe = plan_layer(spec, 3, 300, cfg, params, routed=False)  # routed experts in expert regions
+    assert layer_weight_bytes(moe) == 2 * (spec.layer_params(3) - spec.moe.experts * spec.expert_params())
+    with pytest.raises(FitError, match="at most 576 rows"):
+        plan_layer(spec, 0, 600, cfg, params)
