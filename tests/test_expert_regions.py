@@ -114,3 +114,30 @@ def test_expert_regions_on_a_two_wafer_system(small):
     # only the residual stream of the batch crosses the link between layer groups
     assert d.ledger.sent == [2 * spec.hidden_size * 2]
     assert d.steps[0].flops > 0 and d.steps[1].flops > 0
+
+
+def test_units_split_a_layers_experts_over_wafers(small):
+    from wse.system.wafers import split_units, uses_units, wafer_plans
+    from wse.workload.decode import model_units
+    spec = load_model("tiny-moe")
+    system = load_system("cs3x4", ['system.wafer="small"'])
+    params = DecodeParams(batch=2, context=16, moe_mapping="regions", experts_per_region=2)
+    assert uses_units(spec, system, params)
+    assert not uses_units(spec, system, DecodeParams(batch=2))  # auto: the local mapping places
+    units = model_units(spec)
+    assert units[:2] == [(0, -1), (0, 0)] and len(units) == 10
+    for w in (1, 2, 3, 4):
+        shares = split_units(spec, params, w)
+        assert shares[0][0] == 0 and shares[-1][1] == 10 and all(a < b for a, b in shares)
+        assert all(b == c for (_, b), (c, _) in zip(shares, shares[1:]))
+    plans = wafer_plans(spec, system, params, 3)
+    assert plans[1].slots[0].kind == "experts"  # wafer 1 continues layer 0's experts
+    regions = [(s.index, s.experts) for p in plans for s in p.slots if s.kind == "experts"]
+    for layer in (0, 1):  # every routed expert once, in order
+        covered = [e for L, (a, b) in regions if L == layer for e in range(a, b)]
+        assert covered == list(range(4))
+    assert sum(b.weight_bytes for p in plans for b in full_trace(p)[1]) == 2 * spec.total_params()
+    d = run_decode(spec, system, params, 3, lambda t: run(t, small))
+    payload = (2 * spec.hidden_size + spec.moe.experts_per_token) * params.batch * 2
+    assert d.ledger.sent == [payload, payload]
+    assert sum(d.ledger.sent) == sum(d.ledger.received)

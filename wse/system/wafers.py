@@ -2,7 +2,8 @@
 pipelining of sequences in flight, energy and cost (docs/system.md).
 
 The layers are split into consecutive groups, one per wafer (the first also holds the
-embedding, the last the LM head). Each wafer's decode step is simulated cycle by cycle
+embedding, the last the LM head). With expert regions the chain is cut at routed experts
+instead (decode.model_units), balanced by bytes, so one layer's experts may span wafers. Each wafer's decode step is simulated cycle by cycle
 (composed from its distinct stage traces, decode.compose, which is exact); wafers whose
 groups run identical programs are simulated once. Between wafers the activations of the batch
 (batch x hidden x 2 bytes) cross one link.
@@ -22,7 +23,8 @@ from typing import Callable
 
 from ..errors import WseError
 from ..trace import Trace, validate
-from ..workload.decode import ELEM, ModelPlan, bytes_needed, compose, plan_model, region_key
+from ..workload.decode import (ELEM, ModelPlan, bytes_needed, compose, model_units, plan_model, plan_units,
+                               region_key, unit_bytes, _table_bytes)
 from ..workload.layer import DecodeParams
 from ..workload.mesh import split_ranges
 from ..workload.models import ModelSpec
@@ -38,10 +40,55 @@ def split_layers(n_layers: int, wafers: int) -> list[range]:
     return split_ranges(n_layers, wafers)
 
 
+def uses_units(spec: ModelSpec, system: SystemConfig, params: DecodeParams) -> bool:
+    """Whether the chain is cut at routed experts: with --moe-mapping regions, or with auto
+    when one MoE layer holding all its experts does not place on a wafer."""
+    if not spec.moe or params.moe_mapping == "local":
+        return False
+    if params.moe_mapping == "regions":
+        return True
+    local = dataclasses.replace(params, moe_mapping="local")
+    try:
+        plan_model(spec, system.wafer_config, local, 1, None, spec.moe.dense_layers, False, False)
+        return False
+    except WseError:
+        return True
+
+
+def split_units(spec: ModelSpec, params: DecodeParams, wafers: int) -> list[tuple[int, int]]:
+    """model_units cut into `wafers` consecutive runs of nearly equal bytes (the embedding
+    counted on the first, the LM head on the last)."""
+    units = model_units(spec)
+    if not 1 <= wafers <= len(units):
+        raise WseError(f"{wafers} wafers for {len(units)} units of {spec.name}")
+    weight = [unit_bytes(spec, params, u) for u in units]
+    weight[0] += _table_bytes(spec, True, False)
+    weight[-1] += _table_bytes(spec, False, True)
+    total, cum, cuts = sum(weight), 0, [0]
+    for i, w in enumerate(weight):
+        k = len(cuts)
+        # cut before unit i when that leaves the running share nearer its target than after it
+        if k < wafers and i > cuts[-1] and abs(cum - total * k / wafers) <= abs(cum + w - total * k / wafers) \
+                and len(units) - i >= wafers - k:
+            cuts.append(i)
+        cum += w
+    while len(cuts) < wafers:  # too few cuts (a huge last unit): cut the longest share
+        a, b = max(zip(cuts, cuts[1:] + [len(units)]), key=lambda ab: ab[1] - ab[0])
+        cuts = sorted(cuts + [(a + b) // 2])
+    return list(zip(cuts, cuts[1:] + [len(units)]))
+
+
 def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int) -> list[ModelPlan]:
     """One decode plan per wafer (WseError naming the wafer if a group does not fit)."""
     cfg = system.wafer_config
     plans = []
+    if uses_units(spec, system, params):
+        for w, (u0, u1) in enumerate(split_units(spec, params, wafers)):
+            try:
+                plans.append(plan_units(spec, cfg, params, u0, u1, w == 0, w == wafers - 1))
+            except WseError as e:
+                raise WseError(f"wafer {w} of {wafers}: {e}") from None
+        return plans
     for w, group in enumerate(split_layers(spec.layers, wafers)):
         try:
             plans.append(plan_model(spec, cfg, params, len(group), None, group.start, w == 0, w == wafers - 1))
@@ -56,6 +103,20 @@ def fewest_wafers(spec: ModelSpec, system: SystemConfig, params: DecodeParams, m
     have = usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height
     total = bytes_needed(spec, params, spec.layers)
     last: WseError | None = None
+    if uses_units(spec, system, params):
+        units = model_units(spec)
+        for w in range(max(1, -(-total // have)), min(most, len(units)) + 1):
+            shares = split_units(spec, params, w)
+            if any(sum(unit_bytes(spec, params, u) for u in units[a:b]) + _table_bytes(spec, i == 0, i == w - 1)
+                   > have for i, (a, b) in enumerate(shares)):
+                continue
+            try:
+                wafer_plans(spec, system, params, w)
+                return w
+            except WseError as e:
+                last = e
+        raise WseError(f"{spec.name} does not fit on up to {min(most, len(units))} {cfg.name} wafers"
+                       + (f": {last}" if last else ""))
     for w in range(max(1, -(-total // have)), min(most, spec.layers) + 1):
         groups = split_layers(spec.layers, w)
         if any(bytes_needed(spec, params, len(g), g.start, i == 0, i == w - 1) > have for i, g in enumerate(groups)):
@@ -175,11 +236,10 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
             d.simulations if fresh else 0, _extra_in_flight(plan)))
     link = Link(system.link_bytes_per_s, system.link_latency_s)
     ledger = LinkLedger(wafers, link)
-    act_bytes = params.batch * spec.hidden_size * ELEM
-    link_s = sum(ledger.transfer(w, w + 1, act_bytes) for w in range(wafers - 1))
+    sizes = [crossing_bytes(spec, params, plans[w + 1]) for w in range(wafers - 1)]
+    link_s = sum(ledger.transfer(w, w + 1, n) for w, n in enumerate(sizes))
     latency = sum(s.cycles for s in steps) / cfg.clock_hz + link_s
-    stages = [c / cfg.clock_hz for s in steps for c in s.region_cycles] + \
-             [link.busy_seconds(act_bytes)] * (wafers - 1)
+    stages = [c / cfg.clock_hz for s in steps for c in s.region_cycles] + [link.busy_seconds(n) for n in sizes]
     bottleneck = max(stages)
     max_in_flight = max(1, min(len(stages), 1 + min(s.extra_in_flight for s in steps)))
     dyn = (sum(s.flops for s in steps) / 2 * system.pj_per_fmac + sum(s.sram_bytes for s in steps) * system.pj_per_sram_byte
@@ -193,6 +253,14 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
     result.representative = max((r for d in cache.values() for r in d.results.values()),
                                 key=lambda r: r.pe_counters.shape[0] * r.pe_counters.shape[1] * r.total_cycles)
     return result
+
+
+def crossing_bytes(spec: ModelSpec, params: DecodeParams, nxt: ModelPlan) -> int:
+    """Bytes into the wafer of plan `nxt`: the residual stream of the batch, or, when the wafer
+    continues a layer's expert regions, the dispatch payload (FFN input, residual stream, gates)."""
+    if nxt.slots[0].kind == "experts":
+        return (2 * spec.hidden_size + spec.moe.experts_per_token) * params.batch * ELEM
+    return params.batch * spec.hidden_size * ELEM
 
 
 def pipeline_point(r: SystemDecode, system: SystemConfig, in_flight: int) -> PipelinePoint:
@@ -221,6 +289,6 @@ def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan
             layer_cycles[plan.P] = pr.layer_cycles
             if last:
                 head_cycles = pr.ttft_cycles - pr.layer_cycles
-    cycles = sum(plan.n_layers * layer_cycles[plan.P] for plan in plans) + head_cycles
+    cycles = sum(sum(s.kind == "layer" for s in plan.slots) * layer_cycles[plan.P] for plan in plans) + head_cycles
     link = Link(system.link_bytes_per_s, system.link_latency_s)
     return cycles / cfg.clock_hz + (len(plans) - 1) * link.seconds(prompt * spec.hidden_size * ELEM)

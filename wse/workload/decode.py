@@ -52,7 +52,9 @@ class ModelPlan:
     first_layer: int = 0  # a wafer's group of layers starts here (multi-wafer systems)
     embed: bool = True  # the plan holds the embedding
     head: bool = True  # the plan holds the LM head
-    experts_per_region: int = 0  # expert parallelism: most routed experts per expert region (0: local)
+    experts_per_region: int = 0  # expert regions: the most routed experts one holds
+    expert_regions: bool = False  # MoE layers keep router and shared experts only; routed experts in expert regions
+    units: tuple[int, int] | None = None  # a wafer's share as a range of model_units (expert regions)
 
     @property
     def width(self) -> int:
@@ -65,7 +67,7 @@ class ModelPlan:
 
 def layer_plan(plan: ModelPlan, layer: int) -> LayerPlan:
     """The layer's plan on the model plan's slot size and MoE mapping."""
-    return plan_layer(plan.spec, layer, plan.P, plan.cfg, plan.params, routed=not plan.experts_per_region)
+    return plan_layer(plan.spec, layer, plan.P, plan.cfg, plan.params, routed=not plan.expert_regions)
 
 
 def chain_elements(spec: ModelSpec, first_layer: int, n_layers: int, experts_per_region: int
@@ -81,6 +83,51 @@ def chain_elements(spec: ModelSpec, first_layer: int, n_layers: int, experts_per
             E = spec.moe.experts
             for r in split_ranges(E, -(-E // experts_per_region)):
                 out.append(("experts", layer, (r.start, r.stop)))
+    return out
+
+
+def model_units(spec: ModelSpec) -> list[tuple[int, int]]:
+    """The model's chain in the units a multi-wafer split with expert regions cuts it at:
+    (layer, -1) for a layer region, (layer, e) for routed expert e of a MoE layer."""
+    out: list[tuple[int, int]] = []
+    for layer in range(spec.layers):
+        out.append((layer, -1))
+        if spec.is_moe_layer(layer):
+            out.extend((layer, e) for e in range(spec.moe.experts))
+    return out
+
+
+def unit_bytes(spec: ModelSpec, params: DecodeParams, unit: tuple[int, int]) -> int:
+    """16-bit weights (and, for a layer region, the KV cache) of one unit."""
+    layer, e = unit
+    if e >= 0:
+        return ELEM * spec.expert_params()
+    routed = spec.moe.experts * spec.expert_params() if spec.is_moe_layer(layer) else 0
+    return ELEM * (spec.layer_params(layer) - routed) + spec.kv_cache_width * params.context * params.batch * ELEM
+
+
+def units_chain(units: list[tuple[int, int]], experts_per_region: int
+                ) -> list[tuple[str, int, tuple[int, int] | None]]:
+    """Chain elements of a run of units: each layer region, and each layer's run of routed
+    experts cut into the fewest groups of at most experts_per_region (sizes within one)."""
+    out: list[tuple[str, int, tuple[int, int] | None]] = []
+    run: list[tuple[int, int]] = []
+
+    def flush() -> None:
+        if run:
+            layer, e0, n = run[0][0], run[0][1], len(run)
+            out.extend(("experts", layer, (e0 + r.start, e0 + r.stop))
+                       for r in split_ranges(n, -(-n // experts_per_region)))
+            run.clear()
+
+    for layer, e in units:
+        if e < 0 or (run and run[0][0] != layer):
+            flush()
+        if e < 0:
+            out.append(("layer", layer, None))
+        else:
+            run.append((layer, e))
+    flush()
     return out
 
 
@@ -126,40 +173,81 @@ def plan_model(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers
     raise _does_not_fit(spec, cfg, params, n_layers, last_error, first_layer, embed, head)
 
 
+def plan_units(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, u0: int, u1: int, embed: bool,
+               head: bool, P: int | None = None) -> ModelPlan:
+    """A wafer's share cut from model_units [u0, u1): whole layers and runs of a layer's
+    routed experts, every MoE layer with expert regions (a layer's experts may continue on the
+    next wafer)."""
+    check_colors(cfg)
+    units = model_units(spec)
+    if not 0 <= u0 < u1 <= len(units):
+        raise WseError(f"units {u0}..{u1 - 1} are outside {spec.name}'s {len(units)} units")
+    share = units[u0:u1]
+    need = sum(unit_bytes(spec, params, u) for u in share) + _table_bytes(spec, embed, head)
+    have = usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height
+    what = f"{spec.name} units {u0}..{u1 - 1} (layers {share[0][0]}..{share[-1][0]})"
+    if need > have:
+        raise FitError(f"{what}: {need:,} B of weights and KV cache, {have:,} B usable")
+    try:
+        plan = _place(spec, cfg, params, share[-1][0] - share[0][0] + 1, P, share[0][0], embed, head, True, share)
+    except (PlacementError, FitError) as e:
+        raise FitError(f"{what} found no slot size that places every region and fits its SRAM ({e})") from None
+    plan.units = (u0, u1)
+    return plan
+
+
+def _table_bytes(spec: ModelSpec, embed: bool, head: bool) -> int:
+    return ELEM * ((spec.embedding_params() if embed else 0)
+                   + (spec.lm_head_params() + spec.hidden_size if head else 0))
+
+
 def _place(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: int, P: int | None,
-           first_layer: int, embed: bool, head: bool, expert_regions: bool) -> ModelPlan:
-    """The largest slot size (or P) that places the chain and fits every region."""
-    layers = range(first_layer, first_layer + n_layers)
-    moe_layers = [layer for layer in layers if spec.is_moe_layer(layer)]
-    # one slot per layer (and per expert region, at least one per MoE layer) bounds the side
-    least = n_layers + (len(moe_layers) if expert_regions else 0) + embed + head
+           first_layer: int, embed: bool, head: bool, expert_regions: bool,
+           units: list[tuple[int, int]] | None = None) -> ModelPlan:
+    """The largest slot size (or P) that places the chain and fits every region; `units` cuts
+    the chain at routed experts (plan_units) instead of whole layers."""
+    if units is None:
+        layer_ids = list(range(first_layer, first_layer + n_layers))
+        expert_layers = [layer for layer in layer_ids if spec.is_moe_layer(layer)] if expert_regions else []
+    else:
+        layer_ids = [layer for layer, e in units if e < 0]
+        expert_layers = sorted({layer for layer, e in units if e >= 0})
+    # one slot per layer region and at least one per layer's run of experts bounds the side
+    least = len(layer_ids) + len(expert_layers) + embed + head
     area_bound = int((cfg.mesh_width * cfg.mesh_height / least) ** 0.5)
     top = min(cfg.mesh_width, cfg.mesh_height, spec.hidden_size, area_bound)
     candidates = [P] if P else list(range(top, 0, -1))
-    last_error: Exception = PlacementError("no slot size to try")
+    first_error: Exception | None = None  # at the largest slot: what the smaller ones only repeat
+    placed_error: Exception | None = None  # at the largest slot that placed the chain
     for p in candidates:
+        placed = False
         try:
             per_region = 0
-            if expert_regions:
-                per_region = most_experts(spec, moe_layers[0], p, cfg, params)
+            if expert_layers:
+                per_region = most_experts(spec, expert_layers[0], p, cfg, params)
                 if not per_region:
                     raise FitError(f"not one routed expert of {spec.name} fits a {p}x{p} region")
                 per_region = min(per_region, params.experts_per_region or per_region)
-            chain = chain_elements(spec, first_layer, n_layers, per_region)
+            chain = chain_elements(spec, first_layer, n_layers, per_region) if units is None \
+                else units_chain(units, per_region)
             most = cfg.mesh_width // p - 1
             k_e = _table_slots(spec, p, cfg, False, params, most) if embed else 0
             k_h = _table_slots(spec, p, cfg, True, params, cfg.mesh_width // p) if head else 0
-            slots = serpentine(n_layers, k_e, k_h, p, cfg.mesh_width, cfg.mesh_height, first_layer, chain)
-            kinds = {layers[0], layers[-1]}
-            if spec.moe and spec.moe.dense_layers in layers:
+            slots = serpentine(len(chain), k_e, k_h, p, cfg.mesh_width, cfg.mesh_height, first_layer, chain)
+            placed = True
+            kinds = {layer_ids[0], layer_ids[-1]} if layer_ids else set()
+            if spec.moe and spec.moe.dense_layers in layer_ids:
                 kinds.add(spec.moe.dense_layers)
             for layer in sorted(kinds):
-                plan_layer(spec, layer, p, cfg, params, routed=not per_region)
+                plan_layer(spec, layer, p, cfg, params, routed=not expert_regions)
             token_col = token_column(spec, k_e * p, params.token) if embed else 0
-            return ModelPlan(spec, cfg, params, p, n_layers, slots, token_col, first_layer, embed, head, per_region)
+            return ModelPlan(spec, cfg, params, p, n_layers, slots, token_col, first_layer, embed, head, per_region,
+                             expert_regions and bool(spec.moe))
         except (PlacementError, FitError) as e:
-            last_error = e
-    raise last_error
+            first_error = first_error or e
+            if placed and placed_error is None:
+                placed_error = e
+    raise placed_error or first_error or PlacementError("no slot size to try")
 
 
 def bytes_needed(spec: ModelSpec, params: DecodeParams, n_layers: int, first_layer: int = 0,
@@ -249,7 +337,7 @@ def region_key(plan: ModelPlan, slot: Slot) -> tuple:
     if slot.kind != "layer":
         return (slot.kind, slot.region.width, slot.region.height)
     moe = spec.is_moe_layer(slot.index)
-    if moe and plan.experts_per_region:  # router and shared experts only: the same in every MoE layer
+    if moe and plan.expert_regions:  # router and shared experts only: the same in every MoE layer
         return ("layer", moe, "expert-regions")
     return ("layer", moe, tuple(moe_experts(spec, slot.index, plan.params.batch, plan.params.expert_skew).items())
             if moe else ())
