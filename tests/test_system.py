@@ -13,7 +13,7 @@ from wse.engine.run import simulate
 from wse.errors import WseError
 from wse.system.config import load_system
 from wse.system.link import Link, LinkLedger
-from wse.system.wafers import (fewest_wafers, pipeline_point, run_decode, split_layers, wafer_plans)
+from wse.system.wafers import (balanced, fewest_wafers, pipeline_point, run_decode, split_layers, wafer_plans)
 from wse.workload.decode import compose, full_trace, plan_model
 from wse.workload.layer import DecodeParams
 from wse.workload.models import load_model
@@ -30,14 +30,20 @@ def sim(small):
     return lambda t: simulate(t, small)
 
 
-def test_layer_groups_are_consecutive_and_balanced():
+def test_layer_groups_are_consecutive_and_balanced_by_bytes():
     for n, w in ((32, 1), (32, 3), (80, 6), (7, 7)):
-        groups = split_layers(n, w)
-        assert [g.start for g in groups][0] == 0 and groups[-1].stop == n
-        assert all(a.stop == b.start for a, b in zip(groups, groups[1:]))
-        assert max(map(len, groups)) - min(map(len, groups)) <= 1
+        runs = balanced([5] * n, w)
+        assert runs[0][0] == 0 and runs[-1][1] == n and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        assert max(b - a for a, b in runs) - min(b - a for a, b in runs) <= 1
     with pytest.raises(WseError):
-        split_layers(2, 3)
+        balanced([1, 1], 3)
+    assert balanced([10, 1, 1, 1, 1, 10], 3) == [(0, 1), (1, 5), (5, 6)]
+    # the embedding weighs on the first wafer: llama3.1-405b's first group is the smallest
+    spec, params = load_model("llama3.1-405b"), DecodeParams(context=1024)
+    groups = split_layers(spec, params, 32)
+    assert groups[0].start == 0 and groups[-1].stop == spec.layers
+    assert all(a.stop == b.start for a, b in zip(groups, groups[1:]))
+    assert len(groups[0]) < len(groups[1]) and len(groups[-1]) < len(groups[1])
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-moe"])
@@ -102,9 +108,16 @@ def test_system_decode_puts_the_chain_together(small_system):
         assert p.period_s == pytest.approx(period)
         assert p.tokens_per_s == pytest.approx(p.in_flight * PARAMS.batch / period)
     assert r.curve[0].tokens_per_s_per_user >= r.curve[-1].tokens_per_s_per_user
-    # counters: the wafers' FLOPs are the single-wafer step's FLOPs
-    single = run_decode(spec, small_system, PARAMS, 1, sim(small))
-    assert sum(s.flops for s in r.steps) == sum(s.flops for s in single.steps)
+    # counters: each wafer's FLOPs are its regions' analytic FLOPs (they depend on the slot
+    # shape, which each wafer chooses), and with square slots of one size the wafers together
+    # do exactly the single wafer's work
+    for s, plan in zip(r.steps, wafer_plans(spec, small_system, PARAMS, 2)):
+        assert s.flops == sum(sum(b.flops.values()) for b in full_trace(plan)[1])
+    square = dataclasses.replace(PARAMS, slot_shape="square")
+    single = run_decode(spec, small_system, square, 1, sim(small))
+    two = run_decode(spec, small_system, square, 2, sim(small))
+    assert {s.slot for s in two.steps} == {single.steps[0].slot}
+    assert sum(s.flops for s in two.steps) == sum(s.flops for s in single.steps)
     assert single.link_bytes == [] and single.steps[0].embed and single.steps[0].head
 
 

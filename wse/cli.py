@@ -161,6 +161,8 @@ def _workload_options(fn):
                           "local where it fits (auto, default)"),
         click.option("--experts-per-region", "experts_per_region", type=int,
                      help="expert regions hold at most this many routed experts (default: as many as fit)"),
+        click.option("--slot-shape", "slot_shape", type=click.Choice(["tall", "square"]),
+                     help="layer slots: tall P x Q regions of the largest area (default) or square P x P"),
         click.option("--heads", type=int, help="attention heads (--op attention)"),
         click.option("--kv-heads", "kv_heads", type=int, help="KV heads (--op attention)"),
         click.option("--head-dim", "head_dim", type=int, help="head dimension (--op attention)"),
@@ -465,13 +467,15 @@ def compare_cmd(run_files, as_json) -> None:
               help="routed experts in the layer region (local), in expert regions (regions), or local where it fits")
 @click.option("--experts-per-region", type=int, default=0, show_default=True,
               help="expert regions hold at most this many routed experts (0: as many as fit)")
+@click.option("--slot-shape", type=click.Choice(["tall", "square"]), default="tall", show_default=True,
+              help="layer slots: tall P x Q regions of the largest area, or square P x P")
 @click.option("--gpu", type=click.Choice(["h100", "h200", "b200"]), default="h100", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
 @click.option("--threads", type=int, help="Numba threads (default: all cores)")
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
 @_clean_errors
 def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, expert_skew, moe_mapping,
-               experts_per_region, gpu, output, threads, quiet) -> None:
+               experts_per_region, slot_shape, gpu, output, threads, quiet) -> None:
     """A model on a multi-wafer system and on GPU nodes, side by side (docs/system.md)."""
     from .engine.run import simulate
     from .results.store import RunInfo, write_run
@@ -511,7 +515,7 @@ def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, exp
         raise WseError("--expert-skew must be at least 0")
     job = compare.run_system(model, system, sim, wafers=n, batch=batch, context=context,
                              prompt=prompt_len or None, gpu=gpu, expert_skew=expert_skew, moe_mapping=moe_mapping,
-                             experts_per_region=experts_per_region)
+                             experts_per_region=experts_per_region, slot_shape=slot_shape)
     rep = job.decode.representative
     info = RunInfo(trace_path=f"--model {model} --system {system.name} (counters of the largest stage)",
                    trace_hash="", trace_mesh=(rep.pe_counters.shape[1], rep.pe_counters.shape[0]),

@@ -34,11 +34,12 @@ class SystemJob:
 
 def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], object], *, wafers: int | None = None,
                batch: int = 1, context: int = 1024, prompt: int | None = 512, gpu: str = "h100",
-               expert_skew: float = 0.0, moe_mapping: str = "auto", experts_per_region: int = 0) -> SystemJob:
+               expert_skew: float = 0.0, moe_mapping: str = "auto", experts_per_region: int = 0,
+               slot_shape: str = "tall") -> SystemJob:
     """Simulate the wafer system, evaluate the GPU model, and tabulate both."""
     spec = load_model(model)
     params = DecodeParams(batch=batch, context=context, expert_skew=expert_skew, moe_mapping=moe_mapping,
-                          experts_per_region=experts_per_region)
+                          experts_per_region=experts_per_region, slot_shape=slot_shape)
     dec = run_decode(spec, system, params, wafers, simulate)
     ttft = math.nan
     if prompt:
@@ -95,10 +96,11 @@ def format_rows(job: SystemJob) -> str:
     lines.append("")
     for s in d.steps:
         lines.append(f"wafer {s.wafer}: layers {s.layers.start}-{s.layers.stop - 1}"
-                     f"{' + embedding' if s.embed else ''}{' + LM head' if s.head else ''}, {s.slot}x{s.slot} slots, "
+                     f"{' + embedding' if s.embed else ''}{' + LM head' if s.head else ''}, {s.slot}x{s.slot_rows} slots, "
                      f"{s.cycles:,} cycles/token")
     if d.wafers > 1:
-        lines.append(f"links: {d.link_bytes[0]:,} B per token each, {d.link_seconds * 1e6:.2f} us per transfer")
+        lines.append(f"links: up to {max(d.link_bytes):,} B per token each, {d.link_seconds * 1e6:.2f} us per "
+                     f"transfer on average")
     return "\n".join(lines)
 
 
@@ -116,6 +118,8 @@ def tables(job: SystemJob) -> dict[str, dict[str, np.ndarray]]:
         "wafers": {"wafer": np.array([s.wafer for s in d.steps], dtype=np.int64),
                    "first_layer": np.array([s.layers.start for s in d.steps], dtype=np.int64),
                    "layers": np.array([len(s.layers) for s in d.steps], dtype=np.int64),
+                   "slot_columns": np.array([s.slot for s in d.steps], dtype=np.int64),
+                   "slot_rows": np.array([s.slot_rows for s in d.steps], dtype=np.int64),
                    "cycles": np.array([s.cycles for s in d.steps], dtype=np.int64),
                    "flops": np.array([s.flops for s in d.steps], dtype=np.int64),
                    "sram_bytes": np.array([s.sram_bytes for s in d.steps], dtype=np.int64),

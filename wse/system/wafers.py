@@ -26,18 +26,36 @@ from ..trace import Trace, validate
 from ..workload.decode import (ELEM, ModelPlan, bytes_needed, compose, model_units, plan_model, plan_units,
                                region_key, unit_bytes, _table_bytes)
 from ..workload.layer import DecodeParams
-from ..workload.mesh import split_ranges
 from ..workload.models import ModelSpec
 from ..workload.plan import usable_sram
 from .config import SystemConfig
 from .link import Link, LinkLedger
 
 
-def split_layers(n_layers: int, wafers: int) -> list[range]:
-    """Consecutive groups of layers, sizes differing by at most one (larger groups first)."""
-    if not 1 <= wafers <= n_layers:
-        raise WseError(f"{wafers} wafers for {n_layers} layers: each wafer needs at least one layer")
-    return split_ranges(n_layers, wafers)
+def balanced(weights: list[int], parts: int) -> list[tuple[int, int]]:
+    """Consecutive runs [a, b) of `weights`, `parts` of them, each as near as it can be to an
+    equal share of the total (every run non-empty)."""
+    n = len(weights)
+    if not 1 <= parts <= n:
+        raise WseError(f"{parts} wafers for {n} pieces: each wafer needs at least one")
+    total, cum, cuts = sum(weights), 0, [0]
+    for i, w in enumerate(weights):
+        k = len(cuts)
+        # cut before piece i when that leaves the running share nearer its target than after it
+        if k < parts and i > cuts[-1] and n - i >= parts - k \
+                and (abs(cum - total * k / parts) <= abs(cum + w - total * k / parts) or n - i == parts - k):
+            cuts.append(i)
+        cum += w
+    return list(zip(cuts, cuts[1:] + [n]))
+
+
+def split_layers(spec: ModelSpec, params: DecodeParams, wafers: int) -> list[range]:
+    """Consecutive groups of layers, one per wafer, balanced by bytes: weights and KV cache,
+    the embedding counted on the first wafer and the LM head on the last."""
+    weight = [bytes_needed(spec, params, 1, layer, False, False) for layer in range(spec.layers)]
+    weight[0] += _table_bytes(spec, True, False)
+    weight[-1] += _table_bytes(spec, False, True)
+    return [range(a, b) for a, b in balanced(weight, wafers)]
 
 
 def uses_units(spec: ModelSpec, system: SystemConfig, params: DecodeParams) -> bool:
@@ -56,26 +74,13 @@ def uses_units(spec: ModelSpec, system: SystemConfig, params: DecodeParams) -> b
 
 
 def split_units(spec: ModelSpec, params: DecodeParams, wafers: int) -> list[tuple[int, int]]:
-    """model_units cut into `wafers` consecutive runs of nearly equal bytes (the embedding
-    counted on the first, the LM head on the last)."""
+    """model_units cut into `wafers` consecutive runs balanced by bytes (the embedding counted
+    on the first wafer, the LM head on the last)."""
     units = model_units(spec)
-    if not 1 <= wafers <= len(units):
-        raise WseError(f"{wafers} wafers for {len(units)} units of {spec.name}")
     weight = [unit_bytes(spec, params, u) for u in units]
     weight[0] += _table_bytes(spec, True, False)
     weight[-1] += _table_bytes(spec, False, True)
-    total, cum, cuts = sum(weight), 0, [0]
-    for i, w in enumerate(weight):
-        k = len(cuts)
-        # cut before unit i when that leaves the running share nearer its target than after it
-        if k < wafers and i > cuts[-1] and abs(cum - total * k / wafers) <= abs(cum + w - total * k / wafers) \
-                and len(units) - i >= wafers - k:
-            cuts.append(i)
-        cum += w
-    while len(cuts) < wafers:  # too few cuts (a huge last unit): cut the longest share
-        a, b = max(zip(cuts, cuts[1:] + [len(units)]), key=lambda ab: ab[1] - ab[0])
-        cuts = sorted(cuts + [(a + b) // 2])
-    return list(zip(cuts, cuts[1:] + [len(units)]))
+    return balanced(weight, wafers)
 
 
 def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int) -> list[ModelPlan]:
@@ -89,7 +94,7 @@ def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, waf
             except WseError as e:
                 raise WseError(f"wafer {w} of {wafers}: {e}") from None
         return plans
-    for w, group in enumerate(split_layers(spec.layers, wafers)):
+    for w, group in enumerate(split_layers(spec, params, wafers)):
         try:
             plans.append(plan_model(spec, cfg, params, len(group), None, group.start, w == 0, w == wafers - 1))
         except WseError as e:
@@ -118,7 +123,7 @@ def fewest_wafers(spec: ModelSpec, system: SystemConfig, params: DecodeParams, m
         raise WseError(f"{spec.name} does not fit on up to {min(most, len(units))} {cfg.name} wafers"
                        + (f": {last}" if last else ""))
     for w in range(max(1, -(-total // have)), min(most, spec.layers) + 1):
-        groups = split_layers(spec.layers, w)
+        groups = split_layers(spec, params, w)
         if any(bytes_needed(spec, params, len(g), g.start, i == 0, i == w - 1) > have for i, g in enumerate(groups)):
             continue
         try:
@@ -138,7 +143,8 @@ class WaferStep:
     layers: range
     embed: bool
     head: bool
-    slot: int  # P
+    slot: int  # P: columns of a layer or expert slot
+    slot_rows: int  # Q
     cycles: int
     region_cycles: list[int]  # time each region holds the micro-batch (a pipeline stage)
     flops: int
@@ -207,7 +213,7 @@ def _extra_in_flight(plan: ModelPlan) -> int:
 
 
 def _group_key(plan: ModelPlan) -> tuple:
-    return (plan.embed, plan.head, plan.P, tuple(region_key(plan, s) for s in plan.slots))
+    return (plan.embed, plan.head, plan.P, plan.Q, tuple(region_key(plan, s) for s in plan.slots))
 
 
 def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int | None,
@@ -231,7 +237,7 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
         d = cache[key]
         g = range(plan.first_layer, plan.first_layer + plan.n_layers)
         steps.append(WaferStep(
-            w, g, plan.embed, plan.head, plan.P, d.total_cycles, _region_cycles(d), d.total("flops"),
+            w, g, plan.embed, plan.head, plan.P, plan.Q, d.total_cycles, _region_cycles(d), d.total("flops"),
             d.total("sram_read_bytes") + d.total("sram_write_bytes"), d.link_total("wavelets"),
             d.simulations if fresh else 0, _extra_in_flight(plan)))
     link = Link(system.link_bytes_per_s, system.link_latency_s)

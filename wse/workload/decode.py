@@ -28,8 +28,8 @@ from ..errors import WseError
 from ..hardware import WaferConfig
 from ..trace import Trace
 from .layer import (DecodeParams, Lanes, LayerPlan, RegionBuild, decode_experts, decode_layer, dispatch_parts,
-                    embedding, embedding_memory, lm_head, lm_memory, moe_experts, most_experts, plan_experts,
-                    plan_layer, token_column, ROW_BCAST)
+                    embedding, embedding_memory, lm_head, lm_memory, moe_experts, most_experts, most_rows,
+                    plan_experts, plan_layer, token_column, ROW_BCAST)
 from .mesh import X, Y, MeshBuilder, Region, split, split_ranges
 from .models import ModelSpec
 from .placement import (PlacementError, Slot, add_lane_routes, direction, lane_sources, lane_targets,
@@ -55,6 +55,10 @@ class ModelPlan:
     experts_per_region: int = 0  # expert regions: the most routed experts one holds
     expert_regions: bool = False  # MoE layers keep router and shared experts only; routed experts in expert regions
     units: tuple[int, int] | None = None  # a wafer's share as a range of model_units (expert regions)
+    Q: int = 0  # rows of a layer or expert slot (0: P, square slots)
+
+    def __post_init__(self) -> None:
+        self.Q = self.Q or self.P
 
     @property
     def width(self) -> int:
@@ -67,7 +71,7 @@ class ModelPlan:
 
 def layer_plan(plan: ModelPlan, layer: int) -> LayerPlan:
     """The layer's plan on the model plan's slot size and MoE mapping."""
-    return plan_layer(plan.spec, layer, plan.P, plan.cfg, plan.params, routed=not plan.expert_regions)
+    return plan_layer(plan.spec, layer, plan.P, plan.cfg, plan.params, routed=not plan.expert_regions, Q=plan.Q)
 
 
 def chain_elements(spec: ModelSpec, first_layer: int, n_layers: int, experts_per_region: int
@@ -144,8 +148,10 @@ def _table_slots(spec: ModelSpec, P: int, cfg: WaferConfig, head: bool, params: 
 
 
 def plan_model(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: int | None = None,
-               P: int | None = None, first_layer: int = 0, embed: bool = True, head: bool = True) -> ModelPlan:
-    """Slot size and placement. With P=None the largest P that places and fits is chosen.
+               P: int | None = None, first_layer: int = 0, embed: bool = True, head: bool = True,
+               Q: int | None = None) -> ModelPlan:
+    """Slot size and placement. With P=None the largest slot that places and fits is chosen:
+    square (params.slot_shape "square") or P columns by Q >= P rows ("tall": the largest area).
 
     first_layer, embed and head describe one wafer's share of a model split over several
     wafers: layers first_layer .. first_layer + n_layers - 1, with or without the embedding
@@ -167,7 +173,7 @@ def plan_model(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers
     last_error: Exception | None = None
     for mapping in mappings:
         try:
-            return _place(spec, cfg, params, n_layers, P, first_layer, embed, head, mapping == "regions")
+            return _place(spec, cfg, params, n_layers, P, first_layer, embed, head, mapping == "regions", Q=Q)
         except (PlacementError, FitError) as e:
             last_error = e
     raise _does_not_fit(spec, cfg, params, n_layers, last_error, first_layer, embed, head)
@@ -203,8 +209,8 @@ def _table_bytes(spec: ModelSpec, embed: bool, head: bool) -> int:
 
 def _place(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: int, P: int | None,
            first_layer: int, embed: bool, head: bool, expert_regions: bool,
-           units: list[tuple[int, int]] | None = None) -> ModelPlan:
-    """The largest slot size (or P) that places the chain and fits every region; `units` cuts
+           units: list[tuple[int, int]] | None = None, Q: int | None = None) -> ModelPlan:
+    """The largest slot (or P x Q) that places the chain and fits every region; `units` cuts
     the chain at routed experts (plan_units) instead of whole layers."""
     if units is None:
         layer_ids = list(range(first_layer, first_layer + n_layers))
@@ -212,42 +218,95 @@ def _place(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: in
     else:
         layer_ids = [layer for layer, e in units if e < 0]
         expert_layers = sorted({layer for layer, e in units if e >= 0})
+    W, Hm = cfg.mesh_width, cfg.mesh_height
     # one slot per layer region and at least one per layer's run of experts bounds the side
     least = len(layer_ids) + len(expert_layers) + embed + head
-    area_bound = int((cfg.mesh_width * cfg.mesh_height / least) ** 0.5)
-    top = min(cfg.mesh_width, cfg.mesh_height, spec.hidden_size, area_bound)
-    candidates = [P] if P else list(range(top, 0, -1))
+    area_bound = int((W * Hm / least) ** 0.5)
+    top = min(W, Hm, spec.hidden_size, area_bound)
     first_error: Exception | None = None  # at the largest slot: what the smaller ones only repeat
     placed_error: Exception | None = None  # at the largest slot that placed the chain
-    for p in candidates:
+
+    def chain_for(p: int, q: int) -> tuple[list, int]:
+        per_region = 0
+        if expert_layers:
+            per_region = most_experts(spec, expert_layers[0], p, cfg, params, q)
+            if not per_region:
+                raise FitError(f"not one routed expert of {spec.name} fits a {p}x{q} region")
+            per_region = min(per_region, params.experts_per_region or per_region)
+        chain = chain_elements(spec, first_layer, n_layers, per_region) if units is None \
+            else units_chain(units, per_region)
+        return chain, per_region
+
+    def tables(p: int) -> tuple[int, int]:
+        k_e = _table_slots(spec, p, cfg, False, params, W // p - 1) if embed else 0
+        k_h = _table_slots(spec, p, cfg, True, params, W // p) if head else 0
+        return k_e, k_h
+
+    def attempt(p: int, q: int) -> ModelPlan:
+        nonlocal first_error, placed_error
         placed = False
         try:
-            per_region = 0
-            if expert_layers:
-                per_region = most_experts(spec, expert_layers[0], p, cfg, params)
-                if not per_region:
-                    raise FitError(f"not one routed expert of {spec.name} fits a {p}x{p} region")
-                per_region = min(per_region, params.experts_per_region or per_region)
-            chain = chain_elements(spec, first_layer, n_layers, per_region) if units is None \
-                else units_chain(units, per_region)
-            most = cfg.mesh_width // p - 1
-            k_e = _table_slots(spec, p, cfg, False, params, most) if embed else 0
-            k_h = _table_slots(spec, p, cfg, True, params, cfg.mesh_width // p) if head else 0
-            slots = serpentine(len(chain), k_e, k_h, p, cfg.mesh_width, cfg.mesh_height, first_layer, chain)
+            chain, per_region = chain_for(p, q)
+            k_e, k_h = tables(p)
+            slots = serpentine(len(chain), k_e, k_h, p, W, Hm, first_layer, chain, q)
             placed = True
             kinds = {layer_ids[0], layer_ids[-1]} if layer_ids else set()
             if spec.moe and spec.moe.dense_layers in layer_ids:
                 kinds.add(spec.moe.dense_layers)
             for layer in sorted(kinds):
-                plan_layer(spec, layer, p, cfg, params, routed=not expert_regions)
+                plan_layer(spec, layer, p, cfg, params, routed=not expert_regions, Q=q)
             token_col = token_column(spec, k_e * p, params.token) if embed else 0
             return ModelPlan(spec, cfg, params, p, n_layers, slots, token_col, first_layer, embed, head, per_region,
-                             expert_regions and bool(spec.moe))
+                             expert_regions and bool(spec.moe), Q=q)
         except (PlacementError, FitError) as e:
             first_error = first_error or e
             if placed and placed_error is None:
                 placed_error = e
-    raise placed_error or first_error or PlacementError("no slot size to try")
+            raise
+
+    def failed() -> Exception:
+        return placed_error or first_error or PlacementError("no slot size to try")
+
+    if P or params.slot_shape == "square":
+        for p, q in ([(P, Q or P)] if P else [(p, p) for p in range(top, 0, -1)]):
+            try:
+                return attempt(p, q)
+            except (PlacementError, FitError):
+                continue
+        raise failed()
+    # tall slots: for each width P, as many rows as leave bands for every slot of the chain;
+    # the largest area wins
+    q_cap = min(Hm, most_rows(spec))
+    best: ModelPlan | None = None
+    for p in range(top, 0, -1):
+        if best and p * q_cap <= best.P * best.Q:
+            break
+        nx, q = W // p, q_cap
+        try:
+            k_e, k_h = tables(p)
+            for _ in range(16):  # rows shrink as the chain (more expert regions) grows
+                n = len(chain_for(p, q)[0]) + k_e + k_h
+                q_next = min(q_cap, Hm // -(-n // nx))
+                if q_next >= q or q_next < p:
+                    q = min(q, q_next)
+                    break
+                q = q_next
+        except (PlacementError, FitError) as e:
+            first_error = first_error or e
+            continue
+        for q_try in sorted({q, Hm // (Hm // q + 1)}, reverse=True):  # one band more if the head needs it
+            if q_try < p:
+                continue
+            try:
+                plan = attempt(p, q_try)
+            except (PlacementError, FitError):
+                continue
+            if best is None or p * q_try > best.P * best.Q:
+                best = plan
+            break
+    if best is None:
+        raise failed()
+    return best
 
 
 def bytes_needed(spec: ModelSpec, params: DecodeParams, n_layers: int, first_layer: int = 0,
@@ -287,7 +346,7 @@ def _build_region(plan: ModelPlan, slot: Slot, region: Region, builder: MeshBuil
     if slot.kind == "lm_head":
         return lm_head(plan.spec, region, builder, plan.cfg, plan.params, lanes)
     if slot.kind == "experts":
-        ep = plan_experts(plan.spec, slot.index, slot.experts, plan.P, plan.cfg, plan.params)
+        ep = plan_experts(plan.spec, slot.index, slot.experts, plan.P, plan.cfg, plan.params, plan.Q)
         return decode_experts(ep, region, builder, lanes)
     return decode_layer(layer_plan(plan, slot.index), region, builder, lanes)
 
@@ -332,7 +391,7 @@ def region_key(plan: ModelPlan, slot: Slot) -> tuple:
     """Regions with equal keys run identical programs."""
     spec = plan.spec
     if slot.kind == "experts":  # its size, whether it is its layer's last, the experts it runs
-        ep = plan_experts(spec, slot.index, slot.experts, plan.P, plan.cfg, plan.params)
+        ep = plan_experts(spec, slot.index, slot.experts, plan.P, plan.cfg, plan.params, plan.Q)
         return ("experts", slot.experts[1] - slot.experts[0], ep.last, tuple(ep.local_experts().items()))
     if slot.kind != "layer":
         return (slot.kind, slot.region.width, slot.region.height)

@@ -137,18 +137,20 @@ def _model_plan(name: str, cfg: WaferConfig, phase: str, **kw):
     from .models import load_model
     spec = load_model(name)
     region = kw.get("region")
-    if region is not None and region[0] != region[1]:
-        raise WseError("--region for a model must be square (PxP)")
+    if region is not None and region[0] > region[1]:
+        raise WseError("--region PxQ for a model needs Q >= P (at least as many rows as columns)")
     algo = kw.get("algo") or "two-level"
     if algo not in ("two-level", "chain"):
         raise WseError(f"--algo {algo!r}: decode uses the all-reduce algorithms two-level or chain")
     params = DecodeParams(batch=kw.get("batch") or 1, context=kw.get("context") or 128,
                           token=kw.get("token") or 1, algo=algo, groups=kw.get("groups"),
                           expert_skew=kw.get("expert_skew") or 0.0, moe_mapping=kw.get("moe_mapping") or "auto",
-                          experts_per_region=kw.get("experts_per_region") or 0)
+                          experts_per_region=kw.get("experts_per_region") or 0,
+                          slot_shape=kw.get("slot_shape") or "tall")
     if params.batch < 1 or params.context < 1:
         raise WseError("--batch and --context must be positive")
-    return plan_model(spec, cfg, params, kw.get("layers"), region[0] if region else None)
+    return plan_model(spec, cfg, params, kw.get("layers"), region[0] if region else None,
+                      Q=region[1] if region else None)
 
 
 def prefill_traces(name: str, cfg: WaferConfig, output: str, **kw) -> list[tuple[str, Trace]]:
@@ -188,7 +190,7 @@ def run_prefill(name: str, cfg: WaferConfig, simulate: Simulate, **kw) -> JobRes
         "ttft_seconds": (pr.ttft_cycles / cfg.clock_hz, "s", "TTFT at the configured clock"),
         "prefill_layer_cycles": (pr.layer_cycles, "cycles", "one layer's prefill kernels and transfer"),
         "prompt_len": (prompt, "tokens", "prompt length"),
-        "slot_size": (plan.P, "PEs", "side of a layer region"),
+        "slot_size": (plan.P, "PEs", "side of the prefill region (square)"),
         "executed_flops": (pr.executed_flops, "flop", "FLOPs executed by the prefill (padding and all-reduce adds included)"),
         "model_flops": (pr.model_flops, "flop", "FLOPs of the prefill, each operation once"),
         "compute_utilization": (pr.executed_flops / (plan.n_layers * pes * pr.layer_cycles * _peak_flops_per_cycle(cfg))
@@ -255,7 +257,8 @@ def run_model(name: str, cfg: WaferConfig, simulate: Simulate, phase: str = "dec
                          "decode rate of the batch (all sequences)"),
         "batch": (params.batch, "sequences", "sequences decoded together"),
         "context": (params.context, "tokens", "cached tokens attended to"),
-        "slot_size": (plan.P, "PEs", "side of a layer region"),
+        "slot_size": (plan.P, "PEs", "columns of a layer region"),
+        "slot_rows": (plan.Q, "PEs", "rows of a layer region"),
         "pes_used": (pes, "PEs", "PEs in the model's regions"),
         "layers_mapped": (plan.n_layers, "layers", "layers on the wafer"),
         "executed_flops": (executed, "flop", "FLOPs executed per step (replicated elementwise work and "

@@ -56,15 +56,19 @@ class DecodeParams:
     expert_skew: float = 0.0  # MoE expert choice: 0 uniform, s > 0 Zipf-skewed popularity (moe_experts)
     moe_mapping: str = "auto"  # routed experts: "local" (in the layer region), "regions" (expert regions), "auto"
     experts_per_region: int = 0  # expert regions hold at most this many routed experts (0: as many as fit)
+    slot_shape: str = "tall"  # layer and expert slots: "tall" (P x Q, Q >= P, the largest area) or "square"
 
     def __post_init__(self) -> None:
         if self.moe_mapping not in MOE_MAPPINGS:
             raise WseError(f"--moe-mapping {self.moe_mapping!r} is not one of {', '.join(MOE_MAPPINGS)}")
+        if self.slot_shape not in SLOT_SHAPES:
+            raise WseError(f"--slot-shape {self.slot_shape!r} is not one of {', '.join(SLOT_SHAPES)}")
         if self.experts_per_region < 0:
             raise WseError(f"--experts-per-region {self.experts_per_region} must be at least 0")
 
 
 MOE_MAPPINGS = ("auto", "local", "regions")
+SLOT_SHAPES = ("square", "tall")
 
 
 @dataclasses.dataclass
@@ -192,7 +196,7 @@ class Lanes:
 
 @dataclasses.dataclass
 class LayerPlan:
-    """Sizes and buffers of one decoder layer on a P x P region."""
+    """Sizes and buffers of one decoder layer on a region of P columns and Q rows."""
 
     spec: ModelSpec
     layer: int
@@ -212,6 +216,10 @@ class LayerPlan:
     buf: dict[str, int]
     routed: bool = True  # a MoE layer's routed experts live in this region (else in expert regions)
     mla: MlaSplit | None = None  # latent attention's cut over the region (mla.py)
+    Q: int = 0  # rows (0: P, a square region)
+
+    def __post_init__(self) -> None:
+        self.Q = self.Q or self.P
 
     @property
     def moe(self) -> bool:
@@ -226,36 +234,41 @@ class LayerPlan:
         return {e - m.experts: u for e, u in use.items() if e >= m.experts}
 
 
-def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, routed: bool = True) -> LayerPlan:
-    """Split the layer over a P x P region and allocate its SRAM (FitError if it does not fit).
+def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, routed: bool = True,
+               Q: int | None = None) -> LayerPlan:
+    """Split the layer over a region of P columns and Q rows (default P) and allocate its SRAM
+    (FitError if it does not fit).
 
     routed=False: a MoE layer keeps only its router and shared experts; the routed experts
-    live in expert regions that follow it in the chain (plan_experts)."""
+    live in expert regions that follow it in the chain (plan_experts). Q >= P: lanes enter
+    and leave on the diagonal, which needs a row for every column."""
     H, B, T = spec.hidden_size, params.batch, params.context
+    Q = Q or P
     if P > H:
-        raise WseError(f"a {P}x{P} region is larger than the hidden size {H}")
+        raise WseError(f"a {P}x{Q} region is larger than the hidden size {H}")
+    if Q < P:
+        raise WseError(f"a {P}x{Q} region has fewer rows than columns (lanes enter on the diagonal)")
+    if Q > most_rows(spec):
+        raise FitError(f"{spec.name}: a layer region has at most {most_rows(spec)} rows (one per row-split "
+                       f"dimension), not {Q}")
     moe = spec.is_moe_layer(layer)
     if moe and spec.moe.expert_bias:
         raise WseError(f"{spec.name}: experts with biases have no decode mapping yet")
     Hc = split(H, P)
     ms = None
     if spec.mla:  # rows own the latent cache's dims: q_r, k_r, o_r are the per-token lengths
-        width = spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim
-        if P > width:
-            raise FitError(f"{spec.name}: latent attention maps one cache dimension per row at least, "
-                           f"so a region has at most {width} rows (not {P})")
-        ms = mla_split(spec, P)
+        ms = mla_split(spec, P, Q)
         q_r, k_r, qkv_r = [spec.heads * c for c in ms.c_r], ms.c_r, ms.a_r
         o_r = [spec.heads * v for v in ms.v_r]
     else:
-        q_r, k_r = split(spec.q_size, P), split(spec.kv_size, P)
+        q_r, k_r = split(spec.q_size, Q), split(spec.kv_size, Q)
         qkv_r = [q + 2 * k for q, k in zip(q_r, k_r)]
-        o_r = split(spec.attn_out_size, P)
+        o_r = split(spec.attn_out_size, Q)
     ffn = spec.moe.expert_ffn_size if moe else spec.ffn_size
-    f_r = split(ffn, P)
-    e_r = split(spec.moe.experts, P) if moe else [0] * P
+    f_r = split(ffn, Q)
+    e_r = split(spec.moe.experts, Q) if moe else [0] * Q
     T_c = split(T, P)
-    heads_r = split(spec.heads, P)
+    heads_r = split(spec.heads, Q)
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
     shapes: dict[str, GemvShape] = {}
 
@@ -272,7 +285,7 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         # block-diagonal absorbed up-projections: a PE's tile covers its column's heads only
         weights("uk", spec.heads * m_.qk_nope_head_dim, m_.kv_lora_rank, X, ms.nope_n, ms.v_r)
         weights("uv", m_.kv_lora_rank, spec.heads * m_.v_head_dim, Y, ms.v_r, ms.oh_r)
-        weights("o", spec.attn_out_size, H, X, ms.oh_r, Hc)
+        weights("o", spec.attn_out_size, H, X, ms.oh_r, Hc + [0] * (Q - P))  # rows j >= P: none
     else:
         weights("qkv", H, spec.q_size + 2 * spec.kv_size, X, Hc, qkv_r)
         weights("o", spec.attn_out_size, H, Y, o_r, Hc)
@@ -316,9 +329,15 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     buf["tmp"] = mem.alloc("tmp", longest * ELEM, "scratch", G0)
     if moe and not routed:
         buf["gates"] = mem.alloc("gates", spec.moe.experts_per_token * B * ELEM, "activations", G2)
-    fit_check(mem, cfg, f"{spec.name} layer {layer} on a {P}x{P} region (batch {B}, context {T})")
+    fit_check(mem, cfg, f"{spec.name} layer {layer} on a {P}x{Q} region (batch {B}, context {T})")
     return LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, shapes, buf,
-                     routed or not moe, ms)
+                     routed or not moe, ms, Q)
+
+
+def most_rows(spec: ModelSpec) -> int:
+    """The most rows a layer region may have: every row-split vector needs an element per row
+    (the KV slice, or MLA's cache dimension, is the shortest)."""
+    return min(spec.kv_cache_width // (1 if spec.mla else 2), spec.hidden_size)
 
 
 def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, buf: dict[str, int], i: int,
@@ -346,7 +365,7 @@ PARTS = ("norm1", "qkv", "attention", "o", "norm2", "ffn", "handoff")
 def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: Lanes,
                  parts: tuple[str, ...] = PARTS) -> RegionBuild:
     """Programs and routes of one decoder layer's decode step on `region` (or some `parts`)."""
-    spec, P, prm = plan.spec, plan.P, plan.params
+    spec, P, Q, prm = plan.spec, plan.P, plan.Q, plan.params
     B, H = prm.batch, spec.hidden_size
     b_ = plan.buf
     S = plan.shapes
@@ -359,16 +378,17 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [(i_chunk(Hc, i), i % 2, rx.role(i), plan.T_c[i], i == 0, i == P - 1) for i in range(P)])
     prog.add_roles(Y, [(i_chunk(qkv_r, j), plan.q_r[j], plan.k_r[j], i_chunk(o_r, j), i_chunk(f_r, j),
-                        i_chunk(e_r, j), plan.heads_r[j], ry.role(j)) for j in range(P)])
+                        i_chunk(e_r, j), plan.heads_r[j], ry.role(j)) for j in range(Q)])
     lanes.install(builder, prog)
     ms = plan.mla
     if ms:
         prog.add_roles(X, [(i_chunk(ms.qn_r, i), ms.qn_r[i], ms.nope_runs[i], ms.pe_runs[i], i_chunk(ms.oh_r, i),
                             ms.oh_r[i], ms.oh_runs[i]) for i in range(P)])
+        hc_rows = Hc + [0] * (Q - P)  # the O projection's rows: column chunks on the first P
         prog.add_roles(Y, [(i_chunk(ms.qa_r, j), ms.qa_r[j], ms.c_r[j], ms.v_r[j], ms.rope_lo[j], ms.r_r[j],
-                            i_chunk(Hc, j), Hc[j]) for j in range(P)])
-        if P > 1:  # the transpose back to column layout: each diagonal PE broadcasts down its column
-            bc = LineBroadcast(P, DIAG_BCAST)
+                            i_chunk(hc_rows, j), hc_rows[j]) for j in range(Q)])
+        if Q > 1:  # the transpose back to column layout: each diagonal PE broadcasts down its column
+            bc = LineBroadcast(Q, DIAG_BCAST)
             for d in range(P):
                 prog.mark(d, d, "diag", 1)
                 if lanes.in_lanes.get(d) != (d, d):  # (lanes entering on the diagonal already route it)
@@ -398,7 +418,7 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
         hi, qkvj, oj = Hc[i], qkv_r[jq], o_r[jo]
         out: dict[int, list[Op]] = {0: []}
         m = _mark(out)
-        _merge(out, lanes.receive(sp, hi * B, h, P))
+        _merge(out, lanes.receive(sp, hi * B, h, Q))
         _retag(out, m, tag["input"])
         if "norm1" in parts:
             m = _mark(out)
@@ -572,7 +592,7 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
         _merge(out, ry.role_ops(yrole, ohn * B, b_["oh"], tmp))
         out[0] += gemv_ops(S["o"], io, jh, b_["oh"], yb, B, ohs, hstride)
         _merge(out, rx.role_ops(xrole, hj_ * B, yb, tmp))
-        if P > 1:
+        if Q > 1:
             if "diag" in sp:
                 out[0].append(send(DIAG_BCAST, hj_ * B, yb))
             else:
@@ -613,7 +633,7 @@ def dispatch_parts(spec: ModelSpec, hi: int, batch: int, buf: dict[str, int]) ->
 
 @dataclasses.dataclass
 class ExpertPlan:
-    """Routed experts first..last-1 of a MoE layer on a P x P expert region."""
+    """Routed experts first..last-1 of a MoE layer on an expert region of P columns and Q rows."""
 
     spec: ModelSpec
     layer: int
@@ -625,6 +645,10 @@ class ExpertPlan:
     f_r: list[int]
     shapes: dict[str, GemvShape]
     buf: dict[str, int]
+    Q: int = 0  # rows (0: P)
+
+    def __post_init__(self) -> None:
+        self.Q = self.Q or self.P
 
     @property
     def last(self) -> bool:
@@ -638,8 +662,8 @@ class ExpertPlan:
         return {e - e0: u for e, u in use.items() if e0 <= e < e1}
 
 
-def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, cfg, params: DecodeParams
-                 ) -> ExpertPlan:
+def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, cfg, params: DecodeParams,
+                 Q: int | None = None) -> ExpertPlan:
     """Tiles of routed experts [first, last) of a MoE layer on a P x P region, laid out as in the
     layer region (gate/up reduce X, down reduce Y), with the buffers of the dispatched payload
     (FitError if they do not fit)."""
@@ -647,9 +671,10 @@ def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, 
     e0, e1 = experts
     if not spec.is_moe_layer(layer) or not 0 <= e0 < e1 <= m.experts:
         raise WseError(f"{spec.name} layer {layer}: no routed experts {e0}..{e1 - 1}")
-    if P > H:
-        raise WseError(f"a {P}x{P} region is larger than the hidden size {H}")
-    Hc, f_r = split(H, P), split(m.expert_ffn_size, P)
+    Q = Q or P
+    if P > H or Q < P:
+        raise WseError(f"a {P}x{Q} expert region: at most {H} columns, at least as many rows as columns")
+    Hc, f_r = split(H, P), split(m.expert_ffn_size, Q)
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
     shapes = {}
     for name, (mm, n, axis, ins, outs) in {"gate_up": (H, 2 * m.expert_ffn_size, X, Hc, [2 * f for f in f_r]),
@@ -667,17 +692,17 @@ def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, 
     buf["dot"] = mem.alloc("dot", longest * ELEM, "scratch", G1)
     buf["scal"] = mem.alloc("scalars", 16 * ELEM, "scratch", G1)
     buf["tmp"] = mem.alloc("tmp", longest * ELEM, "scratch", G0)
-    fit_check(mem, cfg, f"{spec.name} layer {layer} experts {e0}..{e1 - 1} on a {P}x{P} region (batch {B})")
-    return ExpertPlan(spec, layer, experts, P, params, mem, Hc, f_r, shapes, buf)
+    fit_check(mem, cfg, f"{spec.name} layer {layer} experts {e0}..{e1 - 1} on a {P}x{Q} region (batch {B})")
+    return ExpertPlan(spec, layer, experts, P, params, mem, Hc, f_r, shapes, buf, Q)
 
 
-def most_experts(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams) -> int:
-    """The most routed experts of a MoE layer one P x P expert region holds (0: not even one)."""
+def most_experts(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, Q: int | None = None) -> int:
+    """The most routed experts of a MoE layer one P x Q expert region holds (0: not even one)."""
     lo, hi = 0, spec.moe.experts
     while lo < hi:  # the largest n whose tiles fit (fitting is monotone in n)
         n = (lo + hi + 1) // 2
         try:
-            plan_experts(spec, layer, (0, n), P, cfg, params)
+            plan_experts(spec, layer, (0, n), P, cfg, params, Q)
             lo = n
         except FitError:
             hi = n - 1
@@ -693,12 +718,12 @@ def decode_experts(plan: ExpertPlan, region: Region, builder: MeshBuilder, lanes
     An expert region none of the batch chose still receives, hands off and passes on: the
     mapping is static, the choice is per token.
     """
-    spec, P, B = plan.spec, plan.P, plan.params.batch
+    spec, P, Q, B = plan.spec, plan.P, plan.Q, plan.params.batch
     Hc, f_r, b_ = plan.Hc, plan.f_r, plan.buf
     red = reducers(region, builder, plan.params)
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [(i_chunk(Hc, i), red[X].role(i)) for i in range(P)])
-    prog.add_roles(Y, [(i_chunk(f_r, j), red[Y].role(j)) for j in range(P)])
+    prog.add_roles(Y, [(i_chunk(f_r, j), red[Y].role(j)) for j in range(Q)])
     lanes.install(builder, prog)
     L_, (e0, e1) = plan.layer, plan.experts
     use = plan.local_experts()
@@ -712,7 +737,7 @@ def decode_experts(plan: ExpertPlan, region: Region, builder: MeshBuilder, lanes
         hi = Hc[i]
         out: dict[int, list[Op]] = {0: []}
         m = _mark(out)
-        _merge(out, lanes.receive_parts(sp, dispatch_parts(spec, hi, B, b_), P))
+        _merge(out, lanes.receive_parts(sp, dispatch_parts(spec, hi, B, b_), Q))
         _retag(out, m, tag["input"])
         m = _mark(out)
         for e, users in use.items():
@@ -741,14 +766,14 @@ def experts_weight_bytes(plan: ExpertPlan) -> int:
 
 def experts_flops(plan: ExpertPlan) -> tuple[dict[str, int], int]:
     """Analytic FLOPs of an expert region's decode step: (executed by component, model FLOPs)."""
-    spec, P, H = plan.spec, plan.P, plan.spec.hidden_size
-    f, n1 = spec.moe.expert_ffn_size, P - 1
+    spec, P, Q, H = plan.spec, plan.P, plan.Q, plan.spec.hidden_size
+    f = spec.moe.expert_ffn_size
     u = sum(plan.local_experts().values())
     model = {"ffn": u * (2 * H * 2 * f + 2 * f * H)}
-    replicated = u * SILU_MUL_FLOPS * f + u * 2 * H
-    executed = {"ffn": model["ffn"] + P * replicated,
-                "allreduce": u * (n1 * 2 * f + n1 * H) + handoff_flops(Region(0, 0, P, P))}
-    return executed, model["ffn"] + replicated
+    row, col = u * SILU_MUL_FLOPS * f, u * 2 * H  # SiLU . up on rows; gate-weighted sums down columns
+    executed = {"ffn": model["ffn"] + P * row + Q * col,
+                "allreduce": u * ((P - 1) * 2 * f + (Q - 1) * H) + handoff_flops(Region(0, 0, P, Q))}
+    return executed, model["ffn"] + row + col
 
 
 def i_chunk(chunks: list[int], i: int) -> int:
@@ -814,72 +839,79 @@ def layer_flops(plan: LayerPlan, parts: tuple[str, ...] = PARTS) -> tuple[dict[s
     model FLOPs).
 
     Executed FLOPs include the elementwise work every PE of a line repeats on its replicated
-    chunk (norms, RoPE, residuals, activations: P times) and the all-reduces' adds
-    ("allreduce"); model FLOPs count each operation of the layer once.
+    chunk (column-layout vectors: the Q PEs of a column; row-layout vectors: the P PEs of a
+    row) and the all-reduces' adds ("allreduce"); model FLOPs count each operation once.
     """
-    spec, P, prm = plan.spec, plan.P, plan.params
+    spec, P, Q, prm = plan.spec, plan.P, plan.Q, plan.params
     B, T, H = prm.batch, prm.context, spec.hidden_size
     qkv_n = spec.q_size + 2 * spec.kv_size
-    n1 = P - 1  # combining stages of an all-reduce along a line of P
+    nx, ny = P - 1, Q - 1  # combining stages of an all-reduce along a row / a column
     model: dict[str, int] = {}
-    replicated: dict[str, int] = {}  # per-line elementwise work, repeated by the P PEs of a line
+    col: dict[str, int] = {}  # elementwise work on column-layout vectors, repeated down each column
+    row: dict[str, int] = {}  # ... on row-layout vectors, repeated along each row
+
+    def add(d: dict[str, int], k: str, v: int) -> None:
+        d[k] = d.get(k, 0) + v
+
     ar = 0
-    if "norm1" in parts:
-        replicated["norm"] = 4 * H * B  # sum of squares (2), scale (1), weight (1)
-        ar += P * n1 * B
-    if "norm2" in parts:
-        replicated["norm"] = replicated.get("norm", 0) + 4 * H * B
-        ar += P * n1 * B
+    for part in ("norm1", "norm2"):
+        if part in parts:
+            add(col, "norm", 4 * H * B)  # sum of squares (2), scale (1), weight (1)
+            ar += Q * nx * B
     ml = spec.mla
     if "qkv" in parts and ml:
         width, heads = spec.kv_cache_width, spec.heads
         a_n = ml.q_lora_rank + width
         model["qkv"] = 2 * H * a_n * B + 2 * ml.q_lora_rank * spec.q_size * B \
             + 2 * heads * ml.qk_nope_head_dim * ml.kv_lora_rank * B
-        replicated["norm"] = replicated.get("norm", 0) + 4 * (ml.q_lora_rank + ml.kv_lora_rank) * B
-        replicated["rope"] = 3 * (ml.qk_rope_head_dim + heads * ml.qk_rope_head_dim) * B
-        ar += n1 * a_n * B + P * n1 * 2 * B + n1 * spec.q_size * B + n1 * heads * width * B
+        add(row, "norm", 4 * (ml.q_lora_rank + ml.kv_lora_rank) * B)
+        add(row, "rope", 3 * ml.qk_rope_head_dim * B)
+        add(col, "rope", 3 * heads * ml.qk_rope_head_dim * B)
+        ar += nx * a_n * B + P * ny * 2 * B + ny * spec.q_size * B + nx * heads * width * B
     elif "qkv" in parts:
         model["qkv"] = 2 * H * qkv_n * B
-        replicated["rope"] = 3 * (spec.q_size + spec.kv_size) * B
-        replicated["bias"] = qkv_n * B if spec.qkv_bias else 0
-        ar += n1 * qkv_n * B
+        add(row, "rope", 3 * (spec.q_size + spec.kv_size) * B)
+        add(row, "bias", qkv_n * B if spec.qkv_bias else 0)
+        ar += nx * qkv_n * B
     if "attention" in parts:
         # MLA: scores over the whole cached latent, values over its c_kv part, for every head
         q_len = spec.heads * spec.kv_cache_width if ml else spec.q_size
         o_len = spec.heads * ml.kv_lora_rank if ml else spec.attn_out_size
         model.update(scores=2 * q_len * T * B, softmax=SOFTMAX_FLOPS * spec.heads * T * B, values=2 * o_len * T * B)
-        ar += 2 * n1 * spec.heads * T * B + 2 * n1 * spec.heads * B + n1 * o_len * B
-    if "o" in parts and ml:
-        model["o"] = 2 * spec.heads * ml.kv_lora_rank * ml.v_head_dim * B
-        ar += n1 * spec.attn_out_size * B
+        ar += 2 * ny * spec.heads * T * B + 2 * nx * spec.heads * B + nx * o_len * B
     if "o" in parts:
-        model["o"] = model.get("o", 0) + 2 * spec.attn_out_size * H * B
-        replicated["bias"] = replicated.get("bias", 0) + (H * B if spec.o_bias else 0)
-        replicated["residual"] = H * B
-        ar += n1 * H * B
+        model["o"] = 2 * spec.attn_out_size * H * B
+        if ml:  # W_uv reduces along Y, then W_o along X
+            model["o"] += 2 * spec.heads * ml.kv_lora_rank * ml.v_head_dim * B
+            ar += ny * spec.attn_out_size * B + nx * H * B
+        else:
+            ar += ny * H * B
+        add(col, "bias", H * B if spec.o_bias else 0)
+        add(col, "residual", H * B)
     if "ffn" in parts:
-        replicated["residual"] = replicated.get("residual", 0) + H * B
+        add(col, "residual", H * B)
         if plan.moe:
             m = spec.moe
             u = sum(plan.local_experts().values())
             f = m.expert_ffn_size
             model["ffn"] = 2 * H * m.experts * B + u * (2 * H * 2 * f + 2 * f * H)
-            replicated["ffn"] = ((m.experts * B if m.router_bias else 0) + m.experts_per_token * m.experts * B
-                                 + u * SILU_MUL_FLOPS * f + u * 2 * H)
-            ar += n1 * m.experts * B + P * n1 * m.experts_per_token * B + u * (n1 * 2 * f + n1 * H)
+            add(row, "ffn", (m.experts * B if m.router_bias else 0) + m.experts_per_token * m.experts * B
+                + u * SILU_MUL_FLOPS * f)
+            add(col, "ffn", u * 2 * H)  # the gate-weighted sums into the residual stream
+            ar += nx * m.experts * B + P * ny * m.experts_per_token * B + u * (nx * 2 * f + ny * H)
         else:
             f = spec.ffn_size
             model["ffn"] = B * (2 * H * 2 * f + 2 * f * H)
-            replicated["ffn"] = B * SILU_MUL_FLOPS * f
-            ar += n1 * 2 * f * B + n1 * H * B
+            add(row, "ffn", B * SILU_MUL_FLOPS * f)
+            ar += nx * 2 * f * B + ny * H * B
     if "handoff" in parts:
-        ar += handoff_flops(Region(0, 0, P, P))
+        ar += handoff_flops(Region(0, 0, P, Q))
     executed = dict(model)
-    for k, v in replicated.items():
-        executed[k] = executed.get(k, 0) + P * v
+    for reps, d in ((Q, col), (P, row)):
+        for k, v in d.items():
+            executed[k] = executed.get(k, 0) + reps * v
     executed["allreduce"] = ar
-    return executed, sum(model.values()) + sum(replicated.values())
+    return executed, sum(model.values()) + sum(col.values()) + sum(row.values())
 
 
 # ---- embedding and LM head ----------------------------------------------------------------------

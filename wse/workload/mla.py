@@ -29,7 +29,7 @@ from .mesh import split
 class MlaSplit:
     """How the latent attention's vectors are cut over a P x P region."""
 
-    P: int
+    P: int  # columns (rows: len(c_r))
     heads: int
     qa_r: list[int]  # per row: q_a (q_lora_rank) dims
     c_r: list[int]  # per row: cache (latent + rope) dims
@@ -65,12 +65,14 @@ def pe_moves(pe_runs: tuple, rope_lo: int, r_r: int, v_r: int) -> list[tuple[int
     return out
 
 
-def mla_split(spec, P: int) -> MlaSplit:
-    """Cut a MLA layer's vectors over P x P (P at most the cache width: one dimension per row)."""
+def mla_split(spec, P: int, Q: int | None = None) -> MlaSplit:
+    """Cut a MLA layer's vectors over P columns and Q rows (default P; Q at most the cache
+    width: one dimension per row)."""
+    Q = Q or P
     m = spec.mla
     heads, nope, rope, vd = spec.heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
     width = m.kv_lora_rank + rope
-    c_r = split(width, P)
+    c_r = split(width, Q)
     v_r, r_r, rope_lo = [], [], []
     c0 = 0
     for c in c_r:
@@ -103,5 +105,5 @@ def mla_split(spec, P: int) -> MlaSplit:
         oh_runs.append(tuple((h, max(o0, h * vd) - o0, min(o1, (h + 1) * vd) - max(o0, h * vd))
                              for h in range(o0 // vd, (o1 - 1) // vd + 1)))
         o0 = o1
-    return MlaSplit(P, heads, split(m.q_lora_rank, P), c_r, v_r, rope_lo, r_r, qn_r, nope_runs, pe_runs, oh_r,
+    return MlaSplit(P, heads, split(m.q_lora_rank, Q), c_r, v_r, rope_lo, r_r, qn_r, nope_runs, pe_runs, oh_r,
                     oh_runs)

@@ -1,6 +1,7 @@
 """Placing a whole model on a wafer: region slots, the region chain and the lanes between.
 
-The wafer is tiled with P x P slots in bands of rows; bands run alternately east and west
+The wafer is tiled with slots of P columns and Q rows (Q >= P; square by default) in bands of
+Q rows; bands run alternately east and west
 (a serpentine), so consecutive regions always touch. The chain is: the embedding (k_e slots
 wide), the layers (one slot each; with expert parallelism a MoE layer's slot is followed by its
 expert regions, one slot each), the LM head (k_h slots wide). A token's activations flow
@@ -34,9 +35,12 @@ SQUARE_KINDS = ("layer", "experts")  # P x P regions whose lanes enter and leave
 
 
 def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, height: int,
-               first_layer: int = 0, chain: list[tuple[str, int, tuple[int, int] | None]] | None = None
-               ) -> list[Slot]:
-    """Slots of the chain on a width x height mesh of P x P slots (PlacementError if it fails).
+               first_layer: int = 0, chain: list[tuple[str, int, tuple[int, int] | None]] | None = None,
+               Q: int | None = None) -> list[Slot]:
+    """Slots of the chain on a width x height mesh of P x Q slots (PlacementError if it fails).
+
+    The embedding and the LM head are k slots wide and P rows tall, at the top of their band
+    (lanes run on rows 0..P-1).
 
     k_embed = 0 leaves the embedding out and k_head = 0 the LM head (a wafer holding only a
     group of layers of a model split over several wafers); layers are numbered from first_layer.
@@ -46,9 +50,10 @@ def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, hei
     if chain is None:
         chain = [("layer", first_layer + k, None) for k in range(n_layers)]
     n_layers = len(chain)
-    nx, ny = width // P, height // P
+    Q = Q or P
+    nx, ny = width // P, height // Q
     if nx < 1 or ny < 1:
-        raise PlacementError(f"a {P}x{P} slot does not fit the {width}x{height} mesh")
+        raise PlacementError(f"a {P}x{Q} slot does not fit the {width}x{height} mesh")
     if k_embed >= nx:
         raise PlacementError(f"the embedding needs {k_embed} slots of {P}x{P}; a band holds {nx}, "
                              f"leaving none for the first layer beside it")
@@ -64,9 +69,9 @@ def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, hei
 
     for k, (kind, layer, experts) in enumerate(chain):
         if band >= ny:
-            raise PlacementError(f"{n_layers} regions do not fit: {nx * ny} slots of {P}x{P}, "
+            raise PlacementError(f"{n_layers} regions do not fit: {nx * ny} slots of {P}x{Q}, "
                                  f"{k_embed} + {n_layers} + {k_head} needed")
-        slots.append(Slot(kind, layer, Region(col * P, band * P, P, P), experts))
+        slots.append(Slot(kind, layer, Region(col * P, band * Q, P, Q), experts))
         if k < n_layers - 1:
             band, col = advance(band, col)
     if not k_head:
@@ -84,8 +89,8 @@ def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, hei
         if c0 < 0 or c0 + k_head > nx:
             raise PlacementError(f"the LM head ({k_head} slots of {P}x{P}) has no room after the last layer")
     if b >= ny:
-        raise PlacementError(f"the LM head does not fit below the last layer ({ny} bands of {P} rows)")
-    slots.append(Slot("lm_head", chain[-1][1] + 1, Region(c0 * P, b * P, k_head * P, P)))
+        raise PlacementError(f"the LM head does not fit below the last layer ({ny} bands of {Q} rows)")
+    slots.append(Slot("lm_head", chain[-1][1] + 1, Region(c0 * P, b * Q, k_head * P, P)))
     return slots
 
 
