@@ -18,3 +18,9 @@ def tiny() -> hardware.WaferConfig:
 def tiny2() -> hardware.WaferConfig:
     """8x8 WSE-2-like wafer: hop latency 1, 4-wide fp16 FMAC."""
     return hardware.load_preset("tiny2")
+
+
+@pytest.fixture(scope="session")
+def small() -> hardware.WaferConfig:
+    """64x64 WSE-3-like wafer for whole-model tests."""
+    return hardware.load_preset("small")

@@ -6,27 +6,14 @@ must keep the old mapping wherever it fits.
 """
 import pytest
 
+from checked import run
 from wse import hardware
-from wse.engine.run import simulate
 from wse.errors import WseError
 from wse.system.config import load_system
 from wse.system.wafers import run_decode
-from wse.trace import validate
 from wse.workload.decode import chain_elements, compose, full_trace, plan_model, region_key
 from wse.workload.layer import DecodeParams, experts_flops, moe_experts, plan_experts
 from wse.workload.models import load_model
-
-
-@pytest.fixture(scope="module")
-def small():
-    return hardware.load_preset("small")
-
-
-def run(trace, cfg):
-    validate(trace, cfg)
-    r = simulate(trace, cfg, validated=True)
-    assert r.complete, r.stuck[:5]
-    return r
 
 
 def test_chain_puts_expert_groups_after_each_moe_layer():

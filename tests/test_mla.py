@@ -6,29 +6,17 @@ and DeepSeek-V3's and Kimi K2's layers must size as their specs say.
 """
 import pytest
 
+from checked import run
 from engine_compare import assert_same
 from wse import hardware
 from wse.engine import reference
 from wse.engine.run import simulate
-from wse.trace import validate
 from wse.workload.decode import compose, full_trace, plan_model
 from wse.workload.layer import DecodeParams, Lanes, decode_layer, layer_flops, layer_weight_bytes, plan_layer
 from wse.workload.mesh import MeshBuilder, Region
 from wse.workload.mla import mla_split, pe_moves
 from wse.workload.models import load_model
 from wse.workload.plan import FitError
-
-
-@pytest.fixture(scope="module")
-def small():
-    return hardware.load_preset("small")
-
-
-def run(trace, cfg):
-    validate(trace, cfg)
-    r = simulate(trace, cfg, validated=True)
-    assert r.complete, r.stuck[:5]
-    return r
 
 
 @pytest.mark.parametrize("name", ["deepseek-v3", "kimi-k2", "tiny-mla"])

@@ -3,11 +3,11 @@ composed model step equals the full simulation exactly."""
 import numpy as np
 import pytest
 
+from checked import run
 from engine_compare import assert_same
 from wse import hardware
 from wse.engine import reference
 from wse.engine.run import simulate
-from wse.trace import validate
 from wse.workload import gemv as gemv_mod
 from wse.workload.collectives import default_groups
 from wse.workload.decode import compose, full_trace, plan_model
@@ -16,18 +16,7 @@ from wse.workload.kernels import allreduce, attention
 from wse.workload.layer import DecodeParams
 from wse.workload.models import load_model
 from wse.workload.plan import FitError
-
-
-@pytest.fixture(scope="module")
-def small():
-    return hardware.load_preset("small")
-
-
-def run(trace, cfg):
-    validate(trace, cfg)
-    r = simulate(trace, cfg, validated=True)
-    assert r.complete, r.stuck[:5]
-    return r
+from wse.trace import validate
 
 
 def test_group_count_is_the_divisor_nearest_sqrt():

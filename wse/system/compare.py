@@ -96,7 +96,8 @@ def format_rows(job: SystemJob) -> str:
     lines.append("")
     for s in d.steps:
         lines.append(f"wafer {s.wafer}: layers {s.layers.start}-{s.layers.stop - 1}"
-                     f"{' + embedding' if s.embed else ''}{' + LM head' if s.head else ''}, {s.slot}x{s.slot_rows} slots, "
+                     f"{' + embedding' if s.embed else ''}{' + LM head' if s.head else ''}, {s.slot}x{s.slot_rows} slots"
+                     f"{f', {s.expert_regions} expert region' + 's' * (s.expert_regions > 1) if s.expert_regions else ''}, "
                      f"{s.cycles:,} cycles/token")
     if d.wafers > 1:
         lines.append(f"links: up to {max(d.link_bytes):,} B per token each, {d.link_seconds * 1e6:.2f} us per "
@@ -120,6 +121,7 @@ def tables(job: SystemJob) -> dict[str, dict[str, np.ndarray]]:
                    "layers": np.array([len(s.layers) for s in d.steps], dtype=np.int64),
                    "slot_columns": np.array([s.slot for s in d.steps], dtype=np.int64),
                    "slot_rows": np.array([s.slot_rows for s in d.steps], dtype=np.int64),
+                   "expert_regions": np.array([s.expert_regions for s in d.steps], dtype=np.int64),
                    "cycles": np.array([s.cycles for s in d.steps], dtype=np.int64),
                    "flops": np.array([s.flops for s in d.steps], dtype=np.int64),
                    "sram_bytes": np.array([s.sram_bytes for s in d.steps], dtype=np.int64),

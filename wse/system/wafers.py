@@ -83,11 +83,14 @@ def split_units(spec: ModelSpec, params: DecodeParams, wafers: int) -> list[tupl
     return balanced(weight, wafers)
 
 
-def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int) -> list[ModelPlan]:
-    """One decode plan per wafer (WseError naming the wafer if a group does not fit)."""
+def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int,
+                units: bool | None = None) -> list[ModelPlan]:
+    """One decode plan per wafer (WseError naming the wafer if a group does not fit); `units`:
+    cut at routed experts (default: uses_units)."""
     cfg = system.wafer_config
+    units = uses_units(spec, system, params) if units is None else units
     plans = []
-    if uses_units(spec, system, params):
+    if units:
         for w, (u0, u1) in enumerate(split_units(spec, params, wafers)):
             try:
                 plans.append(plan_units(spec, cfg, params, u0, u1, w == 0, w == wafers - 1))
@@ -102,37 +105,33 @@ def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, waf
     return plans
 
 
+def _share_bytes(spec: ModelSpec, params: DecodeParams, wafers: int, units: bool) -> list[int]:
+    """Bytes each wafer's share holds (weights and KV cache)."""
+    if units:
+        all_units = model_units(spec)
+        return [sum(unit_bytes(spec, params, u) for u in all_units[a:b]) + _table_bytes(spec, i == 0, i == wafers - 1)
+                for i, (a, b) in enumerate(split_units(spec, params, wafers))]
+    return [bytes_needed(spec, params, len(g), g.start, i == 0, i == wafers - 1)
+            for i, g in enumerate(split_layers(spec, params, wafers))]
+
+
 def fewest_wafers(spec: ModelSpec, system: SystemConfig, params: DecodeParams, most: int = 4096) -> int:
     """The fewest wafers whose SRAM holds the weights plus the KV cache (and whose groups place)."""
     cfg = system.wafer_config
     have = usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height
     total = bytes_needed(spec, params, spec.layers)
+    units = uses_units(spec, system, params)
+    top = min(most, len(model_units(spec)) if units else spec.layers)
     last: WseError | None = None
-    if uses_units(spec, system, params):
-        units = model_units(spec)
-        for w in range(max(1, -(-total // have)), min(most, len(units)) + 1):
-            shares = split_units(spec, params, w)
-            if any(sum(unit_bytes(spec, params, u) for u in units[a:b]) + _table_bytes(spec, i == 0, i == w - 1)
-                   > have for i, (a, b) in enumerate(shares)):
-                continue
-            try:
-                wafer_plans(spec, system, params, w)
-                return w
-            except WseError as e:
-                last = e
-        raise WseError(f"{spec.name} does not fit on up to {min(most, len(units))} {cfg.name} wafers"
-                       + (f": {last}" if last else ""))
-    for w in range(max(1, -(-total // have)), min(most, spec.layers) + 1):
-        groups = split_layers(spec, params, w)
-        if any(bytes_needed(spec, params, len(g), g.start, i == 0, i == w - 1) > have for i, g in enumerate(groups)):
+    for w in range(max(1, -(-total // have)), top + 1):
+        if any(b > have for b in _share_bytes(spec, params, w, units)):
             continue
         try:
-            wafer_plans(spec, system, params, w)
+            wafer_plans(spec, system, params, w, units)
             return w
         except WseError as e:
             last = e
-    raise WseError(f"{spec.name} does not fit on up to {min(most, spec.layers)} {cfg.name} wafers"
-                   + (f": {last}" if last else ""))
+    raise WseError(f"{spec.name} does not fit on up to {top} {cfg.name} wafers" + (f": {last}" if last else ""))
 
 
 @dataclasses.dataclass
@@ -152,6 +151,7 @@ class WaferStep:
     wavelet_hops: int
     simulations: int
     extra_in_flight: int  # more micro-batches whose KV caches fit beside every layer region's data
+    expert_regions: int = 0  # slots holding routed experts
 
 
 @dataclasses.dataclass
@@ -239,7 +239,7 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
         steps.append(WaferStep(
             w, g, plan.embed, plan.head, plan.P, plan.Q, d.total_cycles, _region_cycles(d), d.total("flops"),
             d.total("sram_read_bytes") + d.total("sram_write_bytes"), d.link_total("wavelets"),
-            d.simulations if fresh else 0, _extra_in_flight(plan)))
+            d.simulations if fresh else 0, _extra_in_flight(plan), sum(s.kind == "experts" for s in plan.slots)))
     link = Link(system.link_bytes_per_s, system.link_latency_s)
     ledger = LinkLedger(wafers, link)
     sizes = [crossing_bytes(spec, params, plans[w + 1]) for w in range(wafers - 1)]
