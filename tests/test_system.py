@@ -229,3 +229,16 @@ def test_skewed_moe_decode_composes_exactly(small_system):
     full = simulate(full_trace(plan)[0], small)
     d = compose(plan, sim(small))
     assert d.total_cycles == full.total_cycles and d.total("flops") == full.pe("flops").sum()
+
+
+def test_wafers_share_their_identical_stage_simulations(small_system):
+    spec = load_model("tiny-moe")
+    small = small_system.wafer_config
+    params = DecodeParams(batch=2, context=16, moe_mapping="regions", experts_per_region=1)
+    calls = []
+    d = run_decode(spec, small_system, params, 4, lambda t: calls.append(t) or simulate(t, small))
+    plans = wafer_plans(spec, small_system, params, 4)
+    alone = [compose(p, sim(small)) for p in plans]  # each wafer with its own stage simulations
+    assert [s.cycles for s in d.steps] == [a.total_cycles for a in alone]
+    assert [s.flops for s in d.steps] == [a.total("flops") for a in alone]
+    assert len(calls) == d.simulations < sum(a.simulations for a in alone)

@@ -223,6 +223,7 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
     wafers = wafers or fewest_wafers(spec, system, params)
     plans = wafer_plans(spec, system, params, wafers)
     cache: dict[tuple, object] = {}
+    shared: dict[tuple, tuple] = {}  # stage simulations shared by all wafers
 
     def checked(t: Trace):
         validate(t, cfg, where=f"{spec.name} on {system.name}")
@@ -233,7 +234,7 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
         key = _group_key(plan)
         fresh = key not in cache
         if fresh:
-            cache[key] = compose(plan, checked)
+            cache[key] = compose(plan, checked, shared)
         d = cache[key]
         g = range(plan.first_layer, plan.first_layer + plan.n_layers)
         steps.append(WaferStep(

@@ -403,16 +403,19 @@ def region_key(plan: ModelPlan, slot: Slot) -> tuple:
 
 
 def key_A0(plan: ModelPlan) -> tuple:
-    return ("A", region_key(plan, plan.slots[0]))
+    return ("A", plan.P, plan.Q, region_key(plan, plan.slots[0]))
 
 
 def key_B(plan: ModelPlan, k: int) -> tuple:
-    return ("B", region_key(plan, plan.slots[k]))
+    return ("B", plan.P, plan.Q, region_key(plan, plan.slots[k]))
 
 
 def key_S(plan: ModelPlan, k: int) -> tuple:
+    """Stage S_k's key: the slot shape, both regions' keys, the direction between them and
+    whether region k+1 ends the chain (keys are equal only for identical traces)."""
     a, nxt = plan.slots[k], plan.slots[k + 1]
-    return ("S", region_key(plan, a), region_key(plan, nxt), direction(a.region, nxt.region), k + 1 == len(plan.slots) - 1)
+    return ("S", plan.P, plan.Q, region_key(plan, a), region_key(plan, nxt), direction(a.region, nxt.region),
+            k + 1 == len(plan.slots) - 1)
 
 
 def _sub(plan: ModelPlan, slots: list[Slot]) -> tuple[int, int, int, int]:
@@ -516,21 +519,29 @@ class DecodeResult:
         return int(sum(sign * int(self.results[key].link(counter).sum()) for sign, key in self.terms))
 
 
-def compose(plan: ModelPlan, simulate: Callable[[Trace], object]) -> DecodeResult:
+def compose(plan: ModelPlan, simulate: Callable[[Trace], object],
+            shared: dict[tuple, tuple[object, tuple[int, int] | None]] | None = None) -> DecodeResult:
     """Cycles of the decode step from the distinct stage simulations (see module docstring).
 
-    Stages with equal keys are identical traces: each distinct one is built and simulated once.
+    Stages with equal keys are identical traces: each distinct one is built and simulated once,
+    also across the plans of one system when they pass the same `shared` dict (key -> result,
+    anchor); `simulations` counts the ones this call ran.
     """
-    cache: dict[tuple, object] = {}
+    store = {} if shared is None else shared
+    cache: dict[tuple, object] = {}  # the stages this plan uses
     anchor_of: dict[tuple, tuple[int, int] | None] = {}
+    ran = 0
 
     def run(key: tuple, build: Callable[[], StageTrace]):
-        if key not in cache:
+        nonlocal ran
+        if key not in store:
             st = build()
             r = simulate(st.trace)
             if not r.complete:
                 raise WseError(f"stage {st.key} did not complete ({r.stop_name}): " + "; ".join(r.stuck[:3]))
-            cache[key], anchor_of[key] = r, st.anchor
+            store[key] = (r, st.anchor)
+            ran += 1
+        cache[key], anchor_of[key] = store[key]
         return cache[key]
 
     def finish(key: tuple, build: Callable[[], StageTrace]) -> int:
@@ -541,7 +552,7 @@ def compose(plan: ModelPlan, simulate: Callable[[Trace], object]) -> DecodeResul
     n = len(plan.slots)
     if n == 1:  # one region (a wafer holding one layer): it runs alone
         r = run(key_A0(plan), lambda: stage_A0(plan))
-        return DecodeResult(r.total_cycles, [], {k: v.total_cycles for k, v in cache.items()}, len(cache), cache,
+        return DecodeResult(r.total_cycles, [], {k: v.total_cycles for k, v in cache.items()}, ran, cache,
                             [(1, key_A0(plan))])
     anchors = [finish(key_A0(plan), lambda: stage_A0(plan))]
     for k in range(n - 2):
@@ -551,4 +562,4 @@ def compose(plan: ModelPlan, simulate: Callable[[Trace], object]) -> DecodeResul
              - finish(key_B(plan, n - 2), lambda: stage_B(plan, n - 2)))
     # every region's work once: A0, then each S_k less its B_k (region k's barrier twice)
     terms = [(1, key_A0(plan))] + [t for k in range(n - 1) for t in ((1, key_S(plan, k)), (-1, key_B(plan, k)))]
-    return DecodeResult(total, anchors, {k: r.total_cycles for k, r in cache.items()}, len(cache), cache, terms)
+    return DecodeResult(total, anchors, {k: r.total_cycles for k, r in cache.items()}, ran, cache, terms)
