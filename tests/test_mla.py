@@ -61,8 +61,8 @@ def test_a_latent_attention_layer_matches_the_reference_stepper(small):
     assert int(fast.pe("flops").sum()) == sum(build.flops.values()) == sum(layer_flops(plan, parts)[0].values())
 
 
-@pytest.mark.parametrize("kw", [dict(batch=1), dict(batch=2, context=30),
-                                dict(batch=2, moe_mapping="regions", experts_per_region=2)])
+@pytest.mark.parametrize("kw", [dict(batch=1, context=16), dict(batch=2, context=30),
+                                dict(batch=2, context=16, moe_mapping="regions", experts_per_region=2)])
 def test_composed_step_equals_the_full_simulation(kw, small):
     spec = load_model("tiny-mla")
     plan = plan_model(spec, small, DecodeParams(**kw))

@@ -392,7 +392,13 @@ def region_key(plan: ModelPlan, slot: Slot) -> tuple:
     spec = plan.spec
     if slot.kind == "experts":  # its size, whether it is its layer's last, the experts it runs
         ep = plan_experts(spec, slot.index, slot.experts, plan.P, plan.cfg, plan.params, plan.Q)
-        return ("experts", slot.experts[1] - slot.experts[0], ep.last, tuple(ep.local_experts().items()))
+        use = ep.local_experts()
+        period = bank_period(plan.cfg)
+        if all(ep.shapes[k].tile_bytes() % period == 0 for k in ("gate_up", "down")):
+            # expert copies differ only by addresses the bank-conflict rule cannot tell apart,
+            # so which experts run does not matter, only how many sequences each serves
+            return ("experts", slot.experts[1] - slot.experts[0], ep.last, "users", tuple(use.values()))
+        return ("experts", slot.experts[1] - slot.experts[0], ep.last, tuple(use.items()))
     if slot.kind != "layer":
         return (slot.kind, slot.region.width, slot.region.height)
     moe = spec.is_moe_layer(slot.index)
@@ -400,6 +406,13 @@ def region_key(plan: ModelPlan, slot: Slot) -> tuple:
         return ("layer", moe, "expert-regions")
     return ("layer", moe, tuple(moe_experts(spec, slot.index, plan.params.batch, plan.params.expert_skew).items())
             if moe else ())
+
+
+def bank_period(cfg: WaferConfig) -> int:
+    """Bytes by which shifting both operands' start addresses never changes the engine's bank
+    conflict rule ((address // word) % banks % modulus)."""
+    w, banks, m = cfg.sram_bank_word_bytes, cfg.sram_banks, cfg.sram_bank_conflict_modulus
+    return w * (m if banks % m == 0 else banks)
 
 
 def key_A0(plan: ModelPlan) -> tuple:
