@@ -420,14 +420,24 @@ def key_A0(plan: ModelPlan) -> tuple:
 
 
 def key_B(plan: ModelPlan, k: int) -> tuple:
-    return ("B", plan.P, plan.Q, region_key(plan, plan.slots[k]))
+    """Stage B_k runs only region k's barrier: its size is all that matters."""
+    r = plan.slots[k].region
+    return ("B", r.width, r.height)
+
+
+def sender_key(plan: ModelPlan, k: int) -> tuple:
+    """What of region k a stage S_k depends on: it runs only its barrier and its lane sends
+    (from the token's table column or the diagonal, the payload set by region k+1's kind)."""
+    s = plan.slots[k]
+    table = s.kind == "embedding"
+    return (table, s.region.width, s.region.height, plan.token_col if table else -1)
 
 
 def key_S(plan: ModelPlan, k: int) -> tuple:
-    """Stage S_k's key: the slot shape, both regions' keys, the direction between them and
-    whether region k+1 ends the chain (keys are equal only for identical traces)."""
+    """Stage S_k's key: the slot shape, the sender, region k+1's key, the direction between
+    them and whether region k+1 ends the chain (keys are equal only for identical traces)."""
     a, nxt = plan.slots[k], plan.slots[k + 1]
-    return ("S", plan.P, plan.Q, region_key(plan, a), region_key(plan, nxt), direction(a.region, nxt.region),
+    return ("S", plan.P, plan.Q, sender_key(plan, k), region_key(plan, nxt), direction(a.region, nxt.region),
             k + 1 == len(plan.slots) - 1)
 
 
