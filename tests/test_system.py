@@ -185,9 +185,23 @@ def test_system_command_writes_the_table_and_plots(tmp_path):
     assert rep.exit_code == 0 and "energy_per_token_j" in rep.output
 
 
+def test_system_command_with_expert_regions_over_wafers(tmp_path):
+    out = tmp_path / "moe.h5"
+    r = CliRunner().invoke(cli, ["system", "--model", "tiny-moe", "--system", "cs3x4", "--set", 'system.wafer="small"',
+                                 "--wafers", "3", "--moe-mapping", "regions", "--experts-per-region", "2",
+                                 "--slot-shape", "square", "--context", "16", "--prompt-len", "0", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "expert region" in r.output
+    with h5py.File(out) as f:
+        assert f["wafers/expert_regions"][()].sum() >= 4
+        assert (f["wafers/slot_columns"][()] == f["wafers/slot_rows"][()]).all()  # square slots
+
+
 @pytest.mark.parametrize("args, msg", [
     (["--wafers", "x"], "--wafers"), (["--wafers", "0"], "--wafers"), (["--batch", "0"], "--batch"),
     (["--system", "nope"], "unknown system preset"), (["--set", "cost.utilization=2"], "cost.utilization"),
+    (["--wafers", "1", "--moe-mapping", "regions"], "has no MoE layer"),
+    (["--experts-per-region", "-1"], "--experts-per-region"), (["--wafers", "3"], "3 wafers for 2 layers of tiny"),
 ])
 def test_system_command_bad_input_is_one_clear_error(args, msg, tmp_path):
     r = CliRunner().invoke(cli, ["system", "--model", "tiny", *args, "-o", str(tmp_path / "x.h5")])

@@ -32,12 +32,12 @@ from .config import SystemConfig
 from .link import Link, LinkLedger
 
 
-def balanced(weights: list[int], parts: int) -> list[tuple[int, int]]:
+def balanced(weights: list[int], parts: int, what: str = "pieces") -> list[tuple[int, int]]:
     """Consecutive runs [a, b) of `weights`, `parts` of them, each as near as it can be to an
     equal share of the total (every run non-empty)."""
     n = len(weights)
     if not 1 <= parts <= n:
-        raise WseError(f"{parts} wafers for {n} pieces: each wafer needs at least one")
+        raise WseError(f"{parts} wafers for {n} {what}: each wafer needs at least one")
     total, cum, cuts = sum(weights), 0, [0]
     for i, w in enumerate(weights):
         k = len(cuts)
@@ -55,7 +55,7 @@ def split_layers(spec: ModelSpec, params: DecodeParams, wafers: int) -> list[ran
     weight = [bytes_needed(spec, params, 1, layer, False, False) for layer in range(spec.layers)]
     weight[0] += _table_bytes(spec, True, False)
     weight[-1] += _table_bytes(spec, False, True)
-    return [range(a, b) for a, b in balanced(weight, wafers)]
+    return [range(a, b) for a, b in balanced(weight, wafers, f"layers of {spec.name}")]
 
 
 def uses_units(spec: ModelSpec, system: SystemConfig, params: DecodeParams) -> bool:
@@ -80,7 +80,7 @@ def split_units(spec: ModelSpec, params: DecodeParams, wafers: int) -> list[tupl
     weight = [unit_bytes(spec, params, u) for u in units]
     weight[0] += _table_bytes(spec, True, False)
     weight[-1] += _table_bytes(spec, False, True)
-    return balanced(weight, wafers)
+    return balanced(weight, wafers, f"units of {spec.name} (layer regions and routed experts)")
 
 
 def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int,

@@ -353,8 +353,9 @@ def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, b
     out = {0: gemv_ops(s_gu, i, j, buf["xn"], gu, batch, max(Hc) * ELEM, 2 * max(f_r) * ELEM)}
     _merge(out, red[X].role_ops(xrole, 2 * fj * batch, gu, tmp))
     act = fj * batch
-    out[0] += [compute(FMAC, act, dst=gu, src0=dot) for _ in range(SILU_FMACS)]
-    out[0].append(compute(MUL, act, dst=gu, src0=gu, src1=dot))
+    if act:  # (a row with no FFN dims when there are more rows than FFN dims)
+        out[0] += [compute(FMAC, act, dst=gu, src0=dot) for _ in range(SILU_FMACS)]
+        out[0].append(compute(MUL, act, dst=gu, src0=gu, src1=dot))
     out[0] += gemv_ops(s_dn, j, i, gu, yb, batch, max(f_r) * ELEM, max(Hc) * ELEM)
     return _merge(out, red[Y].role_ops(yrole, Hc[i] * batch, yb, tmp))
 
