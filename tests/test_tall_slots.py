@@ -71,3 +71,13 @@ def test_bad_slot_shapes_are_named(small):
         DecodeParams(slot_shape="round")
     r = CliRunner().invoke(cli, ["run", "--model", "tiny", "--wafer", "small", "--region", "24x16", "-o", "x.h5"])
     assert r.exit_code != 0 and "Q >= P" in r.output
+
+
+def test_widths_beyond_the_row_cap_are_skipped(small):
+    """tiny-mla caps rows at its 40 cache dimensions; a wide mesh offers wider slots, which the
+    planner must pass over (Q >= P), expert regions included."""
+    wide = small.with_overrides(["wafer.mesh_width=128"])
+    spec = load_model("tiny-mla")
+    plan = plan_model(spec, wide, DecodeParams(context=8, moe_mapping="regions"), 1, None, 1, False, False)
+    assert plan.P <= plan.Q <= most_rows(spec) == 40
+    assert [s.kind for s in plan.slots][0] == "layer" and "experts" in [s.kind for s in plan.slots]

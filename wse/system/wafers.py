@@ -27,7 +27,7 @@ from ..workload.decode import (ELEM, ModelPlan, bytes_needed, compose, model_uni
                                region_key, unit_bytes, _table_bytes)
 from ..workload.layer import DecodeParams
 from ..workload.models import ModelSpec
-from ..workload.plan import usable_sram
+from ..workload.plan import FitError, usable_sram
 from .config import SystemConfig
 from .link import Link, LinkLedger
 
@@ -94,14 +94,14 @@ def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, waf
         for w, (u0, u1) in enumerate(split_units(spec, params, wafers)):
             try:
                 plans.append(plan_units(spec, cfg, params, u0, u1, w == 0, w == wafers - 1))
-            except WseError as e:
-                raise WseError(f"wafer {w} of {wafers}: {e}") from None
+            except WseError as e:  # (the same class: a FitError stays one, see fewest_wafers)
+                raise type(e)(f"wafer {w} of {wafers}: {e}") from None
         return plans
     for w, group in enumerate(split_layers(spec, params, wafers)):
         try:
             plans.append(plan_model(spec, cfg, params, len(group), None, group.start, w == 0, w == wafers - 1))
         except WseError as e:
-            raise WseError(f"wafer {w} of {wafers} (layers {group.start}..{group.stop - 1}): {e}") from None
+            raise type(e)(f"wafer {w} of {wafers} (layers {group.start}..{group.stop - 1}): {e}") from None
     return plans
 
 
@@ -129,7 +129,7 @@ def fewest_wafers(spec: ModelSpec, system: SystemConfig, params: DecodeParams, m
         try:
             wafer_plans(spec, system, params, w, units)
             return w
-        except WseError as e:
+        except FitError as e:  # more wafers may help; any other error would repeat for every count
             last = e
     raise WseError(f"{spec.name} does not fit on up to {top} {cfg.name} wafers" + (f": {last}" if last else ""))
 

@@ -278,7 +278,7 @@ def _place(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: in
     # the largest area wins
     q_cap = min(Hm, most_rows(spec))
     best: ModelPlan | None = None
-    for p in range(top, 0, -1):
+    for p in range(min(top, q_cap), 0, -1):  # Q >= P
         if best and p * q_cap <= best.P * best.Q:
             break
         nx, q = W // p, q_cap
@@ -291,6 +291,8 @@ def _place(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: in
                     q = min(q, q_next)
                     break
                 q = q_next
+            if q < p:
+                continue
         except (PlacementError, FitError) as e:
             first_error = first_error or e
             continue
