@@ -6,12 +6,11 @@ and DeepSeek-V3's and Kimi K2's layers must size as their specs say.
 """
 import pytest
 
-from checked import run
+from checked import composed_equals_full, run
 from engine_compare import assert_same
 from wse import hardware
 from wse.engine import reference
-from wse.engine.run import simulate
-from wse.workload.decode import compose, full_trace, plan_model
+from wse.workload.decode import plan_model
 from wse.workload.layer import DecodeParams, Lanes, decode_layer, layer_flops, layer_weight_bytes, plan_layer
 from wse.workload.mesh import MeshBuilder, Region
 from wse.workload.mla import mla_split, pe_moves
@@ -66,12 +65,7 @@ def test_a_latent_attention_layer_matches_the_reference_stepper(small):
 def test_composed_step_equals_the_full_simulation(kw, small):
     spec = load_model("tiny-mla")
     plan = plan_model(spec, small, DecodeParams(**kw))
-    trace, builds = full_trace(plan)
-    full = run(trace, small)
-    composed = compose(plan, lambda t: run(t, small))
-    assert composed.total_cycles == full.total_cycles
-    assert composed.total("flops") == int(full.pe("flops").sum()) == sum(sum(b.flops.values()) for b in builds)
-    assert sum(b.weight_bytes for b in builds) == 2 * spec.total_params()
+    builds = composed_equals_full(plan, small)
     assert sum(b.kv_bytes for b in builds if b.kind == "layer") == \
         spec.layers * spec.kv_cache_width * plan.params.context * plan.params.batch * 2
 
