@@ -1,7 +1,8 @@
 """Region programs of a decode step: decoder layers, the embedding lookup and the LM head.
 
-Layout on a P x P layer region (docs/workloads.md): the hidden vector is split into P chunks,
-chunk i living on every PE of column i ("column layout"). GEMVs alternate their reduction axis:
+Layout on a layer region of P columns and Q >= P rows (docs/workloads.md; square: Q = P): the
+hidden vector is split into P chunks, chunk i living on every PE of column i ("column layout");
+vectors split over rows are cut into Q chunks. GEMVs alternate their reduction axis:
 QKV and gate/up reduce along X and leave their outputs split over rows ("row layout"); O and
 down reduce along Y and return to column layout, so no transpose crosses the mesh. The KV cache
 of the context is split over columns (tokens) and rows (K/V dimensions, each row's query
@@ -665,7 +666,7 @@ class ExpertPlan:
 
 def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, cfg, params: DecodeParams,
                  Q: int | None = None) -> ExpertPlan:
-    """Tiles of routed experts [first, last) of a MoE layer on a P x P region, laid out as in the
+    """Tiles of routed experts [first, last) of a MoE layer on a P x Q region, laid out as in the
     layer region (gate/up reduce X, down reduce Y), with the buffers of the dispatched payload
     (FitError if they do not fit)."""
     H, B, m = spec.hidden_size, params.batch, spec.moe

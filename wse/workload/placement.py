@@ -31,7 +31,7 @@ class Slot:
     experts: tuple[int, int] | None = None  # an expert region's routed experts [first, last)
 
 
-SQUARE_KINDS = ("layer", "experts")  # P x P regions whose lanes enter and leave on the diagonal
+SQUARE_KINDS = ("layer", "experts")  # P x Q slot regions whose lanes enter and leave on the diagonal
 
 
 def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, height: int,
