@@ -1,12 +1,13 @@
 """A model on a chain of wafer systems: layer groups, per-wafer cycle simulation, links,
 pipelining of sequences in flight, energy and cost (docs/system.md).
 
-The layers are split into consecutive groups, one per wafer (the first also holds the
-embedding, the last the LM head). With expert regions the chain is cut at routed experts
-instead (decode.model_units), balanced by bytes, so one layer's experts may span wafers. Each wafer's decode step is simulated cycle by cycle
-(composed from its distinct stage traces, decode.compose, which is exact); wafers whose
-groups run identical programs are simulated once. Between wafers the activations of the batch
-(batch x hidden x 2 bytes) cross one link.
+The layers are split into consecutive groups balanced by bytes, one per wafer (the first also
+holds the embedding, the last the LM head). With expert regions the chain is cut at routed
+experts instead (decode.model_units), so one layer's experts may span wafers. Each wafer's
+decode step is simulated cycle by cycle (composed from its distinct stage traces,
+decode.compose, which is exact); identical stage traces are simulated once for all wafers.
+Between wafers the activations of the batch (batch x hidden x 2 bytes) cross one link, or the
+dispatch payload where a layer's experts continue on the next wafer.
 
 Pipelining: every layer region and every link is a pipeline stage that holds one micro-batch
 (the `batch` sequences decoded together) at a time. With m micro-batches in flight a
@@ -49,13 +50,22 @@ def balanced(weights: list[int], parts: int, what: str = "pieces") -> list[tuple
     return list(zip(cuts, cuts[1:] + [n]))
 
 
+def _weights(spec: ModelSpec, params: DecodeParams, units: bool) -> list[int]:
+    """Bytes (weights and KV cache) of each piece a split may cut between: layers, or with
+    `units` model_units; the embedding counted on the first piece, the LM head on the last."""
+    if units:
+        weight = [unit_bytes(spec, params, u) for u in model_units(spec)]
+    else:
+        weight = [bytes_needed(spec, params, 1, layer, False, False) for layer in range(spec.layers)]
+    weight[0] += _table_bytes(spec, True, False)
+    weight[-1] += _table_bytes(spec, False, True)
+    return weight
+
+
 def split_layers(spec: ModelSpec, params: DecodeParams, wafers: int) -> list[range]:
     """Consecutive groups of layers, one per wafer, balanced by bytes: weights and KV cache,
     the embedding counted on the first wafer and the LM head on the last."""
-    weight = [bytes_needed(spec, params, 1, layer, False, False) for layer in range(spec.layers)]
-    weight[0] += _table_bytes(spec, True, False)
-    weight[-1] += _table_bytes(spec, False, True)
-    return [range(a, b) for a, b in balanced(weight, wafers, f"layers of {spec.name}")]
+    return [range(a, b) for a, b in balanced(_weights(spec, params, False), wafers, f"layers of {spec.name}")]
 
 
 def uses_units(spec: ModelSpec, system: SystemConfig, params: DecodeParams) -> bool:
@@ -76,11 +86,7 @@ def uses_units(spec: ModelSpec, system: SystemConfig, params: DecodeParams) -> b
 def split_units(spec: ModelSpec, params: DecodeParams, wafers: int) -> list[tuple[int, int]]:
     """model_units cut into `wafers` consecutive runs balanced by bytes (the embedding counted
     on the first wafer, the LM head on the last)."""
-    units = model_units(spec)
-    weight = [unit_bytes(spec, params, u) for u in units]
-    weight[0] += _table_bytes(spec, True, False)
-    weight[-1] += _table_bytes(spec, False, True)
-    return balanced(weight, wafers, f"units of {spec.name} (layer regions and routed experts)")
+    return balanced(_weights(spec, params, True), wafers, f"units of {spec.name} (layer regions and routed experts)")
 
 
 def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int,
@@ -105,26 +111,17 @@ def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, waf
     return plans
 
 
-def _share_bytes(spec: ModelSpec, params: DecodeParams, wafers: int, units: bool) -> list[int]:
-    """Bytes each wafer's share holds (weights and KV cache)."""
-    if units:
-        all_units = model_units(spec)
-        return [sum(unit_bytes(spec, params, u) for u in all_units[a:b]) + _table_bytes(spec, i == 0, i == wafers - 1)
-                for i, (a, b) in enumerate(split_units(spec, params, wafers))]
-    return [bytes_needed(spec, params, len(g), g.start, i == 0, i == wafers - 1)
-            for i, g in enumerate(split_layers(spec, params, wafers))]
-
-
 def fewest_wafers(spec: ModelSpec, system: SystemConfig, params: DecodeParams, most: int = 4096) -> int:
     """The fewest wafers whose SRAM holds the weights plus the KV cache (and whose groups place)."""
     cfg = system.wafer_config
     have = usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height
     total = bytes_needed(spec, params, spec.layers)
     units = uses_units(spec, system, params)
-    top = min(most, len(model_units(spec)) if units else spec.layers)
+    weight = _weights(spec, params, units)
+    top = min(most, len(weight))
     last: WseError | None = None
     for w in range(max(1, -(-total // have)), top + 1):
-        if any(b > have for b in _share_bytes(spec, params, w, units)):
+        if any(sum(weight[a:b]) > have for a, b in balanced(weight, w)):  # (the split wafer_plans makes)
             continue
         try:
             wafer_plans(spec, system, params, w, units)

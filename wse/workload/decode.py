@@ -29,12 +29,12 @@ from ..hardware import WaferConfig
 from ..trace import Trace
 from .layer import (DecodeParams, Lanes, LayerPlan, RegionBuild, decode_experts, decode_layer, dispatch_parts,
                     embedding, embedding_memory, lm_head, lm_memory, moe_experts, most_experts, most_rows,
-                    plan_experts, plan_layer, token_column, ROW_BCAST)
+                    plan_experts, plan_layer, token_column)
 from .mesh import X, Y, MeshBuilder, Region, split, split_ranges
 from .models import ModelSpec
 from .placement import (PlacementError, Slot, add_lane_routes, direction, lane_sources, lane_targets,
                         serpentine, transfer_color)
-from .plan import FitError, check_colors, usable_sram
+from .plan import DIAG_BCAST, ROW_BCAST, FitError, check_colors, usable_sram
 
 ELEM = 2
 SEND_FROM = 128  # SRAM address the lane sends of a stage trace read (the barrier uses 0 and 64)
@@ -80,23 +80,18 @@ def chain_elements(spec: ModelSpec, first_layer: int, n_layers: int, experts_per
     parallelism (experts_per_region > 0) each MoE layer followed by its expert regions, the
     routed experts split into the fewest groups of at most experts_per_region (sizes differing
     by at most one)."""
-    out: list[tuple[str, int, tuple[int, int] | None]] = []
-    for layer in range(first_layer, first_layer + n_layers):
-        out.append(("layer", layer, None))
-        if experts_per_region and spec.is_moe_layer(layer):
-            E = spec.moe.experts
-            for r in split_ranges(E, -(-E // experts_per_region)):
-                out.append(("experts", layer, (r.start, r.stop)))
-    return out
+    return units_chain(model_units(spec, first_layer, n_layers, bool(experts_per_region)), experts_per_region)
 
 
-def model_units(spec: ModelSpec) -> list[tuple[int, int]]:
-    """The model's chain in the units a multi-wafer split with expert regions cuts it at:
-    (layer, -1) for a layer region, (layer, e) for routed expert e of a MoE layer."""
+def model_units(spec: ModelSpec, first_layer: int = 0, n_layers: int | None = None, experts: bool = True
+                ) -> list[tuple[int, int]]:
+    """The model's chain (or layers first_layer.. of it) in the units a multi-wafer split with
+    expert regions cuts it at: (layer, -1) for a layer region, (layer, e) for routed expert e
+    of a MoE layer (none with experts=False)."""
     out: list[tuple[int, int]] = []
-    for layer in range(spec.layers):
+    for layer in range(first_layer, spec.layers if n_layers is None else first_layer + n_layers):
         out.append((layer, -1))
-        if spec.is_moe_layer(layer):
+        if experts and spec.is_moe_layer(layer):
             out.extend((layer, e) for e in range(spec.moe.experts))
     return out
 
@@ -360,7 +355,7 @@ def _lanes_between(plan: ModelPlan, k: int) -> tuple[dict, dict]:
 
 
 def _spread(slot: Slot) -> tuple:
-    return (X, ROW_BCAST) if slot.kind == "lm_head" else (Y, 18)
+    return (X, ROW_BCAST) if slot.kind == "lm_head" else (Y, DIAG_BCAST)
 
 
 def full_trace(plan: ModelPlan) -> tuple[Trace, list[RegionBuild]]:

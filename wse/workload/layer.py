@@ -31,7 +31,7 @@ from .gemv import ELEM, GemvShape, gemv_ops
 from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, split, tagged
 from .mla import MlaSplit, mla_split, pe_moves
 from .models import ModelSpec
-from .plan import DIAG_BCAST, KV_SHIFT, REDUCE_BASE, ROW_BCAST, FitError, fit_check
+from .plan import DIAG_BCAST, KV_SHIFT, REDUCE_BASE, FitError, fit_check
 
 FP16 = isa.DTYPE_FP16
 MUL, ADD, FMAC, MAX, MOV, SCALE = (isa.KIND_MUL, isa.KIND_ADD, isa.KIND_FMAC, isa.KIND_MAX, isa.KIND_MOV,
