@@ -66,7 +66,7 @@ def test_idle_expert_regions_share_one_simulation(small):
     spec = load_model("tiny-moe")
     plan = plan_model(spec, small, DecodeParams(batch=1, moe_mapping="regions", experts_per_region=1))
     keys = {region_key(plan, s) for s in plan.slots if s.kind == "experts"}
-    assert ("experts", 1, False, "users", ()) in keys  # idle, not last: one key for all of them
+    assert ("experts", False, "users", ()) in keys  # idle, not last: one key for all of them
     layer_keys = {region_key(plan, s) for s in plan.slots if s.kind == "layer"}
     assert len(layer_keys) == 1  # router and shared expert only: the same in both MoE layers
 
@@ -132,8 +132,9 @@ def test_units_split_a_layers_experts_over_wafers(small):
 
 
 def test_expert_regions_running_different_experts_alike_share_a_simulation(small):
-    """Tile copies sit a multiple of the bank period apart, so a region running expert 0 and
-    one running expert 2 for the same number of sequences simulate alike, counter for counter."""
+    """Tile copies sit a multiple of the bank period apart and the payload buffers below the
+    weights, so regions running different experts, or holding more or fewer, for the same
+    number of sequences simulate alike, counter for counter, and share a key."""
     from engine_compare import assert_same
     from wse.workload.decode import bank_period
     from wse.workload.layer import Lanes, decode_experts
@@ -141,11 +142,14 @@ def test_expert_regions_running_different_experts_alike_share_a_simulation(small
     spec = load_model("tiny-moe")
     params = DecodeParams(batch=1, moe_mapping="regions", experts_per_region=4)
     results = []
-    for layer in (0, 1):  # uniform choice: layer 0 runs experts 0 and 1, layer 1 runs 1 and 2
-        ep = plan_experts(spec, layer, (0, 4), 8, small, params)
+    # uniform choice: layer 0 runs experts 0 and 1, layer 1 runs 1 and 2
+    for layer, experts in ((0, (0, 4)), (1, (0, 4)), (1, (1, 4))):
+        ep = plan_experts(spec, layer, experts, 8, small, params)
         assert ep.shapes["gate_up"].tile_bytes() % bank_period(small) == 0
+        assert list(ep.local_experts().values()) == [1, 1] and ep.last
         b = MeshBuilder(8, 8, 4)
         decode_experts(ep, Region(0, 0, 8, 8), b, Lanes(None, {}, None, {}))
         results.append(run(b.build(), small))
     assert list(moe_experts(spec, 0, 1))[:2] != list(moe_experts(spec, 1, 1))[:2]
     assert_same(results[0], results[1], "experts 0, 1 against experts 1, 2")
+    assert_same(results[0], results[2], "experts 0, 1 of 4 against experts 1, 2 of 3")

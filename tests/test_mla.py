@@ -2,14 +2,18 @@
 
 The cut over the region must cover every dimension exactly once, a MLA layer must match the
 reference stepper and its analytic FLOPs, the composed step must equal the full simulation,
-and DeepSeek-V3's and Kimi K2's layers must size as their specs say.
+and DeepSeek-V3's and Kimi K2's layers must size as their specs say. Prefill (the latent form
+with keys and values materialized) must cover every projection.
 """
+import math
+
 import pytest
 
 from checked import composed_equals_full, run
 from engine_compare import assert_same
 from wse import hardware
 from wse.engine import reference
+from wse.system.config import load_system
 from wse.workload.decode import plan_model
 from wse.workload.layer import DecodeParams, Lanes, decode_layer, layer_flops, layer_weight_bytes, plan_layer
 from wse.workload.mesh import MeshBuilder, Region
@@ -79,3 +83,27 @@ def test_deepseek_layers_size_as_the_spec_says():
     assert layer_weight_bytes(moe) == 2 * (spec.layer_params(3) - spec.moe.experts * spec.expert_params())
     with pytest.raises(FitError, match="at most 576 rows"):
         plan_layer(spec, 0, 600, cfg, params)
+
+
+def test_prefill_gemms_cover_every_latent_projection(small):
+    """Prefill materializes keys and values from the latent: its GEMMs' FLOPs are 2 per weight
+    of every attention projection (norm vectors aside) and of the k routed plus shared
+    experts, per token, plus the S^2 attention terms."""
+    from wse.workload.prefill import ffn_width, kernel_traces
+    spec = load_model("tiny-mla")
+    m, H, S = spec.mla, spec.hidden_size, 16
+    kernels = kernel_traces(spec, small, 8, S)
+    assert {"q_kv_a", "q_b", "kv_b", "scores", "values", "o", "gate_up", "down", "elementwise"} == set(kernels)
+    attention = spec.attention_params() - m.q_lora_rank - m.kv_lora_rank
+    ffn = (spec.moe.experts_per_token + spec.moe.shared_experts) * spec.expert_params()
+    assert 3 * H * ffn_width(spec) == ffn
+    expect = 2 * S * (attention + ffn) + 2 * S * S * (spec.q_size + spec.attn_out_size)
+    assert sum(f["model_flops"] for name, (_, f) in kernels.items() if name != "elementwise") == expect
+
+
+def test_a_latent_attention_model_has_a_time_to_first_token(small):
+    from wse.system.compare import run_system
+    system = load_system("cs3", ['system.wafer="small"', "system.wafers=1"])
+    job = run_system("tiny-mla", system, lambda t: run(t, small), wafers=1, context=16, prompt=32,
+                     moe_mapping="local", slot_shape="square")
+    assert math.isfinite(job.ttft_s) and job.ttft_s > 0

@@ -189,7 +189,8 @@ def test_system_command_with_expert_regions_over_wafers(tmp_path):
     out = tmp_path / "moe.h5"
     r = CliRunner().invoke(cli, ["system", "--model", "tiny-moe", "--system", "cs3x4", "--set", 'system.wafer="small"',
                                  "--wafers", "3", "--moe-mapping", "regions", "--experts-per-region", "2",
-                                 "--slot-shape", "square", "--context", "16", "--prompt-len", "0", "-o", str(out)])
+                                 "--slot-shape", "square", "--context", "16", "--prompt-len", "0", "--jobs", "2",
+                                 "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "expert region" in r.output
     with h5py.File(out) as f:
@@ -201,7 +202,7 @@ def test_system_command_with_expert_regions_over_wafers(tmp_path):
     (["--wafers", "x"], "--wafers"), (["--wafers", "0"], "--wafers"), (["--batch", "0"], "--batch"),
     (["--system", "nope"], "unknown system preset"), (["--set", "cost.utilization=2"], "cost.utilization"),
     (["--wafers", "1", "--moe-mapping", "regions"], "has no MoE layer"),
-    (["--experts-per-region", "-1"], "--experts-per-region"), (["--wafers", "3"], "3 wafers for 2 layers of tiny"),
+    (["--experts-per-region", "-1"], "--experts-per-region"), (["--jobs", "0"], "--jobs"), (["--wafers", "3"], "3 wafers for 2 layers of tiny"),
 ])
 def test_system_command_bad_input_is_one_clear_error(args, msg, tmp_path):
     r = CliRunner().invoke(cli, ["system", "--model", "tiny", *args, "-o", str(tmp_path / "x.h5")])
@@ -256,3 +257,36 @@ def test_wafers_share_their_identical_stage_simulations(small_system):
     assert [s.cycles for s in d.steps] == [a.total_cycles for a in alone]
     assert [s.flops for s in d.steps] == [a.total("flops") for a in alone]
     assert len(calls) == d.simulations < sum(a.simulations for a in alone)
+
+
+def test_worker_processes_give_the_same_step(small_system):
+    spec = load_model("tiny-moe")
+    small = small_system.wafer_config
+    params = DecodeParams(batch=2, context=16, moe_mapping="regions", experts_per_region=1)
+    one = run_decode(spec, small_system, params, 4, sim(small))
+    seen = []
+
+    def not_here(t):
+        raise AssertionError("with jobs > 1 the workers simulate")
+
+    two = run_decode(spec, small_system, params, 4, not_here, jobs=2, done=lambda i, n: seen.append((i, n)))
+    assert [dataclasses.astuple(s) for s in two.steps] == [dataclasses.astuple(s) for s in one.steps]
+    assert (two.latency_s, two.dynamic_j_per_step) == (one.latency_s, one.dynamic_j_per_step)
+    assert seen == [(i, one.simulations) for i in range(1, one.simulations + 1)]
+
+
+def test_uniform_slots_put_every_wafer_on_one_shape(small_system):
+    from wse.system.pool import distinct_tasks
+    spec = load_model("tiny-moe")
+    small = small_system.wafer_config
+    kw = dict(context=16, moe_mapping="regions", experts_per_region=1)
+    own = wafer_plans(spec, small_system, DecodeParams(**kw), 3)
+    same = wafer_plans(spec, small_system, DecodeParams(uniform_slots=True, **kw), 3)
+    assert len({(p.P, p.Q) for p in own}) > 1
+    assert {(p.P, p.Q) for p in same} == {min(((p.P, p.Q) for p in own), key=lambda s: s[0] * s[1])}
+    assert [p.units for p in same] == [p.units for p in own]  # the same shares, smaller slots
+    assert len(distinct_tasks(same)[0]) < len(distinct_tasks(own)[0])
+    for plan in same:  # each wafer's composed step equals its full simulation
+        full = sim(small)(full_trace(plan)[0])
+        d = compose(plan, sim(small))
+        assert d.total_cycles == full.total_cycles and d.total("flops") == full.pe("flops").sum()

@@ -127,9 +127,10 @@ def test_llama_8b_places_on_one_wse3():
     assert 100 <= plan.P <= 200
 
 
-def test_prefill_conserves_flops(small):
+@pytest.mark.parametrize("model", ["tiny", "tiny-moe", "tiny-mla"])
+def test_prefill_conserves_flops(model, small):
     from wse.workload.prefill import prefill
-    spec = load_model("tiny")
+    spec = load_model(model)
     pr = prefill(spec, small, 8, 16, 8, spec.layers, lambda t: run(t, small))
     simulated = sum(int(r.pe("flops").sum()) for k, r in pr.results.items() if k != "lm_head") * spec.layers \
         + int(pr.results["lm_head"].pe("flops").sum())

@@ -469,13 +469,17 @@ def compare_cmd(run_files, as_json) -> None:
               help="expert regions hold at most this many routed experts (0: as many as fit)")
 @click.option("--slot-shape", type=click.Choice(["tall", "square"]), default="tall", show_default=True,
               help="layer slots: tall P x Q regions of the largest area, or square P x P")
+@click.option("--uniform-slots", is_flag=True,
+              help="every wafer on one slot shape (fewer distinct stage simulations; slots no larger)")
 @click.option("--gpu", type=click.Choice(["h100", "h200", "b200"]), default="h100", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
-@click.option("--threads", type=int, help="Numba threads (default: all cores)")
+@click.option("--threads", type=int, help="Numba threads per simulation (default: all cores; 1 with --jobs)")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="worker processes simulating distinct decode stages in parallel (same results)")
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
 @_clean_errors
 def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, expert_skew, moe_mapping,
-               experts_per_region, slot_shape, gpu, output, threads, quiet) -> None:
+               experts_per_region, slot_shape, uniform_slots, gpu, output, threads, jobs, quiet) -> None:
     """A model on a multi-wafer system and on GPU nodes, side by side (docs/system.md)."""
     from .engine.run import simulate
     from .results.store import RunInfo, write_run
@@ -501,8 +505,15 @@ def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, exp
         raise WseError("--prompt-len must be at least 0")
     if threads is not None and threads < 1:
         raise WseError("--threads must be at least 1")
+    if jobs < 1:
+        raise WseError("--jobs must be at least 1")
     cfg = system.wafer_config
-    bar = _Progress(not quiet and sys.stderr.isatty())
+    bar = _Progress(not quiet and sys.stderr.isatty() and jobs == 1)
+    t0 = time.perf_counter()
+
+    def done(i: int, n: int) -> None:
+        if not quiet:
+            click.echo(f"  decode stage {i}/{n} simulated ({time.perf_counter() - t0:,.0f} s)", err=True)
 
     def sim(tr):
         res = simulate(tr, cfg, threads=threads, progress=bar, validated=True)
@@ -515,7 +526,9 @@ def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, exp
         raise WseError("--expert-skew must be at least 0")
     job = compare.run_system(model, system, sim, wafers=n, batch=batch, context=context,
                              prompt=prompt_len or None, gpu=gpu, expert_skew=expert_skew, moe_mapping=moe_mapping,
-                             experts_per_region=experts_per_region, slot_shape=slot_shape)
+                             experts_per_region=experts_per_region, slot_shape=slot_shape,
+                             uniform_slots=uniform_slots, jobs=jobs,
+                             threads=threads, done=done)
     rep = job.decode.representative
     info = RunInfo(trace_path=f"--model {model} --system {system.name} (counters of the largest stage)",
                    trace_hash="", trace_mesh=(rep.pe_counters.shape[1], rep.pe_counters.shape[0]),

@@ -17,6 +17,7 @@ from ..workload.layer import DecodeParams
 from ..workload.models import load_model
 from .config import SystemConfig
 from .gpu import GpuResult, curve, gpu_decode, gpu_prefill, load_gpu
+from .pool import Done
 from .wafers import SystemDecode, prefill_seconds, run_decode, wafer_plans
 
 ELEM_BYTES = 2.0  # the wafer mapping stores 16-bit weights and KV cache
@@ -35,12 +36,14 @@ class SystemJob:
 def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], object], *, wafers: int | None = None,
                batch: int = 1, context: int = 1024, prompt: int | None = 512, gpu: str = "h100",
                expert_skew: float = 0.0, moe_mapping: str = "auto", experts_per_region: int = 0,
-               slot_shape: str = "tall") -> SystemJob:
-    """Simulate the wafer system, evaluate the GPU model, and tabulate both."""
+               slot_shape: str = "tall", uniform_slots: bool = False, jobs: int = 1, threads: int | None = None,
+               done: Done | None = None) -> SystemJob:
+    """Simulate the wafer system, evaluate the GPU model, and tabulate both (jobs, threads,
+    done: how the decode stages are simulated, wafers.run_decode)."""
     spec = load_model(model)
     params = DecodeParams(batch=batch, context=context, expert_skew=expert_skew, moe_mapping=moe_mapping,
-                          experts_per_region=experts_per_region, slot_shape=slot_shape)
-    dec = run_decode(spec, system, params, wafers, simulate)
+                          experts_per_region=experts_per_region, slot_shape=slot_shape, uniform_slots=uniform_slots)
+    dec = run_decode(spec, system, params, wafers, simulate, jobs, threads, done)
     ttft = math.nan
     if prompt:
         ttft = prefill_seconds(spec, system, wafer_plans(spec, system, params, dec.wafers), prompt, simulate)

@@ -23,7 +23,7 @@ import dataclasses
 from typing import Callable
 
 from ..errors import WseError
-from ..trace import Trace, validate
+from ..trace import Trace
 from ..workload.decode import (ELEM, ModelPlan, bytes_needed, compose, model_units, plan_model, plan_units,
                                region_key, unit_bytes, _table_bytes)
 from ..workload.layer import DecodeParams
@@ -31,6 +31,7 @@ from ..workload.models import ModelSpec
 from ..workload.plan import FitError, usable_sram
 from .config import SystemConfig
 from .link import Link, LinkLedger
+from .pool import Done, distinct_tasks, run_tasks
 
 
 def balanced(weights: list[int], parts: int, what: str = "pieces") -> list[tuple[int, int]]:
@@ -95,20 +96,32 @@ def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, waf
     cut at routed experts (default: uses_units)."""
     cfg = system.wafer_config
     units = uses_units(spec, system, params) if units is None else units
-    plans = []
-    if units:
-        for w, (u0, u1) in enumerate(split_units(spec, params, wafers)):
-            try:
-                plans.append(plan_units(spec, cfg, params, u0, u1, w == 0, w == wafers - 1))
-            except WseError as e:  # (the same class: a FitError stays one, see fewest_wafers)
-                raise type(e)(f"wafer {w} of {wafers}: {e}") from None
-        return plans
-    for w, group in enumerate(split_layers(spec, params, wafers)):
+    shares = split_units(spec, params, wafers) if units else \
+        [(g.start, g.stop) for g in split_layers(spec, params, wafers)]
+
+    def plan(w: int, P: int | None = None, Q: int | None = None) -> ModelPlan:
+        a, b = shares[w]
         try:
-            plans.append(plan_model(spec, cfg, params, len(group), None, group.start, w == 0, w == wafers - 1))
-        except WseError as e:
-            raise type(e)(f"wafer {w} of {wafers} (layers {group.start}..{group.stop - 1}): {e}") from None
-    return plans
+            if units:
+                return plan_units(spec, cfg, params, a, b, w == 0, w == wafers - 1, P, Q)
+            return plan_model(spec, cfg, params, b - a, P, a, w == 0, w == wafers - 1, Q=Q)
+        except WseError as e:  # (the same class: a FitError stays one, see fewest_wafers)
+            what = f"wafer {w} of {wafers}" + ("" if units else f" (layers {a}..{b - 1})")
+            raise type(e)(f"{what}: {e}") from None
+
+    plans = [plan(w) for w in range(wafers)]
+    if not params.uniform_slots or wafers == 1:
+        return plans
+    # one slot shape for every wafer: no wafer places a larger area than its own best, so try
+    # the smallest of the wafers' best shapes (largest area first) on all of them
+    least = min(p.P * p.Q for p in plans)
+    for P, Q in sorted({(p.P, p.Q) for p in plans if p.P * p.Q == least}, reverse=True):
+        try:
+            return [plan(w, P, Q) for w in range(wafers)]
+        except FitError:
+            continue
+    raise FitError(f"--uniform-slots: no wafer's best slot shape of {least:,} PEs places every wafer's share "
+                   f"of {spec.name} on {wafers} wafers; drop --uniform-slots")
 
 
 def fewest_wafers(spec: ModelSpec, system: SystemConfig, params: DecodeParams, most: int = 4096) -> int:
@@ -214,30 +227,36 @@ def _group_key(plan: ModelPlan) -> tuple:
 
 
 def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int | None,
-               simulate: Callable[[Trace], object]) -> SystemDecode:
-    """Simulate one decode step on every distinct wafer and put the chain together."""
+               simulate: Callable[[Trace], object], jobs: int = 1, threads: int | None = None,
+               done: Done | None = None) -> SystemDecode:
+    """Simulate one decode step on every distinct wafer and put the chain together.
+
+    The distinct stage simulations of all wafers run first (pool.run_tasks: through `simulate`,
+    or with jobs > 1 in worker processes of `threads` Numba threads each; `done` reports
+    progress); each wafer's step is then composed from them."""
     cfg = system.wafer_config
     wafers = wafers or fewest_wafers(spec, system, params)
     plans = wafer_plans(spec, system, params, wafers)
-    cache: dict[tuple, object] = {}
+    tasks, first = distinct_tasks(plans)
     shared: dict[tuple, tuple] = {}  # stage simulations shared by all wafers
+    for key, result, anchor in run_tasks(tasks, cfg, simulate, f"{spec.name} on {system.name}", jobs, threads, done):
+        shared[key] = (result, anchor)
 
-    def checked(t: Trace):
-        validate(t, cfg, where=f"{spec.name} on {system.name}")
-        return simulate(t)
+    def unused(t: Trace):
+        raise AssertionError("every stage was simulated above")
 
+    cache: dict[tuple, object] = {}
     steps = []
     for w, plan in enumerate(plans):
         key = _group_key(plan)
-        fresh = key not in cache
-        if fresh:
-            cache[key] = compose(plan, checked, shared)
+        if key not in cache:
+            cache[key] = compose(plan, unused, shared)
         d = cache[key]
         g = range(plan.first_layer, plan.first_layer + plan.n_layers)
         steps.append(WaferStep(
             w, g, plan.embed, plan.head, plan.P, plan.Q, d.total_cycles, _region_cycles(d), d.total("flops"),
             d.total("sram_read_bytes") + d.total("sram_write_bytes"), d.link_total("wavelets"),
-            d.simulations if fresh else 0, _extra_in_flight(plan), sum(s.kind == "experts" for s in plan.slots)))
+            first[w], _extra_in_flight(plan), sum(s.kind == "experts" for s in plan.slots)))
     link = Link(system.link_bytes_per_s, system.link_latency_s)
     ledger = LinkLedger(wafers, link)
     sizes = [crossing_bytes(spec, params, plans[w + 1]) for w in range(wafers - 1)]

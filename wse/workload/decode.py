@@ -30,7 +30,7 @@ from ..trace import Trace
 from .layer import (DecodeParams, Lanes, LayerPlan, RegionBuild, decode_experts, decode_layer, dispatch_parts,
                     embedding, embedding_memory, lm_head, lm_memory, moe_experts, most_experts, most_rows,
                     plan_experts, plan_layer, token_column)
-from .mesh import X, Y, MeshBuilder, Region, split, split_ranges
+from .mesh import ALIGN_BYTES, X, Y, MeshBuilder, Region, split, split_ranges
 from .models import ModelSpec
 from .placement import (PlacementError, Slot, add_lane_routes, direction, lane_sources, lane_targets,
                         serpentine, transfer_color)
@@ -175,7 +175,7 @@ def plan_model(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers
 
 
 def plan_units(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, u0: int, u1: int, embed: bool,
-               head: bool, P: int | None = None) -> ModelPlan:
+               head: bool, P: int | None = None, Q: int | None = None) -> ModelPlan:
     """A wafer's share cut from model_units [u0, u1): whole layers and runs of a layer's
     routed experts, every MoE layer with expert regions (a layer's experts may continue on the
     next wafer)."""
@@ -190,7 +190,8 @@ def plan_units(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, u0: int,
     if need > have:
         raise FitError(f"{what}: {need:,} B of weights and KV cache, {have:,} B usable")
     try:
-        plan = _place(spec, cfg, params, share[-1][0] - share[0][0] + 1, P, share[0][0], embed, head, True, share)
+        plan = _place(spec, cfg, params, share[-1][0] - share[0][0] + 1, P, share[0][0], embed, head, True, share,
+                      Q)
     except (PlacementError, FitError) as e:
         raise FitError(f"{what} found no slot size that places every region and fits its SRAM ({e})") from None
     plan.units = (u0, u1)
@@ -387,14 +388,17 @@ class StageTrace:
 def region_key(plan: ModelPlan, slot: Slot) -> tuple:
     """Regions with equal keys run identical programs."""
     spec = plan.spec
-    if slot.kind == "experts":  # its size, whether it is its layer's last, the experts it runs
+    if slot.kind == "experts":  # whether it is its layer's last, the experts it runs
         ep = plan_experts(spec, slot.index, slot.experts, plan.P, plan.cfg, plan.params, plan.Q)
         use = ep.local_experts()
         period = bank_period(plan.cfg)
-        if all(ep.shapes[k].tile_bytes() % period == 0 for k in ("gate_up", "down")):
-            # expert copies differ only by addresses the bank-conflict rule cannot tell apart,
-            # so which experts run does not matter, only how many sequences each serves
-            return ("experts", slot.experts[1] - slot.experts[0], ep.last, "users", tuple(use.values()))
+        if all(ep.shapes[k].tile_bytes() % period == 0 for k in ("gate_up", "down")) \
+                and ALIGN_BYTES % period == 0:
+            # expert copies, and the weight blocks of regions holding more or fewer experts,
+            # differ only by addresses the bank-conflict rule cannot tell apart (the payload
+            # buffers sit below the weights), so neither the region's size nor which experts
+            # run matters, only how many sequences each chosen expert serves
+            return ("experts", ep.last, "users", tuple(use.values()))
         return ("experts", slot.experts[1] - slot.experts[0], ep.last, tuple(use.items()))
     if slot.kind != "layer":
         return (slot.kind, slot.region.width, slot.region.height)
@@ -431,11 +435,11 @@ def sender_key(plan: ModelPlan, k: int) -> tuple:
 
 
 def key_S(plan: ModelPlan, k: int) -> tuple:
-    """Stage S_k's key: the slot shape, the sender, region k+1's key, the direction between
-    them and whether region k+1 ends the chain (keys are equal only for identical traces)."""
+    """Stage S_k's key: the slot shape, the sender, region k+1's key and the direction between
+    them (keys are equal only for identical traces: region k+1 runs without onward sends in
+    every S stage, so whether it ends the chain does not matter)."""
     a, nxt = plan.slots[k], plan.slots[k + 1]
-    return ("S", plan.P, plan.Q, sender_key(plan, k), region_key(plan, nxt), direction(a.region, nxt.region),
-            k + 1 == len(plan.slots) - 1)
+    return ("S", plan.P, plan.Q, sender_key(plan, k), region_key(plan, nxt), direction(a.region, nxt.region))
 
 
 def _sub(plan: ModelPlan, slots: list[Slot]) -> tuple[int, int, int, int]:
@@ -514,9 +518,7 @@ def stage_S(plan: ModelPlan, k: int) -> StageTrace:
     spread, bc = _spread(nxt)
     rb = _build_region(plan, nxt, _shift(nxt.region, ox, oy), b, Lanes(color, dst, None, {}, spread, bc))
     add_lane_routes(b, a, nxt, src, dst, color, ox, oy)
-    anchor = None
-    if k + 1 < len(plan.slots) - 1:
-        anchor = (rb.region.x0 + rb.anchor[0], rb.region.y0 + rb.anchor[1])
+    anchor = (rb.region.x0 + rb.anchor[0], rb.region.y0 + rb.anchor[1])  # (the chain's last region: unused)
     return StageTrace(key_S(plan, k), b.build(), anchor)
 
 
@@ -539,47 +541,59 @@ class DecodeResult:
         return int(sum(sign * int(self.results[key].link(counter).sum()) for sign, key in self.terms))
 
 
+def stages(plan: ModelPlan) -> list[tuple[tuple, str, int]]:
+    """The stage simulations the plan's composition needs, in order, as (key, kind, k) with
+    kind "A0", "S" or "B" (build_stage builds one): A0, then S_k and B_k for each hand-off."""
+    out = [(key_A0(plan), "A0", 0)]
+    for k in range(len(plan.slots) - 1):
+        out += [(key_S(plan, k), "S", k), (key_B(plan, k), "B", k)]
+    return out
+
+
+def build_stage(plan: ModelPlan, kind: str, k: int) -> StageTrace:
+    """The trace of one stage listed by stages()."""
+    return {"A0": lambda: stage_A0(plan), "S": lambda: stage_S(plan, k), "B": lambda: stage_B(plan, k)}[kind]()
+
+
+def checked_stage(key: tuple, result):
+    """The stage's result, or a WseError if the stage did not run to completion."""
+    if not result.complete:
+        raise WseError(f"stage {key} did not complete ({result.stop_name}): " + "; ".join(result.stuck[:3]))
+    return result
+
+
 def compose(plan: ModelPlan, simulate: Callable[[Trace], object],
             shared: dict[tuple, tuple[object, tuple[int, int] | None]] | None = None) -> DecodeResult:
     """Cycles of the decode step from the distinct stage simulations (see module docstring).
 
     Stages with equal keys are identical traces: each distinct one is built and simulated once,
     also across the plans of one system when they pass the same `shared` dict (key -> result,
-    anchor); `simulations` counts the ones this call ran.
+    anchor; it may arrive filled, e.g. by worker processes); `simulations` counts the ones this
+    call ran.
     """
     store = {} if shared is None else shared
-    cache: dict[tuple, object] = {}  # the stages this plan uses
-    anchor_of: dict[tuple, tuple[int, int] | None] = {}
     ran = 0
-
-    def run(key: tuple, build: Callable[[], StageTrace]):
-        nonlocal ran
+    listed = stages(plan)
+    for key, kind, k in listed:
         if key not in store:
-            st = build()
-            r = simulate(st.trace)
-            if not r.complete:
-                raise WseError(f"stage {st.key} did not complete ({r.stop_name}): " + "; ".join(r.stuck[:3]))
-            store[key] = (r, st.anchor)
+            st = build_stage(plan, kind, k)
+            store[key] = (checked_stage(key, simulate(st.trace)), st.anchor)
             ran += 1
-        cache[key], anchor_of[key] = store[key]
-        return cache[key]
+    cache = {key: store[key][0] for key, _, _ in listed}  # the stages this plan uses
 
-    def finish(key: tuple, build: Callable[[], StageTrace]) -> int:
-        r = run(key, build)
-        x, y = anchor_of[key]
+    def finish(key: tuple) -> int:
+        r, (x, y) = store[key]
         return int(r.pe("finish_cycle")[y, x])
 
     n = len(plan.slots)
-    if n == 1:  # one region (a wafer holding one layer): it runs alone
-        r = run(key_A0(plan), lambda: stage_A0(plan))
-        return DecodeResult(r.total_cycles, [], {k: v.total_cycles for k, v in cache.items()}, ran, cache,
-                            [(1, key_A0(plan))])
-    anchors = [finish(key_A0(plan), lambda: stage_A0(plan))]
-    for k in range(n - 2):
-        anchors.append(anchors[-1] + finish(key_S(plan, k), lambda: stage_S(plan, k))
-                       - finish(key_B(plan, k), lambda: stage_B(plan, k)))
-    total = (anchors[-1] + run(key_S(plan, n - 2), lambda: stage_S(plan, n - 2)).total_cycles
-             - finish(key_B(plan, n - 2), lambda: stage_B(plan, n - 2)))
+    a0 = key_A0(plan)
     # every region's work once: A0, then each S_k less its B_k (region k's barrier twice)
-    terms = [(1, key_A0(plan))] + [t for k in range(n - 1) for t in ((1, key_S(plan, k)), (-1, key_B(plan, k)))]
+    terms = [(1, a0)] + [(1 if kind == "S" else -1, key) for key, kind, _ in listed[1:]]
+    if n == 1:  # one region (a wafer holding one layer): it runs alone
+        return DecodeResult(cache[a0].total_cycles, [], {k: v.total_cycles for k, v in cache.items()}, ran, cache,
+                            terms)
+    anchors = [finish(a0)]
+    for k in range(n - 2):
+        anchors.append(anchors[-1] + finish(key_S(plan, k)) - finish(key_B(plan, k)))
+    total = anchors[-1] + cache[key_S(plan, n - 2)].total_cycles - finish(key_B(plan, n - 2))
     return DecodeResult(total, anchors, {k: r.total_cycles for k, r in cache.items()}, ran, cache, terms)

@@ -58,6 +58,7 @@ class DecodeParams:
     moe_mapping: str = "auto"  # routed experts: "local" (in the layer region), "regions" (expert regions), "auto"
     experts_per_region: int = 0  # expert regions hold at most this many routed experts (0: as many as fit)
     slot_shape: str = "tall"  # layer and expert slots: "tall" (P x Q, Q >= P, the largest area) or "square"
+    uniform_slots: bool = False  # a multi-wafer system: every wafer on one slot shape (system/wafers.py)
 
     def __post_init__(self) -> None:
         if self.moe_mapping not in MOE_MAPPINGS:
@@ -678,13 +679,8 @@ def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, 
         raise WseError(f"a {P}x{Q} expert region: at most {H} columns, at least as many rows as columns")
     Hc, f_r = split(H, P), split(m.expert_ffn_size, Q)
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
-    shapes = {}
-    for name, (mm, n, axis, ins, outs) in {"gate_up": (H, 2 * m.expert_ffn_size, X, Hc, [2 * f for f in f_r]),
-                                           "down": (m.expert_ffn_size, H, Y, f_r, Hc)}.items():
-        sh = GemvShape(mm, n, axis, ins, outs)
-        sh.pitch = -(-max(outs) * ELEM // 8) * 8
-        sh.weights = mem.alloc(f"w_{name}", sh.tile_bytes() * (e1 - e0), "weights", G0)
-        shapes[name] = sh
+    # the payload buffers first, so their addresses do not depend on how many experts the
+    # region holds (decode.region_key relies on it)
     buf = {"xn": mem.alloc("xn", max(Hc) * B * ELEM, "activations", G3),
            "h": mem.alloc("h", max(Hc) * B * ELEM, "activations", G3),
            "gates": mem.alloc("gates", m.experts_per_token * B * ELEM, "activations", G2),
@@ -694,6 +690,13 @@ def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, 
     buf["dot"] = mem.alloc("dot", longest * ELEM, "scratch", G1)
     buf["scal"] = mem.alloc("scalars", 16 * ELEM, "scratch", G1)
     buf["tmp"] = mem.alloc("tmp", longest * ELEM, "scratch", G0)
+    shapes = {}
+    for name, (mm, n, axis, ins, outs) in {"gate_up": (H, 2 * m.expert_ffn_size, X, Hc, [2 * f for f in f_r]),
+                                           "down": (m.expert_ffn_size, H, Y, f_r, Hc)}.items():
+        sh = GemvShape(mm, n, axis, ins, outs)
+        sh.pitch = -(-max(outs) * ELEM // 8) * 8
+        sh.weights = mem.alloc(f"w_{name}", sh.tile_bytes() * (e1 - e0), "weights", G0)
+        shapes[name] = sh
     fit_check(mem, cfg, f"{spec.name} layer {layer} experts {e0}..{e1 - 1} on a {P}x{Q} region (batch {B})")
     return ExpertPlan(spec, layer, experts, P, params, mem, Hc, f_r, shapes, buf, Q)
 

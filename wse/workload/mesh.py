@@ -70,10 +70,13 @@ def offsets(sizes: list[int]) -> list[int]:
     return [int(v) for v in np.cumsum([0] + sizes[:-1])]
 
 
+ALIGN_BYTES = 16  # Allocator: buffers start at multiples of this (plus a bank-group offset)
+
+
 class Allocator:
     """Region-uniform SRAM allocation: every PE of a region uses the same addresses.
 
-    Buffers are 16-byte aligned; `used` records the bytes a PE really needs per buffer (its
+    Buffers are ALIGN_BYTES aligned; `used` records the bytes a PE really needs per buffer (its
     largest share), so padding = allocated - used stays visible.
     """
 
@@ -86,7 +89,7 @@ class Allocator:
         """Reserve nbytes; `bank_offset` (bytes, < 16) shifts the start to another bank group."""
         if name in self.buffers:
             raise ValueError(f"buffer {name} allocated twice")
-        addr = -(-self.top // 16) * 16 + bank_offset
+        addr = -(-self.top // ALIGN_BYTES) * ALIGN_BYTES + bank_offset
         self.top = addr + max(nbytes, 0)
         self.buffers[name] = (addr, nbytes, kind)
         return addr

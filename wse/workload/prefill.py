@@ -10,6 +10,10 @@ previous one has finished everywhere, which is what its data dependency requires
 2. six MeshGEMMs: QKV (S x H x (q+2kv)), scores (S x q x S), weighted values (S x S x o),
    O (S x o x H), gate/up (S x H x 2F), down (S x F x H). Weights are stored pre-skewed; the
    activation operands are aligned first (both operands of the two attention GEMMs).
+   Multi-head latent attention replaces QKV by three: the query and KV latents
+   (S x H x (q_lora + kv_lora + rope)), the query (S x q_lora x q) and the per-head keys and
+   values (S x kv_lora x heads (nope + v)); its elementwise kernel adds the two latent norms.
+   A MoE layer's FFN is its k routed plus shared experts as one dense FFN of that width.
 
 The attention GEMMs fold the heads into the contraction and output dimensions, which keeps
 their FLOPs exact (2 S^2 q and 2 S^2 o); causal masking is not exploited. Between layers the
@@ -40,13 +44,14 @@ ELEM = 2
 def elementwise(spec: ModelSpec, P: int, S: int, cfg: WaferConfig, algo: str = "two-level"
                 ) -> tuple[Trace, dict[str, int]]:
     """The elementwise work of one prefill layer on a P x P region, with its row all-reduces."""
-    H, F, heads = spec.hidden_size, spec.ffn_size, spec.heads
+    H, heads = spec.hidden_size, spec.heads
+    rope, lat, lat_norms = _rope_and_latent(spec)
+    act = ffn_width(spec)
     Sr = split(S, P)
     Hc, Kc = split(H, P), split(S, P)
-    rope_c = split(spec.q_size + spec.kv_size, P)
-    act_c = split(spec.moe.expert_ffn_size * spec.moe.experts_per_token if spec.moe else F, P)
+    rope_c, act_c, lat_c = split(rope, P), split(act, P), split(lat, P)
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
-    big = max(max(Sr) * max(max(Hc), max(rope_c), max(act_c)), max(Sr) * max(Kc) * heads)
+    big = max(max(Sr) * max(max(Hc), max(rope_c), max(act_c), max(lat_c)), max(Sr) * max(Kc) * heads)
     a = mem.alloc("a", big * ELEM, "activations", 6)
     d = mem.alloc("d", big * ELEM, "scratch", 2)
     scal = mem.alloc("scal", max(Sr) * heads * ELEM, "scratch", 4)
@@ -57,11 +62,11 @@ def elementwise(spec: ModelSpec, P: int, S: int, cfg: WaferConfig, algo: str = "
     red = reducers(region, b, DecodeParams(algo=algo))
     rx = red[X]
     prog = RegionProgram(region, 2)
-    prog.add_roles(X, [(Hc[i], rope_c[i], act_c[i], Kc[i], rx.role(i)) for i in range(P)])
+    prog.add_roles(X, [(Hc[i], rope_c[i], act_c[i], Kc[i], lat_c[i], rx.role(i)) for i in range(P)])
     prog.add_roles(Y, [(Sr[j],) for j in range(P)])
 
     def body(xr, yr, _sp):
-        hi, ri, fi, ki, role = xr[0]
+        hi, ri, fi, ki, li, role = xr[0]
         (sj,) = yr[0]
         out: dict[int, list] = {0: []}
 
@@ -75,6 +80,10 @@ def elementwise(spec: ModelSpec, P: int, S: int, cfg: WaferConfig, algo: str = "
             out[0] += [compute(SCALE, sj * hi, dst=a, src0=a), compute(MUL, sj * hi, dst=a, src0=a, src1=d)]
 
         norm()
+        if lat_norms:  # MLA: RMSNorms of the query and KV latents, one all-reduce for both
+            out[0].extend(compute(FMAC, li, dst=d, src0=a) for _ in range(sj))
+            merge(rx.role_ops(role, sj * lat_norms, scal, tmp))
+            out[0] += [compute(SCALE, sj * li, dst=a, src0=a), compute(MUL, sj * li, dst=a, src0=a, src1=d)]
         if sj * ri:
             out[0] += [compute(MUL, sj * ri, dst=a, src0=a, src1=d), compute(FMAC, sj * ri, dst=a, src0=d)]
         e = sj * ki * heads  # this PE's scores: its tokens x its keys x every head
@@ -98,11 +107,29 @@ def elementwise(spec: ModelSpec, P: int, S: int, cfg: WaferConfig, algo: str = "
     prog.add(lambda xr, yr, sp: tagged(body(xr, yr, sp), t_el))
     prog.program_ids(b)
     n1 = P - 1
-    act = spec.moe.expert_ffn_size * spec.moe.experts_per_token if spec.moe else F
-    flops = (2 * 4 * S * H + 3 * S * (spec.q_size + spec.kv_size) + 13 * S * S * heads
+    flops = (2 * 4 * S * H + 4 * S * lat + 3 * S * rope + 13 * S * S * heads
              + (2 * SILU_FMACS + 1) * S * act + 2 * S * H)
-    allreduce = n1 * (2 * S + 2 * S * heads)
+    allreduce = n1 * (2 * S + lat_norms * S + 2 * S * heads)
     return b.build(), {"executed_flops": flops + allreduce, "model_flops": flops}
+
+
+def _rope_and_latent(spec: ModelSpec) -> tuple[int, int, int]:
+    """Per token: elements RoPE rotates, latent elements RMS-normalized (MLA) and the number of
+    latent norms. MLA rotates every head's q_pe and the one shared k_pe, and normalizes the
+    query latent (if any) and the KV latent; standard attention rotates q and k."""
+    if not spec.mla:
+        return spec.q_size + spec.kv_size, 0, 0
+    m = spec.mla
+    return (spec.heads + 1) * m.qk_rope_head_dim, m.q_lora_rank + m.kv_lora_rank, 1 + bool(m.q_lora_rank)
+
+
+def ffn_width(spec: ModelSpec) -> int:
+    """Feed-forward width a prefill token passes through: the dense FFN, or a MoE layer's
+    k routed experts plus its shared experts (each token's experts as one dense FFN; every
+    layer of a MoE model is given this width)."""
+    if not spec.moe:
+        return spec.ffn_size
+    return spec.moe.expert_ffn_size * (spec.moe.experts_per_token + spec.moe.shared_experts)
 
 
 @dataclasses.dataclass
@@ -146,15 +173,20 @@ def prefill(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, lm_width: in
 def kernel_traces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, algo: str = "meshgemm"
                   ) -> dict[str, tuple[Trace, dict[str, int]]]:
     """The kernels of one prefill layer: name -> (trace, facts)."""
-    if spec.mla:
-        raise WseError(f"{spec.name}: multi-head latent attention has no prefill mapping yet "
-                       "(`wse system --prompt-len 0` skips the time to first token)")
     if prompt < P:
         raise WseError(f"--prompt-len {prompt} is shorter than the region side {P}: every row needs a token")
     H, S = spec.hidden_size, prompt
-    ffn = spec.moe.expert_ffn_size * spec.moe.experts_per_token if spec.moe else spec.ffn_size
-    shapes = {
-        "qkv": (S, H, spec.q_size + 2 * spec.kv_size, True, False),
+    ffn = ffn_width(spec)
+    if spec.mla:  # the latent form without weight absorption: keys and values are materialized
+        m = spec.mla
+        latent = m.kv_lora_rank + m.qk_rope_head_dim
+        shapes = {"q_kv_a": (S, H, (m.q_lora_rank or spec.q_size) + latent, True, False)}
+        if m.q_lora_rank:
+            shapes["q_b"] = (S, m.q_lora_rank, spec.q_size, True, False)
+        shapes["kv_b"] = (S, m.kv_lora_rank, spec.heads * (m.qk_nope_head_dim + m.v_head_dim), True, False)
+    else:
+        shapes = {"qkv": (S, H, spec.q_size + 2 * spec.kv_size, True, False)}
+    shapes |= {
         "scores": (S, spec.q_size, S, True, True),
         "values": (S, S, spec.attn_out_size, True, True),
         "o": (S, spec.attn_out_size, H, True, False),

@@ -1,0 +1,74 @@
+"""Distinct stage simulations of a system's wafers, one after another or in worker processes.
+
+A system's decode step composes from many independent stage simulations (decode.stages); each
+is deterministic, so simulating them in parallel processes changes nothing but the wall time.
+Workers are spawned (not forked: the parent may already run Numba threads), build their stage
+trace from the pickled plan, validate it and simulate it with their own Numba threads. As with
+any spawned pool, a script that calls this with jobs > 1 must guard its top level with
+`if __name__ == "__main__":` (the workers import the main module).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+from typing import Callable, Iterator
+
+from ..hardware import WaferConfig
+from ..trace import Trace, validate
+from ..workload.decode import ModelPlan, build_stage, checked_stage, stages
+
+Task = tuple[tuple, ModelPlan, str, int]  # (key, plan, stage kind, k)
+Done = Callable[[int, int], None]  # (stages simulated, stages in all)
+
+
+def distinct_tasks(plans: list[ModelPlan], known: set | dict = ()) -> tuple[list[Task], list[int]]:
+    """The stage simulations the plans need that are not in `known`, each once, and how many of
+    them each plan is the first to need."""
+    seen = set(known)
+    tasks: list[Task] = []
+    first = []
+    for plan in plans:
+        before = len(tasks)
+        for key, kind, k in stages(plan):
+            if key not in seen:
+                seen.add(key)
+                tasks.append((key, plan, kind, k))
+        first.append(len(tasks) - before)
+    return tasks, first
+
+
+def _simulate_task(task: Task, cfg: WaferConfig, threads: int | None, where: str) -> tuple[tuple, object, object]:
+    """Worker side: build, validate and simulate one stage."""
+    from ..engine.run import simulate
+    key, plan, kind, k = task
+    st = build_stage(plan, kind, k)
+    validate(st.trace, cfg, where=where)
+    return key, checked_stage(key, simulate(st.trace, cfg, threads=threads, validated=True)), st.anchor
+
+
+def run_tasks(tasks: list[Task], cfg: WaferConfig, simulate: Callable[[Trace], object], where: str,
+              jobs: int = 1, threads: int | None = None, done: Done | None = None
+              ) -> Iterator[tuple[tuple, object, object]]:
+    """(key, result, anchor) of every task. jobs = 1: in this process through `simulate`;
+    jobs > 1: in that many spawned worker processes with `threads` Numba threads each (default
+    1), results yielded as they finish."""
+    n = len(tasks)
+    if jobs <= 1 or n <= 1:
+        for i, (key, plan, kind, k) in enumerate(tasks):
+            st = build_stage(plan, kind, k)
+            validate(st.trace, cfg, where=where)
+            yield key, checked_stage(key, simulate(st.trace)), st.anchor
+            if done:
+                done(i + 1, n)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=min(jobs, n), mp_context=ctx) as pool:
+        futures = [pool.submit(_simulate_task, t, cfg, threads or 1, where) for t in tasks]
+        try:
+            for i, f in enumerate(cf.as_completed(futures)):
+                yield f.result()
+                if done:
+                    done(i + 1, n)
+        finally:
+            for f in futures:
+                f.cancel()
