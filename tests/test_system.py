@@ -15,7 +15,7 @@ from wse.system.config import load_system
 from wse.system.link import Link, LinkLedger
 from wse.system.wafers import (balanced, fewest_wafers, pipeline_point, run_decode, split_layers, wafer_plans)
 from wse.workload.decode import compose, full_trace, plan_model
-from wse.workload.layer import DecodeParams
+from wse.workload.layer import DecodeParams, moe_experts
 from wse.workload.models import load_model
 
 PARAMS = DecodeParams(batch=2, context=12)
@@ -193,9 +193,27 @@ def test_system_command_with_expert_regions_over_wafers(tmp_path):
                                  "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "expert region" in r.output
+    assert "idle expert region" in r.output and "expert region running 1" in r.output
     with h5py.File(out) as f:
         assert f["wafers/expert_regions"][()].sum() >= 4
         assert (f["wafers/slot_columns"][()] == f["wafers/slot_rows"][()]).all()  # square slots
+        reg = {k: f["regions"][k][()] for k in f["regions"]}
+        kinds = [k.decode() if isinstance(k, bytes) else k for k in reg["kind"]]
+        wafer_cycles = f["wafers/cycles"][()]
+    # the regions table: every region of every wafer, hold times adding up to each wafer's step
+    spec = load_model("tiny-moe")
+    for w, cycles in enumerate(wafer_cycles):
+        rows = reg["wafer"] == w
+        assert list(reg["position"][rows]) == list(range(rows.sum()))
+        assert reg["cycles"][rows].sum() == cycles
+    experts = [i for i, k in enumerate(kinds) if k == "experts"]
+    # every routed expert lives in exactly one region of at most 2 (cut where a wafer ends)
+    assert sum(reg["experts"]) == spec.moe.experts * spec.layers and (reg["experts"][experts] <= 2).all()
+    for i in experts:  # batch 1, uniform choice: layer L runs experts L .. L+k-1 (mod E)
+        chosen = moe_experts(spec, int(reg["layer"][i]), 1)
+        e0, n = int(reg["first_expert"][i]), int(reg["experts"][i])
+        assert reg["experts_run"][i] == sum(e0 <= e < e0 + n for e in chosen if e < spec.moe.experts)
+    assert sum(reg["experts_run"][experts]) == spec.moe.experts_per_token * spec.layers
 
 
 @pytest.mark.parametrize("args, msg", [

@@ -105,11 +105,26 @@ def format_rows(job: SystemJob) -> str:
     if d.wafers > 1:
         lines.append(f"links: up to {max(d.link_bytes):,} B per token each, {d.link_seconds * 1e6:.2f} us per "
                      f"transfer on average")
+    lines.append("regions (cycles each holds the token; share of all region cycles):")
+    total = sum(s.cycles for s in d.steps)
+    for label, cycles in region_breakdown(d).items():
+        lines.append(f"  {label}: {len(cycles)} x {min(cycles):,}-{max(cycles):,}, mean {sum(cycles) / len(cycles):,.0f};"
+                     f" {100 * sum(cycles) / total:.0f}%")
     return "\n".join(lines)
 
 
+def region_breakdown(d: SystemDecode) -> dict[str, list[int]]:
+    """Each region class (RegionInfo.label) -> the hold times of its regions, over all wafers."""
+    out: dict[str, list[int]] = {}
+    for s in d.steps:
+        for info, c in zip(s.regions, s.region_cycles):
+            out.setdefault(info.label, []).append(c)
+    return dict(sorted(out.items(), key=lambda kv: -sum(kv[1])))
+
+
 def tables(job: SystemJob) -> dict[str, dict[str, np.ndarray]]:
-    """Columnar tables for the run file: the side-by-side table, the wafers, both curves."""
+    """Columnar tables for the run file: the side-by-side table, the wafers, their regions, both
+    curves."""
     d = job.decode
 
     def text(v: Any) -> str:
@@ -130,6 +145,15 @@ def tables(job: SystemJob) -> dict[str, dict[str, np.ndarray]]:
                    "sram_bytes": np.array([s.sram_bytes for s in d.steps], dtype=np.int64),
                    "wavelet_hops": np.array([s.wavelet_hops for s in d.steps], dtype=np.int64),
                    "link_bytes_out": np.array(d.link_bytes + [0], dtype=np.int64)},
+        "regions": {"wafer": np.array([s.wafer for s in d.steps for _ in s.regions], dtype=np.int64),
+                    "position": np.array([i for s in d.steps for i in range(len(s.regions))], dtype=np.int64),
+                    "kind": np.array([r.kind for s in d.steps for r in s.regions], dtype=object),
+                    "layer": np.array([r.layer for s in d.steps for r in s.regions], dtype=np.int64),
+                    "first_expert": np.array([r.experts[0] for s in d.steps for r in s.regions], dtype=np.int64),
+                    "experts": np.array([r.experts[1] - r.experts[0] for s in d.steps for r in s.regions],
+                                        dtype=np.int64),
+                    "experts_run": np.array([r.experts_run for s in d.steps for r in s.regions], dtype=np.int64),
+                    "cycles": np.array([c for s in d.steps for c in s.region_cycles], dtype=np.int64)},
         "curve_wafer": {"in_flight": np.array([p.in_flight for p in d.curve], dtype=np.int64),
                         "tokens_per_s_per_user": np.array([p.tokens_per_s_per_user for p in d.curve]),
                         "tokens_per_s": np.array([p.tokens_per_s for p in d.curve]),

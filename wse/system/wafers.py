@@ -162,6 +162,38 @@ class WaferStep:
     simulations: int
     extra_in_flight: int  # more micro-batches whose KV caches fit beside every layer region's data
     expert_regions: int = 0  # slots holding routed experts
+    regions: list[RegionInfo] = dataclasses.field(default_factory=list)  # per region, with region_cycles
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionInfo:
+    """What one region of a wafer's chain holds."""
+
+    kind: str  # embedding, layer, experts or lm_head
+    layer: int  # -1 for the embedding and the LM head
+    experts: tuple[int, int] = (0, 0)  # routed experts [first, last) of an expert region
+    experts_run: int = 0  # of them, experts the batch chose this step
+
+    @property
+    def label(self) -> str:
+        """The class a breakdown groups it in."""
+        if self.kind == "experts":
+            return f"expert region running {self.experts_run}" if self.experts_run else "idle expert region"
+        return f"{self.kind} region"
+
+
+def region_infos(plan: ModelPlan) -> list[RegionInfo]:
+    """The regions of a wafer plan, in chain order."""
+    from ..workload.layer import moe_experts
+    out = []
+    for slot in plan.slots:
+        if slot.kind == "experts":
+            e0, e1 = slot.experts
+            use = moe_experts(plan.spec, slot.index, plan.params.batch, plan.params.expert_skew)
+            out.append(RegionInfo("experts", slot.index, (e0, e1), sum(e0 <= e < e1 for e in use)))
+        else:
+            out.append(RegionInfo(slot.kind, slot.index if slot.kind == "layer" else -1))
+    return out
 
 
 @dataclasses.dataclass
@@ -256,7 +288,7 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
         steps.append(WaferStep(
             w, g, plan.embed, plan.head, plan.P, plan.Q, d.total_cycles, _region_cycles(d), d.total("flops"),
             d.total("sram_read_bytes") + d.total("sram_write_bytes"), d.link_total("wavelets"),
-            first[w], _extra_in_flight(plan), sum(s.kind == "experts" for s in plan.slots)))
+            first[w], _extra_in_flight(plan), sum(s.kind == "experts" for s in plan.slots), region_infos(plan)))
     link = Link(system.link_bytes_per_s, system.link_latency_s)
     ledger = LinkLedger(wafers, link)
     sizes = [crossing_bytes(spec, params, plans[w + 1]) for w in range(wafers - 1)]
