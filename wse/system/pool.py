@@ -37,13 +37,19 @@ def distinct_tasks(plans: list[ModelPlan], known: set | dict = ()) -> tuple[list
     return tasks, first
 
 
-def _simulate_task(task: Task, cfg: WaferConfig, threads: int | None, where: str) -> tuple[tuple, object, object]:
-    """Worker side: build, validate and simulate one stage."""
-    from ..engine.run import simulate
+def _run_task(task: Task, cfg: WaferConfig, simulate: Callable[[Trace], object], where: str
+              ) -> tuple[tuple, object, object]:
+    """Build, validate and simulate one stage: (key, result, anchor)."""
     key, plan, kind, k = task
     st = build_stage(plan, kind, k)
     validate(st.trace, cfg, where=where)
-    return key, checked_stage(key, simulate(st.trace, cfg, threads=threads, validated=True)), st.anchor
+    return key, checked_stage(key, simulate(st.trace)), st.anchor
+
+
+def _simulate_task(task: Task, cfg: WaferConfig, threads: int | None, where: str) -> tuple[tuple, object, object]:
+    """Worker side: one stage on the engine with `threads` Numba threads."""
+    from ..engine.run import simulate
+    return _run_task(task, cfg, lambda t: simulate(t, cfg, threads=threads, validated=True), where)
 
 
 def run_tasks(tasks: list[Task], cfg: WaferConfig, simulate: Callable[[Trace], object], where: str,
@@ -54,10 +60,8 @@ def run_tasks(tasks: list[Task], cfg: WaferConfig, simulate: Callable[[Trace], o
     1), results yielded as they finish."""
     n = len(tasks)
     if jobs <= 1 or n <= 1:
-        for i, (key, plan, kind, k) in enumerate(tasks):
-            st = build_stage(plan, kind, k)
-            validate(st.trace, cfg, where=where)
-            yield key, checked_stage(key, simulate(st.trace)), st.anchor
+        for i, task in enumerate(tasks):
+            yield _run_task(task, cfg, simulate, where)
             if done:
                 done(i + 1, n)
         return

@@ -184,13 +184,12 @@ class RegionInfo:
 
 def region_infos(plan: ModelPlan) -> list[RegionInfo]:
     """The regions of a wafer plan, in chain order."""
-    from ..workload.layer import moe_experts
+    from ..workload.layer import chosen_experts
     out = []
     for slot in plan.slots:
         if slot.kind == "experts":
-            e0, e1 = slot.experts
-            use = moe_experts(plan.spec, slot.index, plan.params.batch, plan.params.expert_skew)
-            out.append(RegionInfo("experts", slot.index, (e0, e1), sum(e0 <= e < e1 for e in use)))
+            run = len(chosen_experts(plan.spec, slot.index, slot.experts, plan.params))
+            out.append(RegionInfo("experts", slot.index, slot.experts, run))
         else:
             out.append(RegionInfo(slot.kind, slot.index if slot.kind == "layer" else -1))
     return out

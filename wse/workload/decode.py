@@ -585,15 +585,16 @@ def compose(plan: ModelPlan, simulate: Callable[[Trace], object],
         r, (x, y) = store[key]
         return int(r.pe("finish_cycle")[y, x])
 
-    n = len(plan.slots)
-    a0 = key_A0(plan)
+    a0 = listed[0][0]
+    S = [key for key, kind, _ in listed if kind == "S"]
+    B = [key for key, kind, _ in listed if kind == "B"]
     # every region's work once: A0, then each S_k less its B_k (region k's barrier twice)
     terms = [(1, a0)] + [(1 if kind == "S" else -1, key) for key, kind, _ in listed[1:]]
-    if n == 1:  # one region (a wafer holding one layer): it runs alone
-        return DecodeResult(cache[a0].total_cycles, [], {k: v.total_cycles for k, v in cache.items()}, ran, cache,
-                            terms)
+    stage_cycles = {k: r.total_cycles for k, r in cache.items()}
+    if not S:  # one region (a wafer holding one layer): it runs alone
+        return DecodeResult(cache[a0].total_cycles, [], stage_cycles, ran, cache, terms)
     anchors = [finish(a0)]
-    for k in range(n - 2):
-        anchors.append(anchors[-1] + finish(key_S(plan, k)) - finish(key_B(plan, k)))
-    total = anchors[-1] + cache[key_S(plan, n - 2)].total_cycles - finish(key_B(plan, n - 2))
-    return DecodeResult(total, anchors, {k: r.total_cycles for k, r in cache.items()}, ran, cache, terms)
+    for s_k, b_k in zip(S[:-1], B[:-1]):
+        anchors.append(anchors[-1] + finish(s_k) - finish(b_k))
+    total = anchors[-1] + cache[S[-1]].total_cycles - finish(B[-1])
+    return DecodeResult(total, anchors, stage_cycles, ran, cache, terms)

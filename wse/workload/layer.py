@@ -660,9 +660,15 @@ class ExpertPlan:
 
     def local_experts(self) -> dict[int, int]:
         """Experts this region computes (index of its tile copy -> sequences using it)."""
-        e0, e1 = self.experts
-        use = moe_experts(self.spec, self.layer, self.params.batch, self.params.expert_skew)
-        return {e - e0: u for e, u in use.items() if e0 <= e < e1}
+        return chosen_experts(self.spec, self.layer, self.experts, self.params)
+
+
+def chosen_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], params: DecodeParams) -> dict[int, int]:
+    """Of routed experts [first, last) of a MoE layer, those the batch chose this step
+    (index from first -> sequences using it)."""
+    e0, e1 = experts
+    use = moe_experts(spec, layer, params.batch, params.expert_skew)
+    return {e - e0: u for e, u in use.items() if e0 <= e < e1}
 
 
 def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, cfg, params: DecodeParams,

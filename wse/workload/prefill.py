@@ -178,9 +178,8 @@ def kernel_traces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, algo: 
     H, S = spec.hidden_size, prompt
     ffn = ffn_width(spec)
     if spec.mla:  # the latent form without weight absorption: keys and values are materialized
-        m = spec.mla
-        latent = m.kv_lora_rank + m.qk_rope_head_dim
-        shapes = {"q_kv_a": (S, H, (m.q_lora_rank or spec.q_size) + latent, True, False)}
+        m = spec.mla  # (the KV latent plus the shared RoPE key: what the cache holds per token)
+        shapes = {"q_kv_a": (S, H, (m.q_lora_rank or spec.q_size) + spec.kv_cache_width, True, False)}
         if m.q_lora_rank:
             shapes["q_b"] = (S, m.q_lora_rank, spec.q_size, True, False)
         shapes["kv_b"] = (S, m.kv_lora_rank, spec.heads * (m.qk_nope_head_dim + m.v_head_dim), True, False)
