@@ -12,7 +12,9 @@ from wse.errors import WseError
 from wse.system.config import load_system
 from wse.system.wafers import run_decode
 from wse.workload.decode import chain_elements, compose, full_trace, plan_model, region_key
-from wse.workload.layer import DecodeParams, experts_flops, moe_experts, plan_experts
+from wse.workload.experts import experts_flops, plan_experts
+from wse.workload.ffn import moe_experts
+from wse.workload.params import DecodeParams
 from wse.workload.models import load_model
 
 
@@ -137,7 +139,8 @@ def test_expert_regions_running_different_experts_alike_share_a_simulation(small
     number of sequences simulate alike, counter for counter, and share a key."""
     from engine_compare import assert_same
     from wse.workload.decode import bank_period
-    from wse.workload.layer import Lanes, decode_experts
+    from wse.workload.experts import decode_experts
+    from wse.workload.region import Lanes
     from wse.workload.mesh import MeshBuilder, Region
     spec = load_model("tiny-moe")
     params = DecodeParams(batch=1, moe_mapping="regions", experts_per_region=4)

@@ -140,7 +140,7 @@ def test_decode_stage_matches_dense(model, threads):
     """A decode layer stage of a small model: kernels of every kind, skipping against dense."""
     from wse import hardware
     from wse.workload.decode import plan_model, stage_S
-    from wse.workload.layer import DecodeParams
+    from wse.workload.params import DecodeParams
     from wse.workload.models import load_model
     small = hardware.load_preset("small")
     plan = plan_model(load_model(model), small, DecodeParams(batch=2, context=12), P=16)

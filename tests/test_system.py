@@ -15,7 +15,8 @@ from wse.system.config import load_system
 from wse.system.link import Link, LinkLedger
 from wse.system.wafers import (balanced, fewest_wafers, pipeline_point, run_decode, split_layers, wafer_plans)
 from wse.workload.decode import compose, full_trace, plan_model
-from wse.workload.layer import DecodeParams, moe_experts
+from wse.workload.ffn import moe_experts
+from wse.workload.params import DecodeParams
 from wse.workload.models import load_model
 
 PARAMS = DecodeParams(batch=2, context=12)
@@ -240,7 +241,7 @@ def test_hardware_presets_list_only_wafers():
 
 
 def test_expert_choice_is_uniform_by_default_and_skew_concentrates_it():
-    from wse.workload.layer import moe_experts
+    from wse.workload.ffn import moe_experts
     spec = load_model("mixtral-8x7b")
     k = spec.moe.experts_per_token
     uniform = moe_experts(spec, 3, 16)

@@ -13,7 +13,7 @@ from wse.workload.collectives import default_groups
 from wse.workload.decode import compose, full_trace, plan_model
 from wse.workload.gemm import ALGOS, standalone as gemm
 from wse.workload.kernels import allreduce, attention
-from wse.workload.layer import DecodeParams
+from wse.workload.params import DecodeParams
 from wse.workload.models import load_model
 from wse.workload.plan import FitError
 from wse.trace import validate

@@ -93,7 +93,7 @@ def _plan(model: str, wafer: str, context: int, share: bool):
     fewest wafers that hold it (system/wafers.py): a middle wafer's layers when there is one."""
     from . import hardware
     from .workload.decode import plan_model
-    from .workload.layer import DecodeParams
+    from .workload.params import DecodeParams
     from .workload.models import load_model
     cfg = hardware.load_preset(wafer)
     spec = load_model(model)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..trace import Trace
-from ..workload.layer import DecodeParams
+from ..workload.params import DecodeParams
 from ..workload.models import load_model
 from .config import SystemConfig
 from .gpu import GpuResult, curve, gpu_decode, gpu_prefill, load_gpu

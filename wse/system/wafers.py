@@ -26,7 +26,7 @@ from ..errors import WseError
 from ..trace import Trace
 from ..workload.decode import (ELEM, ModelPlan, bytes_needed, compose, model_units, plan_model, plan_units,
                                region_key, unit_bytes, _table_bytes)
-from ..workload.layer import DecodeParams
+from ..workload.params import DecodeParams
 from ..workload.models import ModelSpec
 from ..workload.plan import FitError, usable_sram
 from .config import SystemConfig
@@ -184,7 +184,7 @@ class RegionInfo:
 
 def region_infos(plan: ModelPlan) -> list[RegionInfo]:
     """The regions of a wafer plan, in chain order."""
-    from ..workload.layer import chosen_experts
+    from ..workload.ffn import chosen_experts
     out = []
     for slot in plan.slots:
         if slot.kind == "experts":

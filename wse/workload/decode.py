@@ -27,9 +27,12 @@ from typing import Callable
 from ..errors import WseError
 from ..hardware import WaferConfig
 from ..trace import Trace
-from .layer import (DecodeParams, Lanes, LayerPlan, RegionBuild, decode_experts, decode_layer, dispatch_parts,
-                    embedding, embedding_memory, lm_head, lm_memory, moe_experts, most_experts, most_rows,
-                    plan_experts, plan_layer, token_column)
+from .experts import decode_experts, dispatch_parts, most_experts, plan_experts
+from .ffn import moe_experts
+from .layer import LayerPlan, decode_layer, most_rows, plan_layer
+from .params import DecodeParams
+from .region import Lanes, RegionBuild
+from .tables import embedding, embedding_memory, lm_head, lm_memory, token_column
 from .mesh import ALIGN_BYTES, X, Y, MeshBuilder, Region, split, split_ranges
 from .models import ModelSpec
 from .placement import (PlacementError, Slot, add_lane_routes, direction, lane_sources, lane_targets,
@@ -466,7 +469,7 @@ def stage_A0(plan: ModelPlan) -> StageTrace:
 
 def stage_B(plan: ModelPlan, k: int) -> StageTrace:
     """Region k running only its hand-off barrier."""
-    from .layer import handoff, reducers, THREADS
+    from .region import handoff, reducers, THREADS
     from .mesh import RegionProgram
     s = plan.slots[k]
     ox, oy, w, h = _sub(plan, [s])
@@ -484,7 +487,7 @@ def stage_B(plan: ModelPlan, k: int) -> StageTrace:
 
 def stage_S(plan: ModelPlan, k: int) -> StageTrace:
     """Region k's barrier and lane sends into region k+1's whole program (no onward sends)."""
-    from .layer import handoff, reducers, THREADS, _merge
+    from .region import handoff, reducers, THREADS, merge
     from .mesh import RegionProgram
     a, nxt = plan.slots[k], plan.slots[k + 1]
     ox, oy, w, h = _sub(plan, [a, nxt])
@@ -510,7 +513,7 @@ def stage_S(plan: ModelPlan, k: int) -> StageTrace:
             hi = chunks[sp["out"]]
             parts = dispatch_parts(plan.spec, hi, B, {"xn": SEND_FROM, "h": SEND_FROM, "gates": SEND_FROM}) \
                 if dispatch else [(hi * B, SEND_FROM)]
-            _merge(out, lanes_a.send_parts(sp, parts))
+            merge(out, lanes_a.send_parts(sp, parts))
         return {t: [op._replace(tag=t_hand) for op in ops] for t, ops in out.items()}
 
     prog.add(body)

@@ -133,7 +133,7 @@ def model_trace(name: str, cfg: WaferConfig, phase: str = "decode", **kw) -> tup
 
 def _model_plan(name: str, cfg: WaferConfig, phase: str, **kw):
     from .decode import plan_model
-    from .layer import DecodeParams
+    from .params import DecodeParams
     from .models import load_model
     spec = load_model(name)
     region = kw.get("region")

@@ -6,7 +6,9 @@ import dataclasses
 from ..errors import WseError
 from ..hardware import WaferConfig
 from ..trace import Trace
-from .layer import DecodeParams, Lanes, decode_layer, plan_layer, reducers
+from .layer import decode_layer, plan_layer
+from .params import DecodeParams
+from .region import Lanes, reducers
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, tagged
 from .models import ModelSpec
 from .plan import fit_check

@@ -22,7 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..trace import Op, compute, recv, send
+from .gemv import ELEM, gemv_ops
 from .mesh import split
+from .plan import DIAG_BCAST
+from .region import FMAC, MOV, MUL, SCALE, Ops, merge
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,3 +111,84 @@ def mla_split(spec, P: int, Q: int | None = None) -> MlaSplit:
         o0 = o1
     return MlaSplit(P, heads, split(m.q_lora_rank, Q), c_r, v_r, rope_lo, r_r, qn_r, nope_runs, pe_runs, oh_r,
                     oh_runs)
+
+
+def mla_project_ops(ctx, i: int, ja: int, xm: tuple, ym: tuple, xrole: tuple, yrole: tuple) -> Ops:
+    """Latent attention's projections on PE (i, row ja's class): q_a | c, their norms, RoPE on
+    k_pe, q, RoPE on q_pe, and the absorbed query q_abs over the row's cache dims (`ctx` is
+    the layer's LayerCtx)."""
+    plan, rx, ry = ctx.plan, ctx.rx, ctx.ry
+    ms, S, b_, B = plan.mla, plan.shapes, plan.buf, plan.params.batch
+    xn, qkv, tmp, dot = b_["xn"], b_["qkv"], b_["tmp"], b_["dot"]
+    hstride = max(plan.Hc) * ELEM
+    iq, qn, nope_runs, pe_runs = xm[:4]
+    jqa, qa, c, v, rope_lo, r = ym[:6]
+    ast, qst, cst = max(plan.qkv_r) * ELEM, max(ms.qn_r) * ELEM, max(plan.q_r) * ELEM
+    aj = plan.qkv_r[ja]
+    out = {0: gemv_ops(S["a"], i, ja, xn, qkv, B, hstride, ast)}
+    merge(out, rx.role_ops(xrole, aj * B, qkv, tmp))
+    # RMSNorm of q_a and of c_kv: sums of squares, one column all-reduce for both
+    for b in range(B):
+        out[0].append(compute(FMAC, qa, dst=dot, src0=qkv + b * ast))
+        if v:
+            out[0].append(compute(FMAC, v, dst=dot, src0=qkv + b * ast + qa * ELEM))
+    merge(out, ry.role_ops(yrole, 2 * B, b_["scal"], tmp))
+    out[0].append(compute(SCALE, (qa + v) * B, dst=qkv, src0=qkv))
+    for b in range(B):
+        out[0].append(compute(MUL, qa, dst=qkv + b * ast, src0=qkv + b * ast, src1=b_["g_qa"]))
+        if v:
+            out[0].append(compute(MUL, v, dst=qkv + b * ast + qa * ELEM, src0=qkv + b * ast + qa * ELEM,
+                                  src1=b_["g_kv"]))
+    if r:  # RoPE on the row's k_pe dims
+        out[0] += [compute(MUL, r * B, dst=qkv, src0=qkv, src1=dot), compute(FMAC, r * B, dst=qkv, src0=dot)]
+    # q = q_a . W_qb (reduce Y): column chunks of every head's nope | rope dims
+    out[0] += gemv_ops(S["qb"], jqa, iq, qkv, b_["q"], B, ast, qst)
+    merge(out, ry.role_ops(yrole, qn * B, b_["q"], tmp))
+    pe = qn - sum(n for _, _, n in nope_runs)
+    if pe:  # RoPE on the column's q_pe dims
+        out[0] += [compute(MUL, pe * B, dst=b_["q"], src0=b_["q"], src1=dot),
+                   compute(FMAC, pe * B, dst=b_["q"], src0=dot)]
+    # q_abs = [q_nope . W_uk^T | q_pe] on the row's cache dims (reduce X)
+    qa_ = b_["qabs"]
+    for b in range(B):
+        row = 0
+        for hd, pos, n in nope_runs:
+            for t in range(n):
+                if v:
+                    out[0].append(compute(FMAC, v, dst=qa_ + b * cst + hd * c * ELEM,
+                                          src0=S["uk"].weights + row * S["uk"].pitch,
+                                          src1=b_["q"] + b * qst + (pos + t) * ELEM))
+                row += 1
+        for hd, off, n, pos in pe_moves(pe_runs, rope_lo, r, v):
+            out[0].append(compute(MOV, n, dst=qa_ + b * cst + (hd * c + off) * ELEM,
+                                  src0=b_["q"] + b * qst + pos * ELEM))
+    return merge(out, rx.role_ops(xrole, plan.spec.heads * c * B, qa_, tmp))
+
+
+def mla_output_ops(ctx, i: int, jo: int, xm: tuple, ym: tuple, xrole: tuple, yrole: tuple, sp: dict) -> Ops:
+    """o = o_lat . W_uv (reduce Y), out = o . W_o (reduce X), transposed back to column layout
+    by a broadcast from the diagonal; leaves the column's chunk in y."""
+    plan, rx, ry = ctx.plan, ctx.rx, ctx.ry
+    ms, S, b_, B = plan.mla, plan.shapes, plan.buf, plan.params.batch
+    att, yb, tmp = b_["att"], b_["y"], b_["tmp"]
+    hstride = max(plan.Hc) * ELEM
+    io, ohn, oh_runs = xm[4:7]
+    v, jh, hj_ = ym[3], ym[6], ym[7]
+    ost, ohs = max(plan.o_r) * ELEM, max(ms.oh_r) * ELEM
+    ops: list[Op] = []
+    for b in range(B):
+        for cc in range(v):
+            for hd, pos, n in oh_runs:
+                ops.append(compute(FMAC, n, dst=b_["oh"] + b * ohs + pos * ELEM,
+                                   src0=S["uv"].weights + cc * S["uv"].pitch + pos * ELEM,
+                                   src1=att + b * ost + (hd * v + cc) * ELEM))
+    out = {0: ops}
+    merge(out, ry.role_ops(yrole, ohn * B, b_["oh"], tmp))
+    out[0] += gemv_ops(S["o"], io, jh, b_["oh"], yb, B, ohs, hstride)
+    merge(out, rx.role_ops(xrole, hj_ * B, yb, tmp))
+    if plan.Q > 1:
+        if "diag" in sp:
+            out[0].append(send(DIAG_BCAST, hj_ * B, yb))
+        else:
+            out[0].append(recv(DIAG_BCAST, plan.Hc[i] * B, yb))
+    return out

@@ -32,7 +32,8 @@ from ..hardware import WaferConfig
 from ..trace import Trace, compute
 from .gemm import standalone as gemm_trace
 from .gemv import standalone as gemv_trace
-from .layer import EXP_FMACS, SILU_FMACS, DecodeParams, reducers
+from .params import DecodeParams
+from .region import EXP_FMACS, SILU_FMACS, reducers
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split, tagged
 from .models import ModelSpec
 from .plan import fit_check

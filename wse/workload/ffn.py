@@ -1,0 +1,107 @@
+"""Feed-forward blocks of a decode step: the gated FFN on a region, the MoE router and top-k,
+and which routed experts a batch chooses (docs/workloads.md).
+
+The gated FFN reads the FFN input from column layout: gate/up reduce along X (outputs split
+over rows), SiLU . up on the rows, down reduces along Y back to column layout. A MoE layer runs
+the router GEMV, a top-k (k max passes plus an all-reduce of the k winners), and each chosen
+expert's FFN over the sequences routed to it, adding its gate-weighted output into the
+residual stream.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import WseError
+from ..trace import compute
+from .gemv import ELEM, GemvShape, gemv_ops
+from .mesh import X, Y
+from .models import ModelSpec
+from .params import DecodeParams
+from .region import ADD, FMAC, MAX, MUL, SILU_FMACS, Ops, merge
+
+
+def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, buf: dict[str, int], i: int,
+            j: int, xrole: tuple, yrole: tuple, expert: int, batch: int) -> Ops:
+    """Gated FFN of PE (i, j) on `batch` sequences: gate/up (reduce X), SiLU * up, down (reduce Y).
+
+    Reads xn, leaves the output chunk in y; `expert` selects the expert's copy of the tiles.
+    """
+    s_gu = dataclasses.replace(S["gate_up"], weights=S["gate_up"].weights + expert * S["gate_up"].tile_bytes())
+    s_dn = dataclasses.replace(S["down"], weights=S["down"].weights + expert * S["down"].tile_bytes())
+    gu, yb, dot, tmp = buf["gu"], buf["y"], buf["dot"], buf["tmp"]
+    fj = f_r[j]
+    out = {0: gemv_ops(s_gu, i, j, buf["xn"], gu, batch, max(Hc) * ELEM, 2 * max(f_r) * ELEM)}
+    merge(out, red[X].role_ops(xrole, 2 * fj * batch, gu, tmp))
+    act = fj * batch
+    if act:  # (a row with no FFN dims when there are more rows than FFN dims)
+        out[0] += [compute(FMAC, act, dst=gu, src0=dot) for _ in range(SILU_FMACS)]
+        out[0].append(compute(MUL, act, dst=gu, src0=gu, src1=dot))
+    out[0] += gemv_ops(s_dn, j, i, gu, yb, batch, max(f_r) * ELEM, max(Hc) * ELEM)
+    return merge(out, red[Y].role_ops(yrole, Hc[i] * batch, yb, tmp))
+
+
+def moe_ffn_ops(ctx, i: int, jf: int, je: int, xrole: tuple, yrole: tuple) -> Ops:
+    """A MoE layer's FFN on a layer region: router GEMV (reduce X), router bias, top-k (k max
+    passes over the row's logits, merged down the columns), then each expert this region
+    computes, its gate-weighted output added into the residual stream (`ctx`: LayerCtx)."""
+    plan, rx, ry = ctx.plan, ctx.rx, ctx.ry
+    spec, b_, B, S = plan.spec, plan.buf, plan.params.batch, plan.shapes
+    m = spec.moe
+    e_r, Hc = plan.e_r, plan.Hc
+    xn, qkv, tmp, dot, h, yb = b_["xn"], b_["qkv"], b_["tmp"], b_["dot"], b_["h"], b_["y"]
+    hstride = max(Hc) * ELEM
+    ej = e_r[je]
+    out = {0: gemv_ops(S["router"], i, je, xn, qkv, B, hstride, max(e_r) * ELEM)}
+    merge(out, rx.role_ops(xrole, ej * B, qkv, tmp))
+    if "b_router" in b_ and ej:
+        out[0] += [compute(ADD, ej, dst=qkv + b * max(e_r) * ELEM, src0=qkv + b * max(e_r) * ELEM,
+                           src1=b_["b_router"]) for b in range(B)]
+    if ej:  # top-k: k max passes over the row's logits, merged down the columns
+        out[0] += [compute(MAX, ej * B, dst=qkv, src0=qkv, src1=dot) for _ in range(m.experts_per_token)]
+    merge(out, ry.role_ops(yrole, m.experts_per_token * B, b_.get("gates", b_["scal"]), tmp, MAX))
+    for e, users in plan.local_experts().items():
+        merge(out, ffn_ops(S, plan.f_r, Hc, ctx.red, b_, i, jf, xrole, yrole, e, users))
+        out[0].append(compute(FMAC, Hc[i] * users, dst=h, src0=yb))  # gate-weighted sum into h
+    return out
+
+
+def moe_experts(spec: ModelSpec, layer: int, batch: int, skew: float = 0.0) -> dict[int, int]:
+    """Experts computed in a MoE layer's decode step -> how many sequences use each.
+
+    skew = 0 (default): uniform and deterministic, sequence b uses experts (b*k + layer + i)
+    mod E, i < k, so a batch spreads over the experts evenly. skew = s > 0: expert popularity
+    follows a Zipf law, the r-th most popular expert of the layer (a fixed per-layer order)
+    drawing weight 1 / (r + 1)^s; each sequence picks k distinct experts by weighted sampling
+    without replacement from a generator seeded by (layer, sequence), so runs are reproducible.
+    Shared experts serve every sequence.
+    """
+    m = spec.moe
+    assert m
+    if skew < 0:
+        raise WseError(f"--expert-skew {skew} must be at least 0")
+    use: dict[int, int] = {}
+    if skew == 0:
+        for b in range(batch):
+            for i in range(m.experts_per_token):
+                e = (b * m.experts_per_token + layer + i) % m.experts
+                use[e] = use.get(e, 0) + 1
+    else:
+        import numpy as np
+        order = np.random.default_rng([layer, 7919]).permutation(m.experts)
+        weight = np.empty(m.experts)
+        weight[order] = 1.0 / np.arange(1, m.experts + 1) ** skew
+        for b in range(batch):
+            rng = np.random.default_rng([layer, b, 104729])
+            for e in rng.choice(m.experts, size=m.experts_per_token, replace=False, p=weight / weight.sum()):
+                use[int(e)] = use.get(int(e), 0) + 1
+    for s in range(m.shared_experts):
+        use[m.experts + s] = batch
+    return dict(sorted(use.items()))
+
+
+def chosen_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], params: DecodeParams) -> dict[int, int]:
+    """Of routed experts [first, last) of a MoE layer, those the batch chose this step
+    (index from first -> sequences using it)."""
+    e0, e1 = experts
+    use = moe_experts(spec, layer, params.batch, params.expert_skew)
+    return {e - e0: u for e, u in use.items() if e0 <= e < e1}

@@ -1,0 +1,31 @@
+"""Decode-step parameters shared by every region generator: batch, context, mapping choices."""
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import WseError
+
+MOE_MAPPINGS = ("auto", "local", "regions")
+SLOT_SHAPES = ("square", "tall")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeParams:
+    batch: int = 1
+    context: int = 128  # cached tokens attended to, the current one included
+    token: int = 1  # token id looked up in the embedding (all sequences of a batch: adjacent ids)
+    algo: str = "two-level"  # all-reduce algorithm: two-level or chain
+    groups: int | None = None  # two-level group count (default: divisor of P nearest sqrt P)
+    expert_skew: float = 0.0  # MoE expert choice: 0 uniform, s > 0 Zipf-skewed popularity (ffn.moe_experts)
+    moe_mapping: str = "auto"  # routed experts: "local" (in the layer region), "regions" (expert regions), "auto"
+    experts_per_region: int = 0  # expert regions hold at most this many routed experts (0: as many as fit)
+    slot_shape: str = "tall"  # layer and expert slots: "tall" (P x Q, Q >= P, the largest area) or "square"
+    uniform_slots: bool = False  # a multi-wafer system: every wafer on one slot shape (system/wafers.py)
+
+    def __post_init__(self) -> None:
+        if self.moe_mapping not in MOE_MAPPINGS:
+            raise WseError(f"--moe-mapping {self.moe_mapping!r} is not one of {', '.join(MOE_MAPPINGS)}")
+        if self.slot_shape not in SLOT_SHAPES:
+            raise WseError(f"--slot-shape {self.slot_shape!r} is not one of {', '.join(SLOT_SHAPES)}")
+        if self.experts_per_region < 0:
+            raise WseError(f"--experts-per-region {self.experts_per_region} must be at least 0")

@@ -1,0 +1,166 @@
+"""What every region program of a decode step shares: bank groups, threads, the region's
+all-reduces, the hand-off barrier, the input and output lanes, and what a generator returns.
+
+A region receives its input at one PE per lane (lane d carries hidden chunk d) and hands its
+output on at one PE per lane after a hand-off barrier: a region-wide all-reduce of one element
+whose single anchor PE (the root of the column all-reduce nested at the row all-reduces' root
+column) makes everything after it a pure time shift of the anchor's send. That is what lets a
+token's stages compose exactly (decode.py).
+
+Operand placement avoids SRAM bank conflicts the way a compiler would: weights in bank group 0,
+a dot-product scratch in group 1, GEMV outputs in group 2, the residual stream and caches in
+group 3 (byte offsets 0, 2, 4, 6 from 16-byte boundaries).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .. import isa
+from ..errors import WseError
+from ..trace import Op, recv, send
+from .collectives import LineAllReduce, LineBroadcast, ReduceColors
+from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram
+from .params import DecodeParams
+from .plan import DIAG_BCAST, REDUCE_BASE
+
+FP16 = isa.DTYPE_FP16
+MUL, ADD, FMAC, MAX, MOV, SCALE = (isa.KIND_MUL, isa.KIND_ADD, isa.KIND_FMAC, isa.KIND_MAX, isa.KIND_MOV,
+                                   isa.KIND_SCALE)
+# Elementwise functions without a SIMD instruction, as vector FMACs per element [assumption]:
+EXP_FMACS = 4  # exp by range reduction and a polynomial
+SILU_FMACS = 4  # x * sigmoid(x): the exp plus the reciprocal folded in
+SOFTMAX_FLOPS = 1 + 1 + 2 * EXP_FMACS + 2 + 1  # max, subtract, exp, sum, scale per element
+SILU_MUL_FLOPS = 2 * SILU_FMACS + 1  # SiLU(gate) * up per element
+G0, G1, G2, G3 = 0, 2, 4, 6  # byte offsets selecting bank groups 0..3
+# semaphores (0 is the all-reduce's)
+SEM_KV_READY, SEM_KV_RECEIVED, SEM_KV_SENT = 1, 2, 3
+THREADS = 4  # 0 main, 1 all-reduce upper-side receives, 2 KV shift send, 3 KV shift receive
+
+Ops = dict[int, list[Op]]  # thread -> ops
+
+
+@dataclasses.dataclass
+class RegionBuild:
+    """What a region generator produced besides the programs and routes in the builder."""
+
+    kind: str
+    region: Region
+    memory: Allocator
+    flops: dict[str, int]  # analytic executed FLOPs by component; "allreduce": the collectives' adds
+    model_flops: int  # FLOPs of the computation itself, each operation counted once
+    weight_bytes: int  # real weight bytes resident (no padding)
+    kv_bytes: int  # real KV-cache bytes resident
+    anchor: tuple[int, int]  # local (x, y) of the hand-off anchor PE
+
+
+def reducers(region: Region, builder: MeshBuilder | None, params: DecodeParams) -> dict:
+    """The all-reduce of each axis of a region (routes added to the builder when given)."""
+    out = {}
+    for axis in (X, Y):
+        n = region.size(axis)
+        colors = ReduceColors.from_base(REDUCE_BASE[axis])
+        if params.algo == "chain":
+            red = LineAllReduce(n, colors, groups=1, root="end")
+        elif params.algo == "two-level":
+            red = LineAllReduce(n, colors, groups=min(params.groups, n) if params.groups else None)
+        else:
+            raise WseError(f"unknown all-reduce algorithm {params.algo!r} (two-level, chain)")
+        if builder is not None:
+            for color, per in red.routes().items():
+                builder.line_routes(region, axis, color, per)
+        out[axis] = red
+    return out
+
+
+def anchor_of(red: dict) -> tuple[int, int]:
+    """Local (x, y) of the hand-off anchor: the column all-reduce root on the row roots' column."""
+    return red[X].final_root, red[Y].final_root
+
+
+def merge(out: Ops, *parts: Ops) -> Ops:
+    """Append each part's ops to `out`, thread by thread."""
+    for p in parts:
+        for t, ops in p.items():
+            out.setdefault(t, []).extend(ops)
+    return out
+
+
+def mark(out: Ops) -> dict[int, int]:
+    """Where each thread's op list ends now (for retag)."""
+    return {t: len(ops) for t, ops in out.items()}
+
+
+def retag(out: Ops, since: dict[int, int], tag: int) -> None:
+    """Label the ops added to `out` since `since` (a mark) with `tag`."""
+    for t, ops in out.items():
+        start = since.get(t, 0)
+        ops[start:] = [op._replace(tag=tag) for op in ops[start:]]
+
+
+def handoff(red: dict, xrole: tuple, yrole: tuple, buf: int, tmp: int) -> Ops:
+    """The hand-off barrier: a one-element all-reduce over the region with a single anchor."""
+    inner = red[Y].role_ops(yrole, 1, buf, tmp) if xrole[-1] else None
+    return red[X].role_ops(xrole, 1, buf, tmp, ADD, FP16, at_root=inner)
+
+
+def handoff_flops(region: Region) -> int:
+    return region.height * (region.width - 1) + (region.height - 1)
+
+
+def i_chunk(chunks: list[int], i: int) -> int:
+    """Index of the first position with the same chunk size (positions with equal sizes share ops)."""
+    return chunks.index(chunks[i])
+
+
+class Lanes:
+    """Input and output lanes of a region: lane d carries hidden chunk d.
+
+    in_lanes / out_lanes map lane -> local (x, y). Input lanes are spread along `spread` (Y:
+    down the receiver's column, X: along its row) on `bcast_color`.
+    """
+
+    def __init__(self, color_in: int | None, in_lanes: dict[int, tuple[int, int]], color_out: int | None,
+                 out_lanes: dict[int, tuple[int, int]], spread=Y, bcast_color: int = DIAG_BCAST):
+        self.color_in, self.in_lanes = color_in, dict(in_lanes) if color_in is not None else {}
+        self.color_out, self.out_lanes = color_out, dict(out_lanes) if color_out is not None else {}
+        self.spread, self.bcast_color = spread, bcast_color
+
+    def install(self, builder: MeshBuilder, prog: RegionProgram) -> None:
+        R = prog.region
+        for d, (x, y) in self.in_lanes.items():
+            prog.mark(x, y, "in", d)
+        for d, (x, y) in self.out_lanes.items():
+            prog.mark(x, y, "out", d)
+        n = R.size(self.spread)
+        if not self.in_lanes or n == 1:
+            return
+        bc = LineBroadcast(n, self.bcast_color)
+        for x, y in self.in_lanes.values():
+            line, root = (x, y) if self.spread is Y else (y, x)
+            builder.line_routes(R, self.spread, self.bcast_color, bc.routes_for_root(root), lines=[line])
+
+    def receive(self, sp: dict, m: int, buf: int, n_line: int) -> Ops:
+        """Receive a lane at its receiver and spread it along the line."""
+        return self.receive_parts(sp, [(m, buf)], n_line)
+
+    def receive_parts(self, sp: dict, parts: list[tuple[int, int]], n_line: int) -> Ops:
+        """Receive a lane's payload, (elements, buffer) parts in order, and spread each along the line."""
+        if self.color_in is None:
+            return {}
+        ops: list[Op] = []
+        for m, buf in parts:
+            if "in" in sp:
+                ops.append(recv(self.color_in, m, buf))
+                if n_line > 1:
+                    ops.append(send(self.bcast_color, m, buf))
+            elif n_line > 1:
+                ops.append(recv(self.bcast_color, m, buf))
+        return {0: ops} if ops else {}
+
+    def send(self, sp: dict, m: int, buf: int) -> Ops:
+        return self.send_parts(sp, [(m, buf)])
+
+    def send_parts(self, sp: dict, parts: list[tuple[int, int]]) -> Ops:
+        if self.color_out is None or "out" not in sp:
+            return {}
+        return {0: [send(self.color_out, m, buf) for m, buf in parts]}

@@ -1,0 +1,127 @@
+"""The embedding lookup and the LM head: the chain's first and last regions (docs/workloads.md)."""
+from __future__ import annotations
+
+from ..trace import compute
+from .gemv import ELEM, GemvShape, gemv_ops
+from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split, tagged
+from .models import ModelSpec
+from .params import DecodeParams
+from .plan import fit_check
+from .region import (FMAC, G0, G1, G2, G3, MAX, MUL, SCALE, THREADS, Lanes, RegionBuild, anchor_of, handoff,
+                     handoff_flops, i_chunk, merge, reducers)
+from ..errors import WseError
+
+
+def embedding_memory(spec: ModelSpec, width: int, height: int, cfg, params: DecodeParams
+                     ) -> tuple[Allocator, list[int], dict[str, int]]:
+    """SRAM of the embedding table on a width x height region: vocab over columns, hidden
+    over rows (FitError if it does not fit)."""
+    mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
+    Vc, Hr = split(spec.vocab_size, width), split(spec.hidden_size, height)
+    buf = {"table": mem.alloc("table", max(Vc) * (-(-max(Hr) * ELEM // 8) * 8), "weights", G0),
+           "out": mem.alloc("out", max(Hr) * params.batch * ELEM, "activations", G3),
+           "scal": mem.alloc("scalars", 16 * ELEM, "scratch", G1),
+           "tmp": mem.alloc("tmp", 16 * ELEM, "scratch", G0)}
+    fit_check(mem, cfg, f"{spec.name} embedding on a {width}x{height} region")
+    return mem, Hr, buf
+
+
+def embedding(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params: DecodeParams,
+              lanes: Lanes) -> RegionBuild:
+    """Embedding lookup: the column holding the token's row sends chunk d from row d (lane d)."""
+    B = params.batch
+    mem, Hr, buf = embedding_memory(spec, region.width, region.height, cfg, params)
+    red = reducers(region, builder, params)
+    prog = RegionProgram(region, THREADS)
+    prog.add_roles(X, [(red[X].role(i),) for i in range(region.width)])
+    prog.add_roles(Y, [(red[Y].role(j), Hr[j]) for j in range(region.height)])
+    lanes.install(builder, prog)
+
+    t_emb = builder.tag("embedding", -1, "embedding")
+
+    def body(xr, yr, sp):
+        out = handoff(red, xr[0][0], yr[0][0], buf["scal"], buf["tmp"])
+        return tagged(merge(out, lanes.send(sp, yr[0][1] * B, buf["out"])), t_emb)
+
+    prog.add(body)
+    prog.program_ids(builder)
+    return RegionBuild("embedding", region, mem, {"allreduce": handoff_flops(region)}, 0,
+                       spec.embedding_params() * ELEM, 0, anchor_of(red))
+
+
+def token_column(spec: ModelSpec, width: int, token: int) -> int:
+    """Column of the embedding region whose vocab slice holds `token`."""
+    if not 0 <= token < spec.vocab_size:
+        raise WseError(f"--token {token} is outside the vocabulary [0, {spec.vocab_size})")
+    bounds = [0]
+    for v in split(spec.vocab_size, width):
+        bounds.append(bounds[-1] + v)
+    return max(c for c in range(width) if bounds[c] <= token)
+
+
+def lm_memory(spec: ModelSpec, width: int, height: int, cfg, params: DecodeParams
+              ) -> tuple[Allocator, GemvShape, list[int], list[int], dict[str, int]]:
+    """SRAM of the LM head on a width x height region (FitError if it does not fit)."""
+    B, H, V = params.batch, spec.hidden_size, spec.vocab_size
+    mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
+    Hr, Vc = split(H, height), split(V, width)
+    shape = GemvShape(H, V, Y, Hr, Vc)
+    shape.pitch = -(-max(Vc) * ELEM // 8) * 8
+    shape.weights = mem.alloc("w_lm", shape.tile_bytes(), "weights", G0)
+    buf = {"g": mem.alloc("g", max(Hr) * ELEM, "weights", G0),
+           "h": mem.alloc("h", max(Hr) * B * ELEM, "activations", G3),
+           "xn": mem.alloc("xn", max(Hr) * B * ELEM, "activations", G3),
+           "logits": mem.alloc("logits", max(Vc) * B * ELEM, "activations", G2),
+           "dot": mem.alloc("dot", max(max(Hr), max(Vc)) * B * ELEM, "scratch", G1),
+           "scal": mem.alloc("scalars", 16 * B * ELEM, "scratch", G1),
+           "tmp": mem.alloc("tmp", max(Vc) * B * ELEM, "scratch", G0)}
+    fit_check(mem, cfg, f"{spec.name} LM head on a {width}x{height} region")
+    return mem, shape, Hr, Vc, buf
+
+
+def lm_head(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params: DecodeParams,
+            lanes: Lanes) -> RegionBuild:
+    """Final RMSNorm, logits (a GEMV reducing along Y, vocab over columns) and the argmax.
+
+    Lane d arrives on row d and is spread along the row; the argmax ends with a row all-reduce
+    of each sequence's maximum.
+    """
+    B, H, V = params.batch, spec.hidden_size, spec.vocab_size
+    W_, H_ = region.width, region.height
+    mem, shape, Hr, Vc, buf = lm_memory(spec, W_, H_, cfg, params)
+    g, h, xn, logits, dot, scal, tmp = (buf[k] for k in ("g", "h", "xn", "logits", "dot", "scal", "tmp"))
+    red = reducers(region, builder, params)
+    rx, ry = red[X], red[Y]
+    prog = RegionProgram(region, THREADS)
+    prog.add_roles(X, [(i_chunk(Vc, i), rx.role(i)) for i in range(W_)])
+    prog.add_roles(Y, [(i_chunk(Hr, j), ry.role(j)) for j in range(H_)])
+    lanes.install(builder, prog)
+    hs = max(Hr) * ELEM
+
+    t_head = builder.tag("lm_head", -1, "lm_head")
+
+    def body(xr, yr, sp):
+        return tagged(head_body(xr, yr, sp), t_head)
+
+    def head_body(xr, yr, sp):
+        i, xrole = xr[0]
+        j, yrole = yr[0]
+        hj, vi = Hr[j], Vc[i]
+        out = lanes.receive(sp, hj * B, h, W_)
+        merge(out, {0: [compute(FMAC, hj, dst=dot, src0=h + b * hs) for b in range(B)]})
+        merge(out, ry.role_ops(yrole, B, scal, tmp))
+        out[0].append(compute(SCALE, hj * B, dst=xn, src0=h))
+        out[0] += [compute(MUL, hj, dst=xn + b * hs, src0=xn + b * hs, src1=g) for b in range(B)]
+        out[0] += gemv_ops(shape, j, i, xn, logits, B, hs, max(Vc) * ELEM)
+        merge(out, ry.role_ops(yrole, vi * B, logits, tmp))
+        out[0].append(compute(MAX, vi * B, dst=logits, src0=logits, src1=dot))
+        return merge(out, rx.role_ops(xrole, B, scal, tmp, MAX))
+
+    prog.add(body)
+    prog.program_ids(builder)
+    # the norm is repeated by every PE of a row, the argmax by every PE of a column
+    flops = {"norm": W_ * 4 * H * B, "lm_head": 2 * H * V * B, "argmax": H_ * V * B,
+             "allreduce": W_ * (H_ - 1) * B + (H_ - 1) * V * B + H_ * (W_ - 1) * B}
+    weights = (spec.lm_head_params() or spec.embedding_params()) * ELEM + H * ELEM
+    return RegionBuild("lm_head", region, mem, flops, 4 * H * B + 2 * H * V * B + V * B, weights, 0,
+                       anchor_of(red))
