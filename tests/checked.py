@@ -4,7 +4,7 @@ from wse.trace import validate
 
 
 def run(trace, cfg):
-    validate(trace, cfg)
+    validate(trace, cfg, fit=False)  # (a stage may hold a stand-in beside a wafer's regions)
     r = simulate(trace, cfg, validated=True)
     assert r.complete, r.stuck[:5]
     return r
@@ -14,7 +14,8 @@ def composed_equals_full(plan, cfg):
     """A model plan's composed step equals its full simulation, cycles and FLOPs (counted, and
     analytic per region) alike, and its regions hold exactly the model's weights; returns the
     regions' builds."""
-    from wse.workload.decode import compose, full_trace
+    from wse.workload.compose import compose
+    from wse.workload.stages import full_trace
     trace, builds = full_trace(plan)
     full = run(trace, cfg)
     composed = compose(plan, lambda t: run(t, cfg))
@@ -22,3 +23,27 @@ def composed_equals_full(plan, cfg):
     assert composed.total("flops") == int(full.pe("flops").sum()) == sum(sum(b.flops.values()) for b in builds)
     assert sum(b.weight_bytes for b in builds) == 2 * plan.spec.total_params()
     return builds
+
+
+COUNTERS = ("flops", "sram_read_bytes", "sram_write_bytes", "wavelets_sent", "wavelets_received", "ops_completed")
+
+
+def standin_work(plan, cfg, delta=None):
+    """A stand-in's barrier (its B stage), sends and delay ops: what a wafer's full trace holds
+    beyond the wafer's own work; returns (counters to take out, its anchor cycle)."""
+    from wse.workload.mesh import split
+    from wse.workload.stages import delay_ops, stage_B, standin_delta
+    st = stage_B(plan, None)
+    r = run(st.trace, cfg)
+    B, k = plan.params.batch, plan.spec.moe.experts_per_token
+    Hc = split(plan.spec.hidden_size, plan.P)
+    md, mc = sum(h + k for h in Hc) * B, sum(Hc) * B
+    delay = [op for h in Hc for op in delay_ops(plan, h, standin_delta(plan, delta))]
+    moved = 2 * sum(op.length for op in delay)
+    minus = {c: int(r.pe(c).sum()) for c in COUNTERS}
+    minus["wavelets_sent"] += md + mc
+    minus["sram_read_bytes"] += 2 * (md + mc) + moved
+    minus["sram_write_bytes"] += moved
+    minus["ops_completed"] += 3 * plan.P + len(delay)
+    minus["hops"] = int(r.link("wavelets").sum()) + plan.P * (md + mc)
+    return minus, int(r.pe("finish_cycle")[st.anchor[1], st.anchor[0]])

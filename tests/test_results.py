@@ -1,7 +1,6 @@
 """Run files: every schema field round-trips; kills leave readable incomplete files; report,
 plot, export, compare and replay work on a small run."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -139,7 +139,8 @@ def test_snapshots_match_dense_at_the_same_cycle(tiny, monkeypatch):
 def test_decode_stage_matches_dense(model, threads):
     """A decode layer stage of a small model: kernels of every kind, skipping against dense."""
     from wse import hardware
-    from wse.workload.decode import plan_model, stage_S
+    from wse.workload.stages import stage_S
+    from wse.workload.decode import plan_model
     from wse.workload.params import DecodeParams
     from wse.workload.models import load_model
     small = hardware.load_preset("small")

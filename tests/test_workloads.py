@@ -10,7 +10,9 @@ from wse.engine import reference
 from wse.engine.run import simulate
 from wse.workload import gemv as gemv_mod
 from wse.workload.collectives import default_groups
-from wse.workload.decode import compose, full_trace, plan_model
+from wse.workload.compose import compose
+from wse.workload.stages import full_trace
+from wse.workload.decode import plan_model
 from wse.workload.gemm import ALGOS, standalone as gemm
 from wse.workload.kernels import allreduce, attention
 from wse.workload.params import DecodeParams

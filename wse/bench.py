@@ -110,7 +110,7 @@ def _plan(model: str, wafer: str, context: int, share: bool):
 def bench_layer(model: str, wafer: str, context: int) -> dict[str, Any]:
     """One decode layer: the first stage trace in which a layer region runs its whole step."""
     from .engine.run import simulate
-    from .workload.decode import stage_S
+    from .workload.stages import stage_S
     cfg, plan = _plan(model, wafer, context, False)
     _warm_kernels()
     k = next(i for i, s in enumerate(plan.slots[:-1]) if s.kind == "layer")
@@ -127,7 +127,7 @@ def bench_layer(model: str, wafer: str, context: int) -> dict[str, Any]:
 def bench_token(model: str, wafer: str, context: int, share: bool) -> dict[str, Any]:
     """A whole decode token, composed from its distinct stages; wall includes trace builds."""
     from .engine.run import simulate
-    from .workload.decode import compose
+    from .workload.compose import compose
     cfg, plan = _plan(model, wafer, context, share)
     _warm_kernels()
     sim_wall, pe_cycles = 0.0, 0

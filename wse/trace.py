@@ -339,11 +339,13 @@ def _op_location(t: Trace, op_index: int) -> str:
     return f"op {op_index} ({desc}, in no PE's program)"
 
 
-def validate(t: Trace, cfg: WaferConfig, where: str = "trace") -> None:
-    """Check the trace against a wafer: raise TraceError naming the PE, color or op at fault."""
+def validate(t: Trace, cfg: WaferConfig, where: str = "trace", fit: bool = True) -> None:
+    """Check the trace against a wafer: raise TraceError naming the PE, color or op at fault.
+    fit=False skips the mesh size (a composition's stage trace may hold a stand-in beside the
+    regions of a wafer it models)."""
     check_structure(t, where)
     W, H = t.mesh_width, t.mesh_height
-    if W > cfg.mesh_width or H > cfg.mesh_height:
+    if fit and (W > cfg.mesh_width or H > cfg.mesh_height):
         raise TraceError(f"{where}: trace mesh {W}x{H} does not fit wafer {cfg.name} "
                          f"({cfg.mesh_width}x{cfg.mesh_height})")
     if t.threads > cfg.microthreads:

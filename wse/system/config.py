@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import WseError
 from ..tomlfile import read_toml, toml_value
 from ..hardware import WaferConfig, load_preset
+from .link import TOPOLOGIES
 
 
 class SystemConfigError(WseError):
@@ -28,6 +29,8 @@ SCHEMA: tuple[tuple[str, str, type, float, float, str], ...] = (
     ("system", "wafers", int, 1, 4096, "systems (one wafer each) in the chain"),
     ("system", "link_bytes_per_s", float, 1e6, 1e15, "bandwidth of one system-to-system link, each way"),
     ("system", "link_latency_s", float, 0.0, 1.0, "latency of one system-to-system transfer"),
+    ("system", "topology", str, 0, 0, "chain (each system linked to its neighbours) or switch (all into one)"),
+    ("system", "links_per_wafer", int, 1, 64, "links from a system to each neighbour (chain) or into the switch"),
     ("energy", "pj_per_fmac", float, 0.0, 1e4, "energy of one fused multiply-add (2 FLOPs)"),
     ("energy", "pj_per_sram_byte", float, 0.0, 1e4, "energy per byte read or written in PE SRAM"),
     ("energy", "pj_per_wavelet_hop", float, 0.0, 1e5, "energy of one wavelet crossing one PE-to-PE link"),
@@ -104,6 +107,9 @@ def _validated(values: dict[str, Any], where: str) -> SystemConfig:
         if typ is not str and not lo <= v <= hi:
             raise SystemConfigError(f"{where}: {path} = {v} is outside [{lo:g}, {hi:g}]")
         out[path] = v
+    if out["system.topology"] not in TOPOLOGIES:
+        raise SystemConfigError(f"{where}: system.topology = {out['system.topology']!r} is not one of "
+                                f"{', '.join(TOPOLOGIES)}")
     try:
         load_preset(out["system.wafer"])
     except WseError as e:

@@ -1,6 +1,6 @@
 """Distinct stage simulations of a system's wafers, one after another or in worker processes.
 
-A system's decode step composes from many independent stage simulations (decode.stages); each
+A system's decode step composes from many independent stage simulations (compose.stages); each
 is deterministic, so simulating them in parallel processes changes nothing but the wall time.
 Workers are spawned (not forked: the parent may already run Numba threads), build their stage
 trace from the pickled plan, validate it and simulate it with their own Numba threads. As with
@@ -15,24 +15,39 @@ from typing import Callable, Iterator
 
 from ..hardware import WaferConfig
 from ..trace import Trace, validate
-from ..workload.decode import ModelPlan, build_stage, checked_stage, stages
+from ..workload.chain import chain_of
+from ..workload.compose import build_stage, checked_stage, stages
+from ..workload.decode import ModelPlan
 
-Task = tuple[tuple, ModelPlan, str, int]  # (key, plan, stage kind, k)
+Task = tuple[tuple, ModelPlan, str, object, object]  # (key, plan, stage kind, ref, delta)
 Done = Callable[[int, int], None]  # (stages simulated, stages in all)
 
 
-def distinct_tasks(plans: list[ModelPlan], known: set | dict = ()) -> tuple[list[Task], list[int]]:
+def distinct_tasks(plans: list[ModelPlan], known: set | dict = (), deltas: dict[int, int] | None = None
+                   ) -> tuple[list[Task], list[int]]:
     """The stage simulations the plans need that are not in `known`, each once, and how many of
-    them each plan is the first to need."""
+    them each plan is the first to need. A plan that begins with a leading part needs its delta
+    (compose.stages): with `deltas` (plan index -> delta) given, only those plans' leading
+    stages are listed; without, every stage but the leading ones."""
     seen = set(known)
     tasks: list[Task] = []
     first = []
-    for plan in plans:
+    for w, plan in enumerate(plans):
         before = len(tasks)
-        for key, kind, k in stages(plan):
+        lead = chain_of(plan).leading is not None
+        if deltas is not None and w not in deltas:
+            first.append(0)
+            continue
+        delta = deltas[w] if deltas is not None else None
+        listed = stages(plan, delta)
+        if deltas is not None:
+            listed = listed[:1]  # the leading part's stage
+        elif lead:
+            listed = listed[1:]
+        for key, kind, ref in listed:
             if key not in seen:
                 seen.add(key)
-                tasks.append((key, plan, kind, k))
+                tasks.append((key, plan, kind, ref, delta))
         first.append(len(tasks) - before)
     return tasks, first
 
@@ -40,9 +55,9 @@ def distinct_tasks(plans: list[ModelPlan], known: set | dict = ()) -> tuple[list
 def _run_task(task: Task, cfg: WaferConfig, simulate: Callable[[Trace], object], where: str
               ) -> tuple[tuple, object, object]:
     """Build, validate and simulate one stage: (key, result, anchor)."""
-    key, plan, kind, k = task
-    st = build_stage(plan, kind, k)
-    validate(st.trace, cfg, where=where)
+    key, plan, kind, ref, delta = task
+    st = build_stage(plan, kind, ref, delta)
+    validate(st.trace, cfg, where=where, fit=False)
     return key, checked_stage(key, simulate(st.trace)), st.anchor
 
 

@@ -5,9 +5,10 @@ The layers are split into consecutive groups balanced by bytes, one per wafer (t
 holds the embedding, the last the LM head). With expert regions the chain is cut at routed
 experts instead (decode.model_units), so one layer's experts may span wafers. Each wafer's
 decode step is simulated cycle by cycle (composed from its distinct stage traces,
-decode.compose, which is exact); identical stage traces are simulated once for all wafers.
-Between wafers the activations of the batch (batch x hidden x 2 bytes) cross one link, or the
-dispatch payload where a layer's experts continue on the next wafer.
+compose.compose, which is exact); identical stage traces are simulated once for all wafers.
+Between wafers the activations of the batch (batch x hidden x 2 bytes) cross the links, or,
+where a layer's experts continue on the next wafer, its dispatch and the combine so far
+(schedule: the wafers and links on one timeline).
 
 Pipelining: every layer region and every link is a pipeline stage that holds one micro-batch
 (the `batch` sequences decoded together) at a time. With m micro-batches in flight a
@@ -23,14 +24,16 @@ import dataclasses
 from typing import Callable
 
 from ..errors import WseError
-from ..trace import Trace
-from ..workload.decode import (ELEM, ModelPlan, bytes_needed, compose, model_units, plan_model, plan_units,
-                               region_key, unit_bytes, _table_bytes)
+from ..trace import Trace, validate
+from ..workload.chain import chain_of, compressed, region_key
+from ..workload.compose import compose, stages
+from ..workload.decode import (ELEM, ModelPlan, bytes_needed, model_units, plan_model, plan_units, unit_bytes,
+                               _table_bytes)
 from ..workload.params import DecodeParams
 from ..workload.models import ModelSpec
 from ..workload.plan import FitError, usable_sram
 from .config import SystemConfig
-from .link import Link, LinkLedger
+from .link import Link, Network
 from .pool import Done, distinct_tasks, run_tasks
 
 
@@ -215,14 +218,14 @@ class SystemDecode:
     clock_hz: float
     steps: list[WaferStep]
     link_bytes: list[int]  # bytes over each link per token step
-    link_seconds: float  # one link transfer of the batch's activations
+    link_seconds: float  # one transfer of the batch's residual stream between systems
     latency_s: float  # one token through the whole chain
     bottleneck_s: float  # the longest pipeline stage
     max_in_flight: int
     dynamic_j_per_step: float
     static_w: float
     curve: list[PipelinePoint]
-    ledger: LinkLedger
+    ledger: Network  # the links: bytes sent and received, ports busy
     representative: object = None  # the largest stage simulation (EngineResult): counters for the run file
 
     @property
@@ -230,10 +233,10 @@ class SystemDecode:
         return sum(s.simulations for s in self.steps)
 
 
-def _region_cycles(d) -> list[int]:
-    """Each region's hold time: from the hand-off it waits for to its own."""
-    marks = [0] + list(d.anchors) + [d.total_cycles]
-    return [b - a for a, b in zip(marks, marks[1:])]
+def _region_cycles(plan: ModelPlan, d) -> list[int]:
+    """Each region's hold time (compose.DecodeResult.holds): anchored regions from anchor to
+    anchor; a MoE layer's expert regions share its expert phase by the combine's progress."""
+    return [d.holds.get(s, 0) for s in range(len(plan.slots))]
 
 
 def _extra_in_flight(plan: ModelPlan) -> int:
@@ -243,8 +246,10 @@ def _extra_in_flight(plan: ModelPlan) -> int:
     most = 1 << 30
     seen = set()
     for slot in plan.slots:
+        if slot.kind != "layer":
+            continue
         key = region_key(plan, slot)
-        if slot.kind != "layer" or key in seen:
+        if key in seen:
             continue
         seen.add(key)
         lp = layer_plan(plan, slot.index)
@@ -254,7 +259,8 @@ def _extra_in_flight(plan: ModelPlan) -> int:
 
 
 def _group_key(plan: ModelPlan) -> tuple:
-    return (plan.embed, plan.head, plan.P, plan.Q, tuple(region_key(plan, s) for s in plan.slots))
+    """Plans with equal keys compose to the same step (their stages are the same)."""
+    return (plan.embed, plan.head, plan.P, plan.Q, tuple(key for key, _, _ in stages(plan)))
 
 
 def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int | None,
@@ -262,59 +268,132 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
                done: Done | None = None) -> SystemDecode:
     """Simulate one decode step on every distinct wafer and put the chain together.
 
-    The distinct stage simulations of all wafers run first (pool.run_tasks: through `simulate`,
-    or with jobs > 1 in worker processes of `threads` Numba threads each; `done` reports
-    progress); each wafer's step is then composed from them."""
+    The distinct stage simulations run first (pool.run_tasks: through `simulate`, or with
+    jobs > 1 in worker processes of `threads` Numba threads each; `done` reports progress):
+    every stage, then the leading-part stages of wafers continuing a layer, whose combine
+    arrives a delta after the dispatch that the wafer before and the links decide (predicted
+    from the wafer before's own stages). Each wafer's step is then composed and put on one
+    timeline with the links (Timeline); a delta the prediction missed is simulated then."""
     cfg = system.wafer_config
     wafers = wafers or fewest_wafers(spec, system, params)
     plans = wafer_plans(spec, system, params, wafers)
+    where = f"{spec.name} on {system.name}"
     tasks, first = distinct_tasks(plans)
     shared: dict[tuple, tuple] = {}  # stage simulations shared by all wafers
-    for key, result, anchor in run_tasks(tasks, cfg, simulate, f"{spec.name} on {system.name}", jobs, threads, done):
+    for key, result, anchor in run_tasks(tasks, cfg, simulate, where, jobs, threads, done):
         shared[key] = (result, anchor)
+    net = Network(system.topology, wafers, Link(system.link_bytes_per_s, system.link_latency_s),
+                  system.links_per_wafer)
+    deltas = _predicted_deltas(plans, shared, spec, params, system, cfg.clock_hz)
+    tasks, lead_first = distinct_tasks(plans, shared, deltas)
+    ran = len(shared)
+    more = (lambda i, n: done(ran + i, ran + n)) if done else None
+    for key, result, anchor in run_tasks(tasks, cfg, simulate, where, jobs, threads, more):
+        shared[key] = (result, anchor)
+    first = [a + b for a, b in zip(first, lead_first)]
 
-    def unused(t: Trace):
-        raise AssertionError("every stage was simulated above")
+    def missed(t: Trace):  # a delta the prediction missed: simulated here
+        validate(t, cfg, where=where, fit=False)
+        return simulate(t)
 
     cache: dict[tuple, object] = {}
-    steps = []
+    line = Timeline(spec, params, net, cfg.clock_hz)
+    steps, times = [], []
     for w, plan in enumerate(plans):
-        key = _group_key(plan)
+        delta = line.delta() if chain_of(plan).leading else None
+        key = (_group_key(plan), delta)
         if key not in cache:
-            cache[key] = compose(plan, unused, shared)
+            cache[key] = compose(plan, missed, shared, delta)
         d = cache[key]
+        t0, t1 = line.add(w, d)
+        times.append((t0, t1))
+        holds = _region_cycles(plan, d)
         g = range(plan.first_layer, plan.first_layer + plan.n_layers)
         steps.append(WaferStep(
-            w, g, plan.embed, plan.head, plan.P, plan.Q, d.total_cycles, _region_cycles(d), d.total("flops"),
+            w, g, plan.embed, plan.head, plan.P, plan.Q, round((t1 - t0) * cfg.clock_hz), holds, d.total("flops"),
             d.total("sram_read_bytes") + d.total("sram_write_bytes"), d.link_total("wavelets"),
-            first[w], _extra_in_flight(plan), sum(s.kind == "experts" for s in plan.slots), region_infos(plan)))
-    link = Link(system.link_bytes_per_s, system.link_latency_s)
-    ledger = LinkLedger(wafers, link)
-    sizes = [crossing_bytes(spec, params, plans[w + 1]) for w in range(wafers - 1)]
-    link_s = sum(ledger.transfer(w, w + 1, n) for w, n in enumerate(sizes))
-    latency = sum(s.cycles for s in steps) / cfg.clock_hz + link_s
-    stages = [c / cfg.clock_hz for s in steps for c in s.region_cycles] + [link.busy_seconds(n) for n in sizes]
+            first[w] + d.simulations, _extra_in_flight(plan), sum(s.kind == "experts" for s in plan.slots),
+            region_infos(plan)))
+    latency = times[-1][1]
+    stages = [c / cfg.clock_hz for s in steps for c in s.region_cycles] + list(net.busy.values())
     bottleneck = max(stages)
     max_in_flight = max(1, min(len(stages), 1 + min(s.extra_in_flight for s in steps)))
     dyn = (sum(s.flops for s in steps) / 2 * system.pj_per_fmac + sum(s.sram_bytes for s in steps) * system.pj_per_sram_byte
            + sum(s.wavelet_hops for s in steps) * system.pj_per_wavelet_hop
-           + sum(ledger.sent) * system.pj_per_link_byte) * 1e-12
+           + sum(net.sent) * system.pj_per_link_byte) * 1e-12
     static_w = wafers * (system.static_w_per_wafer + system.overhead_w_per_system)
+    link_s = net.link.latency_s + params.batch * spec.hidden_size * ELEM / net.bytes_per_s if wafers > 1 else 0.0
     result = SystemDecode(spec.name, system.name, wafers, params.batch, params.context, cfg.clock_hz, steps,
-                          list(ledger.sent), link_s / max(wafers - 1, 1) if wafers > 1 else 0.0, latency, bottleneck,
-                          max_in_flight, dyn, static_w, [], ledger)
+                          net.sent[:-1] if wafers > 1 else [], link_s, latency, bottleneck, max_in_flight, dyn,
+                          static_w, [], net)
     result.curve = [pipeline_point(result, system, m) for m in range(1, max_in_flight + 1)]
     result.representative = max((r for d in cache.values() for r in d.results.values()),
                                 key=lambda r: r.pe_counters.shape[0] * r.pe_counters.shape[1] * r.total_cycles)
     return result
 
 
-def crossing_bytes(spec: ModelSpec, params: DecodeParams, nxt: ModelPlan) -> int:
-    """Bytes into the wafer of plan `nxt`: the residual stream of the batch, or, when the wafer
-    continues a layer's expert regions, the dispatch payload (FFN input, residual stream, gates)."""
-    if nxt.slots[0].kind == "experts":
-        return (2 * spec.hidden_size + spec.moe.experts_per_token) * params.batch * ELEM
-    return params.batch * spec.hidden_size * ELEM
+class Timeline:
+    """One token through the chain: each wafer's inputs, its outputs, and the transfers between.
+
+    A wafer's outputs cross the links to the next: the residual stream (batch x hidden x 2
+    bytes), or, where a MoE layer's experts continue, its dispatch (batch x (hidden + k) x 2)
+    and the combine so far (batch x hidden x 2); a layer's dispatch to its later wafers leaves
+    from its first wafer directly through a switch, hop by hop along a chain."""
+
+    def __init__(self, spec: ModelSpec, params: DecodeParams, net: Network, clock_hz: float):
+        self.net, self.clock = net, clock_hz
+        B, H = params.batch, spec.hidden_size
+        self.act = B * H * ELEM
+        self.disp = B * (H + (spec.moe.experts_per_token if spec.moe else 0)) * ELEM
+        self.inputs: dict[str, float] = {"in": 0.0}
+        self.src: tuple[int, float] | None = None  # where the current layer's dispatch leaves (switch)
+
+    def delta(self) -> int:
+        """Cycles from the next wafer's dispatch arriving to its combine arriving."""
+        return round((self.inputs["c"] - self.inputs["d"]) * self.clock)
+
+    def add(self, w: int, d) -> tuple[float, float]:
+        """Put wafer w's composed step (composed with this delta, if it continues a layer) on the
+        timeline: (its input arrives, its last output leaves)."""
+        start = self.inputs["d"] if d.inputs == "dc" else self.inputs["in"]
+        outs = {n: start + v / self.clock for n, v in d.outputs.items()}
+        if w + 1 < self.net.wafers:
+            if "end" in outs:
+                self.inputs, self.src = {"in": self.net.transfer(w, w + 1, self.act, outs["end"])}, None
+            else:
+                if self.src is None or self.net.topology == "chain" or d.anchored:
+                    self.src = (w, outs["d"])
+                self.inputs = {"d": self.net.transfer(self.src[0], w + 1, self.disp, self.src[1]),
+                               "c": self.net.transfer(w, w + 1, self.act, outs["c"])}
+        return start, max(outs.values())
+
+
+def _predicted_deltas(plans: list[ModelPlan], shared: dict, spec: ModelSpec, params: DecodeParams,
+                      system: SystemConfig, clock_hz: float) -> dict[int, int]:
+    """The delta of each wafer continuing a layer whose wafer before holds the layer's region or
+    closes an earlier layer (its outputs' offset comes from its own trailing stage), on links
+    busy with nothing else; other deltas come out of the timeline."""
+    out = {}
+    for w in range(1, len(plans)):
+        prev = chain_of(plans[w - 1])
+        if not chain_of(plans[w]).leading or (prev.leading and not prev.anchored):
+            continue
+        offset = 0
+        if prev.trailing:  # combine after dispatch at its boundary, from its trailing stage
+            key, _, g = stages(plans[w - 1])[-2]
+            ops = shared[key][0].ops
+            names = list(ops["name"])
+            n = len(compressed(plans[w - 1], prev, g))
+            offset = int(ops["end_cycle"][names.index(f"element {n} combine")]) \
+                - int(ops["end_cycle"][names.index(f"element {n} input")])
+        net = Network(system.topology, 2, Link(system.link_bytes_per_s, system.link_latency_s),
+                      system.links_per_wafer)
+        line = Timeline(spec, params, net, clock_hz)
+        line.inputs = {"d": 0.0, "c": 0.0}
+        line.src = (0, 0.0)
+        line.inputs = {"d": net.transfer(0, 1, line.disp, 0.0), "c": net.transfer(0, 1, line.act, offset / clock_hz)}
+        out[w] = line.delta()
+    return out
 
 
 def pipeline_point(r: SystemDecode, system: SystemConfig, in_flight: int) -> PipelinePoint:

@@ -11,22 +11,29 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import WseError
-from ..trace import Op, compute
+from ..trace import Op, compute, recv, recv_compute_send, send, signal, wait
+from .collectives import LineBroadcast
+from .dispatch import ExpertRole
 from .ffn import chosen_experts, ffn_ops
 from .gemv import ELEM, GemvShape
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
 from .models import ModelSpec
 from .params import DecodeParams
 from .plan import FitError, fit_check
-from .region import (FMAC, G0, G1, G2, G3, SILU_MUL_FLOPS, THREADS, Lanes, RegionBuild, anchor_of, handoff,
+from .plan import DIAG_BCAST
+from .region import (ADD, FMAC, G0, G1, G2, G3, MOV, SILU_MUL_FLOPS, THREADS, RegionBuild, anchor_of, handoff,
                      handoff_flops, i_chunk, mark, merge, reducers, retag)
 
+SEM_COMBINE = 1  # an expert region's collector: the combine has arrived
 
-def dispatch_parts(spec: ModelSpec, hi: int, batch: int, buf: dict[str, int]) -> list[tuple[int, int]]:
-    """Payload of a lane into an expert region: (elements, buffer) of the FFN input chunk, the
-    residual-stream chunk and the batch's top-k gate values."""
-    return [(hi * batch, buf["xn"]), (hi * batch, buf["h"]), (spec.moe.experts_per_token * batch, buf["gates"])]
 
+def dispatch_parts(spec: ModelSpec, hi: int, batch: int, buf: dict[str, int], d0: int, c0: int
+                   ) -> list[tuple[int, int, int]]:
+    """What a layer region's lane PE sends to its expert regions, (elements, buffer, color): the
+    dispatch (FFN input chunk, then the batch's gate values) on d0, then the combine's start (the
+    residual-stream chunk, shared experts already added) on c0."""
+    return [(hi * batch, buf["xn"], d0), (spec.moe.experts_per_token * batch, buf["gates"], d0),
+            (hi * batch, buf["h"], c0)]
 
 
 @dataclasses.dataclass
@@ -61,8 +68,8 @@ class ExpertPlan:
 def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, cfg, params: DecodeParams,
                  Q: int | None = None) -> ExpertPlan:
     """Tiles of routed experts [first, last) of a MoE layer on a P x Q region, laid out as in the
-    layer region (gate/up reduce X, down reduce Y), with the buffers of the dispatched payload
-    (FitError if they do not fit)."""
+    layer region (gate/up reduce X, down reduce Y), with the buffers of the dispatch and the
+    combine (FitError if they do not fit)."""
     H, B, m = spec.hidden_size, params.batch, spec.moe
     e0, e1 = experts
     if not spec.is_moe_layer(layer) or not 0 <= e0 < e1 <= m.experts:
@@ -72,13 +79,17 @@ def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, 
         raise WseError(f"a {P}x{Q} expert region: at most {H} columns, at least as many rows as columns")
     Hc, f_r = split(H, P), split(m.expert_ffn_size, Q)
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
-    # the payload buffers first, so their addresses do not depend on how many experts the
-    # region holds (decode.region_key relies on it)
-    buf = {"xn": mem.alloc("xn", max(Hc) * B * ELEM, "activations", G3),
-           "h": mem.alloc("h", max(Hc) * B * ELEM, "activations", G3),
-           "gates": mem.alloc("gates", m.experts_per_token * B * ELEM, "activations", G2),
+    # activations first, so their addresses do not depend on how many experts the region holds
+    # (decode.region_key relies on it); the dispatch payload is the FFN input then the gates
+    hb = max(Hc) * B * ELEM
+    payload = mem.alloc("payload", hb + m.experts_per_token * B * ELEM, "activations", G3)
+    buf = {"xn": payload, "gates": payload + hb,
+           "acc": mem.alloc("acc", hb, "activations", G3),
+           "hin": mem.alloc("h_in", hb, "activations", G1),
+           "h": mem.alloc("h", hb, "activations", G2),
+           "zeros": mem.alloc("zeros", hb, "activations", G0),
            "gu": mem.alloc("gate_up", 2 * max(f_r) * B * ELEM, "activations", G2),
-           "y": mem.alloc("y", max(Hc) * B * ELEM, "activations", G2)}
+           "y": mem.alloc("y", hb, "activations", G2)}
     longest = max(max(Hc), 2 * max(f_r)) * B
     buf["dot"] = mem.alloc("dot", longest * ELEM, "scratch", G1)
     buf["scal"] = mem.alloc("scalars", 16 * ELEM, "scratch", G1)
@@ -107,54 +118,106 @@ def most_experts(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams,
     return lo
 
 
-def decode_experts(plan: ExpertPlan, region: Region, builder: MeshBuilder, lanes: Lanes) -> RegionBuild:
-    """An expert region's decode step: receive the dispatched payload (FFN input, residual
-    stream, gate values) on its lanes, run the routed experts the batch chose among its own,
-    add their gate-weighted outputs into the residual stream, hand off, and pass the payload on
-    (only the residual stream after the layer's last expert region).
+def decode_experts(plan: ExpertPlan, region: Region, builder: MeshBuilder, role: ExpertRole,
+                   name: str | None = None) -> RegionBuild:
+    """An expert region's decode step in its layer's parallel dispatch (dispatch.py).
 
-    An expert region none of the batch chose still receives, hands off and passes on: the
-    mapping is static, the choice is per token.
+    Every lane PE (the diagonal) takes its copy of the dispatch payload (FFN input chunk and gate
+    values) as it passes, resending it on another color where a turn needs one (`role.d_out`).
+    A region the batch chose spreads the payload down its columns and runs its chosen experts,
+    each over the sequences routed to it; its lane PEs accumulate their gate-weighted outputs
+    and then forward the combine adding them. A region none of the batch chose only relays the
+    combine (a receive-and-send from the start, no other work). The layer's last region on the
+    wafer receives the combine and adds its own experts' outputs; the collector then hands off
+    (its barrier is the composition's anchor) and sends the layer's output on `role.t_out`.
+    Tags are named after `name` (default: the layer and its experts).
     """
     spec, P, Q, B = plan.spec, plan.P, plan.Q, plan.params.batch
     Hc, f_r, b_ = plan.Hc, plan.f_r, plan.buf
+    k = spec.moe.experts_per_token
     red = reducers(region, builder, plan.params)
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [(i_chunk(Hc, i), red[X].role(i)) for i in range(P)])
     prog.add_roles(Y, [(i_chunk(f_r, j), red[Y].role(j)) for j in range(Q)])
-    lanes.install(builder, prog)
-    L_, (e0, e1) = plan.layer, plan.experts
+    for d in range(P):
+        prog.mark(d, d, "lane", d)
     use = plan.local_experts()
-    tag = {name: builder.tag(f"layer {L_} experts {e0}-{e1 - 1} {name}", L_, kind) for name, kind in (
-        ("input", "transfer"), ("ffn", "ffn"), ("handoff", "barrier"), ("output", "transfer"))}
-    h, yb = b_["h"], b_["y"]
+    if use and Q > 1:  # the payload spread down each column from its lane PE
+        bc = LineBroadcast(Q, DIAG_BCAST)
+        for d in range(P):
+            builder.line_routes(region, Y, DIAG_BCAST, bc.routes_for_root(d), lines=[d])
+    L_, (e0, e1) = plan.layer, plan.experts
+    name = name or f"layer {L_} experts {e0}-{e1 - 1}"
+    tag = {part: builder.tag(f"{name} {part}", L_, kind) for part, kind in (
+        ("input", "transfer"), ("ffn", "ffn"), ("combine", "transfer"), ("handoff", "barrier"),
+        ("output", "transfer"))}
+    pay, acc, yb = b_["xn"], b_["acc"], b_["y"]
+
+    def part(out, name, ops) -> None:
+        m = mark(out)
+        merge(out, ops)
+        retag(out, m, tag[name])
 
     def body(xr, yr, sp):
         i, xrole = xr[0]
         jf, yrole = yr[0]
         hi = Hc[i]
+        lane = "lane" in sp
+        md, mc = (hi + k) * B, hi * B
         out: dict[int, list[Op]] = {0: []}
-        m = mark(out)
-        merge(out, lanes.receive_parts(sp, dispatch_parts(spec, hi, B, b_), Q))
-        retag(out, m, tag["input"])
-        m = mark(out)
-        for e, users in use.items():
-            merge(out, ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, e, users))
-            out[0].append(compute(FMAC, hi * users, dst=h, src0=yb))  # gate-weighted sum into h
-        retag(out, m, tag["ffn"])
-        m = mark(out)
-        merge(out, handoff(red, xrole, yrole, b_["scal"], b_["tmp"]))
-        retag(out, m, tag["handoff"])
-        m = mark(out)
-        parts = [(hi * B, h)] if plan.last else dispatch_parts(spec, hi, B, b_)
-        merge(out, lanes.send_parts(sp, parts))
-        retag(out, m, tag["output"])
+        ops: list[Op] = []
+        if lane:
+            ops.append(recv(role.d_in, md, pay))
+            if role.d_out is not None:  # a turn: resend the stored payload on the other color
+                ops.append(send(role.d_out, md, pay))
+            if use and Q > 1:
+                ops.append(send(DIAG_BCAST, md, pay))
+        elif use and Q > 1:
+            ops.append(recv(DIAG_BCAST, md, pay))
+        part(out, "input", {0: ops})
+        if use:
+            ffn: dict[int, list[Op]] = {0: [compute(MOV, mc, dst=acc, src0=b_["zeros"])] if lane else []}
+            for e, users in use.items():
+                merge(ffn, ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, e, users))
+                if lane:  # the gate-weighted sum of the experts' outputs
+                    ffn[0].append(compute(FMAC, hi * users, dst=acc, src0=yb))
+            part(out, "ffn", ffn)
+        if not role.last:
+            if lane:
+                if use:
+                    part(out, "combine", {0: [recv_compute_send(role.c_in, role.c_out, ADD, mc, src0=acc)]})
+                else:  # a relay from the start: the combine never waits here
+                    part(out, "combine", {2: [recv_compute_send(role.c_in, role.c_out, MOV, mc)]})
+            return out
+        h = b_["h"] if use else b_["hin"]
+        if lane:
+            comb = {2: [recv(role.c_in, mc, b_["hin"]), signal(SEM_COMBINE)], 0: [wait(SEM_COMBINE)]}
+            if use:
+                comb[0].append(compute(ADD, mc, dst=h, src0=b_["hin"], src1=acc))
+            part(out, "combine", comb)
+        if role.barrier:
+            part(out, "handoff", handoff(red, xrole, yrole, b_["scal"], b_["tmp"]))
+        if lane and role.t_out is not None:
+            part(out, "output", {0: [send(role.t_out, mc, h)]})
         return out
 
     prog.add(body)
     prog.program_ids(builder)
-    executed, model = experts_flops(plan)
+    executed, model = experts_flops(plan, role.collector)
     return RegionBuild("experts", region, plan.mem, executed, model, experts_weight_bytes(plan), 0, anchor_of(red))
+
+
+def decode_relays(region: Region, builder: MeshBuilder, Hc: list[int], batch: int, c_in: int, c_out: int,
+                  name: str) -> None:
+    """A relay stand-in of a compressed stage (compose.py): one PE per lane forwarding the
+    combine exactly as the lane PE of an expert region none of the batch chose does."""
+    vertical = region.width == 1
+    tag = builder.tag(f"{name} combine", -1, "transfer")
+    builder.ensure_threads(3)
+    for d, hi in enumerate(Hc):
+        x, y = (region.x0, region.y0 + d) if vertical else (region.x0 + d, region.y0)
+        builder.pe_program[y, x, 2] = builder.program([recv_compute_send(c_in, c_out, MOV, hi * batch)
+                                                       ._replace(tag=tag)])
 
 
 def experts_weight_bytes(plan: ExpertPlan) -> int:
@@ -162,13 +225,15 @@ def experts_weight_bytes(plan: ExpertPlan) -> int:
                                                   + plan.shapes["down"].weight_bytes())
 
 
-def experts_flops(plan: ExpertPlan) -> tuple[dict[str, int], int]:
+def experts_flops(plan: ExpertPlan, collector: bool = False) -> tuple[dict[str, int], int]:
     """Analytic FLOPs of an expert region's decode step: (executed by component, model FLOPs)."""
-    spec, P, Q, H = plan.spec, plan.P, plan.Q, plan.spec.hidden_size
+    spec, P, Q, H, B = plan.spec, plan.P, plan.Q, plan.spec.hidden_size, plan.params.batch
     f = spec.moe.expert_ffn_size
     u = sum(plan.local_experts().values())
     model = {"ffn": u * (2 * H * 2 * f + 2 * f * H)}
-    row, col = u * SILU_MUL_FLOPS * f, u * 2 * H  # SiLU . up on rows; gate-weighted sums down columns
-    executed = {"ffn": model["ffn"] + P * row + Q * col,
-                "allreduce": u * ((P - 1) * 2 * f + (Q - 1) * H) + handoff_flops(Region(0, 0, P, Q))}
-    return executed, model["ffn"] + row + col
+    row, col = u * SILU_MUL_FLOPS * f, u * 2 * H  # SiLU . up on rows; gate-weighted sums at the lane PEs
+    combine = H * B if u else 0  # the chosen region's outputs added into the combine
+    executed = {"ffn": model["ffn"] + P * row + col, "combine": combine,
+                "allreduce": u * ((P - 1) * 2 * f + (Q - 1) * H) + (handoff_flops(Region(0, 0, P, Q)) if collector
+                                                                     else 0)}
+    return executed, model["ffn"] + row + col + combine

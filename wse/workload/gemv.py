@@ -13,7 +13,6 @@ import dataclasses
 
 from .. import isa
 from ..trace import compute
-from .collectives import LineAllReduce
 from .mesh import X, Y, Axis, Allocator, RegionProgram, split
 
 FP16 = isa.DTYPE_FP16

@@ -125,7 +125,7 @@ def _common_figures(res: EngineResult, cfg: WaferConfig, pes: int, cycles: int) 
 
 def model_trace(name: str, cfg: WaferConfig, phase: str = "decode", **kw) -> tuple[Trace, Any]:
     """The full trace of a model step (--model): every region and lane in one trace."""
-    from .decode import full_trace
+    from .stages import full_trace
     plan = _model_plan(name, cfg, phase, **kw)
     trace, _ = full_trace(plan)
     return trace, plan
@@ -205,13 +205,14 @@ def run_prefill(name: str, cfg: WaferConfig, simulate: Simulate, **kw) -> JobRes
 def run_model(name: str, cfg: WaferConfig, simulate: Simulate, phase: str = "decode", full: bool = False,
               **kw) -> JobResult:
     """Simulate one decode step of a model (composed stages, or --full) and derive the figures."""
-    from .decode import compose, full_trace, stage_S
+    from .compose import compose
+    from .stages import full_trace, stage_S
     if phase == "prefill":
         if full:
             raise WseError("--full applies to decode; prefill is composed from its kernels")
         return run_prefill(name, cfg, simulate, **kw)
     plan = _model_plan(name, cfg, phase, **kw)
-    spec, params = plan.spec, plan.params
+    params = plan.params
     trace, builds = full_trace(plan)
     layer_builds = [b for b in builds if b.kind == "layer"]
     if full:
@@ -223,14 +224,14 @@ def run_model(name: str, cfg: WaferConfig, simulate: Simulate, phase: str = "dec
         layer_cycles = None
     else:
         def checked(t: Trace) -> EngineResult:
-            validate(t, cfg, where=f"--model {name} stage")
+            validate(t, cfg, where=f"--model {name} stage", fit=False)
             return simulate(t)
         d = compose(plan, checked)
         token_cycles = d.total_cycles
         # anchor to anchor between the last regions of consecutive layers (expert regions included)
-        ends = [k for k, s in enumerate(plan.slots[:len(d.anchors)]) if s.kind in ("layer", "experts")
-                and (k + 1 == len(plan.slots) or plan.slots[k + 1].index != s.index)]
-        diffs = np.diff([d.anchors[k] for k in ends])
+        ends = [k for k in d.anchored[:-1] if plan.slots[k].kind in ("layer", "experts")
+                and (k + 1 == len(plan.slots) or plan.slots[k + 1].index != plan.slots[k].index)]
+        diffs = np.diff([d.at[k] for k in ends])
         layer_cycles = float(np.mean(diffs)) if len(diffs) else None
         # the representative counters: the stage that runs a whole layer
         k = next((i for i in range(len(plan.slots) - 1)

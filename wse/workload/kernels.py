@@ -1,7 +1,6 @@
 """Single-kernel traces: an all-reduce, and decode attention over a distributed KV cache."""
 from __future__ import annotations
 
-import dataclasses
 
 from ..errors import WseError
 from ..hardware import WaferConfig

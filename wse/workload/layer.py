@@ -21,7 +21,7 @@ from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProg
 from .mla import MlaSplit, mla_output_ops, mla_project_ops, mla_split
 from .models import ModelSpec
 from .params import DecodeParams
-from .plan import DIAG_BCAST, KV_SHIFT, FitError, fit_check
+from .plan import COMBINE, DIAG_BCAST, KV_SHIFT, FitError, fit_check
 from .collectives import LineBroadcast
 from .region import (ADD, FMAC, G0, G1, G2, G3, MUL, SCALE, SILU_MUL_FLOPS, SOFTMAX_FLOPS, THREADS, Lanes,
                      RegionBuild, anchor_of, handoff, handoff_flops, i_chunk, mark, merge, reducers, retag)
@@ -314,8 +314,8 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
             part(out, "handoff", handoff(red, xrole, yrole, b_["scal"], b_["tmp"]))
         if plan.routed:
             part(out, "output", lanes.send(sp, hi * B, h))
-        else:  # on to the expert regions: the FFN input, the residual stream and the gate values
-            part(out, "output", lanes.send_parts(sp, dispatch_parts(spec, hi, B, b_)))
+        else:  # to the expert regions: the dispatch (FFN input, gate values) and the combine's start
+            part(out, "output", lanes.send_parts(sp, dispatch_parts(spec, hi, B, b_, lanes.color_out, COMBINE[0])))
         return out
 
     prog.add(body)

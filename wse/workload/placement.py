@@ -16,7 +16,6 @@ import dataclasses
 from .. import isa
 from ..errors import WseError
 from .mesh import MeshBuilder, Region
-from .plan import TRANSFER
 
 
 class PlacementError(WseError):
@@ -25,7 +24,7 @@ class PlacementError(WseError):
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    kind: str  # embedding, layer, experts, lm_head
+    kind: str  # embedding, layer, experts, lm_head (relay: a compressed stage's stand-in, decode.py)
     index: int  # layer index (embedding -1, LM head = layers)
     region: Region
     experts: tuple[int, int] | None = None  # an expert region's routed experts [first, last)
@@ -95,9 +94,12 @@ def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, hei
 
 
 def lane_sources(slot: Slot, P: int, token_col: int) -> dict[int, tuple[int, int]]:
-    """Lane -> local (x, y) sending it: the diagonal of a layer, the token's column of the embedding."""
+    """Lane -> local (x, y) sending it: the diagonal of a layer, the token's column of the
+    embedding, the one column (or row) of a relay stand-in (decode.py's compressed stages)."""
     if slot.kind == "embedding":
         return {d: (token_col, d) for d in range(P)}
+    if slot.kind == "relay":
+        return {d: (0, d) if slot.region.width == 1 else (d, 0) for d in range(P)}
     return {d: (d, d) for d in range(P)}
 
 
@@ -122,38 +124,48 @@ def lane_targets(src: Slot, dst: Slot, sources: dict[int, tuple[int, int]], P: i
         if way in ("east", "west"):
             if dst.kind in SQUARE_KINDS:
                 x = d
+            elif dst.kind == "relay":  # one column
+                x = 0
             else:  # a wide region entered from its west (east-bound) or east (west-bound) edge
                 x = d if way == "east" else b.width - P + d
             out[d] = (x, ay - b.y0)
         else:
             if not b.x0 <= ax < b.x0 + b.width:
                 raise PlacementError("a vertical lane misses the region below")
-            out[d] = (ax - b.x0, d)
+            out[d] = (ax - b.x0, 0 if dst.kind == "relay" else d)
             if dst.kind in SQUARE_KINDS and ax - b.x0 != d:
                 raise PlacementError("a vertical lane would not land on the layer's diagonal")
     return out
 
 
-def add_lane_routes(builder: MeshBuilder, src: Slot, dst: Slot, sources: dict[int, tuple[int, int]],
-                    targets: dict[int, tuple[int, int]], color: int, ox: int = 0, oy: int = 0) -> None:
-    """Straight routes of every lane from src to dst on one color (mesh offset ox, oy)."""
+def lane_paths(src: Slot, dst: Slot, sources: dict[int, tuple[int, int]], targets: dict[int, tuple[int, int]],
+               ox: int = 0, oy: int = 0) -> dict[int, tuple[list[tuple[int, int]], int, int]]:
+    """Lane -> (mesh cells from its source PE to its target PE, the port a wavelet leaves each
+    cell by, the port it enters the next by): every lane runs along one row or column."""
     a, b = src.region, dst.region
-    xs, ys, rx, tx = [], [], [], []
+    out = {}
     for d, (sx, sy) in sources.items():
         x0, y0 = a.x0 + sx - ox, a.y0 + sy - oy
         x1, y1 = b.x0 + targets[d][0] - ox, b.y0 + targets[d][1] - oy
         if y0 == y1:
             step = 1 if x1 > x0 else -1
             out_port = isa.PORT_EAST if step > 0 else isa.PORT_WEST
-            in_port = isa.PORT_WEST if step > 0 else isa.PORT_EAST
             cells = [(x, y0) for x in range(x0, x1 + step, step)]
         elif x0 == x1:
             step = 1 if y1 > y0 else -1
             out_port = isa.PORT_SOUTH if step > 0 else isa.PORT_NORTH
-            in_port = isa.PORT_NORTH if step > 0 else isa.PORT_SOUTH
             cells = [(x0, y) for y in range(y0, y1 + step, step)]
         else:
             raise PlacementError("a lane must run along one row or column")
+        out[d] = (cells, out_port, isa.PORT_OPPOSITE[out_port])
+    return out
+
+
+def add_lane_routes(builder: MeshBuilder, src: Slot, dst: Slot, sources: dict[int, tuple[int, int]],
+                    targets: dict[int, tuple[int, int]], color: int, ox: int = 0, oy: int = 0) -> None:
+    """Straight routes of every lane from src to dst on one color (mesh offset ox, oy)."""
+    xs, ys, rx, tx = [], [], [], []
+    for cells, out_port, in_port in lane_paths(src, dst, sources, targets, ox, oy).values():
         for n, (x, y) in enumerate(cells):
             xs.append(x)
             ys.append(y)
@@ -161,8 +173,3 @@ def add_lane_routes(builder: MeshBuilder, src: Slot, dst: Slot, sources: dict[in
             rx.append(isa.PORT_RAMP if first else in_port)
             tx.append(isa.tx_mask(isa.PORT_RAMP if last else out_port))
     builder.routes(xs, ys, color, rx, tx)
-
-
-def transfer_color(k: int) -> int:
-    """Color of the transition from chain element k to k + 1."""
-    return TRANSFER[k % 2]

@@ -12,6 +12,11 @@ routes):
 | 19, 22 | KV-cache shift along X, one hop east (alternating by column parity) |
 | 20, 21 | region-to-region lanes (alternating along the chain of regions) |
 | 23 | broadcast along a row from its lane receiver (LM head) |
+
+A MoE layer with expert regions (dispatch.py) reuses colors that its expert regions leave free:
+its dispatch leaves the layer region on the chain's transfer color and switches to 19 (no KV
+shift in expert regions) where a turn needs another color; its combine leaves on 23 and
+alternates with 22 region by region.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ DIAG_BCAST = 18
 KV_SHIFT = (19, 22)
 TRANSFER = (20, 21)
 ROW_BCAST = 23
+DISPATCH_ALT = 19  # a MoE group's dispatch after a turn (KV_SHIFT[0]: expert regions have no KV shift)
+COMBINE = (23, 22)  # a MoE group's combine, alternating at every region (ROW_BCAST, KV_SHIFT[1])
 COLORS_NEEDED = 24
 
 

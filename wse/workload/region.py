@@ -160,7 +160,9 @@ class Lanes:
     def send(self, sp: dict, m: int, buf: int) -> Ops:
         return self.send_parts(sp, [(m, buf)])
 
-    def send_parts(self, sp: dict, parts: list[tuple[int, int]]) -> Ops:
+    def send_parts(self, sp: dict, parts: list[tuple]) -> Ops:
+        """Send (elements, buffer) parts on the output color, or (elements, buffer, color) parts
+        on their own colors (a MoE layer's dispatch and combine)."""
         if self.color_out is None or "out" not in sp:
             return {}
-        return {0: [send(self.color_out, m, buf) for m, buf in parts]}
+        return {0: [send(p[2] if len(p) > 2 else self.color_out, p[0], p[1]) for p in parts]}
