@@ -1,4 +1,6 @@
 """Simulate a trace after validating it, and require that it completes (workload tests)."""
+import pytest
+
 from wse.engine.run import simulate
 from wse.trace import validate
 
@@ -21,8 +23,18 @@ def composed_equals_full(plan, cfg):
     composed = compose(plan, lambda t: run(t, cfg))
     assert composed.total_cycles == full.total_cycles
     assert composed.total("flops") == int(full.pe("flops").sum()) == sum(sum(b.flops.values()) for b in builds)
-    assert sum(b.weight_bytes for b in builds) == 2 * plan.spec.total_params()
+    assert sum(b.weight_bytes for b in builds) == pytest.approx(model_bytes(plan), rel=1e-12)
     return builds
+
+
+def model_bytes(plan) -> float:
+    """Bytes of a whole model's weights at the plan's precisions: its linear weights at theirs,
+    the rest (norms, router, tables, ...) 16-bit."""
+    from wse.workload.precision import value_bytes, weights_of
+    spec = plan.spec
+    dense, expert = (value_bytes(w) for w in weights_of(spec, plan.params.weights))
+    layers = sum(spec.layer_bytes(i, dense, expert) for i in range(spec.layers))
+    return layers + 2 * (spec.total_params() - sum(spec.layer_params(i) for i in range(spec.layers)))
 
 
 COUNTERS = ("flops", "sram_read_bytes", "sram_write_bytes", "wavelets_sent", "wavelets_received", "ops_completed")

@@ -14,7 +14,8 @@ from wse.trace import (Trace, TraceBuilder, compute, recv, recv_compute, recv_co
 DIRS = {(1, 0): isa.PORT_EAST, (-1, 0): isa.PORT_WEST, (0, 1): isa.PORT_SOUTH, (0, -1): isa.PORT_NORTH}
 KINDS = [(isa.KIND_FMAC, isa.DTYPE_FP16), (isa.KIND_FMAC, isa.DTYPE_FP32), (isa.KIND_FMAC, isa.DTYPE_MIXED),
          (isa.KIND_ADD, isa.DTYPE_FP16), (isa.KIND_ADD, isa.DTYPE_FP32), (isa.KIND_MUL, isa.DTYPE_FP16),
-         (isa.KIND_MAX, isa.DTYPE_FP32), (isa.KIND_MOV, isa.DTYPE_FP16), (isa.KIND_SCALE, isa.DTYPE_FP32)]
+         (isa.KIND_MAX, isa.DTYPE_FP32), (isa.KIND_MOV, isa.DTYPE_FP16), (isa.KIND_SCALE, isa.DTYPE_FP32),
+         (isa.KIND_SCALE, isa.DTYPE_FP8), (isa.KIND_SCALE, isa.DTYPE_INT8), (isa.KIND_SCALE, isa.DTYPE_INT4)]
 
 
 def random_config(rng: np.random.Generator) -> hardware.WaferConfig:

@@ -29,19 +29,22 @@ def test_parallel_kernel_matches_reference(seed):
 
 def test_random_traces_cover_every_outcome():
     """The generator is worth trusting: it yields completed, deadlocked and max_cycles runs and
-    exercises multicast, fused chain ops and semaphores."""
+    exercises multicast, fused chain ops, semaphores and every dtype (the low-precision
+    dequantize forms included)."""
     from collections import Counter
 
     from wse import isa
-    outcomes, opcodes, multicast = Counter(), set(), 0
+    outcomes, opcodes, dtypes, multicast = Counter(), set(), set(), 0
     for seed in range(80):
         tr, cfg = random_trace(seed)
         r = reference.simulate(tr, cfg)
         outcomes[r.stop_name] += 1
         opcodes |= set(int(c) for c in tr.ops["opcode"])
+        computing = tr.ops["opcode"] != isa.OP_SEND
+        dtypes |= set(int(c) for c in tr.ops["dtype"][computing & (tr.ops["kind"] != isa.KIND_NONE)])
         tx = tr.routes["tx"].astype(int)
         multicast += int((((tx & 15) != 0) & ((tx >> isa.PORT_RAMP) & 1 == 1)).sum())
     assert set(outcomes) == {"complete", "deadlock", "max_cycles"}
     assert outcomes["complete"] >= 20
-    assert opcodes == set(range(isa.N_OPCODES))
+    assert opcodes == set(range(isa.N_OPCODES)) and dtypes == set(range(isa.N_DTYPES))
     assert multicast > 0

@@ -78,11 +78,15 @@ def test_composed_step_equals_the_full_simulation(kw, small):
 
 def test_deepseek_layers_size_as_the_spec_says():
     spec, cfg = load_model("deepseek-v3"), hardware.load_preset("wse3")
-    params = DecodeParams(context=1024)
+    params = DecodeParams(context=1024, weights="bf16")
     dense = plan_layer(spec, 0, 300, cfg, params)
     assert layer_weight_bytes(dense) == 2 * spec.layer_params(0)
     moe = plan_layer(spec, 3, 300, cfg, params, routed=False)  # routed experts in expert regions
     assert layer_weight_bytes(moe) == 2 * (spec.layer_params(3) - spec.moe.experts * spec.expert_params())
+    fp8 = DecodeParams(context=1024)  # the published checkpoint: linear weights in 8 bits, the rest 16
+    assert layer_weight_bytes(plan_layer(spec, 0, 300, cfg, fp8)) == spec.layer_bytes(0, 1.0, 1.0)
+    assert layer_weight_bytes(plan_layer(spec, 3, 300, cfg, fp8, routed=False)) == spec.layer_bytes(3, 1.0, 1.0,
+                                                                                                     routed=False)
     with pytest.raises(FitError, match="at most 576 rows"):
         plan_layer(spec, 0, 600, cfg, params)
 

@@ -15,7 +15,8 @@ from wse.system.config import load_system
 from checked import run, standin_work
 from wse.system.link import Link, Network
 from wse.workload.chain import chain_of
-from wse.system.wafers import (balanced, fewest_wafers, pipeline_point, run_decode, split_layers, wafer_plans)
+from wse.system.wafers import (Timeline, balanced, fewest_wafers, pipeline_point, run_decode, split_layers,
+                               wafer_plans)
 from wse.workload.compose import compose
 from wse.workload.stages import full_trace
 from wse.workload.decode import plan_model
@@ -257,9 +258,13 @@ def test_expert_choice_is_uniform_by_default_and_skew_concentrates_it():
     from wse.workload.ffn import moe_experts
     spec = load_model("mixtral-8x7b")
     k = spec.moe.experts_per_token
-    uniform = moe_experts(spec, 3, 16)
-    assert uniform == {e: 16 * k // spec.moe.experts for e in range(spec.moe.experts)}
-    assert moe_experts(spec, 3, 16, 0.0) == uniform
+    uniform = moe_experts(spec, 3, 4096)
+    assert sum(uniform.values()) == 4096 * k and set(uniform) == set(range(spec.moe.experts))
+    mean = 4096 * k / spec.moe.experts  # each expert near its share (binomial, 6 sigma)
+    assert all(abs(n - mean) < 6 * (mean * (1 - 1 / spec.moe.experts)) ** 0.5 for n in uniform.values())
+    assert moe_experts(spec, 3, 4096, 0.0) == uniform and moe_experts(spec, 4, 4096) != uniform
+    one = moe_experts(spec, 3, 1)
+    assert len(one) == k and all(n == 1 for n in one.values())  # distinct experts per sequence
     skewed = moe_experts(spec, 3, 64, 2.0)
     assert sum(skewed.values()) == 64 * k and skewed == moe_experts(spec, 3, 64, 2.0)  # reproducible
     assert max(skewed.values()) > 64 * k // spec.moe.experts  # a hot expert
@@ -285,7 +290,13 @@ def test_wafers_share_their_identical_stage_simulations(small_system):
     calls = []
     d = run_decode(spec, small_system, params, 4, lambda t: calls.append(t) or simulate(t, small, validated=True))
     plans = wafer_plans(spec, small_system, params, 4)
-    alone = [compose(p, sim(small)) for p in plans]  # each wafer with its own stage simulations
+    net = Network(small_system.topology, 4, Link(small_system.link_bytes_per_s, small_system.link_latency_s),
+                  small_system.links_per_wafer)
+    line, alone = Timeline(spec, params, net, small.clock_hz), []
+    for w, p in enumerate(plans):  # each wafer with its own stage simulations, on one timeline
+        alone.append(compose(p, sim(small), delta=line.delta() if chain_of(p).leading else None))
+        line.add(w, alone[-1])
+    assert any(chain_of(p).leading for p in plans)  # a wafer continues a layer: its delta matters
     assert [s.cycles for s in d.steps] == [a.total_cycles for a in alone]
     assert [s.flops for s in d.steps] == [a.total("flops") for a in alone]
     assert len(calls) == d.simulations < sum(a.simulations for a in alone)

@@ -163,6 +163,8 @@ def _workload_options(fn):
                      help="expert regions hold at most this many routed experts (default: as many as fit)"),
         click.option("--slot-shape", "slot_shape", type=click.Choice(["tall", "square"]),
                      help="layer slots: tall P x Q regions of the largest area (default) or square P x P"),
+        click.option("--weights", help="linear weights: bf16, fp8, int8 or int4 (default: the model's "
+                                       "published checkpoint)"),
         click.option("--heads", type=int, help="attention heads (--op attention)"),
         click.option("--kv-heads", "kv_heads", type=int, help="KV heads (--op attention)"),
         click.option("--head-dim", "head_dim", type=int, help="head dimension (--op attention)"),
@@ -222,14 +224,15 @@ def models_cmd() -> None:
     """List the model specs with their sizes and parameter counts."""
     from .workload.models import load_model, model_names
     click.echo(f"{'model':15} {'layers':>6} {'hidden':>6} {'heads':>7} {'ffn':>6} {'experts':>9} "
-               f"{'params':>9} {'active':>8} {'weights':>9}")
+               f"{'params':>9} {'active':>8} {'weights':>9}  precisions (--weights)")
+    from .workload.precision import published
     for name in model_names():
         m = load_model(name)
         experts = f"{m.moe.experts_per_token}/{m.moe.experts}" + (f"+{m.moe.shared_experts}" if m.moe.shared_experts else "") \
             if m.moe else "-"
         click.echo(f"{name:15} {m.layers:>6} {m.hidden_size:>6} {m.heads:>4}/{m.kv_heads:<2} {m.ffn_size:>6} "
                    f"{experts:>9} {_count(m.total_params()):>9} {_count(m.active_params()):>8} "
-                   f"{m.weight_bytes() / 1e9:>7.1f}GB")
+                   f"{m.weight_bytes() / 1e9:>7.1f}GB  {', '.join(dict.fromkeys(published(m) + ('bf16',)))}")
 
 
 def _count(n: int) -> str:
@@ -471,6 +474,8 @@ def compare_cmd(run_files, as_json) -> None:
               help="layer slots: tall P x Q regions of the largest area, or square P x P")
 @click.option("--uniform-slots", is_flag=True,
               help="every wafer on one slot shape (fewer distinct stage simulations; slots no larger)")
+@click.option("--weights", help="linear weights: bf16, fp8, int8 or int4 (default: the model's published "
+                                "checkpoint; the GPU nodes store them alike)")
 @click.option("--gpu", type=click.Choice(["h100", "h200", "b200"]), default="h100", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
 @click.option("--threads", type=int, help="Numba threads per simulation (default: all cores; 1 with --jobs)")
@@ -479,7 +484,7 @@ def compare_cmd(run_files, as_json) -> None:
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
 @_clean_errors
 def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, expert_skew, moe_mapping,
-               experts_per_region, slot_shape, uniform_slots, gpu, output, threads, jobs, quiet) -> None:
+               experts_per_region, slot_shape, uniform_slots, weights, gpu, output, threads, jobs, quiet) -> None:
     """A model on a multi-wafer system and on GPU nodes, side by side (docs/system.md)."""
     from .engine.run import simulate
     from .results.store import RunInfo, write_run
@@ -527,7 +532,7 @@ def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, exp
     job = compare.run_system(model, system, sim, wafers=n, batch=batch, context=context,
                              prompt=prompt_len or None, gpu=gpu, expert_skew=expert_skew, moe_mapping=moe_mapping,
                              experts_per_region=experts_per_region, slot_shape=slot_shape,
-                             uniform_slots=uniform_slots, jobs=jobs,
+                             uniform_slots=uniform_slots, weights=weights, jobs=jobs,
                              threads=threads, done=done)
     rep = job.decode.representative
     info = RunInfo(trace_path=f"--model {model} --system {system.name} (counters of the largest stage)",
@@ -535,7 +540,9 @@ def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, exp
                    threads=rep.threads, wall_seconds=rep.wall_seconds)
     write_run(output, rep, cfg, info, extra=compare.figures(job), tables=compare.tables(job))
     if not quiet:
-        click.echo(f"{model}, batch {batch}, context {context}, 16-bit weights")
+        dense, expert = job.precisions
+        prec = dense if dense == expert else f"{dense} (experts {expert})"
+        click.echo(f"{model}, batch {batch}, context {context}, {prec} weights")
         click.echo(compare.format_rows(job))
         click.echo(f"wrote {output}")
 

@@ -27,6 +27,7 @@ SIMD_KEYS = (
     "max_fp16", "max_fp32",
     "mov_fp16", "mov_fp32",
     "scale_fp16", "scale_fp32",
+    "scale_fp8", "scale_int8", "scale_int4",  # dequantizing low-precision weights to fp16 [U]
 )
 
 

@@ -51,10 +51,15 @@ KIND_FLOPS = (0, 2, 1, 1, 1, 0, 1)
 DTYPE_FP16 = 0
 DTYPE_FP32 = 1
 DTYPE_MIXED = 2  # fp16 sources, fp32 destination / accumulator (the SDK's @fmachs)
-N_DTYPES = 3
-DTYPE_NAMES = ("fp16", "fp32", "mixed")
-DTYPE_SRC_BYTES = (2, 4, 2)
-DTYPE_DST_BYTES = (2, 4, 4)
+# Low-precision weights, dequantized to fp16 by a SCALE op (decode each value, times a scale):
+DTYPE_FP8 = 3  # one 8-bit float (E4M3) per source byte
+DTYPE_INT8 = 4  # one 8-bit integer per source byte
+DTYPE_INT4 = 5  # a pair of 4-bit integers per source byte: one element is the pair (two fp16 out)
+N_DTYPES = 6
+DTYPE_NAMES = ("fp16", "fp32", "mixed", "fp8", "int8", "int4")
+DTYPE_SRC_BYTES = (2, 4, 2, 1, 1, 1)
+DTYPE_DST_BYTES = (2, 4, 4, 2, 2, 4)
+DTYPE_VALUES = (1, 1, 1, 1, 1, 2)  # values per element: an op's FLOPs per element are the kind's times these
 
 # Bytes carried by one wavelet: a 32-bit payload. One element travels per wavelet.
 WAVELET_PAYLOAD_BYTES = 4

@@ -97,7 +97,7 @@ class _OpInfo:
         # SPEC READING: FLOPs are counted for the computing ops only (compute and the fused
         # receive ops); send and recv do no arithmetic whatever their kind field holds (the
         # builders leave it at KIND_NONE, whose FLOPs are 0 anyway).
-        self.flops = isa.KIND_FLOPS[op.kind] if op.opcode in _COMPUTING_OPS else 0
+        self.flops = isa.KIND_FLOPS[op.kind] * isa.DTYPE_VALUES[op.dtype] if op.opcode in _COMPUTING_OPS else 0
         # "A step with two read streams is done in two one-cycle substeps ... when the streams
         # conflict ... or when sram_read_ports is 1."
         self.two_substeps = False

@@ -147,7 +147,7 @@ def op_constants(trace: Trace, cfg: WaferConfig) -> np.ndarray:
         else:
             row[L.OT_SETUP], row[L.OT_WIDTH] = cfg.fabric_setup_cycles, 1
         if op.opcode in (isa.OP_COMPUTE, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND):
-            row[L.OT_FLOPS] = isa.KIND_FLOPS[op.kind]
+            row[L.OT_FLOPS] = isa.KIND_FLOPS[op.kind] * isa.DTYPE_VALUES[op.dtype]
         row[L.OT_RBYTES] = sum(b for _, b in reads)
         row[L.OT_WBYTES] = sum(b for _, b in writes)
         two = len(reads) == 2 and (cfg.sram_read_ports < 2 or _banks_conflict(reads[0][0], reads[1][0], cfg))

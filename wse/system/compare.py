@@ -16,11 +16,12 @@ from ..trace import Trace
 from ..workload.params import DecodeParams
 from ..workload.models import load_model
 from .config import SystemConfig
-from .gpu import GpuResult, curve, gpu_decode, gpu_prefill, load_gpu
+from ..workload.precision import weights_of
+from .gpu import GpuResult, curve, gpu_decode, gpu_prefill, load_gpu, weights_for
 from .pool import Done
 from .wafers import SystemDecode, prefill_seconds, run_decode, wafer_plans
 
-ELEM_BYTES = 2.0  # the wafer mapping stores 16-bit weights and KV cache
+ELEM_BYTES = 2.0  # both sides keep a 16-bit KV cache
 
 
 @dataclasses.dataclass
@@ -31,28 +32,31 @@ class SystemJob:
     ttft_s: float  # wafer system; nan without a prefill
     rows: list[tuple[str, str, Any, Any]]  # (metric, units, wafer system, GPU)
     gpu_curve: list[Any]
+    precisions: tuple[str, str] = ("bf16", "bf16")  # (dense, routed experts) weights on both sides
 
 
 def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], object], *, wafers: int | None = None,
                batch: int = 1, context: int = 1024, prompt: int | None = 512, gpu: str = "h100",
                expert_skew: float = 0.0, moe_mapping: str = "auto", experts_per_region: int = 0,
-               slot_shape: str = "tall", uniform_slots: bool = False, jobs: int = 1, threads: int | None = None,
-               done: Done | None = None) -> SystemJob:
+               slot_shape: str = "tall", uniform_slots: bool = False, weights: str | None = None, jobs: int = 1,
+               threads: int | None = None, done: Done | None = None) -> SystemJob:
     """Simulate the wafer system, evaluate the GPU model, and tabulate both (jobs, threads,
     done: how the decode stages are simulated, wafers.run_decode)."""
     spec = load_model(model)
     params = DecodeParams(batch=batch, context=context, expert_skew=expert_skew, moe_mapping=moe_mapping,
-                          experts_per_region=experts_per_region, slot_shape=slot_shape, uniform_slots=uniform_slots)
+                          experts_per_region=experts_per_region, slot_shape=slot_shape, uniform_slots=uniform_slots,
+                          weights=weights)
+    gw = weights_for(spec, weights_of(spec, weights))  # the GPU nodes store the weights alike
     dec = run_decode(spec, system, params, wafers, simulate, jobs, threads, done)
     ttft = math.nan
     if prompt:
         ttft = prefill_seconds(spec, system, wafer_plans(spec, system, params, dec.wafers), prompt, simulate)
     g_cfg = load_gpu(gpu)
-    g = gpu_decode(spec, g_cfg, batch=batch, context=context, weight_bytes=ELEM_BYTES, kv_bytes=ELEM_BYTES,
+    g = gpu_decode(spec, g_cfg, batch=batch, context=context, weight_bytes=gw, kv_bytes=ELEM_BYTES,
                    utilization=system.utilization)
-    g_ttft = gpu_prefill(spec, g_cfg, prompt, batch=batch, nodes=g.nodes, weight_bytes=ELEM_BYTES,
+    g_ttft = gpu_prefill(spec, g_cfg, prompt, batch=batch, nodes=g.nodes, weight_bytes=gw,
                          kv_bytes=ELEM_BYTES).ttft_s if prompt else math.nan
-    g_curve = curve(spec, g_cfg, context, nodes=g.nodes, weight_bytes=ELEM_BYTES, kv_bytes=ELEM_BYTES)
+    g_curve = curve(spec, g_cfg, context, nodes=g.nodes, weight_bytes=gw, kv_bytes=ELEM_BYTES)
     one, most = dec.curve[0], dec.curve[-1]
     wafer_name = f"{system.name}: {dec.wafers} x {system.wafer}"
     gpu_name = f"{g.nodes} x 8x{g_cfg.name}"
@@ -72,7 +76,7 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
         ("$/Mtok, pipeline full", "USD", most.usd_per_mtok, None),
         ("bound", "", _wafer_bound(dec), g.bound),
     ]
-    return SystemJob(dec, g, g_ttft, ttft, rows, g_curve)
+    return SystemJob(dec, g, g_ttft, ttft, rows, g_curve, weights_of(spec, weights))
 
 
 def _wafer_bound(dec: SystemDecode) -> str:

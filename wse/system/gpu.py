@@ -81,9 +81,14 @@ class GpuConfig:
     def node_power_w(self) -> float:
         return self.gpus_per_node * self.power_w + self.node_overhead_power_w
 
-    def matmul_flops_per_s(self, bytes_per_param: float) -> float:
-        """Peak for weight GEMMs: fp8 tensor cores when weights are stored in 8 bits or fewer."""
-        return self.fp8_flops_per_s if bytes_per_param <= 1.0 else self.bf16_flops_per_s
+    def matmul_flops_per_s(self, weight_bytes) -> float:
+        """Peak for weight GEMMs: fp8 tensor cores for fp8 weights (a Weights says; a number of
+        bytes per parameter: 8 bits or fewer), bf16 otherwise."""
+        if isinstance(weight_bytes, tuple):
+            fp8 = weight_bytes.fp8
+        else:
+            fp8 = weight_bytes <= 1.0
+        return self.fp8_flops_per_s if fp8 else self.bf16_flops_per_s
 
 
 def _check(values: dict[str, Any], where: str) -> GpuConfig:
@@ -146,8 +151,29 @@ def distinct_experts(experts: int, per_token: int, tokens: float) -> float:
     return experts * (1.0 - (1.0 - per_token / experts) ** tokens)
 
 
-def _param_bytes(spec: ModelSpec, weight_bytes: float | None) -> tuple[float, float]:
-    """(bytes per non-expert parameter, bytes per routed-expert parameter)."""
+class Weights(NamedTuple):
+    """How the GPU node stores and multiplies the weights: bytes per parameter other than the
+    routed experts', per routed-expert parameter, and whether the weight GEMMs run on fp8 tensor
+    cores (fp8 weights) or in bf16 (16-bit weights, and integer weights dequantized on the fly:
+    weight-only quantization)."""
+
+    dense: float
+    expert: float
+    fp8: bool
+
+
+def weights_for(spec: ModelSpec, precisions: tuple[str, str]) -> Weights:
+    """The GPU form of the wafer's (dense, expert) weight precisions (workload/precision.py)."""
+    from ..workload.precision import value_bytes
+    dense, expert = precisions
+    return Weights(value_bytes(dense), value_bytes(expert), dense == expert == "fp8")
+
+
+def _param_bytes(spec: ModelSpec, weight_bytes) -> tuple[float, float]:
+    """(bytes per non-expert parameter, bytes per routed-expert parameter); weight_bytes: one
+    number for both, a Weights, or None (the model's stored dtypes)."""
+    if isinstance(weight_bytes, Weights):
+        return weight_bytes.dense, weight_bytes.expert
     if weight_bytes is not None:
         return float(weight_bytes), float(weight_bytes)
     dense = DTYPE_BYTES[spec.weight_dtype]
@@ -251,7 +277,7 @@ def _layer_terms(spec: ModelSpec, gpu: GpuConfig, layer: int, tokens: float, kv_
     attention (query, key) pairs; two all-reduces (after attention and after the FFN)."""
     w_bytes, mm_flops = layer_touched(spec, layer, tokens, weight_bytes)
     kv = kv_tokens * kv_bytes_per_token_layer(spec, kv_bytes) * kv_replication(spec, gpu.gpus_per_node)
-    peak = gpu.matmul_flops_per_s(_param_bytes(spec, weight_bytes)[0])
+    peak = gpu.matmul_flops_per_s(_peak_form(spec, weight_bytes))
     at_peak = mm_flops / peak + pairs * attention_flops_per_pair(spec) / gpu.bf16_flops_per_s
     comm = 2 * allreduce_s(gpu, tokens * spec.hidden_size * ACT_BYTES)
     return _roofline(gpu, w_bytes + kv, at_peak) + Terms(communication=comm)
@@ -260,15 +286,21 @@ def _layer_terms(spec: ModelSpec, gpu: GpuConfig, layer: int, tokens: float, kv_
 def _lm_head_terms(spec: ModelSpec, gpu: GpuConfig, rows: float, weight_bytes: float | None) -> Terms:
     """LM head: a (rows x hidden) x (hidden x vocab) product, vocab split over the TP group."""
     params = spec.vocab_size * spec.hidden_size
-    bpp = _param_bytes(spec, weight_bytes)[0]
+    bpp = 2.0 if isinstance(weight_bytes, Weights) else _param_bytes(spec, weight_bytes)[0]  # (16-bit head)
     return _roofline(gpu, params * bpp, 2.0 * params * rows / gpu.matmul_flops_per_s(bpp))
+
+
+def _peak_form(spec: ModelSpec, weight_bytes):
+    """What decides a layer's GEMM peak: a Weights, else its bytes per parameter."""
+    return weight_bytes if isinstance(weight_bytes, Weights) else _param_bytes(spec, weight_bytes)[0]
 
 
 def _stage_bytes(spec: ModelSpec, stage: range, first: bool, last: bool, nodes: int,
                  kv_positions: float, tp: int, weight_bytes: float | None, kv_bytes: float) -> float:
     """HBM one node needs: its layers' weights and KV cache, the embedding on the first node,
-    the LM head on the last (a tied embedding is stored twice when the ends differ)."""
-    bpp = _param_bytes(spec, weight_bytes)[0]
+    the LM head on the last (a tied embedding is stored twice when the ends differ; 16-bit with a
+    Weights, as the quantized checkpoints keep them)."""
+    bpp = 2.0 if isinstance(weight_bytes, Weights) else _param_bytes(spec, weight_bytes)[0]
     total = sum(layer_stored_bytes(spec, i, weight_bytes) for i in stage)
     total += kv_positions * len(stage) * kv_bytes_per_token_layer(spec, kv_bytes) * kv_replication(spec, tp)
     if first:

@@ -14,6 +14,7 @@ from ..hardware import WaferConfig
 from .experts import most_experts
 from .layer import LayerPlan, most_rows, plan_layer
 from .params import DecodeParams
+from .precision import value_bytes, weights_of
 from .tables import embedding_memory, lm_memory, token_column
 from .mesh import split_ranges
 from .models import ModelSpec
@@ -80,12 +81,14 @@ def model_units(spec: ModelSpec, first_layer: int = 0, n_layers: int | None = No
 
 
 def unit_bytes(spec: ModelSpec, params: DecodeParams, unit: tuple[int, int]) -> int:
-    """16-bit weights (and, for a layer region, the KV cache) of one unit."""
+    """Weights at their precision (and, for a layer region, the KV cache) of one unit."""
     layer, e = unit
+    dense, expert = (value_bytes(w) for w in weights_of(spec, params.weights))
     if e >= 0:
-        return ELEM * spec.expert_params()
-    routed = spec.moe.experts * spec.expert_params() if spec.is_moe_layer(layer) else 0
-    return ELEM * (spec.layer_params(layer) - routed) + spec.kv_cache_width * params.context * params.batch * ELEM
+        lin = spec.linear_params(layer)[1] // spec.moe.experts
+        return round(expert * lin + ELEM * (spec.expert_params() - lin))
+    return round(spec.layer_bytes(layer, dense, expert, routed=False)) \
+        + spec.kv_cache_width * params.context * params.batch * ELEM
 
 
 def units_chain(units: list[tuple[int, int]], experts_per_region: int
@@ -292,10 +295,12 @@ def _place(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: in
 
 def bytes_needed(spec: ModelSpec, params: DecodeParams, n_layers: int, first_layer: int = 0,
                  embed: bool = True, head: bool = True) -> int:
-    """16-bit weights of the mapped layers (and the embedding and head when held), plus their
-    KV cache."""
+    """Weights of the mapped layers at their precision (and the 16-bit embedding and head when
+    held), plus their KV cache."""
+    dense, expert = (value_bytes(w) for w in weights_of(spec, params.weights))
     weights = ELEM * ((spec.embedding_params() if embed else 0) + (spec.lm_head_params() + spec.hidden_size
-                      if head else 0) + sum(spec.layer_params(i) for i in range(first_layer, first_layer + n_layers)))
+                      if head else 0)) \
+        + round(sum(spec.layer_bytes(i, dense, expert) for i in range(first_layer, first_layer + n_layers)))
     return weights + spec.kv_cache_width * params.context * params.batch * ELEM * n_layers
 
 

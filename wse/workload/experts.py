@@ -19,6 +19,7 @@ from .gemv import ELEM, GemvShape
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
 from .models import ModelSpec
 from .params import DecodeParams
+from .precision import weights_of
 from .plan import FitError, fit_check
 from .plan import DIAG_BCAST
 from .region import (ADD, FMAC, G0, G1, G2, G3, MOV, SILU_MUL_FLOPS, THREADS, RegionBuild, anchor_of, handoff,
@@ -94,13 +95,18 @@ def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, 
     buf["dot"] = mem.alloc("dot", longest * ELEM, "scratch", G1)
     buf["scal"] = mem.alloc("scalars", 16 * ELEM, "scratch", G1)
     buf["tmp"] = mem.alloc("tmp", longest * ELEM, "scratch", G0)
-    shapes = {}
-    for name, (mm, n, axis, ins, outs) in {"gate_up": (H, 2 * m.expert_ffn_size, X, Hc, [2 * f for f in f_r]),
-                                           "down": (m.expert_ffn_size, H, Y, f_r, Hc)}.items():
-        sh = GemvShape(mm, n, axis, ins, outs)
-        sh.pitch = -(-max(outs) * ELEM // 8) * 8
+    shapes = {name: GemvShape(mm, n, axis, ins, outs, precision=weights_of(spec, params.weights)[1])
+              for name, (mm, n, axis, ins, outs) in {
+                  "gate_up": (H, 2 * m.expert_ffn_size, X, Hc, [2 * f for f in f_r]),
+                  "down": (m.expert_ffn_size, H, Y, f_r, Hc)}.items()}
+    for sh in shapes.values():
+        sh.set_pitch()
+    dequant = max(sh.scratch_bytes() for sh in shapes.values())
+    if dequant:  # (a scratch the size of the tiles', not of their number: below the weights too)
+        buf["dequant"] = mem.alloc("dequant", dequant, "scratch", G0)
+    for name, sh in shapes.items():
+        sh.scratch = buf.get("dequant", 0)
         sh.weights = mem.alloc(f"w_{name}", sh.tile_bytes() * (e1 - e0), "weights", G0)
-        shapes[name] = sh
     fit_check(mem, cfg, f"{spec.name} layer {layer} experts {e0}..{e1 - 1} on a {P}x{Q} region (batch {B})")
     return ExpertPlan(spec, layer, experts, P, params, mem, Hc, f_r, shapes, buf, Q)
 
@@ -233,7 +239,9 @@ def experts_flops(plan: ExpertPlan, collector: bool = False) -> tuple[dict[str, 
     model = {"ffn": u * (2 * H * 2 * f + 2 * f * H)}
     row, col = u * SILU_MUL_FLOPS * f, u * 2 * H  # SiLU . up on rows; gate-weighted sums at the lane PEs
     combine = H * B if u else 0  # the chosen region's outputs added into the combine
+    n = len(plan.local_experts())  # each chosen expert's tiles dequantized once
     executed = {"ffn": model["ffn"] + P * row + col, "combine": combine,
+                "dequant": n * sum(plan.shapes[k].dequant_flops() for k in ("gate_up", "down")),
                 "allreduce": u * ((P - 1) * 2 * f + (Q - 1) * H) + (handoff_flops(Region(0, 0, P, Q)) if collector
                                                                      else 0)}
     return executed, model["ffn"] + row + col + combine

@@ -68,32 +68,29 @@ def moe_ffn_ops(ctx, i: int, jf: int, je: int, xrole: tuple, yrole: tuple) -> Op
 def moe_experts(spec: ModelSpec, layer: int, batch: int, skew: float = 0.0) -> dict[int, int]:
     """Experts computed in a MoE layer's decode step -> how many sequences use each.
 
-    skew = 0 (default): uniform and deterministic, sequence b uses experts (b*k + layer + i)
-    mod E, i < k, so a batch spreads over the experts evenly. skew = s > 0: expert popularity
-    follows a Zipf law, the r-th most popular expert of the layer (a fixed per-layer order)
-    drawing weight 1 / (r + 1)^s; each sequence picks k distinct experts by weighted sampling
-    without replacement from a generator seeded by (layer, sequence), so runs are reproducible.
-    Shared experts serve every sequence.
+    Each sequence picks k distinct routed experts by weighted sampling without replacement,
+    from a generator seeded by (layer, sequence), so runs are reproducible: uniformly for
+    skew = 0 (default: a token's experts land anywhere among the layer's, as a trained router's
+    choices do for any one token), or for skew = s > 0 by a Zipf law, the r-th most popular
+    expert of the layer (a fixed per-layer order) drawing weight 1 / (r + 1)^s. Shared experts
+    serve every sequence.
     """
+    import numpy as np
     m = spec.moe
     assert m
-    if skew < 0:
+    if not skew >= 0:
         raise WseError(f"--expert-skew {skew} must be at least 0")
-    use: dict[int, int] = {}
-    if skew == 0:
-        for b in range(batch):
-            for i in range(m.experts_per_token):
-                e = (b * m.experts_per_token + layer + i) % m.experts
-                use[e] = use.get(e, 0) + 1
-    else:
-        import numpy as np
+    p = None
+    if skew > 0:
         order = np.random.default_rng([layer, 7919]).permutation(m.experts)
         weight = np.empty(m.experts)
         weight[order] = 1.0 / np.arange(1, m.experts + 1) ** skew
-        for b in range(batch):
-            rng = np.random.default_rng([layer, b, 104729])
-            for e in rng.choice(m.experts, size=m.experts_per_token, replace=False, p=weight / weight.sum()):
-                use[int(e)] = use.get(int(e), 0) + 1
+        p = weight / weight.sum()
+    use: dict[int, int] = {}
+    for b in range(batch):
+        rng = np.random.default_rng([layer, b, 104729])
+        for e in rng.choice(m.experts, size=m.experts_per_token, replace=False, p=p):
+            use[int(e)] = use.get(int(e), 0) + 1
     for s in range(m.shared_experts):
         use[m.experts + s] = batch
     return dict(sorted(use.items()))

@@ -14,6 +14,7 @@ import dataclasses
 from .. import isa
 from ..trace import compute
 from .mesh import X, Y, Axis, Allocator, RegionProgram, split
+from .precision import SCRATCH_BYTES, STORE, row_bytes, value_bytes
 
 FP16 = isa.DTYPE_FP16
 ELEM = 2  # bytes of a 16-bit element
@@ -30,17 +31,48 @@ class GemvShape:
     out_chunks: list[int]  # output chunk per position along the other axis
     weights: int = 0  # address of the tile
     pitch: int = 0  # bytes per tile row (multiple of 8: every row starts in one bank group)
+    precision: str = "bf16"  # how the weights are stored (precision.py)
+    scratch: int = 0  # where a low-precision tile's rows are dequantized to fp16
 
     @property
     def out_axis(self) -> Axis:
         return X if self.reduce_axis is Y else Y
 
+    @property
+    def store(self) -> int:
+        """The isa dtype of the stored weights (fp16: used as they are)."""
+        return STORE[self.precision]
+
+    def set_pitch(self) -> None:
+        """Row pitch for the widest output chunk at the shape's precision, a multiple of 8 bytes."""
+        self.pitch = -(-row_bytes(self.precision, max(self.out_chunks)) // 8) * 8
+
     def tile_bytes(self) -> int:
         return max(self.in_chunks) * self.pitch
 
-    def weight_bytes(self) -> int:
-        """Bytes of real weights over the region (no padding)."""
-        return self.m * self.n * ELEM
+    def scratch_pitch(self) -> int:
+        """Bytes of one dequantized row: a stored byte per element of the dequantize op."""
+        return self.pitch * isa.DTYPE_DST_BYTES[self.store]
+
+    def block_rows(self) -> int:
+        """Tile rows one dequantize op converts (its fp16 rows within SCRATCH_BYTES)."""
+        return max(1, SCRATCH_BYTES // self.scratch_pitch())
+
+    def scratch_bytes(self) -> int:
+        """The fp16 scratch a low-precision tile needs (0 for fp16 weights)."""
+        return 0 if self.store == FP16 else min(self.block_rows(), max(self.in_chunks)) * self.scratch_pitch()
+
+    def weight_bytes(self) -> float:
+        """Bytes of real weights over the region (no padding), at the shape's precision."""
+        return self.m * self.n * value_bytes(self.precision)
+
+    def dequant_flops(self) -> int:
+        """FLOPs of dequantizing every tile once (one per stored value, padding included), summed
+        over the PEs that hold a tile."""
+        if self.store == FP16:
+            return 0
+        rows_per_pe = self.m * sum(1 for c in self.out_chunks if c)
+        return rows_per_pe * self.pitch * isa.DTYPE_VALUES[self.store]
 
 
 def plan_gemv(m: int, n: int, reduce_axis: Axis, px: int, py: int) -> GemvShape:
@@ -49,7 +81,7 @@ def plan_gemv(m: int, n: int, reduce_axis: Axis, px: int, py: int) -> GemvShape:
 
 
 def alloc_gemv(shape: GemvShape, mem: Allocator, name: str) -> None:
-    shape.pitch = -(-max(shape.out_chunks) * ELEM // 8) * 8
+    shape.set_pitch()
     shape.weights = mem.alloc(name, shape.tile_bytes(), "weights")
 
 
@@ -64,10 +96,21 @@ def gemv_ops(shape: GemvShape, in_pos: int, out_pos: int, x: int, y: int, batch:
     ops = []
     if nt == 0:
         return ops
-    for b in range(batch):
-        for r in range(mt):
-            ops.append(compute(isa.KIND_FMAC, nt, dst=y + b * y_stride, src0=shape.weights + r * shape.pitch,
-                               src1=x + b * x_stride + r * ELEM, dtype=FP16))
+    if shape.store == FP16:
+        for b in range(batch):
+            for r in range(mt):
+                ops.append(compute(isa.KIND_FMAC, nt, dst=y + b * y_stride, src0=shape.weights + r * shape.pitch,
+                                   src1=x + b * x_stride + r * ELEM, dtype=FP16))
+        return ops
+    k, sp = shape.block_rows(), shape.scratch_pitch()
+    for r0 in range(0, mt, k):  # dequantize a block of rows, then the FMACs that use them
+        rows = min(k, mt - r0)
+        ops.append(compute(isa.KIND_SCALE, rows * shape.pitch, dst=shape.scratch,
+                           src0=shape.weights + r0 * shape.pitch, dtype=shape.store))
+        for b in range(batch):
+            for r in range(r0, r0 + rows):
+                ops.append(compute(isa.KIND_FMAC, nt, dst=y + b * y_stride, src0=shape.scratch + (r - r0) * sp,
+                                   src1=x + b * x_stride + r * ELEM, dtype=FP16))
     return ops
 
 
@@ -82,8 +125,9 @@ def reduce_flops(shape: GemvShape, lines: int, batch: int = 1) -> int:
 
 
 def standalone(m: int, n: int, px: int, py: int, cfg, algo: str = "two-level", groups: int | None = None,
-               batch: int = 1):
-    """A GEMV kernel trace on a px x py region: (trace, facts) with analytic FLOPs and bytes."""
+               batch: int = 1, weights: str = "bf16"):
+    """A GEMV kernel trace on a px x py region, its weights stored at precision `weights`
+    (dequantized block by block before the FMACs): (trace, facts) with analytic FLOPs and bytes."""
     from ..errors import WseError
     from .mesh import MeshBuilder, Region, tagged
     from .plan import AxisCollectives, fit_check
@@ -92,16 +136,22 @@ def standalone(m: int, n: int, px: int, py: int, cfg, algo: str = "two-level", g
         raise WseError("gemv: --m, --n and the region sizes must be positive")
     if py > m or px > n:
         raise WseError(f"gemv: a {px}x{py} region needs m >= {py} and n >= {px} (every PE gets a tile)")
+    if weights not in STORE:
+        raise WseError(f"gemv: --weights {weights!r} is not one of {', '.join(STORE)}")
     region = Region(0, 0, px, py)
     shape = plan_gemv(m, n, Y, px, py)
+    shape.precision = weights
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
     alloc_gemv(shape, mem, "w")
+    if shape.scratch_bytes():
+        shape.scratch = mem.alloc("dequant", shape.scratch_bytes(), "scratch")
     nt = max(shape.out_chunks) * batch
     x = mem.alloc("x", max(shape.in_chunks) * batch * ELEM, "activations")
     y = mem.alloc("y", nt * ELEM, "activations", bank_offset=4)
     tmp = mem.alloc("tmp", nt * ELEM, "scratch")
     fit_check(mem, cfg, f"gemv {m}x{n} on {px}x{py}")
-    b = MeshBuilder(px, py, 2, kernel="gemv", m=m, n=n, region=f"{px}x{py}", algo=algo, batch=batch)
+    b = MeshBuilder(px, py, 2, kernel="gemv", m=m, n=n, region=f"{px}x{py}", algo=algo, batch=batch,
+                    weights=weights)
     coll = AxisCollectives(region, b, algo=algo, groups=groups, axes=(Y,))
     red = coll.reduce[Y]
     prog = RegionProgram(region, 2)
@@ -126,6 +176,7 @@ def standalone(m: int, n: int, px: int, py: int, cfg, algo: str = "two-level", g
     facts = {
         "model_flops": gemv_flops(shape, batch),
         "reduce_flops": reduce_flops(shape, py, batch),
+        "dequant_flops": shape.dequant_flops(),
         "weight_bytes": shape.weight_bytes(),
         "allocated_weight_bytes": shape.tile_bytes() * px * py,
         "sram_bytes_per_pe": mem.used,

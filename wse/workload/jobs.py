@@ -67,7 +67,7 @@ def kernel_trace(op: str, cfg: WaferConfig, **kw) -> tuple[Trace, dict[str, int]
             raise WseError("--op gemv needs --region WxH")
         need(kw, "m", "n")
         return standalone(kw["m"], kw["n"], region[0], region[1], cfg, algo=kw.get("algo") or "two-level",
-                          groups=kw.get("groups"), batch=kw.get("batch") or 1)
+                          groups=kw.get("groups"), batch=kw.get("batch") or 1, weights=kw.get("weights") or "bf16")
     if op == "allreduce":
         from .kernels import allreduce
         if region is None:
@@ -146,7 +146,7 @@ def _model_plan(name: str, cfg: WaferConfig, phase: str, **kw):
                           token=kw.get("token") or 1, algo=algo, groups=kw.get("groups"),
                           expert_skew=kw.get("expert_skew") or 0.0, moe_mapping=kw.get("moe_mapping") or "auto",
                           experts_per_region=kw.get("experts_per_region") or 0,
-                          slot_shape=kw.get("slot_shape") or "tall")
+                          slot_shape=kw.get("slot_shape") or "tall", weights=kw.get("weights"))
     if params.batch < 1 or params.context < 1:
         raise WseError("--batch and --context must be positive")
     return plan_model(spec, cfg, params, kw.get("layers"), region[0] if region else None,

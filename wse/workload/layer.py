@@ -21,6 +21,7 @@ from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProg
 from .mla import MlaSplit, mla_output_ops, mla_project_ops, mla_split
 from .models import ModelSpec
 from .params import DecodeParams
+from .precision import weights_of
 from .plan import COMBINE, DIAG_BCAST, KV_SHIFT, FitError, fit_check
 from .collectives import LineBroadcast
 from .region import (ADD, FMAC, G0, G1, G2, G3, MUL, SCALE, SILU_MUL_FLOPS, SOFTMAX_FLOPS, THREADS, Lanes,
@@ -105,10 +106,12 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     heads_r = split(spec.heads, Q)
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
     shapes: dict[str, GemvShape] = {}
+    dense_w, expert_w = weights_of(spec, params.weights)
 
-    def weights(name: str, m: int, n: int, axis, ins: list[int], outs: list[int], copies: int = 1) -> None:
-        s = GemvShape(m, n, axis, ins, outs)
-        s.pitch = -(-max(outs) * ELEM // 8) * 8
+    def weights(name: str, m: int, n: int, axis, ins: list[int], outs: list[int], copies: int = 1,
+                precision: str = dense_w) -> None:
+        s = GemvShape(m, n, axis, ins, outs, precision=precision)
+        s.set_pitch()
         s.weights = mem.alloc(f"w_{name}", s.tile_bytes() * copies, "weights", G0)
         shapes[name] = s
 
@@ -117,17 +120,22 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         weights("a", H, m_.q_lora_rank + sum(ms.c_r), X, Hc, qkv_r)
         weights("qb", m_.q_lora_rank, spec.q_size, Y, ms.qa_r, ms.qn_r)
         # block-diagonal absorbed up-projections: a PE's tile covers its column's heads only
-        weights("uk", spec.heads * m_.qk_nope_head_dim, m_.kv_lora_rank, X, ms.nope_n, ms.v_r)
-        weights("uv", m_.kv_lora_rank, spec.heads * m_.v_head_dim, Y, ms.v_r, ms.oh_r)
+        weights("uk", spec.heads * m_.qk_nope_head_dim, m_.kv_lora_rank, X, ms.nope_n, ms.v_r, precision="bf16")
+        weights("uv", m_.kv_lora_rank, spec.heads * m_.v_head_dim, Y, ms.v_r, ms.oh_r, precision="bf16")
         weights("o", spec.attn_out_size, H, X, ms.oh_r, Hc + [0] * (Q - P))  # rows j >= P: none
     else:
         weights("qkv", H, spec.q_size + 2 * spec.kv_size, X, Hc, qkv_r)
         weights("o", spec.attn_out_size, H, Y, o_r, Hc)
     if moe:
         n_exp = (spec.moe.experts if routed else 0) + spec.moe.shared_experts
-        weights("router", H, spec.moe.experts, X, Hc, e_r)
-        weights("gate_up", H, 2 * ffn, X, Hc, [2 * f for f in f_r], n_exp)
-        weights("down", ffn, H, Y, f_r, Hc, n_exp)
+        weights("router", H, spec.moe.experts, X, Hc, e_r, precision="bf16")
+        # (local experts: shared and routed ones in one tile block, at one precision)
+        w = expert_w if routed else dense_w
+        if routed and spec.moe.shared_experts and expert_w != dense_w:
+            raise WseError(f"{spec.name}: local experts keep shared and routed experts in one tile block, "
+                           f"not at {dense_w} and {expert_w}; give --weights or --moe-mapping regions")
+        weights("gate_up", H, 2 * ffn, X, Hc, [2 * f for f in f_r], n_exp, w)
+        weights("down", ffn, H, Y, f_r, Hc, n_exp, w)
     else:
         weights("gate_up", H, 2 * ffn, X, Hc, [2 * f for f in f_r])
         weights("down", ffn, H, Y, f_r, Hc)
@@ -163,6 +171,11 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     buf["tmp"] = mem.alloc("tmp", longest * ELEM, "scratch", G0)
     if moe and not routed:
         buf["gates"] = mem.alloc("gates", spec.moe.experts_per_token * B * ELEM, "activations", G2)
+    dequant = max(sh.scratch_bytes() for sh in shapes.values())
+    if dequant:  # one fp16 scratch the low-precision tiles are dequantized into, block by block
+        buf["dequant"] = mem.alloc("dequant", dequant, "scratch", G0)
+        for sh in shapes.values():
+            sh.scratch = buf["dequant"]
     fit_check(mem, cfg, f"{spec.name} layer {layer} on a {P}x{Q} region (batch {B}, context {T})")
     return LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, shapes, buf,
                      routed or not moe, ms, Q)
@@ -416,7 +429,11 @@ def layer_flops(plan: LayerPlan, parts: tuple[str, ...] = PARTS) -> tuple[dict[s
             ar += nx * 2 * f * B + ny * H * B
     if "handoff" in parts:
         ar += handoff_flops(Region(0, 0, P, Q))
-    executed = dict(model)
+    S = plan.shapes
+    dq = {"qkv": ("a", "qb") if ml else ("qkv",), "o": ("o",), "ffn": ("gate_up", "down")}
+    copies = {"ffn": len(plan.local_experts()) if plan.moe else 1}
+    dequant = sum(S[k].dequant_flops() * copies.get(part, 1) for part, ks in dq.items() if part in parts for k in ks)
+    executed = dict(model, dequant=dequant) if dequant else dict(model)
     for reps, d in ((Q, col), (P, row)):
         for k, v in d.items():
             executed[k] = executed.get(k, 0) + reps * v

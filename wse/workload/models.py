@@ -14,7 +14,7 @@ from ..errors import WseError
 from ..tomlfile import read_toml
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "traces" / "models"
-DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "mxfp4": 4.25 / 8}
+DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 4.25 / 8, "mxfp4": 4.25 / 8}
 
 
 class ModelError(WseError):
@@ -60,6 +60,7 @@ class ModelSpec:
     o_bias: bool = False
     attention_sinks: bool = False
     weight_dtype: str = "bf16"
+    weight_dtypes: tuple[str, ...] = ()  # published checkpoints (default: weight_dtype alone)
     moe: MoE | None = None
     mla: MLA | None = None
     published_params: float | None = None  # total, for tests
@@ -149,6 +150,34 @@ class ModelSpec:
         return (self.embedding_params() + self.lm_head_params() + self.hidden_size
                 + sum(self.layer_params(i) for i in range(self.layers)))
 
+    def linear_params(self, layer: int) -> tuple[int, int]:
+        """(the layer's linear-projection weights other than its routed experts', its routed
+        experts' weights): what a low-precision checkpoint stores at low precision (precision.py;
+        latent attention's absorbed up-projections, norms, biases, sinks and the router stay
+        16-bit)."""
+        h = self.hidden_size
+        if self.mla:
+            m = self.mla
+            qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+            q = h * m.q_lora_rank + m.q_lora_rank * self.heads * qk if m.q_lora_rank else h * self.heads * qk
+            attn = q + h * (m.kv_lora_rank + m.qk_rope_head_dim) + self.heads * m.v_head_dim * h
+        else:
+            attn = h * self.q_size + 2 * h * self.kv_size + self.attn_out_size * h
+        mats = 3 if self.gated_ffn else 2
+        if not self.is_moe_layer(layer):
+            return attn + mats * h * self.ffn_size, 0
+        e = mats * h * self.moe.expert_ffn_size
+        return attn + self.moe.shared_experts * e, self.moe.experts * e
+
+    def layer_bytes(self, layer: int, dense: float, expert: float, routed: bool = True) -> float:
+        """Bytes of a layer's weights with its linear weights at `dense` and its routed experts'
+        at `expert` bytes each, the rest 16-bit (routed=False: without the routed experts)."""
+        lin, rt = self.linear_params(layer)
+        rest = self.layer_params(layer) - lin - rt
+        if not routed:
+            rest -= self.moe.experts * self.expert_params() - rt if rt else 0
+        return 2 * rest + dense * lin + (expert * rt if routed else 0)
+
     def active_params(self) -> int:
         """Parameters touched per token (routed experts: experts_per_token of them)."""
         n = self.total_params()
@@ -187,11 +216,15 @@ def _build(doc: dict[str, Any], where: str) -> ModelSpec:
     try:
         moe = MoE(**doc.pop("moe")) if "moe" in doc else None
         mla = MLA(**doc.pop("mla")) if "mla" in doc else None
+        if "weight_dtypes" in doc:
+            doc["weight_dtypes"] = tuple(doc["weight_dtypes"])
         spec = ModelSpec(moe=moe, mla=mla, **doc)
     except TypeError as e:
         raise ModelError(f"{where}: bad model spec ({e})") from None
-    if spec.weight_dtype not in DTYPE_BYTES:
-        raise ModelError(f"{where}: weight_dtype {spec.weight_dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+    for w in (spec.weight_dtype, *spec.weight_dtypes) + ((spec.moe.expert_weight_dtype,) if spec.moe and
+                                                        spec.moe.expert_weight_dtype else ()):
+        if w not in DTYPE_BYTES:
+            raise ModelError(f"{where}: weight dtype {w!r} is not one of {', '.join(DTYPE_BYTES)}")
     for field in ("hidden_size", "layers", "heads", "kv_heads", "head_dim", "ffn_size", "vocab_size"):
         if not isinstance(getattr(spec, field), int) or getattr(spec, field) < 1:
             raise ModelError(f"{where}: {field} must be a positive integer")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import WseError
+from .precision import WEIGHTS
 
 MOE_MAPPINGS = ("auto", "local", "regions")
 SLOT_SHAPES = ("square", "tall")
@@ -21,11 +22,14 @@ class DecodeParams:
     experts_per_region: int = 0  # expert regions hold at most this many routed experts (0: as many as fit)
     slot_shape: str = "tall"  # layer and expert slots: "tall" (P x Q, Q >= P, the largest area) or "square"
     uniform_slots: bool = False  # a multi-wafer system: every wafer on one slot shape (system/wafers.py)
+    weights: str | None = None  # linear weights' precision (precision.WEIGHTS); None: the model's checkpoint
 
     def __post_init__(self) -> None:
         if self.moe_mapping not in MOE_MAPPINGS:
             raise WseError(f"--moe-mapping {self.moe_mapping!r} is not one of {', '.join(MOE_MAPPINGS)}")
         if self.slot_shape not in SLOT_SHAPES:
             raise WseError(f"--slot-shape {self.slot_shape!r} is not one of {', '.join(SLOT_SHAPES)}")
+        if self.weights is not None and self.weights not in WEIGHTS:
+            raise WseError(f"--weights {self.weights!r} is not one of {', '.join(WEIGHTS)}")
         if self.experts_per_region < 0:
             raise WseError(f"--experts-per-region {self.experts_per_region} must be at least 0")
