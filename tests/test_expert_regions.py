@@ -86,7 +86,7 @@ def test_sixteen_experts_on_a_128_mesh_compose_counter_for_counter(mesh, kw):
 def test_each_expert_region_runs_the_experts_chosen_among_its_own(small):
     spec = load_model("tiny-moe")
     params = DecodeParams(batch=1, moe_mapping="regions", experts_per_region=1)
-    chosen = moe_experts(spec, 0, 1)  # experts 0 and 1 (and the shared one, in the layer region)
+    chosen = moe_experts(spec, 0, 1)  # two routed experts (and the shared one, in the layer region)
     idle = active = 0
     for e in range(4):
         ep = plan_experts(spec, 0, (e, e + 1), 16, small, params)
@@ -120,7 +120,7 @@ def test_the_dispatch_is_one_multicast_pass_and_idle_regions_only_relay_the_comb
     plan = plan_model(spec, cfg, DecodeParams(context=32, moe_mapping="regions", experts_per_region=1))
     full = run(full_trace(plan)[0], cfg)
     ch = chain_of(plan)
-    g = ch.groups[0]  # layer 1: experts 1 and 2 chosen (uniform routing, batch 1)
+    g = ch.groups[0]  # layer 1, batch 1: two chosen experts, the other regions idle
     hop, ramp, P = cfg.hop_latency_cycles, cfg.ramp_latency_cycles, plan.P
     arrive, relay = _tag_ends(full, plan, "input"), _tag_ends(full, plan, "combine")
     elements = compressed(plan, ch, g)

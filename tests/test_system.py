@@ -136,6 +136,28 @@ def test_system_decode_puts_the_chain_together(small_system):
     assert single.link_bytes == [] and single.steps[0].embed and single.steps[0].head
 
 
+def test_pipeline_depth_is_the_kv_room_or_the_full_pipeline(small_system):
+    from wse.system.wafers import pipeline_depth
+    from wse.workload.decode import layer_plan
+    spec = load_model("tiny")
+    small = small_system.wafer_config
+    long = DecodeParams(batch=2, context=900)
+    lp = layer_plan(wafer_plans(spec, small_system, long, 2)[0], 0)
+    # one micro-batch's KV data per PE: its column's tokens (and one arriving) x its row's K and
+    # V dimensions; the PEs' shares cover the layer's whole cache
+    assert lp.kv_bytes_per_pe == (max(lp.T_c) + 1) * 2 * max(lp.k_r) * long.batch * 2
+    assert lp.kv_bytes_per_pe * lp.P * lp.Q >= spec.kv_cache_width * long.context * long.batch * 2
+    r = run_decode(spec, small_system, PARAMS, 2, sim(small))
+    room = 1 + min(s.extra_in_flight for s in r.steps)
+    full = math.ceil(r.latency_s / r.bottleneck_s - 1e-9)
+    assert room > full and r.max_in_flight == full == r.curve[-1].in_flight and "pipeline is full" in r.depth_bound
+    assert r.curve[-1].tokens_per_s == max(p.tokens_per_s for p in r.curve)
+    stages = [(2e-6, "layer region"), (5e-6, "idle expert region"), (1e-6, "link")]
+    assert pipeline_depth(stages, 21e-6, 9, 1e9) == (5, "the pipeline is full (period = latency; longest stage: "
+                                                      "idle expert region, 5,000 cycles); KV caches fit 9")
+    assert pipeline_depth(stages, 21e-6, 3, 1e9)[0] == 3  # fewer KV caches fit than would fill it
+
+
 def test_energy_and_cost_follow_from_the_documented_inputs(small_system):
     spec = load_model("tiny")
     sysc = load_system("cs3", ['system.wafer="small"', "system.wafers=2", "cost.usd_per_system_hour=36.0",
@@ -198,6 +220,17 @@ def test_system_command_writes_the_table_and_plots(tmp_path):
     assert p.exit_code == 0 and (tmp_path / "plots" / "throughput-latency.png").exists()
     rep = runner.invoke(cli, ["report", str(out)])
     assert rep.exit_code == 0 and "energy_per_token_j" in rep.output
+    for shown in ("tokens/s per user", "J/token", "$/Mtok", "wafer 1:", "pipeline depth:", "layer region: "):
+        assert shown in rep.output
+
+
+def test_prefill_kernels_in_worker_processes_give_the_same_ttft(small_system):
+    from wse.system.wafers import prefill_seconds
+    spec = load_model("tiny-moe")
+    small = small_system.wafer_config
+    plans = wafer_plans(spec, small_system, PARAMS, 2)
+    assert prefill_seconds(spec, small_system, plans, 32, sim(small)) == \
+        prefill_seconds(spec, small_system, plans, 32, sim(small), jobs=2)
 
 
 def test_system_command_with_expert_regions_over_wafers(tmp_path):

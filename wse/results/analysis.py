@@ -86,7 +86,55 @@ def build_report(rf: RunFile) -> dict[str, Any]:
         "bottlenecks": bottlenecks(rf),
         "energy_and_cost": {k: rf.summary[k] for k in ("energy_per_token_j", "cost_per_mtok_usd") if k in rf.summary}
         or "not modelled in this run",
+        "system": system_section(rf),
     }
+
+
+def system_section(rf: RunFile) -> dict[str, Any] | None:
+    """A `wse system` run's side-by-side table, wafers, pipeline depth and region breakdown."""
+    t = rf.tables
+    if "system" not in t:
+        return None
+    rows = [dict(zip(("metric", "units", "wafer_system", "gpu"), map(str, r)))
+            for r in zip(*(t["system"][k] for k in ("metric", "units", "wafer_system", "gpu")))]
+    w = t["wafers"]
+    wafers = [{k: int(w[k][i]) for k in ("wafer", "first_layer", "layers", "slot_columns", "slot_rows",
+                                         "expert_regions", "cycles")} for i in range(len(w["wafer"]))]
+    out: dict[str, Any] = {"rows": rows, "wafers": wafers}
+    if "pipeline" in t:
+        out["pipeline"] = {"max_in_flight": int(t["pipeline"]["max_in_flight"][0]),
+                           "bound": str(t["pipeline"]["bound"][0])}
+    r = t.get("regions")
+    if r is not None and "class" in r:
+        total = int(w["cycles"].sum())
+        classes: dict[str, list[int]] = {}
+        for label, c in zip(r["class"], r["cycles"]):
+            classes.setdefault(str(label), []).append(int(c))
+        out["regions"] = [{"class": k, "regions": len(v), "min": min(v), "max": max(v), "mean": sum(v) / len(v),
+                           "share": sum(v) / total if total else 0.0}
+                          for k, v in sorted(classes.items(), key=lambda kv: -sum(kv[1]))]
+    return out
+
+
+def _format_system(s: dict[str, Any]) -> list[str]:
+    w0 = max(len(r["metric"]) + len(r["units"]) + 3 for r in s["rows"])
+    w1 = max(len(r["wafer_system"]) for r in s["rows"])
+    lines = [f"system   {'':{w0 - 9}}  {'wafer system':>{w1}}  GPU nodes"]
+    for r in s["rows"]:
+        label = f"{r['metric']} ({r['units']})" if r["units"] else r["metric"]
+        lines.append(f"  {label:{w0 - 2}}  {r['wafer_system']:>{w1}}  {r['gpu'] or '-'}")
+    for x in s["wafers"]:
+        lines.append(f"  wafer {x['wafer']}: layers {x['first_layer']}-{x['first_layer'] + x['layers'] - 1}, "
+                     f"{x['slot_columns']}x{x['slot_rows']} slots, {x['expert_regions']} expert regions, "
+                     f"{x['cycles']:,} cycles/token")
+    if "pipeline" in s:
+        p = s["pipeline"]
+        lines.append(f"  pipeline depth: {p['max_in_flight']} micro-batches in flight, bounded by {p['bound']}")
+    if s.get("regions"):
+        lines.append("  regions (cycles each holds the token; share of all region cycles):")
+        lines += [f"    {c['class']}: {c['regions']} x {c['min']:,}-{c['max']:,}, mean {c['mean']:,.0f}; "
+                  f"{c['share']:.0%}" for c in s["regions"]]
+    return lines
 
 
 def format_report(rep: dict[str, Any]) -> str:
@@ -119,6 +167,8 @@ def format_report(rep: dict[str, Any]) -> str:
         lines.append("most blocked links")
         lines += [f"  PE ({l['pe'][0]}, {l['pe'][1]}) {l['port']:<6} {l['blocked_cycles']:>12,} cycles blocked"
                   for l in b["blocked_links"]]
+    if rep.get("system"):
+        lines += _format_system(rep["system"])
     ec = rep["energy_and_cost"]
     lines.append("energy/cost  " + (ec if isinstance(ec, str) else ", ".join(f"{k} {v:.4g}" for k, v in ec.items())))
     return "\n".join(lines)

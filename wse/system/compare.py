@@ -50,7 +50,8 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     dec = run_decode(spec, system, params, wafers, simulate, jobs, threads, done)
     ttft = math.nan
     if prompt:
-        ttft = prefill_seconds(spec, system, wafer_plans(spec, system, params, dec.wafers), prompt, simulate)
+        ttft = prefill_seconds(spec, system, wafer_plans(spec, system, params, dec.wafers), prompt, simulate,
+                               jobs, threads)
     g_cfg = load_gpu(gpu)
     g = gpu_decode(spec, g_cfg, batch=batch, context=context, weight_bytes=gw, kv_bytes=ELEM_BYTES,
                    utilization=system.utilization)
@@ -106,6 +107,7 @@ def format_rows(job: SystemJob) -> str:
                      f"{' + embedding' if s.embed else ''}{' + LM head' if s.head else ''}, {s.slot}x{s.slot_rows} slots"
                      f"{f', {s.expert_regions} expert region' + 's' * (s.expert_regions > 1) if s.expert_regions else ''}, "
                      f"{s.cycles:,} cycles/token")
+    lines.append(f"pipeline depth: {d.max_in_flight} micro-batches in flight, bounded by {d.depth_bound}")
     if d.wafers > 1:
         lines.append(f"links: up to {max(d.link_bytes):,} B per token each, {d.link_seconds * 1e6:.2f} us per "
                      f"transfer on average")
@@ -157,7 +159,10 @@ def tables(job: SystemJob) -> dict[str, dict[str, np.ndarray]]:
                     "experts": np.array([r.experts[1] - r.experts[0] for s in d.steps for r in s.regions],
                                         dtype=np.int64),
                     "experts_run": np.array([r.experts_run for s in d.steps for r in s.regions], dtype=np.int64),
-                    "cycles": np.array([c for s in d.steps for c in s.region_cycles], dtype=np.int64)},
+                    "cycles": np.array([c for s in d.steps for c in s.region_cycles], dtype=np.int64),
+                    "class": np.array([r.label for s in d.steps for r in s.regions], dtype=object)},
+        "pipeline": {"max_in_flight": np.array([d.max_in_flight], dtype=np.int64),
+                     "bound": np.array([d.depth_bound], dtype=object)},
         "curve_wafer": {"in_flight": np.array([p.in_flight for p in d.curve], dtype=np.int64),
                         "tokens_per_s_per_user": np.array([p.tokens_per_s_per_user for p in d.curve]),
                         "tokens_per_s": np.array([p.tokens_per_s for p in d.curve]),
@@ -178,6 +183,7 @@ def figures(job: SystemJob) -> dict[str, tuple[Any, str, str]]:
         "tokens_per_s_per_user": (one.tokens_per_s_per_user, "tokens/s", "one micro-batch in flight"),
         "tokens_per_s": (one.tokens_per_s, "tokens/s", "aggregate, one micro-batch in flight"),
         "tokens_per_s_full": (most.tokens_per_s, "tokens/s", f"aggregate, {most.in_flight} micro-batches in flight"),
+        "max_in_flight": (d.max_in_flight, "micro-batches", f"pipeline depth, bounded by {d.depth_bound}"),
         "ttft_s": (job.ttft_s, "s", "time to first token of the prompt"),
         "energy_per_token_j": (one.j_per_token, "J", "energy per token, one micro-batch in flight"),
         "cost_per_mtok_usd": (one.usd_per_mtok, "USD", "cost per million tokens, one micro-batch in flight"),

@@ -274,7 +274,8 @@ def allreduce_s(gpu: GpuConfig, nbytes: float) -> float:
 def _layer_terms(spec: ModelSpec, gpu: GpuConfig, layer: int, tokens: float, kv_tokens: float,
                  pairs: float, weight_bytes: float | None, kv_bytes: float) -> Terms:
     """One layer: `tokens` new tokens, `kv_tokens` cached positions read (or written), `pairs`
-    attention (query, key) pairs; two all-reduces (after attention and after the FFN)."""
+    attention (query, key) pairs (both the layer's own: a sliding window's); two all-reduces
+    (after attention and after the FFN)."""
     w_bytes, mm_flops = layer_touched(spec, layer, tokens, weight_bytes)
     kv = kv_tokens * kv_bytes_per_token_layer(spec, kv_bytes) * kv_replication(spec, gpu.gpus_per_node)
     peak = gpu.matmul_flops_per_s(_peak_form(spec, weight_bytes))
@@ -296,13 +297,15 @@ def _peak_form(spec: ModelSpec, weight_bytes):
 
 
 def _stage_bytes(spec: ModelSpec, stage: range, first: bool, last: bool, nodes: int,
-                 kv_positions: float, tp: int, weight_bytes: float | None, kv_bytes: float) -> float:
+                 kv_positions: float, tp: int, weight_bytes: float | None, kv_bytes: float,
+                 length: int | None = None) -> float:
     """HBM one node needs: its layers' weights and KV cache, the embedding on the first node,
     the LM head on the last (a tied embedding is stored twice when the ends differ; 16-bit with a
     Weights, as the quantized checkpoints keep them)."""
     bpp = 2.0 if isinstance(weight_bytes, Weights) else _param_bytes(spec, weight_bytes)[0]
     total = sum(layer_stored_bytes(spec, i, weight_bytes) for i in stage)
-    total += kv_positions * len(stage) * kv_bytes_per_token_layer(spec, kv_bytes) * kv_replication(spec, tp)
+    total += kv_positions * sum(window_share(spec, i, length) for i in stage) \
+        * kv_bytes_per_token_layer(spec, kv_bytes) * kv_replication(spec, tp)
     if first:
         total += spec.embedding_params() * bpp
     if last:
@@ -312,48 +315,57 @@ def _stage_bytes(spec: ModelSpec, stage: range, first: bool, last: bool, nodes: 
 
 
 def node_bytes(spec: ModelSpec, gpu: GpuConfig, nodes: int, kv_positions: float,
-               weight_bytes: float | None = None, kv_bytes: float = 2.0) -> list[float]:
-    """HBM needed on each node for weights plus `kv_positions` (batch x context) cached tokens."""
+               weight_bytes: float | None = None, kv_bytes: float = 2.0, length: int | None = None) -> list[float]:
+    """HBM needed on each node for weights plus `kv_positions` (batch x context) cached tokens
+    (`length`: the sequences' length, for the layers that keep a sliding window only)."""
     stages = split_layers(spec.layers, nodes)
     return [_stage_bytes(spec, s, i == 0, i == nodes - 1, nodes, kv_positions, gpu.gpus_per_node,
-                         weight_bytes, kv_bytes) for i, s in enumerate(stages)]
+                         weight_bytes, kv_bytes, length) for i, s in enumerate(stages)]
+
+
+def window_share(spec: ModelSpec, layer: int, length: int | None) -> float:
+    """The share of a `length`-token sequence's cache a layer keeps (1 but for a sliding window)."""
+    return spec.attended(layer, length) / length if length else 1.0
 
 
 def fits(spec: ModelSpec, gpu: GpuConfig, nodes: int, kv_positions: float,
-         weight_bytes: float | None = None, kv_bytes: float = 2.0) -> bool:
-    return max(node_bytes(spec, gpu, nodes, kv_positions, weight_bytes, kv_bytes)) <= gpu.usable_node_bytes
+         weight_bytes: float | None = None, kv_bytes: float = 2.0, length: int | None = None) -> bool:
+    return max(node_bytes(spec, gpu, nodes, kv_positions, weight_bytes, kv_bytes, length)) <= gpu.usable_node_bytes
 
 
 def min_nodes(spec: ModelSpec, gpu: GpuConfig, kv_positions: float,
-              weight_bytes: float | None = None, kv_bytes: float = 2.0) -> int:
+              weight_bytes: float | None = None, kv_bytes: float = 2.0, length: int | None = None) -> int:
     """Fewest nodes (at least one layer each) whose usable HBM holds weights and KV cache."""
     for n in range(1, spec.layers + 1):
-        if fits(spec, gpu, n, kv_positions, weight_bytes, kv_bytes):
+        if fits(spec, gpu, n, kv_positions, weight_bytes, kv_bytes, length):
             return n
     raise WseError(f"{spec.name} with {kv_positions:g} cached tokens does not fit on "
                    f"{spec.layers} {gpu.name} nodes (one layer per node)")
 
 
 def _resolve_nodes(spec: ModelSpec, gpu: GpuConfig, nodes: int | None, kv_positions: float,
-                   weight_bytes: float | None, kv_bytes: float) -> int:
+                   weight_bytes: float | None, kv_bytes: float, length: int | None = None) -> int:
     if nodes is None:
-        return min_nodes(spec, gpu, kv_positions, weight_bytes, kv_bytes)
+        return min_nodes(spec, gpu, kv_positions, weight_bytes, kv_bytes, length)
     if not 1 <= nodes <= spec.layers:
         raise WseError(f"nodes must be between 1 and {spec.layers} (the layer count), got {nodes}")
-    if not fits(spec, gpu, nodes, kv_positions, weight_bytes, kv_bytes):
-        need = max(node_bytes(spec, gpu, nodes, kv_positions, weight_bytes, kv_bytes))
+    if not fits(spec, gpu, nodes, kv_positions, weight_bytes, kv_bytes, length):
+        need = max(node_bytes(spec, gpu, nodes, kv_positions, weight_bytes, kv_bytes, length))
         raise WseError(f"{spec.name} needs {need / 1e9:.1f} GB on a node but {nodes} {gpu.name} "
                        f"node(s) offer {gpu.usable_node_bytes / 1e9:.1f} GB each")
     return nodes
 
 
 def _stage_terms(spec: ModelSpec, gpu: GpuConfig, stages: list[range], tokens: float, kv_tokens: float,
-                 pairs: float, head_rows: float, weight_bytes: float | None, kv_bytes: float) -> list[Terms]:
+                 pairs: float, head_rows: float, weight_bytes: float | None, kv_bytes: float,
+                 share=lambda layer: (1.0, 1.0)) -> list[Terms]:
+    """Each stage's terms; `share(layer)`: the (KV, pairs) shares of a sliding-window layer."""
     out = []
     for i, stage in enumerate(stages):
         t = Terms()
         for layer in stage:
-            t = t + _layer_terms(spec, gpu, layer, tokens, kv_tokens, pairs, weight_bytes, kv_bytes)
+            kv_s, pair_s = share(layer)
+            t = t + _layer_terms(spec, gpu, layer, tokens, kv_tokens * kv_s, pairs * pair_s, weight_bytes, kv_bytes)
         if i == len(stages) - 1:
             t = t + _lm_head_terms(spec, gpu, head_rows, weight_bytes)
         out.append(t)
@@ -416,11 +428,11 @@ def gpu_decode(spec: ModelSpec, gpu: GpuConfig, *, batch: int = 1, context: int 
     _check_positive(batch=batch, context=context, kv_bytes=kv_bytes, utilization=utilization)
     if utilization > 1:
         raise WseError(f"utilization must be at most 1, got {utilization!r}")
-    nodes = _resolve_nodes(spec, gpu, nodes, batch * context, weight_bytes, kv_bytes)
+    nodes = _resolve_nodes(spec, gpu, nodes, batch * context, weight_bytes, kv_bytes, context)
     m = min(nodes, batch)
     mb = batch / m
     terms = _stage_terms(spec, gpu, split_layers(spec.layers, nodes), mb, mb * context, mb * context,
-                         mb, weight_bytes, kv_bytes)
+                         mb, weight_bytes, kv_bytes, lambda i: (window_share(spec, i, context),) * 2)
     hops = (nodes - 1) * _hop_s(spec, gpu, mb)
     traversal = sum(t.total for t in terms) + hops
     step = max(traversal, m * max(t.total for t in terms))
@@ -433,7 +445,7 @@ def gpu_decode(spec: ModelSpec, gpu: GpuConfig, *, batch: int = 1, context: int 
         gpus=nodes * gpu.gpus_per_node, micro_batches=m, step_latency_s=step,
         tokens_per_s_per_user=1.0 / step, aggregate_tokens_per_s=aggregate, bound=total.bound,
         memory_s=total.memory, compute_s=total.compute, communication_s=total.communication,
-        hbm_fraction=max(node_bytes(spec, gpu, nodes, batch * context, weight_bytes, kv_bytes))
+        hbm_fraction=max(node_bytes(spec, gpu, nodes, batch * context, weight_bytes, kv_bytes, context))
         / gpu.usable_node_bytes,
         power_w=power, utilization=utilization, j_per_token=power / served,
         usd_per_mtok=nodes * gpu.gpus_per_node * gpu.cost_per_gpu_hour_usd / 3600 / served * 1e6)
@@ -450,10 +462,10 @@ def curve(spec: ModelSpec, gpu: GpuConfig, context: int, batches: Sequence[int] 
           kv_bytes: float = 2.0) -> list[CurvePoint]:
     """Throughput-vs-latency points on a fixed node count (given, or the fewest that hold batch 1);
     batches whose KV cache no longer fits are dropped."""
-    nodes = _resolve_nodes(spec, gpu, nodes, context, weight_bytes, kv_bytes)
+    nodes = _resolve_nodes(spec, gpu, nodes, context, weight_bytes, kv_bytes, context)
     out = []
     for b in batches:
-        if fits(spec, gpu, nodes, b * context, weight_bytes, kv_bytes):
+        if fits(spec, gpu, nodes, b * context, weight_bytes, kv_bytes, context):
             r = gpu_decode(spec, gpu, batch=b, context=context, weight_bytes=weight_bytes,
                            kv_bytes=kv_bytes, nodes=nodes)
             out.append(CurvePoint(b, r.tokens_per_s_per_user, r.aggregate_tokens_per_s))
@@ -490,11 +502,12 @@ def gpu_prefill(spec: ModelSpec, gpu: GpuConfig, prompt_tokens: int, *, batch: i
     batch x prompt x hidden; stages run one after another (no chunked pipelining), and the LM
     head runs only for each prompt's last token."""
     _check_positive(prompt_tokens=prompt_tokens, batch=batch, kv_bytes=kv_bytes)
-    nodes = _resolve_nodes(spec, gpu, nodes, batch * prompt_tokens, weight_bytes, kv_bytes)
+    nodes = _resolve_nodes(spec, gpu, nodes, batch * prompt_tokens, weight_bytes, kv_bytes, prompt_tokens)
     tokens = batch * prompt_tokens
-    pairs = batch * prompt_tokens * (prompt_tokens + 1) / 2
-    terms = _stage_terms(spec, gpu, split_layers(spec.layers, nodes), tokens, tokens, pairs,
-                         batch, weight_bytes, kv_bytes)
+    full = prompt_tokens * (prompt_tokens + 1) / 2
+    pairs = batch * full
+    terms = _stage_terms(spec, gpu, split_layers(spec.layers, nodes), tokens, tokens, pairs, batch, weight_bytes,
+                         kv_bytes, lambda i: (1.0, spec.causal_pairs(i, prompt_tokens) / full))
     total = sum(terms, Terms()) + Terms(communication=(nodes - 1) * _hop_s(spec, gpu, tokens))
     return PrefillResult(gpu=gpu.name, model=spec.name, prompt_tokens=prompt_tokens, batch=batch,
                          nodes=nodes, gpus=nodes * gpu.gpus_per_node, ttft_s=total.total,

@@ -1,4 +1,5 @@
-"""Distinct stage simulations of a system's wafers, one after another or in worker processes.
+"""Distinct stage simulations of a system's wafers (and its prefill kernels), one after another
+or in worker processes.
 
 A system's decode step composes from many independent stage simulations (compose.stages); each
 is deterministic, so simulating them in parallel processes changes nothing but the wall time.
@@ -91,3 +92,40 @@ def run_tasks(tasks: list[Task], cfg: WaferConfig, simulate: Callable[[Trace], o
         finally:
             for f in futures:
                 f.cancel()
+
+
+def prefill_kernels(spec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, simulate: Callable[[Trace], object],
+                    where: str, jobs: int = 1, threads: int | None = None, algo: str = "meshgemm"):
+    """A `kernels` function for workload.prefill.prefill: each named kernel built, validated and
+    simulated here through `simulate` (jobs = 1) or in that many spawned worker processes (its
+    trace is not sent back)."""
+    from ..workload.prefill import kernel_trace
+
+    def here(names):
+        for name in names:
+            tr, facts = kernel_trace(spec, cfg, P, prompt, name, algo, lm_width)
+            validate(tr, cfg, where=where)
+            yield name, simulate(tr), facts, tr
+
+    def workers(names):
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=min(jobs, len(names)), mp_context=ctx) as pool:
+            futures = [pool.submit(_prefill_task, spec, cfg, P, prompt, n, algo, lm_width, threads or 1, where)
+                       for n in names]
+            try:
+                for f in futures:
+                    yield f.result()
+            finally:
+                for f in futures:
+                    f.cancel()
+    return here if jobs <= 1 else workers
+
+
+def _prefill_task(spec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str, lm_width: int, threads: int,
+                  where: str):
+    """Worker side: one prefill kernel built, validated and simulated with `threads` Numba threads."""
+    from ..engine.run import simulate
+    from ..workload.prefill import kernel_trace
+    tr, facts = kernel_trace(spec, cfg, P, prompt, name, algo, lm_width)
+    validate(tr, cfg, where=where)
+    return name, simulate(tr, cfg, threads=threads, validated=True), facts, None

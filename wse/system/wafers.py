@@ -21,6 +21,7 @@ stages.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 from ..errors import WseError
@@ -226,6 +227,7 @@ class SystemDecode:
     static_w: float
     curve: list[PipelinePoint]
     ledger: Network  # the links: bytes sent and received, ports busy
+    depth_bound: str = ""  # what bounds max_in_flight
     representative: object = None  # the largest stage simulation (EngineResult): counters for the run file
 
     @property
@@ -241,7 +243,8 @@ def _region_cycles(plan: ModelPlan, d) -> list[int]:
 
 def _extra_in_flight(plan: ModelPlan) -> int:
     """Micro-batches beyond the first whose KV caches fit in every layer region of the plan:
-    the SRAM a region's PEs have left over its per-PE KV cache buffer (layer.plan_layer)."""
+    the SRAM a region's PEs have left over, in units of one micro-batch's KV data per PE
+    (LayerPlan.kv_bytes_per_pe)."""
     from ..workload.decode import layer_plan
     most = 1 << 30
     seen = set()
@@ -253,8 +256,7 @@ def _extra_in_flight(plan: ModelPlan) -> int:
             continue
         seen.add(key)
         lp = layer_plan(plan, slot.index)
-        kv = lp.mem.buffers["kv_cache"][1]
-        most = min(most, (lp.mem.limit - lp.mem.top) // kv if kv else most)
+        most = min(most, (lp.mem.limit - lp.mem.top) // lp.kv_bytes_per_pe)
     return most
 
 
@@ -315,9 +317,10 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
             first[w] + d.simulations, _extra_in_flight(plan), sum(s.kind == "experts" for s in plan.slots),
             region_infos(plan)))
     latency = times[-1][1]
-    stages = [c / cfg.clock_hz for s in steps for c in s.region_cycles] + list(net.busy.values())
-    bottleneck = max(stages)
-    max_in_flight = max(1, min(len(stages), 1 + min(s.extra_in_flight for s in steps)))
+    stages = [(c / cfg.clock_hz, info.label) for s in steps for c, info in zip(s.region_cycles, s.regions)]
+    stages += [(t, "link") for t in net.busy.values()]
+    bottleneck = max(stages)[0]
+    max_in_flight, depth = pipeline_depth(stages, latency, 1 + min(s.extra_in_flight for s in steps), cfg.clock_hz)
     dyn = (sum(s.flops for s in steps) / 2 * system.pj_per_fmac + sum(s.sram_bytes for s in steps) * system.pj_per_sram_byte
            + sum(s.wavelet_hops for s in steps) * system.pj_per_wavelet_hop
            + sum(net.sent) * system.pj_per_link_byte) * 1e-12
@@ -325,7 +328,7 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
     link_s = net.link.latency_s + params.batch * spec.hidden_size * ELEM / net.bytes_per_s if wafers > 1 else 0.0
     result = SystemDecode(spec.name, system.name, wafers, params.batch, params.context, cfg.clock_hz, steps,
                           net.sent[:-1] if wafers > 1 else [], link_s, latency, bottleneck, max_in_flight, dyn,
-                          static_w, [], net)
+                          static_w, [], net, depth)
     result.curve = [pipeline_point(result, system, m) for m in range(1, max_in_flight + 1)]
     result.representative = max((r for d in cache.values() for r in d.results.values()),
                                 key=lambda r: r.pe_counters.shape[0] * r.pe_counters.shape[1] * r.total_cycles)
@@ -396,6 +399,18 @@ def _predicted_deltas(plans: list[ModelPlan], shared: dict, spec: ModelSpec, par
     return out
 
 
+def pipeline_depth(stages: list[tuple[float, str]], latency_s: float, kv: int, clock_hz: float) -> tuple[int, str]:
+    """Micro-batches worth keeping in flight, and what bounds them: the KV caches the layer
+    regions hold (`kv`), or the pipeline being full, m x (longest stage) >= latency, beyond
+    which more micro-batches add latency and no throughput. `stages`: (seconds, label)."""
+    longest, label = max(stages)
+    full = max(1, math.ceil(latency_s / longest - 1e-9))
+    if kv < full:
+        return kv, f"KV-cache SRAM of the layer regions ({kv}; {full} would fill the pipeline)"
+    return full, (f"the pipeline is full (period = latency; longest stage: {label}, "
+                  f"{longest * clock_hz:,.0f} cycles); KV caches fit {kv}")
+
+
 def pipeline_point(r: SystemDecode, system: SystemConfig, in_flight: int) -> PipelinePoint:
     """Rates, energy and cost with `in_flight` micro-batches of `batch` sequences in flight."""
     period = max(r.latency_s, in_flight * r.bottleneck_s)
@@ -407,18 +422,22 @@ def pipeline_point(r: SystemDecode, system: SystemConfig, in_flight: int) -> Pip
 
 
 def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan], prompt: int,
-                    simulate: Callable[[Trace], object]) -> float:
+                    simulate: Callable[[Trace], object], jobs: int = 1, threads: int | None = None) -> float:
     """Time to first token: each wafer's layers prefill on its own slot size (simulated kernels,
-    workload/prefill.py), then the LM head; the prompt's activations (prompt x hidden x 2
-    bytes) cross each link."""
+    workload/prefill.py; with jobs > 1 in worker processes), then the LM head; the prompt's
+    activations (prompt x hidden x 2 bytes) cross each link."""
     from ..workload.prefill import prefill
+    from .pool import prefill_kernels
     cfg = system.wafer_config
     layer_cycles: dict[int, int] = {}
     head_cycles = 0
     for i, plan in enumerate(plans):
         last = i == len(plans) - 1
         if plan.P not in layer_cycles or last:
-            pr = prefill(spec, cfg, plan.P, prompt, plan.slots[-1].region.width, 1, simulate)
+            lm_width = plan.slots[-1].region.width
+            kernels = prefill_kernels(spec, cfg, plan.P, prompt, lm_width, simulate,
+                                      f"{spec.name} prefill on {plan.P}x{plan.P}", jobs, threads)
+            pr = prefill(spec, cfg, plan.P, prompt, lm_width, 1, simulate, kernels=kernels)
             layer_cycles[plan.P] = pr.layer_cycles
             if last:
                 head_cycles = pr.ttft_cycles - pr.layer_cycles

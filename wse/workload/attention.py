@@ -3,17 +3,21 @@
 The KV cache of the context is split over the region's columns (tokens) and rows (K/V
 dimensions, each row's query dimensions kept with the key/value dimensions they attend with).
 Column 0 appends the new token and every column passes its oldest entry one column east (the
-KV shift, threads 2 and 3). Per cached token a row computes a dot product over its query
+KV shift, threads 2 and 3); the last column drops it, so a sliding-window layer's cache of
+its window is the same program. Per cached token a row computes a dot product over its query
 dimensions; scores are all-reduced down the columns, softmax statistics and weighted values
-along the rows.
+along the rows. Attention sinks (a learned logit per head that takes part in the softmax
+and weights no value) enter the row's maximum and sum at column 0.
 """
 from __future__ import annotations
 
 from ..trace import recv, send, signal, wait, compute
 from .gemv import ELEM
 from .plan import KV_SHIFT
-from .region import (EXP_FMACS, FMAC, MAX, MOV, SCALE, SEM_KV_READY, SEM_KV_RECEIVED, SEM_KV_SENT, Ops,
+from .region import (ADD, EXP_FMACS, FMAC, MAX, MOV, SCALE, SEM_KV_READY, SEM_KV_RECEIVED, SEM_KV_SENT, Ops,
                      merge)
+
+SINK_FLOPS = 1 + 1 + 2 * EXP_FMACS + 1  # per head and sequence: max, subtract, exp, add to the sum
 
 
 def attention_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, qj: int, kv_len: int,
@@ -45,13 +49,22 @@ def attention_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, qj
     merge(out, ry.role_ops(yrole, ns, sc, tmp))
     # softmax over the tokens of the heads this row owns
     e = hj * tc * B
+    sink = "sinks" in b_ and first_col and hj
     if e:
         out[0].append(compute(MAX, e, dst=sc, src0=sc, src1=dot))
+    if sink:  # each head's sink logit joins its maximum
+        out[0] += [compute(MAX, hj, dst=scal + b * hj * ELEM, src0=scal + b * hj * ELEM, src1=b_["sinks"])
+                   for b in range(B)]
     merge(out, rx.role_ops(xrole, hj * B, scal, tmp, MAX))
     if e:
         out[0].append(compute(SCALE, e, dst=sc, src0=sc))  # s - max
         out[0] += [compute(FMAC, e, dst=sc, src0=dot) for _ in range(EXP_FMACS)]
         out[0].append(compute(FMAC, e, dst=dot, src0=sc))  # sum
+    if sink:  # exp(sink - max) joins the sum
+        sx = b_["sink_exp"]
+        out[0].append(compute(SCALE, hj * B, dst=sx, src0=scal))
+        out[0] += [compute(FMAC, hj * B, dst=sx, src0=sx) for _ in range(EXP_FMACS)]
+        out[0].append(compute(ADD, hj * B, dst=scal, src0=scal, src1=sx))
     merge(out, rx.role_ops(xrole, hj * B, scal, tmp))
     if e:
         out[0].append(compute(SCALE, e, dst=sc, src0=sc))  # / sum

@@ -106,9 +106,9 @@ def region_key(plan: ModelPlan, slot: Slot, role: ExpertRole | None = None) -> t
         return (slot.kind, slot.region.width, slot.region.height)
     moe = spec.is_moe_layer(slot.index)
     if moe and plan.expert_regions:  # router and shared experts only: the same in every MoE layer
-        return ("layer", moe, "expert-regions")
+        return ("layer", moe, "expert-regions", spec.attended(slot.index, plan.params.context))
     return ("layer", moe, tuple(moe_experts(spec, slot.index, plan.params.batch, plan.params.expert_skew).items())
-            if moe else ())
+            if moe else (), spec.attended(slot.index, plan.params.context))
 
 
 def key_A0(plan: ModelPlan) -> tuple:

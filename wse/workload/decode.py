@@ -87,8 +87,7 @@ def unit_bytes(spec: ModelSpec, params: DecodeParams, unit: tuple[int, int]) -> 
     if e >= 0:
         lin = spec.linear_params(layer)[1] // spec.moe.experts
         return round(expert * lin + ELEM * (spec.expert_params() - lin))
-    return round(spec.layer_bytes(layer, dense, expert, routed=False)) \
-        + spec.kv_cache_width * params.context * params.batch * ELEM
+    return round(spec.layer_bytes(layer, dense, expert, routed=False)) + kv_bytes(spec, params, layer, 1)
 
 
 def units_chain(units: list[tuple[int, int]], experts_per_region: int
@@ -301,7 +300,13 @@ def bytes_needed(spec: ModelSpec, params: DecodeParams, n_layers: int, first_lay
     weights = ELEM * ((spec.embedding_params() if embed else 0) + (spec.lm_head_params() + spec.hidden_size
                       if head else 0)) \
         + round(sum(spec.layer_bytes(i, dense, expert) for i in range(first_layer, first_layer + n_layers)))
-    return weights + spec.kv_cache_width * params.context * params.batch * ELEM * n_layers
+    return weights + kv_bytes(spec, params, first_layer, n_layers)
+
+
+def kv_bytes(spec: ModelSpec, params: DecodeParams, first_layer: int, n_layers: int) -> int:
+    """KV cache of layers [first, first + n) for the batch (a sliding-window layer: its window)."""
+    tokens = sum(spec.attended(i, params.context) for i in range(first_layer, first_layer + n_layers))
+    return spec.kv_cache_width * tokens * params.batch * ELEM
 
 
 def _does_not_fit(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: int,
@@ -309,7 +314,7 @@ def _does_not_fit(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_lay
     """The error for a model that does not fit: bytes missing and wafers needed."""
     frac = n_layers / spec.layers
     need = bytes_needed(spec, params, n_layers, first_layer, embed, head)
-    kv = spec.kv_cache_width * params.context * params.batch * ELEM * n_layers
+    kv = kv_bytes(spec, params, first_layer, n_layers)
     weights = need - kv
     have = usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height
     wafers = -(-need // have)

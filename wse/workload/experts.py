@@ -107,6 +107,9 @@ def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, 
     for name, sh in shapes.items():
         sh.scratch = buf.get("dequant", 0)
         sh.weights = mem.alloc(f"w_{name}", sh.tile_bytes() * (e1 - e0), "weights", G0)
+    if m.expert_bias:  # each expert's gate/up and down biases, a copy per PE's chunk
+        buf["b_gu"] = mem.alloc("b_gate_up", (e1 - e0) * 2 * max(f_r) * ELEM, "weights", G0)
+        buf["b_dn"] = mem.alloc("b_down", (e1 - e0) * max(Hc) * ELEM, "weights", G0)
     fit_check(mem, cfg, f"{spec.name} layer {layer} experts {e0}..{e1 - 1} on a {P}x{Q} region (batch {B})")
     return ExpertPlan(spec, layer, experts, P, params, mem, Hc, f_r, shapes, buf, Q)
 
@@ -227,8 +230,10 @@ def decode_relays(region: Region, builder: MeshBuilder, Hc: list[int], batch: in
 
 
 def experts_weight_bytes(plan: ExpertPlan) -> int:
+    m = plan.spec.moe
+    bias = (2 * m.expert_ffn_size + plan.spec.hidden_size) * ELEM if m.expert_bias else 0
     return (plan.experts[1] - plan.experts[0]) * (plan.shapes["gate_up"].weight_bytes()
-                                                  + plan.shapes["down"].weight_bytes())
+                                                  + plan.shapes["down"].weight_bytes() + bias)
 
 
 def experts_flops(plan: ExpertPlan, collector: bool = False) -> tuple[dict[str, int], int]:
@@ -238,10 +243,11 @@ def experts_flops(plan: ExpertPlan, collector: bool = False) -> tuple[dict[str, 
     u = sum(plan.local_experts().values())
     model = {"ffn": u * (2 * H * 2 * f + 2 * f * H)}
     row, col = u * SILU_MUL_FLOPS * f, u * 2 * H  # SiLU . up on rows; gate-weighted sums at the lane PEs
+    bias_r, bias_c = (u * 2 * f, u * H) if spec.moe.expert_bias else (0, 0)  # on every PE of a row / column
     combine = H * B if u else 0  # the chosen region's outputs added into the combine
     n = len(plan.local_experts())  # each chosen expert's tiles dequantized once
-    executed = {"ffn": model["ffn"] + P * row + col, "combine": combine,
+    executed = {"ffn": model["ffn"] + P * (row + bias_r) + Q * bias_c + col, "combine": combine,
                 "dequant": n * sum(plan.shapes[k].dequant_flops() for k in ("gate_up", "down")),
                 "allreduce": u * ((P - 1) * 2 * f + (Q - 1) * H) + (handoff_flops(Region(0, 0, P, Q)) if collector
                                                                      else 0)}
-    return executed, model["ffn"] + row + col + combine
+    return executed, model["ffn"] + row + col + combine + bias_r + bias_c

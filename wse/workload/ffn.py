@@ -24,7 +24,9 @@ def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, b
             j: int, xrole: tuple, yrole: tuple, expert: int, batch: int) -> Ops:
     """Gated FFN of PE (i, j) on `batch` sequences: gate/up (reduce X), SiLU * up, down (reduce Y).
 
-    Reads xn, leaves the output chunk in y; `expert` selects the expert's copy of the tiles.
+    Reads xn, leaves the output chunk in y; `expert` selects the expert's copy of the tiles (and
+    of the biases, where buf holds b_gu and b_dn: experts with biases add them to the reduced
+    gate/up and down outputs).
     """
     s_gu = dataclasses.replace(S["gate_up"], weights=S["gate_up"].weights + expert * S["gate_up"].tile_bytes())
     s_dn = dataclasses.replace(S["down"], weights=S["down"].weights + expert * S["down"].tile_bytes())
@@ -32,12 +34,21 @@ def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, b
     fj = f_r[j]
     out = {0: gemv_ops(s_gu, i, j, buf["xn"], gu, batch, max(Hc) * ELEM, 2 * max(f_r) * ELEM)}
     merge(out, red[X].role_ops(xrole, 2 * fj * batch, gu, tmp))
+    bias = "b_gu" in buf
+    gs, ys = 2 * max(f_r) * ELEM, max(Hc) * ELEM
+    if bias and fj:
+        out[0] += [compute(ADD, 2 * fj, dst=gu + b * gs, src0=gu + b * gs, src1=buf["b_gu"] + expert * gs)
+                   for b in range(batch)]
     act = fj * batch
     if act:  # (a row with no FFN dims when there are more rows than FFN dims)
         out[0] += [compute(FMAC, act, dst=gu, src0=dot) for _ in range(SILU_FMACS)]
         out[0].append(compute(MUL, act, dst=gu, src0=gu, src1=dot))
     out[0] += gemv_ops(s_dn, j, i, gu, yb, batch, max(f_r) * ELEM, max(Hc) * ELEM)
-    return merge(out, red[Y].role_ops(yrole, Hc[i] * batch, yb, tmp))
+    merge(out, red[Y].role_ops(yrole, Hc[i] * batch, yb, tmp))
+    if bias:
+        out[0] += [compute(ADD, Hc[i], dst=yb + b * ys, src0=yb + b * ys, src1=buf["b_dn"] + expert * ys)
+                   for b in range(batch)]
+    return out
 
 
 def moe_ffn_ops(ctx, i: int, jf: int, je: int, xrole: tuple, yrole: tuple) -> Ops:

@@ -14,7 +14,7 @@ import dataclasses
 
 from ..errors import WseError
 from ..trace import Op, compute
-from .attention import attention_ops
+from .attention import SINK_FLOPS, attention_ops
 from .ffn import ffn_ops, moe_experts, moe_ffn_ops
 from .gemv import ELEM, GemvShape, gemv_ops
 from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
@@ -60,6 +60,16 @@ class LayerPlan:
     def moe(self) -> bool:
         return self.spec.is_moe_layer(self.layer)
 
+    @property
+    def kv_bytes_per_pe(self) -> int:
+        """KV-cache data of one micro-batch on the fullest PE: its column's tokens (and the one
+        arriving) times its row's cache dimensions. The kv_cache buffer can be longer: it also
+        spans the weighted-value FMACs' reads (one op per token over all the row's heads, which
+        re-read the row's value dimensions once per head), a footprint the data of whichever
+        micro-batch is in the region serves; another micro-batch in flight needs only its data."""
+        per_token = max(self.k_r) if self.mla else 2 * max(self.k_r)
+        return (max(self.T_c) + 1) * per_token * self.params.batch * ELEM
+
     def local_experts(self) -> dict[int, int]:
         """Experts this region computes (index of its tile copy -> sequences using it)."""
         m = self.spec.moe
@@ -77,7 +87,7 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     routed=False: a MoE layer keeps only its router and shared experts; the routed experts
     live in expert regions that follow it in the chain (plan_experts). Q >= P: lanes enter
     and leave on the diagonal, which needs a row for every column."""
-    H, B, T = spec.hidden_size, params.batch, params.context
+    H, B, T = spec.hidden_size, params.batch, spec.attended(layer, params.context)
     Q = Q or P
     if P > H:
         raise WseError(f"a {P}x{Q} region is larger than the hidden size {H}")
@@ -87,8 +97,6 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         raise FitError(f"{spec.name}: a layer region has at most {most_rows(spec)} rows (one per row-split "
                        f"dimension), not {Q}")
     moe = spec.is_moe_layer(layer)
-    if moe and spec.moe.expert_bias:
-        raise WseError(f"{spec.name}: experts with biases have no decode mapping yet")
     Hc = split(H, P)
     ms = None
     if spec.mla:  # rows own the latent cache's dims: q_r, k_r, o_r are the per-token lengths
@@ -146,12 +154,19 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         buf["b_qkv"] = mem.alloc("b_qkv", max(qkv_r) * ELEM, "weights", G0)
     if spec.o_bias:
         buf["b_o"] = mem.alloc("b_o", max(Hc) * ELEM, "weights", G0)
+    if spec.attention_sinks:  # the row's heads' sink logits, at column 0
+        buf["sinks"] = mem.alloc("sinks", max(heads_r) * ELEM, "weights", G0)
+        buf["sink_exp"] = mem.alloc("sink_exp", max(heads_r) * B * ELEM, "scratch", G1)
+    if moe and spec.moe.expert_bias:  # every expert's gate/up and down biases, a copy per PE's chunk
+        n_exp = (spec.moe.experts if routed else 0) + spec.moe.shared_experts
+        buf["b_gu"] = mem.alloc("b_gate_up", n_exp * 2 * max(f_r) * ELEM, "weights", G0)
+        buf["b_dn"] = mem.alloc("b_down", n_exp * max(Hc) * ELEM, "weights", G0)
     if moe and spec.moe.router_bias:
         buf["b_router"] = mem.alloc("b_router", max(e_r) * ELEM, "weights", G0)
     if ms:
         buf["g_qa"] = mem.alloc("g_qa", max(ms.qa_r) * ELEM, "weights", G0)
         buf["g_kv"] = mem.alloc("g_kv", max(ms.v_r) * ELEM, "weights", G0)
-    kv_tok = max(k_r) if ms else 2 * max(k_r)
+    kv_tok = max(k_r) if ms else 2 * max(k_r)  # (LayerPlan.kv_bytes_per_pe)
     buf["kv"] = mem.alloc("kv_cache", max((max(T_c) + 1) * kv_tok, max(o_r)) * B * ELEM, "kv_cache", G3)
     buf["h"] = mem.alloc("h", max(Hc) * B * ELEM, "activations", G3)
     buf["xn"] = mem.alloc("xn", max(Hc) * B * ELEM, "activations", G3)
@@ -335,7 +350,7 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     prog.program_ids(builder)
     executed, model = layer_flops(plan, parts)
     return RegionBuild("layer", region, plan.mem, executed, model, layer_weight_bytes(plan),
-                       spec.kv_cache_width * prm.context * B * ELEM, anchor_of(red))
+                       spec.kv_cache_width * sum(plan.T_c) * B * ELEM, anchor_of(red))
 
 
 def layer_weight_bytes(plan: LayerPlan) -> int:
@@ -347,11 +362,13 @@ def layer_weight_bytes(plan: LayerPlan) -> int:
     else:
         n = S["qkv"].weight_bytes() + S["o"].weight_bytes() + 2 * H * ELEM
     n += (S["qkv"].n if spec.qkv_bias else 0) * ELEM + (H if spec.o_bias else 0) * ELEM
+    n += (spec.heads if spec.attention_sinks else 0) * ELEM
     if plan.moe:
         m = spec.moe
         n += S["router"].weight_bytes() + (m.experts if m.router_bias else 0) * ELEM
+        bias = (2 * m.expert_ffn_size + H) * ELEM if m.expert_bias else 0
         n += ((m.experts if plan.routed else 0) + m.shared_experts) * (S["gate_up"].weight_bytes()
-                                                                        + S["down"].weight_bytes())
+                                                                        + S["down"].weight_bytes() + bias)
     else:
         n += S["gate_up"].weight_bytes() + S["down"].weight_bytes()
     return n
@@ -366,7 +383,7 @@ def layer_flops(plan: LayerPlan, parts: tuple[str, ...] = PARTS) -> tuple[dict[s
     row) and the all-reduces' adds ("allreduce"); model FLOPs count each operation once.
     """
     spec, P, Q, prm = plan.spec, plan.P, plan.Q, plan.params
-    B, T, H = prm.batch, prm.context, spec.hidden_size
+    B, T, H = prm.batch, sum(plan.T_c), spec.hidden_size  # T: the tokens attended (a window's)
     qkv_n = spec.q_size + 2 * spec.kv_size
     nx, ny = P - 1, Q - 1  # combining stages of an all-reduce along a row / a column
     model: dict[str, int] = {}
@@ -401,6 +418,8 @@ def layer_flops(plan: LayerPlan, parts: tuple[str, ...] = PARTS) -> tuple[dict[s
         q_len = spec.heads * spec.kv_cache_width if ml else spec.q_size
         o_len = spec.heads * ml.kv_lora_rank if ml else spec.attn_out_size
         model.update(scores=2 * q_len * T * B, softmax=SOFTMAX_FLOPS * spec.heads * T * B, values=2 * o_len * T * B)
+        if spec.attention_sinks:
+            model["softmax"] += SINK_FLOPS * spec.heads * B
         ar += 2 * ny * spec.heads * T * B + 2 * nx * spec.heads * B + nx * o_len * B
     if "o" in parts:
         model["o"] = 2 * spec.attn_out_size * H * B
@@ -419,8 +438,8 @@ def layer_flops(plan: LayerPlan, parts: tuple[str, ...] = PARTS) -> tuple[dict[s
             f = m.expert_ffn_size
             model["ffn"] = 2 * H * m.experts * B + u * (2 * H * 2 * f + 2 * f * H)
             add(row, "ffn", (m.experts * B if m.router_bias else 0) + m.experts_per_token * m.experts * B
-                + u * SILU_MUL_FLOPS * f)
-            add(col, "ffn", u * 2 * H)  # the gate-weighted sums into the residual stream
+                + u * SILU_MUL_FLOPS * f + (u * 2 * f if m.expert_bias else 0))
+            add(col, "ffn", u * 2 * H + (u * H if m.expert_bias else 0))  # gate-weighted sums (and down biases)
             ar += nx * m.experts * B + P * ny * m.experts_per_token * B + u * (nx * 2 * f + ny * H)
         else:
             f = spec.ffn_size

@@ -59,6 +59,8 @@ class ModelSpec:
     qkv_bias: bool = False
     o_bias: bool = False
     attention_sinks: bool = False
+    sliding_window: int = 0  # tokens a sliding-window layer attends to (0: every layer attends to all)
+    full_attention_every: int = 0  # with a window: layer i attends to all iff (i + 1) % this == 0
     weight_dtype: str = "bf16"
     weight_dtypes: tuple[str, ...] = ()  # published checkpoints (default: weight_dtype alone)
     moe: MoE | None = None
@@ -70,6 +72,22 @@ class ModelSpec:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer >= self.moe.dense_layers
+
+    def is_sliding(self, layer: int) -> bool:
+        """A layer whose attention sees only the last sliding_window tokens."""
+        return bool(self.sliding_window) and not (self.full_attention_every
+                                                  and (layer + 1) % self.full_attention_every == 0)
+
+    def attended(self, layer: int, context: int) -> int:
+        """Cached tokens a decode step of the layer attends to (and its KV cache holds)."""
+        return min(context, self.sliding_window) if self.is_sliding(layer) else context
+
+    def causal_pairs(self, layer: int, tokens: int) -> int:
+        """(query, key) pairs of the layer's causal attention over a prompt of `tokens`."""
+        w = self.sliding_window if self.is_sliding(layer) else tokens
+        if tokens <= w:
+            return tokens * (tokens + 1) // 2
+        return w * (w + 1) // 2 + (tokens - w) * w
 
     @property
     def q_size(self) -> int:
@@ -197,13 +215,14 @@ class ModelSpec:
     # ---- FLOPs -------------------------------------------------------------------------------
 
     def attention_flops_per_token(self, context: int) -> int:
-        """Scores and weighted sum over `context` cached tokens, all layers: 2 FLOP per MAC."""
+        """Scores and weighted sum over `context` cached tokens (a sliding-window layer's window),
+        all layers: 2 FLOP per MAC."""
         if self.mla:
             qk = self.mla.qk_nope_head_dim + self.mla.qk_rope_head_dim
-            per_layer = 2 * self.heads * context * (qk + self.mla.v_head_dim)
+            per_token = 2 * self.heads * (qk + self.mla.v_head_dim)
         else:
-            per_layer = 4 * self.heads * self.head_dim * context
-        return per_layer * self.layers
+            per_token = 4 * self.heads * self.head_dim
+        return per_token * sum(self.attended(i, context) for i in range(self.layers))
 
     def decode_flops_per_token(self, context: int) -> int:
         """Matrix FLOPs of one decode step: 2 per active weight (embedding lookup excluded)
@@ -225,6 +244,11 @@ def _build(doc: dict[str, Any], where: str) -> ModelSpec:
                                                         spec.moe.expert_weight_dtype else ()):
         if w not in DTYPE_BYTES:
             raise ModelError(f"{where}: weight dtype {w!r} is not one of {', '.join(DTYPE_BYTES)}")
+    for field in ("sliding_window", "full_attention_every"):
+        if not isinstance(getattr(spec, field), int) or getattr(spec, field) < 0:
+            raise ModelError(f"{where}: {field} must be a non-negative integer")
+    if spec.sliding_window and spec.mla:
+        raise ModelError(f"{where}: sliding_window with latent attention (mla) is not modelled")
     for field in ("hidden_size", "layers", "heads", "kv_heads", "head_dim", "ffn_size", "vocab_size"):
         if not isinstance(getattr(spec, field), int) or getattr(spec, field) < 1:
             raise ModelError(f"{where}: {field} must be a positive integer")

@@ -24,7 +24,7 @@ the last token.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Iterator
 
 from .. import isa
 from ..errors import WseError
@@ -144,58 +144,87 @@ class PrefillResult:
     traces: dict[str, Trace]
 
 
+Kernels = Callable[[list[str]], "Iterator[tuple[str, object, dict[str, int], Trace | None]]"]
+
+
 def prefill(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, layers: int,
-            simulate: Callable[[Trace], object], algo: str = "meshgemm") -> PrefillResult:
-    """Time to first token of a `prompt`-token prompt (module docstring)."""
+            simulate: Callable[[Trace], object], algo: str = "meshgemm", kernels: Kernels | None = None
+            ) -> PrefillResult:
+    """Time to first token of a `prompt`-token prompt (module docstring). `kernels(names)`, if
+    given, yields (name, result, facts, trace or None) for the named kernels (e.g. from worker
+    processes, system/pool.py); by default each is built and run through `simulate` here."""
     H, S = spec.hidden_size, prompt
-    traces: dict[str, Trace] = {}
-    kernels: dict[str, int] = {}
+    names = kernel_names(spec) + ["lm_head"]
+    if kernels is None:
+        def kernels(todo):
+            for name in todo:
+                tr, facts = kernel_trace(spec, cfg, P, prompt, name, algo, lm_width)
+                yield name, simulate(tr), facts, tr
+    cycles: dict[str, int] = {}
     results: dict[str, object] = {}
-    executed = model = 0
-    for name, (tr, facts) in kernel_traces(spec, cfg, P, prompt, algo).items():
-        r = _complete(simulate(tr), f"prefill {name} kernel")
-        kernels[name], results[name] = r.total_cycles, r
-        traces[name] = tr
-        executed += facts["executed_flops"]
-        model += facts["model_flops"]
+    facts: dict[str, dict[str, int]] = {}
+    traces: dict[str, Trace] = {}
+    for name, r, f, tr in kernels(names):
+        r = _complete(r, "LM head GEMV" if name == "lm_head" else f"prefill {name} kernel")
+        cycles[name], results[name], facts[name] = r.total_cycles, r, f
+        if tr is not None:
+            traces[name] = tr
+    body = [n for n in names if n != "lm_head"]
+    kern = {n: cycles[n] for n in body}
     # the S x H activations cross to the next region: S * H/P wavelets per lane, pipelined
-    transfer = S * max(split(H, P)) + 2 * P * cfg.hop_latency_cycles + 2 * cfg.ramp_latency_cycles \
+    kern["transfer"] = S * max(split(H, P)) + 2 * P * cfg.hop_latency_cycles + 2 * cfg.ramp_latency_cycles \
         + cfg.fabric_setup_cycles
-    kernels["transfer"] = transfer
-    layer = sum(kernels.values())
-    tr, facts = gemv_trace(H, spec.vocab_size, lm_width, P, cfg)
-    r = _complete(simulate(tr), "LM head GEMV")
-    kernels["lm_head"], results["lm_head"], traces["lm_head"] = r.total_cycles, r, tr
-    executed = executed * layers + facts["model_flops"] + facts["reduce_flops"]
-    model = model * layers + facts["model_flops"]
-    return PrefillResult(layers * layer + r.total_cycles, layer, kernels, executed, model, results, traces)
+    layer = sum(kern.values())
+    kern["lm_head"] = cycles["lm_head"]
+    head = facts["lm_head"]
+    executed = sum(facts[n]["executed_flops"] for n in body) * layers + head["model_flops"] + head["reduce_flops"]
+    model = sum(facts[n]["model_flops"] for n in body) * layers + head["model_flops"]
+    return PrefillResult(layers * layer + cycles["lm_head"], layer, kern, executed, model, results, traces)
+
+
+def kernel_names(spec: ModelSpec) -> list[str]:
+    """The kernels of one prefill layer, in order."""
+    if spec.mla:
+        first = ["q_kv_a"] + (["q_b"] if spec.mla.q_lora_rank else []) + ["kv_b"]
+    else:
+        first = ["qkv"]
+    return first + ["scores", "values", "o", "gate_up", "down", "elementwise"]
+
+
+def kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str = "meshgemm",
+                 lm_width: int | None = None) -> tuple[Trace, dict[str, int]]:
+    """One prefill kernel (kernel_names, or "lm_head": the last token's LM-head GEMV on an
+    lm_width x P region): (trace, facts)."""
+    if prompt < P:
+        raise WseError(f"--prompt-len {prompt} is shorter than the region side {P}: every row needs a token")
+    H, S = spec.hidden_size, prompt
+    if name == "lm_head":
+        return gemv_trace(H, spec.vocab_size, lm_width or P, P, cfg)
+    if name == "elementwise":
+        return elementwise(spec, P, S, cfg)
+    ffn = ffn_width(spec)
+    m = spec.mla  # MLA: the latent form without weight absorption, keys and values materialized
+    shapes = {  # (the KV latent plus the shared RoPE key: what the cache holds per token)
+        "q_kv_a": lambda: (S, H, (m.q_lora_rank or spec.q_size) + spec.kv_cache_width, True, False),
+        "q_b": lambda: (S, m.q_lora_rank, spec.q_size, True, False),
+        "kv_b": lambda: (S, m.kv_lora_rank, spec.heads * (m.qk_nope_head_dim + m.v_head_dim), True, False),
+        "qkv": lambda: (S, H, spec.q_size + 2 * spec.kv_size, True, False),
+        "scores": lambda: (S, spec.q_size, S, True, True),
+        "values": lambda: (S, S, spec.attn_out_size, True, True),
+        "o": lambda: (S, spec.attn_out_size, H, True, False),
+        "gate_up": lambda: (S, H, 2 * ffn, True, False),
+        "down": lambda: (S, ffn, H, True, False),
+    }
+    if name not in kernel_names(spec):
+        raise WseError(f"{spec.name} has no prefill kernel {name!r}")
+    mm, k, n, a, b = shapes[name]()
+    return gemm_trace(mm, k, n, P, cfg, algo, a, b)
 
 
 def kernel_traces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, algo: str = "meshgemm"
                   ) -> dict[str, tuple[Trace, dict[str, int]]]:
     """The kernels of one prefill layer: name -> (trace, facts)."""
-    if prompt < P:
-        raise WseError(f"--prompt-len {prompt} is shorter than the region side {P}: every row needs a token")
-    H, S = spec.hidden_size, prompt
-    ffn = ffn_width(spec)
-    if spec.mla:  # the latent form without weight absorption: keys and values are materialized
-        m = spec.mla  # (the KV latent plus the shared RoPE key: what the cache holds per token)
-        shapes = {"q_kv_a": (S, H, (m.q_lora_rank or spec.q_size) + spec.kv_cache_width, True, False)}
-        if m.q_lora_rank:
-            shapes["q_b"] = (S, m.q_lora_rank, spec.q_size, True, False)
-        shapes["kv_b"] = (S, m.kv_lora_rank, spec.heads * (m.qk_nope_head_dim + m.v_head_dim), True, False)
-    else:
-        shapes = {"qkv": (S, H, spec.q_size + 2 * spec.kv_size, True, False)}
-    shapes |= {
-        "scores": (S, spec.q_size, S, True, True),
-        "values": (S, S, spec.attn_out_size, True, True),
-        "o": (S, spec.attn_out_size, H, True, False),
-        "gate_up": (S, H, 2 * ffn, True, False),
-        "down": (S, ffn, H, True, False),
-    }
-    out = {name: gemm_trace(m, k, n, P, cfg, algo, a, b) for name, (m, k, n, a, b) in shapes.items()}
-    out["elementwise"] = elementwise(spec, P, S, cfg)
-    return out
+    return {name: kernel_trace(spec, cfg, P, prompt, name, algo) for name in kernel_names(spec)}
 
 
 def _complete(r, what: str):
