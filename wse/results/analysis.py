@@ -1,7 +1,7 @@
 """Reading a run file as an architect: the report, the comparison, the bottlenecks."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -106,14 +106,26 @@ def system_section(rf: RunFile) -> dict[str, Any] | None:
                            "bound": str(t["pipeline"]["bound"][0])}
     r = t.get("regions")
     if r is not None and "class" in r:
-        total = int(w["cycles"].sum())
-        classes: dict[str, list[int]] = {}
-        for label, c in zip(r["class"], r["cycles"]):
-            classes.setdefault(str(label), []).append(int(c))
-        out["regions"] = [{"class": k, "regions": len(v), "min": min(v), "max": max(v), "mean": sum(v) / len(v),
-                           "share": sum(v) / total if total else 0.0}
-                          for k, v in sorted(classes.items(), key=lambda kv: -sum(kv[1]))]
+        out["regions"] = region_classes(map(str, r["class"]), map(int, r["cycles"]), int(w["cycles"].sum()))
     return out
+
+
+def region_classes(labels: Iterable[str], cycles: Iterable[int], total: int) -> list[dict[str, Any]]:
+    """A system run's regions grouped by class (layer region, idle expert region, ...), largest
+    share first: count, min/max/mean hold time and share of all region cycles (`total`)."""
+    classes: dict[str, list[int]] = {}
+    for label, c in zip(labels, cycles):
+        classes.setdefault(label, []).append(c)
+    return [{"class": k, "regions": len(v), "min": min(v), "max": max(v), "mean": sum(v) / len(v),
+             "share": sum(v) / total if total else 0.0}
+            for k, v in sorted(classes.items(), key=lambda kv: -sum(kv[1]))]
+
+
+def format_region_classes(classes: list[dict[str, Any]], indent: str = "") -> list[str]:
+    """The region breakdown as `wse system` and `wse report` print it."""
+    return [f"{indent}regions (cycles each holds the token; share of all region cycles):"] + [
+        f"{indent}  {c['class']}: {c['regions']} x {c['min']:,}-{c['max']:,}, mean {c['mean']:,.0f}; "
+        f"{c['share']:.0%}" for c in classes]
 
 
 def _format_system(s: dict[str, Any]) -> list[str]:
@@ -131,9 +143,7 @@ def _format_system(s: dict[str, Any]) -> list[str]:
         p = s["pipeline"]
         lines.append(f"  pipeline depth: {p['max_in_flight']} micro-batches in flight, bounded by {p['bound']}")
     if s.get("regions"):
-        lines.append("  regions (cycles each holds the token; share of all region cycles):")
-        lines += [f"    {c['class']}: {c['regions']} x {c['min']:,}-{c['max']:,}, mean {c['mean']:,.0f}; "
-                  f"{c['share']:.0%}" for c in s["regions"]]
+        lines += format_region_classes(s["regions"], "  ")
     return lines
 
 

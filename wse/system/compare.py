@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..results.analysis import format_region_classes, region_classes
 from ..trace import Trace
 from ..workload.params import DecodeParams
 from ..workload.models import load_model
@@ -111,21 +112,10 @@ def format_rows(job: SystemJob) -> str:
     if d.wafers > 1:
         lines.append(f"links: up to {max(d.link_bytes):,} B per token each, {d.link_seconds * 1e6:.2f} us per "
                      f"transfer on average")
-    lines.append("regions (cycles each holds the token; share of all region cycles):")
-    total = sum(s.cycles for s in d.steps)
-    for label, cycles in region_breakdown(d).items():
-        lines.append(f"  {label}: {len(cycles)} x {min(cycles):,}-{max(cycles):,}, mean {sum(cycles) / len(cycles):,.0f};"
-                     f" {100 * sum(cycles) / total:.0f}%")
+    lines += format_region_classes(region_classes([r.label for s in d.steps for r in s.regions],
+                                                  [c for s in d.steps for c in s.region_cycles],
+                                                  sum(s.cycles for s in d.steps)))
     return "\n".join(lines)
-
-
-def region_breakdown(d: SystemDecode) -> dict[str, list[int]]:
-    """Each region class (RegionInfo.label) -> the hold times of its regions, over all wafers."""
-    out: dict[str, list[int]] = {}
-    for s in d.steps:
-        for info, c in zip(s.regions, s.region_cycles):
-            out.setdefault(info.label, []).append(c)
-    return dict(sorted(out.items(), key=lambda kv: -sum(kv[1])))
 
 
 def tables(job: SystemJob) -> dict[str, dict[str, np.ndarray]]:
