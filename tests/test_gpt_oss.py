@@ -41,14 +41,19 @@ def test_tiny_oss_composes_exactly(kw, small):
         spec.kv_cache_width * kw["batch"] * 2 * sum(min(T, 8) if i % 2 == 0 else T for i in range(spec.layers))
 
 
-def test_sinks_add_their_flops_at_column_zero(small):
+@pytest.mark.parametrize("attention", ["flash", "classic"])
+def test_sinks_add_their_flops_at_column_zero(small, attention):
     spec = load_model("tiny-oss")
-    params = DecodeParams(batch=2, context=20)
+    params = DecodeParams(batch=2, context=20, attention=attention)
     flops = {}
     for sinks in (True, False):
         s = dataclasses.replace(spec, attention_sinks=sinks)
-        flops[sinks] = compose(plan_model(s, small, params), lambda t: run(t, small)).total("flops")
-    assert flops[True] - flops[False] == SINK_FLOPS * spec.heads * 2 * spec.layers
+        plan = plan_model(s, small, params)
+        flops[sinks] = compose(plan, lambda t: run(t, small)).total("flops")
+    # classic: each head's sink once; flash: on every row of the head's block (its softmax is replicated there)
+    Q = plan.Q
+    per_layer = spec.heads if attention == "classic" else Q * spec.heads // spec.kv_heads
+    assert flops[True] - flops[False] == SINK_FLOPS * per_layer * 2 * spec.layers
 
 
 def test_a_sliding_moe_layer_with_biases_and_sinks_matches_the_reference_stepper(small):

@@ -19,7 +19,8 @@ from wse.system.wafers import (Timeline, balanced, fewest_wafers, pipeline_point
                                wafer_plans)
 from wse.workload.compose import compose
 from wse.workload.stages import full_trace
-from wse.workload.decode import plan_model
+from wse.workload.decode import kv_bytes, plan_model
+from wse.workload.plan import usable_sram
 from wse.workload.ffn import moe_experts
 from wse.workload.params import DecodeParams
 from wse.workload.models import load_model
@@ -177,9 +178,9 @@ def test_fewest_wafers_hold_weights_and_kv_cache(small_system):
     spec = dataclasses.replace(load_model("tiny"), layers=6)
     assert fewest_wafers(spec, small_system, PARAMS) == 1
     # a long context's KV cache no longer fits in one wafer's layer slots: the fewest that hold it
-    long = DecodeParams(batch=8, context=4096)
+    long = DecodeParams(batch=8, context=8192)
     w = fewest_wafers(spec, small_system, long)
-    assert w >= 2
+    assert w >= 2 and w * usable_sram(small_system.wafer_config) * 64 * 64 >= kv_bytes(spec, long, 0, spec.layers)
     plans = wafer_plans(spec, small_system, long, w)
     assert plans[0].embed and not plans[0].head and plans[-1].head
     with pytest.raises(WseError):

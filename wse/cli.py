@@ -165,6 +165,12 @@ def _workload_options(fn):
                      help="layer slots: tall P x Q regions of the largest area (default) or square P x P"),
         click.option("--weights", help="linear weights: bf16, fp8, int8 or int4 (default: the model's "
                                        "published checkpoint)"),
+        click.option("--attention", type=click.Choice(["flash", "classic"]),
+                     help="decode attention: blocked with an online softmax (flash, default) or classic"),
+        click.option("--attention-block", "attention_block", type=int,
+                     help="flash: cached tokens per block and column (default: automatic)"),
+        click.option("--norms", type=click.Choice(["fused", "separate"]),
+                     help="RMSNorm sums in the next GEMV's all-reduce (fused, default) or their own"),
         click.option("--heads", type=int, help="attention heads (--op attention)"),
         click.option("--kv-heads", "kv_heads", type=int, help="KV heads (--op attention)"),
         click.option("--head-dim", "head_dim", type=int, help="head dimension (--op attention)"),
@@ -476,6 +482,12 @@ def compare_cmd(run_files, as_json) -> None:
               help="every wafer on one slot shape (fewer distinct stage simulations; slots no larger)")
 @click.option("--weights", help="linear weights: bf16, fp8, int8 or int4 (default: the model's published "
                                 "checkpoint; the GPU nodes store them alike)")
+@click.option("--attention", type=click.Choice(["flash", "classic"]), default="flash", show_default=True,
+              help="decode attention: blocked with an online softmax (flash) or classic")
+@click.option("--attention-block", type=int, default=0, show_default=True,
+              help="flash: cached tokens per block and column (0: automatic)")
+@click.option("--norms", type=click.Choice(["fused", "separate"]), default="fused", show_default=True,
+              help="RMSNorm sums in the next GEMV's all-reduce (fused) or their own")
 @click.option("--gpu", type=click.Choice(["h100", "h200", "b200"]), default="h100", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
 @click.option("--threads", type=int, help="Numba threads per simulation (default: all cores; 1 with --jobs)")
@@ -484,7 +496,8 @@ def compare_cmd(run_files, as_json) -> None:
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
 @_clean_errors
 def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, expert_skew, moe_mapping,
-               experts_per_region, slot_shape, uniform_slots, weights, gpu, output, threads, jobs, quiet) -> None:
+               experts_per_region, slot_shape, uniform_slots, weights, attention, attention_block, norms, gpu, output,
+               threads, jobs, quiet) -> None:
     """A model on a multi-wafer system and on GPU nodes, side by side (docs/system.md)."""
     from .engine.run import simulate
     from .results.store import RunInfo, write_run
@@ -532,7 +545,8 @@ def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, exp
     job = compare.run_system(model, system, sim, wafers=n, batch=batch, context=context,
                              prompt=prompt_len or None, gpu=gpu, expert_skew=expert_skew, moe_mapping=moe_mapping,
                              experts_per_region=experts_per_region, slot_shape=slot_shape,
-                             uniform_slots=uniform_slots, weights=weights, jobs=jobs,
+                             uniform_slots=uniform_slots, weights=weights, attention=attention,
+                             attention_block=attention_block, norms=norms, jobs=jobs,
                              threads=threads, done=done)
     rep = job.decode.representative
     info = RunInfo(trace_path=f"--model {model} --system {system.name} (counters of the largest stage)",

@@ -26,7 +26,7 @@ from .layout import (
     CQ_READY, CTRL_CODE, CTRL_SUB, CTRL_TWO, OT_CIN, OT_COUT, OT_CTRL, OT_FIELDS, OT_FLOPS, OT_LENGTH,
     OT_RBYTES, OT_RECV, OT_SEND, OT_SETUP, OT_TAG, OT_WBYTES, OT_WIDTH, TS_BYTES, TS_FIELDS, TS_FIRST, TS_FLOPS,
     TS_LAST, TS_OPS, TS_WAVELETS, EVENT_FIELDS, PE_GRANT, PE_LIVE, PE_PEAK,
-    PE_HELD, PE_INFLIGHT, PE_READY, PE_ROUTES, PE_RR, PE_RXMASK, PE_SLEEP_CLASS, PE_SLEEP_THREAD, PE_TRACE, Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX, RT_UP, RT_UP_PE, TH_CTRL,
+    PE_CE_RR, PE_HELD, PE_INFLIGHT, PE_READY, PE_ROUTES, PE_RR, PE_RXMASK, PE_SLEEP_CLASS, PE_SLEEP_THREAD, PE_TRACE, Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX, RT_UP, RT_UP_PE, TH_CTRL,
     TH_END, TH_IN, TH_LEFT, TH_OP, TH_OUT, TH_SETUP, TH_WIDTH,
 )
 
@@ -173,7 +173,6 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
     progressed = 0
     next_wake = NEVER
     active = 0
-    th0 = t % T
     for p in range(lo, hi):
         pb = p << PSHIFT
         nr = pe[_u(pb + PE_ROUTES)]
@@ -222,8 +221,11 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
             signalled = False
             stepped = 0  # threads that did something this cycle
             ff_h = -1  # the thread that took a step of a local compute op it did not finish
-            h = th0
+            h = pe[_u(pb + PE_CE_RR)]
+            first = -1  # the first thread that took a step
             for _j in range(T):
+                if first < 0 and busy:
+                    first = h - 1 if h > 0 else T - 1
                 hb = (p * T + h) << rshift
                 ctrl = th[_u(hb + TH_CTRL)]
                 code = ctrl & CTRL_CODE
@@ -303,6 +305,10 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
                 h += 1
                 if h == T:
                     h = 0
+            if first < 0 and busy:
+                first = h - 1 if h > 0 else T - 1
+            if first >= 0:
+                pe[_u(pb + PE_CE_RR)] = first + 1 if first + 1 < T else 0
             if signalled:
                 for s in range(MAX_SEMAPHORES):
                     si = _u(p * MAX_SEMAPHORES + s)

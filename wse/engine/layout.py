@@ -56,6 +56,7 @@ PE_INFLIGHT = 8  # routes with wavelets in flight towards a router or CE queue
 PE_HELD = 9  # wavelets held in the PE's queues (ready or in flight)
 PE_RXMASK = 10  # link ports (bits) some route of this PE receives from
 PE_SLEEP_THREAD = 11  # the thread a CE asleep in C_BUSY is computing with (exact skipping)
+PE_CE_RR = 12  # the thread the CE step starts at: after the first that took a step last time one did
 PE_FIELDS = 16
 
 # ot[op, :] int64 - per-op constants for a configuration

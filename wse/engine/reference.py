@@ -153,7 +153,7 @@ class _Thread:
 
 
 class _PE:
-    __slots__ = ("index", "x", "y", "routes", "route_by_color", "rr", "threads", "sems",
+    __slots__ = ("index", "x", "y", "routes", "route_by_color", "rr", "ce_rr", "threads", "sems",
                  "counters", "links", "granted", "arrived", "injected")
 
     def __init__(self, index: int, x: int, y: int):
@@ -161,6 +161,7 @@ class _PE:
         self.routes: list[_Route] = []  # ordered by color
         self.route_by_color: dict[int, _Route] = {}
         self.rr = 0  # the route arbitration starts at
+        self.ce_rr = 0  # the thread the CE step starts at
         self.threads: list[_Thread | None] = []
         self.sems = [0] * isa.MAX_SEMAPHORES
         self.counters = [0] * isa.N_PE_COUNTERS
@@ -296,7 +297,8 @@ class _Engine:
     # ---- phase 2 ------------------------------------------------------------------------------
 
     def _ce_step(self, pe: _PE, t: int) -> bool:
-        """Phase 2 step 1: the CE's threads act, starting at thread t mod T. Returns progress."""
+        """Phase 2 step 1: the CE's threads act, starting at the thread after the one that took
+        the first step in the last cycle in which one did (initially thread 0). Returns progress."""
         c = pe.counters
         reads_left = self.read_ports
         writes_left = self.write_ports
@@ -306,8 +308,11 @@ class _Engine:
         had_op = did_step = did_setup = False
         stalls = set()
         T = self.T
+        first = -1
         for j in range(T):
-            th = pe.threads[(t + j) % T]
+            if first < 0 and did_step:
+                first = (pe.ce_rr + j - 1) % T
+            th = pe.threads[(pe.ce_rr + j) % T]
             if th is None or th.finished:
                 continue
             had_op = True
@@ -386,6 +391,10 @@ class _Engine:
             c[isa.C_SRAM_WRITE] += n * op.write_bytes
             if th.remaining == 0:
                 self._complete(pe, th, t)
+        if first < 0 and did_step:
+            first = (pe.ce_rr + T - 1) % T
+        if first >= 0:
+            pe.ce_rr = (first + 1) % T
         for s in signals:
             pe.sems[s] += 1
         # PE cycle class: counted once, first matching class, when a thread had an op.

@@ -39,14 +39,15 @@ class SystemJob:
 def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], object], *, wafers: int | None = None,
                batch: int = 1, context: int = 1024, prompt: int | None = 512, gpu: str = "h100",
                expert_skew: float = 0.0, moe_mapping: str = "auto", experts_per_region: int = 0,
-               slot_shape: str = "tall", uniform_slots: bool = False, weights: str | None = None, jobs: int = 1,
+               slot_shape: str = "tall", uniform_slots: bool = False, weights: str | None = None,
+               attention: str = "flash", attention_block: int = 0, norms: str = "fused", jobs: int = 1,
                threads: int | None = None, done: Done | None = None) -> SystemJob:
     """Simulate the wafer system, evaluate the GPU model, and tabulate both (jobs, threads,
     done: how the decode stages are simulated, wafers.run_decode)."""
     spec = load_model(model)
     params = DecodeParams(batch=batch, context=context, expert_skew=expert_skew, moe_mapping=moe_mapping,
                           experts_per_region=experts_per_region, slot_shape=slot_shape, uniform_slots=uniform_slots,
-                          weights=weights)
+                          weights=weights, attention=attention, attention_block=attention_block, norms=norms)
     gw = weights_for(spec, weights_of(spec, weights))  # the GPU nodes store the weights alike
     dec = run_decode(spec, system, params, wafers, simulate, jobs, threads, done)
     ttft = math.nan

@@ -57,8 +57,10 @@ class ReduceColors:
 class LineAllReduce:
     """All-reduce of a vector held by every position of a line; the result lands everywhere."""
 
-    def __init__(self, n: int, colors: ReduceColors, groups: int | None = None, root: str = "middle"):
+    def __init__(self, n: int, colors: ReduceColors, groups: int | None = None, root: str = "middle",
+                 segments: bool = False):
         self.n = n
+        self.segments = segments  # also route the per-group all-reduce (segment_ops)
         self.colors = colors
         self.groups = groups if groups is not None else default_groups(n)
         if not 1 <= self.groups <= n:
@@ -111,6 +113,8 @@ class LineAllReduce:
                 for i in range(lo_root + 1, hi_root):
                     add(col, i, HI, (LO,))
                 add(col, lo_root, HI, (RAMP,))
+        if self.segments:
+            self._segment_routes(add)
         f = self.final_root
         for i in range(self.n):
             if i == f:
@@ -123,7 +127,64 @@ class LineAllReduce:
                 add(c.bcast, i, LO, (RAMP,) + ((HI,) if i < self.n - 1 else ()))
         return out
 
+    def _segment_routes(self, add) -> None:
+        """Each group's root broadcasts inside its group on the level-1 colors its positions
+        leave free: down1[r % 2] below the root (they chain up on up1), up1[r % 2] above it."""
+        c = self.colors
+        for a, b, r in self.bounds:
+            if r > a:
+                add(c.down1[r % 2], r, RAMP, (LO,))
+                for i in range(a, r):
+                    add(c.down1[r % 2], i, HI, (RAMP,) + ((LO,) if i > a else ()))
+            if r < b - 1:
+                add(c.up1[r % 2], r, RAMP, (HI,))
+                for i in range(r + 1, b):
+                    add(c.up1[r % 2], i, LO, (RAMP,) + ((HI,) if i < b - 1 else ()))
+
     # ---- roles and ops ------------------------------------------------------------------------
+
+    def segment_role(self, i: int) -> tuple:
+        """What position i's ops in an all-reduce inside its group depend on."""
+        a, b, r = self.bounds[self.group_of[i]]
+        return self.role(i)[:2] + (r % 2, i < r)
+
+    def segment_ops(self, role: tuple, m: int, buf: int, tmp: int, kind: int = isa.KIND_ADD,
+                    dtype: int = isa.DTYPE_FP16) -> dict[int, list[Op]]:
+        """All-reduce of m elements inside each group (a segment of the line) only: the
+        level-1 chains to the group's root, then its broadcast over the group (needs
+        `segments=True` routes). A line of one group is this line's all-reduce without the
+        level-2 stage."""
+        if not self.segments:
+            raise ValueError("segment_ops needs a LineAllReduce built with segments=True")
+        par, l1, rpar, below = role
+        if m == 0 or (l1[0] == "root" and not (l1[1] or l1[2])):
+            return {}
+        c = self.colors
+        t0: list[Op] = []
+        t1: list[Op] = []
+        if l1[0] in ("up", "down"):
+            col = c.up1 if l1[0] == "up" else c.down1
+            t0.append(send(col[par], m, buf, dtype) if l1[1] else
+                      recv_compute_send(col[1 - par], col[par], kind, m, src0=buf, dtype=dtype))
+            t0.append(recv((c.down1 if below else c.up1)[rpar], m, buf, dtype))
+        else:
+            if l1[1]:
+                t0.append(recv_compute(c.up1[1 - par], kind, m, dst=buf, src0=buf, dtype=dtype))
+            if l1[2]:
+                t1.extend([recv(c.down1[1 - par], m, tmp, dtype), signal(SEM_REDUCE)])
+                t0.extend([wait(SEM_REDUCE), compute(kind, m, dst=buf, src0=buf, src1=tmp, dtype=dtype)])
+            if l1[1]:
+                t0.append(send(c.down1[rpar], m, buf, dtype))
+            if l1[2]:
+                t0.append(send(c.up1[rpar], m, buf, dtype))
+        out = {0: t0}
+        if t1:
+            out[1] = t1
+        return out
+
+    def segment_combine_flops(self, m_of_group) -> int:
+        """`kind` operations of a segment all-reduce: (group size - 1) x m_of_group(g) per group."""
+        return sum((b - a - 1) * m_of_group(g) for g, (a, b, _) in enumerate(self.bounds))
 
     def role(self, i: int) -> tuple:
         """What position i's ops depend on (positions with equal roles run equal ops)."""

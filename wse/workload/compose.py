@@ -79,26 +79,25 @@ def checked_stage(key: tuple, result):
 def group_extras(plan: ModelPlan, ch: Chain, g: Group, delta: int | None = None
                  ) -> tuple[int, dict[str, int], dict[str, int]]:
     """What compose adds to a group stage: cycles (the hops a left-out expert region spans beyond
-    its relay's one), PE counters (each left-out region's lane PEs take their copy of the
-    dispatch) and link counters (the dispatch and the combine over the extra hops); a stand-in's
+    its relay's one) and link counters (the dispatch and the combine over the extra hops; the
+    relay's lane PEs take their copy of the dispatch as the left-out region's do); a stand-in's
     sends, its delay ops and the hops into the first region are taken out (the wafer's input
     arrives there)."""
     B, k, P = plan.params.batch, plan.spec.moe.experts_per_token, plan.P
     Hc = split(plan.spec.hidden_size, P)
     md = sum(hi + k for hi in Hc) * B  # dispatch wavelets, all lanes
     mc = sum(Hc) * B  # combine wavelets, all lanes
-    hops = n = 0
+    hops = 0
     for e in compressed(plan, ch, g):
         if e.relay:
-            n += 1
             hops += (P if e.way in ("east", "west") else plan.Q) - 1
-    pe = {"wavelets_received": n * md, "sram_write_bytes": n * md * 2, "ops_completed": n * P}
+    pe: dict[str, int] = {}
     link = {"wavelets": hops * (md + mc)}
     if g.lead is None:  # the stand-in's sends, delay ops and the hops into the first region
         delay = [op for hi in Hc for op in delay_ops(plan, hi, standin_delta(plan, delta))]
         moved = 2 * sum(op.length for op in delay)
-        pe.update(wavelets_sent=-(md + mc), sram_read_bytes=-2 * (md + mc) - moved, sram_write_bytes=pe[
-            "sram_write_bytes"] - moved, ops_completed=pe["ops_completed"] - 3 * P - len(delay))
+        pe.update(wavelets_sent=-(md + mc), sram_read_bytes=-2 * (md + mc) - moved, sram_write_bytes=-moved,
+                  ops_completed=-3 * P - len(delay))
         link["wavelets"] -= P * (md + mc)
     return hops * plan.cfg.hop_latency_cycles, pe, link
 

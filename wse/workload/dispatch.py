@@ -170,7 +170,7 @@ def _multicast(builder: MeshBuilder, slots: list[Slot], run: list[tuple[int, int
                         rx, tx = isa.PORT_RAMP, isa.tx_mask(out_port)
                     else:  # a junction: the previous segment's last cell forwards here too
                         prx, ptx = cells[xy]
-                        copy = isa.tx_mask(isa.PORT_RAMP) if slots[s].kind == "experts" else 0
+                        copy = isa.tx_mask(isa.PORT_RAMP) if slots[s].kind in ("experts", "relay") else 0
                         rx, tx = prx, isa.tx_mask(out_port) | copy
                 elif n == last:
                     rx, tx = in_port, isa.tx_mask(isa.PORT_RAMP)

@@ -144,7 +144,7 @@ def decode_experts(plan: ExpertPlan, region: Region, builder: MeshBuilder, role:
     spec, P, Q, B = plan.spec, plan.P, plan.Q, plan.params.batch
     Hc, f_r, b_ = plan.Hc, plan.f_r, plan.buf
     k = spec.moe.experts_per_token
-    red = reducers(region, builder, plan.params)
+    red = reducers(region, builder, plan.params, plan.spec)
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [(i_chunk(Hc, i), red[X].role(i)) for i in range(P)])
     prog.add_roles(Y, [(i_chunk(f_r, j), red[Y].role(j)) for j in range(Q)])
@@ -217,16 +217,20 @@ def decode_experts(plan: ExpertPlan, region: Region, builder: MeshBuilder, role:
 
 
 def decode_relays(region: Region, builder: MeshBuilder, Hc: list[int], batch: int, c_in: int, c_out: int,
-                  name: str) -> None:
-    """A relay stand-in of a compressed stage (compose.py): one PE per lane forwarding the
-    combine exactly as the lane PE of an expert region none of the batch chose does."""
+                  name: str, d_in: int, dispatch_extra: int, pay: int) -> None:
+    """A relay stand-in of a compressed stage (compose.py): one PE per lane taking its copy of
+    the dispatch ((hi + dispatch_extra) x batch elements on d_in, into `pay`) and forwarding
+    the combine exactly as the lane PE of an expert region none of the batch chose does (the
+    copy shares the PE's ramp with the combine passing through)."""
     vertical = region.width == 1
-    tag = builder.tag(f"{name} combine", -1, "transfer")
+    t_in, t_comb = builder.tag(f"{name} input", -1, "transfer"), builder.tag(f"{name} combine", -1, "transfer")
     builder.ensure_threads(3)
     for d, hi in enumerate(Hc):
         x, y = (region.x0, region.y0 + d) if vertical else (region.x0 + d, region.y0)
+        builder.pe_program[y, x, 0] = builder.program([recv(d_in, (hi + dispatch_extra) * batch, pay)
+                                                       ._replace(tag=t_in)])
         builder.pe_program[y, x, 2] = builder.program([recv_compute_send(c_in, c_out, MOV, hi * batch)
-                                                       ._replace(tag=tag)])
+                                                       ._replace(tag=t_comb)])
 
 
 def experts_weight_bytes(plan: ExpertPlan) -> int:

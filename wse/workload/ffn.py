@@ -17,12 +17,21 @@ from .gemv import ELEM, GemvShape, gemv_ops
 from .mesh import X, Y
 from .models import ModelSpec
 from .params import DecodeParams
-from .region import ADD, FMAC, MAX, MUL, SILU_FMACS, Ops, merge
+from .region import ADD, FMAC, MAX, MUL, SCALE, SILU_FMACS, Ops, merge
+
+
+def norm_scale_ops(n: int, batch: int, out: int, scal: int) -> list:
+    """A fused RMSNorm's end: 1/RMS from each sequence's reduced sum of squares (one op per
+    element), then the GEMV's n reduced outputs scaled by it."""
+    return [compute(SCALE, batch, dst=scal, src0=scal)] + ([compute(SCALE, n, dst=out, src0=out)] if n else [])
 
 
 def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, buf: dict[str, int], i: int,
-            j: int, xrole: tuple, yrole: tuple, expert: int, batch: int) -> Ops:
+            j: int, xrole: tuple, yrole: tuple, expert: int, batch: int, norm: bool = False) -> Ops:
     """Gated FFN of PE (i, j) on `batch` sequences: gate/up (reduce X), SiLU * up, down (reduce Y).
+
+    norm: xn is the RMSNorm's weighted input not yet divided by its RMS; the gate/up
+    all-reduce carries the sums of squares (layer.norm_ops) and the outputs are scaled after it.
 
     Reads xn, leaves the output chunk in y; `expert` selects the expert's copy of the tiles (and
     of the biases, where buf holds b_gu and b_dn: experts with biases add them to the reduced
@@ -33,7 +42,9 @@ def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, b
     gu, yb, dot, tmp = buf["gu"], buf["y"], buf["dot"], buf["tmp"]
     fj = f_r[j]
     out = {0: gemv_ops(s_gu, i, j, buf["xn"], gu, batch, max(Hc) * ELEM, 2 * max(f_r) * ELEM)}
-    merge(out, red[X].role_ops(xrole, 2 * fj * batch, gu, tmp))
+    merge(out, red[X].role_ops(xrole, 2 * fj * batch + (batch if norm else 0), gu, tmp))
+    if norm:
+        out[0] += norm_scale_ops(2 * fj * batch, batch, gu, buf["scal"])
     bias = "b_gu" in buf
     gs, ys = 2 * max(f_r) * ELEM, max(Hc) * ELEM
     if bias and fj:

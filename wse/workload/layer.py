@@ -14,8 +14,9 @@ import dataclasses
 
 from ..errors import WseError
 from ..trace import Op, compute
-from .attention import SINK_FLOPS, attention_ops
-from .ffn import ffn_ops, moe_experts, moe_ffn_ops
+from .attention import (SINK_FLOPS, attention_ops, attention_segments, block_tokens, flash_flops, flash_ops,
+                        head_rows)
+from .ffn import ffn_ops, moe_experts, moe_ffn_ops, norm_scale_ops
 from .gemv import ELEM, GemvShape, gemv_ops
 from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
 from .mla import MlaSplit, mla_output_ops, mla_project_ops, mla_split
@@ -24,7 +25,7 @@ from .params import DecodeParams
 from .precision import weights_of
 from .plan import COMBINE, DIAG_BCAST, KV_SHIFT, FitError, fit_check
 from .collectives import LineBroadcast
-from .region import (ADD, FMAC, G0, G1, G2, G3, MUL, SCALE, SILU_MUL_FLOPS, SOFTMAX_FLOPS, THREADS, Lanes,
+from .region import (ADD, FMAC, G0, G1, G2, G3, MUL, SCALE, SILU_MUL_FLOPS, SOFTMAX_FLOPS, THREADS, Lanes, Ops,
                      RegionBuild, anchor_of, handoff, handoff_flops, i_chunk, mark, merge, reducers, retag)
 from .experts import dispatch_parts
 
@@ -46,15 +47,28 @@ class LayerPlan:
     f_r: list[int]
     e_r: list[int]
     T_c: list[int]
-    heads_r: list[int]
+    heads_r: list[int]  # attention heads whose softmax row j computes (flash: its block's heads)
     shapes: dict[str, GemvShape]
     buf: dict[str, int]
     routed: bool = True  # a MoE layer's routed experts live in this region (else in expert regions)
     mla: MlaSplit | None = None  # latent attention's cut over the region (mla.py)
     Q: int = 0  # rows (0: P, a square region)
+    segments: int = 0  # flash: row blocks reducing their heads' scores (attention_segments)
 
     def __post_init__(self) -> None:
         self.Q = self.Q or self.P
+
+    @property
+    def flash(self) -> bool:
+        return self.params.attention == "flash"
+
+    def seg_flops(self, m: int) -> int:
+        """Adds of flash's score reductions of m tokens x batch on one column."""
+        if self.segments:  # (Q - segments) combining stages, each over its block's heads
+            return sum((n - 1) * self.heads_r[0] * m for n in split(self.Q, self.segments))
+        if self.spec.mla or self.spec.kv_heads == 1:  # the whole column
+            return (self.Q - 1) * self.heads_r[0] * m
+        return 0  # rows hold whole KV heads
 
     @property
     def moe(self) -> bool:
@@ -103,6 +117,10 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         ms = mla_split(spec, P, Q)
         q_r, k_r, qkv_r = [spec.heads * c for c in ms.c_r], ms.c_r, ms.a_r
         o_r = [spec.heads * v for v in ms.v_r]
+    elif params.attention == "flash":  # head-aligned rows (attention.head_rows)
+        hr = head_rows(spec, Q)
+        q_r, k_r, o_r = hr.q_r, hr.k_r, hr.o_r
+        qkv_r = [q + 2 * k for q, k in zip(q_r, k_r)]
     else:
         q_r, k_r = split(spec.q_size, Q), split(spec.kv_size, Q)
         qkv_r = [q + 2 * k for q, k in zip(q_r, k_r)]
@@ -111,7 +129,12 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     f_r = split(ffn, Q)
     e_r = split(spec.moe.experts, Q) if moe else [0] * Q
     T_c = split(T, P)
-    heads_r = split(spec.heads, Q)
+    if params.attention == "classic":
+        heads_r = split(spec.heads, Q)
+    elif ms or spec.kv_heads == 1:
+        heads_r = [spec.heads] * Q
+    else:
+        heads_r = head_rows(spec, Q).hb_r
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
     shapes: dict[str, GemvShape] = {}
     dense_w, expert_w = weights_of(spec, params.weights)
@@ -157,6 +180,10 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     if spec.attention_sinks:  # the row's heads' sink logits, at column 0
         buf["sinks"] = mem.alloc("sinks", max(heads_r) * ELEM, "weights", G0)
         buf["sink_exp"] = mem.alloc("sink_exp", max(heads_r) * B * ELEM, "scratch", G1)
+    flash = params.attention == "flash"
+    hb = max(heads_r)
+    # scores held at once: a block of the column's tokens (flash) or all of them (classic)
+    scores = hb * min(block_tokens(params, hb), max(T_c)) if flash else spec.heads * max(T_c)
     if moe and spec.moe.expert_bias:  # every expert's gate/up and down biases, a copy per PE's chunk
         n_exp = (spec.moe.experts if routed else 0) + spec.moe.shared_experts
         buf["b_gu"] = mem.alloc("b_gate_up", n_exp * 2 * max(f_r) * ELEM, "weights", G0)
@@ -170,19 +197,21 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     buf["kv"] = mem.alloc("kv_cache", max((max(T_c) + 1) * kv_tok, max(o_r)) * B * ELEM, "kv_cache", G3)
     buf["h"] = mem.alloc("h", max(Hc) * B * ELEM, "activations", G3)
     buf["xn"] = mem.alloc("xn", max(Hc) * B * ELEM, "activations", G3)
-    buf["sc"] = mem.alloc("scores", max(spec.heads * max(T_c), 1) * B * ELEM, "activations", G3)
-    buf["qkv"] = mem.alloc("qkv", max(max(qkv_r), max(e_r)) * B * ELEM, "activations", G2)
-    buf["att"] = mem.alloc("att", max(o_r) * B * ELEM, "activations", G2)
-    buf["gu"] = mem.alloc("gate_up", 2 * max(f_r) * B * ELEM, "activations", G2)
+    buf["sc"] = mem.alloc("scores", max(scores, 1) * B * ELEM, "activations", G3)
+    buf["qkv"] = mem.alloc("qkv", (max(max(qkv_r), max(e_r)) + 1) * B * ELEM, "activations", G2)
+    buf["att"] = mem.alloc("att", (max(o_r) + (hb if flash else 0)) * B * ELEM, "activations", G2)
+    buf["gu"] = mem.alloc("gate_up", (2 * max(f_r) + 1) * B * ELEM, "activations", G2)
     buf["y"] = mem.alloc("y", max(Hc) * B * ELEM, "activations", G2)
     if ms:
         buf["q"] = mem.alloc("q", max(ms.qn_r) * B * ELEM, "activations", G2)
         buf["qabs"] = mem.alloc("q_absorbed", max(q_r) * B * ELEM, "activations", G2)
         buf["oh"] = mem.alloc("o_heads", max(ms.oh_r) * B * ELEM, "activations", G2)
-    longest = max(max(qkv_r), spec.heads * max(T_c), max(o_r), max(Hc), 2 * max(f_r), max(e_r),
+    longest = max(max(qkv_r), scores, max(o_r) + (hb if flash else 0), max(Hc), 2 * max(f_r), max(e_r),
                   max(ms.qn_r) if ms else 0, max(q_r) if ms else 0, max(ms.oh_r) if ms else 0) * B
     buf["dot"] = mem.alloc("dot", longest * ELEM, "scratch", G1)
     buf["scal"] = mem.alloc("scalars", 16 * B * ELEM, "scratch", G1)
+    if flash:  # running maxima (two, ping-pong) and rescale factors per head and sequence
+        buf["stats"] = mem.alloc("softmax_stats", 3 * hb * B * ELEM, "scratch", G1)
     buf["tmp"] = mem.alloc("tmp", longest * ELEM, "scratch", G0)
     if moe and not routed:
         buf["gates"] = mem.alloc("gates", spec.moe.experts_per_token * B * ELEM, "activations", G2)
@@ -193,7 +222,30 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
             sh.scratch = buf["dequant"]
     fit_check(mem, cfg, f"{spec.name} layer {layer} on a {P}x{Q} region (batch {B}, context {T})")
     return LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, shapes, buf,
-                     routed or not moe, ms, Q)
+                     routed or not moe, ms, Q, attention_segments(spec, Q, params))
+
+
+def largest_context(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, Q: int | None = None) -> int:
+    """The longest context whose layer `layer` fits a P x Q region (0: not even one token): a
+    binary search over plan_layer, whose SRAM use grows with the context (the KV cache; with
+    --attention classic also the scores)."""
+    from .params import MAX_CONTEXT
+
+    def fits(c: int) -> bool:
+        try:
+            plan_layer(spec, layer, P, cfg, dataclasses.replace(params, context=c), Q=Q)
+            return True
+        except FitError:
+            return False
+    if not fits(1):
+        return 0
+    lo, hi = 1, MAX_CONTEXT
+    if fits(hi):
+        return hi
+    while hi - lo > 1:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def most_rows(spec: ModelSpec) -> int:
@@ -202,6 +254,13 @@ def most_rows(spec: ModelSpec) -> int:
     return min(spec.kv_cache_width // (1 if spec.mla else 2), spec.hidden_size)
 
 PARTS = ("norm1", "qkv", "attention", "o", "norm2", "ffn", "handoff")
+
+
+def fused_norms(plan: LayerPlan) -> tuple[bool, bool]:
+    """Whether the layer's two RMSNorms end in the next GEMV's all-reduce (--norms fused):
+    the first before the QKV projection (not latent attention's), the second before a dense FFN."""
+    f = plan.params.norms == "fused"
+    return f and not plan.mla, f and not plan.moe
 
 
 @dataclasses.dataclass
@@ -219,27 +278,44 @@ class LayerCtx:
     def ry(self):
         return self.red[Y]
 
+    def seg_reduce(self, srole: tuple, m: int, buf: int) -> Ops:
+        """Flash's all-reduce of a block's scores among the rows that share their heads."""
+        p = self.plan
+        if p.segments:
+            return self.ry.segment_ops(srole, m, buf, p.buf["tmp"])
+        if p.spec.mla or p.spec.kv_heads == 1:
+            return self.ry.role_ops(srole, m, buf, p.buf["tmp"])
+        return {}
 
-def norm_ops(ctx: LayerCtx, hi: int, xrole: tuple, g: int):
-    """RMSNorm of h into xn: sum of squares, row all-reduce, scale, weight."""
+
+def norm_ops(ctx: LayerCtx, hi: int, xrole: tuple, g: int, fused: bool = False):
+    """RMSNorm of h into xn: sum of squares, row all-reduce, scale, weight. Fused: the sums of
+    squares wait in `scal` for the next GEMV's row all-reduce and xn is h times the weight;
+    the GEMV's outputs are divided by the RMS after its all-reduce (ffn.norm_scale_ops)."""
     b_, B = ctx.plan.buf, ctx.plan.params.batch
     h, xn, dot, scal, tmp = b_["h"], b_["xn"], b_["dot"], b_["scal"], b_["tmp"]
     hstride = max(ctx.plan.Hc) * ELEM
     out = {0: [compute(FMAC, hi, dst=dot, src0=h + b * hstride) for b in range(B)]}
+    if fused:
+        out[0] += [compute(MUL, hi, dst=xn + b * hstride, src0=h + b * hstride, src1=g) for b in range(B)]
+        return out
     merge(out, ctx.rx.role_ops(xrole, B, scal, tmp))
     out[0].append(compute(SCALE, hi * B, dst=xn, src0=h))
     out[0] += [compute(MUL, hi, dst=xn + b * hstride, src0=xn + b * hstride, src1=g) for b in range(B)]
     return out
 
 
-def qkv_ops(ctx: LayerCtx, i: int, jq: int, qj: int, kj: int, xrole: tuple):
-    """Fused QKV projection (reduce X): slice j of q|k|v on every PE of row j; bias; RoPE."""
+def qkv_ops(ctx: LayerCtx, i: int, jq: int, qj: int, kj: int, xrole: tuple, norm: bool = False):
+    """Fused QKV projection (reduce X): slice j of q|k|v on every PE of row j; bias; RoPE.
+    norm: the RMSNorm before it is fused (norm_ops) and ends here."""
     plan = ctx.plan
     b_, B, S, qkv_r = plan.buf, plan.params.batch, plan.shapes, plan.qkv_r
     xn, qkv, tmp, dot = b_["xn"], b_["qkv"], b_["tmp"], b_["dot"]
     qkvj = qkv_r[jq]
     out = {0: gemv_ops(S["qkv"], i, jq, xn, qkv, B, max(plan.Hc) * ELEM, max(qkv_r) * ELEM)}
-    merge(out, ctx.rx.role_ops(xrole, qkvj * B, qkv, tmp))
+    merge(out, ctx.rx.role_ops(xrole, qkvj * B + (B if norm else 0), qkv, tmp))
+    if norm:
+        out[0] += norm_scale_ops(qkvj * B, B, qkv, b_["scal"])
     if "b_qkv" in b_:
         out[0] += [compute(ADD, qkvj, dst=qkv + b * max(qkv_r) * ELEM, src0=qkv + b * max(qkv_r) * ELEM,
                            src1=b_["b_qkv"]) for b in range(B)]
@@ -271,13 +347,15 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     B = prm.batch
     b_ = plan.buf
     Hc, qkv_r, o_r, f_r, e_r = plan.Hc, plan.qkv_r, plan.o_r, plan.f_r, plan.e_r
-    red = reducers(region, builder, prm)
+    red = reducers(region, builder, prm, spec)
     ctx = LayerCtx(plan, red)
     h, yb, qkv = b_["h"], b_["y"], b_["qkv"]
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [(i_chunk(Hc, i), i % 2, red[X].role(i), plan.T_c[i], i == 0, i == P - 1) for i in range(P)])
+    seg = red[Y].segment_role if plan.segments else red[Y].role
     prog.add_roles(Y, [(i_chunk(qkv_r, j), plan.q_r[j], plan.k_r[j], i_chunk(o_r, j), i_chunk(f_r, j),
-                        i_chunk(e_r, j), plan.heads_r[j], red[Y].role(j)) for j in range(Q)])
+                        i_chunk(e_r, j), plan.heads_r[j], red[Y].role(j), seg(j) if plan.flash else None)
+                       for j in range(Q)])
     lanes.install(builder, prog)
     ms = plan.mla
     if ms:
@@ -296,6 +374,7 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
         builder.line_routes(region, X, KV_SHIFT[i % 2], {i: (RAMP, (HI,)), i + 1: (LO, (RAMP,))})
 
     L_ = plan.layer
+    fused1, fused2 = fused_norms(plan)
     tag = {name: builder.tag(f"layer {L_} {name}", L_, kind) for name, kind in (
         ("input", "transfer"), ("norm1", "norm"), ("qkv", "gemv"), ("attention", "attention"), ("o", "gemv"),
         ("norm2", "norm"), ("ffn", "ffn"), ("handoff", "barrier"), ("output", "transfer"))}
@@ -307,21 +386,23 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
 
     def body(xr, yr, sp):
         i, parity, xrole, tc, first_col, last_col = xr[0]
-        jq, qj, kj, jo, jf, je, hj, yrole = yr[0]
+        jq, qj, kj, jo, jf, je, hj, yrole, srole = yr[0]
         hi, oj = Hc[i], o_r[jo]
         out: dict[int, list[Op]] = {0: []}
         part(out, "input", lanes.receive(sp, hi * B, h, Q))
         if "norm1" in parts:
-            part(out, "norm1", norm_ops(ctx, hi, xrole, b_["g1"]))
+            part(out, "norm1", norm_ops(ctx, hi, xrole, b_["g1"], fused1))
         if "qkv" in parts:
             part(out, "qkv", mla_project_ops(ctx, i, jq, xr[1], yr[1], xrole, yrole) if ms
-                 else qkv_ops(ctx, i, jq, qj, kj, xrole))
+                 else qkv_ops(ctx, i, jq, qj, kj, xrole, fused1))
         if "attention" in parts:
-            if ms:  # multi-query attention over the latent cache: kv_len = the row's cache dims
-                ops = attention_ops(ctx, first_col, last_col, parity, tc, qj, kj, qkv + yr[1][1] * ELEM, oj,
-                                    max(o_r) * ELEM, hj, xrole, yrole)
+            # latent attention: multi-query over the latent cache, kv_len = the row's cache dims
+            kv_len, kv_src = (kj, qkv + yr[1][1] * ELEM) if ms else (2 * kj, qkv)
+            if plan.flash:
+                ops = flash_ops(ctx, first_col, last_col, parity, tc, qj, kv_len, kv_src, oj, max(o_r) * ELEM,
+                                hj, xrole, srole)
             else:
-                ops = attention_ops(ctx, first_col, last_col, parity, tc, qj, 2 * kj, qkv, oj, max(o_r) * ELEM,
+                ops = attention_ops(ctx, first_col, last_col, parity, tc, qj, kv_len, kv_src, oj, max(o_r) * ELEM,
                                     hj, xrole, yrole)
             part(out, "attention", ops)
         if "o" in parts:
@@ -332,10 +413,10 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
                 ops = o_ops(ctx, i, jo, yrole)
             part(out, "o", ops)
         if "norm2" in parts:
-            part(out, "norm2", norm_ops(ctx, hi, xrole, b_["g2"]))
+            part(out, "norm2", norm_ops(ctx, hi, xrole, b_["g2"], fused2))
         if "ffn" in parts:
             ops = moe_ffn_ops(ctx, i, jf, je, xrole, yrole) if plan.moe \
-                else ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, 0, B)
+                else ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, 0, B, fused2)
             ops.setdefault(0, []).append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
             part(out, "ffn", ops)
         if "handoff" in parts:
@@ -394,10 +475,16 @@ def layer_flops(plan: LayerPlan, parts: tuple[str, ...] = PARTS) -> tuple[dict[s
         d[k] = d.get(k, 0) + v
 
     ar = 0
-    for part in ("norm1", "norm2"):
-        if part in parts:
-            add(col, "norm", 4 * H * B)  # sum of squares (2), scale (1), weight (1)
+    per_pe: dict[str, int] = {}  # executed on every PE of the region
+    fused = fused_norms(plan)
+    for part, f, consumer, n in (("norm1", fused[0], "qkv", qkv_n), ("norm2", fused[1], "ffn", 2 * spec.ffn_size)):
+        if part in parts:  # sum of squares (2), weight (1), and unless fused the scale (1) after the all-reduce
+            add(col, "norm", (3 if f else 4) * H * B)
+        if (part if not f else consumer) in parts:  # fused: the sums ride in the consumer GEMV's all-reduce
             ar += Q * nx * B
+        if f and consumer in parts:  # ... which then takes 1/RMS on every PE and scales its outputs
+            add(row, "norm", n * B)
+            per_pe["norm"] = per_pe.get("norm", 0) + P * Q * B
     ml = spec.mla
     if "qkv" in parts and ml:
         width, heads = spec.kv_cache_width, spec.heads
@@ -413,6 +500,7 @@ def layer_flops(plan: LayerPlan, parts: tuple[str, ...] = PARTS) -> tuple[dict[s
         add(row, "rope", 3 * (spec.q_size + spec.kv_size) * B)
         add(row, "bias", qkv_n * B if spec.qkv_bias else 0)
         ar += nx * qkv_n * B
+    flash_exec = {}
     if "attention" in parts:
         # MLA: scores over the whole cached latent, values over its c_kv part, for every head
         q_len = spec.heads * spec.kv_cache_width if ml else spec.q_size
@@ -420,7 +508,11 @@ def layer_flops(plan: LayerPlan, parts: tuple[str, ...] = PARTS) -> tuple[dict[s
         model.update(scores=2 * q_len * T * B, softmax=SOFTMAX_FLOPS * spec.heads * T * B, values=2 * o_len * T * B)
         if spec.attention_sinks:
             model["softmax"] += SINK_FLOPS * spec.heads * B
-        ar += 2 * ny * spec.heads * T * B + 2 * nx * spec.heads * B + nx * o_len * B
+        if plan.flash:  # executed: softmax repeated on every row of a head's block, rescales, merges
+            flash_exec = flash_flops(plan)
+            ar += flash_exec.pop("allreduce")
+        else:
+            ar += 2 * ny * spec.heads * T * B + 2 * nx * spec.heads * B + nx * o_len * B
     if "o" in parts:
         model["o"] = 2 * spec.attn_out_size * H * B
         if ml:  # W_uv reduces along Y, then W_o along X
@@ -453,8 +545,11 @@ def layer_flops(plan: LayerPlan, parts: tuple[str, ...] = PARTS) -> tuple[dict[s
     copies = {"ffn": len(plan.local_experts()) if plan.moe else 1}
     dequant = sum(S[k].dequant_flops() * copies.get(part, 1) for part, ks in dq.items() if part in parts for k in ks)
     executed = dict(model, dequant=dequant) if dequant else dict(model)
+    executed.update(flash_exec)
     for reps, d in ((Q, col), (P, row)):
         for k, v in d.items():
             executed[k] = executed.get(k, 0) + reps * v
+    for k, v in per_pe.items():
+        executed[k] = executed.get(k, 0) + v
     executed["allreduce"] = ar
     return executed, sum(model.values()) + sum(col.values()) + sum(row.values())

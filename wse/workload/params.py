@@ -8,6 +8,9 @@ from .precision import WEIGHTS
 
 MOE_MAPPINGS = ("auto", "local", "regions")
 SLOT_SHAPES = ("square", "tall")
+ATTENTION = ("flash", "classic")
+NORMS = ("fused", "separate")
+MAX_CONTEXT = 131_072  # longest context a run may ask for (Llama 3.1's 128k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +26,9 @@ class DecodeParams:
     slot_shape: str = "tall"  # layer and expert slots: "tall" (P x Q, Q >= P, the largest area) or "square"
     uniform_slots: bool = False  # a multi-wafer system: every wafer on one slot shape (system/wafers.py)
     weights: str | None = None  # linear weights' precision (precision.WEIGHTS); None: the model's checkpoint
+    attention: str = "flash"  # decode attention: "flash" (blocked, online softmax) or "classic" (attention.py)
+    attention_block: int = 0  # flash: cached tokens per block and column (0: attention.block_tokens)
+    norms: str = "fused"  # RMSNorm's sum of squares in the next GEMV's all-reduce ("fused") or its own
 
     def __post_init__(self) -> None:
         if self.moe_mapping not in MOE_MAPPINGS:
@@ -31,5 +37,13 @@ class DecodeParams:
             raise WseError(f"--slot-shape {self.slot_shape!r} is not one of {', '.join(SLOT_SHAPES)}")
         if self.weights is not None and self.weights not in WEIGHTS:
             raise WseError(f"--weights {self.weights!r} is not one of {', '.join(WEIGHTS)}")
+        if self.attention not in ATTENTION:
+            raise WseError(f"--attention {self.attention!r} is not one of {', '.join(ATTENTION)}")
+        if self.norms not in NORMS:
+            raise WseError(f"--norms {self.norms!r} is not one of {', '.join(NORMS)}")
+        if self.attention_block < 0:
+            raise WseError(f"--attention-block {self.attention_block} must be at least 0 (0: automatic)")
+        if not 1 <= self.context <= MAX_CONTEXT:
+            raise WseError(f"--context {self.context} must be in [1, {MAX_CONTEXT:,}]")
         if self.experts_per_region < 0:
             raise WseError(f"--experts-per-region {self.experts_per_region} must be at least 0")

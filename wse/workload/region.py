@@ -53,13 +53,22 @@ class RegionBuild:
     anchor: tuple[int, int]  # local (x, y) of the hand-off anchor PE
 
 
-def reducers(region: Region, builder: MeshBuilder | None, params: DecodeParams) -> dict:
-    """The all-reduce of each axis of a region (routes added to the builder when given)."""
+def reducers(region: Region, builder: MeshBuilder | None, params: DecodeParams, spec=None) -> dict:
+    """The all-reduce of each axis of a region (routes added to the builder when given).
+
+    With the model's `spec`, a region whose flash attention reduces scores inside row blocks
+    (attention.attention_segments) gets a column all-reduce of that many groups, each also an
+    all-reduce of its own (LineAllReduce.segment_ops)."""
+    from .attention import attention_segments
+    y_segments = attention_segments(spec, region.height, params)
     out = {}
     for axis in (X, Y):
         n = region.size(axis)
         colors = ReduceColors.from_base(REDUCE_BASE[axis])
-        if params.algo == "chain":
+        if axis == Y and y_segments:
+            red = LineAllReduce(n, colors, groups=y_segments, root="end" if params.algo == "chain" else "middle",
+                                segments=True)
+        elif params.algo == "chain":
             red = LineAllReduce(n, colors, groups=1, root="end")
         elif params.algo == "two-level":
             red = LineAllReduce(n, colors, groups=min(params.groups, n) if params.groups else None)

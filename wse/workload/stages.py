@@ -104,7 +104,7 @@ def _sender(plan: ModelPlan, b: MeshBuilder, slot: Slot, color: int, src: dict, 
     (elements, buffer[, color]) parts); returns its anchor (mesh x, y). delta: a stand-in, its
     last part (the combine) sent `delta` cycles after its first (delay_ops)."""
     ra = slot.region
-    red = reducers(ra, b, plan.params)
+    red = reducers(ra, b, plan.params, plan.spec)
     prog = RegionProgram(ra, THREADS)
     prog.add_roles(X, [red[X].role(i) for i in range(ra.width)])
     prog.add_roles(Y, [(red[Y].role(j),) for j in range(ra.height)])
@@ -193,7 +193,7 @@ def stage_B(plan: ModelPlan, u: int | None) -> StageTrace:
     w0, h0 = (plan.slots[u].region.width, plan.slots[u].region.height) if u is not None else (plan.P, plan.Q)
     b = MeshBuilder(w0, h0, 4, stage="B")
     region = Region(0, 0, w0, h0)
-    red = reducers(region, b, plan.params)
+    red = reducers(region, b, plan.params, plan.spec)
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [red[X].role(i) for i in range(region.width)])
     prog.add_roles(Y, [red[Y].role(j) for j in range(region.height)])
@@ -261,7 +261,10 @@ def stage_G(plan: ModelPlan, g: Group, delta: int | None = None) -> StageTrace:
     for k, (e, slot) in enumerate(zip(elements, stage_slots[1:]), start=1):
         role = dataclasses.replace(ch.roles[e.slot], t_out=None)
         if e.relay:
-            decode_relays(slot.region, b, Hc, plan.params.batch, role.c_in, role.c_out, f"element {k}")
+            real = plan.slots[e.slot]
+            pay = plan_experts(plan.spec, real.index, real.experts, plan.P, plan.cfg, plan.params, plan.Q).buf["xn"]
+            decode_relays(slot.region, b, Hc, plan.params.batch, role.c_in, role.c_out, f"element {k}", role.d_in,
+                          plan.spec.moe.experts_per_token, pay)
             continue
         roles[k] = role
         rb = build_region(plan, slot, slot.region, b, Lanes(None, {}, None, {}), role, f"element {k}")

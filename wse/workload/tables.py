@@ -31,7 +31,7 @@ def embedding(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params
     """Embedding lookup: the column holding the token's row sends chunk d from row d (lane d)."""
     B = params.batch
     mem, Hr, buf = embedding_memory(spec, region.width, region.height, cfg, params)
-    red = reducers(region, builder, params)
+    red = reducers(region, builder, params, spec)
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [(red[X].role(i),) for i in range(region.width)])
     prog.add_roles(Y, [(red[Y].role(j), Hr[j]) for j in range(region.height)])
@@ -90,7 +90,7 @@ def lm_head(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params: 
     W_, H_ = region.width, region.height
     mem, shape, Hr, Vc, buf = lm_memory(spec, W_, H_, cfg, params)
     g, h, xn, logits, dot, scal, tmp = (buf[k] for k in ("g", "h", "xn", "logits", "dot", "scal", "tmp"))
-    red = reducers(region, builder, params)
+    red = reducers(region, builder, params, spec)
     rx, ry = red[X], red[Y]
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [(i_chunk(Vc, i), rx.role(i)) for i in range(W_)])

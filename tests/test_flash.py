@@ -1,0 +1,139 @@
+"""Flash decode attention (blocked, online softmax; workload/attention.py) and fused norms.
+
+The blocked mapping must execute exactly the FLOPs its closed form counts at every block size,
+do the same model work and hold the same weights as the classic mapping, match the reference
+stepper counter for counter, compose exactly, keep its scratch independent of the context, and
+the longest context a slot holds must be found exactly.
+"""
+import dataclasses
+
+import pytest
+
+from checked import composed_equals_full, run
+from engine_compare import assert_same
+from wse import hardware
+from wse.engine import reference
+from wse.workload.attention import head_rows
+from wse.workload.collectives import LineAllReduce, ReduceColors
+from wse.workload.decode import plan_model
+from wse.workload.layer import decode_layer, largest_context, layer_flops, layer_weight_bytes, plan_layer
+from wse.workload.mesh import MeshBuilder, Region
+from wse.workload.models import load_model
+from wse.workload.params import DecodeParams
+from wse.workload.plan import FitError
+from wse.workload.region import Lanes
+
+ATTN = ("norm1", "qkv", "attention", "o", "handoff")
+
+
+def _layer(spec, cfg, params, P, Q, parts=ATTN):
+    plan = plan_layer(spec, 0, P, cfg, params, Q=Q)
+    b = MeshBuilder(P, Q, 4)
+    build = decode_layer(plan, Region(0, 0, P, Q), b, Lanes(None, {}, None, {}), parts)
+    return plan, build, b.build()
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 0])
+def test_attention_flops_are_conserved_at_every_block_size(block, small):
+    """Simulated FLOPs equal the closed form; the model work does not depend on the block."""
+    spec = load_model("tiny")
+    classic = plan_layer(spec, 0, 4, small, DecodeParams(batch=2, context=30, attention="classic"), Q=8)
+    params = DecodeParams(batch=2, context=30, attention_block=block)
+    plan, build, trace = _layer(spec, small, params, 4, 8)
+    r = run(trace, small)
+    executed, model = layer_flops(plan, ATTN)
+    assert int(r.pe("flops").sum()) == sum(build.flops.values()) == sum(executed.values())
+    c_exec, c_model = layer_flops(classic, ATTN)
+    for k in ("scores", "values", "qkv", "o"):
+        assert executed[k] == c_exec[k]  # the dot products are the same work, only the softmax moves
+    assert model == c_model  # model FLOPs count each operation once, whatever the mapping
+    assert layer_weight_bytes(plan) == layer_weight_bytes(classic)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-oss", "tiny-mla"])
+def test_flash_and_classic_do_the_same_model_work(name, small):
+    spec = load_model(name)
+    plans = {a: plan_layer(spec, 1, 4, small.with_overrides(["sram.sram_bytes=131072"]),
+                           DecodeParams(batch=2, context=12, attention=a, norms=n), Q=4)
+             for a, n in (("flash", "separate"), ("classic", "separate"))}
+    f, c = (layer_flops(plans[a])[0] for a in ("flash", "classic"))
+    for k in ("scores", "values", "qkv", "o", "ffn"):
+        assert f[k] == c[k]
+    assert layer_weight_bytes(plans["flash"]) == layer_weight_bytes(plans["classic"])
+
+
+@pytest.mark.parametrize("kw", [dict(attention_block=2), dict(attention_block=5, norms="separate"),
+                                dict(attention="classic", norms="fused")])
+def test_a_flash_layer_matches_the_reference_stepper(kw, small):
+    spec = load_model("tiny")
+    plan, build, trace = _layer(spec, small, DecodeParams(batch=2, context=14, **kw), 4, 8,
+                                ATTN[:-1] + ("norm2", "ffn", "handoff"))
+    fast = run(trace, small)
+    assert_same(fast, reference.simulate(trace, small), f"layer {kw}")
+    assert int(fast.pe("flops").sum()) == sum(build.flops.values())
+
+
+@pytest.mark.parametrize("name,kw", [("tiny", dict(batch=2, context=40, attention_block=4)),
+                                     ("tiny", dict(batch=1, context=24, attention="classic", norms="separate")),
+                                     ("tiny-oss", dict(batch=2, context=20, attention_block=3)),
+                                     ("tiny-mla", dict(batch=1, context=18, attention_block=5))])
+def test_flash_steps_compose_exactly(name, kw, small):
+    composed_equals_full(plan_model(load_model(name), small, DecodeParams(**kw)), small)
+
+
+def test_head_rows_cover_every_dimension_once():
+    spec = load_model("llama3.1-70b")
+    for Q in (1, 3, 8, 13, 195, 586, 1024):
+        hr = head_rows(spec, Q)
+        assert len(hr.k_r) == Q and sum(hr.k_r) == spec.kv_size and sum(hr.q_r) == spec.q_size
+        assert sum(hr.o_r) == spec.attn_out_size and min(hr.k_r) >= 1
+        if Q > spec.kv_heads:  # each block of rows holds one KV head's dims
+            assert hr.segments == spec.kv_heads and set(hr.hb_r) == {spec.heads // spec.kv_heads}
+
+
+def test_segment_all_reduce_routes_stay_inside_each_group():
+    """Each group's root broadcasts over its own positions only, on colors the chains leave free."""
+    from wse.workload.mesh import HI, LO, RAMP
+    red = LineAllReduce(45, ReduceColors.from_base(0), groups=5, segments=True)
+    plain = LineAllReduce(45, ReduceColors.from_base(0), groups=5).routes()
+    routes = red.routes()  # (asserts no position takes a color twice)
+    extra: dict[int, list] = {}
+    for c, per in routes.items():
+        for p, r in per.items():
+            if p not in plain.get(c, {}):
+                extra.setdefault(p, []).append(r)
+    for a, b, r in red.bounds:
+        assert sorted(extra[r]) == sorted([(RAMP, (LO,)), (RAMP, (HI,))])
+        for p in range(a, b):
+            if p < r:
+                assert extra[p] == [(HI, (RAMP, LO) if p > a else (RAMP,))]
+            elif p > r:
+                assert extra[p] == [(LO, (RAMP, HI) if p < b - 1 else (RAMP,))]
+
+
+def test_flash_scratch_does_not_grow_with_the_context():
+    spec, cfg = load_model("llama3.1-8b"), hardware.load_preset("wse3")
+    scratch = {}
+    for ctx in (32768, 65536):  # (from a block of tokens per column on, the scratch is one block)
+        for a in ("flash", "classic"):
+            try:
+                mem = plan_layer(spec, 0, 127, cfg, DecodeParams(context=ctx, attention=a), Q=195).mem
+                scratch[a, ctx] = mem.bytes_by_kind()["scratch"]
+            except FitError:
+                scratch[a, ctx] = None
+    assert scratch["flash", 32768] == scratch["flash", 65536] < 8192
+    assert scratch["classic", 32768] is None  # the scores of the whole context no longer fit
+
+
+def test_the_largest_context_is_found_exactly():
+    spec, cfg = load_model("llama3.1-8b"), hardware.load_preset("wse3")
+    params = DecodeParams()
+    for att, P, Q in (("flash", 127, 195), ("classic", 127, 195), ("flash", 120, 160)):
+        p = dataclasses.replace(params, attention=att)
+        n = largest_context(spec, 0, P, cfg, p, Q)
+        assert 1 < n < 131_072
+        plan_layer(spec, 0, P, cfg, dataclasses.replace(p, context=n), Q=Q)
+        with pytest.raises(FitError, match="bytes missing per PE"):
+            plan_layer(spec, 0, P, cfg, dataclasses.replace(p, context=n + 1), Q=Q)
+    assert largest_context(spec, 0, 127, cfg, params, 195) > 6 * largest_context(
+        spec, 0, 127, cfg, dataclasses.replace(params, attention="classic"), 195)
