@@ -137,3 +137,24 @@ def test_the_largest_context_is_found_exactly():
             plan_layer(spec, 0, P, cfg, dataclasses.replace(p, context=n + 1), Q=Q)
     assert largest_context(spec, 0, 127, cfg, params, 195) > 6 * largest_context(
         spec, 0, 127, cfg, dataclasses.replace(params, attention="classic"), 195)
+
+
+def test_a_generation_reports_tpot_as_the_context_grows(tmp_path):
+    """--generate N: simulated at the first, middle and last context on the wafers the last
+    one needs; the mean is the trapezoid over them; the run file keeps the three figures."""
+    import h5py
+    from click.testing import CliRunner
+    from wse.cli import cli
+    out = tmp_path / "gen.h5"
+    r = CliRunner().invoke(cli, ["system", "--model", "tiny", "--system", "cs3", "--set", 'system.wafer="small"',
+                                 "--context", "64", "--generate", "301", "--prompt-len", "0", "-o", str(out),
+                                 "--quiet"])
+    assert r.exit_code == 0, r.output
+    with h5py.File(out) as f:
+        s = {k: f["summary"][k][()] for k in ("tpot_first_s", "tpot_mean_s", "tpot_last_s", "token_latency_s")}
+        packing = f["wafers"]["packing"][:]
+    assert s["tpot_first_s"] == s["token_latency_s"] < s["tpot_mean_s"] < s["tpot_last_s"]
+    assert 0 < packing[0] < 1
+    bad = CliRunner().invoke(cli, ["system", "--model", "tiny", "--system", "cs3", "--set", 'system.wafer="small"',
+                                   "--context", "131000", "--generate", "100", "-o", str(tmp_path / "x.h5")])
+    assert bad.exit_code == 2 and "131,072" in bad.output and "Traceback" not in bad.output

@@ -488,6 +488,9 @@ def compare_cmd(run_files, as_json) -> None:
               help="flash: cached tokens per block and column (0: automatic)")
 @click.option("--norms", type=click.Choice(["fused", "separate"]), default="fused", show_default=True,
               help="RMSNorm sums in the next GEMV's all-reduce (fused) or their own")
+@click.option("--generate", type=int, default=1, show_default=True,
+              help="tokens generated from --context: TPOT as the context grows (simulated at the first, middle "
+                   "and last token; wafers hold the last token's KV cache)")
 @click.option("--gpu", type=click.Choice(["h100", "h200", "b200"]), default="h100", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
 @click.option("--threads", type=int, help="Numba threads per simulation (default: all cores; 1 with --jobs)")
@@ -496,8 +499,8 @@ def compare_cmd(run_files, as_json) -> None:
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
 @_clean_errors
 def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, expert_skew, moe_mapping,
-               experts_per_region, slot_shape, uniform_slots, weights, attention, attention_block, norms, gpu, output,
-               threads, jobs, quiet) -> None:
+               experts_per_region, slot_shape, uniform_slots, weights, attention, attention_block, norms, generate,
+               gpu, output, threads, jobs, quiet) -> None:
     """A model on a multi-wafer system and on GPU nodes, side by side (docs/system.md)."""
     from .engine.run import simulate
     from .results.store import RunInfo, write_run
@@ -546,7 +549,7 @@ def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, exp
                              prompt=prompt_len or None, gpu=gpu, expert_skew=expert_skew, moe_mapping=moe_mapping,
                              experts_per_region=experts_per_region, slot_shape=slot_shape,
                              uniform_slots=uniform_slots, weights=weights, attention=attention,
-                             attention_block=attention_block, norms=norms, jobs=jobs,
+                             attention_block=attention_block, norms=norms, generate=generate, jobs=jobs,
                              threads=threads, done=done)
     rep = job.decode.representative
     info = RunInfo(trace_path=f"--model {model} --system {system.name} (counters of the largest stage)",

@@ -100,6 +100,9 @@ def system_section(rf: RunFile) -> dict[str, Any] | None:
     w = t["wafers"]
     wafers = [{k: int(w[k][i]) for k in ("wafer", "first_layer", "layers", "slot_columns", "slot_rows",
                                          "expert_regions", "cycles")} for i in range(len(w["wafer"]))]
+    if "packing" in w:  # (run files before the packing column have none)
+        for i, x in enumerate(wafers):
+            x["packing"] = float(w["packing"][i])
     out: dict[str, Any] = {"rows": rows, "wafers": wafers}
     if "pipeline" in t:
         out["pipeline"] = {"max_in_flight": int(t["pipeline"]["max_in_flight"][0]),
@@ -138,7 +141,8 @@ def _format_system(s: dict[str, Any]) -> list[str]:
     for x in s["wafers"]:
         lines.append(f"  wafer {x['wafer']}: layers {x['first_layer']}-{x['first_layer'] + x['layers'] - 1}, "
                      f"{x['slot_columns']}x{x['slot_rows']} slots, {x['expert_regions']} expert regions, "
-                     f"{x['cycles']:,} cycles/token")
+                     f"{x['cycles']:,} cycles/token"
+                     + (f", weights + KV fill {x['packing']:.0%} of its usable SRAM" if "packing" in x else ""))
     if "pipeline" in s:
         p = s["pipeline"]
         lines.append(f"  pipeline depth: {p['max_in_flight']} micro-batches in flight, bounded by {p['bound']}")

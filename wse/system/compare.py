@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..errors import WseError
 from ..results.analysis import format_region_classes, region_classes
 from ..trace import Trace
 from ..workload.params import DecodeParams
@@ -34,21 +35,54 @@ class SystemJob:
     rows: list[tuple[str, str, Any, Any]]  # (metric, units, wafer system, GPU)
     gpu_curve: list[Any]
     precisions: tuple[str, str] = ("bf16", "bf16")  # (dense, routed experts) weights on both sides
+    tpot: "Generation | None" = None  # --generate: the per-token time as the context grows
+
+
+@dataclasses.dataclass
+class Generation:
+    """Time per output token over a generation of `tokens` tokens from context `first`: the
+    wafer system simulated at `contexts` (first, middle, last), its mean by the trapezoid rule
+    over them; the GPU model (analytic) at every context of the generation."""
+
+    tokens: int
+    contexts: list[int]
+    wafer_s: list[float]  # token latency at each of `contexts`
+    gpu_s: list[float]  # GPU step latency at each of `contexts`
+    gpu_mean_s: float
+
+    @property
+    def wafer_mean_s(self) -> float:
+        c, v = self.contexts, self.wafer_s
+        if len(c) == 1:
+            return v[0]
+        return sum((c[k + 1] - c[k]) * (v[k] + v[k + 1]) / 2 for k in range(len(c) - 1)) / (c[-1] - c[0])
 
 
 def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], object], *, wafers: int | None = None,
                batch: int = 1, context: int = 1024, prompt: int | None = 512, gpu: str = "h100",
                expert_skew: float = 0.0, moe_mapping: str = "auto", experts_per_region: int = 0,
                slot_shape: str = "tall", uniform_slots: bool = False, weights: str | None = None,
-               attention: str = "flash", attention_block: int = 0, norms: str = "fused", jobs: int = 1,
-               threads: int | None = None, done: Done | None = None) -> SystemJob:
+               attention: str = "flash", attention_block: int = 0, norms: str = "fused", generate: int = 1,
+               jobs: int = 1, threads: int | None = None, done: Done | None = None) -> SystemJob:
     """Simulate the wafer system, evaluate the GPU model, and tabulate both (jobs, threads,
-    done: how the decode stages are simulated, wafers.run_decode)."""
+    done: how the decode stages are simulated, wafers.run_decode). generate > 1: the wafers
+    hold the KV cache of the generation's last token, and the step is also simulated there and
+    half way (Generation)."""
     spec = load_model(model)
     params = DecodeParams(batch=batch, context=context, expert_skew=expert_skew, moe_mapping=moe_mapping,
                           experts_per_region=experts_per_region, slot_shape=slot_shape, uniform_slots=uniform_slots,
                           weights=weights, attention=attention, attention_block=attention_block, norms=norms)
     gw = weights_for(spec, weights_of(spec, weights))  # the GPU nodes store the weights alike
+    if generate < 1:
+        raise WseError(f"--generate {generate} must be at least 1")
+    last = context + generate - 1
+    ends = {}
+    if generate > 1:  # the last token's KV cache decides the wafers
+        for c in (last, context + (generate - 1) // 2):
+            if c not in ends and c != context:
+                ends[c] = run_decode(spec, system, dataclasses.replace(params, context=c), wafers, simulate, jobs,
+                                     threads, done)
+                wafers = ends[c].wafers
     dec = run_decode(spec, system, params, wafers, simulate, jobs, threads, done)
     ttft = math.nan
     if prompt:
@@ -60,6 +94,15 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     g_ttft = gpu_prefill(spec, g_cfg, prompt, batch=batch, nodes=g.nodes, weight_bytes=gw,
                          kv_bytes=ELEM_BYTES).ttft_s if prompt else math.nan
     g_curve = curve(spec, g_cfg, context, nodes=g.nodes, weight_bytes=gw, kv_bytes=ELEM_BYTES)
+    tpot = None
+    if generate > 1:
+        ends[context] = dec
+        cs = sorted(ends)
+        g_at = {c: gpu_decode(spec, g_cfg, batch=batch, context=c, weight_bytes=gw, kv_bytes=ELEM_BYTES,
+                              nodes=g.nodes, utilization=system.utilization).step_latency_s
+                for c in range(context, last + 1)}
+        tpot = Generation(generate, cs, [ends[c].latency_s for c in cs], [g_at[c] for c in cs],
+                          sum(g_at.values()) / len(g_at))
     one, most = dec.curve[0], dec.curve[-1]
     wafer_name = f"{system.name}: {dec.wafers} x {system.wafer}"
     gpu_name = f"{g.nodes} x 8x{g_cfg.name}"
@@ -79,7 +122,12 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
         ("$/Mtok, pipeline full", "USD", most.usd_per_mtok, None),
         ("bound", "", _wafer_bound(dec), g.bound),
     ]
-    return SystemJob(dec, g, g_ttft, ttft, rows, g_curve, weights_of(spec, weights))
+    if tpot:
+        ms = [f"{v * 1e3:.3g}" for v in tpot.wafer_s]
+        rows += [(f"TPOT at context {' / '.join(f'{c:,}' for c in tpot.contexts)}", "ms", " / ".join(ms),
+                  " / ".join(f"{v * 1e3:.3g}" for v in tpot.gpu_s)),
+                 (f"TPOT, mean over {generate:,} tokens", "ms", tpot.wafer_mean_s * 1e3, tpot.gpu_mean_s * 1e3)]
+    return SystemJob(dec, g, g_ttft, ttft, rows, g_curve, weights_of(spec, weights), tpot)
 
 
 def _wafer_bound(dec: SystemDecode) -> str:
@@ -108,7 +156,7 @@ def format_rows(job: SystemJob) -> str:
         lines.append(f"wafer {s.wafer}: layers {s.layers.start}-{s.layers.stop - 1}"
                      f"{' + embedding' if s.embed else ''}{' + LM head' if s.head else ''}, {s.slot}x{s.slot_rows} slots"
                      f"{f', {s.expert_regions} expert region' + 's' * (s.expert_regions > 1) if s.expert_regions else ''}, "
-                     f"{s.cycles:,} cycles/token")
+                     f"{s.cycles:,} cycles/token, weights + KV fill {s.packing:.0%} of its usable SRAM")
     lines.append(f"pipeline depth: {d.max_in_flight} micro-batches in flight, bounded by {d.depth_bound}")
     if d.wafers > 1:
         lines.append(f"links: up to {max(d.link_bytes):,} B per token each, {d.link_seconds * 1e6:.2f} us per "
@@ -138,6 +186,8 @@ def tables(job: SystemJob) -> dict[str, dict[str, np.ndarray]]:
                    "slot_rows": np.array([s.slot_rows for s in d.steps], dtype=np.int64),
                    "expert_regions": np.array([s.expert_regions for s in d.steps], dtype=np.int64),
                    "cycles": np.array([s.cycles for s in d.steps], dtype=np.int64),
+                   "resident_bytes": np.array([s.resident_bytes for s in d.steps], dtype=np.int64),
+                   "packing": np.array([s.packing for s in d.steps], dtype=np.float64),
                    "flops": np.array([s.flops for s in d.steps], dtype=np.int64),
                    "sram_bytes": np.array([s.sram_bytes for s in d.steps], dtype=np.int64),
                    "wavelet_hops": np.array([s.wavelet_hops for s in d.steps], dtype=np.int64),
@@ -176,6 +226,12 @@ def figures(job: SystemJob) -> dict[str, tuple[Any, str, str]]:
         "tokens_per_s_full": (most.tokens_per_s, "tokens/s", f"aggregate, {most.in_flight} micro-batches in flight"),
         "max_in_flight": (d.max_in_flight, "micro-batches", f"pipeline depth, bounded by {d.depth_bound}"),
         "ttft_s": (job.ttft_s, "s", "time to first token of the prompt"),
+        **({"tpot_first_s": (job.tpot.wafer_s[0], "s", f"token latency at context {job.tpot.contexts[0]}"),
+            "tpot_last_s": (job.tpot.wafer_s[-1], "s", f"token latency at context {job.tpot.contexts[-1]}"),
+            "tpot_mean_s": (job.tpot.wafer_mean_s, "s", f"mean over {job.tpot.tokens} generated tokens "
+                            f"(trapezoid over contexts {job.tpot.contexts})"),
+            "gpu_tpot_mean_s": (job.tpot.gpu_mean_s, "s", "GPU nodes, mean over every context of the generation")}
+           if job.tpot else {}),
         "energy_per_token_j": (one.j_per_token, "J", "energy per token, one micro-batch in flight"),
         "cost_per_mtok_usd": (one.usd_per_mtok, "USD", "cost per million tokens, one micro-batch in flight"),
         "gpu_tokens_per_s_per_user": (job.gpu.tokens_per_s_per_user, "tokens/s", f"{job.gpu.gpu} nodes (analytic)"),

@@ -28,8 +28,8 @@ from ..errors import WseError
 from ..trace import Trace, validate
 from ..workload.chain import chain_of, compressed, region_key
 from ..workload.compose import compose, stages
-from ..workload.decode import (ELEM, ModelPlan, bytes_needed, model_units, plan_model, plan_units, unit_bytes,
-                               _table_bytes)
+from ..workload.decode import (ELEM, ModelPlan, bytes_needed, model_units, plan_model, plan_units, resident_bytes,
+                               unit_bytes, _table_bytes)
 from ..workload.params import DecodeParams
 from ..workload.models import ModelSpec
 from ..workload.plan import FitError, usable_sram
@@ -167,6 +167,13 @@ class WaferStep:
     extra_in_flight: int  # more micro-batches whose KV caches fit beside every layer region's data
     expert_regions: int = 0  # slots holding routed experts
     regions: list[RegionInfo] = dataclasses.field(default_factory=list)  # per region, with region_cycles
+    resident_bytes: int = 0  # weights and KV cache the wafer holds
+    usable_bytes: int = 1  # SRAM the wafer's PEs may place data in
+
+    @property
+    def packing(self) -> float:
+        """Share of the wafer's usable SRAM its weights and KV cache fill."""
+        return self.resident_bytes / self.usable_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,7 +322,7 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
             w, g, plan.embed, plan.head, plan.P, plan.Q, round((t1 - t0) * cfg.clock_hz), holds, d.total("flops"),
             d.total("sram_read_bytes") + d.total("sram_write_bytes"), d.link_total("wavelets"),
             first[w] + d.simulations, _extra_in_flight(plan), sum(s.kind == "experts" for s in plan.slots),
-            region_infos(plan)))
+            region_infos(plan), resident_bytes(plan), usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height))
     latency = times[-1][1]
     stages = [(c / cfg.clock_hz, info.label) for s in steps for c, info in zip(s.region_cycles, s.regions)]
     stages += [(t, "link") for t in net.busy.values()]

@@ -183,6 +183,16 @@ def plan_units(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, u0: int,
     return plan
 
 
+def resident_bytes(plan: ModelPlan) -> int:
+    """Weights (at their precision) and KV cache a wafer plan holds: what its SRAM must fit."""
+    spec, params = plan.spec, plan.params
+    if plan.units:
+        u0, u1 = plan.units
+        return sum(unit_bytes(spec, params, u) for u in model_units(spec)[u0:u1]) \
+            + _table_bytes(spec, plan.embed, plan.head)
+    return bytes_needed(spec, params, plan.n_layers, plan.first_layer, plan.embed, plan.head)
+
+
 def _table_bytes(spec: ModelSpec, embed: bool, head: bool) -> int:
     return ELEM * ((spec.embedding_params() if embed else 0)
                    + (spec.lm_head_params() + spec.hidden_size if head else 0))
