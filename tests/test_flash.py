@@ -158,3 +158,14 @@ def test_a_generation_reports_tpot_as_the_context_grows(tmp_path):
     bad = CliRunner().invoke(cli, ["system", "--model", "tiny", "--system", "cs3", "--set", 'system.wafer="small"',
                                    "--context", "131000", "--generate", "100", "-o", str(tmp_path / "x.h5")])
     assert bad.exit_code == 2 and "131,072" in bad.output and "Traceback" not in bad.output
+
+
+def test_the_attention_kernel_takes_either_mapping(small):
+    from wse.workload.kernels import attention
+    facts = {}
+    for m in ("flash", "classic"):
+        trace, f = attention(8, 8, 2, 16, 64, 2, small, mapping=m, block=3 if m == "flash" else 0)
+        assert int(run(trace, small).pe("flops").sum()) == f["executed_flops"]
+        facts[m] = f
+    assert facts["flash"]["model_flops"] == facts["classic"]["model_flops"]
+    assert facts["flash"]["executed_flops"] != facts["classic"]["executed_flops"]

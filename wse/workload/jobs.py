@@ -81,7 +81,8 @@ def kernel_trace(op: str, cfg: WaferConfig, **kw) -> tuple[Trace, dict[str, int]
             raise WseError("--op attention needs a square --region PxP")
         need(kw, "heads", "head_dim", "context")
         return attention(region[0], kw["heads"], kw.get("kv_heads") or kw["heads"], kw["head_dim"],
-                         kw["context"], kw.get("batch") or 1, cfg, kw.get("algo") or "two-level", kw.get("groups"))
+                         kw["context"], kw.get("batch") or 1, cfg, kw.get("algo") or "two-level", kw.get("groups"),
+                         kw.get("attention") or "flash", kw.get("attention_block") or 0)
     if op == "gemm":
         from .gemm import standalone as gemm
         if region is None or region[0] != region[1]:

@@ -50,8 +50,10 @@ def allreduce(region: tuple[int, int], elements: int, axis: str, cfg: WaferConfi
 
 
 def attention(P: int, heads: int, kv_heads: int, head_dim: int, context: int, batch: int, cfg: WaferConfig,
-              algo: str = "two-level", groups: int | None = None) -> tuple[Trace, dict[str, int]]:
-    """Decode attention (KV append and shift, scores, softmax, weighted values) on a P x P region.
+              algo: str = "two-level", groups: int | None = None, mapping: str = "flash", block: int = 0
+              ) -> tuple[Trace, dict[str, int]]:
+    """Decode attention (KV append and shift, scores, softmax, weighted values) on a P x P region
+    (`mapping`: flash or classic, `block`: flash's tokens per block, 0 automatic).
 
     The q, k and v of the new token are taken as already split over the rows (what the QKV
     projection of a layer leaves); see layer.py for the layout.
@@ -61,10 +63,11 @@ def attention(P: int, heads: int, kv_heads: int, head_dim: int, context: int, ba
     hidden = heads * head_dim
     spec = ModelSpec(name="attention", hidden_size=hidden, layers=1, heads=heads, kv_heads=kv_heads,
                      head_dim=head_dim, ffn_size=P, vocab_size=P)
-    params = DecodeParams(batch=batch, context=context, algo=algo, groups=groups)
+    params = DecodeParams(batch=batch, context=context, algo=algo, groups=groups, attention=mapping,
+                          attention_block=block)
     plan = plan_layer(spec, 0, P, cfg, params)
     b = MeshBuilder(P, P, 4, kernel="attention", heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                    context=context, batch=batch, region=f"{P}x{P}", algo=algo)
+                    context=context, batch=batch, region=f"{P}x{P}", algo=algo, attention=mapping)
     build = decode_layer(plan, Region(0, 0, P, P), b, Lanes(None, {}, None, {}), parts=("attention",))
     return b.build(), {"model_flops": build.model_flops,
                        "executed_flops": sum(build.flops.values()),

@@ -183,7 +183,8 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     flash = params.attention == "flash"
     hb = max(heads_r)
     # scores held at once: a block of the column's tokens (flash) or all of them (classic)
-    scores = hb * min(block_tokens(params, hb), max(T_c)) if flash else spec.heads * max(T_c)
+    scores = max(h * min(block_tokens(params, h), max(T_c)) for h in set(heads_r)) if flash \
+        else spec.heads * max(T_c)
     if moe and spec.moe.expert_bias:  # every expert's gate/up and down biases, a copy per PE's chunk
         n_exp = (spec.moe.experts if routed else 0) + spec.moe.shared_experts
         buf["b_gu"] = mem.alloc("b_gate_up", n_exp * 2 * max(f_r) * ELEM, "weights", G0)
