@@ -97,7 +97,8 @@ def _plan(model: str, wafer: str, context: int, share: bool):
     from .workload.models import load_model
     cfg = hardware.load_preset(wafer)
     spec = load_model(model)
-    params = DecodeParams(context=context, slot_shape="square")  # the figures' history was measured on square slots
+    # the figures' history was measured on square slots with the classic attention and separate norms
+    params = DecodeParams(context=context, slot_shape="square", attention="classic", norms="separate")
     if not share:
         return cfg, plan_model(spec, cfg, params)
     from .system.config import load_system
