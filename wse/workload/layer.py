@@ -62,11 +62,17 @@ class LayerPlan:
     def flash(self) -> bool:
         return self.params.attention == "flash"
 
+    @property
+    def column_scores(self) -> bool:
+        """Flash reduces a block's scores down the whole column: every row attends with one
+        latent (MLA) or one KV head; otherwise inside row blocks (segments) or not at all."""
+        return bool(self.spec.mla) or self.spec.kv_heads == 1
+
     def seg_flops(self, m: int) -> int:
         """Adds of flash's score reductions of m tokens x batch on one column."""
         if self.segments:  # (Q - segments) combining stages, each over its block's heads
             return sum((n - 1) * self.heads_r[0] * m for n in split(self.Q, self.segments))
-        if self.spec.mla or self.spec.kv_heads == 1:  # the whole column
+        if self.column_scores:
             return (self.Q - 1) * self.heads_r[0] * m
         return 0  # rows hold whole KV heads
 
@@ -112,29 +118,26 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
                        f"dimension), not {Q}")
     moe = spec.is_moe_layer(layer)
     Hc = split(H, P)
-    ms = None
+    ms = hr = None
     if spec.mla:  # rows own the latent cache's dims: q_r, k_r, o_r are the per-token lengths
         ms = mla_split(spec, P, Q)
         q_r, k_r, qkv_r = [spec.heads * c for c in ms.c_r], ms.c_r, ms.a_r
         o_r = [spec.heads * v for v in ms.v_r]
-    elif params.attention == "flash":  # head-aligned rows (attention.head_rows)
-        hr = head_rows(spec, Q)
-        q_r, k_r, o_r = hr.q_r, hr.k_r, hr.o_r
-        qkv_r = [q + 2 * k for q, k in zip(q_r, k_r)]
     else:
-        q_r, k_r = split(spec.q_size, Q), split(spec.kv_size, Q)
+        if params.attention == "flash":  # head-aligned rows (attention.head_rows)
+            hr = head_rows(spec, Q)
+            q_r, k_r, o_r = hr.q_r, hr.k_r, hr.o_r
+        else:
+            q_r, k_r, o_r = split(spec.q_size, Q), split(spec.kv_size, Q), split(spec.attn_out_size, Q)
         qkv_r = [q + 2 * k for q, k in zip(q_r, k_r)]
-        o_r = split(spec.attn_out_size, Q)
     ffn = spec.moe.expert_ffn_size if moe else spec.ffn_size
     f_r = split(ffn, Q)
     e_r = split(spec.moe.experts, Q) if moe else [0] * Q
     T_c = split(T, P)
     if params.attention == "classic":
         heads_r = split(spec.heads, Q)
-    elif ms or spec.kv_heads == 1:
-        heads_r = [spec.heads] * Q
-    else:
-        heads_r = head_rows(spec, Q).hb_r
+    else:  # flash: the heads of the row's block (latent attention: every head)
+        heads_r = hr.hb_r if hr else [spec.heads] * Q
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
     shapes: dict[str, GemvShape] = {}
     dense_w, expert_w = weights_of(spec, params.weights)
@@ -284,7 +287,7 @@ class LayerCtx:
         p = self.plan
         if p.segments:
             return self.ry.segment_ops(srole, m, buf, p.buf["tmp"])
-        if p.spec.mla or p.spec.kv_heads == 1:
+        if p.column_scores:
             return self.ry.role_ops(srole, m, buf, p.buf["tmp"])
         return {}
 
