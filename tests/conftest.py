@@ -8,6 +8,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from wse import hardware  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _isolated_fanout(tmp_path_factory, monkeypatch):
+    """Commands run in this process and cache stages in a folder of the test session, never the
+    user's: tests that want a Dask cluster or a cache of their own say so."""
+    monkeypatch.setenv("WSE_JOBS", "1")
+    monkeypatch.setenv("WSE_CACHE", str(tmp_path_factory.getbasetemp() / "stage-cache"))
+    monkeypatch.delenv("WSE_SCHEDULER", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny() -> hardware.WaferConfig:
     """8x8 WSE-3-like wafer: hop latency 2, ramp latency 2, queue depth 4, 8-wide fp16 FMAC."""

@@ -14,6 +14,8 @@ from wse.errors import WseError
 from wse.system.config import load_system
 from checked import run, standin_work
 from wse.system.link import Link, Network
+from wse.system.pool import Fanout
+from wse.system.progress import Progress
 from wse.workload.chain import chain_of
 from wse.system.wafers import (Timeline, balanced, fewest_wafers, pipeline_point, run_decode, split_layers,
                                wafer_plans)
@@ -231,7 +233,7 @@ def test_prefill_kernels_in_worker_processes_give_the_same_ttft(small_system):
     small = small_system.wafer_config
     plans = wafer_plans(spec, small_system, PARAMS, 2)
     assert prefill_seconds(spec, small_system, plans, 32, sim(small)) == \
-        prefill_seconds(spec, small_system, plans, 32, sim(small), jobs=2)
+        prefill_seconds(spec, small_system, plans, 32, sim(small), Fanout(jobs=2))
 
 
 def test_system_command_with_expert_regions_over_wafers(tmp_path):
@@ -269,7 +271,7 @@ def test_system_command_with_expert_regions_over_wafers(tmp_path):
     (["--wafers", "x"], "--wafers"), (["--wafers", "0"], "--wafers"), (["--batch", "0"], "--batch"),
     (["--system", "nope"], "unknown system preset"), (["--set", "cost.utilization=2"], "cost.utilization"),
     (["--wafers", "1", "--moe-mapping", "regions"], "has no MoE layer"),
-    (["--experts-per-region", "-1"], "--experts-per-region"), (["--jobs", "0"], "--jobs"), (["--wafers", "3"], "3 wafers for 2 layers of tiny"),
+    (["--experts-per-region", "-1"], "--experts-per-region"), (["--jobs", "-1"], "--jobs"), (["--wafers", "3"], "3 wafers for 2 layers of tiny"),
 ])
 def test_system_command_bad_input_is_one_clear_error(args, msg, tmp_path):
     r = CliRunner().invoke(cli, ["system", "--model", "tiny", *args, "-o", str(tmp_path / "x.h5")])
@@ -341,15 +343,16 @@ def test_worker_processes_give_the_same_step(small_system):
     small = small_system.wafer_config
     params = DecodeParams(batch=2, context=16, moe_mapping="regions", experts_per_region=1)
     one = run_decode(spec, small_system, params, 4, sim(small))
-    seen = []
 
     def not_here(t):
         raise AssertionError("with jobs > 1 the workers simulate")
 
-    two = run_decode(spec, small_system, params, 4, not_here, jobs=2, done=lambda i, n: seen.append((i, n)))
+    progress = Progress(False)
+    with Fanout(jobs=2, progress=progress) as fanout:
+        two = run_decode(spec, small_system, params, 4, not_here, fanout)
     assert [dataclasses.astuple(s) for s in two.steps] == [dataclasses.astuple(s) for s in one.steps]
     assert (two.latency_s, two.dynamic_j_per_step) == (one.latency_s, one.dynamic_j_per_step)
-    assert [i for i, _ in seen] == list(range(1, one.simulations + 1)) and seen[-1][1] == one.simulations
+    assert progress.simulated == progress.listed == one.simulations and progress.cached == 0
 
 
 def test_uniform_slots_put_every_wafer_on_one_shape(small_system):

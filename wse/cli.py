@@ -415,10 +415,13 @@ def report_cmd(run_file, as_json) -> None:
 @click.option("--quiet", is_flag=True)
 @_clean_errors
 def plot_cmd(run_file, outdir, quiet) -> None:
-    """PNG heatmaps of PE utilization and link traffic, an activity timeline, breakdown bars."""
+    """PNG heatmaps of PE utilization and link traffic, an activity timeline, breakdown bars; for a
+    sweep file, the Pareto front and one figure per swept axis."""
     from .results.plots import plot_run
     from .results.store import read_run
-    for path in plot_run(read_run(run_file), outdir):
+    from .results.sweep import is_sweep, plot_sweep
+    paths = plot_sweep(run_file, outdir) if is_sweep(run_file) else plot_run(read_run(run_file), outdir)
+    for path in paths:
         if not quiet:
             click.echo(f"wrote {path}")
 
@@ -430,9 +433,17 @@ def plot_cmd(run_file, outdir, quiet) -> None:
 @click.option("--quiet", is_flag=True)
 @_clean_errors
 def export_cmd(run_file, fmt, output, quiet) -> None:
-    """Perfetto/Chrome trace of sampled PEs' op timelines, or CSV of the summary and ops."""
+    """Perfetto/Chrome trace of sampled PEs' op timelines, or CSV of the summary and ops (of a
+    sweep file: its table)."""
     from .results.export import csv_tables, perfetto
     from .results.store import read_run
+    from .results.sweep import csv_sweep, is_sweep
+    if is_sweep(run_file):
+        if fmt != "csv":
+            raise WseError(f"{run_file}: a sweep file exports as csv only")
+        if not quiet:
+            click.echo(f"wrote {csv_sweep(run_file, output)}")
+        return
     rf = read_run(run_file)
     if fmt == "perfetto":
         n = perfetto(rf, output)
@@ -458,110 +469,6 @@ def compare_cmd(run_files, as_json) -> None:
         click.echo(json.dumps(cmp, default=_json_default))
     else:
         click.echo(format_compare(cmp))
-
-
-@cli.command("system")
-@click.option("--model", required=True, help="model name (wse models)")
-@click.option("--system", "system_name", default="cs3x4", show_default=True,
-              help="system preset (cs3, cs3x4, cs3x16, cs3x64) or TOML file")
-@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="override a system value")
-@click.option("--wafers", default="preset", show_default=True,
-              help="wafers in the chain: a number, 'auto' (fewest that hold weights + KV cache) or 'preset'")
-@click.option("--batch", type=int, default=1, show_default=True, help="sequences decoded together")
-@click.option("--context", type=int, default=1024, show_default=True, help="cached tokens attended to")
-@click.option("--prompt-len", type=int, default=512, show_default=True, help="prompt tokens for TTFT (0: skip)")
-@click.option("--expert-skew", type=float, default=0.0, show_default=True,
-              help="MoE expert choice: 0 uniform, s > 0 Zipf-skewed popularity")
-@click.option("--moe-mapping", type=click.Choice(["auto", "local", "regions"]), default="auto", show_default=True,
-              help="routed experts in the layer region (local), in expert regions (regions), or local where it fits")
-@click.option("--experts-per-region", type=int, default=0, show_default=True,
-              help="expert regions hold at most this many routed experts (0: as many as fit)")
-@click.option("--slot-shape", type=click.Choice(["tall", "square"]), default="tall", show_default=True,
-              help="layer slots: tall P x Q regions of the largest area, or square P x P")
-@click.option("--uniform-slots", is_flag=True,
-              help="every wafer on one slot shape (fewer distinct stage simulations; slots no larger)")
-@click.option("--weights", help="linear weights: bf16, fp8, int8 or int4 (default: the model's published "
-                                "checkpoint; the GPU nodes store them alike)")
-@click.option("--attention", type=click.Choice(["flash", "classic"]), default="flash", show_default=True,
-              help="decode attention: blocked with an online softmax (flash) or classic")
-@click.option("--attention-block", type=int, default=0, show_default=True,
-              help="flash: cached tokens per block and column (0: automatic)")
-@click.option("--norms", type=click.Choice(["fused", "separate"]), default="fused", show_default=True,
-              help="RMSNorm sums in the next GEMV's all-reduce (fused) or their own")
-@click.option("--generate", type=int, default=1, show_default=True,
-              help="tokens generated from --context: TPOT as the context grows (simulated at the first, middle "
-                   "and last token; wafers hold the last token's KV cache)")
-@click.option("--gpu", type=click.Choice(["h100", "h200", "b200"]), default="h100", show_default=True)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
-@click.option("--threads", type=int, help="Numba threads per simulation (default: all cores; 1 with --jobs)")
-@click.option("--jobs", type=int, default=1, show_default=True,
-              help="worker processes simulating distinct decode stages in parallel (same results)")
-@click.option("--quiet", is_flag=True, help="print nothing but errors")
-@_clean_errors
-def system_cmd(model, system_name, sets, wafers, batch, context, prompt_len, expert_skew, moe_mapping,
-               experts_per_region, slot_shape, uniform_slots, weights, attention, attention_block, norms, generate,
-               gpu, output, threads, jobs, quiet) -> None:
-    """A model on a multi-wafer system and on GPU nodes, side by side (docs/system.md)."""
-    from .engine.run import simulate
-    from .results.store import RunInfo, write_run
-    from .system import compare
-    from .system.config import load_system
-
-    system = load_system(system_name, sets)
-    if wafers == "preset":
-        n = system.wafers
-    elif wafers == "auto":
-        n = None
-    else:
-        try:
-            n = int(wafers)
-        except ValueError:
-            raise WseError(f"--wafers {wafers!r}: expected a number, 'auto' or 'preset'") from None
-        if n < 1:
-            raise WseError("--wafers must be at least 1")
-    for name, v in (("--batch", batch), ("--context", context)):
-        if v < 1:
-            raise WseError(f"{name} must be at least 1")
-    if prompt_len < 0:
-        raise WseError("--prompt-len must be at least 0")
-    if threads is not None and threads < 1:
-        raise WseError("--threads must be at least 1")
-    if jobs < 1:
-        raise WseError("--jobs must be at least 1")
-    cfg = system.wafer_config
-    bar = _Progress(not quiet and sys.stderr.isatty() and jobs == 1)
-    t0 = time.perf_counter()
-
-    def done(i: int, n: int) -> None:
-        if not quiet:
-            click.echo(f"  decode stage {i}/{n} simulated ({time.perf_counter() - t0:,.0f} s)", err=True)
-
-    def sim(tr):
-        res = simulate(tr, cfg, threads=threads, progress=bar, validated=True)
-        bar.clear()
-        if res.stop == isa.STOP_INTERRUPTED:
-            raise KeyboardInterrupt
-        return res
-
-    if expert_skew < 0:
-        raise WseError("--expert-skew must be at least 0")
-    job = compare.run_system(model, system, sim, wafers=n, batch=batch, context=context,
-                             prompt=prompt_len or None, gpu=gpu, expert_skew=expert_skew, moe_mapping=moe_mapping,
-                             experts_per_region=experts_per_region, slot_shape=slot_shape,
-                             uniform_slots=uniform_slots, weights=weights, attention=attention,
-                             attention_block=attention_block, norms=norms, generate=generate, jobs=jobs,
-                             threads=threads, done=done)
-    rep = job.decode.representative
-    info = RunInfo(trace_path=f"--model {model} --system {system.name} (counters of the largest stage)",
-                   trace_hash="", trace_mesh=(rep.pe_counters.shape[1], rep.pe_counters.shape[0]),
-                   threads=rep.threads, wall_seconds=rep.wall_seconds)
-    write_run(output, rep, cfg, info, extra=compare.figures(job), tables=compare.tables(job))
-    if not quiet:
-        dense, expert = job.precisions
-        prec = dense if dense == expert else f"{dense} (experts {expert})"
-        click.echo(f"{model}, batch {batch}, context {context}, {prec} weights")
-        click.echo(compare.format_rows(job))
-        click.echo(f"wrote {output}")
 
 
 @cli.command("bench")
@@ -601,10 +508,14 @@ def bench_cmd(only, quick, history, as_json) -> None:
         click.echo(f"  {figure}: {before:,.4g} -> {now:,.4g} ({now / before:.2f}x){flag}")
 
 
+from . import cli_system  # noqa: E402,F401  (registers system, sweep and cache)
+
+
 def main() -> None:
     """Console entry point."""
     cli(prog_name="wse")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # run as a script: the commands are registered on the package's module
+    from wse.cli import main as _main
+    _main()

@@ -20,7 +20,7 @@ from ..workload.models import load_model
 from .config import SystemConfig
 from ..workload.precision import weights_of
 from .gpu import GpuResult, curve, gpu_decode, gpu_prefill, load_gpu, weights_for
-from .pool import Done
+from .pool import Fanout
 from .wafers import SystemDecode, prefill_seconds, run_decode, wafer_plans
 
 ELEM_BYTES = 2.0  # both sides keep a 16-bit KV cache
@@ -58,14 +58,42 @@ class Generation:
         return sum((c[k + 1] - c[k]) * (v[k] + v[k + 1]) / 2 for k in range(len(c) - 1)) / (c[-1] - c[0])
 
 
+def run_options(system: SystemConfig, simulate: Callable[[Trace], object], fanout: Fanout | None = None, *,
+                model: str, wafers: str | int = "preset", batch: int = 1, context: int = 1024, prompt_len: int = 512,
+                expert_skew: float = 0.0, gpu: str = "h100", weights: str | None = None, **kw: Any) -> SystemJob:
+    """`wse system`'s options checked and run (the CLI and each sweep point): wafers a number,
+    "auto" (the fewest that hold the model) or "preset"; prompt_len 0 skips the prefill."""
+    if wafers == "preset":
+        n = system.wafers
+    elif wafers == "auto":
+        n = None
+    else:
+        try:
+            n = int(wafers)
+        except ValueError:
+            raise WseError(f"--wafers {wafers!r}: expected a number, 'auto' or 'preset'") from None
+        if n < 1:
+            raise WseError("--wafers must be at least 1")
+    for name, v in (("--batch", batch), ("--context", context)):
+        if v < 1:
+            raise WseError(f"{name} must be at least 1")
+    if prompt_len < 0:
+        raise WseError("--prompt-len must be at least 0")
+    if not expert_skew >= 0 or math.isinf(expert_skew):
+        raise WseError(f"--expert-skew {expert_skew}: must be a finite number at least 0")
+    load_gpu(gpu)  # a bad GPU name fails before anything is simulated
+    return run_system(model, system, simulate, wafers=n, batch=batch, context=context, prompt=prompt_len or None,
+                      gpu=gpu, expert_skew=expert_skew, weights=weights or None, fanout=fanout, **kw)
+
+
 def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], object], *, wafers: int | None = None,
                batch: int = 1, context: int = 1024, prompt: int | None = 512, gpu: str = "h100",
                expert_skew: float = 0.0, moe_mapping: str = "auto", experts_per_region: int = 0,
                slot_shape: str = "tall", uniform_slots: bool = False, weights: str | None = None,
                attention: str = "flash", attention_block: int = 0, norms: str = "fused", generate: int = 1,
-               jobs: int = 1, threads: int | None = None, done: Done | None = None) -> SystemJob:
-    """Simulate the wafer system, evaluate the GPU model, and tabulate both (jobs, threads,
-    done: how the decode stages are simulated, wafers.run_decode). generate > 1: the wafers
+               fanout: Fanout | None = None) -> SystemJob:
+    """Simulate the wafer system, evaluate the GPU model, and tabulate both (fanout: where the
+    stage simulations run and the cache they share, pool.Fanout). generate > 1: the wafers
     hold the KV cache of the generation's last token, and the step is also simulated there and
     half way (Generation)."""
     spec = load_model(model)
@@ -80,14 +108,13 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     if generate > 1:  # the last token's KV cache decides the wafers
         for c in (last, context + (generate - 1) // 2):
             if c not in ends and c != context:
-                ends[c] = run_decode(spec, system, dataclasses.replace(params, context=c), wafers, simulate, jobs,
-                                     threads, done)
+                ends[c] = run_decode(spec, system, dataclasses.replace(params, context=c), wafers, simulate, fanout)
                 wafers = ends[c].wafers
-    dec = run_decode(spec, system, params, wafers, simulate, jobs, threads, done)
+    dec = run_decode(spec, system, params, wafers, simulate, fanout)
     ttft = math.nan
     if prompt:
         ttft = prefill_seconds(spec, system, wafer_plans(spec, system, params, dec.wafers), prompt, simulate,
-                               jobs, threads)
+                               fanout)
     g_cfg = load_gpu(gpu)
     g = gpu_decode(spec, g_cfg, batch=batch, context=context, weight_bytes=gw, kv_bytes=ELEM_BYTES,
                    utilization=system.utilization)

@@ -1,8 +1,10 @@
 """Wafer system configuration: how many wafers, the links between them, energy and cost.
 
 Presets live in wse/presets/systems/*.toml (`base = "<preset>"` inherits one); a file given by
-path works the same way, and `--set section.key=value` overrides single values. Every value
-that is not a published fact is an assumption listed in docs/system.md.
+path works the same way, and `--set section.key=value` overrides single values: a system key
+(the SCHEMA below) or a key of the wafer configuration (hardware.PARAMS, e.g.
+fabric.hop_latency_cycles), applied to the system's wafer preset. Every value that is not a
+published fact is an assumption listed in docs/system.md.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any
 
 from ..errors import WseError
 from ..tomlfile import read_toml, toml_value
-from ..hardware import WaferConfig, load_preset
+from ..hardware import PARAM_BY_PATH, WaferConfig, load_preset
 from .link import TOPOLOGIES
 
 
@@ -45,6 +47,7 @@ SCHEMA: tuple[tuple[str, str, type, float, float, str], ...] = (
 @dataclasses.dataclass(frozen=True)
 class SystemConfig:
     values: dict[str, Any]
+    wafer_sets: tuple[str, ...] = ()  # `section.key=value` overrides of the wafer preset
 
     def __getattr__(self, key: str) -> Any:
         values = self.__dict__.get("values")
@@ -56,10 +59,11 @@ class SystemConfig:
 
     @property
     def wafer_config(self) -> WaferConfig:
-        return load_preset(self.wafer)
+        cfg = load_preset(self.wafer)
+        return cfg.with_overrides(self.wafer_sets) if self.wafer_sets else cfg
 
     def with_wafers(self, n: int) -> "SystemConfig":
-        return _validated({**self.values, "system.wafers": n}, "--wafers")
+        return _validated({**self.values, "system.wafers": n}, "--wafers", self.wafer_sets)
 
 
 def system_names() -> list[str]:
@@ -93,7 +97,7 @@ def _preset_doc(name: str) -> dict[str, Any]:
     return tomllib.loads((resources.files("wse") / "presets" / "systems" / f"{name}.toml").read_text())
 
 
-def _validated(values: dict[str, Any], where: str) -> SystemConfig:
+def _validated(values: dict[str, Any], where: str, wafer_sets: tuple[str, ...] = ()) -> SystemConfig:
     out: dict[str, Any] = {}
     for section, key, typ, lo, hi, _ in SCHEMA:
         path = f"{section}.{key}"
@@ -111,10 +115,12 @@ def _validated(values: dict[str, Any], where: str) -> SystemConfig:
         raise SystemConfigError(f"{where}: system.topology = {out['system.topology']!r} is not one of "
                                 f"{', '.join(TOPOLOGIES)}")
     try:
-        load_preset(out["system.wafer"])
+        cfg = load_preset(out["system.wafer"])
     except WseError as e:
         raise SystemConfigError(f"{where}: system.wafer: {e}") from None
-    return SystemConfig(out)
+    if wafer_sets:
+        cfg.with_overrides(wafer_sets)  # refuses a bad value now, naming it
+    return SystemConfig(out, tuple(wafer_sets))
 
 
 def load_system(name_or_path: str, sets: tuple[str, ...] | list[str] = ()) -> SystemConfig:
@@ -127,11 +133,15 @@ def load_system(name_or_path: str, sets: tuple[str, ...] | list[str] = ()) -> Sy
     else:
         raise SystemConfigError(f"unknown system preset {name_or_path!r} (presets: {', '.join(system_names())})")
     values = _read(doc, where)
+    wafer_sets = []
     for s in sets:
         if "=" not in s:
             raise SystemConfigError(f"--set {s!r}: expected section.key=value")
         key, raw = (x.strip() for x in s.split("=", 1))
+        if key in PARAM_BY_PATH:
+            wafer_sets.append(f"{key}={raw}")
+            continue
         if tuple(key.split(".", 1)) not in {(a, b) for a, b, *_ in SCHEMA}:
-            raise SystemConfigError(f"--set {s!r}: unknown key {key}")
+            raise SystemConfigError(f"--set {s!r}: unknown key {key} (neither a system nor a wafer key)")
         values[key] = toml_value(raw)
-    return _validated(values, where)
+    return _validated(values, where, tuple(wafer_sets))

@@ -1,27 +1,182 @@
-"""Distinct stage simulations of a system's wafers (and its prefill kernels), one after another
-or in worker processes.
+"""Where a job's independent simulations run: in this process or as tasks on a Dask cluster,
+each looked up in the stage cache first (docs/scale-out.md).
 
-A system's decode step composes from many independent stage simulations (compose.stages); each
-is deterministic, so simulating them in parallel processes changes nothing but the wall time.
-Workers are spawned (not forked: the parent may already run Numba threads), build their stage
-trace from the pickled plan, validate it and simulate it with their own Numba threads. As with
-any spawned pool, a script that calls this with jobs > 1 must guard its top level with
-`if __name__ == "__main__":` (the workers import the main module).
+A system's decode step composes from many independent stage simulations (compose.stages), and
+its prefill from a few kernels; each is deterministic, so running them elsewhere changes nothing
+but the wall time. `Fanout` says how: jobs = 1 in this process; jobs > 1 on a
+`distributed.LocalCluster` of that many single-threaded worker processes; jobs = 0 (auto) on one
+sized to the machine, or in this process with every core when at most one simulation is missing;
+`scheduler` an existing cluster (`dask scheduler` / `dask worker`). Workers build the trace from
+the pickled plan, validate and simulate it; the results come back here, where the cache stores
+them. A worker that dies mid-task costs a retry on another (Dask reschedules lost tasks).
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
-import multiprocessing
-from typing import Callable, Iterator
+import dataclasses
+import logging
+import os
+import threading
+from typing import Any, Callable, Iterator
 
+from ..engine.result import EngineResult
+from ..errors import WseError
 from ..hardware import WaferConfig
 from ..trace import Trace, validate
 from ..workload.chain import chain_of
 from ..workload.compose import build_stage, checked_stage, stages
 from ..workload.decode import ModelPlan
+from .cache import StageCache, content_key
+from .progress import Progress
 
 Task = tuple[tuple, ModelPlan, str, object, object]  # (key, plan, stage kind, ref, delta)
-Done = Callable[[int, int], None]  # (stages simulated, stages in all)
+
+
+@dataclasses.dataclass
+class Work:
+    """One simulation: its content key, how to run it here, and the function and arguments a
+    worker runs instead. Both return (EngineResult, JSON-able extra)."""
+
+    key: str
+    here: Callable[[], tuple[EngineResult, dict[str, Any]]]
+    fn: Callable[..., tuple[EngineResult, dict[str, Any]]]
+    args: tuple
+
+
+class Fanout:
+    """How a job's simulations run (module docstring) and the cache they share. Use as a context
+    manager: the cluster, if one was started, is closed on leaving."""
+
+    def __init__(self, jobs: int = 1, threads: int | None = None, scheduler: str | None = None,
+                 cache: StageCache | None = None, progress: Progress | None = None):
+        if jobs < 0:
+            raise WseError("--jobs must be at least 0 (0: sized to the machine)")
+        self.jobs, self.threads, self.scheduler = jobs, threads, scheduler
+        self.cache, self.progress = cache, progress or Progress(False)
+        self._client = None
+        self._cluster = None
+        self._lock = threading.Lock()
+        # set while several threads use this fanout at once (sweep points): every miss then goes
+        # to the cluster, as two threads must never step the engine in this process together
+        self.concurrent = False
+
+    def __enter__(self) -> "Fanout":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+        if self.cache is not None:
+            self.cache.save_stats()
+
+    @property
+    def workers(self) -> int:
+        """Worker processes a cluster started here has (or would have)."""
+        return self.jobs or (os.cpu_count() or 1)
+
+    def remote(self, missing: int) -> bool:
+        """Whether `missing` simulations run on a cluster rather than here."""
+        if self.scheduler or (self.concurrent and self.jobs != 1):
+            return True
+        return self.jobs > 1 or (self.jobs == 0 and self.workers > 1 and missing > 1)
+
+    def worker_threads(self) -> int:
+        """Numba threads each worker simulates with (default: the cores shared among workers)."""
+        if self.threads:
+            return self.threads
+        return 1 if self.scheduler else max(1, (os.cpu_count() or 1) // self.workers)
+
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                from distributed import Client, LocalCluster
+                if self.scheduler:
+                    try:
+                        self._client = Client(self.scheduler, timeout="30s")
+                    except (OSError, TimeoutError, ValueError) as e:
+                        raise WseError(f"--scheduler {self.scheduler}: cannot connect ({e})") from None
+                else:
+                    self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                                 dashboard_address=":0", silence_logs=logging.ERROR)
+                    self._client = Client(self._cluster)
+            return self._client
+
+    def run(self, works: list[Work]) -> Iterator[tuple[int, EngineResult, dict[str, Any]]]:
+        """(index, result, extra) of every work, cache hits first, the rest as they finish."""
+        todo = []
+        for i, w in enumerate(works):
+            got = self._lookup(w.key)
+            if got is None:
+                todo.append(i)
+                continue
+            self.progress.add(1, cached=1)
+            yield i, got[0], got[1]
+        self.progress.add(len(todo))
+        if not todo:
+            return
+        if not self.remote(len(todo)):
+            for i in todo:
+                r, extra = works[i].here()
+                self._store(works[i].key, r, extra)
+                self.progress.done()
+                yield i, r, extra
+            return
+        from distributed import as_completed
+        client = self.client()
+        code = code_identity()
+        futures = {client.submit(_on_worker, code, works[i].fn, *works[i].args, key=f"wse-stage-{works[i].key}",
+                                 pure=False): i for i in todo}
+        try:
+            for f in as_completed(list(futures)):
+                r, extra = f.result()
+                i = futures[f]
+                self._store(works[i].key, r, extra)
+                self.progress.done()
+                yield i, r, extra
+        finally:
+            for f in futures:
+                f.release()
+
+    def simulate_cached(self, trace: Trace, cfg: WaferConfig, simulate: Callable[[Trace], object]) -> EngineResult:
+        """A trace already built, simulated here unless the cache holds its result (keyed by its
+        content hash and the configuration)."""
+        work = Work(content_key("trace", trace.content_hash(), cfg), lambda: (simulate(trace), {}), _simulate_trace,
+                    (trace, cfg, self.worker_threads()))
+        return next(self.run([work]))[1]
+
+    def _lookup(self, key: str):
+        if self.cache is None:
+            return None
+        with self._lock:
+            return self.cache.get(key)
+
+    def _store(self, key: str, r: EngineResult, extra: dict[str, Any]) -> None:
+        if self.cache is not None and r.complete:
+            with self._lock:
+                self.cache.put(key, r, extra)
+
+
+def code_identity() -> tuple[int, str]:
+    """The engine's semantic version and the source digest the cache keys carry."""
+    from ..engine import SEMANTIC_VERSION
+    from .cache import source_digest
+    return SEMANTIC_VERSION, source_digest()
+
+
+def _on_worker(code: tuple[int, str], fn: Callable, *args: Any):
+    """Worker side: run fn(*args) only if this worker builds and simulates with the same code as
+    the client (else its results would be cached under keys that do not describe them)."""
+    if code_identity() != code:
+        import socket
+        raise WseError(f"Dask worker on {socket.gethostname()} runs another wse-sim (engine version or source "
+                       "differs from this client's): install the same version on every worker")
+    return fn(*args)
 
 
 def distinct_tasks(plans: list[ModelPlan], known: set | dict = (), deltas: dict[int, int] | None = None
@@ -53,79 +208,75 @@ def distinct_tasks(plans: list[ModelPlan], known: set | dict = (), deltas: dict[
     return tasks, first
 
 
+def stage_key(plan: ModelPlan, key: tuple) -> str:
+    """The content key of a decode stage: its build key (compose.stages), which tells apart the
+    stages of one run, and what every stage of the run shares (model, wafer configuration,
+    decode parameters, slot shape and expert-region mapping)."""
+    return content_key("decode-stage", plan.spec, plan.cfg, plan.params, plan.P, plan.Q, plan.experts_per_region,
+                       plan.expert_regions, key)
+
+
+def _simulate_trace(trace: Trace, cfg: WaferConfig, threads: int) -> tuple[EngineResult, dict[str, Any]]:
+    """Worker side: a validated trace on the engine with `threads` Numba threads."""
+    from ..engine.run import simulate
+    return simulate(trace, cfg, threads=threads, validated=True), {}
+
+
 def _run_task(task: Task, cfg: WaferConfig, simulate: Callable[[Trace], object], where: str
-              ) -> tuple[tuple, object, object]:
-    """Build, validate and simulate one stage: (key, result, anchor)."""
+              ) -> tuple[EngineResult, dict[str, Any]]:
+    """Build, validate and simulate one stage: (result, {"anchor": anchor})."""
     key, plan, kind, ref, delta = task
     st = build_stage(plan, kind, ref, delta)
     validate(st.trace, cfg, where=where, fit=False)
-    return key, checked_stage(key, simulate(st.trace)), st.anchor
+    return checked_stage(key, simulate(st.trace)), {"anchor": list(st.anchor) if st.anchor else None}
 
 
-def _simulate_task(task: Task, cfg: WaferConfig, threads: int | None, where: str) -> tuple[tuple, object, object]:
+def _simulate_task(task: Task, cfg: WaferConfig, threads: int, where: str) -> tuple[EngineResult, dict[str, Any]]:
     """Worker side: one stage on the engine with `threads` Numba threads."""
     from ..engine.run import simulate
     return _run_task(task, cfg, lambda t: simulate(t, cfg, threads=threads, validated=True), where)
 
 
 def run_tasks(tasks: list[Task], cfg: WaferConfig, simulate: Callable[[Trace], object], where: str,
-              jobs: int = 1, threads: int | None = None, done: Done | None = None
-              ) -> Iterator[tuple[tuple, object, object]]:
-    """(key, result, anchor) of every task. jobs = 1: in this process through `simulate`;
-    jobs > 1: in that many spawned worker processes with `threads` Numba threads each (default
-    1), results yielded as they finish."""
-    n = len(tasks)
-    if jobs <= 1 or n <= 1:
-        for i, task in enumerate(tasks):
-            yield _run_task(task, cfg, simulate, where)
-            if done:
-                done(i + 1, n)
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=min(jobs, n), mp_context=ctx) as pool:
-        futures = [pool.submit(_simulate_task, t, cfg, threads or 1, where) for t in tasks]
-        try:
-            for i, f in enumerate(cf.as_completed(futures)):
-                yield f.result()
-                if done:
-                    done(i + 1, n)
-        finally:
-            for f in futures:
-                f.cancel()
+              fanout: Fanout | None = None) -> Iterator[tuple[tuple, EngineResult, tuple[int, int] | None]]:
+    """(key, result, anchor) of every task: from the cache, simulated here through `simulate`,
+    or on the fanout's workers; in the order they become available."""
+    fanout = fanout or Fanout()
+    threads = fanout.worker_threads()
+    works = [Work(stage_key(t[1], t[0]), (lambda t=t: _run_task(t, cfg, simulate, where)), _simulate_task,
+                  (t, cfg, threads, where)) for t in tasks]
+    for i, result, extra in fanout.run(works):
+        anchor = extra.get("anchor")
+        yield tasks[i][0], checked_stage(tasks[i][0], result), tuple(anchor) if anchor else None
 
 
 def prefill_kernels(spec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, simulate: Callable[[Trace], object],
-                    where: str, jobs: int = 1, threads: int | None = None, algo: str = "meshgemm"):
-    """A `kernels` function for workload.prefill.prefill: each named kernel built, validated and
-    simulated here through `simulate` (jobs = 1) or in that many spawned worker processes (its
-    trace is not sent back)."""
-    from ..workload.prefill import kernel_trace
+                    where: str, fanout: Fanout | None = None, algo: str = "meshgemm"):
+    """A `kernels` function for workload.prefill.prefill: each named kernel from the cache, built
+    and simulated here through `simulate`, or on the fanout's workers (traces not sent back)."""
+    fanout = fanout or Fanout()
 
-    def here(names):
-        for name in names:
-            tr, facts = kernel_trace(spec, cfg, P, prompt, name, algo, lm_width)
-            validate(tr, cfg, where=where)
-            yield name, simulate(tr), facts, tr
-
-    def workers(names):
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=min(jobs, len(names)), mp_context=ctx) as pool:
-            futures = [pool.submit(_prefill_task, spec, cfg, P, prompt, n, algo, lm_width, threads or 1, where)
-                       for n in names]
-            try:
-                for f in futures:
-                    yield f.result()
-            finally:
-                for f in futures:
-                    f.cancel()
-    return here if jobs <= 1 else workers
+    def kernels(names):
+        threads = fanout.worker_threads()
+        works = [Work(content_key("prefill-kernel", spec, cfg, P, prompt, n, algo, lm_width),
+                      (lambda n=n: _prefill_here(spec, cfg, P, prompt, n, algo, lm_width, simulate, where)),
+                      _prefill_task, (spec, cfg, P, prompt, n, algo, lm_width, threads, where)) for n in names]
+        for i, result, extra in fanout.run(works):
+            yield names[i], result, extra["facts"], None
+    return kernels
 
 
-def _prefill_task(spec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str, lm_width: int, threads: int,
-                  where: str):
-    """Worker side: one prefill kernel built, validated and simulated with `threads` Numba threads."""
-    from ..engine.run import simulate
+def _prefill_here(spec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str, lm_width: int,
+                  simulate: Callable[[Trace], object], where: str) -> tuple[EngineResult, dict[str, Any]]:
     from ..workload.prefill import kernel_trace
     tr, facts = kernel_trace(spec, cfg, P, prompt, name, algo, lm_width)
     validate(tr, cfg, where=where)
-    return name, simulate(tr, cfg, threads=threads, validated=True), facts, None
+    return simulate(tr), {"facts": {k: int(v) for k, v in facts.items()}}
+
+
+def _prefill_task(spec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str, lm_width: int, threads: int,
+                  where: str) -> tuple[EngineResult, dict[str, Any]]:
+    """Worker side: one prefill kernel built, validated and simulated with `threads` Numba threads."""
+    from ..engine.run import simulate
+    return _prefill_here(spec, cfg, P, prompt, name, algo, lm_width,
+                         lambda t: simulate(t, cfg, threads=threads, validated=True), where)

@@ -35,7 +35,7 @@ from ..workload.models import ModelSpec
 from ..workload.plan import FitError, usable_sram
 from .config import SystemConfig
 from .link import Link, Network
-from .pool import Done, distinct_tasks, run_tasks
+from .pool import Fanout, distinct_tasks, run_tasks
 
 
 def balanced(weights: list[int], parts: int, what: str = "pieces") -> list[tuple[int, int]]:
@@ -273,12 +273,11 @@ def _group_key(plan: ModelPlan) -> tuple:
 
 
 def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int | None,
-               simulate: Callable[[Trace], object], jobs: int = 1, threads: int | None = None,
-               done: Done | None = None) -> SystemDecode:
+               simulate: Callable[[Trace], object], fanout: Fanout | None = None) -> SystemDecode:
     """Simulate one decode step on every distinct wafer and put the chain together.
 
-    The distinct stage simulations run first (pool.run_tasks: through `simulate`, or with
-    jobs > 1 in worker processes of `threads` Numba threads each; `done` reports progress):
+    The distinct stage simulations run first (pool.run_tasks: from the stage cache, through
+    `simulate`, or on the fanout's Dask workers):
     every stage, then the leading-part stages of wafers continuing a layer, whose combine
     arrives a delta after the dispatch that the wafer before and the links decide (predicted
     from the wafer before's own stages). Each wafer's step is then composed and put on one
@@ -289,21 +288,20 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
     where = f"{spec.name} on {system.name}"
     tasks, first = distinct_tasks(plans)
     shared: dict[tuple, tuple] = {}  # stage simulations shared by all wafers
-    for key, result, anchor in run_tasks(tasks, cfg, simulate, where, jobs, threads, done):
+    fanout = fanout or Fanout()
+    for key, result, anchor in run_tasks(tasks, cfg, simulate, where, fanout):
         shared[key] = (result, anchor)
     net = Network(system.topology, wafers, Link(system.link_bytes_per_s, system.link_latency_s),
                   system.links_per_wafer)
     deltas = _predicted_deltas(plans, shared, spec, params, system, cfg.clock_hz)
     tasks, lead_first = distinct_tasks(plans, shared, deltas)
-    ran = len(shared)
-    more = (lambda i, n: done(ran + i, ran + n)) if done else None
-    for key, result, anchor in run_tasks(tasks, cfg, simulate, where, jobs, threads, more):
+    for key, result, anchor in run_tasks(tasks, cfg, simulate, where, fanout):
         shared[key] = (result, anchor)
     first = [a + b for a, b in zip(first, lead_first)]
 
     def missed(t: Trace):  # a delta the prediction missed: simulated here
         validate(t, cfg, where=where, fit=False)
-        return simulate(t)
+        return fanout.simulate_cached(t, cfg, simulate)
 
     cache: dict[tuple, object] = {}
     line = Timeline(spec, params, net, cfg.clock_hz)
@@ -429,9 +427,9 @@ def pipeline_point(r: SystemDecode, system: SystemConfig, in_flight: int) -> Pip
 
 
 def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan], prompt: int,
-                    simulate: Callable[[Trace], object], jobs: int = 1, threads: int | None = None) -> float:
+                    simulate: Callable[[Trace], object], fanout: Fanout | None = None) -> float:
     """Time to first token: each wafer's layers prefill on its own slot size (simulated kernels,
-    workload/prefill.py; with jobs > 1 in worker processes), then the LM head; the prompt's
+    workload/prefill.py; from the cache or on the fanout's workers), then the LM head; the prompt's
     activations (prompt x hidden x 2 bytes) cross each link."""
     from ..workload.prefill import prefill
     from .pool import prefill_kernels
@@ -443,7 +441,7 @@ def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan
         if plan.P not in layer_cycles or last:
             lm_width = plan.slots[-1].region.width
             kernels = prefill_kernels(spec, cfg, plan.P, prompt, lm_width, simulate,
-                                      f"{spec.name} prefill on {plan.P}x{plan.P}", jobs, threads)
+                                      f"{spec.name} prefill on {plan.P}x{plan.P}", fanout)
             pr = prefill(spec, cfg, plan.P, prompt, lm_width, 1, simulate, kernels=kernels)
             layer_cycles[plan.P] = pr.layer_cycles
             if last:
