@@ -163,6 +163,18 @@ def test_a_killed_writer_leaves_nothing_that_reads_as_valid(tmp_path, result, mo
     assert not list(tmp_path.rglob(".tmp-*"))  # and no temporary left behind
 
 
+def test_a_cache_that_cannot_be_written_is_reported_once_and_the_run_goes_on(tmp_path, result):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    warned = []
+    c = StageCache(tmp_path / "file" / "cache", warn=warned.append)  # its parent is a file
+    for k in ("1" * 64, "2" * 64):
+        c.put(k, result)
+    assert len(warned) == 1 and "cannot store entries" in warned[0] and c.stats.stored == 0
+    with pytest.raises(WseError, match="not a directory"):
+        StageCache(blocker)
+
+
 def test_incomplete_results_are_never_stored(tmp_path, result):
     c = StageCache(tmp_path)
     assert result.complete
@@ -389,3 +401,17 @@ def test_a_worker_with_other_code_refuses_to_simulate():
     assert _on_worker(code_identity(), lambda x: x + 1, 1) == 2
     with pytest.raises(WseError, match="runs another wse-sim"):
         _on_worker((engine.SEMANTIC_VERSION, "another digest"), lambda x: x, 1)
+
+
+def test_an_existing_cluster_takes_the_stages_by_its_address(tmp_path, monkeypatch):
+    from distributed import LocalCluster
+    here = _invoke(*SYSTEM[:-2], "--prompt-len", "0", "--no-cache", "-o", tmp_path / "here.h5")
+    assert here.exit_code == 0, here.output
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        monkeypatch.setenv("WSE_SCHEDULER", cluster.scheduler_address)
+        there = _invoke(*SYSTEM[:-2], "--prompt-len", "0", "--no-cache", "-o", tmp_path / "there.h5")
+        assert there.exit_code == 0, there.output
+        assert any(cluster.scheduler.task_prefixes)  # the stages ran on the cluster
+    assert here.output.replace("here.h5", "") == there.output.replace("there.h5", "")
+    r = _invoke(*SYSTEM, "--scheduler", "nonsense", "--no-cache", "-o", tmp_path / "x.h5")
+    assert r.exit_code == 2 and "--scheduler nonsense: cannot connect" in r.output

@@ -47,11 +47,13 @@ def _fanout(jobs: int, scheduler: str | None, threads: int | None, cache_dir: st
         raise WseError("give either --cache or --no-cache, not both")
     if scheduler is not None and not scheduler.strip():
         raise WseError("--scheduler: empty address")
-    cache = None
-    if not no_cache:
-        cache = StageCache(cache_dir or default_dir(),
-                           warn=lambda msg: click.echo(f"\nwarning: {msg}", err=True))
-    return Fanout(jobs, threads, scheduler, cache, Progress(not quiet and sys.stderr.isatty()))
+    progress = Progress(not quiet and sys.stderr.isatty())
+
+    def warn(msg: str) -> None:
+        progress.clear()
+        click.echo(f"warning: {msg}", err=True)
+    cache = None if no_cache else StageCache(cache_dir or default_dir(), warn=warn)
+    return Fanout(jobs, threads, scheduler, cache, progress)
 
 
 def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Callable]:

@@ -128,6 +128,7 @@ class StageCache:
             raise CacheError(f"--cache {self.root}: not a directory")
         self.stats = CacheStats()
         self._warn = warn or (lambda msg: None)
+        self._unwritable = False
 
     def _path(self, key: str) -> Path:
         return self.root / "stages" / key[:2] / (key + SUFFIX)
@@ -165,8 +166,11 @@ class StageCache:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-        except OSError as e:
-            raise CacheError(f"stage cache {self.root}: cannot store an entry ({e.strerror or e})") from None
+        except OSError as e:  # the run goes on without storing: its results do not depend on the cache
+            if not self._unwritable:
+                self._warn(f"stage cache {self.root}: cannot store entries ({e.strerror or e}); going on without")
+            self._unwritable = True
+            return
         self.stats.stored += 1
 
     def save_stats(self) -> None:

@@ -148,7 +148,7 @@ class Fanout:
         content hash and the configuration)."""
         work = Work(content_key("trace", trace.content_hash(), cfg), lambda: (simulate(trace), {}), _simulate_trace,
                     (trace, cfg, self.worker_threads()))
-        return next(self.run([work]))[1]
+        return list(self.run([work]))[0][1]
 
     def _lookup(self, key: str):
         if self.cache is None:
