@@ -147,7 +147,7 @@ def test_synth_bad_mesh(tmp_path, mesh, fragment):
 def test_synth_into_missing_directory(tmp_path):
     out = tmp_path / "missing" / "x.h5"
     r = invoke("trace", "synth", "stream", "--mesh", "8x8", "-o", out)
-    assert_one_line_error(r, str(out), "cannot write trace")
+    assert_one_line_error(r, str(out), "does not exist")
 
 
 def test_synth_too_many_wavelets_is_a_clean_error(tmp_path):
@@ -302,7 +302,7 @@ def test_run_non_utf8_config_is_one_error_line(tmp_path, stream_trace):
 def test_run_into_missing_directory(tmp_path, stream_trace):
     out = tmp_path / "missing" / "run.h5"
     r = invoke("run", "--trace", stream_trace, "--wafer", "tiny", "-o", out)
-    assert_one_line_error(r, str(out), "cannot write run file")
+    assert_one_line_error(r, str(out), "does not exist")
 
 
 def test_run_of_trace_with_nothing_to_do(tmp_path):

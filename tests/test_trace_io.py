@@ -171,20 +171,19 @@ def test_save_overwrites_an_existing_file(tmp_path):
 
 def test_saved_file_appears_only_when_complete(tmp_path, monkeypatch):
     p = tmp_path / "t.h5"
-    partial = tmp_path / "t.h5.partial"
     seen = []
     real = h5py.Group.create_dataset
 
     def spy(self, name, *a, **kw):
-        seen.append((p.exists(), partial.exists()))
+        seen.append((p.exists(), [f.name for f in tmp_path.glob(".wse-*.partial")]))
         return real(self, name, *a, **kw)
 
     monkeypatch.setattr(h5py.Group, "create_dataset", spy)
     synthetic.neighbor(8, 8, 16).save(p)
     monkeypatch.undo()
     assert len(seen) == len(T.ROUTE_COLUMNS) + len(T.OP_COLUMNS) + 3 + 3  # + the /tags columns
-    assert all(s == (False, True) for s in seen)  # written under .partial, final absent
-    assert p.exists() and not partial.exists()
+    assert all(not final and len(tmp) == 1 for final, tmp in seen)  # written under a temporary name
+    assert p.exists() and not list(tmp_path.glob(".wse-*"))
     T.load(p)
 
 

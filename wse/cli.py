@@ -17,6 +17,7 @@ import click
 from . import __version__, hardware, isa
 from . import trace as trace_mod
 from .errors import WseError
+from .files import check_output, claim
 
 EXIT_INCOMPLETE = 3
 
@@ -53,7 +54,33 @@ def _parse_mesh(value: str) -> tuple[int, int]:
     return w, h
 
 
-@click.group()
+class _Group(click.Group):
+    """The `wse` group: a usage error (unknown option, bad value, missing argument) is one
+    `error:` line and exit 2, like every other bad input."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # `wse` alone: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            click.echo(f"error: {e.format_message()}" + (f" (wse {e.ctx.command_path.split(' ', 1)[1]} --help)"
+                                                         if e.ctx and " " in e.ctx.command_path else ""), err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Group)
 @click.version_option(__version__, prog_name="wse")
 def cli() -> None:
     """wse-sim: cycle-level simulation of wafer-scale engines."""
@@ -96,6 +123,7 @@ def synth_cmd(pattern: str, mesh: str, wavelets: int | None, hops: int | None, e
     """Write a synthetic PATTERN trace (see docs/model.md for each pattern's closed form)."""
     from .workload import synthetic
 
+    check_output(output)
     w, h = _parse_mesh(mesh)
     uses = {
         "stream": ("wavelets", "hops"), "neighbor": ("wavelets", "colors"),
@@ -202,6 +230,7 @@ def gen_cmd(op, model, phase, wafer, config_file, sets, output, **kw) -> None:
     """Write the trace of a kernel (--op) or of a model step (--model) for a wafer."""
     from .workload import jobs
 
+    check_output(output, [config_file])
     cfg = hardware.resolve(wafer, config_file, sets)
     kw = _workload_kw(kw)
     if bool(op) == bool(model):
@@ -298,6 +327,7 @@ def run_cmd(trace_path, op, model, phase, full, wafer, config_file, sets, output
     """Simulate a trace, a kernel (--op) or a model step (--model) and write the run file."""
     if sum(bool(v) for v in (trace_path, op, model)) != 1:
         raise WseError("give exactly one of --trace, --op and --model")
+    check_output(output, [trace_path, config_file])
     _simulate_to_file(trace_path, op, model, phase, full, hardware.resolve(wafer, config_file, sets), output,
                       threads, snapshot_seconds, quiet, as_json, kw)
 
@@ -312,6 +342,7 @@ def run_cmd(trace_path, op, model, phase, full, wafer, config_file, sets, output
 @_clean_errors
 def replay_cmd(trace_path, wafer, config_file, sets, output, threads, quiet, as_json) -> None:
     """Rerun a saved TRACE_PATH on another configuration (e.g. --set fabric.hop_latency_cycles=1)."""
+    check_output(output, [trace_path, config_file])
     _simulate_to_file(trace_path, None, None, "decode", False, hardware.resolve(wafer, config_file, sets), output,
                       threads, 30.0, quiet, as_json, {})
 
@@ -326,6 +357,9 @@ def _simulate_to_file(trace_path, op, model, phase, full, cfg, output, threads, 
 
     if threads is not None and threads < 1:
         raise WseError("--threads must be at least 1")
+    if not 0 < snapshot_seconds < float("inf"):
+        raise WseError(f"--snapshot-seconds {snapshot_seconds}: must be a finite number of seconds above 0")
+    claim(output)  # from here on the name holds this run's file or nothing
     bar = _Progress(not quiet and not as_json and sys.stderr.isatty())
     job = None
     info = RunInfo(trace_path="", trace_hash="", trace_mesh=(0, 0), threads=0, wall_seconds=0.0)
@@ -420,6 +454,7 @@ def plot_cmd(run_file, outdir, quiet) -> None:
     from .results.plots import plot_run
     from .results.store import read_run
     from .results.sweep import is_sweep, plot_sweep
+    check_output(outdir, [run_file], folder=True)
     paths = plot_sweep(run_file, outdir) if is_sweep(run_file) else plot_run(read_run(run_file), outdir)
     for path in paths:
         if not quiet:
@@ -438,6 +473,9 @@ def export_cmd(run_file, fmt, output, quiet) -> None:
     from .results.export import csv_tables, perfetto
     from .results.store import read_run
     from .results.sweep import csv_sweep, is_sweep
+    out = check_output(output, [run_file])
+    if fmt == "csv":  # the ops table goes beside it
+        check_output(out.with_name(f"{out.stem}-ops{out.suffix or '.csv'}"), [run_file])
     if is_sweep(run_file):
         if fmt != "csv":
             raise WseError(f"{run_file}: a sweep file exports as csv only")

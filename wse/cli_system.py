@@ -12,6 +12,7 @@ import click
 from . import isa
 from .cli import _clean_errors, _json_default, _Progress, cli
 from .errors import WseError
+from .files import check_output, claim
 
 
 def _fanout_options(fn: Callable) -> Callable:
@@ -74,18 +75,6 @@ def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Cal
     return simulate_for
 
 
-def _checked_output(output: str, *inputs: str) -> None:
-    """Refuse an output that is empty, an input, or in a folder that does not exist, before any work."""
-    if not output:
-        raise WseError("-o: empty file name")
-    out = Path(output).resolve()
-    for i in inputs:
-        if i and Path(i).resolve() == out:
-            raise WseError(f"-o {output}: is an input of this command (not overwriting it)")
-    if not out.parent.is_dir():
-        raise WseError(f"-o {output}: folder {out.parent} does not exist")
-
-
 @cli.command("system")
 @click.option("--model", required=True, help="model name (wse models)")
 @click.option("--system", "system_name", default="cs3x4", show_default=True,
@@ -129,9 +118,10 @@ def system_cmd(model, system_name, sets, output, jobs, scheduler, threads, cache
     from .system import compare
     from .system.config import load_system
 
-    _checked_output(output, system_name)
+    check_output(output, [system_name])
     system = load_system(system_name, sets)
     cfg = system.wafer_config
+    claim(output)  # from here on the name holds this run's file or nothing
     with _fanout(jobs, scheduler, threads, cache_dir, no_cache, quiet) as fanout:
         job = compare.run_options(system, _in_process(threads, quiet, fanout)(cfg), fanout, model=model, **options)
         fanout.progress.clear()
@@ -166,7 +156,7 @@ def sweep_cmd(spec_file, output, as_json, jobs, scheduler, threads, cache_dir, n
     """`wse system` over a grid of points (SPEC.toml: [base], [grid], [[points]]), a table row per point."""
     from .system.sweep import load_spec, run_sweep
 
-    _checked_output(output, spec_file)
+    check_output(output, [spec_file])
     spec = load_spec(spec_file)
 
     def report(point, row, error) -> None:

@@ -161,10 +161,12 @@ class Trace:
 
     def save(self, path: str | Path) -> None:
         """Write the trace; the file appears only when complete (write, then rename)."""
+        from .files import temp_path
         path = Path(path)
-        tmp = path.with_name(path.name + ".partial")
         comp = dict(compression="gzip", shuffle=True)
+        tmp = None
         try:
+            tmp = temp_path(path)
             with h5py.File(tmp, "w") as f:
                 f.attrs["format"] = FORMAT_NAME
                 f.attrs["format_version"] = FORMAT_VERSION
@@ -186,9 +188,12 @@ class Trace:
                 g.create_dataset("layer", data=np.array([t.layer for t in self.tags], dtype=np.int32))
                 g.create_dataset("kind", data=np.array([t.kind for t in self.tags], dtype=h5py.string_dtype()))
             os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise TraceError(f"{path}: cannot write trace ({e})") from None
+        except BaseException as e:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise TraceError(f"{path}: cannot write trace ({e})") from None
+            raise
 
 
 def _chunked(comp: dict, n: int) -> dict:

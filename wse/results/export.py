@@ -69,12 +69,17 @@ def _rows(f, header, rows) -> None:
 
 
 def _write(path: str | Path, fill) -> None:
+    from ..files import temp_path
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
+    tmp = None
     try:
+        tmp = temp_path(path)
         with open(tmp, "w", newline="") as f:
             fill(f)
         tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RunFileError(f"{path}: cannot write ({e.strerror})") from None
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise RunFileError(f"{path}: cannot write ({e.strerror})") from None
+        raise

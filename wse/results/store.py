@@ -7,8 +7,8 @@ which is set last and only for a completed run. Groups: `/summary` scalars, `/pe
 [H, W] and `/link/<counter>` [H, W, 4] arrays, `/timeline` samples, the `/ops` table (one row
 per workload-level op), `/events` (op timelines of sampled PEs), `/stuck`, and job tables such as
 `/stages`. Every dataset carries `units`, `description` and `dims`; arrays are chunked and
-compressed (gzip with shuffle). Files are written as `<name>.partial` and renamed into place, so
-the name always holds a whole, readable file: a placeholder at the start of a run, snapshots
+compressed (gzip with shuffle). Files are written under a unique temporary name in the same
+folder (files.temp_path) and renamed into place, so the name always holds a whole, readable file: a placeholder at the start of a run, snapshots
 while it runs, the final file at the end.
 """
 from __future__ import annotations
@@ -120,9 +120,11 @@ def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunIn
     `extra` adds job-level scalars to /summary (name -> (value, units, description));
     `tables` adds columnar groups (group -> {column: array}).
     """
+    from ..files import temp_path
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
+    tmp = None
     try:
+        tmp = temp_path(path)
         with h5py.File(tmp, "w") as f:
             f.attrs["complete"] = False
             f.attrs["schema_version"] = SCHEMA_VERSION
@@ -171,9 +173,12 @@ def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunIn
             f.flush()
             f.attrs["complete"] = res.complete
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RunFileError(f"{path}: cannot write run file ({e})") from None
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise RunFileError(f"{path}: cannot write run file ({e})") from None
+        raise
     return path
 
 

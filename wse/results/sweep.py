@@ -14,7 +14,6 @@ import datetime as _dt
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import RunFileError
+from ..files import temp_path
 
 SCHEMA_VERSION = 1
 Row = dict[str, tuple[Any, str, str]]  # column -> (value, units, description)
@@ -45,8 +45,7 @@ def write_sweep(path: str | Path, rows: list[Row], spec, complete: bool) -> None
         for k, (_, units, desc) in r.items():
             cols.setdefault(k, (units, desc))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or ".")
-        os.close(fd)
+        tmp = temp_path(path)
     except OSError as e:
         raise RunFileError(f"{path}: cannot write sweep file ({e.strerror})") from None
     try:
@@ -70,9 +69,11 @@ def write_sweep(path: str | Path, rows: list[Row], spec, complete: bool) -> None
                         d.dims[0].attach_scale(g["point"])
             f.attrs["complete"] = complete
         os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise RunFileError(f"{path}: cannot write sweep file ({e})") from None
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise RunFileError(f"{path}: cannot write sweep file ({e})") from None
+        raise
 
 
 def _column(values: list[Any]) -> np.ndarray:
@@ -126,19 +127,15 @@ def csv_sweep(path_in: str | Path, path_out: str | Path) -> Path:
     cols, units, _, _ = read_table(path_in)
     names = list(cols)
     n = len(next(iter(cols.values()))) if cols else 0
-    out = Path(path_out)
-    tmp = out.with_name(out.name + ".partial")
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(names)
-            w.writerow([units[k] for k in names])
-            w.writerows([[_plain(cols[k][i]) for k in names] for i in range(n)])
-        tmp.replace(out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RunFileError(f"{out}: cannot write ({e.strerror})") from None
-    return out
+    from .export import _write
+
+    def fill(f):
+        w = csv.writer(f)
+        w.writerow(names)
+        w.writerow([units[k] for k in names])
+        w.writerows([[_plain(cols[k][i]) for k in names] for i in range(n)])
+    _write(path_out, fill)
+    return Path(path_out)
 
 
 def pareto(cost: np.ndarray, rate: np.ndarray) -> np.ndarray:

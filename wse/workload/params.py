@@ -47,3 +47,9 @@ class DecodeParams:
             raise WseError(f"--context {self.context} must be in [1, {MAX_CONTEXT:,}]")
         if self.experts_per_region < 0:
             raise WseError(f"--experts-per-region {self.experts_per_region} must be at least 0")
+        if self.batch < 1:
+            raise WseError(f"--batch {self.batch} must be at least 1")
+        if not (isinstance(self.expert_skew, (int, float)) and 0 <= self.expert_skew < float("inf")):
+            raise WseError(f"--expert-skew {self.expert_skew} must be a finite number at least 0 (0: uniform)")
+        if self.groups is not None and self.groups < 1:
+            raise WseError(f"--groups {self.groups} must be at least 1")

@@ -1,0 +1,179 @@
+"""A table-driven corpus of bad and edge-case inputs across the subcommands: each case asserts
+exit code 2, one `error:` line naming the culprit, no traceback, and every input it protects
+byte-identical afterwards (files.py: outputs are checked before any work)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from wse.cli import cli
+from wse.workload import synthetic
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Inputs every case may name: a trace, a run file, a config, a system file, a sweep spec."""
+    d = tmp_path_factory.mktemp("inputs")
+    trace = d / "t.h5"
+    synthetic.stream(8, 8, 16, 7).save(trace)
+    partial = d / "p.h5.partial"  # a trace whose name a temporary file could have taken
+    shutil.copy(trace, partial)
+    run = d / "r.h5"
+    r = CliRunner().invoke(cli, ["run", "--trace", str(trace), "--wafer", "tiny", "-o", str(run), "--quiet"])
+    assert r.exit_code == 0, r.output
+    cfg = d / "c.toml"
+    cfg.write_text('base = "tiny"\n[fabric]\nhop_latency_cycles = 1\n')
+    system = d / "s.toml"
+    system.write_text('base = "cs3"\n[system]\nwafer = "small"\n')
+    spec = d / "sweep.toml"
+    spec.write_text('[base]\nmodel = "tiny"\nsystem = "cs3"\n"system.wafer" = "small"\nprompt_len = 0\n')
+    folder = d / "folder"
+    folder.mkdir()
+    return {"trace": trace, "partial": partial, "run": run, "config": cfg, "system": system, "spec": spec,
+            "folder": folder, "missing": d / "no" / "such" / "out.h5", "dir": d}
+
+
+TINY_SYSTEM = ["system", "--model", "tiny", "--system", "{system}", "--context", "16", "--prompt-len", "0"]
+TINY_RUN = ["run", "--model", "tiny", "--wafer", "small", "--context", "16"]
+
+# (case id, argv with {name} placeholders, fragments the error line must hold)
+CASES = [
+    # class 1: an output that is an input is refused, whatever the command
+    ("run -o the trace", ["run", "--trace", "{trace}", "--wafer", "tiny", "-o", "{trace}"], ["is an input"]),
+    ("run -o the config", ["run", "--trace", "{trace}", "--config", "{config}", "-o", "{config}"], ["is an input"]),
+    ("replay -o the trace", ["replay", "{trace}", "--wafer", "tiny", "-o", "{trace}"], ["is an input"]),
+    ("export csv -o the run file", ["export", "{run}", "--format", "csv", "-o", "{run}"], ["is an input"]),
+    ("export perfetto -o the run file", ["export", "{run}", "--format", "perfetto", "-o", "{run}"], ["is an input"]),
+    ("plot -o the run file", ["plot", "{run}", "-o", "{run}"], ["{run}"]),
+    ("trace gen -o the config", ["trace", "gen", "--op", "gemv", "--m", "64", "--n", "64", "--region", "8x8",
+                                 "--config", "{config}", "-o", "{config}"], ["is an input"]),
+    ("system -o its system file", TINY_SYSTEM + ["-o", "{system}"], ["is an input"]),
+    ("sweep -o its spec", ["sweep", "{spec}", "-o", "{spec}"], ["is an input"]),
+    ("sweep -o a run file", ["sweep", "{spec}", "-o", "{run}"], ["not a sweep file"]),
+    # class 5: an output that cannot be written is refused before any work
+    ("run into a missing folder", ["run", "--trace", "{trace}", "--wafer", "tiny", "-o", "{missing}"],
+     ["does not exist"]),
+    ("run --model into a missing folder", TINY_RUN + ["-o", "{missing}"], ["does not exist"]),
+    ("replay into a missing folder", ["replay", "{trace}", "--wafer", "tiny", "-o", "{missing}"], ["does not exist"]),
+    ("synth into a missing folder", ["trace", "synth", "stream", "--mesh", "8x8", "-o", "{missing}"],
+     ["does not exist"]),
+    ("system into a missing folder", TINY_SYSTEM + ["-o", "{missing}"], ["does not exist"]),
+    ("sweep into a missing folder", ["sweep", "{spec}", "-o", "{missing}"], ["does not exist"]),
+    ("export into a missing folder", ["export", "{run}", "--format", "csv", "-o", "{missing}"], ["does not exist"]),
+    ("run -o a folder", ["run", "--trace", "{trace}", "--wafer", "tiny", "-o", "{folder}"], ["--output", "is a directory"]),
+    ("system -o a folder", TINY_SYSTEM + ["-o", "{folder}"], ["--output", "is a directory"]),
+    ("export -o a folder", ["export", "{run}", "--format", "csv", "-o", "{folder}"], ["--output", "is a directory"]),
+    ("plot -o a file", ["plot", "{run}", "-o", "{trace}"], ["--output", "is a file"]),
+    ("run -o ''", ["run", "--trace", "{trace}", "--wafer", "tiny", "-o", ""], ["-o", "empty"]),
+    ("synth -o ''", ["trace", "synth", "stream", "--mesh", "8x8", "-o", ""], ["-o", "empty"]),
+    ("system -o ''", TINY_SYSTEM + ["-o", ""], ["-o", "empty"]),
+    ("sweep -o ''", ["sweep", "{spec}", "-o", ""], ["-o", "empty"]),
+    ("export -o ''", ["export", "{run}", "--format", "csv", "-o", ""], ["-o", "empty"]),
+    ("plot -o ''", ["plot", "{run}", "-o", ""], ["-o", "empty"]),
+    # class 4: numbers that are not numbers, at the boundary, with the allowed range
+    ("run --snapshot-seconds 0", ["run", "--trace", "{trace}", "--wafer", "tiny", "--snapshot-seconds", "0",
+                                  "-o", "{dir}/o.h5"], ["--snapshot-seconds"]),
+    ("run --snapshot-seconds -5", ["run", "--trace", "{trace}", "--wafer", "tiny", "--snapshot-seconds", "-5",
+                                   "-o", "{dir}/o.h5"], ["--snapshot-seconds"]),
+    ("run --snapshot-seconds nan", ["run", "--trace", "{trace}", "--wafer", "tiny", "--snapshot-seconds", "nan",
+                                    "-o", "{dir}/o.h5"], ["--snapshot-seconds"]),
+    ("run --snapshot-seconds inf", ["run", "--trace", "{trace}", "--wafer", "tiny", "--snapshot-seconds", "inf",
+                                    "-o", "{dir}/o.h5"], ["--snapshot-seconds"]),
+    ("run --expert-skew nan", ["run", "--model", "tiny-moe", "--wafer", "small", "--expert-skew", "nan",
+                               "-o", "{dir}/o.h5"], ["--expert-skew"]),
+    ("run --expert-skew inf", ["run", "--model", "tiny-moe", "--wafer", "small", "--expert-skew", "inf",
+                               "-o", "{dir}/o.h5"], ["--expert-skew"]),
+    ("run --expert-skew -1", ["run", "--model", "tiny-moe", "--wafer", "small", "--expert-skew", "-1",
+                              "-o", "{dir}/o.h5"], ["--expert-skew"]),
+    ("system --expert-skew nan", TINY_SYSTEM + ["--expert-skew", "nan", "-o", "{dir}/o.h5"], ["--expert-skew"]),
+    ("system --expert-skew inf", TINY_SYSTEM + ["--expert-skew", "inf", "-o", "{dir}/o.h5"], ["--expert-skew"]),
+    ("run --groups 0", TINY_RUN + ["--groups", "0", "-o", "{dir}/o.h5"], ["--groups"]),
+    ("run --batch 0", TINY_RUN + ["--batch", "0", "-o", "{dir}/o.h5"], ["--batch"]),
+    ("system --batch 0", TINY_SYSTEM + ["--batch", "0", "-o", "{dir}/o.h5"], ["--batch"]),
+    ("system --context 0", TINY_SYSTEM + ["--context", "0", "-o", "{dir}/o.h5"], ["--context"]),
+    ("system --context beyond 128k", TINY_SYSTEM + ["--context", "200000", "-o", "{dir}/o.h5"], ["--context"]),
+    ("system --prompt-len -1", TINY_SYSTEM + ["--prompt-len", "-1", "-o", "{dir}/o.h5"], ["--prompt-len"]),
+    ("system --wafers 0", TINY_SYSTEM + ["--wafers", "0", "-o", "{dir}/o.h5"], ["--wafers"]),
+    ("system --wafers x", TINY_SYSTEM + ["--wafers", "x", "-o", "{dir}/o.h5"], ["--wafers"]),
+    ("system --jobs -1", TINY_SYSTEM + ["--jobs", "-1", "-o", "{dir}/o.h5"], ["--jobs"]),
+    ("system --threads 0", TINY_SYSTEM + ["--threads", "0", "-o", "{dir}/o.h5"], ["--threads"]),
+    ("system --generate 0", TINY_SYSTEM + ["--generate", "0", "-o", "{dir}/o.h5"], ["--generate"]),
+    ("system --attention-block -1", TINY_SYSTEM + ["--attention-block", "-1", "-o", "{dir}/o.h5"],
+     ["--attention-block"]),
+    ("system --experts-per-region -1", TINY_SYSTEM + ["--experts-per-region", "-1", "-o", "{dir}/o.h5"],
+     ["--experts-per-region"]),
+    ("system --set unknown key", TINY_SYSTEM + ["--set", "fabric.nope=1", "-o", "{dir}/o.h5"], ["fabric.nope"]),
+    ("system --set out of range", TINY_SYSTEM + ["--set", "fabric.hop_latency_cycles=0", "-o", "{dir}/o.h5"],
+     ["fabric.hop_latency_cycles"]),
+    ("system --set no value", TINY_SYSTEM + ["--set", "fabric.hop_latency_cycles", "-o", "{dir}/o.h5"], ["--set"]),
+    ("system --set cost out of range", TINY_SYSTEM + ["--set", "cost.utilization=2", "-o", "{dir}/o.h5"],
+     ["cost.utilization"]),
+    ("system --cache and --no-cache", TINY_SYSTEM + ["--cache", "{dir}/c", "--no-cache", "-o", "{dir}/o.h5"],
+     ["--cache", "--no-cache"]),
+    ("system --cache a file", TINY_SYSTEM + ["--cache", "{trace}", "-o", "{dir}/o.h5"], ["not a directory"]),
+    ("system --scheduler ''", TINY_SYSTEM + ["--scheduler", " ", "-o", "{dir}/o.h5"], ["--scheduler"]),
+    ("system unknown model", ["system", "--model", "nope", "--system", "cs3", "-o", "{dir}/o.h5"], ["nope"]),
+    ("system unknown preset", ["system", "--model", "tiny", "--system", "nope", "-o", "{dir}/o.h5"], ["nope"]),
+    ("system a trace as system file", ["system", "--model", "tiny", "--system", "{trace}", "-o", "{dir}/o.h5"],
+     ["{trace}"]),
+    ("sweep a missing spec", ["sweep", "{dir}/none.toml", "-o", "{dir}/o.h5"], ["none.toml"]),
+    ("sweep a trace as spec", ["sweep", "{trace}", "-o", "{dir}/o.h5"], ["{trace}"]),
+    ("cache info on a file", ["cache", "info", "--cache", "{trace}"], ["--cache"]),
+]
+
+
+@pytest.mark.parametrize("case, argv, fragments", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_error_and_touches_no_input(files, case, argv, fragments):
+    sub = {k: str(v) for k, v in files.items()}
+    args = [a.format(**sub) for a in argv]
+    protected = {p: p.read_bytes() for p in files.values() if p.is_file()}
+    before = {p.name for p in files["dir"].iterdir()}
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit))
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for f in fragments:
+        assert f.format(**sub) in lines[0], (f, lines[0])
+    for p, data in protected.items():
+        assert p.read_bytes() == data, f"{p} changed"
+    assert {p.name for p in files["dir"].iterdir()} <= before | {"c"}, "a file was left behind"
+
+
+@pytest.mark.parametrize("argv, target", [
+    (TINY_SYSTEM, "wse.system.compare.run_options"),
+    (TINY_RUN, "wse.workload.jobs.run_model"),
+    (["run", "--trace", "{trace}", "--wafer", "tiny"], "wse.engine.run.simulate"),
+], ids=["system", "run --model", "run --trace"])
+def test_an_interrupted_run_never_leaves_a_previous_complete_file(files, tmp_path, monkeypatch, argv, target):
+    """Class 2: once a command starts writing OUT, OUT never claims to be its complete result
+    until it is — an earlier complete file at that name is gone, not left standing."""
+    out = tmp_path / "out.h5"
+    shutil.copy(files["run"], out)  # a complete run file from an earlier run
+    module, name = target.rsplit(".", 1)
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    import importlib
+    monkeypatch.setattr(importlib.import_module(module), name, interrupted)
+    args = [a.format(**{k: str(v) for k, v in files.items()}) for a in argv] + ["-o", str(out)]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 130, r.output
+    if out.exists():
+        import h5py
+        with h5py.File(out) as f:
+            assert not f.attrs["complete"]
+    assert not list(tmp_path.glob(".wse-*"))  # no temporary left behind
+
+
+def test_a_trace_named_like_a_temporary_file_survives_a_run(files, tmp_path):
+    before = files["partial"].read_bytes()
+    out = files["partial"].with_name("p.h5")
+    r = CliRunner().invoke(cli, ["run", "--trace", str(files["partial"]), "--wafer", "tiny", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert files["partial"].read_bytes() == before and out.exists()
+    out.unlink()

@@ -1,0 +1,75 @@
+"""Output files, one mechanism for every command: an output is checked before any work (not
+empty, not a folder, not one of the command's inputs, in a folder that exists and can be
+written), a stale result at its name is removed when the command starts writing, and every
+file is written under a unique temporary name in the same folder and renamed into place — so
+no input is ever clobbered, no temporary name collides with a user's file, and the name never
+holds a half-written file or a previous run's result that looks like this one's."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from .errors import WseError
+
+
+def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), option: str = "-o",
+                 folder: bool = False) -> Path:
+    """The output path, or a WseError naming `option` and what is wrong with it. folder: the
+    output is a folder (created with its parents if missing)."""
+    raw = os.fspath(path)
+    if not raw.strip():
+        raise WseError(f"{option}: empty {'folder' if folder else 'file'} name")
+    p = Path(raw)
+    for i in inputs:
+        if i is None or not os.fspath(i):
+            continue
+        if _same(p, Path(os.fspath(i))):
+            raise WseError(f"{option} {raw}: is an input of this command ({os.fspath(i)}); choose another name")
+    if folder:
+        if p.exists() and not p.is_dir():
+            raise WseError(f"{option} {raw}: exists and is not a folder")
+        target = p
+        while not target.exists():
+            target = target.parent
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise WseError(f"{option} {raw}: folder {target} is not writable")
+        return p
+    if p.is_dir():
+        raise WseError(f"{option} {raw}: is a folder (give a file name)")
+    parent = p.parent
+    if not parent.is_dir():
+        raise WseError(f"{option} {raw}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise WseError(f"{option} {raw}: folder {parent} is not writable")
+    return p
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def claim(path: str | os.PathLike) -> None:
+    """Remove a previous file at the output's name: from now on the name holds nothing, or this
+    command's result (a previous run's complete file must not stand for this one's)."""
+    p = Path(path)
+    if p.is_file() or p.is_symlink():
+        try:
+            p.unlink()
+        except OSError as e:
+            raise WseError(f"-o {os.fspath(path)}: cannot replace the existing file ({e.strerror})") from None
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """A new, empty, uniquely named file beside `path` to write into before renaming; its name
+    does not carry the user's (a name that is not valid UTF-8 stays out of HDF5's way)."""
+    parent = Path(path).parent
+    fd, tmp = tempfile.mkstemp(prefix=".wse-", suffix=".partial", dir=parent)
+    os.close(fd)
+    return Path(tmp)
