@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -177,3 +178,76 @@ def test_a_trace_named_like_a_temporary_file_survives_a_run(files, tmp_path):
     assert r.exit_code == 0, r.output
     assert files["partial"].read_bytes() == before and out.exists()
     out.unlink()
+
+
+# ---- class 3: damaged run files ------------------------------------------------------------------
+
+def _replace(group: str, name: str, data):
+    def damage(f):
+        del f[group][name]
+        f[group].create_dataset(name, data=data)
+    return damage
+
+
+def _overwrite(path: Path) -> None:
+    b = bytearray(path.read_bytes())
+    n = len(b)
+    b[n // 3: n // 3 + 4096] = bytes((i * 151 + 7) % 256 for i in range(4096))  # fixed garbage mid-file
+    path.write_bytes(bytes(b))
+
+
+DAMAGES = {  # name -> (h5py damage or a whole-file damage, what the error names)
+    "no config attribute": (lambda f: f.attrs.__delitem__("config"), "config"),
+    "config not TOML": (lambda f: f.attrs.__setitem__("config", "[[[ not toml"), "config"),
+    "no schema_version": (lambda f: f.attrs.__delitem__("schema_version"), "schema_version"),
+    "schema_version 9": (lambda f: f.attrs.__setitem__("schema_version", 9), "schema_version"),
+    "summary a dataset": (lambda f: (f.__delitem__("summary"), f.create_dataset("summary", data=1)), "/summary"),
+    "no /pe": (lambda f: f.__delitem__("pe"), "/pe"),
+    "no /link": (lambda f: f.__delitem__("link"), "/link"),
+    "pe counter missing": (lambda f: f["pe"].__delitem__("busy_cycles"), "/pe/busy_cycles"),
+    "pe counter misshapen": (_replace("pe", "busy_cycles", np.zeros(3)), "/pe/busy_cycles"),
+    "link counter misshapen": (_replace("link", "wavelets", np.zeros((2, 2))), "/link/wavelets"),
+    "pe counter text": (_replace("pe", "flops", np.array(["x"] * 4, dtype=object).astype("S")), "/pe/flops"),
+    "total_cycles NaN": (_replace("summary", "total_cycles", np.nan), "total_cycles"),
+    "total_cycles text": (_replace("summary", "total_cycles", "lots"), "total_cycles"),
+    "total_cycles missing": (lambda f: f["summary"].__delitem__("total_cycles"), "total_cycles"),
+    "no trace_path": (lambda f: f.attrs.__delitem__("trace_path"), "trace_path"),
+    "complete as text": (lambda f: f.attrs.__setitem__("complete", "yes"), "complete"),
+    "stop_reason unknown": (lambda f: f.attrs.__setitem__("stop_reason", "tired"), "stop_reason"),
+    "mesh width text": (lambda f: f.attrs.__setitem__("trace_mesh_width", "8"), "trace_mesh_width"),
+    "wall_seconds NaN": (lambda f: f.attrs.__setitem__("wall_seconds", np.nan), "wall_seconds"),
+    "ops columns ragged": (_replace("ops", "name", np.array(["a"] * 99, dtype=object).astype("S")), "/ops"),
+    "bytes overwritten": (_overwrite, "r.h5"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "r.h5"),
+    "empty": (lambda p: p.write_bytes(b""), "r.h5"),
+    "not HDF5": (lambda p: p.write_text("hello"), "r.h5"),
+}
+READERS = {
+    "report": lambda p, d: ["report", p],
+    "report --json": lambda p, d: ["report", p, "--json"],
+    "plot": lambda p, d: ["plot", p, "-o", d / "plots"],
+    "export csv": lambda p, d: ["export", p, "--format", "csv", "-o", d / "x.csv"],
+    "export perfetto": lambda p, d: ["export", p, "--format", "perfetto", "-o", d / "x.json"],
+    "compare": lambda p, d: ["compare", p, p],
+}
+
+
+@pytest.mark.parametrize("reader", list(READERS))
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_run_file_is_one_clear_error_for_every_reader(files, tmp_path, damage, reader):
+    import h5py
+    p = tmp_path / "r.h5"
+    shutil.copy(files["run"], p)
+    fn, names = DAMAGES[damage]
+    if damage in ("bytes overwritten", "truncated", "empty", "not HDF5"):
+        fn(p)
+    else:
+        with h5py.File(p, "r+") as f:
+            fn(f)
+    before = p.read_bytes()
+    r = CliRunner().invoke(cli, [str(a) for a in READERS[reader](p, tmp_path)])
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output, r.output
+    assert str(p) in lines[0] and names in lines[0], lines[0]
+    assert p.read_bytes() == before and not (tmp_path / "x.csv").exists() and not (tmp_path / "plots").exists()

@@ -231,27 +231,101 @@ class RunFile:
 
 
 def read_run(path: str | Path) -> RunFile:
-    """Read a run file with plain h5py; errors name the file."""
+    """Read a run file with plain h5py and check it against the schema (docs/results-schema.md);
+    anything missing, misshapen, not a number where one belongs, or unreadable is one
+    RunFileError naming the file and the member."""
     path = Path(path)
     try:
         f = h5py.File(path, "r")
     except OSError:
         raise RunFileError(f"{path}: not a readable HDF5 run file") from None
-    with f:
-        try:
-            version = int(f.attrs["schema_version"])
-        except (KeyError, TypeError, ValueError):
-            raise RunFileError(f"{path}: not a wse run file (no schema_version attribute)") from None
-        if version != SCHEMA_VERSION:
-            raise RunFileError(f"{path}: run file schema_version {version} is not supported")
-        attrs = {k: _plain(v) for k, v in f.attrs.items()}
-        summary = {k: _plain(d[()]) for k, d in f["summary"].items()} if "summary" in f else {}
-        pe = {k: d[()] for k, d in f["pe"].items()} if "pe" in f else {}
-        link = {k: d[()] for k, d in f["link"].items()} if "link" in f else {}
-        stuck = [_plain(s) for s in f["stuck"][()]] if "stuck" in f else []
-        tables = {g: {k: _column(d[()]) for k, d in f[g].items()} for g in f
-                  if g not in ("summary", "pe", "link") and isinstance(f[g], h5py.Group)}
-    return RunFile(path, attrs, summary, pe, link, stuck, tables)
+    try:
+        with f:
+            try:
+                version = int(f.attrs["schema_version"])
+            except (KeyError, TypeError, ValueError):
+                raise RunFileError(f"{path}: not a wse run file (no schema_version attribute)") from None
+            if version != SCHEMA_VERSION:
+                raise RunFileError(f"{path}: run file schema_version {version} is not supported")
+            for g in ("summary", "pe", "link"):
+                if g not in f or not isinstance(f[g], h5py.Group):
+                    raise RunFileError(f"{path}: /{g} is missing or not a group")
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            summary = {k: _plain(d[()]) for k, d in f["summary"].items()}
+            pe = {k: d[()] for k, d in f["pe"].items()}
+            link = {k: d[()] for k, d in f["link"].items()}
+            stuck = [_plain(s) for s in f["stuck"][()]] if "stuck" in f else []
+            groups = [g for g in f if g not in ("summary", "pe", "link") and isinstance(f[g], h5py.Group)]
+            tables = {g: {k: _column(d[()]) for k, d in f[g].items()} for g in groups}
+            dims = {g: {k: _plain(d.attrs.get("dims", "")) for k, d in f[g].items()} for g in groups}
+    except RunFileError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+        raise RunFileError(f"{path}: damaged run file ({type(e).__name__}: {e})") from None
+    rf = RunFile(path, attrs, summary, pe, link, stuck, tables)
+    _check(rf, dims)
+    return rf
+
+
+# attributes every run file has: name -> (type, what)
+_ATTRS = {"complete": (bool, "a boolean"), "config": (str, "TOML text"), "wafer": (str, "text"),
+          "trace_path": (str, "text"), "trace_hash": (str, "text"), "trace_mesh_width": (int, "a mesh width"),
+          "trace_mesh_height": (int, "a mesh height"), "stop_reason": (str, "a stop reason"),
+          "threads": (int, "a count"), "wall_seconds": (float, "seconds")}
+
+
+def _check(rf: RunFile, dims: dict[str, dict[str, str]]) -> None:
+    """The schema's invariants: attributes typed, summary scalars numeric, counter arrays
+    present and shaped [H, W] / [H, W, 4] by the mesh, table columns of one length."""
+    where = str(rf.path)
+    for k, (typ, what) in _ATTRS.items():
+        v = rf.attrs.get(k)
+        ok = isinstance(v, bool) if typ is bool else (
+            isinstance(v, typ) and not isinstance(v, bool) if typ is not float else
+            isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v >= 0)
+        if not ok:
+            raise RunFileError(f"{where}: attribute {k} is {'missing' if v is None else repr(v)}; expected {what}")
+    if rf.attrs["stop_reason"] not in isa.STOP_NAMES:
+        raise RunFileError(f"{where}: attribute stop_reason {rf.attrs['stop_reason']!r} is not one of "
+                           f"{', '.join(isa.STOP_NAMES)}")
+    W, H = rf.attrs["trace_mesh_width"], rf.attrs["trace_mesh_height"]
+    if W < 1 or H < 1:
+        raise RunFileError(f"{where}: trace mesh {W}x{H} is empty")
+    rf.config()  # the configuration parses (a RunFileError naming the attribute otherwise)
+    for k, v in rf.summary.items():  # scalars; a job's figures may be NaN (e.g. no prefill), text
+        if not isinstance(v, (int, float, str)):
+            raise RunFileError(f"{where}: /summary/{k} is not a scalar")
+    for k in _SUMMARY_CORE:
+        v = rf.summary.get(k)
+        if v is None:
+            raise RunFileError(f"{where}: /summary/{k} is missing")
+        if isinstance(v, (str, bool)) or not np.isfinite(v) or v < 0:
+            raise RunFileError(f"{where}: /summary/{k} is {v}, not a finite number at least 0")
+    for group, data, names, shape in (("pe", rf.pe, [n for n, *_ in isa.PE_COUNTERS] + ["idle_cycles"], (H, W)),
+                                      ("link", rf.link, [n for n, *_ in isa.LINK_COUNTERS], (H, W, 4))):
+        for n in names:
+            a = data.get(n)
+            if a is None:
+                raise RunFileError(f"{where}: /{group}/{n} is missing")
+            if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype.kind not in "iuf":
+                got = a.shape if isinstance(a, np.ndarray) else type(a).__name__
+                raise RunFileError(f"{where}: /{group}/{n} has shape {got}; expected {shape} numbers (the mesh)")
+    for group, cols in rf.tables.items():  # columns along one dimension have one length
+        first = {k: str(dims[group].get(k) or "").split(",")[0] for k in cols}
+        named = set(first.values()) - {""}
+        along: dict[str, set[int]] = {}
+        for k, c in cols.items():  # a column without dims belongs to the group's one dimension
+            if isinstance(c, np.ndarray) and c.ndim >= 1:
+                dim = first[k] or (next(iter(named)) if len(named) == 1 else "")
+                along.setdefault(dim, set()).add(len(c))
+        for dim, lengths in along.items():
+            if len(lengths) > 1:
+                raise RunFileError(f"{where}: the columns of /{group} along {dim or 'rows'} differ in length "
+                                   f"({sorted(lengths)})")
+
+
+_SUMMARY_CORE = ("total_cycles", "seconds", "simulated_pes", "active_pes", "pe_utilization", "flops",
+                 "wavelets_sent", "wavelets_received", "link_wavelets")
 
 
 def _column(a: Any) -> Any:
