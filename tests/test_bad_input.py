@@ -33,8 +33,20 @@ def files(tmp_path_factory) -> dict[str, Path]:
     spec.write_text('[base]\nmodel = "tiny"\nsystem = "cs3"\n"system.wafer" = "small"\nprompt_len = 0\n')
     folder = d / "folder"
     folder.mkdir()
+    model = ('name = "m"\nhidden_size = 64\nlayers = 2\nheads = 4\nkv_heads = 4\nhead_dim = 16\n'
+             'ffn_size = 128\nvocab_size = 256\n')
+    moe = "[moe]\nexperts = {}\nexperts_per_token = {}\nshared_experts = 0\nexpert_ffn_size = 64\n"
+    (d / "moe0.toml").write_text(model + moe.format(0, 2))
+    (d / "moe_k.toml").write_text(model + moe.format(4, 8))
+    (d / "model_bad.toml").write_text(model + "colour = 3\n")
+    frac = d / "frac.h5"
+    shutil.copy(trace, frac)
+    import h5py
+    with h5py.File(frac, "r+") as f:
+        f.attrs["mesh_width"] = 8.7
     return {"trace": trace, "partial": partial, "run": run, "config": cfg, "system": system, "spec": spec,
-            "folder": folder, "missing": d / "no" / "such" / "out.h5", "dir": d}
+            "folder": folder, "missing": d / "no" / "such" / "out.h5", "dir": d, "moe0": d / "moe0.toml",
+            "moe_k": d / "moe_k.toml", "model_bad": d / "model_bad.toml", "frac": frac}
 
 
 TINY_SYSTEM = ["system", "--model", "tiny", "--system", "{system}", "--context", "16", "--prompt-len", "0"]
@@ -123,6 +135,26 @@ CASES = [
     ("sweep a missing spec", ["sweep", "{dir}/none.toml", "-o", "{dir}/o.h5"], ["none.toml"]),
     ("sweep a trace as spec", ["sweep", "{trace}", "-o", "{dir}/o.h5"], ["{trace}"]),
     ("cache info on a file", ["cache", "info", "--cache", "{trace}"], ["--cache"]),
+    # class 4 and 6: spec fields and names checked at the boundary, messages naming what to change
+    ("model TOML with 0 experts", ["run", "--model", "{moe0}", "--wafer", "small", "-o", "{dir}/o.h5"],
+     ["moe.experts"]),
+    ("model TOML top-k beyond experts", ["run", "--model", "{moe_k}", "--wafer", "small", "-o", "{dir}/o.h5"],
+     ["experts_per_token"]),
+    ("model TOML unknown field", ["run", "--model", "{model_bad}", "--wafer", "small", "-o", "{dir}/o.h5"],
+     ["{model_bad}"]),
+    ("trace mesh_width 8.7", ["run", "--trace", "{frac}", "--wafer", "tiny", "-o", "{dir}/o.h5"],
+     ["mesh_width", "8.7"]),
+    ("run --groups beyond the region", TINY_RUN + ["--groups", "1000", "-o", "{dir}/o.h5"], ["--groups 1000"]),
+    ("run --groups with --algo chain", TINY_RUN + ["--groups", "2", "--algo", "chain", "-o", "{dir}/o.h5"],
+     ["--groups", "two-level"]),
+    ("kernel --groups beyond the region", ["run", "--op", "gemv", "--m", "256", "--n", "256", "--region", "16x16",
+                                           "--wafer", "small", "--groups", "17", "-o", "{dir}/o.h5"], ["--groups 17"]),
+    ("run --wafer ''", TINY_RUN[:3] + ["--wafer", "", "-o", "{dir}/o.h5"], ["--wafer", "empty"]),
+    ("run --config ''", ["run", "--trace", "{trace}", "--config", "", "-o", "{dir}/o.h5"], ["--config"]),
+    ("system --system a wafer preset", ["system", "--model", "tiny", "--system", "small", "-o", "{dir}/o.h5"],
+     ["--system", "wafer preset", "system.wafer"]),
+    ("prefill --prompt-len too long", ["run", "--model", "tiny", "--wafer", "small", "--phase", "prefill",
+                                       "--prompt-len", "100000", "-o", "{dir}/o.h5"], ["--prompt-len 100000"]),
 ]
 
 

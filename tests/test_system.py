@@ -308,6 +308,13 @@ def test_expert_choice_is_uniform_by_default_and_skew_concentrates_it():
     assert max(skewed.values()) >= max(mild.values())
     with pytest.raises(WseError):
         moe_experts(spec, 3, 4, -1.0)
+    import warnings
+    with warnings.catch_warnings():  # a skew too large for floats: every sequence takes the k hottest
+        warnings.simplefilter("error")
+        extreme = moe_experts(spec, 3, 8, 1e6)
+    assert len(extreme) == k and set(extreme.values()) == {8}
+    assert set(extreme) == set(sorted(moe_experts(spec, 3, 4096, 50.0), key=lambda e: -moe_experts(
+        spec, 3, 4096, 50.0)[e])[:k])
 
 
 def test_skewed_moe_decode_composes_exactly(small_system):

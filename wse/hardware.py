@@ -246,6 +246,10 @@ def load_config(path: str | Path) -> WaferConfig:
 def resolve(preset: str | None = None, config_file: str | Path | None = None,
             sets: tuple[str, ...] | list[str] = ()) -> WaferConfig:
     """The configuration the CLI uses: a preset or a file (not both), then --set overrides."""
+    if preset is not None and not preset.strip():
+        raise ConfigError("--wafer: empty preset name (presets: " + ", ".join(preset_names()) + ")")
+    if config_file is not None and not str(config_file).strip():
+        raise ConfigError("--config: empty file name")
     if preset and config_file:
         raise ConfigError("give either --wafer or --config, not both")
     cfg = load_config(config_file) if config_file else load_preset(preset or "wse3")

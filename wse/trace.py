@@ -242,10 +242,18 @@ def _read(f: h5py.File, path: Path) -> Trace:
             raise TraceError(f"{path}: /{name} has values that do not fit {np.dtype(dt).name}")
         return out
 
-    try:
-        w, h = int(f.attrs["mesh_width"]), int(f.attrs["mesh_height"])
-    except (KeyError, TypeError, ValueError):
-        raise TraceError(f"{path}: missing or bad mesh_width / mesh_height attributes") from None
+    def whole(name: str) -> int:
+        v = f.attrs.get(name)
+        if v is None:
+            raise TraceError(f"{path}: attribute {name} is missing")
+        if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
+            return int(v)
+        if isinstance(v, (float, np.floating)) and np.isfinite(v) and float(v).is_integer():
+            return int(v)
+        shown = v.item() if isinstance(v, np.generic) else v
+        raise TraceError(f"{path}: attribute {name} = {shown!r} is not a whole number")
+
+    w, h = whole("mesh_width"), whole("mesh_height")
     meta_raw = f.attrs.get("meta", "{}")
     try:
         meta = json.loads(meta_raw)

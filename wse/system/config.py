@@ -131,7 +131,11 @@ def load_system(name_or_path: str, sets: tuple[str, ...] | list[str] = ()) -> Sy
     elif path.suffix == ".toml" or path.exists():
         where, doc = str(path), read_toml(path, "system file", SystemConfigError)
     else:
-        raise SystemConfigError(f"unknown system preset {name_or_path!r} (presets: {', '.join(system_names())})")
+        from ..hardware import preset_names
+        hint = (f"; {name_or_path!r} is a wafer preset: --set system.wafer=\"{name_or_path}\" puts it in a system"
+                if name_or_path in preset_names() else "")
+        raise SystemConfigError(f"--system: unknown system preset {name_or_path!r} (presets: "
+                                f"{', '.join(system_names())}){hint}")
     values = _read(doc, where)
     wafer_sets = []
     for s in sets:

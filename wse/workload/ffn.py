@@ -103,16 +103,26 @@ def moe_experts(spec: ModelSpec, layer: int, batch: int, skew: float = 0.0) -> d
     if not skew >= 0:
         raise WseError(f"--expert-skew {skew} must be at least 0")
     p = None
+    k = m.experts_per_token
     if skew > 0:
         order = np.random.default_rng([layer, 7919]).permutation(m.experts)
+        log_w = -skew * np.log(np.arange(1, m.experts + 1))  # in logs: no overflow at any skew
         weight = np.empty(m.experts)
-        weight[order] = 1.0 / np.arange(1, m.experts + 1) ** skew
+        weight[order] = np.exp(log_w - log_w.max())
         p = weight / weight.sum()
+        if np.count_nonzero(p) < k:  # so skewed that only the most popular can be drawn: those k
+            return _counted({int(e): batch for e in order[:k]}, m, batch)
     use: dict[int, int] = {}
     for b in range(batch):
         rng = np.random.default_rng([layer, b, 104729])
-        for e in rng.choice(m.experts, size=m.experts_per_token, replace=False, p=p):
+        for e in rng.choice(m.experts, size=k, replace=False, p=p):
             use[int(e)] = use.get(int(e), 0) + 1
+    return _counted(use, m, batch)
+
+
+def _counted(use: dict[int, int], m, batch: int) -> dict[int, int]:
+    """`use` with the shared experts (every sequence uses them), in expert order."""
+    use = dict(use)
     for s in range(m.shared_experts):
         use[m.experts + s] = batch
     return dict(sorted(use.items()))

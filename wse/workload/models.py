@@ -254,7 +254,30 @@ def _build(doc: dict[str, Any], where: str) -> ModelSpec:
             raise ModelError(f"{where}: {field} must be a positive integer")
     if spec.heads % spec.kv_heads:
         raise ModelError(f"{where}: heads ({spec.heads}) must be a multiple of kv_heads ({spec.kv_heads})")
+    if spec.moe:
+        m = spec.moe
+        for field in ("experts", "experts_per_token", "expert_ffn_size"):
+            if not _int(getattr(m, field)) or getattr(m, field) < 1:
+                raise ModelError(f"{where}: moe.{field} must be a positive integer")
+        for field in ("shared_experts", "dense_layers"):
+            if not _int(getattr(m, field)) or getattr(m, field) < 0:
+                raise ModelError(f"{where}: moe.{field} must be a non-negative integer")
+        if m.experts_per_token > m.experts:
+            raise ModelError(f"{where}: moe.experts_per_token ({m.experts_per_token}) exceeds moe.experts "
+                             f"({m.experts})")
+        if m.dense_layers > spec.layers:
+            raise ModelError(f"{where}: moe.dense_layers ({m.dense_layers}) exceeds layers ({spec.layers})")
+    if spec.mla:
+        for f in dataclasses.fields(spec.mla):
+            v = getattr(spec.mla, f.name)
+            if not _int(v) or v < (0 if f.name == "q_lora_rank" else 1):
+                raise ModelError(f"{where}: mla.{f.name} must be a {'non-negative' if f.name == 'q_lora_rank' else 'positive'} "
+                                 "integer")
     return spec
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def model_names() -> list[str]:

@@ -59,6 +59,19 @@ def fit_check(mem: Allocator, cfg: WaferConfig, what: str) -> None:
                        f"{mem.top - avail:,} bytes missing per PE")
 
 
+def check_groups(groups: int | None, algo: str, region: Region) -> None:
+    """--groups names a two-level group count a line of the region can hold (lines shorter than
+    it use one group per PE)."""
+    if groups is None:
+        return
+    if algo != "two-level":
+        raise WseError(f"--groups {groups}: applies to --algo two-level only (not {algo})")
+    longest = max(region.width, region.height)
+    if not 1 <= groups <= longest:
+        raise WseError(f"--groups {groups}: must be in [1, {longest}] (PEs along the longest line of the "
+                       f"{region.width}x{region.height} region)")
+
+
 class AxisCollectives:
     """The all-reduce of each requested axis of a region, with its routes added to the builder."""
 
@@ -66,6 +79,7 @@ class AxisCollectives:
                  groups: int | None = None, axes: tuple[Axis, ...] = (X, Y)):
         if algo not in ("two-level", "chain"):
             raise WseError(f"unknown all-reduce algorithm {algo!r} (two-level, chain)")
+        check_groups(groups, algo, region)
         self.reduce: dict[Axis, LineAllReduce] = {}
         for axis in axes:
             n = region.size(axis)

@@ -194,7 +194,18 @@ def kernel_names(spec: ModelSpec) -> list[str]:
 def kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str = "meshgemm",
                  lm_width: int | None = None) -> tuple[Trace, dict[str, int]]:
     """One prefill kernel (kernel_names, or "lm_head": the last token's LM-head GEMV on an
-    lm_width x P region): (trace, facts)."""
+    lm_width x P region): (trace, facts). A kernel the prompt makes too big for the region's
+    SRAM is an error naming --prompt-len."""
+    try:
+        return _kernel_trace(spec, cfg, P, prompt, name, algo, lm_width)
+    except WseError as e:
+        if "--prompt-len" in str(e) or "SRAM" not in str(e):
+            raise
+        raise WseError(f"--prompt-len {prompt}: the prefill {name} kernel does not fit a {P}x{P} region: {e}") from None
+
+
+def _kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str,
+                  lm_width: int | None) -> tuple[Trace, dict[str, int]]:
     if prompt < P:
         raise WseError(f"--prompt-len {prompt} is shorter than the region side {P}: every row needs a token")
     H, S = spec.hidden_size, prompt

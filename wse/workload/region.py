@@ -21,7 +21,7 @@ from ..trace import Op, recv, send
 from .collectives import LineAllReduce, LineBroadcast, ReduceColors
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram
 from .params import DecodeParams
-from .plan import DIAG_BCAST, REDUCE_BASE
+from .plan import DIAG_BCAST, REDUCE_BASE, check_groups
 
 FP16 = isa.DTYPE_FP16
 MUL, ADD, FMAC, MAX, MOV, SCALE = (isa.KIND_MUL, isa.KIND_ADD, isa.KIND_FMAC, isa.KIND_MAX, isa.KIND_MOV,
@@ -62,6 +62,7 @@ def reducers(region: Region, builder: MeshBuilder | None, params: DecodeParams, 
     from .attention import attention_segments
     y_segments = attention_segments(spec, region.height, params)
     out = {}
+    check_groups(params.groups, params.algo, region)
     for axis in (X, Y):
         n = region.size(axis)
         colors = ReduceColors.from_base(REDUCE_BASE[axis])
