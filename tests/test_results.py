@@ -183,3 +183,36 @@ def test_bad_run_files_are_one_line_errors(tmp_path):
                  ["export", bad, "--format", "csv", "-o", tmp_path / "c.csv"]):
         r = invoke(*args)
         assert r.exit_code == 2 and "not a readable HDF5 run file" in r.output and "Traceback" not in r.output
+
+
+def test_run_files_open_in_xarray_with_named_dimensions(tmp_path, tiny, monkeypatch):
+    """Dimension scales: xarray (h5netcdf) shows (y, x) and (y, x, port), not phony dimensions;
+    open_run gives one labelled Dataset, for files with or without scales."""
+    import xarray as xr
+
+    from wse.cli import cli
+    from wse.results import open_run
+    from wse.results import store
+    from wse.workload import synthetic
+    t = tmp_path / "t.h5"
+    synthetic.neighbor(8, 8, 8).save(t)
+    out = tmp_path / "r.h5"
+    r = CliRunner().invoke(cli, ["run", "--trace", str(t), "--wafer", "tiny", "-o", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    with xr.open_dataset(out, group="pe", engine="h5netcdf") as pe:
+        assert pe["busy_cycles"].dims == ("y", "x") and pe.sizes == {"y": 8, "x": 8}
+    with xr.open_dataset(out, group="link", engine="h5netcdf") as link:
+        assert link["wavelets"].dims == ("y", "x", "port")
+        assert [str(p) for p in link["port"].values] == ["north", "south", "east", "west"]
+    rf = store.read_run(out)  # the scales are not counters
+    assert set(rf.pe) == {n for n, *_ in isa.PE_COUNTERS} | {"idle_cycles"}
+    ds = open_run(out)
+    assert ds["busy_cycles"].dims == ("y", "x") and ds["link_wavelets"].dims == ("y", "x", "port")
+    assert int(ds["total_cycles"]) == rf.summary["total_cycles"] and ds["flops"].attrs["units"]
+    assert int(ds["link_wavelets"].sel(port="east").sum()) == int(rf.link["wavelets"][:, :, 2].sum())
+    old = tmp_path / "old.h5"  # a file written before dimension scales existed
+    monkeypatch.setattr(store, "_attach_scales", lambda g: None)
+    store.write_run(old, simulate(synthetic.neighbor(8, 8, 8), tiny), tiny, store.RunInfo(str(t), "", (8, 8), 1, 0.0))
+    with h5py.File(old) as f:
+        assert "x" not in f["pe"]
+    assert open_run(old)["busy_cycles"].dims == ("y", "x")

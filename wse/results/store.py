@@ -170,6 +170,9 @@ def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunIn
                 tg = f.create_group(group)
                 for col, arr in cols.items():
                     _dataset(tg, col, arr, "cycles" if col == "cycles" else "", f"{group}: {col}", "row")
+            for g in f.values():
+                if isinstance(g, h5py.Group):
+                    _attach_scales(g)
             f.flush()
             f.attrs["complete"] = res.complete
         os.replace(tmp, path)
@@ -196,6 +199,35 @@ def _dataset(g: h5py.Group, name: str, value: Any, units: str, desc: str, dims: 
     d.attrs["units"] = units
     d.attrs["description"] = desc
     d.attrs["dims"] = dims
+
+
+def _attach_scales(g: h5py.Group) -> None:
+    """Give every dimension a dataset's `dims` attribute names a dimension scale of that name in
+    the group (netCDF-4 style: xarray with h5netcdf then shows named dimensions): index
+    0..n-1, or the port names for `port`; a 1-D column already named like the dimension is used."""
+    for name, d in list(g.items()):
+        dims = str(_plain(d.attrs.get("dims", "")))
+        if not dims or d.ndim == 0 or dims == name:
+            continue
+        for i, dim in enumerate(dims.split(",")[: d.ndim]):
+            if dim not in g:
+                n = d.shape[i]
+                data = np.array(LINK_PORTS.split(","), dtype=h5py.string_dtype()) if dim == "port" and n == 4 \
+                    else np.arange(n, dtype=np.int64)
+                sc = g.create_dataset(dim, data=data)
+                sc.attrs["units"], sc.attrs["description"], sc.attrs["dims"] = "", f"{dim} index", dim
+            sc = g[dim]
+            if not isinstance(sc, h5py.Dataset) or sc.shape != (d.shape[i],):
+                continue
+            if not h5py.h5ds.is_scale(sc.id):
+                sc.make_scale(dim)
+            d.dims[i].attach_scale(sc)
+
+
+def _members(g: h5py.Group) -> dict[str, h5py.Dataset]:
+    """A group's datasets, without the dimension scales of its pure index dimensions."""
+    return {k: d for k, d in g.items() if isinstance(d, h5py.Dataset)
+            and not (h5py.h5ds.is_scale(d.id) and str(_plain(d.attrs.get("description", ""))) == f"{k} index")}
 
 
 @dataclasses.dataclass
@@ -251,13 +283,13 @@ def read_run(path: str | Path) -> RunFile:
                 if g not in f or not isinstance(f[g], h5py.Group):
                     raise RunFileError(f"{path}: /{g} is missing or not a group")
             attrs = {k: _plain(v) for k, v in f.attrs.items()}
-            summary = {k: _plain(d[()]) for k, d in f["summary"].items()}
-            pe = {k: d[()] for k, d in f["pe"].items()}
-            link = {k: d[()] for k, d in f["link"].items()}
+            summary = {k: _plain(d[()]) for k, d in _members(f["summary"]).items()}
+            pe = {k: d[()] for k, d in _members(f["pe"]).items() if k not in ("x", "y")}
+            link = {k: d[()] for k, d in _members(f["link"]).items() if k not in ("x", "y", "port")}
             stuck = [_plain(s) for s in f["stuck"][()]] if "stuck" in f else []
             groups = [g for g in f if g not in ("summary", "pe", "link") and isinstance(f[g], h5py.Group)]
-            tables = {g: {k: _column(d[()]) for k, d in f[g].items()} for g in groups}
-            dims = {g: {k: _plain(d.attrs.get("dims", "")) for k, d in f[g].items()} for g in groups}
+            tables = {g: {k: _column(d[()]) for k, d in _members(f[g]).items()} for g in groups}
+            dims = {g: {k: _plain(d.attrs.get("dims", "")) for k, d in _members(f[g]).items()} for g in groups}
     except RunFileError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
