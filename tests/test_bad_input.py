@@ -283,3 +283,24 @@ def test_a_damaged_run_file_is_one_clear_error_for_every_reader(files, tmp_path,
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output, r.output
     assert str(p) in lines[0] and names in lines[0], lines[0]
     assert p.read_bytes() == before and not (tmp_path / "x.csv").exists() and not (tmp_path / "plots").exists()
+
+
+def test_names_that_are_not_utf8_work_and_leave_nothing_behind(tmp_path):
+    """Class 7: a file name that is not valid UTF-8 (surrogate-escaped by Python) is written,
+    read and reported, its text stored escaped; outputs get the usual file mode."""
+    import os
+    import stat
+    trace = Path(os.fsdecode(bytes(tmp_path) + b"/bad\xff.h5"))
+    run = Path(os.fsdecode(bytes(tmp_path) + b"/run\xfe.h5"))
+    import subprocess
+    import sys
+    for argv in (["trace", "synth", "stream", "--mesh", "8x8", "-o", trace],
+                 ["run", "--trace", trace, "--wafer", "tiny", "-o", run, "--quiet"],
+                 ["report", run]):  # a real process: its streams carry such names as a terminal does
+        r = subprocess.run([sys.executable, "-m", "wse.cli", *map(os.fsencode, argv)], capture_output=True)
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert b"bad\\xff.h5" in r.stdout
+    assert not list(tmp_path.glob(".wse-*"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(run.stat().st_mode) == 0o666 & ~umask

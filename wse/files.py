@@ -71,5 +71,23 @@ def temp_path(path: str | os.PathLike) -> Path:
     does not carry the user's (a name that is not valid UTF-8 stays out of HDF5's way)."""
     parent = Path(path).parent
     fd, tmp = tempfile.mkstemp(prefix=".wse-", suffix=".partial", dir=parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # the mode any new file gets, not mkstemp's private 0600
+    finally:
+        os.close(fd)
     return Path(tmp)
+
+
+def printable(text: str) -> str:
+    """`text` (e.g. a path from a name that is not valid UTF-8) as text HDF5 can store: bytes
+    that are not UTF-8 shown as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()

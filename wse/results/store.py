@@ -25,6 +25,7 @@ import numpy as np
 from .. import __version__, isa
 from ..engine.result import EngineResult
 from ..errors import RunFileError
+from ..files import printable, temp_path
 from ..hardware import WaferConfig, config_from_toml_text
 
 SCHEMA_VERSION = 1
@@ -120,7 +121,6 @@ def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunIn
     `extra` adds job-level scalars to /summary (name -> (value, units, description));
     `tables` adds columnar groups (group -> {column: array}).
     """
-    from ..files import temp_path
     path = Path(path)
     tmp = None
     try:
@@ -132,7 +132,7 @@ def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunIn
             f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             f.attrs["config"] = cfg.to_toml()
             f.attrs["wafer"] = cfg.name
-            f.attrs["trace_path"] = info.trace_path
+            f.attrs["trace_path"] = printable(info.trace_path)
             f.attrs["trace_hash"] = info.trace_hash
             f.attrs["trace_mesh_width"], f.attrs["trace_mesh_height"] = info.trace_mesh
             f.attrs["seed"] = info.seed
@@ -187,7 +187,7 @@ def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunIn
 
 def _dataset(g: h5py.Group, name: str, value: Any, units: str, desc: str, dims: str) -> None:
     if isinstance(value, str):
-        data = np.array(value, dtype=h5py.string_dtype())
+        data = np.array(printable(value), dtype=h5py.string_dtype())
     else:
         data = np.asarray(value)
         if data.dtype == object or data.dtype.kind == "U":

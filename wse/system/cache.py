@@ -28,6 +28,7 @@ import numpy as np
 
 from ..engine.result import EngineResult
 from ..errors import WseError
+from ..files import _UMASK
 
 ENTRY_FORMAT = 1
 SUFFIX = ".npz"
@@ -160,6 +161,7 @@ class StageCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=path.parent)
             try:
+                os.fchmod(fd, 0o666 & ~_UMASK)  # readable as any new file is: a shared cache
                 with os.fdopen(fd, "wb") as f:
                     _write(f, key, result, extra or {})
                 os.replace(tmp, path)
