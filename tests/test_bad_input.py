@@ -153,6 +153,10 @@ CASES = [
     ("run --config ''", ["run", "--trace", "{trace}", "--config", "", "-o", "{dir}/o.h5"], ["--config"]),
     ("system --system a wafer preset", ["system", "--model", "tiny", "--system", "small", "-o", "{dir}/o.h5"],
      ["--system", "wafer preset", "system.wafer"]),
+    ("synth --colors 200", ["trace", "synth", "neighbor", "--mesh", "256x4", "--colors", "200", "-o", "{dir}/n.h5"],
+     ["--colors 200"]),
+    ("synth --colors 1", ["trace", "synth", "neighbor", "--mesh", "8x8", "--colors", "1", "-o", "{dir}/n.h5"],
+     ["--colors 1"]),
     ("prefill --prompt-len too long", ["run", "--model", "tiny", "--wafer", "small", "--phase", "prefill",
                                        "--prompt-len", "100000", "-o", "{dir}/o.h5"], ["--prompt-len 100000"]),
 ]

@@ -56,5 +56,5 @@ def test_unknown_and_malformed_models(tmp_path):
     with pytest.raises(ModelError, match="multiple of kv_heads"):
         load_model(str(bad))
     bad.write_text("name = 'x'\nhidden_size = 64\nbogus = 1\n")
-    with pytest.raises(ModelError, match="bad model spec"):
+    with pytest.raises(ModelError, match="unknown key bogus"):
         load_model(str(bad))

@@ -136,6 +136,9 @@ def synth_cmd(pattern: str, mesh: str, wavelets: int | None, hops: int | None, e
             raise WseError(f"--{name} does not apply to pattern {pattern} (it takes {', '.join('--' + u for u in uses)})")
         if value is not None and not 1 <= value <= 2**31 - 1:
             raise WseError(f"--{name} must be in [1, 2147483647]")
+    if colors is not None and not 2 <= colors <= 127:
+        raise WseError(f"--colors {colors}: must be in [2, 127] (one color in and one out per PE; the trace "
+                       "format's color ids are 8-bit)")
     n_wave = wavelets or 64
     n_elem = elements or 256
     if pattern == "stream":

@@ -118,13 +118,18 @@ def units_chain(units: list[tuple[int, int]], experts_per_region: int
 def _table_slots(spec: ModelSpec, P: int, cfg: WaferConfig, head: bool, params: DecodeParams,
                  most: int) -> int:
     """Fewest P x P slots (at most `most`) a vocab x hidden table needs (embedding or LM head)."""
+    what = "LM head" if head else "embedding"
+    if most < 1:
+        raise PlacementError(f"the {what} has no room: the layers take every {P}x{P} slot of the wafer (more "
+                             "wafers, --wafers, or a smaller --region leave it some)")
     for k in range(1, most + 1):
         try:
             (lm_memory if head else embedding_memory)(spec, k * P, P, cfg, params)
             return k
         except FitError:
             continue
-    raise PlacementError(f"the {'LM head' if head else 'embedding'} does not fit in {most} slots of {P}x{P}")
+    raise PlacementError(f"the {what} does not fit in the {most} free slots of {P}x{P} (more wafers, --wafers, "
+                         "or a larger --region give it more)")
 
 
 def plan_model(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: int | None = None,

@@ -232,6 +232,20 @@ class ModelSpec:
 
 def _build(doc: dict[str, Any], where: str) -> ModelSpec:
     doc = dict(doc)
+    for cls, table, prefix in ((ModelSpec, doc, ""), (MoE, doc.get("moe"), "moe."), (MLA, doc.get("mla"), "mla.")):
+        if table is None:
+            continue
+        if not isinstance(table, dict):
+            raise ModelError(f"{where}: {prefix[:-1]} must be a table ([{prefix[:-1]}])")
+        known = {f.name for f in dataclasses.fields(cls)} | ({"moe", "mla"} if cls is ModelSpec else set())
+        names = [f for f in known if f not in ("moe", "mla")] if cls is ModelSpec else sorted(known)
+        for k in table:
+            if k not in known:
+                raise ModelError(f"{where}: unknown key {prefix}{k} (keys: {', '.join(sorted(names))})")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in table
+                   and f.default is dataclasses.MISSING and f.name not in ("moe", "mla")]
+        if missing:
+            raise ModelError(f"{where}: missing key {prefix}{missing[0]}")
     try:
         moe = MoE(**doc.pop("moe")) if "moe" in doc else None
         mla = MLA(**doc.pop("mla")) if "mla" in doc else None
