@@ -308,3 +308,50 @@ def test_names_that_are_not_utf8_work_and_leave_nothing_behind(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(run.stat().st_mode) == 0o666 & ~umask
+
+
+# ---- damaged traces ------------------------------------------------------------------------------
+
+def _replace_root(name: str, data):
+    def damage(f):
+        del f[name]
+        f.create_dataset(name, data=data)
+    return damage
+
+
+TRACE_DAMAGES = {
+    "no format attribute": (lambda f: f.attrs.__delitem__("format"), "format"),
+    "format_version 99": (lambda f: f.attrs.__setitem__("format_version", 99), "format_version"),
+    "mesh_height missing": (lambda f: f.attrs.__delitem__("mesh_height"), "mesh_height"),
+    "mesh_width text": (lambda f: f.attrs.__setitem__("mesh_width", "eight"), "mesh_width"),
+    "mesh_width NaN": (lambda f: f.attrs.__setitem__("mesh_width", np.nan), "mesh_width"),
+    "no /routes": (lambda f: f.__delitem__("routes"), "routes"),
+    "no /pe_program": (lambda f: f.__delitem__("pe_program"), "pe_program"),
+    "pe_program floats": (_replace_root("pe_program", np.zeros((8, 8, 2))), "pe_program"),
+    "bytes overwritten": (_overwrite, "t.h5"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "t.h5"),
+    "empty": (lambda p: p.write_bytes(b""), "t.h5"),
+}
+
+
+@pytest.mark.parametrize("command", ["run", "replay"])
+@pytest.mark.parametrize("damage", list(TRACE_DAMAGES))
+def test_a_damaged_trace_is_one_clear_error(files, tmp_path, damage, command):
+    import h5py
+    p = tmp_path / "t.h5"
+    shutil.copy(files["trace"], p)
+    fn, names = TRACE_DAMAGES[damage]
+    if damage in ("bytes overwritten", "truncated", "empty"):
+        fn(p)
+    else:
+        with h5py.File(p, "r+") as f:
+            fn(f)
+    before = p.read_bytes()
+    out = tmp_path / "o.h5"
+    argv = (["run", "--trace", p] if command == "run" else ["replay", p]) + ["--wafer", "tiny", "-o", out]
+    r = CliRunner().invoke(cli, [str(a) for a in argv])
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output, r.output
+    assert str(p) in lines[0] and names in lines[0], lines[0]
+    assert p.read_bytes() == before and not out.exists()

@@ -123,7 +123,7 @@ def test_synth_defaults(tmp_path):
     (["chain-reduce", "--colors", "2"], ["--colors does not apply to pattern chain-reduce"]),
     (["stream", "--wavelets", "0"], ["--wavelets must be in [1, 2147483647]"]),
     (["stream", "--hops", "8"], ["stream: --hops must be in [1, 7]"]),
-    (["neighbor", "--colors", "1"], ["neighbor: needs at least 2 colors"]),
+    (["neighbor", "--colors", "1"], ["--colors 1", "[2, 127]"]),
 ])
 def test_synth_inapplicable_or_bad_option(tmp_path, args, fragments):
     out = tmp_path / "x.h5"

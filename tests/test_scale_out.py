@@ -233,7 +233,14 @@ def test_progress_line_counts_cache_hits_and_points():
     p.done()
     p.point(total=3, done=1)
     line = p.line()
-    assert "simulations 2/6 (1 from cache)" in line and "points 1/3" in line and "ETA" in line
+    assert line == "simulations 1/5 · 1 from cache · points 1/3"
+    import io
+    stream = io.StringIO()
+    piped = Progress(True, stream)  # not a terminal: nothing at all
+    piped.add(3)
+    piped.done()
+    piped.clear()
+    assert piped._bar is None and stream.getvalue() == ""
 
 
 # ---- the commands -------------------------------------------------------------------------------

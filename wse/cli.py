@@ -278,29 +278,33 @@ def _count(n: int) -> str:
 
 
 class _Progress:
-    """A one-line progress bar on stderr (terminals only): cycles, rate, ETA from ops done."""
+    """The engine's progress on a terminal (click's progress bar): share of the trace's ops
+    done, with cycles and rate beside it and an ETA. Callers enable it on terminals only."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
+        self.bar = None
+        self.text = ""
         self.t0 = time.perf_counter()
-        self.shown = False
 
     def __call__(self, cycles: int, fraction: float) -> None:
         if not self.enabled:
             return
+        if self.bar is None:
+            self.t0 = time.perf_counter()
+            self.bar = click.progressbar(length=1000, label="  ops", file=sys.stderr, width=20, show_eta=True,
+                                         show_percent=True, item_show_func=lambda _: self.text)
         wall = time.perf_counter() - self.t0
-        rate = cycles / wall if wall > 0 else 0.0
-        eta = f"{wall * (1 - fraction) / fraction:,.0f} s" if 0 < fraction < 1 else "--"
-        width = 20
-        bar = "#" * int(width * min(max(fraction, 0.0), 1.0))
-        click.echo(f"\r  [{bar:<{width}}] {cycles:,} cycles  {rate / 1e3:,.1f} kcycles/s  ETA {eta}   ",
-                   nl=False, err=True)
-        self.shown = True
+        self.text = f"{cycles:,} cycles  {cycles / wall / 1e3 if wall > 0 else 0.0:,.1f} kcycles/s"
+        step = int(1000 * min(max(fraction, 0.0), 1.0)) - self.bar.pos
+        if step > 0:
+            self.bar.make_step(step)
+        self.bar.render_progress()
 
     def clear(self) -> None:
-        if self.shown:
-            click.echo("\r" + " " * 78 + "\r", nl=False, err=True)
-            self.shown = False
+        if self.bar is not None:
+            click.echo("\r" + " " * 100 + "\r\x1b[?25h", nl=False, err=True)  # the cursor the bar hid
+            self.bar = None
 
 
 def _placeholder(tr, cfg):

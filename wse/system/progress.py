@@ -1,38 +1,47 @@
-"""One status line on a terminal for systems and sweeps: simulations done (and how many came from
-the stage cache), sweep points done, elapsed time and an ETA. Silent when disabled (pipes,
---quiet); the caller decides."""
+"""One status line on a terminal for systems and sweeps (click's progress bar): simulations run
+of those the cache could not answer, how many the cache answered, sweep points done, an ETA.
+Nothing at all when disabled (--quiet) or when the stream is not a terminal."""
 from __future__ import annotations
 
 import sys
 import threading
-import time
 from typing import TextIO
+
+import click
 
 
 class Progress:
-    """Counts work listed and done; redraws its line on every change when enabled."""
+    """Counts work listed and done; redraws its bar on every change when enabled."""
 
     def __init__(self, enabled: bool, stream: TextIO | None = None):
         self.enabled = enabled
-        self.stream = stream or sys.stderr
-        self.t0 = time.perf_counter()
         self.listed = self.cached = self.simulated = 0
         self.points = self.points_done = 0
-        self._sim_wall = 0.0
         self._lock = threading.Lock()
-        self._shown = False
+        self._bar = None
+        stream = stream or sys.stderr
+        if enabled and stream.isatty():  # (click would still print the label once into a pipe)
+            self._bar = click.progressbar(length=1, label="  simulations", file=stream, width=20,
+                                          show_eta=True, show_pos=True, show_percent=False,
+                                          item_show_func=lambda _: self.detail())
 
     def add(self, n: int, cached: int = 0) -> None:
         """n more simulations listed, `cached` of them answered by the cache."""
         with self._lock:
             self.listed += n
             self.cached += cached
+            if self._bar is not None:
+                run = self.listed - self.cached
+                self._bar.length = run or self.listed  # all from the cache: shown as all done
+                if not run:
+                    self._bar.pos = self.cached
         self.draw()
 
     def done(self, n: int = 1) -> None:
         with self._lock:
             self.simulated += n
-            self._sim_wall = time.perf_counter() - self.t0
+            if self._bar is not None:
+                self._bar.make_step(n)  # its ETA: wall time per simulation run so far
         self.draw()
 
     def point(self, total: int | None = None, done: int = 0) -> None:
@@ -43,38 +52,26 @@ class Progress:
             self.points_done += done
         self.draw()
 
-    def line(self) -> str:
-        elapsed = time.perf_counter() - self.t0
-        parts = [f"simulations {self.simulated + self.cached}/{self.listed}"
-                 + (f" ({self.cached} from cache)" if self.cached else "")]
+    def detail(self) -> str:
+        parts = []
+        if self.cached:
+            parts.append(f"{self.cached} from cache")
         if self.points:
             parts.append(f"points {self.points_done}/{self.points}")
-        parts.append(f"{_clock(elapsed)} elapsed")
-        left = self.listed - self.cached - self.simulated
-        if self.points and self.points_done:
-            eta = elapsed / self.points_done * (self.points - self.points_done)
-        elif self.simulated and left > 0:
-            eta = self._sim_wall / self.simulated * left
-        else:
-            eta = None
-        if eta is not None:
-            parts.append(f"ETA {_clock(eta)}")
         return " · ".join(parts)
 
+    def line(self) -> str:
+        """The counts as text (what the bar shows beside its bar and ETA)."""
+        run = self.listed - self.cached
+        return " · ".join([f"simulations {self.simulated}/{run}"] + ([self.detail()] if self.detail() else []))
+
     def draw(self) -> None:
-        if not self.enabled:
-            return
-        self.stream.write("\r  " + self.line() + "   ")
-        self.stream.flush()
-        self._shown = True
+        if self._bar is not None:
+            with self._lock:
+                self._bar.render_progress()
 
     def clear(self) -> None:
-        if self.enabled and self._shown:
-            self.stream.write("\r" + " " * 100 + "\r")
-            self.stream.flush()
-            self._shown = False
-
-
-def _clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+        """Erase the line (before other output); the next change draws it again."""
+        if self._bar is not None:
+            self._bar.file.write("\r" + " " * 110 + "\r\x1b[?25h")  # and the cursor the bar hid
+            self._bar.file.flush()
