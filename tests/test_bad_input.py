@@ -355,3 +355,36 @@ def test_a_damaged_trace_is_one_clear_error(files, tmp_path, damage, command):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output, r.output
     assert str(p) in lines[0] and names in lines[0], lines[0]
     assert p.read_bytes() == before and not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["no points group", "ragged columns", "2-D column", "bytes overwritten",
+                                    "truncated"])
+@pytest.mark.parametrize("reader", ["plot", "export", "resume"])
+def test_a_damaged_sweep_file_is_one_clear_error(tmp_path, damage, reader):
+    import h5py
+    spec = tmp_path / "s.toml"
+    spec.write_text('[base]\nmodel = "tiny"\nsystem = "cs3"\n"system.wafer" = "small"\nprompt_len = 0\n'
+                    'context = 16\n')
+    p = tmp_path / "s.h5"
+    assert CliRunner().invoke(cli, ["sweep", str(spec), "-o", str(p), "--no-cache"]).exit_code == 0
+    if damage in ("bytes overwritten", "truncated"):
+        _overwrite(p) if damage == "bytes overwritten" else p.write_bytes(p.read_bytes()[:2048])
+    else:
+        with h5py.File(p, "r+") as f:
+            if damage == "no points group":
+                del f["points"]
+            elif damage == "ragged columns":
+                del f["points/batch"]
+                f["points"].create_dataset("batch", data=np.arange(5))
+            else:
+                del f["points/batch"]
+                f["points"].create_dataset("batch", data=np.zeros((1, 2)))
+    before = p.read_bytes()
+    argv = {"plot": ["plot", p, "-o", tmp_path / "plots"], "export": ["export", p, "--format", "csv", "-o",
+                                                                       tmp_path / "x.csv"],
+            "resume": ["sweep", spec, "-o", p, "--no-cache"]}[reader]
+    r = CliRunner().invoke(cli, [str(a) for a in argv])
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(p) in lines[0], r.output
+    assert p.read_bytes() == before

@@ -113,8 +113,14 @@ def read_table(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str],
                 a = d[()]
                 cols[k] = np.array([_text(v) for v in a], dtype=object) if a.dtype.kind in "OS" else a
                 units[k], descs[k] = _text(d.attrs.get("units", "")), _text(d.attrs.get("description", ""))
+    except RunFileError:
+        raise
     except OSError:
         raise RunFileError(f"{path}: not a readable HDF5 sweep file") from None
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+        raise RunFileError(f"{path}: damaged sweep file ({type(e).__name__}: {e})") from None
+    if any(not isinstance(c, np.ndarray) or c.ndim != 1 for c in cols.values()):
+        raise RunFileError(f"{path}: a sweep column is not one-dimensional")
     lengths = {len(c) for c in cols.values()}
     if len(lengths) > 1:
         raise RunFileError(f"{path}: sweep columns differ in length")
