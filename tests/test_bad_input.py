@@ -39,6 +39,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (d / "moe0.toml").write_text(model + moe.format(0, 2))
     (d / "moe_k.toml").write_text(model + moe.format(4, 8))
     (d / "model_bad.toml").write_text(model + "colour = 3\n")
+    spec_model = d / "sweep_model.toml"
+    spec_model.write_text(f'[base]\nmodel = "{d / "moe_k.toml"}"\nsystem = "cs3"\n')
     frac = d / "frac.h5"
     shutil.copy(trace, frac)
     import h5py
@@ -46,7 +48,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         f.attrs["mesh_width"] = 8.7
     return {"trace": trace, "partial": partial, "run": run, "config": cfg, "system": system, "spec": spec,
             "folder": folder, "missing": d / "no" / "such" / "out.h5", "dir": d, "moe0": d / "moe0.toml",
-            "moe_k": d / "moe_k.toml", "model_bad": d / "model_bad.toml", "frac": frac}
+            "moe_k": d / "moe_k.toml", "model_bad": d / "model_bad.toml", "frac": frac, "spec_model": spec_model}
 
 
 TINY_SYSTEM = ["system", "--model", "tiny", "--system", "{system}", "--context", "16", "--prompt-len", "0"]
@@ -64,6 +66,19 @@ CASES = [
     ("trace gen -o the config", ["trace", "gen", "--op", "gemv", "--m", "64", "--n", "64", "--region", "8x8",
                                  "--config", "{config}", "-o", "{config}"], ["is an input"]),
     ("system -o its system file", TINY_SYSTEM + ["-o", "{system}"], ["is an input"]),
+    ("system -o its model file", ["system", "--model", "{moe0}", "--system", "cs3", "-o", "{moe0}"], ["is an input"]),
+    ("sweep -o a model file it names", ["sweep", "{spec_model}", "-o", "{moe_k}"], ["is an input"]),
+    # an output that exists stays as it was when an option is bad (checked before it is replaced)
+    ("system bad --jobs keeps -o", TINY_SYSTEM + ["--jobs", "-1", "-o", "{run}"], ["--jobs"]),
+    ("system unknown model keeps -o", ["system", "--model", "nope", "--system", "cs3", "-o", "{run}"], ["nope"]),
+    ("system bad --wafers keeps -o", TINY_SYSTEM + ["--wafers", "x", "-o", "{run}"], ["--wafers"]),
+    ("system bad --context keeps -o", TINY_SYSTEM + ["--context", "0", "-o", "{run}"], ["--context"]),
+    ("system --cache a file keeps -o", TINY_SYSTEM + ["--cache", "{trace}", "-o", "{run}"], ["not a directory"]),
+    ("system --generate beyond 128k keeps -o", TINY_SYSTEM[:-4] + ["--context", "131072", "--generate", "8",
+                                                                 "--prompt-len", "0", "-o", "{run}"],
+     ["--generate"]),
+    ("run bad --snapshot-seconds keeps -o", ["run", "--trace", "{trace}", "--wafer", "tiny", "--snapshot-seconds",
+                                              "0", "-o", "{run}"], ["--snapshot-seconds"]),
     ("sweep -o its spec", ["sweep", "{spec}", "-o", "{spec}"], ["is an input"]),
     ("sweep -o a run file", ["sweep", "{spec}", "-o", "{run}"], ["not a sweep file"]),
     # class 5: an output that cannot be written is refused before any work
@@ -76,7 +91,8 @@ CASES = [
     ("system into a missing folder", TINY_SYSTEM + ["-o", "{missing}"], ["does not exist"]),
     ("sweep into a missing folder", ["sweep", "{spec}", "-o", "{missing}"], ["does not exist"]),
     ("export into a missing folder", ["export", "{run}", "--format", "csv", "-o", "{missing}"], ["does not exist"]),
-    ("run -o a folder", ["run", "--trace", "{trace}", "--wafer", "tiny", "-o", "{folder}"], ["--output", "is a directory"]),
+    ("run -o a folder", ["run", "--trace", "{trace}", "--wafer", "tiny", "-o", "{folder}"],
+     ["--output", "is a directory"]),
     ("system -o a folder", TINY_SYSTEM + ["-o", "{folder}"], ["--output", "is a directory"]),
     ("export -o a folder", ["export", "{run}", "--format", "csv", "-o", "{folder}"], ["--output", "is a directory"]),
     ("plot -o a file", ["plot", "{run}", "-o", "{trace}"], ["--output", "is a file"]),
@@ -181,7 +197,7 @@ def test_bad_input_is_one_clear_error_and_touches_no_input(files, case, argv, fr
 
 
 @pytest.mark.parametrize("argv, target", [
-    (TINY_SYSTEM, "wse.system.compare.run_options"),
+    (TINY_SYSTEM, "wse.system.compare.run_system"),
     (TINY_RUN, "wse.workload.jobs.run_model"),
     (["run", "--trace", "{trace}", "--wafer", "tiny"], "wse.engine.run.simulate"),
 ], ids=["system", "run --model", "run --trace"])
@@ -357,8 +373,8 @@ def test_a_damaged_trace_is_one_clear_error(files, tmp_path, damage, command):
     assert p.read_bytes() == before and not out.exists()
 
 
-@pytest.mark.parametrize("damage", ["no points group", "ragged columns", "2-D column", "bytes overwritten",
-                                    "truncated"])
+@pytest.mark.parametrize("damage", ["no points group", "ragged columns", "2-D column", "axes not JSON",
+                                    "axes not a list", "bytes overwritten", "truncated"])
 @pytest.mark.parametrize("reader", ["plot", "export", "resume"])
 def test_a_damaged_sweep_file_is_one_clear_error(tmp_path, damage, reader):
     import h5py
@@ -373,6 +389,10 @@ def test_a_damaged_sweep_file_is_one_clear_error(tmp_path, damage, reader):
         with h5py.File(p, "r+") as f:
             if damage == "no points group":
                 del f["points"]
+            elif damage == "axes not JSON":
+                f.attrs["axes"] = "oops"
+            elif damage == "axes not a list":
+                f.attrs["axes"] = "5"
             elif damage == "ragged columns":
                 del f["points/batch"]
                 f["points"].create_dataset("batch", data=np.arange(5))

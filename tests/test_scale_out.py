@@ -304,7 +304,8 @@ def test_a_sweep_on_a_two_worker_cluster_writes_the_table_plots_and_csv(tmp_path
     assert r.exit_code == 0, r.output
     cols, units, _, attrs = read_table(out)
     assert bool(attrs["complete"]) and json.loads(attrs["axes"]) == ["batch", "fabric.hop_latency_cycles", "context"]
-    assert list(cols["batch"]) == [1, 1, 2, 2, 3] and list(cols["fabric.hop_latency_cycles"]) == [1, 2, 1, 2, 2]  # the last: the preset's
+    assert list(cols["batch"]) == [1, 1, 2, 2, 3]
+    assert list(cols["fabric.hop_latency_cycles"]) == [1, 2, 1, 2, 2]  # the last: the preset's
     assert units["tokens_per_s_per_user"] == "tokens/s" and units["cost_per_mtok_usd"] == "USD"
     assert (cols["tokens_per_s_per_user"] > 0).all() and all(e == "" for e in cols["error"])
     # a longer hop is slower, point for point
@@ -376,6 +377,7 @@ def test_a_point_that_fails_is_recorded_and_the_rest_run(tmp_path):
     ('[base]\nmodel = "tiny"\n"fabric.nope" = 1\n', "unknown configuration key 'fabric.nope'"),
     ('[base]\nmodel = "tiny"\n[extra]\n', "unknown top-level key 'extra'"),
     ('[base\n', "malformed TOML"),
+    ('[base]\nmodel = "tiny"\n[grid]\n"fabric.hop_latency_cycles" = [1979-05-27, 2]\n', "not a number"),
 ])
 def test_bad_sweep_specs_are_one_clear_error(tmp_path, text, message):
     spec = tmp_path / "s.toml"
@@ -391,7 +393,8 @@ def test_a_sweep_never_overwrites_its_spec_or_another_file(tmp_path):
     spec.write_text(SPEC)
     other = tmp_path / "run.h5"
     other.write_bytes(b"not a sweep")
-    for out, message in ((spec, "is an input"), (other, "is not a sweep file"), (tmp_path / "no" / "s.h5", "does not exist")):
+    for out, message in ((spec, "is an input"), (other, "is not a sweep file"),
+                         (tmp_path / "no" / "s.h5", "does not exist")):
         r = _invoke("sweep", spec, "-o", out, "--no-cache")
         assert r.exit_code == 2 and message in r.output, r.output
     assert other.read_bytes() == b"not a sweep" and spec.read_text() == SPEC
@@ -422,3 +425,47 @@ def test_an_existing_cluster_takes_the_stages_by_its_address(tmp_path, monkeypat
     assert here.output.replace("here.h5", "") == there.output.replace("there.h5", "")
     r = _invoke(*SYSTEM, "--scheduler", "nonsense", "--no-cache", "-o", tmp_path / "x.h5")
     assert r.exit_code == 2 and "--scheduler nonsense: cannot connect" in r.output
+
+
+def test_an_unreadable_entry_is_a_miss_left_in_place(tmp_path, result, monkeypatch):
+    warned = []
+    c = StageCache(tmp_path, warn=warned.append)
+    c.put("9" * 64, result)
+
+    def denied(path, key):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cache_mod, "_read", denied)
+    assert c.get("9" * 64) is None and c.get("9" * 64) is None
+    assert c._path("9" * 64).exists() and c.stats.corrupt == 0 and len(warned) == 1
+
+
+def test_cluster_failures_and_an_aborted_fanout_are_one_error():
+    from distributed.scheduler import KilledWorker
+
+    from wse.system.pool import _result
+
+    class Lost:
+        def result(self):
+            raise KilledWorker.__new__(KilledWorker)  # however distributed words it
+
+    with pytest.raises(WseError, match="local Dask cluster failed a stage simulation"):
+        _result(Lost(), None)
+    f = Fanout(jobs=2)
+    f.abort()
+    with pytest.raises(WseError, match="stopped"):
+        list(f.run([]))
+    with pytest.raises(WseError, match="stopped"):
+        f.client()
+
+
+def test_prefill_kernels_other_than_the_head_do_not_depend_on_its_width(tmp_path, small_system):
+    from wse.system.pool import prefill_kernels
+    cfg = small_system.wafer_config
+    spec = load_model("tiny")
+    c = StageCache(tmp_path)
+    with Fanout(cache=c) as f:
+        for width in (32, 64):  # a wafer's LM-head region, then the last wafer's wider one
+            got = list(prefill_kernels(spec, cfg, 32, 32, width, _sim(cfg), "t", f)(["qkv", "lm_head"]))
+            assert [g[0] for g in got] == ["qkv", "lm_head"]
+    assert (c.stats.hits, c.stats.misses) == (1, 3)  # the second qkv came from the cache

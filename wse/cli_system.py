@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -118,17 +119,20 @@ def system_cmd(model, system_name, sets, output, jobs, scheduler, threads, cache
     from .system import compare
     from .system.config import load_system
 
-    check_output(output, [system_name])
+    check_output(output, [system_name, model])
     system = load_system(system_name, sets)
     cfg = system.wafer_config
-    claim(output)  # from here on the name holds this run's file or nothing
+    t0 = time.perf_counter()
     with _fanout(jobs, scheduler, threads, cache_dir, no_cache, quiet) as fanout:
-        job = compare.run_options(system, _in_process(threads, quiet, fanout)(cfg), fanout, model=model, **options)
+        kw = compare.check_options(system, model=model, **options)
+        claim(output)  # everything checked: from here on the name holds this run's file or nothing
+        job = compare.run_system(system=system, simulate=_in_process(threads, quiet, fanout)(cfg), fanout=fanout,
+                                 **kw)
         fanout.progress.clear()
     rep = job.decode.representative
     info = RunInfo(trace_path=f"--model {model} --system {system.name} (counters of the largest stage)",
                    trace_hash="", trace_mesh=(rep.pe_counters.shape[1], rep.pe_counters.shape[0]),
-                   threads=rep.threads, wall_seconds=rep.wall_seconds)
+                   threads=fanout.worker_threads(), wall_seconds=time.perf_counter() - t0)  # the whole command
     write_run(output, rep, cfg, info, extra=compare.figures(job), tables=compare.tables(job))
     if not quiet:
         dense, expert = job.precisions
@@ -158,6 +162,7 @@ def sweep_cmd(spec_file, output, as_json, jobs, scheduler, threads, cache_dir, n
 
     check_output(output, [spec_file])
     spec = load_spec(spec_file)
+    check_output(output, [spec_file, *{p.option("model") for p in spec.points}])  # a model given as a file
 
     def report(point, row, error) -> None:
         if quiet or as_json:

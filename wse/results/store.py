@@ -8,8 +8,8 @@ which is set last and only for a completed run. Groups: `/summary` scalars, `/pe
 per workload-level op), `/events` (op timelines of sampled PEs), `/stuck`, and job tables such as
 `/stages`. Every dataset carries `units`, `description` and `dims`; arrays are chunked and
 compressed (gzip with shuffle). Files are written under a unique temporary name in the same
-folder (files.temp_path) and renamed into place, so the name always holds a whole, readable file: a placeholder at the start of a run, snapshots
-while it runs, the final file at the end.
+folder (files.temp_path) and renamed into place, so the name always holds a whole, readable
+file: a placeholder at the start of a run, snapshots while it runs, the final file at the end.
 """
 from __future__ import annotations
 

@@ -44,6 +44,8 @@ def write_sweep(path: str | Path, rows: list[Row], spec, complete: bool) -> None
     for r in rows:
         for k, (_, units, desc) in r.items():
             cols.setdefault(k, (units, desc))
+    if "error" in cols:  # last, whichever row came first
+        cols["error"] = cols.pop("error")
     try:
         tmp = temp_path(path)
     except OSError as e:
@@ -108,6 +110,9 @@ def read_table(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str],
             if _text(f.attrs.get("kind", "")) != "sweep" or "points" not in f:
                 raise RunFileError(f"{path}: not a sweep file")
             attrs = {k: _text(v) if isinstance(v, (bytes, str)) else _plain(v) for k, v in f.attrs.items()}
+            axes = json.loads(attrs.get("axes", "[]"))
+            if not isinstance(axes, list) or not all(isinstance(a, str) for a in axes):
+                raise ValueError("attribute axes is not a list of keys")
             cols, units, descs = {}, {}, {}
             for k, d in f["points"].items():
                 a = d[()]
@@ -117,7 +122,7 @@ def read_table(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str],
         raise
     except OSError:
         raise RunFileError(f"{path}: not a readable HDF5 sweep file") from None
-    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:  # JSONDecodeError included
         raise RunFileError(f"{path}: damaged sweep file ({type(e).__name__}: {e})") from None
     if any(not isinstance(c, np.ndarray) or c.ndim != 1 for c in cols.values()):
         raise RunFileError(f"{path}: a sweep column is not one-dimensional")

@@ -130,6 +130,7 @@ class StageCache:
         self.stats = CacheStats()
         self._warn = warn or (lambda msg: None)
         self._unwritable = False
+        self._unreadable = False
 
     def _path(self, key: str) -> Path:
         return self.root / "stages" / key[:2] / (key + SUFFIX)
@@ -138,16 +139,22 @@ class StageCache:
         """(result, extra) stored under `key`, or None (a miss). A damaged entry is reported
         through `warn`, removed and counted as a miss."""
         path = self._path(key)
-        if not path.is_file():
-            self.stats.misses += 1
-            return None
         try:
+            if not path.is_file():
+                self.stats.misses += 1
+                return None
             got = _read(path, key)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+        except (ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:  # the bytes are wrong: damaged
             self.stats.corrupt += 1
             self.stats.misses += 1
             self._warn(f"stage cache entry {path} is damaged ({type(e).__name__}: {e}); simulating it again")
             path.unlink(missing_ok=True)
+            return None
+        except OSError as e:  # unreadable here (permissions, I/O): not damage, left alone
+            self.stats.misses += 1
+            if not self._unreadable:
+                self._warn(f"stage cache {self.root}: cannot read entries ({e.strerror or e}); simulating them")
+            self._unreadable = True
             return None
         self.stats.hits += 1
         return got

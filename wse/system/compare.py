@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import WseError
 from ..results.analysis import format_region_classes, region_classes
 from ..trace import Trace
-from ..workload.params import DecodeParams
+from ..workload.params import MAX_CONTEXT, DecodeParams
 from ..workload.models import load_model
 from .config import SystemConfig
 from ..workload.precision import weights_of
@@ -58,11 +58,19 @@ class Generation:
         return sum((c[k + 1] - c[k]) * (v[k] + v[k + 1]) / 2 for k in range(len(c) - 1)) / (c[-1] - c[0])
 
 
-def run_options(system: SystemConfig, simulate: Callable[[Trace], object], fanout: Fanout | None = None, *,
-                model: str, wafers: str | int = "preset", batch: int = 1, context: int = 1024, prompt_len: int = 512,
-                expert_skew: float = 0.0, gpu: str = "h100", weights: str | None = None, **kw: Any) -> SystemJob:
-    """`wse system`'s options checked and run (the CLI and each sweep point): wafers a number,
-    "auto" (the fewest that hold the model) or "preset"; prompt_len 0 skips the prefill."""
+def run_options(system: SystemConfig, simulate: Callable[[Trace], object], fanout: Fanout | None = None,
+                **options: Any) -> SystemJob:
+    """`wse system`'s options checked (check_options) and run (the CLI and each sweep point)."""
+    return run_system(system=system, simulate=simulate, fanout=fanout, **check_options(system, **options))
+
+
+def check_options(system: SystemConfig, *, model: str, wafers: str | int = "preset", batch: int = 1,
+                  context: int = 1024, prompt_len: int = 512, expert_skew: float = 0.0, gpu: str = "h100",
+                  weights: str | None = None, generate: int = 1, **kw: Any) -> dict[str, Any]:
+    """Everything about `wse system`'s options that can be checked without simulating (the model
+    loads, numbers in range, the decode parameters and the GPU valid), as run_system's keyword
+    arguments: wafers a number, "auto" (the fewest that hold the model) or "preset"; prompt_len
+    0 skips the prefill."""
     if wafers == "preset":
         n = system.wafers
     elif wafers == "auto":
@@ -74,16 +82,23 @@ def run_options(system: SystemConfig, simulate: Callable[[Trace], object], fanou
             raise WseError(f"--wafers {wafers!r}: expected a number, 'auto' or 'preset'") from None
         if n < 1:
             raise WseError("--wafers must be at least 1")
-    for name, v in (("--batch", batch), ("--context", context)):
-        if v < 1:
-            raise WseError(f"{name} must be at least 1")
     if prompt_len < 0:
         raise WseError("--prompt-len must be at least 0")
-    if not expert_skew >= 0 or math.isinf(expert_skew):
-        raise WseError(f"--expert-skew {expert_skew}: must be a finite number at least 0")
-    load_gpu(gpu)  # a bad GPU name fails before anything is simulated
-    return run_system(model, system, simulate, wafers=n, batch=batch, context=context, prompt=prompt_len or None,
-                      gpu=gpu, expert_skew=expert_skew, weights=weights or None, fanout=fanout, **kw)
+    if generate < 1:
+        raise WseError(f"--generate {generate} must be at least 1")
+    load_model(model)
+    DecodeParams(batch=batch, context=context, expert_skew=expert_skew, weights=weights or None,
+                 **{k: v for k, v in kw.items() if k in _PARAM_KEYS})
+    if context + generate - 1 > MAX_CONTEXT:
+        raise WseError(f"--context {context} + --generate {generate}: the last token's context exceeds "
+                       f"{MAX_CONTEXT:,}")
+    load_gpu(gpu)
+    return dict(model=model, wafers=n, batch=batch, context=context, prompt=prompt_len or None, gpu=gpu,
+                expert_skew=expert_skew, weights=weights or None, generate=generate, **kw)
+
+
+_PARAM_KEYS = ("moe_mapping", "experts_per_region", "slot_shape", "uniform_slots", "attention", "attention_block",
+               "norms")
 
 
 def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], object], *, wafers: int | None = None,

@@ -58,11 +58,18 @@ class Fanout:
         # set while several threads use this fanout at once (sweep points): every miss then goes
         # to the cluster, as two threads must never step the engine in this process together
         self.concurrent = False
+        self._aborted = False
 
     def __enter__(self) -> "Fanout":
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def abort(self) -> None:
+        """Stop for good (a failed or interrupted sweep): the cluster closes, so tasks in flight end,
+        and any later run or client call raises instead of starting another."""
+        self._aborted = True
         self.close()
 
     def close(self) -> None:
@@ -94,6 +101,8 @@ class Fanout:
 
     def client(self):
         with self._lock:
+            if self._aborted:
+                raise WseError("stopped: the sweep ended before this point finished")
             if self._client is None:
                 from distributed import Client, LocalCluster
                 if self.scheduler:
@@ -109,6 +118,8 @@ class Fanout:
 
     def run(self, works: list[Work]) -> Iterator[tuple[int, EngineResult, dict[str, Any]]]:
         """(index, result, extra) of every work, cache hits first, the rest as they finish."""
+        if self._aborted:
+            raise WseError("stopped: the sweep ended before this point finished")
         todo = []
         for i, w in enumerate(works):
             got = self._lookup(w.key)
@@ -134,7 +145,7 @@ class Fanout:
                                  pure=False): i for i in todo}
         try:
             for f in as_completed(list(futures)):
-                r, extra = f.result()
+                r, extra = _result(f, self.scheduler)
                 i = futures[f]
                 self._store(works[i].key, r, extra)
                 self.progress.done()
@@ -160,6 +171,25 @@ class Fanout:
         if self.cache is not None and r.complete:
             with self._lock:
                 self.cache.put(key, r, extra)
+
+
+def _result(future, scheduler: str | None):
+    """A task's value; the cluster's own failures (workers lost past the retries, the scheduler
+    gone, the task cancelled) as one WseError naming the cluster. Errors the task raised (a
+    WseError about its stage) come back as they were raised."""
+    from concurrent.futures import CancelledError
+
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
+    try:
+        return future.result()
+    except (KilledWorker, CommClosedError, CancelledError, TimeoutError, OSError) as e:
+        where = f"Dask scheduler {scheduler}" if scheduler else "the local Dask cluster"
+        try:
+            said = f": {e}"
+        except Exception:  # an exception that cannot even say what it is
+            said = ""
+        raise WseError(f"{where} failed a stage simulation ({type(e).__name__}{said})") from None
 
 
 def code_identity() -> tuple[int, str]:
@@ -258,7 +288,8 @@ def prefill_kernels(spec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, 
 
     def kernels(names):
         threads = fanout.worker_threads()
-        works = [Work(content_key("prefill-kernel", spec, cfg, P, prompt, n, algo, lm_width),
+        works = [Work(content_key("prefill-kernel", spec, cfg, P, prompt, n, algo,
+                                  lm_width if n == "lm_head" else None),  # only the head's region has that width
                       (lambda n=n: _prefill_here(spec, cfg, P, prompt, n, algo, lm_width, simulate, where)),
                       _prefill_task, (spec, cfg, P, prompt, n, algo, lm_width, threads, where)) for n in names]
         for i, result, extra in fanout.run(works):

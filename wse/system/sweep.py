@@ -111,6 +111,8 @@ def _point(raw: dict[str, Any], where: str) -> Point:
         if "." in k:
             if k not in PARAM_BY_PATH and k not in system_keys:
                 raise SweepError(f"{where}: unknown configuration key {k!r}")
+            if not isinstance(v, (bool, int, float, str)):
+                raise SweepError(f"{where}: {k} = {v!r} is not a number, boolean or string")
             sets[k] = v
             continue
         if k not in OPTIONS:
@@ -198,8 +200,10 @@ def run_sweep(spec: Spec, output: str | Path, fanout: Fanout, simulate_for: Call
             save(False)
         finished = True
     finally:
-        if workers > 1:  # on a failure or Ctrl-C, points still running end when the fanout closes
-            pool.shutdown(wait=finished, cancel_futures=True)
+        if workers > 1:
+            if not finished:  # a failure or Ctrl-C: tasks in flight end, and a point's next call raises
+                fanout.abort()
+            pool.shutdown(wait=True, cancel_futures=True)
             fanout.concurrent = False
     save(all(k in rows for k in keys))
     return [rows[k] for k in keys if k in rows]
