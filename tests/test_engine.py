@@ -144,9 +144,11 @@ def _run_file_contents(path):
     with h5py.File(path, "r") as f:
         out["attrs"] = {k: v for k, v in f.attrs.items() if k not in VOLATILE_ATTRS}
 
-        def visit(name, obj):
+        def visit(name, obj):  # (dimension-scale bookkeeping holds object references: compared as names)
             if isinstance(obj, h5py.Dataset):
-                out[name] = (obj[()], dict(obj.attrs))
+                attrs = {k: v for k, v in obj.attrs.items() if k not in ("DIMENSION_LIST", "REFERENCE_LIST")}
+                attrs["scales"] = [[s.name for s in d.values()] for d in obj.dims]
+                out[name] = (obj[()], attrs)
         f.visititems(visit)
     return out
 

@@ -711,7 +711,7 @@ def test_load_trace_with_missing_mesh_attribute(tmp_path, good):
     shutil.copy(good, p)
     with h5py.File(p, "a") as f:
         del f.attrs["mesh_height"]
-    assert "mesh_width / mesh_height" in _load_error(p)
+    assert "attribute mesh_height is missing" in _load_error(p)
 
 
 def test_load_trace_with_bad_meta(tmp_path, good):
