@@ -6,10 +6,11 @@ no input is ever clobbered, no temporary name collides with a user's file, and t
 holds a half-written file or a previous run's result that looks like this one's."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .errors import WseError
 
@@ -91,3 +92,21 @@ def _umask() -> int:
 
 
 _UMASK = _umask()
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike, error: type[WseError], what: str) -> Iterator[Path]:
+    """Write `path` whole or not at all: yields a temporary file beside it (temp_path), renamed
+    onto `path` when the block succeeds and removed when it fails in any way (Ctrl-C included);
+    an OSError becomes `error` naming the file."""
+    tmp = None
+    try:
+        tmp = temp_path(path)
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise error(f"{os.fspath(path)}: cannot write {what} ({e.strerror or e})") from None
+        raise

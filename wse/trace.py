@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -161,12 +160,10 @@ class Trace:
 
     def save(self, path: str | Path) -> None:
         """Write the trace; the file appears only when complete (write, then rename)."""
-        from .files import temp_path
+        from .files import replacing
         path = Path(path)
         comp = dict(compression="gzip", shuffle=True)
-        tmp = None
-        try:
-            tmp = temp_path(path)
+        with replacing(path, TraceError, "trace") as tmp:
             with h5py.File(tmp, "w") as f:
                 f.attrs["format"] = FORMAT_NAME
                 f.attrs["format_version"] = FORMAT_VERSION
@@ -187,13 +184,6 @@ class Trace:
                 g.create_dataset("name", data=np.array([t.name for t in self.tags], dtype=h5py.string_dtype()))
                 g.create_dataset("layer", data=np.array([t.layer for t in self.tags], dtype=np.int32))
                 g.create_dataset("kind", data=np.array([t.kind for t in self.tags], dtype=h5py.string_dtype()))
-            os.replace(tmp, path)
-        except BaseException as e:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise TraceError(f"{path}: cannot write trace ({e})") from None
-            raise
 
 
 def _chunked(comp: dict, n: int) -> dict:

@@ -69,17 +69,8 @@ def _rows(f, header, rows) -> None:
 
 
 def _write(path: str | Path, fill) -> None:
-    from ..files import temp_path
+    from ..files import replacing
     path = Path(path)
-    tmp = None
-    try:
-        tmp = temp_path(path)
+    with replacing(path, RunFileError, "file") as tmp:
         with open(tmp, "w", newline="") as f:
             fill(f)
-        tmp.replace(path)
-    except BaseException as e:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise RunFileError(f"{path}: cannot write ({e.strerror})") from None
-        raise

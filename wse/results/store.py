@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import numpy as np
 from .. import __version__, isa
 from ..engine.result import EngineResult
 from ..errors import RunFileError
-from ..files import printable, temp_path
+from ..files import printable, replacing
 from ..hardware import WaferConfig, config_from_toml_text
 
 SCHEMA_VERSION = 1
@@ -122,9 +121,7 @@ def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunIn
     `tables` adds columnar groups (group -> {column: array}).
     """
     path = Path(path)
-    tmp = None
-    try:
-        tmp = temp_path(path)
+    with replacing(path, RunFileError, "run file") as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["complete"] = False
             f.attrs["schema_version"] = SCHEMA_VERSION
@@ -175,13 +172,6 @@ def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunIn
                     _attach_scales(g)
             f.flush()
             f.attrs["complete"] = res.complete
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise RunFileError(f"{path}: cannot write run file ({e})") from None
-        raise
     return path
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import RunFileError
-from ..files import temp_path
+from ..files import replacing
 
 SCHEMA_VERSION = 1
 Row = dict[str, tuple[Any, str, str]]  # column -> (value, units, description)
@@ -46,11 +45,7 @@ def write_sweep(path: str | Path, rows: list[Row], spec, complete: bool) -> None
             cols.setdefault(k, (units, desc))
     if "error" in cols:  # last, whichever row came first
         cols["error"] = cols.pop("error")
-    try:
-        tmp = temp_path(path)
-    except OSError as e:
-        raise RunFileError(f"{path}: cannot write sweep file ({e.strerror})") from None
-    try:
+    with replacing(path, RunFileError, "sweep file") as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["complete"] = False
             f.attrs["kind"] = "sweep"
@@ -70,12 +65,6 @@ def write_sweep(path: str | Path, rows: list[Row], spec, complete: bool) -> None
                     if k != "point":
                         d.dims[0].attach_scale(g["point"])
             f.attrs["complete"] = complete
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise RunFileError(f"{path}: cannot write sweep file ({e})") from None
-        raise
 
 
 def _column(values: list[Any]) -> np.ndarray:
