@@ -408,3 +408,20 @@ def test_a_damaged_sweep_file_is_one_clear_error(tmp_path, damage, reader):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(p) in lines[0], r.output
     assert p.read_bytes() == before
+
+
+@pytest.mark.parametrize("argv", [
+    TINY_RUN + ["--groups", "1000"],
+    ["run", "--trace", "{partial}", "--wafer", "tiny", "--set", "fabric.queue_depth_wavelets=0"],
+    ["run", "--trace", "{frac}", "--wafer", "tiny"],
+    ["system", "--model", "tiny", "--system", "cs3", "--set", 'system.wafer="small"', "--wafers", "3",
+     "--context", "16", "--prompt-len", "0"],
+], ids=["run --model, bad --groups", "run --trace, bad --set", "run, damaged trace", "system, too many wafers"])
+def test_bad_input_found_while_planning_keeps_the_old_output(files, tmp_path, argv):
+    out = tmp_path / "out.h5"
+    shutil.copy(files["run"], out)
+    before = out.read_bytes()
+    args = [a.format(**{k: str(v) for k, v in files.items()}) for a in argv] + ["-o", str(out)]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and r.stderr.startswith("error: "), r.output
+    assert out.read_bytes() == before

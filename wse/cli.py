@@ -366,7 +366,6 @@ def _simulate_to_file(trace_path, op, model, phase, full, cfg, output, threads, 
         raise WseError("--threads must be at least 1")
     if not 0 < snapshot_seconds < float("inf"):
         raise WseError(f"--snapshot-seconds {snapshot_seconds}: must be a finite number of seconds above 0")
-    claim(output)  # from here on the name holds this run's file or nothing
     bar = _Progress(not quiet and not as_json and sys.stderr.isatty())
     job = None
     info = RunInfo(trace_path="", trace_hash="", trace_mesh=(0, 0), threads=0, wall_seconds=0.0)
@@ -383,7 +382,7 @@ def _simulate_to_file(trace_path, op, model, phase, full, cfg, output, threads, 
         tr = trace_mod.load(trace_path)
         trace_mod.validate(tr, cfg, where=trace_path)
         info = RunInfo(str(trace_path), tr.content_hash(), (tr.mesh_width, tr.mesh_height), 0, 0.0)
-        write_run(output, _placeholder(tr, cfg), cfg, info)  # a readable, incomplete file from the start
+        write_run(output, _placeholder(tr, cfg), cfg, info)  # replaces any old file: readable, incomplete
 
         def snapshot(res):
             write_run(output, res, cfg, dataclasses.replace(info, threads=res.threads, wall_seconds=res.wall_seconds))
@@ -394,10 +393,14 @@ def _simulate_to_file(trace_path, op, model, phase, full, cfg, output, threads, 
         job = True  # interruption inside a job's simulations ends the job
         what = "whole trace" if full else "a layer stage" if phase == "decode" else "its longest kernel"
         source = f"--op {op}" if op else f"--model {model} ({phase}; counters of {what})"
-        if op:
-            job = jobs.run_kernel(op, cfg, sim, **kw)
-        else:
-            job = jobs.run_model(model, cfg, sim, phase=phase, full=full, **kw)
+        try:
+            if op:
+                job = jobs.run_kernel(op, cfg, sim, **kw)
+            else:
+                job = jobs.run_model(model, cfg, sim, phase=phase, full=full, **kw)
+        except KeyboardInterrupt:  # the run started: an older file at -o must not stand for it
+            claim(output)          # (bad input found while planning leaves it as it was)
+            raise
         tr, res = job.trace, job.engine
     info = RunInfo(trace_path=source, trace_hash=tr.content_hash(), trace_mesh=(tr.mesh_width, tr.mesh_height),
                    threads=res.threads, wall_seconds=res.wall_seconds)

@@ -125,9 +125,12 @@ def system_cmd(model, system_name, sets, output, jobs, scheduler, threads, cache
     t0 = time.perf_counter()
     with _fanout(jobs, scheduler, threads, cache_dir, no_cache, quiet) as fanout:
         kw = compare.check_options(system, model=model, **options)
-        claim(output)  # everything checked: from here on the name holds this run's file or nothing
-        job = compare.run_system(system=system, simulate=_in_process(threads, quiet, fanout)(cfg), fanout=fanout,
-                                 **kw)
+        try:
+            job = compare.run_system(system=system, simulate=_in_process(threads, quiet, fanout)(cfg),
+                                     fanout=fanout, **kw)
+        except KeyboardInterrupt:  # the run started: an older file at -o must not stand for it
+            claim(output)          # (bad input found while planning leaves it as it was)
+            raise
         fanout.progress.clear()
     rep = job.decode.representative
     info = RunInfo(trace_path=f"--model {model} --system {system.name} (counters of the largest stage)",

@@ -1,9 +1,9 @@
 """Output files, one mechanism for every command: an output is checked before any work (not
 empty, not a folder, not one of the command's inputs, in a folder that exists and can be
-written), a stale result at its name is removed when the command starts writing, and every
-file is written under a unique temporary name in the same folder and renamed into place — so
-no input is ever clobbered, no temporary name collides with a user's file, and the name never
-holds a half-written file or a previous run's result that looks like this one's."""
+written), a stale result at its name is removed when a run is interrupted before replacing it,
+and every file is written under a unique temporary name in the same folder and renamed into
+place — so no input is ever clobbered, no temporary name collides with a user's file, and the
+name never holds a half-written file or a previous run's result that looks like this one's."""
 from __future__ import annotations
 
 import contextlib
@@ -57,8 +57,8 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def claim(path: str | os.PathLike) -> None:
-    """Remove a previous file at the output's name: from now on the name holds nothing, or this
-    command's result (a previous run's complete file must not stand for this one's)."""
+    """Remove a previous file at the output's name (a run interrupted before it wrote anything:
+    a previous run's complete file must not stand for this one's)."""
     p = Path(path)
     if p.is_file() or p.is_symlink():
         try:
