@@ -211,7 +211,7 @@ def test_run_files_open_in_xarray_with_named_dimensions(tmp_path, tiny, monkeypa
     assert int(ds["total_cycles"]) == rf.summary["total_cycles"] and ds["flops"].attrs["units"]
     assert int(ds["link_wavelets"].sel(port="east").sum()) == int(rf.link["wavelets"][:, :, 2].sum())
     old = tmp_path / "old.h5"  # a file written before dimension scales existed
-    monkeypatch.setattr(store, "_attach_scales", lambda g: None)
+    monkeypatch.setattr(store, "attach_scales", lambda g: None)
     store.write_run(old, simulate(synthetic.neighbor(8, 8, 8), tiny), tiny, store.RunInfo(str(t), "", (8, 8), 1, 0.0))
     with h5py.File(old) as f:
         assert "x" not in f["pe"]

@@ -160,7 +160,7 @@ def test_a_killed_writer_leaves_nothing_that_reads_as_valid(tmp_path, result, mo
     with pytest.raises(KeyboardInterrupt):
         c.put("e" * 64, result)
     assert c.get("e" * 64) is None and cache_mod.info(tmp_path)["entries"] == 0
-    assert not list(tmp_path.rglob(".tmp-*"))  # and no temporary left behind
+    assert not list(tmp_path.rglob(".wse-*"))  # and no temporary left behind
 
 
 def test_a_cache_that_cannot_be_written_is_reported_once_and_the_run_goes_on(tmp_path, result):

@@ -41,8 +41,6 @@ def _fanout(jobs: int, scheduler: str | None, threads: int | None, cache_dir: st
     from .system.cache import StageCache, default_dir
     from .system.pool import Fanout
     from .system.progress import Progress
-    if jobs < 0:
-        raise WseError(f"--jobs {jobs}: must be at least 0 (0: sized to the machine)")
     if threads is not None and threads < 1:
         raise WseError("--threads must be at least 1")
     if no_cache and cache_dir:

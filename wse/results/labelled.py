@@ -7,7 +7,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .store import LINK_PORTS, read_run
+from .store import LINK_PORTS, plain, read_run
 
 
 def open_run(path: str | Path) -> Any:
@@ -20,7 +20,7 @@ def open_run(path: str | Path) -> Any:
     rf = read_run(path)
     H, W = rf.attrs["trace_mesh_height"], rf.attrs["trace_mesh_width"]
     with h5py.File(rf.path, "r") as f:
-        meta = {f"{g}/{k}": {a: _text(d.attrs.get(a, "")) for a in ("units", "description")}
+        meta = {f"{g}/{k}": {a: plain(d.attrs.get(a, "")) for a in ("units", "description")}
                 for g in ("summary", "pe", "link") for k, d in f[g].items()}
     data: dict[str, Any] = {}
     for name, a in rf.pe.items():
@@ -33,7 +33,3 @@ def open_run(path: str | Path) -> Any:
     coords = {"y": np.arange(H), "x": np.arange(W), "port": LINK_PORTS.split(",")}
     attrs = {k: (int(v) if isinstance(v, bool) else v) for k, v in rf.attrs.items()}
     return xr.Dataset(data, coords=coords, attrs=attrs)
-
-
-def _text(v: Any) -> Any:
-    return v.decode() if isinstance(v, bytes) else v

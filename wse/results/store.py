@@ -169,7 +169,7 @@ def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunIn
                     _dataset(tg, col, arr, "cycles" if col == "cycles" else "", f"{group}: {col}", "row")
             for g in f.values():
                 if isinstance(g, h5py.Group):
-                    _attach_scales(g)
+                    attach_scales(g)
             f.flush()
             f.attrs["complete"] = res.complete
     return path
@@ -191,12 +191,12 @@ def _dataset(g: h5py.Group, name: str, value: Any, units: str, desc: str, dims: 
     d.attrs["dims"] = dims
 
 
-def _attach_scales(g: h5py.Group) -> None:
+def attach_scales(g: h5py.Group) -> None:
     """Give every dimension a dataset's `dims` attribute names a dimension scale of that name in
     the group (netCDF-4 style: xarray with h5netcdf then shows named dimensions): index
     0..n-1, or the port names for `port`; a 1-D column already named like the dimension is used."""
     for name, d in list(g.items()):
-        dims = str(_plain(d.attrs.get("dims", "")))
+        dims = str(plain(d.attrs.get("dims", "")))
         if not dims or d.ndim == 0 or dims == name:
             continue
         for i, dim in enumerate(dims.split(",")[: d.ndim]):
@@ -217,7 +217,7 @@ def _attach_scales(g: h5py.Group) -> None:
 def _members(g: h5py.Group) -> dict[str, h5py.Dataset]:
     """A group's datasets, without the dimension scales of its pure index dimensions."""
     return {k: d for k, d in g.items() if isinstance(d, h5py.Dataset)
-            and not (h5py.h5ds.is_scale(d.id) and str(_plain(d.attrs.get("description", ""))) == f"{k} index")}
+            and not (h5py.h5ds.is_scale(d.id) and str(plain(d.attrs.get("description", ""))) == f"{k} index")}
 
 
 @dataclasses.dataclass
@@ -272,14 +272,14 @@ def read_run(path: str | Path) -> RunFile:
             for g in ("summary", "pe", "link"):
                 if g not in f or not isinstance(f[g], h5py.Group):
                     raise RunFileError(f"{path}: /{g} is missing or not a group")
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
-            summary = {k: _plain(d[()]) for k, d in _members(f["summary"]).items()}
-            pe = {k: d[()] for k, d in _members(f["pe"]).items() if k not in ("x", "y")}
-            link = {k: d[()] for k, d in _members(f["link"]).items() if k not in ("x", "y", "port")}
-            stuck = [_plain(s) for s in f["stuck"][()]] if "stuck" in f else []
+            attrs = {k: plain(v) for k, v in f.attrs.items()}
+            summary = {k: plain(d[()]) for k, d in _members(f["summary"]).items()}
+            pe = {k: d[()] for k, d in _members(f["pe"]).items()}
+            link = {k: d[()] for k, d in _members(f["link"]).items()}
+            stuck = [plain(s) for s in f["stuck"][()]] if "stuck" in f else []
             groups = [g for g in f if g not in ("summary", "pe", "link") and isinstance(f[g], h5py.Group)]
             tables = {g: {k: _column(d[()]) for k, d in _members(f[g]).items()} for g in groups}
-            dims = {g: {k: _plain(d.attrs.get("dims", "")) for k, d in _members(f[g]).items()} for g in groups}
+            dims = {g: {k: plain(d.attrs.get("dims", "")) for k, d in _members(f[g]).items()} for g in groups}
     except RunFileError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
@@ -352,11 +352,12 @@ _SUMMARY_CORE = ("total_cycles", "seconds", "simulated_pes", "active_pes", "pe_u
 
 def _column(a: Any) -> Any:
     if isinstance(a, np.ndarray) and a.dtype.kind in "OS":
-        return np.array([_plain(v) for v in a.reshape(-1)], dtype=object).reshape(a.shape)
-    return _plain(a)
+        return np.array([plain(v) for v in a.reshape(-1)], dtype=object).reshape(a.shape)
+    return plain(a)
 
 
-def _plain(v: Any) -> Any:
+def plain(v: Any) -> Any:
+    """An HDF5 scalar as Python: numpy scalars as their value, bytes as text."""
     if isinstance(v, np.generic):
         return v.item()
     if isinstance(v, bytes):

@@ -22,6 +22,7 @@ import numpy as np
 from .. import __version__
 from ..errors import RunFileError
 from ..files import replacing
+from .store import attach_scales, plain
 
 SCHEMA_VERSION = 1
 Row = dict[str, tuple[Any, str, str]]  # column -> (value, units, description)
@@ -31,7 +32,7 @@ def is_sweep(path: str | Path) -> bool:
     """Whether `path` is an HDF5 file with kind = "sweep"."""
     try:
         with h5py.File(path, "r") as f:
-            return _text(f.attrs.get("kind", "")) == "sweep"
+            return plain(f.attrs.get("kind", "")) == "sweep"
     except (OSError, ValueError):
         return False
 
@@ -59,11 +60,7 @@ def write_sweep(path: str | Path, rows: list[Row], spec, complete: bool) -> None
             for k, (units, desc) in cols.items():
                 d = g.create_dataset(k, data=_column([r[k][0] if k in r else None for r in rows]))
                 d.attrs["units"], d.attrs["description"], d.attrs["dims"] = units, desc, "point"
-            if "point" in g:  # the key column as the dimension scale: xarray names the dimension
-                g["point"].make_scale("point")
-                for k, d in g.items():
-                    if k != "point":
-                        d.dims[0].attach_scale(g["point"])
+            attach_scales(g)  # the key column `point` becomes the dimension scale: xarray names it
             f.attrs["complete"] = complete
 
 
@@ -88,7 +85,7 @@ def read_rows(path: str | Path) -> list[Row]:
         raise RunFileError(f"{path}: exists and is not a sweep file (not overwriting it)")
     table, units, descs = read_table(path)[:3]
     n = len(table.get("point", []))
-    return [{k: (_plain(table[k][i]), units[k], descs[k]) for k in table} for i in range(n)]
+    return [{k: (plain(table[k][i]), units[k], descs[k]) for k in table} for i in range(n)]
 
 
 def read_table(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str], dict[str, Any]]:
@@ -96,17 +93,17 @@ def read_table(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str],
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            if _text(f.attrs.get("kind", "")) != "sweep" or "points" not in f:
+            if plain(f.attrs.get("kind", "")) != "sweep" or "points" not in f:
                 raise RunFileError(f"{path}: not a sweep file")
-            attrs = {k: _text(v) if isinstance(v, (bytes, str)) else _plain(v) for k, v in f.attrs.items()}
+            attrs = {k: plain(v) for k, v in f.attrs.items()}
             axes = json.loads(attrs.get("axes", "[]"))
             if not isinstance(axes, list) or not all(isinstance(a, str) for a in axes):
                 raise ValueError("attribute axes is not a list of keys")
             cols, units, descs = {}, {}, {}
             for k, d in f["points"].items():
                 a = d[()]
-                cols[k] = np.array([_text(v) for v in a], dtype=object) if a.dtype.kind in "OS" else a
-                units[k], descs[k] = _text(d.attrs.get("units", "")), _text(d.attrs.get("description", ""))
+                cols[k] = np.array([plain(v) for v in a], dtype=object) if a.dtype.kind in "OS" else a
+                units[k], descs[k] = plain(d.attrs.get("units", "")), plain(d.attrs.get("description", ""))
     except RunFileError:
         raise
     except OSError:
@@ -133,7 +130,7 @@ def csv_sweep(path_in: str | Path, path_out: str | Path) -> Path:
         w = csv.writer(f)
         w.writerow(names)
         w.writerow([units[k] for k in names])
-        w.writerows([[_plain(cols[k][i]) for k in names] for i in range(n)])
+        w.writerows([[plain(cols[k][i]) for k in names] for i in range(n)])
     _write(path_out, fill)
     return Path(path_out)
 
@@ -193,12 +190,12 @@ def plot_sweep(path: str | Path, outdir: str | Path) -> list[Path]:
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
         groups: dict[tuple, list[int]] = {}
         for i in range(len(cols[a])):
-            groups.setdefault(tuple(_plain(cols[o][i]) for o in others), []).append(i)
-        xs = list(dict.fromkeys(_plain(v) for v in cols[a]))
+            groups.setdefault(tuple(plain(cols[o][i]) for o in others), []).append(i)
+        xs = list(dict.fromkeys(plain(v) for v in cols[a]))
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
         for g, idx in list(groups.items())[:12]:
-            idx = sorted(idx, key=lambda i: _plain(cols[a][i]) if numeric else xs.index(_plain(cols[a][i])))
-            x = [_plain(cols[a][i]) if numeric else xs.index(_plain(cols[a][i])) for i in idx]
+            idx = sorted(idx, key=lambda i: plain(cols[a][i]) if numeric else xs.index(plain(cols[a][i])))
+            x = [plain(cols[a][i]) if numeric else xs.index(plain(cols[a][i])) for i in idx]
             label = ", ".join(f"{o}={v}" for o, v in zip(others, g)) or None
             top.plot(x, _floats(cols[need[0]])[idx], marker="o", label=label)
             bottom.plot(x, _floats(cols[need[1]])[idx], marker="o", label=label)
@@ -222,12 +219,3 @@ def _floats(a: np.ndarray) -> np.ndarray:
         except (TypeError, ValueError):
             pass
     return out
-
-
-def _text(v: Any) -> Any:
-    return v.decode() if isinstance(v, bytes) else v
-
-
-def _plain(v: Any) -> Any:
-    v = _text(v)
-    return v.item() if isinstance(v, np.generic) else v

@@ -7,9 +7,9 @@ wafer configuration, the model, the decode parameters, the plan's run-wide shape
 own build key (or, for a trace already built, its content hash). Output options (run file,
 progress, threads, worker count) are not in it: they do not change a counter.
 
-Entries are `.npz` files (numpy arrays and one JSON metadata string, no pickles), written to a
-temporary name in the same folder and renamed into place, so a killed writer leaves no entry
-that reads as valid; zip's CRC-32 of every member is checked on reading, and an entry that fails
+Entries are `.npz` files (numpy arrays and one JSON metadata string, no pickles), written
+through files.replacing (a temporary name in the same folder, renamed into place), so a killed
+writer leaves no entry that reads as valid; zip's CRC-32 of every member is checked on reading, and an entry that fails
 it (or does not parse) is reported once, removed and recomputed.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -28,11 +27,12 @@ import numpy as np
 
 from ..engine.result import EngineResult
 from ..errors import WseError
-from ..files import _UMASK
+from ..files import replacing
 
 ENTRY_FORMAT = 1
 SUFFIX = ".npz"
 STATS_FILE = "last-run.json"
+TEMPORARY = ".wse-*.partial"  # files.temp_path: a write in progress, or left by a killed writer
 # what builds and steps a stage: a change to any of these files changes every key
 _SOURCES = ("engine", "workload", "trace.py", "isa.py", "hardware.py", "system/wafers.py")
 _TABLES = ("ops", "timeline", "events")
@@ -166,18 +166,12 @@ class StageCache:
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=path.parent)
-            try:
-                os.fchmod(fd, 0o666 & ~_UMASK)  # readable as any new file is: a shared cache
-                with os.fdopen(fd, "wb") as f:
-                    _write(f, key, result, extra or {})
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        except OSError as e:  # the run goes on without storing: its results do not depend on the cache
+            with replacing(path, CacheError, "the entry") as tmp, open(tmp, "wb") as f:
+                _write(f, key, result, extra or {})
+        except (OSError, CacheError) as e:  # the run goes on without storing: its results do not need it
             if not self._unwritable:
-                self._warn(f"stage cache {self.root}: cannot store entries ({e.strerror or e}); going on without")
+                why = e.strerror or e if isinstance(e, OSError) else e
+                self._warn(f"stage cache {self.root}: cannot store entries ({why}); going on without")
             self._unwritable = True
             return
         self.stats.stored += 1
@@ -186,27 +180,25 @@ class StageCache:
         """Record this run's hits and misses for `wse cache info`."""
         if not self.root.is_dir():
             return
-        doc = dataclasses.asdict(self.stats)
-        tmp = self.root / f".{STATS_FILE}.{os.getpid()}"
         try:
-            tmp.write_text(json.dumps(doc))
-            os.replace(tmp, self.root / STATS_FILE)
-        except OSError:
-            tmp.unlink(missing_ok=True)
+            with replacing(self.root / STATS_FILE, CacheError, "cache statistics") as tmp:
+                tmp.write_text(json.dumps(dataclasses.asdict(self.stats)))
+        except CacheError:
+            pass
 
 
 def info(root: str | Path) -> dict[str, Any]:
     """Entries, bytes, leftover temporary files and the last run's hits and misses."""
     root = Path(root)
-    files = list((root / "stages").rglob("*" + SUFFIX)) if root.is_dir() else []
-    entries = [f for f in files if not f.name.startswith(".tmp-")]
+    entries = list((root / "stages").rglob("*" + SUFFIX)) if root.is_dir() else []
+    temporary = list((root / "stages").rglob(TEMPORARY)) if root.is_dir() else []
     last = None
     try:
         last = json.loads((root / STATS_FILE).read_text())
     except (OSError, ValueError):
         pass
     return {"directory": str(root), "entries": len(entries), "bytes": sum(f.stat().st_size for f in entries),
-            "temporary": len(files) - len(entries), "last_run": last}
+            "temporary": len(temporary), "last_run": last}
 
 
 def clear(root: str | Path) -> int:
@@ -214,7 +206,7 @@ def clear(root: str | Path) -> int:
     root = Path(root)
     n = 0
     if (root / "stages").is_dir():
-        for f in (root / "stages").rglob("*" + SUFFIX):
+        for f in [*(root / "stages").rglob("*" + SUFFIX), *(root / "stages").rglob(TEMPORARY)]:
             f.unlink(missing_ok=True)
             n += 1
         for d in sorted((root / "stages").rglob("*"), reverse=True):

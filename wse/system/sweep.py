@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import math
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
@@ -231,6 +230,3 @@ def _row(p: Point, named: list[str], figs: dict[str, tuple]) -> dict[str, Any]:
         row[k] = v
     return row
 
-
-def is_nan(v: Any) -> bool:
-    return isinstance(v, float) and math.isnan(v)
