@@ -18,21 +18,24 @@ import numpy as np
 from numba import njit, prange
 
 from ..isa import (
-    C_BUSY, C_SETUP, C_STALL_RECV, C_STALL_SEND, C_STALL_SRAM, C_STALL_SYNC, L_BLOCKED, L_WAVELETS, OP_COMPUTE,
-    L_CONTENTION, MAX_SEMAPHORES, OP_SIGNAL, OP_WAIT, PORT_RAMP, STOP_COMPLETE, STOP_DEADLOCK,
+    C_BUSY, C_SETUP, C_STALL_RECV, C_STALL_SEND, C_STALL_SRAM, C_STALL_SYNC, L_BLOCKED, L_CONTENTION,
+    MAX_SEMAPHORES, OP_SIGNAL, OP_WAIT, PORT_RAMP, STOP_COMPLETE, STOP_DEADLOCK,
 )
+from numba.cpython.unsafe.numbers import trailing_zeros
+
+from .accounting import chain_end, complete_op, hot, wake_ce
 from .layout import (
-    A_FLOPS, A_OPS, A_RECEIVED, A_SENT, A_SRAM_READ, A_SRAM_WRITE, CODE_DONE, CQ_OCC, CQ_PIPE,
-    CQ_READY, CTRL_CODE, CTRL_SUB, CTRL_TWO, OT_CIN, OT_COUT, OT_CTRL, OT_FIELDS, OT_FLOPS, OT_LENGTH,
-    OT_RBYTES, OT_RECV, OT_SEND, OT_SETUP, OT_TAG, OT_WBYTES, OT_WIDTH, TS_BYTES, TS_FIELDS, TS_FIRST, TS_FLOPS,
-    TS_LAST, TS_OPS, TS_WAVELETS, EVENT_FIELDS, PE_GRANT, PE_LIVE, PE_PEAK,
-    PE_CE_RR, PE_HELD, PE_INFLIGHT, PE_READY, PE_ROUTES, PE_RR, PE_RXMASK, PE_SLEEP_CLASS, PE_SLEEP_THREAD, PE_TRACE, Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX, RT_UP, RT_UP_PE, TH_CTRL,
-    TH_END, TH_IN, TH_LEFT, TH_OP, TH_OUT, TH_SETUP, TH_WIDTH,
+    CODE_DONE, CQ_OCC, CQ_PIPE, CQ_READY, CTRL_CODE, CTRL_SUB, CTRL_TWO, PE_CE_RR, PE_GRANT, PE_HELD,
+    PE_ARRIVE, PE_LIVE, PE_PEAK, PE_PIPES, PE_READY, PE_ROUTES, PE_RR, PE_SLEEP_CLASS, PE_SLEEP_THREAD,
+    Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_CROSS, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX,
+    TH_CTRL, TH_IN, TH_LEFT, TH_OUT, TH_SETUP, TH_WIDTH, TL_NEED1, TL_NEXT, TL_PENDING, TL_PROGRESSED,
+    TL_WAKE, TL_FIELDS, TL_HELD, TL_DIRTY,
 )
 
 RUNNING = -1  # returned when the chunk ended before the run did
 NEVER = 1 << 62  # a wake-up time that never comes
 PSHIFT = 4  # PE records have 16 fields
+MASK32 = 0xFFFFFFFF  # route-slot masks are stored in int32 fields (at most 32 slots)
 
 
 @njit(cache=True, inline="always")
@@ -53,14 +56,20 @@ def _neighbour(p, port, W):
     return p - 1
 
 
-@njit(cache=True)
-def _route_block(lo, hi, F, W, R, depth, cap):
-    """Phase 1 for PEs lo .. hi-1: round-robin grants from last cycle's state.
+@hot
+def _route_tile(b, F, A, W, R, depth, cap):
+    """Phase 1 for the PEs of tile b: round-robin grants from last cycle's state.
 
     Returns (PEs that granted a route, PEs with ready wavelets). Writes only those PEs' grant
-    mask, round-robin pointer, grant counts and link counters. Port use is counted in 4-bit fields of `used`
-    (one per port); a route fits when no field of used + its RT_INC exceeds `cap`.
+    mask, round-robin pointer, grant counts and link counters, and the kick flags of the tiles
+    its grants send into (one flag per tile and port, written only by the tile on that side).
+    Port use is counted in 4-bit fields of `used` (one per port); a route fits when no field
+    of used + its RT_INC exceeds `cap`.
     """
+    x0, x1 = A.rect[_u(b << 2)], A.rect[_u((b << 2) + 1)]
+    y0, y1 = A.rect[_u((b << 2) + 2)], A.rect[_u((b << 2) + 3)]
+    kick = A.kick
+    pe_tile = A.pe_tile
     rt = F.rt
     q = F.q
     pe = F.pe
@@ -73,73 +82,91 @@ def _route_block(lo, hi, F, W, R, depth, cap):
         bias |= (7 - cap) << (4 * port)
     granted = 0
     evaluated = 0
-    for p in range(lo, hi):
-        pb = p << PSHIFT
-        nr = pe[_u(pb + PE_ROUTES)]
-        if nr == 0:
-            continue
-        if pe[_u(pb + PE_READY)] == 0:  # nothing to forward: no grant, no link waiting
-            if pe[_u(pb + PE_GRANT)] != 0:
-                pe[_u(pb + PE_GRANT)] = 0
-            continue
-        evaluated += 1
-        qb = (p * R) << rshift
-        g = 0  # granted slots
-        used = 0  # 4 bits of carried-wavelet count per port
-        waiting = 0  # link ports with a ready wavelet that was not granted
-        first = -1
-        k = pe[_u(pb + PE_RR)]
-        for _j in range(nr):
-            kb = qb + (k << rshift)
-            if q[_u(kb + Q_READY)] > 0:
-                inc = rt[_u(kb + RT_INC)]
-                ok = ((used + inc + bias) & (inc << 3)) == 0
-                if ok and (inc >> (4 * PORT_RAMP)) != 0 and q[_u(kb + CQ_OCC)] >= depth:
-                    ok = False
-                if ok:
-                    down = rt[_u(kb + RT_DOWNQ)]
-                    if down >= 0:
-                        ok = q[_u(down + Q_OCC)] < depth
-                    elif down == -2:
+    for y in range(y0, y1):
+        for p in range(y * W + x0, y * W + x1):
+            pb = p << PSHIFT
+            nr = pe[_u(pb + PE_ROUTES)]
+            if nr == 0:
+                continue
+            ready = pe[_u(pb + PE_READY)] & MASK32
+            if ready == 0:  # nothing to forward: no grant, no link waiting
+                if pe[_u(pb + PE_GRANT)] != 0:
+                    pe[_u(pb + PE_GRANT)] = 0
+                continue
+            evaluated += 1
+            qb = (p * R) << rshift
+            g = 0  # granted slots
+            used = 0  # 4 bits of carried-wavelet count per port
+            waiting = 0  # link ports with a ready wavelet that was not granted
+            first = -1
+            rr = pe[_u(pb + PE_RR)]
+            below = (1 << rr) - 1
+            for half in range(2):  # ready slots in round-robin order: rr .. nr-1, then 0 .. rr-1
+                m = ready & ~below if half == 0 else ready & below
+                while m != 0:
+                    k = trailing_zeros(m)
+                    m &= m - 1
+                    kb = qb + (k << rshift)
+                    inc = rt[_u(kb + RT_INC)]
+                    ok = ((used + inc + bias) & (inc << 3)) == 0
+                    if ok and (inc >> (4 * PORT_RAMP)) != 0 and q[_u(kb + CQ_OCC)] >= depth:
+                        ok = False
+                    if ok:
+                        down = rt[_u(kb + RT_DOWNQ)]
+                        if down >= 0:
+                            ok = q[_u(down + Q_OCC)] < depth
+                        elif down == -2:
+                            slots = rt[_u(kb + RT_DOWNS)]
+                            for port in range(4):
+                                d = (slots >> (8 * port)) & 255
+                                if d != 0:
+                                    nbq = (_neighbour(p, port, W) * R + d - 1) << rshift
+                                    if q[_u(nbq + Q_OCC)] >= depth:
+                                        ok = False
+                    if ok:
+                        g |= 1 << k
+                        q[_u(kb + Q_GRANTS)] += 1
+                        used += inc
                         slots = rt[_u(kb + RT_DOWNS)]
-                        for port in range(4):
-                            d = (slots >> (8 * port)) & 255
-                            if d != 0:
-                                nbq = (_neighbour(p, port, W) * R + d - 1) << rshift
-                                if q[_u(nbq + Q_OCC)] >= depth:
-                                    ok = False
-                if ok:
-                    g |= 1 << k
-                    q[_u(kb + Q_GRANTS)] += 1
-                    used += inc
-                    if first < 0:
-                        first = k
-                else:
-                    waiting |= rt[_u(kb + RT_TX)] & 15
-            k += 1
-            if k == nr:
-                k = 0
-        pe[_u(pb + PE_GRANT)] = g
-        if first >= 0:
-            pe[_u(pb + PE_RR)] = first + 1 if first + 1 < nr else 0
-            granted += 1
-        if waiting != 0:
-            for port in range(4):
-                if (waiting >> port) & 1:
-                    if ((used >> (4 * port)) & 15) >= cap:
-                        link_acc[_u(((L_CONTENTION * P + p) << 2) + port)] += 1
+                        if slots != 0:  # tell each neighbour which of its slots receives
+                            for port in range(4):
+                                d = (slots >> (8 * port)) & 255
+                                if d != 0:
+                                    nb = _neighbour(p, port, W)
+                                    pe[_u((nb << PSHIFT) + PE_ARRIVE + port)] |= 1 << (d - 1)
+                            cross = rt[_u(kb + RT_CROSS)]
+                            if cross != 0:  # and wake the tiles this wavelet enters
+                                for port in range(4):
+                                    if (cross >> port) & 1:
+                                        kick[_u((pe_tile[_u(_neighbour(p, port, W))] << 2) + port)] = 1
+                        if first < 0:
+                            first = k
                     else:
-                        link_acc[_u(((L_BLOCKED * P + p) << 2) + port)] += 1
+                        waiting |= rt[_u(kb + RT_TX)] & 15
+            pe[_u(pb + PE_GRANT)] = g
+            if first >= 0:
+                pe[_u(pb + PE_RR)] = first + 1 if first + 1 < nr else 0
+                granted += 1
+            if waiting != 0:
+                for port in range(4):
+                    if (waiting >> port) & 1:
+                        if ((used >> (4 * port)) & 15) >= cap:
+                            link_acc[_u(((L_CONTENTION * P + p) << 2) + port)] += 1
+                        else:
+                            link_acc[_u(((L_BLOCKED * P + p) << 2) + port)] += 1
     return granted, evaluated
 
 
-@njit(cache=True)
-def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, depth, cap, hop_bit,
-                  ramp_bit, read_ports, write_ports, skip):
-    """Phase 2 for PEs lo .. hi-1: CE step, then queue update.
+@hot
+def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, depth, cap, hop_bit,
+                 ramp_bit, read_ports, write_ports, skip):
+    """Phase 2 for the PEs of tile b: CE step, then queue update.
 
     Returns (wavelets held + live threads, PEs that progressed, earliest wake-up of a sleeping
-    CE, PEs that took the full path). Reads neighbours' grants; writes only these PEs' records.
+    CE, PEs that took the full path, whether phase 1 must visit the tile next cycle (a ready
+    wavelet or a grant to clear), whether phase 2 must (that, a wavelet in flight or an awake
+    CE)). Reads neighbours' grants; writes only these PEs' records; grp indexes the tag
+    statistics of the thread group stepping the tile.
 
     Exact skipping (skip=True): a CE whose threads all stall or count down setup sleeps until
     the first setup ends or a wavelet arrives in one of its CE queues or leaves one of its
@@ -150,21 +177,18 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
     idle or asleep, with nothing in flight, nothing granted and no neighbour granting, is
     skipped whole.
     """
+    x0, x1 = A.rect[_u(b << 2)], A.rect[_u((b << 2) + 1)]
+    y0, y1 = A.rect[_u((b << 2) + 2)], A.rect[_u((b << 2) + 3)]
     rt = F.rt
-    color_slot = F.color_slot
     q = F.q
     th = F.th
     pe = F.pe
     sem = F.sem
     sem_add = F.sem_add
     cyc = F.cyc
-    acc = F.acc
     finish = F.finish
     ot = F.ot
     th_start = I.th_start
-    tagstat = I.tagstat
-    events = I.events
-    ev_count = I.ev_count
     sleep_until = F.sleep_until
     sleep_from = F.sleep_from
     P = finish.shape[0]
@@ -173,472 +197,369 @@ def _update_block(lo, hi, t, F, I, blk, n_tags, max_events, W, R, T, n_colors, d
     progressed = 0
     next_wake = NEVER
     active = 0
-    for p in range(lo, hi):
-        pb = p << PSHIFT
-        nr = pe[_u(pb + PE_ROUTES)]
-        lv = pe[_u(pb + PE_LIVE)]
-        if nr == 0 and lv == 0:
-            continue
-        asleep = lv > 0 and sleep_until[_u(p)] > t
-        if skip and (lv == 0 or asleep) and pe[_u(pb + PE_GRANT)] == 0 and pe[_u(pb + PE_INFLIGHT)] == 0:
-            quiet = True
-            mask = pe[_u(pb + PE_RXMASK)]
-            for port in range(4):
-                if (mask >> port) & 1 and pe[_u((_neighbour(p, port, W) << PSHIFT) + PE_GRANT)] != 0:
-                    quiet = False
-            if quiet:
+    need1 = False
+    again = False  # phase 2 must visit the tile next cycle
+    sleepers = 0  # CEs asleep in busy or setup after this cycle
+    tile_held = 0
+    for y in range(y0, y1):
+        for p in range(y * W + x0, y * W + x1):
+            pb = p << PSHIFT
+            nr = pe[_u(pb + PE_ROUTES)]
+            lv = pe[_u(pb + PE_LIVE)]
+            if nr == 0 and lv == 0:
+                continue
+            asleep = lv > 0 and sleep_until[_u(p)] > t
+            arrived = (pe[_u(pb + PE_ARRIVE)] | pe[_u(pb + PE_ARRIVE + 1)] | pe[_u(pb + PE_ARRIVE + 2)]
+                       | pe[_u(pb + PE_ARRIVE + 3)]) & MASK32
+            if skip and (lv == 0 or asleep) and pe[_u(pb + PE_GRANT)] == 0 and pe[_u(pb + PE_PIPES)] == 0 \
+                    and arrived == 0:
                 if asleep:
                     if pe[_u(pb + PE_SLEEP_CLASS)] <= C_SETUP:  # busy or setup: progress
                         progressed += 1
+                        sleepers += 1
                     w = sleep_until[_u(p)]
                     if w < next_wake:
                         next_wake = w
                 pending += pe[_u(pb + PE_HELD)] + lv
+                tile_held += pe[_u(pb + PE_HELD)]
+                if pe[_u(pb + PE_READY)] != 0:  # blocked wavelets: phase 1 counts them
+                    need1 = True
                 continue
-        active += 1
-        qb = (p * R) << rshift
-        # step 1: the CE's microthreads
-        sent = 0  # slots injected into this cycle
-        if lv > 0 and asleep:
-            w = sleep_until[_u(p)]
-            if w < next_wake:
-                next_wake = w
-            if pe[_u(pb + PE_SLEEP_CLASS)] <= C_SETUP:
-                progressed += 1
-        elif lv > 0:
-            if sleep_until[_u(p)] != 0:
-                _wake(p, t, T, blk, F, I, n_tags, max_events, n_colors)
-            min_setup = NEVER  # setup cycles left, after this cycle, of threads in setup
-            rd = read_ports
-            wr = write_ports
-            ramp = cap
-            busy = False
-            setup = False
-            st_sram = False
-            st_recv = False
-            st_send = False
-            st_sync = False
-            signalled = False
-            stepped = 0  # threads that did something this cycle
-            ff_h = -1  # the thread that took a step of a local compute op it did not finish
-            h = pe[_u(pb + PE_CE_RR)]
-            first = -1  # the first thread that took a step
-            for _j in range(T):
-                if first < 0 and busy:
-                    first = h - 1 if h > 0 else T - 1
-                hb = (p * T + h) << rshift
-                ctrl = th[_u(hb + TH_CTRL)]
-                code = ctrl & CTRL_CODE
-                if code != CODE_DONE:
-                    done = False
-                    left_setup = th[_u(hb + TH_SETUP)]
-                    if left_setup > 0:
-                        th[_u(hb + TH_SETUP)] = left_setup - 1
-                        setup = True
-                        if left_setup - 1 < min_setup:
-                            min_setup = left_setup - 1
-                    elif code == OP_SIGNAL:
-                        sem_add[_u(p * MAX_SEMAPHORES + (ctrl >> 12))] += 1
-                        signalled = True
-                        busy = True
-                        done = True
-                        stepped += 1
-                    elif code == OP_WAIT:
-                        si = _u(p * MAX_SEMAPHORES + (ctrl >> 12))
-                        if sem[si] > 0:
-                            sem[si] -= 1
+            active += 1
+            qb = (p * R) << rshift
+            held = pe[_u(pb + PE_HELD)]
+            if arrived != 0:
+                for port in range(4):
+                    pe[_u(pb + PE_ARRIVE + port)] = 0
+            # step 1: the CE's microthreads
+            sent = 0  # slots injected into this cycle
+            if lv > 0 and asleep:
+                w = sleep_until[_u(p)]
+                if w < next_wake:
+                    next_wake = w
+                if pe[_u(pb + PE_SLEEP_CLASS)] <= C_SETUP:
+                    progressed += 1
+            elif lv > 0:
+                if sleep_until[_u(p)] != 0:
+                    wake_ce(p, t, T, grp, F, I, n_tags, max_events, n_colors)
+                min_setup = NEVER  # setup cycles left, after this cycle, of threads in setup
+                rd = read_ports
+                wr = write_ports
+                ramp = cap
+                busy = False
+                setup = False
+                st_sram = False
+                st_recv = False
+                st_send = False
+                st_sync = False
+                signalled = False
+                stepped = 0  # threads that did something this cycle
+                ff_h = -1  # the thread that took a step of a local compute op it did not finish
+                h = pe[_u(pb + PE_CE_RR)]
+                first = -1  # the first thread that took a step
+                for _j in range(T):
+                    if first < 0 and busy:
+                        first = h - 1 if h > 0 else T - 1
+                    hb = (p * T + h) << rshift
+                    ctrl = th[_u(hb + TH_CTRL)]
+                    code = ctrl & CTRL_CODE
+                    if code != CODE_DONE:
+                        done = False
+                        left_setup = th[_u(hb + TH_SETUP)]
+                        if left_setup > 0:
+                            th[_u(hb + TH_SETUP)] = left_setup - 1
+                            setup = True
+                            if left_setup - 1 < min_setup:
+                                min_setup = left_setup - 1
+                        elif code == OP_SIGNAL:
+                            sem_add[_u(p * MAX_SEMAPHORES + (ctrl >> 12))] += 1
+                            signalled = True
                             busy = True
                             done = True
                             stepped += 1
-                        else:
-                            st_sync = True
-                    elif (ctrl & CTRL_TWO) != 0 and (ctrl & CTRL_SUB) == 0:
-                        # first of two substeps: one read access
-                        need_r = (ctrl >> 6) & 3
-                        if need_r > rd:
-                            st_sram = True
-                        else:
-                            rd -= need_r
-                            th[_u(hb + TH_CTRL)] = ctrl | CTRL_SUB
-                            busy = True
-                            stepped += 1
-                            if th_start[_u(p * T + h)] < 0:
-                                th_start[_u(p * T + h)] = t
-                    else:
-                        islot = th[_u(hb + TH_IN)]
-                        oslot = th[_u(hb + TH_OUT)]
-                        need_r = (ctrl >> 8) & 3
-                        need_w = (ctrl >> 10) & 3
-                        if islot >= 0 and q[_u(qb + (islot << rshift) + CQ_READY)] == 0:
-                            st_recv = True
-                        elif oslot >= 0 and (q[_u(qb + (oslot << rshift) + Q_OCC)] >= depth
-                                             or ramp == 0 or (sent >> oslot) & 1):
-                            st_send = True
-                        elif need_r > rd or need_w > wr:
-                            st_sram = True
-                        else:
-                            rd -= need_r
-                            wr -= need_w
-                            busy = True
-                            stepped += 1
-                            if th_start[_u(p * T + h)] < 0:
-                                th_start[_u(p * T + h)] = t
-                            if ctrl & CTRL_SUB:
-                                th[_u(hb + TH_CTRL)] = ctrl ^ CTRL_SUB
-                            if islot >= 0:
-                                ib = qb + (islot << rshift)
-                                q[_u(ib + CQ_READY)] -= 1
-                                q[_u(ib + CQ_OCC)] -= 1
-                            if oslot >= 0:
-                                sent |= 1 << oslot
-                                ramp -= 1
-                            left = th[_u(hb + TH_LEFT)] - th[_u(hb + TH_WIDTH)]
-                            if left > 0:
-                                th[_u(hb + TH_LEFT)] = left
-                                if islot < 0 and oslot < 0 and (ctrl & CTRL_TWO) == 0:
-                                    ff_h = h
-                            else:
-                                th[_u(hb + TH_LEFT)] = 0
+                        elif code == OP_WAIT:
+                            si = _u(p * MAX_SEMAPHORES + (ctrl >> 12))
+                            if sem[si] > 0:
+                                sem[si] -= 1
+                                busy = True
                                 done = True
-                    if done:
-                        _complete_op(p, h, t, blk, F, I, n_tags, max_events, T, n_colors)
-                h += 1
-                if h == T:
-                    h = 0
-            if first < 0 and busy:
-                first = h - 1 if h > 0 else T - 1
-            if first >= 0:
-                pe[_u(pb + PE_CE_RR)] = first + 1 if first + 1 < T else 0
-            if signalled:
-                for s in range(MAX_SEMAPHORES):
-                    si = _u(p * MAX_SEMAPHORES + s)
-                    sem[si] += sem_add[si]
-                    sem_add[si] = 0
-            cls = -1
-            if busy:
-                cls = C_BUSY
-                progressed += 1
-            elif setup:
-                cls = C_SETUP
-                progressed += 1
-            elif st_sram:
-                cls = C_STALL_SRAM
-            elif st_recv:
-                cls = C_STALL_RECV
-            elif st_send:
-                cls = C_STALL_SEND
-            elif st_sync:
-                cls = C_STALL_SYNC
-            if cls >= 0:
-                cyc[_u(cls * P + p)] += 1
-            if skip and cls >= 0 and pe[_u(pb + PE_LIVE)] > 0:
-                until = t + 1
-                if not busy:
-                    # nothing moved: sleep until the first setup ends (or an event wakes the CE)
-                    until = t + 1 + min_setup if setup else NEVER
-                elif stepped == 1 and ff_h >= 0 and not st_sram:
-                    # one thread computes from SRAM alone, the others wait for events or setup:
-                    # it steps identically until its op's last step or the first setup ends
-                    until = _chain_end(p, ff_h, t, T, th, ot)
-                    if setup and t + 1 + min_setup < until:
-                        until = t + 1 + min_setup
-                    pe[_u(pb + PE_SLEEP_THREAD)] = ff_h
-                if until > t + 1:
-                    sleep_until[_u(p)] = until
-                    sleep_from[_u(p)] = t + 1
-                    pe[_u(pb + PE_SLEEP_CLASS)] = cls
+                                stepped += 1
+                            else:
+                                st_sync = True
+                        elif (ctrl & CTRL_TWO) != 0 and (ctrl & CTRL_SUB) == 0:
+                            # first of two substeps: one read access
+                            need_r = (ctrl >> 6) & 3
+                            if need_r > rd:
+                                st_sram = True
+                            else:
+                                rd -= need_r
+                                th[_u(hb + TH_CTRL)] = ctrl | CTRL_SUB
+                                busy = True
+                                stepped += 1
+                                if th_start[_u(p * T + h)] < 0:
+                                    th_start[_u(p * T + h)] = t
+                        else:
+                            islot = th[_u(hb + TH_IN)]
+                            oslot = th[_u(hb + TH_OUT)]
+                            need_r = (ctrl >> 8) & 3
+                            need_w = (ctrl >> 10) & 3
+                            if islot >= 0 and q[_u(qb + (islot << rshift) + CQ_READY)] == 0:
+                                st_recv = True
+                            elif oslot >= 0 and (q[_u(qb + (oslot << rshift) + Q_OCC)] >= depth
+                                                 or ramp == 0 or (sent >> oslot) & 1):
+                                st_send = True
+                            elif need_r > rd or need_w > wr:
+                                st_sram = True
+                            else:
+                                rd -= need_r
+                                wr -= need_w
+                                busy = True
+                                stepped += 1
+                                if th_start[_u(p * T + h)] < 0:
+                                    th_start[_u(p * T + h)] = t
+                                if ctrl & CTRL_SUB:
+                                    th[_u(hb + TH_CTRL)] = ctrl ^ CTRL_SUB
+                                if islot >= 0:
+                                    ib = qb + (islot << rshift)
+                                    q[_u(ib + CQ_READY)] -= 1
+                                    q[_u(ib + CQ_OCC)] -= 1
+                                    held -= 1
+                                if oslot >= 0:
+                                    sent |= 1 << oslot
+                                    ramp -= 1
+                                left = th[_u(hb + TH_LEFT)] - th[_u(hb + TH_WIDTH)]
+                                if left > 0:
+                                    th[_u(hb + TH_LEFT)] = left
+                                    if islot < 0 and oslot < 0 and (ctrl & CTRL_TWO) == 0:
+                                        ff_h = h
+                                else:
+                                    th[_u(hb + TH_LEFT)] = 0
+                                    done = True
+                        if done:
+                            complete_op(p, h, t, grp, F, I, n_tags, max_events, T, n_colors)
+                    h += 1
+                    if h == T:
+                        h = 0
+                if first < 0 and busy:
+                    first = h - 1 if h > 0 else T - 1
+                if first >= 0:
+                    pe[_u(pb + PE_CE_RR)] = first + 1 if first + 1 < T else 0
+                if signalled:
+                    for s in range(MAX_SEMAPHORES):
+                        si = _u(p * MAX_SEMAPHORES + s)
+                        sem[si] += sem_add[si]
+                        sem_add[si] = 0
+                cls = -1
+                if busy:
+                    cls = C_BUSY
+                    progressed += 1
+                elif setup:
+                    cls = C_SETUP
+                    progressed += 1
+                elif st_sram:
+                    cls = C_STALL_SRAM
+                elif st_recv:
+                    cls = C_STALL_RECV
+                elif st_send:
+                    cls = C_STALL_SEND
+                elif st_sync:
+                    cls = C_STALL_SYNC
+                if cls >= 0:
+                    cyc[_u(cls * P + p)] += 1
+                if skip and cls >= 0 and pe[_u(pb + PE_LIVE)] > 0:
+                    until = t + 1
+                    if not busy:
+                        # nothing moved: sleep until the first setup ends (or an event wakes the CE)
+                        until = t + 1 + min_setup if setup else NEVER
+                    elif stepped == 1 and ff_h >= 0 and not st_sram:
+                        # one thread computes from SRAM alone, the others wait for events or setup:
+                        # it steps identically until its op's last step or the first setup ends
+                        until = chain_end(p, ff_h, t, T, th, ot)
+                        if setup and t + 1 + min_setup < until:
+                            until = t + 1 + min_setup
+                        pe[_u(pb + PE_SLEEP_THREAD)] = ff_h
+                    if until > t + 1:
+                        sleep_until[_u(p)] = until
+                        sleep_from[_u(p)] = t + 1
+                        pe[_u(pb + PE_SLEEP_CLASS)] = cls
 
-        # step 2: queue update (arrivals, latency, departures)
-        held = 0
-        if nr > 0:
-            g = pe[_u(pb + PE_GRANT)]
-            top = 0
-            ready_sum = 0
-            inflight = 0
-            woke = False
-            for k in range(nr):
-                kb = qb + (k << rshift)
-                pipe = q[_u(kb + Q_PIPE)]
-                occ = q[_u(kb + Q_OCC)]
-                rx = rt[_u(kb + RT_RX)]
-                if rx == PORT_RAMP:
-                    if (sent >> k) & 1:
+            # step 2: queue update (arrivals, latency, departures) of the slots where something
+            # moves: a wavelet in a pipe, a grant, an arrival or an injection; the PE's ready and
+            # pipe masks and its count of held wavelets are kept up to date incrementally
+            if nr > 0:
+                g = pe[_u(pb + PE_GRANT)] & MASK32
+                ready_m = pe[_u(pb + PE_READY)] & MASK32
+                pipes = pe[_u(pb + PE_PIPES)] & MASK32
+                top = 0
+                woke = False
+                m = pipes | g | arrived | sent
+                while m != 0:
+                    k = trailing_zeros(m)
+                    m &= m - 1
+                    bit = 1 << k
+                    kb = qb + (k << rshift)
+                    pipe = q[_u(kb + Q_PIPE)]
+                    occ0 = q[_u(kb + Q_OCC)]
+                    occ = occ0
+                    if sent & bit:
                         pipe |= ramp_bit
                         occ += 1
-                else:
-                    us = rt[_u(kb + RT_UP)]
-                    if us >= 0 and (pe[_u((rt[_u(kb + RT_UP_PE)] << PSHIFT) + PE_GRANT)] >> us) & 1:
+                    if arrived & bit:
                         pipe |= hop_bit
                         occ += 1
-                cocc = q[_u(kb + CQ_OCC)]
-                ready = q[_u(kb + Q_READY)]
-                if pipe != 0 or (g >> k) & 1:
-                    ready += pipe & 1
-                    pipe >>= 1
-                    if (g >> k) & 1:
-                        ready -= 1
-                        occ -= 1
-                        if rx == PORT_RAMP:
-                            woke = True  # room again for a send
-                        if (rt[_u(kb + RT_TX)] >> PORT_RAMP) & 1:
-                            q[_u(kb + CQ_PIPE)] |= ramp_bit
-                            cocc += 1
-                            q[_u(kb + CQ_OCC)] = cocc
-                    q[_u(kb + Q_READY)] = ready
-                    q[_u(kb + Q_PIPE)] = pipe
-                    q[_u(kb + Q_OCC)] = occ
-                cpipe = q[_u(kb + CQ_PIPE)]
-                if cpipe != 0:
-                    if cpipe & 1:
-                        woke = True  # a wavelet for a receive
-                    q[_u(kb + CQ_READY)] += cpipe & 1
-                    cpipe >>= 1
-                    q[_u(kb + CQ_PIPE)] = cpipe
-                if pipe != 0 or cpipe != 0:
-                    inflight += 1
-                ready_sum += ready
-                if occ > top:
-                    top = occ
-                if cocc > top:
-                    top = cocc
-                held += occ + cocc
-            if top > pe[_u(pb + PE_PEAK)]:
-                pe[_u(pb + PE_PEAK)] = top
-            pe[_u(pb + PE_READY)] = ready_sum
-            pe[_u(pb + PE_INFLIGHT)] = inflight
+                    cocc0 = q[_u(kb + CQ_OCC)]
+                    cocc = cocc0
+                    ready = q[_u(kb + Q_READY)]
+                    if pipe != 0 or g & bit:
+                        ready += pipe & 1
+                        pipe >>= 1
+                        if g & bit:
+                            ready -= 1
+                            occ -= 1
+                            if rt[_u(kb + RT_RX)] == PORT_RAMP:
+                                woke = True  # room again for a send
+                            if (rt[_u(kb + RT_TX)] >> PORT_RAMP) & 1:
+                                q[_u(kb + CQ_PIPE)] |= ramp_bit
+                                cocc += 1
+                                q[_u(kb + CQ_OCC)] = cocc
+                        q[_u(kb + Q_READY)] = ready
+                        q[_u(kb + Q_PIPE)] = pipe
+                        q[_u(kb + Q_OCC)] = occ
+                    cpipe = q[_u(kb + CQ_PIPE)]
+                    if cpipe != 0:
+                        if cpipe & 1:
+                            woke = True  # a wavelet for a receive
+                        q[_u(kb + CQ_READY)] += cpipe & 1
+                        cpipe >>= 1
+                        q[_u(kb + CQ_PIPE)] = cpipe
+                    if pipe != 0 or cpipe != 0:
+                        pipes |= bit
+                    else:
+                        pipes &= ~bit
+                    if ready > 0:
+                        ready_m |= bit
+                    else:
+                        ready_m &= ~bit
+                    if occ > top:
+                        top = occ
+                    if cocc > top:
+                        top = cocc
+                    held += occ - occ0 + cocc - cocc0
+                if top > pe[_u(pb + PE_PEAK)]:
+                    pe[_u(pb + PE_PEAK)] = top
+                pe[_u(pb + PE_READY)] = ready_m
+                pe[_u(pb + PE_PIPES)] = pipes
+                if woke and sleep_until[_u(p)] > t + 1:
+                    sleep_until[_u(p)] = t + 1
+                if ready_m != 0 or g != 0:
+                    need1 = True
+                if pipes != 0:
+                    again = True
             pe[_u(pb + PE_HELD)] = held
-            if woke and sleep_until[_u(p)] > t + 1:
-                sleep_until[_u(p)] = t + 1
-        pending += held + pe[_u(pb + PE_LIVE)]
-        if lv > 0 and sleep_until[_u(p)] > t:
-            w = sleep_until[_u(p)]
-            if w < next_wake:
-                next_wake = w
-
-    return pending, progressed, next_wake, active
-
-
-@njit(cache=True)
-def _complete_op(p, h, t, blk, F, I, n_tags, max_events, T, n_colors):
-    """Thread h of PE p completed its op at cycle t: count it whole (counters, per-tag
-    statistics of block blk, the PE's event log) and load its next op, which starts at t + 1."""
-    th, pe, ot, acc = F.th, F.pe, F.ot, F.acc
-    P = F.finish.shape[0]
-    hb = (p * T + h) << 3
-    op = th[_u(hb + TH_OP)]
-    ob = op * OT_FIELDS
-    n = ot[_u(ob + OT_LENGTH)]
-    if n != 0:
-        acc[_u(A_FLOPS * P + p)] += n * ot[_u(ob + OT_FLOPS)]
-        acc[_u(A_SRAM_READ * P + p)] += n * ot[_u(ob + OT_RBYTES)]
-        acc[_u(A_SRAM_WRITE * P + p)] += n * ot[_u(ob + OT_WBYTES)]
-        acc[_u(A_SENT * P + p)] += n * ot[_u(ob + OT_SEND)]
-        acc[_u(A_RECEIVED * P + p)] += n * ot[_u(ob + OT_RECV)]
-    acc[_u(A_OPS * P + p)] += 1
-    F.finish[_u(p)] = t + 1
-    th_start, tagstat = I.th_start, I.tagstat
-    si = _u(p * T + h)
-    started = th_start[si] if th_start[si] >= 0 else t
-    sb = (blk * n_tags + ot[_u(ob + OT_TAG)]) * TS_FIELDS
-    if started < tagstat[_u(sb + TS_FIRST)]:
-        tagstat[_u(sb + TS_FIRST)] = started
-    if t + 1 > tagstat[_u(sb + TS_LAST)]:
-        tagstat[_u(sb + TS_LAST)] = t + 1
-    tagstat[_u(sb + TS_OPS)] += 1
-    if n != 0:
-        tagstat[_u(sb + TS_FLOPS)] += n * ot[_u(ob + OT_FLOPS)]
-        tagstat[_u(sb + TS_BYTES)] += n * (ot[_u(ob + OT_RBYTES)] + ot[_u(ob + OT_WBYTES)])
-        tagstat[_u(sb + TS_WAVELETS)] += n * (ot[_u(ob + OT_SEND)] + ot[_u(ob + OT_RECV)])
-    slot = pe[_u((p << PSHIFT) + PE_TRACE)]
-    if slot >= 0:
-        k = I.ev_count[_u(slot)]
-        if k < max_events:
-            e = (slot * max_events + k) * EVENT_FIELDS
-            I.events[_u(e)] = op
-            I.events[_u(e + 1)] = h
-            I.events[_u(e + 2)] = started
-            I.events[_u(e + 3)] = t + 1
-            I.ev_count[_u(slot)] = k + 1
-    th_start[si] = -1
-    op += 1
-    th[_u(hb + TH_OP)] = op
-    if op < th[_u(hb + TH_END)]:
-        ob = op * OT_FIELDS
-        th[_u(hb + TH_LEFT)] = ot[_u(ob + OT_LENGTH)]
-        th[_u(hb + TH_SETUP)] = ot[_u(ob + OT_SETUP)]
-        th[_u(hb + TH_CTRL)] = ot[_u(ob + OT_CTRL)]
-        th[_u(hb + TH_WIDTH)] = ot[_u(ob + OT_WIDTH)]
-        th[_u(hb + TH_IN)] = F.color_slot[_u(p * n_colors + ot[_u(ob + OT_CIN)])] if ot[_u(ob + OT_RECV)] else -1
-        th[_u(hb + TH_OUT)] = F.color_slot[_u(p * n_colors + ot[_u(ob + OT_COUT)])] if ot[_u(ob + OT_SEND)] else -1
-    else:
-        th[_u(hb + TH_CTRL)] = CODE_DONE
-        pe[_u((p << PSHIFT) + PE_LIVE)] -= 1
+            tile_held += held
+            pending += held + pe[_u(pb + PE_LIVE)]
+            if lv > 0 and sleep_until[_u(p)] > t:
+                w = sleep_until[_u(p)]
+                if w < next_wake:
+                    next_wake = w
+                if pe[_u(pb + PE_SLEEP_CLASS)] <= C_SETUP:
+                    sleepers += 1
+            elif pe[_u(pb + PE_LIVE)] > 0:
+                again = True  # an awake CE
+    return pending, progressed, next_wake, active, need1, again or need1, sleepers, tile_held
 
 
-@njit(cache=True, inline="always")
-def _local_compute(ctrl):
-    """A pure local compute op: one step per cycle, no fabric operand, one SRAM substep."""
-    return (ctrl & CTRL_CODE) == OP_COMPUTE and (ctrl & CTRL_TWO) == 0
+@hot
+def _phase1(g, n_groups, F, A, W, R, depth, cap, skip):
+    """Phase 1 for group g's tiles (those with a ready wavelet or a grant to clear, or all
+    without skip): (PEs that granted, PEs evaluated)."""
+    tl = A.state
+    n_tiles = A.rect.shape[0] >> 2
+    granted = 0
+    evaluated = 0
+    for b in range(g, n_tiles, n_groups):
+        if not skip or tl[b * TL_FIELDS + TL_NEED1] != 0:
+            a, e = _route_tile(b, F, A, W, R, depth, cap)
+            granted += a
+            evaluated += e
+    return granted, evaluated
 
 
-@njit(cache=True)
-def _chain_end(p, h, t, T, th, ot):
-    """Cycle of the last step of the run of local compute ops thread h is in, the current op
-    (mid-op after cycle t's step) and the following ones: each next op costs its setup and
-    one cycle per step."""
-    hb = (p * T + h) << 3
-    width = th[_u(hb + TH_WIDTH)]
-    end = t + (th[_u(hb + TH_LEFT)] + width - 1) // width
-    op = th[_u(hb + TH_OP)] + 1
-    stop = th[_u(hb + TH_END)]
-    while op < stop:
-        ob = op * OT_FIELDS
-        if not _local_compute(ot[_u(ob + OT_CTRL)]):
-            break
-        w = ot[_u(ob + OT_WIDTH)]
-        end += ot[_u(ob + OT_SETUP)] + max(1, (ot[_u(ob + OT_LENGTH)] + w - 1) // w)
-        op += 1
-    return end
-
-
-@njit(cache=True)
-def _account_sleep(p, t, T, blk, F, I, n_tags, max_events, n_colors):
-    """Count the cycles a CE slept (sleep_from .. t-1) as if stepped: its class, its threads'
-    setup countdowns and, asleep busy, its computing thread's steps, op completions and next
-    ops' setups (a run of local compute ops, kernels._chain_end)."""
-    th, pe, cyc = F.th, F.pe, F.cyc
-    P = F.finish.shape[0]
-    t0 = F.sleep_from[_u(p)]
-    skipped = t - t0
-    if skipped > 0:
-        cls = pe[_u((p << PSHIFT) + PE_SLEEP_CLASS)]
-        for h in range(T):
-            hb = (p * T + h) << 3
-            if (th[_u(hb + TH_CTRL)] & CTRL_CODE) != CODE_DONE and th[_u(hb + TH_SETUP)] > 0 and \
-                    (cls != C_BUSY or h != pe[_u((p << PSHIFT) + PE_SLEEP_THREAD)]):
-                th[_u(hb + TH_SETUP)] -= skipped
-        if cls != C_BUSY:
-            cyc[_u(cls * P + p)] += skipped
+@hot
+def _phase2(g, n_groups, t, F, I, A, n_tags, max_events, W, R, T, n_colors, depth, cap, hop_bit, ramp_bit,
+            read_ports, write_ports, skip):
+    """Phase 2 for group g's tiles that are due, kicked, or (without skip) all; a tile that
+    runs records its totals for the cycles it may then be skipped. Returns the group's
+    (pending, progressed, earliest wake-up, PEs on the full path)."""
+    tl = A.state
+    kick = A.kick
+    n_tiles = A.rect.shape[0] >> 2
+    pending = 0
+    progressed = 0
+    wake = NEVER
+    active = 0
+    for b in range(g, n_tiles, n_groups):
+        tb = b * TL_FIELDS
+        kb = b << 2
+        if (not skip or tl[tb + TL_NEXT] <= t or kick[kb] != 0 or kick[kb + 1] != 0 or kick[kb + 2] != 0
+                or kick[kb + 3] != 0):
+            kick[kb] = 0
+            kick[kb + 1] = 0
+            kick[kb + 2] = 0
+            kick[kb + 3] = 0
+            pd, pr, wk, ac, need1, again, sleepers, held = _update_tile(
+                b, t, F, I, A, g, n_tags, max_events, W, R, T, n_colors, depth, cap, hop_bit, ramp_bit,
+                read_ports, write_ports, skip)
+            tl[tb + TL_PENDING] = pd
+            tl[tb + TL_PROGRESSED] = sleepers
+            tl[tb + TL_WAKE] = wk
+            tl[tb + TL_NEED1] = 1 if need1 else 0
+            tl[tb + TL_NEXT] = t + 1 if again else wk
+            tl[tb + TL_HELD] = held
+            tl[tb + TL_DIRTY] = 1
+            active += ac
+            progressed += pr
         else:
-            h = pe[_u((p << PSHIFT) + PE_SLEEP_THREAD)]
-            hb = (p * T + h) << 3
-            si = _u(p * T + h)
-            busy = 0
-            setup = 0
-            c = t0  # next cycle to account
-            while c < t:
-                left_setup = th[_u(hb + TH_SETUP)]
-                if left_setup > 0:
-                    k = min(left_setup, t - c)
-                    th[_u(hb + TH_SETUP)] = left_setup - k
-                    setup += k
-                    c += k
-                    continue
-                if I.th_start[si] < 0:
-                    I.th_start[si] = c
-                width = th[_u(hb + TH_WIDTH)]
-                steps = max(1, (th[_u(hb + TH_LEFT)] + width - 1) // width)
-                if c + steps <= t:  # the op's last step falls inside the sleep: replay it
-                    busy += steps
-                    c += steps
-                    th[_u(hb + TH_LEFT)] = 0
-                    _complete_op(p, h, c - 1, blk, F, I, n_tags, max_events, T, n_colors)
-                else:
-                    th[_u(hb + TH_LEFT)] -= (t - c) * width
-                    busy += t - c
-                    c = t
-            cyc[_u(C_BUSY * P + p)] += busy
-            cyc[_u(C_SETUP * P + p)] += setup
-    F.sleep_from[_u(p)] = t
-
-
-@njit(cache=True)
-def _wake(p, t, T, blk, F, I, n_tags, max_events, n_colors):
-    """Wake a sleeping CE at cycle t."""
-    _account_sleep(p, t, T, blk, F, I, n_tags, max_events, n_colors)
-    F.sleep_until[_u(p)] = 0
-
-
-@njit(cache=True)
-def fold(t, F, I, n_tags, max_events, T, n_colors, pe_cnt, link_cnt, tx):
-    """End of a chunk: sleeping CEs accounted up to t (they stay asleep), then the 32-bit
-    per-chunk counters added into the 64-bit totals pe_cnt [P, classes..] and link_cnt
-    [P, 4, link counters] and cleared. Wavelets per link come from the slots' grant counts."""
-    P = F.finish.shape[0]
-    R = tx.shape[1]
-    n_cls = F.cyc.shape[0] // P
-    n_link = F.link_acc.shape[0] // (P * 4)
-    for p in range(P):
-        if F.sleep_until[p] > 0:
-            _account_sleep(p, t, T, 0, F, I, n_tags, max_events, n_colors)
-        for c in range(n_cls):
-            pe_cnt[p, c] += F.cyc[c * P + p]
-            F.cyc[c * P + p] = 0
-        for c in range(n_link):
-            for port in range(4):
-                i = ((c * P + p) << 2) + port
-                link_cnt[p, port, c] += F.link_acc[i]
-                F.link_acc[i] = 0
-        for k in range(R):
-            qi = ((p * R + k) << 3) + Q_GRANTS
-            g = F.q[qi]
-            if g != 0:
-                for port in range(4):
-                    if (tx[p, k] >> port) & 1:
-                        link_cnt[p, port, L_WAVELETS] += g
-                F.q[qi] = 0
-
-
-@njit(cache=True)
-def totals(F, T):
-    """(FLOPs of completed ops plus the finished elements of ops in progress, wavelets held
-    in all queues): the timeline's sample of the whole mesh."""
-    P = F.finish.shape[0]
-    flops = 0
-    for p in range(P):
-        flops += F.acc[A_FLOPS * P + p]
-        for h in range(T):
-            hb = (p * T + h) << 3
-            if (F.th[hb + TH_CTRL] & CTRL_CODE) != CODE_DONE:
-                ob = F.th[hb + TH_OP] * OT_FIELDS
-                flops += (F.ot[ob + OT_LENGTH] - F.th[hb + TH_LEFT]) * F.ot[ob + OT_FLOPS]
-    held = 0
-    for i in range(0, F.q.shape[0], 8):
-        held += F.q[i + Q_OCC] + F.q[i + CQ_OCC]
-    return flops, held
+            progressed += tl[tb + TL_PROGRESSED]
+        pending += tl[tb + TL_PENDING]
+        if tl[tb + TL_WAKE] < wake:
+            wake = tl[tb + TL_WAKE]
+    return pending, progressed, wake, active
 
 
 def _make_run(parallel: bool):
     loop = prange if parallel else range
 
-    def run_cycles(t, t_stop, last_progress, watchdog, F, I, n_tags, max_events, blocks, n_groups, W, R, T,
+    def run_cycles(t, t_stop, last_progress, watchdog, F, I, A, n_tags, max_events, n_groups, W, R, T,
                    n_colors, depth, cap, hop_latency, ramp_latency, read_ports, write_ports, skip):
         """Step cycles t .. t_stop-1. Returns (next cycle, stop code or RUNNING, last progress).
 
-        F holds the flat state arrays (state.Flat), I the instrumentation (state.Ins: per-block
-        tag statistics and the event log of traced PEs); blocks[b] .. blocks[b+1] are the PE ranges
-        stepped as one unit. Group g steps blocks g, g + n_groups, ...: groups run in parallel in
-        the parallel kernel, and interleaving spreads busy parts of the mesh over all threads
-        (any partition gives identical results).
+        F holds the flat state arrays (state.Flat), I the instrumentation (state.Ins: per-group
+        tag statistics and the event log of traced PEs), A the tiles (state.Tiles). Group g steps
+        tiles g, g + n_groups, ...: groups run in parallel in the parallel kernel, and
+        interleaving spreads busy parts of the mesh over all threads (any partition gives
+        identical results). With skip, a tile runs phase 1 only when a PE of it has a wavelet
+        ready or a grant to clear, and phase 2 only then, when something is in flight or a CE
+        is awake in it, when a sleeping CE's wake-up time has come, or when a neighbour's grant
+        kicks it; otherwise its PEs would all be skipped as quiet, and the tile's totals
+        (pending, CEs asleep in busy or setup, first wake-up) are those it recorded when it went
+        quiet.
         """
-        n_blocks = blocks.shape[0] - 1
-        granted = np.zeros(n_blocks, dtype=np.int64)
-        evaluated = np.zeros(n_blocks, dtype=np.int64)
-        pending = np.zeros(n_blocks, dtype=np.int64)
-        progressed = np.zeros(n_blocks, dtype=np.int64)
-        wake = np.zeros(n_blocks, dtype=np.int64)
-        active = np.zeros(n_blocks, dtype=np.int64)
+        granted = np.zeros(n_groups, dtype=np.int64)
+        evaluated = np.zeros(n_groups, dtype=np.int64)
+        pending = np.zeros(n_groups, dtype=np.int64)
+        progressed = np.zeros(n_groups, dtype=np.int64)
+        wake = np.zeros(n_groups, dtype=np.int64)
+        active = np.zeros(n_groups, dtype=np.int64)
         hop_bit = 1 << (hop_latency - 1)
         ramp_bit = 1 << (ramp_latency - 1)
         while t < t_stop:
             for g in loop(n_groups):
-                for b in range(g, n_blocks, n_groups):
-                    granted[b], evaluated[b] = _route_block(blocks[b], blocks[b + 1], F, W, R, depth, cap)
+                granted[g], evaluated[g] = _phase1(g, n_groups, F, A, W, R, depth, cap, skip)
             for g in loop(n_groups):
-                for b in range(g, n_blocks, n_groups):
-                    pending[b], progressed[b], wake[b], active[b] = _update_block(
-                        blocks[b], blocks[b + 1], t, F, I, b, n_tags, max_events, W, R, T, n_colors, depth,
-                        cap, hop_bit, ramp_bit, read_ports, write_ports, skip)
+                pending[g], progressed[g], wake[g], active[g] = _phase2(
+                    g, n_groups, t, F, I, A, n_tags, max_events, W, R, T, n_colors, depth, cap, hop_bit, ramp_bit,
+                    read_ports, write_ports, skip)
             moved = granted.sum() + progressed.sum() > 0
             if moved:
                 last_progress = t
@@ -667,4 +588,6 @@ def _make_run(parallel: bool):
 
 
 run_cycles_serial = njit(cache=True)(_make_run(False))
-run_cycles_parallel = njit(cache=True, parallel=True)(_make_run(True))
+# fusion off: Numba would otherwise merge the two phase loops into one, and a group's phase 2
+# would run before another group's phase 1 of the same cycle (the phases need a barrier)
+run_cycles_parallel = njit(cache=True, parallel={"fusion": False})(_make_run(True))

@@ -9,11 +9,10 @@ them as base + (slot << 3) + field); PE records have 16 (base p << 4).
 # rt[p, slot, :] int32 - static route table, slots sorted by color
 RT_RX = 0  # rx port
 RT_TX = 1  # tx port mask
-RT_UP = 2  # slot of the upstream route (link rx only), else -1
-RT_UP_PE = 3  # PE index of the upstream router (link rx only), else -1
 RT_INC = 4  # sum over tx ports of 1 << (4 * port): the route's use of per-port capacity
 RT_DOWNQ = 5  # one link port in tx: flat q index of the neighbour's record; none: -1; more: -2
 RT_DOWNS = 6  # byte `port` holds 1 + the neighbour's slot for each link port in tx (0: none)
+RT_CROSS = 7  # link ports in tx whose neighbour lies in another tile (set with the tiles)
 RT_FIELDS = 8
 
 # q[p, slot, :] int32 - the route's router queue and (tx has the ramp) its CE queue
@@ -51,12 +50,13 @@ PE_GRANT = 3  # bit k: slot k granted in this cycle's phase 1
 PE_PEAK = 4  # largest queue occupancy seen
 PE_TRACE = 5  # slot in the event log when this PE's op timeline is recorded, else -1
 PE_SLEEP_CLASS = 6  # cycle class counted while the CE sleeps (see kernels: exact skipping)
-PE_READY = 7  # wavelets ready in the PE's router queues
-PE_INFLIGHT = 8  # routes with wavelets in flight towards a router or CE queue
+PE_READY = 7  # bit k: slot k's router queue holds a ready wavelet
+PE_PIPES = 8  # bit k: slot k has a wavelet in flight towards its router or CE queue
 PE_HELD = 9  # wavelets held in the PE's queues (ready or in flight)
-PE_RXMASK = 10  # link ports (bits) some route of this PE receives from
-PE_SLEEP_THREAD = 11  # the thread a CE asleep in C_BUSY is computing with (exact skipping)
-PE_CE_RR = 12  # the thread the CE step starts at: after the first that took a step last time one did
+PE_SLEEP_THREAD = 10  # the thread a CE asleep in C_BUSY is computing with (exact skipping)
+PE_CE_RR = 11  # the thread the CE step starts at: after the first that took a step last time one did
+PE_ARRIVE = 12  # 12 + port: bit k, a wavelet travelling through `port` enters slot k this cycle
+#                 (written in phase 1 by the neighbour it comes from, cleared in phase 2)
 PE_FIELDS = 16
 
 # ot[op, :] int64 - per-op constants for a configuration
@@ -101,3 +101,15 @@ TS_BYTES = 4  # SRAM bytes read and written
 TS_WAVELETS = 5  # wavelets sent and received by the CE
 TS_FIELDS = 6
 EVENT_FIELDS = 4  # op, thread, start cycle, end cycle
+
+
+# tile state [tile, :] int64 - activity of a rectangle of PEs (kernels: exact skipping by tile)
+TL_NEXT = 0  # first cycle the tile must run phase 2 on its own (t + 1 while anything moves in it)
+TL_NEED1 = 1  # 1: a PE holds a ready wavelet or a grant to clear, so phase 1 must visit the tile
+TL_PENDING = 2  # wavelets held + live threads, as of the tile's last phase 2
+TL_PROGRESSED = 3  # sleeping CEs in busy or setup (each progresses every cycle), likewise
+TL_WAKE = 4  # earliest wake-up of a sleeping CE, likewise
+TL_HELD = 5  # wavelets held in the tile's queues, likewise
+TL_FLOPS = 6  # FLOPs done (completed ops and finished elements of ops in progress), as of the last fold
+TL_DIRTY = 7  # 1: stepped since the last fold
+TL_FIELDS = 8

@@ -13,19 +13,19 @@ import numpy as np
 from .. import isa
 from ..hardware import WaferConfig
 from ..trace import Trace, validate
-from . import kernels
+from . import accounting, kernels
 from . import layout as L
 from .result import EngineResult
 from .state import (MAX_CHUNK_CYCLES, N_OP_COUNTERS, State, build_state, flat,
-                    make_ins)
+                    make_ins, make_tiles)
 
 # Below this many PEs the serial kernel is used unless parallel stepping is forced.
 PARALLEL_MIN_PES = 4096
-# The parallel kernel steps PEs in contiguous blocks of about BLOCK_PES (at most MAX_BLOCKS),
-# dealt round-robin to GROUPS_PER_THREAD groups per Numba thread: each thread then gets blocks
-# from all over the mesh, busy regions and quiet ones alike.
-BLOCK_PES = 512
-MAX_BLOCKS = 512
+# The kernels step PEs in tiles of TILE_ROWS x TILE_COLS (a tile with nothing to do costs a few
+# loads), dealt round-robin to GROUPS_PER_THREAD groups per Numba thread in the parallel kernel:
+# each thread then gets tiles from all over the mesh, busy regions and quiet ones alike.
+TILE_ROWS = 8
+TILE_COLS = 8
 GROUPS_PER_THREAD = 2
 # Timeline: first sampling interval and the most samples kept (intervals double beyond it).
 TIMELINE_START_CYCLES = 64
@@ -33,6 +33,9 @@ TIMELINE_MAX_SAMPLES = 1024
 # Op timelines are recorded for this many sampled PEs, at most this many ops each.
 TRACED_PES = 16
 MAX_EVENTS = 4096
+# Sleeping CEs in a stall are counted when they wake or in a full fold; a full fold at least this
+# often keeps the 32-bit per-chunk cycle counters they are added to from overflowing.
+FULL_FOLD_CYCLES = 1 << 29
 
 ProgressFn = Callable[[int, float], None]  # (cycles simulated, fraction of ops completed)
 SnapshotFn = Callable[[EngineResult], None]
@@ -71,15 +74,15 @@ class _Run:
         self.n_threads = threads if threads is not None else numba.config.NUMBA_NUM_THREADS
         self.kernel = kernels.run_cycles_parallel if parallel else kernels.run_cycles_serial
         self.n_groups = GROUPS_PER_THREAD * max(1, self.n_threads) if parallel else 1
-        n_blocks = max(self.n_groups, min(MAX_BLOCKS, P // BLOCK_PES)) if parallel else 1
-        self.C = C._replace(blocks=np.linspace(0, P, n_blocks + 1).astype(np.int64))
+        self.C = C
+        self.A = make_tiles(S, trace.mesh_width, trace.mesh_height, TILE_ROWS, TILE_COLS)
         self.n_tags = len(trace.tags)
         self.traced = sample_pes(trace, TRACED_PES)
         S.pe[self.traced, L.PE_TRACE] = np.arange(len(self.traced))
-        self.I = make_ins(P, trace.threads, n_blocks, self.n_tags, len(self.traced), MAX_EVENTS)
+        self.I = make_ins(P, trace.threads, self.n_groups, self.n_tags, len(self.traced), MAX_EVENTS)
         self.pe_cnt = np.zeros((P, isa.N_PE_COUNTERS), dtype=np.int64)
         self.link_cnt = np.zeros((P, isa.N_LINK_PORTS, isa.N_LINK_COUNTERS), dtype=np.int64)
-        self.tx = S.rt[:, :, L.RT_TX].astype(np.int64)
+        self.full_at = 0  # cycle of the last full fold
         self.region_names, self.region_of = pe_regions(trace)
         self.timeline = _Timeline(len(self.region_names))
         self.t = 0
@@ -88,22 +91,25 @@ class _Run:
 
     def call(self, t: int, t_stop: int, last_progress: int) -> tuple[int, int, int]:
         C, cfg = self.C, self.cfg
-        return self.kernel(t, t_stop, last_progress, cfg.watchdog_cycles, self.F, self.I, self.n_tags, MAX_EVENTS,
-                           C.blocks, self.n_groups, C.mesh_width, C.n_routes, C.n_threads, C.n_colors, C.depth, C.link_capacity,
+        return self.kernel(t, t_stop, last_progress, cfg.watchdog_cycles, self.F, self.I, self.A, self.n_tags,
+                           MAX_EVENTS, self.n_groups, C.mesh_width, C.n_routes, C.n_threads, C.n_colors, C.depth, C.link_capacity,
                            C.hop_latency, C.ramp_latency, C.read_ports, C.write_ports, self.skip)
 
-    def fold(self) -> None:
-        """The 32-bit per-chunk counters into the 64-bit totals (sleeping CEs accounted first,
-        as if they had been stepped; they stay asleep)."""
-        kernels.fold(self.t, self.F, self.I, self.n_tags, MAX_EVENTS, self.C.n_threads, self.C.n_colors, self.pe_cnt,
-                     self.link_cnt, self.tx)
+    def fold(self, full: bool) -> None:
+        """The 32-bit per-chunk counters into the 64-bit totals and the tiles' timeline figures
+        up to date (sleeping CEs accounted as if they had been stepped: all of them when full,
+        else those whose busy cycles the timeline counts; they stay asleep)."""
+        accounting.fold(self.t, self.F, self.I, self.A, self.n_tags, MAX_EVENTS, self.C.n_threads, self.C.n_colors,
+                        self.C.n_routes, self.pe_cnt, self.link_cnt, full)
+        if full:
+            self.full_at = self.t
 
     def op_counters(self) -> np.ndarray:
         """[N_OP_COUNTERS, P]: completed ops' counters plus the finished part of ops in progress."""
         return self.S.acc + _in_progress(self.S, self.ot)
 
     def sample(self) -> None:
-        flops, in_flight = kernels.totals(self.F, self.C.n_threads)
+        flops, in_flight = accounting.totals(self.A)
         self.timeline.add(self.t, self.pe_cnt[:, isa.C_BUSY], int(flops), int(in_flight), self.region_of)
 
     def run(self, progress: ProgressFn | None, snapshot: SnapshotFn | None, snapshot_seconds: float) -> EngineResult:
@@ -125,8 +131,9 @@ class _Run:
             previous_handler = signal.signal(signal.SIGINT, on_sigint)
         try:
             stop = self._step(progress, snapshot, snapshot_seconds, t0)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second Ctrl-C, possibly between a chunk and its fold
             stop = isa.STOP_INTERRUPTED
+            self.fold(full=True)
         finally:
             numba.set_num_threads(previous_threads)
             if previous_handler is not None:
@@ -145,7 +152,9 @@ class _Run:
             c0 = time.perf_counter()
             self.t, stop, last_progress = self.call(self.t, t_stop, last_progress)
             dt = time.perf_counter() - c0
-            self.fold()
+            snap_due = snapshot is not None and time.perf_counter() - last_snapshot >= snapshot_seconds
+            self.fold(full=stop != kernels.RUNNING or self.t >= max_cycles or self.interrupted or snap_due
+                      or self.t - self.full_at >= FULL_FOLD_CYCLES)
             if self.t >= self.timeline.next_sample(self.t - 1) or stop != kernels.RUNNING:
                 self.sample()
             if progress is not None:
@@ -157,7 +166,7 @@ class _Run:
                 return isa.STOP_MAX_CYCLES
             if self.interrupted:
                 return isa.STOP_INTERRUPTED
-            if snapshot is not None and time.perf_counter() - last_snapshot >= snapshot_seconds:
+            if snap_due:
                 snapshot(self.result(isa.STOP_RUNNING, time.perf_counter() - t0))
                 last_snapshot = time.perf_counter()
             chunk = int(min(max(chunk * min(4.0, 0.25 / max(dt, 1e-6)), 16), 1 << 24))

@@ -74,18 +74,51 @@ class Ins(NamedTuple):
     """Instrumentation the kernels fill (flat views): per-tag statistics and op event logs."""
 
     th_start: np.ndarray  # int64 [P * T] cycle of the current op's first step (-1: none yet)
-    tagstat: np.ndarray  # int64 [blocks * tags * TS_FIELDS]
+    tagstat: np.ndarray  # int64 [groups * tags * TS_FIELDS]
     events: np.ndarray  # int64 [traced * max_events * EVENT_FIELDS]
     ev_count: np.ndarray  # int64 [traced]
     work: np.ndarray  # int64 [3]: PE steps on the full path, cycles stepped, cycles jumped over
 
 
-def make_ins(P: int, T: int, blocks: int, tags: int, traced: int, max_events: int) -> Ins:
-    tagstat = np.zeros((blocks, max(tags, 1), L.TS_FIELDS), dtype=np.int64)
+def make_ins(P: int, T: int, groups: int, tags: int, traced: int, max_events: int) -> Ins:
+    tagstat = np.zeros((groups, max(tags, 1), L.TS_FIELDS), dtype=np.int64)
     tagstat[:, :, L.TS_FIRST] = np.iinfo(np.int64).max
     return Ins(np.full(P * T, -1, np.int64), tagstat.reshape(-1),
                np.zeros(max(traced, 1) * max_events * L.EVENT_FIELDS, np.int64), np.zeros(max(traced, 1), np.int64),
                np.zeros(3, np.int64))
+
+
+class Tiles(NamedTuple):
+    """Rectangles of PEs whose activity the kernels track (flat arrays; kernels.run_cycles)."""
+
+    rect: np.ndarray  # int64 [tiles * 4]: x0, x1, y0, y1 (half-open)
+    pe_tile: np.ndarray  # int64 [P] tile of each PE
+    state: np.ndarray  # int64 [tiles * TL_FIELDS] (layout.py, TL_*)
+    kick: np.ndarray  # int8 [tiles * 4]: a grant through port i of a neighbour tile enters this one
+    mesh: np.ndarray  # int64 [2]: mesh width, height
+
+
+def make_tiles(S: State, W: int, H: int, rows: int, cols: int) -> Tiles:
+    """Tiles of rows x cols PEs over a W x H mesh (row-major), every one due at cycle 0; sets
+    each route's RT_CROSS (the link ports in its tx whose neighbour lies in another tile)."""
+    nx, ny = -(-W // cols), -(-H // rows)
+    tx, ty = np.meshgrid(np.arange(nx), np.arange(ny))
+    tx, ty = tx.reshape(-1), ty.reshape(-1)
+    rect = np.stack([tx * cols, np.minimum(W, tx * cols + cols), ty * rows, np.minimum(H, ty * rows + rows)], axis=1)
+    p = np.arange(W * H)
+    pe_tile = (p // W // rows) * nx + (p % W) // cols
+    tx_mask = S.rt[:, :, L.RT_TX].astype(np.int64)
+    cross = np.zeros(tx_mask.shape, dtype=np.int64)
+    for port in range(isa.N_LINK_PORTS):
+        nb = np.clip(p + isa.PORT_DY[port] * W + isa.PORT_DX[port], 0, max(0, W * H - 1))
+        other = (pe_tile[nb] != pe_tile)[:, None]
+        cross |= np.where(((tx_mask >> port) & 1 == 1) & other, 1 << port, 0)
+    S.rt[:, :, L.RT_CROSS] = cross
+    state = np.zeros((len(rect), L.TL_FIELDS), dtype=np.int64)
+    state[:, L.TL_NEED1] = 1
+    state[:, L.TL_WAKE] = 1 << 62
+    return Tiles(rect.astype(np.int64).reshape(-1), pe_tile.astype(np.int64), state.reshape(-1),
+                 np.zeros(len(rect) * 4, dtype=np.int8), np.array([W, H], dtype=np.int64))
 
 
 class Consts(NamedTuple):
@@ -99,7 +132,6 @@ class Consts(NamedTuple):
     link_capacity: int
     read_ports: int
     write_ports: int
-    blocks: np.ndarray  # int64 PE block boundaries for the kernel (set by the driver)
 
 
 def staggered(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -199,8 +231,6 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
         dslot = color_slot[nb, color[m]].astype(np.int64)
         rt[pe[m], slot[m], L.RT_DOWNS] += (dslot + 1) << (8 * port)
         rt[pe[m], slot[m], L.RT_DOWNQ] = (nb * R + dslot) * L.Q_FIELDS
-        rt[nb, dslot, L.RT_UP] = slot[m]
-        rt[nb, dslot, L.RT_UP_PE] = pe[m]
     rt[pe[n_links > 1], slot[n_links > 1], L.RT_DOWNQ] = -2
 
     ot = op_constants(trace, cfg)
@@ -230,10 +260,6 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     pe_rec[:, L.PE_ROUTES] = n_routes
     pe_rec[:, L.PE_LIVE] = has.sum(axis=1)
     pe_rec[:, L.PE_TRACE] = -1
-    rxmask = np.zeros(P, dtype=np.int64)
-    linked = (rx < isa.N_LINK_PORTS)
-    np.bitwise_or.at(rxmask, pe[linked], np.int64(1) << rx[linked])
-    pe_rec[:, L.PE_RXMASK] = rxmask
     state = State(**staggered(dict(
         rt=rt, color_slot=color_slot, q=np.zeros((P, R, L.Q_FIELDS), np.int32), th=th, pe=pe_rec,
         sem=np.zeros((P, isa.MAX_SEMAPHORES), np.int32),
@@ -245,5 +271,5 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     )))
     consts = Consts(W, R, T, max(cfg.colors, 1), cfg.queue_depth_wavelets, cfg.hop_latency_cycles,
                     cfg.ramp_latency_cycles, cfg.link_wavelets_per_cycle,
-                    cfg.sram_read_ports, cfg.sram_write_ports, np.array([0, P], dtype=np.int64))
+                    cfg.sram_read_ports, cfg.sram_write_ports)
     return state, consts, ot
