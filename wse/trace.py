@@ -421,9 +421,34 @@ def distinct_ops(t: Trace, idx: np.ndarray | None = None) -> tuple[np.ndarray, n
     idx = np.arange(len(t.ops["opcode"])) if idx is None else idx
     if not len(idx):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    key = np.stack([t.ops[name][idx].astype(np.int64) for name, _ in OP_COLUMNS if name != "tag"], axis=1)
-    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    codes = row_codes([t.ops[name][idx] for name, _ in OP_COLUMNS if name != "tag"])
+    _, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
     return idx[first], inverse.reshape(-1)
+
+
+def row_codes(columns: list[np.ndarray]) -> np.ndarray:
+    """One int64 code per row of the given integer columns: equal rows get equal codes, and
+    codes order rows lexicographically (as np.unique(..., axis=0) would), computed exactly.
+
+    Columns are packed into 64-bit keys by their value ranges; keys that would not fit in one
+    word are combined by ranking (np.unique), which keeps every intermediate below the row count
+    squared."""
+    n = len(columns[0]) if columns else 0
+    code = np.zeros(n, dtype=np.uint64)
+    bits = 0
+    for col in columns:
+        c = np.asarray(col, dtype=np.int64)
+        lo = int(c.min()) if n else 0
+        width = max(1, (int(c.max()) - lo).bit_length()) if n else 1
+        if bits + width > 63:  # rank what is packed so far, then keep packing
+            _, code = np.unique(code, return_inverse=True)
+            code = code.reshape(-1).astype(np.uint64)
+            bits = max(1, (n - 1).bit_length())
+            if bits + width > 63:
+                raise ValueError("row_codes: a column spans more than 62 bits of range")
+        code = (code << np.uint64(width)) | (c - lo).astype(np.uint64)
+        bits += width
+    return code.astype(np.int64) if bits < 64 else code
 
 
 def _validate_ops(t: Trace, cfg: WaferConfig, where: str) -> None:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..isa import C_BUSY, C_SETUP, L_WAVELETS, OP_COMPUTE
+from ..isa import C_BUSY, C_SETUP, OP_COMPUTE
 from .layout import (
     A_FLOPS, A_OPS, A_RECEIVED, A_SENT, A_SRAM_READ, A_SRAM_WRITE, CODE_DONE, CTRL_CODE, CTRL_TWO,
     EVENT_FIELDS, OT_CIN, OT_COUT, OT_CTRL, OT_FIELDS, OT_FLOPS, OT_LENGTH, OT_RBYTES, OT_RECV, OT_SEND,
-    OT_SETUP, OT_TAG, OT_WBYTES, OT_WIDTH, PE_LIVE, PE_ROUTES, RT_TX, TL_DIRTY, TL_FIELDS, TL_FLOPS, TL_HELD,
-    TL_PROGRESSED, PE_SLEEP_CLASS, PE_SLEEP_THREAD, PE_TRACE, Q_GRANTS,
+    OT_SETUP, OT_TAG, OT_WBYTES, OT_WIDTH, PE_LIVE, TL_DIRTY, TL_FIELDS, TL_FLOPS, TL_HELD,
+    TL_PROGRESSED, PE_SLEEP_CLASS, PE_SLEEP_THREAD, PE_TRACE,
     TH_CTRL, TH_END, TH_IN, TH_LEFT, TH_OP, TH_OUT, TH_SETUP, TH_WIDTH, TS_BYTES, TS_FIELDS, TS_FIRST,
     TS_FLOPS, TS_LAST, TS_OPS, TS_WAVELETS,
 )
@@ -174,15 +174,15 @@ def wake_ce(p, t, T, grp, F, I, n_tags, max_events, n_colors):
 
 
 @hot
-def fold(t, F, I, A, n_tags, max_events, T, n_colors, R, pe_cnt, link_cnt, full):
-    """End of a chunk: the 32-bit per-chunk counters added into the 64-bit totals pe_cnt
-    [P, classes..] and link_cnt [P, 4, link counters] and cleared (wavelets per link come from
-    the slots' grant counts), and each tile's timeline figures (TL_FLOPS) brought up to cycle t.
+def fold(t, F, I, A, n_tags, max_events, T, n_colors, pe_cnt, link_cnt, region_of, region_busy, full):
+    """Bring the totals up to cycle t at the end of a chunk.
 
-    Only tiles stepped since the last fold have new counts. Sleeping CEs are accounted up to t
-    (they stay asleep): those in busy or setup in every fold, since the timeline counts their
-    busy cycles and FLOPs; all of them when `full` (snapshots, the end of a run), otherwise a
-    stall sleeper is counted when it wakes.
+    Always (the timeline's figures): busy cycles into pe_cnt [P, classes..] and region_busy
+    [regions], and each tile's FLOPs (TL_FLOPS), for the tiles stepped since the last fold and
+    those with CEs asleep in busy or setup (accounted first, as if stepped; they stay asleep).
+    When `full` (snapshots, the end of a run, and often enough that no 32-bit per-chunk
+    counter overflows): every tile, every sleeping CE, and every cycle class and link counter
+    into the 64-bit totals pe_cnt and link_cnt [P, 4, link counters].
     """
     P = F.finish.shape[0]
     W = A.mesh[0]
@@ -192,8 +192,7 @@ def fold(t, F, I, A, n_tags, max_events, T, n_colors, R, pe_cnt, link_cnt, full)
     n_tiles = A.rect.shape[0] >> 2
     for b in range(n_tiles):
         tb = b * TL_FIELDS
-        dirty = tl[tb + TL_DIRTY] != 0
-        if not (dirty or full or tl[tb + TL_PROGRESSED] != 0):
+        if not (full or tl[tb + TL_DIRTY] != 0 or tl[tb + TL_PROGRESSED] != 0):
             continue
         tl[tb + TL_DIRTY] = 0
         x0, x1 = A.rect[b << 2], A.rect[(b << 2) + 1]
@@ -201,34 +200,28 @@ def fold(t, F, I, A, n_tags, max_events, T, n_colors, R, pe_cnt, link_cnt, full)
         flops = 0
         for y in range(y0, y1):
             for p in range(y * W + x0, y * W + x1):
-                pb = p << PSHIFT
-                if F.sleep_until[p] > 0 and (full or F.pe[pb + PE_SLEEP_CLASS] <= C_SETUP):
+                if F.sleep_until[p] > 0 and (full or F.pe[(p << PSHIFT) + PE_SLEEP_CLASS] <= C_SETUP):
                     account_sleep(p, t, T, 0, F, I, n_tags, max_events, n_colors)
-                for c in range(n_cls):
-                    pe_cnt[p, c] += F.cyc[c * P + p]
-                    F.cyc[c * P + p] = 0
+                busy = F.cyc[C_BUSY * P + p]
+                if busy != 0:
+                    pe_cnt[p, C_BUSY] += busy
+                    region_busy[region_of[p]] += busy
+                    F.cyc[C_BUSY * P + p] = 0
                 flops += F.acc[A_FLOPS * P + p]
                 for h in range(T):
                     hb = (p * T + h) << 3
                     if (F.th[hb + TH_CTRL] & CTRL_CODE) != CODE_DONE:
                         ob = F.th[hb + TH_OP] * OT_FIELDS
                         flops += (F.ot[ob + OT_LENGTH] - F.th[hb + TH_LEFT]) * F.ot[ob + OT_FLOPS]
-                if not (dirty or full):
-                    continue
-                for c in range(n_link):
-                    for port in range(4):
-                        i = ((c * P + p) << 2) + port
-                        link_cnt[p, port, c] += F.link_acc[i]
-                        F.link_acc[i] = 0
-                for k in range(F.pe[pb + PE_ROUTES]):
-                    qi = ((p * R + k) << 3) + Q_GRANTS
-                    g = F.q[qi]
-                    if g != 0:
-                        tx = F.rt[((p * R + k) << 3) + RT_TX]
+                if full:
+                    for c in range(n_cls):
+                        pe_cnt[p, c] += F.cyc[c * P + p]
+                        F.cyc[c * P + p] = 0
+                    for c in range(n_link):
                         for port in range(4):
-                            if (tx >> port) & 1:
-                                link_cnt[p, port, L_WAVELETS] += g
-                        F.q[qi] = 0
+                            i = ((c * P + p) << 2) + port
+                            link_cnt[p, port, c] += F.link_acc[i]
+                            F.link_acc[i] = 0
         tl[tb + TL_FLOPS] = flops
 
 

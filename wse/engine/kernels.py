@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..isa import (
-    C_BUSY, C_SETUP, C_STALL_RECV, C_STALL_SEND, C_STALL_SRAM, C_STALL_SYNC, L_BLOCKED, L_CONTENTION,
+    C_BUSY, C_SETUP, C_STALL_RECV, C_STALL_SEND, C_STALL_SRAM, C_STALL_SYNC, L_BLOCKED, L_CONTENTION, L_WAVELETS,
     MAX_SEMAPHORES, OP_SIGNAL, OP_WAIT, PORT_RAMP, STOP_COMPLETE, STOP_DEADLOCK,
 )
 from numba.cpython.unsafe.numbers import trailing_zeros
@@ -27,7 +27,7 @@ from .accounting import chain_end, complete_op, hot, wake_ce
 from .layout import (
     CODE_DONE, CQ_OCC, CQ_PIPE, CQ_READY, CTRL_CODE, CTRL_SUB, CTRL_TWO, PE_CE_RR, PE_GRANT, PE_HELD,
     PE_ARRIVE, PE_LIVE, PE_PEAK, PE_PIPES, PE_READY, PE_ROUTES, PE_RR, PE_SLEEP_CLASS, PE_SLEEP_THREAD,
-    Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_CROSS, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX,
+    Q_OCC, Q_PIPE, Q_READY, RT_CROSS, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX,
     TH_CTRL, TH_IN, TH_LEFT, TH_OUT, TH_SETUP, TH_WIDTH, TL_NEED1, TL_NEXT, TL_PENDING, TL_PROGRESSED,
     TL_WAKE, TL_FIELDS, TL_HELD, TL_DIRTY,
 )
@@ -61,8 +61,9 @@ def _route_tile(b, F, A, W, R, depth, cap):
     """Phase 1 for the PEs of tile b: round-robin grants from last cycle's state.
 
     Returns (PEs that granted a route, PEs with ready wavelets). Writes only those PEs' grant
-    mask, round-robin pointer, grant counts and link counters, and the kick flags of the tiles
-    its grants send into (one flag per tile and port, written only by the tile on that side).
+    mask, round-robin pointer and link counters, the arrival fields of the neighbours their
+    grants send to (PE_ARRIVE + port: only the neighbour on that side writes it) and the kick
+    flags of the tiles those lie in (one per tile and port, likewise).
     Port use is counted in 4-bit fields of `used` (one per port); a route fits when no field
     of used + its RT_INC exceeds `cap`.
     """
@@ -125,15 +126,15 @@ def _route_tile(b, F, A, W, R, depth, cap):
                                         ok = False
                     if ok:
                         g |= 1 << k
-                        q[_u(kb + Q_GRANTS)] += 1
                         used += inc
                         slots = rt[_u(kb + RT_DOWNS)]
-                        if slots != 0:  # tell each neighbour which of its slots receives
+                        if slots != 0:  # tell each neighbour which of its slots receives; count the link
                             for port in range(4):
                                 d = (slots >> (8 * port)) & 255
                                 if d != 0:
                                     nb = _neighbour(p, port, W)
                                     pe[_u((nb << PSHIFT) + PE_ARRIVE + port)] |= 1 << (d - 1)
+                                    link_acc[_u(((L_WAVELETS * P + p) << 2) + port)] += 1
                             cross = rt[_u(kb + RT_CROSS)]
                             if cross != 0:  # and wake the tiles this wavelet enters
                                 for port in range(4):

@@ -22,7 +22,6 @@ Q_PIPE = 2  # bit i: a wavelet in flight becomes ready after i more cycles
 CQ_READY = 3
 CQ_OCC = 4
 CQ_PIPE = 5
-Q_GRANTS = 6  # times granted (folded into link counters by the driver after each chunk)
 Q_FIELDS = 8
 
 # th[p, thread, :] int32 - microthread state; the current op's constants are copied in at op

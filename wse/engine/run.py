@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import isa
 from ..hardware import WaferConfig
-from ..trace import Trace, validate
+from ..trace import Trace, row_codes, validate
 from . import accounting, kernels
 from . import layout as L
 from .result import EngineResult
@@ -84,6 +84,7 @@ class _Run:
         self.link_cnt = np.zeros((P, isa.N_LINK_PORTS, isa.N_LINK_COUNTERS), dtype=np.int64)
         self.full_at = 0  # cycle of the last full fold
         self.region_names, self.region_of = pe_regions(trace)
+        self.region_busy = np.zeros(len(self.region_names), dtype=np.int64)  # busy PE-cycles so far
         self.timeline = _Timeline(len(self.region_names))
         self.t = 0
         pp = trace.pe_program[trace.pe_program >= 0]
@@ -100,7 +101,7 @@ class _Run:
         up to date (sleeping CEs accounted as if they had been stepped: all of them when full,
         else those whose busy cycles the timeline counts; they stay asleep)."""
         accounting.fold(self.t, self.F, self.I, self.A, self.n_tags, MAX_EVENTS, self.C.n_threads, self.C.n_colors,
-                        self.C.n_routes, self.pe_cnt, self.link_cnt, full)
+                        self.pe_cnt, self.link_cnt, self.region_of, self.region_busy, full)
         if full:
             self.full_at = self.t
 
@@ -110,7 +111,7 @@ class _Run:
 
     def sample(self) -> None:
         flops, in_flight = accounting.totals(self.A)
-        self.timeline.add(self.t, self.pe_cnt[:, isa.C_BUSY], int(flops), int(in_flight), self.region_of)
+        self.timeline.add(self.t, self.region_busy, int(flops), int(in_flight))
 
     def run(self, progress: ProgressFn | None, snapshot: SnapshotFn | None, snapshot_seconds: float) -> EngineResult:
         self.call(0, 0, -1)  # zero cycles: loads or compiles the kernel untimed
@@ -242,19 +243,20 @@ class _Timeline:
     def next_sample(self, t: int) -> int:
         return (t // self.interval + 1) * self.interval
 
-    def add(self, t: int, busy: np.ndarray, total_flops: int, in_flight: int, region_of: np.ndarray) -> None:
+    def add(self, t: int, region_busy: np.ndarray, total_flops: int, in_flight: int) -> None:
+        """A sample at cycle t from the running totals (busy PE-cycles per region, FLOPs)."""
         if self._prev_busy is None:  # the state at cycle 0
-            self._prev_busy, self._prev_flops = busy.copy(), total_flops
+            self._prev_busy, self._prev_flops = region_busy.copy(), total_flops
             return
         if self.cycle and t <= self.cycle[-1]:
             return
-        d_busy = busy - self._prev_busy
+        d_busy = region_busy - self._prev_busy
         self.cycle.append(t)
         self.busy.append(int(d_busy.sum()))
         self.flops.append(total_flops - self._prev_flops)
         self.in_flight.append(in_flight)
-        self.regions.append(np.bincount(region_of, weights=d_busy, minlength=self.n_regions).astype(np.int64))
-        self._prev_busy, self._prev_flops = busy.copy(), total_flops
+        self.regions.append(d_busy)
+        self._prev_busy, self._prev_flops = region_busy.copy(), total_flops
         if len(self.cycle) > TIMELINE_MAX_SAMPLES:
             self._merge()
 
@@ -295,8 +297,10 @@ def sample_pes(trace: Trace, n: int) -> np.ndarray:
 
 
 def _pe_program_classes(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct per-PE program rows (one program id or -1 per thread) and each PE's row."""
     rows = trace.pe_program.reshape(trace.n_pes, trace.threads)
-    return np.unique(rows, axis=0, return_inverse=True)
+    _, first, inverse = np.unique(row_codes(list(rows.T)), return_index=True, return_inverse=True)
+    return rows[first], inverse.reshape(-1)
 
 
 def _program_tags(trace: Trace, pid: int) -> set[int]:

@@ -33,7 +33,7 @@ class State(NamedTuple):
     # (the driver adds the finished elements of ops in progress when a run stops).
     cyc: np.ndarray  # int32 [N_CLASSES, P]
     acc: np.ndarray  # int64 [N_OP_COUNTERS, P] PE counters C_FLOPS .. C_OPS
-    link_acc: np.ndarray  # int32 [N_LINK_COUNTERS, P, 4] (L_WAVELETS comes from Q_GRANTS)
+    link_acc: np.ndarray  # int32 [N_LINK_COUNTERS, P, 4]
     finish: np.ndarray  # int64 [P] cycle after the PE's last op completed
     sleep_until: np.ndarray  # int64 [P] first cycle the CE must run again (0: awake)
     sleep_from: np.ndarray  # int64 [P] first cycle not yet counted while asleep
@@ -146,7 +146,7 @@ def staggered(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = -(-end // 4096) * 4096 + (i * 320) % 4096
         offsets[name] = start
         end = start + a.nbytes
-    buf = np.zeros(end + 64, dtype=np.uint8)
+    buf = np.empty(end + 64, dtype=np.uint8)  # every byte read lies in some array, copied below
     base = (-buf.ctypes.data) % 64
     out = {}
     for name, a in arrays.items():
