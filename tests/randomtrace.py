@@ -143,3 +143,123 @@ def random_trace(seed: int) -> tuple[Trace, hardware.WaferConfig]:
             if lst:
                 b.assign(x, y, t, lst)
     return b.build(), cfg
+
+
+def random_wide_trace(seed: int) -> tuple[Trace, hardware.WaferConfig]:
+    """A wider net than random_trace: meshes up to 16 x 16, multicast trees that branch to two
+    or three link ports at one router (and deliver along the way), deeper queues, longer
+    latencies and streams, signal/wait pairs across threads, and many flows at once, so
+    activity crosses tile boundaries in every direction. Deadlocks are possible (ops in a bad
+    order) and must match too."""
+    rng = np.random.default_rng(seed)
+    base = hardware.load_preset(str(rng.choice(["tiny", "tiny2"])))
+    cfg = base.with_overrides([
+        f"fabric.queue_depth_wavelets={rng.integers(1, 9)}",
+        f"fabric.hop_latency_cycles={rng.integers(1, 6)}",
+        f"fabric.ramp_latency_cycles={rng.integers(1, 5)}",
+        f"fabric.link_wavelets_per_cycle={rng.integers(1, 4)}",
+        f"sram.sram_read_ports={rng.integers(1, 3)}",
+        f"sram.sram_write_ports={rng.integers(1, 3)}",
+        f"compute.vector_setup_cycles={rng.integers(0, 6)}",
+        f"compute.fabric_setup_cycles={rng.integers(0, 6)}",
+        "engine.watchdog_cycles=60",
+        f"engine.max_cycles={int(rng.integers(50, 400)) if rng.random() < 0.1 else 20000}",
+        "wafer.mesh_width=16", "wafer.mesh_height=16",
+    ])
+    W, H = int(rng.integers(2, 17)), int(rng.integers(1, 17))
+    # safe cases give every op its own thread (they complete unless max_cycles stops them);
+    # the others pack ops into a few threads in random order and often deadlock
+    safe = rng.random() < 0.75
+    T = 8 if safe else int(rng.integers(1, 9))
+    n_colors = min(cfg.colors, 12)
+    b = TraceBuilder(W, H, T, generator="randomtrace-wide", seed=seed)
+    taken: set[tuple[int, int, int]] = set()
+    ops: dict[tuple[int, int], list] = {(x, y): [] for x in range(W) for y in range(H)}
+
+    def addr(n: int, nbytes: int) -> int:
+        return int(rng.integers(0, 1024)) * 4 if n * nbytes < 40000 else 0
+
+    def tree(src: tuple[int, int], c: int) -> dict[tuple[int, int], tuple[int, set[int]]] | None:
+        """Routes of a multicast tree on color c: PE -> (rx, tx ports); None if it collides."""
+        dst = (int(rng.integers(0, W)), int(rng.integers(0, H)))
+        if dst == src:
+            return None
+        trunk = _path(rng, src, dst)
+        routes: dict[tuple[int, int], tuple[int, set[int]]] = {}
+        for i, (px, py) in enumerate(trunk):
+            rx = isa.PORT_RAMP if i == 0 else DIRS[(trunk[i - 1][0] - px, trunk[i - 1][1] - py)]
+            tx = set() if i == len(trunk) - 1 else {DIRS[(trunk[i + 1][0] - px, trunk[i + 1][1] - py)]}
+            routes[(px, py)] = (rx, tx)
+        # branches: from a router on the trunk, out of a free link port, straight on for a few hops
+        for _ in range(int(rng.integers(0, 3))):
+            at = trunk[int(rng.integers(0, len(trunk)))]
+            rx, tx = routes[at]
+            free = [p for (dx, dy), p in DIRS.items() if p not in tx and p != rx
+                    and 0 <= at[0] + dx < W and 0 <= at[1] + dy < H]
+            if not free:
+                continue
+            port = free[int(rng.integers(0, len(free)))]
+            dx, dy = next(d for d, p in DIRS.items() if p == port)
+            x, y, prev = at[0], at[1], port
+            hops = []
+            for _h in range(int(rng.integers(1, 5))):
+                x, y = x + dx, y + dy
+                if not (0 <= x < W and 0 <= y < H) or (x, y) in routes:
+                    break
+                hops.append((x, y))
+            if not hops:
+                continue
+            tx.add(port)
+            for k, (hx, hy) in enumerate(hops):
+                routes[(hx, hy)] = (isa.PORT_OPPOSITE[prev], {port} if k + 1 < len(hops) else set())
+        if any((x, y, c) in taken for x, y in routes):
+            return None
+        return routes
+
+    def add_flow(src: tuple[int, int], n: int) -> None:
+        for _ in range(6):
+            c = int(rng.integers(0, n_colors))
+            routes = tree(src, c)
+            if routes is None:
+                continue
+            delivers = {(x, y): not tx or ((x, y) != src and rng.random() < 0.25) for (x, y), (_, tx) in routes.items()}
+            users = [pe for pe, d in delivers.items() if d] + [src]
+            if safe and any(len(ops[pe]) + users.count(pe) > T - 1 for pe in users):
+                continue
+            for (x, y), (rx, tx) in routes.items():
+                deliver = delivers[(x, y)]
+                b.route(x, y, c, rx, sorted(tx | ({isa.PORT_RAMP} if deliver else set())))
+                taken.add((x, y, c))
+                if deliver:
+                    if rng.random() < 0.5:
+                        ops[(x, y)].append(recv(c, n, addr(n, 2)))
+                    else:
+                        ops[(x, y)].append(recv_compute(c, isa.KIND_ADD, n, dst=addr(n, 2), src0=addr(n, 2)))
+            ops[src].append(send(c, n, addr(n, 2)))
+            return
+
+    for _ in range(int(rng.integers(1, 4 + W * H // 4))):
+        add_flow((int(rng.integers(0, W)), int(rng.integers(0, H))), int(rng.integers(1, 65)))
+    for pe in ops:
+        for _ in range(int(rng.integers(0, 3))):
+            kind, dtype = KINDS[int(rng.integers(0, len(KINDS)))]
+            n = int(rng.integers(1, 200))
+            ops[pe].append(compute(kind, n, dst=addr(n, 4), src0=addr(n, 4), src1=addr(n, 4), dtype=dtype))
+    for (x, y), lst in ops.items():
+        ths: list[list] = [[] for _ in range(T)]
+        for j, op in enumerate(rng.permutation(len(lst))):
+            ths[j % T if safe else int(rng.integers(0, T))].append(lst[op])
+        for _ in range(int(rng.integers(0, 3))):
+            s = int(rng.integers(0, 4))
+            a, w = int(rng.integers(0, T)), int(rng.integers(0, T))
+            if safe:  # a signal first in one thread releases a wait anywhere in another
+                if a == w:
+                    continue
+                ths[a].insert(0, signal(s))
+            else:
+                ths[a].insert(int(rng.integers(0, len(ths[a]) + 1)), signal(s))
+            ths[w].insert(int(rng.integers(0, len(ths[w]) + 1)), wait(s))
+        for t, th_ops in enumerate(ths):
+            if th_ops:
+                b.assign(x, y, t, th_ops)
+    return b.build(), cfg

@@ -3,7 +3,7 @@ counter for counter, on random small traces (docs/model.md section 1)."""
 from hypothesis import given, settings, strategies as st
 
 from engine_compare import assert_same
-from randomtrace import random_trace
+from randomtrace import random_trace, random_wide_trace
 from wse.engine import reference
 from wse.engine.run import simulate
 from wse.trace import validate
@@ -25,6 +25,44 @@ def test_parallel_kernel_matches_reference(seed):
     validate(tr, cfg)
     assert_same(simulate(tr, cfg, parallel=True, threads=2, validated=True), reference.simulate(tr, cfg),
                 f"seed {seed}")
+
+
+TILES = [(1, 1), (1, 3), (2, 2), (3, 2), (4, 5), (8, 8)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(TILES))
+def test_wide_traces_match_reference(seed, tile):
+    """16 x 16 meshes, multicast to 2-3 link ports, long streams, deep queues, semaphores across
+    threads, on tiles small enough that activity crosses tile boundaries everywhere."""
+    tr, cfg = random_wide_trace(seed)
+    validate(tr, cfg)
+    assert_same(simulate(tr, cfg, parallel=False, validated=True, tile=tile), reference.simulate(tr, cfg),
+                f"seed {seed} tile {tile}")
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(TILES))
+def test_wide_traces_parallel_match_reference(seed, tile):
+    tr, cfg = random_wide_trace(seed)
+    validate(tr, cfg)
+    assert_same(simulate(tr, cfg, parallel=True, threads=2, validated=True, tile=tile),
+                reference.simulate(tr, cfg), f"seed {seed} tile {tile}")
+
+
+def test_wide_traces_cover_every_outcome():
+    """The wide generator yields completed, deadlocked and max_cycles runs, multicast to two and
+    three link ports, and meshes of more than one 8 x 8 tile."""
+    from collections import Counter
+
+    outcomes, ports, big = Counter(), set(), 0
+    for seed in range(60):
+        tr, cfg = random_wide_trace(seed)
+        outcomes[simulate(tr, cfg, parallel=False).stop_name] += 1
+        ports |= {bin(int(v) & 15).count("1") for v in tr.routes["tx"]}
+        big += tr.mesh_width > 8 and tr.mesh_height > 8
+    assert set(outcomes) == {"complete", "deadlock", "max_cycles"} and outcomes["complete"] >= 30
+    assert {2, 3} <= ports and big >= 10
 
 
 def test_random_traces_cover_every_outcome():

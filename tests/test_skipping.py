@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from engine_compare import assert_same
-from randomtrace import random_trace
+from randomtrace import random_trace, random_wide_trace
 from wse import isa
 from wse.engine import run as engine_run
 from wse.engine.run import simulate
@@ -45,6 +45,16 @@ def test_parallel_skipping_matches_dense_on_random_traces(seed):
     tr, cfg = random_trace(seed)
     skip = simulate(tr, cfg, parallel=True, threads=2)
     assert_identical(skip, simulate(tr, cfg, parallel=False, dense=True), f"seed {seed}")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([(1, 1), (2, 3), (4, 4), (8, 8)]), st.booleans())
+def test_tiles_skip_exactly_on_wide_traces(seed, tile, parallel):
+    """Quiet tiles skipped (any tile shape, serial or parallel) against dense stepping: counters,
+    timeline, per-op table and event log."""
+    tr, cfg = random_wide_trace(seed)
+    skip = simulate(tr, cfg, parallel=parallel, threads=2, tile=tile)
+    assert_identical(skip, simulate(tr, cfg, parallel=False, dense=True), f"seed {seed} tile {tile}")
 
 
 def test_setup_is_jumped_over_with_exact_setup_counts(tiny):

@@ -102,6 +102,14 @@ class WaferConfig:
         except KeyError:
             raise AttributeError(key) from None
 
+    def key(self) -> tuple:
+        """A hashable identity of the configuration's values (computed once per object)."""
+        k = self.__dict__.get("_key")
+        if k is None:
+            k = tuple(sorted(self.values.items()))
+            object.__setattr__(self, "_key", k)
+        return k
+
     def simd_width(self, kind: int, dtype: int) -> int | None:
         """SIMD width for a compute kind and dtype, or None when the ISA has no such form."""
         key = f"{isa.KIND_NAMES[kind]}_{isa.DTYPE_NAMES[dtype]}"

@@ -44,7 +44,8 @@ SnapshotFn = Callable[[EngineResult], None]
 def simulate(trace: Trace, cfg: WaferConfig, *, threads: int | None = None,
              parallel: bool | None = None, progress: ProgressFn | None = None,
              validated: bool = False, snapshot: SnapshotFn | None = None,
-             snapshot_seconds: float = 30.0, dense: bool = False) -> EngineResult:
+             snapshot_seconds: float = 30.0, dense: bool = False,
+             tile: tuple[int, int] | None = None) -> EngineResult:
     """Run a trace to completion (or deadlock / max_cycles) and return its counters.
 
     threads: Numba threads for the parallel kernel (default: all). parallel: force the
@@ -53,17 +54,19 @@ def simulate(trace: Trace, cfg: WaferConfig, *, threads: int | None = None,
     chunk. `snapshot` is called with the measurements so far (stop "running") every
     `snapshot_seconds` of wall time; Ctrl-C ends the run early and returns them (stop
     "interrupted"). dense=True steps every PE every cycle (no exact skipping): same results,
-    slower; tests compare the two.
+    slower; tests compare the two. tile: (rows, cols) of the PE tiles whose activity the
+    kernels track (default TILE_ROWS x TILE_COLS); results do not depend on it.
     """
     if not validated:
         validate(trace, cfg)
-    return _Run(trace, cfg, threads, parallel, not dense).run(progress, snapshot, snapshot_seconds)
+    return _Run(trace, cfg, threads, parallel, not dense, tile).run(progress, snapshot, snapshot_seconds)
 
 
 class _Run:
     """One simulation: engine state, 64-bit totals, the timeline and the tag statistics."""
 
-    def __init__(self, trace: Trace, cfg: WaferConfig, threads: int | None, parallel: bool | None, skip: bool):
+    def __init__(self, trace: Trace, cfg: WaferConfig, threads: int | None, parallel: bool | None, skip: bool,
+                 tile: tuple[int, int] | None = None):
         self.trace, self.cfg, self.skip = trace, cfg, skip
         S, C, ot = build_state(trace, cfg)
         self.S, self.ot, self.F = S, ot, flat(S, ot)
@@ -75,7 +78,8 @@ class _Run:
         self.kernel = kernels.run_cycles_parallel if parallel else kernels.run_cycles_serial
         self.n_groups = GROUPS_PER_THREAD * max(1, self.n_threads) if parallel else 1
         self.C = C
-        self.A = make_tiles(S, trace.mesh_width, trace.mesh_height, TILE_ROWS, TILE_COLS)
+        rows, cols = tile or (TILE_ROWS, TILE_COLS)
+        self.A = make_tiles(S, trace.mesh_width, trace.mesh_height, rows, cols)
         self.n_tags = len(trace.tags)
         self.traced = sample_pes(trace, TRACED_PES)
         S.pe[self.traced, L.PE_TRACE] = np.arange(len(self.traced))

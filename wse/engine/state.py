@@ -134,25 +134,29 @@ class Consts(NamedTuple):
     write_ports: int
 
 
-def staggered(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Copies of the arrays in one buffer, each starting at a different offset modulo 4 KiB.
+def staggered(arrays: dict[str, np.ndarray | tuple]) -> dict[str, np.ndarray]:
+    """Copies of the arrays in one buffer, each starting at a different offset modulo 4 KiB;
+    an entry given as (shape, dtype) becomes zeros without being copied.
 
     Separately allocated large arrays all start page-aligned, so parallel streams through them
     collide in the same L1 sets and alias at 4 KiB; staggered starts avoid that. Contents and
-    shapes are unchanged.
+    shapes are unchanged. The buffer comes zeroed from the OS, page by page as it is touched.
     """
+    specs = {k: (a.shape, a.dtype) if isinstance(a, np.ndarray) else (tuple(a[0]), np.dtype(a[1]))
+             for k, a in arrays.items()}
     offsets, end = {}, 0
-    for i, (name, a) in enumerate(arrays.items()):
+    for i, (name, (shape, dtype)) in enumerate(specs.items()):
         start = -(-end // 4096) * 4096 + (i * 320) % 4096
         offsets[name] = start
-        end = start + a.nbytes
-    buf = np.empty(end + 64, dtype=np.uint8)  # every byte read lies in some array, copied below
+        end = start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.zeros(end + 64, dtype=np.uint8)
     base = (-buf.ctypes.data) % 64
     out = {}
-    for name, a in arrays.items():
+    for name, (shape, dtype) in specs.items():
         o = base + offsets[name]
-        v = buf[o:o + a.nbytes].view(a.dtype).reshape(a.shape)
-        v[...] = a
+        v = buf[o:o + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize].view(dtype).reshape(shape)
+        if isinstance(arrays[name], np.ndarray):
+            v[...] = arrays[name]
         out[name] = v
     return out
 
@@ -261,13 +265,13 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     pe_rec[:, L.PE_LIVE] = has.sum(axis=1)
     pe_rec[:, L.PE_TRACE] = -1
     state = State(**staggered(dict(
-        rt=rt, color_slot=color_slot, q=np.zeros((P, R, L.Q_FIELDS), np.int32), th=th, pe=pe_rec,
-        sem=np.zeros((P, isa.MAX_SEMAPHORES), np.int32),
-        sem_add=np.zeros((P, isa.MAX_SEMAPHORES), np.int32),
-        cyc=np.zeros((N_CLASSES, P), np.int32),
-        acc=np.zeros((N_OP_COUNTERS, P), np.int64),
-        link_acc=np.zeros((isa.N_LINK_COUNTERS, P, isa.N_LINK_PORTS), np.int32),
-        finish=np.zeros(P, np.int64), sleep_until=np.zeros(P, np.int64), sleep_from=np.zeros(P, np.int64),
+        rt=rt, color_slot=color_slot, q=((P, R, L.Q_FIELDS), np.int32), th=th, pe=pe_rec,
+        sem=((P, isa.MAX_SEMAPHORES), np.int32),
+        sem_add=((P, isa.MAX_SEMAPHORES), np.int32),
+        cyc=((N_CLASSES, P), np.int32),
+        acc=((N_OP_COUNTERS, P), np.int64),
+        link_acc=((isa.N_LINK_COUNTERS, P, isa.N_LINK_PORTS), np.int32),
+        finish=((P,), np.int64), sleep_until=((P,), np.int64), sleep_from=((P,), np.int64),
     )))
     consts = Consts(W, R, T, max(cfg.colors, 1), cfg.queue_depth_wavelets, cfg.hop_latency_cycles,
                     cfg.ramp_latency_cycles, cfg.link_wavelets_per_cycle,

@@ -8,6 +8,7 @@ stage simulations are in compose.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from ..errors import WseError
 from ..hardware import WaferConfig
@@ -198,6 +199,12 @@ def resident_bytes(plan: ModelPlan) -> int:
     return bytes_needed(spec, params, plan.n_layers, plan.first_layer, plan.embed, plan.head)
 
 
+@functools.lru_cache(maxsize=4096)
+def _units_chain(units: tuple[tuple[int, int], ...], experts_per_region: int) -> tuple:
+    """units_chain, remembered (placement searches ask for the same chain at many slot sizes)."""
+    return tuple(units_chain(list(units), experts_per_region))
+
+
 def _table_bytes(spec: ModelSpec, embed: bool, head: bool) -> int:
     return ELEM * ((spec.embedding_params() if embed else 0)
                    + (spec.lm_head_params() + spec.hidden_size if head else 0))
@@ -222,7 +229,15 @@ def _place(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: in
     first_error: Exception | None = None  # at the largest slot: what the smaller ones only repeat
     placed_error: Exception | None = None  # at the largest slot that placed the chain
 
+    chains: dict[tuple[int, int], tuple[list, int]] = {}
+
     def chain_for(p: int, q: int) -> tuple[list, int]:
+        if (p, q) not in chains:
+            chains[p, q] = _chain_for(p, q)
+        chain, per_region = chains[p, q]
+        return list(chain), per_region
+
+    def _chain_for(p: int, q: int) -> tuple[list, int]:
         per_region = 0
         if expert_layers:
             per_region = most_experts(spec, expert_layers[0], p, cfg, params, q)
@@ -230,7 +245,7 @@ def _place(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: in
                 raise FitError(f"not one routed expert of {spec.name} fits a {p}x{q} region")
             per_region = min(per_region, params.experts_per_region or per_region)
         chain = chain_elements(spec, first_layer, n_layers, per_region) if units is None \
-            else units_chain(units, per_region)
+            else list(_units_chain(tuple(units), per_region))
         return chain, per_region
 
     def tables(p: int) -> tuple[int, int]:

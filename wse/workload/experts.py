@@ -115,7 +115,24 @@ def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, 
 
 
 def most_experts(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, Q: int | None = None) -> int:
-    """The most routed experts of a MoE layer one P x Q expert region holds (0: not even one)."""
+    """The most routed experts of a MoE layer one P x Q expert region holds (0: not even one).
+
+    Remembered per region (every MoE layer's experts have the same shapes): placement searches
+    ask for the same regions many times."""
+    if not spec.is_moe_layer(layer):
+        return _most_experts(spec, layer, P, cfg, params, Q)  # (raises the error)
+    key = (spec, P, cfg.key(), params, Q)
+    if key not in _MOST:
+        if len(_MOST) > 65536:
+            _MOST.clear()
+        _MOST[key] = _most_experts(spec, layer, P, cfg, params, Q)
+    return _MOST[key]
+
+
+_MOST: dict[tuple, int] = {}
+
+
+def _most_experts(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, Q: int | None) -> int:
     lo, hi = 0, spec.moe.experts
     while lo < hi:  # the largest n whose tiles fit (fitting is monotone in n)
         n = (lo + hi + 1) // 2

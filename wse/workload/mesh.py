@@ -9,6 +9,7 @@ once each and assigned with numpy indexing. Routes are added per line in bulk th
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Hashable, Iterable
 
 import numpy as np
@@ -53,8 +54,13 @@ class Region:
 
 def split(total: int, parts: int) -> list[int]:
     """`total` split into `parts` near-equal integer chunks (larger chunks first)."""
+    return list(_split(total, parts))
+
+
+@functools.lru_cache(maxsize=8192)
+def _split(total: int, parts: int) -> tuple[int, ...]:
     q, r = divmod(total, parts)
-    return [q + 1 if i < r else q for i in range(parts)]
+    return (q + 1,) * r + (q,) * (parts - r)
 
 
 def split_ranges(total: int, parts: int) -> list[range]:
