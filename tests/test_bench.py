@@ -37,3 +37,10 @@ def test_regressions_are_flagged_beyond_the_threshold():
     got = {name: worse for name, _, _, worse in bench.changes(after, before)}
     assert got == {"dense.pe_cycles_per_s": True, "token8b.wall_s": False}
     assert bench.changes(after, None) == []
+
+
+def test_system_benchmark_runs_cold():
+    """The `system` benchmark: a cold `wse system` in a fresh process, its wall time and figures."""
+    r = bench.run_one("system", quick=True)
+    assert r["wall_s"] > 0 and r["wafers"] >= 1 and r["tokens_per_s_per_user"] > 0
+    assert "system" in bench.format_results({"system": r})[0]

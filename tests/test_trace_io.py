@@ -743,3 +743,9 @@ def test_builder_refuses_values_the_format_cannot_hold():
     b.route(0, 0, 200, isa.PORT_RAMP, [isa.PORT_EAST])
     with pytest.raises(TraceError, match="route field color = 200 does not fit"):
         b.build()
+
+
+def test_op_columns_follow_the_op_fields():
+    """pack_programs reads an op table in Op field order as the OP_COLUMNS columns."""
+    from wse.trace import OP_COLUMNS, Op
+    assert [name for name, _ in OP_COLUMNS] == list(Op._fields)

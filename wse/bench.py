@@ -8,6 +8,8 @@ Benchmarks (--quick shrinks each to a smoke-test size):
   token8b   a whole llama3.1-8b decode token on one wse3, composed: wall seconds
   token70b  llama3.1-70b at its per-wafer share of layers, composed: wall seconds
   jit       cold JIT compile (empty cache) and warm start (cached), process start to finish
+  system    `wse system` for kimi-k2 on the fewest CS-3 (uniform slots, --jobs 2, no TTFT), empty stage
+            cache: wall seconds from process start, planning and every stage simulation included
 
 Every `wse bench` run appends one JSON line (figures, machine, commit, date) to a history
 file and compares against the last comparable line, so regressions show.
@@ -28,11 +30,11 @@ from typing import Any
 
 from .errors import WseError
 
-NAMES = ("dense", "wse3", "layer", "token8b", "token70b", "jit")
+NAMES = ("dense", "wse3", "layer", "token8b", "token70b", "jit", "system")
 # Figures compared against the previous history line: (benchmark, key, higher is better).
 HEADLINE = (("dense", "pe_cycles_per_s", True), ("wse3", "pe_cycles_per_s", True),
             ("layer", "pe_cycles_per_s", True), ("token8b", "wall_s", False), ("token70b", "wall_s", False),
-            ("jit", "warm_start_s", False))
+            ("jit", "warm_start_s", False), ("system", "wall_s", False))
 REGRESSION = 0.15  # a headline figure this much worse than last time is flagged
 TINY_RUN = (
     "from wse import hardware; from wse.workload import synthetic as s; "
@@ -164,6 +166,28 @@ def bench_jit() -> dict[str, Any]:
     return {"cold_compile_s": cold, "warm_start_s": warm}
 
 
+def bench_system(model: str, jobs: int) -> dict[str, Any]:
+    """`wse system --model M --wafers auto --uniform-slots --jobs N --prompt-len 0` in a fresh
+    process with an empty stage cache (a cold run): wall seconds, and the run's figures."""
+    import h5py
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "system.h5"
+        env = dict(os.environ, WSE_CACHE=str(Path(tmp) / "cache"))
+        cmd = ["from wse.cli import cli; cli()", "system", "--model", model, "--wafers", "auto", "--uniform-slots",
+               "--jobs", str(jobs), "--prompt-len", "0", "--quiet", "-o", str(out)]
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-c", *cmd], env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise WseError(f"system benchmark failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
+        with h5py.File(out) as f:
+            rows = dict(zip((m.decode().strip() for m in f["system/metric"][:]), f["system/wafer_system"][:]))
+    children_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    return {"model": model, "jobs": jobs, "wall_s": wall, "largest_process_mb": children_mb,
+            "wafers": int(rows["chips"]),
+            "tokens_per_s_per_user": float(rows["tokens/s per user"])}
+
+
 def run_one(name: str, quick: bool) -> dict[str, Any]:
     """One benchmark in this process."""
     if name == "dense":
@@ -180,6 +204,8 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
                else bench_token("llama3.1-70b", "wse3", 1024, True))
     elif name == "jit":
         out = bench_jit()
+    elif name == "system":
+        out = bench_system("tiny-moe" if quick else "kimi-k2", 2)
     else:
         raise WseError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")
     out["peak_rss_mb"] = _peak_rss_mb()
@@ -269,6 +295,10 @@ def format_results(results: dict[str, Any]) -> list[str]:
                          f"{r['tokens_per_s']:,.0f} tokens/s), peak {r['peak_rss_mb']:,.0f} MB")
         elif name == "jit":
             lines.append(f"{name:9s} cold compile {r['cold_compile_s']:.1f} s, warm start {r['warm_start_s']:.2f} s")
+        elif name == "system":
+            lines.append(f"{name:9s} wse system {r['model']} on {r['wafers']} wafers (cold, --jobs {r['jobs']}): "
+                         f"{r['wall_s']:.1f} s wall, {r['tokens_per_s_per_user']:,.0f} tokens/s per user, "
+                         f"largest process {r['largest_process_mb']:,.0f} MB")
     return lines
 
 

@@ -66,6 +66,15 @@ class Op(NamedTuple):
         return name
 
 
+_NEW_TUPLE = tuple.__new__
+
+
+def with_tag(op: Op, tag: int) -> Op:
+    """op labelled with a workload-level tag (op._replace(tag=tag), without its per-call cost:
+    builders relabel hundreds of thousands of ops)."""
+    return _NEW_TUPLE(Op, op[:10] + (tag,))
+
+
 def compute(kind: int, length: int, dst: int, src0: int, src1: int = 0,
             dtype: int = isa.DTYPE_FP16) -> Op:
     """Vector op over local SRAM (see isa.op_streams for which operands it reads)."""
@@ -568,7 +577,8 @@ def pack_programs(programs: dict[tuple[Op, ...], int]) -> tuple[dict[str, np.nda
     flat = [op for ops, _ in progs for op in ops]
     lens = np.array([len(ops) for ops, _ in progs], dtype=np.int32)
     starts = (np.cumsum(lens) - lens).astype(np.int32)
-    ops = {name: _column(f"op field {name}", [getattr(op, name) for op in flat], dt) for name, dt in OP_COLUMNS}
+    table = np.array(flat, dtype=np.int64).reshape(-1, len(OP_COLUMNS))  # columns in Op field order
+    ops = {name: _column(f"op field {name}", table[:, i], dt) for i, (name, dt) in enumerate(OP_COLUMNS)}
     return ops, starts, lens
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import isa
 from ..errors import TraceError
-from ..trace import ROUTE_COLUMNS, UNTAGGED, Op, Tag, Trace, _column, pack_programs
+from ..trace import ROUTE_COLUMNS, UNTAGGED, Op, Tag, Trace, _column, pack_programs, with_tag
 
 # Sides of a position on a line: toward the lower index, toward the higher index, the CE.
 LO, HI, RAMP = "lo", "hi", "ramp"
@@ -296,4 +296,4 @@ class MeshBuilder:
 
 def tagged(part: dict[int, list[Op]], tag: int) -> dict[int, list[Op]]:
     """The ops of `part` (thread -> ops) labelled with a workload-level tag."""
-    return {t: [op._replace(tag=tag) if op.tag == 0 else op for op in ops] for t, ops in part.items()}
+    return {t: [with_tag(op, tag) if op.tag == 0 else op for op in ops] for t, ops in part.items()}

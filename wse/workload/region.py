@@ -17,7 +17,7 @@ import dataclasses
 
 from .. import isa
 from ..errors import WseError
-from ..trace import Op, recv, send
+from ..trace import Op, recv, send, with_tag
 from .collectives import LineAllReduce, LineBroadcast, ReduceColors
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram
 from .params import DecodeParams
@@ -104,7 +104,7 @@ def retag(out: Ops, since: dict[int, int], tag: int) -> None:
     """Label the ops added to `out` since `since` (a mark) with `tag`."""
     for t, ops in out.items():
         start = since.get(t, 0)
-        ops[start:] = [op._replace(tag=tag) for op in ops[start:]]
+        ops[start:] = [with_tag(op, tag) for op in ops[start:]]
 
 
 def handoff(red: dict, xrole: tuple, yrole: tuple, buf: int, tmp: int) -> Ops:
