@@ -26,7 +26,7 @@ PARALLEL_MIN_PES = 4096
 # each thread then gets tiles from all over the mesh, busy regions and quiet ones alike.
 TILE_ROWS = 8
 TILE_COLS = 8
-GROUPS_PER_THREAD = 2
+GROUPS_PER_THREAD = 8
 # Timeline: first sampling interval and the most samples kept (intervals double beyond it).
 TIMELINE_START_CYCLES = 64
 TIMELINE_MAX_SAMPLES = 1024
