@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..isa import C_BUSY, C_SETUP, OP_COMPUTE
+from ..isa import C_BUSY, C_SETUP, L_WAVELETS, OP_COMPUTE
 from .layout import (
     A_FLOPS, A_OPS, A_RECEIVED, A_SENT, A_SRAM_READ, A_SRAM_WRITE, CODE_DONE, CTRL_CODE, CTRL_TWO,
     EVENT_FIELDS, OT_CIN, OT_COUT, OT_CTRL, OT_FIELDS, OT_FLOPS, OT_LENGTH, OT_RBYTES, OT_RECV, OT_SEND,
-    OT_SETUP, OT_TAG, OT_WBYTES, OT_WIDTH, PE_LIVE, TL_DIRTY, TL_FIELDS, TL_FLOPS, TL_HELD,
+    OT_SETUP, OT_TAG, OT_WBYTES, OT_WIDTH, PE_HELD, PE_LIVE, PE_ROUTES, Q_GRANTS, RT_TX, TL_DIRTY, TL_FIELDS, TL_FLOPS, TL_HELD,
     TL_PROGRESSED, PE_SLEEP_CLASS, PE_SLEEP_THREAD, PE_TRACE,
     TH_CTRL, TH_END, TH_IN, TH_LEFT, TH_OP, TH_OUT, TH_SETUP, TH_WIDTH, TS_BYTES, TS_FIELDS, TS_FIRST,
     TS_FLOPS, TS_LAST, TS_OPS, TS_WAVELETS,
@@ -174,15 +174,17 @@ def wake_ce(p, t, T, grp, F, I, n_tags, max_events, n_colors):
 
 
 @hot
-def fold(t, F, I, A, n_tags, max_events, T, n_colors, pe_cnt, link_cnt, region_of, region_busy, full):
+def fold(t, F, I, A, n_tags, max_events, T, n_colors, R, pe_cnt, link_cnt, region_of, region_busy, full):
     """Bring the totals up to cycle t at the end of a chunk.
 
     Always (the timeline's figures): busy cycles into pe_cnt [P, classes..] and region_busy
-    [regions], and each tile's FLOPs (TL_FLOPS), for the tiles stepped since the last fold and
+    [regions], and each tile's FLOPs and held wavelets (TL_FLOPS, TL_HELD), for the tiles
+    stepped since the last fold and
     those with CEs asleep in busy or setup (accounted first, as if stepped; they stay asleep).
     When `full` (snapshots, the end of a run, and often enough that no 32-bit per-chunk
     counter overflows): every tile, every sleeping CE, and every cycle class and link counter
-    into the 64-bit totals pe_cnt and link_cnt [P, 4, link counters].
+    into the 64-bit totals pe_cnt and link_cnt [P, 4, link counters] (wavelets per link from the
+    slots' grant counts)).
     """
     P = F.finish.shape[0]
     W = A.mesh[0]
@@ -198,6 +200,7 @@ def fold(t, F, I, A, n_tags, max_events, T, n_colors, pe_cnt, link_cnt, region_o
         x0, x1 = A.rect[b << 2], A.rect[(b << 2) + 1]
         y0, y1 = A.rect[(b << 2) + 2], A.rect[(b << 2) + 3]
         flops = 0
+        held = 0
         for y in range(y0, y1):
             for p in range(y * W + x0, y * W + x1):
                 if F.sleep_until[p] > 0 and (full or F.pe[(p << PSHIFT) + PE_SLEEP_CLASS] <= C_SETUP):
@@ -208,6 +211,7 @@ def fold(t, F, I, A, n_tags, max_events, T, n_colors, pe_cnt, link_cnt, region_o
                     region_busy[region_of[p]] += busy
                     F.cyc[C_BUSY * P + p] = 0
                 flops += F.acc[A_FLOPS * P + p]
+                held += F.pe[(p << PSHIFT) + PE_HELD]
                 for h in range(T):
                     hb = (p * T + h) << 3
                     if (F.th[hb + TH_CTRL] & CTRL_CODE) != CODE_DONE:
@@ -222,7 +226,17 @@ def fold(t, F, I, A, n_tags, max_events, T, n_colors, pe_cnt, link_cnt, region_o
                             i = ((c * P + p) << 2) + port
                             link_cnt[p, port, c] += F.link_acc[i]
                             F.link_acc[i] = 0
+                    for k in range(F.pe[(p << PSHIFT) + PE_ROUTES]):
+                        qi = ((p * R + k) << 3) + Q_GRANTS
+                        g = F.q[qi]
+                        if g != 0:
+                            tx = F.rt[((p * R + k) << 3) + RT_TX]
+                            for port in range(4):
+                                if (tx >> port) & 1:
+                                    link_cnt[p, port, L_WAVELETS] += g
+                            F.q[qi] = 0
         tl[tb + TL_FLOPS] = flops
+        tl[tb + TL_HELD] = held
 
 
 @hot

@@ -1,10 +1,12 @@
 """Numba kernels: the two-phase cycle of docs/model.md over packed per-PE records.
 
 Phase 1 reads only last cycle's state and writes each PE's own grant mask, round-robin pointer
-and link counters. Phase 2 runs each PE's CE step and queue update, reading neighbours' grants
-and writing only that PE's records. Each phase is a loop over PEs (`prange` in the parallel
-kernel, integer-sum reductions only), so results do not depend on the thread count. Kernels
-import only numpy, numba and integer constants (ISA codes and record layouts).
+and link counters, plus the arrival field (and tile kick flag) its grants send to, which only
+it writes. Phase 2 runs each PE's CE step and queue update, reading its arrivals and writing
+only that PE's records. Each phase is a loop over tiles of PEs dealt to groups (`prange` over
+the groups in the parallel kernel, integer-sum reductions only), so results do not depend on
+the thread count or the tile shape. Kernels import only numpy, numba and integer constants (ISA
+codes and record layouts).
 
 The state arrives as flat 1-D arrays (layout.py gives the record fields; route, queue and
 thread records have 8 fields, so a field's index is base + (slot << 3) + FIELD, PE records 16,
@@ -18,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..isa import (
-    C_BUSY, C_SETUP, C_STALL_RECV, C_STALL_SEND, C_STALL_SRAM, C_STALL_SYNC, L_BLOCKED, L_CONTENTION, L_WAVELETS,
+    C_BUSY, C_SETUP, C_STALL_RECV, C_STALL_SEND, C_STALL_SRAM, C_STALL_SYNC, L_BLOCKED, L_CONTENTION,
     MAX_SEMAPHORES, OP_SIGNAL, OP_WAIT, PORT_RAMP, STOP_COMPLETE, STOP_DEADLOCK,
 )
 from numba.cpython.unsafe.numbers import trailing_zeros
@@ -27,9 +29,9 @@ from .accounting import chain_end, complete_op, hot, wake_ce
 from .layout import (
     CODE_DONE, CQ_OCC, CQ_PIPE, CQ_READY, CTRL_CODE, CTRL_SUB, CTRL_TWO, PE_CE_RR, PE_GRANT, PE_HELD,
     PE_ARRIVE, PE_LIVE, PE_PEAK, PE_PIPES, PE_READY, PE_ROUTES, PE_RR, PE_SLEEP_CLASS, PE_SLEEP_THREAD,
-    Q_OCC, Q_PIPE, Q_READY, RT_CROSS, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX,
+    Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_CROSS, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX,
     TH_CTRL, TH_IN, TH_LEFT, TH_OUT, TH_SETUP, TH_WIDTH, TL_NEED1, TL_NEXT, TL_PENDING, TL_PROGRESSED,
-    TL_WAKE, TL_FIELDS, TL_HELD, TL_DIRTY,
+    TL_WAKE, TL_FIELDS, TL_DIRTY,
 )
 
 RUNNING = -1  # returned when the chunk ended before the run did
@@ -61,7 +63,7 @@ def _route_tile(b, F, A, W, R, depth, cap):
     """Phase 1 for the PEs of tile b: round-robin grants from last cycle's state.
 
     Returns (PEs that granted a route, PEs with ready wavelets). Writes only those PEs' grant
-    mask, round-robin pointer and link counters, the arrival fields of the neighbours their
+    mask, round-robin pointer, grant counts and link counters, the arrival fields of the neighbours their
     grants send to (PE_ARRIVE + port: only the neighbour on that side writes it) and the kick
     flags of the tiles those lie in (one per tile and port, likewise).
     Port use is counted in 4-bit fields of `used` (one per port); a route fits when no field
@@ -126,15 +128,15 @@ def _route_tile(b, F, A, W, R, depth, cap):
                                         ok = False
                     if ok:
                         g |= 1 << k
+                        q[_u(kb + Q_GRANTS)] += 1
                         used += inc
                         slots = rt[_u(kb + RT_DOWNS)]
-                        if slots != 0:  # tell each neighbour which of its slots receives; count the link
+                        if slots != 0:  # tell each neighbour which of its slots receives
                             for port in range(4):
                                 d = (slots >> (8 * port)) & 255
                                 if d != 0:
                                     nb = _neighbour(p, port, W)
                                     pe[_u((nb << PSHIFT) + PE_ARRIVE + port)] |= 1 << (d - 1)
-                                    link_acc[_u(((L_WAVELETS * P + p) << 2) + port)] += 1
                             cross = rt[_u(kb + RT_CROSS)]
                             if cross != 0:  # and wake the tiles this wavelet enters
                                 for port in range(4):
@@ -166,17 +168,17 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
     Returns (wavelets held + live threads, PEs that progressed, earliest wake-up of a sleeping
     CE, PEs that took the full path, whether phase 1 must visit the tile next cycle (a ready
     wavelet or a grant to clear), whether phase 2 must (that, a wavelet in flight or an awake
-    CE)). Reads neighbours' grants; writes only these PEs' records; grp indexes the tag
-    statistics of the thread group stepping the tile.
+    CE), CEs asleep in busy or setup). Reads the PEs' arrival fields; writes
+    only these PEs' records; grp indexes the tag statistics of the group stepping the tile.
 
     Exact skipping (skip=True): a CE whose threads all stall or count down setup sleeps until
     the first setup ends or a wavelet arrives in one of its CE queues or leaves one of its
     ramp-fed router queues, the only events that can change what it does; the cycles it
     sleeps are added to the class it was in (all that could have happened). A CE whose one
     progressing thread computes from SRAM alone sleeps through the run of local compute ops
-    ahead of it (_chain_end); waking replays the ops completed meanwhile (_account_sleep). A PE whose CE is
-    idle or asleep, with nothing in flight, nothing granted and no neighbour granting, is
-    skipped whole.
+    ahead of it (accounting.chain_end); waking replays the ops completed meanwhile
+    (accounting.account_sleep). A PE whose CE is idle or asleep, with nothing in flight,
+    nothing granted and nothing arriving, is skipped whole.
     """
     x0, x1 = A.rect[_u(b << 2)], A.rect[_u((b << 2) + 1)]
     y0, y1 = A.rect[_u((b << 2) + 2)], A.rect[_u((b << 2) + 3)]
@@ -201,7 +203,6 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
     need1 = False
     again = False  # phase 2 must visit the tile next cycle
     sleepers = 0  # CEs asleep in busy or setup after this cycle
-    tile_held = 0
     for y in range(y0, y1):
         for p in range(y * W + x0, y * W + x1):
             pb = p << PSHIFT
@@ -222,7 +223,6 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
                     if w < next_wake:
                         next_wake = w
                 pending += pe[_u(pb + PE_HELD)] + lv
-                tile_held += pe[_u(pb + PE_HELD)]
                 if pe[_u(pb + PE_READY)] != 0:  # blocked wavelets: phase 1 counts them
                     need1 = True
                 continue
@@ -457,7 +457,6 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
                 if pipes != 0:
                     again = True
             pe[_u(pb + PE_HELD)] = held
-            tile_held += held
             pending += held + pe[_u(pb + PE_LIVE)]
             if lv > 0 and sleep_until[_u(p)] > t:
                 w = sleep_until[_u(p)]
@@ -467,7 +466,7 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
                     sleepers += 1
             elif pe[_u(pb + PE_LIVE)] > 0:
                 again = True  # an awake CE
-    return pending, progressed, next_wake, active, need1, again or need1, sleepers, tile_held
+    return pending, progressed, next_wake, active, need1, again or need1, sleepers
 
 
 @hot
@@ -478,11 +477,13 @@ def _phase1(g, n_groups, F, A, W, R, depth, cap, skip):
     n_tiles = A.rect.shape[0] >> 2
     granted = 0
     evaluated = 0
-    for b in range(g, n_tiles, n_groups):
-        if not skip or tl[b * TL_FIELDS + TL_NEED1] != 0:
-            a, e = _route_tile(b, F, A, W, R, depth, cap)
-            granted += a
-            evaluated += e
+    run = A.mesh[2]
+    for c in range(g, -(-n_tiles // run), n_groups):
+        for b in range(c * run, min(c * run + run, n_tiles)):
+            if not skip or tl[b * TL_FIELDS + TL_NEED1] != 0:
+                a, e = _route_tile(b, F, A, W, R, depth, cap)
+                granted += a
+                evaluated += e
     return granted, evaluated
 
 
@@ -499,32 +500,33 @@ def _phase2(g, n_groups, t, F, I, A, n_tags, max_events, W, R, T, n_colors, dept
     progressed = 0
     wake = NEVER
     active = 0
-    for b in range(g, n_tiles, n_groups):
-        tb = b * TL_FIELDS
-        kb = b << 2
-        if (not skip or tl[tb + TL_NEXT] <= t or kick[kb] != 0 or kick[kb + 1] != 0 or kick[kb + 2] != 0
-                or kick[kb + 3] != 0):
-            kick[kb] = 0
-            kick[kb + 1] = 0
-            kick[kb + 2] = 0
-            kick[kb + 3] = 0
-            pd, pr, wk, ac, need1, again, sleepers, held = _update_tile(
-                b, t, F, I, A, g, n_tags, max_events, W, R, T, n_colors, depth, cap, hop_bit, ramp_bit,
-                read_ports, write_ports, skip)
-            tl[tb + TL_PENDING] = pd
-            tl[tb + TL_PROGRESSED] = sleepers
-            tl[tb + TL_WAKE] = wk
-            tl[tb + TL_NEED1] = 1 if need1 else 0
-            tl[tb + TL_NEXT] = t + 1 if again else wk
-            tl[tb + TL_HELD] = held
-            tl[tb + TL_DIRTY] = 1
-            active += ac
-            progressed += pr
-        else:
-            progressed += tl[tb + TL_PROGRESSED]
-        pending += tl[tb + TL_PENDING]
-        if tl[tb + TL_WAKE] < wake:
-            wake = tl[tb + TL_WAKE]
+    run = A.mesh[2]
+    for c in range(g, -(-n_tiles // run), n_groups):
+        for b in range(c * run, min(c * run + run, n_tiles)):
+            tb = b * TL_FIELDS
+            kb = b << 2
+            if (not skip or tl[tb + TL_NEXT] <= t or kick[kb] != 0 or kick[kb + 1] != 0 or kick[kb + 2] != 0
+                    or kick[kb + 3] != 0):
+                kick[kb] = 0
+                kick[kb + 1] = 0
+                kick[kb + 2] = 0
+                kick[kb + 3] = 0
+                pd, pr, wk, ac, need1, again, sleepers = _update_tile(
+                    b, t, F, I, A, g, n_tags, max_events, W, R, T, n_colors, depth, cap, hop_bit, ramp_bit,
+                    read_ports, write_ports, skip)
+                tl[tb + TL_PENDING] = pd
+                tl[tb + TL_PROGRESSED] = sleepers
+                tl[tb + TL_WAKE] = wk
+                tl[tb + TL_NEED1] = 1 if need1 else 0
+                tl[tb + TL_NEXT] = t + 1 if again else wk
+                tl[tb + TL_DIRTY] = 1
+                active += ac
+                progressed += pr
+            else:
+                progressed += tl[tb + TL_PROGRESSED]
+            pending += tl[tb + TL_PENDING]
+            if tl[tb + TL_WAKE] < wake:
+                wake = tl[tb + TL_WAKE]
     return pending, progressed, wake, active
 
 

@@ -22,6 +22,7 @@ Q_PIPE = 2  # bit i: a wavelet in flight becomes ready after i more cycles
 CQ_READY = 3
 CQ_OCC = 4
 CQ_PIPE = 5
+Q_GRANTS = 6  # times granted since the last full fold (then added to the link wavelet counters)
 Q_FIELDS = 8
 
 # th[p, thread, :] int32 - microthread state; the current op's constants are copied in at op
@@ -108,7 +109,7 @@ TL_NEED1 = 1  # 1: a PE holds a ready wavelet or a grant to clear, so phase 1 mu
 TL_PENDING = 2  # wavelets held + live threads, as of the tile's last phase 2
 TL_PROGRESSED = 3  # sleeping CEs in busy or setup (each progresses every cycle), likewise
 TL_WAKE = 4  # earliest wake-up of a sleeping CE, likewise
-TL_HELD = 5  # wavelets held in the tile's queues, likewise
+TL_HELD = 5  # wavelets held in the tile's queues, as of the last fold
 TL_FLOPS = 6  # FLOPs done (completed ops and finished elements of ops in progress), as of the last fold
 TL_DIRTY = 7  # 1: stepped since the last fold
 TL_FIELDS = 8

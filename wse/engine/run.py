@@ -22,11 +22,14 @@ from .state import (MAX_CHUNK_CYCLES, N_OP_COUNTERS, State, build_state, flat,
 # Below this many PEs the serial kernel is used unless parallel stepping is forced.
 PARALLEL_MIN_PES = 4096
 # The kernels step PEs in tiles of TILE_ROWS x TILE_COLS (a tile with nothing to do costs a few
-# loads), dealt round-robin to GROUPS_PER_THREAD groups per Numba thread in the parallel kernel:
-# each thread then gets tiles from all over the mesh, busy regions and quiet ones alike.
-TILE_ROWS = 8
-TILE_COLS = 8
+# loads; rows stream through memory best), dealt in runs of consecutive tiles round-robin to
+# GROUPS_PER_THREAD groups per Numba thread in the parallel kernel: each thread then gets tiles
+# from all over the mesh, busy regions and quiet ones alike. A big mesh has about RUNS_PER_GROUP
+# runs per group, each long enough to stream; a small one deals single tiles.
+TILE_ROWS = 1
+TILE_COLS = 128
 GROUPS_PER_THREAD = 8
+RUNS_PER_GROUP = 32
 # Timeline: first sampling interval and the most samples kept (intervals double beyond it).
 TIMELINE_START_CYCLES = 64
 TIMELINE_MAX_SAMPLES = 1024
@@ -79,7 +82,9 @@ class _Run:
         self.n_groups = GROUPS_PER_THREAD * max(1, self.n_threads) if parallel else 1
         self.C = C
         rows, cols = tile or (TILE_ROWS, TILE_COLS)
-        self.A = make_tiles(S, trace.mesh_width, trace.mesh_height, rows, cols)
+        n_tiles = -(-trace.mesh_width // cols) * -(-trace.mesh_height // rows)
+        run = max(1, n_tiles // (self.n_groups * RUNS_PER_GROUP))
+        self.A = make_tiles(S, trace.mesh_width, trace.mesh_height, rows, cols, run)
         self.n_tags = len(trace.tags)
         self.traced = sample_pes(trace, TRACED_PES)
         S.pe[self.traced, L.PE_TRACE] = np.arange(len(self.traced))
@@ -105,7 +110,7 @@ class _Run:
         up to date (sleeping CEs accounted as if they had been stepped: all of them when full,
         else those whose busy cycles the timeline counts; they stay asleep)."""
         accounting.fold(self.t, self.F, self.I, self.A, self.n_tags, MAX_EVENTS, self.C.n_threads, self.C.n_colors,
-                        self.pe_cnt, self.link_cnt, self.region_of, self.region_busy, full)
+                        self.C.n_routes, self.pe_cnt, self.link_cnt, self.region_of, self.region_busy, full)
         if full:
             self.full_at = self.t
 

@@ -95,12 +95,13 @@ class Tiles(NamedTuple):
     pe_tile: np.ndarray  # int64 [P] tile of each PE
     state: np.ndarray  # int64 [tiles * TL_FIELDS] (layout.py, TL_*)
     kick: np.ndarray  # int8 [tiles * 4]: a grant through port i of a neighbour tile enters this one
-    mesh: np.ndarray  # int64 [2]: mesh width, height
+    mesh: np.ndarray  # int64 [3]: mesh width, height, tiles per run (a group steps runs g, g + groups, ...)
 
 
-def make_tiles(S: State, W: int, H: int, rows: int, cols: int) -> Tiles:
-    """Tiles of rows x cols PEs over a W x H mesh (row-major), every one due at cycle 0; sets
-    each route's RT_CROSS (the link ports in its tx whose neighbour lies in another tile)."""
+def make_tiles(S: State, W: int, H: int, rows: int, cols: int, run: int = 1) -> Tiles:
+    """Tiles of rows x cols PEs over a W x H mesh (row-major), every one due at cycle 0, dealt to
+    thread groups in runs of `run` consecutive tiles; sets each route's RT_CROSS (the link ports
+    in its tx whose neighbour lies in another tile)."""
     nx, ny = -(-W // cols), -(-H // rows)
     tx, ty = np.meshgrid(np.arange(nx), np.arange(ny))
     tx, ty = tx.reshape(-1), ty.reshape(-1)
@@ -118,7 +119,7 @@ def make_tiles(S: State, W: int, H: int, rows: int, cols: int) -> Tiles:
     state[:, L.TL_NEED1] = 1
     state[:, L.TL_WAKE] = 1 << 62
     return Tiles(rect.astype(np.int64).reshape(-1), pe_tile.astype(np.int64), state.reshape(-1),
-                 np.zeros(len(rect) * 4, dtype=np.int8), np.array([W, H], dtype=np.int64))
+                 np.zeros(len(rect) * 4, dtype=np.int8), np.array([W, H, max(1, run)], dtype=np.int64))
 
 
 class Consts(NamedTuple):
