@@ -184,7 +184,7 @@ def fold(t, F, I, A, n_tags, max_events, T, n_colors, R, pe_cnt, link_cnt, regio
     When `full` (snapshots, the end of a run, and often enough that no 32-bit per-chunk
     counter overflows): every tile, every sleeping CE, and every cycle class and link counter
     into the 64-bit totals pe_cnt and link_cnt [P, 4, link counters] (wavelets per link from the
-    slots' grant counts)).
+    slots' grant counts).
     """
     P = F.finish.shape[0]
     W = A.mesh[0]

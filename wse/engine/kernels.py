@@ -1,7 +1,7 @@
 """Numba kernels: the two-phase cycle of docs/model.md over packed per-PE records.
 
-Phase 1 reads only last cycle's state and writes each PE's own grant mask, round-robin pointer
-and link counters, plus the arrival field (and tile kick flag) its grants send to, which only
+Phase 1 reads only last cycle's state and writes each PE's own grant mask, round-robin pointer,
+grant counts and link counters, plus the arrival field (and tile kick flag) its grants send to, which only
 it writes. Phase 2 runs each PE's CE step and queue update, reading its arrivals and writing
 only that PE's records. Each phase is a loop over tiles of PEs dealt to groups (`prange` over
 the groups in the parallel kernel, integer-sum reductions only), so results do not depend on
@@ -539,9 +539,9 @@ def _make_run(parallel: bool):
 
         F holds the flat state arrays (state.Flat), I the instrumentation (state.Ins: per-group
         tag statistics and the event log of traced PEs), A the tiles (state.Tiles). Group g steps
-        tiles g, g + n_groups, ...: groups run in parallel in the parallel kernel, and
-        interleaving spreads busy parts of the mesh over all threads (any partition gives
-        identical results). With skip, a tile runs phase 1 only when a PE of it has a wavelet
+        runs g, g + n_groups, ... of A.mesh[2] consecutive tiles: groups run in parallel in the
+        parallel kernel, and interleaving spreads busy parts of the mesh over all threads (any
+        partition gives identical results). With skip, a tile runs phase 1 only when a PE of it has a wavelet
         ready or a grant to clear, and phase 2 only then, when something is in flight or a CE
         is awake in it, when a sleeping CE's wake-up time has come, or when a neighbour's grant
         kicks it; otherwise its PEs would all be skipped as quiet, and the tile's totals

@@ -141,13 +141,14 @@ class _Run:
             previous_handler = signal.signal(signal.SIGINT, on_sigint)
         try:
             stop = self._step(progress, snapshot, snapshot_seconds, t0)
-        except KeyboardInterrupt:  # a second Ctrl-C, possibly between a chunk and its fold
+        except KeyboardInterrupt:  # a second Ctrl-C
             stop = isa.STOP_INTERRUPTED
-            self.fold(full=True)
         finally:
             numba.set_num_threads(previous_threads)
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
+        if self.full_at != self.t:  # an interrupt can come between a chunk and its full fold
+            self.fold(full=True)
         return self.result(stop, time.perf_counter() - t0)
 
     def _step(self, progress, snapshot, snapshot_seconds: float, t0: float) -> int:
@@ -160,7 +161,8 @@ class _Run:
         while True:
             t_stop = min(self.t + min(chunk, MAX_CHUNK_CYCLES), max_cycles, self.timeline.next_sample(self.t))
             c0 = time.perf_counter()
-            self.t, stop, last_progress = self.call(self.t, t_stop, last_progress)
+            t, stop, last_progress = self.call(self.t, t_stop, last_progress)
+            self.t = t
             dt = time.perf_counter() - c0
             snap_due = snapshot is not None and time.perf_counter() - last_snapshot >= snapshot_seconds
             self.fold(full=stop != kernels.RUNNING or self.t >= max_cycles or self.interrupted or snap_due

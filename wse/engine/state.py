@@ -28,9 +28,10 @@ class State(NamedTuple):
     sem: np.ndarray  # int32 [P, MAX_SEMAPHORES]
     sem_add: np.ndarray  # int32 [P, MAX_SEMAPHORES] signals of this cycle
     # Counters are counter-major so a cycle touches only what it changes. Cycle classes
-    # (C_BUSY .. C_STALL_SYNC) count per cycle in int32 and are folded into int64 totals after
-    # every chunk; the per-element counters (C_FLOPS .. C_OPS) are added when an op completes
-    # (the driver adds the finished elements of ops in progress when a run stops).
+    # (C_BUSY .. C_STALL_SYNC) count per cycle in int32 and are folded into int64 totals (busy
+    # cycles after every chunk, the others at full folds: accounting.fold); the per-element
+    # counters (C_FLOPS .. C_OPS) are added when an op completes (the driver adds the finished
+    # elements of ops in progress when a run stops).
     cyc: np.ndarray  # int32 [N_CLASSES, P]
     acc: np.ndarray  # int64 [N_OP_COUNTERS, P] PE counters C_FLOPS .. C_OPS
     link_acc: np.ndarray  # int32 [N_LINK_COUNTERS, P, 4]
@@ -41,7 +42,7 @@ class State(NamedTuple):
 
 N_CLASSES = isa.C_STALL_SYNC + 1
 N_OP_COUNTERS = isa.C_OPS + 1 - isa.C_FLOPS
-MAX_CHUNK_CYCLES = 1 << 30  # keeps the int32 per-chunk counters from overflowing
+MAX_CHUNK_CYCLES = 1 << 30  # bounds a chunk (the driver grows chunks to at most 2^24 cycles)
 
 
 class Flat(NamedTuple):
