@@ -209,7 +209,7 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     r = trace.routes
     pe = r["pe"].astype(np.int64)
     color = r["color"].astype(np.int64)
-    order = np.lexsort((color, pe))
+    order = np.argsort(pe * 64 + color, kind="stable")  # by PE, then color (colors < 64)
     pe, color = pe[order], color[order]
     rx, tx = r["rx"].astype(np.int64)[order], r["tx"].astype(np.int64)[order]
     n_routes = np.bincount(pe, minlength=P)
@@ -252,15 +252,14 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     th[:, :, L.TH_IN] = -1
     th[:, :, L.TH_OUT] = -1
     th[:, :, L.TH_CTRL] = L.CODE_DONE
-    if len(ot):
-        row = ot[op0]
+    if len(ot):  # the first op's constants, gathered a column at a time
         for field, col in ((L.TH_LEFT, L.OT_LENGTH), (L.TH_SETUP, L.OT_SETUP), (L.TH_CTRL, L.OT_CTRL),
                            (L.TH_WIDTH, L.OT_WIDTH)):
-            th[:, :, field] = np.where(has, row[:, :, col], th[:, :, field])
+            th[:, :, field] = np.where(has, ot[op0, col], th[:, :, field])
         pes = np.broadcast_to(np.arange(P)[:, None], has.shape)
         for field, col, flag in ((L.TH_IN, L.OT_CIN, L.OT_RECV), (L.TH_OUT, L.OT_COUT, L.OT_SEND)):
-            use = has & (row[:, :, flag] != 0)
-            th[:, :, field] = np.where(use, color_slot[pes, np.where(use, row[:, :, col], 0)], -1)
+            use = has & (ot[op0, flag] != 0)
+            th[:, :, field] = np.where(use, color_slot[pes, np.where(use, ot[op0, col], 0)], -1)
 
     pe_rec = np.zeros((P, L.PE_FIELDS), dtype=np.int32)
     pe_rec[:, L.PE_ROUTES] = n_routes
