@@ -2,7 +2,7 @@
 import pytest
 
 from wse.engine.run import simulate
-from wse.trace import validate
+from wse.trace_check import validate
 
 
 def run(trace, cfg):

@@ -50,6 +50,26 @@ def _path(rng: np.random.Generator, src: tuple[int, int], dst: tuple[int, int]) 
     return pts
 
 
+def _threads(rng: np.random.Generator, ops: list, T: int, spread: bool, safe: bool = False) -> list[list]:
+    """A PE's ops dealt to T threads in random order (round-robin when spread), then up to two
+    signal/wait pairs; safe: each signal first in one thread, its wait in another (no deadlock
+    from the pair), else both anywhere."""
+    ths: list[list] = [[] for _ in range(T)]
+    for j, op in enumerate(rng.permutation(len(ops))):
+        ths[j % T if spread else int(rng.integers(0, T))].append(ops[op])
+    for _ in range(int(rng.integers(0, 3))):
+        s = int(rng.integers(0, 4))
+        a, w = int(rng.integers(0, T)), int(rng.integers(0, T))
+        if safe:
+            if a == w:
+                continue
+            ths[a].insert(0, signal(s))
+        else:
+            ths[a].insert(int(rng.integers(0, len(ths[a]) + 1)), signal(s))
+        ths[w].insert(int(rng.integers(0, len(ths[w]) + 1)), wait(s))
+    return ths
+
+
 def random_trace(seed: int) -> tuple[Trace, hardware.WaferConfig]:
     rng = np.random.default_rng(seed)
     cfg = random_config(rng)
@@ -127,17 +147,7 @@ def random_trace(seed: int) -> tuple[Trace, hardware.WaferConfig]:
             kind, dtype = KINDS[int(rng.integers(0, len(KINDS)))]
             n = int(rng.integers(1, 41))
             ops[pe].append(compute(kind, n, dst=addr(n, 4), src0=addr(n, 4), src1=addr(n, 4), dtype=dtype))
-    # distribute over threads in random order, then add signal/wait pairs
-    threads: dict[tuple[int, int], list[list]] = {pe: [[] for _ in range(T)] for pe in ops}
-    for pe, lst in ops.items():
-        for j, op in enumerate(rng.permutation(len(lst))):
-            threads[pe][j % T if spread else int(rng.integers(0, T))].append(lst[op])
-        for _ in range(int(rng.integers(0, 3))):
-            s = int(rng.integers(0, 4))
-            a, w = int(rng.integers(0, T)), int(rng.integers(0, T))
-            ta, tw = threads[pe][a], threads[pe][w]
-            ta.insert(int(rng.integers(0, len(ta) + 1)), signal(s))
-            tw.insert(int(rng.integers(0, len(tw) + 1)), wait(s))
+    threads = {pe: _threads(rng, lst, T, spread) for pe, lst in ops.items()}
     for (x, y), ths in threads.items():
         for t, lst in enumerate(ths):
             if lst:
@@ -246,20 +256,7 @@ def random_wide_trace(seed: int) -> tuple[Trace, hardware.WaferConfig]:
             n = int(rng.integers(1, 200))
             ops[pe].append(compute(kind, n, dst=addr(n, 4), src0=addr(n, 4), src1=addr(n, 4), dtype=dtype))
     for (x, y), lst in ops.items():
-        ths: list[list] = [[] for _ in range(T)]
-        for j, op in enumerate(rng.permutation(len(lst))):
-            ths[j % T if safe else int(rng.integers(0, T))].append(lst[op])
-        for _ in range(int(rng.integers(0, 3))):
-            s = int(rng.integers(0, 4))
-            a, w = int(rng.integers(0, T)), int(rng.integers(0, T))
-            if safe:  # a signal first in one thread releases a wait anywhere in another
-                if a == w:
-                    continue
-                ths[a].insert(0, signal(s))
-            else:
-                ths[a].insert(int(rng.integers(0, len(ths[a]) + 1)), signal(s))
-            ths[w].insert(int(rng.integers(0, len(ths[w]) + 1)), wait(s))
-        for t, th_ops in enumerate(ths):
+        for t, th_ops in enumerate(_threads(rng, lst, T, safe, safe)):
             if th_ops:
                 b.assign(x, y, t, th_ops)
     return b.build(), cfg

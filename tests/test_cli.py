@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from wse import hardware, isa
 from wse import trace as T
+from wse.trace_check import validate
 from wse.cli import cli
 from wse.results.store import read_run
 from wse.trace import TraceBuilder, compute, recv, send
@@ -102,7 +103,7 @@ def test_synth_writes_a_loadable_trace(tmp_path, pattern):
     m = re.search(r"([\d,]+) routes, ([\d,]+) distinct programs", r.stdout)
     assert int(m.group(1)) == len(t.routes["pe"])
     assert int(m.group(2)) == len(t.prog_start)
-    T.validate(t, hardware.load_preset("tiny"))
+    validate(t, hardware.load_preset("tiny"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 

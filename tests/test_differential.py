@@ -6,7 +6,7 @@ from engine_compare import assert_same
 from randomtrace import random_trace, random_wide_trace
 from wse.engine import reference
 from wse.engine.run import simulate
-from wse.trace import validate
+from wse.trace_check import validate
 
 
 @settings(max_examples=120, deadline=None, derandomize=False)

@@ -10,6 +10,7 @@ import pytest
 
 from wse import hardware, isa
 from wse import trace as T
+from wse.trace_check import validate
 from wse.errors import TraceError, WseError
 from wse.trace import TraceBuilder, compute, recv, recv_compute, send, signal, wait
 from wse.workload import synthetic
@@ -131,7 +132,7 @@ def test_round_trip_of_hand_built_trace_with_every_op_kind(tmp_path, tiny):
     b.assign(1, 0, 0, [recv_compute(3, isa.KIND_FMAC, 8, dst=64, src0=0, dtype=isa.DTYPE_MIXED)])
     b.assign(2, 0, 1, [recv(3, 8, 128)])
     t = b.build()
-    T.validate(t, tiny)
+    validate(t, tiny)
     p = tmp_path / "hand.h5"
     t.save(p)
     back = T.load(p)
@@ -230,9 +231,9 @@ def _valid_pair(b: TraceBuilder, color: int = 1) -> TraceBuilder:
 
 
 def test_a_consistent_trace_validates(tiny):
-    T.validate(_valid_pair(_b()).build(), tiny)
+    validate(_valid_pair(_b()).build(), tiny)
     for pattern, args in PATTERN_ARGS.items():
-        T.validate(synthetic.PATTERNS[pattern](*args), tiny)
+        validate(synthetic.PATTERNS[pattern](*args), tiny)
 
 
 def _off_mesh_tx(b):
@@ -398,7 +399,7 @@ def test_validation_error_names_the_pe(tiny, case):
     make(b)
     t = b.build()
     with pytest.raises(TraceError) as e:
-        T.validate(t, tiny, where="case.h5")
+        validate(t, tiny, where="case.h5")
     msg = str(e.value)
     assert msg.startswith("case.h5: ")
     for f in fragments:
@@ -416,7 +417,7 @@ def test_validation_cases_fail_only_for_their_fault(tiny):
     b.assign(3, 3, 0, [signal(2)])
     b.assign(3, 3, 1, [wait(2)])
     b.assign(1, 2, 7, [compute(isa.KIND_ADD, 4, 0, 0, 0)])
-    T.validate(b.build(), tiny)
+    validate(b.build(), tiny)
 
 
 def test_unused_thread_slots_beyond_the_wafer_are_allowed(tiny):
@@ -424,7 +425,7 @@ def test_unused_thread_slots_beyond_the_wafer_are_allowed(tiny):
     b.assign(1, 2, 0, [compute(isa.KIND_ADD, 4, 0, 0, 0)])
     t = b.build()
     assert t.threads == 12
-    T.validate(t, tiny)
+    validate(t, tiny)
 
 
 @pytest.mark.parametrize("w, h", [(9, 8), (8, 9), (64, 64)])
@@ -432,23 +433,23 @@ def test_trace_mesh_larger_than_the_wafer(tiny, w, h):
     b = TraceBuilder(w, h)
     b.assign(0, 0, 0, [compute(isa.KIND_ADD, 4, 0, 0, 0)])
     with pytest.raises(TraceError) as e:
-        T.validate(b.build(), tiny, where="big.h5")
+        validate(b.build(), tiny, where="big.h5")
     assert f"trace mesh {w}x{h} does not fit wafer tiny (8x8)" in str(e.value)
     assert str(e.value).startswith("big.h5: ")
 
 
 def test_trace_smaller_than_the_wafer_validates(tiny):
-    T.validate(synthetic.stream(4, 2, 8, 3), tiny)
+    validate(synthetic.stream(4, 2, 8, 3), tiny)
 
 
 def test_color_limit_follows_the_wafer(tiny):
     b = _b()
     _valid_pair(b, color=20)
     t = b.build()
-    T.validate(t, tiny)
+    validate(t, tiny)
     small = tiny.with_overrides(["fabric.colors=16"])
     with pytest.raises(TraceError) as e:
-        T.validate(t, small)
+        validate(t, small)
     assert "color 20" in str(e.value) and "16 colors" in str(e.value)
 
 
@@ -456,9 +457,9 @@ def test_sram_limit_follows_the_wafer(tiny):
     b = _b()
     b.assign(0, 0, 0, [compute(isa.KIND_MOV, 1024, 0, 2048)])  # touches [0, 4096)
     t = b.build()
-    T.validate(t, tiny)
+    validate(t, tiny)
     with pytest.raises(TraceError) as e:
-        T.validate(t, tiny.with_overrides(["sram.sram_bytes=4000", "sram.sram_reserved_bytes=0"]))
+        validate(t, tiny.with_overrides(["sram.sram_bytes=4000", "sram.sram_reserved_bytes=0"]))
     assert "4000-byte SRAM" in str(e.value)
 
 
@@ -468,7 +469,7 @@ def test_trace_without_programs_validates(tiny, with_routes):
     if with_routes:
         b.route(2, 2, 0, R, [E])
         b.route(3, 2, 0, W, [R])
-    T.validate(b.build(), tiny)
+    validate(b.build(), tiny)
 
 
 # ---- file errors -----------------------------------------------------------------------------
@@ -731,7 +732,7 @@ def test_fused_op_needs_an_instruction_for_its_dtype(tmp_path):
     b.assign(0, 0, 0, [send(0, 4, 0)])
     b.assign(1, 0, 0, [recv_compute(0, isa.KIND_MAX, 4, dst=0, src0=64, dtype=isa.DTYPE_MIXED)])
     with pytest.raises(TraceError, match=r"PE \(1, 0\) thread 0 op 0 .*no max instruction for dtype mixed"):
-        T.validate(b.build(), tiny)
+        validate(b.build(), tiny)
 
 
 def test_builder_refuses_values_the_format_cannot_hold():

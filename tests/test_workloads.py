@@ -18,7 +18,7 @@ from wse.workload.kernels import allreduce, attention
 from wse.workload.params import DecodeParams
 from wse.workload.models import load_model
 from wse.workload.plan import FitError
-from wse.trace import validate
+from wse.trace_check import validate
 
 
 def test_group_count_is_the_divisor_nearest_sqrt():

@@ -25,7 +25,7 @@ from randomtrace import random_trace, random_wide_trace  # noqa: E402
 
 from wse.engine import reference  # noqa: E402
 from wse.engine.run import simulate  # noqa: E402
-from wse.trace import validate  # noqa: E402
+from wse.trace_check import validate  # noqa: E402
 
 TILES = [(1, 1), (1, 2), (2, 1), (2, 3), (3, 3), (4, 4), (4, 16), (8, 8)]
 

@@ -16,6 +16,7 @@ import click
 
 from . import __version__, hardware, isa
 from . import trace as trace_mod
+from .trace_check import validate
 from .errors import WseError
 from .files import check_output, claim
 
@@ -240,7 +241,7 @@ def gen_cmd(op, model, phase, wafer, config_file, sets, output, **kw) -> None:
         raise WseError("give exactly one of --op and --model")
     if op:
         tr, _ = jobs.kernel_trace(op, cfg, **kw)
-        trace_mod.validate(tr, cfg, where=f"--op {op}")
+        validate(tr, cfg, where=f"--op {op}")
         tr.save(output)
         click.echo(f"wrote {output}: {op} on {tr.mesh_width}x{tr.mesh_height} PEs, {len(tr.prog_start):,} programs")
         return
@@ -250,7 +251,7 @@ def gen_cmd(op, model, phase, wafer, config_file, sets, output, **kw) -> None:
             click.echo(f"wrote {path}: {tr.meta.get('kernel', 'kernel')} on {tr.mesh_width}x{tr.mesh_height} PEs")
         return
     tr, plan = jobs.model_trace(model, cfg, phase, **kw)
-    trace_mod.validate(tr, cfg, where=f"--model {model}")
+    validate(tr, cfg, where=f"--model {model}")
     tr.save(output)
     click.echo(f"wrote {output}: {model} decode step, {len(plan.slots)} regions of {plan.P}x{plan.P} slots, "
                f"{tr.mesh_width}x{tr.mesh_height} PEs, {len(tr.prog_start):,} programs")
@@ -380,7 +381,7 @@ def _simulate_to_file(trace_path, op, model, phase, full, cfg, output, threads, 
 
     if trace_path:
         tr = trace_mod.load(trace_path)
-        trace_mod.validate(tr, cfg, where=trace_path)
+        validate(tr, cfg, where=trace_path)
         info = RunInfo(str(trace_path), tr.content_hash(), (tr.mesh_width, tr.mesh_height), 0, 0.0)
         write_run(output, _placeholder(tr, cfg), cfg, info)  # replaces any old file: readable, incomplete
 

@@ -25,7 +25,7 @@ from ..isa import (
 )
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-from .accounting import chain_end, complete_op, hot, wake_ce
+from .accounting import PSHIFT, _u, chain_end, complete_op, hot, wake_ce
 from .layout import (
     CODE_DONE, CQ_OCC, CQ_PIPE, CQ_READY, CTRL_CODE, CTRL_SUB, CTRL_TWO, PE_CE_RR, PE_GRANT, PE_HELD,
     PE_ARRIVE, PE_LIVE, PE_PEAK, PE_PIPES, PE_READY, PE_ROUTES, PE_RR, PE_SLEEP_CLASS, PE_SLEEP_THREAD,
@@ -36,14 +36,7 @@ from .layout import (
 
 RUNNING = -1  # returned when the chunk ended before the run did
 NEVER = 1 << 62  # a wake-up time that never comes
-PSHIFT = 4  # PE records have 16 fields
 MASK32 = 0xFFFFFFFF  # route-slot masks are stored in int32 fields (at most 32 slots)
-
-
-@njit(cache=True, inline="always")
-def _u(i):
-    """An index as uint64: no wraparound code (all indices here are non-negative)."""
-    return np.uint64(i)
 
 
 @njit(cache=True, inline="always")

@@ -9,7 +9,7 @@ CE step, then the queue update). It is meant for small meshes (up to about 8x8) 
 few thousand cycles.
 
 Public API: `simulate(trace, cfg) -> EngineResult`. The trace is assumed already validated
-(`wse.trace.validate`).
+(`wse.trace_check.validate`).
 
 Points where docs/model.md leaves room for reading are marked "SPEC READING" below; each
 takes the most literal reading.

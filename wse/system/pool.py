@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator
 from ..engine.result import EngineResult
 from ..errors import WseError
 from ..hardware import WaferConfig
-from ..trace import Trace, validate
+from ..trace import Trace
+from ..trace_check import validate
 from ..workload.chain import chain_of
 from ..workload.compose import build_stage, checked_stage, stages
 from ..workload.decode import ModelPlan

@@ -25,7 +25,8 @@ import math
 from typing import Callable
 
 from ..errors import WseError
-from ..trace import Trace, validate
+from ..trace import Trace
+from ..trace_check import validate
 from ..workload.chain import chain_of, compressed, region_key
 from ..workload.compose import compose, stages
 from ..workload.decode import (ELEM, ModelPlan, bytes_needed, model_units, plan_model, plan_units, resident_bytes,

@@ -16,7 +16,8 @@ from .. import isa
 from ..engine.result import EngineResult
 from ..errors import WseError
 from ..hardware import WaferConfig
-from ..trace import Trace, validate
+from ..trace import Trace
+from ..trace_check import validate
 
 Simulate = Callable[[Trace], EngineResult]
 
