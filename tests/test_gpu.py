@@ -288,3 +288,26 @@ def test_prefill_reproduces_the_compute_bound_closed_form(h100, l8b):
     assert r.bound == "compute" and r.nodes == 1
     assert r.ttft_s == pytest.approx(expected, rel=1e-9)
     assert gpu_prefill(l8b, h100, P, batch=4).ttft_s > 3.5 * r.ttft_s
+
+
+def test_best_parallelism_is_the_cheapest_feasible_one():
+    from wse.system.gpu import TP_CHOICES, best_decode, with_tp
+    h100 = load_gpu("h100")
+    for model, batch in (("llama3.1-8b", 1), ("llama3.1-8b", 64), ("llama3.1-70b", 1), ("llama3.1-405b", 8)):
+        spec = load_model(model)
+        r, g = best_decode(spec, h100, batch=batch, context=2048)
+        every = []
+        for tp in TP_CHOICES:
+            try:
+                every.append(gpu_decode(spec, with_tp(h100, tp), batch=batch, context=2048))
+            except WseError:
+                continue
+        assert r.usd_per_mtok == pytest.approx(min(x.usd_per_mtok for x in every))
+        assert r.gpus == r.nodes * g.gpus_per_node
+    r, g = best_decode(load_model("llama3.1-8b"), h100, batch=1, context=1024)
+    assert g.gpus_per_node == 1 and r.gpus == 1  # 16 GB of weights: one GPU is the cheapest
+    assert g.node_overhead_power_w == pytest.approx(h100.node_overhead_power_w / 8)  # its share of the node
+    r, g = best_decode(load_model("llama3.1-8b"), h100, batch=1, context=1024, tp=8)
+    assert g is h100 and r.gpus == 8
+    with pytest.raises(WseError, match="tensor parallelism"):
+        with_tp(h100, 16)

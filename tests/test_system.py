@@ -172,7 +172,9 @@ def test_energy_and_cost_follow_from_the_documented_inputs(small_system):
     for m in (1, r.max_in_flight):
         p = pipeline_point(r, sysc, m)
         tokens = m * PARAMS.batch
-        assert p.j_per_token == pytest.approx(dyn / PARAMS.batch + 2 * (5000 + 8000) * p.period_s / tokens)
+        # the rated draw of both systems (5 kW static + 18 kW overhead), over the utilization
+        # like the GPU side's
+        assert p.j_per_token == pytest.approx(dyn / PARAMS.batch + 2 * (5000 + 18000) * p.period_s / tokens / 0.5)
         assert p.usd_per_mtok == pytest.approx(2 * 36.0 / 3600 / (tokens / p.period_s * 0.5) * 1e6)
 
 
@@ -216,7 +218,8 @@ def test_system_command_writes_the_table_and_plots(tmp_path):
         assert f.attrs["complete"]
         metrics = [m.decode() if isinstance(m, bytes) else m for m in f["system/metric"][()]]
         assert "TTFT" in metrics and f["wafers/cycles"].shape == (2,)
-        assert f["summary/wafers"][()] == 2 and f["summary/gpus"][()] == 8
+        # the cheapest GPU parallelism for a tiny model is one GPU (gpu.best_decode)
+        assert f["summary/wafers"][()] == 2 and f["summary/gpus"][()] == 1
         assert math.isfinite(f["summary/ttft_s"][()]) and f["summary/energy_per_token_j"][()] > 0
         assert len(f["curve_wafer/tokens_per_s"]) >= 1 and len(f["curve_gpu/batch"]) >= 1
     p = runner.invoke(cli, ["plot", str(out), "-o", str(tmp_path / "plots")])

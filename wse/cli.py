@@ -557,7 +557,7 @@ def bench_cmd(only, quick, history, as_json) -> None:
         click.echo(f"  {figure}: {before:,.4g} -> {now:,.4g} ({now / before:.2f}x){flag}")
 
 
-from . import cli_system  # noqa: E402,F401  (registers system, sweep and cache)
+from . import cli_serve, cli_system  # noqa: E402,F401  (registers serve, system, sweep and cache)
 
 
 def main() -> None:

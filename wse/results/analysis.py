@@ -5,6 +5,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .serving import format_serve_section, serve_section
 from .store import LINK_PORTS, RunFile
 
 KEY_METRICS = (  # (summary key, label, units, format)
@@ -87,6 +88,7 @@ def build_report(rf: RunFile) -> dict[str, Any]:
         "energy_and_cost": {k: rf.summary[k] for k in ("energy_per_token_j", "cost_per_mtok_usd") if k in rf.summary}
         or "not modelled in this run",
         "system": system_section(rf),
+        "serve": serve_section(rf),
     }
 
 
@@ -183,6 +185,8 @@ def format_report(rep: dict[str, Any]) -> str:
                   for l in b["blocked_links"]]
     if rep.get("system"):
         lines += _format_system(rep["system"])
+    if rep.get("serve"):
+        lines += format_serve_section(rep["serve"])
     ec = rep["energy_and_cost"]
     lines.append("energy/cost  " + (ec if isinstance(ec, str) else ", ".join(f"{k} {v:.4g}" for k, v in ec.items())))
     return "\n".join(lines)

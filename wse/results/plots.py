@@ -114,4 +114,6 @@ def plot_run(rf: RunFile, outdir: str | Path) -> list[Path]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         save(fig, "throughput-latency.png")
+    from .serving import plot_serve
+    plot_serve(rf, save, plt)
     return written

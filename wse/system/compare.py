@@ -19,7 +19,7 @@ from ..workload.params import MAX_CONTEXT, DecodeParams
 from ..workload.models import load_model
 from .config import SystemConfig
 from ..workload.precision import weights_of
-from .gpu import GpuResult, curve, gpu_decode, gpu_prefill, load_gpu, weights_for
+from .gpu import GpuResult, best_decode, curve, gpu_decode, gpu_prefill, gpu_label, load_gpu, weights_for
 from .pool import Fanout
 from .wafers import SystemDecode, prefill_seconds, run_decode, wafer_plans
 
@@ -130,9 +130,8 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     if prompt:
         ttft = prefill_seconds(spec, system, wafer_plans(spec, system, params, dec.wafers), prompt, simulate,
                                fanout)
-    g_cfg = load_gpu(gpu)
-    g = gpu_decode(spec, g_cfg, batch=batch, context=context, weight_bytes=gw, kv_bytes=ELEM_BYTES,
-                   utilization=system.utilization)
+    g, g_cfg = best_decode(spec, load_gpu(gpu), batch=batch, context=context, weight_bytes=gw, kv_bytes=ELEM_BYTES,
+                           utilization=system.utilization)
     g_ttft = gpu_prefill(spec, g_cfg, prompt, batch=batch, nodes=g.nodes, weight_bytes=gw,
                          kv_bytes=ELEM_BYTES).ttft_s if prompt else math.nan
     g_curve = curve(spec, g_cfg, context, nodes=g.nodes, weight_bytes=gw, kv_bytes=ELEM_BYTES)
@@ -147,7 +146,7 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
                           sum(g_at.values()) / len(g_at))
     one, most = dec.curve[0], dec.curve[-1]
     wafer_name = f"{system.name}: {dec.wafers} x {system.wafer}"
-    gpu_name = f"{g.nodes} x 8x{g_cfg.name}"
+    gpu_name = gpu_label(g_cfg, g.nodes)
     rows = [
         ("system", "", wafer_name, gpu_name),
         ("chips", "", dec.wafers, g.gpus),

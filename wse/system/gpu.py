@@ -416,7 +416,7 @@ def _check_positive(**kw: float) -> None:
 
 def gpu_decode(spec: ModelSpec, gpu: GpuConfig, *, batch: int = 1, context: int = 1024,
                weight_bytes: float | None = None, kv_bytes: float = 2.0, nodes: int | None = None,
-               utilization: float = 1.0) -> GpuResult:
+               utilization: float = 1.0, check_fit: bool = True) -> GpuResult:
     """One decode step of `batch` sequences of `context` cached tokens.
 
     weight_bytes: bytes per parameter (None: the model's stored dtypes); kv_bytes: per cached
@@ -424,11 +424,14 @@ def gpu_decode(spec: ModelSpec, gpu: GpuConfig, *, batch: int = 1, context: int 
     m = min(nodes, batch) micro-batches in flight; a sequence gets a token every
     max(pipeline traversal, m x busiest stage). utilization (0, 1] is the fraction of time the
     node serves at this rate: cost and energy per token are divided by it (power is drawn always).
+    check_fit=False skips the capacity check of given nodes (the serving model admits by its own
+    KV budget).
     """
     _check_positive(batch=batch, context=context, kv_bytes=kv_bytes, utilization=utilization)
     if utilization > 1:
         raise WseError(f"utilization must be at most 1, got {utilization!r}")
-    nodes = _resolve_nodes(spec, gpu, nodes, batch * context, weight_bytes, kv_bytes, context)
+    if check_fit or nodes is None:
+        nodes = _resolve_nodes(spec, gpu, nodes, batch * context, weight_bytes, kv_bytes, context)
     m = min(nodes, batch)
     mb = batch / m
     terms = _stage_terms(spec, gpu, split_layers(spec.layers, nodes), mb, mb * context, mb * context,
@@ -513,3 +516,64 @@ def gpu_prefill(spec: ModelSpec, gpu: GpuConfig, prompt_tokens: int, *, batch: i
                          nodes=nodes, gpus=nodes * gpu.gpus_per_node, ttft_s=total.total,
                          bound=total.bound, memory_s=total.memory, compute_s=total.compute,
                          communication_s=total.communication)
+
+
+def prefill_iteration(spec: ModelSpec, gpu: GpuConfig, prompts: Sequence[int], nodes: int,
+                      weight_bytes: float | None = None, kv_bytes: float = 2.0) -> float:
+    """Seconds of one prefill iteration over prompts of different lengths batched together (as
+    gpu_prefill, with every prompt's own causal pairs and one LM-head row per prompt)."""
+    if not prompts or min(prompts) < 1:
+        raise WseError("a prefill iteration needs prompts of at least one token")
+    tokens = float(sum(prompts))
+    full = sum(s * (s + 1) / 2 for s in prompts)
+    terms = _stage_terms(spec, gpu, split_layers(spec.layers, nodes), tokens, tokens, full, len(prompts),
+                         weight_bytes, kv_bytes,
+                         lambda i: (1.0, sum(spec.causal_pairs(i, s) for s in prompts) / full))
+    return sum(t.total for t in terms) + (nodes - 1) * _hop_s(spec, gpu, tokens)
+
+
+# ---- parallelism -----------------------------------------------------------------------------
+
+TP_CHOICES = (1, 2, 4, 8)
+
+
+def with_tp(gpu: GpuConfig, tp: int) -> GpuConfig:
+    """The model's unit ("node") as a tensor-parallel group of `tp` GPUs of a node: its share of
+    the node's overhead power; pipeline stages between groups cross the inter-node links (also
+    when two groups share a node: conservative, NVLink is faster)."""
+    if not 1 <= tp <= gpu.gpus_per_node:
+        raise WseError(f"tensor parallelism {tp} must be between 1 and {gpu.gpus_per_node} (GPUs per node)")
+    if tp == gpu.gpus_per_node:
+        return gpu
+    return dataclasses.replace(gpu, gpus_per_node=tp,
+                               node_overhead_power_w=gpu.node_overhead_power_w * tp / gpu.gpus_per_node)
+
+
+def best_decode(spec: ModelSpec, gpu: GpuConfig, *, batch: int, context: int, weight_bytes=None,
+                kv_bytes: float = 2.0, utilization: float = 1.0, tp: int | None = None
+                ) -> tuple[GpuResult, GpuConfig]:
+    """The feasible parallelism with the lowest $/Mtok for this model, batch and context (ties:
+    the shorter step): TP over 1, 2, 4 or 8 GPUs of a node, PP over the fewest TP groups that
+    hold weights and KV cache (MoE experts are sharded over the group as the dense weights are:
+    expert and tensor parallelism read the same bytes per GPU in this model). `tp` fixes it.
+    Returns the decode result and the configuration of one TP group."""
+    best = None
+    last: WseError | None = None
+    for t in ([tp] if tp else [t for t in TP_CHOICES if t <= gpu.gpus_per_node]):
+        g = with_tp(gpu, t)
+        try:
+            r = gpu_decode(spec, g, batch=batch, context=context, weight_bytes=weight_bytes, kv_bytes=kv_bytes,
+                           utilization=utilization)
+        except WseError as e:
+            last = e
+            continue
+        if best is None or (r.usd_per_mtok, r.step_latency_s) < (best[0].usd_per_mtok, best[0].step_latency_s):
+            best = (r, g)
+    if best is None:
+        raise last or WseError(f"{spec.name} fits no parallelism on {gpu.name} nodes")
+    return best
+
+
+def gpu_label(g: GpuConfig, groups: int) -> str:
+    """How a baseline reads in tables: 2 x 8xh100 (whole nodes), or 3 x TP4 h100 (TP groups)."""
+    return f"{groups} x {g.gpus_per_node}x{g.name}" if g.gpus_per_node >= 8 else f"{groups} x TP{g.gpus_per_node} {g.name}"

@@ -274,7 +274,8 @@ def _group_key(plan: ModelPlan) -> tuple:
 
 
 def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int | None,
-               simulate: Callable[[Trace], object], fanout: Fanout | None = None) -> SystemDecode:
+               simulate: Callable[[Trace], object], fanout: Fanout | None = None,
+               plans: list[ModelPlan] | None = None) -> SystemDecode:
     """Simulate one decode step on every distinct wafer and put the chain together.
 
     The distinct stage simulations run first (pool.run_tasks: from the stage cache, through
@@ -282,10 +283,16 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
     every stage, then the leading-part stages of wafers continuing a layer, whose combine
     arrives a delta after the dispatch that the wafer before and the links decide (predicted
     from the wafer before's own stages). Each wafer's step is then composed and put on one
-    timeline with the links (Timeline); a delta the prediction missed is simulated then."""
+    timeline with the links (Timeline); a delta the prediction missed is simulated then.
+    `plans`: the wafers' plans, made for another batch or context (the serving model's sampled
+    points keep one layout), with `params` put in each."""
     cfg = system.wafer_config
-    wafers = wafers or fewest_wafers(spec, system, params)
-    plans = wafer_plans(spec, system, params, wafers)
+    if plans is not None:
+        plans = [dataclasses.replace(p, params=params) for p in plans]
+        wafers = len(plans)
+    else:
+        wafers = wafers or fewest_wafers(spec, system, params)
+        plans = wafer_plans(spec, system, params, wafers)
     where = f"{spec.name} on {system.name}"
     tasks, first = distinct_tasks(plans)
     shared: dict[tuple, tuple] = {}  # stage simulations shared by all wafers
@@ -422,7 +429,7 @@ def pipeline_point(r: SystemDecode, system: SystemConfig, in_flight: int) -> Pip
     period = max(r.latency_s, in_flight * r.bottleneck_s)
     tokens_per_period = in_flight * r.batch
     rate = tokens_per_period / period
-    j = r.dynamic_j_per_step / r.batch + r.static_w * period / tokens_per_period
+    j = r.dynamic_j_per_step / r.batch + r.static_w * period / tokens_per_period / system.utilization
     usd = r.wafers * system.usd_per_system_hour / 3600.0 / (rate * system.utilization) * 1e6
     return PipelinePoint(in_flight, period, 1.0 / period, rate, j, usd)
 

@@ -1,0 +1,307 @@
+"""`wse serve` (docs/serving.md): request generation and files, the pipeline and iteration
+schedulers against closed forms and brute force, Little's law, conservation, determinism, the
+step model against `wse system`'s single-request figures, and bad input."""
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from wse.cli import cli
+from wse.errors import WseError
+from wse.serving import requests as R
+from wse.serving.metrics import figures, Costs
+from wse.serving.sim import Tandem, serve_iterations, serve_pipeline
+
+
+class FakePipeline:
+    """Constant per-stage holds: decode passes `d` per stage (+ `per_seq` x n on the busiest),
+    prefills `p x prompt` per stage, a fixed delay."""
+
+    def __init__(self, stages=4, d=1e-3, p=1e-5, delay=2e-4, groups=3, seats=2, kv=10_000, per_seq=0.0):
+        self.stages, self.d, self.p, self.dl, self.per_seq = stages, d, p, delay, per_seq
+        self.groups, self.seats, self.kv_tokens, self.max_tokens = groups, seats, kv, kv
+
+    def decode(self, n, context):
+        h = np.full(self.stages, self.d)
+        h[1] += self.per_seq * n
+        return h, self.dl
+
+    def prefill(self, prompt):
+        return np.full(self.stages, self.p * prompt), self.dl
+
+    def activity(self, n, context):
+        return np.array([n, 0.0, 0.0, 0.0])
+
+    def prefill_activity(self, prompt):
+        return np.array([prompt, 0.0, 0.0, 0.0])
+
+
+class FakeIterations:
+    def __init__(self, max_seqs=8, kv=10_000, d=2e-3, per_tok=1e-6):
+        self.max_seqs, self.max_prefill_tokens, self.kv_tokens = max_seqs, 4096, kv
+        self.d, self.per_tok = d, per_tok
+
+    def decode(self, n, context):
+        return self.d + 1e-5 * n + 1e-8 * n * context
+
+    def prefill(self, prompts):
+        return 1e-3 + self.per_tok * sum(prompts)
+
+
+def reqs(t, p, o):
+    return R.Requests(np.array(t, float), np.array(p, dtype=np.int64), np.array(o, dtype=np.int64))
+
+
+def test_tandem_matches_the_recursion_stage_by_stage():
+    rng = np.random.default_rng(3)
+    R_, n = 7, 60
+    line = Tandem(R_)
+    last = np.full(R_, -np.inf)
+    t = 0.0
+    for _ in range(n):
+        t += rng.exponential(0.5)
+        h = rng.uniform(0.01, 2.0, R_)
+        got = line.enter(t, h, 0.25)
+        d = np.empty(R_)
+        for j in range(R_):  # leave stage j when done there and the item before has left it
+            d[j] = max(d[j - 1] if j else t, last[j]) + h[j]
+        last = d
+        assert got == pytest.approx(d[-1] + 0.25, rel=1e-12)
+
+
+def test_identical_micro_batches_follow_the_pipeline_formula():
+    """m micro-batches that never finish: a sequence's token every max(L, m x b)."""
+    for groups, per_seq in ((1, 0.0), (3, 0.0), (9, 0.0), (3, 4e-3)):
+        f = FakePipeline(groups=groups, seats=1, per_seq=per_seq, kv=10**9)
+        f.max_tokens = 10**9
+        out = serve_pipeline(reqs([0.0] * groups, [1] * groups, [400] * groups), f)
+        holds, delay = f.decode(1, 1)
+        L, b = holds.sum() + delay, holds.max()
+        tpot = (out.finish_s - out.first_token_s) / (out.tokens - 1)
+        assert tpot.max() == pytest.approx(max(L, groups * b), rel=0.02)
+
+
+def test_one_request_alone_takes_the_single_pass_times():
+    f = FakePipeline()
+    out = serve_pipeline(reqs([1.0], [100], [5]), f)
+    ttft = out.first_token_s[0] - 1.0
+    assert ttft == pytest.approx(f.prefill(100)[0].sum() + f.dl)
+    tpot = (out.finish_s[0] - out.first_token_s[0]) / 4
+    assert tpot == pytest.approx(f.decode(1, 1)[0].sum() + f.dl)
+    g = FakeIterations()
+    out = serve_iterations(reqs([1.0], [100], [5]), g)
+    assert out.first_token_s[0] - 1.0 == pytest.approx(g.prefill([100]))
+    assert (out.finish_s[0] - out.first_token_s[0]) == pytest.approx(sum(g.decode(1, c) for c in range(101, 105)))
+
+
+def _stream(rate, n_s=400.0, seed=5):
+    return R.generate(R.Arrivals(rate), R.LengthDist("uniform", 50, 150), R.LengthDist("uniform", 2, 40), n_s, seed)
+
+
+@pytest.mark.parametrize("side", ["pipeline", "iterations"])
+def test_nothing_is_lost_and_the_same_seed_gives_the_same_result(side):
+    r = _stream(3.0, 100.0)
+    kv = 8_000
+    run = (lambda q: serve_pipeline(q, FakePipeline(kv=kv))) if side == "pipeline" else \
+        (lambda q: serve_iterations(q, FakeIterations(kv=kv)))
+    r = R.Requests(r.arrival_s, r.prompt, np.where(np.arange(len(r)) % 50 == 0, 9_000, r.output))  # some never fit
+    a, b = run(r), run(_copy(r))
+    assert np.array_equal(a.finish_s, b.finish_s, equal_nan=True) and np.array_equal(a.tokens, b.tokens)
+    done = ~a.rejected
+    assert a.rejected.sum() == (r.prompt + r.output > kv).sum() > 0
+    assert done.sum() + a.rejected.sum() == len(r)  # admitted + rejected = arrived
+    assert np.array_equal(a.tokens[done], r.output[done])  # every completed request got all its tokens
+    assert np.isnan(a.finish_s[a.rejected]).all() and np.isfinite(a.finish_s[done]).all()
+    assert (a.first_token_s[done] >= a.admitted_s[done]).all() and (a.admitted_s[done] >= r.arrival_s[done]).all()
+    assert (a.finish_s[done] >= a.first_token_s[done]).all()
+
+
+def _copy(r):
+    return R.Requests(r.arrival_s.copy(), r.prompt.copy(), r.output.copy())
+
+
+@pytest.mark.parametrize("side", ["pipeline", "iterations"])
+def test_littles_law_on_the_simulated_queue(side):
+    """Time-averaged requests in the system over the arrival window equal the nominal arrival rate
+    times the mean time in the system (within sampling error and edge effects)."""
+    rate = 2.0
+    r = _stream(rate, 2000.0)
+    out = serve_pipeline(r, FakePipeline(groups=2, seats=2, d=6e-3)) if side == "pipeline" else \
+        serve_iterations(r, FakeIterations(max_seqs=4, d=2e-2))
+    T = float(r.arrival_s[-1])
+    grid = np.linspace(0.0, T, 200_001)
+    a, f = r.arrival_s, out.finish_s
+    n_in = np.searchsorted(np.sort(a), grid, side="right") - np.searchsorted(np.sort(f), grid, side="right")
+    w = float((f - a).mean())
+    assert w > 0.3  # a queue that matters, well loaded
+    assert n_in.mean() == pytest.approx(rate * w, rel=0.06)
+
+
+def test_prefills_delay_decode_passes_behind_them():
+    """A decode pass entering behind a long prefill cannot overtake it (stage by stage)."""
+    f = FakePipeline(groups=2, seats=1, p=1e-3)
+    out = serve_pipeline(reqs([0.0, 0.0005], [1, 400], [50, 2]), f)
+    # request 0 decodes alone until request 1's 0.4 s-per-stage prefill enters; its next token waits
+    gaps = np.diff(np.sort(np.r_[out.first_token_s[0], out.finish_s[0]]))
+    assert out.finish_s[0] - out.first_token_s[0] > 0.4
+
+
+def test_figures_goodput_and_attainment():
+    r = reqs([0.0, 0.0, 1.0], [10, 10, 10], [3, 3, 1])
+    f = FakeIterations(max_seqs=1)
+    out = serve_iterations(r, f)
+    fig = figures(r, out, Costs(1000.0, 3600.0), slo_ttft_s=0.002, slo_tpot_s=1.0)
+    assert fig["completed"] == 3 and fig["output_tokens"] == 7
+    assert fig["slo_attainment"] == pytest.approx(2 / 3)  # the second request waits for the first
+    assert fig["j_per_token"] == pytest.approx(1000.0 * out.end_s / 7)
+    assert fig["usd_per_mtok"] == pytest.approx(out.end_s / 7 * 1e6)
+
+
+@pytest.mark.parametrize("text,err", [
+    ("uniform:5", "expected one of"), ("gauss:3:4", "expected one of"), ("normal:-3:1", "mean must be"),
+    ("uniform:9:3", "LO <= HI"), ("normal:10:-1", "standard deviation"), ("12.5", "whole number"),
+    ("exp:nan", "finite"), ("0", "mean must be"),
+])
+def test_bad_length_distributions(text, err):
+    with pytest.raises(WseError, match=err):
+        R.parse_length(text, "--prompt-len")
+
+
+def test_length_distributions_draw_their_means():
+    rng = np.random.default_rng(0)
+    for text, mean in (("300", 300), ("uniform:100:300", 200), ("normal:500:50", 500), ("lognormal:400:200", 400),
+                       ("exp:250", 250)):
+        assert R.parse_length(text, "x").draw(rng, 40_000).mean() == pytest.approx(mean, rel=0.03)
+
+
+def test_arrivals_rate_and_burstiness():
+    for cv in (1.0, 3.0):
+        t = R.Arrivals(50.0, cv).draw(np.random.default_rng(1), 400.0)
+        gaps = np.diff(t)
+        assert len(t) / 400.0 == pytest.approx(50.0, rel=0.05 * cv)
+        assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.1)
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(WseError, match="--rate"):
+            R.parse_arrivals("poisson", bad)
+    with pytest.raises(WseError, match="--arrivals"):
+        R.parse_arrivals("gamma:0", 1.0)
+
+
+@pytest.mark.parametrize("body,err", [
+    ("", "empty request file"),
+    ("arrival_s,prompt_tokens\n0,5\n", "lacks output_tokens"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,5,x\n", "row 2: not a number"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,5,3\n-1,5,3\n", "row 3: arrival_s"),
+    ("arrival_s,prompt_tokens,output_tokens\n2,5,3\n1,5,3\n", "arrival order"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,5.5,3\n", "whole number"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,0,3\n", "prompt_tokens"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,5\n", "row 2 has 2 fields"),
+    ("arrival_s,prompt_tokens,output_tokens\n", "no request rows"),
+])
+def test_bad_request_files(tmp_path, body, err):
+    p = tmp_path / "r.csv"
+    p.write_text(body)
+    with pytest.raises(WseError, match=err):
+        R.read_requests(p)
+
+
+def test_request_file_round_trip(tmp_path):
+    p = tmp_path / "r.csv"
+    p.write_text("prompt_tokens,arrival_s,output_tokens,note\n100,0.5,20,a\n\n200,0.75,1,b\n")
+    r = R.read_requests(p)
+    assert list(r.arrival_s) == [0.5, 0.75] and list(r.prompt) == [100, 200] and list(r.output) == [20, 1]
+
+
+@pytest.mark.parametrize("args,err", [
+    (["--rate", "-2"], "--rate"), (["--rate", "1", "--slo-ttft", "0"], "--slo-ttft"),
+    (["--rate", "1", "--slo-tpot", "-1"], "--slo-tpot"), (["--rate", "1", "--prompt-len", "zipf:3"], "--prompt-len"),
+    ([], "give --rate"), (["--rate", "1", "--duration", "0"], "--duration"),
+    (["--rate", "1", "--curve", "1,-2"], "--curve"), (["--rate", "1", "--batch", "0"], "--batch"),
+])
+def test_serve_bad_input_is_one_error_line(tmp_path, args, err):
+    res = CliRunner().invoke(cli, ["serve", "--model", "tiny", "--system", "cs3", "-o", str(tmp_path / "s.h5"),
+                                   "--no-cache", "--jobs", "1", *args])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and err in lines[0], res.output
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_serve_bad_request_file_names_the_row(tmp_path):
+    p = tmp_path / "r.csv"
+    p.write_text("arrival_s,prompt_tokens,output_tokens\n0,5,3\n0.1,5,-3\n")
+    res = CliRunner().invoke(cli, ["serve", "--model", "tiny", "--system", "cs3", "--requests", str(p), "-o",
+                                   str(tmp_path / "s.h5"), "--no-cache"])
+    assert res.exit_code == 2 and "row 3" in res.output and res.output.startswith("error:"), res.output
+    res = CliRunner().invoke(cli, ["serve", "--model", "tiny", "--system", "cs3", "--requests", str(p), "--rate",
+                                   "3", "-o", str(tmp_path / "s.h5"), "--no-cache"])
+    assert res.exit_code == 2 and "either --rate or --requests" in res.output
+
+
+def test_percentiles_are_nan_free_when_everything_is_rejected():
+    r = reqs([0.0], [10], [10])
+    out = serve_iterations(r, FakeIterations(kv=5))
+    fig = figures(r, out, Costs(1.0, 1.0), 1.0, 1.0)
+    assert fig["rejected"] == 1 and fig["completed"] == 0 and math.isnan(fig["ttft_p50_s"])
+
+
+SMALL = ['system.wafer="small"', "system.wafers=2"]
+
+
+def test_a_lone_request_takes_wse_systems_single_request_times():
+    """rate -> 0: one request's TTFT is `wse system`'s TTFT at its prompt, and its TPOT the
+    simulated decode pass at its context (a fitted point: exact)."""
+    from wse.engine.run import simulate
+    from wse.serving.serve import run_serve
+    from wse.system.compare import run_system
+    from wse.system.config import load_system
+    from wse.system.pool import Fanout
+    system = load_system("cs3", SMALL)
+    cfg = system.wafer_config
+    sim = lambda t: simulate(t, cfg, validated=True)  # noqa: E731
+    C = 64  # the request's second token is decoded at context C - 1, a fitted point
+    job = run_serve("tiny", system, sim, reqs([0.0], [C - 2], [2]), fanout=Fanout(1), wafers=2, context=C)
+    ref = run_system("tiny", system, sim, wafers=2, context=C - 1, prompt=C - 2)
+    w = job.wafer.figures
+    assert w["ttft_p50_s"] == pytest.approx(ref.ttft_s, rel=1e-9)
+    assert w["tpot_p50_s"] == pytest.approx(ref.decode.latency_s, rel=1e-9)
+    assert job.decode.wafers == 2 and job.steps.groups == ref.decode.max_in_flight
+    g = job.gpu.figures  # the GPU side: its prefill and one decode step on the same nodes
+    assert g["ttft_p50_s"] == pytest.approx(job.gpu_steps.prefill([C - 2]))
+    assert g["tpot_p50_s"] == pytest.approx(job.gpu_steps.decode(1, C - 1))
+
+
+def test_serve_command_writes_every_request_and_reports_and_plots(tmp_path):
+    import h5py
+    out = tmp_path / "s.h5"
+    args = ["serve", "--model", "tiny", "--system", "cs3", *sum((["--set", s] for s in SMALL), []), "--wafers", "2",
+            "--rate", "40", "--duration", "1", "--prompt-len", "uniform:40:70", "--output-len", "uniform:2:8",
+            "--slo-ttft", "0.001", "--slo-tpot", "0.0001", "--curve", "0.5,1", "--sensitivity", "--jobs", "1",
+            "--cache", str(tmp_path / "cache"), "-o", str(out)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert "TTFT p99" in res.output and "goodput" in res.output and "$ per M output tokens" in res.output
+    with h5py.File(out, "r") as f:
+        req = {k: f["requests"][k][()] for k in f["requests"]}
+        assert f.attrs["complete"]
+        n = len(req["arrival_s"])
+        assert n > 10 and all(len(v) == n for v in req.values())
+        for side in ("wafer", "gpu"):
+            ok = req[f"{side}_rejected"] == 0
+            assert np.array_equal(req[f"{side}_tokens"][ok], req["output_tokens"][ok])
+        assert set(f["serve_curve"]["side"].asstr()[()]) == {"wafer", "gpu"}
+        assert len(f["sensitivity"]["input"]) == 10
+        assert f["summary"]["wafer_ttft_p99_s"].attrs["units"] == "s"
+    rep = CliRunner().invoke(cli, ["report", str(out)])
+    assert rep.exit_code == 0 and "recomputed from /requests" in rep.output, rep.output
+    plots = CliRunner().invoke(cli, ["plot", str(out), "-o", str(tmp_path / "p")])
+    assert plots.exit_code == 0, plots.output
+    for name in ("serve-latency-throughput.png", "serve-cdf.png", "serve-sensitivity.png"):
+        assert (tmp_path / "p" / name).exists()
+    again = tmp_path / "t.h5"  # the same seed and a warm cache: the same requests and times
+    res = CliRunner().invoke(cli, args[:-1] + [str(again)])
+    assert res.exit_code == 0 and "0 misses" in res.output, res.output
+    with h5py.File(out, "r") as a, h5py.File(again, "r") as b:
+        for k in a["requests"]:
+            assert np.array_equal(a["requests"][k][()], b["requests"][k][()], equal_nan=True), k

@@ -1,0 +1,1 @@
+"""Request-level serving simulation (`wse serve`, docs/serving.md)."""

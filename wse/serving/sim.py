@@ -1,0 +1,256 @@
+"""Discrete-event serving of a request stream: the wafer pipeline (micro-batches and prefills
+flowing through a tandem of pipeline stages) and GPU nodes (iteration-level batching, vLLM-like).
+docs/serving.md gives the rules; both sides admit by the same policy (first come, first served;
+a request reserves KV room for its prompt plus output tokens when admitted, so nothing is ever
+preempted; one whose reservation exceeds the whole capacity is rejected on arrival).
+
+The per-step times come from a step model (steps.py): the wafer's from cycle simulations at
+sampled (batch, context) points, the GPU's from the analytic node model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections import deque
+from typing import Protocol
+
+import numpy as np
+
+from .requests import Requests
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What happened to each request (arrays in request order; times in seconds from the start,
+    nan where a request was rejected) and the run's totals."""
+
+    admitted_s: np.ndarray
+    first_token_s: np.ndarray
+    finish_s: np.ndarray
+    tokens: np.ndarray  # output tokens generated
+    rejected: np.ndarray  # bool
+    end_s: float  # the last request finished (or the last arrival, if later)
+    steps: int  # decode steps (wafer: micro-batch passes; GPU: iterations)
+    prefills: int  # prefill passes
+    busy_s: float  # wafer: time the busiest stage held an item; GPU: time an iteration ran
+    activity: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(4))  # metrics.ACTIVITY totals
+
+    @property
+    def completed(self) -> np.ndarray:
+        return ~self.rejected
+
+
+class PipelineSteps(Protocol):
+    """Per-stage hold times (seconds, chain order) of the wafer pipeline's items."""
+
+    groups: int  # micro-batches that circulate
+    seats: int  # sequences per micro-batch
+    kv_tokens: int  # KV-cache tokens the wafers hold for all sequences together
+    max_tokens: int  # the most one sequence may hold (prompt + output)
+
+    def decode(self, n: int, context: float) -> tuple[np.ndarray, float]: ...
+    def prefill(self, prompt: int) -> tuple[np.ndarray, float]: ...
+    def activity(self, n: int, context: float) -> np.ndarray: ...  # of a decode pass (metrics.ACTIVITY)
+    def prefill_activity(self, prompt: int) -> np.ndarray: ...
+
+
+class Tandem:
+    """Items passing a chain of stages in order, each stage holding one item at a time: an item
+    leaves stage j at D[j] = max(D[j-1], D'[j]) + h[j] (D' the item before), which in closed form
+    is C[j] + max(entry, max_{i<=j} (D'[i] - C[i-1])) with C the cumulative holds; it emerges
+    `delay` seconds after leaving the last stage (transfer latencies, which hold no stage)."""
+
+    def __init__(self, stages: int):
+        self.last = np.full(stages, -np.inf)
+        self.entries = 0
+        self.busy = np.zeros(stages)  # seconds each stage held an item
+
+    def enter(self, ready_s: float, holds: np.ndarray, delay: float) -> float:
+        c = np.cumsum(holds)
+        d = c + np.maximum.accumulate(np.maximum(self.last - (c - holds), ready_s))
+        self.busy += holds
+        self.last = d
+        self.entries += 1
+        return float(d[-1]) + delay
+
+
+ARRIVE, EXIT = 0, 1
+
+
+def serve_pipeline(req: Requests, steps: PipelineSteps) -> Outcome:
+    """The wafer system: `steps.groups` micro-batches of up to `steps.seats` sequences circulate
+    through the pipeline; each pass gives every member a token. An admitted request's prompt
+    passes as a prefill item (its first token at the exit) and then joins its micro-batch at the
+    micro-batch's next pass (iteration-level batching). Items enter the first stage in the order
+    they are ready."""
+    n = len(req)
+    adm, first, fin = (np.full(n, np.nan) for _ in range(3))
+    tokens = np.zeros(n, dtype=np.int64)
+    rejected = (req.prompt + req.output) > min(steps.kv_tokens, steps.max_tokens)
+    line = Tandem(len(steps.decode(1, 1.0)[0]))
+    members: list[list[int]] = [[] for _ in range(steps.groups)]  # requests decoding in each group
+    joining: list[list[int]] = [[] for _ in range(steps.groups)]  # prefilled, waiting for the group's next pass
+    seats_used = [0] * steps.groups  # members + joining + being prefilled
+    running = [False] * steps.groups  # group in the pipeline
+    ctx = np.zeros(n, dtype=np.int64)  # tokens in each request's KV cache
+    reserved = 0
+    waiting: deque[int] = deque()
+    events: list[tuple[float, int, int, int]] = []  # (time, order, kind, payload)
+    seq = 0
+    for i in range(n):
+        if not rejected[i]:
+            events.append((float(req.arrival_s[i]), i, ARRIVE, i))
+    heapq.heapify(events)
+    seq = n
+    decode_passes = prefills = 0
+    activity = np.zeros(4)
+
+    def push(t: float, kind: int, payload: int) -> None:
+        nonlocal seq
+        heapq.heappush(events, (t, seq, kind, payload))
+        seq += 1
+
+    def start_group(g: int, now: float) -> None:
+        nonlocal decode_passes, activity
+        members[g].extend(joining[g])
+        joining[g].clear()
+        if not members[g]:
+            running[g] = False
+            return
+        m = members[g]
+        c = float(ctx[m].mean())
+        holds, delay = steps.decode(len(m), c)
+        activity = activity + steps.activity(len(m), c)
+        running[g] = True
+        decode_passes += 1
+        push(line.enter(now, holds, delay), EXIT, g)
+
+    def admit(now: float) -> None:
+        nonlocal reserved, prefills, activity
+        while waiting:
+            i = waiting[0]
+            need = int(req.prompt[i] + req.output[i])
+            g = min(range(steps.groups), key=lambda k: (seats_used[k], k))
+            if seats_used[g] >= steps.seats or reserved + need > steps.kv_tokens:
+                return
+            waiting.popleft()
+            reserved += need
+            seats_used[g] += 1
+            adm[i] = now
+            holds, delay = steps.prefill(int(req.prompt[i]))
+            activity = activity + steps.prefill_activity(int(req.prompt[i]))
+            prefills += 1
+            push(line.enter(now, holds, delay), EXIT, -(i + 1) * steps.groups - g - 1)
+
+    def leave(i: int, g: int, now: float) -> None:
+        nonlocal reserved
+        fin[i] = now
+        reserved -= int(req.prompt[i] + req.output[i])
+        seats_used[g] -= 1
+
+    while events:
+        now, _, kind, x = heapq.heappop(events)
+        if kind == ARRIVE:
+            waiting.append(x)
+        elif x >= 0:  # a micro-batch's pass ends: a token for every member
+            g = x
+            keep = []
+            for i in members[g]:
+                tokens[i] += 1
+                ctx[i] += 1
+                if tokens[i] >= req.output[i]:
+                    leave(i, g, now)
+                else:
+                    keep.append(i)
+            members[g] = keep
+            start_group(g, now)
+        else:  # a prefill ends: the first token
+            code = -x - 1
+            i, g = code // steps.groups - 1, code % steps.groups
+            first[i] = now
+            tokens[i] = 1
+            ctx[i] = req.prompt[i] + 1
+            if req.output[i] <= 1:
+                leave(i, g, now)
+            else:
+                joining[g].append(i)
+                if not running[g]:
+                    start_group(g, now)
+        admit(now)
+    end = float(np.nanmax(fin, initial=float(req.arrival_s[-1])))
+    return Outcome(adm, first, fin, tokens, rejected, max(end, float(req.arrival_s[-1])), decode_passes, prefills,
+                   float(line.busy.max()), activity)
+
+
+class IterationSteps(Protocol):
+    """Iteration times (seconds) of GPU nodes."""
+
+    max_seqs: int  # sequences batched together at most
+    max_prefill_tokens: int  # prompt tokens one prefill iteration takes at most
+    kv_tokens: int  # KV-cache tokens the nodes' HBM holds beside the weights
+
+    def decode(self, n: int, context: float) -> float: ...
+    def prefill(self, prompts: list[int]) -> float: ...
+
+
+def serve_iterations(req: Requests, steps: IterationSteps) -> Outcome:
+    """GPU nodes with iteration-level batching: each iteration either prefills the requests
+    admitted since the last (up to max_prefill_tokens prompt tokens; prefill first, as vLLM's
+    default scheduler) or decodes one token for every running sequence."""
+    n = len(req)
+    adm, first, fin = (np.full(n, np.nan) for _ in range(3))
+    tokens = np.zeros(n, dtype=np.int64)
+    rejected = (req.prompt + req.output) > steps.kv_tokens
+    arrivals = [i for i in range(n) if not rejected[i]]
+    ctx = np.zeros(n, dtype=np.int64)
+    running: list[int] = []
+    waiting: deque[int] = deque()
+    now, nxt, reserved, iters, prefills, busy = 0.0, 0, 0, 0, 0, 0.0
+    while nxt < len(arrivals) or waiting or running:
+        while nxt < len(arrivals) and req.arrival_s[arrivals[nxt]] <= now:
+            waiting.append(arrivals[nxt])
+            nxt += 1
+        batch, ptoks = [], 0
+        while waiting and len(running) + len(batch) < steps.max_seqs:
+            i = waiting[0]
+            need = int(req.prompt[i] + req.output[i])
+            if reserved + need > steps.kv_tokens or (batch and ptoks + req.prompt[i] > steps.max_prefill_tokens):
+                break
+            waiting.popleft()
+            reserved += need
+            batch.append(i)
+            ptoks += int(req.prompt[i])
+        if batch:
+            dt = steps.prefill([int(req.prompt[i]) for i in batch])
+            now += dt
+            busy += dt
+            prefills += 1
+            for i in batch:
+                adm[i] = now - dt
+                first[i] = now
+                tokens[i] = 1
+                ctx[i] = req.prompt[i] + 1
+                if req.output[i] <= 1:
+                    fin[i] = now
+                    reserved -= int(req.prompt[i] + req.output[i])
+                else:
+                    running.append(i)
+        elif running:
+            dt = steps.decode(len(running), float(ctx[running].mean()))
+            now += dt
+            busy += dt
+            iters += 1
+            keep = []
+            for i in running:
+                tokens[i] += 1
+                ctx[i] += 1
+                if tokens[i] >= req.output[i]:
+                    fin[i] = now
+                    reserved -= int(req.prompt[i] + req.output[i])
+                else:
+                    keep.append(i)
+            running = keep
+        else:  # idle until the next arrival
+            now = max(now, float(req.arrival_s[arrivals[nxt]]))
+    end = max(now, float(req.arrival_s[-1]))
+    return Outcome(adm, first, fin, tokens, rejected, end, iters, prefills, busy)
