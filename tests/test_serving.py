@@ -30,6 +30,9 @@ class FakePipeline:
     def prefill(self, prompt):
         return np.full(self.stages, self.p * prompt), self.dl
 
+    def prefill_chunk(self, start, end, last):
+        return np.full(self.stages, self.p * (end - start)), self.dl
+
     def activity(self, n, context):
         return np.array([n, 0.0, 0.0, 0.0])
 
@@ -47,6 +50,9 @@ class FakeIterations:
 
     def prefill(self, prompts):
         return 1e-3 + self.per_tok * sum(prompts)
+
+    def mixed(self, n, context, pieces):
+        return self.decode(n, context) + self.per_tok * sum(b - a for a, b, _ in pieces)
 
 
 def reqs(t, p, o):
@@ -99,12 +105,12 @@ def _stream(rate, n_s=400.0, seed=5):
     return R.generate(R.Arrivals(rate), R.LengthDist("uniform", 50, 150), R.LengthDist("uniform", 2, 40), n_s, seed)
 
 
-@pytest.mark.parametrize("side", ["pipeline", "iterations"])
-def test_nothing_is_lost_and_the_same_seed_gives_the_same_result(side):
+@pytest.mark.parametrize("side,chunk", [("pipeline", 0), ("iterations", 0), ("pipeline", 32), ("iterations", 64)])
+def test_nothing_is_lost_and_the_same_seed_gives_the_same_result(side, chunk):
     r = _stream(3.0, 100.0)
     kv = 8_000
-    run = (lambda q: serve_pipeline(q, FakePipeline(kv=kv))) if side == "pipeline" else \
-        (lambda q: serve_iterations(q, FakeIterations(kv=kv)))
+    run = (lambda q: serve_pipeline(q, FakePipeline(kv=kv), chunk)) if side == "pipeline" else \
+        (lambda q: serve_iterations(q, FakeIterations(kv=kv), chunk))
     r = R.Requests(r.arrival_s, r.prompt, np.where(np.arange(len(r)) % 50 == 0, 9_000, r.output))  # some never fit
     a, b = run(r), run(_copy(r))
     assert np.array_equal(a.finish_s, b.finish_s, equal_nan=True) and np.array_equal(a.tokens, b.tokens)
@@ -121,14 +127,14 @@ def _copy(r):
     return R.Requests(r.arrival_s.copy(), r.prompt.copy(), r.output.copy())
 
 
-@pytest.mark.parametrize("side", ["pipeline", "iterations"])
-def test_littles_law_on_the_simulated_queue(side):
+@pytest.mark.parametrize("side,chunk", [("pipeline", 0), ("iterations", 0), ("pipeline", 40), ("iterations", 40)])
+def test_littles_law_on_the_simulated_queue(side, chunk):
     """Time-averaged requests in the system over the arrival window equal the nominal arrival rate
     times the mean time in the system (within sampling error and edge effects)."""
     rate = 2.0
     r = _stream(rate, 2000.0)
-    out = serve_pipeline(r, FakePipeline(groups=2, seats=2, d=6e-3)) if side == "pipeline" else \
-        serve_iterations(r, FakeIterations(max_seqs=4, d=2e-2))
+    out = serve_pipeline(r, FakePipeline(groups=2, seats=2, d=6e-3), chunk) if side == "pipeline" else \
+        serve_iterations(r, FakeIterations(max_seqs=4, d=2e-2), chunk)
     T = float(r.arrival_s[-1])
     grid = np.linspace(0.0, T, 200_001)
     a, f = r.arrival_s, out.finish_s
@@ -138,13 +144,22 @@ def test_littles_law_on_the_simulated_queue(side):
     assert n_in.mean() == pytest.approx(rate * w, rel=0.06)
 
 
-def test_prefills_delay_decode_passes_behind_them():
-    """A decode pass entering behind a long prefill cannot overtake it (stage by stage)."""
+def test_prefills_delay_decode_passes_behind_them_and_chunks_let_them_through():
+    """A decode pass entering behind a long prefill cannot overtake it (stage by stage); with
+    chunked prefill the passes go between the chunks, and the chunks pipeline across the stages
+    (a prompt of 16 chunks takes 16 + 3 chunk times through 4 stages, not 4 whole prompts)."""
     f = FakePipeline(groups=2, seats=1, p=1e-3)
-    out = serve_pipeline(reqs([0.0, 0.0005], [1, 400], [50, 2]), f)
+    r = reqs([0.0, 0.0005], [1, 400], [50, 2])
+    whole, chunked = serve_pipeline(r, f), serve_pipeline(r, f, 25)
     # request 0 decodes alone until request 1's 0.4 s-per-stage prefill enters; its next token waits
-    gaps = np.diff(np.sort(np.r_[out.first_token_s[0], out.finish_s[0]]))
-    assert out.finish_s[0] - out.first_token_s[0] > 0.4
+    assert whole.finish_s[0] - whole.first_token_s[0] > 0.4
+    assert chunked.finish_s[0] - chunked.first_token_s[0] < 0.7 < 1.7 < whole.finish_s[0] - whole.first_token_s[0]
+    assert whole.first_token_s[1] - 0.0005 == pytest.approx(1.6 + 2e-4, abs=0.005)  # 4 stages x 0.4 s
+    assert chunked.first_token_s[1] - 0.0005 < (16 + 3) * 0.025 + 0.01
+    g = FakeIterations(max_seqs=4)
+    r = reqs([0.0, 0.0], [10, 1000], [3, 2])
+    out = serve_iterations(r, g, 100)  # the long prompt in 100-token pieces beside request 0's decode
+    assert np.array_equal(out.tokens, r.output) and out.steps >= 10
 
 
 def test_figures_goodput_and_attainment():
@@ -305,3 +320,71 @@ def test_serve_command_writes_every_request_and_reports_and_plots(tmp_path):
     with h5py.File(out, "r") as a, h5py.File(again, "r") as b:
         for k in a["requests"]:
             assert np.array_equal(a["requests"][k][()], b["requests"][k][()], equal_nan=True), k
+
+
+def test_step_interpolation_is_exact_on_bilinear_data_and_reports_its_checks():
+    from wse.serving.steps import DecodePoint, WaferSteps, fit_kernels
+
+    def holds(b, c):  # bilinear in (batch, context) per stage
+        return np.array([1e-6 + 2e-9 * c, 3e-6 + 1e-7 * b + 1e-10 * b * c, 5e-7])
+
+    pts = [DecodePoint(b, c, holds(b, c), float(holds(b, c).sum()) + 2e-6, np.array([b * c, 0, 0, 0.0]), True)
+           for b in (1, 8) for c in (100, 1000)]
+    pts.append(DecodePoint(1, 550, holds(1, 550) * 1.1, float(holds(1, 550).sum() * 1.1) + 2e-6,
+                           np.zeros(4), False))  # a "simulated" check 10% off the plane
+    st = WaferSteps(pts, ["a", "b", "c"], 4, 8, 10_000, 1000, None)
+    for b, c in ((3, 400), (8, 1000), (1, 100), (5, 2000)):  # inside, at a corner, extrapolated
+        h, d = st.decode(b, c)
+        assert np.allclose(h, holds(b, c), rtol=1e-9) and d == pytest.approx(2e-6)
+    (b, c, sim_s, got_s), = st.errors()
+    assert (b, c) == (1, 550) and got_s == pytest.approx(holds(1, 550).sum() + 2e-6)
+    assert abs(got_s / sim_s - 1) == pytest.approx(1 - (holds(1, 550).sum() + 2e-6)
+                                                   / (holds(1, 550).sum() * 1.1 + 2e-6), rel=1e-9)
+    with pytest.raises(WseError, match="grid"):
+        WaferSteps(pts[:3], ["a", "b", "c"], 4, 8, 10_000, 1000, None)
+    fit = fit_kernels({100: {"qkv": 1000 + 5 * 100, "scores": 300 + 2 * 100 ** 2},
+                       300: {"qkv": 1000 + 5 * 300, "scores": 300 + 2 * 300 ** 2}})
+    assert fit["qkv"] == pytest.approx((1000, 5)) and fit["scores"] == pytest.approx((300, 2))
+    assert fit_kernels({100: {"o": 700}})["o"] == pytest.approx((0.0, 7.0))  # one length: a pure scaling
+
+
+def test_prefill_gemms_extrapolated_from_their_first_steps():
+    """A MeshGEMM repeats one step P times: its first k1 and k2 steps extrapolate the whole
+    kernel's cycles to within 1% (each GEMM of a tiny-model prefill layer, and other shapes)."""
+    from wse.engine.run import simulate
+    from wse.hardware import load_preset
+    from wse.system.pool import Extrapolated, prefill_kernels
+    from wse.workload.gemm import standalone
+    from wse.workload.models import load_model
+    from wse.workload.prefill import prefill
+    cfg = load_preset("small")
+    sim = lambda t: simulate(t, cfg, validated=True)  # noqa: E731
+    for m, k, n, P, algo, aa, ab in ((48, 200, 64, 16, "meshgemm", True, False), (40, 96, 40, 20, "meshgemm", True, True),
+                                     (64, 64, 64, 16, "cannon", False, False), (33, 70, 45, 12, "summa", False, False)):
+        full = sim(standalone(m, k, n, P, cfg, algo, aa, ab)[0])
+        a, b = (sim(standalone(m, k, n, P, cfg, algo, aa, ab, steps=s)[0]) for s in (4, 8))
+        assert Extrapolated.of(a, b, 4, 8, P).total_cycles == pytest.approx(full.total_cycles, rel=0.01)
+    spec = load_model("tiny")
+    runs = {}
+    for prefix in (0, 8):
+        kernels = prefill_kernels(spec, cfg, 32, 64, 32, sim, "test", prefix=prefix)
+        runs[prefix] = prefill(spec, cfg, 32, 64, 32, 1, sim, kernels=kernels)
+    for name, cycles in runs[0].kernels.items():
+        assert runs[8].kernels[name] == pytest.approx(cycles, rel=0.01), name
+    assert isinstance(runs[8].results["qkv"], Extrapolated) and runs[8].kernels["elementwise"] == \
+        runs[0].kernels["elementwise"]
+    with pytest.raises(WseError, match="steps"):
+        standalone(48, 200, 64, 16, cfg, steps=1)
+
+
+def test_replicas_share_the_requests_round_robin():
+    from wse.serving.sim import serve_replicas
+    r = _stream(4.0, 50.0)
+    g = FakeIterations(max_seqs=2)
+    one = serve_replicas(r, g)
+    g.replicas = 3
+    three = serve_replicas(r, g)
+    assert np.array_equal(three.tokens, r.output) and not three.rejected.any()
+    assert np.nanmean(three.finish_s - r.arrival_s) < np.nanmean(one.finish_s - r.arrival_s)
+    sub = serve_iterations(R.Requests(r.arrival_s[1::3], r.prompt[1::3], r.output[1::3]), FakeIterations(max_seqs=2))
+    assert np.array_equal(three.finish_s[1::3], sub.finish_s)

@@ -51,6 +51,10 @@ def _numbers(text: str | None, option: str, kind: type = int) -> list:
 @click.option("--weights", help="linear weights: bf16, fp8, int8 or int4 (default: the published checkpoint)")
 @click.option("--prefill-prompts", help="prompt lengths whose prefill is simulated and fitted (default: the median)")
 @click.option("--prefill-checks", help="prompt lengths simulated to measure the prefill fit's error")
+@click.option("--prefill-steps", type=int, default=16, show_default=True,
+              help="simulate each prefill GEMM for its first N/2 and N steps and extrapolate (0: every step)")
+@click.option("--prefill-chunk", type=int, default=0, show_default=True,
+              help="chunked prefill, both sides: prompt tokens per chunk (wafers) / per iteration (GPUs); 0 whole prompts")
 @click.option("--gpu-max-seqs", type=int, default=256, show_default=True, help="GPU: sequences per iteration")
 @click.option("--gpu-max-prefill-tokens", type=int, default=8192, show_default=True,
               help="GPU: prompt tokens per prefill iteration")
@@ -64,7 +68,7 @@ def _numbers(text: str | None, option: str, kind: type = int) -> list:
 @_fanout_options
 @_clean_errors
 def serve_cmd(model, system_name, sets, wafers, batch, context, rate, arrivals, requests_file, prompt_len, output_len,
-              duration, seed, slo_ttft, slo_tpot, gpu, nodes, gpu_tp, weights, prefill_prompts, prefill_checks, gpu_max_seqs,
+              duration, seed, slo_ttft, slo_tpot, gpu, nodes, gpu_tp, weights, prefill_prompts, prefill_checks, prefill_steps, prefill_chunk, gpu_max_seqs,
               gpu_max_prefill_tokens, curve, sensitivity, attention, norms, uniform_slots, output, jobs, scheduler,
               threads, cache_dir, no_cache, quiet) -> None:
     """Serve a request stream on a wafer system and on GPU nodes: TTFT, TPOT, goodput, J/token, $/Mtok."""
@@ -84,6 +88,10 @@ def serve_cmd(model, system_name, sets, wafers, batch, context, rate, arrivals, 
     if nodes < 0 or context < 0:
         raise WseError("--nodes and --context must be at least 0 (0: automatic)")
     multiples = _numbers(curve, "--curve", float)
+    if prefill_chunk < 0:
+        raise WseError(f"--prefill-chunk {prefill_chunk} must be at least 0 (0: whole prompts)")
+    if prefill_steps != 0 and prefill_steps < 4:
+        raise WseError(f"--prefill-steps {prefill_steps}: 0 (every step) or at least 4")
     if requests_file:
         if rate is not None:
             raise WseError("give either --rate or --requests, not both")
@@ -115,7 +123,7 @@ def serve_cmd(model, system_name, sets, wafers, batch, context, rate, arrivals, 
                             prefill_prompts=_numbers(prefill_prompts, "--prefill-prompts"),
                             prefill_checks=_numbers(prefill_checks, "--prefill-checks"), gpu_max_seqs=gpu_max_seqs,
                             gpu_max_prefill_tokens=gpu_max_prefill_tokens, curve=multiples, regenerate=regen,
-                            sensitivity=sensitivity, note=note, attention=attention, norms=norms,
+                            sensitivity=sensitivity, note=note, prefill_steps=prefill_steps, prefill_chunk=prefill_chunk, attention=attention, norms=norms,
                             uniform_slots=uniform_slots)
         except KeyboardInterrupt:
             claim(output)

@@ -24,7 +24,7 @@ from ..workload.params import MAX_CONTEXT, DecodeParams
 from ..workload.precision import weights_of
 from .metrics import Costs, figures
 from .requests import Requests
-from .sim import Outcome, serve_iterations, serve_pipeline
+from .sim import Outcome, serve_pipeline, serve_replicas
 from .steps import GpuSteps, WaferSteps, wafer_steps
 
 CONTEXT_QUANTUM = 256  # the planned context is the longest request rounded up to this many tokens
@@ -82,7 +82,8 @@ def run_serve(model: str, system: SystemConfig, simulate: Callable[[Trace], obje
               slo_ttft_s: float = 1.0, slo_tpot_s: float = 0.05, prefill_prompts: list[int] | None = None,
               prefill_checks: list[int] | None = None, gpu_max_seqs: int = 256, gpu_max_prefill_tokens: int = 8192,
               curve: list[float] | None = None, regenerate: Callable[[float], Requests] | None = None,
-              sensitivity: bool = False, note: Callable[[str], None] = lambda s: None,
+              sensitivity: bool = False, note: Callable[[str], None] = lambda s: None, prefill_steps: int = 0,
+              prefill_chunk: int = 0,
               **decode_options: Any) -> ServeJob:
     """Plan and simulate the wafer system's step times, replay the requests on both sides, and
     (optionally) the same at other rates (`curve`: multiples of the rate, `regenerate(rate)`
@@ -93,27 +94,35 @@ def run_serve(model: str, system: SystemConfig, simulate: Callable[[Trace], obje
     fit, checks = sample_contexts(req, planned)
     prompts = prefill_prompts or [max(1, int(round(float(np.median(req.prompt)))))]
     steps, base = wafer_steps(spec, system, params, wafers, fit, checks, prompts, prefill_checks or [],
-                              simulate, fanout, note)
+                              simulate, fanout, note, prefill_steps)
     gw = G.weights_for(spec, weights_of(spec, weights))
     node = G.load_gpu(gpu)
     g_cfg = G.with_tp(node, gpu_tp or node.gpus_per_node)
     seats = steps.groups * steps.seats
     if nodes is None:  # TP groups holding the weights and the KV of as many sequences as the wafers
         groups = G.min_nodes(spec, g_cfg, seats * planned, gw, 2.0, planned)
-    else:
+        replicas = 1
+    else:  # as many replicas as hold the weights and the longest request, the groups shared out
         groups = nodes * node.gpus_per_node // g_cfg.gpus_per_node
-    gs = GpuSteps(spec, g_cfg, groups, gw, gpu_max_seqs, gpu_max_prefill_tokens)
+        one = G.min_nodes(spec, g_cfg, planned, gw, 2.0, planned)
+        if groups < one:
+            raise WseError(f"--nodes {nodes}: {spec.name} needs {one} TP{g_cfg.gpus_per_node} group(s) of "
+                           f"{g_cfg.name}, {nodes} node(s) make {groups}")
+        replicas = groups // one
+    gs = GpuSteps(spec, g_cfg, groups // replicas, gw, gpu_max_seqs, gpu_max_prefill_tokens, replicas=replicas)
+    groups = gs.nodes * replicas
     w_costs = wafer_costs(system, base.wafers)
     g_costs = gpu_costs(g_cfg, groups)
     job = ServeJob(req, _side(f"{system.name}: {base.wafers} x {system.wafer}", base.wafers, req, steps, w_costs,
-                              slo_ttft_s, slo_tpot_s, True),
-                   _side(G.gpu_label(g_cfg, groups), groups * g_cfg.gpus_per_node, req, gs, g_costs, slo_ttft_s,
-                         slo_tpot_s, False),
+                              slo_ttft_s, slo_tpot_s, True, prefill_chunk),
+                   _side(G.gpu_label(g_cfg, groups) + (f" ({replicas} replicas)" if replicas > 1 else ""),
+                         groups * g_cfg.gpus_per_node, req, gs, g_costs, slo_ttft_s,
+                         slo_tpot_s, False, prefill_chunk),
                    steps, base, gs, slo_ttft_s, slo_tpot_s)
     for k in curve or []:
         r = regenerate(k) if regenerate else req
         for side, st, costs, pipe in (("wafer", steps, w_costs, True), ("gpu", gs, g_costs, False)):
-            s = _side(side, 0, r, st, costs, slo_ttft_s, slo_tpot_s, pipe)
+            s = _side(side, 0, r, st, costs, slo_ttft_s, slo_tpot_s, pipe, prefill_chunk)
             job.curve.append({"rate_multiple": k, "side": side, **s.figures})
     if sensitivity:
         job.sensitivity = sweep_costs(job, system, g_cfg)
@@ -122,8 +131,8 @@ def run_serve(model: str, system: SystemConfig, simulate: Callable[[Trace], obje
 
 
 def _side(name: str, chips: int, req: Requests, steps, costs: Costs, slo_ttft: float, slo_tpot: float,
-          pipeline: bool) -> Side:
-    out = serve_pipeline(req, steps) if pipeline else serve_iterations(req, steps)
+          pipeline: bool, chunk: int = 0) -> Side:
+    out = serve_pipeline(req, steps, chunk) if pipeline else serve_replicas(req, steps, chunk)
     return Side(name, chips, out, costs, figures(req, out, costs, slo_ttft, slo_tpot))
 
 

@@ -50,6 +50,7 @@ class PipelineSteps(Protocol):
 
     def decode(self, n: int, context: float) -> tuple[np.ndarray, float]: ...
     def prefill(self, prompt: int) -> tuple[np.ndarray, float]: ...
+    def prefill_chunk(self, start: int, end: int, last: bool) -> tuple[np.ndarray, float]: ...
     def activity(self, n: int, context: float) -> np.ndarray: ...  # of a decode pass (metrics.ACTIVITY)
     def prefill_activity(self, prompt: int) -> np.ndarray: ...
 
@@ -74,15 +75,16 @@ class Tandem:
         return float(d[-1]) + delay
 
 
-ARRIVE, EXIT = 0, 1
+ARRIVE, EXIT, CHUNK = 0, 1, 2
 
 
-def serve_pipeline(req: Requests, steps: PipelineSteps) -> Outcome:
+def serve_pipeline(req: Requests, steps: PipelineSteps, chunk: int = 0) -> Outcome:
     """The wafer system: `steps.groups` micro-batches of up to `steps.seats` sequences circulate
     through the pipeline; each pass gives every member a token. An admitted request's prompt
     passes as a prefill item (its first token at the exit) and then joins its micro-batch at the
     micro-batch's next pass (iteration-level batching). Items enter the first stage in the order
-    they are ready."""
+    they are ready. chunk > 0: the prompt passes in chunks of that many tokens, each ready when
+    the one before has left the first stage (decode passes ready earlier go between them)."""
     n = len(req)
     adm, first, fin = (np.full(n, np.nan) for _ in range(3))
     tokens = np.zeros(n, dtype=np.int64)
@@ -125,6 +127,21 @@ def serve_pipeline(req: Requests, steps: PipelineSteps) -> Outcome:
         decode_passes += 1
         push(line.enter(now, holds, delay), EXIT, g)
 
+    group_of = np.zeros(n, dtype=np.int64)
+
+    def enter_chunk(i: int, start: int, now: float) -> None:
+        S = int(req.prompt[i])
+        end = min(S, start + chunk) if chunk else S
+        holds, delay = steps.prefill_chunk(start, end, end == S)
+        exit_s = line.enter(now, holds, delay)
+        if end == S:
+            push(exit_s, EXIT, -(i + 1) * steps.groups - int(group_of[i]) - 1)
+        else:
+            pending_chunk[i] = end
+            push(float(line.last[0]), CHUNK, i)
+
+    pending_chunk: dict[int, int] = {}
+
     def admit(now: float) -> None:
         nonlocal reserved, prefills, activity
         while waiting:
@@ -137,10 +154,10 @@ def serve_pipeline(req: Requests, steps: PipelineSteps) -> Outcome:
             reserved += need
             seats_used[g] += 1
             adm[i] = now
-            holds, delay = steps.prefill(int(req.prompt[i]))
             activity = activity + steps.prefill_activity(int(req.prompt[i]))
             prefills += 1
-            push(line.enter(now, holds, delay), EXIT, -(i + 1) * steps.groups - g - 1)
+            group_of[i] = g
+            enter_chunk(i, 0, now)
 
     def leave(i: int, g: int, now: float) -> None:
         nonlocal reserved
@@ -152,6 +169,8 @@ def serve_pipeline(req: Requests, steps: PipelineSteps) -> Outcome:
         now, _, kind, x = heapq.heappop(events)
         if kind == ARRIVE:
             waiting.append(x)
+        elif kind == CHUNK:  # the request's next chunk follows the one that left the first stage
+            enter_chunk(x, pending_chunk.pop(x), now)
         elif x >= 0:  # a micro-batch's pass ends: a token for every member
             g = x
             keep = []
@@ -191,12 +210,16 @@ class IterationSteps(Protocol):
 
     def decode(self, n: int, context: float) -> float: ...
     def prefill(self, prompts: list[int]) -> float: ...
+    def mixed(self, n: int, context: float, pieces: list[tuple[int, int, bool]]) -> float: ...
 
 
-def serve_iterations(req: Requests, steps: IterationSteps) -> Outcome:
+def serve_iterations(req: Requests, steps: IterationSteps, chunk: int = 0) -> Outcome:
     """GPU nodes with iteration-level batching: each iteration either prefills the requests
     admitted since the last (up to max_prefill_tokens prompt tokens; prefill first, as vLLM's
-    default scheduler) or decodes one token for every running sequence."""
+    default scheduler) or decodes one token for every running sequence. chunk > 0: chunked
+    prefill (_serve_chunked)."""
+    if chunk:
+        return _serve_chunked(req, steps, chunk)
     n = len(req)
     adm, first, fin = (np.full(n, np.nan) for _ in range(3))
     tokens = np.zeros(n, dtype=np.int64)
@@ -254,3 +277,98 @@ def serve_iterations(req: Requests, steps: IterationSteps) -> Outcome:
             now = max(now, float(req.arrival_s[arrivals[nxt]]))
     end = max(now, float(req.arrival_s[-1]))
     return Outcome(adm, first, fin, tokens, rejected, end, iters, prefills, busy)
+
+
+def _serve_chunked(req: Requests, steps: IterationSteps, budget: int) -> Outcome:
+    """Chunked prefill, as vLLM's: every iteration decodes one token of each running sequence
+    and fills the rest of a `budget`-token batch with prompt pieces of the admitted requests in
+    order, one fused iteration (steps.mixed); a request's first token comes with its last piece."""
+    n = len(req)
+    adm, first, fin = (np.full(n, np.nan) for _ in range(3))
+    tokens = np.zeros(n, dtype=np.int64)
+    rejected = (req.prompt + req.output) > steps.kv_tokens
+    arrivals = [i for i in range(n) if not rejected[i]]
+    ctx = np.zeros(n, dtype=np.int64)
+    running: list[int] = []
+    filling: list[list[int]] = []  # [request, prompt tokens prefilled so far]
+    waiting: deque[int] = deque()
+    now, nxt, reserved, iters, prefills, busy = 0.0, 0, 0, 0, 0, 0.0
+    while nxt < len(arrivals) or waiting or running or filling:
+        while nxt < len(arrivals) and req.arrival_s[arrivals[nxt]] <= now:
+            waiting.append(arrivals[nxt])
+            nxt += 1
+        while waiting and len(running) + len(filling) < steps.max_seqs:
+            i = waiting[0]
+            need = int(req.prompt[i] + req.output[i])
+            if reserved + need > steps.kv_tokens:
+                break
+            waiting.popleft()
+            reserved += need
+            adm[i] = now
+            filling.append([i, 0])
+            prefills += 1
+        room = max(budget - len(running), 0)
+        pieces = []
+        for f in filling:
+            if room <= 0:
+                break
+            i, done = f
+            take = min(room, int(req.prompt[i]) - done)
+            pieces.append((done, done + take, done + take == req.prompt[i]))
+            room -= take
+        if not running and not pieces:
+            now = max(now, float(req.arrival_s[arrivals[nxt]]))
+            continue
+        c = float(ctx[running].mean()) if running else 0.0
+        dt = steps.mixed(len(running), c, pieces) if pieces else steps.decode(len(running), c)
+        now += dt
+        busy += dt
+        iters += 1
+        keep = []
+        for i in running:
+            tokens[i] += 1
+            ctx[i] += 1
+            if tokens[i] >= req.output[i]:
+                fin[i] = now
+                reserved -= int(req.prompt[i] + req.output[i])
+            else:
+                keep.append(i)
+        for f, (a, b, last) in zip(list(filling), pieces):
+            f[1] = b
+            if last:
+                i = f[0]
+                filling.remove(f)
+                first[i] = now
+                tokens[i] = 1
+                ctx[i] = req.prompt[i] + 1
+                if req.output[i] <= 1:
+                    fin[i] = now
+                    reserved -= int(req.prompt[i] + req.output[i])
+                else:
+                    keep.append(i)
+        running = keep
+    end = max(now, float(req.arrival_s[-1]))
+    return Outcome(adm, first, fin, tokens, rejected, end, iters, prefills, busy)
+
+
+def serve_replicas(req: Requests, steps: IterationSteps, chunk: int = 0) -> Outcome:
+    """`steps.replicas` (default 1) copies of the model, each serving every replicas-th request
+    in arrival order (round robin) by serve_iterations; the outcomes merged."""
+    k = getattr(steps, "replicas", 1)
+    if k == 1:
+        return serve_iterations(req, steps, chunk)
+    n = len(req)
+    out = Outcome(*(np.full(n, np.nan) for _ in range(3)), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool),
+                  float(req.arrival_s[-1]), 0, 0, 0.0)
+    for r in range(k):
+        idx = np.arange(r, n, k)
+        if not len(idx):
+            continue
+        o = serve_iterations(Requests(req.arrival_s[idx], req.prompt[idx], req.output[idx]), steps, chunk)
+        for name in ("admitted_s", "first_token_s", "finish_s", "tokens", "rejected"):
+            getattr(out, name)[idx] = getattr(o, name)
+        out.end_s = max(out.end_s, o.end_s)
+        out.steps += o.steps
+        out.prefills += o.prefills
+        out.busy_s += o.busy_s / k
+    return out

@@ -124,7 +124,10 @@ class WaferSteps:
         return np.array([self.prefill_model.flops(prompt), 0.0, 0.0, 0.0])
 
     def prefill(self, prompt: int) -> tuple[np.ndarray, float]:
-        return self.prefill_model.holds(prompt)
+        return self.prefill_model.chunk(0, prompt, True)
+
+    def prefill_chunk(self, start: int, end: int, last: bool) -> tuple[np.ndarray, float]:
+        return self.prefill_model.chunk(start, end, last)
 
     def errors(self) -> list[tuple[int, int, float, float]]:
         """(batch, context, simulated s, interpolated s) at every check point."""
@@ -157,19 +160,25 @@ class PrefillModel:
             total += G.layer_touched(sp, layer, prompt)[1] + sp.causal_pairs(layer, prompt) * G.attention_flops_per_pair(sp)
         return total
 
-    def layer_cycles(self, P: int, prompt: int) -> float:
-        return sum(a + b * (prompt ** 2 if k in QUADRATIC else prompt) for k, (a, b) in self.fits[P].items())
+    def layer_cycles(self, P: int, prompt: int, start: int = 0) -> float:
+        """One layer's prefill of prompt tokens [start, prompt) after `start` already cached: each
+        kernel's intercept plus its slope times the chunk's tokens (linear kernels) or times
+        prompt^2 - start^2 (attention GEMMs: chunks of a prompt add up to the whole prompt's)."""
+        return sum(a + b * (prompt ** 2 - start ** 2 if k in QUADRATIC else prompt - start)
+                   for k, (a, b) in self.fits[P].items())
 
-    def holds(self, prompt: int) -> tuple[np.ndarray, float]:
+    def chunk(self, start: int, end: int, last: bool) -> tuple[np.ndarray, float]:
+        """Stage holds (and link latencies) of prefilling prompt tokens [start, end); the LM head
+        runs for the chunk that ends the prompt (`last`)."""
         out = np.zeros(len(self.stage_slot))
         delay = 0.0
         for j, P in enumerate(self.stage_slot):
             if P > 0:
-                out[j] = max(self.layer_cycles(P, prompt), 0.0) / self.clock_hz
-            elif P == 0:
+                out[j] = max(self.layer_cycles(P, end, start), 0.0) / self.clock_hz
+            elif P == 0 and last:
                 out[j] = self.head_cycles / self.clock_hz
             elif P == -1:
-                out[j] = self.link.busy_seconds(prompt * self.hidden * ELEM)
+                out[j] = self.link.busy_seconds((end - start) * self.hidden * ELEM)
                 delay += self.link.latency_s
         return out, delay
 
@@ -194,7 +203,8 @@ def fit_kernels(samples: dict[int, dict[str, int]]) -> dict[str, tuple[float, fl
 def wafer_steps(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int | None,
                 contexts: list[int], checks: list[tuple[int, int]], prompts: list[int],
                 prompt_checks: list[int], simulate: Callable[[Trace], object], fanout: Fanout,
-                note: Callable[[str], None] = lambda s: None) -> tuple[WaferSteps, SystemDecode]:
+                note: Callable[[str], None] = lambda s: None, prefill_steps: int = 0
+                ) -> tuple[WaferSteps, SystemDecode]:
     """Simulate the decode points (batches 1 and params.batch at each of `contexts`, plus the
     `checks` (batch, context) left out of the fit) on the layout planned for params, and the
     prefill kernels at `prompts` (+ `prompt_checks`). Returns the step model and the planning
@@ -219,7 +229,8 @@ def wafer_steps(spec: ModelSpec, system: SystemConfig, params: DecodeParams, waf
         act = np.array([sum(s.flops for s in d.steps), sum(s.sram_bytes for s in d.steps),
                         sum(s.wavelet_hops for s in d.steps), sum(d.ledger.sent)], dtype=float)
         points.append(DecodePoint(b, c, holds, d.latency_s, act, fitted))
-    prefill = _prefill_model(spec, system, plans, labels, prompts, prompt_checks, simulate, fanout, note)
+    prefill = _prefill_model(spec, system, plans, labels, prompts, prompt_checks, simulate, fanout, note,
+                             prefill_steps)
     kv_copies = 1 + min(s.extra_in_flight for s in base.steps)
     steps = WaferSteps(points, labels, base.max_in_flight, params.batch,
                        kv_copies * params.batch * params.context, params.context, prefill)
@@ -227,7 +238,8 @@ def wafer_steps(spec: ModelSpec, system: SystemConfig, params: DecodeParams, waf
 
 
 def _prefill_model(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan], labels: list[str],
-                   prompts: list[int], checks: list[int], simulate, fanout: Fanout, note) -> PrefillModel:
+                   prompts: list[int], checks: list[int], simulate, fanout: Fanout, note,
+                   prefix: int = 0) -> PrefillModel:
     from ..system.pool import prefill_kernels
     from ..workload.prefill import prefill
     cfg = system.wafer_config
@@ -249,7 +261,7 @@ def _prefill_model(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan]
             S_run = max(S, P)  # every row of the region needs a token
             note(f"prefill kernels: {P}x{P} slots, prompt {S_run:,}")
             kernels = prefill_kernels(spec, cfg, P, S_run, lm_width, simulate,
-                                      f"{spec.name} prefill on {P}x{P}", fanout)
+                                      f"{spec.name} prefill on {P}x{P}", fanout, prefix=prefix)
             pr = prefill(spec, cfg, P, S_run, lm_width, 1, simulate, kernels=kernels)
             samples[P][S_run] = {k: v for k, v in pr.kernels.items() if k != "lm_head"}
             head = pr.kernels["lm_head"]
@@ -268,8 +280,9 @@ def _prefill_model(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan]
 
 @dataclasses.dataclass
 class GpuSteps:
-    """GPU nodes' iteration times (sim.IterationSteps) from the analytic model, on `nodes`
-    nodes; decode times memoized per (sequences, context rounded up to `context_step`)."""
+    """GPU nodes' iteration times (sim.IterationSteps) from the analytic model, for one replica
+    of the model on `nodes` TP groups (pipeline stages; `replicas` of them serve side by side);
+    decode times memoized per (sequences, context rounded up to `context_step`)."""
 
     spec: ModelSpec
     gpu: G.GpuConfig
@@ -279,6 +292,7 @@ class GpuSteps:
     max_prefill_tokens: int
     kv_bytes: float = 2.0
     context_step: int = 16
+    replicas: int = 1  # model replicas (data parallel), each on `nodes` TP groups
 
     def __post_init__(self) -> None:
         self._memo: dict[tuple[int, int], float] = {}
@@ -297,8 +311,8 @@ class GpuSteps:
     def prefill(self, prompts: list[int]) -> float:
         return G.prefill_iteration(self.spec, self.gpu, prompts, self.nodes, self.weights, self.kv_bytes)
 
-    def power_w(self) -> float:
-        return self.nodes * self.gpu.node_power_w
+    def mixed(self, n: int, context: float, pieces: list[tuple[int, int, bool]]) -> float:
+        return G.mixed_iteration(self.spec, self.gpu, self.nodes, self.weights, self.kv_bytes, n, context, pieces)
 
 
 def kv_capacity(spec: ModelSpec, gpu: G.GpuConfig, nodes: int, weights: G.Weights, kv_bytes: float = 2.0) -> int:

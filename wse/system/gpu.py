@@ -577,3 +577,26 @@ def best_decode(spec: ModelSpec, gpu: GpuConfig, *, batch: int, context: int, we
 def gpu_label(g: GpuConfig, groups: int) -> str:
     """How a baseline reads in tables: 2 x 8xh100 (whole nodes), or 3 x TP4 h100 (TP groups)."""
     return f"{groups} x {g.gpus_per_node}x{g.name}" if g.gpus_per_node >= 8 else f"{groups} x TP{g.gpus_per_node} {g.name}"
+
+
+def mixed_iteration(spec: ModelSpec, gpu: GpuConfig, nodes: int, weight_bytes, kv_bytes: float, decode_n: int,
+                    decode_context: float, pieces: Sequence[tuple[int, int, bool]]) -> float:
+    """Seconds of one chunked-prefill iteration (vLLM-like): `decode_n` sequences decoding at
+    `decode_context` cached tokens on average, fused with prefill pieces (start, end, ends the
+    prompt): one pass over the weights for all their tokens; attention over each piece's causal
+    pairs (earlier chunks' keys included) and the decoders' caches; the LM head for the
+    decoders and for pieces that end a prompt; stages one after another."""
+    if not pieces:
+        raise WseError("a mixed iteration needs at least one prefill piece")
+    new = float(sum(b - a for a, b, _ in pieces))
+    tokens = decode_n + new
+    read = decode_n * decode_context + sum(a for a, _, _ in pieces)
+
+    def pairs(layer: int) -> float:
+        dec = decode_n * spec.attended(layer, max(1, round(decode_context)))
+        return dec + sum(spec.causal_pairs(layer, b) - spec.causal_pairs(layer, a) for a, b, _ in pieces)
+    total = sum(pairs(i) for i in range(spec.layers)) / spec.layers or 1.0
+    terms = _stage_terms(spec, gpu, split_layers(spec.layers, nodes), tokens, read + new, total,
+                         decode_n + sum(1 for *_, last in pieces if last), weight_bytes, kv_bytes,
+                         lambda i: (1.0, pairs(i) / total))
+    return sum(t.total for t in terms) + (nodes - 1) * _hop_s(spec, gpu, tokens)

@@ -133,18 +133,24 @@ S_ALIGN = {T_A_SEND: 10, T_A_RECV: 11, T_B_SEND: 14, T_B_RECV: 15}  # alignment:
 
 
 def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "meshgemm",
-               align_a: bool = False, align_b: bool = False) -> tuple["Trace", dict[str, int]]:  # noqa: F821
+               align_a: bool = False, align_b: bool = False, steps: int | None = None
+               ) -> tuple["Trace", dict[str, int]]:  # noqa: F821
     """A GEMM kernel trace on a P x P region: (trace, analytic facts).
 
     By default both operands start in Cannon's skewed placement (static weights are stored
     that way). align_a / align_b add the initial alignment of an operand produced on the mesh
     (row j of A shifted j logical steps along X, column i of B i steps along Y), as a prefill
-    layer needs for its activations.
+    layer needs for its activations. `steps` < P builds only the first `steps` of the P steps
+    (with the last steps' endings): the prefix the serving model simulates to extrapolate the
+    whole kernel's cycles (prefill.kernel_cycles).
     """
     if algo not in ALGOS:
         raise WseError(f"unknown GEMM algorithm {algo!r} ({', '.join(ALGOS)})")
     if min(m, k, n, P) < 1 or P > min(m, n):
         raise WseError(f"gemm: sizes must be positive and the region ({P}x{P}) no larger than m and n")
+    K = P if steps is None else steps
+    if not 2 <= K <= P:
+        raise WseError(f"gemm: steps {steps} must be in [2, {P}]")
     Mr, Nc = split(m, P), split(n, P)
     Kt = -(-k // P)
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
@@ -216,7 +222,7 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
             tag = t_compute if t == T_COMPUTE else t_move
             out.setdefault(t, []).extend(op if op.tag == tag else retag(op, tag) for op in ops)
 
-        for s in range(P):
+        for s in range(K):
             if algo == "summa":
                 # step s: column s relays its A tiles along the rows (threads 2 east, 3 west),
                 # row s its B tiles down the columns (4, 5); a relay may start once compute s-2
@@ -229,7 +235,7 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
                         add(t, ([wait(S_DONE[t])] if s >= 2 else []) + ops.get(dt, []) + [signal(S_RELAY_IN[t])])
                 add(T_COMPUTE, [wait(S_RELAY_IN[t]) for t in (T_A_SEND, T_A_RECV, T_B_SEND, T_B_RECV)])
                 out.setdefault(T_COMPUTE, []).extend(step_compute(s, mj, ni))  # tagged already
-                if s < P - 2:
+                if s < K - 2:
                     add(T_COMPUTE, [signal(S_DONE[t]) for t in (T_A_SEND, T_A_RECV, T_B_SEND, T_B_RECV)])
                 continue
             # Cannon-style shift: send this step's tiles, receive the next step's
@@ -243,17 +249,17 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
             if s > 0:
                 add(T_COMPUTE, [wait(S_IN_C[T_A_RECV]), wait(S_IN_C[T_B_RECV])])
             out.setdefault(T_COMPUTE, []).extend(step_compute(s, mj, ni))  # tagged already
-            if s < P - 2:
+            if s < K - 2:
                 add(T_COMPUTE, [signal(S_DONE[T_A_RECV]), signal(S_DONE[T_B_RECV])])
-            if s < P - 1:
+            if s < K - 1:
                 for t_send, t_recv, buf, length, sc, rc in (
                         (T_A_SEND, T_A_RECV, A, a_len, xr[0][1], xr[0][2]),
                         (T_B_SEND, T_B_RECV, B, b_len, yr[0][1], yr[0][2])):
                     add(t_send, ([wait(S_IN_SEND[t_recv])] if s > 0 else []) + [send(sc, length, buf[s % 2])]
-                        + ([signal(S_OUT[t_send])] if s < P - 2 else []))
+                        + ([signal(S_OUT[t_send])] if s < K - 2 else []))
                     add(t_recv, ([wait(S_DONE[t_recv]), wait(S_OUT[t_send])] if s > 0 else [])
                         + [recv(rc, length, buf[(s + 1) % 2]), signal(S_IN_C[t_recv])]
-                        + ([signal(S_IN_SEND[t_recv])] if s < P - 2 else []))
+                        + ([signal(S_IN_SEND[t_recv])] if s < K - 2 else []))
         return out
 
     def _align(add, t_send: int, t_recv: int, buf: list[int], length: int, sc: int, rc: int, rounds: int) -> None:

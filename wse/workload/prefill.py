@@ -192,12 +192,13 @@ def kernel_names(spec: ModelSpec) -> list[str]:
 
 
 def kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str = "meshgemm",
-                 lm_width: int | None = None) -> tuple[Trace, dict[str, int]]:
+                 lm_width: int | None = None, steps: int | None = None) -> tuple[Trace, dict[str, int]]:
     """One prefill kernel (kernel_names, or "lm_head": the last token's LM-head GEMV on an
     lm_width x P region): (trace, facts). A kernel the prompt makes too big for the region's
-    SRAM is an error naming --prompt-len."""
+    SRAM is an error naming --prompt-len. `steps`: a GEMM kernel's first steps only
+    (gemm.standalone; GEMM_KERNELS)."""
     try:
-        return _kernel_trace(spec, cfg, P, prompt, name, algo, lm_width)
+        return _kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, steps)
     except WseError as e:
         if "--prompt-len" in str(e) or "SRAM" not in str(e):
             raise
@@ -205,7 +206,7 @@ def kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: s
 
 
 def _kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str,
-                  lm_width: int | None) -> tuple[Trace, dict[str, int]]:
+                  lm_width: int | None, steps: int | None = None) -> tuple[Trace, dict[str, int]]:
     if prompt < P:
         raise WseError(f"--prompt-len {prompt} is shorter than the region side {P}: every row needs a token")
     H, S = spec.hidden_size, prompt
@@ -229,7 +230,12 @@ def _kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: 
     if name not in kernel_names(spec):
         raise WseError(f"{spec.name} has no prefill kernel {name!r}")
     mm, k, n, a, b = shapes[name]()
-    return gemm_trace(mm, k, n, P, cfg, algo, a, b)
+    return gemm_trace(mm, k, n, P, cfg, algo, a, b, steps=steps)
+
+
+def is_gemm(name: str) -> bool:
+    """Whether a prefill kernel is a MeshGEMM (P steps of one pattern: prefix-extrapolable)."""
+    return name not in ("elementwise", "lm_head")
 
 
 def kernel_traces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, algo: str = "meshgemm"
