@@ -388,3 +388,13 @@ def test_replicas_share_the_requests_round_robin():
     assert np.nanmean(three.finish_s - r.arrival_s) < np.nanmean(one.finish_s - r.arrival_s)
     sub = serve_iterations(R.Requests(r.arrival_s[1::3], r.prompt[1::3], r.output[1::3]), FakeIterations(max_seqs=2))
     assert np.array_equal(three.finish_s[1::3], sub.finish_s)
+
+
+def test_a_prefill_that_cannot_fit_is_refused_before_simulating():
+    from types import SimpleNamespace
+    from wse.hardware import load_preset
+    from wse.serving.steps import check_prefill
+    from wse.workload.models import load_model
+    check_prefill(load_model("tiny"), load_preset("small"), [SimpleNamespace(P=16)], [64])
+    with pytest.raises(WseError, match="does not fit a 16x16 region.*square"):
+        check_prefill(load_model("tiny"), load_preset("small"), [SimpleNamespace(P=16)], [64, 30_000])

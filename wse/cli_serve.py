@@ -64,12 +64,14 @@ def _numbers(text: str | None, option: str, kind: type = int) -> list:
 @click.option("--attention", type=click.Choice(["flash", "classic"]), default="flash", show_default=True)
 @click.option("--norms", type=click.Choice(["fused", "separate"]), default="fused", show_default=True)
 @click.option("--uniform-slots", is_flag=True, help="every wafer on one slot shape")
+@click.option("--slot-shape", type=click.Choice(["tall", "square"]), default="tall", show_default=True,
+              help="layer slots: tall P x Q regions of the largest area, or square P x P")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
 @_fanout_options
 @_clean_errors
 def serve_cmd(model, system_name, sets, wafers, batch, context, rate, arrivals, requests_file, prompt_len, output_len,
               duration, seed, slo_ttft, slo_tpot, gpu, nodes, gpu_tp, weights, prefill_prompts, prefill_checks, prefill_steps, prefill_chunk, gpu_max_seqs,
-              gpu_max_prefill_tokens, curve, sensitivity, attention, norms, uniform_slots, output, jobs, scheduler,
+              gpu_max_prefill_tokens, curve, sensitivity, attention, norms, uniform_slots, slot_shape, output, jobs, scheduler,
               threads, cache_dir, no_cache, quiet) -> None:
     """Serve a request stream on a wafer system and on GPU nodes: TTFT, TPOT, goodput, J/token, $/Mtok."""
     from .serving import requests as R
@@ -108,7 +110,8 @@ def serve_cmd(model, system_name, sets, wafers, batch, context, rate, arrivals, 
             return R.generate(R.Arrivals(arr.rate_per_s * k, arr.cv), p, o, duration, seed)
     system = load_system(system_name, sets)
     kw = check_options(system, model=model, wafers=wafers, batch=batch, context=max(context, 1), prompt_len=0,
-                       gpu=gpu, weights=weights, attention=attention, norms=norms, uniform_slots=uniform_slots)
+                       gpu=gpu, weights=weights, attention=attention, norms=norms, uniform_slots=uniform_slots,
+                       slot_shape=slot_shape)
     cfg = system.wafer_config
     t0 = time.perf_counter()
     with _fanout(jobs, scheduler, threads, cache_dir, no_cache, quiet) as fanout:
@@ -124,7 +127,7 @@ def serve_cmd(model, system_name, sets, wafers, batch, context, rate, arrivals, 
                             prefill_checks=_numbers(prefill_checks, "--prefill-checks"), gpu_max_seqs=gpu_max_seqs,
                             gpu_max_prefill_tokens=gpu_max_prefill_tokens, curve=multiples, regenerate=regen,
                             sensitivity=sensitivity, note=note, prefill_steps=prefill_steps, prefill_chunk=prefill_chunk, attention=attention, norms=norms,
-                            uniform_slots=uniform_slots)
+                            uniform_slots=uniform_slots, slot_shape=slot_shape)
         except KeyboardInterrupt:
             claim(output)
             raise

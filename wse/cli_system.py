@@ -107,6 +107,8 @@ def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Cal
               help="tokens generated from --context: TPOT as the context grows (simulated at the first, middle "
                    "and last token; wafers hold the last token's KV cache)")
 @click.option("--gpu", type=click.Choice(["h100", "h200", "b200"]), default="h100", show_default=True)
+@click.option("--prefill-steps", type=int, default=16, show_default=True,
+              help="TTFT: simulate each prefill GEMM for its first N/2 and N steps and extrapolate (0: every step)")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
 @_fanout_options
 @_clean_errors

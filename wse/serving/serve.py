@@ -92,7 +92,9 @@ def run_serve(model: str, system: SystemConfig, simulate: Callable[[Trace], obje
     planned = planned_context(req, context)
     params = DecodeParams(batch=batch, context=planned, weights=weights, **decode_options)
     fit, checks = sample_contexts(req, planned)
-    prompts = prefill_prompts or [max(1, int(round(float(np.median(req.prompt)))))]
+    median = max(1, int(round(float(np.median(req.prompt)))))
+    # chunks cost each kernel's intercept: fit it from the chunk size and the median prompt
+    prompts = prefill_prompts or sorted({median, prefill_chunk} - {0})
     steps, base = wafer_steps(spec, system, params, wafers, fit, checks, prompts, prefill_checks or [],
                               simulate, fanout, note, prefill_steps)
     gw = G.weights_for(spec, weights_of(spec, weights))

@@ -209,8 +209,10 @@ def wafer_steps(spec: ModelSpec, system: SystemConfig, params: DecodeParams, waf
     `checks` (batch, context) left out of the fit) on the layout planned for params, and the
     prefill kernels at `prompts` (+ `prompt_checks`). Returns the step model and the planning
     point's system decode (its curve and depth are `wse system`'s)."""
-    base = run_decode(spec, system, params, wafers, simulate, fanout)
-    plans = wafer_plans(spec, system, params, base.wafers)
+    from ..system.wafers import fewest_wafers
+    plans = wafer_plans(spec, system, params, wafers or fewest_wafers(spec, system, params))
+    check_prefill(spec, system.wafer_config, plans, prompts + prompt_checks)  # before anything is simulated
+    base = run_decode(spec, system, params, len(plans), simulate, fanout)
     labels = chain_stages(base)[1]
     points: list[DecodePoint] = []
     want = [(b, c, True) for b in sorted({1, params.batch}) for c in sorted(set(contexts))]
@@ -235,6 +237,21 @@ def wafer_steps(spec: ModelSpec, system: SystemConfig, params: DecodeParams, waf
     steps = WaferSteps(points, labels, base.max_in_flight, params.batch,
                        kv_copies * params.batch * params.context, params.context, prefill)
     return steps, base
+
+
+def check_prefill(spec: ModelSpec, cfg, plans: list[ModelPlan], prompts: list[int]) -> None:
+    """Every prefill kernel fits its slot's SRAM at every sampled prompt (the GEMMs built for two
+    steps, which allocates what the whole kernel needs): a WseError naming the kernel otherwise."""
+    from ..workload.prefill import is_gemm, kernel_names, kernel_trace
+    for P in sorted({p.P for p in plans}):
+        for S in sorted(set(prompts)):
+            for name in kernel_names(spec):
+                if is_gemm(name):
+                    try:
+                        kernel_trace(spec, cfg, P, max(S, P), name, steps=2)
+                    except WseError as e:
+                        raise WseError(f"{e} (the prefill runs on the P x P part of each P x Q slot; "
+                                       "--slot-shape square gives it a whole slot)") from None
 
 
 def _prefill_model(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan], labels: list[str],

@@ -84,6 +84,9 @@ def check_options(system: SystemConfig, *, model: str, wafers: str | int = "pres
             raise WseError("--wafers must be at least 1")
     if prompt_len < 0:
         raise WseError("--prompt-len must be at least 0")
+    steps = kw.get("prefill_steps", 16)
+    if steps != 0 and steps < 4:
+        raise WseError(f"--prefill-steps {steps}: 0 (every step) or at least 4")
     if generate < 1:
         raise WseError(f"--generate {generate} must be at least 1")
     load_model(model)
@@ -106,7 +109,7 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
                expert_skew: float = 0.0, moe_mapping: str = "auto", experts_per_region: int = 0,
                slot_shape: str = "tall", uniform_slots: bool = False, weights: str | None = None,
                attention: str = "flash", attention_block: int = 0, norms: str = "fused", generate: int = 1,
-               fanout: Fanout | None = None) -> SystemJob:
+               fanout: Fanout | None = None, prefill_steps: int = 16) -> SystemJob:
     """Simulate the wafer system, evaluate the GPU model, and tabulate both (fanout: where the
     stage simulations run and the cache they share, pool.Fanout). generate > 1: the wafers
     hold the KV cache of the generation's last token, and the step is also simulated there and
@@ -129,7 +132,7 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     ttft = math.nan
     if prompt:
         ttft = prefill_seconds(spec, system, wafer_plans(spec, system, params, dec.wafers), prompt, simulate,
-                               fanout)
+                               fanout, prefill_steps)
     g, g_cfg = best_decode(spec, load_gpu(gpu), batch=batch, context=context, weight_bytes=gw, kv_bytes=ELEM_BYTES,
                            utilization=system.utilization)
     g_ttft = gpu_prefill(spec, g_cfg, prompt, batch=batch, nodes=g.nodes, weight_bytes=gw,

@@ -113,7 +113,7 @@ class Fanout:
                         raise WseError(f"--scheduler {self.scheduler}: cannot connect ({e})") from None
                 else:
                     self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
-                                                 dashboard_address=":0", silence_logs=logging.ERROR)
+                                                 dashboard_address=":0", silence_logs=logging.CRITICAL)
                     self._client = Client(self._cluster)
             return self._client
 

@@ -435,10 +435,11 @@ def pipeline_point(r: SystemDecode, system: SystemConfig, in_flight: int) -> Pip
 
 
 def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan], prompt: int,
-                    simulate: Callable[[Trace], object], fanout: Fanout | None = None) -> float:
+                    simulate: Callable[[Trace], object], fanout: Fanout | None = None, prefix: int = 0) -> float:
     """Time to first token: each wafer's layers prefill on its own slot size (simulated kernels,
     workload/prefill.py; from the cache or on the fanout's workers), then the LM head; the prompt's
-    activations (prompt x hidden x 2 bytes) cross each link."""
+    activations (prompt x hidden x 2 bytes) cross each link. prefix > 0: GEMM kernels from their
+    first prefix / 2 and prefix steps (pool.prefill_kernels)."""
     from ..workload.prefill import prefill
     from .pool import prefill_kernels
     cfg = system.wafer_config
@@ -449,7 +450,7 @@ def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan
         if plan.P not in layer_cycles or last:
             lm_width = plan.slots[-1].region.width
             kernels = prefill_kernels(spec, cfg, plan.P, prompt, lm_width, simulate,
-                                      f"{spec.name} prefill on {plan.P}x{plan.P}", fanout)
+                                      f"{spec.name} prefill on {plan.P}x{plan.P}", fanout, prefix=prefix)
             pr = prefill(spec, cfg, plan.P, prompt, lm_width, 1, simulate, kernels=kernels)
             layer_cycles[plan.P] = pr.layer_cycles
             if last:

@@ -149,7 +149,7 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
     if min(m, k, n, P) < 1 or P > min(m, n):
         raise WseError(f"gemm: sizes must be positive and the region ({P}x{P}) no larger than m and n")
     K = P if steps is None else steps
-    if not 2 <= K <= P:
+    if steps is not None and not 2 <= steps <= P:
         raise WseError(f"gemm: steps {steps} must be in [2, {P}]")
     Mr, Nc = split(m, P), split(n, P)
     Kt = -(-k // P)
