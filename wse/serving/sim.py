@@ -263,20 +263,28 @@ def serve_iterations(req: Requests, steps: IterationSteps, chunk: int = 0) -> Ou
             now += dt
             busy += dt
             iters += 1
-            keep = []
-            for i in running:
-                tokens[i] += 1
-                ctx[i] += 1
-                if tokens[i] >= req.output[i]:
-                    fin[i] = now
-                    reserved -= int(req.prompt[i] + req.output[i])
-                else:
-                    keep.append(i)
-            running = keep
+            running, freed = _decode_step(running, req, tokens, ctx, fin, now)
+            reserved -= freed
         else:  # idle until the next arrival
             now = max(now, float(req.arrival_s[arrivals[nxt]]))
     end = max(now, float(req.arrival_s[-1]))
     return Outcome(adm, first, fin, tokens, rejected, end, iters, prefills, busy)
+
+
+def _decode_step(running: list[int], req: Requests, tokens: np.ndarray, ctx: np.ndarray, fin: np.ndarray,
+                 now: float) -> tuple[list[int], int]:
+    """One token for every running sequence at `now`: (those still running, KV tokens freed by
+    the ones that finished)."""
+    keep, freed = [], 0
+    for i in running:
+        tokens[i] += 1
+        ctx[i] += 1
+        if tokens[i] >= req.output[i]:
+            fin[i] = now
+            freed += int(req.prompt[i] + req.output[i])
+        else:
+            keep.append(i)
+    return keep, freed
 
 
 def _serve_chunked(req: Requests, steps: IterationSteps, budget: int) -> Outcome:
@@ -324,15 +332,8 @@ def _serve_chunked(req: Requests, steps: IterationSteps, budget: int) -> Outcome
         now += dt
         busy += dt
         iters += 1
-        keep = []
-        for i in running:
-            tokens[i] += 1
-            ctx[i] += 1
-            if tokens[i] >= req.output[i]:
-                fin[i] = now
-                reserved -= int(req.prompt[i] + req.output[i])
-            else:
-                keep.append(i)
+        keep, freed = _decode_step(running, req, tokens, ctx, fin, now)
+        reserved -= freed
         for f, (a, b, last) in zip(list(filling), pieces):
             f[1] = b
             if last:
