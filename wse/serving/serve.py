@@ -19,7 +19,7 @@ from ..system.config import SystemConfig
 from ..system.pool import Fanout
 from ..system.wafers import SystemDecode
 from ..trace import Trace
-from ..workload.models import ModelSpec, load_model
+from ..workload.models import load_model
 from ..workload.params import MAX_CONTEXT, DecodeParams
 from ..workload.precision import weights_of
 from .metrics import Costs, figures
@@ -195,6 +195,3 @@ def check_slos(slo_ttft_s: float, slo_tpot_s: float) -> None:
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise WseError(f"{name} {v}: must be a positive number of seconds")
 
-
-def spec_of(model: str) -> ModelSpec:
-    return load_model(model)
