@@ -291,7 +291,7 @@ def test_prefill_reproduces_the_compute_bound_closed_form(h100, l8b):
 
 
 def test_best_parallelism_is_the_cheapest_feasible_one():
-    from wse.system.gpu import TP_CHOICES, best_decode, with_tp
+    from wse.system.gpu_parallel import TP_CHOICES, best_decode, with_tp
     h100 = load_gpu("h100")
     for model, batch in (("llama3.1-8b", 1), ("llama3.1-8b", 64), ("llama3.1-70b", 1), ("llama3.1-405b", 8)):
         spec = load_model(model)

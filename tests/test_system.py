@@ -218,7 +218,7 @@ def test_system_command_writes_the_table_and_plots(tmp_path):
         assert f.attrs["complete"]
         metrics = [m.decode() if isinstance(m, bytes) else m for m in f["system/metric"][()]]
         assert "TTFT" in metrics and f["wafers/cycles"].shape == (2,)
-        # the cheapest GPU parallelism for a tiny model is one GPU (gpu.best_decode)
+        # the cheapest GPU parallelism for a tiny model is one GPU (gpu_parallel.best_decode)
         assert f["summary/wafers"][()] == 2 and f["summary/gpus"][()] == 1
         assert math.isfinite(f["summary/ttft_s"][()]) and f["summary/energy_per_token_j"][()] > 0
         assert len(f["curve_wafer/tokens_per_s"]) >= 1 and len(f["curve_gpu/batch"]) >= 1

@@ -10,7 +10,8 @@ generation (input + half the output).
 """
 from __future__ import annotations
 
-from wse.system.gpu import Weights, gpu_decode, load_gpu, with_tp
+from wse.system.gpu import Weights, gpu_decode, load_gpu
+from wse.system.gpu_parallel import with_tp
 from wse.workload.models import load_model
 
 FP8 = Weights(1.0, 1.0, True)

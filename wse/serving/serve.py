@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import WseError
 from ..system import gpu as G
 from ..system.config import SystemConfig
+from ..system.gpu_parallel import gpu_label, with_tp
 from ..system.pool import Fanout
 from ..system.wafers import SystemDecode
 from ..trace import Trace
@@ -99,7 +100,7 @@ def run_serve(model: str, system: SystemConfig, simulate: Callable[[Trace], obje
                               simulate, fanout, note, prefill_steps)
     gw = G.weights_for(spec, weights_of(spec, weights))
     node = G.load_gpu(gpu)
-    g_cfg = G.with_tp(node, gpu_tp or node.gpus_per_node)
+    g_cfg = with_tp(node, gpu_tp or node.gpus_per_node)
     seats = steps.groups * steps.seats
     if nodes is None:  # TP groups holding the weights and the KV of as many sequences as the wafers
         groups = G.min_nodes(spec, g_cfg, seats * planned, gw, 2.0, planned)
@@ -117,7 +118,7 @@ def run_serve(model: str, system: SystemConfig, simulate: Callable[[Trace], obje
     g_costs = gpu_costs(g_cfg, groups)
     job = ServeJob(req, _side(f"{system.name}: {base.wafers} x {system.wafer}", base.wafers, req, steps, w_costs,
                               slo_ttft_s, slo_tpot_s, True, prefill_chunk),
-                   _side(G.gpu_label(g_cfg, groups) + (f" ({replicas} replicas)" if replicas > 1 else ""),
+                   _side(gpu_label(g_cfg, groups) + (f" ({replicas} replicas)" if replicas > 1 else ""),
                          groups * g_cfg.gpus_per_node, req, gs, g_costs, slo_ttft_s,
                          slo_tpot_s, False, prefill_chunk),
                    steps, base, gs, slo_ttft_s, slo_tpot_s)

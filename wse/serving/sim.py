@@ -250,14 +250,7 @@ def serve_iterations(req: Requests, steps: IterationSteps, chunk: int = 0) -> Ou
             prefills += 1
             for i in batch:
                 adm[i] = now - dt
-                first[i] = now
-                tokens[i] = 1
-                ctx[i] = req.prompt[i] + 1
-                if req.output[i] <= 1:
-                    fin[i] = now
-                    reserved -= int(req.prompt[i] + req.output[i])
-                else:
-                    running.append(i)
+                reserved -= _first_token(i, req, tokens, ctx, first, fin, now, running)
         elif running:
             dt = steps.decode(len(running), float(ctx[running].mean()))
             now += dt
@@ -269,6 +262,20 @@ def serve_iterations(req: Requests, steps: IterationSteps, chunk: int = 0) -> Ou
             now = max(now, float(req.arrival_s[arrivals[nxt]]))
     end = max(now, float(req.arrival_s[-1]))
     return Outcome(adm, first, fin, tokens, rejected, end, iters, prefills, busy)
+
+
+def _first_token(i: int, req: Requests, tokens: np.ndarray, ctx: np.ndarray, first: np.ndarray, fin: np.ndarray,
+                 now: float, running: list[int]) -> int:
+    """Request i's prefill ends at `now` with its first token: it finishes (returns the KV tokens
+    it frees) or joins `running` (returns 0)."""
+    first[i] = now
+    tokens[i] = 1
+    ctx[i] = req.prompt[i] + 1
+    if req.output[i] <= 1:
+        fin[i] = now
+        return int(req.prompt[i] + req.output[i])
+    running.append(i)
+    return 0
 
 
 def _decode_step(running: list[int], req: Requests, tokens: np.ndarray, ctx: np.ndarray, fin: np.ndarray,
@@ -337,16 +344,8 @@ def _serve_chunked(req: Requests, steps: IterationSteps, budget: int) -> Outcome
         for f, (a, b, last) in zip(list(filling), pieces):
             f[1] = b
             if last:
-                i = f[0]
                 filling.remove(f)
-                first[i] = now
-                tokens[i] = 1
-                ctx[i] = req.prompt[i] + 1
-                if req.output[i] <= 1:
-                    fin[i] = now
-                    reserved -= int(req.prompt[i] + req.output[i])
-                else:
-                    keep.append(i)
+                reserved -= _first_token(f[0], req, tokens, ctx, first, fin, now, keep)
         running = keep
     end = max(now, float(req.arrival_s[-1]))
     return Outcome(adm, first, fin, tokens, rejected, end, iters, prefills, busy)

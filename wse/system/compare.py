@@ -19,7 +19,8 @@ from ..workload.params import MAX_CONTEXT, DecodeParams
 from ..workload.models import load_model
 from .config import SystemConfig
 from ..workload.precision import weights_of
-from .gpu import GpuResult, best_decode, curve, gpu_decode, gpu_prefill, gpu_label, load_gpu, weights_for
+from .gpu import GpuResult, curve, gpu_decode, gpu_prefill, load_gpu, weights_for
+from .gpu_parallel import best_decode, gpu_label
 from .pool import Fanout
 from .wafers import SystemDecode, prefill_seconds, run_decode, wafer_plans
 
