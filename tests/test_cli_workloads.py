@@ -65,7 +65,7 @@ def test_workload_input_errors(tmp_path):
         (["run", "--op", "gemv", "--m", 64, "--wafer", "small"], "--op gemv needs --region"),
         (["run", "--op", "gemv", "--region", "4x4", "--m", 64, "--wafer", "small"], "needs --n"),
         (["run", "--op", "gemm", "--m", 8, "--k", 8, "--n", 8, "--region", "4x2", "--wafer", "small"],
-         "square --region"),
+         "needs a square region"),
         (["run", "--model", "llama3.1-70b", "--wafer", "wse3"], "B missing"),
         (["run", "--model", "tiny", "--op", "gemv", "--wafer", "small"], "exactly one of"),
         (["run", "--model", "tiny", "--wafer", "small", "--region", "9x9x"], "--region"),

@@ -275,9 +275,10 @@ def test_a_lone_request_takes_wse_systems_single_request_times():
     system = load_system("cs3", SMALL)
     cfg = system.wafer_config
     sim = lambda t: simulate(t, cfg, validated=True)  # noqa: E731
-    C = 64  # the request's second token is decoded at context C - 1, a fitted point
-    job = run_serve("tiny", system, sim, reqs([0.0], [C - 2], [2]), fanout=Fanout(1), wafers=2, context=C)
-    ref = run_system("tiny", system, sim, wafers=2, context=C - 1, prompt=C - 2)
+    C = 80  # the request's second token is decoded at context C - 1, a fitted point
+    job = run_serve("tiny", system, sim, reqs([0.0], [C - 2], [2]), fanout=Fanout(1), wafers=2, context=C,
+                    prefill_steps=16)
+    ref = run_system("tiny", system, sim, wafers=2, context=C - 1, prompt=C - 2, prefill_steps=16)
     w = job.wafer.figures
     assert w["ttft_p50_s"] == pytest.approx(ref.ttft_s, rel=1e-9)
     assert w["tpot_p50_s"] == pytest.approx(ref.decode.latency_s, rel=1e-9)
@@ -353,28 +354,72 @@ def test_prefill_gemms_extrapolated_from_their_first_steps():
     kernel's cycles to within 1% (each GEMM of a tiny-model prefill layer, and other shapes)."""
     from wse.engine.run import simulate
     from wse.hardware import load_preset
-    from wse.system.pool import Extrapolated, prefill_kernels
+    from wse.system.pool import prefill_kernels
     from wse.workload.gemm import standalone
     from wse.workload.models import load_model
-    from wse.workload.prefill import prefill
+    from wse.workload.prefill import Combined, prefill
     cfg = load_preset("small")
     sim = lambda t: simulate(t, cfg, validated=True)  # noqa: E731
-    for m, k, n, P, algo, aa, ab in ((48, 200, 64, 16, "meshgemm", True, False), (40, 96, 40, 20, "meshgemm", True, True),
-                                     (64, 64, 64, 16, "cannon", False, False), (33, 70, 45, 12, "summa", False, False)):
-        full = sim(standalone(m, k, n, P, cfg, algo, aa, ab)[0])
-        a, b = (sim(standalone(m, k, n, P, cfg, algo, aa, ab, steps=s)[0]) for s in (4, 8))
-        assert Extrapolated.of(a, b, 4, 8, P).total_cycles == pytest.approx(full.total_cycles, rel=0.01)
+    for m, k, n, P, Q, algo, aa, ab, k1 in ((48, 200, 64, 16, 16, "meshgemm", True, False, 4),
+                                            (40, 96, 40, 20, 20, "meshgemm", True, True, 4),
+                                            (64, 64, 64, 16, 16, "cannon", False, False, 4),
+                                            (33, 70, 45, 12, 12, "summa", False, False, 4),
+                                            (200, 400, 200, 24, 24, "summa", True, False, 8),
+                                            (200, 400, 200, 24, 40, "summa", True, False, 8)):
+        # SUMMA's steps differ by their roots' distances to the line ends: its prefixes need more
+        # steps (first 4 and 8: 1.6% on the 24 x 24 shape; 8 and 16: 0.3%, docs/serving.md)
+        full = sim(standalone(m, k, n, P, cfg, algo, aa, ab, Q=Q)[0])
+        a, b = (sim(standalone(m, k, n, P, cfg, algo, aa, ab, steps=s, Q=Q)[0]) for s in (k1, 2 * k1))
+        slope = (max(P, Q) - k1) / k1  # the whole kernel's steps extrapolated (prefill.pieces)
+        assert Combined.of([a, b], [1 - slope, slope]).total_cycles == \
+            pytest.approx(full.total_cycles, rel=0.01), (m, k, n, P, Q, algo)
     spec = load_model("tiny")
-    runs = {}
-    for prefix in (0, 8):
-        kernels = prefill_kernels(spec, cfg, 32, 64, 32, sim, "test", prefix=prefix)
-        runs[prefix] = prefill(spec, cfg, 32, 64, 32, 1, sim, kernels=kernels)
-    for name, cycles in runs[0].kernels.items():
-        assert runs[8].kernels[name] == pytest.approx(cycles, rel=0.01), name
-    assert isinstance(runs[8].results["qkv"], Extrapolated) and runs[8].kernels["elementwise"] == \
-        runs[0].kernels["elementwise"]
+    # a square slot (MeshGEMM), and a tall one (its attention GEMMs SUMMA, whose tiny relay-bound
+    # steps extrapolate less well; the weight GEMMs are weight-stationary blocks, not prefixes)
+    for P, Q, prefix, tol in ((32, 32, 8, 0.01), (16, 40, 16, 0.05)):
+        runs = {}
+        for pre in (0, prefix):
+            kernels = prefill_kernels(spec, cfg, P, 64, 32, sim, "test", prefix=pre, Q=Q)
+            runs[pre] = prefill(spec, cfg, P, 64, 32, 1, sim, kernels=kernels, Q=Q)
+        for name, cycles in runs[0].kernels.items():
+            assert runs[prefix].kernels[name] == pytest.approx(cycles, rel=tol), (P, Q, name)
+        assert isinstance(runs[prefix].results["scores"], Combined) and runs[prefix].kernels["elementwise"] == \
+            runs[0].kernels["elementwise"]
     with pytest.raises(WseError, match="steps"):
         standalone(48, 200, 64, 16, cfg, steps=1)
+
+
+def test_weight_stationary_prefill_runs_every_token_once_in_the_largest_blocks():
+    """On a tall slot (or with algo stationary) the weight GEMMs stream the prompt in token
+    blocks through the decode GEMV layout: blocks cover every token once, each is as large as
+    SRAM allows, the FLOPs add up, and the kernel's cycles are its blocks' one after another."""
+    from wse.engine.run import simulate
+    from wse.hardware import load_preset
+    from wse.workload.gemv import largest_batch
+    from wse.workload.models import load_model
+    from wse.workload.prefill import Combined, _gemm_shape, kernel_trace, mapping, pieces, prefill
+    cfg, spec = load_preset("small"), load_model("tiny")
+    assert [mapping("meshgemm", 16, 16, n) for n in ("qkv", "scores")] == ["meshgemm", "meshgemm"]
+    assert [mapping("meshgemm", 16, 40, n) for n in ("qkv", "scores")] == ["stationary", "summa"]
+    assert [mapping("stationary", 16, 16, n) for n in ("qkv", "scores")] == ["stationary", "meshgemm"]
+    S, P, Q = 1000, 16, 40
+    for name in ("qkv", "o", "gate_up", "down"):
+        parts = pieces(spec, cfg, P, S, name, "meshgemm", Q)
+        sizes = [kw["batch"] for _, kw in parts]
+        assert sum(w * b for (w, _), b in zip(parts, sizes)) == S and max(sizes) - min(sizes) <= 1
+        _, k, n, _, _ = _gemm_shape(spec, S, name)
+        most, blocks = largest_batch(k, n, P, Q, cfg, S), sum(w for w, _ in parts)
+        assert (blocks - 1) * most < S <= blocks * most  # the fewest blocks that fit
+        tr, f = kernel_trace(spec, cfg, P, S, name, Q=Q, batch=sizes[0])
+        r = simulate(tr, cfg, validated=True)
+        assert r.pe("flops").sum() == f["block_executed_flops"]
+        assert f["executed_flops"] == f["model_flops"] + (Q - 1) * n * S == 2 * S * k * n + (Q - 1) * n * S
+    sim = lambda t: simulate(t, cfg, validated=True)  # noqa: E731
+    pr = prefill(spec, cfg, P, 200, 32, 1, sim, Q=Q)
+    assert isinstance(pr.results["gate_up"], Combined) and pr.kernels["gate_up"] == pr.results["gate_up"].total_cycles
+    parts = pieces(spec, cfg, P, 200, "gate_up", "meshgemm", Q)
+    assert pr.kernels["gate_up"] == round(sum(w * sim(kernel_trace(spec, cfg, P, 200, "gate_up", Q=Q, **kw)[0])
+                                              .total_cycles for w, kw in parts))
 
 
 def test_replicas_share_the_requests_round_robin():
@@ -395,6 +440,7 @@ def test_a_prefill_that_cannot_fit_is_refused_before_simulating():
     from wse.hardware import load_preset
     from wse.serving.steps import check_prefill
     from wse.workload.models import load_model
-    check_prefill(load_model("tiny"), load_preset("small"), [SimpleNamespace(P=16)], [64])
-    with pytest.raises(WseError, match="does not fit a 16x16 region.*square"):
-        check_prefill(load_model("tiny"), load_preset("small"), [SimpleNamespace(P=16)], [64, 30_000])
+    check_prefill(load_model("tiny"), load_preset("small"), [SimpleNamespace(P=16, Q=16)], [64])
+    check_prefill(load_model("tiny"), load_preset("small"), [SimpleNamespace(P=12, Q=20)], [64])  # tall: SUMMA
+    with pytest.raises(WseError, match="does not fit a 16x16 region"):
+        check_prefill(load_model("tiny"), load_preset("small"), [SimpleNamespace(P=16, Q=16)], [64, 30_000])

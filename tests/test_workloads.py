@@ -7,6 +7,7 @@ from checked import run
 from engine_compare import assert_same
 from wse import hardware
 from wse.engine import reference
+from wse.errors import WseError
 from wse.engine.run import simulate
 from wse.workload import gemv as gemv_mod
 from wse.workload.collectives import default_groups
@@ -74,6 +75,39 @@ def test_gemm_conserves_flops(algo, P, small):
     assert facts["executed_flops"] == 2 * 40 * (-(-50 // P) * P) * 30
     # unicast shifts and relays: every wavelet sent is received exactly once
     assert r.pe("wavelets_sent").sum() == r.pe("wavelets_received").sum()
+
+
+@pytest.mark.parametrize("P, Q, panels", [(3, 5, None), (5, 3, None), (4, 7, 14), (8, 3, 11)])
+def test_summa_on_a_rectangular_region_conserves_flops_and_wavelets(P, Q, panels, small):
+    tr, facts = gemm(40, 50, 30, P, small, "summa", Q=Q, panels=panels)
+    nb = panels or max(P, Q)
+    r = run(tr, small)
+    assert r.complete and tr.mesh_width == P and tr.mesh_height == Q
+    assert r.pe("flops").sum() == facts["executed_flops"] == 2 * 40 * (-(-50 // nb) * nb) * 30
+    # step s: column s mod P broadcasts M x Kt of A along the rows, row s mod Q Kt x N of B down
+    # the columns; every other PE of the line receives it once
+    kt = -(-50 // nb)
+    assert r.pe("wavelets_received").sum() == nb * (40 * kt * (P - 1) + kt * 30 * (Q - 1))
+
+
+def test_summa_rectangular_matches_the_reference_stepper(tiny):
+    tr, _ = gemm(6, 7, 5, 3, tiny, "summa", Q=4, panels=6)
+    validate(tr, tiny)
+    assert_same(simulate(tr, tiny), reference.simulate(tr, tiny), "summa 3x4")
+
+
+def test_summa_takes_more_panels_when_its_buffers_do_not_fit(small):
+    from wse.workload.gemm import summa_panels
+    big_k = (small.sram_bytes - small.sram_reserved_bytes) // 2  # one panel of B would fill the SRAM
+    nb = summa_panels(8, big_k, 4, 4, 8, small)
+    assert nb > 8 and nb % 8 == 0
+    tr, facts = gemm(8, big_k, 4, 4, small, "summa", Q=8, steps=2)
+    assert facts["sram_bytes_per_pe"] <= small.sram_bytes - small.sram_reserved_bytes
+
+
+def test_cannon_needs_a_square_region(small):
+    with pytest.raises(WseError, match="square"):
+        gemm(40, 50, 30, 3, small, "meshgemm", Q=5)
 
 
 @pytest.mark.parametrize("algo", ["meshgemm", "cannon"])

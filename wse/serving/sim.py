@@ -92,7 +92,7 @@ def serve_pipeline(req: Requests, steps: PipelineSteps, chunk: int = 0) -> Outco
     line = Tandem(len(steps.decode(1, 1.0)[0]))
     members: list[list[int]] = [[] for _ in range(steps.groups)]  # requests decoding in each group
     joining: list[list[int]] = [[] for _ in range(steps.groups)]  # prefilled, waiting for the group's next pass
-    seats_used = [0] * steps.groups  # members + joining + being prefilled
+    seats_used = np.zeros(steps.groups, dtype=np.int64)  # members + joining + being prefilled
     running = [False] * steps.groups  # group in the pipeline
     ctx = np.zeros(n, dtype=np.int64)  # tokens in each request's KV cache
     reserved = 0
@@ -147,7 +147,7 @@ def serve_pipeline(req: Requests, steps: PipelineSteps, chunk: int = 0) -> Outco
         while waiting:
             i = waiting[0]
             need = int(req.prompt[i] + req.output[i])
-            g = min(range(steps.groups), key=lambda k: (seats_used[k], k))
+            g = int(np.argmin(seats_used))  # the emptiest group, the lowest index among equals
             if seats_used[g] >= steps.seats or reserved + need > steps.kv_tokens:
                 return
             waiting.popleft()

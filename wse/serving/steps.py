@@ -95,6 +95,7 @@ class WaferSteps:
             raise WseError(f"the fitted decode points miss {missing}: they must form a grid")
         self.grid = grid
         self._memo: dict[tuple[int, int], tuple[np.ndarray, float]] = {}
+        self._act_memo: dict[tuple[int, int], np.ndarray] = {}
         for p in points:
             if not p.fitted:
                 holds, delay = self.decode(p.batch, p.context)
@@ -118,7 +119,11 @@ class WaferSteps:
         return got
 
     def activity(self, n: int, context: float) -> np.ndarray:
-        return np.maximum(self._at(n, int(round(context)), lambda p: p.activity), 0.0)
+        key = (n, int(round(context)))
+        got = self._act_memo.get(key)
+        if got is None:
+            got = self._act_memo[key] = np.maximum(self._at(n, key[1], lambda p: p.activity), 0.0)
+        return got
 
     def prefill_activity(self, prompt: int) -> np.ndarray:
         return np.array([self.prefill_model.flops(prompt), 0.0, 0.0, 0.0])
@@ -140,14 +145,14 @@ class PrefillModel:
     slot size), the LM head region the last token's head GEMV, each link the prompt's
     activations; per kernel class fitted over the simulated prompt lengths."""
 
-    stage_slot: list[int]  # per stage: slot size P of a layer region, 0 for the LM head, -1 link, -2 other
-    fits: dict[int, dict[str, tuple[float, float]]]  # P -> kernel -> (a, b): cycles = a + b S (S^2 quadratic)
+    stage_slot: list[tuple[int, int] | int]  # per stage: (P, Q) of a layer region, 0 LM head, -1 link, -2 other
+    fits: dict[tuple[int, int], dict[str, tuple[float, float]]]  # (P, Q) -> kernel -> (a, b): a + b S (S^2)
     head_cycles: int
     clock_hz: float
     link: Link
     hidden: int
-    simulated: list[tuple[int, int, int]]  # (P, prompt, simulated layer cycles)
-    checks: list[tuple[int, int, int, float]] = dataclasses.field(default_factory=list)  # (P, S, sim, fitted)
+    simulated: list[tuple[tuple[int, int], int, int]]  # ((P, Q), prompt, simulated layer cycles)
+    checks: list[tuple[tuple[int, int], int, int, float]] = dataclasses.field(default_factory=list)  # (.., sim, fit)
 
     spec: ModelSpec | None = None
 
@@ -160,24 +165,24 @@ class PrefillModel:
             total += G.layer_touched(sp, layer, prompt)[1] + sp.causal_pairs(layer, prompt) * G.attention_flops_per_pair(sp)
         return total
 
-    def layer_cycles(self, P: int, prompt: int, start: int = 0) -> float:
+    def layer_cycles(self, shape: tuple[int, int], prompt: int, start: int = 0) -> float:
         """One layer's prefill of prompt tokens [start, prompt) after `start` already cached: each
         kernel's intercept plus its slope times the chunk's tokens (linear kernels) or times
         prompt^2 - start^2 (attention GEMMs: chunks of a prompt add up to the whole prompt's)."""
         return sum(a + b * (prompt ** 2 - start ** 2 if k in QUADRATIC else prompt - start)
-                   for k, (a, b) in self.fits[P].items())
+                   for k, (a, b) in self.fits[shape].items())
 
     def chunk(self, start: int, end: int, last: bool) -> tuple[np.ndarray, float]:
         """Stage holds (and link latencies) of prefilling prompt tokens [start, end); the LM head
         runs for the chunk that ends the prompt (`last`)."""
         out = np.zeros(len(self.stage_slot))
         delay = 0.0
-        for j, P in enumerate(self.stage_slot):
-            if P > 0:
-                out[j] = max(self.layer_cycles(P, end, start), 0.0) / self.clock_hz
-            elif P == 0 and last:
+        for j, kind in enumerate(self.stage_slot):
+            if isinstance(kind, tuple):
+                out[j] = max(self.layer_cycles(kind, end, start), 0.0) / self.clock_hz
+            elif kind == 0 and last:
                 out[j] = self.head_cycles / self.clock_hz
-            elif P == -1:
+            elif kind == -1:
                 out[j] = self.link.busy_seconds((end - start) * self.hidden * ELEM)
                 delay += self.link.latency_s
         return out, delay
@@ -241,17 +246,16 @@ def wafer_steps(spec: ModelSpec, system: SystemConfig, params: DecodeParams, waf
 
 def check_prefill(spec: ModelSpec, cfg, plans: list[ModelPlan], prompts: list[int]) -> None:
     """Every prefill kernel fits its slot's SRAM at every sampled prompt (the GEMMs built for two
-    steps, which allocates what the whole kernel needs): a WseError naming the kernel otherwise."""
-    from ..workload.prefill import is_gemm, kernel_names, kernel_trace
-    for P in sorted({p.P for p in plans}):
+    steps, which allocates what the whole kernel needs; a weight-stationary GEMM holds at least
+    a one-token block): a WseError naming the kernel otherwise."""
+    from ..workload.prefill import is_gemm, kernel_names, kernel_trace, mapping, stationary_block
+    for P, Q in sorted({(p.P, p.Q) for p in plans}):
         for S in sorted(set(prompts)):
             for name in kernel_names(spec):
-                if is_gemm(name):
-                    try:
-                        kernel_trace(spec, cfg, P, max(S, P), name, steps=2)
-                    except WseError as e:
-                        raise WseError(f"{e} (the prefill runs on the P x P part of each P x Q slot; "
-                                       "--slot-shape square gives it a whole slot)") from None
+                if is_gemm(name) and mapping("meshgemm", P, Q, name) == "stationary":
+                    stationary_block(spec, cfg, P, Q, max(S, P, Q), name)
+                elif is_gemm(name):
+                    kernel_trace(spec, cfg, P, max(S, P, Q), name, steps=2, Q=Q)
 
 
 def _prefill_model(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan], labels: list[str],
@@ -260,38 +264,38 @@ def _prefill_model(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan]
     from ..system.pool import prefill_kernels
     from ..workload.prefill import prefill
     cfg = system.wafer_config
-    stage_slot: list[int] = []
+    stage_slot: list[tuple[int, int] | int] = []
     for w, plan in enumerate(plans):
         for slot in plan.slots:
-            stage_slot.append(plan.P if slot.kind == "layer" else 0 if slot.kind == "lm_head" else -2)
+            stage_slot.append((plan.P, plan.Q) if slot.kind == "layer" else 0 if slot.kind == "lm_head" else -2)
         if w + 1 < len(plans):
             stage_slot.append(-1)
     if len(stage_slot) != len(labels):
         raise WseError("the prefill stages do not match the decode pipeline's")
     lm_width = plans[-1].slots[-1].region.width
-    samples: dict[int, dict[int, dict[str, int]]] = {}
+    samples: dict[tuple[int, int], dict[int, dict[str, int]]] = {}
     head = 0
-    sims: list[tuple[int, int, int]] = []
-    for P in sorted({p.P for p in plans}):
-        samples[P] = {}
+    sims: list[tuple[tuple[int, int], int, int]] = []
+    for P, Q in sorted({(p.P, p.Q) for p in plans}):
+        samples[(P, Q)] = {}
         for S in sorted(set(prompts) | set(checks)):
-            S_run = max(S, P)  # every row of the region needs a token
-            note(f"prefill kernels: {P}x{P} slots, prompt {S_run:,}")
+            S_run = max(S, P, Q)  # every row (and key column) of the region needs a token
+            note(f"prefill kernels: {P}x{Q} slots, prompt {S_run:,}")
             kernels = prefill_kernels(spec, cfg, P, S_run, lm_width, simulate,
-                                      f"{spec.name} prefill on {P}x{P}", fanout, prefix=prefix)
-            pr = prefill(spec, cfg, P, S_run, lm_width, 1, simulate, kernels=kernels)
-            samples[P][S_run] = {k: v for k, v in pr.kernels.items() if k != "lm_head"}
+                                      f"{spec.name} prefill on {P}x{Q}", fanout, prefix=prefix, Q=Q)
+            pr = prefill(spec, cfg, P, S_run, lm_width, 1, simulate, kernels=kernels, Q=Q)
+            samples[(P, Q)][S_run] = {k: v for k, v in pr.kernels.items() if k != "lm_head"}
             head = pr.kernels["lm_head"]
-            sims.append((P, S_run, pr.layer_cycles))
+            sims.append(((P, Q), S_run, pr.layer_cycles))
     fits = {}
-    for P, by_s in samples.items():
-        fits[P] = fit_kernels({S: v for S, v in by_s.items() if S in {max(x, P) for x in prompts}})
+    for (P, Q), by_s in samples.items():
+        fits[(P, Q)] = fit_kernels({S: v for S, v in by_s.items() if S in {max(x, P, Q) for x in prompts}})
     model = PrefillModel(stage_slot, fits, head, cfg.clock_hz, Link(system.link_bytes_per_s * system.links_per_wafer,
                                                                     system.link_latency_s),
                          spec.hidden_size, sims, spec=spec)
-    for P, S, cyc in sims:
-        if S not in {max(x, P) for x in prompts}:
-            model.checks.append((P, S, cyc, model.layer_cycles(P, S)))
+    for (P, Q), S, cyc in sims:
+        if S not in {max(x, P, Q) for x in prompts}:
+            model.checks.append(((P, Q), S, cyc, model.layer_cycles((P, Q), S)))
     return model
 
 

@@ -50,13 +50,14 @@ def tables(job: ServeJob) -> dict[str, dict[str, np.ndarray]]:
                             "simulated_s": np.array([p.latency_s for p in pts]),
                             "interpolated_s": np.array([p.predicted_s for p in pts])}
     pm = job.steps.prefill_model
-    checked = {(P, S): fit for P, S, _, fit in pm.checks}
-    out["prefill_points"] = {"slot": np.array([P for P, _, _ in pm.simulated], dtype=np.int64),
+    checked = {(shape, S): fit for shape, S, _, fit in pm.checks}
+    out["prefill_points"] = {"slot": np.array([sh[0] for sh, _, _ in pm.simulated], dtype=np.int64),
+                             "slot_rows": np.array([sh[1] for sh, _, _ in pm.simulated], dtype=np.int64),
                              "prompt": np.array([S for _, S, _ in pm.simulated], dtype=np.int64),
                              "simulated_cycles": np.array([c for _, _, c in pm.simulated], dtype=np.int64),
-                             "fitted": np.array([(P, S) not in checked for P, S, _ in pm.simulated], dtype=np.int8),
-                             "interpolated_cycles": np.array([checked.get((P, S), math.nan)
-                                                              for P, S, _ in pm.simulated])}
+                             "fitted": np.array([(sh, S) not in checked for sh, S, _ in pm.simulated], dtype=np.int8),
+                             "interpolated_cycles": np.array([checked.get((sh, S), math.nan)
+                                                              for sh, S, _ in pm.simulated])}
     if job.curve:
         keys = ("tokens_per_s", "goodput_tokens_per_s", "slo_attainment", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s",
                 "tpot_p99_s", "j_per_token", "usd_per_mtok", "requests")

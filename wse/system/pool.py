@@ -282,69 +282,54 @@ def run_tasks(tasks: list[Task], cfg: WaferConfig, simulate: Callable[[Trace], o
 
 
 def prefill_kernels(spec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, simulate: Callable[[Trace], object],
-                    where: str, fanout: Fanout | None = None, algo: str = "meshgemm", prefix: int = 0):
-    """A `kernels` function for workload.prefill.prefill: each named kernel from the cache, built
-    and simulated here through `simulate`, or on the fanout's workers (traces not sent back).
-    prefix > 0 (and below P / 2): each GEMM kernel is simulated for its first prefix / 2 and
-    prefix steps only and its cycles extrapolated linearly to all P steps (Extrapolated)."""
+                    where: str, fanout: Fanout | None = None, algo: str = "meshgemm", prefix: int = 0,
+                    Q: int | None = None):
+    """A `kernels` function for workload.prefill.prefill on P x Q layer regions: each named
+    kernel's pieces (prefill.pieces: the whole kernel, a GEMM's first prefix / 2 and prefix
+    steps, or a weight-stationary GEMM's token blocks) from the cache, built and simulated here
+    through `simulate`, or on the fanout's workers (traces not sent back), and combined."""
     fanout = fanout or Fanout()
-    from ..workload.prefill import is_gemm
+    Q = Q or P
+    from ..workload.prefill import Combined, pieces
+    shape = (P,) if Q == P else (P, Q)  # square slots keep their cache keys
 
-    def work(n: str, steps: int | None) -> Work:
-        return Work(content_key("prefill-kernel", spec, cfg, P, prompt, n, algo,
+    def work(n: str, kw: dict[str, int]) -> Work:
+        return Work(content_key("prefill-kernel", spec, cfg, *shape, prompt, n, algo,
                                 lm_width if n == "lm_head" else None,  # only the head's region has that width
-                                *([steps] if steps else [])),
-                    (lambda: _prefill_here(spec, cfg, P, prompt, n, algo, lm_width, simulate, where, steps)),
-                    _prefill_task, (spec, cfg, P, prompt, n, algo, lm_width, fanout.worker_threads(), where, steps))
+                                *([kw["steps"]] if "steps" in kw else []),
+                                *([("batch", kw["batch"])] if "batch" in kw else [])),
+                    (lambda: _prefill_here(spec, cfg, P, prompt, n, algo, lm_width, simulate, where, Q, kw)),
+                    _prefill_task, (spec, cfg, P, prompt, n, algo, lm_width, fanout.worker_threads(), where, Q, kw))
 
     def kernels(names):
-        cut = bool(prefix) and 2 * prefix < P
-        todo = [(n, s) for n in names for s in ((prefix // 2, prefix) if cut and is_gemm(n) else (None,))]
-        got: dict[tuple[str, int | None], tuple] = {}
-        for i, result, extra in fanout.run([work(n, s) for n, s in todo]):
-            got[todo[i]] = (result, extra["facts"])
+        parts = {n: pieces(spec, cfg, P, prompt, n, algo, Q, prefix) if n != "lm_head" else [(1.0, {})]
+                 for n in names}
+        todo = [(n, i) for n in names for i in range(len(parts[n]))]
+        got: dict[tuple[str, int], tuple] = {}
+        for j, result, extra in fanout.run([work(n, parts[n][i][1]) for n, i in todo]):
+            got[todo[j]] = (result, extra["facts"])
         for n in names:
-            if cut and is_gemm(n):
-                (a, facts), (b, _) = got[(n, prefix // 2)], got[(n, prefix)]
-                yield n, Extrapolated.of(a, b, prefix // 2, prefix, P), facts, None
+            if parts[n] == [(1.0, {})]:
+                yield n, *got[(n, 0)], None
             else:
-                yield n, *got[(n, None)], None
+                results = [got[(n, i)][0] for i in range(len(parts[n]))]
+                yield n, Combined.of(results, [w for w, _ in parts[n]]), got[(n, 0)][1], None
     return kernels
 
 
-@dataclasses.dataclass(frozen=True)
-class Extrapolated:
-    """A GEMM kernel's cycles for all P steps from simulations of its first k1 and k2 steps:
-    c(k1) + (P - k1) (c(k2) - c(k1)) / (k2 - k1) (each step repeats one pattern; the error
-    against full simulations is measured in tests/test_serving.py and docs/serving.md)."""
-
-    total_cycles: int
-    prefix_cycles: tuple[int, int]
-    complete: bool = True
-    stop_name: str = "complete"
-    stuck: tuple = ()
-
-    @classmethod
-    def of(cls, a: EngineResult, b: EngineResult, k1: int, k2: int, P: int) -> "Extrapolated":
-        for r in (a, b):
-            if not r.complete:
-                return cls(r.total_cycles, (a.total_cycles, b.total_cycles), False, r.stop_name, tuple(r.stuck))
-        slope = (b.total_cycles - a.total_cycles) / (k2 - k1)
-        return cls(round(a.total_cycles + (P - k1) * slope), (a.total_cycles, b.total_cycles))
-
-
 def _prefill_here(spec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str, lm_width: int,
-                  simulate: Callable[[Trace], object], where: str, steps: int | None = None
-                  ) -> tuple[EngineResult, dict[str, Any]]:
+                  simulate: Callable[[Trace], object], where: str, Q: int | None = None,
+                  kw: dict[str, int] | None = None) -> tuple[EngineResult, dict[str, Any]]:
     from ..workload.prefill import kernel_trace
-    tr, facts = kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, steps)
+    tr, facts = kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, Q=Q, **(kw or {}))
     validate(tr, cfg, where=where)
     return simulate(tr), {"facts": {k: int(v) for k, v in facts.items()}}
 
 
 def _prefill_task(spec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str, lm_width: int, threads: int,
-                  where: str, steps: int | None = None) -> tuple[EngineResult, dict[str, Any]]:
-    """Worker side: one prefill kernel built, validated and simulated with `threads` Numba threads."""
+                  where: str, Q: int | None = None, kw: dict[str, int] | None = None
+                  ) -> tuple[EngineResult, dict[str, Any]]:
+    """Worker side: one prefill kernel piece built, validated and simulated with `threads` Numba threads."""
     from ..engine.run import simulate
     return _prefill_here(spec, cfg, P, prompt, name, algo, lm_width,
-                         lambda t: simulate(t, cfg, threads=threads, validated=True), where, steps)
+                         lambda t: simulate(t, cfg, threads=threads, validated=True), where, Q, kw)

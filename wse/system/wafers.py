@@ -436,25 +436,29 @@ def pipeline_point(r: SystemDecode, system: SystemConfig, in_flight: int) -> Pip
 
 def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan], prompt: int,
                     simulate: Callable[[Trace], object], fanout: Fanout | None = None, prefix: int = 0) -> float:
-    """Time to first token: each wafer's layers prefill on its own slot size (simulated kernels,
+    """Time to first token: each wafer's layers prefill on its own P x Q slots (simulated kernels,
     workload/prefill.py; from the cache or on the fanout's workers), then the LM head; the prompt's
-    activations (prompt x hidden x 2 bytes) cross each link. prefix > 0: GEMM kernels from their
+    activations (prompt x hidden x 2 bytes) cross each link. A prompt shorter than a slot's longer
+    side is prefilled as one of that length (every row and key column holds a token). prefix > 0: GEMM kernels from their
     first prefix / 2 and prefix steps (pool.prefill_kernels)."""
     from ..workload.prefill import prefill
     from .pool import prefill_kernels
     cfg = system.wafer_config
-    layer_cycles: dict[int, int] = {}
+    layer_cycles: dict[tuple[int, int], int] = {}
     head_cycles = 0
     for i, plan in enumerate(plans):
         last = i == len(plans) - 1
-        if plan.P not in layer_cycles or last:
+        shape = (plan.P, plan.Q)
+        if shape not in layer_cycles or last:
             lm_width = plan.slots[-1].region.width
-            kernels = prefill_kernels(spec, cfg, plan.P, prompt, lm_width, simulate,
-                                      f"{spec.name} prefill on {plan.P}x{plan.P}", fanout, prefix=prefix)
-            pr = prefill(spec, cfg, plan.P, prompt, lm_width, 1, simulate, kernels=kernels)
-            layer_cycles[plan.P] = pr.layer_cycles
+            S = max(prompt, plan.P, plan.Q)  # a shorter prompt still occupies every row (and key column)
+            kernels = prefill_kernels(spec, cfg, plan.P, S, lm_width, simulate,
+                                      f"{spec.name} prefill on {plan.P}x{plan.Q}", fanout, prefix=prefix, Q=plan.Q)
+            pr = prefill(spec, cfg, plan.P, S, lm_width, 1, simulate, kernels=kernels, Q=plan.Q)
+            layer_cycles[shape] = pr.layer_cycles
             if last:
                 head_cycles = pr.ttft_cycles - pr.layer_cycles
-    cycles = sum(sum(s.kind == "layer" for s in plan.slots) * layer_cycles[plan.P] for plan in plans) + head_cycles
+    cycles = sum(sum(s.kind == "layer" for s in plan.slots) * layer_cycles[(plan.P, plan.Q)] for plan in plans) \
+        + head_cycles
     link = Link(system.link_bytes_per_s, system.link_latency_s)
     return cycles / cfg.clock_hz + (len(plans) - 1) * link.seconds(prompt * spec.hidden_size * ELEM)

@@ -132,45 +132,84 @@ class Relay:
 S_ALIGN = {T_A_SEND: 10, T_A_RECV: 11, T_B_SEND: 14, T_B_RECV: 15}  # alignment: sent / received
 
 
-def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "meshgemm",
-               align_a: bool = False, align_b: bool = False, steps: int | None = None
-               ) -> tuple["Trace", dict[str, int]]:  # noqa: F821
-    """A GEMM kernel trace on a P x P region: (trace, analytic facts).
+def summa_panels(m: int, k: int, n: int, P: int, Q: int, cfg: WaferConfig, panels: int | None = None) -> int:
+    """SUMMA's K panels on a P x Q region: `panels` if given, else the fewest multiple of
+    max(P, Q) whose buffers fit the PE's SRAM (more panels: thinner relayed tiles, more steps;
+    the panel width is SUMMA's blocking parameter). The largest multiple tried is returned if
+    none fits (its fit check then names what is missing)."""
+    if panels:
+        return panels
+    base = max(P, Q)
+    usable = cfg.sram_bytes - cfg.sram_reserved_bytes
+    for c in range(1, 17):
+        if _summa_bytes(m, k, n, P, Q, c * base) <= usable:
+            return c * base
+    return 16 * base
 
-    By default both operands start in Cannon's skewed placement (static weights are stored
-    that way). align_a / align_b add the initial alignment of an operand produced on the mesh
-    (row j of A shifted j logical steps along X, column i of B i steps along Y), as a prefill
-    layer needs for its activations. `steps` < P builds only the first `steps` of the P steps
-    (with the last steps' endings): the prefix the serving model simulates to extrapolate the
-    whole kernel's cycles (prefill.kernel_cycles).
+
+def _summa_bytes(m: int, k: int, n: int, P: int, Q: int, nb: int) -> int:
+    mj, kt = -(-m // Q), -(-k // nb)
+    pb = -(-(-(-n // P)) * ELEM // 8) * 8
+    a = (-(-nb // P) + 2) * mj * kt * ELEM
+    b = (-(-nb // Q) + 2) * kt * pb
+    return a + b + mj * pb + 64
+
+
+def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "meshgemm",
+               align_a: bool = False, align_b: bool = False, steps: int | None = None,
+               Q: int | None = None, panels: int | None = None
+               ) -> tuple["Trace", dict[str, int]]:  # noqa: F821
+    """A GEMM kernel trace on a P x Q region (P columns, Q rows; Q = P by default): (trace,
+    analytic facts). C's rows (M) are cut over the region's rows, its columns (N) over its columns.
+
+    MeshGEMM and Cannon need a square region; both operands start in Cannon's skewed placement
+    (static weights are stored that way). align_a / align_b add the initial alignment of an
+    operand produced on the mesh (row j of A shifted j logical steps along X, column i of B i
+    steps along Y), as a prefill layer needs for its activations. SUMMA runs on any P x Q
+    region with K in `panels` panels (summa_panels): column s mod P owns A's panel s, row s mod Q
+    B's panel s, each kept in its own storage (weights stay put), relayed into two receive
+    buffers. `steps` below the full count builds only the first `steps` steps (with the last
+    steps' endings): the prefix the serving model simulates to extrapolate the whole kernel's
+    cycles (prefill.pieces).
     """
     if algo not in ALGOS:
         raise WseError(f"unknown GEMM algorithm {algo!r} ({', '.join(ALGOS)})")
-    if min(m, k, n, P) < 1 or P > min(m, n):
-        raise WseError(f"gemm: sizes must be positive and the region ({P}x{P}) no larger than m and n")
-    K = P if steps is None else steps
-    if steps is not None and not 2 <= steps <= P:
-        raise WseError(f"gemm: steps {steps} must be in [2, {P}]")
-    Mr, Nc = split(m, P), split(n, P)
-    Kt = -(-k // P)
+    Q = Q or P
+    if Q != P and algo != "summa":
+        raise WseError(f"gemm: {algo} needs a square region ({P}x{Q} given); summa runs on any shape")
+    if min(m, k, n, P) < 1 or Q > m or P > n:
+        raise WseError(f"gemm: sizes must be positive, the region's rows ({Q}) no more than m and its "
+                       f"columns ({P}) no more than n")
+    nb = summa_panels(m, k, n, P, Q, cfg, panels) if algo == "summa" else P
+    K = nb if steps is None else steps
+    if steps is not None and not 2 <= steps <= nb:
+        raise WseError(f"gemm: steps {steps} must be in [2, {nb}]")
+    Mr, Nc = split(m, Q), split(n, P)
+    Kt = -(-k // nb)
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
     pb = -(-max(Nc) * ELEM // 8) * 8
     A = [mem.alloc(f"a{q}", max(Mr) * Kt * ELEM, "activations", 6) for q in range(2)]
     B = [mem.alloc(f"b{q}", Kt * pb, "weights", 0) for q in range(2)]
     C = mem.alloc("c", max(Mr) * pb, "activations", 4)
-    fit_check(mem, cfg, f"gemm {m}x{k}x{n} on {P}x{P} ({algo})")
-    region = Region(0, 0, P, P)
-    b = MeshBuilder(P, P, 6, kernel="gemm", m=m, k=k, n=n, region=f"{P}x{P}", algo=algo)
+    if algo == "summa":  # owned panels: A's (this column's input) and B's (this row's weights)
+        A_own = mem.alloc("a_own", -(-nb // P) * max(Mr) * Kt * ELEM, "activations", 6)
+        B_own = mem.alloc("b_own", -(-nb // Q) * Kt * pb, "weights", 0)
+    fit_check(mem, cfg, f"gemm {m}x{k}x{n} on {P}x{Q} ({algo}{f', {nb} panels' if algo == 'summa' else ''})")
+    region = Region(0, 0, P, Q)
+    b = MeshBuilder(P, Q, 6, kernel="gemm", m=m, k=k, n=n, region=f"{P}x{Q}", algo=algo)
     prog = RegionProgram(region, 6)
     if algo == "summa":
         relay_x, relay_y = Relay((0, 1), (2, 3)), Relay((4, 5), (6, 7))
-        for axis, rel in ((X, relay_x), (Y, relay_y)):
-            for color, per in rel.routes(P).items():
+        for axis, rel, n_line in ((X, relay_x, P), (Y, relay_y, Q)):
+            for color, per in rel.routes(n_line).items():
                 b.line_routes(region, axis, color, per)
-        prog.add_roles(X, [(Nc.index(Nc[i]), i) for i in range(P)])
-        prog.add_roles(Y, [(Mr.index(Mr[j]), j) for j in range(P)])
-        prog.thread_roles = {T_COMPUTE: ((0,), (0,)), T_A_SEND: ((1,), (0,)), T_A_RECV: ((1,), (0,)),
-                             T_B_SEND: ((0,), (1,)), T_B_RECV: ((0,), (1,))}
+        # role columns: tile size, position, and the position again for a line that is a root
+        # within the built steps (-1 otherwise: never-root lines share one compute program)
+        prog.add_roles(X, [(Nc.index(Nc[i]), i, i if i < min(P, K) else -1) for i in range(P)])
+        prog.add_roles(Y, [(Mr.index(Mr[j]), j, j if j < min(Q, K) else -1) for j in range(Q)])
+        # (thread 1 is unused: declared so that it is not built once per PE)
+        prog.thread_roles = {T_COMPUTE: ((0, 2), (0, 2)), 1: ((), ()), T_A_SEND: ((1,), (0,)),
+                             T_A_RECV: ((1,), (0,)), T_B_SEND: ((0,), (1,)), T_B_RECV: ((0,), (1,))}
     else:
         inter = algo == "meshgemm"
         sx = Shift.build(P, inter, list(range(0, 12)))
@@ -185,20 +224,24 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
                            for i in range(P)])
         prog.add_roles(Y, [(Mr.index(Mr[j]), sy.send_color[j], sy.recv_color[j], ry_[j], ry_[j] > 0)
                            for j in range(P)])
-        # each thread's ops depend only on some role columns: build them once per value
-        prog.thread_roles = {T_COMPUTE: ((0, 4), (0, 4)), T_A_SEND: ((1, 2), (0, 3)), T_A_RECV: ((1, 2), (0, 3)),
-                             T_B_SEND: ((0, 3), (1, 2)), T_B_RECV: ((0, 3), (1, 2))}
+        # each thread's ops depend only on some role columns: build them once per value (thread 1
+        # is unused)
+        prog.thread_roles = {T_COMPUTE: ((0, 4), (0, 4)), 1: ((), ()), T_A_SEND: ((1, 2), (0, 3)),
+                             T_A_RECV: ((1, 2), (0, 3)), T_B_SEND: ((0, 3), (1, 2)), T_B_RECV: ((0, 3), (1, 2))}
 
     t_compute, t_move = b.tag("gemm compute", -1, "gemm"), b.tag(f"gemm {'relay' if algo == 'summa' else 'shift'}", -1, "transfer")
     steps: dict[tuple[int, int, int], list[Op]] = {}
 
-    def step_compute(s: int, mj: int, ni: int) -> list[Op]:
-        """One step's FMACs (tagged): they depend on the step only through the buffer parity,
-        so each distinct list is built once (prefill GEMMs repeat it millions of times)."""
-        key = (s % 2, mj, ni)
+    def step_compute(s: int, mj: int, ni: int, a_src: int | None = None, b_src: int | None = None) -> list[Op]:
+        """One step's FMACs (tagged): they depend on the step only through the operands' buffers
+        (the parity, or a SUMMA root's own panel), so each distinct list is built once
+        (prefill GEMMs repeat it millions of times)."""
+        a0 = A[s % 2] if a_src is None else a_src
+        b0 = B[s % 2] if b_src is None else b_src
+        key = (a0, b0, mj, ni)
         if key not in steps:
-            steps[key] = [compute(FMAC, ni, dst=C + r * pb, src0=B[s % 2] + q * pb,
-                                  src1=A[s % 2] + (r * Kt + q) * ELEM)._replace(tag=t_compute)
+            steps[key] = [compute(FMAC, ni, dst=C + r * pb, src0=b0 + q * pb,
+                                  src1=a0 + (r * Kt + q) * ELEM)._replace(tag=t_compute)
                           for r in range(mj) for q in range(Kt)]
         return steps[key]
 
@@ -224,17 +267,21 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
 
         for s in range(K):
             if algo == "summa":
-                # step s: column s relays its A tiles along the rows (threads 2 east, 3 west),
-                # row s its B tiles down the columns (4, 5); a relay may start once compute s-2
-                # has released the buffer it fills
-                for rel, pos, length, buf, t_first in ((relay_x, xr[0][1], a_len, A, T_A_SEND),
-                                                       (relay_y, yr[0][1], b_len, B, T_B_SEND)):
-                    ops = rel.ops(pos, s, P, length, buf[s % 2])
+                # step s: column s mod P relays its A panel along the rows (threads 2 east, 3 west),
+                # row s mod Q its B panel down the columns (4, 5), each from its own storage; a relay
+                # may start once compute s-2 has released the buffer it fills
+                ra, rb = s % P, s % Q
+                a_own = A_own + (s // P) * max(Mr) * Kt * ELEM if xr[0][1] == ra else None
+                b_own = B_own + (s // Q) * Kt * pb if yr[0][1] == rb else None
+                for rel, pos, root, n_line, length, buf, own, t_first in (
+                        (relay_x, xr[0][1], ra, P, a_len, A, a_own, T_A_SEND),
+                        (relay_y, yr[0][1], rb, Q, b_len, B, b_own, T_B_SEND)):
+                    ops = rel.ops(pos, root, n_line, length, buf[s % 2] if own is None else own)
                     for dt in (0, 1):
                         t = t_first + dt
                         add(t, ([wait(S_DONE[t])] if s >= 2 else []) + ops.get(dt, []) + [signal(S_RELAY_IN[t])])
                 add(T_COMPUTE, [wait(S_RELAY_IN[t]) for t in (T_A_SEND, T_A_RECV, T_B_SEND, T_B_RECV)])
-                out.setdefault(T_COMPUTE, []).extend(step_compute(s, mj, ni))  # tagged already
+                out.setdefault(T_COMPUTE, []).extend(step_compute(s, mj, ni, a_own, b_own))  # tagged already
                 if s < K - 2:
                     add(T_COMPUTE, [signal(S_DONE[t]) for t in (T_A_SEND, T_A_RECV, T_B_SEND, T_B_RECV)])
                 continue
@@ -278,6 +325,6 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
     prog.add(body)
     prog.program_ids(b)
     trace = b.build()
-    facts = {"model_flops": 2 * m * k * n, "executed_flops": 2 * m * Kt * P * n,
+    facts = {"model_flops": 2 * m * k * n, "executed_flops": 2 * m * Kt * nb * n,
              "sram_bytes_per_pe": mem.top}
     return trace, facts

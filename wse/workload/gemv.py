@@ -139,17 +139,8 @@ def standalone(m: int, n: int, px: int, py: int, cfg, algo: str = "two-level", g
     if weights not in STORE:
         raise WseError(f"gemv: --weights {weights!r} is not one of {', '.join(STORE)}")
     region = Region(0, 0, px, py)
-    shape = plan_gemv(m, n, Y, px, py)
-    shape.precision = weights
-    mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
-    alloc_gemv(shape, mem, "w")
-    if shape.scratch_bytes():
-        shape.scratch = mem.alloc("dequant", shape.scratch_bytes(), "scratch")
-    nt = max(shape.out_chunks) * batch
-    x = mem.alloc("x", max(shape.in_chunks) * batch * ELEM, "activations")
-    y = mem.alloc("y", nt * ELEM, "activations", bank_offset=4)
-    tmp = mem.alloc("tmp", nt * ELEM, "scratch")
-    fit_check(mem, cfg, f"gemv {m}x{n} on {px}x{py}")
+    shape, mem, (x, y, tmp) = _layout(m, n, px, py, cfg, batch, weights)
+    fit_check(mem, cfg, f"gemv {m}x{n} on {px}x{py}" + (f" (batch {batch})" if batch > 1 else ""))
     b = MeshBuilder(px, py, 2, kernel="gemv", m=m, n=n, region=f"{px}x{py}", algo=algo, batch=batch,
                     weights=weights)
     coll = AxisCollectives(region, b, algo=algo, groups=groups, axes=(Y,))
@@ -182,3 +173,33 @@ def standalone(m: int, n: int, px: int, py: int, cfg, algo: str = "two-level", g
         "sram_bytes_per_pe": mem.used,
     }
     return trace, facts
+
+
+def _layout(m: int, n: int, px: int, py: int, cfg, batch: int, weights: str):
+    """A standalone GEMV's tile shape, its allocator and the x, y, tmp buffers."""
+    shape = plan_gemv(m, n, Y, px, py)
+    shape.precision = weights
+    mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
+    alloc_gemv(shape, mem, "w")
+    if shape.scratch_bytes():
+        shape.scratch = mem.alloc("dequant", shape.scratch_bytes(), "scratch")
+    nt = max(shape.out_chunks) * batch
+    x = mem.alloc("x", max(shape.in_chunks) * batch * ELEM, "activations")
+    y = mem.alloc("y", nt * ELEM, "activations", bank_offset=4)
+    tmp = mem.alloc("tmp", nt * ELEM, "scratch")
+    return shape, mem, (x, y, tmp)
+
+
+def largest_batch(m: int, n: int, px: int, py: int, cfg, limit: int, weights: str = "bf16") -> int:
+    """The most input vectors (at most `limit`) one standalone GEMV on a px x py region holds in
+    SRAM beside its weight tile; 0 if not even one fits."""
+    from .plan import usable_sram
+    usable = usable_sram(cfg)
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _layout(m, n, px, py, cfg, mid, weights)[1].top <= usable:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -86,10 +86,10 @@ def kernel_trace(op: str, cfg: WaferConfig, **kw) -> tuple[Trace, dict[str, int]
                          kw.get("attention") or "flash", kw.get("attention_block") or 0)
     if op == "gemm":
         from .gemm import standalone as gemm
-        if region is None or region[0] != region[1]:
-            raise WseError("--op gemm needs a square --region PxP")
+        if region is None:
+            raise WseError("--op gemm needs --region PxQ (square for meshgemm and cannon)")
         need(kw, "m", "n", "k")
-        return gemm(kw["m"], kw["k"], kw["n"], region[0], cfg, kw.get("algo") or "meshgemm")
+        return gemm(kw["m"], kw["k"], kw["n"], region[0], cfg, kw.get("algo") or "meshgemm", Q=region[1])
     raise WseError(f"unknown --op {op!r} (gemv, gemm, attention, allreduce)")
 
 
@@ -158,14 +158,15 @@ def _model_plan(name: str, cfg: WaferConfig, phase: str, **kw):
 
 
 def prefill_traces(name: str, cfg: WaferConfig, output: str, **kw) -> list[tuple[str, Trace]]:
-    """Write the kernel traces of one prefill layer next to `output` (<stem>-<kernel>.h5)."""
+    """Write the kernel traces of one prefill layer next to `output` (<stem>-<kernel>.h5); a
+    weight-stationary kernel's trace is one token block (prefill.kernel_trace)."""
     from pathlib import Path
     from .prefill import kernel_traces
-    plan = _model_plan(name, cfg, "prefill", **kw)
+    plan = _model_plan(name, cfg, "prefill", **{k: v for k, v in kw.items() if k != "algo"})
     out = Path(output)
     written = []
     for kernel, (tr, _) in kernel_traces(plan.spec, cfg, plan.P, kw.get("prompt_len") or 512,
-                                         kw.get("algo") or "meshgemm").items():
+                                         kw.get("algo") or "meshgemm", Q=plan.Q).items():
         validate(tr, cfg, where=f"--model {name} prefill {kernel}")
         path = out.with_name(f"{out.stem}-{kernel}{out.suffix or '.h5'}")
         tr.save(path)
@@ -184,17 +185,20 @@ def run_prefill(name: str, cfg: WaferConfig, simulate: Simulate, **kw) -> JobRes
         validate(t, cfg, where=f"--model {name} prefill")
         return simulate(t)
     lm_width = plan.slots[-1].region.width
-    pr = prefill(plan.spec, cfg, plan.P, prompt, lm_width, plan.n_layers, checked, algo)
-    rep_name = max((k for k in pr.results if k != "lm_head"), key=lambda k: pr.kernels[k])
+    pr = prefill(plan.spec, cfg, plan.P, prompt, lm_width, plan.n_layers, checked, algo, Q=plan.Q)
+    # counters: the longest kernel simulated whole (a weight-stationary or prefix-extrapolated
+    # kernel is the sum of its pieces)
+    rep_name = max((k for k in pr.traces if k != "lm_head"), key=lambda k: pr.kernels[k])
     rep = pr.results[rep_name]
-    pes = plan.P * plan.P
+    pes = plan.P * plan.Q
     figs = _common_figures(rep, cfg, pes, pr.ttft_cycles)
     figs.update({
         "ttft_cycles": (pr.ttft_cycles, "cycles", "time to first token: every layer's prefill, then the LM head"),
         "ttft_seconds": (pr.ttft_cycles / cfg.clock_hz, "s", "TTFT at the configured clock"),
         "prefill_layer_cycles": (pr.layer_cycles, "cycles", "one layer's prefill kernels and transfer"),
         "prompt_len": (prompt, "tokens", "prompt length"),
-        "slot_size": (plan.P, "PEs", "side of the prefill region (square)"),
+        "slot_size": (plan.P, "PEs", "columns of the prefill region"),
+        "slot_rows": (plan.Q, "PEs", "rows of the prefill region"),
         "executed_flops": (pr.executed_flops, "flop", "FLOPs executed by the prefill (padding and all-reduce adds included)"),
         "model_flops": (pr.model_flops, "flop", "FLOPs of the prefill, each operation once"),
         "compute_utilization": (pr.executed_flops / (plan.n_layers * pes * pr.layer_cycles * _peak_flops_per_cycle(cfg))

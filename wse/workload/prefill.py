@@ -1,25 +1,27 @@
 """Prefill of an S-token prompt and the time to first token (docs/workloads.md).
 
-Each layer's prefill runs on its own P x P region (the decode slot). Activations are S x H
-tiles: tokens over rows, hidden over columns. The layer is a sequence of kernels, each
-simulated cycle by cycle once and composed kernel after kernel (a kernel starts when the
-previous one has finished everywhere, which is what its data dependency requires):
+Each layer's prefill runs on its own P x Q region (the decode slot: P columns, Q rows; square
+by default). Activations are S x H tiles: tokens over rows, hidden over columns. The layer is a
+sequence of kernels, each simulated cycle by cycle once and composed kernel after kernel (a
+kernel starts when the previous one has finished everywhere, which is what its data dependency
+requires):
 
 1. RMSNorm, RoPE, softmax, SiLU*up and residuals: one elementwise kernel with the row
    all-reduces the norms and softmax need (`elementwise`);
-2. six MeshGEMMs: QKV (S x H x (q+2kv)), scores (S x q x S), weighted values (S x S x o),
-   O (S x o x H), gate/up (S x H x 2F), down (S x F x H). Weights are stored pre-skewed; the
-   activation operands are aligned first (both operands of the two attention GEMMs).
-   Multi-head latent attention replaces QKV by three: the query and KV latents
+2. six GEMMs: QKV (S x H x (q+2kv)), scores (S x q x S), weighted values (S x S x o),
+   O (S x o x H), gate/up (S x H x 2F), down (S x F x H). On a square region they are
+   MeshGEMMs: weights stored pre-skewed, activation operands aligned first (both operands of
+   the two attention GEMMs). On a tall region (or algo "stationary") the weight GEMMs are
+   weight-stationary token blocks through the decode GEMV layout and the attention GEMMs SUMMA
+   (`mapping`). Multi-head latent attention replaces QKV by three: the query and KV latents
    (S x H x (q_lora + kv_lora + rope)), the query (S x q_lora x q) and the per-head keys and
    values (S x kv_lora x heads (nope + v)); its elementwise kernel adds the two latent norms.
    A MoE layer's FFN is its k routed plus shared experts as one dense FFN of that width.
 
 The attention GEMMs fold the heads into the contraction and output dimensions, which keeps
 their FLOPs exact (2 S^2 q and 2 S^2 o); causal masking is not exploited. Between layers the
-S x H activations cross to the next region on the P lanes: S * H/P wavelets per lane,
-pipelined. TTFT = embedding lookup + layers x (kernels + transfer) + the LM head's GEMV for
-the last token.
+S x H activations cross to the next region on its Q lanes: S * H/Q wavelets per lane,
+pipelined. TTFT = layers x (kernels + transfer) + the LM head's GEMV for the last token.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ from .. import isa
 from ..errors import WseError
 from ..hardware import WaferConfig
 from ..trace import Trace, compute
-from .gemm import standalone as gemm_trace
-from .gemv import standalone as gemv_trace
+from .gemm import ALGOS as GEMM_ALGOS, standalone as gemm_trace, summa_panels
+from .gemv import largest_batch, standalone as gemv_trace
 from .params import DecodeParams
 from .region import EXP_FMACS, SILU_FMACS, reducers
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split, tagged
@@ -42,13 +44,15 @@ FMAC, MUL, ADD, MAX, SCALE = isa.KIND_FMAC, isa.KIND_MUL, isa.KIND_ADD, isa.KIND
 ELEM = 2
 
 
-def elementwise(spec: ModelSpec, P: int, S: int, cfg: WaferConfig, algo: str = "two-level"
+def elementwise(spec: ModelSpec, P: int, S: int, cfg: WaferConfig, algo: str = "two-level", Q: int | None = None
                 ) -> tuple[Trace, dict[str, int]]:
-    """The elementwise work of one prefill layer on a P x P region, with its row all-reduces."""
+    """The elementwise work of one prefill layer on a P x Q region (Q = P by default), with its
+    row all-reduces."""
+    Q = Q or P
     H, heads = spec.hidden_size, spec.heads
     rope, lat, lat_norms = _rope_and_latent(spec)
     act = ffn_width(spec)
-    Sr = split(S, P)
+    Sr = split(S, Q)
     Hc, Kc = split(H, P), split(S, P)
     rope_c, act_c, lat_c = split(rope, P), split(act, P), split(lat, P)
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
@@ -57,14 +61,14 @@ def elementwise(spec: ModelSpec, P: int, S: int, cfg: WaferConfig, algo: str = "
     d = mem.alloc("d", big * ELEM, "scratch", 2)
     scal = mem.alloc("scal", max(Sr) * heads * ELEM, "scratch", 4)
     tmp = mem.alloc("tmp", max(Sr) * heads * ELEM, "scratch", 0)
-    fit_check(mem, cfg, f"{spec.name} prefill elementwise kernel (S={S}) on {P}x{P}")
-    region = Region(0, 0, P, P)
-    b = MeshBuilder(P, P, 2, kernel="prefill-elementwise", model=spec.name, prompt=S)
+    fit_check(mem, cfg, f"{spec.name} prefill elementwise kernel (S={S}) on {P}x{Q}")
+    region = Region(0, 0, P, Q)
+    b = MeshBuilder(P, Q, 2, kernel="prefill-elementwise", model=spec.name, prompt=S)
     red = reducers(region, b, DecodeParams(algo=algo))
     rx = red[X]
     prog = RegionProgram(region, 2)
     prog.add_roles(X, [(Hc[i], rope_c[i], act_c[i], Kc[i], lat_c[i], rx.role(i)) for i in range(P)])
-    prog.add_roles(Y, [(Sr[j],) for j in range(P)])
+    prog.add_roles(Y, [(Sr[j],) for j in range(Q)])
 
     def body(xr, yr, _sp):
         hi, ri, fi, ki, li, role = xr[0]
@@ -133,6 +137,26 @@ def ffn_width(spec: ModelSpec) -> int:
     return spec.moe.expert_ffn_size * (spec.moe.experts_per_token + spec.moe.shared_experts)
 
 
+@dataclasses.dataclass(frozen=True)
+class Combined:
+    """A kernel's cycles as the weighted sum of its simulated pieces (pieces()): a prefix
+    extrapolation or a weight-stationary kernel's blocks."""
+
+    total_cycles: int
+    parts: tuple[int, ...]  # the pieces' simulated cycles
+    complete: bool = True
+    stop_name: str = "complete"
+    stuck: tuple = ()
+
+    @classmethod
+    def of(cls, results: list, weights: list[float]) -> "Combined":
+        parts = tuple(int(r.total_cycles) for r in results)
+        for r in results:
+            if not r.complete:
+                return cls(r.total_cycles, parts, False, r.stop_name, tuple(r.stuck))
+        return cls(round(sum(w * c for w, c in zip(weights, parts))), parts)
+
+
 @dataclasses.dataclass
 class PrefillResult:
     ttft_cycles: int
@@ -148,18 +172,24 @@ Kernels = Callable[[list[str]], "Iterator[tuple[str, object, dict[str, int], Tra
 
 
 def prefill(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, layers: int,
-            simulate: Callable[[Trace], object], algo: str = "meshgemm", kernels: Kernels | None = None
-            ) -> PrefillResult:
-    """Time to first token of a `prompt`-token prompt (module docstring). `kernels(names)`, if
-    given, yields (name, result, facts, trace or None) for the named kernels (e.g. from worker
-    processes, system/pool.py); by default each is built and run through `simulate` here."""
-    H, S = spec.hidden_size, prompt
+            simulate: Callable[[Trace], object], algo: str = "meshgemm", kernels: Kernels | None = None,
+            Q: int | None = None) -> PrefillResult:
+    """Time to first token of a `prompt`-token prompt on P x Q layer regions (module docstring).
+    `kernels(names)`, if given, yields (name, result, facts, trace or None) for the named kernels
+    (e.g. from worker processes, system/pool.py); by default each is built and run through
+    `simulate` here."""
+    H, S, Q = spec.hidden_size, prompt, Q or P
     names = kernel_names(spec) + ["lm_head"]
     if kernels is None:
         def kernels(todo):
             for name in todo:
-                tr, facts = kernel_trace(spec, cfg, P, prompt, name, algo, lm_width)
-                yield name, simulate(tr), facts, tr
+                parts = pieces(spec, cfg, P, prompt, name, algo, Q) if name != "lm_head" else [(1.0, {})]
+                built = [kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, Q=Q, **kw) for _, kw in parts]
+                results = [simulate(tr) for tr, _ in built]
+                if len(parts) == 1 and parts[0][0] == 1.0:
+                    yield name, results[0], built[0][1], built[0][0]
+                else:
+                    yield name, Combined.of(results, [w for w, _ in parts]), built[0][1], None
     cycles: dict[str, int] = {}
     results: dict[str, object] = {}
     facts: dict[str, dict[str, int]] = {}
@@ -171,8 +201,8 @@ def prefill(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, lm_width: in
             traces[name] = tr
     body = [n for n in names if n != "lm_head"]
     kern = {n: cycles[n] for n in body}
-    # the S x H activations cross to the next region: S * H/P wavelets per lane, pipelined
-    kern["transfer"] = S * max(split(H, P)) + 2 * P * cfg.hop_latency_cycles + 2 * cfg.ramp_latency_cycles \
+    # the S x H activations cross to the next region: S * H/Q wavelets on each of Q lanes, pipelined
+    kern["transfer"] = S * max(split(H, Q)) + 2 * Q * cfg.hop_latency_cycles + 2 * cfg.ramp_latency_cycles \
         + cfg.fabric_setup_cycles
     layer = sum(kern.values())
     kern["lm_head"] = cycles["lm_head"]
@@ -192,28 +222,81 @@ def kernel_names(spec: ModelSpec) -> list[str]:
 
 
 def kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str = "meshgemm",
-                 lm_width: int | None = None, steps: int | None = None) -> tuple[Trace, dict[str, int]]:
+                 lm_width: int | None = None, steps: int | None = None, Q: int | None = None,
+                 batch: int | None = None) -> tuple[Trace, dict[str, int]]:
     """One prefill kernel (kernel_names, or "lm_head": the last token's LM-head GEMV on an
-    lm_width x P region): (trace, facts). A kernel the prompt makes too big for the region's
-    SRAM is an error naming --prompt-len. `steps`: a GEMM kernel's first steps only
-    (gemm.standalone; GEMM_KERNELS)."""
+    lm_width x P region) on a P x Q layer region: (trace, facts). A kernel the prompt makes too
+    big for the region's SRAM is an error naming --prompt-len. GEMMs run as `mapping` says:
+    `steps` builds a MeshGEMM/Cannon/SUMMA kernel's first steps only (gemm.standalone); a
+    weight-stationary kernel's trace is one block of `batch` tokens (default: the largest,
+    stationary_block) while its facts are the whole kernel's."""
+    Q = Q or P
     try:
-        return _kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, steps)
+        return _kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, steps, Q, batch)
     except WseError as e:
         if "--prompt-len" in str(e) or "SRAM" not in str(e):
             raise
-        raise WseError(f"--prompt-len {prompt}: the prefill {name} kernel does not fit a {P}x{P} region: {e}") from None
+        raise WseError(f"--prompt-len {prompt}: the prefill {name} kernel does not fit a {P}x{Q} region: {e}") from None
+
+
+ATTENTION_GEMMS = ("scores", "values")  # activations times activations: no stationary weights
+
+
+def mapping(algo: str, P: int, Q: int, name: str) -> str:
+    """How a prefill GEMM kernel runs on a P x Q region. `algo` meshgemm, cannon or summa: that
+    algorithm on a square region. A tall region (MeshGEMM and Cannon need a square grid), or
+    algo `stationary`: the weight GEMMs weight-stationary (token blocks through the decode GEMV
+    layout, stationary_block), the attention GEMMs as SUMMA (MeshGEMM on a square region)."""
+    if algo not in (*GEMM_ALGOS, "stationary"):
+        raise WseError(f"unknown prefill GEMM algorithm {algo!r} ({', '.join(GEMM_ALGOS)}, stationary)")
+    if algo == "stationary" or P != Q:
+        if name in ATTENTION_GEMMS:
+            return "summa" if P != Q else "meshgemm"
+        return "stationary"
+    return algo
+
+
+def stationary_block(spec: ModelSpec, cfg: WaferConfig, P: int, Q: int, prompt: int, name: str) -> int:
+    """Tokens per block of a weight-stationary prefill GEMM: the most (up to the prompt) whose
+    inputs, outputs and reduction scratch fit beside the kernel's weight tile."""
+    m, k, n, _, _ = _gemm_shape(spec, prompt, name)
+    b = largest_batch(k, n, P, Q, cfg, prompt)
+    if b < 1:
+        try:
+            gemv_trace(k, n, P, Q, cfg)  # the fit error naming the bytes
+        except WseError as e:
+            raise WseError(f"the prefill {name} kernel does not fit a {P}x{Q} region: {e}") from None
+    return b
 
 
 def _kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str,
-                  lm_width: int | None, steps: int | None = None) -> tuple[Trace, dict[str, int]]:
-    if prompt < P:
-        raise WseError(f"--prompt-len {prompt} is shorter than the region side {P}: every row needs a token")
+                  lm_width: int | None, steps: int | None, Q: int, batch: int | None
+                  ) -> tuple[Trace, dict[str, int]]:
+    if prompt < max(P, Q):
+        raise WseError(f"--prompt-len {prompt} is shorter than the region's longer side {max(P, Q)}: every row "
+                       "(and every key column) needs a token")
     H, S = spec.hidden_size, prompt
     if name == "lm_head":
         return gemv_trace(H, spec.vocab_size, lm_width or P, P, cfg)
     if name == "elementwise":
-        return elementwise(spec, P, S, cfg)
+        return elementwise(spec, P, S, cfg, Q=Q)
+    if name not in kernel_names(spec):
+        raise WseError(f"{spec.name} has no prefill kernel {name!r}")
+    mm, k, n, a, b = _gemm_shape(spec, S, name)
+    how = mapping(algo, P, Q, name)
+    if how != "stationary":
+        return gemm_trace(mm, k, n, P, cfg, how, a, b, steps=steps, Q=Q)
+    block = batch or stationary_block(spec, cfg, P, Q, S, name)
+    tr, f = gemv_trace(k, n, P, Q, cfg, batch=block)
+    model = 2 * S * k * n
+    return tr, {"model_flops": model, "executed_flops": model + (Q - 1) * n * S, "block_tokens": block,
+                "block_executed_flops": f["model_flops"] + f["reduce_flops"],
+                "sram_bytes_per_pe": f["sram_bytes_per_pe"]}
+
+
+def _gemm_shape(spec: ModelSpec, S: int, name: str) -> tuple[int, int, int, bool, bool]:
+    """(m, k, n, align A, align B) of a prefill GEMM kernel for an S-token prompt."""
+    H = spec.hidden_size
     ffn = ffn_width(spec)
     m = spec.mla  # MLA: the latent form without weight absorption, keys and values materialized
     shapes = {  # (the KV latent plus the shared RoPE key: what the cache holds per token)
@@ -227,21 +310,52 @@ def _kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: 
         "gate_up": lambda: (S, H, 2 * ffn, True, False),
         "down": lambda: (S, ffn, H, True, False),
     }
-    if name not in kernel_names(spec):
-        raise WseError(f"{spec.name} has no prefill kernel {name!r}")
-    mm, k, n, a, b = shapes[name]()
-    return gemm_trace(mm, k, n, P, cfg, algo, a, b, steps=steps)
+    return shapes[name]()
 
 
 def is_gemm(name: str) -> bool:
-    """Whether a prefill kernel is a MeshGEMM (P steps of one pattern: prefix-extrapolable)."""
+    """Whether a prefill kernel is a GEMM (steps of one pattern: prefix-extrapolable)."""
     return name not in ("elementwise", "lm_head")
 
 
-def kernel_traces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, algo: str = "meshgemm"
-                  ) -> dict[str, tuple[Trace, dict[str, int]]]:
+def gemm_steps(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str = "meshgemm",
+               Q: int | None = None) -> int:
+    """How many steps a MeshGEMM/Cannon/SUMMA prefill kernel takes on a P x Q region: P, or
+    SUMMA's panel count."""
+    Q = Q or P
+    if mapping(algo, P, Q, name) != "summa":
+        return P
+    m, k, n, _, _ = _gemm_shape(spec, prompt, name)
+    return summa_panels(m, k, n, P, Q, cfg)
+
+
+def pieces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str = "meshgemm",
+           Q: int | None = None, prefix: int = 0) -> list[tuple[float, dict[str, int]]]:
+    """What to simulate for a kernel and how its cycles follow: [(weight, kernel_trace keyword
+    arguments)], cycles = sum of weight x simulated cycles. A weight-stationary GEMM: its token
+    blocks (as few as fit, sizes differing by at most one), one after another (each starts when the block before
+    has finished everywhere, as the prefill's kernels do). A MeshGEMM/Cannon/SUMMA kernel with
+    `prefix` below half its steps: its first prefix / 2 and prefix steps, extrapolated linearly
+    (c1 + (T - k1)(c2 - c1)/(k2 - k1)). Otherwise the whole kernel."""
+    Q = Q or P
+    if not is_gemm(name):
+        return [(1.0, {})]
+    if mapping(algo, P, Q, name) == "stationary":
+        blocks = -(-prompt // stationary_block(spec, cfg, P, Q, prompt, name))
+        lo, big = divmod(prompt, blocks)  # `big` blocks of lo + 1 tokens, the rest of lo
+        return [(float(n), {"batch": size}) for n, size in ((big, lo + 1), (blocks - big, lo)) if n]
+    T = gemm_steps(spec, cfg, P, prompt, name, algo, Q)
+    if not prefix or 2 * prefix >= T:
+        return [(1.0, {})]
+    k1, k2 = prefix // 2, prefix
+    slope = (T - k1) / (k2 - k1)
+    return [(1.0 - slope, {"steps": k1}), (slope, {"steps": k2})]
+
+
+def kernel_traces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, algo: str = "meshgemm",
+                  Q: int | None = None) -> dict[str, tuple[Trace, dict[str, int]]]:
     """The kernels of one prefill layer: name -> (trace, facts)."""
-    return {name: kernel_trace(spec, cfg, P, prompt, name, algo) for name in kernel_names(spec)}
+    return {name: kernel_trace(spec, cfg, P, prompt, name, algo, Q=Q) for name in kernel_names(spec)}
 
 
 def _complete(r, what: str):
