@@ -259,13 +259,14 @@ def mapping(algo: str, P: int, Q: int, name: str) -> str:
 def stationary_block(spec: ModelSpec, cfg: WaferConfig, P: int, Q: int, prompt: int, name: str) -> int:
     """Tokens per block of a weight-stationary prefill GEMM: the most (up to the prompt) whose
     inputs, outputs and reduction scratch fit beside the kernel's weight tile."""
-    m, k, n, _, _ = _gemm_shape(spec, prompt, name)
+    _, k, n, _, _ = _gemm_shape(spec, prompt, name)
     b = largest_batch(k, n, P, Q, cfg, prompt)
     if b < 1:
         try:
             gemv_trace(k, n, P, Q, cfg)  # the fit error naming the bytes
         except WseError as e:
             raise WseError(f"the prefill {name} kernel does not fit a {P}x{Q} region: {e}") from None
+        raise WseError(f"the prefill {name} kernel does not fit a {P}x{Q} region")
     return b
 
 
@@ -333,8 +334,8 @@ def pieces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, al
            Q: int | None = None, prefix: int = 0) -> list[tuple[float, dict[str, int]]]:
     """What to simulate for a kernel and how its cycles follow: [(weight, kernel_trace keyword
     arguments)], cycles = sum of weight x simulated cycles. A weight-stationary GEMM: its token
-    blocks (as few as fit, sizes differing by at most one), one after another (each starts when the block before
-    has finished everywhere, as the prefill's kernels do). A MeshGEMM/Cannon/SUMMA kernel with
+    blocks (as few as fit, sizes differing by at most one), one after another (each starts when
+    the block before has finished everywhere, as the prefill's kernels do). A MeshGEMM/Cannon/SUMMA kernel with
     `prefix` below half its steps: its first prefix / 2 and prefix steps, extrapolated linearly
     (c1 + (T - k1)(c2 - c1)/(k2 - k1)). Otherwise the whole kernel."""
     Q = Q or P
