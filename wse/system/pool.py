@@ -309,11 +309,8 @@ def prefill_kernels(spec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, 
         for j, result, extra in fanout.run([work(n, parts[n][i][1]) for n, i in todo]):
             got[todo[j]] = (result, extra["facts"])
         for n in names:
-            if parts[n] == [(1.0, {})]:
-                yield n, *got[(n, 0)], None
-            else:
-                results = [got[(n, i)][0] for i in range(len(parts[n]))]
-                yield n, Combined.of(results, [w for w, _ in parts[n]]), got[(n, 0)][1], None
+            results = [got[(n, i)][0] for i in range(len(parts[n]))]
+            yield n, Combined.assemble(parts[n], results), got[(n, 0)][1], None
     return kernels
 
 

@@ -142,17 +142,26 @@ def summa_panels(m: int, k: int, n: int, P: int, Q: int, cfg: WaferConfig, panel
     base = max(P, Q)
     usable = cfg.sram_bytes - cfg.sram_reserved_bytes
     for c in range(1, 17):
-        if _summa_bytes(m, k, n, P, Q, c * base) <= usable:
+        if _buffers(m, k, n, P, Q, c * base, cfg, True)[0].top <= usable:
             return c * base
     return 16 * base
 
 
-def _summa_bytes(m: int, k: int, n: int, P: int, Q: int, nb: int) -> int:
-    mj, kt = -(-m // Q), -(-k // nb)
-    pb = -(-(-(-n // P)) * ELEM // 8) * 8
-    a = (-(-nb // P) + 2) * mj * kt * ELEM
-    b = (-(-nb // Q) + 2) * kt * pb
-    return a + b + mj * pb + 64
+def _buffers(m: int, k: int, n: int, P: int, Q: int, nb: int, cfg: WaferConfig, summa: bool):
+    """A GEMM's per-PE buffers for K in nb steps: (allocator, A pair, B pair, C, B row pitch,
+    SUMMA's owned A and B panels or None)."""
+    Mr, Nc = split(m, Q), split(n, P)
+    Kt = -(-k // nb)
+    mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
+    pb = -(-max(Nc) * ELEM // 8) * 8
+    A = [mem.alloc(f"a{q}", max(Mr) * Kt * ELEM, "activations", 6) for q in range(2)]
+    B = [mem.alloc(f"b{q}", Kt * pb, "weights", 0) for q in range(2)]
+    C = mem.alloc("c", max(Mr) * pb, "activations", 4)
+    own = None
+    if summa:  # owned panels: A's (this column's input) and B's (this row's weights)
+        own = (mem.alloc("a_own", -(-nb // P) * max(Mr) * Kt * ELEM, "activations", 6),
+               mem.alloc("b_own", -(-nb // Q) * Kt * pb, "weights", 0))
+    return mem, A, B, C, pb, own
 
 
 def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "meshgemm",
@@ -186,14 +195,8 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
         raise WseError(f"gemm: steps {steps} must be in [2, {nb}]")
     Mr, Nc = split(m, Q), split(n, P)
     Kt = -(-k // nb)
-    mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
-    pb = -(-max(Nc) * ELEM // 8) * 8
-    A = [mem.alloc(f"a{q}", max(Mr) * Kt * ELEM, "activations", 6) for q in range(2)]
-    B = [mem.alloc(f"b{q}", Kt * pb, "weights", 0) for q in range(2)]
-    C = mem.alloc("c", max(Mr) * pb, "activations", 4)
-    if algo == "summa":  # owned panels: A's (this column's input) and B's (this row's weights)
-        A_own = mem.alloc("a_own", -(-nb // P) * max(Mr) * Kt * ELEM, "activations", 6)
-        B_own = mem.alloc("b_own", -(-nb // Q) * Kt * pb, "weights", 0)
+    mem, A, B, C, pb, own = _buffers(m, k, n, P, Q, nb, cfg, algo == "summa")
+    A_own, B_own = own or (0, 0)
     fit_check(mem, cfg, f"gemm {m}x{k}x{n} on {P}x{Q} ({algo}{f', {nb} panels' if algo == 'summa' else ''})")
     region = Region(0, 0, P, Q)
     b = MeshBuilder(P, Q, 6, kernel="gemm", m=m, k=k, n=n, region=f"{P}x{Q}", algo=algo)

@@ -148,6 +148,14 @@ class Combined:
     stop_name: str = "complete"
     stuck: tuple = ()
 
+    @staticmethod
+    def assemble(parts: list[tuple[float, dict[str, int]]], results: list):
+        """A kernel's result from its pieces' results: the one result of a whole kernel, else
+        their Combined sum."""
+        if len(parts) == 1 and parts[0][0] == 1.0:
+            return results[0]
+        return Combined.of(results, [w for w, _ in parts])
+
     @classmethod
     def of(cls, results: list, weights: list[float]) -> "Combined":
         parts = tuple(int(r.total_cycles) for r in results)
@@ -185,11 +193,8 @@ def prefill(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, lm_width: in
             for name in todo:
                 parts = pieces(spec, cfg, P, prompt, name, algo, Q) if name != "lm_head" else [(1.0, {})]
                 built = [kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, Q=Q, **kw) for _, kw in parts]
-                results = [simulate(tr) for tr, _ in built]
-                if len(parts) == 1 and parts[0][0] == 1.0:
-                    yield name, results[0], built[0][1], built[0][0]
-                else:
-                    yield name, Combined.of(results, [w for w, _ in parts]), built[0][1], None
+                r = Combined.assemble(parts, [simulate(tr) for tr, _ in built])
+                yield name, r, built[0][1], None if isinstance(r, Combined) else built[0][0]
     cycles: dict[str, int] = {}
     results: dict[str, object] = {}
     facts: dict[str, dict[str, int]] = {}
