@@ -55,6 +55,12 @@ def _numbers(text: str | None, option: str, kind: type = int) -> list:
               help="simulate each prefill GEMM for its first N/2 and N steps and extrapolate (0: every step)")
 @click.option("--prefill-chunk", type=int, default=0, show_default=True,
               help="chunked prefill, both sides: prompt tokens per chunk (wafers) / per iteration (GPUs); 0 whole prompts")
+@click.option("--prefill-wafers", default="0", show_default=True,
+              help="separate prefill wafers, the KV handed to the decode wafers: N, or auto (the fewest that hold "
+                   "the model); 0 prefill on the decode wafers")
+@click.option("--sharing-check", type=int, default=0, show_default=True,
+              help="also simulate N micro-batches back to back through the busiest wafer, against the pipeline "
+                   "model (0: not)")
 @click.option("--gpu-max-seqs", type=int, default=256, show_default=True, help="GPU: sequences per iteration")
 @click.option("--gpu-max-prefill-tokens", type=int, default=8192, show_default=True,
               help="GPU: prompt tokens per prefill iteration")
@@ -70,7 +76,7 @@ def _numbers(text: str | None, option: str, kind: type = int) -> list:
 @_fanout_options
 @_clean_errors
 def serve_cmd(model, system_name, sets, wafers, batch, context, rate, arrivals, requests_file, prompt_len, output_len,
-              duration, seed, slo_ttft, slo_tpot, gpu, nodes, gpu_tp, weights, prefill_prompts, prefill_checks, prefill_steps, prefill_chunk, gpu_max_seqs,
+              duration, seed, slo_ttft, slo_tpot, gpu, nodes, gpu_tp, weights, prefill_prompts, prefill_checks, prefill_steps, prefill_chunk, prefill_wafers, sharing_check, gpu_max_seqs,
               gpu_max_prefill_tokens, curve, sensitivity, attention, norms, uniform_slots, slot_shape, output, jobs, scheduler,
               threads, cache_dir, no_cache, quiet) -> None:
     """Serve a request stream on a wafer system and on GPU nodes: TTFT, TPOT, goodput, J/token, $/Mtok."""
@@ -92,6 +98,8 @@ def serve_cmd(model, system_name, sets, wafers, batch, context, rate, arrivals, 
     multiples = _numbers(curve, "--curve", float)
     if prefill_chunk < 0:
         raise WseError(f"--prefill-chunk {prefill_chunk} must be at least 0 (0: whole prompts)")
+    if sharing_check and sharing_check < 2:
+        raise WseError(f"--sharing-check {sharing_check}: 0 (off) or at least 2 micro-batches")
     if prefill_steps != 0 and prefill_steps < 4:
         raise WseError(f"--prefill-steps {prefill_steps}: 0 (every step) or at least 4")
     if requests_file:
@@ -126,7 +134,9 @@ def serve_cmd(model, system_name, sets, wafers, batch, context, rate, arrivals, 
                             prefill_prompts=_numbers(prefill_prompts, "--prefill-prompts"),
                             prefill_checks=_numbers(prefill_checks, "--prefill-checks"), gpu_max_seqs=gpu_max_seqs,
                             gpu_max_prefill_tokens=gpu_max_prefill_tokens, curve=multiples, regenerate=regen,
-                            sensitivity=sensitivity, note=note, prefill_steps=prefill_steps, prefill_chunk=prefill_chunk, attention=attention, norms=norms,
+                            sensitivity=sensitivity, note=note, prefill_steps=prefill_steps, prefill_chunk=prefill_chunk,
+                            prefill_wafers=prefill_wafers, sharing_check=sharing_check,
+                            attention=attention, norms=norms,
                             uniform_slots=uniform_slots, slot_shape=slot_shape)
         except KeyboardInterrupt:
             claim(output)

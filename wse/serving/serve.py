@@ -18,12 +18,16 @@ from ..system import gpu as G
 from ..system.config import SystemConfig
 from ..system.gpu_parallel import gpu_label, with_tp
 from ..system.pool import Fanout
-from ..system.wafers import SystemDecode
+from ..system.link import Link
+from ..system.wafers import SystemDecode, fewest_wafers, wafer_plans
 from ..trace import Trace
-from ..workload.models import load_model
+from ..workload.decode import ModelPlan
+from ..workload.models import ModelSpec, load_model
 from ..workload.params import MAX_CONTEXT, DecodeParams
 from ..workload.precision import weights_of
+from .handoff import Pool
 from .metrics import Costs, figures
+from .sharing import SharingCheck, check_sharing
 from .requests import Requests
 from .sim import Outcome, serve_pipeline, serve_replicas
 from .steps import GpuSteps, WaferSteps, wafer_steps
@@ -56,6 +60,13 @@ class ServeJob:
     curve: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     sensitivity: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     break_even_usd_per_system_hour: float = math.nan
+    pool: Pool | None = None  # separate prefill wafers (disaggregated prefill)
+    sharing: SharingCheck | None = None  # micro-batches sharing a wafer's regions, simulated
+
+    @property
+    def wafers(self) -> int:
+        """Wafer systems serving: the decode wafers and the prefill wafers."""
+        return self.decode.wafers + (self.pool.wafers if self.pool else 0)
 
 
 def planned_context(req: Requests, context: int | None) -> int:
@@ -84,20 +95,31 @@ def run_serve(model: str, system: SystemConfig, simulate: Callable[[Trace], obje
               prefill_checks: list[int] | None = None, gpu_max_seqs: int = 256, gpu_max_prefill_tokens: int = 8192,
               curve: list[float] | None = None, regenerate: Callable[[float], Requests] | None = None,
               sensitivity: bool = False, note: Callable[[str], None] = lambda s: None, prefill_steps: int = 0,
-              prefill_chunk: int = 0,
+              prefill_chunk: int = 0, prefill_wafers: int | str = 0, sharing_check: int = 0,
               **decode_options: Any) -> ServeJob:
     """Plan and simulate the wafer system's step times, replay the requests on both sides, and
     (optionally) the same at other rates (`curve`: multiples of the rate, `regenerate(rate)`
-    the requests at that rate) and the energy and cost sensitivity."""
+    the requests at that rate) and the energy and cost sensitivity. prefill_wafers: 0 prefill
+    interleaved on the decode wafers; N (or "auto", the fewest that hold the model) separate
+    prefill wafers, the KV handed to the decode wafers over the links (handoff.py). sharing_check
+    m: also simulate m micro-batches through the busiest wafer back to back (sharing.py)."""
     spec = load_model(model)
     planned = planned_context(req, context)
     params = DecodeParams(batch=batch, context=planned, weights=weights, **decode_options)
+    plans = wafer_plans(spec, system, params, wafers or fewest_wafers(spec, system, params))
+    pool_plans = prefill_plans(spec, system, params, prefill_wafers)
     fit, checks = sample_contexts(req, planned)
     median = max(1, int(round(float(np.median(req.prompt)))))
     # chunks cost each kernel's intercept: fit it from the chunk size and the median prompt
     prompts = prefill_prompts or sorted({median, prefill_chunk} - {0})
-    steps, base = wafer_steps(spec, system, params, wafers, fit, checks, prompts, prefill_checks or [],
-                              simulate, fanout, note, prefill_steps)
+    steps, base = wafer_steps(spec, system, params, plans, fit, checks, prompts, prefill_checks or [],
+                              simulate, fanout, note, prefill_steps, pool_plans)
+    sharing = None
+    if sharing_check:
+        note(f"micro-batches sharing the regions: {sharing_check} through one wafer")
+        sharing = check_sharing(plans, [s.region_cycles for s in base.steps], simulate, sharing_check)
+    pool = Pool.build(spec, pool_plans, plans, steps.prefill_model, Link(system.link_bytes_per_s,
+                      system.link_latency_s), system.links_per_wafer) if pool_plans else None
     gw = G.weights_for(spec, weights_of(spec, weights))
     node = G.load_gpu(gpu)
     g_cfg = with_tp(node, gpu_tp or node.gpus_per_node)
@@ -114,18 +136,20 @@ def run_serve(model: str, system: SystemConfig, simulate: Callable[[Trace], obje
         replicas = groups // one
     gs = GpuSteps(spec, g_cfg, groups // replicas, gw, gpu_max_seqs, gpu_max_prefill_tokens, replicas=replicas)
     groups = gs.nodes * replicas
-    w_costs = wafer_costs(system, base.wafers)
+    n_wafers = base.wafers + (pool.wafers if pool else 0)
+    w_costs = wafer_costs(system, n_wafers)
     g_costs = gpu_costs(g_cfg, groups)
-    job = ServeJob(req, _side(f"{system.name}: {base.wafers} x {system.wafer}", base.wafers, req, steps, w_costs,
-                              slo_ttft_s, slo_tpot_s, True, prefill_chunk),
+    w_name = f"{system.name}: {base.wafers} x {system.wafer}" + (f" + {pool.wafers} prefill" if pool else "")
+    job = ServeJob(req, _side(w_name, n_wafers, req, steps, w_costs, slo_ttft_s, slo_tpot_s, True, prefill_chunk,
+                              pool),
                    _side(gpu_label(g_cfg, groups) + (f" ({replicas} replicas)" if replicas > 1 else ""),
                          groups * g_cfg.gpus_per_node, req, gs, g_costs, slo_ttft_s,
                          slo_tpot_s, False, prefill_chunk),
-                   steps, base, gs, slo_ttft_s, slo_tpot_s)
+                   steps, base, gs, slo_ttft_s, slo_tpot_s, pool=pool, sharing=sharing)
     for k in curve or []:
         r = regenerate(k) if regenerate else req
         for side, st, costs, pipe in (("wafer", steps, w_costs, True), ("gpu", gs, g_costs, False)):
-            s = _side(side, 0, r, st, costs, slo_ttft_s, slo_tpot_s, pipe, prefill_chunk)
+            s = _side(side, 0, r, st, costs, slo_ttft_s, slo_tpot_s, pipe, prefill_chunk, pool)
             job.curve.append({"rate_multiple": k, "side": side, **s.figures})
     if sensitivity:
         job.sensitivity = sweep_costs(job, system, g_cfg)
@@ -133,9 +157,33 @@ def run_serve(model: str, system: SystemConfig, simulate: Callable[[Trace], obje
     return job
 
 
+def prefill_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int | str
+                  ) -> list[ModelPlan] | None:
+    """The separate prefill wafers' plans (None for prefill on the decode wafers): the model laid
+    out for one prompt at the planned context, on `wafers` wafers or ("auto") the fewest."""
+    if wafers in (0, "0", None):
+        return None
+    one = dataclasses.replace(params, batch=1)
+    if wafers == "auto":
+        n = fewest_wafers(spec, system, one)
+    else:
+        try:
+            n = int(wafers)
+        except ValueError:
+            raise WseError(f"--prefill-wafers {wafers!r}: a number or 'auto'") from None
+        if n < 0:
+            raise WseError(f"--prefill-wafers {n}: at least 0 (0: prefill on the decode wafers)")
+        if n == 0:
+            return None
+    try:
+        return wafer_plans(spec, system, one, n)
+    except WseError as e:
+        raise WseError(f"--prefill-wafers {n}: {e}") from None
+
+
 def _side(name: str, chips: int, req: Requests, steps, costs: Costs, slo_ttft: float, slo_tpot: float,
-          pipeline: bool, chunk: int = 0) -> Side:
-    out = serve_pipeline(req, steps, chunk) if pipeline else serve_replicas(req, steps, chunk)
+          pipeline: bool, chunk: int = 0, pool: Pool | None = None) -> Side:
+    out = serve_pipeline(req, steps, chunk, pool) if pipeline else serve_replicas(req, steps, chunk)
     return Side(name, chips, out, costs, figures(req, out, costs, slo_ttft, slo_tpot))
 
 
@@ -172,7 +220,7 @@ def sweep_costs(job: ServeJob, system: SystemConfig, g: G.GpuConfig) -> list[dic
             row: dict[str, Any] = {"input": f"{'system' if side == 'wafer' else 'gpu'}.{name}", "side": side}
             for tag, f in (("low", 1 - SENSITIVITY), ("high", 1 + SENSITIVITY)):
                 if side == "wafer":
-                    s, c = job.wafer, wafer_costs(system, job.decode.wafers, {name: f})
+                    s, c = job.wafer, wafer_costs(system, job.wafers, {name: f})
                 else:
                     s, c = job.gpu, gpu_costs(g, job.gpu_steps.nodes, {name: f})
                 e = energy_cost(s.outcome, c, s.figures["output_tokens"])

@@ -34,6 +34,8 @@ class Outcome:
     prefills: int  # prefill passes
     busy_s: float  # wafer: time the busiest stage held an item; GPU: time an iteration ran
     activity: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(4))  # metrics.ACTIVITY totals
+    kv_ready_s: np.ndarray | None = None  # disaggregated prefill: the request's KV on the decode wafers
+    handoff_bytes: int = 0  # disaggregated prefill: KV bytes sent to the decode wafers (in activity's link bytes)
 
     @property
     def completed(self) -> np.ndarray:
@@ -53,6 +55,18 @@ class PipelineSteps(Protocol):
     def prefill_chunk(self, start: int, end: int, last: bool) -> tuple[np.ndarray, float]: ...
     def activity(self, n: int, context: float) -> np.ndarray: ...  # of a decode pass (metrics.ACTIVITY)
     def prefill_activity(self, prompt: int) -> np.ndarray: ...
+
+
+class PrefillPool(Protocol):
+    """Separate prefill wafers (handoff.py): their pipeline's stage holds for a prompt chunk, and
+    the KV hand-off to the decode wafers once the prompt has left each layer's region."""
+
+    stages: int
+
+    def reset(self) -> None: ...  # a new run: every link free
+    def prefill_chunk(self, start: int, end: int, last: bool) -> tuple[np.ndarray, float]: ...
+    def handoff(self, prompt: int, departures_s: np.ndarray, first_token_s: float
+                ) -> tuple[float, int]: ...  # (KV and token on the decode wafers, bytes)
 
 
 class Tandem:
@@ -75,21 +89,27 @@ class Tandem:
         return float(d[-1]) + delay
 
 
-ARRIVE, EXIT, CHUNK = 0, 1, 2
+ARRIVE, EXIT, CHUNK, JOIN = 0, 1, 2, 3
 
 
-def serve_pipeline(req: Requests, steps: PipelineSteps, chunk: int = 0) -> Outcome:
+def serve_pipeline(req: Requests, steps: PipelineSteps, chunk: int = 0, pool: PrefillPool | None = None) -> Outcome:
     """The wafer system: `steps.groups` micro-batches of up to `steps.seats` sequences circulate
     through the pipeline; each pass gives every member a token. An admitted request's prompt
     passes as a prefill item (its first token at the exit) and then joins its micro-batch at the
     micro-batch's next pass (iteration-level batching). Items enter the first stage in the order
     they are ready. chunk > 0: the prompt passes in chunks of that many tokens, each ready when
-    the one before has left the first stage (decode passes ready earlier go between them)."""
+    the one before has left the first stage (decode passes ready earlier go between them).
+    pool: prefills run on separate prefill wafers (their own pipeline) and a request joins its
+    micro-batch when its KV cache has reached the decode wafers."""
     n = len(req)
     adm, first, fin = (np.full(n, np.nan) for _ in range(3))
+    kv_ready = np.full(n, np.nan)
     tokens = np.zeros(n, dtype=np.int64)
     rejected = (req.prompt + req.output) > min(steps.kv_tokens, steps.max_tokens)
     line = Tandem(len(steps.decode(1, 1.0)[0]))
+    if pool is not None:
+        pool.reset()
+    pline = Tandem(pool.stages) if pool is not None else line  # where prefills run
     members: list[list[int]] = [[] for _ in range(steps.groups)]  # requests decoding in each group
     joining: list[list[int]] = [[] for _ in range(steps.groups)]  # prefilled, waiting for the group's next pass
     seats_used = np.zeros(steps.groups, dtype=np.int64)  # members + joining + being prefilled
@@ -104,7 +124,7 @@ def serve_pipeline(req: Requests, steps: PipelineSteps, chunk: int = 0) -> Outco
             events.append((float(req.arrival_s[i]), i, ARRIVE, i))
     heapq.heapify(events)
     seq = n
-    decode_passes = prefills = 0
+    decode_passes = prefills = handoff_bytes = 0
     activity = np.zeros(4)
 
     def push(t: float, kind: int, payload: int) -> None:
@@ -130,15 +150,22 @@ def serve_pipeline(req: Requests, steps: PipelineSteps, chunk: int = 0) -> Outco
     group_of = np.zeros(n, dtype=np.int64)
 
     def enter_chunk(i: int, start: int, now: float) -> None:
+        nonlocal activity, handoff_bytes
         S = int(req.prompt[i])
         end = min(S, start + chunk) if chunk else S
-        holds, delay = steps.prefill_chunk(start, end, end == S)
-        exit_s = line.enter(now, holds, delay)
-        if end == S:
-            push(exit_s, EXIT, -(i + 1) * steps.groups - int(group_of[i]) - 1)
-        else:
+        holds, delay = (pool or steps).prefill_chunk(start, end, end == S)
+        exit_s = pline.enter(now, holds, delay)
+        if end < S:
             pending_chunk[i] = end
-            push(float(line.last[0]), CHUNK, i)
+            push(float(pline.last[0]), CHUNK, i)
+            return
+        push(exit_s, EXIT, -(i + 1) * steps.groups - int(group_of[i]) - 1)
+        if pool is not None and req.output[i] > 1:  # the KV cache moves to the decode wafers
+            ready, nbytes = pool.handoff(S, pline.last, exit_s)
+            kv_ready[i] = ready
+            activity = activity + np.array([0.0, 0.0, 0.0, float(nbytes)])
+            handoff_bytes += nbytes
+            push(float(kv_ready[i]), JOIN, i)
 
     pending_chunk: dict[int, int] = {}
 
@@ -171,6 +198,11 @@ def serve_pipeline(req: Requests, steps: PipelineSteps, chunk: int = 0) -> Outco
             waiting.append(x)
         elif kind == CHUNK:  # the request's next chunk follows the one that left the first stage
             enter_chunk(x, pending_chunk.pop(x), now)
+        elif kind == JOIN:  # its KV cache is on the decode wafers: it joins its micro-batch
+            g = int(group_of[x])
+            joining[g].append(x)
+            if not running[g]:
+                start_group(g, now)
         elif x >= 0:  # a micro-batch's pass ends: a token for every member
             g = x
             keep = []
@@ -191,14 +223,15 @@ def serve_pipeline(req: Requests, steps: PipelineSteps, chunk: int = 0) -> Outco
             ctx[i] = req.prompt[i] + 1
             if req.output[i] <= 1:
                 leave(i, g, now)
-            else:
+            elif pool is None:
                 joining[g].append(i)
                 if not running[g]:
                     start_group(g, now)
         admit(now)
     end = float(np.nanmax(fin, initial=float(req.arrival_s[-1])))
+    busy = max(float(line.busy.max()), float(pline.busy.max()))
     return Outcome(adm, first, fin, tokens, rejected, max(end, float(req.arrival_s[-1])), decode_passes, prefills,
-                   float(line.busy.max()), activity)
+                   busy, activity, kv_ready if pool is not None else None, handoff_bytes)
 
 
 class IterationSteps(Protocol):

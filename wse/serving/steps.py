@@ -26,7 +26,7 @@ from ..system import gpu as G
 from ..system.config import SystemConfig
 from ..system.link import Link
 from ..system.pool import Fanout
-from ..system.wafers import SystemDecode, run_decode, wafer_plans
+from ..system.wafers import SystemDecode, run_decode
 from ..trace import Trace
 from ..workload.decode import ELEM, ModelPlan
 from ..workload.models import ModelSpec
@@ -205,18 +205,18 @@ def fit_kernels(samples: dict[int, dict[str, int]]) -> dict[str, tuple[float, fl
     return out
 
 
-def wafer_steps(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int | None,
+def wafer_steps(spec: ModelSpec, system: SystemConfig, params: DecodeParams, plans: list[ModelPlan],
                 contexts: list[int], checks: list[tuple[int, int]], prompts: list[int],
                 prompt_checks: list[int], simulate: Callable[[Trace], object], fanout: Fanout,
-                note: Callable[[str], None] = lambda s: None, prefill_steps: int = 0
-                ) -> tuple[WaferSteps, SystemDecode]:
+                note: Callable[[str], None] = lambda s: None, prefill_steps: int = 0,
+                prefill_plans: list[ModelPlan] | None = None) -> tuple[WaferSteps, SystemDecode]:
     """Simulate the decode points (batches 1 and params.batch at each of `contexts`, plus the
-    `checks` (batch, context) left out of the fit) on the layout planned for params, and the
-    prefill kernels at `prompts` (+ `prompt_checks`). Returns the step model and the planning
-    point's system decode (its curve and depth are `wse system`'s)."""
-    from ..system.wafers import fewest_wafers
-    plans = wafer_plans(spec, system, params, wafers or fewest_wafers(spec, system, params))
-    check_prefill(spec, system.wafer_config, plans, prompts + prompt_checks)  # before anything is simulated
+    `checks` (batch, context) left out of the fit) on the decode wafers' `plans` (wafer_plans for
+    params), and the prefill kernels at `prompts` (+ `prompt_checks`) on the decode wafers or,
+    given `prefill_plans`, on those (separate prefill wafers: the prefill model's stages are
+    theirs). Returns the step model and the planning point's system decode (its curve and depth are
+    `wse system`'s)."""
+    check_prefill(spec, system.wafer_config, prefill_plans or plans, prompts + prompt_checks)  # before simulating
     base = run_decode(spec, system, params, len(plans), simulate, fanout)
     labels = chain_stages(base)[1]
     points: list[DecodePoint] = []
@@ -236,8 +236,8 @@ def wafer_steps(spec: ModelSpec, system: SystemConfig, params: DecodeParams, waf
         act = np.array([sum(s.flops for s in d.steps), sum(s.sram_bytes for s in d.steps),
                         sum(s.wavelet_hops for s in d.steps), sum(d.ledger.sent)], dtype=float)
         points.append(DecodePoint(b, c, holds, d.latency_s, act, fitted))
-    prefill = _prefill_model(spec, system, plans, labels, prompts, prompt_checks, simulate, fanout, note,
-                             prefill_steps)
+    prefill = _prefill_model(spec, system, prefill_plans or plans, None if prefill_plans else labels, prompts,
+                             prompt_checks, simulate, fanout, note, prefill_steps)
     kv_copies = 1 + min(s.extra_in_flight for s in base.steps)
     steps = WaferSteps(points, labels, base.max_in_flight, params.batch,
                        kv_copies * params.batch * params.context, params.context, prefill)
@@ -258,7 +258,7 @@ def check_prefill(spec: ModelSpec, cfg, plans: list[ModelPlan], prompts: list[in
                     kernel_trace(spec, cfg, P, max(S, P, Q), name, steps=2, Q=Q)
 
 
-def _prefill_model(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan], labels: list[str],
+def _prefill_model(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan], labels: list[str] | None,
                    prompts: list[int], checks: list[int], simulate, fanout: Fanout, note,
                    prefix: int = 0) -> PrefillModel:
     from ..system.pool import prefill_kernels
@@ -270,7 +270,7 @@ def _prefill_model(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan]
             stage_slot.append((plan.P, plan.Q) if slot.kind == "layer" else 0 if slot.kind == "lm_head" else -2)
         if w + 1 < len(plans):
             stage_slot.append(-1)
-    if len(stage_slot) != len(labels):
+    if labels is not None and len(stage_slot) != len(labels):
         raise WseError("the prefill stages do not match the decode pipeline's")
     lm_width = plans[-1].slots[-1].region.width
     samples: dict[tuple[int, int], dict[int, dict[str, int]]] = {}

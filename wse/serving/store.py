@@ -42,6 +42,8 @@ def tables(job: ServeJob) -> dict[str, dict[str, np.ndarray]]:
         req.update({f"{tag}_admitted_s": o.admitted_s, f"{tag}_first_token_s": o.first_token_s,
                     f"{tag}_finish_s": o.finish_s, f"{tag}_tokens": o.tokens,
                     f"{tag}_rejected": o.rejected.astype(np.int8)})
+    o = job.wafer.outcome
+    req["wafer_kv_ready_s"] = o.kv_ready_s if o.kv_ready_s is not None else np.full(len(r), np.nan)
     out["requests"] = req
     pts = job.steps.points
     out["decode_points"] = {"batch": np.array([p.batch for p in pts], dtype=np.int64),
@@ -77,7 +79,11 @@ def tables(job: ServeJob) -> dict[str, dict[str, np.ndarray]]:
 def summary(job: ServeJob) -> dict[str, tuple[Any, str, str]]:
     """/summary scalars: both sides' headline figures and the run's settings."""
     out: dict[str, tuple[Any, str, str]] = {
-        "wafers": (job.decode.wafers, "wafers", "wafer systems serving"),
+        "wafers": (job.wafers, "wafers", "wafer systems serving (decode and prefill)"),
+        "prefill_wafers": (job.pool.wafers if job.pool else 0, "wafers",
+                           "separate prefill wafers (0: prefill interleaved on the decode wafers)"),
+        "kv_handoff_bytes": (job.wafer.outcome.handoff_bytes, "bytes", "KV cache sent from the prefill wafers"),
+        **sharing_summary(job),
         "gpus": (job.gpu.chips, "GPUs", "GPUs of the baseline nodes"),
         "slo_ttft_s": (job.slo_ttft_s, "s", "time-to-first-token target"),
         "slo_tpot_s": (job.slo_tpot_s, "s", "time-per-output-token target"),
@@ -92,6 +98,19 @@ def summary(job: ServeJob) -> dict[str, tuple[Any, str, str]]:
         for k, units, label in ROWS:
             out[f"{tag}_{k}"] = (float(side.figures[k]), units, f"{side.name}: {label}")
     return out
+
+
+def sharing_summary(job: ServeJob) -> dict[str, tuple[Any, str, str]]:
+    """/summary scalars of --sharing-check (none without it)."""
+    c = job.sharing
+    if c is None:
+        return {}
+    return {"sharing_wafer": (c.wafer, "", "wafer simulated with micro-batches back to back"),
+            "sharing_micro_batches": (c.micro_batches, "micro-batches", "micro-batches passing it back to back"),
+            "sharing_single_cycles": (c.single_cycles, "cycles", "one micro-batch through it, simulated"),
+            "sharing_simulated_cycles": (c.simulated_cycles, "cycles", "all of them through it, simulated"),
+            "sharing_tandem_cycles": (c.tandem_cycles, "cycles", "all of them through it, the tandem's figure"),
+            "sharing_busiest_hold_cycles": (c.busiest_hold_cycles, "cycles", "its busiest region's hold time")}
 
 
 def write_serve(path: str, job: ServeJob, cfg: WaferConfig, threads: int, wall_s: float, model: str,
@@ -125,10 +144,22 @@ def format_serve(job: ServeJob) -> str:
     s = job.steps
     lines.append(f"wafers: {s.groups} micro-batches of up to {s.seats} sequences, {s.kv_tokens:,} KV tokens; "
                  f"GPU nodes: {job.gpu_steps.kv_tokens:,} KV tokens")
+    o = w.outcome
+    if job.pool is not None and o.kv_ready_s is not None:
+        gap = o.kv_ready_s - o.first_token_s
+        gap = gap[np.isfinite(gap)]
+        lines.append(f"prefill on {job.pool.wafers} separate wafer(s); KV hand-off {o.handoff_bytes / 1e9:,.3g} GB"
+                     + (f", first token to KV on the decode wafers p50 {_cell(float(np.median(gap)), 's')}, "
+                        f"max {_cell(float(gap.max()), 's')}" if len(gap) else ""))
     errs = [(b, c, abs(p / m - 1)) for b, c, m, p in s.errors()]
     lines.append(f"decode step points simulated: {len(s.points)}" + (
         "; interpolation error " + ", ".join(f"{e:.2%} at batch {b}, context {c:,}" for b, c, e in errs)
         if errs else "; no check point (interpolation error not measured)"))
+    c = job.sharing
+    if c is not None:
+        lines.append(f"micro-batches sharing the regions: {c.micro_batches} through wafer {c.wafer} back to back "
+                     f"simulated {c.simulated_cycles:,} cycles, tandem {c.tandem_cycles:,} ({c.error:+.2%}); "
+                     f"period {c.period_cycles:,.0f} cycles simulated, {c.busiest_hold_cycles:,} the busiest hold")
     pm = s.prefill_model
     lines.append(f"prefill points simulated: {len(pm.simulated)}" + (
         "; fit error " + ", ".join(f"{abs(f / c - 1):.2%} at prompt {S:,}" for _, S, c, f in pm.checks)
