@@ -214,3 +214,24 @@ def test_runs_of_compute_ops_are_replayed_exactly(tiny, monkeypatch, chunk):
     assert_identical(skip, dense, "compute runs")
     assert len(skip.events["op"]) == 31 + 41 + 1  # every op of both programmed PEs
     assert skip.stepped_pe_cycles < dense.stepped_pe_cycles // 3
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.booleans())
+def test_a_coarse_timeline_changes_nothing_but_the_timeline(seed, parallel):
+    """Stage simulations sample the timeline rarely (engine_run.STAGE_TIMELINE: fewer kernel calls
+    and folds): counters, per-op table and event log equal the default's; the timeline covers the
+    same busy PE-cycles and FLOPs in fewer samples."""
+    tr, cfg = random_wide_trace(seed)
+    fine = simulate(tr, cfg, parallel=parallel, threads=2)
+    for timeline in (engine_run.STAGE_TIMELINE, (7, 2)):
+        coarse = simulate(tr, cfg, parallel=parallel, threads=2, timeline=timeline)
+        assert_same(coarse, fine, f"seed {seed} timeline {timeline}")
+        for part in ("ops", "events"):
+            for k in fine.__dict__[part]:
+                assert np.array_equal(getattr(coarse, part)[k], getattr(fine, part)[k]), (seed, part, k)
+        for k in ("busy_pe_cycles", "flops", "region_busy_pe_cycles"):
+            assert np.array_equal(coarse.timeline[k].sum(axis=0), fine.timeline[k].sum(axis=0)), (seed, k)
+        assert len(coarse.timeline["cycle"]) <= max(len(fine.timeline["cycle"]), timeline[1] + 1)
+    with pytest.raises(ValueError):
+        simulate(tr, cfg, timeline=(0, 16))

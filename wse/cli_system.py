@@ -59,13 +59,13 @@ def _fanout(jobs: int, scheduler: str | None, threads: int | None, cache_dir: st
 def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Callable]:
     """cfg -> the simulate function for stages simulated in this process (engine progress bar on
     terminals, Ctrl-C honoured)."""
-    from .engine.run import simulate
+    from .engine.run import STAGE_TIMELINE, simulate
     bar = _Progress(not quiet and sys.stderr.isatty())
 
     def simulate_for(cfg):
         def sim(tr):
             fanout.progress.clear()
-            res = simulate(tr, cfg, threads=threads, progress=bar, validated=True)
+            res = simulate(tr, cfg, threads=threads, progress=bar, validated=True, timeline=STAGE_TIMELINE)
             bar.clear()
             if res.stop == isa.STOP_INTERRUPTED:
                 raise KeyboardInterrupt

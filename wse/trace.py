@@ -317,10 +317,11 @@ def check_structure(t: Trace, where: str) -> None:
         x, y = t.pe_xy(int(r["pe"][i]))
         raise TraceError(f"{where}: PE ({x}, {y}) color {r['color'][i]}: route has bad rx port "
                          f"{r['rx'][i]} or empty/bad tx mask {r['tx'][i]}")
-    o = t.ops
-    for i in range(n_ops):
+    bad = np.nonzero(_bad_ops(t))[0]
+    if len(bad):  # the first bad op, with the first thing wrong with it
+        i = int(bad[0])
+        o = t.ops
         code, kind, dtype = int(o["opcode"][i]), int(o["kind"][i]), int(o["dtype"][i])
-        msg = None
         if not 0 <= code < isa.N_OPCODES:
             msg = f"unknown opcode {code}"
         elif not 0 <= kind < isa.N_KINDS:
@@ -333,10 +334,21 @@ def check_structure(t: Trace, where: str) -> None:
             msg = f"length {o['length'][i]} must be at least 1"
         elif not 0 <= o["tag"][i] < len(t.tags):
             msg = f"tag {o['tag'][i]} is not in the /tags table ({len(t.tags)} tags)"
-        elif code in (isa.OP_SIGNAL, isa.OP_WAIT) and not 0 <= o["sem"][i] < isa.MAX_SEMAPHORES:
+        else:
             msg = f"semaphore {o['sem'][i]} out of range [0, {isa.MAX_SEMAPHORES})"
-        if msg:
-            raise TraceError(f"{where}: {op_location(t, i)}: {msg}")
+        raise TraceError(f"{where}: {op_location(t, i)}: {msg}")
+
+
+def _bad_ops(t: Trace) -> np.ndarray:
+    """Per op: whether any structural check fails (check_structure names the first reason)."""
+    o = t.ops
+    code, kind, dtype = (o[k].astype(np.int64) for k in ("opcode", "kind", "dtype"))
+    sync = (code == isa.OP_SIGNAL) | (code == isa.OP_WAIT)
+    computes = (code == isa.OP_COMPUTE) | (code == isa.OP_RECV_COMPUTE) | (code == isa.OP_RECV_COMPUTE_SEND)
+    tag, sem = o["tag"].astype(np.int64), o["sem"].astype(np.int64)
+    return ((code < 0) | (code >= isa.N_OPCODES) | (kind < 0) | (kind >= isa.N_KINDS) | (dtype < 0)
+            | (dtype >= isa.N_DTYPES) | (computes & (kind == isa.KIND_NONE)) | (~sync & (o["length"] < 1))
+            | (tag < 0) | (tag >= len(t.tags)) | (sync & ((sem < 0) | (sem >= isa.MAX_SEMAPHORES))))
 
 
 def op_location(t: Trace, op_index: int) -> str:

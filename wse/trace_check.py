@@ -8,7 +8,7 @@ import numpy as np
 from . import isa
 from .errors import TraceError
 from .hardware import WaferConfig
-from .trace import Op, Trace, check_structure, distinct_ops, op_location
+from .trace import Op, Trace, check_structure, distinct_ops, op_location, row_codes
 
 
 def validate(t: Trace, cfg: WaferConfig, where: str = "trace", fit: bool = True) -> None:
@@ -149,17 +149,21 @@ def _validate_pe_programs(t: Trace, where: str) -> None:
         return
     bal, smask, rmask = _program_tables(t)
     pp = t.pe_program.reshape(W * H, T)
-    has = pp >= 0
-    safe = np.where(has, pp, 0)
-    pe_bal = (bal[safe] * has[:, :, None]).sum(axis=1)
-    bad = np.nonzero(np.any(pe_bal != 0, axis=1))[0]
+    # per distinct assignment of programs to threads (a few thousand on a wafer), mapped back
+    _, first, inverse = np.unique(row_codes([pp[:, h] for h in range(T)]), return_index=True, return_inverse=True)
+    up = pp[first]
+    has = up >= 0
+    safe = np.where(has, up, 0)
+    u_bal = (bal[safe] * has[:, :, None]).sum(axis=1)
+    bad = np.nonzero(np.any(u_bal != 0, axis=1)[inverse.reshape(-1)])[0]
     if len(bad):
         p = bad[0]
-        s = int(np.nonzero(pe_bal[p])[0][0])
+        pe_bal = u_bal[inverse.reshape(-1)[p]]
+        s = int(np.nonzero(pe_bal)[0][0])
         raise TraceError(f"{where}: PE ({p % W}, {p // W}): semaphore {s} has "
-                         f"{'more signals than waits' if pe_bal[p, s] > 0 else 'more waits than signals'}")
-    pe_send = np.bitwise_or.reduce(np.where(has, smask[safe], 0), axis=1)
-    pe_recv = np.bitwise_or.reduce(np.where(has, rmask[safe], 0), axis=1)
+                         f"{'more signals than waits' if pe_bal[s] > 0 else 'more waits than signals'}")
+    pe_send = np.bitwise_or.reduce(np.where(has, smask[safe], 0), axis=1)[inverse.reshape(-1)]
+    pe_recv = np.bitwise_or.reduce(np.where(has, rmask[safe], 0), axis=1)[inverse.reshape(-1)]
     r = t.routes
     ramp_in = np.zeros(W * H, dtype=np.int64)
     ramp_out = np.zeros(W * H, dtype=np.int64)

@@ -34,6 +34,9 @@ RUNS_PER_GROUP = 32
 # Timeline: first sampling interval and the most samples kept (intervals double beyond it).
 TIMELINE_START_CYCLES = 64
 TIMELINE_MAX_SAMPLES = 1024
+# A coarse timeline for stage simulations (composed steps use their counters, not the timeline):
+# every sample ends a kernel call with a fold, which a fine timeline pays ~175 times per 11k cycles.
+STAGE_TIMELINE = (1024, 16)
 # Op timelines are recorded for this many sampled PEs, at most this many ops each.
 TRACED_PES = 16
 MAX_EVENTS = 4096
@@ -49,7 +52,8 @@ def simulate(trace: Trace, cfg: WaferConfig, *, threads: int | None = None,
              parallel: bool | None = None, progress: ProgressFn | None = None,
              validated: bool = False, snapshot: SnapshotFn | None = None,
              snapshot_seconds: float = 30.0, dense: bool = False,
-             tile: tuple[int, int] | None = None) -> EngineResult:
+             tile: tuple[int, int] | None = None,
+             timeline: tuple[int, int] = (TIMELINE_START_CYCLES, TIMELINE_MAX_SAMPLES)) -> EngineResult:
     """Run a trace to completion (or deadlock / max_cycles) and return its counters.
 
     threads: Numba threads for the parallel kernel (default: all). parallel: force the
@@ -59,18 +63,22 @@ def simulate(trace: Trace, cfg: WaferConfig, *, threads: int | None = None,
     `snapshot_seconds` of wall time; Ctrl-C ends the run early and returns them (stop
     "interrupted"). dense=True steps every PE every cycle (no exact skipping): same results,
     slower; tests compare the two. tile: (rows, cols) of the PE tiles whose activity the
-    kernels track (default TILE_ROWS x TILE_COLS); results do not depend on it.
+    kernels track (default TILE_ROWS x TILE_COLS); results do not depend on it. timeline: the
+    activity timeline's first sampling interval in cycles and the most samples it keeps (each
+    sample ends a kernel call; STAGE_TIMELINE for simulations whose timeline nobody plots); every
+    counter is the same whatever it is.
     """
     if not validated:
         validate(trace, cfg)
-    return _Run(trace, cfg, threads, parallel, not dense, tile).run(progress, snapshot, snapshot_seconds)
+    return _Run(trace, cfg, threads, parallel, not dense, tile, timeline).run(progress, snapshot, snapshot_seconds)
 
 
 class _Run:
     """One simulation: engine state, 64-bit totals, the timeline and the tag statistics."""
 
     def __init__(self, trace: Trace, cfg: WaferConfig, threads: int | None, parallel: bool | None, skip: bool,
-                 tile: tuple[int, int] | None = None):
+                 tile: tuple[int, int] | None = None,
+                 timeline: tuple[int, int] = (TIMELINE_START_CYCLES, TIMELINE_MAX_SAMPLES)):
         self.trace, self.cfg, self.skip = trace, cfg, skip
         S, C, ot = build_state(trace, cfg)
         self.S, self.ot, self.F = S, ot, flat(S, ot)
@@ -95,7 +103,7 @@ class _Run:
         self.full_at = 0  # cycle of the last full fold
         self.region_names, self.region_of = pe_regions(trace)
         self.region_busy = np.zeros(len(self.region_names), dtype=np.int64)  # busy PE-cycles so far
-        self.timeline = _Timeline(len(self.region_names))
+        self.timeline = _Timeline(len(self.region_names), *timeline)
         self.t = 0
         pp = trace.pe_program[trace.pe_program >= 0]
         self.total_ops = int(trace.prog_len[pp].astype(np.int64).sum()) if len(pp) else 0
@@ -241,8 +249,11 @@ class _Run:
 class _Timeline:
     """Samples taken at interval ends; intervals double (merging pairs) beyond the maximum."""
 
-    def __init__(self, n_regions: int):
-        self.interval = TIMELINE_START_CYCLES
+    def __init__(self, n_regions: int, start_cycles: int = TIMELINE_START_CYCLES,
+                 max_samples: int = TIMELINE_MAX_SAMPLES):
+        if start_cycles < 1 or max_samples < 2:
+            raise ValueError(f"timeline ({start_cycles}, {max_samples}): an interval of 1 cycle or more, 2 samples or more")
+        self.interval, self.max_samples = start_cycles, max_samples
         self.cycle: list[int] = []
         self.busy: list[float] = []
         self.flops: list[int] = []
@@ -269,7 +280,7 @@ class _Timeline:
         self.in_flight.append(in_flight)
         self.regions.append(d_busy)
         self._prev_busy, self._prev_flops = region_busy.copy(), total_flops
-        if len(self.cycle) > TIMELINE_MAX_SAMPLES:
+        if len(self.cycle) > self.max_samples:
             self._merge()
 
     def _merge(self) -> None:

@@ -249,8 +249,8 @@ def stage_key(plan: ModelPlan, key: tuple) -> str:
 
 def _simulate_trace(trace: Trace, cfg: WaferConfig, threads: int) -> tuple[EngineResult, dict[str, Any]]:
     """Worker side: a validated trace on the engine with `threads` Numba threads."""
-    from ..engine.run import simulate
-    return simulate(trace, cfg, threads=threads, validated=True), {}
+    from ..engine.run import STAGE_TIMELINE, simulate
+    return simulate(trace, cfg, threads=threads, validated=True, timeline=STAGE_TIMELINE), {}
 
 
 def _run_task(task: Task, cfg: WaferConfig, simulate: Callable[[Trace], object], where: str
@@ -264,8 +264,9 @@ def _run_task(task: Task, cfg: WaferConfig, simulate: Callable[[Trace], object],
 
 def _simulate_task(task: Task, cfg: WaferConfig, threads: int, where: str) -> tuple[EngineResult, dict[str, Any]]:
     """Worker side: one stage on the engine with `threads` Numba threads."""
-    from ..engine.run import simulate
-    return _run_task(task, cfg, lambda t: simulate(t, cfg, threads=threads, validated=True), where)
+    from ..engine.run import STAGE_TIMELINE, simulate
+    return _run_task(task, cfg, lambda t: simulate(t, cfg, threads=threads, validated=True,
+                                                   timeline=STAGE_TIMELINE), where)
 
 
 def run_tasks(tasks: list[Task], cfg: WaferConfig, simulate: Callable[[Trace], object], where: str,
@@ -327,6 +328,6 @@ def _prefill_task(spec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: 
                   where: str, Q: int | None = None, kw: dict[str, int] | None = None
                   ) -> tuple[EngineResult, dict[str, Any]]:
     """Worker side: one prefill kernel piece built, validated and simulated with `threads` Numba threads."""
-    from ..engine.run import simulate
+    from ..engine.run import STAGE_TIMELINE, simulate
     return _prefill_here(spec, cfg, P, prompt, name, algo, lm_width,
-                         lambda t: simulate(t, cfg, threads=threads, validated=True), where, Q, kw)
+                         lambda t: simulate(t, cfg, threads=threads, validated=True, timeline=STAGE_TIMELINE), where, Q, kw)
