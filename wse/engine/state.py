@@ -217,13 +217,26 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     first = np.cumsum(n_routes) - n_routes
     slot = np.arange(len(pe)) - first[pe]
 
-    rt = np.full((P, R, L.RT_FIELDS), -1, dtype=np.int32)
+    # the state arrays are views into one staggered buffer, filled in place (no second copy)
+    arrays = staggered(dict(
+        rt=((P, R, L.RT_FIELDS), np.int32), color_slot=((P, max(cfg.colors, 1)), np.int8),
+        q=((P, R, L.Q_FIELDS), np.int32), th=((P, T, L.TH_FIELDS), np.int32), pe=((P, L.PE_FIELDS), np.int32),
+        sem=((P, isa.MAX_SEMAPHORES), np.int32),
+        sem_add=((P, isa.MAX_SEMAPHORES), np.int32),
+        cyc=((N_CLASSES, P), np.int32),
+        acc=((N_OP_COUNTERS, P), np.int64),
+        link_acc=((isa.N_LINK_COUNTERS, P, isa.N_LINK_PORTS), np.int32),
+        finish=((P,), np.int64), sleep_until=((P,), np.int64), sleep_from=((P,), np.int64),
+    ))
+    rt = arrays["rt"]
+    rt.fill(-1)
     rt[:, :, L.RT_RX] = isa.PORT_RAMP
     rt[:, :, L.RT_TX] = 0
     rt[:, :, L.RT_INC] = 0
     rt[:, :, L.RT_DOWNS] = 0
     rt[pe, slot, L.RT_RX], rt[pe, slot, L.RT_TX] = rx, tx
-    color_slot = np.full((P, max(cfg.colors, 1)), -1, dtype=np.int8)
+    color_slot = arrays["color_slot"]
+    color_slot.fill(-1)
     color_slot[pe, color] = slot
     x, y = pe % W, pe // W
     n_links = np.zeros(len(pe), dtype=np.int64)
@@ -246,7 +259,7 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     start = np.append(trace.prog_start, 0)  # a dummy entry keeps empty program tables indexable
     length = np.append(trace.prog_len, 0)
     op0 = np.where(has, start[safe], 0)
-    th = np.zeros((P, T, L.TH_FIELDS), dtype=np.int32)
+    th = arrays["th"]
     th[:, :, L.TH_OP] = op0
     th[:, :, L.TH_END] = np.where(has, start[safe] + length[safe], 0)
     th[:, :, L.TH_IN] = -1
@@ -261,19 +274,11 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
             use = has & (ot[op0, flag] != 0)
             th[:, :, field] = np.where(use, color_slot[pes, np.where(use, ot[op0, col], 0)], -1)
 
-    pe_rec = np.zeros((P, L.PE_FIELDS), dtype=np.int32)
+    pe_rec = arrays["pe"]
     pe_rec[:, L.PE_ROUTES] = n_routes
     pe_rec[:, L.PE_LIVE] = has.sum(axis=1)
     pe_rec[:, L.PE_TRACE] = -1
-    state = State(**staggered(dict(
-        rt=rt, color_slot=color_slot, q=((P, R, L.Q_FIELDS), np.int32), th=th, pe=pe_rec,
-        sem=((P, isa.MAX_SEMAPHORES), np.int32),
-        sem_add=((P, isa.MAX_SEMAPHORES), np.int32),
-        cyc=((N_CLASSES, P), np.int32),
-        acc=((N_OP_COUNTERS, P), np.int64),
-        link_acc=((isa.N_LINK_COUNTERS, P, isa.N_LINK_PORTS), np.int32),
-        finish=((P,), np.int64), sleep_until=((P,), np.int64), sleep_from=((P,), np.int64),
-    )))
+    state = State(**arrays)
     consts = Consts(W, R, T, max(cfg.colors, 1), cfg.queue_depth_wavelets, cfg.hop_latency_cycles,
                     cfg.ramp_latency_cycles, cfg.link_wavelets_per_cycle,
                     cfg.sram_read_ports, cfg.sram_write_ports)
