@@ -37,6 +37,15 @@ TIMELINE_MAX_SAMPLES = 1024
 # A coarse timeline for stage simulations (composed steps use their counters, not the timeline):
 # every sample ends a kernel call with a fold, which a fine timeline pays ~175 times per 11k cycles.
 STAGE_TIMELINE = (1024, 16)
+# Decode stages are sparse (lanes, diagonals, a few busy regions): stepped on one thread they run
+# 17-22% faster in 8 x 8 tiles than in rows of 128, which suit dense traffic (27% slower in 8 x 8);
+# measured on the VM, docs/performance.md. Results never depend on the tile shape.
+STAGE_TILE_SERIAL = (8, 8)
+
+
+def stage_options(threads: int | None) -> dict:
+    """simulate() options for a decode stage simulation on `threads` Numba threads."""
+    return {"timeline": STAGE_TIMELINE, "tile": STAGE_TILE_SERIAL if threads == 1 else None}
 # Op timelines are recorded for this many sampled PEs, at most this many ops each.
 TRACED_PES = 16
 MAX_EVENTS = 4096
@@ -176,7 +185,8 @@ class _Run:
             snap_due = snapshot is not None and time.perf_counter() - last_snapshot >= snapshot_seconds
             self.fold(full=stop != kernels.RUNNING or self.t >= max_cycles or self.interrupted or snap_due
                       or self.t - self.full_at >= FULL_FOLD_CYCLES)
-            if self.t >= self.timeline.next_sample(self.t - 1) or stop != kernels.RUNNING:
+            if (self.t >= self.timeline.next_sample(self.t - 1) or stop != kernels.RUNNING or self.t >= max_cycles
+                    or self.interrupted):  # a run's last, partial interval is sampled too
                 self.sample()
             if progress is not None:
                 done = int(self.S.acc[L.A_OPS].sum())

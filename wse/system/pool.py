@@ -249,8 +249,8 @@ def stage_key(plan: ModelPlan, key: tuple) -> str:
 
 def _simulate_trace(trace: Trace, cfg: WaferConfig, threads: int) -> tuple[EngineResult, dict[str, Any]]:
     """Worker side: a validated trace on the engine with `threads` Numba threads."""
-    from ..engine.run import STAGE_TIMELINE, simulate
-    return simulate(trace, cfg, threads=threads, validated=True, timeline=STAGE_TIMELINE), {}
+    from ..engine.run import simulate, stage_options
+    return simulate(trace, cfg, threads=threads, validated=True, **stage_options(threads)), {}
 
 
 def _run_task(task: Task, cfg: WaferConfig, simulate: Callable[[Trace], object], where: str
@@ -264,9 +264,9 @@ def _run_task(task: Task, cfg: WaferConfig, simulate: Callable[[Trace], object],
 
 def _simulate_task(task: Task, cfg: WaferConfig, threads: int, where: str) -> tuple[EngineResult, dict[str, Any]]:
     """Worker side: one stage on the engine with `threads` Numba threads."""
-    from ..engine.run import STAGE_TIMELINE, simulate
+    from ..engine.run import simulate, stage_options
     return _run_task(task, cfg, lambda t: simulate(t, cfg, threads=threads, validated=True,
-                                                   timeline=STAGE_TIMELINE), where)
+                                                   **stage_options(threads)), where)
 
 
 def run_tasks(tasks: list[Task], cfg: WaferConfig, simulate: Callable[[Trace], object], where: str,
