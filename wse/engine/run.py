@@ -42,10 +42,6 @@ STAGE_TIMELINE = (1024, 16)
 # measured on the VM, docs/performance.md. Results never depend on the tile shape.
 STAGE_TILE_SERIAL = (8, 8)
 
-
-def stage_options(threads: int | None) -> dict:
-    """simulate() options for a decode stage simulation on `threads` Numba threads."""
-    return {"timeline": STAGE_TIMELINE, "tile": STAGE_TILE_SERIAL if threads == 1 else None}
 # Op timelines are recorded for this many sampled PEs, at most this many ops each.
 TRACED_PES = 16
 MAX_EVENTS = 4096
@@ -55,6 +51,11 @@ FULL_FOLD_CYCLES = 1 << 29
 
 ProgressFn = Callable[[int, float], None]  # (cycles simulated, fraction of ops completed)
 SnapshotFn = Callable[[EngineResult], None]
+
+
+def stage_options(threads: int | None) -> dict:
+    """simulate() options for a decode stage simulation on `threads` Numba threads."""
+    return {"timeline": STAGE_TIMELINE, "tile": STAGE_TILE_SERIAL if threads == 1 else None}
 
 
 def simulate(trace: Trace, cfg: WaferConfig, *, threads: int | None = None,
@@ -262,7 +263,8 @@ class _Timeline:
     def __init__(self, n_regions: int, start_cycles: int = TIMELINE_START_CYCLES,
                  max_samples: int = TIMELINE_MAX_SAMPLES):
         if start_cycles < 1 or max_samples < 2:
-            raise ValueError(f"timeline ({start_cycles}, {max_samples}): an interval of 1 cycle or more, 2 samples or more")
+            raise ValueError(f"timeline ({start_cycles}, {max_samples}): an interval of 1 cycle or more and "
+                             "2 samples or more")
         self.interval, self.max_samples = start_cycles, max_samples
         self.cycle: list[int] = []
         self.busy: list[float] = []
