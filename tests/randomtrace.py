@@ -260,3 +260,30 @@ def random_wide_trace(seed: int) -> tuple[Trace, hardware.WaferConfig]:
             if th_ops:
                 b.assign(x, y, t, th_ops)
     return b.build(), cfg
+
+
+def privatize(trace: Trace, stride: int = 5120) -> Trace:
+    """The same trace with every thread's SRAM addresses moved into its own `stride`-byte window
+    (thread t: + t * stride), so threads of a PE share no SRAM: its values cannot race
+    (functional tests compare engines value for value on such traces)."""
+    b = TraceBuilder(trace.mesh_width, trace.mesh_height, trace.threads, **trace.meta)
+    r = trace.routes
+    for pe, c, rx, tx in zip(r["pe"], r["color"], r["rx"], r["tx"]):
+        x, y = trace.pe_xy(int(pe))
+        b.route(x, y, int(c), int(rx), isa.ports_of(int(tx)))
+    for y in range(trace.mesh_height):
+        for x in range(trace.mesh_width):
+            for t in range(trace.threads):
+                pid = int(trace.pe_program[y, x, t])
+                if pid >= 0:
+                    s = t * stride
+                    b.assign(x, y, t, [op._replace(dst=op.dst + s, src0=op.src0 + s, src1=op.src1 + s)
+                                       for op in trace.program(pid)])
+    return b.build()
+
+
+def random_sram(trace: Trace, seed: int, nbytes: int = 49152) -> np.ndarray:
+    """Every PE's SRAM filled with fp16 values drawn from N(0, 1) (finite as fp16 and as the
+    fp32 and 8-bit values the same bytes read as)."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((trace.n_pes, nbytes // 2)).astype(np.float16).view(np.uint8)

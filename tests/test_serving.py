@@ -366,25 +366,26 @@ def test_prefill_gemms_extrapolated_from_their_first_steps():
                                             (33, 70, 45, 12, 12, "summa", False, False, 4),
                                             (200, 400, 200, 24, 24, "summa", True, False, 8),
                                             (200, 400, 200, 24, 40, "summa", True, False, 8)):
-        # SUMMA's steps differ by their roots' distances to the line ends: its prefixes need more
-        # steps (first 4 and 8: 1.6% on the 24 x 24 shape; 8 and 16: 0.3%, docs/serving.md)
+        # SUMMA's steps differ by their roots' distances to the line ends and its relays run up to
+        # `summa_depth` steps ahead: its prefixes need more steps (docs/serving.md)
         full = sim(standalone(m, k, n, P, cfg, algo, aa, ab, Q=Q)[0])
         a, b = (sim(standalone(m, k, n, P, cfg, algo, aa, ab, steps=s, Q=Q)[0]) for s in (k1, 2 * k1))
         slope = (max(P, Q) - k1) / k1  # the whole kernel's steps extrapolated (prefill.pieces)
         assert Combined.of([a, b], [1 - slope, slope]).total_cycles == \
             pytest.approx(full.total_cycles, rel=0.01), (m, k, n, P, Q, algo)
     spec = load_model("tiny")
-    # a square slot (MeshGEMM), and a tall one (its attention GEMMs SUMMA, whose tiny relay-bound
-    # steps extrapolate less well; the weight GEMMs are weight-stationary blocks, not prefixes)
-    for P, Q, prefix, tol in ((32, 32, 8, 0.01), (16, 40, 16, 0.05)):
+    # a square slot (MeshGEMM), and a tall one (its attention GEMMs SUMMA: 40 steps, fewer than
+    # four settling depths' worth, so simulated whole; the weight GEMMs are weight-stationary
+    # blocks, not prefixes)
+    for P, Q, prefix, tol in ((32, 32, 8, 0.01), (16, 40, 16, 0.0)):
         runs = {}
         for pre in (0, prefix):
             kernels = prefill_kernels(spec, cfg, P, 64, 32, sim, "test", prefix=pre, Q=Q)
             runs[pre] = prefill(spec, cfg, P, 64, 32, 1, sim, kernels=kernels, Q=Q)
         for name, cycles in runs[0].kernels.items():
             assert runs[prefix].kernels[name] == pytest.approx(cycles, rel=tol), (P, Q, name)
-        assert isinstance(runs[prefix].results["scores"], Combined) and runs[prefix].kernels["elementwise"] == \
-            runs[0].kernels["elementwise"]
+        assert isinstance(runs[prefix].results["scores"], Combined) == (Q == P)
+        assert runs[prefix].kernels["elementwise"] == runs[0].kernels["elementwise"]
     with pytest.raises(WseError, match="steps"):
         standalone(48, 200, 64, 16, cfg, steps=1)
 
@@ -444,3 +445,19 @@ def test_a_prefill_that_cannot_fit_is_refused_before_simulating():
     check_prefill(load_model("tiny"), load_preset("small"), [SimpleNamespace(P=12, Q=20)], [64])  # tall: SUMMA
     with pytest.raises(WseError, match="does not fit a 16x16 region"):
         check_prefill(load_model("tiny"), load_preset("small"), [SimpleNamespace(P=16, Q=16)], [64, 30_000])
+
+
+def test_summa_prefixes_start_after_the_relays_have_filled_their_buffers():
+    """A SUMMA kernel's relays run up to its buffer depth ahead: a prefix extrapolates from at
+    least SUMMA_SETTLE_DEPTHS depths of steps (MeshGEMM from the prefix as given)."""
+    from wse.hardware import load_preset
+    from wse.workload.gemm import summa_depth
+    from wse.workload.models import load_model
+    from wse.workload.prefill import SUMMA_SETTLE_DEPTHS, _gemm_shape, gemm_steps, pieces
+    cfg, spec = load_preset("wse3"), load_model("llama3.1-70b")
+    m, k, n, _, _ = _gemm_shape(spec, 512, "scores")
+    T = gemm_steps(spec, cfg, 152, 512, "scores", "meshgemm", 293)
+    k1 = SUMMA_SETTLE_DEPTHS * summa_depth(m, k, n, 152, 293, T, cfg)
+    assert [kw for _, kw in pieces(spec, cfg, 152, 512, "scores", "meshgemm", 293, 16)] == \
+        [{"steps": k1}, {"steps": 2 * k1}] and k1 > 8
+    assert [kw for _, kw in pieces(spec, cfg, 127, 512, "scores", "meshgemm", 127, 16)] == [{"steps": 8}, {"steps": 16}]

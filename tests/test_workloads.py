@@ -85,9 +85,11 @@ def test_summa_on_a_rectangular_region_conserves_flops_and_wavelets(P, Q, panels
     assert r.complete and tr.mesh_width == P and tr.mesh_height == Q
     assert r.pe("flops").sum() == facts["executed_flops"] == 2 * 40 * (-(-50 // nb) * nb) * 30
     # step s: column s mod P broadcasts M x Kt of A along the rows, row s mod Q Kt x N of B down
-    # the columns; every other PE of the line receives it once
+    # the columns (each column's B tile as stored: Kt rows of the widest chunk's 8-byte pitch);
+    # every other PE of the line receives it once
     kt = -(-50 // nb)
-    assert r.pe("wavelets_received").sum() == nb * (40 * kt * (P - 1) + kt * 30 * (Q - 1))
+    pitch = -(-(-(-30 // P)) * 2 // 8) * 8 // 2
+    assert r.pe("wavelets_received").sum() == nb * (40 * kt * (P - 1) + kt * P * pitch * (Q - 1))
 
 
 def test_summa_rectangular_matches_the_reference_stepper(tiny):

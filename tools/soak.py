@@ -1,12 +1,14 @@
 """Soak the engine against the reference stepper on many random traces (outside the suite).
 
-    python tools/soak.py [--seeds N] [--start S] [--generator wide|small|both]
+    python tools/soak.py [--seeds N] [--start S] [--generator wide|small|both] [--values]
 
 For each seed: the plain-Python reference stepper, the serial kernel on a random tile shape,
 the parallel kernel (2 threads) on another, and dense stepping must agree counter for counter
 (dense and skipping also on the timeline, per-op table and event log). Prints a tally of
-outcomes and exits 1 at the first disagreement, naming the seed. docs/performance.md records
-the last soak.
+outcomes and exits 1 at the first disagreement, naming the seed. With --values: the functional
+evaluator against the reference stepper carrying payloads, byte for byte, on the same traces with
+each thread's SRAM its own (tests/engine_compare.compare_values). docs/performance.md records
+the last soaks.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from engine_compare import assert_same  # noqa: E402
-from randomtrace import random_trace, random_wide_trace  # noqa: E402
+from engine_compare import assert_same, compare_values  # noqa: E402
+from randomtrace import privatize, random_trace, random_wide_trace  # noqa: E402
 
 from wse.engine import reference  # noqa: E402
 from wse.engine.run import simulate  # noqa: E402
@@ -54,6 +56,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10000)
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--generator", choices=("wide", "small", "both"), default="both")
+    ap.add_argument("--values", action="store_true", help="soak functional values instead of counters")
     a = ap.parse_args()
     gens = {"wide": [random_wide_trace], "small": [random_trace], "both": [random_wide_trace, random_trace]}[a.generator]
     tally: Counter = Counter()
@@ -61,7 +64,11 @@ def main() -> None:
     for i, seed in enumerate(range(a.start, a.start + a.seeds)):
         for gen in gens:
             try:
-                tally[f"{gen.__name__}:{check(gen, seed)}"] += 1
+                if a.values:
+                    tr, cfg = gen(seed)
+                    tally[f"{gen.__name__}:{compare_values(privatize(tr), cfg, seed)}"] += 1
+                else:
+                    tally[f"{gen.__name__}:{check(gen, seed)}"] += 1
             except AssertionError as e:
                 print(f"MISMATCH ({gen.__name__}): {e}", flush=True)
                 sys.exit(1)

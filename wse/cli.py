@@ -318,10 +318,25 @@ def _placeholder(tr, cfg):
                         np.zeros((tr.mesh_height, tr.mesh_width, 4, isa.N_LINK_COUNTERS), np.int64))
 
 
+def _functional_options(fn):
+    for opt in reversed([
+        click.option("--inputs", type=click.Path(dir_okay=False),
+                     help="functional: an .npz with one array per input and weight tensor (default: seeded N(0, 1))"),
+        click.option("--seed", type=int, default=0, show_default=True, help="functional: seed of the inputs"),
+        click.option("--tolerance", type=float, default=0.05, show_default=True,
+                     help="functional: largest output error over the largest reference magnitude"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
 @cli.command("run")
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False), help="trace file")
 @_workload_options
 @click.option("--full", is_flag=True, help="simulate every region of a model in one trace (default: compose stages)")
+@click.option("--functional", is_flag=True, help="also compute values (needs a trace with /tensors: kernels gemv, "
+                                                 "gemm, allreduce) and check them against numpy")
+@_functional_options
 @_config_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
 @click.option("--threads", type=int, help="Numba threads (default: all cores)")
@@ -330,14 +345,23 @@ def _placeholder(tr, cfg):
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @_clean_errors
-def run_cmd(trace_path, op, model, phase, full, wafer, config_file, sets, output, threads, snapshot_seconds, quiet,
-            as_json, **kw) -> None:
+def run_cmd(trace_path, op, model, phase, full, functional, inputs, seed, tolerance, wafer, config_file, sets,
+            output, threads, snapshot_seconds, quiet, as_json, **kw) -> None:
     """Simulate a trace, a kernel (--op) or a model step (--model) and write the run file."""
     if sum(bool(v) for v in (trace_path, op, model)) != 1:
         raise WseError("give exactly one of --trace, --op and --model")
-    check_output(output, [trace_path, config_file])
+    check_output(output, [trace_path, config_file, inputs])
     _simulate_to_file(trace_path, op, model, phase, full, hardware.resolve(wafer, config_file, sets), output,
-                      threads, snapshot_seconds, quiet, as_json, kw)
+                      threads, snapshot_seconds, quiet, as_json, kw,
+                      _functional_run(model, inputs, seed, tolerance) if functional else None)
+
+
+def _functional_run(model, inputs, seed, tolerance):
+    from .results.functional import FunctionalRun
+    if model:
+        raise WseError("--functional: model steps record no /tensors table yet (the gemv, gemm and allreduce "
+                       "kernels do, and traces made from them)")
+    return FunctionalRun(inputs, seed, tolerance)
 
 
 @cli.command("replay")
@@ -356,7 +380,7 @@ def replay_cmd(trace_path, wafer, config_file, sets, output, threads, quiet, as_
 
 
 def _simulate_to_file(trace_path, op, model, phase, full, cfg, output, threads, snapshot_seconds, quiet, as_json,
-                      kw) -> None:
+                      kw, fn=None) -> None:
     """Shared body of `run` and `replay`: placeholder file, simulation, final file, summary."""
     from .engine.run import simulate
     from .results.report import format_job, format_summary
@@ -371,23 +395,26 @@ def _simulate_to_file(trace_path, op, model, phase, full, cfg, output, threads, 
     job = None
     info = RunInfo(trace_path="", trace_hash="", trace_mesh=(0, 0), threads=0, wall_seconds=0.0)
 
-    def sim(tr, snapshot=None):
+    def sim(tr, snapshot=None, fkw=None):
+        fkw = fkw if fkw is not None else fn.prepare(tr, source) if fn else {}
         res = simulate(tr, cfg, threads=threads, progress=bar, validated=True, snapshot=snapshot,
-                       snapshot_seconds=snapshot_seconds)
+                       snapshot_seconds=snapshot_seconds, **fkw)
         bar.clear()
         if res.stop == isa.STOP_INTERRUPTED and job is not None:
             raise KeyboardInterrupt
         return res
 
+    source = f"--trace {trace_path}" if trace_path else f"--op {op}"
     if trace_path:
         tr = trace_mod.load(trace_path)
         validate(tr, cfg, where=trace_path)
+        fkw = fn.prepare(tr, source) if fn else {}  # (bad inputs are found before the file is touched)
         info = RunInfo(str(trace_path), tr.content_hash(), (tr.mesh_width, tr.mesh_height), 0, 0.0)
         write_run(output, _placeholder(tr, cfg), cfg, info)  # replaces any old file: readable, incomplete
 
         def snapshot(res):
             write_run(output, res, cfg, dataclasses.replace(info, threads=res.threads, wall_seconds=res.wall_seconds))
-        res = sim(tr, snapshot)
+        res = sim(tr, snapshot, fkw)
         source = str(trace_path)
     else:
         kw = _workload_kw(kw)
@@ -406,7 +433,13 @@ def _simulate_to_file(trace_path, op, model, phase, full, cfg, output, threads, 
     info = RunInfo(trace_path=source, trace_hash=tr.content_hash(), trace_mesh=(tr.mesh_width, tr.mesh_height),
                    threads=res.threads, wall_seconds=res.wall_seconds)
     figures = job.figures if job else None
-    write_run(output, res, cfg, info, extra=figures, tables={"stages": job.stages} if job and job.stages else None)
+    tables = {"stages": job.stages} if job and job.stages else {}
+    checks = None
+    if fn and res.complete:
+        checks, more, figs = fn.finish(tr, res)
+        tables.update(more)
+        figures = {**(figures or {}), **figs}
+    write_run(output, res, cfg, info, extra=figures, tables=tables or None)
     if as_json:
         import json
         data = {k: v[0] for k, v in summary_values(res, cfg).items()}
@@ -418,6 +451,9 @@ def _simulate_to_file(trace_path, op, model, phase, full, cfg, output, threads, 
         click.echo(format_summary(rf.summary, cfg, rf.attrs))
         if figures:
             click.echo(format_job({k: v[0] for k, v in figures.items()}, cfg))
+        if checks is not None:
+            from .results.functional import format_checks
+            click.echo(format_checks(checks, res.raced))
         click.echo(f"wrote {output}" + ("" if res.complete else " (marked incomplete)"))
     if res.stop == isa.STOP_INTERRUPTED:
         click.echo("interrupted: the run file holds what was measured, marked incomplete", err=True)
@@ -557,7 +593,7 @@ def bench_cmd(only, quick, history, as_json) -> None:
         click.echo(f"  {figure}: {before:,.4g} -> {now:,.4g} ({now / before:.2f}x){flag}")
 
 
-from . import cli_serve, cli_system  # noqa: E402,F401  (registers serve, system, sweep and cache)
+from . import cli_check, cli_serve, cli_system  # noqa: E402,F401  (registers check, serve, system, sweep, cache)
 
 
 def main() -> None:

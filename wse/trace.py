@@ -18,7 +18,9 @@ import h5py
 import numpy as np
 
 from . import isa
+from . import tensors as tensors_mod
 from .errors import TraceError
+from .tensors import TensorRecorder, TensorTable
 
 FORMAT_NAME = "wse-trace"
 FORMAT_VERSION = 2
@@ -129,6 +131,7 @@ class Trace:
     pe_program: np.ndarray  # int32 [H, W, T], -1 = no program
     meta: dict[str, str] = dataclasses.field(default_factory=dict)
     tags: list[Tag] = dataclasses.field(default_factory=lambda: [UNTAGGED])
+    tensors: TensorTable | None = None  # where tensors live (/tensors; functional runs need it)
 
     @property
     def threads(self) -> int:
@@ -155,6 +158,8 @@ class Trace:
         for a in (self.prog_start, self.prog_len, self.pe_program):
             h.update(np.ascontiguousarray(a).tobytes())
         h.update(json.dumps([list(t) for t in self.tags]).encode())
+        for b in self.tensors.digest_arrays() if self.tensors else ():
+            h.update(b)
         return h.hexdigest()
 
     def pe_xy(self, pe: int) -> tuple[int, int]:
@@ -193,6 +198,8 @@ class Trace:
                 g.create_dataset("name", data=np.array([t.name for t in self.tags], dtype=h5py.string_dtype()))
                 g.create_dataset("layer", data=np.array([t.layer for t in self.tags], dtype=np.int32))
                 g.create_dataset("kind", data=np.array([t.kind for t in self.tags], dtype=h5py.string_dtype()))
+                if self.tensors is not None:
+                    tensors_mod.save(f, self.tensors)
 
 
 def _chunked(comp: dict, n: int) -> dict:
@@ -276,6 +283,7 @@ def _read(f: h5py.File, path: Path) -> Trace:
         mesh_width=w, mesh_height=h, routes=routes, ops=ops,
         prog_start=ds("programs/start", np.int32), prog_len=ds("programs/length", np.int32),
         pe_program=ds("pe_program", np.int32), meta=meta, tags=tags,
+        tensors=tensors_mod.load(f, str(path), w * h),
     )
     check_structure(trace, str(path))
     return trace
@@ -438,6 +446,7 @@ class TraceBuilder:
         self._programs: dict[tuple[Op, ...], int] = {}
         self.meta = {k: str(v) for k, v in meta.items()}
         self.tags: list[Tag] = [UNTAGGED]
+        self.tensors = TensorRecorder()
 
     def tag(self, name: str, layer: int = -1, kind: str = "") -> int:
         """Id of a workload-level op tag (created on first use)."""
@@ -469,4 +478,4 @@ class TraceBuilder:
         r = np.array(self._routes, dtype=np.int64).reshape(-1, 4)
         routes = {name: _column(f"route field {name}", r[:, i], dt) for i, (name, dt) in enumerate(ROUTE_COLUMNS)}
         return Trace(self.mesh_width, self.mesh_height, routes, ops, starts, lens,
-                     self.pe_program.copy(), dict(self.meta), list(self.tags))
+                     self.pe_program.copy(), dict(self.meta), list(self.tags), self.tensors.build())

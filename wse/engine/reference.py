@@ -24,6 +24,7 @@ import numpy as np
 from .. import isa
 from ..hardware import WaferConfig
 from ..trace import Trace
+from . import reference_values as RV
 from .result import EngineResult
 
 _RECEIVING_OPS = (isa.OP_RECV, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND)
@@ -46,7 +47,7 @@ class _Route:
 
     __slots__ = ("pe", "x", "y", "color", "rx", "tx", "tx_ports", "link_ports", "to_ramp",
                  "link_dests", "arrival_latency",
-                 "occ", "ready", "inflight", "ce_occ", "ce_ready", "ce_inflight")
+                 "occ", "ready", "inflight", "ce_occ", "ce_ready", "ce_inflight", "vals", "ce_vals")
 
     def __init__(self, pe: int, x: int, y: int, color: int, rx: int, tx: int):
         self.pe, self.x, self.y, self.color, self.rx, self.tx = pe, x, y, color, rx, tx
@@ -61,6 +62,9 @@ class _Route:
         self.ce_occ = 0
         self.ce_ready = 0
         self.ce_inflight: deque[int] = deque()
+        # functional runs: the payloads of the router and CE queues' wavelets, oldest first
+        self.vals: deque[int] = deque()
+        self.ce_vals: deque[int] = deque()
 
 
 class _OpInfo:
@@ -175,8 +179,10 @@ class _PE:
 # ---- the engine ------------------------------------------------------------------------------
 
 class _Engine:
-    def __init__(self, trace: Trace, cfg: WaferConfig):
+    def __init__(self, trace: Trace, cfg: WaferConfig, sram: np.ndarray | None = None):
         self.trace, self.cfg = trace, cfg
+        # functional runs: every PE's SRAM bytes (uint8 [P, bytes]); None: timing only
+        self.mem = None if sram is None else np.array(sram, dtype=np.uint8, copy=True)
         self.W, self.H, self.T = trace.mesh_width, trace.mesh_height, trace.threads
         self.depth = cfg.queue_depth_wavelets
         self.hop = cfg.hop_latency_cycles
@@ -288,6 +294,14 @@ class _Engine:
             # Arrivals the grants cause, applied by the receivers' queue updates in phase 2.
             for k, route in enumerate(routes):
                 if granted[k]:
+                    if self.mem is not None:
+                        # the oldest wavelet leaves (ready > 0: the oldest is ready); a copy
+                        # goes to every queue the grant feeds
+                        v = route.vals.popleft()
+                        for d in route.link_dests:
+                            d.vals.append(v)
+                        if route.to_ramp:
+                            route.ce_vals.append(v)
                     for d in route.link_dests:
                         dpe, dk = self.route_slot[id(d)]
                         dpe.arrived[dk] = True
@@ -375,6 +389,8 @@ class _Engine:
                 continue
             th.substep = 0
             # The last substep completed: count elements, bytes, FLOPs and wavelets.
+            if self.mem is not None:
+                self._values(pe, op, op.length - th.remaining, min(op.per_step, th.remaining))
             if op.receives:
                 inq.ce_ready -= 1
                 inq.ce_occ -= 1
@@ -412,6 +428,16 @@ class _Engine:
             elif _STALL_SYNC in stalls:
                 c[isa.C_STALL_SYNC] += 1
         return did_step or did_setup
+
+    def _values(self, pe: _PE, op: _OpInfo, e0: int, n: int) -> None:
+        """Functional runs: elements e0 .. e0 + n - 1 of the op, in order (a fabric op moves one
+        per step: the CE queue's oldest payload in, the result onto the router queue)."""
+        mem = self.mem[pe.index]
+        for e in range(e0, e0 + n):
+            w = pe.route_by_color[op.color_in].ce_vals.popleft() if op.receives else None
+            out = RV.step(mem, op.op, e, w)
+            if op.sends:
+                pe.route_by_color[op.color_out].vals.append(out)
 
     def _complete(self, pe: _PE, th: _Thread, t: int) -> None:
         c = pe.counters
@@ -543,13 +569,15 @@ class _Engine:
         return pe_c, link_c
 
 
-def simulate(trace: Trace, cfg: WaferConfig) -> EngineResult:
-    """Run a validated trace on a wafer configuration, one cycle at a time."""
+def simulate(trace: Trace, cfg: WaferConfig, sram: np.ndarray | None = None) -> EngineResult:
+    """Run a validated trace on a wafer configuration, one cycle at a time. Given `sram` (uint8
+    [P, bytes], every PE's initial SRAM), the run is functional: wavelets carry payloads and ops
+    compute, and the result's `sram` holds the bytes at the end."""
     start = time.perf_counter()
-    eng = _Engine(trace, cfg)
+    eng = _Engine(trace, cfg, sram)
     total, stop = eng.run()
     pe_c, link_c = eng.counter_arrays()
     stuck = eng.stuck_report() if stop != isa.STOP_COMPLETE else []
     return EngineResult(total_cycles=int(total), stop=int(stop), pe_counters=pe_c,
                         link_counters=link_c, stuck=stuck,
-                        wall_seconds=time.perf_counter() - start, threads=1)
+                        wall_seconds=time.perf_counter() - start, threads=1, sram=eng.mem)

@@ -27,6 +27,9 @@ class EngineResult:
     stepped_pe_cycles: int = 0
     stepped_cycles: int = 0
     jumped_cycles: int = 0
+    # functional runs: every PE's SRAM bytes at the end (uint8 [P, bytes]); None: timing only
+    sram: np.ndarray | None = None
+    raced: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # PEs whose values raced
 
     @property
     def complete(self) -> bool:

@@ -63,7 +63,8 @@ def simulate(trace: Trace, cfg: WaferConfig, *, threads: int | None = None,
              validated: bool = False, snapshot: SnapshotFn | None = None,
              snapshot_seconds: float = 30.0, dense: bool = False,
              tile: tuple[int, int] | None = None,
-             timeline: tuple[int, int] = (TIMELINE_START_CYCLES, TIMELINE_MAX_SAMPLES)) -> EngineResult:
+             timeline: tuple[int, int] = (TIMELINE_START_CYCLES, TIMELINE_MAX_SAMPLES),
+             functional: bool = False, sram: np.ndarray | None = None) -> EngineResult:
     """Run a trace to completion (or deadlock / max_cycles) and return its counters.
 
     threads: Numba threads for the parallel kernel (default: all). parallel: force the
@@ -76,11 +77,19 @@ def simulate(trace: Trace, cfg: WaferConfig, *, threads: int | None = None,
     kernels track (default TILE_ROWS x TILE_COLS); results do not depend on it. timeline: the
     activity timeline's first sampling interval in cycles and the most samples it keeps (each
     sample ends a kernel call; STAGE_TIMELINE for simulations whose timeline nobody plots); every
-    counter is the same whatever it is.
+    counter is the same whatever it is. functional: a completed run also computes values
+    (engine/functional.py) from the initial SRAM bytes `sram` (uint8 [P, bytes]; default zeros)
+    and returns every PE's SRAM at the end in `sram`, with the PEs whose values raced in `raced`;
+    the counters are the timing run's.
     """
     if not validated:
         validate(trace, cfg)
-    return _Run(trace, cfg, threads, parallel, not dense, tile, timeline).run(progress, snapshot, snapshot_seconds)
+    res = _Run(trace, cfg, threads, parallel, not dense, tile, timeline).run(progress, snapshot, snapshot_seconds)
+    if functional and res.complete:
+        from .functional import evaluate
+        v = evaluate(trace, sram)
+        res.sram, res.raced = v.sram, v.raced
+    return res
 
 
 class _Run:

@@ -21,6 +21,9 @@ from ..trace import Op, recv, recv_compute, recv_compute_send, send, signal, wai
 from .mesh import HI, LO, RAMP
 
 SEM_REDUCE = 0  # semaphore: thread 1 tells thread 0 that the upper-side partial arrived
+# ... and thread 0 tells thread 1 it has added it: tmp may take the next one (without this, a root
+# combining two upper sides, or a later all-reduce, could overwrite tmp before it was read)
+SEM_TMP_FREE = 4
 
 
 def default_groups(n: int) -> int:
@@ -171,8 +174,9 @@ class LineAllReduce:
             if l1[1]:
                 t0.append(recv_compute(c.up1[1 - par], kind, m, dst=buf, src0=buf, dtype=dtype))
             if l1[2]:
-                t1.extend([recv(c.down1[1 - par], m, tmp, dtype), signal(SEM_REDUCE)])
-                t0.extend([wait(SEM_REDUCE), compute(kind, m, dst=buf, src0=buf, src1=tmp, dtype=dtype)])
+                t1.extend([recv(c.down1[1 - par], m, tmp, dtype), signal(SEM_REDUCE), wait(SEM_TMP_FREE)])
+                t0.extend([wait(SEM_REDUCE), compute(kind, m, dst=buf, src0=buf, src1=tmp, dtype=dtype),
+                           signal(SEM_TMP_FREE)])
             if l1[1]:
                 t0.append(send(c.down1[rpar], m, buf, dtype))
             if l1[2]:
@@ -217,7 +221,8 @@ class LineAllReduce:
         """Ops for a position with this role (see role()): thread -> ops.
 
         Roots that receive from both sides take the upper side on thread 1 into `tmp` and
-        combine it on thread 0. One `kind` operation per element per combining stage.
+        combine it on thread 0; thread 1 takes nothing more into `tmp` until thread 0 has read it
+        (SEM_TMP_FREE). One `kind` operation per element per combining stage.
         `at_root` ops run at the final root between the reduction and the broadcast (the
         hand-off barrier nests a column all-reduce there).
         """
@@ -232,8 +237,9 @@ class LineAllReduce:
             if lo_color is not None:
                 t0.append(recv_compute(lo_color, kind, m, dst=buf, src0=buf, dtype=dtype))
             if hi_color is not None:
-                t1.extend([recv(hi_color, m, tmp, dtype), signal(SEM_REDUCE)])
-                t0.extend([wait(SEM_REDUCE), compute(kind, m, dst=buf, src0=buf, src1=tmp, dtype=dtype)])
+                t1.extend([recv(hi_color, m, tmp, dtype), signal(SEM_REDUCE), wait(SEM_TMP_FREE)])
+                t0.extend([wait(SEM_REDUCE), compute(kind, m, dst=buf, src0=buf, src1=tmp, dtype=dtype),
+                           signal(SEM_TMP_FREE)])
 
         def level(leg: tuple, up: tuple[int, int], down: tuple[int, int], p: int) -> bool:
             """One level of the chain: pass the partial sum on (a chain end sends, others add

@@ -21,7 +21,7 @@ import dataclasses
 from .. import isa
 from ..errors import WseError
 from ..hardware import WaferConfig
-from ..trace import Op, compute, recv, recv_compute_send, send, signal, wait
+from ..trace import Op, compute, recv, send, signal, wait
 from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
 from .plan import fit_check
 
@@ -38,6 +38,10 @@ S_IN_SEND = {T_A_RECV: 6, T_B_RECV: 7}
 S_DONE = {T_A_RECV: 8, T_B_RECV: 9, T_A_SEND: 10, T_B_SEND: 11}
 S_OUT = {T_A_SEND: 12, T_B_SEND: 13}
 S_RELAY_IN = {T_A_SEND: 4, T_A_RECV: 5, T_B_SEND: 6, T_B_RECV: 7}  # SUMMA: relay thread -> compute
+S_CHUNK = {X: (0, 1), Y: (2, 3)}  # SUMMA: a relaying position's receiving thread -> its sending thread
+# SUMMA relays store and forward a panel in about this many chunks, of at least this many elements [U]
+RELAY_CHUNKS = 8
+RELAY_CHUNK_MIN = 32
 ALGOS = ("meshgemm", "cannon", "summa")
 
 
@@ -101,6 +105,7 @@ class Relay:
 
     east: tuple[int, int]
     west: tuple[int, int]
+    sems: tuple[int, int]  # chunk received -> may be sent on: west relays (T+0 -> T+1), east (T+1 -> T+0)
 
     def routes(self, n: int) -> dict[int, dict[int, tuple[str, tuple[str, ...]]]]:
         out: dict[int, dict[int, tuple[str, tuple[str, ...]]]] = {}
@@ -112,7 +117,15 @@ class Relay:
         return out
 
     def ops(self, i: int, root: int, n: int, m: int, buf: int) -> dict[int, list[Op]]:
-        """Thread -> ops of position i when `root` broadcasts m elements (east on T+0, west T+1)."""
+        """Thread -> ops of position i when `root` broadcasts m elements (east on T+0, west T+1).
+
+        A position between the root and the line's end keeps the panel and passes it on: store
+        and forward in chunks (RELAY_CHUNKS). Every eastward send is on T+0 and every westward one
+        on T+1 (so one color's sends keep their order from step to step); the other thread of
+        the pair, idle at that position, receives, a semaphore per chunk between them, so
+        receiving chunk c + 1 overlaps sending chunk c. (A fused receive-and-send op would
+        forward without keeping the panel, which the position's own FMACs read.)
+        """
         if n == 1:
             return {}
         if i == root:
@@ -122,12 +135,86 @@ class Relay:
             if i > 0:
                 out[1] = [send(self.west[i % 2], m, buf)]
             return out
-        if i > root:
-            cin = self.east[(i - 1) % 2]
-            return {0: [recv_compute_send(cin, self.east[i % 2], MOV, m) if i < n - 1 else recv(cin, m, buf)]}
-        cin = self.west[(i + 1) % 2]
-        return {1: [recv_compute_send(cin, self.west[i % 2], MOV, m) if i > 0 else recv(cin, m, buf)]}
+        east = i > root
+        cin = self.east[(i - 1) % 2] if east else self.west[(i + 1) % 2]
+        t_in = 1 if east else 0
+        if (east and i == n - 1) or (not east and i == 0):  # the line's end keeps it
+            return {t_in: [recv(cin, m, buf)]}
+        cout = self.east[i % 2] if east else self.west[i % 2]
+        size = max(RELAY_CHUNK_MIN, -(-m // RELAY_CHUNKS))
+        chunks = [(a, min(size, m - a)) for a in range(0, m, size)]
+        sem = self.sems[t_in]  # one signalling and one waiting thread per semaphore
+        return {t_in: [op for a, c in chunks for op in (recv(cin, c, buf + a * ELEM), signal(sem))],
+                1 - t_in: [op for a, c in chunks for op in (wait(sem), send(cout, c, buf + a * ELEM))]}
 
+
+def _record_tensors(b: MeshBuilder, m: int, k: int, n: int, P: int, Kt: int, A: int, B: int, C: int, pb: int,
+                    phys: list[int]) -> None:
+    """/tensors of a Cannon-style GEMM in its pre-skewed placement: PE (i, j) (logical li, lj on the
+    ring) starts with K block (li + lj) mod P of A's rows Mr_j (row-major, Kt a row) and of B's
+    columns Nc_i (pitch pb a row), and accumulates C's tile (pitch pb a row). The part of the last
+    K block beyond k is padding the kernel expects zeroed ('pad')."""
+    import numpy as np
+
+    from .mesh import offsets
+    Mr, Nc = split(m, P), split(n, P)
+    Mo, No = offsets(Mr), offsets(Nc)
+    logical = {p: l for l, p in enumerate(phys)}
+    t = b.tensors
+    ta, tb, tc = t.add("A", "input", (m, k)), t.add("B", "weight", (k, n)), t.add("C", "output", (m, n))
+    pads: list[tuple[int, int, int]] = []  # (pe, addr, elements)
+    for j in range(P):
+        for i in range(P):
+            pe, blk = j * P + i, (logical[i] + logical[j]) % P
+            kq = max(0, min(Kt, k - blk * Kt))  # real K columns in this block
+            r = np.arange(Mr[j])
+            if kq:
+                t.pieces(ta, pe, A + r * Kt * ELEM, kq, (Mo[j] + r) * k + blk * Kt)
+                q = np.arange(kq)
+                t.pieces(tb, pe, B + q * pb, Nc[i], (blk * Kt + q) * n + No[i])
+            if kq < Kt:
+                pads += [(pe, A + (rr * Kt + kq) * ELEM, Kt - kq) for rr in r]
+                pads += [(pe, B + q * pb, Nc[i]) for q in range(kq, Kt)]
+            t.pieces(tc, pe, C + r * pb, Nc[i], (Mo[j] + r) * n + No[i])
+    if pads:
+        pe_, addr, cnt = (np.array(v) for v in zip(*pads))
+        t.pieces(t.add("pad", "zero", (int(cnt.sum()),)), pe_, addr, cnt, np.cumsum(cnt) - cnt)
+
+
+def _record_summa(b: MeshBuilder, m: int, k: int, n: int, P: int, Q: int, nb: int, Kt: int, A_own: int, B_own: int,
+                  C: int, pb: int) -> None:
+    """/tensors of a SUMMA GEMM: column s mod P holds A's panel s (its rows Mr_j, Kt a row) in its
+    owned storage, row s mod Q holds B's panel s (its columns Nc_i, pitch pb a row); C as in
+    Cannon. Panel columns beyond k are padding the kernel expects zeroed ('pad')."""
+    import numpy as np
+
+    from .mesh import offsets
+    Mr, Nc = split(m, Q), split(n, P)
+    Mo, No = offsets(Mr), offsets(Nc)
+    t = b.tensors
+    ta, tb, tc = t.add("A", "input", (m, k)), t.add("B", "weight", (k, n)), t.add("C", "output", (m, n))
+    pads: list[tuple[int, int, int]] = []
+    for j in range(Q):
+        for i in range(P):
+            pe, r = j * P + i, np.arange(Mr[j])
+            for s in range(i, nb, P):  # A panels this column owns
+                kq, a0 = max(0, min(Kt, k - s * Kt)), A_own + (s // P) * max(Mr) * Kt * ELEM
+                if kq:
+                    t.pieces(ta, pe, a0 + r * Kt * ELEM, kq, (Mo[j] + r) * k + s * Kt)
+                pads += [(pe, a0 + (rr * Kt + kq) * ELEM, Kt - kq) for rr in r if kq < Kt]
+            for s in range(j, nb, Q):  # B panels this row owns
+                kq, b0 = max(0, min(Kt, k - s * Kt)), B_own + (s // Q) * Kt * pb
+                q = np.arange(kq)
+                if kq:
+                    t.pieces(tb, pe, b0 + q * pb, Nc[i], (s * Kt + q) * n + No[i])
+                pads += [(pe, b0 + qq * pb, Nc[i]) for qq in range(kq, Kt)]
+            t.pieces(tc, pe, C + r * pb, Nc[i], (Mo[j] + r) * n + No[i])
+    if pads:
+        pe_, addr, cnt = (np.array(v) for v in zip(*pads))
+        t.pieces(t.add("pad", "zero", (int(cnt.sum()),)), pe_, addr, cnt, np.cumsum(cnt) - cnt)
+
+
+SUMMA_MAX_DEPTH = 8  # [U] receive buffers per operand a SUMMA PE keeps, SRAM permitting
 
 S_ALIGN = {T_A_SEND: 10, T_A_RECV: 11, T_B_SEND: 14, T_B_RECV: 15}  # alignment: sent / received
 
@@ -147,15 +234,26 @@ def summa_panels(m: int, k: int, n: int, P: int, Q: int, cfg: WaferConfig, panel
     return 16 * base
 
 
-def _buffers(m: int, k: int, n: int, P: int, Q: int, nb: int, cfg: WaferConfig, summa: bool):
-    """A GEMM's per-PE buffers for K in nb steps: (allocator, A pair, B pair, C, B row pitch,
-    SUMMA's owned A and B panels or None)."""
+def summa_depth(m: int, k: int, n: int, P: int, Q: int, nb: int, cfg: WaferConfig) -> int:
+    """SUMMA's receive buffers per operand: the most, up to SUMMA_MAX_DEPTH, that fit beside the
+    owned panels (at least 2). A relay may run that many steps ahead of the compute, which hides
+    the relay chain's latency (a store-and-forward per hop) when the panels are thin."""
+    usable = cfg.sram_bytes - cfg.sram_reserved_bytes
+    for d in range(SUMMA_MAX_DEPTH, 2, -1):
+        if _buffers(m, k, n, P, Q, nb, cfg, True, d)[0].top <= usable:
+            return d
+    return 2
+
+
+def _buffers(m: int, k: int, n: int, P: int, Q: int, nb: int, cfg: WaferConfig, summa: bool, depth: int = 2):
+    """A GEMM's per-PE buffers for K in nb steps: (allocator, `depth` A and B receive buffers, C,
+    B row pitch, SUMMA's owned A and B panels or None)."""
     Mr, Nc = split(m, Q), split(n, P)
     Kt = -(-k // nb)
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
     pb = -(-max(Nc) * ELEM // 8) * 8
-    A = [mem.alloc(f"a{q}", max(Mr) * Kt * ELEM, "activations", 6) for q in range(2)]
-    B = [mem.alloc(f"b{q}", Kt * pb, "weights", 0) for q in range(2)]
+    A = [mem.alloc(f"a{q}", max(Mr) * Kt * ELEM, "activations", 6) for q in range(depth)]
+    B = [mem.alloc(f"b{q}", Kt * pb, "weights", 0) for q in range(depth)]
     C = mem.alloc("c", max(Mr) * pb, "activations", 4)
     own = None
     if summa:  # owned panels: A's (this column's input) and B's (this row's weights)
@@ -193,23 +291,26 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
     K = nb if steps is None else steps
     if steps is not None and not 2 <= steps <= nb:
         raise WseError(f"gemm: steps {steps} must be in [2, {nb}]")
+    window = range(K)
     Mr, Nc = split(m, Q), split(n, P)
     Kt = -(-k // nb)
-    mem, A, B, C, pb, own = _buffers(m, k, n, P, Q, nb, cfg, algo == "summa")
+    depth = summa_depth(m, k, n, P, Q, nb, cfg) if algo == "summa" else 2
+    mem, A, B, C, pb, own = _buffers(m, k, n, P, Q, nb, cfg, algo == "summa", depth)
     A_own, B_own = own or (0, 0)
     fit_check(mem, cfg, f"gemm {m}x{k}x{n} on {P}x{Q} ({algo}{f', {nb} panels' if algo == 'summa' else ''})")
     region = Region(0, 0, P, Q)
     b = MeshBuilder(P, Q, 6, kernel="gemm", m=m, k=k, n=n, region=f"{P}x{Q}", algo=algo)
     prog = RegionProgram(region, 6)
     if algo == "summa":
-        relay_x, relay_y = Relay((0, 1), (2, 3)), Relay((4, 5), (6, 7))
+        relay_x, relay_y = Relay((0, 1), (2, 3), S_CHUNK[X]), Relay((4, 5), (6, 7), S_CHUNK[Y])
         for axis, rel, n_line in ((X, relay_x, P), (Y, relay_y, Q)):
             for color, per in rel.routes(n_line).items():
                 b.line_routes(region, axis, color, per)
         # role columns: tile size, position, and the position again for a line that is a root
         # within the built steps (-1 otherwise: never-root lines share one compute program)
-        prog.add_roles(X, [(Nc.index(Nc[i]), i, i if i < min(P, K) else -1) for i in range(P)])
-        prog.add_roles(Y, [(Mr.index(Mr[j]), j, j if j < min(Q, K) else -1) for j in range(Q)])
+        roots_x, roots_y = {s % P for s in window}, {s % Q for s in window}
+        prog.add_roles(X, [(Nc.index(Nc[i]), i, i if i in roots_x else -1) for i in range(P)])
+        prog.add_roles(Y, [(Mr.index(Mr[j]), j, j if j in roots_y else -1) for j in range(Q)])
         # (thread 1 is unused: declared so that it is not built once per PE)
         prog.thread_roles = {T_COMPUTE: ((0, 2), (0, 2)), 1: ((), ()), T_A_SEND: ((1,), (0,)),
                              T_A_RECV: ((1,), (0,)), T_B_SEND: ((0,), (1,)), T_B_RECV: ((0,), (1,))}
@@ -239,8 +340,8 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
         """One step's FMACs (tagged): they depend on the step only through the operands' buffers
         (the parity, or a SUMMA root's own panel), so each distinct list is built once
         (prefill GEMMs repeat it millions of times)."""
-        a0 = A[s % 2] if a_src is None else a_src
-        b0 = B[s % 2] if b_src is None else b_src
+        a0 = A[s % depth] if a_src is None else a_src
+        b0 = B[s % depth] if b_src is None else b_src
         key = (a0, b0, mj, ni)
         if key not in steps:
             steps[key] = [compute(FMAC, ni, dst=C + r * pb, src0=b0 + q * pb,
@@ -261,31 +362,33 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
     def body(xr, yr, sp):
         ic, jc = xr[0][0], yr[0][0]
         mj, ni = Mr[jc], Nc[ic]
-        a_len, b_len = mj * Kt, Kt * ni
+        # a B tile moves as stored: Kt rows of pitch pb (its row padding travels too; SEND and
+        # RECV take contiguous elements)
+        a_len, b_len = mj * Kt, Kt * (pb // ELEM)
         out: dict[int, list[Op]] = {}
 
         def add(t: int, ops: list[Op]) -> None:
             tag = t_compute if t == T_COMPUTE else t_move
             out.setdefault(t, []).extend(op if op.tag == tag else retag(op, tag) for op in ops)
 
-        for s in range(K):
+        for s in window:
             if algo == "summa":
                 # step s: column s mod P relays its A panel along the rows (threads 2 east, 3 west),
                 # row s mod Q its B panel down the columns (4, 5), each from its own storage; a relay
-                # may start once compute s-2 has released the buffer it fills
+                # may start once compute s - depth has released the buffer it fills
                 ra, rb = s % P, s % Q
                 a_own = A_own + (s // P) * max(Mr) * Kt * ELEM if xr[0][1] == ra else None
                 b_own = B_own + (s // Q) * Kt * pb if yr[0][1] == rb else None
                 for rel, pos, root, n_line, length, buf, own, t_first in (
                         (relay_x, xr[0][1], ra, P, a_len, A, a_own, T_A_SEND),
                         (relay_y, yr[0][1], rb, Q, b_len, B, b_own, T_B_SEND)):
-                    ops = rel.ops(pos, root, n_line, length, buf[s % 2] if own is None else own)
+                    ops = rel.ops(pos, root, n_line, length, buf[s % depth] if own is None else own)
                     for dt in (0, 1):
                         t = t_first + dt
-                        add(t, ([wait(S_DONE[t])] if s >= 2 else []) + ops.get(dt, []) + [signal(S_RELAY_IN[t])])
+                        add(t, ([wait(S_DONE[t])] if s >= depth else []) + ops.get(dt, []) + [signal(S_RELAY_IN[t])])
                 add(T_COMPUTE, [wait(S_RELAY_IN[t]) for t in (T_A_SEND, T_A_RECV, T_B_SEND, T_B_RECV)])
                 out.setdefault(T_COMPUTE, []).extend(step_compute(s, mj, ni, a_own, b_own))  # tagged already
-                if s < K - 2:
+                if s < K - depth:
                     add(T_COMPUTE, [signal(S_DONE[t]) for t in (T_A_SEND, T_A_RECV, T_B_SEND, T_B_RECV)])
                 continue
             # Cannon-style shift: send this step's tiles, receive the next step's
@@ -327,6 +430,11 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
 
     prog.add(body)
     prog.program_ids(b)
+    if K == nb and not (align_a or align_b):  # (the full kernel)
+        if algo == "summa":
+            _record_summa(b, m, k, n, P, Q, nb, Kt, A_own, B_own, C, pb)
+        else:
+            _record_tensors(b, m, k, n, P, Kt, A[0], B[0], C, pb, ring_order(P, algo == "meshgemm"))
     trace = b.build()
     facts = {"model_flops": 2 * m * k * n, "executed_flops": 2 * m * Kt * nb * n,
              "sram_bytes_per_pe": mem.top}

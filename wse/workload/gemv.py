@@ -155,14 +155,16 @@ def standalone(m: int, n: int, px: int, py: int, cfg, algo: str = "two-level", g
 
     def body(xr, yr, _sp):
         nt, (mt, role) = xr[0], yr[0]
-        ops = gemv_ops(shape, in_index[mt], out_index[nt], x, y, batch, max(shape.in_chunks) * ELEM,
-                       max(shape.out_chunks) * ELEM)
+        # the batch's output chunks back to back: the all-reduce takes them as one nt * batch vector
+        ops = gemv_ops(shape, in_index[mt], out_index[nt], x, y, batch, max(shape.in_chunks) * ELEM, nt * ELEM)
         out = tagged(red.role_ops(role, nt * batch, y, tmp), t_reduce)
         out[0] = [op._replace(tag=t_local) for op in ops] + out.get(0, [])
         return out
 
     prog.add(body)
     prog.program_ids(b)
+    if shape.store == FP16:
+        record_tensors(b, shape, px, py, x, y, batch)
     trace = b.build()
     facts = {
         "model_flops": gemv_flops(shape, batch),
@@ -173,6 +175,29 @@ def standalone(m: int, n: int, px: int, py: int, cfg, algo: str = "two-level", g
         "sram_bytes_per_pe": mem.used,
     }
     return trace, facts
+
+
+def record_tensors(b, shape: GemvShape, px: int, py: int, x: int, y: int, batch: int) -> None:
+    """/tensors of a standalone GEMV (reduce axis Y, fp16 weights): x [batch, m] (chunk j on every
+    PE of row j), w [m, n] (PE (i, j): rows of chunk j, columns of chunk i, one piece per row) and
+    y [batch, n] (chunk i, the batch's back to back, on every PE of column i once all-reduced)."""
+    import numpy as np
+
+    from .mesh import offsets
+    mt, nt = np.array(shape.in_chunks), np.array(shape.out_chunks)
+    i0, o0 = np.array(offsets(shape.in_chunks)), np.array(offsets(shape.out_chunks))
+    jj, ii, bb = np.meshgrid(np.arange(py), np.arange(px), np.arange(batch), indexing="ij")
+    pe = jj * px + ii
+    xs = max(shape.in_chunks) * ELEM
+    m, n = shape.m, shape.n
+    t = b.tensors
+    t.pieces(t.add("x", "input", (batch, m)), pe, x + bb * xs, mt[jj], bb * m + i0[jj])
+    t.pieces(t.add("y", "output", (batch, n)), pe, y + bb * nt[ii] * ELEM, nt[ii], bb * n + o0[ii])
+    w = t.add("w", "weight", (m, n))
+    for j in range(py):  # one piece per tile row
+        r = np.arange(mt[j])
+        jp, rr = np.meshgrid(np.arange(px), r, indexing="ij")
+        t.pieces(w, j * px + jp, shape.weights + rr * shape.pitch, nt[jp], (i0[j] + rr) * n + o0[jp])
 
 
 def _layout(m: int, n: int, px: int, py: int, cfg, batch: int, weights: str):

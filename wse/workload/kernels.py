@@ -43,6 +43,14 @@ def allreduce(region: tuple[int, int], elements: int, axis: str, cfg: WaferConfi
     t = b.tag("allreduce", -1, "allreduce")
     prog.add(lambda xr, yr, sp: tagged(red[ax].role_ops((xr if ax is X else yr)[0], elements, buf, tmp), t))
     prog.program_ids(b)
+    # /tensors: each PE's vector in, the line's sum out (in place)
+    import numpy as np
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    b.tensors.pieces(b.tensors.add("x", "input", (h, w, elements)), yy * w + xx, buf, elements,
+                     (yy * w + xx) * elements)
+    line = yy if ax is X else xx
+    b.tensors.pieces(b.tensors.add("sum", "output", (h if ax is X else w, elements)), yy * w + xx, buf, elements,
+                     line * elements)
     lines = h if ax is X else w
     n = R.size(ax)
     return b.build(), {"model_flops": 0, "allreduce_flops": lines * (n - 1) * elements,

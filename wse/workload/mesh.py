@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import isa
 from ..errors import TraceError
+from ..tensors import TensorRecorder
 from ..trace import ROUTE_COLUMNS, UNTAGGED, Op, Tag, Trace, _column, pack_programs, with_tag
 
 # Sides of a position on a line: toward the lower index, toward the higher index, the CE.
@@ -226,6 +227,7 @@ class MeshBuilder:
         self.meta = {k: str(v) for k, v in meta.items()}
         self.tags: list[Tag] = [UNTAGGED]
         self._tag_ids: dict[Tag, int] = {UNTAGGED: 0}
+        self.tensors = TensorRecorder()  # where the kernel's tensors live (functional runs)
 
     def tag(self, name: str, layer: int = -1, kind: str = "") -> int:
         """Id of a workload-level op tag (created on first use)."""
@@ -291,7 +293,7 @@ class MeshBuilder:
                              f"({dup[0] % self.width}, {dup[0] // self.width})")
         routes = {name: _column(f"route field {name}", r[:, i], dt) for i, (name, dt) in enumerate(ROUTE_COLUMNS)}
         return Trace(self.width, self.height, routes, ops, starts, lens, self.pe_program.copy(), dict(self.meta),
-                     list(self.tags))
+                     list(self.tags), self.tensors.build())
 
 
 def tagged(part: dict[int, list[Op]], tag: int) -> dict[int, list[Op]]:

@@ -32,13 +32,15 @@ from .. import isa
 from ..errors import WseError
 from ..hardware import WaferConfig
 from ..trace import Trace, compute
-from .gemm import ALGOS as GEMM_ALGOS, standalone as gemm_trace, summa_panels
+from .gemm import ALGOS as GEMM_ALGOS, standalone as gemm_trace, summa_depth, summa_panels
 from .gemv import largest_batch, standalone as gemv_trace
 from .params import DecodeParams
 from .region import EXP_FMACS, SILU_FMACS, reducers
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split, tagged
 from .models import ModelSpec
 from .plan import fit_check
+
+SUMMA_SETTLE_DEPTHS = 4  # [U] a SUMMA prefix extrapolates from at least this many buffer depths of steps
 
 FMAC, MUL, ADD, MAX, SCALE = isa.KIND_FMAC, isa.KIND_MUL, isa.KIND_ADD, isa.KIND_MAX, isa.KIND_SCALE
 ELEM = 2
@@ -341,8 +343,9 @@ def pieces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, al
     arguments)], cycles = sum of weight x simulated cycles. A weight-stationary GEMM: its token
     blocks (as few as fit, sizes differing by at most one), one after another (each starts when
     the block before has finished everywhere, as the prefill's kernels do). A MeshGEMM/Cannon/SUMMA kernel with
-    `prefix` below half its steps: its first prefix / 2 and prefix steps, extrapolated linearly
-    (c1 + (T - k1)(c2 - c1)/(k2 - k1)). Otherwise the whole kernel."""
+    `prefix` below half its steps: its first k1 = prefix / 2 and k2 = 2 k1 steps, extrapolated
+    linearly (c1 + (T - k1)(c2 - c1)/(k2 - k1)); for SUMMA k1 is at least SUMMA_SETTLE_DEPTHS
+    times its buffer depth. Otherwise (2 k2 >= T) the whole kernel."""
     Q = Q or P
     if not is_gemm(name):
         return [(1.0, {})]
@@ -351,9 +354,15 @@ def pieces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, al
         lo, big = divmod(prompt, blocks)  # `big` blocks of lo + 1 tokens, the rest of lo
         return [(float(n), {"batch": size}) for n, size in ((big, lo + 1), (blocks - big, lo)) if n]
     T = gemm_steps(spec, cfg, P, prompt, name, algo, Q)
-    if not prefix or 2 * prefix >= T:
+    k1 = prefix // 2
+    if prefix and mapping(algo, P, Q, name) == "summa":
+        # its relays run up to `depth` steps ahead of the compute: the steps settle only once
+        # several depths of them have filled the pipeline (docs/serving.md)
+        m, k, n, _, _ = _gemm_shape(spec, prompt, name)
+        k1 = max(k1, SUMMA_SETTLE_DEPTHS * summa_depth(m, k, n, P, Q, T, cfg))
+    k2 = 2 * k1
+    if not prefix or 2 * k2 >= T:
         return [(1.0, {})]
-    k1, k2 = prefix // 2, prefix
     slope = (T - k1) / (k2 - k1)
     return [(1.0 - slope, {"steps": k1}), (slope, {"steps": k2})]
 

@@ -1,0 +1,57 @@
+"""`wse check`: run a kernel (or a trace with /tensors) functionally and compare every output with
+its numpy reference (docs/model.md, "Values"). Registered on the `wse` group by cli.py.
+
+Exit codes: 0 every output within tolerance; 1 an output is wrong, its copies disagree, or values
+depend on the schedule (a race); 2 bad input; 3 the run did not complete.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import hardware
+from . import trace as trace_mod
+from .cli import EXIT_INCOMPLETE, _clean_errors, _config_options, _functional_options, _workload_kw, \
+    _workload_options, cli
+from .errors import WseError
+from .trace_check import validate
+
+EXIT_WRONG = 1
+
+
+@cli.command("check")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False), help="trace file with a /tensors table")
+@_workload_options
+@_functional_options
+@_config_options
+@click.option("--threads", type=int, help="Numba threads (default: all cores)")
+@_clean_errors
+def check_cmd(trace_path, op, model, phase, inputs, seed, tolerance, wafer, config_file, sets, threads, **kw) -> None:
+    """Run a kernel (--op gemv | gemm | allreduce) or a trace functionally and check its outputs."""
+    from .engine.run import simulate
+    from .results.functional import FunctionalRun, format_checks
+    from .workload import jobs
+
+    if model:
+        raise WseError("wse check: model steps record no /tensors table yet (the gemv, gemm and allreduce kernels "
+                       "do, and traces made from them)")
+    if bool(trace_path) == bool(op):
+        raise WseError("give exactly one of --trace and --op")
+    if threads is not None and threads < 1:
+        raise WseError("--threads must be at least 1")
+    cfg = hardware.resolve(wafer, config_file, sets)
+    fn = FunctionalRun(inputs, seed, tolerance)
+    where = trace_path or f"--op {op}"
+    tr = trace_mod.load(trace_path) if trace_path else jobs.kernel_trace(op, cfg, **_workload_kw(kw))[0]
+    validate(tr, cfg, where=where)
+    res = simulate(tr, cfg, threads=threads, validated=True, **fn.prepare(tr, where))
+    if not res.complete:
+        click.echo(f"error: {where}: the run stopped ({res.stop_name}) after {res.total_cycles:,} cycles", err=True)
+        sys.exit(EXIT_INCOMPLETE)
+    rows, _, _ = fn.finish(tr, res)
+    click.echo(f"{where}: {tr.mesh_width}x{tr.mesh_height} PEs, {res.total_cycles:,} cycles, inputs "
+               + (inputs if inputs else f"seeded N(0, 1) (seed {seed})"))
+    click.echo(format_checks(rows, res.raced))
+    if res.raced or not all(r.ok for r in rows):
+        sys.exit(EXIT_WRONG)
