@@ -44,3 +44,10 @@ def test_system_benchmark_runs_cold():
     r = bench.run_one("system", quick=True)
     assert r["wall_s"] > 0 and r["wafers"] >= 1 and r["tokens_per_s_per_user"] > 0
     assert "system" in bench.format_results({"system": r})[0]
+
+
+def test_functional_benchmark_checks_its_values():
+    """The `functional` benchmark: a gemv's values by both schedules, checked against numpy."""
+    r = bench.run_one("functional", quick=True)
+    assert r["wall_s"] > 0 and r["element_ops_per_s"] > 0 and r["max_error"] < 0.05
+    assert "functional" in bench.format_results({"functional": r})[0]

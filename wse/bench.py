@@ -10,6 +10,8 @@ Benchmarks (--quick shrinks each to a smoke-test size):
   jit       cold JIT compile (empty cache) and warm start (cached), process start to finish
   system    `wse system` for kimi-k2 on the fewest CS-3 (uniform slots, --jobs 2, no TTFT), empty stage
             cache: wall seconds from process start, planning and every stage simulation included
+  functional  the values of a gemv 8192x8192 on a 128x128 region (docs/model.md, "Values"): the
+            dataflow evaluator's two schedules, wall seconds and element-ops per second, peak memory
 
 Every `wse bench` run appends one JSON line (figures, machine, commit, date) to a history
 file and compares against the last comparable line, so regressions show.
@@ -30,11 +32,11 @@ from typing import Any
 
 from .errors import WseError
 
-NAMES = ("dense", "wse3", "layer", "token8b", "token70b", "jit", "system")
+NAMES = ("dense", "wse3", "layer", "token8b", "token70b", "jit", "system", "functional")
 # Figures compared against the previous history line: (benchmark, key, higher is better).
 HEADLINE = (("dense", "pe_cycles_per_s", True), ("wse3", "pe_cycles_per_s", True),
             ("layer", "pe_cycles_per_s", True), ("token8b", "wall_s", False), ("token70b", "wall_s", False),
-            ("jit", "warm_start_s", False), ("system", "wall_s", False))
+            ("jit", "warm_start_s", False), ("system", "wall_s", False), ("functional", "wall_s", False))
 REGRESSION = 0.15  # a headline figure this much worse than last time is flagged
 TINY_RUN = (
     "from wse import hardware; from wse.workload import synthetic as s; "
@@ -188,6 +190,30 @@ def bench_system(model: str, jobs: int) -> dict[str, Any]:
             "tokens_per_s_per_user": float(rows["tokens/s per user"])}
 
 
+def bench_functional(m: int, region: int) -> dict[str, Any]:
+    """A gemv's values: inputs filled through /tensors, both schedules of the evaluator (the race
+    check), outputs checked against numpy; wall seconds of the evaluation."""
+    from . import hardware
+    from .engine import functional
+    from .results import functional as data
+    from .workload.gemv import standalone
+    from .workload.references import expected
+    cfg = hardware.load_preset("wse3")
+    functional.evaluate(standalone(16, 16, 4, 4, cfg)[0])  # compile (or load) outside the timing
+    trace = standalone(m, m, region, region, cfg)[0]
+    inputs = data.random_inputs(trace, 0)
+    sram = data.fill(trace, inputs, functional.sram_extent(trace))
+    t0 = time.perf_counter()
+    v = functional.evaluate(trace, sram)
+    wall = time.perf_counter() - t0
+    rows = data.check(data.read_outputs(trace, v.sram), expected(trace, inputs))
+    if v.raced or not all(r.ok for r in rows):
+        raise WseError("functional benchmark: the gemv's outputs are wrong")
+    element_ops = 2 * (m * m + m * region)  # both schedules: the FMACs, the column all-reduces' adds
+    return {"kernel": f"gemv {m}x{m} on {region}x{region}", "wall_s": wall,
+            "element_ops_per_s": element_ops / wall, "max_error": max(r.error for r in rows)}
+
+
 def run_one(name: str, quick: bool) -> dict[str, Any]:
     """One benchmark in this process."""
     if name == "dense":
@@ -206,6 +232,8 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
         out = bench_jit()
     elif name == "system":
         out = bench_system("tiny-moe" if quick else "kimi-k2", 2)
+    elif name == "functional":
+        out = bench_functional(256, 16) if quick else bench_functional(8192, 128)
     else:
         raise WseError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")
     out["peak_rss_mb"] = _peak_rss_mb()
@@ -299,6 +327,9 @@ def format_results(results: dict[str, Any]) -> list[str]:
             lines.append(f"{name:9s} wse system {r['model']} on {r['wafers']} wafers (cold, --jobs {r['jobs']}): "
                          f"{r['wall_s']:.1f} s wall, {r['tokens_per_s_per_user']:,.0f} tokens/s per user, "
                          f"largest process {r['largest_process_mb']:,.0f} MB")
+        elif name == "functional":
+            lines.append(f"{name:9s} values of a {r['kernel']}: {r['wall_s']:.1f} s for both schedules "
+                         f"({r['element_ops_per_s'] / 1e6:.1f} M element-ops/s), peak {r['peak_rss_mb']:,.0f} MB")
     return lines
 
 

@@ -559,7 +559,7 @@ def compare_cmd(run_files, as_json) -> None:
 @cli.command("bench")
 @click.option("--only", "only", multiple=True, metavar="NAME",
               help="run only these benchmarks (repeatable or comma-separated): dense, wse3, layer, token8b, "
-                   "token70b, jit")
+                   "token70b, jit, system, functional")
 @click.option("--quick", is_flag=True, help="smoke-test sizes (seconds, not minutes)")
 @click.option("--history", type=click.Path(dir_okay=False), default="bench-history.jsonl", show_default=True,
               help="JSON-lines file each run appends to")

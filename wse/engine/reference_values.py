@@ -51,11 +51,9 @@ def store(mem: np.ndarray, addr: int, t: str, x: float) -> None:
         mem[addr:addr + (2 if t == "f16" else 4)] = np.array([_NAN[t]], np.uint16 if t == "f16" else np.uint32
                                                              ).view(np.uint8)
         return
-    if t == "f16":
-        with np.errstate(over="ignore"):  # overflow rounds to infinity
-            mem[addr:addr + 2] = np.array([x], np.float64).astype(_F16).view(np.uint8)
-    else:
-        mem[addr:addr + 4] = np.array([x], np.float64).astype(_F32).view(np.uint8)
+    with np.errstate(over="ignore"):  # overflow rounds to infinity
+        a = np.array([x], np.float64).astype(_F16 if t == "f16" else _F32)
+    mem[addr:addr + a.itemsize] = a.view(np.uint8)
 
 
 def payload(t: str, x: float) -> int:
