@@ -262,6 +262,8 @@ def test_a_bad_npz_is_one_error_line_and_no_file(arrays, message, tmp_path, tiny
     (["check", "--model", "tiny"], "model steps record no /tensors table yet"),
     (["run", "--op", "gemv", "--m", "8", "--n", "8", "--region", "2x2", "--functional", "--tolerance", "0"],
      "--tolerance 0.0: must be above 0"),
+    (["run", "--op", "gemv", "--m", "8", "--n", "8", "--region", "2x2", "--seed", "3"],
+     "--inputs, --seed and --tolerance need --functional"),
 ])
 def test_functional_bad_input(args, message, tmp_path):
     out = tmp_path / "r.h5"

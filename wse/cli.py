@@ -322,9 +322,9 @@ def _functional_options(fn):
     for opt in reversed([
         click.option("--inputs", type=click.Path(dir_okay=False),
                      help="functional: an .npz with one array per input and weight tensor (default: seeded N(0, 1))"),
-        click.option("--seed", type=int, default=0, show_default=True, help="functional: seed of the inputs"),
-        click.option("--tolerance", type=float, default=0.05, show_default=True,
-                     help="functional: largest output error over the largest reference magnitude"),
+        click.option("--seed", type=int, help="functional: seed of the inputs (default 0)"),
+        click.option("--tolerance", type=float,
+                     help="functional: largest output error over the largest reference magnitude (default 0.05)"),
     ]):
         fn = opt(fn)
     return fn
@@ -351,17 +351,19 @@ def run_cmd(trace_path, op, model, phase, full, functional, inputs, seed, tolera
     if sum(bool(v) for v in (trace_path, op, model)) != 1:
         raise WseError("give exactly one of --trace, --op and --model")
     check_output(output, [trace_path, config_file, inputs])
+    if not functional and (inputs, seed, tolerance) != (None, None, None):
+        raise WseError("--inputs, --seed and --tolerance need --functional")
     _simulate_to_file(trace_path, op, model, phase, full, hardware.resolve(wafer, config_file, sets), output,
                       threads, snapshot_seconds, quiet, as_json, kw,
                       _functional_run(model, inputs, seed, tolerance) if functional else None)
 
 
 def _functional_run(model, inputs, seed, tolerance):
-    from .results.functional import FunctionalRun
+    from .results.functional import FP16_TOLERANCE, FunctionalRun
     if model:
         raise WseError("--functional: model steps record no /tensors table yet (the gemv, gemm and allreduce "
                        "kernels do, and traces made from them)")
-    return FunctionalRun(inputs, seed, tolerance)
+    return FunctionalRun(inputs, seed or 0, FP16_TOLERANCE if tolerance is None else tolerance)
 
 
 @cli.command("replay")

@@ -30,7 +30,7 @@ EXIT_WRONG = 1
 def check_cmd(trace_path, op, model, phase, inputs, seed, tolerance, wafer, config_file, sets, threads, **kw) -> None:
     """Run a kernel (--op gemv | gemm | allreduce) or a trace functionally and check its outputs."""
     from .engine.run import simulate
-    from .results.functional import FunctionalRun, format_checks
+    from .results.functional import FP16_TOLERANCE, FunctionalRun, format_checks
     from .workload import jobs
 
     if model:
@@ -41,7 +41,7 @@ def check_cmd(trace_path, op, model, phase, inputs, seed, tolerance, wafer, conf
     if threads is not None and threads < 1:
         raise WseError("--threads must be at least 1")
     cfg = hardware.resolve(wafer, config_file, sets)
-    fn = FunctionalRun(inputs, seed, tolerance)
+    fn = FunctionalRun(inputs, seed or 0, FP16_TOLERANCE if tolerance is None else tolerance)
     where = trace_path or f"--op {op}"
     tr = trace_mod.load(trace_path) if trace_path else jobs.kernel_trace(op, cfg, **_workload_kw(kw))[0]
     validate(tr, cfg, where=where)
