@@ -255,6 +255,18 @@ def test_a_bad_npz_is_one_error_line_and_no_file(arrays, message, tmp_path, tiny
     assert not out.exists()
 
 
+def test_a_trace_without_tensors_given_functional_is_one_error_and_no_file(tmp_path):
+    from wse.workload import synthetic
+    synthetic.neighbor(4, 4, 8).save(tmp_path / "n.h5")
+    out = tmp_path / "r.h5"
+    for args in (["run", "--trace", str(tmp_path / "n.h5"), "--functional", "-o", str(out)],
+                 ["check", "--trace", str(tmp_path / "n.h5")]):
+        r = CliRunner().invoke(cli, args + ["--wafer", "tiny"])
+        assert r.exit_code == 2 and r.output.count("\n") == 1 and "has no /tensors table" in r.output, r.output
+        assert str(tmp_path / "n.h5") in r.output
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "--op", "attention", "--heads", "2", "--head-dim", "8", "--context", "16", "--region", "4x4",
       "--functional"], "has no /tensors table"),
