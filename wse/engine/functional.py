@@ -138,8 +138,7 @@ def _network(trace: Trace):
 def check_supported(trace: Trace) -> None:
     """FunctionalError if an op has no value semantics (a send or receive of a low-precision dtype)."""
     o = trace.ops
-    bad = np.isin(o["dtype"], _LOW) & (o["opcode"] != isa.OP_COMPUTE)
-    bad |= np.isin(o["dtype"], _LOW) & (o["kind"] != isa.KIND_SCALE)
+    bad = np.isin(o["dtype"], _LOW) & ((o["opcode"] != isa.OP_COMPUTE) | (o["kind"] != isa.KIND_SCALE))
     if bad.any():
         from ..trace import op_location
         i = int(np.flatnonzero(bad)[0])
@@ -153,13 +152,10 @@ def evaluate(trace: Trace, sram: np.ndarray | None = None, race_check: bool = Tr
     receivers take."""
     check_supported(trace)
     P, W = trace.n_pes, trace.mesh_width
-    extent = sram_extent(trace)
-    init = np.zeros((P, extent), np.uint8)
-    if sram is not None:
-        k = min(extent, sram.shape[1])
-        init[:, :k] = sram[:, :k]
-        if sram.shape[1] > extent:
-            init = np.concatenate([init, sram[:, extent:]], axis=1)
+    given = 0 if sram is None else sram.shape[1]
+    init = np.zeros((P, max(sram_extent(trace), given)), np.uint8)
+    if given:
+        init[:, :given] = sram
     net = _network(trace)
     first = _schedule(trace, net, init.copy(), 0)
     raced: list[tuple[int, int]] = []

@@ -176,9 +176,7 @@ def _record_tensors(b: MeshBuilder, m: int, k: int, n: int, P: int, Kt: int, A: 
                 pads += [(pe, A + (rr * Kt + kq) * ELEM, Kt - kq) for rr in r]
                 pads += [(pe, B + q * pb, Nc[i]) for q in range(kq, Kt)]
             t.pieces(tc, pe, C + r * pb, Nc[i], (Mo[j] + r) * n + No[i])
-    if pads:
-        pe_, addr, cnt = (np.array(v) for v in zip(*pads))
-        t.pieces(t.add("pad", "zero", (int(cnt.sum()),)), pe_, addr, cnt, np.cumsum(cnt) - cnt)
+    _record_pads(t, pads)
 
 
 def _record_summa(b: MeshBuilder, m: int, k: int, n: int, P: int, Q: int, nb: int, Kt: int, A_own: int, B_own: int,
@@ -209,12 +207,18 @@ def _record_summa(b: MeshBuilder, m: int, k: int, n: int, P: int, Q: int, nb: in
                     t.pieces(tb, pe, b0 + q * pb, Nc[i], (s * Kt + q) * n + No[i])
                 pads += [(pe, b0 + qq * pb, Nc[i]) for qq in range(kq, Kt)]
             t.pieces(tc, pe, C + r * pb, Nc[i], (Mo[j] + r) * n + No[i])
-    if pads:
-        pe_, addr, cnt = (np.array(v) for v in zip(*pads))
-        t.pieces(t.add("pad", "zero", (int(cnt.sum()),)), pe_, addr, cnt, np.cumsum(cnt) - cnt)
+    _record_pads(t, pads)
 
 
 SUMMA_MAX_DEPTH = 8  # [U] receive buffers per operand a SUMMA PE keeps, SRAM permitting
+
+def _record_pads(t, pads: list[tuple[int, int, int]]) -> None:
+    """The 'pad' zero tensor of a GEMM's K padding: (PE, address, elements) runs, numbered in order."""
+    import numpy as np
+    if pads:
+        pe, addr, cnt = (np.array(v) for v in zip(*pads))
+        t.pieces(t.add("pad", "zero", (int(cnt.sum()),)), pe, addr, cnt, np.cumsum(cnt) - cnt)
+
 
 S_ALIGN = {T_A_SEND: 10, T_A_RECV: 11, T_B_SEND: 14, T_B_RECV: 15}  # alignment: sent / received
 
