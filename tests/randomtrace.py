@@ -15,7 +15,10 @@ DIRS = {(1, 0): isa.PORT_EAST, (-1, 0): isa.PORT_WEST, (0, 1): isa.PORT_SOUTH, (
 KINDS = [(isa.KIND_FMAC, isa.DTYPE_FP16), (isa.KIND_FMAC, isa.DTYPE_FP32), (isa.KIND_FMAC, isa.DTYPE_MIXED),
          (isa.KIND_ADD, isa.DTYPE_FP16), (isa.KIND_ADD, isa.DTYPE_FP32), (isa.KIND_MUL, isa.DTYPE_FP16),
          (isa.KIND_MAX, isa.DTYPE_FP32), (isa.KIND_MOV, isa.DTYPE_FP16), (isa.KIND_SCALE, isa.DTYPE_FP32),
-         (isa.KIND_SCALE, isa.DTYPE_FP8), (isa.KIND_SCALE, isa.DTYPE_INT8), (isa.KIND_SCALE, isa.DTYPE_INT4)]
+         (isa.KIND_SCALE, isa.DTYPE_FP8), (isa.KIND_SCALE, isa.DTYPE_INT8), (isa.KIND_SCALE, isa.DTYPE_INT4),
+         (isa.KIND_DOT, isa.DTYPE_FP16), (isa.KIND_DOT, isa.DTYPE_MIXED), (isa.KIND_EXP, isa.DTYPE_FP16),
+         (isa.KIND_RSQRT, isa.DTYPE_FP32), (isa.KIND_RECIP, isa.DTYPE_FP16), (isa.KIND_SILU, isa.DTYPE_FP16),
+         (isa.KIND_RMAX, isa.DTYPE_FP16), (isa.KIND_RSUM, isa.DTYPE_FP32), (isa.KIND_SUB, isa.DTYPE_FP16)]
 
 
 def random_config(rng: np.random.Generator) -> hardware.WaferConfig:

@@ -86,7 +86,18 @@ def test_head_rows_cover_every_dimension_once():
     for Q in (1, 3, 8, 13, 195, 586, 1024):
         hr = head_rows(spec, Q)
         assert len(hr.k_r) == Q and sum(hr.k_r) == spec.kv_size and sum(hr.q_r) == spec.q_size
-        assert sum(hr.o_r) == spec.attn_out_size and min(hr.k_r) >= 1
+        assert sum(hr.o_r) == spec.attn_out_size
+        assert (min(hr.k_r) >= 1) == (Q <= spec.kv_size // 2)  # whole rotary pairs: rows beyond them hold none
+        held = {}  # (KV head, dim) -> rows holding it: every one exactly once, with its rotary partner
+        half = spec.head_dim // 2
+        for j in range(Q):
+            assert hr.kh_r[j] % 2 == 0 and hr.k_r[j] == len(hr.kv_r[j]) * hr.kh_r[j]
+            for h in hr.kv_r[j]:
+                for p in range(hr.p0_r[j], hr.p0_r[j] + hr.kh_r[j] // 2):
+                    for d in (p, p + half):
+                        held.setdefault((h, d), []).append(j)
+        assert sorted(held) == [(h, d) for h in range(spec.kv_heads) for d in range(spec.head_dim)]
+        assert all(len(v) == 1 for v in held.values())
         if Q > spec.kv_heads:  # each block of rows holds one KV head's dims
             assert hr.segments == spec.kv_heads and set(hr.hb_r) == {spec.heads // spec.kv_heads}
 

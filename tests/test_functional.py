@@ -270,8 +270,7 @@ def test_a_trace_without_tensors_given_functional_is_one_error_and_no_file(tmp_p
 @pytest.mark.parametrize("args, message", [
     (["run", "--op", "attention", "--heads", "2", "--head-dim", "8", "--context", "16", "--region", "4x4",
       "--functional"], "has no /tensors table"),
-    (["run", "--model", "tiny", "--functional"], "model steps record no /tensors table yet"),
-    (["check", "--model", "tiny"], "model steps record no /tensors table yet"),
+    (["run", "--model", "tiny", "--functional"], "`wse check --model` checks its decode layers"),
     (["run", "--op", "gemv", "--m", "8", "--n", "8", "--region", "2x2", "--functional", "--tolerance", "0"],
      "--tolerance 0.0: must be above 0"),
     (["run", "--op", "gemv", "--m", "8", "--n", "8", "--region", "2x2", "--seed", "3"],

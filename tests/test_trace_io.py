@@ -650,9 +650,9 @@ def test_load_trace_with_unknown_kind(tmp_path, good):
     p = tmp_path / "kind.h5"
     shutil.copy(good, p)
     with h5py.File(p, "a") as f:
-        f["ops/kind"][1] = 9
+        f["ops/kind"][1] = 42
     msg = _load_error(p)
-    assert "unknown compute kind 9" in msg
+    assert "unknown compute kind 42" in msg
     assert "PE (7, 0) thread 0 op 0" in msg
 
 

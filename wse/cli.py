@@ -335,7 +335,8 @@ def _functional_options(fn):
 @_workload_options
 @click.option("--full", is_flag=True, help="simulate every region of a model in one trace (default: compose stages)")
 @click.option("--functional", is_flag=True, help="also compute values (needs a trace with /tensors: kernels gemv, "
-                                                 "gemm, allreduce) and check them against numpy")
+                                                 "gemm, allreduce; `wse check --model` for decode layers) and check "
+                                                 "them against numpy")
 @_functional_options
 @_config_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
@@ -361,8 +362,8 @@ def run_cmd(trace_path, op, model, phase, full, functional, inputs, seed, tolera
 def _functional_run(model, inputs, seed, tolerance):
     from .results.functional import FP16_TOLERANCE, FunctionalRun
     if model:
-        raise WseError("--functional: model steps record no /tensors table yet (the gemv, gemm and allreduce "
-                       "kernels do, and traces made from them)")
+        raise WseError("--functional: a model step's trace (embedding, layers, LM head, lanes) records no /tensors "
+                       "table; `wse check --model` checks its decode layers one by one")
     return FunctionalRun(inputs, seed or 0, FP16_TOLERANCE if tolerance is None else tolerance)
 
 

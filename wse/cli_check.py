@@ -28,30 +28,38 @@ EXIT_WRONG = 1
 @click.option("--threads", type=int, help="Numba threads (default: all cores)")
 @_clean_errors
 def check_cmd(trace_path, op, model, phase, inputs, seed, tolerance, wafer, config_file, sets, threads, **kw) -> None:
-    """Run a kernel (--op gemv | gemm | allreduce) or a trace functionally and check its outputs."""
+    """Run a kernel (--op gemv | gemm | allreduce), a model's decode layers (--model) or a trace
+    functionally and check its outputs."""
     from .engine.run import simulate
     from .results.functional import FP16_TOLERANCE, FunctionalRun, format_checks
     from .workload import jobs
 
-    if model:
-        raise WseError("wse check: model steps record no /tensors table yet (the gemv, gemm and allreduce kernels "
-                       "do, and traces made from them)")
-    if bool(trace_path) == bool(op):
-        raise WseError("give exactly one of --trace and --op")
+    if sum(bool(v) for v in (trace_path, op, model)) != 1:
+        raise WseError("give exactly one of --trace, --op and --model")
+    if model and phase != "decode":
+        raise WseError("wse check --model checks decode layers (--phase prefill is a timing model)")
     if threads is not None and threads < 1:
         raise WseError("--threads must be at least 1")
     cfg = hardware.resolve(wafer, config_file, sets)
     fn = FunctionalRun(inputs, seed or 0, FP16_TOLERANCE if tolerance is None else tolerance)
-    where = trace_path or f"--op {op}"
-    tr = trace_mod.load(trace_path) if trace_path else jobs.kernel_trace(op, cfg, **_workload_kw(kw))[0]
-    validate(tr, cfg, where=where)
-    res = simulate(tr, cfg, threads=threads, validated=True, **fn.prepare(tr, where))
-    if not res.complete:
-        click.echo(f"error: {where}: the run stopped ({res.stop_name}) after {res.total_cycles:,} cycles", err=True)
-        sys.exit(EXIT_INCOMPLETE)
-    rows, _, _ = fn.finish(tr, res)
-    click.echo(f"{where}: {tr.mesh_width}x{tr.mesh_height} PEs, {res.total_cycles:,} cycles, inputs "
-               + (inputs if inputs else f"seeded N(0, 1) (seed {seed})"))
-    click.echo(format_checks(rows, res.raced))
-    if res.raced or not all(r.ok for r in rows):
+    if model:  # every decode layer (or the first --layers), each on one layer region
+        traces = jobs.layer_check_traces(model, cfg, **_workload_kw(kw))
+    else:
+        where = trace_path or f"--op {op}"
+        traces = [(where, trace_mod.load(trace_path) if trace_path
+                   else jobs.kernel_trace(op, cfg, **_workload_kw(kw))[0])]
+    wrong = False
+    for where, tr in traces:
+        validate(tr, cfg, where=where)
+        res = simulate(tr, cfg, threads=threads, validated=True, **fn.prepare(tr, where))
+        if not res.complete:
+            click.echo(f"error: {where}: the run stopped ({res.stop_name}) after {res.total_cycles:,} cycles",
+                       err=True)
+            sys.exit(EXIT_INCOMPLETE)
+        rows, _, _ = fn.finish(tr, res)
+        click.echo(f"{where}: {tr.mesh_width}x{tr.mesh_height} PEs, {res.total_cycles:,} cycles, inputs "
+                   + (inputs if inputs else f"seeded normal (seed {seed or 0})"))
+        click.echo(format_checks(rows, res.raced))
+        wrong = wrong or bool(res.raced) or not all(r.ok for r in rows)
+    if wrong:
         sys.exit(EXIT_WRONG)

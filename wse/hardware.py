@@ -28,6 +28,10 @@ SIMD_KEYS = (
     "mov_fp16", "mov_fp32",
     "scale_fp16", "scale_fp32",
     "scale_fp8", "scale_int8", "scale_int4",  # dequantizing low-precision weights to fp16 [U]
+    "dot_fp16", "dot_fp32", "dot_mixed",  # [U] as fmac
+    "exp_fp16", "exp_fp32", "rsqrt_fp16", "rsqrt_fp32", "recip_fp16", "recip_fp32",
+    "silu_fp16", "silu_fp32",  # [U] each pass as fmac
+    "rmax_fp16", "rmax_fp32", "rsum_fp16", "rsum_fp32", "sub_fp16", "sub_fp32",  # [U] as max, add, add
 )
 
 

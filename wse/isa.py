@@ -42,10 +42,27 @@ KIND_MUL = 3  # dst = src0 * src1
 KIND_MAX = 4  # dst = max(src0, src1)
 KIND_MOV = 5  # dst = src0
 KIND_SCALE = 6  # dst = src0 * scalar
-N_KINDS = 7
-KIND_NAMES = ("none", "fmac", "add", "mul", "max", "mov", "scale")
-KIND_SOURCES = (0, 2, 2, 2, 2, 1, 1)
-KIND_FLOPS = (0, 2, 1, 1, 1, 0, 1)
+# Reductions and elementwise functions (compute ops only; docs/model.md, "Values"):
+KIND_DOT = 7  # dst[0] = dst[0] + sum(src0 * src1): a stride-0 accumulator, rewritten every element
+KIND_EXP = 8  # dst = exp(src0 - scalar)
+KIND_RSQRT = 9  # dst = 1 / sqrt(src0 + scalar)
+KIND_RECIP = 10  # dst = 1 / src0
+KIND_SILU = 11  # dst = src0 / (1 + exp(-src0))
+KIND_RMAX = 12  # dst[0] = max(dst[0], max(src0)): a stride-0 accumulator, like DOT
+KIND_RSUM = 13  # dst[0] = dst[0] + sum(src0): a stride-0 accumulator, like DOT
+KIND_SUB = 14  # dst = src0 - src1
+N_KINDS = 15
+KIND_NAMES = ("none", "fmac", "add", "mul", "max", "mov", "scale", "dot", "exp", "rsqrt", "recip", "silu", "rmax",
+              "rsum", "sub")
+KIND_SOURCES = (0, 2, 2, 2, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2)
+# Passes over the vector per element [U]: the CE has no instruction for these functions, so they
+# are FMAC-like passes (range reduction and a polynomial; Newton steps); each pass reads the
+# source stream and writes dst, and does 2 FLOPs per element.
+KIND_PASSES = (1, 1, 1, 1, 1, 1, 1, 1, 5, 3, 3, 6, 1, 1, 1)
+KIND_FLOPS = (0, 2, 1, 1, 1, 0, 1, 2, 10, 6, 6, 12, 1, 1, 1)  # per element, all passes
+KIND_REDUCES = (KIND_DOT, KIND_RMAX, KIND_RSUM)  # kinds whose dst is one element (a stride-0 accumulator)
+KIND_SCALAR = (KIND_FMAC, KIND_SCALE, KIND_EXP, KIND_RSQRT)  # kinds reading a scalar at src1
+FIRST_COMPUTE_ONLY_KIND = KIND_DOT  # kinds from here on are not fused into receive ops
 
 # --- dtypes ---------------------------------------------------------------------------------
 DTYPE_FP16 = 0

@@ -17,7 +17,8 @@ import numpy as np
 from . import isa
 from .errors import TraceError
 
-ROLES = ("input", "weight", "output", "zero")  # zero: SRAM the kernel expects zeroed (padding)
+# zero: SRAM the kernel expects zeroed (padding, a zero source); constant: SRAM holding `value`
+ROLES = ("input", "weight", "output", "zero", "constant")
 PIECE_COLUMNS = (("tensor", np.int32), ("pe", np.int32), ("addr", np.int32), ("count", np.int32),
                  ("start", np.int64), ("stride", np.int64))
 
@@ -28,6 +29,7 @@ class Tensor:
     role: str  # input, weight or output
     dtype: int  # isa.DTYPE_* of its elements in SRAM (fp16 or fp32)
     shape: tuple[int, ...]
+    value: float = 0.0  # a constant's value (every element)
 
     @property
     def size(self) -> int:
@@ -62,10 +64,11 @@ class TensorRecorder:
         self.tensors: list[Tensor] = []
         self._pieces: list[np.ndarray] = []  # each [n, 6] int64
 
-    def add(self, name: str, role: str, shape: tuple[int, ...], dtype: int = isa.DTYPE_FP16) -> int:
+    def add(self, name: str, role: str, shape: tuple[int, ...], dtype: int = isa.DTYPE_FP16,
+            value: float = 0.0) -> int:
         assert role in ROLES and dtype in (isa.DTYPE_FP16, isa.DTYPE_FP32), (role, dtype)
         assert all(t.name != name for t in self.tensors), name
-        self.tensors.append(Tensor(name, role, int(dtype), tuple(int(s) for s in shape)))
+        self.tensors.append(Tensor(name, role, int(dtype), tuple(int(s) for s in shape), float(value)))
         return len(self.tensors) - 1
 
     def pieces(self, tensor: int, pe, addr, count, start, stride=1) -> None:
@@ -88,6 +91,7 @@ def save(f: h5py.File, table: TensorTable) -> None:
     g.create_dataset("dtype", data=np.array([t.dtype for t in table.tensors], np.int8))
     g.create_dataset("shape", data=np.array(["x".join(map(str, t.shape)) for t in table.tensors],
                                             dtype=h5py.string_dtype()))
+    g.create_dataset("value", data=np.array([t.value for t in table.tensors], np.float64))
     p = g.create_group("pieces")
     for name, dt in PIECE_COLUMNS:
         p.create_dataset(name, data=table.pieces[name].astype(dt), compression="gzip", shuffle=True)
@@ -103,12 +107,13 @@ def load(f: h5py.File, path: str, n_pes: int) -> TensorTable | None:
         roles = [_s(v) for v in g["role"][()]]
         dtypes = [int(v) for v in g["dtype"][()]]
         shapes = [tuple(int(s) for s in _s(v).split("x")) for v in g["shape"][()]]
+        values = [float(v) for v in g["value"][()]] if "value" in g else [0.0] * len(names)
         pieces = {k: np.asarray(g["pieces"][k][()]).astype(dt) for k, dt in PIECE_COLUMNS}
     except (KeyError, ValueError, TypeError) as e:
         raise TraceError(f"{path}: /tensors is malformed ({type(e).__name__}: {e})") from None
-    if not len(names) == len(roles) == len(dtypes) == len(shapes) or len(set(names)) != len(names):
+    if not len(names) == len(roles) == len(dtypes) == len(shapes) == len(values) or len(set(names)) != len(names):
         raise TraceError(f"{path}: /tensors columns differ in length or repeat a name")
-    tensors = [Tensor(n, r, d, s) for n, r, d, s in zip(names, roles, dtypes, shapes)]
+    tensors = [Tensor(n, r, d, s, v) for n, r, d, s, v in zip(names, roles, dtypes, shapes, values)]
     for t in tensors:
         if t.role not in ROLES or t.dtype not in (isa.DTYPE_FP16, isa.DTYPE_FP32) or min(t.shape, default=0) < 1:
             raise TraceError(f"{path}: /tensors entry {t.name!r} has a bad role, dtype or shape")

@@ -339,6 +339,8 @@ def check_structure(t: Trace, where: str) -> None:
             msg = f"unknown dtype {dtype}"
         elif code in (isa.OP_COMPUTE, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND) and kind == isa.KIND_NONE:
             msg = "compute op without a kind"
+        elif code in (isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND) and kind >= isa.FIRST_COMPUTE_ONLY_KIND:
+            msg = f"a {isa.KIND_NAMES[kind]} op cannot take a wavelet (only compute ops have that kind)"
         elif code not in (isa.OP_SIGNAL, isa.OP_WAIT) and o["length"][i] < 1:
             msg = f"length {o['length'][i]} must be at least 1"
         elif not 0 <= o["tag"][i] < len(t.tags):
@@ -357,6 +359,7 @@ def _bad_ops(t: Trace) -> np.ndarray:
     tag, sem = o["tag"].astype(np.int64), o["sem"].astype(np.int64)
     return ((code < 0) | (code >= isa.N_OPCODES) | (kind < 0) | (kind >= isa.N_KINDS) | (dtype < 0)
             | (dtype >= isa.N_DTYPES) | (computes & (kind == isa.KIND_NONE)) | (~sync & (o["length"] < 1))
+            | (computes & (code != isa.OP_COMPUTE) & (kind >= isa.FIRST_COMPUTE_ONLY_KIND))
             | (tag < 0) | (tag >= len(t.tags)) | (sync & ((sem < 0) | (sem >= isa.MAX_SEMAPHORES))))
 
 

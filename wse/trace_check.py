@@ -111,8 +111,10 @@ def _op_problem(op: Op, cfg: WaferConfig) -> str | None:
             msg = f"{role} color {c} out of range (wafer {cfg.name} has {cfg.colors} colors)"
     if msg is None:
         reads, writes = isa.op_streams(op.opcode, op.kind, op.dtype, op.dst, op.src0, op.src1)
-        for addr, nbytes in reads + writes:
-            end = addr + op.length * nbytes
+        dot = op.kind in isa.KIND_REDUCES
+        for k, (addr, nbytes) in enumerate(reads + writes):
+            n = 1 if dot and k >= len(reads) else op.length  # (DOT, RMAX, RSUM: a stride-0 accumulator)
+            end = addr + n * nbytes
             if addr < 0 or end > cfg.sram_bytes:
                 msg = (f"SRAM operand [{addr}, {end}) is outside the {cfg.sram_bytes}-byte SRAM")
                 break

@@ -260,6 +260,7 @@ def _run(sram, sem, opc, kind, dtype, cin, cout, sems, length, dst, src0, src1,
                         kd = kind[op]
                         while i < n and budget > 0:
                             w = 0.0
+                            at = dst[op] + i * db
                             if receives:
                                 if head[f] == tail[f]:
                                     break
@@ -281,15 +282,23 @@ def _run(sram, sem, opc, kind, dtype, cin, cout, sems, length, dst, src0, src1,
                             else:
                                 acc = 0.0
                                 if kd == isa.KIND_FMAC:
-                                    acc = V.load(sram, p, dst[op] + i * db, dk)
+                                    acc = V.load(sram, p, at, dk)
                                     x = w if receives else V.load(sram, p, src0[op] + i * sb, sk)
                                     y = V.load(sram, p, src1[op], scal_kind)
-                                elif kd == isa.KIND_MOV or kd == isa.KIND_SCALE:
+                                elif kd == isa.KIND_MOV or kd == isa.KIND_SCALE or kd >= isa.KIND_EXP and \
+                                        kd != isa.KIND_SUB:  # one source (global tuples would freeze in the cache)
                                     x = w if receives else V.load(sram, p, src0[op] + i * sb, sk)
-                                    y = V.load(sram, p, src1[op], scal_kind) if kd == isa.KIND_SCALE else 0.0
+                                    y = V.load(sram, p, src1[op], scal_kind) if (
+                                        kd == isa.KIND_SCALE or kd == isa.KIND_EXP or kd == isa.KIND_RSQRT) else 0.0
+                                    if kd == isa.KIND_RMAX or kd == isa.KIND_RSUM:  # the stride-0 accumulator
+                                        at = dst[op]
+                                        acc = V.load(sram, p, at, dk)
                                 else:
                                     x = V.load(sram, p, src0[op] + i * sb, sk)
                                     y = w if receives else V.load(sram, p, src1[op] + i * sb, sk)
+                                    if kd == isa.KIND_DOT:  # the stride-0 accumulator
+                                        at = dst[op]
+                                        acc = V.load(sram, p, at, dk)
                                 res = V.apply(kd, x, y, acc)
                             if sends:
                                 payload = V.to_payload(sk if code == isa.OP_SEND else out_kind, res)
@@ -309,7 +318,7 @@ def _run(sram, sem, opc, kind, dtype, cin, cout, sems, length, dst, src0, src1,
                                         wn += 1
                                         inq[q] = True
                             else:
-                                V.store(sram, p, dst[op] + i * db, dk, res)
+                                V.store(sram, p, at, dk, res)
                             i += 1
                             budget -= 1
                         if i > el[k]:

@@ -71,14 +71,16 @@ class _OpInfo:
     """Per-op constants, computed once from the op table and the configuration."""
 
     __slots__ = ("index", "op", "opcode", "setup", "length", "per_step", "n_reads", "n_writes",
-                 "read_bytes", "write_bytes", "flops", "two_substeps", "receives", "sends",
+                 "read_bytes", "write_bytes", "flops", "two_substeps", "passes", "receives", "sends",
                  "color_in", "color_out", "sem")
 
     def __init__(self, index: int, op, cfg: WaferConfig):
         self.index = index
         self.op = op
         self.opcode = op.opcode
-        self.length = op.length
+        # a multi-pass kind (isa.KIND_PASSES) steps through its elements once per pass
+        self.passes = isa.KIND_PASSES[op.kind] if op.opcode == isa.OP_COMPUTE else 1
+        self.length = op.length * self.passes
         self.sem = op.sem
         self.color_in, self.color_out = op.color_in, op.color_out
         self.receives = op.opcode in _RECEIVING_OPS
@@ -101,7 +103,8 @@ class _OpInfo:
         # SPEC READING: FLOPs are counted for the computing ops only (compute and the fused
         # receive ops); send and recv do no arithmetic whatever their kind field holds (the
         # builders leave it at KIND_NONE, whose FLOPs are 0 anyway).
-        self.flops = isa.KIND_FLOPS[op.kind] * isa.DTYPE_VALUES[op.dtype] if op.opcode in _COMPUTING_OPS else 0
+        self.flops = isa.KIND_FLOPS[op.kind] * isa.DTYPE_VALUES[op.dtype] // self.passes \
+            if op.opcode in _COMPUTING_OPS else 0
         # "A step with two read streams is done in two one-cycle substeps ... when the streams
         # conflict ... or when sram_read_ports is 1."
         self.two_substeps = False
@@ -433,6 +436,9 @@ class _Engine:
         """Functional runs: elements e0 .. e0 + n - 1 of the op, in order (a fabric op moves one
         per step: the CE queue's oldest payload in, the result onto the router queue)."""
         mem = self.mem[pe.index]
+        if op.passes > 1:  # a multi-pass kind's values appear in its last pass
+            last = op.length - op.length // op.passes
+            e0, n = max(e0, last) - last, e0 + n - max(e0, last)
         for e in range(e0, e0 + n):
             w = pe.route_by_color[op.color_in].ce_vals.popleft() if op.receives else None
             out = RV.step(mem, op.op, e, w)

@@ -71,15 +71,34 @@ def from_payload(t: str, p: int) -> float:
 
 
 def apply(kind: int, a: float, b: float, acc: float) -> float:
-    """FMAC: acc + a * b (b the scalar); MOV: a; SCALE: a * b (b the scalar); ADD, MUL, MAX of a, b."""
+    """FMAC: acc + a * b (b the scalar); MOV: a; SCALE: a * b (b the scalar); ADD, SUB, MUL, MAX of a, b;
+    DOT: acc + a * b; RSUM: acc + a; RMAX: max(acc, a); EXP: exp(a - b), RSQRT: 1 / sqrt(a + b) (b the
+    scalar); RECIP; SILU."""
     if kind == isa.KIND_FMAC:
         return acc + a * b
     if kind == isa.KIND_ADD:
         return a + b
+    if kind == isa.KIND_SUB:
+        return a - b
     if kind in (isa.KIND_MUL, isa.KIND_SCALE):
         return a * b
     if kind == isa.KIND_MAX:
         return a if (a >= b or a != a) else b
+    if kind == isa.KIND_DOT:
+        return acc + a * b
+    if kind == isa.KIND_RSUM:
+        return acc + a
+    if kind == isa.KIND_RMAX:
+        return acc if (acc >= a or acc != acc) else a
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        if kind == isa.KIND_EXP:
+            return float(np.exp(np.float64(a) - b))
+        if kind == isa.KIND_RSQRT:
+            return float(np.float64(1.0) / np.sqrt(np.float64(a) + b))
+        if kind == isa.KIND_RECIP:
+            return float(np.float64(1.0) / np.float64(a))
+        if kind == isa.KIND_SILU:
+            return float(np.float64(a) / (1.0 + np.exp(-np.float64(a))))
     return a  # MOV
 
 
@@ -97,20 +116,27 @@ def element(mem: np.ndarray, op, e: int, w: float | None) -> float | None:
             store(mem, op.dst + e * db + 2 * half, "f16", (nib - 16 if nib >= 8 else nib) * s)
         return None
     acc = 0.0
+    out = op.dst + e * db
     if k == isa.KIND_FMAC:
         acc = load(mem, op.dst + e * db, dt)
         a = w if w is not None else load(mem, op.src0 + e * sb, st)
         b = load(mem, op.src1, scalar_t)
-    elif k in (isa.KIND_MOV, isa.KIND_SCALE):
+    elif isa.KIND_SOURCES[k] == 1:
         a = w if w is not None else load(mem, op.src0 + e * sb, st)
-        b = load(mem, op.src1, scalar_t) if k == isa.KIND_SCALE else 0.0
+        b = load(mem, op.src1, scalar_t) if k in isa.KIND_SCALAR else 0.0
+        if k in isa.KIND_REDUCES:  # the stride-0 accumulator
+            out = op.dst
+            acc = load(mem, out, dt)
     else:
         a = load(mem, op.src0 + e * sb, st)
         b = w if w is not None else load(mem, op.src1 + e * sb, st)
+        if k == isa.KIND_DOT:  # the stride-0 accumulator
+            out = op.dst
+            acc = load(mem, out, dt)
     r = apply(k, a, b, acc)
     if op.opcode == isa.OP_RECV_COMPUTE_SEND:
         return r
-    store(mem, op.dst + e * db, dt, r)
+    store(mem, out, dt, r)
     return None
 
 

@@ -171,7 +171,8 @@ def op_constants(trace: Trace, cfg: WaferConfig) -> np.ndarray:
         op = trace.op(int(i))
         reads, writes = isa.op_streams(op.opcode, op.kind, op.dtype, op.dst, op.src0, op.src1)
         row = ot[u]
-        row[L.OT_CODE], row[L.OT_LENGTH] = op.opcode, op.length
+        passes = isa.KIND_PASSES[op.kind] if op.opcode == isa.OP_COMPUTE else 1
+        row[L.OT_CODE], row[L.OT_LENGTH] = op.opcode, op.length * passes  # steps: elements x passes
         row[L.OT_CIN], row[L.OT_COUT] = op.color_in, op.color_out
         row[L.OT_RECV] = op.opcode in (isa.OP_RECV, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND)
         row[L.OT_SEND] = op.opcode in (isa.OP_SEND, isa.OP_RECV_COMPUTE_SEND)
@@ -185,7 +186,7 @@ def op_constants(trace: Trace, cfg: WaferConfig) -> np.ndarray:
         else:
             row[L.OT_SETUP], row[L.OT_WIDTH] = cfg.fabric_setup_cycles, 1
         if op.opcode in (isa.OP_COMPUTE, isa.OP_RECV_COMPUTE, isa.OP_RECV_COMPUTE_SEND):
-            row[L.OT_FLOPS] = isa.KIND_FLOPS[op.kind] * isa.DTYPE_VALUES[op.dtype]
+            row[L.OT_FLOPS] = isa.KIND_FLOPS[op.kind] * isa.DTYPE_VALUES[op.dtype] // passes
         row[L.OT_RBYTES] = sum(b for _, b in reads)
         row[L.OT_WBYTES] = sum(b for _, b in writes)
         two = len(reads) == 2 and (cfg.sram_read_ports < 2 or _banks_conflict(reads[0][0], reads[1][0], cfg))

@@ -145,19 +145,45 @@ def from_payload(kind: int, p: np.uint32) -> float:
 
 @numba.njit(cache=True)
 def apply(kind: int, a: float, b: float, acc: float) -> float:
-    """A compute kind on decoded operands: a, b are its two sources (MOV and SCALE: a, and b the
-    scalar), acc the FMAC accumulator (FMAC: acc + a * b, b the scalar)."""
+    """A compute kind on decoded operands: a, b are its two sources (one-source kinds: a, and b
+    the scalar), acc the FMAC accumulator (FMAC: acc + a * b, b the scalar) or DOT's."""
     if kind == isa.KIND_FMAC:
         return acc + a * b
     if kind == isa.KIND_ADD:
         return a + b
+    if kind == isa.KIND_SUB:
+        return a - b
     if kind == isa.KIND_MUL:
         return a * b
     if kind == isa.KIND_MAX:
         return a if a >= b or math.isnan(a) else b
     if kind == isa.KIND_MOV:
         return a
+    if kind == isa.KIND_DOT:
+        return acc + a * b
+    if kind == isa.KIND_RSUM:
+        return acc + a
+    if kind == isa.KIND_RMAX:
+        return acc if acc >= a or math.isnan(acc) else a
+    if kind == isa.KIND_EXP:
+        return _exp(a - b)
+    if kind == isa.KIND_RSQRT:
+        x = a + b
+        if x == 0:
+            return math.copysign(math.inf, x)
+        return 1.0 / math.sqrt(x) if x > 0 else math.nan  # (NaN stays NaN)
+    if kind == isa.KIND_RECIP:
+        return math.copysign(math.inf, a) if a == 0 else 1.0 / a
+    if kind == isa.KIND_SILU:
+        return a / (1.0 + _exp(-a))
     return a * b  # SCALE
+
+
+@numba.njit(cache=True)
+def _exp(x: float) -> float:
+    if x > 709.0:
+        return math.inf
+    return math.exp(x)
 
 
 def element_kinds(dtype: int) -> tuple[int, int]:

@@ -54,11 +54,18 @@ def _spots(table: TensorTable, i: int):
 
 
 def random_inputs(trace: Trace, seed: int) -> dict[str, np.ndarray]:
-    """Inputs and weights drawn from a seeded N(0, 1), rounded to their element type."""
+    """Inputs and weights drawn from a seeded normal distribution, rounded to their element type:
+    N(0, 1), but a weight matrix [fan_in, fan_out] N(0, 1 / fan_in), as initialized models are,
+    so activations stay of order one through a layer (N(0, 1) weights would grow them by sqrt(fan_in)
+    per projection, past fp16's range in a norm's sums)."""
     table = _table(trace, "--functional")
     rng = np.random.default_rng(seed)
-    return {t.name: rng.standard_normal(t.shape).astype(_np_dtype(t.dtype)).astype(np.float64)
-            for t in table.tensors if t.role in ("input", "weight")}
+    out = {}
+    for t in table.tensors:
+        if t.role in ("input", "weight"):
+            std = t.shape[0] ** -0.5 if t.role == "weight" and len(t.shape) == 2 else 1.0
+            out[t.name] = (std * rng.standard_normal(t.shape)).astype(_np_dtype(t.dtype)).astype(np.float64)
+    return out
 
 
 def load_inputs(path: str | Path, trace: Trace) -> dict[str, np.ndarray]:
@@ -94,9 +101,10 @@ def fill(trace: Trace, inputs: dict[str, np.ndarray], extent: int) -> np.ndarray
     order = sorted(range(len(table.tensors)), key=lambda i: table.tensors[i].role not in ("output", "zero"))
     for i in order:
         t = table.tensors[i]
-        src = None if t.role in ("output", "zero") else inputs[t.name].reshape(-1)
+        src = inputs[t.name].reshape(-1) if t.role in ("input", "weight") else None
         for pe, addr, flat in _spots(table, i):
-            vals = np.zeros(len(flat), _np_dtype(t.dtype)) if src is None else src[flat].astype(_np_dtype(t.dtype))
+            vals = np.full(len(flat), t.value if t.role == "constant" else 0.0, _np_dtype(t.dtype)) if src is None \
+                else src[flat].astype(_np_dtype(t.dtype))
             b = vals.view(np.uint8).reshape(len(flat), -1)
             for k in range(b.shape[1]):
                 sram[pe, addr + k] = b[:, k]

@@ -12,15 +12,18 @@ and weights no value) enter the row's maximum and sum at column 0.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from ..trace import recv, send, signal, wait, compute
 from .gemv import ELEM
-from .mesh import split
+from ..errors import WseError
+from .mesh import offsets, split
 from .plan import KV_SHIFT
-from .region import (ADD, EXP_FMACS, FMAC, MAX, MOV, MUL, SCALE, SEM_KV_READY, SEM_KV_RECEIVED, SEM_KV_SENT, Ops,
+from .region import (ADD, C_ATTN, DOT, EXP, EXP_FLOPS, FMAC, MAX, MOV, MUL, RECIP, RECIP_FLOPS, RMAX,
+                     RSUM, SCALE, SOFTMAX_FLOPS, SEM_KV_READY, SEM_KV_RECEIVED, SEM_KV_SENT, Ops,
                      merge)
 
-SINK_FLOPS = 1 + 1 + 2 * EXP_FMACS + 1  # per head and sequence: max, subtract, exp, add to the sum
+SINK_FLOPS = 1 + EXP_FLOPS + 1  # per head and sequence: max, exp(sink - max), add to the sum
 BLOCK_ELEMENTS = 1024  # [U] flash: score elements (heads x tokens x batch) per block when not given
 
 
@@ -31,13 +34,18 @@ class HeadRows:
     Rows come in `segments` consecutive blocks, one per KV head (Q >= kv_heads; a head's dims
     split over its block's rows) or one per row (Q < kv_heads: each row holds whole KV heads),
     so a head's scores are reduced inside its block and every row of the block has them.
-    Latent attention (one latent shared by every head) is one block of all rows."""
+    A row's share of a head is whole rotary pairs (dims d and d + head_dim / 2, d from its
+    first pair p0_r on), so RoPE needs no other row; with more rows than pairs in a block some
+    rows hold none. Latent attention (one latent shared by every head) is one block of all rows."""
 
     q_r: list[int]
     k_r: list[int]
     o_r: list[int]
     hb_r: list[int]  # heads whose scores row j needs (its block's query heads)
     segments: int  # blocks of rows (1: the whole column)
+    kv_r: list[tuple[int, ...]]  # the KV heads row j holds dims of
+    p0_r: list[int]  # the first rotary pair of row j's share of each of them
+    kh_r: list[int]  # dims row j holds of each of them (2 x its pairs)
 
 
 def attention_segments(spec, Q: int, params) -> int:
@@ -53,14 +61,24 @@ def attention_segments(spec, Q: int, params) -> int:
 def head_rows(spec, Q: int) -> HeadRows:
     """Head-aligned split of q, k/v and the attention output over Q rows (not for MLA)."""
     kvh, hd, g = spec.kv_heads, spec.head_dim, spec.heads // spec.kv_heads
+    if hd % 2:
+        raise WseError(f"{spec.name}: head_dim {hd} is odd (rotary pairs need an even one)")
+    kv_r, p0_r, kh_r = [], [], []
     if Q >= kvh:
-        k_r = [d for n in split(Q, kvh) for d in split(hd, n)]
+        for h, n in enumerate(split(Q, kvh)):
+            pairs = split(hd // 2, n)
+            kv_r += [(h,)] * n
+            p0_r += offsets(pairs)
+            kh_r += [2 * p for p in pairs]
         hb_r, segments = [g] * Q, kvh
     else:
         per = split(kvh, Q)
-        k_r, hb_r, segments = [n * hd for n in per], [g * n for n in per], Q
+        kv_r = [tuple(range(a, a + n)) for a, n in zip(offsets(per), per)]
+        p0_r, kh_r = [0] * Q, [hd] * Q
+        hb_r, segments = [g * n for n in per], Q
+    k_r = [len(kv) * kh for kv, kh in zip(kv_r, kh_r)]
     q_r = [g * k for k in k_r]
-    return HeadRows(q_r, k_r, list(q_r), hb_r, segments)
+    return HeadRows(q_r, k_r, list(q_r), hb_r, segments, kv_r, p0_r, kh_r)
 
 
 def block_tokens(params, hb: int) -> int:
@@ -78,7 +96,8 @@ def attention_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, qj
                   kv_src: int, oj: int, o_stride: int, hj: int, xrole: tuple, yrole: tuple) -> Ops:
     """Decode attention of the row's heads over the column's cached tokens: per token, a
     qj-long dot product and an oj-long weighted value; kv_len cached elements per token
-    (`ctx` is the layer's LayerCtx)."""
+    (`ctx` is the layer's LayerCtx). The classic mapping is a timing model only: its operands
+    stand in (rows split heads anywhere, so its scores are no head's); flash_ops computes."""
     plan, rx, ry = ctx.plan, ctx.rx, ctx.ry
     B = plan.params.batch
     b_ = plan.buf
@@ -99,13 +118,11 @@ def attention_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, qj
                    for b in range(B)]
     merge(out, rx.role_ops(xrole, hj * B, scal, tmp, MAX))
     if e:
-        out[0].append(compute(SCALE, e, dst=sc, src0=sc))  # s - max
-        out[0] += [compute(FMAC, e, dst=sc, src0=dot) for _ in range(EXP_FMACS)]
-        out[0].append(compute(FMAC, e, dst=dot, src0=sc))  # sum
+        out[0].append(compute(EXP, e, dst=sc, src0=sc, src1=scal))  # exp(s - max)
+        out[0].append(compute(RSUM, e, dst=scal, src0=sc))  # sum
     if sink:  # exp(sink - max) joins the sum
         sx = b_["sink_exp"]
-        out[0].append(compute(SCALE, hj * B, dst=sx, src0=scal))
-        out[0] += [compute(FMAC, hj * B, dst=sx, src0=sx) for _ in range(EXP_FMACS)]
+        out[0].append(compute(EXP, hj * B, dst=sx, src0=scal, src1=scal))
         out[0].append(compute(ADD, hj * B, dst=scal, src0=scal, src1=sx))
     merge(out, rx.role_ops(xrole, hj * B, scal, tmp))
     if e:
@@ -136,81 +153,164 @@ def kv_shift_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, kv_
     return {0: t0, 2: t2, 3: t3}
 
 
-def flash_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, qj: int, kv_len: int, kv_src: int,
-              oj: int, o_stride: int, hb: int, xrole: tuple, srole: tuple) -> Ops:
+@dataclasses.dataclass(frozen=True)
+class AttnRow:
+    """What flash_ops needs of one row: hb query heads in groups of g (a group per KV piece),
+    kh score dims and vh value dims per head, where each query scalar and each of this token's
+    cache dims live, and the cache layout: per sequence, kd key dims then vd value dims (vd = 0:
+    the values are the first vh dims of each key piece, latent attention), each dim's `slots`
+    tokens consecutive (dim-major), so a block's tokens are one vector per dim."""
+
+    hb: int
+    g: int
+    kh: int
+    vh: int
+    vd: int
+    slots: int
+    cache: int  # the KV cache buffer
+    q_at: Callable[[int, int, int], int]  # (sequence, head, dim) -> address of the query scalar
+    new_at: Callable[[int, int], int]  # (sequence, cache dim) -> this token's value of it
+
+    @property
+    def nk(self) -> int:
+        return self.hb // self.g if self.g else 0
+
+    @property
+    def kd(self) -> int:
+        return self.nk * self.kh
+
+    @property
+    def dims(self) -> int:
+        return self.kd + self.vd
+
+    def at(self, b: int, d: int, slot: int) -> int:
+        return self.cache + ((b * self.dims + d) * self.slots + slot) * ELEM
+
+    def v_dim(self, k: int, dv: int) -> int:
+        """The cache dim of value dim dv of KV piece k."""
+        return self.kd + k * self.vh + dv if self.vd else k * self.kh + dv
+
+
+def dense_row(hb: int, g: int, kh: int, qkv: int, qkv_len: int, cache: int, slots: int) -> AttnRow:
+    """A dense row's qkv layout, per sequence (qkv_len elements): the first halves of its query
+    and key pieces' rotary pairs [qa | ka], their second halves [qb | kb], then v (so RoPE is six
+    vector ops over the row); head h's dim dd is its pair dd (dd < kh / 2) or that pair's
+    second half."""
+    pp, nk = kh // 2, hb // g
+
+    def pos(b: int, first: int, dd: int) -> int:  # first: a head's index among the halves' heads
+        return qkv + (b * qkv_len + (first * pp + dd if dd < pp else (hb + nk + first) * pp + dd - pp)) * ELEM
+
+    def new_at(b: int, d: int) -> int:
+        if d < nk * kh:
+            return pos(b, hb + d // kh, d % kh)
+        return qkv + (b * qkv_len + 2 * (hb + nk) * pp + d - nk * kh) * ELEM
+    return AttnRow(hb, g, kh, kh, nk * kh, slots, cache, pos, new_at)
+
+
+def kv_shift_dims(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row: AttnRow) -> Ops:
+    """The shift-based KV cache, dim-major: the column attends slots 1..tc; it passes its oldest
+    token (slot 0) east (thread 2), the column west of it passes one into slot tc (thread 3);
+    column 0 puts this token's keys and values there; the last column drops slot 0."""
+    B = ctx.plan.params.batch
+    cells = [(b, d) for b in range(B) for d in range(row.dims)]
+    t0 = [compute(MOV, 1, dst=row.at(b, d, tc), src0=row.new_at(b, d)) for b, d in cells] if first_col else []
+    t0.append(signal(SEM_KV_READY))
+    t2, t3 = [wait(SEM_KV_READY)], []
+    if not last_col:
+        t2 += [send(KV_SHIFT[parity], 1, row.at(b, d, 0)) for b, d in cells]
+        t2.append(signal(SEM_KV_SENT))
+        t0.append(wait(SEM_KV_SENT))
+    if not first_col:
+        t3 += [recv(KV_SHIFT[1 - parity], 1, row.at(b, d, tc)) for b, d in cells]
+        t3.append(signal(SEM_KV_RECEIVED))
+        t0.append(wait(SEM_KV_RECEIVED))
+    return {0: t0, 2: t2, 3: t3}
+
+
+def flash_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row: AttnRow, xrole: tuple,
+              srole: tuple) -> Ops:
     """Blocked decode attention with an online softmax (flash-decoding on the mesh).
 
-    The column's tc cached tokens go in blocks: per block, the row's partial scores of its
-    block's hb heads are all-reduced inside the row block (head-local: `srole`, the column
-    all-reduce's segment role; latent attention: the whole column); the running maximum,
-    sum and output accumulator are rescaled by exp(m_old - m_new); exp of the scores; sum;
-    weighted values. The columns then merge (max all-reduced along the row, each column's
-    sum and output rescaled by exp(m - M), both all-reduced in one vector, output / sum).
-    Scratch is one block, not the context."""
+    The column's tc cached tokens (slots 1..tc) go in blocks of t: per block and head, the
+    row's partial scores (an FMAC over the block's tokens per query dim, the cache dim-major),
+    all-reduced inside the row block (head-local: `srole`, the column all-reduce's segment
+    role; latent attention: the whole column) and scaled by 1/sqrt(head_dim); the running
+    maximum m (RMAX), the sum l and output o so far rescaled by exp(m_old - m_new); p =
+    exp(s - m); l += sum p (RSUM); o += p . v per value dim (DOT). The columns then merge:
+    M = max m along the row, each column's l and o scaled by exp(m - M), both all-reduced in
+    one vector, o / l. Scratch is one block, not the context."""
     plan, rx = ctx.plan, ctx.rx
     B, b_ = plan.params.batch, plan.buf
-    dot, sc, tmp, att, st = b_["dot"], b_["sc"], b_["tmp"], b_["att"], b_["stats"]
-    qkv, kvc = b_["qkv"], b_["kv"]
-    out = kv_shift_ops(ctx, first_col, last_col, parity, tc, kv_len, kv_src)
+    z, sc, tmp, att, st, c = b_["zeros"], b_["sc"], b_["tmp"], b_["att"], b_["stats"], b_["consts"]
+    hb, kh, vh = row.hb, row.kh, row.vh
+    oj = hb * vh
+    out = kv_shift_dims(ctx, first_col, last_col, parity, tc, row)
     s = hb * B  # statistics: one per head and sequence
     m = [st, st + s * ELEM]  # running maximum, ping-pong between blocks
     al = st + 2 * s * ELEM  # rescale factors
-    lsum = att + B * o_stride  # running sums follow the output accumulators
+    lsum = att + oj * B * ELEM  # running sums follow the output accumulators
+    heads = [(b, h) for b in range(B) for h in range(hb)]
+
+    def stat(base: int, b: int, h: int) -> int:
+        return base + (b * hb + h) * ELEM
+
+    def o_at(b: int, h: int) -> int:
+        return att + (b * oj + h * vh) * ELEM
+
     t0 = out[0]
-    bk = block_tokens(plan.params, hb)
-    cur = 0
-    for k, t in enumerate(blocks(tc, bk)):
+    t0.append(compute(MOV, oj * B + s, dst=att, src0=z))  # o = 0, l = 0
+    cur, s0 = 0, 1
+    for k, t in enumerate(blocks(tc, block_tokens(plan.params, hb))):
         e = hb * t * B
-        t0 += _products(B, t, qj, dot, qkv, 0)
+
+        def sc_at(b: int, h: int) -> int:
+            return sc + (b * hb + h) * t * ELEM
+        t0.append(compute(MOV, e, dst=sc, src0=z))
+        t0 += [compute(FMAC, t, dst=sc_at(b, h), src0=row.at(b, h // row.g * kh + dd, s0), src1=row.q_at(b, h, dd))
+               for b, h in heads for dd in range(kh)]
         merge(out, ctx.seg_reduce(srole, e, sc))
-        t0.append(compute(MAX, e, dst=m[1 - cur] if k else m[cur], src0=sc, src1=dot))
-        if k:  # new maximum, and the sum and output so far rescaled by exp(m_old - m_new)
-            t0.append(compute(MAX, s, dst=m[1 - cur], src0=m[1 - cur], src1=m[cur]))
-            cur = 1 - cur
-            t0 += _exp_ops(s, al, m[cur])
+        t0 = out[0]
+        t0.append(compute(SCALE, e, dst=sc, src0=sc, src1=c + C_ATTN * ELEM))
+        nxt = 1 - cur if k else cur
+        if k:
+            t0.append(compute(MOV, s, dst=m[nxt], src0=m[cur]))
+        for b, h in heads:
+            if not k:
+                t0.append(compute(MOV, 1, dst=stat(m[cur], b, h), src0=sc_at(b, h)))
+            t0.append(compute(RMAX, t, dst=stat(m[nxt], b, h), src0=sc_at(b, h)))
+        if k:  # the sum and output so far rescaled by exp(m_old - m_new)
+            t0 += [compute(EXP, 1, dst=stat(al, b, h), src0=stat(m[cur], b, h), src1=stat(m[nxt], b, h))
+                   for b, h in heads]
             t0.append(compute(MUL, s, dst=lsum, src0=lsum, src1=al))
-            t0 += [compute(MUL, oj, dst=att + b * o_stride, src0=att + b * o_stride, src1=al) for b in range(B) if oj]
-        t0.append(compute(SCALE, e, dst=sc, src0=sc))  # s - m
-        t0 += [compute(FMAC, e, dst=sc, src0=dot) for _ in range(EXP_FMACS)]
-        t0.append(compute(FMAC, e, dst=dot, src0=sc))  # sum
-        t0 += _products(B, t, oj, att, kvc, o_stride)
+            t0 += [compute(SCALE, vh, dst=o_at(b, h), src0=o_at(b, h), src1=stat(al, b, h)) for b, h in heads if vh]
+            cur = nxt
+        for b, h in heads:
+            t0.append(compute(EXP, t, dst=sc_at(b, h), src0=sc_at(b, h), src1=stat(m[cur], b, h)))
+            t0.append(compute(RSUM, t, dst=stat(lsum, b, h), src0=sc_at(b, h)))
+            t0 += [compute(DOT, t, dst=o_at(b, h) + dv * ELEM, src0=sc_at(b, h),
+                           src1=row.at(b, row.v_dim(h // row.g, dv), s0)) for dv in range(vh)]
+        s0 += t
     # merge the columns: global maximum, each column's share rescaled, summed in one vector
     sink = "sinks" in b_ and first_col and hb
     if sink:  # each head's sink logit joins its maximum
-        t0 += [compute(MAX, hb, dst=m[cur] + b * hb * ELEM, src0=m[cur] + b * hb * ELEM, src1=b_["sinks"])
-               for b in range(B)]
+        t0 += [compute(MAX, hb, dst=stat(m[cur], b, 0), src0=stat(m[cur], b, 0), src1=b_["sinks"]) for b in range(B)]
     t0.append(compute(MOV, s, dst=al, src0=m[cur]))
     merge(out, rx.role_ops(xrole, s, al, tmp, MAX))
     t0 = out[0]
-    t0.append(compute(SCALE, s, dst=m[cur], src0=m[cur]))  # m - M (the factor lands in m)
-    t0 += [compute(FMAC, s, dst=m[cur], src0=al) for _ in range(EXP_FMACS)]
+    t0 += [compute(EXP, 1, dst=stat(m[cur], b, h), src0=stat(m[cur], b, h), src1=stat(al, b, h)) for b, h in heads]
     t0.append(compute(MUL, s, dst=lsum, src0=lsum, src1=m[cur]))
-    t0 += [compute(MUL, oj, dst=att + b * o_stride, src0=att + b * o_stride, src1=m[cur]) for b in range(B) if oj]
+    t0 += [compute(SCALE, vh, dst=o_at(b, h), src0=o_at(b, h), src1=stat(m[cur], b, h)) for b, h in heads if vh]
     if sink:  # exp(sink - M) joins the sum
         sx = b_["sink_exp"]
-        t0 += _exp_ops(s, sx, al)
+        t0 += [compute(EXP, 1, dst=stat(sx, b, h), src0=b_["sinks"] + h * ELEM, src1=stat(al, b, h))
+               for b, h in heads]
         t0.append(compute(ADD, s, dst=lsum, src0=lsum, src1=sx))
     merge(out, rx.role_ops(xrole, oj * B + s, att, tmp))
     t0 = out[0]
-    t0.append(compute(SCALE, s, dst=al, src0=lsum))  # 1 / sum
-    t0 += [compute(MUL, oj, dst=att + b * o_stride, src0=att + b * o_stride, src1=al) for b in range(B) if oj]
+    t0.append(compute(RECIP, s, dst=al, src0=lsum))
+    t0 += [compute(SCALE, vh, dst=o_at(b, h), src0=o_at(b, h), src1=stat(al, b, h)) for b, h in heads if vh]
     return out
-
-
-def _products(B: int, t: int, n: int, dst: int, src: int, stride: int) -> list:
-    """A block's t tokens x n dims of multiply-adds per sequence, as FMACs along whichever
-    axis is longer: per token over the row's n dims (the cache token-major), or per dim over
-    the block's tokens (dim-major, as a layout keeping the longer vectors would store it), so
-    the ops' setup is paid on the fewer, longer vectors."""
-    if not n or not t:
-        return []
-    count, length = (t, n) if n >= t else (n, t)
-    return [compute(FMAC, length, dst=dst + b * stride, src0=src) for b in range(B) for _ in range(count)]
-
-
-def _exp_ops(n: int, dst: int, src: int) -> list:
-    """exp(x - y) of n elements into dst: the subtraction, then EXP_FMACS FMACs."""
-    return [compute(SCALE, n, dst=dst, src0=src)] + [compute(FMAC, n, dst=dst, src0=dst) for _ in range(EXP_FMACS)]
 
 
 def flash_flops(plan) -> dict[str, int]:
@@ -221,15 +321,16 @@ def flash_flops(plan) -> dict[str, int]:
     T = sum(plan.T_c)
     S_hb, S_o = sum(hb_r), sum(o_r)
     nb = {}  # blocks per column, per row class (the block size depends on the row's heads)
-    rescale = 0  # blocks after a column's first: new max (1), exp (1 + 2 EXP_FMACS), sum and output (1 each)
+    rescale = 0  # blocks after a column's first: exp(m_old - m_new), the sum's and the output's rescale
     for hb, o, n_rows in _row_classes(hb_r, o_r):
         bk = block_tokens(plan.params, hb)
         nb[hb] = sum(max(0, len(blocks(tc, bk)) - 1) for tc in plan.T_c)
-        rescale += nb[hb] * (n_rows * (1 + 1 + 2 * EXP_FMACS + 1) * hb * B + o * B)
-    merge_ = P * ((1 + 2 * EXP_FMACS + 1 + 1) * S_hb * B + 2 * S_o * B)  # exp(m - M), rescale, 1/sum, scale
+        rescale += nb[hb] * (n_rows * (EXP_FLOPS + 1) * hb * B + o * B)
+    # the merge: exp(m - M), the sum's and output's rescale, 1 / sum, the output's scale
+    merge_ = P * ((EXP_FLOPS + 1 + RECIP_FLOPS) * S_hb * B + 2 * S_o * B)
     if "sinks" in plan.buf:
         merge_ += SINK_FLOPS * S_hb * B  # at column 0
-    softmax = (1 + 1 + 2 * EXP_FMACS + 2) * S_hb * T * B + rescale + merge_
+    softmax = SOFTMAX_FLOPS * S_hb * T * B + rescale + merge_
     red_y = plan.seg_flops(T * B) if Q > 1 else 0
     ar = red_y + (P - 1) * (S_hb * B + (S_o + S_hb) * B)
     return {"scores": 2 * sum(q_r) * T * B, "softmax": softmax, "values": 2 * S_o * T * B, "allreduce": ar}

@@ -88,7 +88,7 @@ def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, 
            "acc": mem.alloc("acc", hb, "activations", G3),
            "hin": mem.alloc("h_in", hb, "activations", G1),
            "h": mem.alloc("h", hb, "activations", G2),
-           "zeros": mem.alloc("zeros", hb, "activations", G0),
+           "zeros": mem.alloc("zeros", max(max(Hc), 2 * max(f_r)) * B * ELEM, "activations", G0),
            "gu": mem.alloc("gate_up", 2 * max(f_r) * B * ELEM, "activations", G2),
            "y": mem.alloc("y", hb, "activations", G2)}
     longest = max(max(Hc), 2 * max(f_r)) * B

@@ -17,48 +17,56 @@ from .gemv import ELEM, GemvShape, gemv_ops
 from .mesh import X, Y
 from .models import ModelSpec
 from .params import DecodeParams
-from .region import ADD, FMAC, MAX, MUL, SCALE, SILU_FMACS, Ops, merge
+from .region import ADD, C_EPS, FMAC, MAX, MOV, MUL, RSQRT, SCALE, SILU, Ops, merge
 
 
-def norm_scale_ops(n: int, batch: int, out: int, scal: int) -> list:
-    """A fused RMSNorm's end: 1/RMS from each sequence's reduced sum of squares (one op per
-    element), then the GEMV's n reduced outputs scaled by it."""
-    return [compute(SCALE, batch, dst=scal, src0=scal)] + ([compute(SCALE, n, dst=out, src0=out)] if n else [])
+def norm_scale_ops(n: int, batch: int, out: int, scal: int, consts: int) -> list:
+    """An RMSNorm's end: 1/RMS = rsqrt(mean + eps) of each sequence's reduced mean square (at
+    out + n * batch elements) into scal, then (fused) each sequence's n reduced GEMV outputs at
+    out scaled by it."""
+    sums = out + n * batch * ELEM
+    ops = [compute(RSQRT, batch, dst=scal, src0=sums, src1=consts + C_EPS * ELEM)]
+    return ops + [compute(SCALE, n, dst=out + b * n * ELEM, src0=out + b * n * ELEM, src1=scal + b * ELEM)
+                  for b in range(batch) if n]
 
 
 def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, buf: dict[str, int], i: int,
             j: int, xrole: tuple, yrole: tuple, expert: int, batch: int, norm: bool = False) -> Ops:
-    """Gated FFN of PE (i, j) on `batch` sequences: gate/up (reduce X), SiLU * up, down (reduce Y).
+    """Gated FFN of PE (i, j) on `batch` sequences: gate/up (reduce X), SiLU(gate) * up, down
+    (reduce Y).
 
     norm: xn is the RMSNorm's weighted input not yet divided by its RMS; the gate/up
-    all-reduce carries the sums of squares (layer.norm_ops) and the outputs are scaled after it.
+    all-reduce carries the sums of squares (layer.norm_ops, which cleared the accumulators)
+    and the outputs are scaled after it.
 
-    Reads xn, leaves the output chunk in y; `expert` selects the expert's copy of the tiles (and
-    of the biases, where buf holds b_gu and b_dn: experts with biases add them to the reduced
-    gate/up and down outputs).
+    Reads xn (the column's chunk per sequence, back to back), leaves the output chunk in y
+    (likewise); the row's [gate | up] per sequence in gate_up. `expert` selects the expert's
+    copy of the tiles (and of the biases, where buf holds b_gu and b_dn: experts with biases add
+    them to the reduced gate/up and down outputs).
     """
     s_gu = dataclasses.replace(S["gate_up"], weights=S["gate_up"].weights + expert * S["gate_up"].tile_bytes())
     s_dn = dataclasses.replace(S["down"], weights=S["down"].weights + expert * S["down"].tile_bytes())
-    gu, yb, dot, tmp = buf["gu"], buf["y"], buf["dot"], buf["tmp"]
-    fj = f_r[j]
-    out = {0: gemv_ops(s_gu, i, j, buf["xn"], gu, batch, max(Hc) * ELEM, 2 * max(f_r) * ELEM)}
+    gu, yb, tmp, z = buf["gu"], buf["y"], buf["tmp"], buf["zeros"]
+    fj, hi = f_r[j], Hc[i]
+    gs, ys = 2 * fj * ELEM, hi * ELEM
+    out = {0: [] if norm or not fj else [compute(MOV, 2 * fj * batch, dst=gu, src0=z)]}
+    out[0] += gemv_ops(s_gu, i, j, buf["xn"], gu, batch, ys, gs)
     merge(out, red[X].role_ops(xrole, 2 * fj * batch + (batch if norm else 0), gu, tmp))
     if norm:
-        out[0] += norm_scale_ops(2 * fj * batch, batch, gu, buf["scal"])
+        out[0] += norm_scale_ops(2 * fj, batch, gu, buf["scal"], buf["consts"])
     bias = "b_gu" in buf
-    gs, ys = 2 * max(f_r) * ELEM, max(Hc) * ELEM
     if bias and fj:
-        out[0] += [compute(ADD, 2 * fj, dst=gu + b * gs, src0=gu + b * gs, src1=buf["b_gu"] + expert * gs)
-                   for b in range(batch)]
-    act = fj * batch
-    if act:  # (a row with no FFN dims when there are more rows than FFN dims)
-        out[0] += [compute(FMAC, act, dst=gu, src0=dot) for _ in range(SILU_FMACS)]
-        out[0].append(compute(MUL, act, dst=gu, src0=gu, src1=dot))
-    out[0] += gemv_ops(s_dn, j, i, gu, yb, batch, max(f_r) * ELEM, max(Hc) * ELEM)
-    merge(out, red[Y].role_ops(yrole, Hc[i] * batch, yb, tmp))
+        gb = buf["b_gu"] + expert * 2 * max(f_r) * ELEM
+        out[0] += [compute(ADD, 2 * fj, dst=gu + b * gs, src0=gu + b * gs, src1=gb) for b in range(batch)]
+    for b in range(batch if fj else 0):  # (a row with no FFN dims when there are more rows than FFN dims)
+        g = gu + b * gs
+        out[0] += [compute(SILU, fj, dst=g, src0=g), compute(MUL, fj, dst=g, src0=g, src1=g + fj * ELEM)]
+    out[0].append(compute(MOV, hi * batch, dst=yb, src0=z))
+    out[0] += gemv_ops(s_dn, j, i, gu, yb, batch, gs, ys)
+    merge(out, red[Y].role_ops(yrole, hi * batch, yb, tmp))
     if bias:
-        out[0] += [compute(ADD, Hc[i], dst=yb + b * ys, src0=yb + b * ys, src1=buf["b_dn"] + expert * ys)
-                   for b in range(batch)]
+        db = buf["b_dn"] + expert * max(Hc) * ELEM
+        out[0] += [compute(ADD, hi, dst=yb + b * ys, src0=yb + b * ys, src1=db) for b in range(batch)]
     return out
 
 

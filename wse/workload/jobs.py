@@ -157,6 +157,17 @@ def _model_plan(name: str, cfg: WaferConfig, phase: str, **kw):
                       Q=region[1] if region else None)
 
 
+def layer_check_traces(name: str, cfg: WaferConfig, **kw) -> list[tuple[str, Trace]]:
+    """Per decode layer (the first --layers; default all), a trace of the layer alone on its
+    region (--region PxQ, default the model's slot on the wafer) with its /tensors, for `wse
+    check --model`: (label, trace). WseError naming the first layer whose values cannot be checked."""
+    from .layer_tensors import layer_trace
+    plan = _model_plan(name, cfg, "decode", **{k: v for k, v in kw.items() if k != "layers"})
+    n = min(kw.get("layers") or plan.spec.layers, plan.spec.layers)
+    return [(f"--model {name} layer {layer} on {plan.P}x{plan.Q}",
+             layer_trace(plan.spec, layer, plan.P, plan.Q, cfg, plan.params)) for layer in range(n)]
+
+
 def prefill_traces(name: str, cfg: WaferConfig, output: str, **kw) -> list[tuple[str, Trace]]:
     """Write the kernel traces of one prefill layer next to `output` (<stem>-<kernel>.h5); a
     weight-stationary kernel's trace is one token block (prefill.kernel_trace)."""

@@ -14,8 +14,8 @@ import dataclasses
 
 from ..errors import WseError
 from ..trace import Op, compute
-from .attention import (SINK_FLOPS, attention_ops, attention_segments, block_tokens, flash_flops, flash_ops,
-                        head_rows)
+from .attention import (SINK_FLOPS, AttnRow, HeadRows, attention_ops, attention_segments, block_tokens, dense_row,
+                        flash_flops, flash_ops, head_rows)
 from .ffn import ffn_ops, moe_experts, moe_ffn_ops, norm_scale_ops
 from .gemv import ELEM, GemvShape, gemv_ops
 from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
@@ -25,7 +25,8 @@ from .params import DecodeParams
 from .precision import weights_of
 from .plan import COMBINE, DIAG_BCAST, KV_SHIFT, FitError, fit_check
 from .collectives import LineBroadcast
-from .region import (ADD, FMAC, G0, G1, G2, G3, MUL, SCALE, SILU_MUL_FLOPS, SOFTMAX_FLOPS, THREADS, Lanes, Ops,
+from .region import (ADD, C_INV_H, DOT, FMAC, G0, G1, G2, G3, MOV, MUL, N_CONSTS, NORM_SCALE_FLOPS, SCALE,
+                     SILU_MUL_FLOPS, SOFTMAX_FLOPS, SUB, THREADS, Lanes, Ops,
                      RegionBuild, anchor_of, handoff, handoff_flops, i_chunk, mark, merge, reducers, retag)
 from .experts import dispatch_parts
 
@@ -54,6 +55,7 @@ class LayerPlan:
     mla: MlaSplit | None = None  # latent attention's cut over the region (mla.py)
     Q: int = 0  # rows (0: P, a square region)
     segments: int = 0  # flash: row blocks reducing their heads' scores (attention_segments)
+    rows: HeadRows | None = None  # flash, dense: the rows' KV heads and rotary pairs (attention.head_rows)
 
     def __post_init__(self) -> None:
         self.Q = self.Q or self.P
@@ -212,7 +214,15 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         buf["oh"] = mem.alloc("o_heads", max(ms.oh_r) * B * ELEM, "activations", G2)
     longest = max(max(qkv_r), scores, max(o_r) + (hb if flash else 0), max(Hc), 2 * max(f_r), max(e_r),
                   max(ms.qn_r) if ms else 0, max(q_r) if ms else 0, max(ms.oh_r) if ms else 0) * B
-    buf["dot"] = mem.alloc("dot", longest * ELEM, "scratch", G1)
+    if ms or moe or not flash:  # the stand-ins' scratch (latent attention, MoE routing, classic attention)
+        buf["dot"] = mem.alloc("dot", longest * ELEM, "scratch", G1)
+    # a zero source the accumulators are cleared from (GEMV outputs and the norms' sums; scores)
+    buf["zeros"] = mem.alloc("zeros", (longest + B) * ELEM, "constants", G1)
+    buf["consts"] = mem.alloc("consts", N_CONSTS * ELEM, "constants", G0)
+    if hr:  # RoPE's cos and sin of the row's pairs, once per head it rotates (attention.dense_row)
+        rope = max((hb + len(kv)) * kh // 2 for hb, kv, kh in zip(hr.hb_r, hr.kv_r, hr.kh_r))
+        buf["cos"] = mem.alloc("rope_cos", max(rope, 1) * ELEM, "weights", G2)
+        buf["sin"] = mem.alloc("rope_sin", max(rope, 1) * ELEM, "weights", G3)
     buf["scal"] = mem.alloc("scalars", 16 * B * ELEM, "scratch", G1)
     if flash:  # running maxima (two, ping-pong) and rescale factors per head and sequence
         buf["stats"] = mem.alloc("softmax_stats", 3 * hb * B * ELEM, "scratch", G1)
@@ -226,7 +236,7 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
             sh.scratch = buf["dequant"]
     fit_check(mem, cfg, f"{spec.name} layer {layer} on a {P}x{Q} region (batch {B}, context {T})")
     return LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, shapes, buf,
-                     routed or not moe, ms, Q, attention_segments(spec, Q, params))
+                     routed or not moe, ms, Q, attention_segments(spec, Q, params), hr)
 
 
 def largest_context(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, Q: int | None = None) -> int:
@@ -292,40 +302,60 @@ class LayerCtx:
         return {}
 
 
-def norm_ops(ctx: LayerCtx, hi: int, xrole: tuple, g: int, fused: bool = False):
-    """RMSNorm of h into xn: sum of squares, row all-reduce, scale, weight. Fused: the sums of
-    squares wait in `scal` for the next GEMV's row all-reduce and xn is h times the weight;
-    the GEMV's outputs are divided by the RMS after its all-reduce (ffn.norm_scale_ops)."""
+def norm_ops(ctx: LayerCtx, hi: int, xrole: tuple, g: int, fused: tuple[int, int] | None = None):
+    """RMSNorm of h into xn: mean squares (DOT of h and h / H), row all-reduce, 1/RMS =
+    rsqrt(mean + eps), scale, weight. fused = (buffer, n): the sums wait after the next GEMV's n outputs per
+    sequence, in its accumulator buffer (cleared here with them), for its row all-reduce; xn
+    is h times the weight and the GEMV's outputs are divided by the RMS after its all-reduce
+    (ffn.norm_scale_ops)."""
     b_, B = ctx.plan.buf, ctx.plan.params.batch
-    h, xn, dot, scal, tmp = b_["h"], b_["xn"], b_["dot"], b_["scal"], b_["tmp"]
-    hstride = max(ctx.plan.Hc) * ELEM
-    out = {0: [compute(FMAC, hi, dst=dot, src0=h + b * hstride) for b in range(B)]}
+    h, xn, scal, tmp, z = b_["h"], b_["xn"], b_["scal"], b_["tmp"], b_["zeros"]
+    hs = hi * ELEM  # column-layout vectors: the column's chunk per sequence, back to back
+    sums, n = (fused[0] + fused[1] * B * ELEM, fused[1]) if fused else (scal, 0)
+    out = {0: [compute(MOV, (n + 1) * B, dst=sums - n * B * ELEM, src0=z)]}
+    for b in range(B):  # the mean square: h . (h / H), so that no fp16 partial sum overflows
+        out[0] += [compute(SCALE, hi, dst=xn + b * hs, src0=h + b * hs, src1=b_["consts"] + C_INV_H * ELEM),
+                   compute(DOT, hi, dst=sums + b * ELEM, src0=h + b * hs, src1=xn + b * hs)]
     if fused:
-        out[0] += [compute(MUL, hi, dst=xn + b * hstride, src0=h + b * hstride, src1=g) for b in range(B)]
+        out[0] += [compute(MUL, hi, dst=xn + b * hs, src0=h + b * hs, src1=g) for b in range(B)]
         return out
     merge(out, ctx.rx.role_ops(xrole, B, scal, tmp))
-    out[0].append(compute(SCALE, hi * B, dst=xn, src0=h))
-    out[0] += [compute(MUL, hi, dst=xn + b * hstride, src0=xn + b * hstride, src1=g) for b in range(B)]
+    out[0] += norm_scale_ops(0, B, scal, scal, b_["consts"])
+    out[0] += [compute(SCALE, hi, dst=xn + b * hs, src0=h + b * hs, src1=scal + b * ELEM) for b in range(B)]
+    out[0] += [compute(MUL, hi, dst=xn + b * hs, src0=xn + b * hs, src1=g) for b in range(B)]
     return out
 
 
-def qkv_ops(ctx: LayerCtx, i: int, jq: int, qj: int, kj: int, xrole: tuple, norm: bool = False):
+def qkv_ops(ctx: LayerCtx, i: int, jq: int, qkv_row: tuple, xrole: tuple, norm: bool = False):
     """Fused QKV projection (reduce X): slice j of q|k|v on every PE of row j; bias; RoPE.
-    norm: the RMSNorm before it is fused (norm_ops) and ends here."""
+    norm: the RMSNorm before it is fused (norm_ops) and ends here. qkv_row = (hb, nk, kh):
+    the row's query heads, KV pieces and dims per piece (flash rows; attention.dense_row's
+    layout), or None (latent attention, classic rows: RoPE stands in)."""
     plan = ctx.plan
     b_, B, S, qkv_r = plan.buf, plan.params.batch, plan.shapes, plan.qkv_r
-    xn, qkv, tmp, dot = b_["xn"], b_["qkv"], b_["tmp"], b_["dot"]
+    xn, qkv, tmp = b_["xn"], b_["qkv"], b_["tmp"]
     qkvj = qkv_r[jq]
-    out = {0: gemv_ops(S["qkv"], i, jq, xn, qkv, B, max(plan.Hc) * ELEM, max(qkv_r) * ELEM)}
+    ls = qkvj * ELEM  # the row's q|k|v per sequence, back to back
+    out: Ops = {0: [] if norm or not qkvj else [compute(MOV, qkvj * B, dst=qkv, src0=b_["zeros"])]}
+    out[0] += gemv_ops(S["qkv"], i, jq, xn, qkv, B, plan.Hc[i] * ELEM, ls)
     merge(out, ctx.rx.role_ops(xrole, qkvj * B + (B if norm else 0), qkv, tmp))
     if norm:
-        out[0] += norm_scale_ops(qkvj * B, B, qkv, b_["scal"])
-    if "b_qkv" in b_:
-        out[0] += [compute(ADD, qkvj, dst=qkv + b * max(qkv_r) * ELEM, src0=qkv + b * max(qkv_r) * ELEM,
-                           src1=b_["b_qkv"]) for b in range(B)]
-    # RoPE on the slice's q and k dimensions: x * cos + rotate(x) * sin
-    rope = (qj + kj) * B
-    out[0] += [compute(MUL, rope, dst=qkv, src0=qkv, src1=dot), compute(FMAC, rope, dst=qkv, src0=dot)]
+        out[0] += norm_scale_ops(qkvj, B, qkv, b_["scal"], b_["consts"])
+    if "b_qkv" in b_ and qkvj:
+        out[0] += [compute(ADD, qkvj, dst=qkv + b * ls, src0=qkv + b * ls, src1=b_["b_qkv"]) for b in range(B)]
+    if qkv_row is None:  # RoPE stand-in (classic rows split heads anywhere): x * cos + rotate(x) * sin
+        rope = (plan.q_r[jq] + plan.k_r[jq]) * B
+        out[0] += [compute(MUL, rope, dst=qkv, src0=qkv, src1=b_["dot"]), compute(FMAC, rope, dst=qkv, src0=b_["dot"])]
+        return out
+    hb, nk, kh = qkv_row
+    r = (hb + nk) * kh // 2  # the first halves [qa | ka], then the second halves [qb | kb]
+    cos, sin = b_["cos"], b_["sin"]
+    for b in range(B if r else 0):  # a' = a cos - b sin, b' = b cos + a sin
+        a, c = qkv + b * ls, qkv + b * ls + r * ELEM
+        t0, t1 = tmp, tmp + r * ELEM
+        out[0] += [compute(MUL, r, dst=t0, src0=a, src1=sin), compute(MUL, r, dst=t1, src0=c, src1=sin),
+                   compute(MUL, r, dst=a, src0=a, src1=cos), compute(MUL, r, dst=c, src0=c, src1=cos),
+                   compute(SUB, r, dst=a, src0=a, src1=t1), compute(ADD, r, dst=c, src0=c, src1=t0)]
     return out
 
 
@@ -334,12 +364,14 @@ def o_ops(ctx: LayerCtx, i: int, jo: int, yrole: tuple):
     plan = ctx.plan
     b_, B, S, o_r, Hc = plan.buf, plan.params.batch, plan.shapes, plan.o_r, plan.Hc
     att, yb, tmp, h = b_["att"], b_["y"], b_["tmp"], b_["h"]
-    hi, hstride = Hc[i], max(Hc) * ELEM
-    out = {0: gemv_ops(S["o"], jo, i, att, yb, B, max(o_r) * ELEM, hstride)}
+    hi = Hc[i]
+    hs = hi * ELEM
+    ostride = o_r[jo] * ELEM if plan.flash else max(o_r) * ELEM  # (classic: the widest row's stride)
+    out = {0: [compute(MOV, hi * B, dst=yb, src0=b_["zeros"])]}
+    out[0] += gemv_ops(S["o"], jo, i, att, yb, B, ostride, hs)
     merge(out, ctx.ry.role_ops(yrole, hi * B, yb, tmp))
     if "b_o" in b_:
-        out[0] += [compute(ADD, hi, dst=yb + b * hstride, src0=yb + b * hstride, src1=b_["b_o"])
-                   for b in range(B)]
+        out[0] += [compute(ADD, hi, dst=yb + b * hs, src0=yb + b * hs, src1=b_["b_o"]) for b in range(B)]
     out[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
     return out
 
@@ -357,9 +389,11 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [(i_chunk(Hc, i), i % 2, red[X].role(i), plan.T_c[i], i == 0, i == P - 1) for i in range(P)])
     seg = red[Y].segment_role if plan.segments else red[Y].role
+    hr = plan.rows  # flash rows of a dense layer: (query heads, KV pieces, dims per piece)
+    qkv_rows = [(hr.hb_r[j], len(hr.kv_r[j]), hr.kh_r[j]) if hr else None for j in range(Q)]
     prog.add_roles(Y, [(i_chunk(qkv_r, j), plan.q_r[j], plan.k_r[j], i_chunk(o_r, j), i_chunk(f_r, j),
-                        i_chunk(e_r, j), plan.heads_r[j], red[Y].role(j), seg(j) if plan.flash else None)
-                       for j in range(Q)])
+                        i_chunk(e_r, j), plan.heads_r[j], red[Y].role(j), seg(j) if plan.flash else None,
+                        qkv_rows[j]) for j in range(Q)])
     lanes.install(builder, prog)
     ms = plan.mla
     if ms:
@@ -390,21 +424,21 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
 
     def body(xr, yr, sp):
         i, parity, xrole, tc, first_col, last_col = xr[0]
-        jq, qj, kj, jo, jf, je, hj, yrole, srole = yr[0]
+        jq, qj, kj, jo, jf, je, hj, yrole, srole, qkv_row = yr[0]
         hi, oj = Hc[i], o_r[jo]
         out: dict[int, list[Op]] = {0: []}
         part(out, "input", lanes.receive(sp, hi * B, h, Q))
         if "norm1" in parts:
-            part(out, "norm1", norm_ops(ctx, hi, xrole, b_["g1"], fused1))
+            part(out, "norm1", norm_ops(ctx, hi, xrole, b_["g1"], (qkv, qkv_r[jq]) if fused1 else None))
         if "qkv" in parts:
             part(out, "qkv", mla_project_ops(ctx, i, jq, xr[1], yr[1], xrole, yrole) if ms
-                 else qkv_ops(ctx, i, jq, qj, kj, xrole, fused1))
+                 else qkv_ops(ctx, i, jq, qkv_row, xrole, fused1))
         if "attention" in parts:
             # latent attention: multi-query over the latent cache, kv_len = the row's cache dims
             kv_len, kv_src = (kj, qkv + yr[1][1] * ELEM) if ms else (2 * kj, qkv)
             if plan.flash:
-                ops = flash_ops(ctx, first_col, last_col, parity, tc, qj, kv_len, kv_src, oj, max(o_r) * ELEM,
-                                hj, xrole, srole)
+                ops = flash_ops(ctx, first_col, last_col, parity, tc, attn_row(plan, qkv_row, qkv_r[jq], yr),
+                                xrole, srole)
             else:
                 ops = attention_ops(ctx, first_col, last_col, parity, tc, qj, kv_len, kv_src, oj, max(o_r) * ELEM,
                                     hj, xrole, yrole)
@@ -417,7 +451,7 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
                 ops = o_ops(ctx, i, jo, yrole)
             part(out, "o", ops)
         if "norm2" in parts:
-            part(out, "norm2", norm_ops(ctx, hi, xrole, b_["g2"], fused2))
+            part(out, "norm2", norm_ops(ctx, hi, xrole, b_["g2"], (b_["gu"], 2 * f_r[jf]) if fused2 else None))
         if "ffn" in parts:
             ops = moe_ffn_ops(ctx, i, jf, je, xrole, yrole) if plan.moe \
                 else ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, 0, B, fused2)
@@ -436,6 +470,20 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     executed, model = layer_flops(plan, parts)
     return RegionBuild("layer", region, plan.mem, executed, model, layer_weight_bytes(plan),
                        spec.kv_cache_width * sum(plan.T_c) * B * ELEM, anchor_of(red))
+
+
+def attn_row(plan: LayerPlan, qkv_row: tuple | None, qkvj: int, yr: tuple) -> AttnRow:
+    """Flash attention's view of a row: a dense row's qkv layout (attention.dense_row), or latent
+    attention's (every head over the row's latent dims, the query absorbed into q_absorbed)."""
+    b_, slots = plan.buf, max(plan.T_c) + 1
+    if qkv_row is not None:
+        hb, nk, kh = qkv_row
+        return dense_row(hb, hb // nk if nk else hb, kh, b_["qkv"], qkvj, b_["kv"], slots)
+    heads, kh, qa, v = plan.spec.heads, yr[0][2], yr[1][1], yr[1][3]
+    qst, ast = max(plan.q_r) * ELEM, max(plan.qkv_r) * ELEM
+    return AttnRow(heads, heads, kh, v, 0, slots, b_["kv"],
+                   lambda b, h, dd: b_["qabs"] + b * qst + (h * kh + dd) * ELEM,
+                   lambda b, d: b_["qkv"] + b * ast + (qa + d) * ELEM)
 
 
 def layer_weight_bytes(plan: LayerPlan) -> int:
@@ -482,13 +530,13 @@ def layer_flops(plan: LayerPlan, parts: tuple[str, ...] = PARTS) -> tuple[dict[s
     per_pe: dict[str, int] = {}  # executed on every PE of the region
     fused = fused_norms(plan)
     for part, f, consumer, n in (("norm1", fused[0], "qkv", qkv_n), ("norm2", fused[1], "ffn", 2 * spec.ffn_size)):
-        if part in parts:  # sum of squares (2), weight (1), and unless fused the scale (1) after the all-reduce
-            add(col, "norm", (3 if f else 4) * H * B)
+        if part in parts:  # h / H (1), mean square (2), weight (1), and unless fused the scale (1) after the all-reduce
+            add(col, "norm", (4 if f else 5) * H * B)
         if (part if not f else consumer) in parts:  # fused: the sums ride in the consumer GEMV's all-reduce
-            ar += Q * nx * B
-        if f and consumer in parts:  # ... which then takes 1/RMS on every PE and scales its outputs
+            ar += Q * nx * B  # ... and every PE takes 1/RMS of them (and, fused, scales the outputs)
+            per_pe["norm"] = per_pe.get("norm", 0) + NORM_SCALE_FLOPS * P * Q * B
+        if f and consumer in parts:
             add(row, "norm", n * B)
-            per_pe["norm"] = per_pe.get("norm", 0) + P * Q * B
     ml = spec.mla
     if "qkv" in parts and ml:
         width, heads = spec.kv_cache_width, spec.heads

@@ -22,7 +22,13 @@ def _gemm(meta: dict, x: dict) -> dict:
     return {"C": x["A"] @ x["B"]}
 
 
-REFERENCES: dict[str, Callable[[dict, dict], dict]] = {"gemv": _gemv, "allreduce": _allreduce, "gemm": _gemm}
+def _layer(meta: dict, x: dict) -> dict:
+    from .layer_tensors import reference
+    return reference(meta, x)
+
+
+REFERENCES: dict[str, Callable[[dict, dict], dict]] = {"gemv": _gemv, "allreduce": _allreduce, "gemm": _gemm,
+                                                       "layer": _layer}
 
 
 def expected(trace: Trace, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

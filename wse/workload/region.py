@@ -26,11 +26,20 @@ from .plan import DIAG_BCAST, REDUCE_BASE, check_groups
 FP16 = isa.DTYPE_FP16
 MUL, ADD, FMAC, MAX, MOV, SCALE = (isa.KIND_MUL, isa.KIND_ADD, isa.KIND_FMAC, isa.KIND_MAX, isa.KIND_MOV,
                                    isa.KIND_SCALE)
-# Elementwise functions without a SIMD instruction, as vector FMACs per element [assumption]:
+DOT, EXP, RSQRT, RECIP, SILU, RMAX, RSUM, SUB = (isa.KIND_DOT, isa.KIND_EXP, isa.KIND_RSQRT, isa.KIND_RECIP,
+                                                 isa.KIND_SILU, isa.KIND_RMAX, isa.KIND_RSUM, isa.KIND_SUB)
+EXP_FLOPS, RSQRT_FLOPS, RECIP_FLOPS, SILU_FLOPS = (isa.KIND_FLOPS[k] for k in (EXP, RSQRT, RECIP, SILU))
+SOFTMAX_FLOPS = 1 + 1 + EXP_FLOPS + 1  # per score: scale by 1/sqrt(head_dim), max, exp(s - max), sum
+SILU_MUL_FLOPS = SILU_FLOPS + 1  # SiLU(gate) * up per element
+NORM_SCALE_FLOPS = RSQRT_FLOPS  # per sequence: 1/RMS = rsqrt(mean square + eps)
+# The prefill mapping (prefill.py) still stands in for exp and SiLU with vector FMACs [assumption]:
 EXP_FMACS = 4  # exp by range reduction and a polynomial
 SILU_FMACS = 4  # x * sigmoid(x): the exp plus the reciprocal folded in
-SOFTMAX_FLOPS = 1 + 1 + 2 * EXP_FMACS + 2 + 1  # max, subtract, exp, sum, scale per element
-SILU_MUL_FLOPS = 2 * SILU_FMACS + 1  # SiLU(gate) * up per element
+# Constants a layer region keeps in its `consts` buffer (element index): 1/hidden, the norms'
+# epsilon, 1/sqrt(head_dim)
+C_INV_H, C_EPS, C_ATTN = range(3)
+N_CONSTS = 3
+NORM_EPS = 1e-5  # the RMSNorms' epsilon [U] (Llama 3.1's)
 G0, G1, G2, G3 = 0, 2, 4, 6  # byte offsets selecting bank groups 0..3
 # semaphores (0 is the all-reduce's)
 SEM_KV_READY, SEM_KV_RECEIVED, SEM_KV_SENT = 1, 2, 3

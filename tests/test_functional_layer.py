@@ -1,0 +1,236 @@
+"""A decode layer computes what the model computes (docs/workloads.md, "Functional status"): the
+dense layer with flash attention run functionally against its numpy reference for every mapping
+option, the reduction and elementwise kinds it is built from against numpy in both evaluators,
+their multi-pass timing in closed form, and `wse check --model`."""
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from engine_compare import compare_values
+from wse import hardware, isa
+from wse.cli import cli
+from wse.engine import functional as F
+from wse.engine import reference
+from wse.engine.run import simulate
+from wse.errors import TraceError, WseError
+from wse.results import functional as RF
+from wse.trace import TraceBuilder, compute, recv_compute, send
+from wse.workload.layer_tensors import layer_trace, reference as layer_reference
+from wse.workload.models import load_model
+from wse.workload.params import DecodeParams
+from wse.trace_check import validate
+
+
+@pytest.fixture(scope="module")
+def roomy():
+    """The small wafer with SRAM for a layer of the tiny model on a few PEs."""
+    return hardware.load_preset("small").with_overrides(["sram.sram_bytes=2097152", "wafer.mesh_height=128"])
+
+
+def _run(tr, cfg, seed=0):
+    validate(tr, cfg)
+    fn = RF.FunctionalRun(seed=seed)
+    res = simulate(tr, cfg, **fn.prepare(tr, "test"))
+    assert res.complete
+    rows, _, _ = fn.finish(tr, res)
+    return rows, res
+
+
+# P x Q regions: uneven hidden and FFN chunks, rows holding parts of a KV head's pairs (Q >= kv_heads),
+# whole heads (Q = 1 < kv_heads) or none, one or many attention blocks per column, fused and separate norms
+@pytest.mark.parametrize("P, Q, batch, context, kw", [
+    (4, 8, 1, 16, {}),
+    (3, 5, 2, 13, dict(attention_block=2)),
+    (3, 3, 3, 20, dict(norms="separate", attention_block=4)),
+    (5, 7, 2, 23, dict(attention_block=3, norms="separate")),
+    (1, 1, 2, 9, dict(attention_block=3)),
+    (8, 16, 1, 40, dict(attention_block=1, algo="chain")),
+    (2, 70, 2, 8, dict(attention_block=3)),  # 35 rows a KV head, 32 rotary pairs: three rows hold none
+])
+def test_a_dense_layer_computes_the_models_layer(P, Q, batch, context, kw, roomy):
+    tr = layer_trace(load_model("tiny"), 0, P, Q, roomy, DecodeParams(batch=batch, context=context, **kw))
+    rows, res = _run(tr, roomy)
+    assert sorted(r.name for r in rows) == ["attn", "ffn_act", "ffn_out", "out", "qkv"] and not res.raced
+    assert all(r.error < 0.02 and r.copies_disagree == 0 for r in rows), rows  # fp16 sums: ~0.1-1.2%
+
+
+def test_a_layer_with_qkv_and_o_biases_computes_them(roomy):
+    import dataclasses
+    biased = dataclasses.replace(load_model("tiny"), qkv_bias=True, o_bias=True)
+    tr = layer_trace(biased, 0, 3, 4, roomy, DecodeParams(batch=2, context=11))
+    assert {"b_qkv", "b_o"} <= {t.name for t in tr.tensors.tensors}
+    rows, res = _run(tr, roomy)
+    assert all(r.ok and r.error < 0.01 for r in rows) and not res.raced
+    x = RF.random_inputs(tr, 0)  # (the reference adds the biases it is given: they matter)
+    unbiased = layer_reference(tr.meta, dict(x, b_qkv=0 * x["b_qkv"], b_o=0 * x["b_o"]))["out"]
+    assert np.abs(unbiased - layer_reference(tr.meta, x)["out"]).max() > 0.1
+
+
+def test_a_wrong_score_operand_is_caught(roomy):
+    """One attention FMAC of one PE reading the query dim next to the right one: the layer is wrong."""
+    tr = layer_trace(load_model("tiny"), 0, 4, 8, roomy, DecodeParams(context=16))
+    tag = [k for k, t in enumerate(tr.tags) if t.name == "layer 0 attention"][0]
+    i = int(np.flatnonzero((tr.ops["kind"] == isa.KIND_FMAC) & (tr.ops["tag"] == tag))[5])
+    tr.ops["src1"][i] += 2
+    rows, _ = _run(tr, roomy)
+    err = {r.name: r for r in rows}
+    assert err["qkv"].ok and not err["attn"].ok and err["attn"].error > 0.05
+
+
+def test_the_layer_reference_is_the_textbook_layer():
+    """Against a direct transcription: RMSNorm, GQA attention with rotate-half RoPE, SwiGLU."""
+    spec = load_model("tiny")
+    rng = np.random.default_rng(5)
+    H, F_, hd, T = spec.hidden_size, spec.ffn_size, spec.head_dim, 6
+    x = {"h": rng.standard_normal((1, H)), "g1": rng.standard_normal(H), "g2": rng.standard_normal(H),
+         "w_qkv": rng.standard_normal((H, spec.q_size + 2 * spec.kv_size)) / 16,
+         "w_o": rng.standard_normal((spec.q_size, H)) / 16, "w_gate": rng.standard_normal((H, F_)) / 16,
+         "w_up": rng.standard_normal((H, F_)) / 16, "w_down": rng.standard_normal((F_, H)) / 23,
+         "rope_cos": np.cos(np.arange(hd // 2)), "rope_sin": np.sin(np.arange(hd // 2)),
+         "k_cache": rng.standard_normal((1, T - 1, spec.kv_size)), "v_cache": rng.standard_normal((1, T - 1, spec.kv_size))}
+    h = x["h"][0]
+    n = h * x["g1"] / np.sqrt(np.mean(h * h) + 1e-5)
+    qkv = n @ x["w_qkv"]
+    out = np.zeros(spec.q_size)
+    for head in range(spec.heads):
+        kvh = head // (spec.heads // spec.kv_heads)
+
+        def rot(v):
+            a, b = v[: hd // 2], v[hd // 2:]
+            return np.concatenate([a * x["rope_cos"] - b * x["rope_sin"], b * x["rope_cos"] + a * x["rope_sin"]])
+        q = rot(qkv[head * hd:(head + 1) * hd])
+        ks = [x["k_cache"][0, t, kvh * hd:(kvh + 1) * hd] for t in range(T - 1)]
+        ks.append(rot(qkv[spec.q_size + kvh * hd: spec.q_size + (kvh + 1) * hd]))
+        vs = [x["v_cache"][0, t, kvh * hd:(kvh + 1) * hd] for t in range(T - 1)]
+        vs.append(qkv[spec.q_size + spec.kv_size + kvh * hd: spec.q_size + spec.kv_size + (kvh + 1) * hd])
+        s = np.array([q @ k for k in ks]) / np.sqrt(hd)
+        p = np.exp(s) / np.exp(s).sum()
+        out[head * hd:(head + 1) * hd] = sum(pi * v for pi, v in zip(p, vs))
+    h1 = h + out @ x["w_o"]
+    n2 = h1 * x["g2"] / np.sqrt(np.mean(h1 * h1) + 1e-5)
+    g, u = n2 @ x["w_gate"], n2 @ x["w_up"]
+    want = h1 + (g * u / (1 + np.exp(-g))) @ x["w_down"]
+    assert np.allclose(layer_reference({"model": "tiny"}, x)["out"][0], want, rtol=1e-9, atol=1e-9)
+
+
+def test_layer_tensors_cover_every_weight_once(roomy):
+    tr = layer_trace(load_model("tiny"), 0, 3, 5, roomy, DecodeParams(batch=2, context=13))
+    t = tr.tensors
+    for i, ten in enumerate(t.tensors):
+        flat = np.concatenate([f for _, _, f in RF._spots(t, i)])
+        assert np.array_equal(np.unique(flat), np.arange(ten.size)), ten.name  # every element somewhere
+        if ten.role == "weight" and ten.name not in ("g1", "g2"):  # tiles: once (norm weights: down each column)
+            assert len(flat) == ten.size, ten.name
+
+
+def test_what_is_not_checkable_says_why(roomy):
+    for name, params, what in (("tiny-moe", DecodeParams(context=16), "MoE layers"),
+                               ("tiny-mla", DecodeParams(context=16), "latent attention"),
+                               ("tiny", DecodeParams(context=16, attention="classic"), "classic"),
+                               ("tiny", DecodeParams(context=16, weights="fp8"), "low-precision"),
+                               ("tiny", DecodeParams(context=3), "shorter than the region's 4 columns")):
+        with pytest.raises(WseError, match=what):
+            layer_trace(load_model(name), 0, 4, 8, roomy, params)
+
+
+def test_check_model_checks_every_layer(tmp_path):
+    r = CliRunner().invoke(cli, ["check", "--model", "tiny", "--wafer", "small", "--region", "4x8", "--context", "16",
+                                 "--batch", "2"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count(" ok") == 10 and "layer 1 on 4x8" in r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "tiny-moe"], "not checkable functionally: MoE layers"),
+    (["--model", "tiny-mla"], "not checkable functionally: latent attention"),
+    (["--model", "tiny", "--attention", "classic"], "not checkable functionally: --attention classic"),
+    (["--model", "tiny", "--phase", "prefill"], "checks decode layers"),
+    (["--model", "tiny", "--op", "gemv"], "give exactly one of --trace, --op and --model"),
+])
+def test_check_model_bad_input_is_one_error_line(args, message):
+    r = CliRunner().invoke(cli, ["check"] + args + ["--wafer", "small", "--context", "64"])
+    assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, r.output
+
+
+# ---- the kinds the layer is built from ----------------------------------------------------------------
+
+KINDS = [isa.KIND_DOT, isa.KIND_RMAX, isa.KIND_RSUM, isa.KIND_EXP, isa.KIND_RSQRT, isa.KIND_RECIP, isa.KIND_SILU,
+         isa.KIND_SUB]
+
+
+def _one_op_trace(kind: int, n: int, dtype: int = isa.DTYPE_FP16):
+    b = TraceBuilder(1, 1, 1)
+    b.assign(0, 0, 0, [compute(kind, n, dst=1024, src0=0, src1=512, dtype=dtype)])
+    return b.build()
+
+
+def _numpy(kind, a, b, s, acc):
+    with np.errstate(all="ignore"):
+        return {isa.KIND_DOT: acc + np.sum(a * b), isa.KIND_RMAX: max(acc, a.max()), isa.KIND_RSUM: acc + a.sum(),
+                isa.KIND_EXP: np.exp(a - s), isa.KIND_RSQRT: 1 / np.sqrt(a + s), isa.KIND_RECIP: 1 / a,
+                isa.KIND_SILU: a / (1 + np.exp(-a)), isa.KIND_SUB: a - b}[kind]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_new_kinds_compute_what_numpy_computes(kind, tiny):
+    n = 13
+    rng = np.random.default_rng(kind)
+    a = rng.standard_normal(n).astype(np.float16)
+    a = np.abs(a) if kind == isa.KIND_RSQRT else a
+    b = rng.standard_normal(n).astype(np.float16)
+    s, acc = np.float16(0.25), np.float16(0.5)
+    sram = np.zeros((1, 2048), np.uint8)
+    sram[0, 0:2 * n] = a.view(np.uint8)
+    sram[0, 512:512 + 2 * n] = (b if isa.KIND_SOURCES[kind] == 2 else np.array([s] * n, np.float16)).view(np.uint8)
+    sram[0, 1024:1026] = np.array([acc], np.float16).view(np.uint8)
+    tr = _one_op_trace(kind, n)
+    got = F.evaluate(tr, sram).sram[0, 1024:1024 + 2 * n].view(np.float16).astype(np.float64)
+    ref = reference.simulate(tr, tiny, sram=sram)
+    assert np.array_equal(ref.sram[0, :2048], F.evaluate(tr, sram).sram[0, :2048])  # both evaluators, bit for bit
+    want = np.asarray(_numpy(kind, a.astype(np.float64), b.astype(np.float64), float(s), float(acc)))
+    if kind in isa.KIND_REDUCES:  # one element, rounded after every step: within fp16 steps of numpy's
+        assert abs(got[0] - want) <= 4e-3 * max(1.0, abs(want)) and got[1] == 0
+    else:
+        assert np.allclose(got, want.astype(np.float16).astype(np.float64), rtol=2e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", [isa.KIND_EXP, isa.KIND_RSQRT, isa.KIND_RECIP, isa.KIND_SILU, isa.KIND_DOT])
+def test_multi_pass_kinds_take_setup_plus_passes_times_the_steps(kind, tiny):
+    """Closed form: S + ceil(passes * n / E) cycles (the passes stream as one vector of passes * n
+    elements), FLOPs kind_flops * n, bytes per pass."""
+    n = 37
+    tr = _one_op_trace(kind, n)
+    res = simulate(tr, tiny)
+    E = min(tiny.simd_width(kind, isa.DTYPE_FP16), tiny.sram_port_bytes // 2)
+    passes = isa.KIND_PASSES[kind]
+    steps = -(-passes * n // E)
+    two = isa.KIND_SOURCES[kind] == 2  # src0 = 0 and src1 = 512 start in one bank group: two substeps
+    assert res.total_cycles == tiny.vector_setup_cycles + steps * (2 if two else 1)
+    assert int(res.pe("flops").sum()) == isa.KIND_FLOPS[kind] * n
+    reads = 2 * n * 2 if isa.KIND_SOURCES[kind] == 2 else 2 * n * passes
+    assert int(res.pe("sram_read_bytes").sum()) == reads
+    assert res.complete and res.total_cycles == reference.simulate(tr, tiny).total_cycles
+
+
+def test_reduction_and_function_kinds_are_compute_only(tmp_path, tiny):
+    b = TraceBuilder(2, 1, 1)
+    b.route(0, 0, 0, isa.PORT_RAMP, [isa.PORT_EAST])
+    b.route(1, 0, 0, isa.PORT_WEST, [isa.PORT_RAMP])
+    b.assign(0, 0, 0, [send(0, 4, 0)])
+    b.assign(1, 0, 0, [recv_compute(0, isa.KIND_DOT, 4, dst=64, src0=0)])
+    p = tmp_path / "t.h5"
+    b.build().save(p)
+    from wse.trace import load
+    with pytest.raises(TraceError, match="a dot op cannot take a wavelet"):
+        load(p)
+
+
+def test_values_of_random_traces_with_the_new_kinds_agree(tiny):
+    """The random-trace generator draws every kind (tests/randomtrace.KINDS): both evaluators agree."""
+    from randomtrace import privatize, random_trace
+    seen = set()
+    for s in range(60):
+        tr, cfg = random_trace(s)
+        seen |= set(int(k) for k in np.unique(tr.ops["kind"]))
+        compare_values(privatize(tr), cfg, s)
+    assert set(KINDS) <= seen

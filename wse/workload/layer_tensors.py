@@ -1,0 +1,236 @@
+"""Where one dense decode layer's tensors live (/tensors, docs/trace-format.md), and the numpy
+reference of the layer, for functional runs of a layer region (`wse check --model`).
+
+The layer's inputs are the residual stream h [batch, hidden] (chunk i on every PE of column i)
+and the KV cache of the context's other tokens [batch, tokens - 1, kv_size] (dim-major in the
+columns' slots, attention.AttnRow); its weights are the norms' g1, g2, W_qkv [hidden, q | k | v],
+W_o, W_gate, W_up [hidden, ffn], W_down, the biases where the model has them, and RoPE's cos and
+sin [head_dim / 2] (inputs: the position's angles, any values); its output is h after the layer,
+in place; the intermediates it leaves in its buffers (q | k | v after RoPE, the attention
+output, SiLU(gate) * up, the FFN's output) are outputs too, so an error diluted by the residual
+stream still shows. Recorded for dense layers with flash attention and 16-bit weights (layer.functional_gap
+says what else is missing).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import isa
+from ..tensors import TensorRecorder
+from .gemv import ELEM
+from .mesh import offsets
+from .region import C_ATTN, C_EPS, C_INV_H, NORM_EPS
+
+
+def record_layer(t: TensorRecorder, plan, P: int) -> None:
+    """/tensors of a layer region at the mesh origin, P columns wide (plan: layer.LayerPlan)."""
+    spec, b_, S, B = plan.spec, plan.buf, plan.shapes, plan.params.batch
+    Q, Hc, f_r, hr = plan.Q, plan.Hc, plan.f_r, plan.rows
+    H, hd, F = spec.hidden_size, spec.head_dim, plan.spec.ffn_size
+    g = spec.heads // spec.kv_heads
+    ho, fo = np.array(offsets(Hc)), np.array(offsets(f_r))
+    hc = np.array(Hc)
+    ii, jj = np.meshgrid(np.arange(P), np.arange(Q))  # [Q, P]
+    pe = (jj * P + ii).reshape(-1)
+    col = ii.reshape(-1)
+    every = np.arange(P * Q)
+
+    def column(name: str, role: str, addr: int, batch: int) -> None:  # [batch, H] in column layout
+        k = t.add(name, role, (batch, H) if batch else (H,))
+        for b in range(max(batch, 1)):
+            t.pieces(k, pe, addr + b * hc[col] * ELEM, hc[col], b * H + ho[col])
+
+    column("h", "input", b_["h"], B)
+    column("out", "output", b_["h"], B)
+    column("ffn_out", "output", b_["y"], B)  # intermediates the layer leaves in its buffers, checked too
+    column("g1", "weight", b_["g1"], 0)
+    column("g2", "weight", b_["g2"], 0)
+    if "b_o" in b_:
+        column("b_o", "weight", b_["b_o"], 0)
+    z = plan.mem.buffers["zeros"]
+    t.pieces(t.add("zeros", "zero", (z[1] // ELEM,)), every, z[0], z[1] // ELEM, 0)
+    for name, c, v in (("inv_hidden", C_INV_H, 1 / H), ("norm_eps", C_EPS, NORM_EPS), ("attn_scale", C_ATTN, hd ** -0.5)):
+        t.pieces(t.add(name, "constant", (1,), value=v), every, b_["consts"] + c * ELEM, 1, 0)
+
+    n_qkv = spec.q_size + 2 * spec.kv_size
+    w_qkv = t.add("w_qkv", "weight", (H, n_qkv))
+    b_qkv = t.add("b_qkv", "weight", (n_qkv,)) if "b_qkv" in b_ else None
+    w_o = t.add("w_o", "weight", (spec.attn_out_size, H))
+    cos, sin = t.add("rope_cos", "input", (hd // 2,)), t.add("rope_sin", "input", (hd // 2,))
+    qkv_out = t.add("qkv", "output", (B, n_qkv))  # q and k rotated
+    attn = t.add("attn", "output", (B, spec.attn_out_size))
+    act = t.add("ffn_act", "output", (B, F))  # SiLU(gate) * up
+    for j in range(Q):
+        kv, p0, kh = hr.kv_r[j], hr.p0_r[j], hr.kh_r[j]
+        pp, L = kh // 2, plan.qkv_r[j]
+        if not L:
+            continue
+        rows = pe[jj.reshape(-1) == j]
+        cj = col[jj.reshape(-1) == j]
+        for local, gcol, n in qkv_runs(spec, kv, p0, kh, g):  # W_qkv: one piece per tile row and run
+            r = np.arange(hc.max())
+            pr, rr = np.meshgrid(np.arange(len(rows)), r, indexing="ij")
+            keep = rr < hc[cj][pr]
+            t.pieces(w_qkv, rows[pr][keep], S["qkv"].weights + rr[keep] * S["qkv"].pitch + local * ELEM, n,
+                     (ho[cj][pr][keep] + rr[keep]) * n_qkv + gcol)
+            if b_qkv is not None:
+                t.pieces(b_qkv, rows, b_["b_qkv"] + local * ELEM, n, gcol)
+            for b in range(B):
+                t.pieces(qkv_out, rows, b_["qkv"] + (b * L + local) * ELEM, n, b * n_qkv + gcol)
+        for k in range(len(kv) * g + len(kv)):  # cos and sin of the row's pairs, once per head rotated
+            t.pieces(cos, rows, b_["cos"] + k * pp * ELEM, pp, p0)
+            t.pieces(sin, rows, b_["sin"] + k * pp * ELEM, pp, p0)
+        for r, grow in enumerate(o_rows(spec, kv, p0, kh, g)):  # W_o: row j's attention dims
+            t.pieces(w_o, rows, S["o"].weights + r * S["o"].pitch, hc[cj], grow * H + ho[cj])
+            for b in range(B):
+                t.pieces(attn, rows, b_["att"] + (b * plan.o_r[j] + r) * ELEM, 1, b * spec.attn_out_size + grow)
+    for j in range(Q):
+        fj = f_r[j]
+        rows = pe[jj.reshape(-1) == j]
+        for b in range(B if fj else 0):
+            t.pieces(act, rows, b_["gu"] + b * 2 * fj * ELEM, fj, b * F + fo[j])
+    _record_cache(t, plan, P)
+    _record_ffn(t, plan, pe, col, jj.reshape(-1), ho, fo, H, F)
+
+
+def qkv_runs(spec, kv: tuple[int, ...], p0: int, kh: int, g: int) -> list[tuple[int, int, int]]:
+    """Row layout of q | k | v (attention.dense_row) as runs (local offset, global column, count):
+    [qa | ka | qb | kb | v], a head's pairs p0.. in each half, its dims in that order in v."""
+    hd, pp, qs = spec.head_dim, kh // 2, spec.q_size
+    q_heads = [k * g + m for k in kv for m in range(g)]
+    runs, at = [], 0
+    for half in (0, hd // 2):
+        for base in [h * hd for h in q_heads] + [qs + k * hd for k in kv]:
+            runs.append((at, base + half + p0, pp))
+            at += pp
+    for k in kv:
+        for half in (0, hd // 2):
+            runs.append((at, qs + spec.kv_size + k * hd + half + p0, pp))
+            at += pp
+    return [r for r in runs if r[2]]
+
+
+def dim_of(hd: int, p0: int, kh: int, dd: int) -> int:
+    """A head's dim that a row's dim dd is (its pairs p0.., then their second halves)."""
+    pp = kh // 2
+    return p0 + dd if dd < pp else hd // 2 + p0 + dd - pp
+
+
+def o_rows(spec, kv: tuple[int, ...], p0: int, kh: int, g: int) -> list[int]:
+    """The attention-output dims of a row's att vector, in order (head by head, dim_of)."""
+    hd = spec.head_dim
+    return [(k * g + m) * hd + dim_of(hd, p0, kh, dd) for k in kv for m in range(g) for dd in range(kh)]
+
+
+def _record_cache(t: TensorRecorder, plan, P: int) -> None:
+    """k_cache, v_cache [batch, tokens - 1, kv_size]: column i holds tokens in slots 1..tc-1 and
+    (but the last column) the one it passes east in slot 0; slot tc receives this step's token."""
+    from .layer import attn_row
+    spec, hr, B = plan.spec, plan.rows, plan.params.batch
+    T1, kvs, hd = sum(plan.T_c) - 1, spec.kv_size, spec.head_dim
+    kc, vc = t.add("k_cache", "input", (B, T1, kvs)), t.add("v_cache", "input", (B, T1, kvs))
+    stay = [tc - 1 for tc in plan.T_c]
+    first_tok = offsets(stay)
+    for j in range(plan.Q):
+        kv, p0, kh = hr.kv_r[j], hr.p0_r[j], hr.kh_r[j]
+        row = attn_row(plan, (hr.hb_r[j], len(kv), kh), plan.qkv_r[j], ())
+        for i in range(P):
+            pe = j * P + i
+            for b in range(B):
+                for d in range(row.dims):
+                    k, dd = divmod(d % row.kd, kh) if row.kd else (0, 0)
+                    tensor = kc if d < row.kd else vc
+                    gdim = kv[k] * hd + dim_of(hd, p0, kh, dd)
+                    if stay[i] > 0:
+                        t.pieces(tensor, pe, row.at(b, d, 1), stay[i], (b * T1 + first_tok[i]) * kvs + gdim, kvs)
+                    if i < P - 1:
+                        t.pieces(tensor, pe, row.at(b, d, 0), 1, (b * T1 + sum(stay) + i) * kvs + gdim)
+
+
+def _record_ffn(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int, F: int) -> None:
+    """W_gate, W_up [hidden, ffn] (the gate_up tile: gate columns, then up), W_down [ffn, hidden]."""
+    S, hc, fr = plan.shapes, np.array(plan.Hc), np.array(plan.f_r)
+    wg, wu, wd = t.add("w_gate", "weight", (H, F)), t.add("w_up", "weight", (H, F)), t.add("w_down", "weight", (F, H))
+    for r in range(int(hc.max())):  # gate_up tile row r of PE (i, j): hidden row ho[i] + r, the row's f dims
+        m = (hc[col] > r) & (fr[row] > 0)
+        for k, w in enumerate((wg, wu)):
+            t.pieces(w, pe[m], S["gate_up"].weights + r * S["gate_up"].pitch + k * fr[row[m]] * ELEM, fr[row[m]],
+                     (ho[col[m]] + r) * F + fo[row[m]])
+    for r in range(int(fr.max())):  # down tile row r: ffn dim fo[j] + r, the column's hidden chunk
+        m = fr[row] > r
+        t.pieces(wd, pe[m], S["down"].weights + r * S["down"].pitch, hc[col[m]], (fo[row[m]] + r) * H + ho[col[m]])
+
+
+def reference(meta: dict, x: dict) -> dict:
+    """One decode layer in float64: RMSNorm, q|k|v, RoPE (rotate-half), attention over the cache
+    and this token, O, residual, RMSNorm, SiLU(gate) * up, down, residual."""
+    from .models import load_model
+    spec = load_model(meta["model"])
+    hd, g, qs, kvs = spec.head_dim, spec.heads // spec.kv_heads, spec.q_size, spec.kv_size
+    h = x["h"]
+    B = h.shape[0]
+
+    def rms(v, w):
+        return v * w / np.sqrt((v ** 2).mean(axis=-1, keepdims=True) + NORM_EPS)
+
+    def rope(v):
+        a, c = v[..., : hd // 2], v[..., hd // 2:]
+        return np.concatenate([a * x["rope_cos"] - c * x["rope_sin"], c * x["rope_cos"] + a * x["rope_sin"]], -1)
+    qkv = rms(h, x["g1"]) @ x["w_qkv"] + (x["b_qkv"] if "b_qkv" in x else 0)
+    q = rope(qkv[:, :qs].reshape(B, spec.heads, hd))
+    k = rope(qkv[:, qs:qs + kvs].reshape(B, spec.kv_heads, hd))
+    v = qkv[:, qs + kvs:].reshape(B, spec.kv_heads, hd)
+    K = np.concatenate([x["k_cache"].reshape(B, -1, spec.kv_heads, hd), k[:, None]], axis=1)
+    V = np.concatenate([x["v_cache"].reshape(B, -1, spec.kv_heads, hd), v[:, None]], axis=1)
+    att = np.empty((B, spec.heads, hd))
+    for hq in range(spec.heads):
+        s = np.einsum("btd,bd->bt", K[:, :, hq // g], q[:, hq]) / np.sqrt(hd)
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        att[:, hq] = np.einsum("bt,btd->bd", p / p.sum(axis=1, keepdims=True), V[:, :, hq // g])
+    h1 = h + att.reshape(B, -1) @ x["w_o"] + (x["b_o"] if "b_o" in x else 0)
+    xn = rms(h1, x["g2"])
+    gate, up = xn @ x["w_gate"], xn @ x["w_up"]
+    a = gate / (1 + np.exp(-gate)) * up
+    y = a @ x["w_down"]
+    return {"out": h1 + y, "ffn_out": y, "ffn_act": a, "attn": att.reshape(B, -1),
+            "qkv": np.concatenate([q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1)], axis=1)}
+
+
+def record_dtype_ok(plan) -> bool:
+    """Whether every GEMV's weights are 16-bit (low-precision tiles record no values)."""
+    return all(s.store == isa.DTYPE_FP16 for s in plan.shapes.values())
+
+
+def functional_gap(spec, layer: int, params, plan=None) -> str | None:
+    """Why a layer's values cannot be checked yet (None: they can)."""
+    if spec.mla:
+        return "latent attention (MLA): its norms, RoPE and absorbed projections are timing stand-ins"
+    if spec.is_moe_layer(layer):
+        return "MoE layers: the router's top-k and the gate-weighted sums are timing stand-ins"
+    if params.attention != "flash":
+        return "--attention classic is a timing model (its rows split heads anywhere); use flash"
+    if spec.attention_sinks:
+        return "attention sinks are not recorded (no /tensors entry, no reference term)"
+    if plan is not None and not record_dtype_ok(plan):
+        return f"--weights {params.weights or 'as published'}: low-precision tiles are not recorded yet"
+    if plan is not None and min(plan.T_c) < 1:
+        return f"context {params.context} is shorter than the region's {plan.P} columns (a column holds no token)"
+    return None
+
+
+def layer_trace(spec, layer: int, P: int, Q: int, cfg, params):
+    """One dense decode layer on a P x Q region at the mesh origin, with its /tensors: h in by
+    /tensors (no lanes), out in place. WseError naming what is missing when it cannot be checked."""
+    from ..errors import WseError
+    from .layer import decode_layer, plan_layer
+    from .mesh import MeshBuilder, Region
+    from .region import THREADS, Lanes
+    plan = plan_layer(spec, layer, P, cfg, params, Q=Q)
+    gap = functional_gap(spec, layer, params, plan)
+    if gap:
+        raise WseError(f"{spec.name} layer {layer}: not checkable functionally: {gap}")
+    b = MeshBuilder(P, Q, THREADS, kernel="layer", model=spec.name, layer=layer, region=f"{P}x{Q}",
+                    batch=params.batch, context=params.context)
+    decode_layer(plan, Region(0, 0, P, Q), b, Lanes(None, {}, None, {}))
+    record_layer(b.tensors, plan, P)
+    return b.build()
