@@ -10,8 +10,9 @@ Benchmarks (--quick shrinks each to a smoke-test size):
   jit       cold JIT compile (empty cache) and warm start (cached), process start to finish
   system    `wse system` for kimi-k2 on the fewest CS-3 (uniform slots, --jobs 2, no TTFT), empty stage
             cache: wall seconds from process start, planning and every stage simulation included
-  functional  the values of a gemv 8192x8192 on a 128x128 region (docs/model.md, "Values"): the
-            dataflow evaluator's two schedules, wall seconds and element-ops per second, peak memory
+  functional  the values of a gemv 8192x8192 and of a tiny-model decode layer on a 128x128 region
+            (docs/model.md, "Values"): the dataflow evaluator's two schedules, wall seconds and
+            element-ops per second, peak memory
 
 Every `wse bench` run appends one JSON line (figures, machine, commit, date) to a history
 file and compares against the last comparable line, so regressions show.
@@ -210,8 +211,29 @@ def bench_functional(m: int, region: int) -> dict[str, Any]:
     if v.raced or not all(r.ok for r in rows):
         raise WseError("functional benchmark: the gemv's outputs are wrong")
     element_ops = 2 * (m * m + m * region)  # both schedules: the FMACs, the column all-reduces' adds
-    return {"kernel": f"gemv {m}x{m} on {region}x{region}", "wall_s": wall,
-            "element_ops_per_s": element_ops / wall, "max_error": max(r.error for r in rows)}
+    out = {"kernel": f"gemv {m}x{m} on {region}x{region}", "wall_s": wall,
+           "element_ops_per_s": element_ops / wall, "max_error": max(r.error for r in rows)}
+    return dict(out, **_functional_layer(cfg, region))
+
+
+def _functional_layer(cfg, region: int) -> dict[str, Any]:
+    """A tiny-model decode layer's values on a region x region slot: build, fill, evaluate."""
+    from .engine import functional
+    from .results import functional as data
+    from .workload.layer_tensors import layer_trace
+    from .workload.models import load_model
+    from .workload.params import DecodeParams
+    from .workload.references import expected
+    t0 = time.perf_counter()
+    trace = layer_trace(load_model("tiny"), 0, region, region, cfg, DecodeParams(context=2 * region))
+    inputs = data.random_inputs(trace, 0)
+    v = functional.evaluate(trace, data.fill(trace, inputs, functional.sram_extent(trace)))
+    wall = time.perf_counter() - t0
+    rows = data.check(data.read_outputs(trace, v.sram), expected(trace, inputs))
+    if v.raced or not all(r.ok for r in rows):
+        raise WseError("functional benchmark: the layer's outputs are wrong")
+    return {"layer": f"tiny layer on {region}x{region}", "layer_wall_s": wall,
+            "layer_max_error": max(r.error for r in rows)}
 
 
 def run_one(name: str, quick: bool) -> dict[str, Any]:
@@ -329,7 +351,9 @@ def format_results(results: dict[str, Any]) -> list[str]:
                          f"largest process {r['largest_process_mb']:,.0f} MB")
         elif name == "functional":
             lines.append(f"{name:9s} values of a {r['kernel']}: {r['wall_s']:.1f} s for both schedules "
-                         f"({r['element_ops_per_s'] / 1e6:.1f} M element-ops/s), peak {r['peak_rss_mb']:,.0f} MB")
+                         f"({r['element_ops_per_s'] / 1e6:.1f} M element-ops/s); a {r.get('layer', 'layer')} "
+                         f"built, filled and evaluated in {r.get('layer_wall_s', 0):.1f} s; "
+                         f"peak {r['peak_rss_mb']:,.0f} MB")
     return lines
 
 

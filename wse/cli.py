@@ -321,7 +321,8 @@ def _placeholder(tr, cfg):
 def _functional_options(fn):
     for opt in reversed([
         click.option("--inputs", type=click.Path(dir_okay=False),
-                     help="functional: an .npz with one array per input and weight tensor (default: seeded N(0, 1))"),
+                     help="functional: an .npz with one array per input and weight tensor (default: seeded "
+                          "N(0, 1), weight matrices N(0, 1/fan_in))"),
         click.option("--seed", type=int, help="functional: seed of the inputs (default 0)"),
         click.option("--tolerance", type=float,
                      help="functional: largest output error over the largest reference magnitude (default 0.05)"),

@@ -211,7 +211,9 @@ def dense_row(hb: int, g: int, kh: int, qkv: int, qkv_len: int, cache: int, slot
 def kv_shift_dims(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row: AttnRow) -> Ops:
     """The shift-based KV cache, dim-major: the column attends slots 1..tc; it passes its oldest
     token (slot 0) east (thread 2), the column west of it passes one into slot tc (thread 3);
-    column 0 puts this token's keys and values there; the last column drops slot 0."""
+    column 0 puts this token's keys and values there; the last column drops slot 0. Thread 0
+    waits for the received token only before the block holding slot tc, and for its own send
+    (which reads slot 0, which attention never touches) only at the end (flash_ops)."""
     B = ctx.plan.params.batch
     cells = [(b, d) for b in range(B) for d in range(row.dims)]
     t0 = [compute(MOV, 1, dst=row.at(b, d, tc), src0=row.new_at(b, d)) for b, d in cells] if first_col else []
@@ -220,11 +222,9 @@ def kv_shift_dims(ctx, first_col: bool, last_col: bool, parity: int, tc: int, ro
     if not last_col:
         t2 += [send(KV_SHIFT[parity], 1, row.at(b, d, 0)) for b, d in cells]
         t2.append(signal(SEM_KV_SENT))
-        t0.append(wait(SEM_KV_SENT))
     if not first_col:
         t3 += [recv(KV_SHIFT[1 - parity], 1, row.at(b, d, tc)) for b, d in cells]
         t3.append(signal(SEM_KV_RECEIVED))
-        t0.append(wait(SEM_KV_RECEIVED))
     return {0: t0, 2: t2, 3: t3}
 
 
@@ -261,12 +261,15 @@ def flash_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row: A
     t0 = out[0]
     t0.append(compute(MOV, oj * B + s, dst=att, src0=z))  # o = 0, l = 0
     cur, s0 = 0, 1
-    for k, t in enumerate(blocks(tc, block_tokens(plan.params, hb))):
+    bks = blocks(tc, block_tokens(plan.params, hb))
+    for k, t in enumerate(bks):
         e = hb * t * B
 
         def sc_at(b: int, h: int) -> int:
             return sc + (b * hb + h) * t * ELEM
         t0.append(compute(MOV, e, dst=sc, src0=z))
+        if k == len(bks) - 1 and not first_col:  # the block with slot tc: the received token
+            t0.append(wait(SEM_KV_RECEIVED))
         t0 += [compute(FMAC, t, dst=sc_at(b, h), src0=row.at(b, h // row.g * kh + dd, s0), src1=row.q_at(b, h, dd))
                for b, h in heads for dd in range(kh)]
         merge(out, ctx.seg_reduce(srole, e, sc))
@@ -291,6 +294,8 @@ def flash_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row: A
             t0 += [compute(DOT, t, dst=o_at(b, h) + dv * ELEM, src0=sc_at(b, h),
                            src1=row.at(b, row.v_dim(h // row.g, dv), s0)) for dv in range(vh)]
         s0 += t
+    if not bks and not first_col:  # (a column with no token)
+        t0.append(wait(SEM_KV_RECEIVED))
     # merge the columns: global maximum, each column's share rescaled, summed in one vector
     sink = "sinks" in b_ and first_col and hb
     if sink:  # each head's sink logit joins its maximum
@@ -310,6 +315,8 @@ def flash_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row: A
     t0 = out[0]
     t0.append(compute(RECIP, s, dst=al, src0=lsum))
     t0 += [compute(SCALE, vh, dst=o_at(b, h), src0=o_at(b, h), src1=stat(al, b, h)) for b, h in heads if vh]
+    if not last_col:
+        t0.append(wait(SEM_KV_SENT))
     return out
 
 
