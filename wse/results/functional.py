@@ -55,7 +55,7 @@ def _spots(table: TensorTable, i: int):
 
 def random_inputs(trace: Trace, seed: int) -> dict[str, np.ndarray]:
     """Inputs and weights drawn from a seeded normal distribution, rounded to their element type:
-    N(0, 1), but a weight matrix [fan_in, fan_out] N(0, 1 / fan_in), as initialized models are,
+    N(0, 1), but a weight matrix [..., fan_in, fan_out] N(0, 1 / fan_in), as initialized models are,
     so activations stay of order one through a layer (N(0, 1) weights would grow them by sqrt(fan_in)
     per projection, past fp16's range in a norm's sums)."""
     table = _table(trace, "--functional")
@@ -63,7 +63,7 @@ def random_inputs(trace: Trace, seed: int) -> dict[str, np.ndarray]:
     out = {}
     for t in table.tensors:
         if t.role in ("input", "weight"):
-            std = t.shape[0] ** -0.5 if t.role == "weight" and len(t.shape) == 2 else 1.0
+            std = t.shape[-2] ** -0.5 if t.role == "weight" and len(t.shape) >= 2 else 1.0  # [..., fan_in, fan_out]
             out[t.name] = (std * rng.standard_normal(t.shape)).astype(_np_dtype(t.dtype)).astype(np.float64)
     return out
 

@@ -298,9 +298,9 @@ def flash_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row: A
         t0.append(wait(SEM_KV_RECEIVED))
     # merge the columns: global maximum, each column's share rescaled, summed in one vector
     sink = "sinks" in b_ and first_col and hb
-    if sink:  # each head's sink logit joins its maximum
-        t0 += [compute(MAX, hb, dst=stat(m[cur], b, 0), src0=stat(m[cur], b, 0), src1=b_["sinks"]) for b in range(B)]
     t0.append(compute(MOV, s, dst=al, src0=m[cur]))
+    if sink:  # each head's sink logit joins the maximum (not m: the column's sum and output are relative to m)
+        t0 += [compute(MAX, hb, dst=stat(al, b, 0), src0=stat(al, b, 0), src1=b_["sinks"]) for b in range(B)]
     merge(out, rx.role_ops(xrole, s, al, tmp, MAX))
     t0 = out[0]
     t0 += [compute(EXP, 1, dst=stat(m[cur], b, h), src0=stat(m[cur], b, h), src1=stat(al, b, h)) for b, h in heads]

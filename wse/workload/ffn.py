@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 
+from .. import isa
 from ..errors import WseError
 from ..trace import compute
 from .gemv import ELEM, GemvShape, gemv_ops
 from .mesh import X, Y
 from .models import ModelSpec
 from .params import DecodeParams
-from .region import ADD, C_EPS, FMAC, MAX, MOV, MUL, RSQRT, SCALE, SILU, Ops, merge
+from .region import (ADD, C_EPS, C_ONE, EXP, FMAC, MOV, MUL, RECIP, RMAX, RSQRT, RSUM, SCALE, SILU, Ops,
+                     merge)
 
 
 def norm_scale_ops(n: int, batch: int, out: int, scal: int, consts: int) -> list:
@@ -31,7 +33,8 @@ def norm_scale_ops(n: int, batch: int, out: int, scal: int, consts: int) -> list
 
 
 def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, buf: dict[str, int], i: int,
-            j: int, xrole: tuple, yrole: tuple, expert: int, batch: int, norm: bool = False) -> Ops:
+            j: int, xrole: tuple, yrole: tuple, expert: int, batch: int, norm: bool = False,
+            seqs: tuple[int, ...] | None = None) -> Ops:
     """Gated FFN of PE (i, j) on `batch` sequences: gate/up (reduce X), SiLU(gate) * up, down
     (reduce Y).
 
@@ -42,7 +45,8 @@ def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, b
     Reads xn (the column's chunk per sequence, back to back), leaves the output chunk in y
     (likewise); the row's [gate | up] per sequence in gate_up. `expert` selects the expert's
     copy of the tiles (and of the biases, where buf holds b_gu and b_dn: experts with biases add
-    them to the reduced gate/up and down outputs).
+    them to the reduced gate/up and down outputs). seqs: the sequences of xn the `batch` outputs
+    are for (default the first `batch`; a routed expert serves the sequences that chose it).
     """
     s_gu = dataclasses.replace(S["gate_up"], weights=S["gate_up"].weights + expert * S["gate_up"].tile_bytes())
     s_dn = dataclasses.replace(S["down"], weights=S["down"].weights + expert * S["down"].tile_bytes())
@@ -50,7 +54,11 @@ def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, b
     fj, hi = f_r[j], Hc[i]
     gs, ys = 2 * fj * ELEM, hi * ELEM
     out = {0: [] if norm or not fj else [compute(MOV, 2 * fj * batch, dst=gu, src0=z)]}
-    out[0] += gemv_ops(s_gu, i, j, buf["xn"], gu, batch, ys, gs)
+    if seqs is None or tuple(seqs) == tuple(range(batch)):
+        out[0] += gemv_ops(s_gu, i, j, buf["xn"], gu, batch, ys, gs)
+    else:
+        for n, b in enumerate(seqs):
+            out[0] += gemv_ops(s_gu, i, j, buf["xn"] + b * ys, gu + n * gs, 1, ys, gs)
     merge(out, red[X].role_ops(xrole, 2 * fj * batch + (batch if norm else 0), gu, tmp))
     if norm:
         out[0] += norm_scale_ops(2 * fj, batch, gu, buf["scal"], buf["consts"])
@@ -70,41 +78,62 @@ def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, b
     return out
 
 
-def moe_ffn_ops(ctx, i: int, jf: int, je: int, xrole: tuple, yrole: tuple) -> Ops:
-    """A MoE layer's FFN on a layer region: router GEMV (reduce X), router bias, top-k (k max
-    passes over the row's logits, merged down the columns), then each expert this region
-    computes, its gate-weighted output added into the residual stream (`ctx`: LayerCtx)."""
+def moe_ffn_ops(ctx, i: int, jf: int, je: int, e0: int, xrole: tuple, yrole: tuple) -> Ops:
+    """A MoE layer's FFN on a layer region: router GEMV (reduce X; row j's logits are experts
+    e0.. of its chunk), router bias, the chosen experts' logits gathered (each from the row that
+    holds it, summed down the columns), their softmax per sequence (the gates), then each expert
+    this region computes over the sequences that chose it, its gate-weighted output added into
+    the residual stream (shared experts: weight 1). The choice itself is the workload's
+    (moe_choices), not the logits' top-k (`ctx`: LayerCtx)."""
     plan, rx, ry = ctx.plan, ctx.rx, ctx.ry
     spec, b_, B, S = plan.spec, plan.buf, plan.params.batch, plan.shapes
     m = spec.moe
+    k = m.experts_per_token
     e_r, Hc = plan.e_r, plan.Hc
-    xn, qkv, tmp, dot, h, yb = b_["xn"], b_["qkv"], b_["tmp"], b_["dot"], b_["h"], b_["y"]
-    hstride = max(Hc) * ELEM
-    ej = e_r[je]
-    out = {0: gemv_ops(S["router"], i, je, xn, qkv, B, hstride, max(e_r) * ELEM)}
+    xn, qkv, tmp, h, yb, z = b_["xn"], b_["qkv"], b_["tmp"], b_["h"], b_["y"], b_["zeros"]
+    gates, scal, one = b_["gates"], b_["scal"], b_["consts"] + C_ONE * ELEM
+    hi, ej = Hc[i], e_r[je]
+    hs = hi * ELEM
+    out = {0: [compute(MOV, ej * B, dst=qkv, src0=z)] if ej else []}
+    out[0] += gemv_ops(S["router"], i, je, xn, qkv, B, hs, ej * ELEM)
     merge(out, rx.role_ops(xrole, ej * B, qkv, tmp))
     if "b_router" in b_ and ej:
-        out[0] += [compute(ADD, ej, dst=qkv + b * max(e_r) * ELEM, src0=qkv + b * max(e_r) * ELEM,
-                           src1=b_["b_router"]) for b in range(B)]
-    if ej:  # top-k: k max passes over the row's logits, merged down the columns
-        out[0] += [compute(MAX, ej * B, dst=qkv, src0=qkv, src1=dot) for _ in range(m.experts_per_token)]
-    merge(out, ry.role_ops(yrole, m.experts_per_token * B, b_.get("gates", b_["scal"]), tmp, MAX))
-    for e, users in plan.local_experts().items():
-        merge(out, ffn_ops(S, plan.f_r, Hc, ctx.red, b_, i, jf, xrole, yrole, e, users))
-        out[0].append(compute(FMAC, Hc[i] * users, dst=h, src0=yb))  # gate-weighted sum into h
+        out[0] += [compute(ADD, ej, dst=qkv + b * ej * ELEM, src0=qkv + b * ej * ELEM, src1=b_["b_router"])
+                   for b in range(B)]
+    choices = moe_choices(spec, plan.layer, B, plan.params.expert_skew)
+    out[0].append(compute(MOV, k * B, dst=gates, src0=z))
+    out[0] += [compute(MOV, 1, dst=gates + (b * k + n) * ELEM, src0=qkv + (b * ej + e - e0) * ELEM)
+               for b in range(B) for n, e in enumerate(choices[b]) if e0 <= e < e0 + ej]
+    merge(out, ry.role_ops(yrole, k * B, gates, tmp))
+    for b in range(B):  # softmax over the sequence's k logits
+        g, mx, sm = gates + b * k * ELEM, scal + 2 * b * ELEM, scal + (2 * b + 1) * ELEM
+        out[0] += [compute(MOV, 1, dst=mx, src0=g), compute(RMAX, k, dst=mx, src0=g),
+                   compute(EXP, k, dst=g, src0=g, src1=mx), compute(MOV, 1, dst=sm, src0=z),
+                   compute(RSUM, k, dst=sm, src0=g), compute(RECIP, 1, dst=sm, src0=sm),
+                   compute(SCALE, k, dst=g, src0=g, src1=sm)]
+    for e, seqs in expert_sequences(spec, plan.layer, B, plan.params.expert_skew).items():
+        if e < m.experts and not plan.routed:
+            continue
+        c = e if plan.routed else e - m.experts  # the expert's tile copy in this region
+        merge(out, ffn_ops(S, plan.f_r, Hc, ctx.red, b_, i, jf, xrole, yrole, c, len(seqs), seqs=seqs))
+        for n, b in enumerate(seqs):  # the gate-weighted sum into h
+            gate = one if e >= m.experts else gates + (b * k + choices[b].index(e)) * ELEM
+            out[0].append(compute(FMAC, hi, dst=h + b * hs, src0=yb + n * hs, src1=gate))
     return out
 
 
-def moe_experts(spec: ModelSpec, layer: int, batch: int, skew: float = 0.0) -> dict[int, int]:
-    """Experts computed in a MoE layer's decode step -> how many sequences use each.
+def moe_gate_flops(k: int) -> int:
+    """FLOPs of one sequence's gates: max (k), exp (k), sum (k), 1/sum (1), scale (k)."""
+    return k + isa.KIND_FLOPS[isa.KIND_EXP] * k + k + isa.KIND_FLOPS[isa.KIND_RECIP] + k
 
-    Each sequence picks k distinct routed experts by weighted sampling without replacement,
-    from a generator seeded by (layer, sequence), so runs are reproducible: uniformly for
-    skew = 0 (default: a token's experts land anywhere among the layer's, as a trained router's
-    choices do for any one token), or for skew = s > 0 by a Zipf law, the r-th most popular
-    expert of the layer (a fixed per-layer order) drawing weight 1 / (r + 1)^s. Shared experts
-    serve every sequence.
-    """
+
+def moe_choices(spec: ModelSpec, layer: int, batch: int, skew: float = 0.0) -> list[list[int]]:
+    """The routed experts each sequence of a MoE layer's decode step chooses, in draw order:
+    k distinct ones by weighted sampling without replacement from a generator seeded by
+    (layer, sequence), uniformly for skew = 0 (default: a token's experts land anywhere among the
+    layer's, as a trained router's choices do for any one token), or for skew = s > 0 by a Zipf
+    law, the r-th most popular expert of the layer (a fixed per-layer order) drawing weight
+    1 / (r + 1)^s. Runs are reproducible."""
     import numpy as np
     m = spec.moe
     assert m
@@ -119,21 +148,27 @@ def moe_experts(spec: ModelSpec, layer: int, batch: int, skew: float = 0.0) -> d
         weight[order] = np.exp(log_w - log_w.max())
         p = weight / weight.sum()
         if np.count_nonzero(p) < k:  # so skewed that only the most popular can be drawn: those k
-            return _counted({int(e): batch for e in order[:k]}, m, batch)
-    use: dict[int, int] = {}
-    for b in range(batch):
-        rng = np.random.default_rng([layer, b, 104729])
-        for e in rng.choice(m.experts, size=k, replace=False, p=p):
-            use[int(e)] = use.get(int(e), 0) + 1
-    return _counted(use, m, batch)
+            return [[int(e) for e in order[:k]] for _ in range(batch)]
+    return [[int(e) for e in np.random.default_rng([layer, b, 104729]).choice(m.experts, size=k, replace=False, p=p)]
+            for b in range(batch)]
 
 
-def _counted(use: dict[int, int], m, batch: int) -> dict[int, int]:
-    """`use` with the shared experts (every sequence uses them), in expert order."""
-    use = dict(use)
-    for s in range(m.shared_experts):
-        use[m.experts + s] = batch
-    return dict(sorted(use.items()))
+def expert_sequences(spec: ModelSpec, layer: int, batch: int, skew: float = 0.0) -> dict[int, tuple[int, ...]]:
+    """Experts computed in a MoE layer's decode step -> the sequences using each (shared experts:
+    every one), in expert order."""
+    use: dict[int, list[int]] = {}
+    for b, chosen in enumerate(moe_choices(spec, layer, batch, skew)):
+        for e in chosen:
+            use.setdefault(e, []).append(b)
+    for s in range(spec.moe.shared_experts):
+        use[spec.moe.experts + s] = list(range(batch))
+    return {e: tuple(v) for e, v in sorted(use.items())}
+
+
+def moe_experts(spec: ModelSpec, layer: int, batch: int, skew: float = 0.0) -> dict[int, int]:
+    """Experts computed in a MoE layer's decode step -> how many sequences use each (moe_choices;
+    shared experts serve every sequence), in expert order."""
+    return {e: len(v) for e, v in expert_sequences(spec, layer, batch, skew).items()}
 
 
 def chosen_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], params: DecodeParams) -> dict[int, int]:

@@ -16,9 +16,9 @@ from ..errors import WseError
 from ..trace import Op, compute
 from .attention import (SINK_FLOPS, AttnRow, HeadRows, attention_ops, attention_segments, block_tokens, dense_row,
                         flash_flops, flash_ops, head_rows)
-from .ffn import ffn_ops, moe_experts, moe_ffn_ops, norm_scale_ops
+from .ffn import ffn_ops, moe_experts, moe_ffn_ops, moe_gate_flops, norm_scale_ops
 from .gemv import ELEM, GemvShape, gemv_ops
-from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
+from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, offsets, split
 from .mla import MlaSplit, mla_output_ops, mla_project_ops, mla_split
 from .models import ModelSpec
 from .params import DecodeParams
@@ -227,7 +227,7 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     if flash:  # running maxima (two, ping-pong) and rescale factors per head and sequence
         buf["stats"] = mem.alloc("softmax_stats", 3 * hb * B * ELEM, "scratch", G1)
     buf["tmp"] = mem.alloc("tmp", longest * ELEM, "scratch", G0)
-    if moe and not routed:
+    if moe:
         buf["gates"] = mem.alloc("gates", spec.moe.experts_per_token * B * ELEM, "activations", G2)
     dequant = max(sh.scratch_bytes() for sh in shapes.values())
     if dequant:  # one fp16 scratch the low-precision tiles are dequantized into, block by block
@@ -391,9 +391,10 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     seg = red[Y].segment_role if plan.segments else red[Y].role
     hr = plan.rows  # flash rows of a dense layer: (query heads, KV pieces, dims per piece)
     qkv_rows = [(hr.hb_r[j], len(hr.kv_r[j]), hr.kh_r[j]) if hr else None for j in range(Q)]
+    e0_r = offsets(e_r)  # the first expert of each row's router logits (MoE: the gates are gathered by it)
     prog.add_roles(Y, [(i_chunk(qkv_r, j), plan.q_r[j], plan.k_r[j], i_chunk(o_r, j), i_chunk(f_r, j),
                         i_chunk(e_r, j), plan.heads_r[j], red[Y].role(j), seg(j) if plan.flash else None,
-                        qkv_rows[j]) for j in range(Q)])
+                        qkv_rows[j], e0_r[j]) for j in range(Q)])
     lanes.install(builder, prog)
     ms = plan.mla
     if ms:
@@ -424,7 +425,7 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
 
     def body(xr, yr, sp):
         i, parity, xrole, tc, first_col, last_col = xr[0]
-        jq, qj, kj, jo, jf, je, hj, yrole, srole, qkv_row = yr[0]
+        jq, qj, kj, jo, jf, je, hj, yrole, srole, qkv_row, e0 = yr[0]
         hi, oj = Hc[i], o_r[jo]
         out: dict[int, list[Op]] = {0: []}
         part(out, "input", lanes.receive(sp, hi * B, h, Q))
@@ -453,9 +454,11 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
         if "norm2" in parts:
             part(out, "norm2", norm_ops(ctx, hi, xrole, b_["g2"], (b_["gu"], 2 * f_r[jf]) if fused2 else None))
         if "ffn" in parts:
-            ops = moe_ffn_ops(ctx, i, jf, je, xrole, yrole) if plan.moe \
-                else ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, 0, B, fused2)
-            ops.setdefault(0, []).append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
+            if plan.moe:  # (the experts' gate-weighted sums go into h themselves)
+                ops = moe_ffn_ops(ctx, i, jf, je, e0, xrole, yrole)
+            else:
+                ops = ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, 0, B, fused2)
+                ops[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
             part(out, "ffn", ops)
         if "handoff" in parts:
             part(out, "handoff", handoff(red, xrole, yrole, b_["scal"], b_["tmp"]))
@@ -575,14 +578,17 @@ def layer_flops(plan: LayerPlan, parts: tuple[str, ...] = PARTS) -> tuple[dict[s
         add(col, "bias", H * B if spec.o_bias else 0)
         add(col, "residual", H * B)
     if "ffn" in parts:
-        add(col, "residual", H * B)
+        add(col, "residual", 0 if plan.moe else H * B)  # (MoE: the experts' weighted sums are the residual)
         if plan.moe:
             m = spec.moe
             u = sum(plan.local_experts().values())
             f = m.expert_ffn_size
             model["ffn"] = 2 * H * m.experts * B + u * (2 * H * 2 * f + 2 * f * H)
-            add(row, "ffn", (m.experts * B if m.router_bias else 0) + m.experts_per_token * m.experts * B
-                + u * SILU_MUL_FLOPS * f + (u * 2 * f if m.expert_bias else 0))
+            add(row, "ffn", (m.experts * B if m.router_bias else 0) + u * SILU_MUL_FLOPS * f
+                + (u * 2 * f if m.expert_bias else 0))
+            gates = moe_gate_flops(m.experts_per_token) * B  # the gates' softmax, on every PE
+            model["ffn"] += gates
+            per_pe["ffn"] = per_pe.get("ffn", 0) + (P * Q - 1) * gates
             add(col, "ffn", u * 2 * H + (u * H if m.expert_bias else 0))  # gate-weighted sums (and down biases)
             ar += nx * m.experts * B + P * ny * m.experts_per_token * B + u * (nx * 2 * f + ny * H)
         else:

@@ -19,7 +19,7 @@ from .. import isa
 from ..tensors import TensorRecorder
 from .gemv import ELEM
 from .mesh import offsets
-from .region import C_ATTN, C_EPS, C_INV_H, NORM_EPS
+from .region import C_ATTN, C_EPS, C_INV_H, C_ONE, NORM_EPS
 
 
 def record_layer(t: TensorRecorder, plan, P: int) -> None:
@@ -42,24 +42,26 @@ def record_layer(t: TensorRecorder, plan, P: int) -> None:
 
     column("h", "input", b_["h"], B)
     column("out", "output", b_["h"], B)
-    column("ffn_out", "output", b_["y"], B)  # intermediates the layer leaves in its buffers, checked too
+    if not plan.moe:  # intermediates the layer leaves in its buffers, checked too
+        column("ffn_out", "output", b_["y"], B)
     column("g1", "weight", b_["g1"], 0)
     column("g2", "weight", b_["g2"], 0)
     if "b_o" in b_:
         column("b_o", "weight", b_["b_o"], 0)
     z = plan.mem.buffers["zeros"]
     t.pieces(t.add("zeros", "zero", (z[1] // ELEM,)), every, z[0], z[1] // ELEM, 0)
-    for name, c, v in (("inv_hidden", C_INV_H, 1 / H), ("norm_eps", C_EPS, NORM_EPS), ("attn_scale", C_ATTN, hd ** -0.5)):
+    for name, c, v in (("inv_hidden", C_INV_H, 1 / H), ("norm_eps", C_EPS, NORM_EPS), ("attn_scale", C_ATTN, hd ** -0.5),
+                       ("one", C_ONE, 1.0)):
         t.pieces(t.add(name, "constant", (1,), value=v), every, b_["consts"] + c * ELEM, 1, 0)
 
     n_qkv = spec.q_size + 2 * spec.kv_size
     w_qkv = t.add("w_qkv", "weight", (H, n_qkv))
     b_qkv = t.add("b_qkv", "weight", (n_qkv,)) if "b_qkv" in b_ else None
     w_o = t.add("w_o", "weight", (spec.attn_out_size, H))
+    sinks = t.add("sinks", "weight", (spec.heads,)) if "sinks" in b_ else None
     cos, sin = t.add("rope_cos", "input", (hd // 2,)), t.add("rope_sin", "input", (hd // 2,))
-    qkv_out = t.add("qkv", "output", (B, n_qkv))  # q and k rotated
+    qkv_out = None if plan.moe else t.add("qkv", "output", (B, n_qkv))  # q and k rotated (MoE: the router's)
     attn = t.add("attn", "output", (B, spec.attn_out_size))
-    act = t.add("ffn_act", "output", (B, F))  # SiLU(gate) * up
     for j in range(Q):
         kv, p0, kh = hr.kv_r[j], hr.p0_r[j], hr.kh_r[j]
         pp, L = kh // 2, plan.qkv_r[j]
@@ -75,21 +77,28 @@ def record_layer(t: TensorRecorder, plan, P: int) -> None:
                      (ho[cj][pr][keep] + rr[keep]) * n_qkv + gcol)
             if b_qkv is not None:
                 t.pieces(b_qkv, rows, b_["b_qkv"] + local * ELEM, n, gcol)
-            for b in range(B):
+            for b in range(B if qkv_out is not None else 0):
                 t.pieces(qkv_out, rows, b_["qkv"] + (b * L + local) * ELEM, n, b * n_qkv + gcol)
         for k in range(len(kv) * g + len(kv)):  # cos and sin of the row's pairs, once per head rotated
             t.pieces(cos, rows, b_["cos"] + k * pp * ELEM, pp, p0)
             t.pieces(sin, rows, b_["sin"] + k * pp * ELEM, pp, p0)
+        if "sinks" in b_:  # the row's heads' sink logits (read at column 0)
+            for h, head in enumerate(k * g + m for k in kv for m in range(g)):
+                t.pieces(sinks, rows, b_["sinks"] + h * ELEM, 1, head)
         for r, grow in enumerate(o_rows(spec, kv, p0, kh, g)):  # W_o: row j's attention dims
             t.pieces(w_o, rows, S["o"].weights + r * S["o"].pitch, hc[cj], grow * H + ho[cj])
             for b in range(B):
                 t.pieces(attn, rows, b_["att"] + (b * plan.o_r[j] + r) * ELEM, 1, b * spec.attn_out_size + grow)
+    _record_cache(t, plan, P)
+    if plan.moe:
+        _record_moe(t, plan, pe, col, jj.reshape(-1), ho, fo, H)
+        return
+    act = t.add("ffn_act", "output", (B, F))  # SiLU(gate) * up
     for j in range(Q):
         fj = f_r[j]
         rows = pe[jj.reshape(-1) == j]
         for b in range(B if fj else 0):
             t.pieces(act, rows, b_["gu"] + b * 2 * fj * ELEM, fj, b * F + fo[j])
-    _record_cache(t, plan, P)
     _record_ffn(t, plan, pe, col, jj.reshape(-1), ho, fo, H, F)
 
 
@@ -147,23 +156,60 @@ def _record_cache(t: TensorRecorder, plan, P: int) -> None:
                         t.pieces(tensor, pe, row.at(b, d, 0), 1, (b * T1 + sum(stay) + i) * kvs + gdim)
 
 
-def _record_ffn(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int, F: int) -> None:
-    """W_gate, W_up [hidden, ffn] (the gate_up tile: gate columns, then up), W_down [ffn, hidden]."""
+def _record_ffn(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int, F: int, experts: int = 0) -> None:
+    """W_gate, W_up [hidden, ffn] (the gate_up tile: gate columns, then up), W_down [ffn, hidden];
+    with experts > 0, [experts, ...] of them, expert e in the e-th copy of the tiles."""
     S, hc, fr = plan.shapes, np.array(plan.Hc), np.array(plan.f_r)
-    wg, wu, wd = t.add("w_gate", "weight", (H, F)), t.add("w_up", "weight", (H, F)), t.add("w_down", "weight", (F, H))
-    for r in range(int(hc.max())):  # gate_up tile row r of PE (i, j): hidden row ho[i] + r, the row's f dims
-        m = (hc[col] > r) & (fr[row] > 0)
-        for k, w in enumerate((wg, wu)):
-            t.pieces(w, pe[m], S["gate_up"].weights + r * S["gate_up"].pitch + k * fr[row[m]] * ELEM, fr[row[m]],
-                     (ho[col[m]] + r) * F + fo[row[m]])
-    for r in range(int(fr.max())):  # down tile row r: ffn dim fo[j] + r, the column's hidden chunk
-        m = fr[row] > r
-        t.pieces(wd, pe[m], S["down"].weights + r * S["down"].pitch, hc[col[m]], (fo[row[m]] + r) * H + ho[col[m]])
+    lead = (experts,) if experts else ()
+    wg, wu = t.add("w_gate", "weight", lead + (H, F)), t.add("w_up", "weight", lead + (H, F))
+    wd = t.add("w_down", "weight", lead + (F, H))
+    for e in range(max(experts, 1)):
+        gu, dn = S["gate_up"].weights + e * S["gate_up"].tile_bytes(), S["down"].weights + e * S["down"].tile_bytes()
+        for r in range(int(hc.max())):  # gate_up tile row r of PE (i, j): hidden row ho[i] + r, the row's f dims
+            m = (hc[col] > r) & (fr[row] > 0)
+            for k, w in enumerate((wg, wu)):
+                t.pieces(w, pe[m], gu + r * S["gate_up"].pitch + k * fr[row[m]] * ELEM, fr[row[m]],
+                         e * H * F + (ho[col[m]] + r) * F + fo[row[m]])
+        for r in range(int(fr.max())):  # down tile row r: ffn dim fo[j] + r, the column's hidden chunk
+            m = fr[row] > r
+            t.pieces(wd, pe[m], dn + r * S["down"].pitch, hc[col[m]], e * F * H + (fo[row[m]] + r) * H + ho[col[m]])
+
+
+def _record_moe(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int) -> None:
+    """The router W_router [hidden, experts] (row j: its experts), its bias, every expert's tiles
+    (routed experts, then shared: [experts + shared, ...]), and the router's logits and the
+    gates as outputs."""
+    S, b_, B, m = plan.shapes, plan.buf, plan.params.batch, plan.spec.moe
+    hc, er = np.array(plan.Hc), np.array(plan.e_r)
+    eo = np.array(offsets(plan.e_r))
+    E, k = m.experts, m.experts_per_token
+    wr = t.add("w_router", "weight", (H, E))
+    logits = t.add("router", "output", (B, E))
+    for r in range(int(hc.max())):
+        sel = (hc[col] > r) & (er[row] > 0)
+        t.pieces(wr, pe[sel], S["router"].weights + r * S["router"].pitch, er[row[sel]], (ho[col[sel]] + r) * E + eo[row[sel]])
+    sel = er[row] > 0
+    for b in range(B):
+        t.pieces(logits, pe[sel], b_["qkv"] + b * er[row[sel]] * ELEM, er[row[sel]], b * E + eo[row[sel]])
+    if "b_router" in b_:
+        t.pieces(t.add("b_router", "weight", (E,)), pe[sel], b_["b_router"], er[row[sel]], eo[row[sel]])
+    t.pieces(t.add("gates", "output", (B, k)), pe, b_["gates"], k * B, 0)
+    n, F = E + m.shared_experts, m.expert_ffn_size
+    _record_ffn(t, plan, pe, col, row, ho, fo, H, F, n)
+    if "b_gu" in b_:  # per expert: row j's [gate | up] biases, column i's down biases
+        fr, gs, ds = np.array(plan.f_r), 2 * max(plan.f_r) * ELEM, max(plan.Hc) * ELEM
+        bg, bu, bd = (t.add(name, "weight", (n, w)) for name, w in (("b_gate", F), ("b_up", F), ("b_down", H)))
+        sel = fr[row] > 0
+        for e in range(n):
+            for half, w in enumerate((bg, bu)):
+                t.pieces(w, pe[sel], b_["b_gu"] + e * gs + half * fr[row[sel]] * ELEM, fr[row[sel]], e * F + fo[row[sel]])
+            t.pieces(bd, pe, b_["b_dn"] + e * ds, hc[col], e * H + ho[col])
 
 
 def reference(meta: dict, x: dict) -> dict:
     """One decode layer in float64: RMSNorm, q|k|v, RoPE (rotate-half), attention over the cache
-    and this token, O, residual, RMSNorm, SiLU(gate) * up, down, residual."""
+    and this token (with attention sinks where given), O, residual, RMSNorm, then SiLU(gate) * up,
+    down, residual — or a MoE layer's router, gates and experts (_moe)."""
     from .models import load_model
     spec = load_model(meta["model"])
     hd, g, qs, kvs = spec.head_dim, spec.heads // spec.kv_heads, spec.q_size, spec.kv_size
@@ -185,15 +231,49 @@ def reference(meta: dict, x: dict) -> dict:
     att = np.empty((B, spec.heads, hd))
     for hq in range(spec.heads):
         s = np.einsum("btd,bd->bt", K[:, :, hq // g], q[:, hq]) / np.sqrt(hd)
-        p = np.exp(s - s.max(axis=1, keepdims=True))
-        att[:, hq] = np.einsum("bt,btd->bd", p / p.sum(axis=1, keepdims=True), V[:, :, hq // g])
+        top = s.max(axis=1, keepdims=True)
+        sink = 0.0
+        if "sinks" in x:  # a learned logit that joins the softmax and weights no value
+            top = np.maximum(top, x["sinks"][hq])
+            sink = np.exp(x["sinks"][hq] - top[:, 0])
+        p = np.exp(s - top)
+        att[:, hq] = np.einsum("bt,btd->bd", p / (p.sum(axis=1) + sink)[:, None], V[:, :, hq // g])
     h1 = h + att.reshape(B, -1) @ x["w_o"] + (x["b_o"] if "b_o" in x else 0)
     xn = rms(h1, x["g2"])
-    gate, up = xn @ x["w_gate"], xn @ x["w_up"]
-    a = gate / (1 + np.exp(-gate)) * up
-    y = a @ x["w_down"]
+
+    def ffn(e=None):  # SiLU(gate) * up, and the down projection (with the expert's biases, if any)
+        w = {n: x[n] if e is None else x[n][e] for n in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
+             if n in x}
+        gate, up = xn @ w["w_gate"] + w.get("b_gate", 0), xn @ w["w_up"] + w.get("b_up", 0)
+        return gate / (1 + np.exp(-gate)) * up, lambda a: a @ w["w_down"] + w.get("b_down", 0)
+    if spec.is_moe_layer(int(meta["layer"])):
+        return _moe(spec, meta, x, xn, ffn, h1, att.reshape(B, -1))
+    a, down = ffn()
+    y = down(a)
     return {"out": h1 + y, "ffn_out": y, "ffn_act": a, "attn": att.reshape(B, -1),
             "qkv": np.concatenate([q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1)], axis=1)}
+
+
+def _moe(spec, meta: dict, x: dict, xn, ffn, h1, att) -> dict:
+    """A MoE layer's FFN: router logits, the gates of the experts each sequence chose (softmax
+    over their logits), their FFNs and the shared experts' summed into the residual stream."""
+    from .ffn import moe_choices
+    m, B = spec.moe, xn.shape[0]
+    logits = xn @ x["w_router"] + (x["b_router"] if "b_router" in x else 0)
+    choices = moe_choices(spec, int(meta["layer"]), B, float(meta.get("expert_skew", 0)))
+    out, gates = h1.copy(), np.zeros((B, m.experts_per_token))
+    for b, chosen in enumerate(choices):
+        z = logits[b, chosen]
+        gates[b] = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    for e in range(m.experts + m.shared_experts):
+        a, down = ffn(e)
+        y = down(a)
+        for b in range(B):
+            if e >= m.experts:
+                out[b] += y[b]
+            elif e in choices[b]:
+                out[b] += gates[b, choices[b].index(e)] * y[b]
+    return {"out": out, "router": logits, "gates": gates, "attn": att}
 
 
 def record_dtype_ok(plan) -> bool:
@@ -205,16 +285,15 @@ def functional_gap(spec, layer: int, params, plan=None) -> str | None:
     """Why a layer's values cannot be checked yet (None: they can)."""
     if spec.mla:
         return "latent attention (MLA): its norms, RoPE and absorbed projections are timing stand-ins"
-    if spec.is_moe_layer(layer):
-        return "MoE layers: the router's top-k and the gate-weighted sums are timing stand-ins"
+    if spec.is_moe_layer(layer) and plan is not None and not plan.routed:
+        return "MoE layers with expert regions: their dispatch and combine are timing stand-ins"
     if params.attention != "flash":
         return "--attention classic is a timing model (its rows split heads anywhere); use flash"
-    if spec.attention_sinks:
-        return "attention sinks are not recorded (no /tensors entry, no reference term)"
     if plan is not None and not record_dtype_ok(plan):
         return f"--weights {params.weights or 'as published'}: low-precision tiles are not recorded yet"
     if plan is not None and min(plan.T_c) < 1:
-        return f"context {params.context} is shorter than the region's {plan.P} columns (a column holds no token)"
+        return (f"it attends to {sum(plan.T_c)} tokens, fewer than the region's {plan.P} columns (a column would "
+                "hold none)")
     return None
 
 
@@ -230,7 +309,7 @@ def layer_trace(spec, layer: int, P: int, Q: int, cfg, params):
     if gap:
         raise WseError(f"{spec.name} layer {layer}: not checkable functionally: {gap}")
     b = MeshBuilder(P, Q, THREADS, kernel="layer", model=spec.name, layer=layer, region=f"{P}x{Q}",
-                    batch=params.batch, context=params.context)
+                    batch=params.batch, context=params.context, expert_skew=params.expert_skew)
     decode_layer(plan, Region(0, 0, P, Q), b, Lanes(None, {}, None, {}))
     record_layer(b.tensors, plan, P)
     return b.build()

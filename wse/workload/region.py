@@ -36,9 +36,9 @@ NORM_SCALE_FLOPS = RSQRT_FLOPS  # per sequence: 1/RMS = rsqrt(mean square + eps)
 EXP_FMACS = 4  # exp by range reduction and a polynomial
 SILU_FMACS = 4  # x * sigmoid(x): the exp plus the reciprocal folded in
 # Constants a layer region keeps in its `consts` buffer (element index): 1/hidden, the norms'
-# epsilon, 1/sqrt(head_dim)
-C_INV_H, C_EPS, C_ATTN = range(3)
-N_CONSTS = 3
+# epsilon, 1/sqrt(head_dim), 1 (a shared expert's gate)
+C_INV_H, C_EPS, C_ATTN, C_ONE = range(4)
+N_CONSTS = 4
 NORM_EPS = 1e-5  # the RMSNorms' epsilon [U] (Llama 3.1's)
 G0, G1, G2, G3 = 0, 2, 4, 6  # byte offsets selecting bank groups 0..3
 # semaphores (0 is the all-reduce's)
