@@ -8,7 +8,7 @@ from checked import composed_equals_full, run
 from engine_compare import assert_same
 from wse.engine import reference
 from wse.system import gpu as g
-from wse.workload.attention import SINK_FLOPS
+from wse.workload.attention import SINK_FLOPS, SINK_FLOPS_BY_HEADS, by_heads
 from wse.workload.compose import compose
 from wse.workload.decode import bytes_needed, kv_bytes, plan_model
 from wse.workload.layer import decode_layer, layer_flops, plan_layer
@@ -50,10 +50,13 @@ def test_sinks_add_their_flops_at_column_zero(small, attention):
         s = dataclasses.replace(spec, attention_sinks=sinks)
         plan = plan_model(s, small, params)
         flops[sinks] = compose(plan, lambda t: run(t, small)).total("flops")
-    # classic: each head's sink once; flash: on every row of the head's block (its softmax is replicated there)
+    # classic: each head's sink once; flash: on every row of the head's block (its softmax is replicated
+    # there), one more FLOP where the row's ops run over its heads (every layer here: 4 heads, blocks of <= 3)
     Q = plan.Q
     per_layer = spec.heads if attention == "classic" else Q * spec.heads // spec.kv_heads
-    assert flops[True] - flops[False] == SINK_FLOPS * per_layer * 2 * spec.layers
+    per_sink = SINK_FLOPS if attention == "classic" else SINK_FLOPS_BY_HEADS
+    assert all(by_heads(params, spec.heads // spec.kv_heads, -(-min(20, T) // plan.P)) for T in (8, 20))
+    assert flops[True] - flops[False] == per_sink * per_layer * 2 * spec.layers
 
 
 def test_a_sliding_moe_layer_with_biases_and_sinks_matches_the_reference_stepper(small):

@@ -20,10 +20,11 @@ from ..errors import WseError
 from .mesh import offsets, split
 from .plan import KV_SHIFT
 from .region import (ADD, C_ATTN, DOT, EXP, EXP_FLOPS, FMAC, MAX, MOV, MUL, RECIP, RECIP_FLOPS, RMAX,
-                     RSUM, SCALE, SOFTMAX_FLOPS, SEM_KV_READY, SEM_KV_RECEIVED, SEM_KV_SENT, Ops,
+                     RSUM, SCALE, SOFTMAX_FLOPS, SUB, SEM_KV_READY, SEM_KV_RECEIVED, SEM_KV_SENT, Ops,
                      merge)
 
 SINK_FLOPS = 1 + EXP_FLOPS + 1  # per head and sequence: max, exp(sink - max), add to the sum
+SINK_FLOPS_BY_HEADS = SINK_FLOPS + 1  # ... over the heads (_flash_by_heads): the subtraction is its own op
 BLOCK_ELEMENTS = 1024  # [U] flash: score elements (heads x tokens x batch) per block when not given
 
 
@@ -170,6 +171,11 @@ class AttnRow:
     cache: int  # the KV cache buffer
     q_at: Callable[[int, int, int], int]  # (sequence, head, dim) -> address of the query scalar
     new_at: Callable[[int, int], int]  # (sequence, cache dim) -> this token's value of it
+    by_heads: bool = False  # vector ops over the heads (_flash_by_heads): q and o dim-major
+
+    def q_vec(self, b: int, dd: int) -> int:
+        """by_heads: the address of dim dd of every head's query, consecutive."""
+        return self.q_at(b, 0, dd)
 
     @property
     def nk(self) -> int:
@@ -191,21 +197,34 @@ class AttnRow:
         return self.kd + k * self.vh + dv if self.vd else k * self.kh + dv
 
 
-def dense_row(hb: int, g: int, kh: int, qkv: int, qkv_len: int, cache: int, slots: int) -> AttnRow:
+def dense_row(hb: int, g: int, kh: int, qkv: int, qkv_len: int, cache: int, slots: int,
+              by_heads: bool = False) -> AttnRow:
     """A dense row's qkv layout, per sequence (qkv_len elements): the first halves of its query
     and key pieces' rotary pairs [qa | ka], their second halves [qb | kb], then v (so RoPE is six
     vector ops over the row); head h's dim dd is its pair dd (dd < kh / 2) or that pair's
-    second half."""
+    second half. The query heads' halves are head-major, or dim-major (by_heads: dim dd of every
+    head consecutive)."""
     pp, nk = kh // 2, hb // g
 
+    def half(first: int, dd: int) -> int:  # the element of [qa | ka] (or, dd - pp, of [qb | kb])
+        if by_heads and first < hb:
+            return dd * hb + first
+        return first * pp + dd
+
     def pos(b: int, first: int, dd: int) -> int:  # first: a head's index among the halves' heads
-        return qkv + (b * qkv_len + (first * pp + dd if dd < pp else (hb + nk + first) * pp + dd - pp)) * ELEM
+        return qkv + (b * qkv_len + (half(first, dd) if dd < pp else (hb + nk) * pp + half(first, dd - pp))) * ELEM
 
     def new_at(b: int, d: int) -> int:
         if d < nk * kh:
             return pos(b, hb + d // kh, d % kh)
         return qkv + (b * qkv_len + 2 * (hb + nk) * pp + d - nk * kh) * ELEM
-    return AttnRow(hb, g, kh, kh, nk * kh, slots, cache, pos, new_at)
+    return AttnRow(hb, g, kh, kh, nk * kh, slots, cache, pos, new_at, by_heads)
+
+
+def by_heads(params, hb: int, tc: int) -> bool:
+    """Whether a row's flash attention runs its vector ops over the heads (_flash_by_heads): when
+    it has more heads than a block of its columns' (at most tc) tokens."""
+    return hb > min(block_tokens(params, hb), tc)
 
 
 def kv_shift_dims(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row: AttnRow) -> Ops:
@@ -239,13 +258,26 @@ def flash_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row: A
     maximum m (RMAX), the sum l and output o so far rescaled by exp(m_old - m_new); p =
     exp(s - m); l += sum p (RSUM); o += p . v per value dim (DOT). The columns then merge:
     M = max m along the row, each column's l and o scaled by exp(m - M), both all-reduced in
-    one vector, o / l. Scratch is one block, not the context."""
+    one vector, o / l. Scratch is one block, not the context. A row with more heads than a
+    block has tokens runs the same steps with its vector ops over the heads (row.by_heads)."""
+    out = kv_shift_dims(ctx, first_col, last_col, parity, tc, row)
+    if row.by_heads:
+        _flash_by_heads(ctx, first_col, tc, row, xrole, srole, out)
+    else:
+        _flash_by_head(ctx, first_col, tc, row, xrole, srole, out)
+    if not last_col:
+        out[0].append(wait(SEM_KV_SENT))
+    return out
+
+
+def _flash_by_head(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, srole: tuple, out: Ops) -> Ops:
+    """flash_ops head by head: per head and query dim an FMAC over a block's tokens, per head an
+    RMAX, EXP and RSUM, per head and value dim a DOT (rows with few heads and long blocks)."""
     plan, rx = ctx.plan, ctx.rx
     B, b_ = plan.params.batch, plan.buf
     z, sc, tmp, att, st, c = b_["zeros"], b_["sc"], b_["tmp"], b_["att"], b_["stats"], b_["consts"]
     hb, kh, vh = row.hb, row.kh, row.vh
     oj = hb * vh
-    out = kv_shift_dims(ctx, first_col, last_col, parity, tc, row)
     s = hb * B  # statistics: one per head and sequence
     m = [st, st + s * ELEM]  # running maximum, ping-pong between blocks
     al = st + 2 * s * ELEM  # rescale factors
@@ -315,29 +347,116 @@ def flash_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row: A
     t0 = out[0]
     t0.append(compute(RECIP, s, dst=al, src0=lsum))
     t0 += [compute(SCALE, vh, dst=o_at(b, h), src0=o_at(b, h), src1=stat(al, b, h)) for b, h in heads if vh]
-    if not last_col:
-        t0.append(wait(SEM_KV_SENT))
+    return out
+
+
+def _flash_by_heads(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, srole: tuple, out: Ops) -> Ops:
+    """flash_ops for a row with more heads than a block has tokens (latent attention's 128 heads
+    over a few latent dims; a row holding several KV heads at a short context): every vector op
+    runs over the heads — per token and query dim an FMAC of the query's heads (dim-major,
+    AttnRow.q_vec) times one cached key, the softmax elementwise over the heads, per token and
+    value dim an FMAC into the output (dim-major over heads) — so a block costs
+    tokens x dims ops, not heads x dims."""
+    plan, rx = ctx.plan, ctx.rx
+    B, b_ = plan.params.batch, plan.buf
+    z, sc, tmp, att, st, c = b_["zeros"], b_["sc"], b_["tmp"], b_["att"], b_["stats"], b_["consts"]
+    hb, g, kh, vh, nk = row.hb, row.g, row.kh, row.vh, row.nk
+    oj, s = hb * vh, hb * B
+    m = [st, st + s * ELEM]
+    al = st + 2 * s * ELEM
+    lsum = att + oj * B * ELEM
+
+    def vec(base: int, b: int) -> int:  # a sequence's vector over the heads
+        return base + b * hb * ELEM
+
+    def o_vec(b: int, dv: int) -> int:
+        return att + (b * oj + dv * hb) * ELEM
+    t0 = out[0]
+    t0.append(compute(MOV, oj * B + s, dst=att, src0=z))  # o = 0, l = 0
+    cur, s0 = 0, 1
+    bks = blocks(tc, block_tokens(plan.params, hb))
+    for k, t in enumerate(bks):
+        e = hb * t * B
+
+        def sc_t(b: int, tt: int) -> int:
+            return sc + (b * t + tt) * hb * ELEM
+        t0.append(compute(MOV, e, dst=sc, src0=z))
+        if k == len(bks) - 1 and not first_col:
+            t0.append(wait(SEM_KV_RECEIVED))
+        t0 += [compute(FMAC, g, dst=sc_t(b, tt) + p * g * ELEM, src0=row.q_vec(b, dd) + p * g * ELEM,
+                       src1=row.at(b, p * kh + dd, s0 + tt))
+               for b in range(B) for tt in range(t) for p in range(nk) for dd in range(kh)]
+        merge(out, ctx.seg_reduce(srole, e, sc))
+        t0 = out[0]
+        t0.append(compute(SCALE, e, dst=sc, src0=sc, src1=c + C_ATTN * ELEM))
+        nxt = 1 - cur if k else cur
+        if k:
+            t0.append(compute(MOV, s, dst=m[nxt], src0=m[cur]))
+        for b in range(B):
+            if not k:
+                t0.append(compute(MOV, hb, dst=vec(m[cur], b), src0=sc_t(b, 0)))
+            t0 += [compute(MAX, hb, dst=vec(m[nxt], b), src0=vec(m[nxt], b), src1=sc_t(b, tt))
+                   for tt in range(0 if k else 1, t)]
+        if k:  # the sum and output so far rescaled by exp(m_old - m_new)
+            t0 += [compute(SUB, s, dst=al, src0=m[cur], src1=m[nxt]), compute(EXP, s, dst=al, src0=al, src1=z),
+                   compute(MUL, s, dst=lsum, src0=lsum, src1=al)]
+            t0 += [compute(MUL, hb, dst=o_vec(b, dv), src0=o_vec(b, dv), src1=vec(al, b))
+                   for b in range(B) for dv in range(vh)]
+            cur = nxt
+        t0 += [compute(SUB, hb, dst=sc_t(b, tt), src0=sc_t(b, tt), src1=vec(m[cur], b))
+               for b in range(B) for tt in range(t)]
+        t0.append(compute(EXP, e, dst=sc, src0=sc, src1=z))
+        t0 += [compute(ADD, hb, dst=vec(lsum, b), src0=vec(lsum, b), src1=sc_t(b, tt)) for b in range(B) for tt in range(t)]
+        t0 += [compute(FMAC, g, dst=o_vec(b, dv) + p * g * ELEM, src0=sc_t(b, tt) + p * g * ELEM,
+                       src1=row.at(b, row.v_dim(p, dv), s0 + tt))
+               for b in range(B) for tt in range(t) for p in range(nk) for dv in range(vh)]
+        s0 += t
+    if not bks and not first_col:
+        t0.append(wait(SEM_KV_RECEIVED))
+    sink = "sinks" in b_ and first_col and hb
+    t0.append(compute(MOV, s, dst=al, src0=m[cur]))
+    if sink:
+        t0 += [compute(MAX, hb, dst=vec(al, b), src0=vec(al, b), src1=b_["sinks"]) for b in range(B)]
+    merge(out, rx.role_ops(xrole, s, al, tmp, MAX))
+    t0 = out[0]
+    t0 += [compute(SUB, s, dst=m[cur], src0=m[cur], src1=al), compute(EXP, s, dst=m[cur], src0=m[cur], src1=z),
+           compute(MUL, s, dst=lsum, src0=lsum, src1=m[cur])]
+    t0 += [compute(MUL, hb, dst=o_vec(b, dv), src0=o_vec(b, dv), src1=vec(m[cur], b)) for b in range(B) for dv in range(vh)]
+    if sink:
+        sx = b_["sink_exp"]
+        t0 += [compute(SUB, hb, dst=vec(sx, b), src0=b_["sinks"], src1=vec(al, b)) for b in range(B)]
+        t0 += [compute(EXP, s, dst=sx, src0=sx, src1=z), compute(ADD, s, dst=lsum, src0=lsum, src1=sx)]
+    merge(out, rx.role_ops(xrole, oj * B + s, att, tmp))
+    t0 = out[0]
+    t0.append(compute(RECIP, s, dst=al, src0=lsum))
+    t0 += [compute(MUL, hb, dst=o_vec(b, dv), src0=o_vec(b, dv), src1=vec(al, b)) for b in range(B) for dv in range(vh)]
     return out
 
 
 def flash_flops(plan) -> dict[str, int]:
     """Executed FLOPs of flash_ops over the region, by component (scores, softmax, values,
-    allreduce), in closed form over its columns' blocks and its rows."""
+    allreduce), in closed form per row class and column."""
     B, P, Q = plan.params.batch, plan.P, plan.Q
     q_r, o_r, hb_r = plan.q_r, plan.o_r, plan.heads_r
     T = sum(plan.T_c)
     S_hb, S_o = sum(hb_r), sum(o_r)
-    nb = {}  # blocks per column, per row class (the block size depends on the row's heads)
-    rescale = 0  # blocks after a column's first: exp(m_old - m_new), the sum's and the output's rescale
-    for hb, o, n_rows in _row_classes(hb_r, o_r):
+    softmax = 0
+    sinks = "sinks" in plan.buf
+    for hb, o, n in _row_classes(hb_r, o_r):  # n rows of hb heads, o value dims in all
+        vec = by_heads(plan.params, hb, max(plan.T_c))
         bk = block_tokens(plan.params, hb)
-        nb[hb] = sum(max(0, len(blocks(tc, bk)) - 1) for tc in plan.T_c)
-        rescale += nb[hb] * (n_rows * (EXP_FLOPS + 1) * hb * B + o * B)
-    # the merge: exp(m - M), the sum's and output's rescale, 1 / sum, the output's scale
-    merge_ = P * ((EXP_FLOPS + 1 + RECIP_FLOPS) * S_hb * B + 2 * S_o * B)
-    if "sinks" in plan.buf:
-        merge_ += SINK_FLOPS * S_hb * B  # at column 0
-    softmax = SOFTMAX_FLOPS * S_hb * T * B + rescale + merge_
+        for i, tc in enumerate(plan.T_c):
+            nb = len(blocks(tc, bk))
+            if vec:  # scale, subtract, exp, sum per score; a max per score but a column's first
+                f = n * ((1 + 1 + EXP_FLOPS + 1 + 1) * hb * tc - (hb if nb else 0))
+                f += max(0, nb - 1) * (n * (1 + EXP_FLOPS + 1) * hb + o)  # exp(m_old - m_new), rescales
+                f += n * (1 + EXP_FLOPS + 1 + RECIP_FLOPS) * hb + 2 * o  # the merge
+                f += n * SINK_FLOPS_BY_HEADS * hb if i == 0 and sinks else 0
+            else:  # scale, max, exp, sum per score
+                f = n * SOFTMAX_FLOPS * hb * tc + max(0, nb - 1) * (n * (EXP_FLOPS + 1) * hb + o)
+                f += n * (EXP_FLOPS + 1 + RECIP_FLOPS) * hb + 2 * o
+                f += n * SINK_FLOPS * hb if i == 0 and sinks else 0
+            softmax += f * B
     red_y = plan.seg_flops(T * B) if Q > 1 else 0
     ar = red_y + (P - 1) * (S_hb * B + (S_o + S_hb) * B)
     return {"scores": 2 * sum(q_r) * T * B, "softmax": softmax, "values": 2 * S_o * T * B, "allreduce": ar}

@@ -14,7 +14,8 @@ import dataclasses
 
 from ..errors import WseError
 from ..trace import Op, compute
-from .attention import (SINK_FLOPS, AttnRow, HeadRows, attention_ops, attention_segments, block_tokens, dense_row,
+from .attention import (SINK_FLOPS, AttnRow, HeadRows, attention_ops, attention_segments, block_tokens, by_heads,
+                        dense_row,
                         flash_flops, flash_ops, head_rows)
 from .ffn import ffn_ops, moe_experts, moe_ffn_ops, moe_gate_flops, norm_scale_ops
 from .gemv import ELEM, GemvShape, gemv_ops
@@ -347,7 +348,7 @@ def qkv_ops(ctx: LayerCtx, i: int, jq: int, qkv_row: tuple, xrole: tuple, norm: 
         rope = (plan.q_r[jq] + plan.k_r[jq]) * B
         out[0] += [compute(MUL, rope, dst=qkv, src0=qkv, src1=b_["dot"]), compute(FMAC, rope, dst=qkv, src0=b_["dot"])]
         return out
-    hb, nk, kh = qkv_row
+    hb, nk, kh = qkv_row[:3]
     r = (hb + nk) * kh // 2  # the first halves [qa | ka], then the second halves [qb | kb]
     cos, sin = b_["cos"], b_["sin"]
     for b in range(B if r else 0):  # a' = a cos - b sin, b' = b cos + a sin
@@ -389,8 +390,9 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [(i_chunk(Hc, i), i % 2, red[X].role(i), plan.T_c[i], i == 0, i == P - 1) for i in range(P)])
     seg = red[Y].segment_role if plan.segments else red[Y].role
-    hr = plan.rows  # flash rows of a dense layer: (query heads, KV pieces, dims per piece)
-    qkv_rows = [(hr.hb_r[j], len(hr.kv_r[j]), hr.kh_r[j]) if hr else None for j in range(Q)]
+    hr = plan.rows  # flash rows of a dense layer: (query heads, KV pieces, dims per piece, by heads)
+    qkv_rows = [(hr.hb_r[j], len(hr.kv_r[j]), hr.kh_r[j], by_heads(prm, hr.hb_r[j], max(plan.T_c))) if hr else None
+                for j in range(Q)]
     e0_r = offsets(e_r)  # the first expert of each row's router logits (MoE: the gates are gathered by it)
     prog.add_roles(Y, [(i_chunk(qkv_r, j), plan.q_r[j], plan.k_r[j], i_chunk(o_r, j), i_chunk(f_r, j),
                         i_chunk(e_r, j), plan.heads_r[j], red[Y].role(j), seg(j) if plan.flash else None,
@@ -480,13 +482,14 @@ def attn_row(plan: LayerPlan, qkv_row: tuple | None, qkvj: int, yr: tuple) -> At
     attention's (every head over the row's latent dims, the query absorbed into q_absorbed)."""
     b_, slots = plan.buf, max(plan.T_c) + 1
     if qkv_row is not None:
-        hb, nk, kh = qkv_row
-        return dense_row(hb, hb // nk if nk else hb, kh, b_["qkv"], qkvj, b_["kv"], slots)
+        hb, nk, kh, vec = qkv_row
+        return dense_row(hb, hb // nk if nk else hb, kh, b_["qkv"], qkvj, b_["kv"], slots, vec)
     heads, kh, qa, v = plan.spec.heads, yr[0][2], yr[1][1], yr[1][3]
     qst, ast = max(plan.q_r) * ELEM, max(plan.qkv_r) * ELEM
+    vec = by_heads(plan.params, heads, max(plan.T_c))  # (the absorbed query dim-major when by heads)
     return AttnRow(heads, heads, kh, v, 0, slots, b_["kv"],
-                   lambda b, h, dd: b_["qabs"] + b * qst + (h * kh + dd) * ELEM,
-                   lambda b, d: b_["qkv"] + b * ast + (qa + d) * ELEM)
+                   lambda b, h, dd: b_["qabs"] + b * qst + ((dd * heads + h) if vec else (h * kh + dd)) * ELEM,
+                   lambda b, d: b_["qkv"] + b * ast + (qa + d) * ELEM, vec)
 
 
 def layer_weight_bytes(plan: LayerPlan) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import isa
 from ..tensors import TensorRecorder
+from .attention import by_heads
 from .gemv import ELEM
 from .mesh import offsets
 from .region import C_ATTN, C_EPS, C_INV_H, C_ONE, NORM_EPS
@@ -64,28 +65,32 @@ def record_layer(t: TensorRecorder, plan, P: int) -> None:
     attn = t.add("attn", "output", (B, spec.attn_out_size))
     for j in range(Q):
         kv, p0, kh = hr.kv_r[j], hr.p0_r[j], hr.kh_r[j]
-        pp, L = kh // 2, plan.qkv_r[j]
+        pp, L, hb = kh // 2, plan.qkv_r[j], hr.hb_r[j]
         if not L:
             continue
+        vec = by_heads(plan.params, hb, max(plan.T_c))
         rows = pe[jj.reshape(-1) == j]
         cj = col[jj.reshape(-1) == j]
-        for local, gcol, n in qkv_runs(spec, kv, p0, kh, g):  # W_qkv: one piece per tile row and run
+        for local, gcol, n, stride in qkv_runs(spec, kv, p0, kh, g, vec):  # W_qkv: a piece per tile row and run
             r = np.arange(hc.max())
             pr, rr = np.meshgrid(np.arange(len(rows)), r, indexing="ij")
             keep = rr < hc[cj][pr]
             t.pieces(w_qkv, rows[pr][keep], S["qkv"].weights + rr[keep] * S["qkv"].pitch + local * ELEM, n,
-                     (ho[cj][pr][keep] + rr[keep]) * n_qkv + gcol)
+                     (ho[cj][pr][keep] + rr[keep]) * n_qkv + gcol, stride)
             if b_qkv is not None:
-                t.pieces(b_qkv, rows, b_["b_qkv"] + local * ELEM, n, gcol)
+                t.pieces(b_qkv, rows, b_["b_qkv"] + local * ELEM, n, gcol, stride)
             for b in range(B if qkv_out is not None else 0):
-                t.pieces(qkv_out, rows, b_["qkv"] + (b * L + local) * ELEM, n, b * n_qkv + gcol)
-        for k in range(len(kv) * g + len(kv)):  # cos and sin of the row's pairs, once per head rotated
-            t.pieces(cos, rows, b_["cos"] + k * pp * ELEM, pp, p0)
-            t.pieces(sin, rows, b_["sin"] + k * pp * ELEM, pp, p0)
+                t.pieces(qkv_out, rows, b_["qkv"] + (b * L + local) * ELEM, n, b * n_qkv + gcol, stride)
+        # cos and sin of the row's pairs, for each element of a half (by heads: a pair's g heads in a row)
+        spans = [(dd * hb, hb, p0 + dd, 0) for dd in range(pp)] if vec else [(k * pp, pp, p0, 1) for k in range(hb)]
+        spans += [(hb * pp + k * pp, pp, p0, 1) for k in range(len(kv))]
+        for at, n, start, stride in spans:
+            t.pieces(cos, rows, b_["cos"] + at * ELEM, n, start, stride)
+            t.pieces(sin, rows, b_["sin"] + at * ELEM, n, start, stride)
         if "sinks" in b_:  # the row's heads' sink logits (read at column 0)
             for h, head in enumerate(k * g + m for k in kv for m in range(g)):
                 t.pieces(sinks, rows, b_["sinks"] + h * ELEM, 1, head)
-        for r, grow in enumerate(o_rows(spec, kv, p0, kh, g)):  # W_o: row j's attention dims
+        for r, grow in enumerate(o_rows(spec, kv, p0, kh, g, vec)):  # W_o: row j's attention dims
             t.pieces(w_o, rows, S["o"].weights + r * S["o"].pitch, hc[cj], grow * H + ho[cj])
             for b in range(B):
                 t.pieces(attn, rows, b_["att"] + (b * plan.o_r[j] + r) * ELEM, 1, b * spec.attn_out_size + grow)
@@ -102,19 +107,31 @@ def record_layer(t: TensorRecorder, plan, P: int) -> None:
     _record_ffn(t, plan, pe, col, jj.reshape(-1), ho, fo, H, F)
 
 
-def qkv_runs(spec, kv: tuple[int, ...], p0: int, kh: int, g: int) -> list[tuple[int, int, int]]:
-    """Row layout of q | k | v (attention.dense_row) as runs (local offset, global column, count):
-    [qa | ka | qb | kb | v], a head's pairs p0.. in each half, its dims in that order in v."""
+def qkv_runs(spec, kv: tuple[int, ...], p0: int, kh: int, g: int, by_heads: bool = False
+             ) -> list[tuple[int, int, int, int]]:
+    """Row layout of q | k | v (attention.dense_row) as runs (local offset, global column, count,
+    column stride): [qa | ka | qb | kb | v], a head's pairs p0.. in each half (by_heads: the
+    query halves dim-major, pair dd of the g heads of each KV head a run of stride head_dim),
+    its dims in that order in v."""
     hd, pp, qs = spec.head_dim, kh // 2, spec.q_size
+    hb = g * len(kv)
     q_heads = [k * g + m for k in kv for m in range(g)]
     runs, at = [], 0
     for half in (0, hd // 2):
-        for base in [h * hd for h in q_heads] + [qs + k * hd for k in kv]:
-            runs.append((at, base + half + p0, pp))
+        if by_heads:
+            runs += [(at + dd * hb + n * g, k * g * hd + half + p0 + dd, g, hd) for dd in range(pp)
+                     for n, k in enumerate(kv)]
+            at += hb * pp
+        else:
+            for h in q_heads:
+                runs.append((at, h * hd + half + p0, pp, 1))
+                at += pp
+        for k in kv:
+            runs.append((at, qs + k * hd + half + p0, pp, 1))
             at += pp
     for k in kv:
         for half in (0, hd // 2):
-            runs.append((at, qs + spec.kv_size + k * hd + half + p0, pp))
+            runs.append((at, qs + spec.kv_size + k * hd + half + p0, pp, 1))
             at += pp
     return [r for r in runs if r[2]]
 
@@ -125,10 +142,14 @@ def dim_of(hd: int, p0: int, kh: int, dd: int) -> int:
     return p0 + dd if dd < pp else hd // 2 + p0 + dd - pp
 
 
-def o_rows(spec, kv: tuple[int, ...], p0: int, kh: int, g: int) -> list[int]:
-    """The attention-output dims of a row's att vector, in order (head by head, dim_of)."""
+def o_rows(spec, kv: tuple[int, ...], p0: int, kh: int, g: int, by_heads: bool = False) -> list[int]:
+    """The attention-output dims of a row's att vector, in order: head by head (by_heads: dim by
+    dim), a head's dims in dim_of's order."""
     hd = spec.head_dim
-    return [(k * g + m) * hd + dim_of(hd, p0, kh, dd) for k in kv for m in range(g) for dd in range(kh)]
+    heads = [k * g + m for k in kv for m in range(g)]
+    if by_heads:
+        return [h * hd + dim_of(hd, p0, kh, dd) for dd in range(kh) for h in heads]
+    return [h * hd + dim_of(hd, p0, kh, dd) for h in heads for dd in range(kh)]
 
 
 def _record_cache(t: TensorRecorder, plan, P: int) -> None:
@@ -142,7 +163,7 @@ def _record_cache(t: TensorRecorder, plan, P: int) -> None:
     first_tok = offsets(stay)
     for j in range(plan.Q):
         kv, p0, kh = hr.kv_r[j], hr.p0_r[j], hr.kh_r[j]
-        row = attn_row(plan, (hr.hb_r[j], len(kv), kh), plan.qkv_r[j], ())
+        row = attn_row(plan, (hr.hb_r[j], len(kv), kh, False), plan.qkv_r[j], ())  # (the cache's layout only)
         for i in range(P):
             pe = j * P + i
             for b in range(B):
