@@ -270,18 +270,24 @@ def flash_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row: A
     return out
 
 
+def _flash_buffers(ctx, row: AttnRow) -> tuple:
+    """What both flash variants use: the plan, the row all-reduce, the batch, the buffers (zeros,
+    scores, all-reduce scratch, output accumulators, constants), the statistics' length (one per
+    head and sequence), the running maxima (two, ping-pong between blocks), the rescale factors
+    and the running sums (after the output accumulators)."""
+    plan, b_ = ctx.plan, ctx.plan.buf
+    B, st, att = plan.params.batch, b_["stats"], b_["att"]
+    s = row.hb * B
+    return (plan, ctx.rx, B, b_, b_["zeros"], b_["sc"], b_["tmp"], att, b_["consts"], s, [st, st + s * ELEM],
+            st + 2 * s * ELEM, att + row.hb * row.vh * B * ELEM)
+
+
 def _flash_by_head(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, srole: tuple, out: Ops) -> Ops:
     """flash_ops head by head: per head and query dim an FMAC over a block's tokens, per head an
     RMAX, EXP and RSUM, per head and value dim a DOT (rows with few heads and long blocks)."""
-    plan, rx = ctx.plan, ctx.rx
-    B, b_ = plan.params.batch, plan.buf
-    z, sc, tmp, att, st, c = b_["zeros"], b_["sc"], b_["tmp"], b_["att"], b_["stats"], b_["consts"]
+    plan, rx, B, b_, z, sc, tmp, att, c, s, m, al, lsum = _flash_buffers(ctx, row)
     hb, kh, vh = row.hb, row.kh, row.vh
     oj = hb * vh
-    s = hb * B  # statistics: one per head and sequence
-    m = [st, st + s * ELEM]  # running maximum, ping-pong between blocks
-    al = st + 2 * s * ELEM  # rescale factors
-    lsum = att + oj * B * ELEM  # running sums follow the output accumulators
     heads = [(b, h) for b in range(B) for h in range(hb)]
 
     def stat(base: int, b: int, h: int) -> int:
@@ -357,14 +363,9 @@ def _flash_by_heads(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, s
     AttnRow.q_vec) times one cached key, the softmax elementwise over the heads, per token and
     value dim an FMAC into the output (dim-major over heads) — so a block costs
     tokens x dims ops, not heads x dims."""
-    plan, rx = ctx.plan, ctx.rx
-    B, b_ = plan.params.batch, plan.buf
-    z, sc, tmp, att, st, c = b_["zeros"], b_["sc"], b_["tmp"], b_["att"], b_["stats"], b_["consts"]
+    plan, rx, B, b_, z, sc, tmp, att, c, s, m, al, lsum = _flash_buffers(ctx, row)
     hb, g, kh, vh, nk = row.hb, row.g, row.kh, row.vh, row.nk
-    oj, s = hb * vh, hb * B
-    m = [st, st + s * ELEM]
-    al = st + 2 * s * ELEM
-    lsum = att + oj * B * ELEM
+    oj = hb * vh
 
     def vec(base: int, b: int) -> int:  # a sequence's vector over the heads
         return base + b * hb * ELEM
