@@ -157,12 +157,38 @@ def test_check_model_checks_every_layer(tmp_path):
     assert r.output.count(" ok") == 10 and "layer 1 on 4x8" in r.output
 
 
+@pytest.mark.parametrize("name, batch", [("tiny", 2), ("tiny-moe", 3)])
+def test_a_whole_decode_step_computes_the_model(name, batch):
+    """Embedding, every layer, the LM head and the lanes between them in one trace. (Found RoPE
+    using the all-reduce scratch `tmp` while thread 1 could already receive the next all-reduce's
+    partial into it: a race the schedules exposed once lanes let the threads drift apart.)"""
+    from wse.workload.jobs import _model_plan
+    from wse.workload.step_tensors import step_trace
+    cfg = hardware.load_preset("small").with_overrides(
+        ["sram.sram_bytes=1048576", "wafer.mesh_width=16", "wafer.mesh_height=16"])
+    tr = step_trace(_model_plan(name, cfg, "decode", context=16, batch=batch, moe_mapping="local"))
+    rows, res = _run(tr, cfg)
+    names = {r.name for r in rows}
+    assert {"layer0.out", "layer1.out", "logits", "best_logit"} <= names and not res.raced
+    assert all(r.ok and r.error < 0.03 and r.copies_disagree == 0 for r in rows), rows
+
+
+def test_check_model_full_checks_the_step():
+    r = CliRunner().invoke(cli, ["check", "--model", "tiny", "--full", "--wafer", "small", "--context", "16",
+                                 "--set", "wafer.mesh_width=16", "--set", "wafer.mesh_height=16",
+                                 "--set", "sram.sram_bytes=1048576"])
+    assert r.exit_code == 0, r.output
+    assert "decode step (2 layers" in r.output and "logits" in r.output and "WRONG" not in r.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "tiny-oss"], "low-precision tiles are not recorded yet"),
     (["--model", "tiny-mla"], "not checkable functionally: latent attention"),
     (["--model", "tiny", "--attention", "classic"], "not checkable functionally: --attention classic"),
     (["--model", "tiny", "--phase", "prefill"], "checks decode layers"),
     (["--model", "tiny", "--op", "gemv"], "give exactly one of --trace, --op and --model"),
+    (["--op", "gemv", "--m", "8", "--n", "8", "--full"], "--full checks a model's decode step"),
+    (["--model", "tiny-moe", "--full", "--moe-mapping", "regions"], "expert regions"),
 ])
 def test_check_model_bad_input_is_one_error_line(args, message):
     r = CliRunner().invoke(cli, ["check"] + args + ["--wafer", "small", "--context", "64"])

@@ -25,9 +25,12 @@ EXIT_WRONG = 1
 @_workload_options
 @_functional_options
 @_config_options
+@click.option("--full", is_flag=True, help="--model: the whole decode step in one trace (embedding, layers, LM head, "
+                                           "lanes), not each layer alone")
 @click.option("--threads", type=int, help="Numba threads (default: all cores)")
 @_clean_errors
-def check_cmd(trace_path, op, model, phase, inputs, seed, tolerance, wafer, config_file, sets, threads, **kw) -> None:
+def check_cmd(trace_path, op, model, phase, inputs, seed, tolerance, wafer, config_file, sets, full, threads,
+              **kw) -> None:
     """Run a kernel (--op gemv | gemm | allreduce), a model's decode layers (--model) or a trace
     functionally and check its outputs."""
     from .engine.run import simulate
@@ -42,7 +45,11 @@ def check_cmd(trace_path, op, model, phase, inputs, seed, tolerance, wafer, conf
         raise WseError("--threads must be at least 1")
     cfg = hardware.resolve(wafer, config_file, sets)
     fn = FunctionalRun(inputs, seed or 0, FP16_TOLERANCE if tolerance is None else tolerance)
-    if model:  # every decode layer (or the first --layers), each on one layer region
+    if full and not model:
+        raise WseError("--full checks a model's decode step: give --model")
+    if model and full:  # the whole step: every region and lane in one trace
+        traces = [jobs.step_check_trace(model, cfg, **_workload_kw(kw))]
+    elif model:  # every decode layer (or the first --layers), each on one layer region
         traces = jobs.layer_check_traces(model, cfg, **_workload_kw(kw))
     else:
         where = trace_path or f"--op {op}"

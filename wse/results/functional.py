@@ -168,9 +168,10 @@ def check(outputs: list[Output], expected: dict[str, np.ndarray], tolerance: flo
 
 
 def format_checks(rows: list[Check], raced: list[tuple[int, int]]) -> str:
-    lines = [f"{'tensor':12} {'max error':>10} {'tolerance':>10} {'copies differ':>14}  result"]
+    w = max([12] + [len(r.name) for r in rows])
+    lines = [f"{'tensor':{w}} {'max error':>10} {'tolerance':>10} {'copies differ':>14}  result"]
     for r in rows:
-        lines.append(f"{r.name:12} {r.error:>10.3g} {r.tolerance:>10.3g} {r.copies_disagree:>14,}  "
+        lines.append(f"{r.name:{w}} {r.error:>10.3g} {r.tolerance:>10.3g} {r.copies_disagree:>14,}  "
                      f"{'ok' if r.ok else 'WRONG'}")
     if raced:
         shown = ", ".join(f"({x}, {y})" for x, y in raced[:8])

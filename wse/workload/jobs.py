@@ -168,6 +168,14 @@ def layer_check_traces(name: str, cfg: WaferConfig, **kw) -> list[tuple[str, Tra
              layer_trace(plan.spec, layer, plan.P, plan.Q, cfg, plan.params)) for layer in range(n)]
 
 
+def step_check_trace(name: str, cfg: WaferConfig, **kw) -> tuple[str, Trace]:
+    """The whole decode step of a model (its --layers on the wafer) in one trace with its
+    /tensors, for `wse check --model --full`: (label, trace)."""
+    from .step_tensors import step_trace
+    plan = _model_plan(name, cfg, "decode", **kw)
+    return (f"--model {name} decode step ({plan.n_layers} layers, {plan.P}x{plan.Q} slots)", step_trace(plan))
+
+
 def prefill_traces(name: str, cfg: WaferConfig, output: str, **kw) -> list[tuple[str, Trace]]:
     """Write the kernel traces of one prefill layer next to `output` (<stem>-<kernel>.h5); a
     weight-stationary kernel's trace is one token block (prefill.kernel_trace)."""

@@ -224,6 +224,8 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         rope = max((hb + len(kv)) * kh // 2 for hb, kv, kh in zip(hr.hb_r, hr.kv_r, hr.kh_r))
         buf["cos"] = mem.alloc("rope_cos", max(rope, 1) * ELEM, "weights", G2)
         buf["sin"] = mem.alloc("rope_sin", max(rope, 1) * ELEM, "weights", G3)
+        # RoPE's scratch (not tmp: thread 1 may receive the next all-reduce's partial into it meanwhile)
+        buf["rope"] = mem.alloc("rope_tmp", 2 * max(rope, 1) * ELEM, "scratch", G1)
     buf["scal"] = mem.alloc("scalars", 16 * B * ELEM, "scratch", G1)
     if flash:  # running maxima (two, ping-pong) and rescale factors per head and sequence
         buf["stats"] = mem.alloc("softmax_stats", 3 * hb * B * ELEM, "scratch", G1)
@@ -353,7 +355,7 @@ def qkv_ops(ctx: LayerCtx, i: int, jq: int, qkv_row: tuple, xrole: tuple, norm: 
     cos, sin = b_["cos"], b_["sin"]
     for b in range(B if r else 0):  # a' = a cos - b sin, b' = b cos + a sin
         a, c = qkv + b * ls, qkv + b * ls + r * ELEM
-        t0, t1 = tmp, tmp + r * ELEM
+        t0, t1 = b_["rope"], b_["rope"] + r * ELEM
         out[0] += [compute(MUL, r, dst=t0, src0=a, src1=sin), compute(MUL, r, dst=t1, src0=c, src1=sin),
                    compute(MUL, r, dst=a, src0=a, src1=cos), compute(MUL, r, dst=c, src0=c, src1=cos),
                    compute(SUB, r, dst=a, src0=a, src1=t1), compute(ADD, r, dst=c, src0=c, src1=t0)]

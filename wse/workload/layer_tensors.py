@@ -23,25 +23,42 @@ from .mesh import offsets
 from .region import C_ATTN, C_EPS, C_INV_H, C_ONE, NORM_EPS
 
 
-def record_layer(t: TensorRecorder, plan, P: int) -> None:
-    """/tensors of a layer region at the mesh origin, P columns wide (plan: layer.LayerPlan)."""
+class Prefixed:
+    """A TensorRecorder whose tensor names get a prefix (one region's tensors in a whole step)."""
+
+    def __init__(self, t: TensorRecorder, prefix: str):
+        self.t, self.prefix = t, prefix
+
+    def add(self, name: str, *args, **kw) -> int:
+        return self.t.add(self.prefix + name, *args, **kw)
+
+    def pieces(self, *args) -> None:
+        self.t.pieces(*args)
+
+
+def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, int, int] | None = None,
+                 h_input: bool = True) -> None:
+    """/tensors of a layer region P columns wide (plan: layer.LayerPlan), at origin = (mesh width,
+    x0, y0) (default: alone at the mesh origin); h_input: h is an input (else lanes bring it)."""
     spec, b_, S, B = plan.spec, plan.buf, plan.shapes, plan.params.batch
     Q, Hc, f_r, hr = plan.Q, plan.Hc, plan.f_r, plan.rows
     H, hd, F = spec.hidden_size, spec.head_dim, plan.spec.ffn_size
     g = spec.heads // spec.kv_heads
     ho, fo = np.array(offsets(Hc)), np.array(offsets(f_r))
     hc = np.array(Hc)
+    W, x0, y0 = origin or (P, 0, 0)
     ii, jj = np.meshgrid(np.arange(P), np.arange(Q))  # [Q, P]
-    pe = (jj * P + ii).reshape(-1)
+    pe = ((y0 + jj) * W + x0 + ii).reshape(-1)
     col = ii.reshape(-1)
-    every = np.arange(P * Q)
+    every = pe
 
     def column(name: str, role: str, addr: int, batch: int) -> None:  # [batch, H] in column layout
         k = t.add(name, role, (batch, H) if batch else (H,))
         for b in range(max(batch, 1)):
             t.pieces(k, pe, addr + b * hc[col] * ELEM, hc[col], b * H + ho[col])
 
-    column("h", "input", b_["h"], B)
+    if h_input:
+        column("h", "input", b_["h"], B)
     column("out", "output", b_["h"], B)
     if not plan.moe:  # intermediates the layer leaves in its buffers, checked too
         column("ffn_out", "output", b_["y"], B)
@@ -94,7 +111,7 @@ def record_layer(t: TensorRecorder, plan, P: int) -> None:
             t.pieces(w_o, rows, S["o"].weights + r * S["o"].pitch, hc[cj], grow * H + ho[cj])
             for b in range(B):
                 t.pieces(attn, rows, b_["att"] + (b * plan.o_r[j] + r) * ELEM, 1, b * spec.attn_out_size + grow)
-    _record_cache(t, plan, P)
+    _record_cache(t, plan, P, lambda i, j: (y0 + j) * W + x0 + i)
     if plan.moe:
         _record_moe(t, plan, pe, col, jj.reshape(-1), ho, fo, H)
         return
@@ -152,7 +169,7 @@ def o_rows(spec, kv: tuple[int, ...], p0: int, kh: int, g: int, by_heads: bool =
     return [h * hd + dim_of(hd, p0, kh, dd) for h in heads for dd in range(kh)]
 
 
-def _record_cache(t: TensorRecorder, plan, P: int) -> None:
+def _record_cache(t: TensorRecorder, plan, P: int, pe_of) -> None:
     """k_cache, v_cache [batch, tokens - 1, kv_size]: column i holds tokens in slots 1..tc-1 and
     (but the last column) the one it passes east in slot 0; slot tc receives this step's token."""
     from .layer import attn_row
@@ -165,7 +182,7 @@ def _record_cache(t: TensorRecorder, plan, P: int) -> None:
         kv, p0, kh = hr.kv_r[j], hr.p0_r[j], hr.kh_r[j]
         row = attn_row(plan, (hr.hb_r[j], len(kv), kh, False), plan.qkv_r[j], ())  # (the cache's layout only)
         for i in range(P):
-            pe = j * P + i
+            pe = pe_of(i, j)
             for b in range(B):
                 for d in range(row.dims):
                     k, dd = divmod(d % row.kd, kh) if row.kd else (0, 0)

@@ -27,8 +27,13 @@ def _layer(meta: dict, x: dict) -> dict:
     return reference(meta, x)
 
 
+def _step(meta: dict, x: dict) -> dict:
+    from .step_tensors import reference
+    return reference(meta, x)
+
+
 REFERENCES: dict[str, Callable[[dict, dict], dict]] = {"gemv": _gemv, "allreduce": _allreduce, "gemm": _gemm,
-                                                       "layer": _layer}
+                                                       "layer": _layer, "decode_step": _step}
 
 
 def expected(trace: Trace, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

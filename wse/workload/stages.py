@@ -131,10 +131,11 @@ def _sender(plan: ModelPlan, b: MeshBuilder, slot: Slot, color: int, src: dict, 
 # ---- the full trace ----------------------------------------------------------------------------
 
 
-def full_trace(plan: ModelPlan, delta: int | None = None) -> tuple[Trace, list[RegionBuild]]:
+def full_trace(plan: ModelPlan, delta: int | None = None, record=None) -> tuple[Trace, list[RegionBuild]]:
     """One trace holding every region and lane of the decode step. A wafer that begins with a
     leading part gets its stand-in too, west of its first slot (the mesh one slot wider), sending
-    the combine `delta` cycles after the dispatch (standin_delta)."""
+    the combine `delta` cycles after the dispatch (standin_delta). record(builder, slots):
+    called before the trace is built (step_tensors records the step's /tensors)."""
     ch = chain_of(plan)
     ox = ch.standin.region.x0 if ch.standin else 0
     slots = [_moved(s, ox, 0) for s in plan.slots]
@@ -164,6 +165,8 @@ def full_trace(plan: ModelPlan, delta: int | None = None) -> tuple[Trace, list[R
     for u, v in zip(ch.anchored, ch.anchored[1:]):
         if not ch.group_led_by(u):
             add_lane_routes(b, slots[u], slots[v], *_lanes_between(plan, slots[u], slots[v]), ch.colors[u])
+    if record is not None:
+        record(b, slots)
     return b.build(), builds
 
 

@@ -7,8 +7,8 @@ from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split, ta
 from .models import ModelSpec
 from .params import DecodeParams
 from .plan import fit_check
-from .region import (FMAC, G0, G1, G2, G3, MAX, MUL, SCALE, THREADS, Lanes, RegionBuild, anchor_of, handoff,
-                     handoff_flops, i_chunk, merge, reducers)
+from .region import (C_EPS, C_INV_H, DOT, G0, G1, G2, G3, MAX, MOV, MUL, N_CONSTS, RMAX, RSQRT, RSQRT_FLOPS, SCALE,
+                     THREADS, Lanes, RegionBuild, anchor_of, handoff, handoff_flops, i_chunk, merge, reducers)
 from ..errors import WseError
 
 
@@ -28,9 +28,12 @@ def embedding_memory(spec: ModelSpec, width: int, height: int, cfg, params: Deco
 
 def embedding(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params: DecodeParams,
               lanes: Lanes) -> RegionBuild:
-    """Embedding lookup: the column holding the token's row sends chunk d from row d (lane d)."""
+    """Embedding lookup: the column holding the token's row (sequence b: token + b) copies chunk
+    d of it from row d's table tile and sends it (lane d)."""
     B = params.batch
     mem, Hr, buf = embedding_memory(spec, region.width, region.height, cfg, params)
+    v0 = sum(split(spec.vocab_size, region.width)[:token_column(spec, region.width, params.token)])
+    pitch = -(-max(Hr) * ELEM // 8) * 8
     red = reducers(region, builder, params, spec)
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [(red[X].role(i),) for i in range(region.width)])
@@ -41,7 +44,11 @@ def embedding(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params
 
     def body(xr, yr, sp):
         out = handoff(red, xr[0][0], yr[0][0], buf["scal"], buf["tmp"])
-        return tagged(merge(out, lanes.send(sp, yr[0][1] * B, buf["out"])), t_emb)
+        n = yr[0][1]
+        if "out" in sp:  # (tokens past the column's vocab slice read past its tile: check_gap says so)
+            out[0] += [compute(MOV, n, dst=buf["out"] + b * n * ELEM, src0=buf["table"] + (params.token + b - v0) * pitch)
+                       for b in range(B)]
+        return tagged(merge(out, lanes.send(sp, n * B, buf["out"])), t_emb)
 
     prog.add(body)
     prog.program_ids(builder)
@@ -72,8 +79,10 @@ def lm_memory(spec: ModelSpec, width: int, height: int, cfg, params: DecodeParam
            "h": mem.alloc("h", max(Hr) * B * ELEM, "activations", G3),
            "xn": mem.alloc("xn", max(Hr) * B * ELEM, "activations", G3),
            "logits": mem.alloc("logits", max(Vc) * B * ELEM, "activations", G2),
-           "dot": mem.alloc("dot", max(max(Hr), max(Vc)) * B * ELEM, "scratch", G1),
+           "zeros": mem.alloc("zeros", max(max(Hr), max(Vc)) * B * ELEM, "constants", G1),
+           "consts": mem.alloc("consts", N_CONSTS * ELEM, "constants", G0),
            "scal": mem.alloc("scalars", 16 * B * ELEM, "scratch", G1),
+           "best": mem.alloc("best", B * ELEM, "activations", G2),
            "tmp": mem.alloc("tmp", max(Vc) * B * ELEM, "scratch", G0)}
     fit_check(mem, cfg, f"{spec.name} LM head on a {width}x{height} region")
     return mem, shape, Hr, Vc, buf
@@ -81,23 +90,23 @@ def lm_memory(spec: ModelSpec, width: int, height: int, cfg, params: DecodeParam
 
 def lm_head(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params: DecodeParams,
             lanes: Lanes) -> RegionBuild:
-    """Final RMSNorm, logits (a GEMV reducing along Y, vocab over columns) and the argmax.
+    """Final RMSNorm, logits (a GEMV reducing along Y, vocab over columns) and the greedy
+    token's logit.
 
-    Lane d arrives on row d and is spread along the row; the argmax ends with a row all-reduce
-    of each sequence's maximum.
+    Lane d arrives on row d and is spread along the row; the maximum ends with a row all-reduce
+    of each sequence's column maxima (its index, the token, needs index ops the ISA lacks: the
+    timing of the search is the maximum's).
     """
     B, H, V = params.batch, spec.hidden_size, spec.vocab_size
     W_, H_ = region.width, region.height
     mem, shape, Hr, Vc, buf = lm_memory(spec, W_, H_, cfg, params)
-    g, h, xn, logits, dot, scal, tmp = (buf[k] for k in ("g", "h", "xn", "logits", "dot", "scal", "tmp"))
+    g, h, xn, logits, scal, tmp, z = (buf[k] for k in ("g", "h", "xn", "logits", "scal", "tmp", "zeros"))
     red = reducers(region, builder, params, spec)
     rx, ry = red[X], red[Y]
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [(i_chunk(Vc, i), rx.role(i)) for i in range(W_)])
     prog.add_roles(Y, [(i_chunk(Hr, j), ry.role(j)) for j in range(H_)])
     lanes.install(builder, prog)
-    hs = max(Hr) * ELEM
-
     t_head = builder.tag("lm_head", -1, "lm_head")
 
     def body(xr, yr, sp):
@@ -107,21 +116,31 @@ def lm_head(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params: 
         i, xrole = xr[0]
         j, yrole = yr[0]
         hj, vi = Hr[j], Vc[i]
+        hs = hj * ELEM  # the row's chunk per sequence, back to back
         out = lanes.receive(sp, hj * B, h, W_)
-        merge(out, {0: [compute(FMAC, hj, dst=dot, src0=h + b * hs) for b in range(B)]})
+        # the final RMSNorm: mean squares (h . h / H), down the column, 1/RMS, scale, weight
+        out[0].append(compute(MOV, B, dst=scal, src0=z))
+        for b in range(B):
+            out[0] += [compute(SCALE, hj, dst=xn + b * hs, src0=h + b * hs, src1=buf["consts"] + C_INV_H * ELEM),
+                       compute(DOT, hj, dst=scal + b * ELEM, src0=h + b * hs, src1=xn + b * hs)]
         merge(out, ry.role_ops(yrole, B, scal, tmp))
-        out[0].append(compute(SCALE, hj * B, dst=xn, src0=h))
+        out[0].append(compute(RSQRT, B, dst=scal, src0=scal, src1=buf["consts"] + C_EPS * ELEM))
+        out[0] += [compute(SCALE, hj, dst=xn + b * hs, src0=h + b * hs, src1=scal + b * ELEM) for b in range(B)]
         out[0] += [compute(MUL, hj, dst=xn + b * hs, src0=xn + b * hs, src1=g) for b in range(B)]
-        out[0] += gemv_ops(shape, j, i, xn, logits, B, hs, max(Vc) * ELEM)
+        out[0].append(compute(MOV, vi * B, dst=logits, src0=z))
+        out[0] += gemv_ops(shape, j, i, xn, logits, B, hs, vi * ELEM)
         merge(out, ry.role_ops(yrole, vi * B, logits, tmp))
-        out[0].append(compute(MAX, vi * B, dst=logits, src0=logits, src1=dot))
-        return merge(out, rx.role_ops(xrole, B, scal, tmp, MAX))
+        # the greedy token's logit: each sequence's maximum over the column's slice, then along the row
+        mx = buf["best"]
+        out[0] += [compute(MOV, 1, dst=mx + b * ELEM, src0=logits + b * vi * ELEM) for b in range(B)]
+        out[0] += [compute(RMAX, vi, dst=mx + b * ELEM, src0=logits + b * vi * ELEM) for b in range(B)]
+        return merge(out, rx.role_ops(xrole, B, mx, tmp, MAX))
 
     prog.add(body)
     prog.program_ids(builder)
     # the norm is repeated by every PE of a row, the argmax by every PE of a column
-    flops = {"norm": W_ * 4 * H * B, "lm_head": 2 * H * V * B, "argmax": H_ * V * B,
+    flops = {"norm": W_ * 5 * H * B + W_ * H_ * RSQRT_FLOPS * B, "lm_head": 2 * H * V * B, "argmax": H_ * V * B,
              "allreduce": W_ * (H_ - 1) * B + (H_ - 1) * V * B + H_ * (W_ - 1) * B}
     weights = (spec.lm_head_params() or spec.embedding_params()) * ELEM + H * ELEM
-    return RegionBuild("lm_head", region, mem, flops, 4 * H * B + 2 * H * V * B + V * B, weights, 0,
-                       anchor_of(red))
+    model = 5 * H * B + RSQRT_FLOPS * B + 2 * H * V * B + V * B
+    return RegionBuild("lm_head", region, mem, flops, model, weights, 0, anchor_of(red))

@@ -1,0 +1,113 @@
+"""A whole decode step's tensors (/tensors) and its numpy reference, for `wse check --model M
+--full`: the embedding lookup, every layer (layer_tensors, names prefixed `layer<L>.`, h arriving
+by the lanes), the final RMSNorm, the logits and each sequence's greedy logit — one trace, one
+functional run, so the lanes between regions are checked too."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import WseError
+from .gemv import ELEM
+from .layer_tensors import Prefixed, functional_gap, record_layer, reference as layer_reference
+from .mesh import offsets, split
+from .region import C_EPS, C_INV_H, NORM_EPS
+
+
+def step_gap(plan) -> str | None:
+    """Why a model plan's decode step cannot be checked yet (None: it can)."""
+    from .decode import layer_plan
+    from .tables import token_column
+    if plan.expert_regions or any(s.kind not in ("embedding", "layer", "lm_head") for s in plan.slots):
+        return "expert regions (their dispatch and combine are timing stand-ins); give --moe-mapping local"
+    if not plan.embed or not plan.head:
+        return "a wafer's share of a chain without the embedding or the LM head"
+    width = next(s.region.width for s in plan.slots if s.kind == "embedding")
+    prm = plan.params
+    if token_column(plan.spec, width, prm.token) != token_column(plan.spec, width, prm.token + prm.batch - 1):
+        return f"the batch's tokens {prm.token}..{prm.token + prm.batch - 1} span two columns of the embedding"
+    for layer in range(plan.first_layer, plan.first_layer + plan.n_layers):
+        gap = functional_gap(plan.spec, layer, prm, layer_plan(plan, layer))
+        if gap:
+            return f"layer {layer}: {gap}"
+    return None
+
+
+def step_trace(plan):
+    """The full decode-step trace of a model plan with its /tensors (WseError when not checkable)."""
+    from .stages import full_trace
+    gap = step_gap(plan)
+    if gap:
+        raise WseError(f"{plan.spec.name} decode step: not checkable functionally: {gap}")
+    trace, _ = full_trace(plan, record=lambda b, slots: _record(b, plan, slots))
+    return trace
+
+
+def _record(b, plan, slots) -> None:
+    from .decode import layer_plan
+    from .tables import embedding_memory, lm_memory
+    spec, prm, W = plan.spec, plan.params, b.width
+    b.meta.update(kernel="decode_step", token=str(prm.token), expert_skew=str(prm.expert_skew),
+                  first_layer=str(plan.first_layer))
+    for slot in slots:
+        R = slot.region
+        ii, jj = np.meshgrid(np.arange(R.width), np.arange(R.height))
+        pe, col, row = ((R.y0 + jj) * W + R.x0 + ii).reshape(-1), ii.reshape(-1), jj.reshape(-1)
+        if slot.kind == "layer":
+            record_layer(Prefixed(b.tensors, f"layer{slot.index}."), layer_plan(plan, slot.index), plan.P,
+                         (W, R.x0, R.y0), h_input=False)
+        elif slot.kind == "embedding":
+            mem, Hr, buf = embedding_memory(spec, R.width, R.height, plan.cfg, prm)
+            _record_embedding(b.tensors, spec, buf["table"], split(spec.vocab_size, R.width), Hr, pe, col, row)
+        else:
+            mem, shape, Hr, Vc, buf = lm_memory(spec, R.width, R.height, plan.cfg, prm)
+            _record_head(b.tensors, spec, prm.batch, shape, Hr, Vc, buf, pe, col, row)
+
+
+def _record_embedding(t, spec, table: int, Vc: list[int], Hr: list[int], pe, col, row) -> None:
+    """The table [vocab, hidden]: PE (i, j) holds vocab slice i's rows, hidden chunk j of each."""
+    H, vc, hr = spec.hidden_size, np.array(Vc), np.array(Hr)
+    vo, ho = np.array(offsets(Vc)), np.array(offsets(Hr))
+    pitch = -(-max(Hr) * ELEM // 8) * 8
+    k = t.add("embedding", "weight", (spec.vocab_size, H))
+    for v in range(int(vc.max())):
+        m = vc[col] > v
+        t.pieces(k, pe[m], table + v * pitch, hr[row[m]], (vo[col[m]] + v) * H + ho[row[m]])
+
+
+def _record_head(t, spec, B: int, shape, Hr: list[int], Vc: list[int], buf: dict, pe, col, row) -> None:
+    """The final norm's weight, W_lm [hidden, vocab] (tile of PE (i, j): hidden chunk j x vocab
+    slice i), the logits [batch, vocab] (slice i down column i) and each sequence's largest."""
+    H, V = spec.hidden_size, spec.vocab_size
+    hr, vc = np.array(Hr), np.array(Vc)
+    ho, vo = np.array(offsets(Hr)), np.array(offsets(Vc))
+    t.pieces(t.add("final_norm", "weight", (H,)), pe, buf["g"], hr[row], ho[row])
+    w = t.add("lm_head", "weight", (H, V))
+    for r in range(int(hr.max())):
+        m = hr[row] > r
+        t.pieces(w, pe[m], shape.weights + r * shape.pitch, vc[col[m]], (ho[row[m]] + r) * V + vo[col[m]])
+    logits = t.add("logits", "output", (B, V))
+    for b in range(B):
+        t.pieces(logits, pe, buf["logits"] + b * vc[col] * ELEM, vc[col], b * V + vo[col])
+    t.pieces(t.add("best_logit", "output", (B,)), pe, buf["best"], B, 0)
+    z = buf["zeros"]
+    t.pieces(t.add("head.zeros", "zero", (max(max(Hr), max(Vc)) * B,)), pe, z, max(max(Hr), max(Vc)) * B, 0)
+    for name, c, v in (("head.inv_hidden", C_INV_H, 1 / H), ("head.norm_eps", C_EPS, NORM_EPS)):
+        t.pieces(t.add(name, "constant", (1,), value=v), pe, buf["consts"] + c * ELEM, 1, 0)
+
+
+def reference(meta: dict, x: dict) -> dict:
+    """The decode step in float64: embedding rows of tokens token..token + batch - 1, every layer
+    (layer_tensors.reference), the final RMSNorm, the logits and their maximum."""
+    B, token, first = int(meta["batch"]), int(meta["token"]), int(meta.get("first_layer", 0))
+    h = x["embedding"][token + np.arange(B)]
+    out = {}
+    for layer in range(first, first + int(meta["layers"])):
+        p = f"layer{layer}."
+        sub = {k[len(p):]: v for k, v in x.items() if k.startswith(p)}
+        r = layer_reference({"model": meta["model"], "layer": str(layer), "expert_skew": meta.get("expert_skew", "0")},
+                            dict(sub, h=h))
+        out.update({p + k: v for k, v in r.items()})
+        h = r["out"]
+    xn = h * x["final_norm"] / np.sqrt((h ** 2).mean(axis=-1, keepdims=True) + NORM_EPS)
+    logits = xn @ x["lm_head"]
+    return dict(out, logits=logits, best_logit=logits.max(axis=1))
