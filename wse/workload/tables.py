@@ -32,22 +32,25 @@ def embedding(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params
     d of it from row d's table tile and sends it (lane d)."""
     B = params.batch
     mem, Hr, buf = embedding_memory(spec, region.width, region.height, cfg, params)
-    v0 = sum(split(spec.vocab_size, region.width)[:token_column(spec, region.width, params.token)])
+    v0 = sum(split(spec.vocab_size, region.width)[:token_column(spec, region.width, params.token)])  # its first row
     pitch = -(-max(Hr) * ELEM // 8) * 8
     red = reducers(region, builder, params, spec)
     prog = RegionProgram(region, THREADS)
-    prog.add_roles(X, [(red[X].role(i),) for i in range(region.width)])
+    tc = token_column(spec, region.width, params.token)
+    prog.add_roles(X, [(red[X].role(i), i == tc) for i in range(region.width)])
     prog.add_roles(Y, [(red[Y].role(j), Hr[j]) for j in range(region.height)])
     lanes.install(builder, prog)
 
     t_emb = builder.tag("embedding", -1, "embedding")
 
     def body(xr, yr, sp):
-        out = handoff(red, xr[0][0], yr[0][0], buf["scal"], buf["tmp"])
         n = yr[0][1]
-        if "out" in sp:  # (tokens past the column's vocab slice read past its tile: check_gap says so)
-            out[0] += [compute(MOV, n, dst=buf["out"] + b * n * ELEM, src0=buf["table"] + (params.token + b - v0) * pitch)
-                       for b in range(B)]
+        # the lookup before the hand-off barrier, so what follows the anchor is the lane sends alone
+        # (stages stand in for a sending region by its barrier and sends; step_tensors.step_gap
+        # refuses tokens past the column's vocab slice)
+        out = {0: [compute(MOV, n, dst=buf["out"] + b * n * ELEM, src0=buf["table"] + (params.token + b - v0) * pitch)
+                   for b in range(B)] if xr[0][1] else []}  # (the token's column, lanes or not: stage A0 too)
+        merge(out, handoff(red, xr[0][0], yr[0][0], buf["scal"], buf["tmp"]))
         return tagged(merge(out, lanes.send(sp, n * B, buf["out"])), t_emb)
 
     prog.add(body)
