@@ -175,7 +175,7 @@ def test_an_idle_region_holds_the_token_only_for_its_crossing():
 def test_auto_keeps_local_experts_where_they_fit_and_falls_back_to_regions(small):
     spec = load_model("tiny-moe")
     assert plan_model(spec, small, DecodeParams(batch=2)).experts_per_region == 0
-    tight = small.with_overrides(["wafer.mesh_width=96", "wafer.mesh_height=48", "sram.sram_bytes=2048",
+    tight = small.with_overrides(["wafer.mesh_width=96", "wafer.mesh_height=48", "sram.sram_bytes=2112",
                                   "sram.sram_reserved_bytes=0"])
     with pytest.raises(WseError, match="found no slot size"):
         plan_model(spec, tight, DecodeParams(context=8, moe_mapping="local"))
