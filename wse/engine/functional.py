@@ -258,9 +258,14 @@ def _run(sram, sem, opc, kind, dtype, cin, cout, sems, length, dst, src0, src1,
                         f = fifo_of[p * C + cin[op]] if receives else -1
                         r = route_of[p * C + cout[op]] if sends else -1
                         kd = kind[op]
+                        # two SRAM sources (ADD, SUB, MUL, MAX, DOT); a scalar at src1 (SCALE, EXP,
+                        # RSQRT); a reduction into dst[0] (DOT, RMAX, RSUM)
+                        two = kd == isa.KIND_ADD or kd == isa.KIND_SUB or kd == isa.KIND_MUL or \
+                            kd == isa.KIND_MAX or kd == isa.KIND_DOT
+                        scalar = kd == isa.KIND_SCALE or kd == isa.KIND_EXP or kd == isa.KIND_RSQRT
+                        reduce = kd == isa.KIND_DOT or kd == isa.KIND_RMAX or kd == isa.KIND_RSUM
                         while i < n and budget > 0:
                             w = 0.0
-                            at = dst[op] + i * db
                             if receives:
                                 if head[f] == tail[f]:
                                     break
@@ -279,27 +284,19 @@ def _run(sram, sem, opc, kind, dtype, cin, cout, sems, length, dst, src0, src1,
                                 i += 1
                                 budget -= 1
                                 continue
+                            elif kd == isa.KIND_FMAC:  # (the common case first, computed here)
+                                acc = V.load(sram, p, dst[op] + i * db, dk)
+                                x = w if receives else V.load(sram, p, src0[op] + i * sb, sk)
+                                res = acc + x * V.load(sram, p, src1[op], scal_kind)
                             else:
-                                acc = 0.0
-                                if kd == isa.KIND_FMAC:
-                                    acc = V.load(sram, p, at, dk)
-                                    x = w if receives else V.load(sram, p, src0[op] + i * sb, sk)
-                                    y = V.load(sram, p, src1[op], scal_kind)
-                                elif kd == isa.KIND_MOV or kd == isa.KIND_SCALE or kd >= isa.KIND_EXP and \
-                                        kd != isa.KIND_SUB:  # one source (global tuples would freeze in the cache)
-                                    x = w if receives else V.load(sram, p, src0[op] + i * sb, sk)
-                                    y = V.load(sram, p, src1[op], scal_kind) if (
-                                        kd == isa.KIND_SCALE or kd == isa.KIND_EXP or kd == isa.KIND_RSQRT) else 0.0
-                                    if kd == isa.KIND_RMAX or kd == isa.KIND_RSUM:  # the stride-0 accumulator
-                                        at = dst[op]
-                                        acc = V.load(sram, p, at, dk)
-                                else:
-                                    x = V.load(sram, p, src0[op] + i * sb, sk)
+                                x = w if receives and two == 0 else V.load(sram, p, src0[op] + i * sb, sk)
+                                if two:
                                     y = w if receives else V.load(sram, p, src1[op] + i * sb, sk)
-                                    if kd == isa.KIND_DOT:  # the stride-0 accumulator
-                                        at = dst[op]
-                                        acc = V.load(sram, p, at, dk)
-                                res = V.apply(kd, x, y, acc)
+                                elif scalar:
+                                    y = V.load(sram, p, src1[op], scal_kind)
+                                else:
+                                    y = 0.0
+                                res = V.apply(kd, x, y, V.load(sram, p, dst[op], dk) if reduce else 0.0)
                             if sends:
                                 payload = V.to_payload(sk if code == isa.OP_SEND else out_kind, res)
                                 for d in range(inj_off[r], inj_off[r + 1]):
@@ -318,7 +315,7 @@ def _run(sram, sem, opc, kind, dtype, cin, cout, sems, length, dst, src0, src1,
                                         wn += 1
                                         inq[q] = True
                             else:
-                                V.store(sram, p, at, dk, res)
+                                V.store(sram, p, dst[op] if reduce else dst[op] + i * db, dk, res)
                             i += 1
                             budget -= 1
                         if i > el[k]:
