@@ -88,7 +88,8 @@ def test_the_layer_reference_is_the_textbook_layer():
          "w_o": rng.standard_normal((spec.q_size, H)) / 16, "w_gate": rng.standard_normal((H, F_)) / 16,
          "w_up": rng.standard_normal((H, F_)) / 16, "w_down": rng.standard_normal((F_, H)) / 23,
          "rope_cos": np.cos(np.arange(hd // 2)), "rope_sin": np.sin(np.arange(hd // 2)),
-         "k_cache": rng.standard_normal((1, T - 1, spec.kv_size)), "v_cache": rng.standard_normal((1, T - 1, spec.kv_size))}
+         "k_cache": rng.standard_normal((1, T - 1, spec.kv_size)),
+         "v_cache": rng.standard_normal((1, T - 1, spec.kv_size))}
     h = x["h"][0]
     n = h * x["g1"] / np.sqrt(np.mean(h * h) + 1e-5)
     qkv = n @ x["w_qkv"]

@@ -227,6 +227,22 @@ def by_heads(params, hb: int, tc: int) -> bool:
     return hb > min(block_tokens(params, hb), tc)
 
 
+def attn_row(plan, qkv_row: tuple | None, qkvj: int, yr: tuple) -> AttnRow:
+    """Flash attention's view of a row of a layer plan (layer.LayerPlan): a dense row's qkv layout
+    (dense_row; qkv_row = (heads, KV pieces, dims per piece, by heads)), or latent attention's
+    (every head over the row's latent dims yr[0][2], the query absorbed into q_absorbed)."""
+    b_, slots = plan.buf, max(plan.T_c) + 1
+    if qkv_row is not None:
+        hb, nk, kh, vec = qkv_row
+        return dense_row(hb, hb // nk if nk else hb, kh, b_["qkv"], qkvj, b_["kv"], slots, vec)
+    heads, kh, qa, v = plan.spec.heads, yr[0][2], yr[1][1], yr[1][3]
+    qst, ast = max(plan.q_r) * ELEM, max(plan.qkv_r) * ELEM
+    vec = by_heads(plan.params, heads, max(plan.T_c))  # (the absorbed query dim-major when by heads)
+    return AttnRow(heads, heads, kh, v, 0, slots, b_["kv"],
+                   lambda b, h, dd: b_["qabs"] + b * qst + ((dd * heads + h) if vec else (h * kh + dd)) * ELEM,
+                   lambda b, d: b_["qkv"] + b * ast + (qa + d) * ELEM, vec)
+
+
 def kv_shift_dims(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row: AttnRow) -> Ops:
     """The shift-based KV cache, dim-major: the column attends slots 1..tc; it passes its oldest
     token (slot 0) east (thread 2), the column west of it passes one into slot tc (thread 3);
@@ -407,7 +423,8 @@ def _flash_by_heads(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, s
         t0 += [compute(SUB, hb, dst=sc_t(b, tt), src0=sc_t(b, tt), src1=vec(m[cur], b))
                for b in range(B) for tt in range(t)]
         t0.append(compute(EXP, e, dst=sc, src0=sc, src1=z))
-        t0 += [compute(ADD, hb, dst=vec(lsum, b), src0=vec(lsum, b), src1=sc_t(b, tt)) for b in range(B) for tt in range(t)]
+        t0 += [compute(ADD, hb, dst=vec(lsum, b), src0=vec(lsum, b), src1=sc_t(b, tt))
+               for b in range(B) for tt in range(t)]
         t0 += [compute(FMAC, g, dst=o_vec(b, dv) + p * g * ELEM, src0=sc_t(b, tt) + p * g * ELEM,
                        src1=row.at(b, row.v_dim(p, dv), s0 + tt))
                for b in range(B) for tt in range(t) for p in range(nk) for dv in range(vh)]
@@ -422,7 +439,8 @@ def _flash_by_heads(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, s
     t0 = out[0]
     t0 += [compute(SUB, s, dst=m[cur], src0=m[cur], src1=al), compute(EXP, s, dst=m[cur], src0=m[cur], src1=z),
            compute(MUL, s, dst=lsum, src0=lsum, src1=m[cur])]
-    t0 += [compute(MUL, hb, dst=o_vec(b, dv), src0=o_vec(b, dv), src1=vec(m[cur], b)) for b in range(B) for dv in range(vh)]
+    t0 += [compute(MUL, hb, dst=o_vec(b, dv), src0=o_vec(b, dv), src1=vec(m[cur], b))
+           for b in range(B) for dv in range(vh)]
     if sink:
         sx = b_["sink_exp"]
         t0 += [compute(SUB, hb, dst=vec(sx, b), src0=b_["sinks"], src1=vec(al, b)) for b in range(B)]

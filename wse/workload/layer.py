@@ -14,8 +14,7 @@ import dataclasses
 
 from ..errors import WseError
 from ..trace import Op, compute
-from .attention import (SINK_FLOPS, AttnRow, HeadRows, attention_ops, attention_segments, block_tokens, by_heads,
-                        dense_row,
+from .attention import (SINK_FLOPS, HeadRows, attention_ops, attention_segments, attn_row, block_tokens, by_heads,
                         flash_flops, flash_ops, head_rows)
 from .ffn import ffn_ops, moe_experts, moe_ffn_ops, moe_gate_flops, norm_scale_ops
 from .gemv import ELEM, GemvShape, gemv_ops
@@ -477,21 +476,6 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     executed, model = layer_flops(plan, parts)
     return RegionBuild("layer", region, plan.mem, executed, model, layer_weight_bytes(plan),
                        spec.kv_cache_width * sum(plan.T_c) * B * ELEM, anchor_of(red))
-
-
-def attn_row(plan: LayerPlan, qkv_row: tuple | None, qkvj: int, yr: tuple) -> AttnRow:
-    """Flash attention's view of a row: a dense row's qkv layout (attention.dense_row), or latent
-    attention's (every head over the row's latent dims, the query absorbed into q_absorbed)."""
-    b_, slots = plan.buf, max(plan.T_c) + 1
-    if qkv_row is not None:
-        hb, nk, kh, vec = qkv_row
-        return dense_row(hb, hb // nk if nk else hb, kh, b_["qkv"], qkvj, b_["kv"], slots, vec)
-    heads, kh, qa, v = plan.spec.heads, yr[0][2], yr[1][1], yr[1][3]
-    qst, ast = max(plan.q_r) * ELEM, max(plan.qkv_r) * ELEM
-    vec = by_heads(plan.params, heads, max(plan.T_c))  # (the absorbed query dim-major when by heads)
-    return AttnRow(heads, heads, kh, v, 0, slots, b_["kv"],
-                   lambda b, h, dd: b_["qabs"] + b * qst + ((dd * heads + h) if vec else (h * kh + dd)) * ELEM,
-                   lambda b, d: b_["qkv"] + b * ast + (qa + d) * ELEM, vec)
 
 
 def layer_weight_bytes(plan: LayerPlan) -> int:

@@ -1,15 +1,16 @@
-"""Where one dense decode layer's tensors live (/tensors, docs/trace-format.md), and the numpy
+"""Where one decode layer's tensors live (/tensors, docs/trace-format.md), and the numpy
 reference of the layer, for functional runs of a layer region (`wse check --model`).
 
 The layer's inputs are the residual stream h [batch, hidden] (chunk i on every PE of column i)
 and the KV cache of the context's other tokens [batch, tokens - 1, kv_size] (dim-major in the
 columns' slots, attention.AttnRow); its weights are the norms' g1, g2, W_qkv [hidden, q | k | v],
-W_o, W_gate, W_up [hidden, ffn], W_down, the biases where the model has them, and RoPE's cos and
-sin [head_dim / 2] (inputs: the position's angles, any values); its output is h after the layer,
-in place; the intermediates it leaves in its buffers (q | k | v after RoPE, the attention
-output, SiLU(gate) * up, the FFN's output) are outputs too, so an error diluted by the residual
-stream still shows. Recorded for dense layers with flash attention and 16-bit weights (layer.functional_gap
-says what else is missing).
+W_o, W_gate, W_up [hidden, ffn], W_down (MoE: W_router and every expert's, [experts, ...]), the
+biases and attention sinks where the model has them, and RoPE's cos and sin [head_dim / 2]
+(inputs: the position's angles, any values); its output is h after the layer, in place; the
+intermediates it leaves in its buffers (q | k | v after RoPE, the attention output, SiLU(gate) *
+up, the FFN's output; MoE: the router's logits and the gates) are outputs too, so an error
+diluted by the residual stream still shows. Recorded for layers with flash attention, dense or
+with local experts, at 16-bit weights (functional_gap says what else is missing).
 """
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
         column("b_o", "weight", b_["b_o"], 0)
     z = plan.mem.buffers["zeros"]
     t.pieces(t.add("zeros", "zero", (z[1] // ELEM,)), every, z[0], z[1] // ELEM, 0)
-    for name, c, v in (("inv_hidden", C_INV_H, 1 / H), ("norm_eps", C_EPS, NORM_EPS), ("attn_scale", C_ATTN, hd ** -0.5),
-                       ("one", C_ONE, 1.0)):
+    for name, c, v in (("inv_hidden", C_INV_H, 1 / H), ("norm_eps", C_EPS, NORM_EPS),
+                       ("attn_scale", C_ATTN, hd ** -0.5), ("one", C_ONE, 1.0)):
         t.pieces(t.add(name, "constant", (1,), value=v), every, b_["consts"] + c * ELEM, 1, 0)
 
     n_qkv = spec.q_size + 2 * spec.kv_size
@@ -83,11 +84,14 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
     for j in range(Q):
         kv, p0, kh = hr.kv_r[j], hr.p0_r[j], hr.kh_r[j]
         pp, L, hb = kh // 2, plan.qkv_r[j], hr.hb_r[j]
+        rows = pe[jj.reshape(-1) == j]
+        cj = col[jj.reshape(-1) == j]
+        if "sinks" in b_:  # the row's heads' sink logits (read at column 0, by rows without dims too)
+            for h, head in enumerate(k * g + m for k in kv for m in range(g)):
+                t.pieces(sinks, rows, b_["sinks"] + h * ELEM, 1, head)
         if not L:
             continue
         vec = by_heads(plan.params, hb, max(plan.T_c))
-        rows = pe[jj.reshape(-1) == j]
-        cj = col[jj.reshape(-1) == j]
         for local, gcol, n, stride in qkv_runs(spec, kv, p0, kh, g, vec):  # W_qkv: a piece per tile row and run
             r = np.arange(hc.max())
             pr, rr = np.meshgrid(np.arange(len(rows)), r, indexing="ij")
@@ -104,9 +108,6 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
         for at, n, start, stride in spans:
             t.pieces(cos, rows, b_["cos"] + at * ELEM, n, start, stride)
             t.pieces(sin, rows, b_["sin"] + at * ELEM, n, start, stride)
-        if "sinks" in b_:  # the row's heads' sink logits (read at column 0)
-            for h, head in enumerate(k * g + m for k in kv for m in range(g)):
-                t.pieces(sinks, rows, b_["sinks"] + h * ELEM, 1, head)
         for r, grow in enumerate(o_rows(spec, kv, p0, kh, g, vec)):  # W_o: row j's attention dims
             t.pieces(w_o, rows, S["o"].weights + r * S["o"].pitch, hc[cj], grow * H + ho[cj])
             for b in range(B):
@@ -172,7 +173,7 @@ def o_rows(spec, kv: tuple[int, ...], p0: int, kh: int, g: int, by_heads: bool =
 def _record_cache(t: TensorRecorder, plan, P: int, pe_of) -> None:
     """k_cache, v_cache [batch, tokens - 1, kv_size]: column i holds tokens in slots 1..tc-1 and
     (but the last column) the one it passes east in slot 0; slot tc receives this step's token."""
-    from .layer import attn_row
+    from .attention import attn_row
     spec, hr, B = plan.spec, plan.rows, plan.params.batch
     T1, kvs, hd = sum(plan.T_c) - 1, spec.kv_size, spec.head_dim
     kc, vc = t.add("k_cache", "input", (B, T1, kvs)), t.add("v_cache", "input", (B, T1, kvs))
@@ -225,7 +226,8 @@ def _record_moe(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int) -> None:
     logits = t.add("router", "output", (B, E))
     for r in range(int(hc.max())):
         sel = (hc[col] > r) & (er[row] > 0)
-        t.pieces(wr, pe[sel], S["router"].weights + r * S["router"].pitch, er[row[sel]], (ho[col[sel]] + r) * E + eo[row[sel]])
+        t.pieces(wr, pe[sel], S["router"].weights + r * S["router"].pitch, er[row[sel]],
+                 (ho[col[sel]] + r) * E + eo[row[sel]])
     sel = er[row] > 0
     for b in range(B):
         t.pieces(logits, pe[sel], b_["qkv"] + b * er[row[sel]] * ELEM, er[row[sel]], b * E + eo[row[sel]])
@@ -240,7 +242,8 @@ def _record_moe(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int) -> None:
         sel = fr[row] > 0
         for e in range(n):
             for half, w in enumerate((bg, bu)):
-                t.pieces(w, pe[sel], b_["b_gu"] + e * gs + half * fr[row[sel]] * ELEM, fr[row[sel]], e * F + fo[row[sel]])
+                t.pieces(w, pe[sel], b_["b_gu"] + e * gs + half * fr[row[sel]] * ELEM, fr[row[sel]],
+                         e * F + fo[row[sel]])
             t.pieces(bd, pe, b_["b_dn"] + e * ds, hc[col], e * H + ho[col])
 
 
