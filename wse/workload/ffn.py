@@ -39,7 +39,7 @@ def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, b
     (reduce Y).
 
     norm: xn is the RMSNorm's weighted input not yet divided by its RMS; the gate/up
-    all-reduce carries the sums of squares (layer.norm_ops, which cleared the accumulators)
+    all-reduce carries the mean squares (layer.norm_ops, which cleared the accumulators)
     and the outputs are scaled after it.
 
     Reads xn (the column's chunk per sequence, back to back), leaves the output chunk in y

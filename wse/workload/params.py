@@ -28,7 +28,7 @@ class DecodeParams:
     weights: str | None = None  # linear weights' precision (precision.WEIGHTS); None: the model's checkpoint
     attention: str = "flash"  # decode attention: "flash" (blocked, online softmax) or "classic" (attention.py)
     attention_block: int = 0  # flash: cached tokens per block and column (0: attention.block_tokens)
-    norms: str = "fused"  # RMSNorm's sum of squares in the next GEMV's all-reduce ("fused") or its own
+    norms: str = "fused"  # RMSNorm's mean square in the next GEMV's all-reduce ("fused") or its own
 
     def __post_init__(self) -> None:
         if self.moe_mapping not in MOE_MAPPINGS:
