@@ -190,6 +190,7 @@ def test_check_model_full_checks_the_step():
     (["--model", "tiny", "--op", "gemv"], "give exactly one of --trace, --op and --model"),
     (["--op", "gemv", "--m", "8", "--n", "8", "--full"], "--full checks a model's decode step"),
     (["--model", "tiny-moe", "--full", "--moe-mapping", "regions"], "expert regions"),
+    (["--model", "tiny-moe", "--moe-mapping", "regions"], "expert regions"),
 ])
 def test_check_model_bad_input_is_one_error_line(args, message):
     r = CliRunner().invoke(cli, ["check"] + args + ["--wafer", "small", "--context", "64"])
