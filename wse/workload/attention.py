@@ -298,6 +298,12 @@ def _flash_buffers(ctx, row: AttnRow) -> tuple:
             st + 2 * s * ELEM, att + row.hb * row.vh * B * ELEM)
 
 
+def _open_block(receives: bool, e: int, sc: int, z: int) -> list:
+    """A block's first ops: its e scores cleared, and (the block with slot tc, receives) the wait
+    for the token the column west of it passed."""
+    return [compute(MOV, e, dst=sc, src0=z)] + ([wait(SEM_KV_RECEIVED)] if receives else [])
+
+
 def _flash_by_head(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, srole: tuple, out: Ops) -> Ops:
     """flash_ops head by head: per head and query dim an FMAC over a block's tokens, per head an
     RMAX, EXP and RSUM, per head and value dim a DOT (rows with few heads and long blocks)."""
@@ -321,9 +327,7 @@ def _flash_by_head(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, sr
 
         def sc_at(b: int, h: int) -> int:
             return sc + (b * hb + h) * t * ELEM
-        t0.append(compute(MOV, e, dst=sc, src0=z))
-        if k == len(bks) - 1 and not first_col:  # the block with slot tc: the received token
-            t0.append(wait(SEM_KV_RECEIVED))
+        t0 += _open_block(k == len(bks) - 1 and not first_col, e, sc, z)
         t0 += [compute(FMAC, t, dst=sc_at(b, h), src0=row.at(b, h // row.g * kh + dd, s0), src1=row.q_at(b, h, dd))
                for b, h in heads for dd in range(kh)]
         merge(out, ctx.seg_reduce(srole, e, sc))
@@ -397,9 +401,7 @@ def _flash_by_heads(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, s
 
         def sc_t(b: int, tt: int) -> int:
             return sc + (b * t + tt) * hb * ELEM
-        t0.append(compute(MOV, e, dst=sc, src0=z))
-        if k == len(bks) - 1 and not first_col:
-            t0.append(wait(SEM_KV_RECEIVED))
+        t0 += _open_block(k == len(bks) - 1 and not first_col, e, sc, z)
         t0 += [compute(FMAC, g, dst=sc_t(b, tt) + p * g * ELEM, src0=row.q_vec(b, dd) + p * g * ELEM,
                        src1=row.at(b, p * kh + dd, s0 + tt))
                for b in range(B) for tt in range(t) for p in range(nk) for dd in range(kh)]

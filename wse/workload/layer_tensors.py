@@ -51,7 +51,6 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
     ii, jj = np.meshgrid(np.arange(P), np.arange(Q))  # [Q, P]
     pe = ((y0 + jj) * W + x0 + ii).reshape(-1)
     col = ii.reshape(-1)
-    every = pe
 
     def column(name: str, role: str, addr: int, batch: int) -> None:  # [batch, H] in column layout
         k = t.add(name, role, (batch, H) if batch else (H,))
@@ -68,10 +67,10 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
     if "b_o" in b_:
         column("b_o", "weight", b_["b_o"], 0)
     z = plan.mem.buffers["zeros"]
-    t.pieces(t.add("zeros", "zero", (z[1] // ELEM,)), every, z[0], z[1] // ELEM, 0)
+    t.pieces(t.add("zeros", "zero", (z[1] // ELEM,)), pe, z[0], z[1] // ELEM, 0)
     for name, c, v in (("inv_hidden", C_INV_H, 1 / H), ("norm_eps", C_EPS, NORM_EPS),
                        ("attn_scale", C_ATTN, hd ** -0.5), ("one", C_ONE, 1.0)):
-        t.pieces(t.add(name, "constant", (1,), value=v), every, b_["consts"] + c * ELEM, 1, 0)
+        t.pieces(t.add(name, "constant", (1,), value=v), pe, b_["consts"] + c * ELEM, 1, 0)
 
     n_qkv = spec.q_size + 2 * spec.kv_size
     w_qkv = t.add("w_qkv", "weight", (H, n_qkv))

@@ -32,11 +32,11 @@ def embedding(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params
     d of it from row d's table tile and sends it (lane d)."""
     B = params.batch
     mem, Hr, buf = embedding_memory(spec, region.width, region.height, cfg, params)
-    v0 = sum(split(spec.vocab_size, region.width)[:token_column(spec, region.width, params.token)])  # its first row
+    tc = token_column(spec, region.width, params.token)
+    v0 = sum(split(spec.vocab_size, region.width)[:tc])  # the token column's first vocab row
     pitch = -(-max(Hr) * ELEM // 8) * 8
     red = reducers(region, builder, params, spec)
     prog = RegionProgram(region, THREADS)
-    tc = token_column(spec, region.width, params.token)
     prog.add_roles(X, [(red[X].role(i), i == tc) for i in range(region.width)])
     prog.add_roles(Y, [(red[Y].role(j), Hr[j]) for j in range(region.height)])
     lanes.install(builder, prog)
