@@ -115,13 +115,15 @@ def test_the_layer_reference_is_the_textbook_layer():
     assert np.allclose(layer_reference({"model": "tiny", "layer": "0"}, x)["out"][0], want, rtol=1e-9, atol=1e-9)
 
 
-def test_layer_tensors_cover_every_weight_once(roomy):
-    tr = layer_trace(load_model("tiny"), 0, 3, 5, roomy, DecodeParams(batch=2, context=13))
+@pytest.mark.parametrize("name", ["tiny", "tiny-mla"])
+def test_layer_tensors_cover_every_weight_once(name, roomy):
+    tr = layer_trace(load_model(name), 0, 3, 5, roomy, DecodeParams(batch=2, context=13))
     t = tr.tensors
     for i, ten in enumerate(t.tensors):
         flat = np.concatenate([f for _, _, f in RF._spots(t, i)])
         assert np.array_equal(np.unique(flat), np.arange(ten.size)), ten.name  # every element somewhere
-        if ten.role == "weight" and ten.name not in ("g1", "g2"):  # tiles: once (norm weights: down each column)
+        # tiles: once (norm weights: down each column, or along each row)
+        if ten.role == "weight" and ten.name not in ("g1", "g2", "g_qa", "g_kv"):
             assert len(flat) == ten.size, ten.name
 
 
@@ -142,9 +144,83 @@ def test_moe_and_gpt_oss_layers_compute_the_models_layer(name, layer, P, Q, batc
     assert all(r.error < 0.02 and r.copies_disagree == 0 for r in rows), rows
 
 
+# latent attention: rows of single latent dims or rotary pairs (2 x 36), one PE, the flash steps over the
+# heads (blocks shorter than the 4 heads), a chain all-reduce, MoE layers, batches of 2 and 3
+@pytest.mark.parametrize("layer, P, Q, batch, context, kw", [
+    (0, 4, 8, 1, 16, {}),
+    (0, 3, 5, 2, 13, dict(attention_block=2)),
+    (0, 1, 1, 2, 9, dict(attention_block=3)),
+    (2, 2, 36, 1, 8, dict(attention_block=1)),
+    (0, 5, 7, 3, 23, dict(attention_block=3, algo="chain")),
+    (1, 8, 16, 2, 40, {}),
+])
+def test_a_latent_attention_layer_computes_the_models_layer(layer, P, Q, batch, context, kw, roomy):
+    """(Found: the absorbed query written head-major while flash over the heads reads it dim-major,
+    its output read head-major by W_uv; the latent norms were FMAC stand-ins; RoPE rotated rows'
+    halves of pairs another row held; q_a, q, o and the O projection's outputs strided by the
+    widest chunk while their all-reduces moved each line's back to back.)"""
+    tr = layer_trace(load_model("tiny-mla"), layer, P, Q, roomy, DecodeParams(batch=batch, context=context, **kw))
+    rows, res = _run(tr, roomy)
+    names = {r.name for r in rows}
+    assert {"out", "q", "latent", "attn_latent", "o_heads"} <= names and not res.raced
+    assert all(r.error < 0.02 and r.copies_disagree == 0 for r in rows), rows
+
+
+def test_a_wrong_absorbed_operand_is_caught(roomy):
+    """One W_uk FMAC of one PE reading the q_nope scalar next to the right one: q is still right,
+    the latent attention is not."""
+    tr = layer_trace(load_model("tiny-mla"), 0, 4, 8, roomy, DecodeParams(context=16))
+    tag = [k for k, t in enumerate(tr.tags) if t.name == "layer 0 qkv"][0]
+    from wse.workload.layer import plan_layer
+    uk = plan_layer(load_model("tiny-mla"), 0, 4, roomy, DecodeParams(context=16), Q=8).shapes["uk"]
+    sel = (tr.ops["kind"] == isa.KIND_FMAC) & (tr.ops["tag"] == tag) & (tr.ops["src0"] >= uk.weights) \
+        & (tr.ops["src0"] < uk.weights + uk.tile_bytes())
+    tr.ops["src1"][int(np.flatnonzero(sel)[3])] += 2
+    err = {r.name: r for r in _run(tr, roomy)[0]}
+    assert err["q"].ok and not err["attn_latent"].ok and err["attn_latent"].error > 0.05
+
+
+def test_the_latent_reference_is_the_textbook_attention():
+    """The absorbed form against multi-head attention with the keys and values materialized:
+    k[h] = [c_kv . W_uk[h]^T | k_pe], v[h] = c_kv . W_uv[h], scores over nope + rope dims."""
+    from wse.workload.mla_tensors import reference_mla
+    spec = load_model("tiny-mla")
+    m, rng = spec.mla, np.random.default_rng(7)
+    H, heads, kvl, nope, rope, vd, T = spec.hidden_size, spec.heads, m.kv_lora_rank, m.qk_nope_head_dim, \
+        m.qk_rope_head_dim, m.v_head_dim, 5
+    A = m.q_lora_rank + kvl + rope
+    x = {"g1": rng.standard_normal(H), "g_qa": rng.standard_normal(m.q_lora_rank), "g_kv": rng.standard_normal(kvl),
+         "w_a": rng.standard_normal((H, A)) / 16, "w_qb": rng.standard_normal((m.q_lora_rank, spec.q_size)) / 8,
+         "w_uk": rng.standard_normal((heads, nope, kvl)) / 4, "w_uv": rng.standard_normal((heads, kvl, vd)) / 6,
+         "w_o": rng.standard_normal((heads * vd, H)) / 8, "rope_cos": np.cos(np.arange(rope // 2) * 0.7),
+         "rope_sin": np.sin(np.arange(rope // 2) * 0.7), "c_cache": rng.standard_normal((1, T - 1, kvl + rope))}
+    h = rng.standard_normal((1, H))
+
+    def rms(v, w):
+        return v * w / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + 1e-5)
+
+    def rot(v):
+        a, b = v[: rope // 2], v[rope // 2:]
+        return np.concatenate([a * x["rope_cos"] - b * x["rope_sin"], b * x["rope_cos"] + a * x["rope_sin"]])
+    a = rms(h[0], x["g1"]) @ x["w_a"]
+    q_a, c_kv = rms(a[:m.q_lora_rank], x["g_qa"]), rms(a[m.q_lora_rank:m.q_lora_rank + kvl], x["g_kv"])
+    latent = np.concatenate([c_kv, rot(a[m.q_lora_rank + kvl:])])
+    cache = np.concatenate([x["c_cache"][0], latent[None]])
+    q = (q_a @ x["w_qb"]).reshape(heads, nope + rope)
+    o = np.zeros((heads, vd))
+    for hh in range(heads):
+        keys = np.concatenate([cache[:, :kvl] @ x["w_uk"][hh].T, cache[:, kvl:]], axis=1)  # [T, nope + rope]
+        values = cache[:, :kvl] @ x["w_uv"][hh]
+        s = keys @ np.concatenate([q[hh, :nope], rot(q[hh, nope:])]) / np.sqrt(nope + rope)
+        p = np.exp(s - s.max())
+        o[hh] = (p / p.sum()) @ values
+    h1, got = reference_mla(spec, x, h, rms)
+    assert np.allclose(h1[0], h[0] + o.reshape(-1) @ x["w_o"], rtol=1e-9, atol=1e-9)
+    assert np.allclose(got["latent"][0], latent) and np.allclose(got["o_heads"][0], o.reshape(-1))
+
+
 def test_what_is_not_checkable_says_why(roomy):
-    for name, params, what in (("tiny-mla", DecodeParams(context=16), "latent attention"),
-                               ("tiny", DecodeParams(context=16, attention="classic"), "classic"),
+    for name, params, what in (("tiny", DecodeParams(context=16, attention="classic"), "classic"),
                                ("tiny", DecodeParams(context=16, weights="fp8"), "low-precision"),
                                ("tiny", DecodeParams(context=3), "fewer than the region.s 4 columns")):
         with pytest.raises(WseError, match=what):
@@ -158,7 +234,7 @@ def test_check_model_checks_every_layer(tmp_path):
     assert r.output.count(" ok") == 10 and "layer 1 on 4x8" in r.output
 
 
-@pytest.mark.parametrize("name, batch", [("tiny", 2), ("tiny-moe", 3)])
+@pytest.mark.parametrize("name, batch", [("tiny", 2), ("tiny-moe", 3), ("tiny-mla", 2)])
 def test_a_whole_decode_step_computes_the_model(name, batch):
     """Embedding, every layer, the LM head and the lanes between them in one trace. (Found RoPE
     using the all-reduce scratch `tmp` while thread 1 could already receive the next all-reduce's
@@ -184,7 +260,6 @@ def test_check_model_full_checks_the_step():
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "tiny-oss"], "low-precision tiles are not recorded yet"),
-    (["--model", "tiny-mla"], "not checkable functionally: latent attention"),
     (["--model", "tiny", "--attention", "classic"], "not checkable functionally: --attention classic"),
     (["--model", "tiny", "--phase", "prefill"], "checks decode layers"),
     (["--model", "tiny", "--op", "gemv"], "give exactly one of --trace, --op and --model"),

@@ -19,7 +19,7 @@ from wse.workload.layer import decode_layer, layer_flops, layer_weight_bytes, pl
 from wse.workload.params import DecodeParams
 from wse.workload.region import Lanes
 from wse.workload.mesh import MeshBuilder, Region
-from wse.workload.mla import mla_split, pe_moves
+from wse.workload.mla import cache_dims, mla_split, most_mla_rows, pe_moves, q_dims
 from wse.workload.models import load_model
 from wse.workload.plan import FitError
 
@@ -29,22 +29,29 @@ from wse.workload.plan import FitError
 def test_the_cut_covers_every_dimension_once(name, P):
     spec = load_model(name)
     m = spec.mla
-    width = m.kv_lora_rank + m.qk_rope_head_dim
-    P = min(P, width)  # at most one row per cache dimension
+    width, qk = m.kv_lora_rank + m.qk_rope_head_dim, m.qk_nope_head_dim + m.qk_rope_head_dim
+    P = min(P, most_mla_rows(spec))  # at most one latent dim or rotary pair per row
     s = mla_split(spec, P)
     assert sum(s.c_r) == width and sum(s.v_r) == m.kv_lora_rank and sum(s.r_r) == m.qk_rope_head_dim
-    assert sum(s.qa_r) == m.q_lora_rank and sum(s.qn_r) == spec.q_size
+    assert sum(s.qa_r) == m.q_lora_rank and sum(s.qn_r) == spec.q_size and min(s.c_r) > 0
     assert sum(s.nope_n) == spec.heads * m.qk_nope_head_dim
     assert sum(n for runs in s.oh_runs for _, _, n in runs) == sum(s.oh_r) == spec.attn_out_size
-    # every q_pe element moves into the absorbed query exactly once, at its own rope index
+    assert sorted(d for i in range(P) for d in q_dims(spec, s, i)) == list(range(spec.q_size))
+    assert sorted(d for j in range(P) for d in cache_dims(spec, s, j)) == list(range(width))
+    # whole rotary pairs on a row and in a column's head piece
+    assert all(r % 2 == 0 for r in s.r_r) and all(p > 0 for runs in s.pe_runs for _, a, b, _ in runs for p in [b - a])
+    # every q_pe element moves into the absorbed query exactly once, to the cache dim of its own rope index
     moved = {}
     for i in range(P):
+        qd = q_dims(spec, s, i)
         for j in range(P):
+            cd = cache_dims(spec, s, j)
             for h, off, n, pos in pe_moves(s.pe_runs[i], s.rope_lo[j], s.r_r[j], s.v_r[j]):
                 for t in range(n):
-                    key = (h, s.rope_lo[j] + off - s.v_r[j] + t)
-                    assert key not in moved
-                    moved[key] = (i, pos + t)
+                    dim = cd[off + t] - m.kv_lora_rank  # the rope dim of the row's cache position
+                    assert qd[pos + t] == h * qk + m.qk_nope_head_dim + dim
+                    assert (h, dim) not in moved
+                    moved[h, dim] = (i, pos + t)
     assert len(moved) == spec.heads * m.qk_rope_head_dim
 
 
@@ -87,8 +94,8 @@ def test_deepseek_layers_size_as_the_spec_says():
     assert layer_weight_bytes(plan_layer(spec, 0, 300, cfg, fp8)) == spec.layer_bytes(0, 1.0, 1.0)
     assert layer_weight_bytes(plan_layer(spec, 3, 300, cfg, fp8, routed=False)) == spec.layer_bytes(3, 1.0, 1.0,
                                                                                                      routed=False)
-    with pytest.raises(FitError, match="at most 576 rows"):
-        plan_layer(spec, 0, 600, cfg, params)
+    with pytest.raises(FitError, match="at most 544 rows"):  # 512 latent dims and 32 rotary pairs
+        plan_layer(spec, 0, 545, cfg, params)
 
 
 def test_prefill_gemms_cover_every_latent_projection(small):

@@ -236,7 +236,7 @@ def attn_row(plan, qkv_row: tuple | None, qkvj: int, yr: tuple) -> AttnRow:
         hb, nk, kh, vec = qkv_row
         return dense_row(hb, hb // nk if nk else hb, kh, b_["qkv"], qkvj, b_["kv"], slots, vec)
     heads, kh, qa, v = plan.spec.heads, yr[0][2], yr[1][1], yr[1][3]
-    qst, ast = max(plan.q_r) * ELEM, max(plan.qkv_r) * ELEM
+    qst, ast = heads * kh * ELEM, qkvj * ELEM  # (the row's vectors back to back, sequence by sequence)
     vec = by_heads(plan.params, heads, max(plan.T_c))  # (the absorbed query dim-major when by heads)
     return AttnRow(heads, heads, kh, v, 0, slots, b_["kv"],
                    lambda b, h, dd: b_["qabs"] + b * qst + ((dd * heads + h) if vec else (h * kh + dd)) * ELEM,

@@ -20,15 +20,15 @@ from .attention import (HeadRows, attention_ops, attention_segments, attn_row, b
 from .ffn import ffn_ops, moe_experts, moe_ffn_ops, norm_scale_ops
 from .gemv import ELEM, GemvShape, gemv_ops
 from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, offsets, split
-from .mla import MlaSplit, mla_output_ops, mla_project_ops, mla_split
+from .mla import MlaSplit, mla_output_ops, mla_project_ops, mla_split, most_mla_rows
 from .models import ModelSpec
 from .params import DecodeParams
 from .precision import weights_of
 from .plan import COMBINE, DIAG_BCAST, KV_SHIFT, FitError, fit_check
 from .collectives import LineBroadcast
 from .layer_costs import PARTS, fused_norms, layer_flops, layer_weight_bytes
-from .region import (ADD, C_INV_H, DOT, FMAC, G0, G1, G2, G3, MOV, MUL, N_CONSTS, SCALE, SUB, THREADS, Lanes, Ops,
-                     RegionBuild, anchor_of, handoff, i_chunk, mark, merge, reducers, retag)
+from .region import (ADD, C_INV_H, DOT, FMAC, G0, G1, G2, G3, MOV, MUL, N_CONSTS, SCALE, THREADS, Lanes, Ops,
+                     RegionBuild, anchor_of, handoff, i_chunk, mark, merge, reducers, retag, rope_ops)
 from .experts import dispatch_parts
 
 
@@ -200,6 +200,7 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     if ms:
         buf["g_qa"] = mem.alloc("g_qa", max(ms.qa_r) * ELEM, "weights", G0)
         buf["g_kv"] = mem.alloc("g_kv", max(ms.v_r) * ELEM, "weights", G0)
+        buf["mla_c"] = mem.alloc("mla_consts", 2 * ELEM, "constants", G0)  # (mla.C_INV_QA, C_INV_KV)
     kv_tok = max(k_r) if ms else 2 * max(k_r)  # (LayerPlan.kv_bytes_per_pe)
     buf["kv"] = mem.alloc("kv_cache", max((max(T_c) + 1) * kv_tok, max(o_r)) * B * ELEM, "kv_cache", G3)
     buf["h"] = mem.alloc("h", max(Hc) * B * ELEM, "activations", G3)
@@ -220,8 +221,12 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     # a zero source the accumulators are cleared from (GEMV outputs and the norms' sums; scores)
     buf["zeros"] = mem.alloc("zeros", (longest + B) * ELEM, "constants", G1)
     buf["consts"] = mem.alloc("consts", N_CONSTS * ELEM, "constants", G0)
+    rope = 0
     if hr:  # RoPE's cos and sin of the row's pairs, once per head it rotates (attention.dense_row)
         rope = max((hb + len(kv)) * kh // 2 for hb, kv, kh in zip(hr.hb_r, hr.kv_r, hr.kh_r))
+    elif ms:  # the column's q pairs, then the row's k pairs (mla.MlaSplit.rope_table)
+        rope = ms.rope_table
+    if rope:
         buf["cos"] = mem.alloc("rope_cos", max(rope, 1) * ELEM, "weights", G2)
         buf["sin"] = mem.alloc("rope_sin", max(rope, 1) * ELEM, "weights", G3)
         # RoPE's scratch (not tmp: thread 1 may receive the next all-reduce's partial into it meanwhile)
@@ -267,8 +272,8 @@ def largest_context(spec: ModelSpec, layer: int, P: int, cfg, params: DecodePara
 
 def most_rows(spec: ModelSpec) -> int:
     """The most rows a layer region may have: every row-split vector needs an element per row
-    (the KV slice, or MLA's cache dimension, is the shortest)."""
-    return min(spec.kv_cache_width // (1 if spec.mla else 2), spec.hidden_size)
+    (the KV slice, or MLA's cache: a latent dim or a rotary pair, is the shortest)."""
+    return min(most_mla_rows(spec) if spec.mla else spec.kv_cache_width // 2, spec.hidden_size)
 
 @dataclasses.dataclass
 class LayerCtx:
@@ -342,13 +347,8 @@ def qkv_ops(ctx: LayerCtx, i: int, jq: int, qkv_row: tuple, xrole: tuple, norm: 
         return out
     hb, nk, kh = qkv_row[:3]
     r = (hb + nk) * kh // 2  # the first halves [qa | ka], then the second halves [qb | kb]
-    cos, sin = b_["cos"], b_["sin"]
-    for b in range(B if r else 0):  # a' = a cos - b sin, b' = b cos + a sin
-        a, c = qkv + b * ls, qkv + b * ls + r * ELEM
-        t0, t1 = b_["rope"], b_["rope"] + r * ELEM
-        out[0] += [compute(MUL, r, dst=t0, src0=a, src1=sin), compute(MUL, r, dst=t1, src0=c, src1=sin),
-                   compute(MUL, r, dst=a, src0=a, src1=cos), compute(MUL, r, dst=c, src0=c, src1=cos),
-                   compute(SUB, r, dst=a, src0=a, src1=t1), compute(ADD, r, dst=c, src0=c, src1=t0)]
+    for b in range(B if r else 0):
+        out[0] += rope_ops(qkv + b * ls, r, b_["cos"], b_["sin"], b_["rope"])
     return out
 
 

@@ -80,7 +80,9 @@ def layer_flops(plan, parts: tuple[str, ...] = PARTS) -> tuple[dict[str, int], i
         a_n = ml.q_lora_rank + width
         model["qkv"] = 2 * H * a_n * B + 2 * ml.q_lora_rank * spec.q_size * B \
             + 2 * heads * ml.qk_nope_head_dim * ml.kv_lora_rank * B
-        add(row, "norm", 4 * (ml.q_lora_rank + ml.kv_lora_rank) * B)
+        # the latent norms: x/n, mean square (2), 1/RMS scale, weight per element; 1/RMS of both on every PE
+        add(row, "norm", 5 * (ml.q_lora_rank + ml.kv_lora_rank) * B)
+        per_pe["norm"] = per_pe.get("norm", 0) + NORM_SCALE_FLOPS * P * Q * 2 * B
         add(row, "rope", 3 * ml.qk_rope_head_dim * B)
         add(col, "rope", 3 * heads * ml.qk_rope_head_dim * B)
         ar += nx * a_n * B + P * ny * 2 * B + ny * spec.q_size * B + nx * heads * width * B

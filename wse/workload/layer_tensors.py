@@ -41,10 +41,9 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
                  h_input: bool = True) -> None:
     """/tensors of a layer region P columns wide (plan: layer.LayerPlan), at origin = (mesh width,
     x0, y0) (default: alone at the mesh origin); h_input: h is an input (else lanes bring it)."""
-    spec, b_, S, B = plan.spec, plan.buf, plan.shapes, plan.params.batch
-    Q, Hc, f_r, hr = plan.Q, plan.Hc, plan.f_r, plan.rows
+    spec, b_, B = plan.spec, plan.buf, plan.params.batch
+    Q, Hc, f_r = plan.Q, plan.Hc, plan.f_r
     H, hd, F = spec.hidden_size, spec.head_dim, plan.spec.ffn_size
-    g = spec.heads // spec.kv_heads
     ho, fo = np.array(offsets(Hc)), np.array(offsets(f_r))
     hc = np.array(Hc)
     W, x0, y0 = origin or (P, 0, 0)
@@ -68,9 +67,33 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
         column("b_o", "weight", b_["b_o"], 0)
     z = plan.mem.buffers["zeros"]
     t.pieces(t.add("zeros", "zero", (z[1] // ELEM,)), pe, z[0], z[1] // ELEM, 0)
+    scale = (spec.mla.qk_nope_head_dim + spec.mla.qk_rope_head_dim) ** -0.5 if spec.mla else hd ** -0.5
     for name, c, v in (("inv_hidden", C_INV_H, 1 / H), ("norm_eps", C_EPS, NORM_EPS),
-                       ("attn_scale", C_ATTN, hd ** -0.5), ("one", C_ONE, 1.0)):
+                       ("attn_scale", C_ATTN, scale), ("one", C_ONE, 1.0)):
         t.pieces(t.add(name, "constant", (1,), value=v), pe, b_["consts"] + c * ELEM, 1, 0)
+    if spec.mla:
+        from .mla_tensors import record_mla
+        record_mla(t, plan, pe, col, jj.reshape(-1), lambda i, j: (y0 + j) * W + x0 + i)
+    else:
+        _record_attention(t, plan, P, pe, col, jj.reshape(-1), lambda i, j: (y0 + j) * W + x0 + i)
+    if plan.moe:
+        _record_moe(t, plan, pe, col, jj.reshape(-1), ho, fo, H)
+        return
+    act = t.add("ffn_act", "output", (B, F))  # SiLU(gate) * up
+    for j in range(Q):
+        fj = f_r[j]
+        rows = pe[jj.reshape(-1) == j]
+        for b in range(B if fj else 0):
+            t.pieces(act, rows, b_["gu"] + b * 2 * fj * ELEM, fj, b * F + fo[j])
+    _record_ffn(t, plan, pe, col, jj.reshape(-1), ho, fo, H, F)
+
+
+def _record_attention(t, plan, P: int, pe, col, rowi, pe_of) -> None:
+    """The attention tensors of a dense layer region with flash rows (attention.head_rows)."""
+    spec, b_, S, B = plan.spec, plan.buf, plan.shapes, plan.params.batch
+    Q, hr, H, hd = plan.Q, plan.rows, spec.hidden_size, spec.head_dim
+    g = spec.heads // spec.kv_heads
+    hc, ho = np.array(plan.Hc), np.array(offsets(plan.Hc))
 
     n_qkv = spec.q_size + 2 * spec.kv_size
     w_qkv = t.add("w_qkv", "weight", (H, n_qkv))
@@ -83,8 +106,8 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
     for j in range(Q):
         kv, p0, kh = hr.kv_r[j], hr.p0_r[j], hr.kh_r[j]
         pp, L, hb = kh // 2, plan.qkv_r[j], hr.hb_r[j]
-        rows = pe[jj.reshape(-1) == j]
-        cj = col[jj.reshape(-1) == j]
+        rows = pe[rowi == j]
+        cj = col[rowi == j]
         if "sinks" in b_:  # the row's heads' sink logits (read at column 0, by rows without dims too)
             for h, head in enumerate(k * g + m for k in kv for m in range(g)):
                 t.pieces(sinks, rows, b_["sinks"] + h * ELEM, 1, head)
@@ -111,17 +134,7 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
             t.pieces(w_o, rows, S["o"].weights + r * S["o"].pitch, hc[cj], grow * H + ho[cj])
             for b in range(B):
                 t.pieces(attn, rows, b_["att"] + (b * plan.o_r[j] + r) * ELEM, 1, b * spec.attn_out_size + grow)
-    _record_cache(t, plan, P, lambda i, j: (y0 + j) * W + x0 + i)
-    if plan.moe:
-        _record_moe(t, plan, pe, col, jj.reshape(-1), ho, fo, H)
-        return
-    act = t.add("ffn_act", "output", (B, F))  # SiLU(gate) * up
-    for j in range(Q):
-        fj = f_r[j]
-        rows = pe[jj.reshape(-1) == j]
-        for b in range(B if fj else 0):
-            t.pieces(act, rows, b_["gu"] + b * 2 * fj * ELEM, fj, b * F + fo[j])
-    _record_ffn(t, plan, pe, col, jj.reshape(-1), ho, fo, H, F)
+    _record_cache(t, plan, P, pe_of)
 
 
 def qkv_runs(spec, kv: tuple[int, ...], p0: int, kh: int, g: int, by_heads: bool = False
@@ -249,15 +262,39 @@ def _record_moe(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int) -> None:
 def reference(meta: dict, x: dict) -> dict:
     """One decode layer in float64: RMSNorm, q|k|v, RoPE (rotate-half), attention over the cache
     and this token (with attention sinks where given), O, residual, RMSNorm, then SiLU(gate) * up,
-    down, residual — or a MoE layer's router, gates and experts (_moe)."""
+    down, residual — or a MoE layer's router, gates and experts (_moe); latent attention in its
+    absorbed form (mla_tensors.reference_mla)."""
     from .models import load_model
     spec = load_model(meta["model"])
-    hd, g, qs, kvs = spec.head_dim, spec.heads // spec.kv_heads, spec.q_size, spec.kv_size
     h = x["h"]
-    B = h.shape[0]
 
     def rms(v, w):
         return v * w / np.sqrt((v ** 2).mean(axis=-1, keepdims=True) + NORM_EPS)
+    moe = spec.is_moe_layer(int(meta["layer"]))
+    if spec.mla:
+        from .mla_tensors import reference_mla
+        h1, att = reference_mla(spec, x, h, rms)
+    else:
+        h1, att = _attention(spec, x, h, rms, moe)
+    xn = rms(h1, x["g2"])
+
+    def ffn(e=None):  # SiLU(gate) * up, and the down projection (with the expert's biases, if any)
+        w = {n: x[n] if e is None else x[n][e] for n in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
+             if n in x}
+        gate, up = xn @ w["w_gate"] + w.get("b_gate", 0), xn @ w["w_up"] + w.get("b_up", 0)
+        return gate / (1 + np.exp(-gate)) * up, lambda a: a @ w["w_down"] + w.get("b_down", 0)
+    if moe:
+        return dict(att, **_moe(spec, meta, x, xn, ffn, h1))
+    a, down = ffn()
+    y = down(a)
+    return dict(att, out=h1 + y, ffn_out=y, ffn_act=a)
+
+
+def _attention(spec, x: dict, h, rms, moe: bool) -> tuple[np.ndarray, dict]:
+    """A dense layer's attention in float64: (h after its residual, the intermediates recorded as
+    outputs: the attention output, and q | k | v after RoPE unless a MoE FFN reuses their buffer)."""
+    hd, g, qs, kvs = spec.head_dim, spec.heads // spec.kv_heads, spec.q_size, spec.kv_size
+    B = h.shape[0]
 
     def rope(v):
         a, c = v[..., : hd // 2], v[..., hd // 2:]
@@ -279,22 +316,13 @@ def reference(meta: dict, x: dict) -> dict:
         p = np.exp(s - top)
         att[:, hq] = np.einsum("bt,btd->bd", p / (p.sum(axis=1) + sink)[:, None], V[:, :, hq // g])
     h1 = h + att.reshape(B, -1) @ x["w_o"] + (x["b_o"] if "b_o" in x else 0)
-    xn = rms(h1, x["g2"])
-
-    def ffn(e=None):  # SiLU(gate) * up, and the down projection (with the expert's biases, if any)
-        w = {n: x[n] if e is None else x[n][e] for n in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
-             if n in x}
-        gate, up = xn @ w["w_gate"] + w.get("b_gate", 0), xn @ w["w_up"] + w.get("b_up", 0)
-        return gate / (1 + np.exp(-gate)) * up, lambda a: a @ w["w_down"] + w.get("b_down", 0)
-    if spec.is_moe_layer(int(meta["layer"])):
-        return _moe(spec, meta, x, xn, ffn, h1, att.reshape(B, -1))
-    a, down = ffn()
-    y = down(a)
-    return {"out": h1 + y, "ffn_out": y, "ffn_act": a, "attn": att.reshape(B, -1),
-            "qkv": np.concatenate([q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1)], axis=1)}
+    out = {"attn": att.reshape(B, -1)}
+    if not moe:
+        out["qkv"] = np.concatenate([q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1)], axis=1)
+    return h1, out
 
 
-def _moe(spec, meta: dict, x: dict, xn, ffn, h1, att) -> dict:
+def _moe(spec, meta: dict, x: dict, xn, ffn, h1) -> dict:
     """A MoE layer's FFN: router logits, the gates of the experts each sequence chose (softmax
     over their logits), their FFNs and the shared experts' summed into the residual stream."""
     from .ffn import moe_choices
@@ -313,7 +341,7 @@ def _moe(spec, meta: dict, x: dict, xn, ffn, h1, att) -> dict:
                 out[b] += y[b]
             elif e in choices[b]:
                 out[b] += gates[b, choices[b].index(e)] * y[b]
-    return {"out": out, "router": logits, "gates": gates, "attn": att}
+    return {"out": out, "router": logits, "gates": gates}
 
 
 def record_dtype_ok(plan) -> bool:
@@ -323,8 +351,6 @@ def record_dtype_ok(plan) -> bool:
 
 def functional_gap(spec, layer: int, params, plan=None) -> str | None:
     """Why a layer's values cannot be checked yet (None: they can)."""
-    if spec.mla:
-        return "latent attention (MLA): its norms, RoPE and absorbed projections are timing stand-ins"
     if spec.is_moe_layer(layer) and plan is not None and not plan.routed:
         return "MoE layers with expert regions: their dispatch and combine are timing stand-ins"
     if params.attention != "flash":

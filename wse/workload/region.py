@@ -17,7 +17,8 @@ import dataclasses
 
 from .. import isa
 from ..errors import WseError
-from ..trace import Op, recv, send, with_tag
+from ..trace import Op, compute, recv, send, with_tag
+from .gemv import ELEM
 from .collectives import LineAllReduce, LineBroadcast, ReduceColors
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram
 from .params import DecodeParams
@@ -124,6 +125,15 @@ def handoff(red: dict, xrole: tuple, yrole: tuple, buf: int, tmp: int) -> Ops:
 
 def handoff_flops(region: Region) -> int:
     return region.height * (region.width - 1) + (region.height - 1)
+
+
+def rope_ops(a: int, n: int, cos: int, sin: int, tmp: int) -> list[Op]:
+    """RoPE on n rotary pairs stored as n first halves at a, then their n second halves:
+    a' = a cos - b sin, b' = b cos + a sin (six vector ops; tmp holds 2 n elements)."""
+    c, t0, t1 = a + n * ELEM, tmp, tmp + n * ELEM
+    return [compute(MUL, n, dst=t0, src0=a, src1=sin), compute(MUL, n, dst=t1, src0=c, src1=sin),
+            compute(MUL, n, dst=a, src0=a, src1=cos), compute(MUL, n, dst=c, src0=c, src1=cos),
+            compute(SUB, n, dst=a, src0=a, src1=t1), compute(ADD, n, dst=c, src0=c, src1=t0)]
 
 
 def i_chunk(chunks: list[int], i: int) -> int:
