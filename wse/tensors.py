@@ -71,6 +71,10 @@ class TensorRecorder:
         self.tensors.append(Tensor(name, role, int(dtype), tuple(int(s) for s in shape), float(value)))
         return len(self.tensors) - 1
 
+    def index(self, name: str) -> int:
+        """The tensor called `name` (added earlier)."""
+        return next(k for k, t in enumerate(self.tensors) if t.name == name)
+
     def pieces(self, tensor: int, pe, addr, count, start, stride=1) -> None:
         """Pieces of `tensor` (arrays broadcast together): count elements at SRAM byte addr of PE
         pe hold the tensor's flat elements start, start + stride, ..."""

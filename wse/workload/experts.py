@@ -14,7 +14,7 @@ from ..errors import WseError
 from ..trace import Op, compute, recv, recv_compute_send, send, signal, wait
 from .collectives import LineBroadcast
 from .dispatch import ExpertRole
-from .ffn import chosen_experts, ffn_ops
+from .ffn import chosen_experts, expert_sequences, ffn_ops, moe_choices
 from .gemv import ELEM, GemvShape
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
 from .models import ModelSpec
@@ -84,7 +84,7 @@ def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, 
     # (decode.region_key relies on it); the dispatch payload is the FFN input then the gates
     hb = max(Hc) * B * ELEM
     payload = mem.alloc("payload", hb + m.experts_per_token * B * ELEM, "activations", G3)
-    buf = {"xn": payload, "gates": payload + hb,
+    buf = {"xn": payload,  # (a column's gates follow its own chunks: decode_experts)
            "acc": mem.alloc("acc", hb, "activations", G3),
            "hin": mem.alloc("h_in", hb, "activations", G1),
            "h": mem.alloc("h", hb, "activations", G2),
@@ -168,11 +168,14 @@ def decode_experts(plan: ExpertPlan, region: Region, builder: MeshBuilder, role:
     for d in range(P):
         prog.mark(d, d, "lane", d)
     use = plan.local_experts()
+    L_, (e0, e1) = plan.layer, plan.experts
+    seqs_of = {e - e0: seqs for e, seqs in expert_sequences(spec, L_, B, plan.params.expert_skew).items()
+               if e0 <= e < e1}  # (use's experts, with the sequences that chose each)
+    choices = moe_choices(spec, L_, B, plan.params.expert_skew)
     if use and Q > 1:  # the payload spread down each column from its lane PE
         bc = LineBroadcast(Q, DIAG_BCAST)
         for d in range(P):
             builder.line_routes(region, Y, DIAG_BCAST, bc.routes_for_root(d), lines=[d])
-    L_, (e0, e1) = plan.layer, plan.experts
     name = name or f"layer {L_} experts {e0}-{e1 - 1}"
     tag = {part: builder.tag(f"{name} {part}", L_, kind) for part, kind in (
         ("input", "transfer"), ("ffn", "ffn"), ("combine", "transfer"), ("handoff", "barrier"),
@@ -188,8 +191,9 @@ def decode_experts(plan: ExpertPlan, region: Region, builder: MeshBuilder, role:
         i, xrole = xr[0]
         jf, yrole = yr[0]
         hi = Hc[i]
-        lane = "lane" in sp
+        hs, lane = hi * ELEM, "lane" in sp
         md, mc = (hi + k) * B, hi * B
+        gates = pay + mc * ELEM  # the payload: the FFN input chunk per sequence, then the gates
         out: dict[int, list[Op]] = {0: []}
         ops: list[Op] = []
         if lane:
@@ -203,10 +207,12 @@ def decode_experts(plan: ExpertPlan, region: Region, builder: MeshBuilder, role:
         part(out, "input", {0: ops})
         if use:
             ffn: dict[int, list[Op]] = {0: [compute(MOV, mc, dst=acc, src0=b_["zeros"])] if lane else []}
-            for e, users in use.items():
-                merge(ffn, ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, e, users))
-                if lane:  # the gate-weighted sum of the experts' outputs
-                    ffn[0].append(compute(FMAC, hi * users, dst=acc, src0=yb))
+            for c, seqs in seqs_of.items():  # each chosen expert over the sequences that chose it
+                merge(ffn, ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, c, len(seqs), seqs=seqs))
+                if lane:  # its gate-weighted outputs into each sequence's sum
+                    ffn[0] += [compute(FMAC, hi, dst=acc + b * hs, src0=yb + n * hs,
+                                       src1=gates + (b * k + choices[b].index(e0 + c)) * ELEM)
+                               for n, b in enumerate(seqs)]
             part(out, "ffn", ffn)
         if not role.last:
             if lane:

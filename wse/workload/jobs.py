@@ -164,8 +164,8 @@ def layer_check_traces(name: str, cfg: WaferConfig, **kw) -> list[tuple[str, Tra
     from .layer_tensors import layer_trace
     plan = _model_plan(name, cfg, "decode", **{k: v for k, v in kw.items() if k != "layers"})
     if plan.expert_regions:
-        raise WseError(f"{name}: its routed experts are placed in expert regions here, whose dispatch and combine are "
-                       "timing stand-ins: not checkable functionally (--moe-mapping local checks local experts)")
+        raise WseError(f"{name}: its routed experts are placed in expert regions here; a layer is checked with them, "
+                       "in the whole step: give --full (or --moe-mapping local)")
     n = min(kw.get("layers") or plan.spec.layers, plan.spec.layers)
     return [(f"--model {name} layer {layer} on {plan.P}x{plan.Q}",
              layer_trace(plan.spec, layer, plan.P, plan.Q, cfg, plan.params)) for layer in range(n)]

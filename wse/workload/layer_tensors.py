@@ -33,6 +33,9 @@ class Prefixed:
     def add(self, name: str, *args, **kw) -> int:
         return self.t.add(self.prefix + name, *args, **kw)
 
+    def index(self, name: str) -> int:
+        return self.t.index(self.prefix + name)
+
     def pieces(self, *args) -> None:
         self.t.pieces(*args)
 
@@ -58,7 +61,8 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
 
     if h_input:
         column("h", "input", b_["h"], B)
-    column("out", "output", b_["h"], B)
+    # (with expert regions h leaves with the shared experts added; the collector has the output)
+    column("out" if plan.routed else "shared_out", "output", b_["h"], B)
     if not plan.moe:  # intermediates the layer leaves in its buffers, checked too
         column("ffn_out", "output", b_["y"], B)
     column("g1", "weight", b_["g1"], 0)
@@ -207,15 +211,18 @@ def _record_cache(t: TensorRecorder, plan, P: int, pe_of) -> None:
                         t.pieces(tensor, pe, row.at(b, d, 0), 1, (b * T1 + sum(stay) + i) * kvs + gdim)
 
 
-def _record_ffn(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int, F: int, experts: int = 0) -> None:
+def _record_ffn(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int, F: int, experts: int = 0,
+                copies: dict[int, int] | None = None) -> None:
     """W_gate, W_up [hidden, ffn] (the gate_up tile: gate columns, then up), W_down [ffn, hidden];
-    with experts > 0, [experts, ...] of them, expert e in the e-th copy of the tiles."""
+    with experts > 0, [experts, ...] of them, expert e in the e-th copy of the tiles, or in the
+    copy `copies` maps it from (copy -> expert: the region holds those). Tensors made earlier
+    (by the layer region, for its expert regions) get these pieces too."""
     S, hc, fr = plan.shapes, np.array(plan.Hc), np.array(plan.f_r)
     lead = (experts,) if experts else ()
-    wg, wu = t.add("w_gate", "weight", lead + (H, F)), t.add("w_up", "weight", lead + (H, F))
-    wd = t.add("w_down", "weight", lead + (F, H))
-    for e in range(max(experts, 1)):
-        gu, dn = S["gate_up"].weights + e * S["gate_up"].tile_bytes(), S["down"].weights + e * S["down"].tile_bytes()
+    names = (("w_gate", lead + (H, F)), ("w_up", lead + (H, F)), ("w_down", lead + (F, H)))
+    wg, wu, wd = (_tensor(t, name, "weight", shape) for name, shape in names)
+    for c, e in (copies if copies is not None else {e: e for e in range(max(experts, 1))}).items():
+        gu, dn = S["gate_up"].weights + c * S["gate_up"].tile_bytes(), S["down"].weights + c * S["down"].tile_bytes()
         for r in range(int(hc.max())):  # gate_up tile row r of PE (i, j): hidden row ho[i] + r, the row's f dims
             m = (hc[col] > r) & (fr[row] > 0)
             for k, w in enumerate((wg, wu)):
@@ -224,12 +231,35 @@ def _record_ffn(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int, F: int, e
         for r in range(int(fr.max())):  # down tile row r: ffn dim fo[j] + r, the column's hidden chunk
             m = fr[row] > r
             t.pieces(wd, pe[m], dn + r * S["down"].pitch, hc[col[m]], e * F * H + (fo[row[m]] + r) * H + ho[col[m]])
+    if plan.spec.moe and plan.spec.moe.expert_bias and experts:
+        _record_expert_bias(t, plan, pe, col, row, ho, fo, H, F, experts, copies)
+
+
+def _tensor(t, name: str, role: str, shape: tuple) -> int:
+    """The tensor `name`: added now, or by an earlier region of the step."""
+    try:
+        return t.index(name)
+    except StopIteration:
+        return t.add(name, role, shape)
+
+
+def _record_expert_bias(t, plan, pe, col, row, ho, fo, H: int, F: int, n: int, copies: dict[int, int] | None) -> None:
+    """Per expert: row j's [gate | up] biases, column i's down biases (copy c of b_gu / b_dn)."""
+    b_ = plan.buf
+    fr, gs, ds = np.array(plan.f_r), 2 * max(plan.f_r) * ELEM, max(plan.Hc) * ELEM
+    hc = np.array(plan.Hc)
+    bg, bu, bd = (_tensor(t, name, "weight", (n, w)) for name, w in (("b_gate", F), ("b_up", F), ("b_down", H)))
+    sel = fr[row] > 0
+    for c, e in (copies if copies is not None else {e: e for e in range(n)}).items():
+        for half, w in enumerate((bg, bu)):
+            t.pieces(w, pe[sel], b_["b_gu"] + c * gs + half * fr[row[sel]] * ELEM, fr[row[sel]], e * F + fo[row[sel]])
+        t.pieces(bd, pe, b_["b_dn"] + c * ds, hc[col], e * H + ho[col])
 
 
 def _record_moe(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int) -> None:
     """The router W_router [hidden, experts] (row j: its experts), its bias, every expert's tiles
-    (routed experts, then shared: [experts + shared, ...]), and the router's logits and the
-    gates as outputs."""
+    (routed experts, then shared: [experts + shared, ...]; with expert regions, only the shared
+    ones here), and the router's logits and the gates as outputs."""
     S, b_, B, m = plan.shapes, plan.buf, plan.params.batch, plan.spec.moe
     hc, er = np.array(plan.Hc), np.array(plan.e_r)
     eo = np.array(offsets(plan.e_r))
@@ -246,17 +276,30 @@ def _record_moe(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int) -> None:
     if "b_router" in b_:
         t.pieces(t.add("b_router", "weight", (E,)), pe[sel], b_["b_router"], er[row[sel]], eo[row[sel]])
     t.pieces(t.add("gates", "output", (B, k)), pe, b_["gates"], k * B, 0)
-    n, F = E + m.shared_experts, m.expert_ffn_size
-    _record_ffn(t, plan, pe, col, row, ho, fo, H, F, n)
-    if "b_gu" in b_:  # per expert: row j's [gate | up] biases, column i's down biases
-        fr, gs, ds = np.array(plan.f_r), 2 * max(plan.f_r) * ELEM, max(plan.Hc) * ELEM
-        bg, bu, bd = (t.add(name, "weight", (n, w)) for name, w in (("b_gate", F), ("b_up", F), ("b_down", H)))
-        sel = fr[row] > 0
-        for e in range(n):
-            for half, w in enumerate((bg, bu)):
-                t.pieces(w, pe[sel], b_["b_gu"] + e * gs + half * fr[row[sel]] * ELEM, fr[row[sel]],
-                         e * F + fo[row[sel]])
-            t.pieces(bd, pe, b_["b_dn"] + e * ds, hc[col], e * H + ho[col])
+    n = E + m.shared_experts
+    copies = None if plan.routed else {c: E + c for c in range(m.shared_experts)}
+    _record_ffn(t, plan, pe, col, row, ho, fo, H, m.expert_ffn_size, n, copies)
+
+
+def record_experts(t, ep, origin: tuple[int, int, int], collector: bool, use: bool) -> None:
+    """An expert region's tiles (plan: experts.ExpertPlan of routed experts e0..e1-1) into its
+    layer's expert tensors, and, at the collector, the layer's output h on its lane PEs."""
+    W, x0, y0 = origin
+    P, Q, H, m = ep.P, ep.Q, ep.spec.hidden_size, ep.spec.moe
+    ii, jj = np.meshgrid(np.arange(P), np.arange(Q))
+    pe, col, row = ((y0 + jj) * W + x0 + ii).reshape(-1), ii.reshape(-1), jj.reshape(-1)
+    ho, fo = np.array(offsets(ep.Hc)), np.array(offsets(ep.f_r))
+    e0, e1 = ep.experts
+    z = ep.mem.buffers["zeros"]
+    t.pieces(t.add(f"experts{e0}.zeros", "zero", (z[1] // ELEM,)), pe, z[0], z[1] // ELEM, 0)
+    _record_ffn(t, ep, pe, col, row, ho, fo, H, m.expert_ffn_size, m.experts + m.shared_experts,
+                {c: e0 + c for c in range(e1 - e0)})
+    if collector:
+        out = t.add("out", "output", (ep.params.batch, H))
+        h = ep.buf["h"] if use else ep.buf["hin"]
+        for d, hi in enumerate(ep.Hc):  # lane d: PE (d, d), chunk d per sequence back to back
+            for b in range(ep.params.batch):
+                t.pieces(out, (y0 + d) * W + x0 + d, h + b * hi * ELEM, hi, b * H + ho[d])
 
 
 def reference(meta: dict, x: dict) -> dict:
@@ -324,12 +367,13 @@ def _attention(spec, x: dict, h, rms, moe: bool) -> tuple[np.ndarray, dict]:
 
 def _moe(spec, meta: dict, x: dict, xn, ffn, h1) -> dict:
     """A MoE layer's FFN: router logits, the gates of the experts each sequence chose (softmax
-    over their logits), their FFNs and the shared experts' summed into the residual stream."""
+    over their logits), their FFNs and the shared experts' summed into the residual stream (and
+    h with the shared experts' alone: what a layer region with expert regions passes on)."""
     from .ffn import moe_choices
     m, B = spec.moe, xn.shape[0]
     logits = xn @ x["w_router"] + (x["b_router"] if "b_router" in x else 0)
     choices = moe_choices(spec, int(meta["layer"]), B, float(meta.get("expert_skew", 0)))
-    out, gates = h1.copy(), np.zeros((B, m.experts_per_token))
+    routed, shared, gates = np.zeros_like(h1), h1.copy(), np.zeros((B, m.experts_per_token))
     for b, chosen in enumerate(choices):
         z = logits[b, chosen]
         gates[b] = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
@@ -338,10 +382,11 @@ def _moe(spec, meta: dict, x: dict, xn, ffn, h1) -> dict:
         y = down(a)
         for b in range(B):
             if e >= m.experts:
-                out[b] += y[b]
+                shared[b] += y[b]
             elif e in choices[b]:
-                out[b] += gates[b, choices[b].index(e)] * y[b]
-    return {"out": out, "router": logits, "gates": gates}
+                routed[b] += gates[b, choices[b].index(e)] * y[b]
+    out = shared + routed
+    return {"out": out, "router": logits, "gates": gates, "shared_out": shared}
 
 
 def record_dtype_ok(plan) -> bool:
@@ -349,10 +394,11 @@ def record_dtype_ok(plan) -> bool:
     return all(s.store == isa.DTYPE_FP16 for s in plan.shapes.values())
 
 
-def functional_gap(spec, layer: int, params, plan=None) -> str | None:
-    """Why a layer's values cannot be checked yet (None: they can)."""
-    if spec.is_moe_layer(layer) and plan is not None and not plan.routed:
-        return "MoE layers with expert regions: their dispatch and combine are timing stand-ins"
+def functional_gap(spec, layer: int, params, plan=None, in_step: bool = False) -> str | None:
+    """Why a layer's values cannot be checked yet (None: they can); in_step: in the whole decode
+    step (a layer with expert regions is checked there, with them)."""
+    if spec.is_moe_layer(layer) and plan is not None and not plan.routed and not in_step:
+        return "a MoE layer with expert regions is checked with them, in the whole step (give --full)"
     if params.attention != "flash":
         return "--attention classic is a timing model (its rows split heads anywhere); use flash"
     if plan is not None and not record_dtype_ok(plan):

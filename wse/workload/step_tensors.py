@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import WseError
 from .gemv import ELEM
-from .layer_tensors import Prefixed, functional_gap, record_layer, reference as layer_reference
+from .layer_tensors import Prefixed, functional_gap, record_experts, record_layer, reference as layer_reference
 from .mesh import offsets, split
 from .region import C_EPS, C_INV_H, NORM_EPS
 
@@ -17,8 +17,8 @@ def step_gap(plan) -> str | None:
     """Why a model plan's decode step cannot be checked yet (None: it can)."""
     from .decode import layer_plan
     from .tables import token_column
-    if plan.expert_regions or any(s.kind not in ("embedding", "layer", "lm_head") for s in plan.slots):
-        return "expert regions (their dispatch and combine are timing stand-ins); give --moe-mapping local"
+    if any(s.kind not in ("embedding", "layer", "lm_head", "experts") for s in plan.slots):
+        return f"slots of kinds {sorted({s.kind for s in plan.slots})}"
     if not plan.embed or not plan.head:
         return "a wafer's share of a chain without the embedding or the LM head"
     width = next(s.region.width for s in plan.slots if s.kind == "embedding")
@@ -26,7 +26,7 @@ def step_gap(plan) -> str | None:
     if token_column(plan.spec, width, prm.token) != token_column(plan.spec, width, prm.token + prm.batch - 1):
         return f"the batch's tokens {prm.token}..{prm.token + prm.batch - 1} span two columns of the embedding"
     for layer in range(plan.first_layer, plan.first_layer + plan.n_layers):
-        gap = functional_gap(plan.spec, layer, prm, layer_plan(plan, layer))
+        gap = functional_gap(plan.spec, layer, prm, layer_plan(plan, layer), in_step=True)
         if gap:
             return f"layer {layer}: {gap}"
     return None
@@ -43,18 +43,25 @@ def step_trace(plan):
 
 
 def _record(b, plan, slots) -> None:
+    from .chain import chain_of
     from .decode import layer_plan
+    from .experts import plan_experts
     from .tables import embedding_memory, lm_memory
     spec, prm, W = plan.spec, plan.params, b.width
     b.meta.update(kernel="decode_step", token=str(prm.token), expert_skew=str(prm.expert_skew),
                   first_layer=str(plan.first_layer))
-    for slot in slots:
+    roles = chain_of(plan).roles  # (expert regions: which one is its layer's collector)
+    for s, slot in enumerate(slots):
         R = slot.region
         ii, jj = np.meshgrid(np.arange(R.width), np.arange(R.height))
         pe, col, row = ((R.y0 + jj) * W + R.x0 + ii).reshape(-1), ii.reshape(-1), jj.reshape(-1)
         if slot.kind == "layer":
             record_layer(Prefixed(b.tensors, f"layer{slot.index}."), layer_plan(plan, slot.index), plan.P,
                          (W, R.x0, R.y0), h_input=False)
+        elif slot.kind == "experts":
+            ep = plan_experts(spec, slot.index, slot.experts, plan.P, plan.cfg, prm, plan.Q)
+            record_experts(Prefixed(b.tensors, f"layer{slot.index}."), ep, (W, R.x0, R.y0),
+                           roles[s].collector, bool(ep.local_experts()))
         elif slot.kind == "embedding":
             mem, Hr, buf = embedding_memory(spec, R.width, R.height, plan.cfg, prm)
             _record_embedding(b.tensors, spec, buf["table"], split(spec.vocab_size, R.width), Hr, pe, col, row)
