@@ -1,6 +1,8 @@
 """Functional runs (docs/model.md, "Values"): element types and rounding, the dataflow evaluator
 against the cycle-by-cycle reference stepper carrying payloads through its queues, the kernels'
 outputs against numpy, the /tensors table, and the commands."""
+import dataclasses
+
 import h5py
 import numpy as np
 import pytest
@@ -119,6 +121,32 @@ def test_gemv_computes_x_times_w(m, n, px, py, batch, tiny):
     batch of output chunks now lies back to back.)"""
     rows, res = _check(gemv.standalone(m, n, px, py, tiny, batch=batch)[0], tiny)
     assert [r.name for r in rows] == ["y"] and all(r.ok for r in rows) and not res.raced
+
+
+@pytest.mark.parametrize("weights", ["fp8", "int8", "int4"])
+def test_a_low_precision_gemv_computes_codes_times_scale_times_x(weights, tiny):
+    """Stored codes (int4: nibbles, pieces at odd nibble addresses too), dequantized block by
+    block by SCALE ops reading the tile's scale, against x . (codes x scale)."""
+    tr = gemv.standalone(70, 45, 8, 6, tiny, batch=2, weights=weights)[0]
+    w = tr.tensors.tensors[tr.tensors.index("w")]
+    assert w.dtype == gemv.STORE[weights] and "w.scale" in [t.name for t in tr.tensors.tensors]
+    rows, res = _check(tr, tiny)
+    assert all(r.ok and r.error < 0.01 for r in rows) and not res.raced
+    bad = dataclasses.replace(tr, ops={k: v.copy() for k, v in tr.ops.items()})  # a dequantize op reading
+    sel = np.flatnonzero(bad.ops["kind"] == isa.KIND_SCALE)  # the scale next to its tile's
+    bad.ops["src1"][sel[len(sel) // 2]] += 2
+    assert not all(r.ok for r in _check(bad, tiny)[0])
+
+
+def test_codes_are_what_the_low_precision_types_hold():
+    for dt, n in ((isa.DTYPE_FP8, 253), (isa.DTYPE_INT8, 256), (isa.DTYPE_INT4, 16)):
+        vals, codes = RF._levels(dt)
+        assert len(vals) == n and np.array_equal(RF.encode(dt, vals), codes)
+        assert RF.encode(dt, np.array([vals[0] - 1.0])) is None if dt != isa.DTYPE_FP8 else True
+    assert RF.encode(isa.DTYPE_FP8, np.array([448.0, -448.0, 2.0 ** -9, 0.0])) is not None  # E4M3's extremes
+    assert RF.encode(isa.DTYPE_FP8, np.array([0.3])) is None and RF.quantize(isa.DTYPE_INT4, np.array([9.7])) == 7
+    from wse.engine import values as V
+    assert all(V.fp8_value(c) == RF.FP8_VALUES[c] for c in range(256) if not np.isnan(RF.FP8_VALUES[c]))
 
 
 @pytest.mark.parametrize("axis", ["x", "y"])
@@ -240,12 +268,14 @@ def test_inputs_from_an_npz(tmp_path, tiny):
         assert np.array_equal(f["functional_outputs/y"][()], np.full(6, 4.0))
 
 
-@pytest.mark.parametrize("arrays, message", [
-    ({"x": np.ones((1, 8))}, "no array 'w'"),
-    ({"x": np.ones((1, 8)), "w": np.ones((6, 8))}, "array 'w' has shape (6, 8)"),
+@pytest.mark.parametrize("arrays, message, weights", [
+    ({"x": np.ones((1, 8))}, "no array 'w'", "bf16"),
+    ({"x": np.ones((1, 8)), "w": np.ones((6, 8))}, "array 'w' has shape (6, 8)", "bf16"),
+    ({"x": np.ones((1, 8)), "w": np.full((8, 6), 0.5), "w.scale": np.ones(1)}, "array 'w' holds values int8 cannot",
+     "int8"),
 ])
-def test_a_bad_npz_is_one_error_line_and_no_file(arrays, message, tmp_path, tiny):
-    tr, _ = gemv.standalone(8, 6, 2, 2, tiny)
+def test_a_bad_npz_is_one_error_line_and_no_file(arrays, message, weights, tmp_path, tiny):
+    tr, _ = gemv.standalone(8, 6, 2, 2, tiny, weights=weights)
     tr.save(tmp_path / "t.h5")
     np.savez(tmp_path / "in.npz", **arrays)
     out = tmp_path / "r.h5"

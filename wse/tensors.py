@@ -2,8 +2,9 @@
 
 A tensor (weights, an input, an output, or padding the kernel expects zeroed) is named, has a
 role, an element type and a shape; its elements sit in *pieces*: runs of `count` consecutive
-SRAM elements on one PE starting at byte `addr`, holding the tensor's elements `start`,
-`start + stride`, ... in row-major flat order.
+SRAM elements on one PE starting at byte `addr` (int4 weights: at nibble `addr`, two a byte,
+low first), holding the tensor's elements `start`, `start + stride`, ... in row-major flat
+order. Weights may be stored in fp8, int8 or int4 (dequantized by the kernel's SCALE ops).
 An element held by several PEs (a replicated input, an all-reduced output) appears in several
 pieces. Functional runs fill inputs and weights through the pieces and read outputs back.
 """
@@ -19,6 +20,21 @@ from .errors import TraceError
 
 # zero: SRAM the kernel expects zeroed (padding, a zero source); constant: SRAM holding `value`
 ROLES = ("input", "weight", "output", "zero", "constant")
+LOW = (isa.DTYPE_FP8, isa.DTYPE_INT8, isa.DTYPE_INT4)  # stored weights only (a SCALE op dequantizes them)
+DTYPES = (isa.DTYPE_FP16, isa.DTYPE_FP32) + LOW
+
+
+def addr_units(dtype: int) -> int:
+    """Address units per element of a piece: bytes (fp16 2, fp32 4, fp8 and int8 1), or for int4
+    one nibble (an int4 piece's addr counts nibbles: 2 x byte, + 1 for the high nibble)."""
+    return {isa.DTYPE_FP16: 2, isa.DTYPE_FP32: 4}.get(dtype, 1)
+
+
+def end_byte(dtype: int, addr, count):
+    """The byte after a piece's last element."""
+    if dtype == isa.DTYPE_INT4:
+        return (addr + count + 1) // 2
+    return addr + count * addr_units(dtype)
 PIECE_COLUMNS = (("tensor", np.int32), ("pe", np.int32), ("addr", np.int32), ("count", np.int32),
                  ("start", np.int64), ("stride", np.int64))
 
@@ -27,7 +43,7 @@ PIECE_COLUMNS = (("tensor", np.int32), ("pe", np.int32), ("addr", np.int32), ("c
 class Tensor:
     name: str
     role: str  # input, weight or output
-    dtype: int  # isa.DTYPE_* of its elements in SRAM (fp16 or fp32)
+    dtype: int  # isa.DTYPE_* of its elements in SRAM (fp16, fp32; weights also fp8, int8, int4)
     shape: tuple[int, ...]
     value: float = 0.0  # a constant's value (every element)
 
@@ -66,7 +82,7 @@ class TensorRecorder:
 
     def add(self, name: str, role: str, shape: tuple[int, ...], dtype: int = isa.DTYPE_FP16,
             value: float = 0.0) -> int:
-        assert role in ROLES and dtype in (isa.DTYPE_FP16, isa.DTYPE_FP32), (role, dtype)
+        assert role in ROLES and dtype in DTYPES and (dtype not in LOW or role == "weight"), (role, dtype)
         assert all(t.name != name for t in self.tensors), name
         self.tensors.append(Tensor(name, role, int(dtype), tuple(int(s) for s in shape), float(value)))
         return len(self.tensors) - 1
@@ -119,7 +135,8 @@ def load(f: h5py.File, path: str, n_pes: int) -> TensorTable | None:
         raise TraceError(f"{path}: /tensors columns differ in length or repeat a name")
     tensors = [Tensor(n, r, d, s, v) for n, r, d, s, v in zip(names, roles, dtypes, shapes, values)]
     for t in tensors:
-        if t.role not in ROLES or t.dtype not in (isa.DTYPE_FP16, isa.DTYPE_FP32) or min(t.shape, default=0) < 1:
+        if t.role not in ROLES or t.dtype not in DTYPES or (t.dtype in LOW and t.role != "weight") \
+                or min(t.shape, default=0) < 1:
             raise TraceError(f"{path}: /tensors entry {t.name!r} has a bad role, dtype or shape")
     table = TensorTable(tensors, pieces)
     p = pieces

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import isa
 from ..errors import WseError
-from ..tensors import TensorTable
+from ..tensors import LOW, TensorTable, addr_units, end_byte
 from ..trace import Trace
 
 POISON = 0xFF
@@ -34,13 +34,60 @@ def _np_dtype(dtype: int):
     return np.dtype("<f2") if dtype == isa.DTYPE_FP16 else np.dtype("<f4")
 
 
+# Stored low-precision weights (tensors.LOW): random codes are N(0, SPREAD) rounded to the type, and
+# the weight's `<name>.scale` makes code x scale N(0, 1 / fan_in) as the 16-bit weights are [U]
+SPREAD = {isa.DTYPE_FP8: 16.0, isa.DTYPE_INT8: 32.0, isa.DTYPE_INT4: 2.5}
+
+
+def _fp8_values() -> np.ndarray:
+    """The value of each E4M3 code (bias 7, no infinities, S.1111.111 NaN)."""
+    c = np.arange(256)
+    e, m = (c >> 3) & 15, c & 7
+    v = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7))
+    v = np.where(c & 0x80, -v, v)
+    v[(c & 0x7F) == 0x7F] = np.nan
+    return v
+
+
+FP8_VALUES = _fp8_values()
+
+
+def _levels(dtype: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values ascending, their codes) a low-precision type can hold (int4: a nibble 0..15)."""
+    if dtype == isa.DTYPE_FP8:
+        ok = ~np.isnan(FP8_VALUES) & ~((FP8_VALUES == 0) & (np.arange(256) >= 128))  # (one zero)
+        codes = np.flatnonzero(ok)
+        order = np.argsort(FP8_VALUES[codes])
+        return FP8_VALUES[codes][order], codes[order]
+    lo, bits = (-128, 8) if dtype == isa.DTYPE_INT8 else (-8, 4)
+    v = np.arange(lo, -lo)
+    return v.astype(np.float64), v & ((1 << bits) - 1)
+
+
+def quantize(dtype: int, x: np.ndarray) -> np.ndarray:
+    """x rounded to the nearest value the low-precision type holds (ties: the lower one)."""
+    vals, _ = _levels(dtype)
+    i = np.clip(np.searchsorted(vals, x), 1, len(vals) - 1)
+    return np.where(np.abs(x - vals[i - 1]) <= np.abs(vals[i] - x), vals[i - 1], vals[i])
+
+
+def encode(dtype: int, x: np.ndarray) -> np.ndarray | None:
+    """The codes (uint8; int4: nibbles) of values a low-precision type holds exactly, or None."""
+    vals, codes = _levels(dtype)
+    i = np.clip(np.searchsorted(vals, x), 0, len(vals) - 1)
+    if not np.array_equal(vals[i], x):
+        return None
+    return codes[i].astype(np.uint8)
+
+
 BLOCK_ELEMENTS = 1 << 22  # pieces are expanded to elements in blocks of about this many (bounded memory)
 
 
 def _spots(table: TensorTable, i: int):
-    """Per element of tensor i's pieces, in blocks: (PE, SRAM byte address, flat index in the tensor)."""
+    """Per element of tensor i's pieces, in blocks: (PE, SRAM address, flat index in the tensor);
+    addresses in bytes, or nibbles for int4 (tensors.addr_units)."""
     p = table.of(i)
-    eb = _np_dtype(table.tensors[i].dtype).itemsize
+    eb = addr_units(table.tensors[i].dtype)
     counts = p["count"].astype(np.int64)
     ends = np.cumsum(counts)
     a = 0
@@ -64,8 +111,26 @@ def random_inputs(trace: Trace, seed: int) -> dict[str, np.ndarray]:
     for t in table.tensors:
         if t.role in ("input", "weight"):
             std = t.shape[-2] ** -0.5 if t.role == "weight" and len(t.shape) >= 2 else 1.0  # [..., fan_in, fan_out]
-            out[t.name] = (std * rng.standard_normal(t.shape)).astype(_np_dtype(t.dtype)).astype(np.float64)
+            if t.dtype in LOW:  # codes; their scale (below) gives them the 16-bit weights' spread
+                out[t.name] = quantize(t.dtype, SPREAD[t.dtype] * rng.standard_normal(t.shape))
+            else:
+                out[t.name] = (std * rng.standard_normal(t.shape)).astype(_np_dtype(t.dtype)).astype(np.float64)
+    for t in table.tensors:  # (each scale a little different, so a tile read with another's shows)
+        base = _quantized(table, t.name)
+        if base is not None:
+            scale = rng.uniform(0.7, 1.4, t.shape) / (SPREAD[base.dtype] * base.shape[-2] ** 0.5)
+            out[t.name] = scale.astype(np.float16).astype(np.float64)
     return out
+
+
+def _quantized(table: TensorTable, name: str):
+    """The (first) low-precision weight whose scale tensor `name` is (`<weight>[+<weight>].scale`),
+    or None."""
+    if not name.endswith(".scale"):
+        return None
+    first = name[:-len(".scale")].split("+")[0]
+    base = next((t for t in table.tensors if t.name == first), None)
+    return base if base is not None and base.dtype in LOW else None
 
 
 def load_inputs(path: str | Path, trace: Trace) -> dict[str, np.ndarray]:
@@ -87,6 +152,9 @@ def load_inputs(path: str | Path, trace: Trace) -> dict[str, np.ndarray]:
         if a.shape != t.shape or not np.issubdtype(a.dtype, np.number):
             raise WseError(f"{path}: array {t.name!r} has shape {a.shape} ({a.dtype}); the trace needs "
                            f"{t.shape} of numbers")
+        if t.dtype in LOW and encode(t.dtype, a.astype(np.float64).reshape(-1)) is None:
+            raise WseError(f"{path}: array {t.name!r} holds values {isa.DTYPE_NAMES[t.dtype]} cannot store (its "
+                           f"weights are stored codes; their scale is the array {t.name + '.scale'!r})")
         out[t.name] = a.astype(np.float64)
     return out
 
@@ -95,13 +163,16 @@ def fill(trace: Trace, inputs: dict[str, np.ndarray], extent: int) -> np.ndarray
     """Every PE's initial SRAM (uint8 [P, extent]): poison, outputs and padding zeroed, inputs and weights."""
     table = _table(trace, "--functional")
     p = table.pieces
-    eb = np.array([_np_dtype(t.dtype).itemsize for t in table.tensors], np.int64)
-    top = int((p["addr"] + p["count"].astype(np.int64) * eb[p["tensor"]]).max(initial=0))
+    top = max((int(end_byte(t.dtype, p["addr"][sel].astype(np.int64), p["count"][sel].astype(np.int64)).max())
+               for i, t in enumerate(table.tensors) for sel in [p["tensor"] == i] if sel.any()), default=0)
     sram = np.full((trace.n_pes, -(-max(extent, top) // 4) * 4), POISON, np.uint8)
     order = sorted(range(len(table.tensors)), key=lambda i: table.tensors[i].role not in ("output", "zero"))
     for i in order:
         t = table.tensors[i]
         src = inputs[t.name].reshape(-1) if t.role in ("input", "weight") else None
+        if t.dtype in LOW:
+            _fill_codes(sram, table, i, src)
+            continue
         for pe, addr, flat in _spots(table, i):
             vals = np.full(len(flat), t.value if t.role == "constant" else 0.0, _np_dtype(t.dtype)) if src is None \
                 else src[flat].astype(_np_dtype(t.dtype))
@@ -109,6 +180,22 @@ def fill(trace: Trace, inputs: dict[str, np.ndarray], extent: int) -> np.ndarray
             for k in range(b.shape[1]):
                 sram[pe, addr + k] = b[:, k]
     return sram
+
+
+def _fill_codes(sram: np.ndarray, table: TensorTable, i: int, src: np.ndarray) -> None:
+    """Write a low-precision weight's codes (int4: each into its nibble, the other kept)."""
+    t = table.tensors[i]
+    for pe, addr, flat in _spots(table, i):
+        codes = encode(t.dtype, src[flat])
+        if codes is None:
+            raise WseError(f"{t.name}: values {isa.DTYPE_NAMES[t.dtype]} cannot store")
+        if t.dtype != isa.DTYPE_INT4:
+            sram[pe, addr] = codes
+            continue
+        for half in (0, 1):  # low nibbles, then high ones (a byte's two nibbles: two passes)
+            k = (addr & 1) == half
+            b = addr[k] >> 1
+            sram[pe[k], b] = (sram[pe[k], b] & (0xF0 if half == 0 else 0x0F)) | (codes[k] << (4 * half))
 
 
 @dataclasses.dataclass

@@ -15,7 +15,7 @@ from ..trace import Op, compute, recv, recv_compute_send, send, signal, wait
 from .collectives import LineBroadcast
 from .dispatch import ExpertRole
 from .ffn import chosen_experts, expert_sequences, ffn_ops, moe_choices
-from .gemv import ELEM, GemvShape
+from .gemv import ELEM, GemvShape, alloc_scales
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
 from .models import ModelSpec
 from .params import DecodeParams
@@ -110,6 +110,8 @@ def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, 
     if m.expert_bias:  # each expert's gate/up and down biases, a copy per PE's chunk
         buf["b_gu"] = mem.alloc("b_gate_up", (e1 - e0) * 2 * max(f_r) * ELEM, "weights", G0)
         buf["b_dn"] = mem.alloc("b_down", (e1 - e0) * max(Hc) * ELEM, "weights", G0)
+    if dequant:
+        alloc_scales(mem, shapes, {k: e1 - e0 for k in shapes})
     fit_check(mem, cfg, f"{spec.name} layer {layer} experts {e0}..{e1 - 1} on a {P}x{Q} region (batch {B})")
     return ExpertPlan(spec, layer, experts, P, params, mem, Hc, f_r, shapes, buf, Q)
 

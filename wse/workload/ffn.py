@@ -48,8 +48,8 @@ def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, b
     them to the reduced gate/up and down outputs). seqs: the sequences of xn the `batch` outputs
     are for (default the first `batch`; a routed expert serves the sequences that chose it).
     """
-    s_gu = dataclasses.replace(S["gate_up"], weights=S["gate_up"].weights + expert * S["gate_up"].tile_bytes())
-    s_dn = dataclasses.replace(S["down"], weights=S["down"].weights + expert * S["down"].tile_bytes())
+    s_gu, s_dn = (dataclasses.replace(S[k], weights=S[k].weights + expert * S[k].tile_bytes(),
+                                      scales=S[k].scales + expert * ELEM) for k in ("gate_up", "down"))
     gu, yb, tmp, z = buf["gu"], buf["y"], buf["tmp"], buf["zeros"]
     fj, hi = f_r[j], Hc[i]
     gs, ys = 2 * fj * ELEM, hi * ELEM

@@ -33,6 +33,7 @@ class GemvShape:
     pitch: int = 0  # bytes per tile row (multiple of 8: every row starts in one bank group)
     precision: str = "bf16"  # how the weights are stored (precision.py)
     scratch: int = 0  # where a low-precision tile's rows are dequantized to fp16
+    scales: int = 0  # a low-precision tile's scale (fp16; copy c of the tile: scales + c * ELEM)
 
     @property
     def out_axis(self) -> Axis:
@@ -106,12 +107,47 @@ def gemv_ops(shape: GemvShape, in_pos: int, out_pos: int, x: int, y: int, batch:
     for r0 in range(0, mt, k):  # dequantize a block of rows, then the FMACs that use them
         rows = min(k, mt - r0)
         ops.append(compute(isa.KIND_SCALE, rows * shape.pitch, dst=shape.scratch,
-                           src0=shape.weights + r0 * shape.pitch, dtype=shape.store))
+                           src0=shape.weights + r0 * shape.pitch, src1=shape.scales, dtype=shape.store))
         for b in range(batch):
             for r in range(r0, r0 + rows):
                 ops.append(compute(isa.KIND_FMAC, nt, dst=y + b * y_stride, src0=shape.scratch + (r - r0) * sp,
                                    src1=x + b * x_stride + r * ELEM, dtype=FP16))
     return ops
+
+
+def tile_addr(shape: GemvShape, row, col, copy: int = 0):
+    """Where element (row, col) of a PE's tile (copy `copy`) lies, in /tensors address units: a
+    byte address, or for an int4 tile a nibble address (tensors.addr_units)."""
+    base = shape.weights + copy * shape.tile_bytes() + row * shape.pitch
+    if shape.store == FP16:
+        return base + col * ELEM
+    return 2 * base + col if shape.store == isa.DTYPE_INT4 else base + col
+
+
+def record_scale(t, names: str, shape: GemvShape, pe, copies: dict[int, int], n: int) -> None:
+    """The scale tensor of a low-precision tile's weights (`names`: the tensors it scales, joined
+    by '+'; [n], copy c holding element copies[c]) on the PEs `pe`; nothing for fp16 tiles."""
+    if shape.store == FP16:
+        return
+    k = weight_tensor(t, f"{names}.scale", (n,))
+    for c, e in copies.items():
+        t.pieces(k, pe, shape.scales + c * ELEM, 1, e)
+
+
+def weight_tensor(t, name: str, shape: tuple, dtype: int = FP16) -> int:
+    """The weight tensor `name`: added now, or by an earlier region of the step."""
+    try:
+        return t.index(name)
+    except StopIteration:
+        return t.add(name, "weight", shape, dtype)
+
+
+def alloc_scales(mem: Allocator, shapes: dict[str, GemvShape], copies: dict[str, int]) -> None:
+    """One fp16 scale per copy of each low-precision tile, last (no other buffer moves)."""
+    low = [k for k, sh in shapes.items() if sh.store != FP16]
+    at = mem.alloc("w_scales", sum(copies[k] for k in low) * ELEM, "constants")
+    for k in low:
+        shapes[k].scales, at = at, at + copies[k] * ELEM
 
 
 def gemv_flops(shape: GemvShape, batch: int = 1) -> int:
@@ -163,8 +199,7 @@ def standalone(m: int, n: int, px: int, py: int, cfg, algo: str = "two-level", g
 
     prog.add(body)
     prog.program_ids(b)
-    if shape.store == FP16:
-        record_tensors(b, shape, px, py, x, y, batch)
+    record_tensors(b, shape, px, py, x, y, batch)
     trace = b.build()
     facts = {
         "model_flops": gemv_flops(shape, batch),
@@ -178,9 +213,10 @@ def standalone(m: int, n: int, px: int, py: int, cfg, algo: str = "two-level", g
 
 
 def record_tensors(b, shape: GemvShape, px: int, py: int, x: int, y: int, batch: int) -> None:
-    """/tensors of a standalone GEMV (reduce axis Y, fp16 weights): x [batch, m] (chunk j on every
-    PE of row j), w [m, n] (PE (i, j): rows of chunk j, columns of chunk i, one piece per row) and
-    y [batch, n] (chunk i, the batch's back to back, on every PE of column i once all-reduced)."""
+    """/tensors of a standalone GEMV (reduce axis Y): x [batch, m] (chunk j on every PE of row j),
+    w [m, n] (PE (i, j): rows of chunk j, columns of chunk i, one piece per row; stored at the
+    tile's precision, with `w.scale` where it is low) and y [batch, n] (chunk i, the batch's back
+    to back, on every PE of column i once all-reduced)."""
     import numpy as np
 
     from .mesh import offsets
@@ -193,11 +229,12 @@ def record_tensors(b, shape: GemvShape, px: int, py: int, x: int, y: int, batch:
     t = b.tensors
     t.pieces(t.add("x", "input", (batch, m)), pe, x + bb * xs, mt[jj], bb * m + i0[jj])
     t.pieces(t.add("y", "output", (batch, n)), pe, y + bb * nt[ii] * ELEM, nt[ii], bb * n + o0[ii])
-    w = t.add("w", "weight", (m, n))
+    w = t.add("w", "weight", (m, n), shape.store)
     for j in range(py):  # one piece per tile row
         r = np.arange(mt[j])
         jp, rr = np.meshgrid(np.arange(px), r, indexing="ij")
-        t.pieces(w, j * px + jp, shape.weights + rr * shape.pitch, nt[jp], (i0[j] + rr) * n + o0[jp])
+        t.pieces(w, j * px + jp, tile_addr(shape, rr, 0), nt[jp], (i0[j] + rr) * n + o0[jp])
+    record_scale(t, "w", shape, np.arange(px * py), {0: 0}, 1)
 
 
 def _layout(m: int, n: int, px: int, py: int, cfg, batch: int, weights: str):
@@ -212,6 +249,8 @@ def _layout(m: int, n: int, px: int, py: int, cfg, batch: int, weights: str):
     x = mem.alloc("x", max(shape.in_chunks) * batch * ELEM, "activations")
     y = mem.alloc("y", nt * ELEM, "activations", bank_offset=4)
     tmp = mem.alloc("tmp", nt * ELEM, "scratch")
+    if shape.store != FP16:
+        shape.scales = mem.alloc("w_scale", ELEM, "constants")
     return shape, mem, (x, y, tmp)
 
 

@@ -18,7 +18,7 @@ from ..trace import Op, compute
 from .attention import (HeadRows, attention_ops, attention_segments, attn_row, block_tokens, by_heads, flash_ops,
                         head_rows)
 from .ffn import ffn_ops, moe_experts, moe_ffn_ops, norm_scale_ops
-from .gemv import ELEM, GemvShape, gemv_ops
+from .gemv import ELEM, GemvShape, alloc_scales, gemv_ops
 from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, offsets, split
 from .mla import MlaSplit, mla_output_ops, mla_project_ops, mla_split, most_mla_rows
 from .models import ModelSpec
@@ -143,6 +143,7 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         heads_r = hr.hb_r if hr else [spec.heads] * Q
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
     shapes: dict[str, GemvShape] = {}
+    n_copies: dict[str, int] = {}
     dense_w, expert_w = weights_of(spec, params.weights)
 
     def weights(name: str, m: int, n: int, axis, ins: list[int], outs: list[int], copies: int = 1,
@@ -150,7 +151,7 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         s = GemvShape(m, n, axis, ins, outs, precision=precision)
         s.set_pitch()
         s.weights = mem.alloc(f"w_{name}", s.tile_bytes() * copies, "weights", G0)
-        shapes[name] = s
+        shapes[name], n_copies[name] = s, copies
 
     if ms:
         m_ = spec.mla
@@ -234,7 +235,8 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     buf["scal"] = mem.alloc("scalars", 16 * B * ELEM, "scratch", G1)
     if flash:  # running maxima (two, ping-pong) and rescale factors per head and sequence
         buf["stats"] = mem.alloc("softmax_stats", 3 * hb * B * ELEM, "scratch", G1)
-    buf["tmp"] = mem.alloc("tmp", longest * ELEM, "scratch", G0)
+    # (+ B: a fused norm's sums ride after the next GEMV's outputs in its all-reduce)
+    buf["tmp"] = mem.alloc("tmp", (longest + B) * ELEM, "scratch", G0)
     if moe:
         buf["gates"] = mem.alloc("gates", spec.moe.experts_per_token * B * ELEM, "activations", G2)
     dequant = max(sh.scratch_bytes() for sh in shapes.values())
@@ -242,6 +244,7 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         buf["dequant"] = mem.alloc("dequant", dequant, "scratch", G0)
         for sh in shapes.values():
             sh.scratch = buf["dequant"]
+        alloc_scales(mem, shapes, n_copies)
     fit_check(mem, cfg, f"{spec.name} layer {layer} on a {P}x{Q} region (batch {B}, context {T})")
     return LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, shapes, buf,
                      routed or not moe, ms, Q, attention_segments(spec, Q, params), hr)

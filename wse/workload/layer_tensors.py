@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import isa
 from ..tensors import TensorRecorder
 from .attention import by_heads
-from .gemv import ELEM
+from .gemv import ELEM, record_scale, tile_addr, weight_tensor
 from .mesh import offsets
 from .region import C_ATTN, C_EPS, C_INV_H, C_ONE, NORM_EPS
 
@@ -100,9 +99,11 @@ def _record_attention(t, plan, P: int, pe, col, rowi, pe_of) -> None:
     hc, ho = np.array(plan.Hc), np.array(offsets(plan.Hc))
 
     n_qkv = spec.q_size + 2 * spec.kv_size
-    w_qkv = t.add("w_qkv", "weight", (H, n_qkv))
+    w_qkv = t.add("w_qkv", "weight", (H, n_qkv), S["qkv"].store)
     b_qkv = t.add("b_qkv", "weight", (n_qkv,)) if "b_qkv" in b_ else None
-    w_o = t.add("w_o", "weight", (spec.attn_out_size, H))
+    w_o = t.add("w_o", "weight", (spec.attn_out_size, H), S["o"].store)
+    for name in ("qkv", "o"):
+        record_scale(t, f"w_{name}", S[name], pe, {0: 0}, 1)
     sinks = t.add("sinks", "weight", (spec.heads,)) if "sinks" in b_ else None
     cos, sin = t.add("rope_cos", "input", (hd // 2,)), t.add("rope_sin", "input", (hd // 2,))
     qkv_out = None if plan.moe else t.add("qkv", "output", (B, n_qkv))  # q and k rotated (MoE: the router's)
@@ -122,7 +123,7 @@ def _record_attention(t, plan, P: int, pe, col, rowi, pe_of) -> None:
             r = np.arange(hc.max())
             pr, rr = np.meshgrid(np.arange(len(rows)), r, indexing="ij")
             keep = rr < hc[cj][pr]
-            t.pieces(w_qkv, rows[pr][keep], S["qkv"].weights + rr[keep] * S["qkv"].pitch + local * ELEM, n,
+            t.pieces(w_qkv, rows[pr][keep], tile_addr(S["qkv"], rr[keep], local), n,
                      (ho[cj][pr][keep] + rr[keep]) * n_qkv + gcol, stride)
             if b_qkv is not None:
                 t.pieces(b_qkv, rows, b_["b_qkv"] + local * ELEM, n, gcol, stride)
@@ -135,7 +136,7 @@ def _record_attention(t, plan, P: int, pe, col, rowi, pe_of) -> None:
             t.pieces(cos, rows, b_["cos"] + at * ELEM, n, start, stride)
             t.pieces(sin, rows, b_["sin"] + at * ELEM, n, start, stride)
         for r, grow in enumerate(o_rows(spec, kv, p0, kh, g, vec)):  # W_o: row j's attention dims
-            t.pieces(w_o, rows, S["o"].weights + r * S["o"].pitch, hc[cj], grow * H + ho[cj])
+            t.pieces(w_o, rows, tile_addr(S["o"], r, 0), hc[cj], grow * H + ho[cj])
             for b in range(B):
                 t.pieces(attn, rows, b_["att"] + (b * plan.o_r[j] + r) * ELEM, 1, b * spec.attn_out_size + grow)
     _record_cache(t, plan, P, pe_of)
@@ -212,35 +213,33 @@ def _record_cache(t: TensorRecorder, plan, P: int, pe_of) -> None:
 
 
 def _record_ffn(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int, F: int, experts: int = 0,
-                copies: dict[int, int] | None = None) -> None:
+                copies: dict[int, int] | None = None, store: int | None = None) -> None:
     """W_gate, W_up [hidden, ffn] (the gate_up tile: gate columns, then up), W_down [ffn, hidden];
     with experts > 0, [experts, ...] of them, expert e in the e-th copy of the tiles, or in the
     copy `copies` maps it from (copy -> expert: the region holds those). Tensors made earlier
-    (by the layer region, for its expert regions) get these pieces too."""
+    (by the layer region, for its expert regions) get these pieces too; `store`: the element
+    type the tensors are made with (default the tiles')."""
     S, hc, fr = plan.shapes, np.array(plan.Hc), np.array(plan.f_r)
     lead = (experts,) if experts else ()
     names = (("w_gate", lead + (H, F)), ("w_up", lead + (H, F)), ("w_down", lead + (F, H)))
-    wg, wu, wd = (_tensor(t, name, "weight", shape) for name, shape in names)
-    for c, e in (copies if copies is not None else {e: e for e in range(max(experts, 1))}).items():
-        gu, dn = S["gate_up"].weights + c * S["gate_up"].tile_bytes(), S["down"].weights + c * S["down"].tile_bytes()
+    gu, dn = S["gate_up"], S["down"]
+    wg, wu, wd = (weight_tensor(t, name, shape, store if store is not None else sh.store)
+                  for (name, shape), sh in zip(names, (gu, gu, dn)))
+    copies = copies if copies is not None else {e: e for e in range(max(experts, 1))}
+    for c, e in copies.items():
         for r in range(int(hc.max())):  # gate_up tile row r of PE (i, j): hidden row ho[i] + r, the row's f dims
             m = (hc[col] > r) & (fr[row] > 0)
             for k, w in enumerate((wg, wu)):
-                t.pieces(w, pe[m], gu + r * S["gate_up"].pitch + k * fr[row[m]] * ELEM, fr[row[m]],
+                t.pieces(w, pe[m], tile_addr(gu, r, k * fr[row[m]], c), fr[row[m]],
                          e * H * F + (ho[col[m]] + r) * F + fo[row[m]])
         for r in range(int(fr.max())):  # down tile row r: ffn dim fo[j] + r, the column's hidden chunk
             m = fr[row] > r
-            t.pieces(wd, pe[m], dn + r * S["down"].pitch, hc[col[m]], e * F * H + (fo[row[m]] + r) * H + ho[col[m]])
+            t.pieces(wd, pe[m], tile_addr(dn, r, 0, c), hc[col[m]], e * F * H + (fo[row[m]] + r) * H + ho[col[m]])
+    n = max(experts, 1)
+    record_scale(t, "w_gate+w_up", gu, pe, copies, n)
+    record_scale(t, "w_down", dn, pe, copies, n)
     if plan.spec.moe and plan.spec.moe.expert_bias and experts:
         _record_expert_bias(t, plan, pe, col, row, ho, fo, H, F, experts, copies)
-
-
-def _tensor(t, name: str, role: str, shape: tuple) -> int:
-    """The tensor `name`: added now, or by an earlier region of the step."""
-    try:
-        return t.index(name)
-    except StopIteration:
-        return t.add(name, role, shape)
 
 
 def _record_expert_bias(t, plan, pe, col, row, ho, fo, H: int, F: int, n: int, copies: dict[int, int] | None) -> None:
@@ -248,7 +247,7 @@ def _record_expert_bias(t, plan, pe, col, row, ho, fo, H: int, F: int, n: int, c
     b_ = plan.buf
     fr, gs, ds = np.array(plan.f_r), 2 * max(plan.f_r) * ELEM, max(plan.Hc) * ELEM
     hc = np.array(plan.Hc)
-    bg, bu, bd = (_tensor(t, name, "weight", (n, w)) for name, w in (("b_gate", F), ("b_up", F), ("b_down", H)))
+    bg, bu, bd = (weight_tensor(t, name, (n, w)) for name, w in (("b_gate", F), ("b_up", F), ("b_down", H)))
     sel = fr[row] > 0
     for c, e in (copies if copies is not None else {e: e for e in range(n)}).items():
         for half, w in enumerate((bg, bu)):
@@ -278,7 +277,9 @@ def _record_moe(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int) -> None:
     t.pieces(t.add("gates", "output", (B, k)), pe, b_["gates"], k * B, 0)
     n = E + m.shared_experts
     copies = None if plan.routed else {c: E + c for c in range(m.shared_experts)}
-    _record_ffn(t, plan, pe, col, row, ho, fo, H, m.expert_ffn_size, n, copies)
+    from .precision import STORE, weights_of  # (with expert regions: the routed experts' precision)
+    store = None if plan.routed else STORE[weights_of(plan.spec, plan.params.weights)[1]]
+    _record_ffn(t, plan, pe, col, row, ho, fo, H, m.expert_ffn_size, n, copies, store)
 
 
 def record_experts(t, ep, origin: tuple[int, int, int], collector: bool, use: bool) -> None:
@@ -389,20 +390,19 @@ def _moe(spec, meta: dict, x: dict, xn, ffn, h1) -> dict:
     return {"out": out, "router": logits, "gates": gates, "shared_out": shared}
 
 
-def record_dtype_ok(plan) -> bool:
-    """Whether every GEMV's weights are 16-bit (low-precision tiles record no values)."""
-    return all(s.store == isa.DTYPE_FP16 for s in plan.shapes.values())
-
-
 def functional_gap(spec, layer: int, params, plan=None, in_step: bool = False) -> str | None:
     """Why a layer's values cannot be checked yet (None: they can); in_step: in the whole decode
     step (a layer with expert regions is checked there, with them)."""
     if spec.is_moe_layer(layer) and plan is not None and not plan.routed and not in_step:
         return "a MoE layer with expert regions is checked with them, in the whole step (give --full)"
+    if plan is not None and not plan.routed and spec.moe.shared_experts:
+        from .precision import weights_of
+        dense, expert = weights_of(spec, params.weights)
+        if dense != expert:
+            return (f"its shared experts ({dense}) and routed experts ({expert}) differ in precision, and one tensor "
+                    "per expert weight holds both")
     if params.attention != "flash":
         return "--attention classic is a timing model (its rows split heads anywhere); use flash"
-    if plan is not None and not record_dtype_ok(plan):
-        return f"--weights {params.weights or 'as published'}: low-precision tiles are not recorded yet"
     if plan is not None and min(plan.T_c) < 1:
         return (f"it attends to {sum(plan.T_c)} tokens, fewer than the region's {plan.P} columns (a column would "
                 "hold none)")

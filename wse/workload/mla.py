@@ -193,7 +193,8 @@ def mla_project_ops(ctx, i: int, ja: int, xm: tuple, ym: tuple, xrole: tuple, yr
     for b in range(B):
         for k, off, n, g in norms:
             a = qkv + b * ast + off * ELEM
-            t0 += [compute(SCALE, n, dst=a, src0=a, src1=scal + (2 * b + k) * ELEM), compute(MUL, n, dst=a, src0=a, src1=g)]
+            t0 += [compute(SCALE, n, dst=a, src0=a, src1=scal + (2 * b + k) * ELEM),
+                   compute(MUL, n, dst=a, src0=a, src1=g)]
     cos, sin, kp = b_["cos"], b_["sin"], max(ms.q_pairs) * ELEM
     for b in range(B if r else 0):  # RoPE on the row's k_pe pairs
         t0 += rope_ops(qkv + b * ast + (qa + v) * ELEM, r // 2, cos + kp, sin + kp, b_["rope"])
@@ -231,8 +232,8 @@ def _absorb_ops(plan, heads: int, c: int, v: int, r: int, rope_lo: int, nope_run
         row = 0
         for k, (hd, pos, n, _) in enumerate(nope_runs):
             acc = dot + (b * nr + k) * v * ELEM if vec else at(hd, 0)
-            ops += [compute(FMAC, v, dst=acc, src0=uk.weights + (row + t) * uk.pitch, src1=q + b * qst + (pos + t) * ELEM)
-                    for t in range(n if v else 0)]
+            ops += [compute(FMAC, v, dst=acc, src0=uk.weights + (row + t) * uk.pitch,
+                            src1=q + b * qst + (pos + t) * ELEM) for t in range(n if v else 0)]
             row += n
             if vec:
                 ops += [compute(MOV, 1, dst=at(hd, dd), src0=acc + dd * ELEM) for dd in range(v)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .attention import by_heads
-from .gemv import ELEM
+from .gemv import ELEM, record_scale, tile_addr
 from .mesh import offsets
 from .mla import C_INV_KV, C_INV_QA, cache_dims, q_dims
 
@@ -43,9 +43,12 @@ def record_mla(t, plan, pe: np.ndarray, col: np.ndarray, row: np.ndarray, pe_of)
     vec = by_heads(plan.params, heads, max(plan.T_c))
     for name, c, v in (("inv_q_lora", C_INV_QA, 1 / m.q_lora_rank), ("inv_kv_lora", C_INV_KV, 1 / kvl)):
         t.pieces(t.add(name, "constant", (1,), value=v), pe, b_["mla_c"] + c * ELEM, 1, 0)
-    w_a, w_qb = t.add("w_a", "weight", (H, A)), t.add("w_qb", "weight", (m.q_lora_rank, qlen))
+    w_a = t.add("w_a", "weight", (H, A), S["a"].store)
+    w_qb = t.add("w_qb", "weight", (m.q_lora_rank, qlen), S["qb"].store)
     w_uk = t.add("w_uk", "weight", (heads, m.qk_nope_head_dim, kvl))
-    w_uv, w_o = t.add("w_uv", "weight", (heads, kvl, vd)), t.add("w_o", "weight", (heads * vd, H))
+    w_uv, w_o = t.add("w_uv", "weight", (heads, kvl, vd)), t.add("w_o", "weight", (heads * vd, H), S["o"].store)
+    for name in ("a", "qb", "o"):  # (the absorbed W_uk, W_uv stay 16-bit: precision.py)
+        record_scale(t, f"w_{name}", S[name], pe, {0: 0}, 1)
     g_qa, g_kv = t.add("g_qa", "weight", (m.q_lora_rank,)), t.add("g_kv", "weight", (kvl,))
     cos, sin = t.add("rope_cos", "input", (rope // 2,)), t.add("rope_sin", "input", (rope // 2,))
     q_out, o_heads = t.add("q", "output", (B, qlen)), t.add("o_heads", "output", (B, heads * vd))
@@ -60,7 +63,7 @@ def record_mla(t, plan, pe: np.ndarray, col: np.ndarray, row: np.ndarray, pe_of)
         for local, g, n in runs(a_dims):  # W_a: tile row r of PE (i, j) is hidden row ho[i] + r
             for r in range(int(hc.max())):
                 k = hc[cols] > r
-                t.pieces(w_a, pes[k], S["a"].weights + r * S["a"].pitch + local * ELEM, n, (ho[cols[k]] + r) * A + g)
+                t.pieces(w_a, pes[k], tile_addr(S["a"], r, local), n, (ho[cols[k]] + r) * A + g)
         if qa:
             t.pieces(g_qa, pes, b_["g_qa"], qa, qa_off[j])
         if v:
@@ -114,7 +117,7 @@ def _record_pe(t, plan, i: int, j: int, pe: int, w: tuple, qa0: int, v0: int, o0
     qa, v = ms.qa_r[j], ms.v_r[j]
     for local, g, n in runs(q_dims(spec, ms, i)):  # W_qb: tile row r is q_a dim qa0 + r
         r = np.arange(qa)
-        t.pieces(w_qb, pe, S["qb"].weights + r * S["qb"].pitch + local * ELEM, n, (qa0 + r) * qlen + g)
+        t.pieces(w_qb, pe, tile_addr(S["qb"], r, local), n, (qa0 + r) * qlen + g)
     row = 0
     for h, _, n, d0 in ms.nope_runs[i]:  # W_uk: a tile row per (head, nope dim), the row's latent dims
         if v:
@@ -127,7 +130,7 @@ def _record_pe(t, plan, i: int, j: int, pe: int, w: tuple, qa0: int, v0: int, o0
                  (h * kvl + v0 + cc) * vd + o0 + pos - h * vd)
     if j < plan.P and plan.Hc[j]:  # W_o: tile row r is o dim o0 + r, row j's hidden chunk
         r = np.arange(ms.oh_r[i])
-        t.pieces(w_o, pe, S["o"].weights + r * S["o"].pitch, plan.Hc[j], (o0 + r) * H + sum(plan.Hc[:j]))
+        t.pieces(w_o, pe, tile_addr(S["o"], r, 0), plan.Hc[j], (o0 + r) * H + sum(plan.Hc[:j]))
 
 
 def _record_cache(t, plan, pe_of) -> None:

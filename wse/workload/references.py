@@ -36,10 +36,26 @@ REFERENCES: dict[str, Callable[[dict, dict], dict]] = {"gemv": _gemv, "allreduce
                                                        "layer": _layer, "decode_step": _step}
 
 
+def dequantized(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inputs with each low-precision weight's codes times its scale: `<a>+<b>.scale` [n]
+    scales the tensors a and b (names after a's prefix, `layer1.`), element e of it their e-th
+    slice along the first axis (n = 1: all of it)."""
+    out = dict(x)
+    for key, s in x.items():
+        if not key.endswith(".scale"):
+            continue
+        first, *rest = key[:-len(".scale")].split("+")
+        prefix = first[:first.rfind(".") + 1]
+        for name in [first] + [prefix + r for r in rest]:
+            w = x[name]
+            out[name] = w * (s[0] if s.size == 1 else s.reshape((-1,) + (1,) * (w.ndim - 1)))
+    return out
+
+
 def expected(trace: Trace, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The reference outputs of the kernel that made `trace` (meta 'kernel')."""
+    """The reference outputs of the kernel that made `trace` (meta 'kernel'), its weights dequantized."""
     kernel = trace.meta.get("kernel", "")
     if kernel not in REFERENCES:
         raise WseError(f"no numpy reference for a trace made by {kernel or 'an unnamed generator'!r} "
                        f"(references: {', '.join(REFERENCES)})")
-    return REFERENCES[kernel](trace.meta, inputs)
+    return REFERENCES[kernel](trace.meta, dequantized(inputs))
