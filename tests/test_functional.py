@@ -149,6 +149,17 @@ def test_codes_are_what_the_low_precision_types_hold():
     assert all(V.fp8_value(c) == RF.FP8_VALUES[c] for c in range(256) if not np.isnan(RF.FP8_VALUES[c]))
 
 
+# grouped heads split over row blocks, multi-head with several blocks per column, multi-query (the
+# scores reduced down the whole column), flash over the heads
+@pytest.mark.parametrize("heads, kv_heads, hd, context, P, batch, block", [
+    (8, 2, 16, 64, 4, 1, 0), (4, 4, 8, 37, 5, 2, 3), (8, 1, 16, 40, 8, 2, 0), (8, 2, 8, 30, 3, 1, 1),
+])
+def test_the_attention_kernel_computes_attention_over_the_cache(heads, kv_heads, hd, context, P, batch, block, tiny):
+    tr = kernels.attention(P, heads, kv_heads, hd, context, batch, tiny, block=block)[0]
+    rows, res = _check(tr, tiny)
+    assert [r.name for r in rows] == ["attn"] and all(r.ok and r.error < 0.01 for r in rows) and not res.raced
+
+
 @pytest.mark.parametrize("axis", ["x", "y"])
 @pytest.mark.parametrize("algo, groups", [("two-level", None), ("two-level", 3), ("chain", None)])
 def test_allreduce_sums_every_line(axis, algo, groups, tiny):
@@ -299,7 +310,7 @@ def test_a_trace_without_tensors_given_functional_is_one_error_and_no_file(tmp_p
 
 @pytest.mark.parametrize("args, message", [
     (["run", "--op", "attention", "--heads", "2", "--head-dim", "8", "--context", "16", "--region", "4x4",
-      "--functional"], "has no /tensors table"),
+      "--attention", "classic", "--functional"], "has no /tensors table"),
     (["run", "--model", "tiny", "--functional"], "`wse check --model` checks its decode layers"),
     (["run", "--op", "gemv", "--m", "8", "--n", "8", "--region", "2x2", "--functional", "--tolerance", "0"],
      "--tolerance 0.0: must be above 0"),

@@ -47,6 +47,7 @@ def _run(tr, cfg, seed=0):
     (8, 16, 1, 40, dict(attention_block=1, algo="chain")),
     (2, 70, 2, 8, dict(attention_block=3)),  # 35 rows a KV head, 32 rotary pairs: three rows hold none
     (4, 8, 2, 16, dict(attention_block=1)),  # more heads than a block's tokens: vector ops over the heads
+    (8, 16, 2, 40, dict(groups=2)),  # two-level all-reduces of two groups (rows; columns: the KV heads')
 ])
 def test_a_dense_layer_computes_the_models_layer(P, Q, batch, context, kw, roomy):
     tr = layer_trace(load_model("tiny"), 0, P, Q, roomy, DecodeParams(batch=batch, context=context, **kw))

@@ -78,7 +78,7 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
         from .mla_tensors import record_mla
         record_mla(t, plan, pe, col, jj.reshape(-1), lambda i, j: (y0 + j) * W + x0 + i)
     else:
-        _record_attention(t, plan, P, pe, col, jj.reshape(-1), lambda i, j: (y0 + j) * W + x0 + i)
+        _record_attention(t, plan, pe, col, jj.reshape(-1), lambda i, j: (y0 + j) * W + x0 + i)
     if plan.moe:
         _record_moe(t, plan, pe, col, jj.reshape(-1), ho, fo, H)
         return
@@ -91,23 +91,33 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
     _record_ffn(t, plan, pe, col, jj.reshape(-1), ho, fo, H, F)
 
 
-def _record_attention(t, plan, P: int, pe, col, rowi, pe_of) -> None:
-    """The attention tensors of a dense layer region with flash rows (attention.head_rows)."""
+def _record_attention(t, plan, pe, col, rowi, pe_of, kernel: bool = False) -> None:
+    """The attention tensors of a dense layer region with flash rows (attention.head_rows);
+    kernel: the attention alone (`--op attention`), q | k | v after RoPE its input."""
     spec, b_, S, B = plan.spec, plan.buf, plan.shapes, plan.params.batch
-    Q, hr, H, hd = plan.Q, plan.rows, spec.hidden_size, spec.head_dim
-    g = spec.heads // spec.kv_heads
-    hc, ho = np.array(plan.Hc), np.array(offsets(plan.Hc))
-
-    n_qkv = spec.q_size + 2 * spec.kv_size
+    H, hd, n_qkv = spec.hidden_size, spec.head_dim, spec.q_size + 2 * spec.kv_size
+    sinks = t.add("sinks", "weight", (spec.heads,)) if "sinks" in b_ else None
+    attn = t.add("attn", "output", (B, spec.attn_out_size))
+    if kernel:
+        qkv_in = t.add("qkv", "input", (B, n_qkv))
+        return _record_heads(t, plan, pe, col, rowi, (None, None, None, None, None, sinks, qkv_in, attn), pe_of)
     w_qkv = t.add("w_qkv", "weight", (H, n_qkv), S["qkv"].store)
     b_qkv = t.add("b_qkv", "weight", (n_qkv,)) if "b_qkv" in b_ else None
     w_o = t.add("w_o", "weight", (spec.attn_out_size, H), S["o"].store)
     for name in ("qkv", "o"):
         record_scale(t, f"w_{name}", S[name], pe, {0: 0}, 1)
-    sinks = t.add("sinks", "weight", (spec.heads,)) if "sinks" in b_ else None
     cos, sin = t.add("rope_cos", "input", (hd // 2,)), t.add("rope_sin", "input", (hd // 2,))
     qkv_out = None if plan.moe else t.add("qkv", "output", (B, n_qkv))  # q and k rotated (MoE: the router's)
-    attn = t.add("attn", "output", (B, spec.attn_out_size))
+    _record_heads(t, plan, pe, col, rowi, (w_qkv, b_qkv, w_o, cos, sin, sinks, qkv_out, attn), pe_of)
+
+
+def _record_heads(t, plan, pe, col, rowi, tensors: tuple, pe_of) -> None:
+    """Row by row, the pieces of a dense layer's attention tensors (those given: the others None)."""
+    w_qkv, b_qkv, w_o, cos, sin, sinks, qkv_out, attn = tensors
+    spec, b_, S, B = plan.spec, plan.buf, plan.shapes, plan.params.batch
+    Q, hr, H = plan.Q, plan.rows, spec.hidden_size
+    g, n_qkv = spec.heads // spec.kv_heads, spec.q_size + 2 * spec.kv_size
+    hc, ho = np.array(plan.Hc), np.array(offsets(plan.Hc))
     for j in range(Q):
         kv, p0, kh = hr.kv_r[j], hr.p0_r[j], hr.kh_r[j]
         pp, L, hb = kh // 2, plan.qkv_r[j], hr.hb_r[j]
@@ -123,8 +133,9 @@ def _record_attention(t, plan, P: int, pe, col, rowi, pe_of) -> None:
             r = np.arange(hc.max())
             pr, rr = np.meshgrid(np.arange(len(rows)), r, indexing="ij")
             keep = rr < hc[cj][pr]
-            t.pieces(w_qkv, rows[pr][keep], tile_addr(S["qkv"], rr[keep], local), n,
-                     (ho[cj][pr][keep] + rr[keep]) * n_qkv + gcol, stride)
+            if w_qkv is not None:
+                t.pieces(w_qkv, rows[pr][keep], tile_addr(S["qkv"], rr[keep], local), n,
+                         (ho[cj][pr][keep] + rr[keep]) * n_qkv + gcol, stride)
             if b_qkv is not None:
                 t.pieces(b_qkv, rows, b_["b_qkv"] + local * ELEM, n, gcol, stride)
             for b in range(B if qkv_out is not None else 0):
@@ -132,14 +143,28 @@ def _record_attention(t, plan, P: int, pe, col, rowi, pe_of) -> None:
         # cos and sin of the row's pairs, for each element of a half (by heads: a pair's g heads in a row)
         spans = [(dd * hb, hb, p0 + dd, 0) for dd in range(pp)] if vec else [(k * pp, pp, p0, 1) for k in range(hb)]
         spans += [(hb * pp + k * pp, pp, p0, 1) for k in range(len(kv))]
-        for at, n, start, stride in spans:
+        for at, n, start, stride in spans if cos is not None else ():
             t.pieces(cos, rows, b_["cos"] + at * ELEM, n, start, stride)
             t.pieces(sin, rows, b_["sin"] + at * ELEM, n, start, stride)
         for r, grow in enumerate(o_rows(spec, kv, p0, kh, g, vec)):  # W_o: row j's attention dims
-            t.pieces(w_o, rows, tile_addr(S["o"], r, 0), hc[cj], grow * H + ho[cj])
+            if w_o is not None:
+                t.pieces(w_o, rows, tile_addr(S["o"], r, 0), hc[cj], grow * H + ho[cj])
             for b in range(B):
                 t.pieces(attn, rows, b_["att"] + (b * plan.o_r[j] + r) * ELEM, 1, b * spec.attn_out_size + grow)
-    _record_cache(t, plan, P, pe_of)
+    _record_cache(t, plan, plan.P, pe_of)
+
+
+def record_attention_kernel(t: TensorRecorder, plan) -> None:
+    """/tensors of the attention kernel (`--op attention`, flash): a layer region running only its
+    attention, at the mesh origin; q | k | v (after RoPE) and the caches in, the output out."""
+    P, Q, b_ = plan.P, plan.Q, plan.buf
+    ii, jj = np.meshgrid(np.arange(P), np.arange(Q))
+    pe, col = (jj * P + ii).reshape(-1), ii.reshape(-1)
+    z = plan.mem.buffers["zeros"]
+    t.pieces(t.add("zeros", "zero", (z[1] // ELEM,)), pe, z[0], z[1] // ELEM, 0)
+    scale = t.add("attn_scale", "constant", (1,), value=plan.spec.head_dim ** -0.5)
+    t.pieces(scale, pe, b_["consts"] + C_ATTN * ELEM, 1, 0)
+    _record_attention(t, plan, pe, col, jj.reshape(-1), lambda i, j: j * P + i, kernel=True)
 
 
 def qkv_runs(spec, kv: tuple[int, ...], p0: int, kh: int, g: int, by_heads: bool = False
@@ -337,7 +362,7 @@ def reference(meta: dict, x: dict) -> dict:
 def _attention(spec, x: dict, h, rms, moe: bool) -> tuple[np.ndarray, dict]:
     """A dense layer's attention in float64: (h after its residual, the intermediates recorded as
     outputs: the attention output, and q | k | v after RoPE unless a MoE FFN reuses their buffer)."""
-    hd, g, qs, kvs = spec.head_dim, spec.heads // spec.kv_heads, spec.q_size, spec.kv_size
+    hd, qs, kvs = spec.head_dim, spec.q_size, spec.kv_size
     B = h.shape[0]
 
     def rope(v):
@@ -347,6 +372,19 @@ def _attention(spec, x: dict, h, rms, moe: bool) -> tuple[np.ndarray, dict]:
     q = rope(qkv[:, :qs].reshape(B, spec.heads, hd))
     k = rope(qkv[:, qs:qs + kvs].reshape(B, spec.kv_heads, hd))
     v = qkv[:, qs + kvs:].reshape(B, spec.kv_heads, hd)
+    att = attend(spec, q, k, v, x)
+    h1 = h + att.reshape(B, -1) @ x["w_o"] + (x["b_o"] if "b_o" in x else 0)
+    out = {"attn": att.reshape(B, -1)}
+    if not moe:
+        out["qkv"] = np.concatenate([q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1)], axis=1)
+    return h1, out
+
+
+def attend(spec, q, k, v, x: dict) -> np.ndarray:
+    """Grouped-query attention of this token's q [B, heads, hd] over the cache (x's k_cache and
+    v_cache [B, tokens - 1, kv_size]) and its own k, v [B, kv_heads, hd], attention sinks where x
+    has them: [B, heads, hd]."""
+    B, hd, g = q.shape[0], spec.head_dim, spec.heads // spec.kv_heads
     K = np.concatenate([x["k_cache"].reshape(B, -1, spec.kv_heads, hd), k[:, None]], axis=1)
     V = np.concatenate([x["v_cache"].reshape(B, -1, spec.kv_heads, hd), v[:, None]], axis=1)
     att = np.empty((B, spec.heads, hd))
@@ -359,11 +397,7 @@ def _attention(spec, x: dict, h, rms, moe: bool) -> tuple[np.ndarray, dict]:
             sink = np.exp(x["sinks"][hq] - top[:, 0])
         p = np.exp(s - top)
         att[:, hq] = np.einsum("bt,btd->bd", p / (p.sum(axis=1) + sink)[:, None], V[:, :, hq // g])
-    h1 = h + att.reshape(B, -1) @ x["w_o"] + (x["b_o"] if "b_o" in x else 0)
-    out = {"attn": att.reshape(B, -1)}
-    if not moe:
-        out["qkv"] = np.concatenate([q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1)], axis=1)
-    return h1, out
+    return att
 
 
 def _moe(spec, meta: dict, x: dict, xn, ffn, h1) -> dict:

@@ -22,6 +22,19 @@ def _gemm(meta: dict, x: dict) -> dict:
     return {"C": x["A"] @ x["B"]}
 
 
+def _attention(meta: dict, x: dict) -> dict:
+    """The attention kernel: q | k | v (after RoPE) over the KV cache."""
+    from .layer_tensors import attend
+    from .models import ModelSpec
+    heads, kv_heads, hd = int(meta["heads"]), int(meta["kv_heads"]), int(meta["head_dim"])
+    spec = ModelSpec(name="attention", hidden_size=heads * hd, layers=1, heads=heads, kv_heads=kv_heads,
+                     head_dim=hd, ffn_size=1, vocab_size=1)
+    qkv = x["qkv"]
+    B, qs, kvs = qkv.shape[0], spec.q_size, spec.kv_size
+    q, k, v = (qkv[:, a:b].reshape(B, -1, hd) for a, b in ((0, qs), (qs, qs + kvs), (qs + kvs, qs + 2 * kvs)))
+    return {"attn": attend(spec, q, k, v, x).reshape(B, -1)}
+
+
 def _layer(meta: dict, x: dict) -> dict:
     from .layer_tensors import reference
     return reference(meta, x)
@@ -33,7 +46,8 @@ def _step(meta: dict, x: dict) -> dict:
 
 
 REFERENCES: dict[str, Callable[[dict, dict], dict]] = {"gemv": _gemv, "allreduce": _allreduce, "gemm": _gemm,
-                                                       "layer": _layer, "decode_step": _step}
+                                                       "attention": _attention, "layer": _layer,
+                                                       "decode_step": _step}
 
 
 def dequantized(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
