@@ -175,6 +175,17 @@ def test_cannon_style_gemm_computes_a_times_b(algo, m, k, n, P, tiny):
     assert all(r.ok for r in rows) and not res.raced
 
 
+@pytest.mark.parametrize("algo", ["meshgemm", "cannon"])
+@pytest.mark.parametrize("align_a, align_b", [(True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("m, k, n, P", [(16, 16, 16, 4), (30, 20, 12, 5)])
+def test_a_gemm_aligning_its_operands_first_computes_a_times_b(algo, align_a, align_b, m, k, n, P, tiny):
+    """Prefill's activation operands start unskewed and are aligned on the mesh first. (Found the
+    alignment's receive thread moving on — a last move, the compute loop's first receive — while
+    its send thread still sent the buffer: a race for any region wider than 3.)"""
+    rows, res = _check(gemm.standalone(m, k, n, P, tiny, algo, align_a, align_b)[0], tiny)
+    assert all(r.ok and r.error < 0.01 for r in rows) and not res.raced
+
+
 @pytest.mark.parametrize("m, k, n, P, Q", [(16, 16, 16, 4, 4), (13, 22, 9, 3, 5), (40, 37, 24, 6, 4)])
 def test_summa_computes_a_times_b(m, k, n, P, Q, tiny):
     """(Found the relays forwarding the panels without keeping them for their own FMACs.)"""

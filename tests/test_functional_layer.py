@@ -350,7 +350,7 @@ def test_check_model_full_checks_the_step():
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "tiny", "--attention", "classic"], "not checkable functionally: --attention classic"),
-    (["--model", "tiny", "--phase", "prefill"], "checks decode layers"),
+    (["--model", "tiny", "--phase", "prefill", "--full"], "--phase prefill checks one layer's prefill kernels"),
     (["--model", "tiny", "--op", "gemv"], "give exactly one of --trace, --op and --model"),
     (["--op", "gemv", "--m", "8", "--n", "8", "--full"], "--full checks a model's decode step"),
     (["--model", "tiny-moe", "--moe-mapping", "regions"], "expert regions here; a layer is checked with them"),
@@ -358,6 +358,28 @@ def test_check_model_full_checks_the_step():
 def test_check_model_bad_input_is_one_error_line(args, message):
     r = CliRunner().invoke(cli, ["check"] + args + ["--wafer", "small", "--context", "64"])
     assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, r.output
+
+
+# ---- prefill ---------------------------------------------------------------------------------------------
+
+# dense, MoE (the experts' width), latent attention (its two latent norms; a column straddling both latents),
+# gpt-oss-shaped; uneven token rows, key columns, rotary-pair cuts (a column's pairs across vectors)
+@pytest.mark.parametrize("name, P, Q, S", [("tiny", 4, 8, 16), ("tiny", 3, 5, 13), ("tiny-moe", 4, 4, 9),
+                                           ("tiny-mla", 5, 7, 20), ("tiny-oss", 4, 6, 8)])
+def test_the_prefill_elementwise_kernel_computes_each_part(name, P, Q, S, roomy):
+    from wse.workload.prefill_elementwise import elementwise
+    tr, facts = elementwise(load_model(name), P, S, roomy, Q=Q, record=True)
+    rows, res = _run(tr, roomy)
+    assert {"xn1", "rope_out", "probs", "h1", "xn2", "act", "out"} <= {r.name for r in rows} and not res.raced
+    assert all(r.error < 0.01 and r.copies_disagree == 0 for r in rows), rows
+    assert int(res.pe("flops").sum()) == facts["executed_flops"]  # the closed form
+
+
+def test_check_model_prefill_checks_every_kernel_of_a_layer():
+    r = CliRunner().invoke(cli, ["check", "--model", "tiny", "--phase", "prefill", "--prompt-len", "64",
+                                 "--wafer", "small"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("prefill ") == 7 and "WRONG" not in r.output  # six GEMMs and the elementwise kernel
 
 
 # ---- the kinds the layer is built from ----------------------------------------------------------------

@@ -31,23 +31,25 @@ EXIT_WRONG = 1
 @_clean_errors
 def check_cmd(trace_path, op, model, phase, inputs, seed, tolerance, wafer, config_file, sets, full, threads,
               **kw) -> None:
-    """Run a kernel (--op gemv | gemm | allreduce), a model's decode layers (--model) or a trace
-    functionally and check its outputs."""
+    """Run a kernel (--op gemv | gemm | allreduce | attention), a model's decode layers (--model;
+    --phase prefill: one layer's prefill kernels) or a trace functionally and check its outputs."""
     from .engine.run import simulate
     from .results.functional import FP16_TOLERANCE, FunctionalRun, format_checks
     from .workload import jobs
 
     if sum(bool(v) for v in (trace_path, op, model)) != 1:
         raise WseError("give exactly one of --trace, --op and --model")
-    if model and phase != "decode":
-        raise WseError("wse check --model checks decode layers (--phase prefill is a timing model)")
+    if model and phase == "prefill" and full:
+        raise WseError("--full checks a model's decode step (--phase prefill checks one layer's prefill kernels)")
     if threads is not None and threads < 1:
         raise WseError("--threads must be at least 1")
     cfg = hardware.resolve(wafer, config_file, sets)
     fn = FunctionalRun(inputs, seed or 0, FP16_TOLERANCE if tolerance is None else tolerance)
     if full and not model:
         raise WseError("--full checks a model's decode step: give --model")
-    if model and full:  # the whole step: every region and lane in one trace
+    if model and phase == "prefill":  # one layer's prefill kernels, each alone
+        traces = jobs.prefill_check_traces(model, cfg, **_workload_kw(kw))
+    elif model and full:  # the whole step: every region and lane in one trace
         traces = [jobs.step_check_trace(model, cfg, **_workload_kw(kw))]
     elif model:  # every decode layer (or the first --layers), each on one layer region
         traces = jobs.layer_check_traces(model, cfg, **_workload_kw(kw))

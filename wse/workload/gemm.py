@@ -149,11 +149,12 @@ class Relay:
 
 
 def _record_tensors(b: MeshBuilder, m: int, k: int, n: int, P: int, Kt: int, A: int, B: int, C: int, pb: int,
-                    phys: list[int]) -> None:
-    """/tensors of a Cannon-style GEMM in its pre-skewed placement: PE (i, j) (logical li, lj on the
-    ring) starts with K block (li + lj) mod P of A's rows Mr_j (row-major, Kt a row) and of B's
-    columns Nc_i (pitch pb a row), and accumulates C's tile (pitch pb a row). The part of the last
-    K block beyond k is padding the kernel expects zeroed ('pad')."""
+                    phys: list[int], align_a: bool = False, align_b: bool = False) -> None:
+    """/tensors of a Cannon-style GEMM: PE (i, j) (logical li, lj on the ring) starts with K block
+    (li + lj) mod P of A's rows Mr_j (row-major, Kt a row) and of B's columns Nc_i (pitch pb a
+    row) — the pre-skewed placement — or, for an operand the kernel aligns first, block li of A
+    (lj of B), and accumulates C's tile (pitch pb a row). The part of the last K block beyond k
+    is padding the kernel expects zeroed ('pad')."""
     import numpy as np
 
     from .mesh import offsets
@@ -165,16 +166,17 @@ def _record_tensors(b: MeshBuilder, m: int, k: int, n: int, P: int, Kt: int, A: 
     pads: list[tuple[int, int, int]] = []  # (pe, addr, elements)
     for j in range(P):
         for i in range(P):
-            pe, blk = j * P + i, (logical[i] + logical[j]) % P
-            kq = max(0, min(Kt, k - blk * Kt))  # real K columns in this block
+            pe, skew = j * P + i, (logical[i] + logical[j]) % P
+            ba, bb = logical[i] if align_a else skew, logical[j] if align_b else skew
+            ka, kb = (max(0, min(Kt, k - blk * Kt)) for blk in (ba, bb))  # real K columns in the blocks
             r = np.arange(Mr[j])
-            if kq:
-                t.pieces(ta, pe, A + r * Kt * ELEM, kq, (Mo[j] + r) * k + blk * Kt)
-                q = np.arange(kq)
-                t.pieces(tb, pe, B + q * pb, Nc[i], (blk * Kt + q) * n + No[i])
-            if kq < Kt:
-                pads += [(pe, A + (rr * Kt + kq) * ELEM, Kt - kq) for rr in r]
-                pads += [(pe, B + q * pb, Nc[i]) for q in range(kq, Kt)]
+            if ka:
+                t.pieces(ta, pe, A + r * Kt * ELEM, ka, (Mo[j] + r) * k + ba * Kt)
+            if kb:
+                q = np.arange(kb)
+                t.pieces(tb, pe, B + q * pb, Nc[i], (bb * Kt + q) * n + No[i])
+            pads += [(pe, A + (rr * Kt + ka) * ELEM, Kt - ka) for rr in r if ka < Kt]
+            pads += [(pe, B + q * pb, Nc[i]) for q in range(kb, Kt)]
             t.pieces(tc, pe, C + r * pb, Nc[i], (Mo[j] + r) * n + No[i])
     _record_pads(t, pads)
 
@@ -420,12 +422,15 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
         return out
 
     def _align(add, t_send: int, t_recv: int, buf: list[int], length: int, sc: int, rc: int, rounds: int) -> None:
-        """`rounds` single logical shifts of one operand (send / receive threads in lockstep)."""
+        """`rounds` single logical shifts of one operand (send / receive threads in lockstep; the
+        receiver waits for the last send before the buffers are touched again: the move below
+        and the compute loop's first receive)."""
         for r in range(1, rounds + 1):
-            add(t_send, ([wait(S_ALIGN[t_recv])] if r > 1 else []) + [send(sc, length, buf[(r - 1) % 2])]
-                + ([signal(S_ALIGN[t_send])] if r < rounds else []))
+            add(t_send, ([wait(S_ALIGN[t_recv])] if r > 1 else []) + [send(sc, length, buf[(r - 1) % 2]),
+                                                                      signal(S_ALIGN[t_send])])
             add(t_recv, ([wait(S_ALIGN[t_send])] if r > 1 else []) + [recv(rc, length, buf[r % 2])]
                 + ([signal(S_ALIGN[t_recv])] if r < rounds else []))
+        add(t_recv, [wait(S_ALIGN[t_send])])
         if rounds % 2:
             add(t_recv, [compute(MOV, length, dst=buf[0], src0=buf[1])])
         # the shifts of the compute loop start once the operand is in place
@@ -434,11 +439,12 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
 
     prog.add(body)
     prog.program_ids(b)
-    if K == nb and not (align_a or align_b):  # (the full kernel)
+    if K == nb:  # (the full kernel; SUMMA needs no alignment: its operands stay in their owned placement)
         if algo == "summa":
             _record_summa(b, m, k, n, P, Q, nb, Kt, A_own, B_own, C, pb)
         else:
-            _record_tensors(b, m, k, n, P, Kt, A[0], B[0], C, pb, ring_order(P, algo == "meshgemm"))
+            _record_tensors(b, m, k, n, P, Kt, A[0], B[0], C, pb, ring_order(P, algo == "meshgemm"), align_a,
+                            align_b)
     trace = b.build()
     facts = {"model_flops": 2 * m * k * n, "executed_flops": 2 * m * Kt * nb * n,
              "sram_bytes_per_pe": mem.top}

@@ -179,6 +179,17 @@ def step_check_trace(name: str, cfg: WaferConfig, **kw) -> tuple[str, Trace]:
     return (f"--model {name} decode step ({plan.n_layers} layers, {plan.P}x{plan.Q} slots)", step_trace(plan))
 
 
+def prefill_check_traces(name: str, cfg: WaferConfig, **kw) -> list[tuple[str, Trace]]:
+    """The kernels of one prefill layer of a model on its slot, each with its /tensors, for `wse
+    check --model M --phase prefill`: (label, trace); a weight-stationary kernel is one token block."""
+    from .prefill import kernel_traces
+    plan = _model_plan(name, cfg, "prefill", **{k: v for k, v in kw.items() if k != "algo"})
+    prompt = kw.get("prompt_len") or 512
+    return [(f"--model {name} prefill {kernel} (prompt {prompt}) on {plan.P}x{plan.Q}", tr)
+            for kernel, (tr, _) in kernel_traces(plan.spec, cfg, plan.P, prompt, kw.get("algo") or "meshgemm",
+                                                 Q=plan.Q, record=True).items()]
+
+
 def prefill_traces(name: str, cfg: WaferConfig, output: str, **kw) -> list[tuple[str, Trace]]:
     """Write the kernel traces of one prefill layer next to `output` (<stem>-<kernel>.h5); a
     weight-stationary kernel's trace is one token block (prefill.kernel_trace)."""

@@ -28,106 +28,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterator
 
-from .. import isa
 from ..errors import WseError
 from ..hardware import WaferConfig
-from ..trace import Trace, compute
+from ..trace import Trace
 from .gemm import ALGOS as GEMM_ALGOS, standalone as gemm_trace, summa_depth, summa_panels
 from .gemv import largest_batch, standalone as gemv_trace
-from .params import DecodeParams
-from .region import EXP_FMACS, SILU_FMACS, reducers
-from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split, tagged
+from .mesh import split
 from .models import ModelSpec
-from .plan import fit_check
+from .prefill_elementwise import elementwise
 
 SUMMA_SETTLE_DEPTHS = 4  # [U] a SUMMA prefix extrapolates from at least this many buffer depths of steps
 
-FMAC, MUL, ADD, MAX, SCALE = isa.KIND_FMAC, isa.KIND_MUL, isa.KIND_ADD, isa.KIND_MAX, isa.KIND_SCALE
-ELEM = 2
-
-
-def elementwise(spec: ModelSpec, P: int, S: int, cfg: WaferConfig, algo: str = "two-level", Q: int | None = None
-                ) -> tuple[Trace, dict[str, int]]:
-    """The elementwise work of one prefill layer on a P x Q region (Q = P by default), with its
-    row all-reduces."""
-    Q = Q or P
-    H, heads = spec.hidden_size, spec.heads
-    rope, lat, lat_norms = _rope_and_latent(spec)
-    act = ffn_width(spec)
-    Sr = split(S, Q)
-    Hc, Kc = split(H, P), split(S, P)
-    rope_c, act_c, lat_c = split(rope, P), split(act, P), split(lat, P)
-    mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
-    big = max(max(Sr) * max(max(Hc), max(rope_c), max(act_c), max(lat_c)), max(Sr) * max(Kc) * heads)
-    a = mem.alloc("a", big * ELEM, "activations", 6)
-    d = mem.alloc("d", big * ELEM, "scratch", 2)
-    scal = mem.alloc("scal", max(Sr) * heads * ELEM, "scratch", 4)
-    tmp = mem.alloc("tmp", max(Sr) * heads * ELEM, "scratch", 0)
-    fit_check(mem, cfg, f"{spec.name} prefill elementwise kernel (S={S}) on {P}x{Q}")
-    region = Region(0, 0, P, Q)
-    b = MeshBuilder(P, Q, 2, kernel="prefill-elementwise", model=spec.name, prompt=S)
-    red = reducers(region, b, DecodeParams(algo=algo))
-    rx = red[X]
-    prog = RegionProgram(region, 2)
-    prog.add_roles(X, [(Hc[i], rope_c[i], act_c[i], Kc[i], lat_c[i], rx.role(i)) for i in range(P)])
-    prog.add_roles(Y, [(Sr[j],) for j in range(Q)])
-
-    def body(xr, yr, _sp):
-        hi, ri, fi, ki, li, role = xr[0]
-        (sj,) = yr[0]
-        out: dict[int, list] = {0: []}
-
-        def merge(part):
-            for t, ops in part.items():
-                out.setdefault(t, []).extend(ops)
-
-        def norm():
-            out[0].extend(compute(FMAC, hi, dst=d, src0=a) for _ in range(sj))  # per-token sum of squares
-            merge(rx.role_ops(role, sj, scal, tmp))
-            out[0] += [compute(SCALE, sj * hi, dst=a, src0=a), compute(MUL, sj * hi, dst=a, src0=a, src1=d)]
-
-        norm()
-        if lat_norms:  # MLA: RMSNorms of the query and KV latents, one all-reduce for both
-            out[0].extend(compute(FMAC, li, dst=d, src0=a) for _ in range(sj))
-            merge(rx.role_ops(role, sj * lat_norms, scal, tmp))
-            out[0] += [compute(SCALE, sj * li, dst=a, src0=a), compute(MUL, sj * li, dst=a, src0=a, src1=d)]
-        if sj * ri:
-            out[0] += [compute(MUL, sj * ri, dst=a, src0=a, src1=d), compute(FMAC, sj * ri, dst=a, src0=d)]
-        e = sj * ki * heads  # this PE's scores: its tokens x its keys x every head
-        if e:
-            out[0].append(compute(MAX, e, dst=a, src0=a, src1=d))
-        merge(rx.role_ops(role, sj * heads, scal, tmp, MAX))
-        if e:
-            out[0] += [compute(SCALE, e, dst=a, src0=a)] + [compute(FMAC, e, dst=a, src0=d)] * EXP_FMACS
-            out[0].append(compute(FMAC, e, dst=d, src0=a))
-        merge(rx.role_ops(role, sj * heads, scal, tmp))
-        if e:
-            out[0].append(compute(SCALE, e, dst=a, src0=a))
-        out[0].append(compute(ADD, sj * hi, dst=a, src0=a, src1=d))  # residual after O
-        norm()
-        if sj * fi:
-            out[0] += [compute(FMAC, sj * fi, dst=a, src0=d)] * SILU_FMACS + [compute(MUL, sj * fi, dst=a, src0=a, src1=d)]
-        out[0].append(compute(ADD, sj * hi, dst=a, src0=a, src1=d))  # residual after the FFN
-        return out
-
-    t_el = b.tag("elementwise", -1, "elementwise")
-    prog.add(lambda xr, yr, sp: tagged(body(xr, yr, sp), t_el))
-    prog.program_ids(b)
-    n1 = P - 1
-    flops = (2 * 4 * S * H + 4 * S * lat + 3 * S * rope + 13 * S * S * heads
-             + (2 * SILU_FMACS + 1) * S * act + 2 * S * H)
-    allreduce = n1 * (2 * S + lat_norms * S + 2 * S * heads)
-    return b.build(), {"executed_flops": flops + allreduce, "model_flops": flops}
-
-
-def _rope_and_latent(spec: ModelSpec) -> tuple[int, int, int]:
-    """Per token: elements RoPE rotates, latent elements RMS-normalized (MLA) and the number of
-    latent norms. MLA rotates every head's q_pe and the one shared k_pe, and normalizes the
-    query latent (if any) and the KV latent; standard attention rotates q and k."""
-    if not spec.mla:
-        return spec.q_size + spec.kv_size, 0, 0
-    m = spec.mla
-    return (spec.heads + 1) * m.qk_rope_head_dim, m.q_lora_rank + m.kv_lora_rank, 1 + bool(m.q_lora_rank)
 
 
 def ffn_width(spec: ModelSpec) -> int:
@@ -230,16 +141,17 @@ def kernel_names(spec: ModelSpec) -> list[str]:
 
 def kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str = "meshgemm",
                  lm_width: int | None = None, steps: int | None = None, Q: int | None = None,
-                 batch: int | None = None) -> tuple[Trace, dict[str, int]]:
+                 batch: int | None = None, record: bool = False) -> tuple[Trace, dict[str, int]]:
     """One prefill kernel (kernel_names, or "lm_head": the last token's LM-head GEMV on an
     lm_width x P region) on a P x Q layer region: (trace, facts). A kernel the prompt makes too
     big for the region's SRAM is an error naming --prompt-len. GEMMs run as `mapping` says:
     `steps` builds a MeshGEMM/Cannon/SUMMA kernel's first steps only (gemm.standalone); a
     weight-stationary kernel's trace is one block of `batch` tokens (default: the largest,
-    stationary_block) while its facts are the whole kernel's."""
+    stationary_block) while its facts are the whole kernel's. record: the elementwise kernel
+    records its /tensors too (the GEMMs always do)."""
     Q = Q or P
     try:
-        return _kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, steps, Q, batch)
+        return _kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, steps, Q, batch, record)
     except WseError as e:
         if "--prompt-len" in str(e) or "SRAM" not in str(e):
             raise
@@ -278,7 +190,7 @@ def stationary_block(spec: ModelSpec, cfg: WaferConfig, P: int, Q: int, prompt: 
 
 
 def _kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str,
-                  lm_width: int | None, steps: int | None, Q: int, batch: int | None
+                  lm_width: int | None, steps: int | None, Q: int, batch: int | None, record: bool = False
                   ) -> tuple[Trace, dict[str, int]]:
     if prompt < max(P, Q):
         raise WseError(f"--prompt-len {prompt} is shorter than the region's longer side {max(P, Q)}: every row "
@@ -287,7 +199,7 @@ def _kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: 
     if name == "lm_head":
         return gemv_trace(H, spec.vocab_size, lm_width or P, P, cfg)
     if name == "elementwise":
-        return elementwise(spec, P, S, cfg, Q=Q)
+        return elementwise(spec, P, S, cfg, Q=Q, record=record)
     if name not in kernel_names(spec):
         raise WseError(f"{spec.name} has no prefill kernel {name!r}")
     mm, k, n, a, b = _gemm_shape(spec, S, name)
@@ -368,9 +280,9 @@ def pieces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, al
 
 
 def kernel_traces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, algo: str = "meshgemm",
-                  Q: int | None = None) -> dict[str, tuple[Trace, dict[str, int]]]:
+                  Q: int | None = None, record: bool = False) -> dict[str, tuple[Trace, dict[str, int]]]:
     """The kernels of one prefill layer: name -> (trace, facts)."""
-    return {name: kernel_trace(spec, cfg, P, prompt, name, algo, Q=Q) for name in kernel_names(spec)}
+    return {name: kernel_trace(spec, cfg, P, prompt, name, algo, Q=Q, record=record) for name in kernel_names(spec)}
 
 
 def _complete(r, what: str):

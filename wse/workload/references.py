@@ -35,6 +35,11 @@ def _attention(meta: dict, x: dict) -> dict:
     return {"attn": attend(spec, q, k, v, x).reshape(B, -1)}
 
 
+def _prefill_elementwise(meta: dict, x: dict) -> dict:
+    from .prefill_elementwise import reference
+    return reference(meta, x)
+
+
 def _layer(meta: dict, x: dict) -> dict:
     from .layer_tensors import reference
     return reference(meta, x)
@@ -47,7 +52,7 @@ def _step(meta: dict, x: dict) -> dict:
 
 REFERENCES: dict[str, Callable[[dict, dict], dict]] = {"gemv": _gemv, "allreduce": _allreduce, "gemm": _gemm,
                                                        "attention": _attention, "layer": _layer,
-                                                       "decode_step": _step}
+                                                       "decode_step": _step, "prefill-elementwise": _prefill_elementwise}
 
 
 def dequantized(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -33,9 +33,6 @@ EXP_FLOPS, RSQRT_FLOPS, RECIP_FLOPS, SILU_FLOPS = (isa.KIND_FLOPS[k] for k in (E
 SOFTMAX_FLOPS = 1 + 1 + EXP_FLOPS + 1  # per score: scale by 1/sqrt(head_dim), max, exp(s - max), sum
 SILU_MUL_FLOPS = SILU_FLOPS + 1  # SiLU(gate) * up per element
 NORM_SCALE_FLOPS = RSQRT_FLOPS  # per sequence: 1/RMS = rsqrt(mean square + eps)
-# The prefill mapping (prefill.py) still stands in for exp and SiLU with vector FMACs [assumption]:
-EXP_FMACS = 4  # exp by range reduction and a polynomial
-SILU_FMACS = 4  # x * sigmoid(x): the exp plus the reciprocal folded in
 # Constants a layer region keeps in its `consts` buffer (element index): 1/hidden, the norms'
 # epsilon, 1/sqrt(head_dim), 1 (a shared expert's gate)
 C_INV_H, C_EPS, C_ATTN, C_ONE = range(4)
