@@ -82,6 +82,12 @@ def head_rows(spec, Q: int) -> HeadRows:
     return HeadRows(q_r, k_r, list(q_r), hb_r, segments, kv_r, p0_r, kh_r)
 
 
+def attn_scale(spec) -> float:
+    """The softmax's scale 1/sqrt(d): d the head dim, or latent attention's nope + rope dims."""
+    m = spec.mla
+    return (m.qk_nope_head_dim + m.qk_rope_head_dim) ** -0.5 if m else spec.head_dim ** -0.5
+
+
 def block_tokens(params, hb: int) -> int:
     """Cached tokens per flash block on a column: --attention-block, else as many as keep a
     block's scores within BLOCK_ELEMENTS."""

@@ -9,15 +9,17 @@ biases and attention sinks where the model has them, and RoPE's cos and sin [hea
 (inputs: the position's angles, any values); its output is h after the layer, in place; the
 intermediates it leaves in its buffers (q | k | v after RoPE, the attention output, SiLU(gate) *
 up, the FFN's output; MoE: the router's logits and the gates) are outputs too, so an error
-diluted by the residual stream still shows. Recorded for layers with flash attention, dense or
-with local experts, at 16-bit weights (functional_gap says what else is missing).
+diluted by the residual stream still shows. Latent attention's tensors are in mla_tensors.py;
+expert regions add their tiles to their layer's expert tensors (record_experts); low-precision
+tiles are stored codes with a `.scale` (gemv.record_scale). Recorded for layers with flash
+attention (functional_gap says what is missing).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..tensors import TensorRecorder
-from .attention import by_heads
+from .attention import attn_scale, by_heads
 from .gemv import ELEM, record_scale, tile_addr, weight_tensor
 from .mesh import offsets
 from .region import C_ATTN, C_EPS, C_INV_H, C_ONE, NORM_EPS
@@ -45,7 +47,7 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
     x0, y0) (default: alone at the mesh origin); h_input: h is an input (else lanes bring it)."""
     spec, b_, B = plan.spec, plan.buf, plan.params.batch
     Q, Hc, f_r = plan.Q, plan.Hc, plan.f_r
-    H, hd, F = spec.hidden_size, spec.head_dim, plan.spec.ffn_size
+    H, F = spec.hidden_size, plan.spec.ffn_size
     ho, fo = np.array(offsets(Hc)), np.array(offsets(f_r))
     hc = np.array(Hc)
     W, x0, y0 = origin or (P, 0, 0)
@@ -70,9 +72,8 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
         column("b_o", "weight", b_["b_o"], 0)
     z = plan.mem.buffers["zeros"]
     t.pieces(t.add("zeros", "zero", (z[1] // ELEM,)), pe, z[0], z[1] // ELEM, 0)
-    scale = (spec.mla.qk_nope_head_dim + spec.mla.qk_rope_head_dim) ** -0.5 if spec.mla else hd ** -0.5
     for name, c, v in (("inv_hidden", C_INV_H, 1 / H), ("norm_eps", C_EPS, NORM_EPS),
-                       ("attn_scale", C_ATTN, scale), ("one", C_ONE, 1.0)):
+                       ("attn_scale", C_ATTN, attn_scale(spec)), ("one", C_ONE, 1.0)):
         t.pieces(t.add(name, "constant", (1,), value=v), pe, b_["consts"] + c * ELEM, 1, 0)
     if spec.mla:
         from .mla_tensors import record_mla
@@ -162,7 +163,7 @@ def record_attention_kernel(t: TensorRecorder, plan) -> None:
     pe, col = (jj * P + ii).reshape(-1), ii.reshape(-1)
     z = plan.mem.buffers["zeros"]
     t.pieces(t.add("zeros", "zero", (z[1] // ELEM,)), pe, z[0], z[1] // ELEM, 0)
-    scale = t.add("attn_scale", "constant", (1,), value=plan.spec.head_dim ** -0.5)
+    scale = t.add("attn_scale", "constant", (1,), value=attn_scale(plan.spec))
     t.pieces(scale, pe, b_["consts"] + C_ATTN * ELEM, 1, 0)
     _record_attention(t, plan, pe, col, jj.reshape(-1), lambda i, j: j * P + i, kernel=True)
 

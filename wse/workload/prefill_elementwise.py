@@ -24,6 +24,7 @@ import numpy as np
 
 from ..hardware import WaferConfig
 from ..trace import Trace, compute
+from .attention import attn_scale
 from .gemv import ELEM
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, offsets, split, tagged
 from .models import ModelSpec
@@ -48,11 +49,6 @@ def rope_vectors(spec: ModelSpec) -> tuple[int, int]:
 def latents(spec: ModelSpec) -> tuple[int, int]:
     """(query latent, KV latent) widths latent attention normalizes per token; (0, 0) otherwise."""
     return (spec.mla.q_lora_rank, spec.mla.kv_lora_rank) if spec.mla else (0, 0)
-
-
-def attn_scale(spec: ModelSpec) -> float:
-    m = spec.mla
-    return (m.qk_nope_head_dim + m.qk_rope_head_dim) ** -0.5 if m else spec.head_dim ** -0.5
 
 
 class Cut:
