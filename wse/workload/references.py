@@ -50,9 +50,9 @@ def _step(meta: dict, x: dict) -> dict:
     return reference(meta, x)
 
 
-REFERENCES: dict[str, Callable[[dict, dict], dict]] = {"gemv": _gemv, "allreduce": _allreduce, "gemm": _gemm,
-                                                       "attention": _attention, "layer": _layer,
-                                                       "decode_step": _step, "prefill-elementwise": _prefill_elementwise}
+REFERENCES: dict[str, Callable[[dict, dict], dict]] = {
+    "gemv": _gemv, "allreduce": _allreduce, "gemm": _gemm, "attention": _attention, "layer": _layer,
+    "decode_step": _step, "prefill-elementwise": _prefill_elementwise}
 
 
 def dequantized(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
