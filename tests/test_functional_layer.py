@@ -376,8 +376,8 @@ def test_the_prefill_elementwise_kernel_computes_each_part(name, P, Q, S, roomy)
 
 
 def test_check_model_prefill_checks_every_kernel_of_a_layer():
-    r = CliRunner().invoke(cli, ["check", "--model", "tiny", "--phase", "prefill", "--prompt-len", "64",
-                                 "--wafer", "small"])
+    r = CliRunner().invoke(cli, ["check", "--model", "tiny", "--phase", "prefill", "--prompt-len", "32",
+                                 "--wafer", "small", "--set", "wafer.mesh_width=32", "--set", "wafer.mesh_height=32"])
     assert r.exit_code == 0, r.output
     assert r.output.count("prefill ") == 7 and "WRONG" not in r.output  # six GEMMs and the elementwise kernel
 
