@@ -297,12 +297,12 @@ def test_a_whole_decode_step_computes_the_model(name, batch):
 
 # expert regions: one per expert (the dispatch multicast past several regions, resent at the turns that need
 # it; regions none of the batch chose relaying the combine), biased experts (tiny-oss), latent attention,
-# 16 experts on a 128 x 128 wafer
+# 16 experts on a 128 x 128 wafer (slow: 10 s)
 @pytest.mark.parametrize("name, batch, kw, mesh", [
     ("tiny-moe", 3, {}, 64),
     ("tiny-oss", 2, dict(weights="bf16"), 64),
     ("tiny-mla", 2, {}, 64),
-    ("moe16", 2, dict(expert_skew=1.0), 128),
+    pytest.param("moe16", 2, dict(expert_skew=1.0), 128, marks=pytest.mark.slow),  # (the tiny ones cover the path)
 ])
 def test_a_step_with_expert_regions_computes_the_model(name, batch, kw, mesh):
     """(Found: an expert region's lane PEs weighted the experts' outputs by the scalar at SRAM
