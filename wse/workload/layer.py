@@ -27,8 +27,9 @@ from .precision import weights_of
 from .plan import COMBINE, DIAG_BCAST, KV_SHIFT, FitError, fit_check
 from .collectives import LineBroadcast
 from .layer_costs import PARTS, fused_norms, layer_flops, layer_weight_bytes
-from .region import (ADD, C_INV_H, DOT, FMAC, G0, G1, G2, G3, MOV, MUL, N_CONSTS, SCALE, THREADS, Lanes, Ops,
-                     RegionBuild, anchor_of, handoff, i_chunk, mark, merge, reducers, retag, rope_ops)
+from .region import (ADD, C_EPS, C_INV_H, FMAC, G0, G1, G2, G3, MOV, MUL, N_CONSTS, THREADS, Lanes, Ops,
+                     RegionBuild, anchor_of, handoff, i_chunk, mark, mean_square_ops, merge, reducers, retag,
+                     rms_apply_ops, rope_ops)
 from .experts import dispatch_parts
 
 
@@ -314,16 +315,12 @@ def norm_ops(ctx: LayerCtx, hi: int, xrole: tuple, g: int, fused: tuple[int, int
     hs = hi * ELEM  # column-layout vectors: the column's chunk per sequence, back to back
     sums, n = (fused[0] + fused[1] * B * ELEM, fused[1]) if fused else (scal, 0)
     out = {0: [compute(MOV, (n + 1) * B, dst=sums - n * B * ELEM, src0=z)]}
-    for b in range(B):  # the mean square: h . (h / H), so that no fp16 partial sum overflows
-        out[0] += [compute(SCALE, hi, dst=xn + b * hs, src0=h + b * hs, src1=b_["consts"] + C_INV_H * ELEM),
-                   compute(DOT, hi, dst=sums + b * ELEM, src0=h + b * hs, src1=xn + b * hs)]
+    out[0] += mean_square_ops(B, h, xn, hs, hi, sums, b_["consts"] + C_INV_H * ELEM)
     if fused:
         out[0] += [compute(MUL, hi, dst=xn + b * hs, src0=h + b * hs, src1=g) for b in range(B)]
         return out
     merge(out, ctx.rx.role_ops(xrole, B, scal, tmp))
-    out[0] += norm_scale_ops(0, B, scal, scal, b_["consts"])
-    out[0] += [compute(SCALE, hi, dst=xn + b * hs, src0=h + b * hs, src1=scal + b * ELEM) for b in range(B)]
-    out[0] += [compute(MUL, hi, dst=xn + b * hs, src0=xn + b * hs, src1=g) for b in range(B)]
+    out[0] += rms_apply_ops(B, h, xn, hs, hi, scal, g, b_["consts"] + C_EPS * ELEM)
     return out
 
 

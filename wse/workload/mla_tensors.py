@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attention import by_heads
+from .attention import AttnRow, by_heads
 from .gemv import ELEM, record_scale, tile_addr
 from .mesh import offsets
 from .mla import C_INV_KV, C_INV_QA, cache_dims, q_dims
@@ -104,8 +104,10 @@ def record_mla(t, plan, pe: np.ndarray, col: np.ndarray, row: np.ndarray, pe_of)
 
 
 def _slot(plan, b: int, d: int, c: int, slot: int) -> int:
-    """Address of cache dim d of sequence b in a slot, on a row of c cache dims (attention.AttnRow)."""
-    return plan.buf["kv"] + ((b * c + d) * (max(plan.T_c) + 1) + slot) * ELEM
+    """Address of cache dim d of sequence b in a slot, on a row of c cache dims (the layout
+    attention.AttnRow gives latent attention's rows: one key piece of c dims, values inside it)."""
+    return AttnRow(plan.spec.heads, plan.spec.heads, c, 0, 0, max(plan.T_c) + 1, plan.buf["kv"], None,
+                   None).at(b, d, slot)
 
 
 def _record_pe(t, plan, i: int, j: int, pe: int, w: tuple, qa0: int, v0: int, o0: int) -> None:

@@ -31,7 +31,8 @@ from .models import ModelSpec
 from .params import DecodeParams
 from .plan import fit_check
 from .region import (ADD, DOT, EXP, EXP_FLOPS, MAX, MOV, MUL, RECIP, RECIP_FLOPS, RMAX, RSQRT, RSQRT_FLOPS,
-                     RSUM, SCALE, SILU, SILU_FLOPS, NORM_EPS, reducers, rope_ops)
+                     RSUM, SCALE, SILU, SILU_FLOPS, NORM_EPS, mean_square_ops, merge, reducers, rms_apply_ops,
+                     rope_ops)
 
 # the `consts` buffer (element index): 1/hidden, eps, the softmax scale, the lowest fp16 (a column
 # without keys' maximum), 1/q_lora_rank, 1/kv_lora_rank
@@ -139,18 +140,11 @@ def _lat_split(c: Cut, i: int, ql: int) -> tuple[int, int]:
 
 def _norm(out: dict, rx, role, buf: dict, src: str, dst: str, g: str, sj: int, hi: int) -> None:
     """RMSNorm per token of the row's tokens: mean squares, row all-reduce, rsqrt, scale, weight."""
-    t0, scal, k = out[0], buf["scal"], buf["consts"]
-    t0.append(compute(MOV, sj, dst=scal, src0=buf["zeros"]))
-    for t in range(sj):
-        a, x = buf[src] + t * hi * ELEM, buf[dst] + t * hi * ELEM
-        t0 += [compute(SCALE, hi, dst=x, src0=a, src1=k + K_INV_H * ELEM),
-               compute(DOT, hi, dst=scal + t * ELEM, src0=a, src1=x)]
-    _merge(out, rx.role_ops(role, sj, scal, buf["tmp"]))
-    t0 = out[0]
-    t0.append(compute(RSQRT, sj, dst=scal, src0=scal, src1=k + K_EPS * ELEM))
-    for t in range(sj):
-        a, x = buf[src] + t * hi * ELEM, buf[dst] + t * hi * ELEM
-        t0 += [compute(SCALE, hi, dst=x, src0=a, src1=scal + t * ELEM), compute(MUL, hi, dst=x, src0=x, src1=buf[g])]
+    scal, k = buf["scal"], buf["consts"]
+    out[0].append(compute(MOV, sj, dst=scal, src0=buf["zeros"]))
+    out[0] += mean_square_ops(sj, buf[src], buf[dst], hi * ELEM, hi, scal, k + K_INV_H * ELEM)
+    merge(out, rx.role_ops(role, sj, scal, buf["tmp"]))
+    out[0] += rms_apply_ops(sj, buf[src], buf[dst], hi * ELEM, hi, scal, buf[g], k + K_EPS * ELEM)
 
 
 def _latent_norms(out: dict, rx, role, buf: dict, sj: int, nq: int, nk: int) -> None:
@@ -165,7 +159,7 @@ def _latent_norms(out: dict, rx, role, buf: dict, sj: int, nq: int, nk: int) -> 
                 a = lat + (t * n + off) * ELEM
                 t0 += [compute(SCALE, m, dst=buf["dot"], src0=a, src1=k + kc * ELEM),
                        compute(DOT, m, dst=scal + (2 * t + s) * ELEM, src0=a, src1=buf["dot"])]
-    _merge(out, rx.role_ops(role, 2 * sj, scal, buf["tmp"]))
+    merge(out, rx.role_ops(role, 2 * sj, scal, buf["tmp"]))
     t0 = out[0]
     t0.append(compute(RSQRT, 2 * sj, dst=scal, src0=scal, src1=k + K_EPS * ELEM))
     for t in range(sj):
@@ -184,22 +178,17 @@ def _softmax(out: dict, rx, role, buf: dict, sj: int, heads: int, ki: int) -> No
     for r in range(n):  # running maxima from the lowest fp16 (a column may hold no keys)
         t0 += [compute(MOV, 1, dst=scal + r * ELEM, src0=k + K_LOW * ELEM),
                compute(RMAX, ki, dst=scal + r * ELEM, src0=sc + r * ki * ELEM)]
-    _merge(out, rx.role_ops(role, n, scal, buf["tmp"], MAX))
+    merge(out, rx.role_ops(role, n, scal, buf["tmp"], MAX))
     t0 = out[0]
     t0 += [compute(EXP, ki, dst=sc + r * ki * ELEM, src0=sc + r * ki * ELEM, src1=scal + r * ELEM)
            for r in range(n)]
     t0.append(compute(MOV, n, dst=scal, src0=z))
     t0 += [compute(RSUM, ki, dst=scal + r * ELEM, src0=sc + r * ki * ELEM) for r in range(n)]
-    _merge(out, rx.role_ops(role, n, scal, buf["tmp"]))
+    merge(out, rx.role_ops(role, n, scal, buf["tmp"]))
     t0 = out[0]
     t0.append(compute(RECIP, n, dst=scal, src0=scal))
     t0 += [compute(SCALE, ki, dst=sc + r * ki * ELEM, src0=sc + r * ki * ELEM, src1=scal + r * ELEM)
            for r in range(n)]
-
-
-def _merge(out: dict, part: dict) -> None:
-    for t, ops in part.items():
-        out.setdefault(t, []).extend(ops)
 
 
 def elementwise_flops(spec: ModelSpec, c: Cut, P: int) -> dict[str, int]:

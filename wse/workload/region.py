@@ -124,6 +124,26 @@ def handoff_flops(region: Region) -> int:
     return region.height * (region.width - 1) + (region.height - 1)
 
 
+def mean_square_ops(count: int, src: int, dst: int, stride: int, n: int, sums: int, inv: int) -> list[Op]:
+    """An RMSNorm's mean squares, without fp16 partial sums overflowing: for each of `count`
+    vectors (n elements at src + k stride), dst = src times 1/H (the scalar at `inv`), then
+    sums[k] += src . dst (the line's all-reduce completes them)."""
+    ops: list[Op] = []
+    for k in range(count):
+        a, x = src + k * stride, dst + k * stride
+        ops += [compute(SCALE, n, dst=x, src0=a, src1=inv), compute(DOT, n, dst=sums + k * ELEM, src0=a, src1=x)]
+    return ops
+
+
+def rms_apply_ops(count: int, src: int, dst: int, stride: int, n: int, scal: int, g: int, eps: int) -> list[Op]:
+    """An RMSNorm's end, once the `count` mean squares at scal are all-reduced: 1/RMS = rsqrt(mean
+    + eps) in place, then each vector scaled by its own and multiplied by the weight g into dst."""
+    ops = [compute(RSQRT, count, dst=scal, src0=scal, src1=eps)]
+    ops += [compute(SCALE, n, dst=dst + k * stride, src0=src + k * stride, src1=scal + k * ELEM)
+            for k in range(count)]
+    return ops + [compute(MUL, n, dst=dst + k * stride, src0=dst + k * stride, src1=g) for k in range(count)]
+
+
 def rope_ops(a: int, n: int, cos: int, sin: int, tmp: int) -> list[Op]:
     """RoPE on n rotary pairs stored as n first halves at a, then their n second halves:
     a' = a cos - b sin, b' = b cos + a sin (six vector ops; tmp holds 2 n elements)."""

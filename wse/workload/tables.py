@@ -7,8 +7,9 @@ from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split, ta
 from .models import ModelSpec
 from .params import DecodeParams
 from .plan import fit_check
-from .region import (C_EPS, C_INV_H, DOT, G0, G1, G2, G3, MAX, MOV, MUL, N_CONSTS, RMAX, RSQRT, RSQRT_FLOPS, SCALE,
-                     THREADS, Lanes, RegionBuild, anchor_of, handoff, handoff_flops, i_chunk, merge, reducers)
+from .region import (C_EPS, C_INV_H, G0, G1, G2, G3, MAX, MOV, N_CONSTS, RMAX, RSQRT_FLOPS, THREADS, Lanes,
+                     RegionBuild, anchor_of, handoff, handoff_flops, i_chunk, mean_square_ops, merge, reducers,
+                     rms_apply_ops)
 from ..errors import WseError
 
 
@@ -123,13 +124,9 @@ def lm_head(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params: 
         out = lanes.receive(sp, hj * B, h, W_)
         # the final RMSNorm: mean squares (h . h / H), down the column, 1/RMS, scale, weight
         out[0].append(compute(MOV, B, dst=scal, src0=z))
-        for b in range(B):
-            out[0] += [compute(SCALE, hj, dst=xn + b * hs, src0=h + b * hs, src1=buf["consts"] + C_INV_H * ELEM),
-                       compute(DOT, hj, dst=scal + b * ELEM, src0=h + b * hs, src1=xn + b * hs)]
+        out[0] += mean_square_ops(B, h, xn, hs, hj, scal, buf["consts"] + C_INV_H * ELEM)
         merge(out, ry.role_ops(yrole, B, scal, tmp))
-        out[0].append(compute(RSQRT, B, dst=scal, src0=scal, src1=buf["consts"] + C_EPS * ELEM))
-        out[0] += [compute(SCALE, hj, dst=xn + b * hs, src0=h + b * hs, src1=scal + b * ELEM) for b in range(B)]
-        out[0] += [compute(MUL, hj, dst=xn + b * hs, src0=xn + b * hs, src1=g) for b in range(B)]
+        out[0] += rms_apply_ops(B, h, xn, hs, hj, scal, g, buf["consts"] + C_EPS * ELEM)
         out[0].append(compute(MOV, vi * B, dst=logits, src0=z))
         out[0] += gemv_ops(shape, j, i, xn, logits, B, hs, vi * ELEM)
         merge(out, ry.role_ops(yrole, vi * B, logits, tmp))
