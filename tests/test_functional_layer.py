@@ -291,8 +291,36 @@ def test_a_whole_decode_step_computes_the_model(name, batch):
     tr = step_trace(_model_plan(name, cfg, "decode", context=16, batch=batch, moe_mapping="local"))
     rows, res = _run(tr, cfg)
     names = {r.name for r in rows}
-    assert {"layer0.out", "layer1.out", "logits", "best_logit"} <= names and not res.raced
+    assert {"layer0.out", "layer1.out", "logits", "best_logit", "token"} <= names and not res.raced
     assert all(r.ok and r.error < 0.03 and r.copies_disagree == 0 for r in rows), rows
+    out = {o.name: o.values for o in RF.read_outputs(tr, res.sram)}  # the greedy token: the first largest logit
+    assert np.array_equal(out["token"], np.argmax(out["logits"], axis=1))
+    assert np.array_equal(out["best_logit"], out["logits"].max(axis=1))
+
+
+def test_the_greedy_token_takes_the_first_of_tied_logits_and_a_wrong_one_is_caught():
+    """Every logit tied (zero LM-head weights): the token is id 0, found in the first column and
+    kept over every later column's by the row's MAX of -ids. The check takes an index by the
+    score it picks: one below the best by a third of the largest score is that error; an index
+    outside the scores is inf."""
+    from wse.workload.jobs import _model_plan
+    from wse.workload.step_tensors import step_trace
+    cfg = hardware.load_preset("small").with_overrides(
+        ["sram.sram_bytes=1048576", "wafer.mesh_width=16", "wafer.mesh_height=16"])
+    tr = step_trace(_model_plan("tiny", cfg, "decode", context=16, batch=2, moe_mapping="local"))
+    validate(tr, cfg)
+    fn = RF.FunctionalRun(seed=1)
+    kw = fn.prepare(tr, "test")
+    fn.inputs["lm_head"][:] = 0.0
+    kw["sram"] = RF.fill(tr, fn.inputs, kw["sram"].shape[1])
+    res = simulate(tr, cfg, **kw)
+    rows = {r.name: r for r in fn.finish(tr, res)[0]}
+    out = {o.name: o.values for o in RF.read_outputs(tr, res.sram)}
+    assert rows["token"].ok and np.array_equal(out["token"], [0, 0])
+    picked = out["token"] + 1
+    scores = np.tile(np.arange(4.0), (2, 1))
+    assert RF.check([RF.Output("token", picked, 0)], {"token@scores": scores})[0].error == pytest.approx(2 / 3)
+    assert RF.check([RF.Output("token", picked + 9, 0)], {"token@scores": scores})[0].error == float("inf")
 
 
 # expert regions: one per expert (the dispatch multicast past several regions, resent at the turns that need
@@ -422,6 +450,29 @@ def test_new_kinds_compute_what_numpy_computes(kind, tiny):
         assert abs(got[0] - want) <= 4e-3 * max(1.0, abs(want)) and got[1] == 0
     else:
         assert np.allclose(got, want.astype(np.float16).astype(np.float64), rtol=2e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("start", [-1e6, -3.0])
+def test_rfind_keeps_minus_the_first_index_equal_to_the_scalar(start, tiny):
+    """RFIND (fp16 sources, an fp32 accumulator): dst[0] = max(dst[0], -e) over the elements e
+    equal to the scalar, so a tie keeps the first; an accumulator already above -e stays. Both
+    evaluators agree bit for bit; timing: setup plus ceil(n / width) steps, one FLOP and two
+    bytes read per element."""
+    n = 23
+    a = np.arange(n, dtype=np.float16) % 7  # 6 at 6, 13 and 20
+    sram = np.zeros((1, 2048), np.uint8)
+    sram[0, 0:2 * n] = a.view(np.uint8)
+    sram[0, 512:514] = np.array([6], np.float16).view(np.uint8)
+    sram[0, 1024:1028] = np.array([start], np.float32).view(np.uint8)
+    tr = _one_op_trace(isa.KIND_RFIND, n, isa.DTYPE_MIXED)
+    got = F.evaluate(tr, sram).sram[0]
+    assert float(got[1024:1028].view(np.float32)[0]) == max(start, -6.0)
+    ref = reference.simulate(tr, tiny, sram=sram)
+    assert np.array_equal(ref.sram[0, :2048], got[:2048])
+    res = simulate(tr, tiny)
+    E = min(tiny.simd_width(isa.KIND_RFIND, isa.DTYPE_MIXED), tiny.sram_port_bytes // 4)
+    assert res.total_cycles == tiny.vector_setup_cycles + -(-n // E) == ref.total_cycles
+    assert int(res.pe("flops").sum()) == n and int(res.pe("sram_read_bytes").sum()) == 2 * n
 
 
 @pytest.mark.parametrize("kind", [isa.KIND_EXP, isa.KIND_RSQRT, isa.KIND_RECIP, isa.KIND_SILU, isa.KIND_DOT])

@@ -32,6 +32,7 @@ SIMD_KEYS = (
     "exp_fp16", "exp_fp32", "rsqrt_fp16", "rsqrt_fp32", "recip_fp16", "recip_fp32",
     "silu_fp16", "silu_fp32",  # [U] each pass as fmac
     "rmax_fp16", "rmax_fp32", "rsum_fp16", "rsum_fp32", "sub_fp16", "sub_fp32",  # [U] as max, add, add
+    "rfind_mixed",  # [U] as max over fp16 sources into an fp32 index
 )
 
 

@@ -51,17 +51,18 @@ KIND_SILU = 11  # dst = src0 / (1 + exp(-src0))
 KIND_RMAX = 12  # dst[0] = max(dst[0], max(src0)): a stride-0 accumulator, like DOT
 KIND_RSUM = 13  # dst[0] = dst[0] + sum(src0): a stride-0 accumulator, like DOT
 KIND_SUB = 14  # dst = src0 - src1
-N_KINDS = 15
+KIND_RFIND = 15  # dst[0] = max(dst[0], -e) for each element e with src0[e] == scalar: -(the first match's index)
+N_KINDS = 16
 KIND_NAMES = ("none", "fmac", "add", "mul", "max", "mov", "scale", "dot", "exp", "rsqrt", "recip", "silu", "rmax",
-              "rsum", "sub")
-KIND_SOURCES = (0, 2, 2, 2, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2)
+              "rsum", "sub", "rfind")
+KIND_SOURCES = (0, 2, 2, 2, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1)
 # Passes over the vector per element [U]: the CE has no instruction for these functions, so they
 # are FMAC-like passes (range reduction and a polynomial; Newton steps); each pass reads the
 # source stream and writes dst, and does 2 FLOPs per element.
-KIND_PASSES = (1, 1, 1, 1, 1, 1, 1, 1, 5, 3, 3, 6, 1, 1, 1)
-KIND_FLOPS = (0, 2, 1, 1, 1, 0, 1, 2, 10, 6, 6, 12, 1, 1, 1)  # per element, all passes
-KIND_REDUCES = (KIND_DOT, KIND_RMAX, KIND_RSUM)  # kinds whose dst is one element (a stride-0 accumulator)
-KIND_SCALAR = (KIND_FMAC, KIND_SCALE, KIND_EXP, KIND_RSQRT)  # kinds reading a scalar at src1
+KIND_PASSES = (1, 1, 1, 1, 1, 1, 1, 1, 5, 3, 3, 6, 1, 1, 1, 1)
+KIND_FLOPS = (0, 2, 1, 1, 1, 0, 1, 2, 10, 6, 6, 12, 1, 1, 1, 1)  # per element, all passes
+KIND_REDUCES = (KIND_DOT, KIND_RMAX, KIND_RSUM, KIND_RFIND)  # kinds whose dst is one element (a stride-0 accumulator)
+KIND_SCALAR = (KIND_FMAC, KIND_SCALE, KIND_EXP, KIND_RSQRT, KIND_RFIND)  # kinds reading a scalar at src1
 FIRST_COMPUTE_ONLY_KIND = KIND_DOT  # kinds from here on are not fused into receive ops
 
 # --- dtypes ---------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ import numpy as np
 from . import isa
 from .errors import TraceError
 
-# zero: SRAM the kernel expects zeroed (padding, a zero source); constant: SRAM holding `value`
-ROLES = ("input", "weight", "output", "zero", "constant")
+# zero: SRAM the kernel expects zeroed (padding, a zero source); constant: SRAM holding `value`;
+# index: SRAM holding each element's own flat index (a PE's position in a cut, e.g. its vocab offset)
+ROLES = ("input", "weight", "output", "zero", "constant", "index")
 LOW = (isa.DTYPE_FP8, isa.DTYPE_INT8, isa.DTYPE_INT4)  # stored weights only (a SCALE op dequantizes them)
 DTYPES = (isa.DTYPE_FP16, isa.DTYPE_FP32) + LOW
 

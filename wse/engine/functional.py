@@ -259,11 +259,13 @@ def _run(sram, sem, opc, kind, dtype, cin, cout, sems, length, dst, src0, src1,
                         r = route_of[p * C + cout[op]] if sends else -1
                         kd = kind[op]
                         # two SRAM sources (ADD, SUB, MUL, MAX, DOT); a scalar at src1 (SCALE, EXP,
-                        # RSQRT); a reduction into dst[0] (DOT, RMAX, RSUM)
+                        # RSQRT, RFIND); a reduction into dst[0] (DOT, RMAX, RSUM, RFIND)
                         two = kd == isa.KIND_ADD or kd == isa.KIND_SUB or kd == isa.KIND_MUL or \
                             kd == isa.KIND_MAX or kd == isa.KIND_DOT
-                        scalar = kd == isa.KIND_SCALE or kd == isa.KIND_EXP or kd == isa.KIND_RSQRT
-                        reduce = kd == isa.KIND_DOT or kd == isa.KIND_RMAX or kd == isa.KIND_RSUM
+                        scalar = kd == isa.KIND_SCALE or kd == isa.KIND_EXP or kd == isa.KIND_RSQRT or \
+                            kd == isa.KIND_RFIND
+                        reduce = kd == isa.KIND_DOT or kd == isa.KIND_RMAX or kd == isa.KIND_RSUM or \
+                            kd == isa.KIND_RFIND
                         while i < n and budget > 0:
                             w = 0.0
                             if receives:
@@ -296,7 +298,7 @@ def _run(sram, sem, opc, kind, dtype, cin, cout, sems, length, dst, src0, src1,
                                     y = V.load(sram, p, src1[op], scal_kind)
                                 else:
                                     y = 0.0
-                                res = V.apply(kd, x, y, V.load(sram, p, dst[op], dk) if reduce else 0.0)
+                                res = V.apply(kd, x, y, V.load(sram, p, dst[op], dk) if reduce else 0.0, i)
                             if sends:
                                 payload = V.to_payload(sk if code == isa.OP_SEND else out_kind, res)
                                 for d in range(inj_off[r], inj_off[r + 1]):

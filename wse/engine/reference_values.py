@@ -70,10 +70,10 @@ def from_payload(t: str, p: int) -> float:
     return float(np.array([p], np.uint32).view(_F32)[0])
 
 
-def apply(kind: int, a: float, b: float, acc: float) -> float:
+def apply(kind: int, a: float, b: float, acc: float, e: int = 0) -> float:
     """FMAC: acc + a * b (b the scalar); MOV: a; SCALE: a * b (b the scalar); ADD, SUB, MUL, MAX of a, b;
-    DOT: acc + a * b; RSUM: acc + a; RMAX: max(acc, a); EXP: exp(a - b), RSQRT: 1 / sqrt(a + b) (b the
-    scalar); RECIP; SILU."""
+    DOT: acc + a * b; RSUM: acc + a; RMAX: max(acc, a); RFIND: max(acc, -e) where a equals the scalar b
+    (e: the element's index); EXP: exp(a - b), RSQRT: 1 / sqrt(a + b) (b the scalar); RECIP; SILU."""
     if kind == isa.KIND_FMAC:
         return acc + a * b
     if kind == isa.KIND_ADD:
@@ -90,6 +90,8 @@ def apply(kind: int, a: float, b: float, acc: float) -> float:
         return acc + a
     if kind == isa.KIND_RMAX:
         return acc if (acc >= a or acc != acc) else a
+    if kind == isa.KIND_RFIND:
+        return acc if (a != b or acc >= -e) else float(-e)
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         if kind == isa.KIND_EXP:
             return float(np.exp(np.float64(a) - b))
@@ -133,7 +135,7 @@ def element(mem: np.ndarray, op, e: int, w: float | None) -> float | None:
         if k == isa.KIND_DOT:  # the stride-0 accumulator
             out = op.dst
             acc = load(mem, out, dt)
-    r = apply(k, a, b, acc)
+    r = apply(k, a, b, acc, e)
     if op.opcode == isa.OP_RECV_COMPUTE_SEND:
         return r
     store(mem, out, dt, r)

@@ -144,9 +144,10 @@ def from_payload(kind: int, p: np.uint32) -> float:
 
 
 @numba.njit(cache=True)
-def apply(kind: int, a: float, b: float, acc: float) -> float:
+def apply(kind: int, a: float, b: float, acc: float, e: int) -> float:
     """A compute kind on decoded operands: a, b are its two sources (one-source kinds: a, and b
-    the scalar), acc the FMAC accumulator (FMAC: acc + a * b, b the scalar) or DOT's."""
+    the scalar), acc the FMAC accumulator (FMAC: acc + a * b, b the scalar) or DOT's; e the
+    element's index in the op (RFIND keeps -e of the first element equal to the scalar)."""
     if kind == isa.KIND_FMAC:
         return acc + a * b
     if kind == isa.KIND_ADD:
@@ -165,6 +166,8 @@ def apply(kind: int, a: float, b: float, acc: float) -> float:
         return acc + a
     if kind == isa.KIND_RMAX:
         return acc if acc >= a or math.isnan(acc) else a
+    if kind == isa.KIND_RFIND:
+        return acc if a != b or acc >= -e else -e
     if kind == isa.KIND_EXP:
         return _exp(a - b)
     if kind == isa.KIND_RSQRT:

@@ -174,8 +174,12 @@ def fill(trace: Trace, inputs: dict[str, np.ndarray], extent: int) -> np.ndarray
             _fill_codes(sram, table, i, src)
             continue
         for pe, addr, flat in _spots(table, i):
-            vals = np.full(len(flat), t.value if t.role == "constant" else 0.0, _np_dtype(t.dtype)) if src is None \
-                else src[flat].astype(_np_dtype(t.dtype))
+            if src is not None:
+                vals = src[flat].astype(_np_dtype(t.dtype))
+            elif t.role == "index":
+                vals = flat.astype(_np_dtype(t.dtype))
+            else:
+                vals = np.full(len(flat), t.value if t.role == "constant" else 0.0, _np_dtype(t.dtype))
             b = vals.view(np.uint8).reshape(len(flat), -1)
             for k in range(b.shape[1]):
                 sram[pe, addr + k] = b[:, k]
@@ -244,14 +248,32 @@ class Check:
 
 
 def check(outputs: list[Output], expected: dict[str, np.ndarray], tolerance: float = FP16_TOLERANCE) -> list[Check]:
+    """Each output's largest error over the reference's largest magnitude. An index output with
+    `<name>@scores` in `expected` (an argmax over the last axis of those scores) is checked by
+    the score it picks: how far below the row's best, over the largest score magnitude (a valid
+    index into a near-tie is right; anything else is inf)."""
     rows = []
     for o in outputs:
+        if o.name + "@scores" in expected:
+            rows.append(Check(o.name, _index_error(o.values, np.asarray(expected[o.name + "@scores"], np.float64)),
+                              tolerance, o.copies_disagree))
+            continue
         ref = np.asarray(expected[o.name], np.float64).reshape(o.values.shape)
         scale = max(float(np.abs(ref).max(initial=0.0)), np.finfo(np.float16).tiny)
         diff = np.abs(o.values - ref)
         err = float("inf") if not np.isfinite(diff).all() else float(diff.max(initial=0.0)) / scale
         rows.append(Check(o.name, err, tolerance, o.copies_disagree))
     return rows
+
+
+def _index_error(picked: np.ndarray, scores: np.ndarray) -> float:
+    n = scores.shape[-1]
+    idx, rows = picked.reshape(-1), scores.reshape(-1, n)
+    if not (np.isfinite(idx).all() and (idx == np.round(idx)).all() and ((idx >= 0) & (idx < n)).all()):
+        return float("inf")
+    scale = max(float(np.abs(rows).max(initial=0.0)), np.finfo(np.float16).tiny)
+    gap = rows.max(axis=1) - rows[np.arange(len(idx)), idx.astype(np.int64)]
+    return float(gap.max(initial=0.0)) / scale
 
 
 def format_checks(rows: list[Check], raced: list[tuple[int, int]]) -> str:

@@ -11,6 +11,7 @@ from .gemv import ELEM
 from .layer_tensors import Prefixed, functional_gap, record_experts, record_layer, reference as layer_reference
 from .mesh import offsets, split
 from .region import C_EPS, C_INV_H, NORM_EPS
+from .tables import FP32, NOT_FOUND
 
 
 def step_gap(plan) -> str | None:
@@ -96,6 +97,10 @@ def _record_head(t, spec, B: int, shape, Hr: list[int], Vc: list[int], buf: dict
     for b in range(B):
         t.pieces(logits, pe, buf["logits"] + b * vc[col] * ELEM, vc[col], b * V + vo[col])
     t.pieces(t.add("best_logit", "output", (B,)), pe, buf["best"], B, 0)
+    t.pieces(t.add("token", "output", (B,), FP32), pe, buf["token"], B, 0)
+    t.pieces(t.add("head.vocab0", "index", (V,), FP32), pe, buf["vocab0"], 1, vo[col])
+    t.pieces(t.add("head.none", "constant", (1,), FP32, value=NOT_FOUND), pe, buf["none"], 1, 0)
+    t.pieces(t.add("head.zero32", "zero", (B,), FP32), pe, buf["zero32"], B, 0)
     z = buf["zeros"]
     t.pieces(t.add("head.zeros", "zero", (max(max(Hr), max(Vc)) * B,)), pe, z, max(max(Hr), max(Vc)) * B, 0)
     for name, c, v in (("head.inv_hidden", C_INV_H, 1 / H), ("head.norm_eps", C_EPS, NORM_EPS)):
@@ -104,7 +109,8 @@ def _record_head(t, spec, B: int, shape, Hr: list[int], Vc: list[int], buf: dict
 
 def reference(meta: dict, x: dict) -> dict:
     """The decode step in float64: embedding rows of tokens token..token + batch - 1, every layer
-    (layer_tensors.reference), the final RMSNorm, the logits and their maximum."""
+    (layer_tensors.reference), the final RMSNorm, the logits, their maximum and the greedy token
+    (`token@scores`: the logits it is checked against: a near-tie may pick either)."""
     B, token, first = int(meta["batch"]), int(meta["token"]), int(meta.get("first_layer", 0))
     h = x["embedding"][token + np.arange(B)]
     out = {}
@@ -117,4 +123,5 @@ def reference(meta: dict, x: dict) -> dict:
         h = r["out"]
     xn = h * x["final_norm"] / np.sqrt((h ** 2).mean(axis=-1, keepdims=True) + NORM_EPS)
     logits = xn @ x["lm_head"]
-    return dict(out, logits=logits, best_logit=logits.max(axis=1))
+    return dict(out, logits=logits, best_logit=logits.max(axis=1), token=logits.argmax(axis=1),
+                **{"token@scores": logits})

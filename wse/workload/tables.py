@@ -1,16 +1,21 @@
 """The embedding lookup and the LM head: the chain's first and last regions (docs/workloads.md)."""
 from __future__ import annotations
 
+from .. import isa
 from ..trace import compute
 from .gemv import ELEM, GemvShape, gemv_ops
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split, tagged
 from .models import ModelSpec
 from .params import DecodeParams
 from .plan import fit_check
-from .region import (C_EPS, C_INV_H, G0, G1, G2, G3, MAX, MOV, N_CONSTS, RMAX, RSQRT_FLOPS, THREADS, Lanes,
+from .region import (C_EPS, C_INV_H, G0, G1, G2, G3, MAX, MOV, N_CONSTS, RMAX, RSQRT_FLOPS, SUB, THREADS, Lanes,
                      RegionBuild, anchor_of, handoff, handoff_flops, i_chunk, mean_square_ops, merge, reducers,
                      rms_apply_ops)
 from ..errors import WseError
+
+RFIND, FP32, MIXED = isa.KIND_RFIND, isa.DTYPE_FP32, isa.DTYPE_MIXED
+F32 = 4  # bytes of an fp32 element (the token ids)
+NOT_FOUND = -float(1 << 24)  # `none`: below -(every vocab id), exact in fp32
 
 
 def embedding_memory(spec: ModelSpec, width: int, height: int, cfg, params: DecodeParams
@@ -87,6 +92,10 @@ def lm_memory(spec: ModelSpec, width: int, height: int, cfg, params: DecodeParam
            "consts": mem.alloc("consts", N_CONSTS * ELEM, "constants", G0),
            "scal": mem.alloc("scalars", 16 * B * ELEM, "scratch", G1),
            "best": mem.alloc("best", B * ELEM, "activations", G2),
+           "token": mem.alloc("token", B * F32, "activations", G2),  # (fp32: 4-byte aligned groups)
+           "vocab0": mem.alloc("vocab0", F32, "constants", G0),  # the column's first vocab row (index)
+           "none": mem.alloc("none", F32, "constants", G0),  # below every -token: nothing found yet
+           "zero32": mem.alloc("zero32", B * F32, "constants", G0),
            "tmp": mem.alloc("tmp", max(Vc) * B * ELEM, "scratch", G0)}
     fit_check(mem, cfg, f"{spec.name} LM head on a {width}x{height} region")
     return mem, shape, Hr, Vc, buf
@@ -95,11 +104,12 @@ def lm_memory(spec: ModelSpec, width: int, height: int, cfg, params: DecodeParam
 def lm_head(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params: DecodeParams,
             lanes: Lanes) -> RegionBuild:
     """Final RMSNorm, logits (a GEMV reducing along Y, vocab over columns) and the greedy
-    token's logit.
+    token: its logit and its id.
 
     Lane d arrives on row d and is spread along the row; the maximum ends with a row all-reduce
-    of each sequence's column maxima (its index, the token, needs index ops the ISA lacks: the
-    timing of the search is the maximum's).
+    of each sequence's column maxima; then each column finds the first of its logits equal to
+    it (RFIND: -index, in fp32, offset by the column's first vocab row) and a row MAX
+    all-reduce of those keeps the lowest id among ties, negated back into `token`.
     """
     B, H, V = params.batch, spec.hidden_size, spec.vocab_size
     W_, H_ = region.width, region.height
@@ -134,13 +144,25 @@ def lm_head(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params: 
         mx = buf["best"]
         out[0] += [compute(MOV, 1, dst=mx + b * ELEM, src0=logits + b * vi * ELEM) for b in range(B)]
         out[0] += [compute(RMAX, vi, dst=mx + b * ELEM, src0=logits + b * vi * ELEM) for b in range(B)]
-        return merge(out, rx.role_ops(xrole, B, mx, tmp, MAX))
+        merge(out, rx.role_ops(xrole, B, mx, tmp, MAX))
+        # its id: -(vocab0 + the first matching index) per column, the row's largest, negated
+        tok = buf["token"]
+        for b in range(B):
+            out[0] += [compute(MOV, 1, dst=tok + b * F32, src0=buf["none"], dtype=FP32),
+                       compute(RFIND, vi, dst=tok + b * F32, src0=logits + b * vi * ELEM, src1=mx + b * ELEM,
+                               dtype=MIXED),
+                       compute(SUB, 1, dst=tok + b * F32, src0=tok + b * F32, src1=buf["vocab0"], dtype=FP32)]
+        merge(out, rx.role_ops(xrole, B, tok, tmp, MAX, FP32))
+        out[0].append(compute(SUB, B, dst=tok, src0=buf["zero32"], src1=tok, dtype=FP32))
+        return out
 
     prog.add(body)
     prog.program_ids(builder)
     # the norm is repeated by every PE of a row, the argmax by every PE of a column
-    flops = {"norm": W_ * 5 * H * B + W_ * H_ * RSQRT_FLOPS * B, "lm_head": 2 * H * V * B, "argmax": H_ * V * B,
-             "allreduce": W_ * (H_ - 1) * B + (H_ - 1) * V * B + H_ * (W_ - 1) * B}
+    # (the argmax: RMAX and RFIND over every logit, the offset and the negation on every PE)
+    flops = {"norm": W_ * 5 * H * B + W_ * H_ * RSQRT_FLOPS * B, "lm_head": 2 * H * V * B,
+             "argmax": 2 * H_ * V * B + 2 * W_ * H_ * B,
+             "allreduce": W_ * (H_ - 1) * B + (H_ - 1) * V * B + 2 * H_ * (W_ - 1) * B}
     weights = (spec.lm_head_params() or spec.embedding_params()) * ELEM + H * ELEM
     model = 5 * H * B + RSQRT_FLOPS * B + 2 * H * V * B + V * B
     return RegionBuild("lm_head", region, mem, flops, model, weights, 0, anchor_of(red))
