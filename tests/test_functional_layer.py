@@ -298,6 +298,38 @@ def test_a_whole_decode_step_computes_the_model(name, batch):
     assert np.array_equal(out["best_logit"], out["logits"].max(axis=1))
 
 
+@pytest.mark.parametrize("before", [1, 2])
+def test_a_batch_whose_tokens_span_embedding_columns_is_gathered_into_the_lane_column(before):
+    """Sequence b looks up token + b; with the batch's rows in two table columns the western one
+    hands its rows east to the last, which sends the lanes (`before`: rows in the first column)."""
+    from wse.workload.jobs import _model_plan
+    from wse.workload.mesh import split
+    from wse.workload.step_tensors import step_trace
+    from wse.workload.tables import token_columns
+    cfg = hardware.load_preset("small").with_overrides(
+        ["sram.sram_bytes=1048576", "wafer.mesh_width=16", "wafer.mesh_height=16"])
+    width = next(s.region.width for s in _model_plan("tiny", cfg, "decode", context=16).slots
+                 if s.kind == "embedding")
+    token = split(1024, width)[0] - before
+    plan = _model_plan("tiny", cfg, "decode", context=16, batch=3, moe_mapping="local", token=token)
+    assert [c for c, _, _ in token_columns(plan.spec, width, token, 3)] == [0, 1] and plan.token_col == 1
+    tr = step_trace(plan)
+    rows, res = _run(tr, cfg)
+    assert all(r.ok and r.copies_disagree == 0 for r in rows) and not res.raced, rows
+    from wse.workload.tables import GATHER
+    assert ((tr.ops["opcode"] == isa.OP_RECV) & (tr.ops["color_in"] == GATHER[0])).any()  # (the gather ran)
+
+
+def test_token_columns_cut_the_batch_by_the_columns_vocab_slices():
+    from wse.workload.models import load_model
+    from wse.workload.tables import token_columns
+    spec = load_model("tiny")  # 1,024 tokens over 8 columns: 128 each
+    assert token_columns(spec, 8, 126, 300) == [(0, 0, 2), (1, 2, 130), (2, 130, 258), (3, 258, 300)]
+    assert token_columns(spec, 8, 5, 3) == [(0, 0, 3)]
+    with pytest.raises(WseError, match="--token 1022 with --batch 3"):
+        token_columns(spec, 8, 1022, 3)
+
+
 def test_the_greedy_token_takes_the_first_of_tied_logits_and_a_wrong_one_is_caught():
     """Every logit tied (zero LM-head weights): the token is id 0, found in the first column and
     kept over every later column's by the row's MAX of -ids. The check takes an index by the

@@ -142,6 +142,18 @@ def test_composed_decode_equals_the_full_simulation(model, batch, small):
     assert full.pe("wavelets_sent").sum() > 0
 
 
+def test_a_batch_gathered_from_two_embedding_columns_composes_exactly(small):
+    """The gather into the embedding's lane column runs before its hand-off barrier, so stage A0
+    holds it and the composed step still equals the full one."""
+    from wse.workload.mesh import split
+    spec = load_model("tiny")
+    width = plan_model(spec, small, DecodeParams(context=12), P=16).slots[0].region.width
+    plan = plan_model(spec, small, DecodeParams(batch=3, context=12, token=split(1024, width)[0] - 2), P=16)
+    assert plan.token_col == 1
+    full = run(full_trace(plan)[0], small)
+    assert compose(plan, lambda t: run(t, small)).total_cycles == full.total_cycles
+
+
 def test_identical_layers_are_simulated_once(small):
     spec = load_model("tiny")
     many = small.with_overrides(["wafer.mesh_width=160", "wafer.mesh_height=64"])

@@ -102,6 +102,10 @@ def region_key(plan: ModelPlan, slot: Slot, role: ExpertRole | None = None) -> t
     spec = plan.spec
     if slot.kind == "experts":
         return ("experts", experts_key(plan, slot), role.last, role.barrier, role.d_out is not None)
+    if slot.kind == "embedding":  # (which columns look the batch's tokens up)
+        from .tables import token_columns
+        return (slot.kind, slot.region.width, slot.region.height,
+                tuple(token_columns(spec, slot.region.width, plan.params.token, plan.params.batch)))
     if slot.kind != "layer":
         return (slot.kind, slot.region.width, slot.region.height)
     moe = spec.is_moe_layer(slot.index)

@@ -16,7 +16,7 @@ from .experts import most_experts
 from .layer import LayerPlan, most_rows, plan_layer
 from .params import DecodeParams
 from .precision import value_bytes, weights_of
-from .tables import embedding_memory, lm_memory, token_column
+from .tables import embedding_memory, lm_memory, token_columns
 from .mesh import split_ranges
 from .models import ModelSpec
 from .placement import (PlacementError, Slot, serpentine)
@@ -33,7 +33,7 @@ class ModelPlan:
     P: int
     n_layers: int
     slots: list[Slot]
-    token_col: int
+    token_col: int  # the embedding's lane column: the last holding one of the batch's rows
     first_layer: int = 0  # a wafer's group of layers starts here (multi-wafer systems)
     embed: bool = True  # the plan holds the embedding
     head: bool = True  # the plan holds the LM head
@@ -266,7 +266,7 @@ def _place(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: in
                 kinds.add(spec.moe.dense_layers)
             for layer in sorted(kinds):
                 plan_layer(spec, layer, p, cfg, params, routed=not expert_regions, Q=q)
-            token_col = token_column(spec, k_e * p, params.token) if embed else 0
+            token_col = token_columns(spec, k_e * p, params.token, params.batch)[-1][0] if embed else 0
             return ModelPlan(spec, cfg, params, p, n_layers, slots, token_col, first_layer, embed, head, per_region,
                              expert_regions and bool(spec.moe), Q=q)
         except (PlacementError, FitError) as e:

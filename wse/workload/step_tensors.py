@@ -17,15 +17,11 @@ from .tables import FP32, NOT_FOUND
 def step_gap(plan) -> str | None:
     """Why a model plan's decode step cannot be checked yet (None: it can)."""
     from .decode import layer_plan
-    from .tables import token_column
     if any(s.kind not in ("embedding", "layer", "lm_head", "experts") for s in plan.slots):
         return f"slots of kinds {sorted({s.kind for s in plan.slots})}"
     if not plan.embed or not plan.head:
         return "a wafer's share of a chain without the embedding or the LM head"
-    width = next(s.region.width for s in plan.slots if s.kind == "embedding")
     prm = plan.params
-    if token_column(plan.spec, width, prm.token) != token_column(plan.spec, width, prm.token + prm.batch - 1):
-        return f"the batch's tokens {prm.token}..{prm.token + prm.batch - 1} span two columns of the embedding"
     for layer in range(plan.first_layer, plan.first_layer + plan.n_layers):
         gap = functional_gap(plan.spec, layer, prm, layer_plan(plan, layer), in_step=True)
         if gap:

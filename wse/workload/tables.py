@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 from .. import isa
-from ..trace import compute
+from ..trace import compute, recv, send
 from .gemv import ELEM, GemvShape, gemv_ops
-from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split, tagged
+from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, offsets, split, tagged
 from .models import ModelSpec
 from .params import DecodeParams
-from .plan import fit_check
+from .plan import KV_SHIFT, fit_check
 from .region import (C_EPS, C_INV_H, G0, G1, G2, G3, MAX, MOV, N_CONSTS, RMAX, RSQRT_FLOPS, SUB, THREADS, Lanes,
                      RegionBuild, anchor_of, handoff, handoff_flops, i_chunk, mean_square_ops, merge, reducers,
                      rms_apply_ops)
 from ..errors import WseError
 
 RFIND, FP32, MIXED = isa.KIND_RFIND, isa.DTYPE_FP32, isa.DTYPE_MIXED
+GATHER = KV_SHIFT  # the embedding's gather along its rows: colors an embedding region leaves free
 F32 = 4  # bytes of an fp32 element (the token ids)
 NOT_FOUND = -float(1 << 24)  # `none`: below -(every vocab id), exact in fp32
 
@@ -34,28 +35,42 @@ def embedding_memory(spec: ModelSpec, width: int, height: int, cfg, params: Deco
 
 def embedding(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params: DecodeParams,
               lanes: Lanes) -> RegionBuild:
-    """Embedding lookup: the column holding the token's row (sequence b: token + b) copies chunk
-    d of it from row d's table tile and sends it (lane d)."""
+    """Embedding lookup: sequence b looks up token + b; each column holding some of those rows
+    copies chunk d of them from row d's table tile. The lanes leave from the last such column
+    (the east-most: the first layer lies east); columns west of it hand theirs on along the row
+    first (a gather, each column's receive then its sends on alternating colors), so the lane
+    column holds every sequence's chunk, in sequence order, before the hand-off barrier."""
     B = params.batch
     mem, Hr, buf = embedding_memory(spec, region.width, region.height, cfg, params)
-    tc = token_column(spec, region.width, params.token)
-    v0 = sum(split(spec.vocab_size, region.width)[:tc])  # the token column's first vocab row
+    cols = token_columns(spec, region.width, params.token, B)
+    first_row = offsets(split(spec.vocab_size, region.width))  # each column's first vocab row
     pitch = -(-max(Hr) * ELEM // 8) * 8
     red = reducers(region, builder, params, spec)
     prog = RegionProgram(region, THREADS)
-    prog.add_roles(X, [(red[X].role(i), i == tc) for i in range(region.width)])
+    k_of = {c: k for k, (c, _, _) in enumerate(cols)}
+    prog.add_roles(X, [(red[X].role(i), k_of.get(i, -1)) for i in range(region.width)])
     prog.add_roles(Y, [(red[Y].role(j), Hr[j]) for j in range(region.height)])
     lanes.install(builder, prog)
+    for k in range(len(cols) - 1):  # column k hands sequences [0, its last) to column k + 1
+        c0, c1 = cols[k][0], cols[k + 1][0]
+        per = {c0: (RAMP, (HI,)), c1: (LO, (RAMP,))}
+        per.update({c: (LO, (HI,)) for c in range(c0 + 1, c1)})
+        builder.line_routes(region, X, GATHER[k % 2], per)
 
     t_emb = builder.tag("embedding", -1, "embedding")
 
     def body(xr, yr, sp):
-        n = yr[0][1]
-        # the lookup before the hand-off barrier, so what follows the anchor is the lane sends alone
-        # (stages stand in for a sending region by its barrier and sends; step_tensors.step_gap
-        # refuses tokens past the column's vocab slice)
-        out = {0: [compute(MOV, n, dst=buf["out"] + b * n * ELEM, src0=buf["table"] + (params.token + b - v0) * pitch)
-                   for b in range(B)] if xr[0][1] else []}  # (the token's column, lanes or not: stage A0 too)
+        n, k = yr[0][1], xr[0][1]
+        out: dict[int, list] = {0: []}
+        if k >= 0:  # a column holding some of the batch's rows (the lookup before the hand-off barrier,
+            # so what follows the anchor is the lane sends alone: stages stand in for a sending region so)
+            c, b0, b1 = cols[k]
+            if k > 0:
+                out[0].append(recv(GATHER[(k - 1) % 2], b0 * n, buf["out"]))
+            out[0] += [compute(MOV, n, dst=buf["out"] + b * n * ELEM,
+                               src0=buf["table"] + (params.token + b - first_row[c]) * pitch) for b in range(b0, b1)]
+            if k < len(cols) - 1:
+                out[0].append(send(GATHER[k % 2], b1 * n, buf["out"]))
         merge(out, handoff(red, xr[0][0], yr[0][0], buf["scal"], buf["tmp"]))
         return tagged(merge(out, lanes.send(sp, n * B, buf["out"])), t_emb)
 
@@ -73,6 +88,24 @@ def token_column(spec: ModelSpec, width: int, token: int) -> int:
     for v in split(spec.vocab_size, width):
         bounds.append(bounds[-1] + v)
     return max(c for c in range(width) if bounds[c] <= token)
+
+
+def token_columns(spec: ModelSpec, width: int, token: int, batch: int) -> list[tuple[int, int, int]]:
+    """(column, first sequence, end sequence) of each embedding column holding some of the
+    batch's rows (sequence b looks up token + b), west to east."""
+    if not 0 <= token < spec.vocab_size:
+        raise WseError(f"--token {token} is outside the vocabulary [0, {spec.vocab_size})")
+    if token + batch > spec.vocab_size:
+        raise WseError(f"--token {token} with --batch {batch}: sequence b looks up token + b, so the tokens "
+                       f"{token}..{token + batch - 1} must lie in the vocabulary [0, {spec.vocab_size})")
+    out: list[tuple[int, int, int]] = []
+    for b in range(batch):
+        c = token_column(spec, width, token + b)
+        if out and out[-1][0] == c:
+            out[-1] = (c, out[-1][1], b + 1)
+        else:
+            out.append((c, b, b + 1))
+    return out
 
 
 def lm_memory(spec: ModelSpec, width: int, height: int, cfg, params: DecodeParams
