@@ -111,6 +111,7 @@ CASES = [
                                     "-o", "{dir}/o.h5"], ["--snapshot-seconds"]),
     ("run --snapshot-seconds inf", ["run", "--trace", "{trace}", "--wafer", "tiny", "--snapshot-seconds", "inf",
                                     "-o", "{dir}/o.h5"], ["--snapshot-seconds"]),
+    ("check --wafers without --full", ["check", "--model", "tiny", "--wafers", "2"], ["--wafers", "--full"]),
     ("run --token past the vocabulary", ["run", "--model", "tiny", "--wafer", "small", "--token", "1024",
                                          "-o", "{dir}/o.h5"], ["--token 1024", "vocabulary"]),
     ("run --token + batch past the vocabulary", ["run", "--model", "tiny", "--wafer", "small", "--token", "1022",

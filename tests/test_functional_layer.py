@@ -330,6 +330,22 @@ def test_token_columns_cut_the_batch_by_the_columns_vocab_slices():
         token_columns(spec, 8, 1022, 3)
 
 
+@pytest.mark.parametrize("name, kw", [("tiny", {}), ("tiny-moe", dict(moe_mapping="regions", experts_per_region=1))])
+def test_each_wafers_share_of_a_split_model_computes_its_layers(name, kw):
+    """`wse check --full --wafers 2`: wafer 0 (embedding, layer 0) ends with its last layer's
+    output in place; wafer 1 takes that layer's h as input and ends with the LM head."""
+    from wse.workload.jobs import step_check_traces
+    cfg = hardware.load_preset("small")
+    shares = step_check_traces(name, cfg, 2, context=64, batch=2, **kw)
+    assert len(shares) == 2
+    for k, (where, tr) in enumerate(shares):
+        rows, res = _run(tr, cfg)
+        names = {r.name for r in rows}
+        assert all(r.ok and r.copies_disagree == 0 for r in rows) and not res.raced, (where, rows)
+        assert ("logits" in names) == (k == 1) and f"layer{k}.out" in names
+        assert any(t.name == f"layer{k}.h" and t.role == "input" for t in tr.tensors.tensors) == (k == 1)
+
+
 def test_the_greedy_token_takes_the_first_of_tied_logits_and_a_wrong_one_is_caught():
     """Every logit tied (zero LM-head weights): the token is id 0, found in the first column and
     kept over every later column's by the row's MAX of -ids. The check takes an index by the

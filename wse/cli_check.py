@@ -27,9 +27,11 @@ EXIT_WRONG = 1
 @_config_options
 @click.option("--full", is_flag=True, help="--model: the whole decode step in one trace (embedding, layers, LM head, "
                                            "lanes), not each layer alone")
+@click.option("--wafers", type=int, help="--full: the model split over this many wafers of --wafer (whole layers, "
+                                         "as `wse system` splits them), each wafer's share checked alone")
 @click.option("--threads", type=int, help="Numba threads (default: all cores)")
 @_clean_errors
-def check_cmd(trace_path, op, model, phase, inputs, seed, tolerance, wafer, config_file, sets, full, threads,
+def check_cmd(trace_path, op, model, phase, inputs, seed, tolerance, wafer, config_file, sets, full, wafers, threads,
               **kw) -> None:
     """Run a kernel (--op gemv | gemm | allreduce | attention), a model's decode layers (--model;
     --phase prefill: one layer's prefill kernels) or a trace functionally and check its outputs."""
@@ -47,10 +49,12 @@ def check_cmd(trace_path, op, model, phase, inputs, seed, tolerance, wafer, conf
     fn = FunctionalRun(inputs, seed or 0, FP16_TOLERANCE if tolerance is None else tolerance)
     if full and not model:
         raise WseError("--full checks a model's decode step: give --model")
+    if wafers is not None and not full:
+        raise WseError("--wafers splits a model's whole step: give --model and --full")
     if model and phase == "prefill":  # one layer's prefill kernels, each alone
         traces = jobs.prefill_check_traces(model, cfg, **_workload_kw(kw))
     elif model and full:  # the whole step: every region and lane in one trace
-        traces = [jobs.step_check_trace(model, cfg, **_workload_kw(kw))]
+        traces = jobs.step_check_traces(model, cfg, wafers, **_workload_kw(kw))
     elif model:  # every decode layer (or the first --layers), each on one layer region
         traces = jobs.layer_check_traces(model, cfg, **_workload_kw(kw))
     else:

@@ -171,12 +171,30 @@ def layer_check_traces(name: str, cfg: WaferConfig, **kw) -> list[tuple[str, Tra
              layer_trace(plan.spec, layer, plan.P, plan.Q, cfg, plan.params)) for layer in range(n)]
 
 
-def step_check_trace(name: str, cfg: WaferConfig, **kw) -> tuple[str, Trace]:
+def step_check_traces(name: str, cfg: WaferConfig, wafers: int | None = None, **kw) -> list[tuple[str, Trace]]:
     """The whole decode step of a model (its --layers on the wafer) in one trace with its
-    /tensors, for `wse check --model --full`: (label, trace)."""
+    /tensors, for `wse check --model --full`: [(label, trace)]; with `wafers`, the model's layers
+    split over that many wafers of this configuration as `wse system` splits whole layers
+    (balanced by bytes), one trace per wafer's share."""
     from .step_tensors import step_trace
-    plan = _model_plan(name, cfg, "decode", **kw)
-    return (f"--model {name} decode step ({plan.n_layers} layers, {plan.P}x{plan.Q} slots)", step_trace(plan))
+    if wafers is None:
+        plan = _model_plan(name, cfg, "decode", **kw)
+        return [(f"--model {name} decode step ({plan.n_layers} layers, {plan.P}x{plan.Q} slots)", step_trace(plan))]
+    from .decode import plan_model
+    from ..system.wafers import split_layers
+    if kw.get("layers"):
+        raise WseError("--wafers splits the whole model: leave out --layers")
+    if wafers < 1:
+        raise WseError("--wafers must be at least 1")
+    base = _model_plan(name, cfg, "decode", **dict(kw, layers=1))  # (the options checked once)
+    region = kw.get("region")
+    out = []
+    for w, g in enumerate(split_layers(base.spec, base.params, wafers)):
+        plan = plan_model(base.spec, cfg, base.params, len(g), region[0] if region else None, g.start, w == 0,
+                          w == wafers - 1, Q=region[1] if region else None)
+        out.append((f"--model {name} wafer {w} of {wafers} (layers {g.start}..{g.stop - 1}, {plan.P}x{plan.Q} "
+                    "slots)", step_trace(plan)))
+    return out
 
 
 def prefill_check_traces(name: str, cfg: WaferConfig, **kw) -> list[tuple[str, Trace]]:

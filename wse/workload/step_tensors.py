@@ -1,7 +1,10 @@
 """A whole decode step's tensors (/tensors) and its numpy reference, for `wse check --model M
 --full`: the embedding lookup, every layer (layer_tensors, names prefixed `layer<L>.`, h arriving
-by the lanes), the final RMSNorm, the logits and each sequence's greedy logit — one trace, one
-functional run, so the lanes between regions are checked too."""
+by the lanes), the final RMSNorm, the logits, each sequence's greedy logit and token — one trace,
+one functional run, so the lanes between regions are checked too. A wafer's share of a model
+split over several wafers (`--wafers`) is checked the same way: without the embedding its first
+layer's h is an input (what the link brings), without the LM head its last layer's output ends
+it."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,11 +19,13 @@ from .tables import FP32, NOT_FOUND
 
 def step_gap(plan) -> str | None:
     """Why a model plan's decode step cannot be checked yet (None: it can)."""
+    from .chain import chain_of
     from .decode import layer_plan
     if any(s.kind not in ("embedding", "layer", "lm_head", "experts") for s in plan.slots):
         return f"slots of kinds {sorted({s.kind for s in plan.slots})}"
-    if not plan.embed or not plan.head:
-        return "a wafer's share of a chain without the embedding or the LM head"
+    ch = chain_of(plan)
+    if ch.leading or ch.trailing:
+        return "a wafer's share that continues a layer's experts from the wafer before, or on to the next"
     prm = plan.params
     for layer in range(plan.first_layer, plan.first_layer + plan.n_layers):
         gap = functional_gap(plan.spec, layer, prm, layer_plan(plan, layer), in_step=True)
@@ -46,7 +51,7 @@ def _record(b, plan, slots) -> None:
     from .tables import embedding_memory, lm_memory
     spec, prm, W = plan.spec, plan.params, b.width
     b.meta.update(kernel="decode_step", token=str(prm.token), expert_skew=str(prm.expert_skew),
-                  first_layer=str(plan.first_layer))
+                  first_layer=str(plan.first_layer), embed=str(int(plan.embed)), head=str(int(plan.head)))
     roles = chain_of(plan).roles  # (expert regions: which one is its layer's collector)
     for s, slot in enumerate(slots):
         R = slot.region
@@ -54,7 +59,7 @@ def _record(b, plan, slots) -> None:
         pe, col, row = ((R.y0 + jj) * W + R.x0 + ii).reshape(-1), ii.reshape(-1), jj.reshape(-1)
         if slot.kind == "layer":
             record_layer(Prefixed(b.tensors, f"layer{slot.index}."), layer_plan(plan, slot.index), plan.P,
-                         (W, R.x0, R.y0), h_input=False)
+                         (W, R.x0, R.y0), h_input=not plan.embed and s == 0)
         elif slot.kind == "experts":
             ep = plan_experts(spec, slot.index, slot.experts, plan.P, plan.cfg, prm, plan.Q)
             record_experts(Prefixed(b.tensors, f"layer{slot.index}."), ep, (W, R.x0, R.y0),
@@ -104,11 +109,12 @@ def _record_head(t, spec, B: int, shape, Hr: list[int], Vc: list[int], buf: dict
 
 
 def reference(meta: dict, x: dict) -> dict:
-    """The decode step in float64: embedding rows of tokens token..token + batch - 1, every layer
-    (layer_tensors.reference), the final RMSNorm, the logits, their maximum and the greedy token
-    (`token@scores`: the logits it is checked against: a near-tie may pick either)."""
+    """The decode step in float64: embedding rows of tokens token..token + batch - 1 (a share
+    without the embedding: its first layer's h), every layer (layer_tensors.reference), and with
+    the LM head the final RMSNorm, the logits, their maximum and the greedy token (`token@scores`:
+    the logits it is checked against: a near-tie may pick either)."""
     B, token, first = int(meta["batch"]), int(meta["token"]), int(meta.get("first_layer", 0))
-    h = x["embedding"][token + np.arange(B)]
+    h = x["embedding"][token + np.arange(B)] if meta.get("embed", "1") == "1" else x[f"layer{first}.h"]
     out = {}
     for layer in range(first, first + int(meta["layers"])):
         p = f"layer{layer}."
@@ -117,6 +123,8 @@ def reference(meta: dict, x: dict) -> dict:
                             dict(sub, h=h))
         out.update({p + k: v for k, v in r.items()})
         h = r["out"]
+    if meta.get("head", "1") != "1":
+        return out
     xn = h * x["final_norm"] / np.sqrt((h ** 2).mean(axis=-1, keepdims=True) + NORM_EPS)
     logits = xn @ x["lm_head"]
     return dict(out, logits=logits, best_logit=logits.max(axis=1), token=logits.argmax(axis=1),
