@@ -2,6 +2,8 @@
 dense layer with flash attention run functionally against its numpy reference for every mapping
 option, the reduction and elementwise kinds it is built from against numpy in both evaluators,
 their multi-pass timing in closed form, and `wse check --model`."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -277,6 +279,17 @@ def test_check_model_checks_every_layer(tmp_path):
                                  "--batch", "2"])
     assert r.exit_code == 0, r.output
     assert r.output.count(" ok") == 10 and "layer 1 on 4x8" in r.output
+
+
+def test_a_model_outside_the_zoo_is_checked_from_its_file(tmp_path):
+    """(Found: the references loaded the model by its name, so `wse check --model my.toml` failed
+    with 'unknown model' once the run was done; traces now record the file: meta model_file.)"""
+    text = (Path(__file__).parents[1] / "traces" / "models" / "tiny.toml").read_text()
+    path = tmp_path / "mine.toml"
+    path.write_text(text.replace('name = "tiny"', 'name = "not-in-the-zoo"'))
+    for extra in ([], ["--full"]):
+        r = CliRunner().invoke(cli, ["check", "--model", str(path), "--wafer", "small", "--context", "64"] + extra)
+        assert r.exit_code == 0 and "WRONG" not in r.output, r.output
 
 
 @pytest.mark.parametrize("name, batch", [("tiny", 2), ("tiny-moe", 3), ("tiny-mla", 2)])

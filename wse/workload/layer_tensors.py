@@ -334,8 +334,8 @@ def reference(meta: dict, x: dict) -> dict:
     and this token (with attention sinks where given), O, residual, RMSNorm, then SiLU(gate) * up,
     down, residual — or a MoE layer's router, gates and experts (_moe); latent attention in its
     absorbed form (mla_tensors.reference_mla)."""
-    from .models import load_model
-    spec = load_model(meta["model"])
+    from .models import spec_of
+    spec = spec_of(meta)
     h = x["h"]
 
     def rms(v, w):
@@ -450,12 +450,13 @@ def layer_trace(spec, layer: int, P: int, Q: int, cfg, params):
     from ..errors import WseError
     from .layer import decode_layer, plan_layer
     from .mesh import MeshBuilder, Region
+    from .models import model_meta
     from .region import THREADS, Lanes
     plan = plan_layer(spec, layer, P, cfg, params, Q=Q)
     gap = functional_gap(spec, layer, params, plan)
     if gap:
         raise WseError(f"{spec.name} layer {layer}: not checkable functionally: {gap}")
-    b = MeshBuilder(P, Q, THREADS, kernel="layer", model=spec.name, layer=layer, region=f"{P}x{Q}",
+    b = MeshBuilder(P, Q, THREADS, kernel="layer", **model_meta(spec), layer=layer, region=f"{P}x{Q}",
                     batch=params.batch, context=params.context, expert_skew=params.expert_skew)
     decode_layer(plan, Region(0, 0, P, Q), b, Lanes(None, {}, None, {}))
     record_layer(b.tensors, plan, P)

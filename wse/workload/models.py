@@ -67,6 +67,7 @@ class ModelSpec:
     mla: MLA | None = None
     published_params: float | None = None  # total, for tests
     source: str = ""
+    origin: str = ""  # the TOML file a model outside the zoo was read from (traces record it: model_file)
 
     # ---- structure ---------------------------------------------------------------------------
 
@@ -237,7 +238,7 @@ def _build(doc: dict[str, Any], where: str) -> ModelSpec:
             continue
         if not isinstance(table, dict):
             raise ModelError(f"{where}: {prefix[:-1]} must be a table ([{prefix[:-1]}])")
-        known = {f.name for f in dataclasses.fields(cls)} | ({"moe", "mla"} if cls is ModelSpec else set())
+        known = ({f.name for f in dataclasses.fields(cls)} - {"origin"}) | ({"moe", "mla"} if cls is ModelSpec else set())
         names = [f for f in known if f not in ("moe", "mla")] if cls is ModelSpec else sorted(known)
         for k in table:
             if k not in known:
@@ -305,4 +306,17 @@ def load_model(name_or_path: str) -> ModelSpec:
         path = MODELS_DIR / f"{name_or_path}.toml"
         if not path.exists():
             raise ModelError(f"unknown model {name_or_path!r} (models: {', '.join(model_names())})")
-    return _build(read_toml(path, "model spec", ModelError), str(path))
+        return _build(read_toml(path, "model spec", ModelError), str(path))
+    return dataclasses.replace(_build(read_toml(path, "model spec", ModelError), str(path)),
+                               origin=str(path.resolve()))
+
+
+def model_meta(spec: ModelSpec) -> dict[str, str]:
+    """What a trace records of its model: the name, and the TOML file of a model outside the zoo
+    (so its numpy reference can load it again: spec_of)."""
+    return {"model": spec.name, **({"model_file": spec.origin} if spec.origin else {})}
+
+
+def spec_of(meta: dict) -> ModelSpec:
+    """The model a trace's meta names (model_meta)."""
+    return load_model(meta.get("model_file") or meta["model"])

@@ -27,7 +27,7 @@ from ..trace import Trace, compute
 from .attention import attn_scale
 from .gemv import ELEM
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, offsets, split, tagged
-from .models import ModelSpec
+from .models import ModelSpec, model_meta
 from .params import DecodeParams
 from .plan import fit_check
 from .region import (ADD, DOT, EXP, EXP_FLOPS, MAX, MOV, MUL, RECIP, RECIP_FLOPS, RMAX, RSQRT, RSQRT_FLOPS,
@@ -96,7 +96,7 @@ def elementwise(spec: ModelSpec, P: int, S: int, cfg: WaferConfig, algo: str = "
     buf["tmp"] = mem.alloc("tmp", n_scal * ELEM, "scratch", 0)
     fit_check(mem, cfg, f"{spec.name} prefill elementwise kernel (S={S}) on {P}x{Q}")
     region = Region(0, 0, P, Q)
-    b = MeshBuilder(P, Q, 2, kernel="prefill-elementwise", model=spec.name, prompt=S, act=c.act)
+    b = MeshBuilder(P, Q, 2, kernel="prefill-elementwise", **model_meta(spec), prompt=S, act=c.act)
     rx = reducers(region, b, DecodeParams(algo=algo))[X]
     prog = RegionProgram(region, 2)
     prog.add_roles(X, [(c.Hc[i], c.Kc[i], _lat_split(c, i, ql), c.rope_pairs[i], c.act_c[i], rx.role(i))
@@ -298,8 +298,8 @@ def _runs(first: int, count: int, pp: int) -> list[tuple[int, int]]:
 
 def reference(meta: dict, x: dict) -> dict:
     """The kernel's parts in float64, each on its own inputs."""
-    from .models import load_model
-    spec = load_model(meta["model"])
+    from .models import spec_of
+    spec = spec_of(meta)
     ql, kl = latents(spec)
     n, d = rope_vectors(spec)
     S, pp = x["h"].shape[0], d // 2

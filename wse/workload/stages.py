@@ -22,6 +22,7 @@ from .mesh import X, Y, MeshBuilder, Region, RegionProgram, split
 from .placement import Slot, add_lane_routes, lane_sources, lane_targets
 from .plan import COMBINE, DIAG_BCAST, ROW_BCAST
 from .region import FP16, MOV, THREADS, Lanes, RegionBuild, handoff, merge, reducers
+from .models import model_meta
 from .tables import embedding, lm_head
 
 SEND_FROM = 128  # SRAM address the lane sends of a stage trace read (the barrier uses 0 and 64)
@@ -139,7 +140,7 @@ def full_trace(plan: ModelPlan, delta: int | None = None, record=None) -> tuple[
     ch = chain_of(plan)
     ox = ch.standin.region.x0 if ch.standin else 0
     slots = [_moved(s, ox, 0) for s in plan.slots]
-    b = MeshBuilder(plan.width - ox, plan.height, 4, model=plan.spec.name, phase="decode", P=plan.P,
+    b = MeshBuilder(plan.width - ox, plan.height, 4, **model_meta(plan.spec), phase="decode", P=plan.P,
                     batch=plan.params.batch, context=plan.params.context, layers=plan.n_layers)
     builds = []
     prev = {v: u for u, v in zip(ch.anchored, ch.anchored[1:])}

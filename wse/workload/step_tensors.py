@@ -119,7 +119,8 @@ def reference(meta: dict, x: dict) -> dict:
     for layer in range(first, first + int(meta["layers"])):
         p = f"layer{layer}."
         sub = {k[len(p):]: v for k, v in x.items() if k.startswith(p)}
-        r = layer_reference({"model": meta["model"], "layer": str(layer), "expert_skew": meta.get("expert_skew", "0")},
+        r = layer_reference({"model": meta["model"], "model_file": meta.get("model_file", ""), "layer": str(layer),
+                             "expert_skew": meta.get("expert_skew", "0")},
                             dict(sub, h=h))
         out.update({p + k: v for k, v in r.items()})
         h = r["out"]
