@@ -292,6 +292,27 @@ def test_a_model_outside_the_zoo_is_checked_from_its_file(tmp_path):
         assert r.exit_code == 0 and "WRONG" not in r.output, r.output
 
 
+def test_shared_experts_at_another_precision_than_the_routed_ones_compute(tmp_path):
+    """Expert regions hold the routed experts at int4, the layer region its shared expert at
+    bf16: the shared expert's weights are tensors of their own (shared.w_gate, ...), the routed
+    experts' [experts, ...] int4 codes with their scales."""
+    from wse.workload.jobs import _model_plan
+    from wse.workload.step_tensors import step_trace
+    text = (Path(__file__).parents[1] / "traces" / "models" / "tiny-moe.toml").read_text()
+    text = text.replace('name = "tiny-moe"', 'name = "int4-experts"').replace(
+        'weight_dtypes = ["bf16", "fp8", "int8", "int4"]', "") + 'expert_weight_dtype = "int4"\n'
+    path = tmp_path / "int4-experts.toml"
+    path.write_text(text)
+    cfg = hardware.load_preset("small")
+    tr = step_trace(_model_plan(str(path), cfg, "decode", context=64, batch=2, moe_mapping="regions",
+                                experts_per_region=1))
+    t = {x.name: x for x in tr.tensors.tensors}
+    assert t["layer1.shared.w_gate"].dtype == isa.DTYPE_FP16 and t["layer1.shared.w_gate"].shape[0] == 1
+    assert t["layer1.w_gate"].dtype == isa.DTYPE_INT4 and t["layer1.w_gate"].shape[0] == 4
+    rows, res = _run(tr, cfg)
+    assert all(r.ok and r.copies_disagree == 0 for r in rows) and not res.raced, rows
+
+
 @pytest.mark.parametrize("name, batch", [("tiny", 2), ("tiny-moe", 3), ("tiny-mla", 2)])
 def test_a_whole_decode_step_computes_the_model(name, batch):
     """Embedding, every layer, the LM head and the lanes between them in one trace. (Found RoPE

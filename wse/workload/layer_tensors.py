@@ -301,11 +301,24 @@ def _record_moe(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int) -> None:
     if "b_router" in b_:
         t.pieces(t.add("b_router", "weight", (E,)), pe[sel], b_["b_router"], er[row[sel]], eo[row[sel]])
     t.pieces(t.add("gates", "output", (B, k)), pe, b_["gates"], k * B, 0)
-    n = E + m.shared_experts
-    copies = None if plan.routed else {c: E + c for c in range(m.shared_experts)}
-    from .precision import STORE, weights_of  # (with expert regions: the routed experts' precision)
-    store = None if plan.routed else STORE[weights_of(plan.spec, plan.params.weights)[1]]
-    _record_ffn(t, plan, pe, col, row, ho, fo, H, m.expert_ffn_size, n, copies, store)
+    if plan.routed:
+        _record_ffn(t, plan, pe, col, row, ho, fo, H, m.expert_ffn_size, E + m.shared_experts)
+    elif shared_apart(plan.spec, plan.params):  # the shared experts at their own precision: shared.*
+        _record_ffn(Prefixed(t, "shared."), plan, pe, col, row, ho, fo, H, m.expert_ffn_size, m.shared_experts)
+    else:  # with expert regions: into the layer's expert tensors, at the routed experts' precision
+        from .precision import STORE, weights_of
+        _record_ffn(t, plan, pe, col, row, ho, fo, H, m.expert_ffn_size, E + m.shared_experts,
+                    {c: E + c for c in range(m.shared_experts)}, STORE[weights_of(plan.spec, plan.params.weights)[1]])
+
+
+def shared_apart(spec, params) -> bool:
+    """Whether a layer with expert regions records its shared experts as tensors of their own
+    (`shared.w_gate`, ... [shared, ...]): when they are stored at another precision than the
+    routed ones (the layer region's tiles at the dense weights', the expert regions' at the
+    experts'); else the layer's expert tensors hold them after the routed experts."""
+    from .precision import weights_of
+    dense, expert = weights_of(spec, params.weights)
+    return bool(spec.moe and spec.moe.shared_experts) and dense != expert
 
 
 def record_experts(t, ep, origin: tuple[int, int, int], collector: bool, use: bool) -> None:
@@ -319,8 +332,8 @@ def record_experts(t, ep, origin: tuple[int, int, int], collector: bool, use: bo
     e0, e1 = ep.experts
     z = ep.mem.buffers["zeros"]
     t.pieces(t.add(f"experts{e0}.zeros", "zero", (z[1] // ELEM,)), pe, z[0], z[1] // ELEM, 0)
-    _record_ffn(t, ep, pe, col, row, ho, fo, H, m.expert_ffn_size, m.experts + m.shared_experts,
-                {c: e0 + c for c in range(e1 - e0)})
+    n = m.experts + (0 if shared_apart(ep.spec, ep.params) else m.shared_experts)
+    _record_ffn(t, ep, pe, col, row, ho, fo, H, m.expert_ffn_size, n, {c: e0 + c for c in range(e1 - e0)})
     if collector:
         out = t.add("out", "output", (ep.params.batch, H))
         h = ep.buf["h"] if use else ep.buf["hin"]
@@ -349,8 +362,11 @@ def reference(meta: dict, x: dict) -> dict:
     xn = rms(h1, x["g2"])
 
     def ffn(e=None):  # SiLU(gate) * up, and the down projection (with the expert's biases, if any)
-        w = {n: x[n] if e is None else x[n][e] for n in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
-             if n in x}
+        pre, k = "", e  # (shared experts recorded apart: shared.* [shared, ...])
+        if e is not None and e >= spec.moe.experts and "shared.w_gate" in x:
+            pre, k = "shared.", e - spec.moe.experts
+        w = {n: x[pre + n] if e is None else x[pre + n][k]
+             for n in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down") if pre + n in x}
         gate, up = xn @ w["w_gate"] + w.get("b_gate", 0), xn @ w["w_up"] + w.get("b_up", 0)
         return gate / (1 + np.exp(-gate)) * up, lambda a: a @ w["w_down"] + w.get("b_down", 0)
     if moe:
@@ -430,12 +446,6 @@ def functional_gap(spec, layer: int, params, plan=None, in_step: bool = False) -
     step (a layer with expert regions is checked there, with them)."""
     if spec.is_moe_layer(layer) and plan is not None and not plan.routed and not in_step:
         return "a MoE layer with expert regions is checked with them, in the whole step (give --full)"
-    if plan is not None and not plan.routed and spec.moe.shared_experts:
-        from .precision import weights_of
-        dense, expert = weights_of(spec, params.weights)
-        if dense != expert:
-            return (f"its shared experts ({dense}) and routed experts ({expert}) differ in precision, and one tensor "
-                    "per expert weight holds both")
     if params.attention != "flash":
         return "--attention classic is a timing model (its rows split heads anywhere); use flash"
     if plan is not None and min(plan.T_c) < 1:
