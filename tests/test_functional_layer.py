@@ -380,6 +380,45 @@ def test_each_wafers_share_of_a_split_model_computes_its_layers(name, kw):
         assert any(t.name == f"layer{k}.h" and t.role == "input" for t in tr.tensors.tensors) == (k == 1)
 
 
+@pytest.mark.parametrize("wafers", [3, 4])
+def test_shares_cut_at_routed_experts_compute_across_the_wafer_boundary(wafers):
+    """Cut at routed experts (as `wse system` cuts MoE models with expert regions): a share ending
+    inside a layer's experts hands on the combine so far (`combine_out`); one beginning there
+    takes the dispatch and that combine from a stand-in for the layer region before, and its
+    collector's output is checked. A stand-in sending the FFN input where the combine belongs
+    is caught."""
+    from wse.workload.jobs import step_check_traces
+    from wse.workload.plan import COMBINE
+    from wse.workload.stages import standin_buffers
+    cfg = hardware.load_preset("small")
+    shares = step_check_traces("tiny-moe", cfg, wafers, context=64, batch=2, moe_mapping="regions",
+                               experts_per_region=1)
+
+    def wide(tr):  # (the stand-in lies a slot west of the wafer, as `wse check` runs it)
+        return cfg.with_overrides([f"wafer.mesh_width={max(tr.mesh_width, 64)}"])
+    names = set()
+    for where, tr in shares:
+        rows, res = _run(tr, wide(tr))
+        names |= {r.name for r in rows}
+        assert all(r.ok and r.copies_disagree == 0 for r in rows) and not res.raced, (where, rows)
+    assert any(n.endswith(".combine_out") for n in names) and {"layer0.out", "layer1.out"} <= names
+    where, tr = next((w, t) for w, t in shares if "lead_layer" in t.meta)
+    o, buf = tr.ops, standin_buffers(_plan_of(tr, cfg))
+    comb = np.flatnonzero((o["opcode"] == isa.OP_SEND) & (o["color_out"] == COMBINE[0]) & (o["src0"] == buf["h"]))
+    assert len(comb)
+    o["src0"][comb] = buf["xn"]
+    rows = {r.name: r for r in _run(tr, wide(tr))[0]}
+    assert not rows[f"layer{tr.meta['lead_layer']}.out"].ok
+
+
+def _plan_of(tr, cfg):
+    """A stand-in's buffers depend only on the model, its slot width and the batch."""
+    from wse.workload.jobs import _model_plan
+    import dataclasses
+    plan = _model_plan("tiny-moe", cfg, "decode", context=64, batch=int(tr.meta["batch"]))
+    return dataclasses.replace(plan, P=int(tr.meta["P"]))
+
+
 def test_the_greedy_token_takes_the_first_of_tied_logits_and_a_wrong_one_is_caught():
     """Every logit tied (zero LM-head weights): the token is id 0, found in the first column and
     kept over every later column's by the row's MAX of -ids. The check takes an index by the
@@ -448,6 +487,12 @@ def test_a_wrong_gate_in_an_expert_region_is_caught():
     tr.ops["src1"][weighting[0]] += 2  # one lane PE weights one output by the sequence's other gate
     err = {r.name: r for r in _run(tr, cfg)[0]}
     assert err["layer0.gates"].ok and err["layer0.shared_out"].ok and not err["layer0.out"].ok
+
+
+def test_check_model_full_wafers_checks_every_share():
+    r = CliRunner().invoke(cli, ["check", "--model", "tiny-moe", "--full", "--wafers", "3", "--moe-mapping", "regions",
+                                 "--experts-per-region", "1", "--wafer", "small", "--context", "64"])
+    assert r.exit_code == 0 and r.output.count("wafer ") == 3 and "combine_out" in r.output, r.output
 
 
 def test_check_model_full_checks_the_step():

@@ -27,8 +27,9 @@ EXIT_WRONG = 1
 @_config_options
 @click.option("--full", is_flag=True, help="--model: the whole decode step in one trace (embedding, layers, LM head, "
                                            "lanes), not each layer alone")
-@click.option("--wafers", type=int, help="--full: the model split over this many wafers of --wafer (whole layers, "
-                                         "as `wse system` splits them), each wafer's share checked alone")
+@click.option("--wafers", type=int, help="--full: the model split over this many wafers of --wafer as `wse system` "
+                                         "splits it (whole layers; with --moe-mapping regions at routed experts), "
+                                         "each wafer's share checked alone")
 @click.option("--threads", type=int, help="Numba threads (default: all cores)")
 @_clean_errors
 def check_cmd(trace_path, op, model, phase, inputs, seed, tolerance, wafer, config_file, sets, full, wafers, threads,
@@ -51,10 +52,12 @@ def check_cmd(trace_path, op, model, phase, inputs, seed, tolerance, wafer, conf
         raise WseError("--full checks a model's decode step: give --model")
     if wafers is not None and not full:
         raise WseError("--wafers splits a model's whole step: give --model and --full")
+    widen = False
     if model and phase == "prefill":  # one layer's prefill kernels, each alone
         traces = jobs.prefill_check_traces(model, cfg, **_workload_kw(kw))
     elif model and full:  # the whole step: every region and lane in one trace
         traces = jobs.step_check_traces(model, cfg, wafers, **_workload_kw(kw))
+        widen = True  # a share continuing a layer's experts: its stand-in lies a slot west of the wafer
     elif model:  # every decode layer (or the first --layers), each on one layer region
         traces = jobs.layer_check_traces(model, cfg, **_workload_kw(kw))
     else:
@@ -63,8 +66,12 @@ def check_cmd(trace_path, op, model, phase, inputs, seed, tolerance, wafer, conf
                    else jobs.kernel_trace(op, cfg, **_workload_kw(kw))[0])]
     wrong = False
     for where, tr in traces:
-        validate(tr, cfg, where=where)
-        res = simulate(tr, cfg, threads=threads, validated=True, **fn.prepare(tr, where))
+        run_cfg = cfg
+        if widen and (tr.mesh_width > cfg.mesh_width or tr.mesh_height > cfg.mesh_height):
+            run_cfg = cfg.with_overrides([f"wafer.mesh_width={max(tr.mesh_width, cfg.mesh_width)}",
+                                          f"wafer.mesh_height={max(tr.mesh_height, cfg.mesh_height)}"])
+        validate(tr, run_cfg, where=where)
+        res = simulate(tr, run_cfg, threads=threads, validated=True, **fn.prepare(tr, where))
         if not res.complete:
             click.echo(f"error: {where}: the run stopped ({res.stop_name}) after {res.total_cycles:,} cycles",
                        err=True)

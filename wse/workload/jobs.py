@@ -187,11 +187,20 @@ def step_check_traces(name: str, cfg: WaferConfig, wafers: int | None = None, **
     if wafers < 1:
         raise WseError("--wafers must be at least 1")
     base = _model_plan(name, cfg, "decode", **dict(kw, layers=1))  # (the options checked once)
-    region = kw.get("region")
+    spec, params = base.spec, base.params
+    P, Q = kw.get("region") or (None, None)
     out = []
-    for w, g in enumerate(split_layers(base.spec, base.params, wafers)):
-        plan = plan_model(base.spec, cfg, base.params, len(g), region[0] if region else None, g.start, w == 0,
-                          w == wafers - 1, Q=region[1] if region else None)
+    if spec.moe and params.moe_mapping == "regions":  # cut at routed experts, as `wse system` does
+        from .decode import model_units, plan_units
+        from ..system.wafers import split_units
+        units = model_units(spec)
+        for w, (a, b) in enumerate(split_units(spec, params, wafers)):
+            plan = plan_units(spec, cfg, params, a, b, w == 0, w == wafers - 1, P, Q)
+            out.append((f"--model {name} wafer {w} of {wafers} (layers {units[a][0]}..{units[b - 1][0]}, units "
+                        f"{a}..{b - 1}, {plan.P}x{plan.Q} slots)", step_trace(plan)))
+        return out
+    for w, g in enumerate(split_layers(spec, params, wafers)):
+        plan = plan_model(spec, cfg, params, len(g), P, g.start, w == 0, w == wafers - 1, Q=Q)
         out.append((f"--model {name} wafer {w} of {wafers} (layers {g.start}..{g.stop - 1}, {plan.P}x{plan.Q} "
                     "slots)", step_trace(plan)))
     return out

@@ -321,9 +321,11 @@ def shared_apart(spec, params) -> bool:
     return bool(spec.moe and spec.moe.shared_experts) and dense != expert
 
 
-def record_experts(t, ep, origin: tuple[int, int, int], collector: bool, use: bool) -> None:
+def record_experts(t, ep, origin: tuple[int, int, int], collector: bool, use: bool, boundary: bool = False) -> None:
     """An expert region's tiles (plan: experts.ExpertPlan of routed experts e0..e1-1) into its
-    layer's expert tensors, and, at the collector, the layer's output h on its lane PEs."""
+    layer's expert tensors, and, at the collector, the layer's output h on its lane PEs (at a
+    wafer's boundary, where the layer's experts continue on the next wafer: the combine so far,
+    `combine_out`)."""
     W, x0, y0 = origin
     P, Q, H, m = ep.P, ep.Q, ep.spec.hidden_size, ep.spec.moe
     ii, jj = np.meshgrid(np.arange(P), np.arange(Q))
@@ -334,8 +336,8 @@ def record_experts(t, ep, origin: tuple[int, int, int], collector: bool, use: bo
     t.pieces(t.add(f"experts{e0}.zeros", "zero", (z[1] // ELEM,)), pe, z[0], z[1] // ELEM, 0)
     n = m.experts + (0 if shared_apart(ep.spec, ep.params) else m.shared_experts)
     _record_ffn(t, ep, pe, col, row, ho, fo, H, m.expert_ffn_size, n, {c: e0 + c for c in range(e1 - e0)})
-    if collector:
-        out = t.add("out", "output", (ep.params.batch, H))
+    if collector or boundary:
+        out = t.add("out" if collector else "combine_out", "output", (ep.params.batch, H))
         h = ep.buf["h"] if use else ep.buf["hin"]
         for d, hi in enumerate(ep.Hc):  # lane d: PE (d, d), chunk d per sequence back to back
             for b in range(ep.params.batch):
@@ -361,14 +363,8 @@ def reference(meta: dict, x: dict) -> dict:
         h1, att = _attention(spec, x, h, rms, moe)
     xn = rms(h1, x["g2"])
 
-    def ffn(e=None):  # SiLU(gate) * up, and the down projection (with the expert's biases, if any)
-        pre, k = "", e  # (shared experts recorded apart: shared.* [shared, ...])
-        if e is not None and e >= spec.moe.experts and "shared.w_gate" in x:
-            pre, k = "shared.", e - spec.moe.experts
-        w = {n: x[pre + n] if e is None else x[pre + n][k]
-             for n in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down") if pre + n in x}
-        gate, up = xn @ w["w_gate"] + w.get("b_gate", 0), xn @ w["w_up"] + w.get("b_up", 0)
-        return gate / (1 + np.exp(-gate)) * up, lambda a: a @ w["w_down"] + w.get("b_down", 0)
+    def ffn(e=None):
+        return _ffn(spec, x, xn, e)
     if moe:
         return dict(att, **_moe(spec, meta, x, xn, ffn, h1))
     a, down = ffn()
@@ -417,28 +413,59 @@ def attend(spec, q, k, v, x: dict) -> np.ndarray:
     return att
 
 
+def _ffn(spec, x: dict, xn, e: int | None = None):
+    """SiLU(gate) * up, and the down projection (with the expert's biases, if any): the dense
+    FFN, or expert e's (a shared one's from shared.* when the layer records them apart)."""
+    pre, k = "", e
+    if e is not None and e >= spec.moe.experts and "shared.w_gate" in x:
+        pre, k = "shared.", e - spec.moe.experts
+    w = {n: x[pre + n] if e is None else x[pre + n][k]
+         for n in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down") if pre + n in x}
+    gate, up = xn @ w["w_gate"] + w.get("b_gate", 0), xn @ w["w_up"] + w.get("b_up", 0)
+    return gate / (1 + np.exp(-gate)) * up, lambda a: a @ w["w_down"] + w.get("b_down", 0)
+
+
+def routed_sum(spec, layer: int, skew: float, x: dict, xn, gates, experts: tuple[int, int]):
+    """The gate-weighted outputs of the routed experts [first, last) each sequence chose
+    (gates[b, j] weights its j-th choice), summed per sequence: [B, hidden]."""
+    from .ffn import moe_choices
+    B = xn.shape[0]
+    choices = moe_choices(spec, layer, B, skew)
+    out = np.zeros((B, spec.hidden_size))
+    for e in range(*experts):
+        users = [b for b in range(B) if e in choices[b]]
+        if users:
+            a, down = _ffn(spec, x, xn, e)
+            y = down(a)
+            for b in users:
+                out[b] += gates[b, choices[b].index(e)] * y[b]
+    return out
+
+
 def _moe(spec, meta: dict, x: dict, xn, ffn, h1) -> dict:
     """A MoE layer's FFN: router logits, the gates of the experts each sequence chose (softmax
     over their logits), their FFNs and the shared experts' summed into the residual stream (and
-    h with the shared experts' alone: what a layer region with expert regions passes on)."""
+    h with the shared experts' alone: what a layer region with expert regions passes on; with
+    meta `experts` "e0,e1", `combine_out`: that plus only those routed experts' — what a wafer
+    whose layer's experts continue on the next wafer hands on)."""
     from .ffn import moe_choices
     m, B = spec.moe, xn.shape[0]
+    layer, skew = int(meta["layer"]), float(meta.get("expert_skew", 0))
     logits = xn @ x["w_router"] + (x["b_router"] if "b_router" in x else 0)
-    choices = moe_choices(spec, int(meta["layer"]), B, float(meta.get("expert_skew", 0)))
-    routed, shared, gates = np.zeros_like(h1), h1.copy(), np.zeros((B, m.experts_per_token))
+    choices = moe_choices(spec, layer, B, skew)
+    shared, gates = h1.copy(), np.zeros((B, m.experts_per_token))
     for b, chosen in enumerate(choices):
         z = logits[b, chosen]
         gates[b] = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
-    for e in range(m.experts + m.shared_experts):
+    for e in range(m.experts, m.experts + m.shared_experts):
         a, down = ffn(e)
-        y = down(a)
-        for b in range(B):
-            if e >= m.experts:
-                shared[b] += y[b]
-            elif e in choices[b]:
-                routed[b] += gates[b, choices[b].index(e)] * y[b]
-    out = shared + routed
-    return {"out": out, "router": logits, "gates": gates, "shared_out": shared}
+        shared += down(a)
+    out = {"out": shared + routed_sum(spec, layer, skew, x, xn, gates, (0, m.experts)), "router": logits,
+           "gates": gates, "shared_out": shared}
+    if meta.get("experts"):
+        part = tuple(int(v) for v in meta["experts"].split(","))
+        out["combine_out"] = shared + routed_sum(spec, layer, skew, x, xn, gates, part)
+    return out
 
 
 def functional_gap(spec, layer: int, params, plan=None, in_step: bool = False) -> str | None:

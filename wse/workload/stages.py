@@ -18,7 +18,8 @@ from .decode import ModelPlan, layer_plan
 from .dispatch import ExpertRole, Group, add_group_routes
 from .experts import decode_experts, decode_relays, dispatch_parts, plan_experts
 from .layer import decode_layer
-from .mesh import X, Y, MeshBuilder, Region, RegionProgram, split
+from .gemv import ELEM
+from .mesh import ALIGN_BYTES, X, Y, MeshBuilder, Region, RegionProgram, split
 from .placement import Slot, add_lane_routes, lane_sources, lane_targets
 from .plan import COMBINE, DIAG_BCAST, ROW_BCAST
 from .region import FP16, MOV, THREADS, Lanes, RegionBuild, handoff, merge, reducers
@@ -64,11 +65,25 @@ def _moved(slot: Slot, ox: int, oy: int) -> Slot:
     return dataclasses.replace(slot, region=_shift(slot.region, ox, oy))
 
 
+def standin_buffers(plan: ModelPlan) -> dict[str, int]:
+    """Where a stand-in's lane PEs keep what they send (the FFN input chunk per sequence, the
+    gates, the combine's start: each back to back per sequence), from SEND_FROM; a batch too large
+    for the room below the delay ops' area shares one buffer (values then do not matter: a
+    functional check refuses it, step_tensors.step_gap)."""
+    B, k = plan.params.batch, plan.spec.moe.experts_per_token
+    n = max(split(plan.spec.hidden_size, plan.P)) * B * ELEM
+    gates = SEND_FROM + -(-n // ALIGN_BYTES) * ALIGN_BYTES
+    h = gates + -(-k * B * ELEM // ALIGN_BYTES) * ALIGN_BYTES
+    if h + n > DELAY_AT:
+        return {"xn": SEND_FROM, "gates": SEND_FROM, "h": SEND_FROM}
+    return {"xn": SEND_FROM, "gates": gates, "h": h}
+
+
 def _group_sends(plan: ModelPlan, d0: int):
     """What a layer region (or stand-in) sends its expert regions, per lane chunk: the dispatch
     and then the combine's start."""
     B = plan.params.batch
-    buf = {"xn": SEND_FROM, "gates": SEND_FROM, "h": SEND_FROM}
+    buf = standin_buffers(plan)
     return lambda hi: dispatch_parts(plan.spec, hi, B, buf, d0, COMBINE[0])
 
 

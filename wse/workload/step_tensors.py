@@ -21,11 +21,12 @@ def step_gap(plan) -> str | None:
     """Why a model plan's decode step cannot be checked yet (None: it can)."""
     from .chain import chain_of
     from .decode import layer_plan
+    from .stages import standin_buffers
     if any(s.kind not in ("embedding", "layer", "lm_head", "experts") for s in plan.slots):
         return f"slots of kinds {sorted({s.kind for s in plan.slots})}"
     ch = chain_of(plan)
-    if ch.leading or ch.trailing:
-        return "a wafer's share that continues a layer's experts from the wafer before, or on to the next"
+    if ch.leading and len(set(standin_buffers(plan).values())) < 3:
+        return f"batch {plan.params.batch}: the stand-in for the layer region before has no room for its sends"
     prm = plan.params
     for layer in range(plan.first_layer, plan.first_layer + plan.n_layers):
         gap = functional_gap(plan.spec, layer, prm, layer_plan(plan, layer), in_step=True)
@@ -52,7 +53,15 @@ def _record(b, plan, slots) -> None:
     spec, prm, W = plan.spec, plan.params, b.width
     b.meta.update(kernel="decode_step", token=str(prm.token), expert_skew=str(prm.expert_skew),
                   first_layer=str(plan.first_layer), embed=str(int(plan.embed)), head=str(int(plan.head)))
-    roles = chain_of(plan).roles  # (expert regions: which one is its layer's collector)
+    ch = chain_of(plan)
+    roles = ch.roles  # (expert regions: which one is its layer's collector)
+    for key, g in (("lead", ch.leading), ("trail", ch.trailing)):  # a layer's experts across wafers
+        if g is not None:
+            parts = [plan.slots[e] for e in g.experts]
+            b.meta.update({f"{key}_layer": str(parts[0].index),
+                           f"{key}_experts": f"{parts[0].experts[0]},{parts[-1].experts[1]}"})
+    if ch.leading:
+        _record_standin(b.tensors, plan, slots[0], W)
     for s, slot in enumerate(slots):
         R = slot.region
         ii, jj = np.meshgrid(np.arange(R.width), np.arange(R.height))
@@ -63,13 +72,34 @@ def _record(b, plan, slots) -> None:
         elif slot.kind == "experts":
             ep = plan_experts(spec, slot.index, slot.experts, plan.P, plan.cfg, prm, plan.Q)
             record_experts(Prefixed(b.tensors, f"layer{slot.index}."), ep, (W, R.x0, R.y0),
-                           roles[s].collector, bool(ep.local_experts()))
+                           roles[s].collector, bool(ep.local_experts()), roles[s].last and not roles[s].collector)
         elif slot.kind == "embedding":
             mem, Hr, buf = embedding_memory(spec, R.width, R.height, plan.cfg, prm)
             _record_embedding(b.tensors, spec, buf["table"], split(spec.vocab_size, R.width), Hr, pe, col, row)
         else:
             mem, shape, Hr, Vc, buf = lm_memory(spec, R.width, R.height, plan.cfg, prm)
             _record_head(b.tensors, spec, prm.batch, shape, Hr, Vc, buf, pe, col, row)
+
+
+def _record_standin(t, plan, first, W: int) -> None:
+    """A leading part's inputs: what the stand-in for its layer region (P columns west of the
+    wafer's first slot) sends, lane d from its PE (d, d): the FFN input chunk d per sequence and
+    the batch's gates (the dispatch), then chunk d of the combine so far."""
+    from .stages import standin_buffers
+    spec, B, k = plan.spec, plan.params.batch, plan.spec.moe.experts_per_token
+    H, Hc = spec.hidden_size, split(spec.hidden_size, plan.P)
+    ho = offsets(Hc)
+    buf = standin_buffers(plan)
+    x0, y0 = first.region.x0 - plan.P, first.region.y0
+    p = f"layer{first.index}."
+    xn, gates, comb = (t.add(p + n, "input", shape) for n, shape in (
+        ("dispatch_xn", (B, H)), ("dispatch_gates", (B, k)), ("combine_in", (B, H))))
+    for d, hi in enumerate(Hc):
+        pe = (y0 + d) * W + x0 + d
+        t.pieces(gates, pe, buf["gates"], k * B, 0)
+        for b in range(B):
+            t.pieces(xn, pe, buf["xn"] + b * hi * ELEM, hi, b * H + ho[d])
+            t.pieces(comb, pe, buf["h"] + b * hi * ELEM, hi, b * H + ho[d])
 
 
 def _record_embedding(t, spec, table: int, Vc: list[int], Hr: list[int], pe, col, row) -> None:
@@ -114,14 +144,28 @@ def reference(meta: dict, x: dict) -> dict:
     the LM head the final RMSNorm, the logits, their maximum and the greedy token (`token@scores`:
     the logits it is checked against: a near-tie may pick either)."""
     B, token, first = int(meta["batch"]), int(meta["token"]), int(meta.get("first_layer", 0))
-    h = x["embedding"][token + np.arange(B)] if meta.get("embed", "1") == "1" else x[f"layer{first}.h"]
+    lead = int(meta["lead_layer"]) if "lead_layer" in meta else None
     out = {}
+    if meta.get("embed", "1") == "1":
+        h = x["embedding"][token + np.arange(B)]
+    elif lead is None:
+        h = x[f"layer{first}.h"]
     for layer in range(first, first + int(meta["layers"])):
         p = f"layer{layer}."
         sub = {k[len(p):]: v for k, v in x.items() if k.startswith(p)}
-        r = layer_reference({"model": meta["model"], "model_file": meta.get("model_file", ""), "layer": str(layer),
-                             "expert_skew": meta.get("expert_skew", "0")},
-                            dict(sub, h=h))
+        if layer == lead:  # the rest of a layer begun on the wafer before: its experts here, added to the combine
+            from .layer_tensors import routed_sum
+            from .models import spec_of
+            h = sub["combine_in"] + routed_sum(spec_of(meta), layer, float(meta.get("expert_skew", 0)), sub,
+                                               sub["dispatch_xn"], sub["dispatch_gates"],
+                                               tuple(int(v) for v in meta["lead_experts"].split(",")))
+            out[p + "out"] = h
+            continue
+        lm = {"model": meta["model"], "model_file": meta.get("model_file", ""), "layer": str(layer),
+              "expert_skew": meta.get("expert_skew", "0")}
+        if meta.get("trail_layer") == str(layer):  # its experts continue on the next wafer
+            lm["experts"] = meta["trail_experts"]
+        r = layer_reference(lm, dict(sub, h=h))
         out.update({p + k: v for k, v in r.items()})
         h = r["out"]
     if meta.get("head", "1") != "1":
