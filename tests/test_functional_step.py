@@ -80,7 +80,8 @@ def test_token_columns_cut_the_batch_by_the_columns_vocab_slices():
         token_columns(spec, 8, 1022, 3)
 
 
-@pytest.mark.parametrize("name, kw", [("tiny", {}), ("tiny-moe", dict(moe_mapping="regions", experts_per_region=1))])
+@pytest.mark.parametrize("name, kw", [("tiny", {}), pytest.param("tiny-moe", dict(moe_mapping="local"),
+                                                                  marks=pytest.mark.slow)])
 def test_each_wafers_share_of_a_split_model_computes_its_layers(name, kw):
     """`wse check --full --wafers 2`: wafer 0 (embedding, layer 0) ends with its last layer's
     output in place; wafer 1 takes that layer's h as input and ends with the LM head."""
@@ -96,7 +97,7 @@ def test_each_wafers_share_of_a_split_model_computes_its_layers(name, kw):
         assert any(t.name == f"layer{k}.h" and t.role == "input" for t in tr.tensors.tensors) == (k == 1)
 
 
-@pytest.mark.parametrize("wafers", [3, 4])
+@pytest.mark.parametrize("wafers", [3, pytest.param(4, marks=pytest.mark.slow)])  # (3: a lead, a trail, both)
 def test_shares_cut_at_routed_experts_compute_across_the_wafer_boundary(wafers):
     """Cut at routed experts (as `wse system` cuts MoE models with expert regions): a share ending
     inside a layer's experts hands on the combine so far (`combine_out`); one beginning there

@@ -264,9 +264,10 @@ def test_percentiles_are_nan_free_when_everything_is_rejected():
 SMALL = ['system.wafer="small"', "system.wafers=2"]
 
 
-def test_a_lone_request_takes_wse_systems_single_request_times():
+def test_a_lone_request_takes_wse_systems_single_request_times(tmp_path):
     """rate -> 0: one request's TTFT is `wse system`'s TTFT at its prompt, and its TPOT the
-    simulated decode pass at its context (a fitted point: exact)."""
+    simulated decode pass at its context (a fitted point: exact). (The two runs share a stage
+    cache, exact by its key, so each kernel and stage is simulated once.)"""
     from wse.engine.run import simulate
     from wse.serving.serve import run_serve
     from wse.system.compare import run_system
@@ -276,9 +277,12 @@ def test_a_lone_request_takes_wse_systems_single_request_times():
     cfg = system.wafer_config
     sim = lambda t: simulate(t, cfg, validated=True)  # noqa: E731
     C = 80  # the request's second token is decoded at context C - 1, a fitted point
-    job = run_serve("tiny", system, sim, reqs([0.0], [C - 2], [2]), fanout=Fanout(1), wafers=2, context=C,
+    from wse.system.cache import StageCache
+    fanout = Fanout(1, cache=StageCache(tmp_path))
+    job = run_serve("tiny", system, sim, reqs([0.0], [C - 2], [2]), fanout=fanout, wafers=2, context=C,
                     prefill_steps=16)
-    ref = run_system("tiny", system, sim, wafers=2, context=C - 1, prompt=C - 2, prefill_steps=16)
+    ref = run_system("tiny", system, sim, wafers=2, context=C - 1, prompt=C - 2, prefill_steps=16, fanout=fanout)
+    assert fanout.cache.stats.hits > 0
     w = job.wafer.figures
     assert w["ttft_p50_s"] == pytest.approx(ref.ttft_s, rel=1e-9)
     assert w["tpot_p50_s"] == pytest.approx(ref.decode.latency_s, rel=1e-9)
@@ -349,6 +353,32 @@ def test_step_interpolation_is_exact_on_bilinear_data_and_reports_its_checks():
     assert fit_kernels({100: {"o": 700}})["o"] == pytest.approx((0.0, 7.0))  # one length: a pure scaling
 
 
+GEMM_SHAPES = ((48, 200, 64, 16, 16, "meshgemm", True, False, 4), (40, 96, 40, 20, 20, "meshgemm", True, True, 4),
+               (64, 64, 64, 16, 16, "cannon", False, False, 4), (33, 70, 45, 12, 12, "summa", False, False, 4))
+
+
+def _extrapolates(cfg, sim, m, k, n, P, Q, algo, aa, ab, k1) -> None:
+    """A GEMM's first k1 and 2 k1 steps extrapolate its whole cycles to within 1%. SUMMA's steps
+    differ by their roots' distances to the line ends and its relays run up to `summa_depth`
+    steps ahead: its prefixes need more steps (docs/serving.md)."""
+    from wse.workload.gemm import standalone
+    from wse.workload.prefill import Combined
+    full = sim(standalone(m, k, n, P, cfg, algo, aa, ab, Q=Q)[0])
+    a, b = (sim(standalone(m, k, n, P, cfg, algo, aa, ab, steps=s, Q=Q)[0]) for s in (k1, 2 * k1))
+    slope = (max(P, Q) - k1) / k1  # the whole kernel's steps extrapolated (prefill.pieces)
+    assert Combined.of([a, b], [1 - slope, slope]).total_cycles == \
+        pytest.approx(full.total_cycles, rel=0.01), (m, k, n, P, Q, algo)
+
+
+@pytest.mark.slow  # 14 s; test_prefill_gemms_extrapolated_from_their_first_steps runs a small SUMMA
+@pytest.mark.parametrize("Q", [24, 40])
+def test_large_summa_gemms_extrapolate_from_their_first_steps(Q):
+    from wse.engine.run import simulate
+    from wse.hardware import load_preset
+    cfg = load_preset("small")
+    _extrapolates(cfg, lambda t: simulate(t, cfg, validated=True), 200, 400, 200, 24, Q, "summa", True, False, 8)
+
+
 def test_prefill_gemms_extrapolated_from_their_first_steps():
     """A MeshGEMM repeats one step P times: its first k1 and k2 steps extrapolate the whole
     kernel's cycles to within 1% (each GEMM of a tiny-model prefill layer, and other shapes)."""
@@ -360,19 +390,8 @@ def test_prefill_gemms_extrapolated_from_their_first_steps():
     from wse.workload.prefill import Combined, prefill
     cfg = load_preset("small")
     sim = lambda t: simulate(t, cfg, validated=True)  # noqa: E731
-    for m, k, n, P, Q, algo, aa, ab, k1 in ((48, 200, 64, 16, 16, "meshgemm", True, False, 4),
-                                            (40, 96, 40, 20, 20, "meshgemm", True, True, 4),
-                                            (64, 64, 64, 16, 16, "cannon", False, False, 4),
-                                            (33, 70, 45, 12, 12, "summa", False, False, 4),
-                                            (200, 400, 200, 24, 24, "summa", True, False, 8),
-                                            (200, 400, 200, 24, 40, "summa", True, False, 8)):
-        # SUMMA's steps differ by their roots' distances to the line ends and its relays run up to
-        # `summa_depth` steps ahead: its prefixes need more steps (docs/serving.md)
-        full = sim(standalone(m, k, n, P, cfg, algo, aa, ab, Q=Q)[0])
-        a, b = (sim(standalone(m, k, n, P, cfg, algo, aa, ab, steps=s, Q=Q)[0]) for s in (k1, 2 * k1))
-        slope = (max(P, Q) - k1) / k1  # the whole kernel's steps extrapolated (prefill.pieces)
-        assert Combined.of([a, b], [1 - slope, slope]).total_cycles == \
-            pytest.approx(full.total_cycles, rel=0.01), (m, k, n, P, Q, algo)
+    for shape in GEMM_SHAPES:
+        _extrapolates(cfg, sim, *shape)
     spec = load_model("tiny")
     # a square slot (MeshGEMM), and a tall one (its attention GEMMs SUMMA: 40 steps, fewer than
     # four settling depths' worth, so simulated whole; the weight GEMMs are weight-stationary

@@ -230,6 +230,7 @@ def test_system_command_writes_the_table_and_plots(tmp_path):
         assert shown in rep.output
 
 
+@pytest.mark.slow  # 46 s; test_worker_processes_give_the_same_step covers the worker path, the serial prefill many tests
 def test_prefill_kernels_in_worker_processes_give_the_same_ttft(small_system):
     from wse.system.wafers import prefill_seconds
     spec = load_model("tiny-moe")
