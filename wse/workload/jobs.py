@@ -173,9 +173,9 @@ def layer_check_traces(name: str, cfg: WaferConfig, **kw) -> list[tuple[str, Tra
 
 def step_check_traces(name: str, cfg: WaferConfig, wafers: int | None = None, **kw) -> list[tuple[str, Trace]]:
     """The whole decode step of a model (its --layers on the wafer) in one trace with its
-    /tensors, for `wse check --model --full`: [(label, trace)]; with `wafers`, the model's layers
-    split over that many wafers of this configuration as `wse system` splits whole layers
-    (balanced by bytes), one trace per wafer's share."""
+    /tensors, for `wse check --model --full`: [(label, trace)]; with `wafers`, the model split
+    over that many wafers of this configuration as `wse system` splits it, balanced by bytes —
+    whole layers, or with --moe-mapping regions at routed experts — one trace per wafer's share."""
     from .step_tensors import step_trace
     if wafers is None:
         plan = _model_plan(name, cfg, "decode", **kw)

@@ -4,7 +4,9 @@ by the lanes), the final RMSNorm, the logits, each sequence's greedy logit and t
 one functional run, so the lanes between regions are checked too. A wafer's share of a model
 split over several wafers (`--wafers`) is checked the same way: without the embedding its first
 layer's h is an input (what the link brings), without the LM head its last layer's output ends
-it."""
+it; cut inside a layer's routed experts, a share begins with the dispatch and the combine so far
+from the stand-in for the layer region before (inputs) and ends with the combine so far
+(`combine_out`)."""
 from __future__ import annotations
 
 import numpy as np
