@@ -95,24 +95,39 @@ def split_units(spec: ModelSpec, params: DecodeParams, wafers: int) -> list[tupl
     return balanced(_weights(spec, params, True), wafers, f"units of {spec.name} (layer regions and routed experts)")
 
 
+def wafer_shares(spec: ModelSpec, params: DecodeParams, wafers: int, units: bool) -> list[tuple[int, int]]:
+    """Each wafer's share [a, b): of model_units when `units` (cut at routed experts), else of
+    the layers."""
+    if units:
+        return split_units(spec, params, wafers)
+    return [(g.start, g.stop) for g in split_layers(spec, params, wafers)]
+
+
+def share_plan(spec: ModelSpec, cfg, params: DecodeParams, shares: list[tuple[int, int]], w: int, units: bool,
+               P: int | None = None, Q: int | None = None) -> ModelPlan:
+    """Wafer w's decode plan for its share (wafer_shares), on P x Q slots if given (WseError
+    naming the wafer if it does not fit)."""
+    a, b = shares[w]
+    wafers = len(shares)
+    try:
+        if units:
+            return plan_units(spec, cfg, params, a, b, w == 0, w == wafers - 1, P, Q)
+        return plan_model(spec, cfg, params, b - a, P, a, w == 0, w == wafers - 1, Q=Q)
+    except WseError as e:  # (the same class: a FitError stays one, see fewest_wafers)
+        what = f"wafer {w} of {wafers}" + ("" if units else f" (layers {a}..{b - 1})")
+        raise type(e)(f"{what}: {e}") from None
+
+
 def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int,
                 units: bool | None = None) -> list[ModelPlan]:
     """One decode plan per wafer (WseError naming the wafer if a group does not fit); `units`:
     cut at routed experts (default: uses_units)."""
     cfg = system.wafer_config
     units = uses_units(spec, system, params) if units is None else units
-    shares = split_units(spec, params, wafers) if units else \
-        [(g.start, g.stop) for g in split_layers(spec, params, wafers)]
+    shares = wafer_shares(spec, params, wafers, units)
 
     def plan(w: int, P: int | None = None, Q: int | None = None) -> ModelPlan:
-        a, b = shares[w]
-        try:
-            if units:
-                return plan_units(spec, cfg, params, a, b, w == 0, w == wafers - 1, P, Q)
-            return plan_model(spec, cfg, params, b - a, P, a, w == 0, w == wafers - 1, Q=Q)
-        except WseError as e:  # (the same class: a FitError stays one, see fewest_wafers)
-            what = f"wafer {w} of {wafers}" + ("" if units else f" (layers {a}..{b - 1})")
-            raise type(e)(f"{what}: {e}") from None
+        return share_plan(spec, cfg, params, shares, w, units, P, Q)
 
     plans = [plan(w) for w in range(wafers)]
     if not params.uniform_slots or wafers == 1:

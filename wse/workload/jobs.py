@@ -180,29 +180,22 @@ def step_check_traces(name: str, cfg: WaferConfig, wafers: int | None = None, **
     if wafers is None:
         plan = _model_plan(name, cfg, "decode", **kw)
         return [(f"--model {name} decode step ({plan.n_layers} layers, {plan.P}x{plan.Q} slots)", step_trace(plan))]
-    from .decode import plan_model
-    from ..system.wafers import split_layers
+    from ..system.wafers import share_plan, wafer_shares
     if kw.get("layers"):
         raise WseError("--wafers splits the whole model: leave out --layers")
     if wafers < 1:
         raise WseError("--wafers must be at least 1")
     base = _model_plan(name, cfg, "decode", **dict(kw, layers=1))  # (the options checked once)
     spec, params = base.spec, base.params
+    units = bool(spec.moe) and params.moe_mapping == "regions"  # cut at routed experts, as `wse system` does
+    shares = wafer_shares(spec, params, wafers, units)
     P, Q = kw.get("region") or (None, None)
     out = []
-    if spec.moe and params.moe_mapping == "regions":  # cut at routed experts, as `wse system` does
-        from .decode import model_units, plan_units
-        from ..system.wafers import split_units
-        units = model_units(spec)
-        for w, (a, b) in enumerate(split_units(spec, params, wafers)):
-            plan = plan_units(spec, cfg, params, a, b, w == 0, w == wafers - 1, P, Q)
-            out.append((f"--model {name} wafer {w} of {wafers} (layers {units[a][0]}..{units[b - 1][0]}, units "
-                        f"{a}..{b - 1}, {plan.P}x{plan.Q} slots)", step_trace(plan)))
-        return out
-    for w, g in enumerate(split_layers(spec, params, wafers)):
-        plan = plan_model(spec, cfg, params, len(g), P, g.start, w == 0, w == wafers - 1, Q=Q)
-        out.append((f"--model {name} wafer {w} of {wafers} (layers {g.start}..{g.stop - 1}, {plan.P}x{plan.Q} "
-                    "slots)", step_trace(plan)))
+    for w, (a, b) in enumerate(shares):
+        plan = share_plan(spec, cfg, params, shares, w, units, P, Q)
+        what = f"units {a}..{b - 1}, " if units else ""
+        out.append((f"--model {name} wafer {w} of {wafers} (layers {plan.first_layer}.."
+                    f"{plan.first_layer + plan.n_layers - 1}, {what}{plan.P}x{plan.Q} slots)", step_trace(plan)))
     return out
 
 

@@ -363,11 +363,9 @@ def reference(meta: dict, x: dict) -> dict:
         h1, att = _attention(spec, x, h, rms, moe)
     xn = rms(h1, x["g2"])
 
-    def ffn(e=None):
-        return _ffn(spec, x, xn, e)
     if moe:
-        return dict(att, **_moe(spec, meta, x, xn, ffn, h1))
-    a, down = ffn()
+        return dict(att, **_moe(spec, meta, x, xn, h1))
+    a, down = _ffn(spec, x, xn)
     y = down(a)
     return dict(att, out=h1 + y, ffn_out=y, ffn_act=a)
 
@@ -442,7 +440,7 @@ def routed_sum(spec, layer: int, skew: float, x: dict, xn, gates, experts: tuple
     return out
 
 
-def _moe(spec, meta: dict, x: dict, xn, ffn, h1) -> dict:
+def _moe(spec, meta: dict, x: dict, xn, h1) -> dict:
     """A MoE layer's FFN: router logits, the gates of the experts each sequence chose (softmax
     over their logits), their FFNs and the shared experts' summed into the residual stream (and
     h with the shared experts' alone: what a layer region with expert regions passes on; with
@@ -458,7 +456,7 @@ def _moe(spec, meta: dict, x: dict, xn, ffn, h1) -> dict:
         z = logits[b, chosen]
         gates[b] = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
     for e in range(m.experts, m.experts + m.shared_experts):
-        a, down = ffn(e)
+        a, down = _ffn(spec, x, xn, e)
         shared += down(a)
     out = {"out": shared + routed_sum(spec, layer, skew, x, xn, gates, (0, m.experts)), "router": logits,
            "gates": gates, "shared_out": shared}

@@ -302,13 +302,13 @@ def model_names() -> list[str]:
 def load_model(name_or_path: str) -> ModelSpec:
     """A model by name (traces/models/NAME.toml) or by path to a TOML spec."""
     path = Path(name_or_path)
-    if path.suffix != ".toml" and "/" not in name_or_path:
+    zoo = path.suffix != ".toml" and "/" not in name_or_path
+    if zoo:
         path = MODELS_DIR / f"{name_or_path}.toml"
         if not path.exists():
             raise ModelError(f"unknown model {name_or_path!r} (models: {', '.join(model_names())})")
-        return _build(read_toml(path, "model spec", ModelError), str(path))
-    return dataclasses.replace(_build(read_toml(path, "model spec", ModelError), str(path)),
-                               origin=str(path.resolve()))
+    spec = _build(read_toml(path, "model spec", ModelError), str(path))
+    return spec if zoo else dataclasses.replace(spec, origin=str(path.resolve()))
 
 
 def model_meta(spec: ModelSpec) -> dict[str, str]:

@@ -1,6 +1,8 @@
 """The embedding lookup and the LM head: the chain's first and last regions (docs/workloads.md)."""
 from __future__ import annotations
 
+import bisect
+
 from .. import isa
 from ..trace import compute, recv, send
 from .gemv import ELEM, GemvShape, gemv_ops
@@ -84,18 +86,13 @@ def token_column(spec: ModelSpec, width: int, token: int) -> int:
     """Column of the embedding region whose vocab slice holds `token`."""
     if not 0 <= token < spec.vocab_size:
         raise WseError(f"--token {token} is outside the vocabulary [0, {spec.vocab_size})")
-    bounds = [0]
-    for v in split(spec.vocab_size, width):
-        bounds.append(bounds[-1] + v)
-    return max(c for c in range(width) if bounds[c] <= token)
+    return bisect.bisect_right(offsets(split(spec.vocab_size, width)), token) - 1
 
 
 def token_columns(spec: ModelSpec, width: int, token: int, batch: int) -> list[tuple[int, int, int]]:
     """(column, first sequence, end sequence) of each embedding column holding some of the
     batch's rows (sequence b looks up token + b), west to east."""
-    if not 0 <= token < spec.vocab_size:
-        raise WseError(f"--token {token} is outside the vocabulary [0, {spec.vocab_size})")
-    if token + batch > spec.vocab_size:
+    if 0 <= token < spec.vocab_size < token + batch:
         raise WseError(f"--token {token} with --batch {batch}: sequence b looks up token + b, so the tokens "
                        f"{token}..{token + batch - 1} must lie in the vocabulary [0, {spec.vocab_size})")
     out: list[tuple[int, int, int]] = []
