@@ -322,6 +322,8 @@ def test_a_step_with_expert_regions_computes_the_model(name, batch, kw, mesh):
     rows, res = _run(step_trace(plan), cfg)
     names = {r.name for r in rows}
     assert {"layer1.out", "layer1.shared_out", "layer1.gates", "logits"} <= names and not res.raced
+    if name == "tiny-mla":  # its dense layer 0 split: attention in its layer region, the FFN in the next slot
+        assert {"layer0.mid", "layer0.ffn_act", "layer0.out"} <= names and any(s.kind == "ffn" for s in plan.slots)
     assert all(r.ok and r.error < 0.03 and r.copies_disagree == 0 for r in rows), rows
 
 

@@ -203,6 +203,9 @@ def _workload_options(fn):
                      help="flash: cached tokens per block and column (default: automatic)"),
         click.option("--norms", type=click.Choice(["fused", "separate"]),
                      help="RMSNorm sums in the next GEMV's all-reduce (fused, default) or their own"),
+        click.option("--dense-ffn", "dense_ffn", type=click.Choice(["auto", "layer", "region"]),
+                     help="a dense layer's FFN in its layer region, in a slot of its own after it, or auto "
+                          "(default): its own where a MoE model's routed experts are in expert regions"),
         click.option("--heads", type=int, help="attention heads (--op attention)"),
         click.option("--kv-heads", "kv_heads", type=int, help="KV heads (--op attention)"),
         click.option("--head-dim", "head_dim", type=int, help="head dimension (--op attention)"),

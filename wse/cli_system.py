@@ -103,6 +103,9 @@ def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Cal
               help="flash: cached tokens per block and column (0: automatic)")
 @click.option("--norms", type=click.Choice(["fused", "separate"]), default="fused", show_default=True,
               help="RMSNorm sums in the next GEMV's all-reduce (fused) or their own")
+@click.option("--dense-ffn", type=click.Choice(["auto", "layer", "region"]), default="auto", show_default=True,
+              help="a dense layer's FFN in its layer region, in a slot of its own after it, or auto: its own "
+                   "where a MoE model's routed experts are in expert regions")
 @click.option("--generate", type=int, default=1, show_default=True,
               help="tokens generated from --context: TPOT as the context grows (simulated at the first, middle "
                    "and last token; wafers hold the last token's KV cache)")

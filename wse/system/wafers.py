@@ -196,7 +196,7 @@ class WaferStep:
 class RegionInfo:
     """What one region of a wafer's chain holds."""
 
-    kind: str  # embedding, layer, experts or lm_head
+    kind: str  # embedding, layer, ffn (a split layer's FFN), experts or lm_head
     layer: int  # -1 for the embedding and the LM head
     experts: tuple[int, int] = (0, 0)  # routed experts [first, last) of an expert region
     experts_run: int = 0  # of them, experts the batch chose this step
@@ -218,7 +218,7 @@ def region_infos(plan: ModelPlan) -> list[RegionInfo]:
             run = len(chosen_experts(plan.spec, slot.index, slot.experts, plan.params))
             out.append(RegionInfo("experts", slot.index, slot.experts, run))
         else:
-            out.append(RegionInfo(slot.kind, slot.index if slot.kind == "layer" else -1))
+            out.append(RegionInfo(slot.kind, slot.index if slot.kind in ("layer", "ffn") else -1))
     return out
 
 

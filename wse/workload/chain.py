@@ -106,13 +106,15 @@ def region_key(plan: ModelPlan, slot: Slot, role: ExpertRole | None = None) -> t
         from .tables import token_columns
         return (slot.kind, slot.region.width, slot.region.height,
                 tuple(token_columns(spec, slot.region.width, plan.params.token, plan.params.batch)))
+    if slot.kind == "ffn":  # a split dense layer's FFN: the same in every such layer
+        return ("ffn",)
     if slot.kind != "layer":
         return (slot.kind, slot.region.width, slot.region.height)
     moe = spec.is_moe_layer(slot.index)
     if moe and plan.expert_regions:  # router and shared experts only: the same in every MoE layer
         return ("layer", moe, "expert-regions", spec.attended(slot.index, plan.params.context))
     return ("layer", moe, tuple(moe_experts(spec, slot.index, plan.params.batch, plan.params.expert_skew).items())
-            if moe else (), spec.attended(slot.index, plan.params.context))
+            if moe else (), spec.attended(slot.index, plan.params.context), plan.split_ffn and not moe)
 
 
 def key_A0(plan: ModelPlan) -> tuple:

@@ -41,6 +41,7 @@ class ModelPlan:
     expert_regions: bool = False  # MoE layers keep router and shared experts only; routed experts in expert regions
     units: tuple[int, int] | None = None  # a wafer's share as a range of model_units (expert regions)
     Q: int = 0  # rows of a layer or expert slot (0: P, square slots)
+    split_ffn: bool = False  # dense layers keep their FFN in a slot of its own (--dense-ffn, splits_ffn)
 
     def __post_init__(self) -> None:
         self.Q = self.Q or self.P
@@ -55,17 +56,41 @@ class ModelPlan:
 
 
 def layer_plan(plan: ModelPlan, layer: int) -> LayerPlan:
-    """The layer's plan on the model plan's slot size and MoE mapping."""
-    return plan_layer(plan.spec, layer, plan.P, plan.cfg, plan.params, routed=not plan.expert_regions, Q=plan.Q)
+    """The plan of the layer's region on the model plan's slot size and MoE mapping (a split
+    dense layer: its attention half)."""
+    part = "attention" if plan.split_ffn and not plan.spec.is_moe_layer(layer) else "all"
+    return plan_layer(plan.spec, layer, plan.P, plan.cfg, plan.params, routed=not plan.expert_regions, Q=plan.Q,
+                      part=part)
 
 
-def chain_elements(spec: ModelSpec, first_layer: int, n_layers: int, experts_per_region: int
-                   ) -> list[tuple[str, int, tuple[int, int] | None]]:
+def ffn_plan(plan: ModelPlan, layer: int) -> LayerPlan:
+    """The plan of a split dense layer's FFN region (the slot after its layer region)."""
+    return plan_layer(plan.spec, layer, plan.P, plan.cfg, plan.params, Q=plan.Q, part="ffn")
+
+
+def splits_ffn(spec: ModelSpec, params: DecodeParams, expert_regions: bool) -> bool:
+    """Whether a plan's dense layers keep their FFN in a slot of its own after their layer
+    region (--dense-ffn region; auto: where a MoE model's routed experts are in expert regions,
+    whose layer regions then hold attention, router and shared experts only, so a dense layer
+    left whole would hold far fewer KV caches than they and bound the pipeline's depth)."""
+    if params.dense_ffn == "auto":
+        return expert_regions and spec.moe is not None
+    return params.dense_ffn == "region"
+
+
+def ffn_layers(spec: ModelSpec, layers, split: bool) -> frozenset[int]:
+    """The layers among `layers` whose FFN has a slot of its own."""
+    return frozenset(layer for layer in layers if split and not spec.is_moe_layer(layer))
+
+
+def chain_elements(spec: ModelSpec, first_layer: int, n_layers: int, experts_per_region: int,
+                   split: frozenset[int] = frozenset()) -> list[tuple[str, int, tuple[int, int] | None]]:
     """The one-slot elements of the chain, (kind, layer, experts): each layer, and with expert
     parallelism (experts_per_region > 0) each MoE layer followed by its expert regions, the
     routed experts split into the fewest groups of at most experts_per_region (sizes differing
-    by at most one)."""
-    return units_chain(model_units(spec, first_layer, n_layers, bool(experts_per_region)), experts_per_region)
+    by at most one); a layer in `split` followed by its FFN region ("ffn")."""
+    return units_chain(model_units(spec, first_layer, n_layers, bool(experts_per_region)), experts_per_region,
+                       split)
 
 
 def model_units(spec: ModelSpec, first_layer: int = 0, n_layers: int | None = None, experts: bool = True
@@ -91,10 +116,11 @@ def unit_bytes(spec: ModelSpec, params: DecodeParams, unit: tuple[int, int]) -> 
     return round(spec.layer_bytes(layer, dense, expert, routed=False)) + kv_bytes(spec, params, layer, 1)
 
 
-def units_chain(units: list[tuple[int, int]], experts_per_region: int
+def units_chain(units: list[tuple[int, int]], experts_per_region: int, split: frozenset[int] = frozenset()
                 ) -> list[tuple[str, int, tuple[int, int] | None]]:
-    """Chain elements of a run of units: each layer region, and each layer's run of routed
-    experts cut into the fewest groups of at most experts_per_region (sizes within one)."""
+    """Chain elements of a run of units: each layer region (with its FFN region after it for
+    the layers in `split`), and each layer's run of routed experts cut into the fewest groups
+    of at most experts_per_region (sizes within one)."""
     out: list[tuple[str, int, tuple[int, int] | None]] = []
     run: list[tuple[int, int]] = []
 
@@ -110,6 +136,8 @@ def units_chain(units: list[tuple[int, int]], experts_per_region: int
             flush()
         if e < 0:
             out.append(("layer", layer, None))
+            if layer in split:
+                out.append(("ffn", layer, None))
         else:
             run.append((layer, e))
     flush()
@@ -200,9 +228,9 @@ def resident_bytes(plan: ModelPlan) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _units_chain(units: tuple[tuple[int, int], ...], experts_per_region: int) -> tuple:
+def _units_chain(units: tuple[tuple[int, int], ...], experts_per_region: int, split: frozenset[int]) -> tuple:
     """units_chain, remembered (placement searches ask for the same chain at many slot sizes)."""
-    return tuple(units_chain(list(units), experts_per_region))
+    return tuple(units_chain(list(units), experts_per_region, split))
 
 
 def _table_bytes(spec: ModelSpec, embed: bool, head: bool) -> int:
@@ -221,9 +249,11 @@ def _place(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: in
     else:
         layer_ids = [layer for layer, e in units if e < 0]
         expert_layers = sorted({layer for layer, e in units if e >= 0})
+    split = splits_ffn(spec, params, expert_regions)
+    apart = ffn_layers(spec, layer_ids, split)
     W, Hm = cfg.mesh_width, cfg.mesh_height
-    # one slot per layer region and at least one per layer's run of experts bounds the side
-    least = len(layer_ids) + len(expert_layers) + embed + head
+    # one slot per layer region (and FFN region) and at least one per layer's run of experts bounds the side
+    least = len(layer_ids) + len(apart) + len(expert_layers) + embed + head
     area_bound = int((W * Hm / least) ** 0.5)
     top = min(W, Hm, spec.hidden_size, area_bound)
     first_error: Exception | None = None  # at the largest slot: what the smaller ones only repeat
@@ -244,8 +274,8 @@ def _place(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: in
             if not per_region:
                 raise FitError(f"not one routed expert of {spec.name} fits a {p}x{q} region")
             per_region = min(per_region, params.experts_per_region or per_region)
-        chain = chain_elements(spec, first_layer, n_layers, per_region) if units is None \
-            else list(_units_chain(tuple(units), per_region))
+        chain = chain_elements(spec, first_layer, n_layers, per_region, apart) if units is None \
+            else list(_units_chain(tuple(units), per_region, apart))
         return chain, per_region
 
     def tables(p: int) -> tuple[int, int]:
@@ -265,10 +295,11 @@ def _place(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: in
             if spec.moe and spec.moe.dense_layers in layer_ids:
                 kinds.add(spec.moe.dense_layers)
             for layer in sorted(kinds):
-                plan_layer(spec, layer, p, cfg, params, routed=not expert_regions, Q=q)
+                for part in ("attention", "ffn") if layer in apart else ("all",):
+                    plan_layer(spec, layer, p, cfg, params, routed=not expert_regions, Q=q, part=part)
             token_col = token_columns(spec, k_e * p, params.token, params.batch)[-1][0] if embed else 0
             return ModelPlan(spec, cfg, params, p, n_layers, slots, token_col, first_layer, embed, head, per_region,
-                             expert_regions and bool(spec.moe), Q=q)
+                             expert_regions and bool(spec.moe), Q=q, split_ffn=split)
         except (PlacementError, FitError) as e:
             first_error = first_error or e
             if placed and placed_error is None:

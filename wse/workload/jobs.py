@@ -150,7 +150,7 @@ def _model_plan(name: str, cfg: WaferConfig, phase: str, **kw):
                           experts_per_region=kw.get("experts_per_region") or 0,
                           slot_shape=kw.get("slot_shape") or "tall", weights=kw.get("weights"),
                           attention=kw.get("attention") or "flash", attention_block=kw.get("attention_block") or 0,
-                          norms=kw.get("norms") or "fused")
+                          norms=kw.get("norms") or "fused", dense_ffn=kw.get("dense_ffn") or "auto")
     if params.batch < 1 or params.context < 1:
         raise WseError("--batch and --context must be positive")
     return plan_model(spec, cfg, params, kw.get("layers"), region[0] if region else None,
@@ -291,7 +291,7 @@ def run_model(name: str, cfg: WaferConfig, simulate: Simulate, phase: str = "dec
         token_cycles = d.total_cycles
         # anchor to anchor between the last regions of consecutive layers (expert regions included),
         # the first layer counted from the anchor of the region before it (the embedding)
-        ends = [k for k in d.anchored[:-1] if plan.slots[k].kind in ("layer", "experts")
+        ends = [k for k in d.anchored[:-1] if plan.slots[k].kind in ("layer", "ffn", "experts")
                 and (k + 1 == len(plan.slots) or plan.slots[k + 1].index != plan.slots[k].index)]
         first = next((k for k, s in enumerate(plan.slots) if s.kind == "layer"), 0)
         before = [first - 1] if ends and first - 1 in d.at else []

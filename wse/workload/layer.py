@@ -26,7 +26,7 @@ from .params import DecodeParams
 from .precision import weights_of
 from .plan import COMBINE, DIAG_BCAST, KV_SHIFT, FitError, fit_check
 from .collectives import LineBroadcast
-from .layer_costs import PARTS, fused_norms, layer_flops, layer_weight_bytes
+from .layer_costs import SPLIT_PARTS, fused_norms, layer_flops, layer_weight_bytes
 from .region import (ADD, C_EPS, C_INV_H, FMAC, G0, G1, G2, G3, MOV, MUL, N_CONSTS, THREADS, Lanes, Ops,
                      RegionBuild, anchor_of, handoff, i_chunk, mark, mean_square_ops, merge, reducers, retag,
                      rms_apply_ops, rope_ops)
@@ -58,9 +58,15 @@ class LayerPlan:
     Q: int = 0  # rows (0: P, a square region)
     segments: int = 0  # flash: row blocks reducing their heads' scores (attention_segments)
     rows: HeadRows | None = None  # flash, dense: the rows' KV heads and rotary pairs (attention.head_rows)
+    part: str = "all"  # a dense layer split over two slots: "attention" (its layer region) or "ffn"
 
     def __post_init__(self) -> None:
         self.Q = self.Q or self.P
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The parts of the layer its region runs (layer_costs.SPLIT_PARTS)."""
+        return SPLIT_PARTS[self.part]
 
     @property
     def flash(self) -> bool:
@@ -104,15 +110,20 @@ class LayerPlan:
 
 
 def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, routed: bool = True,
-               Q: int | None = None) -> LayerPlan:
+               Q: int | None = None, part: str = "all") -> LayerPlan:
     """Split the layer over a region of P columns and Q rows (default P) and allocate its SRAM
     (FitError if it does not fit).
 
     routed=False: a MoE layer keeps only its router and shared experts; the routed experts
-    live in expert regions that follow it in the chain (plan_experts). Q >= P: lanes enter
-    and leave on the diagonal, which needs a row for every column."""
+    live in expert regions that follow it in the chain (plan_experts). part: a dense layer
+    split over two slots (--dense-ffn region) keeps attention and its norm ("attention", the
+    layer region: the KV cache) or the FFN and its norm ("ffn", the next slot). Q >= P: lanes
+    enter and leave on the diagonal, which needs a row for every column."""
     H, B, T = spec.hidden_size, params.batch, spec.attended(layer, params.context)
     Q = Q or P
+    if part not in SPLIT_PARTS or (part != "all" and spec.is_moe_layer(layer)):
+        raise WseError(f"{spec.name} layer {layer}: no {part!r} part (a dense layer splits into attention and ffn)")
+    att_here, ffn_here = part != "ffn", part != "attention"
     if P > H:
         raise WseError(f"a {P}x{Q} region is larger than the hidden size {H}")
     if Q < P:
@@ -154,7 +165,7 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         s.weights = mem.alloc(f"w_{name}", s.tile_bytes() * copies, "weights", G0)
         shapes[name], n_copies[name] = s, copies
 
-    if ms:
+    if ms and att_here:
         m_ = spec.mla
         weights("a", H, m_.q_lora_rank + sum(ms.c_r), X, Hc, qkv_r)
         weights("qb", m_.q_lora_rank, spec.q_size, Y, ms.qa_r, ms.qn_r)
@@ -162,7 +173,7 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         weights("uk", spec.heads * m_.qk_nope_head_dim, m_.kv_lora_rank, X, ms.nope_n, ms.v_r, precision="bf16")
         weights("uv", m_.kv_lora_rank, spec.heads * m_.v_head_dim, Y, ms.v_r, ms.oh_r, precision="bf16")
         weights("o", spec.attn_out_size, H, X, ms.oh_r, Hc + [0] * (Q - P))  # rows j >= P: none
-    else:
+    elif att_here:
         weights("qkv", H, spec.q_size + 2 * spec.kv_size, X, Hc, qkv_r)
         weights("o", spec.attn_out_size, H, Y, o_r, Hc)
     if moe:
@@ -175,17 +186,19 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
                            f"not at {dense_w} and {expert_w}; give --weights or --moe-mapping regions")
         weights("gate_up", H, 2 * ffn, X, Hc, [2 * f for f in f_r], n_exp, w)
         weights("down", ffn, H, Y, f_r, Hc, n_exp, w)
-    else:
+    elif ffn_here:
         weights("gate_up", H, 2 * ffn, X, Hc, [2 * f for f in f_r])
         weights("down", ffn, H, Y, f_r, Hc)
     buf: dict[str, int] = {}
-    buf["g1"] = mem.alloc("g1", max(Hc) * ELEM, "weights", G0)
-    buf["g2"] = mem.alloc("g2", max(Hc) * ELEM, "weights", G0)
-    if spec.qkv_bias:
+    if att_here:
+        buf["g1"] = mem.alloc("g1", max(Hc) * ELEM, "weights", G0)
+    if ffn_here:
+        buf["g2"] = mem.alloc("g2", max(Hc) * ELEM, "weights", G0)
+    if spec.qkv_bias and att_here:
         buf["b_qkv"] = mem.alloc("b_qkv", max(qkv_r) * ELEM, "weights", G0)
-    if spec.o_bias:
+    if spec.o_bias and att_here:
         buf["b_o"] = mem.alloc("b_o", max(Hc) * ELEM, "weights", G0)
-    if spec.attention_sinks:  # the row's heads' sink logits, at column 0
+    if spec.attention_sinks and att_here:  # the row's heads' sink logits, at column 0
         buf["sinks"] = mem.alloc("sinks", max(heads_r) * ELEM, "weights", G0)
         buf["sink_exp"] = mem.alloc("sink_exp", max(heads_r) * B * ELEM, "scratch", G1)
     flash = params.attention == "flash"
@@ -199,34 +212,39 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         buf["b_dn"] = mem.alloc("b_down", n_exp * max(Hc) * ELEM, "weights", G0)
     if moe and spec.moe.router_bias:
         buf["b_router"] = mem.alloc("b_router", max(e_r) * ELEM, "weights", G0)
-    if ms:
+    if ms and att_here:
         buf["g_qa"] = mem.alloc("g_qa", max(ms.qa_r) * ELEM, "weights", G0)
         buf["g_kv"] = mem.alloc("g_kv", max(ms.v_r) * ELEM, "weights", G0)
         buf["mla_c"] = mem.alloc("mla_consts", 2 * ELEM, "constants", G0)  # (mla.C_INV_QA, C_INV_KV)
     kv_tok = max(k_r) if ms else 2 * max(k_r)  # (LayerPlan.kv_bytes_per_pe)
-    buf["kv"] = mem.alloc("kv_cache", max((max(T_c) + 1) * kv_tok, max(o_r)) * B * ELEM, "kv_cache", G3)
+    if att_here:
+        buf["kv"] = mem.alloc("kv_cache", max((max(T_c) + 1) * kv_tok, max(o_r)) * B * ELEM, "kv_cache", G3)
     buf["h"] = mem.alloc("h", max(Hc) * B * ELEM, "activations", G3)
     buf["xn"] = mem.alloc("xn", max(Hc) * B * ELEM, "activations", G3)
-    buf["sc"] = mem.alloc("scores", max(scores, 1) * B * ELEM, "activations", G3)
-    buf["qkv"] = mem.alloc("qkv", (max(max(qkv_r), max(e_r)) + 1) * B * ELEM, "activations", G2)
-    buf["att"] = mem.alloc("att", (max(o_r) + (hb if flash else 0)) * B * ELEM, "activations", G2)
-    buf["gu"] = mem.alloc("gate_up", (2 * max(f_r) + 1) * B * ELEM, "activations", G2)
+    if att_here:
+        buf["sc"] = mem.alloc("scores", max(scores, 1) * B * ELEM, "activations", G3)
+        buf["qkv"] = mem.alloc("qkv", (max(max(qkv_r), max(e_r)) + 1) * B * ELEM, "activations", G2)
+        buf["att"] = mem.alloc("att", (max(o_r) + (hb if flash else 0)) * B * ELEM, "activations", G2)
+    if ffn_here:
+        buf["gu"] = mem.alloc("gate_up", (2 * max(f_r) + 1) * B * ELEM, "activations", G2)
     buf["y"] = mem.alloc("y", max(Hc) * B * ELEM, "activations", G2)
-    if ms:
+    if ms and att_here:
         buf["q"] = mem.alloc("q", max(ms.qn_r) * B * ELEM, "activations", G2)
         buf["qabs"] = mem.alloc("q_absorbed", max(q_r) * B * ELEM, "activations", G2)
         buf["oh"] = mem.alloc("o_heads", max(ms.oh_r) * B * ELEM, "activations", G2)
-    longest = max(max(qkv_r), scores, max(o_r) + (hb if flash else 0), max(Hc), 2 * max(f_r), max(e_r),
-                  max(ms.qn_r) if ms else 0, max(q_r) if ms else 0, max(ms.oh_r) if ms else 0) * B
-    if ms or moe or not flash:  # the stand-ins' scratch (latent attention, MoE routing, classic attention)
+    # the longest vector a part's accumulators are cleared from `zeros` and all-reduced through `tmp`
+    att_long = max(max(qkv_r), scores, max(o_r) + (hb if flash else 0), max(e_r), max(ms.qn_r) if ms else 0,
+                   max(q_r) if ms else 0, max(ms.oh_r) if ms else 0) if att_here else 0
+    longest = max(att_long, max(Hc), 2 * max(f_r) if ffn_here else 0) * B
+    if (ms or moe or not flash) and att_here:  # scratch of latent attention, MoE routing, classic attention
         buf["dot"] = mem.alloc("dot", longest * ELEM, "scratch", G1)
     # a zero source the accumulators are cleared from (GEMV outputs and the norms' sums; scores)
     buf["zeros"] = mem.alloc("zeros", (longest + B) * ELEM, "constants", G1)
     buf["consts"] = mem.alloc("consts", N_CONSTS * ELEM, "constants", G0)
     rope = 0
-    if hr:  # RoPE's cos and sin of the row's pairs, once per head it rotates (attention.dense_row)
+    if hr and att_here:  # RoPE's cos and sin of the row's pairs, once per head it rotates (attention.dense_row)
         rope = max((hb + len(kv)) * kh // 2 for hb, kv, kh in zip(hr.hb_r, hr.kv_r, hr.kh_r))
-    elif ms:  # the column's q pairs, then the row's k pairs (mla.MlaSplit.rope_table)
+    elif ms and att_here:  # the column's q pairs, then the row's k pairs (mla.MlaSplit.rope_table)
         rope = ms.rope_table
     if rope:
         buf["cos"] = mem.alloc("rope_cos", max(rope, 1) * ELEM, "weights", G2)
@@ -234,7 +252,7 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         # RoPE's scratch (not tmp: thread 1 may receive the next all-reduce's partial into it meanwhile)
         buf["rope"] = mem.alloc("rope_tmp", 2 * max(rope, 1) * ELEM, "scratch", G1)
     buf["scal"] = mem.alloc("scalars", 16 * B * ELEM, "scratch", G1)
-    if flash:  # running maxima (two, ping-pong) and rescale factors per head and sequence
+    if flash and att_here:  # running maxima (two, ping-pong) and rescale factors per head and sequence
         buf["stats"] = mem.alloc("softmax_stats", 3 * hb * B * ELEM, "scratch", G1)
     # (+ B: a fused norm's sums ride after the next GEMV's outputs in its all-reduce)
     buf["tmp"] = mem.alloc("tmp", (longest + B) * ELEM, "scratch", G0)
@@ -246,9 +264,10 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         for sh in shapes.values():
             sh.scratch = buf["dequant"]
         alloc_scales(mem, shapes, n_copies)
-    fit_check(mem, cfg, f"{spec.name} layer {layer} on a {P}x{Q} region (batch {B}, context {T})")
+    what = "" if part == "all" else f" ({part})"
+    fit_check(mem, cfg, f"{spec.name} layer {layer}{what} on a {P}x{Q} region (batch {B}, context {T})")
     return LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, shapes, buf,
-                     routed or not moe, ms, Q, attention_segments(spec, Q, params), hr)
+                     routed or not moe, ms, Q, attention_segments(spec, Q, params), hr, part)
 
 
 def largest_context(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, Q: int | None = None) -> int:
@@ -370,15 +389,19 @@ def o_ops(ctx: LayerCtx, i: int, jo: int, yrole: tuple):
 
 
 def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: Lanes,
-                 parts: tuple[str, ...] = PARTS) -> RegionBuild:
-    """Programs and routes of one decoder layer's decode step on `region` (or some `parts`)."""
+                 parts: tuple[str, ...] | None = None) -> RegionBuild:
+    """Programs and routes of one decoder layer's decode step on `region` (or some `parts`;
+    default: the plan's, all of a layer or one half of a split one)."""
+    parts = plan.parts if parts is None else parts
+    if not set(parts) <= set(plan.parts):
+        raise WseError(f"layer {plan.layer}'s {plan.part} region has no parts {sorted(set(parts) - set(plan.parts))}")
     spec, P, Q, prm = plan.spec, plan.P, plan.Q, plan.params
     B = prm.batch
     b_ = plan.buf
     Hc, qkv_r, o_r, f_r, e_r = plan.Hc, plan.qkv_r, plan.o_r, plan.f_r, plan.e_r
     red = reducers(region, builder, prm, spec)
     ctx = LayerCtx(plan, red)
-    h, yb, qkv = b_["h"], b_["y"], b_["qkv"]
+    h, yb, qkv = b_["h"], b_["y"], b_.get("qkv", 0)
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [(i_chunk(Hc, i), i % 2, red[X].role(i), plan.T_c[i], i == 0, i == P - 1) for i in range(P)])
     seg = red[Y].segment_role if plan.segments else red[Y].role
@@ -397,13 +420,13 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
         hc_rows = Hc + [0] * (Q - P)  # the O projection's rows: column chunks on the first P
         prog.add_roles(Y, [(i_chunk(ms.qa_r, j), ms.qa_r[j], ms.c_r[j], ms.v_r[j], ms.rope_lo[j], ms.r_r[j],
                             i_chunk(hc_rows, j), hc_rows[j]) for j in range(Q)])
-        if Q > 1:  # the transpose back to column layout: each diagonal PE broadcasts down its column
+        if Q > 1 and "o" in parts:  # the transpose back to column layout: each diagonal PE broadcasts down its column
             bc = LineBroadcast(Q, DIAG_BCAST)
             for d in range(P):
                 prog.mark(d, d, "diag", 1)
                 if lanes.in_lanes.get(d) != (d, d):  # (lanes entering on the diagonal already route it)
                     builder.line_routes(region, Y, DIAG_BCAST, bc.routes_for_root(d), lines=[d])
-    for i in range(P - 1):  # KV shift: column i sends east on KV_SHIFT[i % 2]
+    for i in range(P - 1 if "attention" in parts else 0):  # KV shift: column i sends east on KV_SHIFT[i % 2]
         builder.line_routes(region, X, KV_SHIFT[i % 2], {i: (RAMP, (HI,)), i + 1: (LO, (RAMP,))})
 
     L_ = plan.layer
@@ -465,5 +488,6 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     prog.add(body)
     prog.program_ids(builder)
     executed, model = layer_flops(plan, parts)
-    return RegionBuild("layer", region, plan.mem, executed, model, layer_weight_bytes(plan),
-                       spec.kv_cache_width * sum(plan.T_c) * B * ELEM, anchor_of(red))
+    kv = spec.kv_cache_width * sum(plan.T_c) * B * ELEM if "attention" in plan.parts else 0
+    return RegionBuild("layer" if plan.part != "ffn" else "ffn", region, plan.mem, executed, model,
+                       layer_weight_bytes(plan), kv, anchor_of(red))

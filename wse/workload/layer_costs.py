@@ -13,6 +13,9 @@ from .region import NORM_SCALE_FLOPS, SILU_MUL_FLOPS, SOFTMAX_FLOPS, handoff_flo
 
 
 PARTS = ("norm1", "qkv", "attention", "o", "norm2", "ffn", "handoff")
+# a dense layer split over two slots (--dense-ffn region): the layer region, then its FFN region
+SPLIT_PARTS = {"all": PARTS, "attention": ("norm1", "qkv", "attention", "o", "handoff"),
+               "ffn": ("norm2", "ffn", "handoff")}
 
 
 def fused_norms(plan) -> tuple[bool, bool]:
@@ -24,15 +27,22 @@ def fused_norms(plan) -> tuple[bool, bool]:
 
 
 def layer_weight_bytes(plan) -> int:
+    """Weight bytes (at their precision, no padding) the layer's region holds: its part's of a
+    split layer (LayerPlan.part)."""
     spec, H = plan.spec, plan.spec.hidden_size
     S = plan.shapes
-    if plan.mla:  # the absorbed GEMVs' shapes count their blocks only; plus the two latent norms
-        n = sum(S[k].weight_bytes() for k in ("a", "qb", "uk", "uv", "o")) + 2 * H * ELEM
-        n += (sum(plan.mla.qa_r) + sum(plan.mla.v_r)) * ELEM
-    else:
-        n = S["qkv"].weight_bytes() + S["o"].weight_bytes() + 2 * H * ELEM
-    n += (S["qkv"].n if spec.qkv_bias else 0) * ELEM + (H if spec.o_bias else 0) * ELEM
-    n += (spec.heads if spec.attention_sinks else 0) * ELEM
+    n = 0
+    if plan.part != "ffn":
+        if plan.mla:  # the absorbed GEMVs' shapes count their blocks only; plus the two latent norms
+            n = sum(S[k].weight_bytes() for k in ("a", "qb", "uk", "uv", "o")) + H * ELEM
+            n += (sum(plan.mla.qa_r) + sum(plan.mla.v_r)) * ELEM
+        else:
+            n = S["qkv"].weight_bytes() + S["o"].weight_bytes() + H * ELEM
+        n += (S["qkv"].n if spec.qkv_bias else 0) * ELEM + (H if spec.o_bias else 0) * ELEM
+        n += (spec.heads if spec.attention_sinks else 0) * ELEM
+    if plan.part == "attention":
+        return n
+    n += H * ELEM  # the FFN's RMSNorm weight
     if plan.moe:
         m = spec.moe
         n += S["router"].weight_bytes() + (m.experts if m.router_bias else 0) * ELEM

@@ -60,28 +60,35 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
         for b in range(max(batch, 1)):
             t.pieces(k, pe, addr + b * hc[col] * ELEM, hc[col], b * H + ho[col])
 
+    att_here, ffn_here = plan.part != "ffn", plan.part != "attention"  # (a split layer's region: one half)
     if h_input:
         column("h", "input", b_["h"], B)
-    # (with expert regions h leaves with the shared experts added; the collector has the output)
-    column("out" if plan.routed else "shared_out", "output", b_["h"], B)
-    if not plan.moe:  # intermediates the layer leaves in its buffers, checked too
+    # (with expert regions h leaves with the shared experts added; the collector has the output;
+    # a split layer's layer region passes h after attention on to its FFN region)
+    column("mid" if not ffn_here else "out" if plan.routed else "shared_out", "output", b_["h"], B)
+    if not plan.moe and ffn_here:  # intermediates the layer leaves in its buffers, checked too
         column("ffn_out", "output", b_["y"], B)
-    column("g1", "weight", b_["g1"], 0)
-    column("g2", "weight", b_["g2"], 0)
+    if att_here:
+        column("g1", "weight", b_["g1"], 0)
+    if ffn_here:
+        column("g2", "weight", b_["g2"], 0)
     if "b_o" in b_:
         column("b_o", "weight", b_["b_o"], 0)
+    own = "" if att_here else "ffn."  # the FFN region's own constants
     z = plan.mem.buffers["zeros"]
-    t.pieces(t.add("zeros", "zero", (z[1] // ELEM,)), pe, z[0], z[1] // ELEM, 0)
+    t.pieces(t.add(own + "zeros", "zero", (z[1] // ELEM,)), pe, z[0], z[1] // ELEM, 0)
     for name, c, v in (("inv_hidden", C_INV_H, 1 / H), ("norm_eps", C_EPS, NORM_EPS),
                        ("attn_scale", C_ATTN, attn_scale(spec)), ("one", C_ONE, 1.0)):
-        t.pieces(t.add(name, "constant", (1,), value=v), pe, b_["consts"] + c * ELEM, 1, 0)
-    if spec.mla:
+        t.pieces(t.add(own + name, "constant", (1,), value=v), pe, b_["consts"] + c * ELEM, 1, 0)
+    if att_here and spec.mla:
         from .mla_tensors import record_mla
         record_mla(t, plan, pe, col, jj.reshape(-1), lambda i, j: (y0 + j) * W + x0 + i)
-    else:
+    elif att_here:
         _record_attention(t, plan, pe, col, jj.reshape(-1), lambda i, j: (y0 + j) * W + x0 + i)
     if plan.moe:
         _record_moe(t, plan, pe, col, jj.reshape(-1), ho, fo, H)
+        return
+    if not ffn_here:
         return
     act = t.add("ffn_act", "output", (B, F))  # SiLU(gate) * up
     for j in range(Q):
@@ -367,7 +374,7 @@ def reference(meta: dict, x: dict) -> dict:
         return dict(att, **_moe(spec, meta, x, xn, h1))
     a, down = _ffn(spec, x, xn)
     y = down(a)
-    return dict(att, out=h1 + y, ffn_out=y, ffn_act=a)
+    return dict(att, out=h1 + y, ffn_out=y, ffn_act=a, mid=h1)  # (mid: what a split layer's layer region passes on)
 
 
 def _attention(spec, x: dict, h, rms, moe: bool) -> tuple[np.ndarray, dict]:

@@ -10,6 +10,7 @@ MOE_MAPPINGS = ("auto", "local", "regions")
 SLOT_SHAPES = ("square", "tall")
 ATTENTION = ("flash", "classic")
 NORMS = ("fused", "separate")
+DENSE_FFN = ("auto", "layer", "region")
 MAX_CONTEXT = 131_072  # longest context a run may ask for (Llama 3.1's 128k)
 
 
@@ -29,6 +30,9 @@ class DecodeParams:
     attention: str = "flash"  # decode attention: "flash" (blocked, online softmax) or "classic" (attention.py)
     attention_block: int = 0  # flash: cached tokens per block and column (0: attention.block_tokens)
     norms: str = "fused"  # RMSNorm's mean square in the next GEMV's all-reduce ("fused") or its own
+    # a dense layer's FFN: in its layer region ("layer"), in a slot of its own after it ("region"),
+    # or "auto": in a slot of its own where a MoE model's routed experts are in expert regions
+    dense_ffn: str = "auto"
 
     def __post_init__(self) -> None:
         if self.moe_mapping not in MOE_MAPPINGS:
@@ -41,6 +45,8 @@ class DecodeParams:
             raise WseError(f"--attention {self.attention!r} is not one of {', '.join(ATTENTION)}")
         if self.norms not in NORMS:
             raise WseError(f"--norms {self.norms!r} is not one of {', '.join(NORMS)}")
+        if self.dense_ffn not in DENSE_FFN:
+            raise WseError(f"--dense-ffn {self.dense_ffn!r} is not one of {', '.join(DENSE_FFN)}")
         if self.attention_block < 0:
             raise WseError(f"--attention-block {self.attention_block} must be at least 0 (0: automatic)")
         if not 1 <= self.context <= MAX_CONTEXT:

@@ -24,13 +24,13 @@ class PlacementError(WseError):
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    kind: str  # embedding, layer, experts, lm_head (relay: a compressed stage's stand-in, decode.py)
+    kind: str  # embedding, layer, ffn (a split layer's FFN), experts, lm_head (relay: a compressed stage's stand-in)
     index: int  # layer index (embedding -1, LM head = layers)
     region: Region
     experts: tuple[int, int] | None = None  # an expert region's routed experts [first, last)
 
 
-SQUARE_KINDS = ("layer", "experts")  # P x Q slot regions whose lanes enter and leave on the diagonal
+SQUARE_KINDS = ("layer", "ffn", "experts")  # P x Q slot regions whose lanes enter and leave on the diagonal
 
 
 def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, height: int,

@@ -14,7 +14,7 @@ import dataclasses
 
 from ..trace import Trace, compute
 from .chain import Chain, Element, chain_of, compressed, key_A0, key_B, key_G, key_S
-from .decode import ModelPlan, layer_plan
+from .decode import ModelPlan, ffn_plan, layer_plan
 from .dispatch import ExpertRole, Group, add_group_routes
 from .experts import decode_experts, decode_relays, dispatch_parts, plan_experts
 from .layer import decode_layer
@@ -45,6 +45,8 @@ def build_region(plan: ModelPlan, slot: Slot, region: Region, builder: MeshBuild
     if slot.kind == "experts":
         ep = plan_experts(plan.spec, slot.index, slot.experts, plan.P, plan.cfg, plan.params, plan.Q)
         return decode_experts(ep, region, builder, role, name)
+    if slot.kind == "ffn":
+        return decode_layer(ffn_plan(plan, slot.index), region, builder, lanes)
     return decode_layer(layer_plan(plan, slot.index), region, builder, lanes)
 
 

@@ -24,7 +24,7 @@ def step_gap(plan) -> str | None:
     from .chain import chain_of
     from .decode import layer_plan
     from .stages import standin_buffers
-    if any(s.kind not in ("embedding", "layer", "lm_head", "experts") for s in plan.slots):
+    if any(s.kind not in ("embedding", "layer", "ffn", "lm_head", "experts") for s in plan.slots):
         return f"slots of kinds {sorted({s.kind for s in plan.slots})}"
     ch = chain_of(plan)
     if ch.leading and len(set(standin_buffers(plan).values())) < 3:
@@ -49,7 +49,7 @@ def step_trace(plan):
 
 def _record(b, plan, slots) -> None:
     from .chain import chain_of
-    from .decode import layer_plan
+    from .decode import ffn_plan, layer_plan
     from .experts import plan_experts
     from .tables import embedding_memory, lm_memory
     spec, prm, W = plan.spec, plan.params, b.width
@@ -71,6 +71,9 @@ def _record(b, plan, slots) -> None:
         if slot.kind == "layer":
             record_layer(Prefixed(b.tensors, f"layer{slot.index}."), layer_plan(plan, slot.index), plan.P,
                          (W, R.x0, R.y0), h_input=not plan.embed and s == 0)
+        elif slot.kind == "ffn":  # a split layer's FFN: h after attention arrives from its layer region
+            record_layer(Prefixed(b.tensors, f"layer{slot.index}."), ffn_plan(plan, slot.index), plan.P,
+                         (W, R.x0, R.y0), h_input=False)
         elif slot.kind == "experts":
             ep = plan_experts(spec, slot.index, slot.experts, plan.P, plan.cfg, prm, plan.Q)
             record_experts(Prefixed(b.tensors, f"layer{slot.index}."), ep, (W, R.x0, R.y0),
