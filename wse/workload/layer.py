@@ -123,7 +123,6 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     Q = Q or P
     if part not in SPLIT_PARTS or (part != "all" and spec.is_moe_layer(layer)):
         raise WseError(f"{spec.name} layer {layer}: no {part!r} part (a dense layer splits into attention and ffn)")
-    att_here, ffn_here = part != "ffn", part != "attention"
     if P > H:
         raise WseError(f"a {P}x{Q} region is larger than the hidden size {H}")
     if Q < P:
@@ -154,9 +153,25 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     else:  # flash: the heads of the row's block (latent attention: every head)
         heads_r = hr.hb_r if hr else [spec.heads] * Q
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
-    shapes: dict[str, GemvShape] = {}
+    plan = LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, {}, {},
+                     routed or not moe, ms, Q, attention_segments(spec, Q, params), hr, part)
+    _alloc_buffers(plan, _alloc_weights(plan))
+    what = "" if part == "all" else f" ({part})"
+    fit_check(mem, cfg, f"{spec.name} layer {layer}{what} on a {P}x{Q} region (batch {B}, context {T})")
+    return plan
+
+
+def _alloc_weights(plan: LayerPlan) -> dict[str, int]:
+    """The GEMV tiles of the plan's part of the layer (first in its SRAM); returns the copies of
+    each tile (a MoE layer's experts)."""
+    spec, ms, mem, shapes = plan.spec, plan.mla, plan.mem, plan.shapes
+    H, P, Q, Hc, qkv_r, o_r = spec.hidden_size, plan.P, plan.Q, plan.Hc, plan.qkv_r, plan.o_r
+    f_r, e_r = plan.f_r, plan.e_r
+    moe, routed = plan.moe, plan.routed
+    att_here, ffn_here = plan.part != "ffn", plan.part != "attention"
+    ffn = spec.moe.expert_ffn_size if moe else spec.ffn_size
     n_copies: dict[str, int] = {}
-    dense_w, expert_w = weights_of(spec, params.weights)
+    dense_w, expert_w = weights_of(spec, plan.params.weights)
 
     def weights(name: str, m: int, n: int, axis, ins: list[int], outs: list[int], copies: int = 1,
                 precision: str = dense_w) -> None:
@@ -189,7 +204,17 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     elif ffn_here:
         weights("gate_up", H, 2 * ffn, X, Hc, [2 * f for f in f_r])
         weights("down", ffn, H, Y, f_r, Hc)
-    buf: dict[str, int] = {}
+    return n_copies
+
+
+def _alloc_buffers(plan: LayerPlan, n_copies: dict[str, int]) -> None:
+    """The norms' weights, biases, KV cache, activations, scratch and constants of the plan's part
+    of the layer, after its tiles (plan.buf), and the dequantization scratch and scales."""
+    spec, params, mem, buf, shapes = plan.spec, plan.params, plan.mem, plan.buf, plan.shapes
+    B, ms, hr, heads_r, T_c = params.batch, plan.mla, plan.rows, plan.heads_r, plan.T_c
+    Hc, q_r, k_r, qkv_r, o_r, f_r, e_r = plan.Hc, plan.q_r, plan.k_r, plan.qkv_r, plan.o_r, plan.f_r, plan.e_r
+    moe, routed = plan.moe, plan.routed
+    att_here, ffn_here = plan.part != "ffn", plan.part != "attention"
     if att_here:
         buf["g1"] = mem.alloc("g1", max(Hc) * ELEM, "weights", G0)
     if ffn_here:
@@ -264,10 +289,6 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         for sh in shapes.values():
             sh.scratch = buf["dequant"]
         alloc_scales(mem, shapes, n_copies)
-    what = "" if part == "all" else f" ({part})"
-    fit_check(mem, cfg, f"{spec.name} layer {layer}{what} on a {P}x{Q} region (batch {B}, context {T})")
-    return LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, shapes, buf,
-                     routed or not moe, ms, Q, attention_segments(spec, Q, params), hr, part)
 
 
 def largest_context(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, Q: int | None = None) -> int:
