@@ -69,6 +69,16 @@ class LayerPlan:
         return SPLIT_PARTS[self.part]
 
     @property
+    def has_attention(self) -> bool:
+        """The region runs the layer's attention and holds its KV cache (not a split layer's FFN half)."""
+        return self.part != "ffn"
+
+    @property
+    def has_ffn(self) -> bool:
+        """The region runs the layer's FFN (not a split layer's attention half)."""
+        return self.part != "attention"
+
+    @property
     def flash(self) -> bool:
         return self.params.attention == "flash"
 
@@ -168,7 +178,7 @@ def _alloc_weights(plan: LayerPlan) -> dict[str, int]:
     H, P, Q, Hc, qkv_r, o_r = spec.hidden_size, plan.P, plan.Q, plan.Hc, plan.qkv_r, plan.o_r
     f_r, e_r = plan.f_r, plan.e_r
     moe, routed = plan.moe, plan.routed
-    att_here, ffn_here = plan.part != "ffn", plan.part != "attention"
+    att_here, ffn_here = plan.has_attention, plan.has_ffn
     ffn = spec.moe.expert_ffn_size if moe else spec.ffn_size
     n_copies: dict[str, int] = {}
     dense_w, expert_w = weights_of(spec, plan.params.weights)
@@ -214,7 +224,7 @@ def _alloc_buffers(plan: LayerPlan, n_copies: dict[str, int]) -> None:
     B, ms, hr, heads_r, T_c = params.batch, plan.mla, plan.rows, plan.heads_r, plan.T_c
     Hc, q_r, k_r, qkv_r, o_r, f_r, e_r = plan.Hc, plan.q_r, plan.k_r, plan.qkv_r, plan.o_r, plan.f_r, plan.e_r
     moe, routed = plan.moe, plan.routed
-    att_here, ffn_here = plan.part != "ffn", plan.part != "attention"
+    att_here, ffn_here = plan.has_attention, plan.has_ffn
     if att_here:
         buf["g1"] = mem.alloc("g1", max(Hc) * ELEM, "weights", G0)
     if ffn_here:
@@ -509,6 +519,6 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     prog.add(body)
     prog.program_ids(builder)
     executed, model = layer_flops(plan, parts)
-    kv = spec.kv_cache_width * sum(plan.T_c) * B * ELEM if "attention" in plan.parts else 0
-    return RegionBuild("layer" if plan.part != "ffn" else "ffn", region, plan.mem, executed, model,
+    kv = spec.kv_cache_width * sum(plan.T_c) * B * ELEM if plan.has_attention else 0
+    return RegionBuild("layer" if plan.has_attention else "ffn", region, plan.mem, executed, model,
                        layer_weight_bytes(plan), kv, anchor_of(red))

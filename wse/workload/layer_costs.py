@@ -32,7 +32,7 @@ def layer_weight_bytes(plan) -> int:
     spec, H = plan.spec, plan.spec.hidden_size
     S = plan.shapes
     n = 0
-    if plan.part != "ffn":
+    if plan.has_attention:
         if plan.mla:  # the absorbed GEMVs' shapes count their blocks only; plus the two latent norms
             n = sum(S[k].weight_bytes() for k in ("a", "qb", "uk", "uv", "o")) + H * ELEM
             n += (sum(plan.mla.qa_r) + sum(plan.mla.v_r)) * ELEM
@@ -40,7 +40,7 @@ def layer_weight_bytes(plan) -> int:
             n = S["qkv"].weight_bytes() + S["o"].weight_bytes() + H * ELEM
         n += (S["qkv"].n if spec.qkv_bias else 0) * ELEM + (H if spec.o_bias else 0) * ELEM
         n += (spec.heads if spec.attention_sinks else 0) * ELEM
-    if plan.part == "attention":
+    if not plan.has_ffn:
         return n
     n += H * ELEM  # the FFN's RMSNorm weight
     if plan.moe:

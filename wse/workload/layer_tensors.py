@@ -60,7 +60,7 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
         for b in range(max(batch, 1)):
             t.pieces(k, pe, addr + b * hc[col] * ELEM, hc[col], b * H + ho[col])
 
-    att_here, ffn_here = plan.part != "ffn", plan.part != "attention"  # (a split layer's region: one half)
+    att_here, ffn_here = plan.has_attention, plan.has_ffn  # (a split layer's region: one half)
     if h_input:
         column("h", "input", b_["h"], B)
     # (with expert regions h leaves with the shared experts added; the collector has the output;
