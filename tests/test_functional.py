@@ -154,8 +154,10 @@ def test_codes_are_what_the_low_precision_types_hold():
 @pytest.mark.parametrize("heads, kv_heads, hd, context, P, batch, block", [
     (8, 2, 16, 64, 4, 1, 0), (4, 4, 8, 37, 5, 2, 3), (8, 1, 16, 40, 8, 2, 0), (8, 2, 8, 30, 3, 1, 1),
 ])
-def test_the_attention_kernel_computes_attention_over_the_cache(heads, kv_heads, hd, context, P, batch, block, tiny):
-    tr = kernels.attention(P, heads, kv_heads, hd, context, batch, tiny, block=block)[0]
+@pytest.mark.parametrize("mapping", ["flash", "classic"])
+def test_the_attention_kernel_computes_attention_over_the_cache(heads, kv_heads, hd, context, P, batch, block, mapping,
+                                                                tiny):
+    tr = kernels.attention(P, heads, kv_heads, hd, context, batch, tiny, block=block, mapping=mapping)[0]
     rows, res = _check(tr, tiny)
     assert [r.name for r in rows] == ["attn"] and all(r.ok and r.error < 0.01 for r in rows) and not res.raced
 
@@ -320,8 +322,6 @@ def test_a_trace_without_tensors_given_functional_is_one_error_and_no_file(tmp_p
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "--op", "attention", "--heads", "2", "--head-dim", "8", "--context", "16", "--region", "4x4",
-      "--attention", "classic", "--functional"], "has no /tensors table"),
     (["run", "--model", "tiny", "--functional"], "`wse check --model` checks its decode layers"),
     (["run", "--op", "gemv", "--m", "8", "--n", "8", "--region", "2x2", "--functional", "--tolerance", "0"],
      "--tolerance 0.0: must be above 0"),

@@ -4,9 +4,10 @@ The KV cache of the context is split over the region's columns (tokens) and rows
 dimensions, each row's query dimensions kept with the key/value dimensions they attend with).
 Column 0 appends the new token and every column passes its oldest entry one column east (the
 KV shift, threads 2 and 3); the last column drops it, so a sliding-window layer's cache of
-its window is the same program. Per cached token a row computes a dot product over its query
-dimensions; scores are all-reduced down the columns, softmax statistics and weighted values
-along the rows. Attention sinks (a learned logit per head that takes part in the softmax
+its window is the same program. Rows hold whole heads' rotary pairs (head_rows); each row's
+partial scores are reduced over the rows sharing its heads (flash_ops: blocked, online softmax)
+or over the whole column with every head's (classic_ops, the baseline); softmax statistics and
+weighted values are merged along the rows. Attention sinks (a learned logit per head that takes part in the softmax
 and weights no value) enter the row's maximum and sum at column 0.
 """
 from __future__ import annotations
@@ -99,65 +100,117 @@ def blocks(tc: int, bk: int) -> list[int]:
     return [min(bk, tc - a) for a in range(0, tc, bk)]
 
 
-def attention_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, qj: int, kv_len: int,
-                  kv_src: int, oj: int, o_stride: int, hj: int, xrole: tuple, yrole: tuple) -> Ops:
-    """Decode attention of the row's heads over the column's cached tokens: per token, a
-    qj-long dot product and an oj-long weighted value; kv_len cached elements per token
-    (`ctx` is the layer's LayerCtx). The classic mapping is a timing model only: its operands
-    stand in (rows split heads anywhere, so its scores are no head's); flash_ops computes."""
-    plan, rx, ry = ctx.plan, ctx.rx, ctx.ry
-    B = plan.params.batch
-    b_ = plan.buf
-    dot, sc, scal, tmp, att = b_["dot"], b_["sc"], b_["scal"], b_["tmp"], b_["att"]
-    qkv, kvc = b_["qkv"], b_["kv"]
-    out = kv_shift_ops(ctx, first_col, last_col, parity, tc, kv_len, kv_src)
-    # scores: per sequence and cached token, a dot product over the row's query dimensions
-    out[0] += [compute(FMAC, qj, dst=dot, src0=qkv) for _ in range(B * tc)]
-    ns = plan.spec.heads * tc * B
-    merge(out, ry.role_ops(yrole, ns, sc, tmp))
-    # softmax over the tokens of the heads this row owns
-    e = hj * tc * B
-    sink = "sinks" in b_ and first_col and hj
-    if e:
-        out[0].append(compute(MAX, e, dst=sc, src0=sc, src1=dot))
-    if sink:  # each head's sink logit joins its maximum
-        out[0] += [compute(MAX, hj, dst=scal + b * hj * ELEM, src0=scal + b * hj * ELEM, src1=b_["sinks"])
-                   for b in range(B)]
-    merge(out, rx.role_ops(xrole, hj * B, scal, tmp, MAX))
-    if e:
-        out[0].append(compute(EXP, e, dst=sc, src0=sc, src1=scal))  # exp(s - max)
-        out[0].append(compute(RSUM, e, dst=scal, src0=sc))  # sum
+def owned_heads(spec, Q: int, rows: HeadRows | None) -> list[tuple[int, int, int]]:
+    """The classic mapping's softmax owners: per row j, (h0, o0, n): its block's first query
+    head h0 (of the model's), and the n heads from o0 on among its block's heads whose softmax
+    it computes. A block's heads are split over its rows, so each head has one owner; latent
+    attention (rows None) is one block of all heads."""
+    if rows is None:
+        return [(0, a, n) for a, n in zip(offsets(split(spec.heads, Q)), split(spec.heads, Q))]
+    g = spec.heads // spec.kv_heads
+    out, j = [], 0
+    while j < Q:
+        kv, hb = rows.kv_r[j], rows.hb_r[j]
+        n = 1
+        while j + n < Q and rows.kv_r[j + n] == kv:
+            n += 1
+        out += [(kv[0] * g, a, c) for a, c in zip(offsets(split(hb, n)), split(hb, n))]
+        j += n
+    return out
+
+
+def classic_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row: AttnRow, own: tuple[int, int, int],
+                xrole: tuple, yrole: tuple) -> Ops:
+    """Classic decode attention (the baseline flash_ops is measured against), on the same rows.
+
+    Every row writes its partial scores of its heads over the column's tc tokens (an FMAC over
+    the tokens per head and query dim) into a vector of every head's scores (heads x tc per
+    sequence, the others zero), all-reduced down the whole column; each head's softmax is
+    computed by the one row that owns it (`own`, owned_heads), its maximum and sum all-reduced
+    along the row; the probabilities (zero but for the owned heads) all-reduced down the column
+    a second time, so every row has its heads'; per head and value dim a DOT with the column's
+    values, all-reduced along the row. Scratch holds every head's scores of the column's
+    tokens, so it grows with the context."""
+    plan, b_ = ctx.plan, ctx.plan.buf
+    B, H = plan.params.batch, plan.spec.heads
+    z, sc, tmp, att, c, st = b_["zeros"], b_["sc"], b_["tmp"], b_["att"], b_["consts"], b_["stats"]
+    h0, o0, n = own
+    hb, kh, vh = row.hb, row.kh, row.vh
+    oj, ns, s = hb * vh, H * tc * B, n * B
+    mx, sm, rc = st, st + s * ELEM, st + 2 * s * ELEM  # per owned head and sequence: max, sum, 1 / sum
+
+    def sc_at(b: int, h: int) -> int:  # sequence b's scores of the model's head h
+        return sc + (b * H + h) * tc * ELEM
+
+    def o_at(b: int, h: int, dv: int) -> int:
+        return att + (b * oj + (dv * hb + h if row.by_heads else h * vh + dv)) * ELEM
+
+    def stat(base: int, b: int, k: int) -> int:
+        return base + (b * n + k) * ELEM
+
+    out = kv_shift_dims(ctx, first_col, last_col, parity, tc, row)
+    t0 = out[0]
+    if tc:  # (a column holding no token takes part in the row all-reduces only)
+        t0.append(compute(MOV, ns, dst=sc, src0=z))
+    if oj:
+        t0.append(compute(MOV, oj * B, dst=att, src0=z))
+    if not first_col:
+        t0.append(wait(SEM_KV_RECEIVED))  # (slot tc: the token the column west of it passed)
+    t0 += [compute(FMAC, tc, dst=sc_at(b, h0 + h), src0=row.at(b, h // row.g * kh + dd, 1), src1=row.q_at(b, h, dd))
+           for b in range(B) for h in range(hb) for dd in range(kh) if tc]
+    if tc:
+        merge(out, ctx.ry.role_ops(yrole, ns, sc, tmp))
+    owned = [(b, k) for b in range(B) for k in range(n)]
+    t0 = out[0]
+    sink = "sinks" in b_ and first_col and n
+    for b in range(B if n and tc else 0):
+        t0.append(compute(SCALE, n * tc, dst=sc_at(b, h0 + o0), src0=sc_at(b, h0 + o0), src1=c + C_ATTN * ELEM))
+    for b, k in owned if tc else ():  # (RMAX takes the larger of its destination and its vector's maximum)
+        t0 += [compute(MOV, 1, dst=stat(mx, b, k), src0=sc_at(b, h0 + o0 + k)),
+               compute(RMAX, tc, dst=stat(mx, b, k), src0=sc_at(b, h0 + o0 + k))]
+    if sink:  # each owned head's sink logit joins its maximum
+        t0 += [compute(MAX, n, dst=stat(mx, b, 0), src0=stat(mx, b, 0), src1=b_["sinks"] + o0 * ELEM) for b in range(B)]
+    if n:  # (every PE of a row owns the same heads: a row without any takes no part)
+        merge(out, ctx.rx.role_ops(xrole, s, mx, tmp, MAX))
+    t0 = out[0]
+    if n:
+        t0.append(compute(MOV, s, dst=sm, src0=z))
+    for b, k in owned if tc else ():  # exp(s - max), summed
+        t0.append(compute(EXP, tc, dst=sc_at(b, h0 + o0 + k), src0=sc_at(b, h0 + o0 + k), src1=stat(mx, b, k)))
+        t0.append(compute(RSUM, tc, dst=stat(sm, b, k), src0=sc_at(b, h0 + o0 + k)))
     if sink:  # exp(sink - max) joins the sum
         sx = b_["sink_exp"]
-        out[0].append(compute(EXP, hj * B, dst=sx, src0=scal, src1=scal))
-        out[0].append(compute(ADD, hj * B, dst=scal, src0=scal, src1=sx))
-    merge(out, rx.role_ops(xrole, hj * B, scal, tmp))
-    if e:
-        out[0].append(compute(SCALE, e, dst=sc, src0=sc))  # / sum
-    # every row needs every head's probabilities for its value dimensions
-    merge(out, ry.role_ops(yrole, ns, sc, tmp))
-    # weighted values: per sequence and token an FMAC over the row's output dimensions
+        t0 += [compute(EXP, 1, dst=stat(sx, b, k), src0=b_["sinks"] + (o0 + k) * ELEM, src1=stat(mx, b, k))
+               for b, k in owned]
+        t0.append(compute(ADD, s, dst=sm, src0=sm, src1=sx))
+    if n:
+        merge(out, ctx.rx.role_ops(xrole, s, sm, tmp))
+        out[0].append(compute(RECIP, s, dst=rc, src0=sm))
+    t0 = out[0]
+    t0 += [compute(SCALE, tc, dst=sc_at(b, h0 + o0 + k), src0=sc_at(b, h0 + o0 + k), src1=stat(rc, b, k))
+           for b, k in owned if tc]
+    for b in range(B if tc else 0):  # the heads this row does not own take no part in the sum below
+        lo, hi = h0 + o0, h0 + o0 + n
+        t0 += [compute(MOV, m * tc, dst=sc_at(b, a), src0=z) for a, m in ((0, lo), (hi, H - hi)) if m]
+    if tc:
+        merge(out, ctx.ry.role_ops(yrole, ns, sc, tmp))
+    t0 = out[0]
+    t0 += [compute(DOT, tc, dst=o_at(b, h, dv), src0=sc_at(b, h0 + h), src1=row.at(b, row.v_dim(h // row.g, dv), 1))
+           for b in range(B) for h in range(hb) for dv in range(vh) if tc]
     if oj:
-        out[0] += [compute(FMAC, oj, dst=att + b * o_stride, src0=kvc) for b in range(B) for _ in range(tc)]
-    return merge(out, rx.role_ops(xrole, oj * B, att, tmp))
-
-
-def kv_shift_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, kv_len: int, kv_src: int) -> Ops:
-    """The shift-based KV cache: column 0 appends the new token, every column passes its
-    oldest entry east (threads 2 and 3), the last column drops it."""
-    B, kvc = ctx.plan.params.batch, ctx.plan.buf["kv"]
-    kv = kv_len * B
-    t0 = [compute(MOV, kv, dst=kvc, src0=kv_src)] if first_col else []
-    t0.append(signal(SEM_KV_READY))
-    t2 = [wait(SEM_KV_READY)]
-    t3 = []
+        merge(out, ctx.rx.role_ops(xrole, oj * B, att, tmp))
     if not last_col:
-        t2 += [send(KV_SHIFT[parity], kv, kvc), signal(SEM_KV_SENT)]
-        t0.append(wait(SEM_KV_SENT))
-    if not first_col:
-        t3 += [recv(KV_SHIFT[1 - parity], kv, kvc + tc * kv * ELEM), signal(SEM_KV_RECEIVED)]
-        t0.append(wait(SEM_KV_RECEIVED))
-    return {0: t0, 2: t2, 3: t3}
+        out[0].append(wait(SEM_KV_SENT))
+    return out
+
+
+def classic_flops(plan) -> dict[str, int]:
+    """Executed FLOPs of classic_ops over the region beyond the model's: each score's softmax
+    (scale, max, exp, sum) and its division by the sum, and per head, sequence and column the
+    reciprocal of the sum."""
+    B, T, heads = plan.params.batch, sum(plan.T_c), plan.spec.heads
+    soft = (SOFTMAX_FLOPS + 1) * heads * T * B + RECIP_FLOPS * heads * B * plan.P
+    return {"softmax": soft + (SINK_FLOPS * heads * B if "sinks" in plan.buf else 0)}
 
 
 @dataclasses.dataclass(frozen=True)

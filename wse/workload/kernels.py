@@ -77,9 +77,8 @@ def attention(P: int, heads: int, kv_heads: int, head_dim: int, context: int, ba
     b = MeshBuilder(P, P, 4, kernel="attention", heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                     context=context, batch=batch, region=f"{P}x{P}", algo=algo, attention=mapping)
     build = decode_layer(plan, Region(0, 0, P, P), b, Lanes(None, {}, None, {}), parts=("attention",))
-    if mapping == "flash":  # (the classic mapping is a timing model: its rows split heads anywhere)
-        from .layer_tensors import record_attention_kernel
-        record_attention_kernel(b.tensors, plan)
+    from .layer_tensors import record_attention_kernel
+    record_attention_kernel(b.tensors, plan)
     return b.build(), {"model_flops": build.model_flops,
                        "executed_flops": sum(build.flops.values()),
                        "kv_cache_bytes": build.kv_bytes, "sram_bytes_per_pe": plan.mem.top}

@@ -15,8 +15,8 @@ import dataclasses
 
 from ..errors import WseError
 from ..trace import Op, compute
-from .attention import (HeadRows, attention_ops, attention_segments, attn_row, block_tokens, by_heads, flash_ops,
-                        head_rows)
+from .attention import (HeadRows, attention_segments, attn_row, block_tokens, by_heads, classic_ops, flash_ops,
+                        head_rows, owned_heads)
 from .ffn import ffn_ops, moe_experts, moe_ffn_ops, norm_scale_ops
 from .gemv import ELEM, GemvShape, alloc_scales, gemv_ops
 from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, offsets, split
@@ -27,7 +27,7 @@ from .precision import weights_of
 from .plan import COMBINE, DIAG_BCAST, KV_SHIFT, FitError, fit_check
 from .collectives import LineBroadcast
 from .layer_costs import SPLIT_PARTS, fused_norms, layer_flops, layer_weight_bytes
-from .region import (ADD, C_EPS, C_INV_H, FMAC, G0, G1, G2, G3, MOV, MUL, N_CONSTS, THREADS, Lanes, Ops,
+from .region import (ADD, C_EPS, C_INV_H, G0, G1, G2, G3, MOV, MUL, N_CONSTS, THREADS, Lanes, Ops,
                      RegionBuild, anchor_of, handoff, i_chunk, mark, mean_square_ops, merge, reducers, retag,
                      rms_apply_ops, rope_ops)
 from .experts import dispatch_parts
@@ -50,14 +50,14 @@ class LayerPlan:
     f_r: list[int]
     e_r: list[int]
     T_c: list[int]
-    heads_r: list[int]  # attention heads whose softmax row j computes (flash: its block's heads)
+    heads_r: list[int]  # attention heads whose softmax row j computes (flash: its block's; classic: those it owns)
     shapes: dict[str, GemvShape]
     buf: dict[str, int]
     routed: bool = True  # a MoE layer's routed experts live in this region (else in expert regions)
     mla: MlaSplit | None = None  # latent attention's cut over the region (mla.py)
     Q: int = 0  # rows (0: P, a square region)
     segments: int = 0  # flash: row blocks reducing their heads' scores (attention_segments)
-    rows: HeadRows | None = None  # flash, dense: the rows' KV heads and rotary pairs (attention.head_rows)
+    rows: HeadRows | None = None  # dense layers: the rows' KV heads and rotary pairs (attention.head_rows)
     part: str = "all"  # a dense layer split over two slots: "attention" (its layer region) or "ffn"
 
     def __post_init__(self) -> None:
@@ -148,18 +148,15 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         q_r, k_r, qkv_r = [spec.heads * c for c in ms.c_r], ms.c_r, ms.a_r
         o_r = [spec.heads * v for v in ms.v_r]
     else:
-        if params.attention == "flash":  # head-aligned rows (attention.head_rows)
-            hr = head_rows(spec, Q)
-            q_r, k_r, o_r = hr.q_r, hr.k_r, hr.o_r
-        else:
-            q_r, k_r, o_r = split(spec.q_size, Q), split(spec.kv_size, Q), split(spec.attn_out_size, Q)
+        hr = head_rows(spec, Q)  # head-aligned rows (both mappings)
+        q_r, k_r, o_r = hr.q_r, hr.k_r, hr.o_r
         qkv_r = [q + 2 * k for q, k in zip(q_r, k_r)]
     ffn = spec.moe.expert_ffn_size if moe else spec.ffn_size
     f_r = split(ffn, Q)
     e_r = split(spec.moe.experts, Q) if moe else [0] * Q
     T_c = split(T, P)
-    if params.attention == "classic":
-        heads_r = split(spec.heads, Q)
+    if params.attention == "classic":  # the heads whose softmax the row computes (attention.owned_heads)
+        heads_r = [n for _, _, n in owned_heads(spec, Q, hr)]
     else:  # flash: the heads of the row's block (latent attention: every head)
         heads_r = hr.hb_r if hr else [spec.heads] * Q
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
@@ -234,7 +231,7 @@ def _alloc_buffers(plan: LayerPlan, n_copies: dict[str, int]) -> None:
     if spec.o_bias and att_here:
         buf["b_o"] = mem.alloc("b_o", max(Hc) * ELEM, "weights", G0)
     if spec.attention_sinks and att_here:  # the row's heads' sink logits, at column 0
-        buf["sinks"] = mem.alloc("sinks", max(heads_r) * ELEM, "weights", G0)
+        buf["sinks"] = mem.alloc("sinks", max(hr.hb_r if hr else heads_r) * ELEM, "weights", G0)
         buf["sink_exp"] = mem.alloc("sink_exp", max(heads_r) * B * ELEM, "scratch", G1)
     flash = params.attention == "flash"
     hb = max(heads_r)
@@ -271,7 +268,7 @@ def _alloc_buffers(plan: LayerPlan, n_copies: dict[str, int]) -> None:
     att_long = max(max(qkv_r), scores, max(o_r) + (hb if flash else 0), max(e_r), max(ms.qn_r) if ms else 0,
                    max(q_r) if ms else 0, max(ms.oh_r) if ms else 0) if att_here else 0
     longest = max(att_long, max(Hc), 2 * max(f_r) if ffn_here else 0) * B
-    if (ms or moe or not flash) and att_here:  # scratch of latent attention, MoE routing, classic attention
+    if (ms or moe) and att_here:  # scratch of latent attention and MoE routing
         buf["dot"] = mem.alloc("dot", longest * ELEM, "scratch", G1)
     # a zero source the accumulators are cleared from (GEMV outputs and the norms' sums; scores)
     buf["zeros"] = mem.alloc("zeros", (longest + B) * ELEM, "constants", G1)
@@ -287,7 +284,8 @@ def _alloc_buffers(plan: LayerPlan, n_copies: dict[str, int]) -> None:
         # RoPE's scratch (not tmp: thread 1 may receive the next all-reduce's partial into it meanwhile)
         buf["rope"] = mem.alloc("rope_tmp", 2 * max(rope, 1) * ELEM, "scratch", G1)
     buf["scal"] = mem.alloc("scalars", 16 * B * ELEM, "scratch", G1)
-    if flash and att_here:  # running maxima (two, ping-pong) and rescale factors per head and sequence
+    if att_here:  # flash: running maxima (two, ping-pong) and rescale factors per head and sequence;
+        # classic: maximum, sum and its reciprocal per owned head and sequence
         buf["stats"] = mem.alloc("softmax_stats", 3 * hb * B * ELEM, "scratch", G1)
     # (+ B: a fused norm's sums ride after the next GEMV's outputs in its all-reduce)
     buf["tmp"] = mem.alloc("tmp", (longest + B) * ELEM, "scratch", G0)
@@ -377,8 +375,8 @@ def norm_ops(ctx: LayerCtx, hi: int, xrole: tuple, g: int, fused: tuple[int, int
 def qkv_ops(ctx: LayerCtx, i: int, jq: int, qkv_row: tuple, xrole: tuple, norm: bool = False):
     """Fused QKV projection (reduce X): slice j of q|k|v on every PE of row j; bias; RoPE.
     norm: the RMSNorm before it is fused (norm_ops) and ends here. qkv_row = (hb, nk, kh):
-    the row's query heads, KV pieces and dims per piece (flash rows; attention.dense_row's
-    layout), or None (latent attention, classic rows: RoPE stands in)."""
+    the row's query heads, KV pieces and dims per piece (attention.dense_row's layout; latent
+    attention projects in mla.py)."""
     plan = ctx.plan
     b_, B, S, qkv_r = plan.buf, plan.params.batch, plan.shapes, plan.qkv_r
     xn, qkv, tmp = b_["xn"], b_["qkv"], b_["tmp"]
@@ -391,10 +389,6 @@ def qkv_ops(ctx: LayerCtx, i: int, jq: int, qkv_row: tuple, xrole: tuple, norm: 
         out[0] += norm_scale_ops(qkvj, B, qkv, b_["scal"], b_["consts"])
     if "b_qkv" in b_ and qkvj:
         out[0] += [compute(ADD, qkvj, dst=qkv + b * ls, src0=qkv + b * ls, src1=b_["b_qkv"]) for b in range(B)]
-    if qkv_row is None:  # RoPE stand-in (classic rows split heads anywhere): x * cos + rotate(x) * sin
-        rope = (plan.q_r[jq] + plan.k_r[jq]) * B
-        out[0] += [compute(MUL, rope, dst=qkv, src0=qkv, src1=b_["dot"]), compute(FMAC, rope, dst=qkv, src0=b_["dot"])]
-        return out
     hb, nk, kh = qkv_row[:3]
     r = (hb + nk) * kh // 2  # the first halves [qa | ka], then the second halves [qb | kb]
     for b in range(B if r else 0):
@@ -409,7 +403,7 @@ def o_ops(ctx: LayerCtx, i: int, jo: int, yrole: tuple):
     att, yb, tmp, h = b_["att"], b_["y"], b_["tmp"], b_["h"]
     hi = Hc[i]
     hs = hi * ELEM
-    ostride = o_r[jo] * ELEM if plan.flash else max(o_r) * ELEM  # (classic: the widest row's stride)
+    ostride = o_r[jo] * ELEM
     out = {0: [compute(MOV, hi * B, dst=yb, src0=b_["zeros"])]}
     out[0] += gemv_ops(S["o"], jo, i, att, yb, B, ostride, hs)
     merge(out, ctx.ry.role_ops(yrole, hi * B, yb, tmp))
@@ -436,13 +430,14 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [(i_chunk(Hc, i), i % 2, red[X].role(i), plan.T_c[i], i == 0, i == P - 1) for i in range(P)])
     seg = red[Y].segment_role if plan.segments else red[Y].role
-    hr = plan.rows  # flash rows of a dense layer: (query heads, KV pieces, dims per piece, by heads)
+    hr = plan.rows  # the rows of a dense layer: (query heads, KV pieces, dims per piece, by heads)
     qkv_rows = [(hr.hb_r[j], len(hr.kv_r[j]), hr.kh_r[j], by_heads(prm, hr.hb_r[j], max(plan.T_c))) if hr else None
                 for j in range(Q)]
     e0_r = offsets(e_r)  # the first expert of each row's router logits (MoE: the gates are gathered by it)
+    own = owned_heads(spec, Q, hr) if not plan.flash else [None] * Q  # classic: the heads whose softmax it computes
     prog.add_roles(Y, [(i_chunk(qkv_r, j), plan.q_r[j], plan.k_r[j], i_chunk(o_r, j), i_chunk(f_r, j),
                         i_chunk(e_r, j), plan.heads_r[j], red[Y].role(j), seg(j) if plan.flash else None,
-                        qkv_rows[j], e0_r[j]) for j in range(Q)])
+                        qkv_rows[j], e0_r[j], own[j]) for j in range(Q)])
     lanes.install(builder, prog)
     ms = plan.mla
     if ms:
@@ -473,8 +468,8 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
 
     def body(xr, yr, sp):
         i, parity, xrole, tc, first_col, last_col = xr[0]
-        jq, qj, kj, jo, jf, je, hj, yrole, srole, qkv_row, e0 = yr[0]
-        hi, oj = Hc[i], o_r[jo]
+        jq, _, _, jo, jf, je, _, yrole, srole, qkv_row, e0, own_j = yr[0]
+        hi = Hc[i]
         out: dict[int, list[Op]] = {0: []}
         part(out, "input", lanes.receive(sp, hi * B, h, Q))
         if "norm1" in parts:
@@ -483,14 +478,11 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
             part(out, "qkv", mla_project_ops(ctx, i, jq, xr[1], yr[1], xrole, yrole) if ms
                  else qkv_ops(ctx, i, jq, qkv_row, xrole, fused1))
         if "attention" in parts:
-            # latent attention: multi-query over the latent cache, kv_len = the row's cache dims
-            kv_len, kv_src = (kj, qkv + yr[1][1] * ELEM) if ms else (2 * kj, qkv)
+            row = attn_row(plan, qkv_row, qkv_r[jq], yr)
             if plan.flash:
-                ops = flash_ops(ctx, first_col, last_col, parity, tc, attn_row(plan, qkv_row, qkv_r[jq], yr),
-                                xrole, srole)
+                ops = flash_ops(ctx, first_col, last_col, parity, tc, row, xrole, srole)
             else:
-                ops = attention_ops(ctx, first_col, last_col, parity, tc, qj, kv_len, kv_src, oj, max(o_r) * ELEM,
-                                    hj, xrole, yrole)
+                ops = classic_ops(ctx, first_col, last_col, parity, tc, row, own_j, xrole, yrole)
             part(out, "attention", ops)
         if "o" in parts:
             if ms:

@@ -5,7 +5,7 @@ RMSNorms end in the next GEMV's all-reduce, are decided here for both sides.
 """
 from __future__ import annotations
 
-from .attention import SINK_FLOPS, flash_flops
+from .attention import SINK_FLOPS, classic_flops, flash_flops
 from .ffn import moe_gate_flops
 from .gemv import ELEM
 from .mesh import Region
@@ -112,7 +112,8 @@ def layer_flops(plan, parts: tuple[str, ...] = PARTS) -> tuple[dict[str, int], i
         if plan.flash:  # executed: softmax repeated on every row of a head's block, rescales, merges
             flash_exec = flash_flops(plan)
             ar += flash_exec.pop("allreduce")
-        else:
+        else:  # scores and probabilities down the columns; maxima, sums and weighted values along the rows
+            flash_exec = classic_flops(plan)
             ar += 2 * ny * spec.heads * T * B + 2 * nx * spec.heads * B + nx * o_len * B
     if "o" in parts:
         model["o"] = 2 * spec.attn_out_size * H * B

@@ -11,8 +11,9 @@ intermediates it leaves in its buffers (q | k | v after RoPE, the attention outp
 up, the FFN's output; MoE: the router's logits and the gates) are outputs too, so an error
 diluted by the residual stream still shows. Latent attention's tensors are in mla_tensors.py;
 expert regions add their tiles to their layer's expert tensors (record_experts); low-precision
-tiles are stored codes with a `.scale` (gemv.record_scale). Recorded for layers with flash
-attention (functional_gap says what is missing).
+tiles are stored codes with a `.scale` (gemv.record_scale). Both attention mappings use the
+same rows (attention.head_rows), so one record serves either (functional_gap says what cannot be
+checked: a region whose columns hold no token).
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, 
 
 
 def _record_attention(t, plan, pe, col, rowi, pe_of, kernel: bool = False) -> None:
-    """The attention tensors of a dense layer region with flash rows (attention.head_rows);
+    """The attention tensors of a dense layer region (its rows: attention.head_rows);
     kernel: the attention alone (`--op attention`), q | k | v after RoPE its input."""
     spec, b_, S, B = plan.spec, plan.buf, plan.shapes, plan.params.batch
     H, hd, n_qkv = spec.hidden_size, spec.head_dim, spec.q_size + 2 * spec.kv_size
@@ -478,8 +479,6 @@ def functional_gap(spec, layer: int, params, plan=None, in_step: bool = False) -
     step (a layer with expert regions is checked there, with them)."""
     if spec.is_moe_layer(layer) and plan is not None and not plan.routed and not in_step:
         return "a MoE layer with expert regions is checked with them, in the whole step (give --full)"
-    if params.attention != "flash":
-        return "--attention classic is a timing model (its rows split heads anywhere); use flash"
     if plan is not None and min(plan.T_c) < 1:
         return (f"it attends to {sum(plan.T_c)} tokens, fewer than the region's {plan.P} columns (a column would "
                 "hold none)")
