@@ -22,8 +22,8 @@ from .params import DecodeParams
 from .precision import weights_of
 from .plan import FitError, fit_check
 from .plan import DIAG_BCAST
-from .region import (ADD, FMAC, G0, G1, G2, G3, MOV, SILU_MUL_FLOPS, THREADS, RegionBuild, anchor_of, handoff,
-                     handoff_flops, i_chunk, mark, merge, reducers, retag)
+from .region import (ADD, FMAC, G0, G1, G2, G3, MOV, SILU_MUL_FLOPS, THREADS, Ops, PartCache, RegionBuild, anchor_of,
+                     handoff, handoff_flops, i_chunk, merge, reducers)
 
 SEM_COMBINE = 1  # an expert region's collector: the combine has arrived
 
@@ -184,10 +184,7 @@ def decode_experts(plan: ExpertPlan, region: Region, builder: MeshBuilder, role:
         ("output", "transfer"))}
     pay, acc, yb = b_["xn"], b_["acc"], b_["y"]
 
-    def part(out, name, ops) -> None:
-        m = mark(out)
-        merge(out, ops)
-        retag(out, m, tag[name])
+    part = PartCache(tag).add  # (a lane PE's programs differ from its column's only in being a lane)
 
     def body(xr, yr, sp):
         i, xrole = xr[0]
@@ -197,42 +194,49 @@ def decode_experts(plan: ExpertPlan, region: Region, builder: MeshBuilder, role:
         md, mc = (hi + k) * B, hi * B
         gates = pay + mc * ELEM  # the payload: the FFN input chunk per sequence, then the gates
         out: dict[int, list[Op]] = {0: []}
-        ops: list[Op] = []
-        if lane:
-            ops.append(recv(role.d_in, md, pay))
-            if role.d_out is not None:  # a turn: resend the stored payload on the other color
-                ops.append(send(role.d_out, md, pay))
-            if use and Q > 1:
-                ops.append(send(DIAG_BCAST, md, pay))
-        elif use and Q > 1:
-            ops.append(recv(DIAG_BCAST, md, pay))
-        part(out, "input", {0: ops})
+
+        def payload() -> Ops:
+            ops: list[Op] = []
+            if lane:
+                ops.append(recv(role.d_in, md, pay))
+                if role.d_out is not None:  # a turn: resend the stored payload on the other color
+                    ops.append(send(role.d_out, md, pay))
+                if use and Q > 1:
+                    ops.append(send(DIAG_BCAST, md, pay))
+            elif use and Q > 1:
+                ops.append(recv(DIAG_BCAST, md, pay))
+            return {0: ops}
+        part(out, "input", (lane, hi), payload)
         if use:
-            ffn: dict[int, list[Op]] = {0: [compute(MOV, mc, dst=acc, src0=b_["zeros"])] if lane else []}
-            for c, seqs in seqs_of.items():  # each chosen expert over the sequences that chose it
-                merge(ffn, ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, c, len(seqs), seqs=seqs))
-                if lane:  # its gate-weighted outputs into each sequence's sum
-                    ffn[0] += [compute(FMAC, hi, dst=acc + b * hs, src0=yb + n * hs,
-                                       src1=gates + (b * k + choices[b].index(e0 + c)) * ELEM)
-                               for n, b in enumerate(seqs)]
-            part(out, "ffn", ffn)
+            def experts() -> Ops:
+                ffn: Ops = {0: [compute(MOV, mc, dst=acc, src0=b_["zeros"])] if lane else []}
+                for c, seqs in seqs_of.items():  # each chosen expert over the sequences that chose it
+                    merge(ffn, ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, c, len(seqs), seqs=seqs))
+                    if lane:  # its gate-weighted outputs into each sequence's sum
+                        ffn[0] += [compute(FMAC, hi, dst=acc + b * hs, src0=yb + n * hs,
+                                           src1=gates + (b * k + choices[b].index(e0 + c)) * ELEM)
+                                   for n, b in enumerate(seqs)]
+                return ffn
+            part(out, "ffn", (i, jf, xrole, yrole, lane), experts)
         if not role.last:
             if lane:
                 if use:
-                    part(out, "combine", {0: [recv_compute_send(role.c_in, role.c_out, ADD, mc, src0=acc)]})
+                    part(out, "combine", hi, lambda: {0: [recv_compute_send(role.c_in, role.c_out, ADD, mc, src0=acc)]})
                 else:  # a relay from the start: the combine never waits here
-                    part(out, "combine", {2: [recv_compute_send(role.c_in, role.c_out, MOV, mc)]})
+                    part(out, "combine", hi, lambda: {2: [recv_compute_send(role.c_in, role.c_out, MOV, mc)]})
             return out
         h = b_["h"] if use else b_["hin"]
         if lane:
-            comb = {2: [recv(role.c_in, mc, b_["hin"]), signal(SEM_COMBINE)], 0: [wait(SEM_COMBINE)]}
-            if use:
-                comb[0].append(compute(ADD, mc, dst=h, src0=b_["hin"], src1=acc))
-            part(out, "combine", comb)
+            def combine() -> Ops:
+                comb = {2: [recv(role.c_in, mc, b_["hin"]), signal(SEM_COMBINE)], 0: [wait(SEM_COMBINE)]}
+                if use:
+                    comb[0].append(compute(ADD, mc, dst=h, src0=b_["hin"], src1=acc))
+                return comb
+            part(out, "combine", hi, combine)
         if role.barrier:
-            part(out, "handoff", handoff(red, xrole, yrole, b_["scal"], b_["tmp"]))
+            part(out, "handoff", (xrole, yrole), lambda: handoff(red, xrole, yrole, b_["scal"], b_["tmp"]))
         if lane and role.t_out is not None:
-            part(out, "output", {0: [send(role.t_out, mc, h)]})
+            part(out, "output", hi, lambda: {0: [send(role.t_out, mc, h)]})
         return out
 
     prog.add(body)

@@ -94,9 +94,26 @@ def gemv_ops(shape: GemvShape, in_pos: int, out_pos: int, x: int, y: int, batch:
     accumulates a weight row into the output chunk at y + b * y_stride.
     """
     mt, nt = shape.in_chunks[in_pos], shape.out_chunks[out_pos]
-    ops = []
     if nt == 0:
-        return ops
+        return []
+    low = shape.store != FP16
+    # (everything the ops depend on: region builders ask for the same tile many times)
+    key = (mt, nt, shape.store, shape.weights, shape.pitch, x, y, batch, x_stride, y_stride) \
+        + ((shape.scratch, shape.scales, shape.block_rows(), shape.scratch_pitch()) if low else ())
+    ops = _GEMV_OPS.get(key)
+    if ops is None:
+        if len(_GEMV_OPS) >= _GEMV_OPS_MAX:
+            _GEMV_OPS.clear()
+        ops = _GEMV_OPS[key] = _gemv_ops(shape, mt, nt, x, y, batch, x_stride, y_stride)
+    return list(ops)
+
+
+_GEMV_OPS: dict[tuple, list] = {}
+_GEMV_OPS_MAX = 1024  # distinct tiles remembered (a few hundred ops each)
+
+
+def _gemv_ops(shape: GemvShape, mt: int, nt: int, x: int, y: int, batch: int, x_stride: int, y_stride: int) -> list:
+    ops = []
     if shape.store == FP16:
         for b in range(batch):
             for r in range(mt):

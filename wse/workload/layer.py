@@ -27,9 +27,9 @@ from .precision import weights_of
 from .plan import COMBINE, DIAG_BCAST, KV_SHIFT, FitError, fit_check
 from .collectives import LineBroadcast
 from .layer_costs import SPLIT_PARTS, fused_norms, layer_flops, layer_weight_bytes
-from .region import (ADD, C_EPS, C_INV_H, G0, G1, G2, G3, MOV, MUL, N_CONSTS, THREADS, Lanes, Ops,
-                     RegionBuild, anchor_of, handoff, i_chunk, mark, mean_square_ops, merge, reducers, retag,
-                     rms_apply_ops, rope_ops)
+from .region import (ADD, C_EPS, C_INV_H, G0, G1, G2, G3, MOV, MUL, N_CONSTS, THREADS, Lanes, Ops, PartCache,
+                     RegionBuild, anchor_of, handoff, i_chunk, mean_square_ops, merge, reducers, rms_apply_ops,
+                     rope_ops, special_key)
 from .experts import dispatch_parts
 
 
@@ -461,51 +461,62 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
         ("input", "transfer"), ("norm1", "norm"), ("qkv", "gemv"), ("attention", "attention"), ("o", "gemv"),
         ("norm2", "norm"), ("ffn", "ffn"), ("handoff", "barrier"), ("output", "transfer"))}
 
-    def part(out, name, ops) -> None:
-        m = mark(out)
-        merge(out, ops)
-        retag(out, m, tag[name])
+    cache = PartCache(tag)
+    part = cache.add
 
     def body(xr, yr, sp):
         i, parity, xrole, tc, first_col, last_col = xr[0]
         jq, _, _, jo, jf, je, _, yrole, srole, qkv_row, e0, own_j = yr[0]
-        hi = Hc[i]
+        hi, spk = Hc[i], special_key(sp)
         out: dict[int, list[Op]] = {0: []}
-        part(out, "input", lanes.receive(sp, hi * B, h, Q))
+        part(out, "input", (spk, hi), lambda: lanes.receive(sp, hi * B, h, Q))
         if "norm1" in parts:
-            part(out, "norm1", norm_ops(ctx, hi, xrole, b_["g1"], (qkv, qkv_r[jq]) if fused1 else None))
+            part(out, "norm1", (hi, xrole, jq),
+                 lambda: norm_ops(ctx, hi, xrole, b_["g1"], (qkv, qkv_r[jq]) if fused1 else None))
         if "qkv" in parts:
-            part(out, "qkv", mla_project_ops(ctx, i, jq, xr[1], yr[1], xrole, yrole) if ms
-                 else qkv_ops(ctx, i, jq, qkv_row, xrole, fused1))
-        if "attention" in parts:
-            row = attn_row(plan, qkv_row, qkv_r[jq], yr)
-            if plan.flash:
-                ops = flash_ops(ctx, first_col, last_col, parity, tc, row, xrole, srole)
+            if ms:
+                part(out, "qkv", (i, jq, xr[1], yr[1], xrole, yrole),
+                     lambda: mla_project_ops(ctx, i, jq, xr[1], yr[1], xrole, yrole))
             else:
-                ops = classic_ops(ctx, first_col, last_col, parity, tc, row, own_j, xrole, yrole)
-            part(out, "attention", ops)
+                part(out, "qkv", (i, jq, qkv_row, xrole), lambda: qkv_ops(ctx, i, jq, qkv_row, xrole, fused1))
+        if "attention" in parts:
+            def attention() -> Ops:
+                row = attn_row(plan, qkv_row, qkv_r[jq], yr)
+                if plan.flash:
+                    return flash_ops(ctx, first_col, last_col, parity, tc, row, xrole, srole)
+                return classic_ops(ctx, first_col, last_col, parity, tc, row, own_j, xrole, yrole)
+            # (attn_row reads the row's layout, and with latent attention its dims and offsets)
+            row_key = (qkv_row, qkv_r[jq]) + ((yr[0][2], yr[1][1], yr[1][3]) if ms else ())
+            part(out, "attention", (first_col, last_col, parity, tc, row_key, xrole, srole, own_j, yrole),
+                 attention)
         if "o" in parts:
             if ms:
-                ops = mla_output_ops(ctx, i, jo, xr[1], yr[1], xrole, yrole, sp)
-                ops[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
+                def o_part() -> Ops:
+                    ops = mla_output_ops(ctx, i, jo, xr[1], yr[1], xrole, yrole, sp)
+                    ops[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
+                    return ops
+                part(out, "o", (i, jo, xr[1], yr[1], xrole, yrole, spk), o_part)
             else:
-                ops = o_ops(ctx, i, jo, yrole)
-            part(out, "o", ops)
+                part(out, "o", (i, jo, yrole), lambda: o_ops(ctx, i, jo, yrole))
         if "norm2" in parts:
-            part(out, "norm2", norm_ops(ctx, hi, xrole, b_["g2"], (b_["gu"], 2 * f_r[jf]) if fused2 else None))
+            part(out, "norm2", (hi, xrole, jf),
+                 lambda: norm_ops(ctx, hi, xrole, b_["g2"], (b_["gu"], 2 * f_r[jf]) if fused2 else None))
         if "ffn" in parts:
             if plan.moe:  # (the experts' gate-weighted sums go into h themselves)
-                ops = moe_ffn_ops(ctx, i, jf, je, e0, xrole, yrole)
+                part(out, "ffn", (i, jf, je, e0, xrole, yrole), lambda: moe_ffn_ops(ctx, i, jf, je, e0, xrole, yrole))
             else:
-                ops = ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, 0, B, fused2)
-                ops[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
-            part(out, "ffn", ops)
+                def ffn_part() -> Ops:
+                    ops = ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, 0, B, fused2)
+                    ops[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
+                    return ops
+                part(out, "ffn", (i, jf, xrole, yrole), ffn_part)
         if "handoff" in parts:
-            part(out, "handoff", handoff(red, xrole, yrole, b_["scal"], b_["tmp"]))
+            part(out, "handoff", (xrole, yrole), lambda: handoff(red, xrole, yrole, b_["scal"], b_["tmp"]))
         if plan.routed:
-            part(out, "output", lanes.send(sp, hi * B, h))
+            part(out, "output", (spk, hi), lambda: lanes.send(sp, hi * B, h))
         else:  # to the expert regions: the dispatch (FFN input, gate values) and the combine's start
-            part(out, "output", lanes.send_parts(sp, dispatch_parts(spec, hi, B, b_, lanes.color_out, COMBINE[0])))
+            part(out, "output", (spk, hi),
+                 lambda: lanes.send_parts(sp, dispatch_parts(spec, hi, B, b_, lanes.color_out, COMBINE[0])))
         return out
 
     prog.add(body)

@@ -14,6 +14,7 @@ group 3 (byte offsets 0, 2, 4, 6 from 16-byte boundaries).
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Hashable
 
 from .. import isa
 from ..errors import WseError
@@ -112,6 +113,33 @@ def retag(out: Ops, since: dict[int, int], tag: int) -> None:
     for t, ops in out.items():
         start = since.get(t, 0)
         ops[start:] = [with_tag(op, tag) for op in ops[start:]]
+
+
+class PartCache:
+    """Tagged ops of a region builder's parts, remembered by what each part depends on.
+
+    program_ids builds every distinct PE program, and PEs whose roles differ (a row's router
+    offset, a column's latent runs) still share most of their parts; a part built once per
+    distinct key is reused, tag included, by every program that has it. `make` must depend on
+    nothing but the key (and what is fixed for the region)."""
+
+    def __init__(self, tags: dict[str, int]):
+        self.tags = tags
+        self.memo: dict[tuple, Ops] = {}
+
+    def add(self, out: Ops, name: str, key: Hashable, make: Callable[[], Ops]) -> None:
+        """Append part `name`'s ops for `key` to out (building and tagging them once)."""
+        k = (name, key)
+        ops = self.memo.get(k)
+        if ops is None:
+            tag = self.tags[name]
+            ops = self.memo[k] = {t: [with_tag(op, tag) for op in o] for t, o in make().items()}
+        merge(out, ops)
+
+
+def special_key(sp: dict) -> tuple:
+    """A PE's special roles (RegionProgram.mark) as a hashable key."""
+    return tuple(sorted(sp.items()))
 
 
 def handoff(red: dict, xrole: tuple, yrole: tuple, buf: int, tmp: int) -> Ops:
