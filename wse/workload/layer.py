@@ -20,7 +20,7 @@ from .attention import (HeadRows, attention_segments, attn_row, block_tokens, by
 from .ffn import ffn_ops, moe_experts, moe_ffn_ops, norm_scale_ops
 from .gemv import ELEM, GemvShape, alloc_scales, gemv_ops
 from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, offsets, split
-from .mla import MlaSplit, mla_output_ops, mla_project_ops, mla_split, most_mla_rows
+from .mla import MlaSplit, mla_output_ops, mla_project_parts, mla_split, most_mla_rows
 from .models import ModelSpec
 from .params import DecodeParams
 from .precision import weights_of
@@ -474,9 +474,9 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
             part(out, "norm1", (hi, xrole, jq),
                  lambda: norm_ops(ctx, hi, xrole, b_["g1"], (qkv, qkv_r[jq]) if fused1 else None))
         if "qkv" in parts:
-            if ms:
-                part(out, "qkv", (i, jq, xr[1], yr[1], xrole, yrole),
-                     lambda: mla_project_ops(ctx, i, jq, xr[1], yr[1], xrole, yrole))
+            if ms:  # (in three steps: each depends on less of the PE's roles than all of them)
+                for key, make in mla_project_parts(ctx, i, jq, xr[1], yr[1], xrole, yrole):
+                    part(out, "qkv", key, make)
             else:
                 part(out, "qkv", (i, jq, qkv_row, xrole), lambda: qkv_ops(ctx, i, jq, qkv_row, xrole, fused1))
         if "attention" in parts:

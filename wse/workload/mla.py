@@ -164,17 +164,27 @@ def mla_split(spec, P: int, Q: int | None = None) -> MlaSplit:
                     oh_runs)
 
 
-def mla_project_ops(ctx, i: int, ja: int, xm: tuple, ym: tuple, xrole: tuple, yrole: tuple) -> Ops:
+def mla_project_parts(ctx, i: int, ja: int, xm: tuple, ym: tuple, xrole: tuple, yrole: tuple) -> list:
     """Latent attention's projections on PE (i, row ja's class): q_a | c, their RMSNorms, RoPE on
-    k_pe, q, RoPE on q_pe, and the absorbed query q_abs over the row's cache dims (`ctx` is
-    the layer's LayerCtx). Vectors of a line are back to back, sequence by sequence."""
+    k_pe (_latent_ops); q, RoPE on q_pe (_query_ops); the absorbed query q_abs over the row's
+    cache dims (_absorbed_ops) — `ctx` is the layer's LayerCtx; vectors of a line are back to
+    back, sequence by sequence. Each step as (key, make): the key is what its ops depend on
+    beyond the region (region.PartCache shares a step among the PEs that agree on it)."""
+    iq, qn, nope_runs, pe_runs = xm[:4]
+    jqa, qa, c, v, rope_lo, r = ym[:6]
+    return [(("latent", i, ja, qa, v, r, xrole, yrole), lambda: _latent_ops(ctx, i, ja, qa, v, r, xrole, yrole)),
+            (("query", ja, jqa, iq, qn, pe_runs, yrole), lambda: _query_ops(ctx, ja, jqa, iq, qn, pe_runs, yrole)),
+            (("absorb", ja, qn, c, v, r, rope_lo, nope_runs, pe_runs, xrole),
+             lambda: _absorbed_ops(ctx, ja, qn, c, v, r, rope_lo, nope_runs, pe_runs, xrole))]
+
+
+def _latent_ops(ctx, i: int, ja: int, qa: int, v: int, r: int, xrole: tuple, yrole: tuple) -> Ops:
+    """q_a | c = xn . W_a (reduce X), the RMSNorms of q_a and c_kv, RoPE on the row's k_pe pairs."""
     plan, rx, ry = ctx.plan, ctx.rx, ctx.ry
     ms, S, b_, B = plan.mla, plan.shapes, plan.buf, plan.params.batch
     xn, qkv, tmp, dot, z, scal = b_["xn"], b_["qkv"], b_["tmp"], b_["dot"], b_["zeros"], b_["scal"]
-    iq, qn, nope_runs, pe_runs = xm[:4]
-    jqa, qa, c, v, rope_lo, r = ym[:6]
-    aj, heads = plan.qkv_r[ja], plan.spec.heads
-    ast, qst, cst = aj * ELEM, qn * ELEM, heads * c * ELEM
+    aj = plan.qkv_r[ja]
+    ast = aj * ELEM
     out = {0: [compute(MOV, aj * B, dst=qkv, src0=z)]}
     out[0] += gemv_ops(S["a"], i, ja, xn, qkv, B, plan.Hc[i] * ELEM, ast)
     merge(out, rx.role_ops(xrole, aj * B, qkv, tmp))
@@ -198,20 +208,35 @@ def mla_project_ops(ctx, i: int, ja: int, xm: tuple, ym: tuple, xrole: tuple, yr
     cos, sin, kp = b_["cos"], b_["sin"], max(ms.q_pairs) * ELEM
     for b in range(B if r else 0):  # RoPE on the row's k_pe pairs
         t0 += rope_ops(qkv + b * ast + (qa + v) * ELEM, r // 2, cos + kp, sin + kp, b_["rope"])
-    # q = q_a . W_qb (reduce Y): column chunks of every head's nope | rope dims
-    q = b_["q"]
-    if qn:
-        t0.append(compute(MOV, qn * B, dst=q, src0=z))
-    t0 += gemv_ops(S["qb"], jqa, iq, qkv, q, B, ast, qst)
+    return out
+
+
+def _query_ops(ctx, ja: int, jqa: int, iq: int, qn: int, pe_runs: tuple, yrole: tuple) -> Ops:
+    """q = q_a . W_qb (reduce Y): column chunks of every head's nope | rope dims; RoPE on the
+    column's q_pe pairs."""
+    plan, ry = ctx.plan, ctx.ry
+    S, b_, B = plan.shapes, plan.buf, plan.params.batch
+    qkv, tmp, z, q = b_["qkv"], b_["tmp"], b_["zeros"], b_["q"]
+    ast, qst = plan.qkv_r[ja] * ELEM, qn * ELEM
+    out: Ops = {0: [compute(MOV, qn * B, dst=q, src0=z)] if qn else []}
+    out[0] += gemv_ops(S["qb"], jqa, iq, qkv, q, B, ast, qst)
     merge(out, ry.role_ops(yrole, qn * B, q, tmp))
     t0 = out[0]
+    cos, sin = b_["cos"], b_["sin"]
     at = 0
     for _, r0, r1, pos in pe_runs:  # RoPE on the column's q_pe pairs
         t0 += [op for b in range(B)
                for op in rope_ops(q + b * qst + pos * ELEM, r1 - r0, cos + at * ELEM, sin + at * ELEM, b_["rope"])]
         at += r1 - r0
-    merge(out, _absorb_ops(plan, heads, c, v, r, rope_lo, nope_runs, pe_runs, q, qst, cst))
-    return merge(out, rx.role_ops(xrole, heads * c * B, b_["qabs"], tmp))
+    return out
+
+
+def _absorbed_ops(ctx, ja: int, qn: int, c: int, v: int, r: int, rope_lo: int, nope_runs: tuple, pe_runs: tuple,
+                  xrole: tuple) -> Ops:
+    """The absorbed query over the row's c cache dims (_absorb_ops), summed along the row."""
+    plan, b_, B, heads = ctx.plan, ctx.plan.buf, ctx.plan.params.batch, ctx.plan.spec.heads
+    out = _absorb_ops(plan, heads, c, v, r, rope_lo, nope_runs, pe_runs, b_["q"], qn * ELEM, heads * c * ELEM)
+    return merge(out, ctx.rx.role_ops(xrole, heads * c * B, b_["qabs"], b_["tmp"]))
 
 
 def _absorb_ops(plan, heads: int, c: int, v: int, r: int, rope_lo: int, nope_runs: tuple, pe_runs: tuple,
