@@ -102,14 +102,18 @@ def gemv_ops(shape: GemvShape, in_pos: int, out_pos: int, x: int, y: int, batch:
         + ((shape.scratch, shape.scales, shape.block_rows(), shape.scratch_pitch()) if low else ())
     ops = _GEMV_OPS.get(key)
     if ops is None:
-        if len(_GEMV_OPS) >= _GEMV_OPS_MAX:
+        ops = _gemv_ops(shape, mt, nt, x, y, batch, x_stride, y_stride)
+        _GEMV_HELD[0] += len(ops)
+        if _GEMV_HELD[0] > _GEMV_OPS_MAX:
             _GEMV_OPS.clear()
-        ops = _GEMV_OPS[key] = _gemv_ops(shape, mt, nt, x, y, batch, x_stride, y_stride)
+            _GEMV_HELD[0] = len(ops)
+        _GEMV_OPS[key] = ops
     return list(ops)
 
 
 _GEMV_OPS: dict[tuple, list] = {}
-_GEMV_OPS_MAX = 1024  # distinct tiles remembered (a few hundred ops each)
+_GEMV_HELD = [0]  # ops _GEMV_OPS holds
+_GEMV_OPS_MAX = 200_000  # ops remembered at most (~30 MB; a decode tile has tens to hundreds)
 
 
 def _gemv_ops(shape: GemvShape, mt: int, nt: int, x: int, y: int, batch: int, x_stride: int, y_stride: int) -> list:
