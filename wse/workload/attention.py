@@ -7,8 +7,8 @@ KV shift, threads 2 and 3); the last column drops it, so a sliding-window layer'
 its window is the same program. Rows hold whole heads' rotary pairs (head_rows); each row's
 partial scores are reduced over the rows sharing its heads (flash_ops: blocked, online softmax)
 or over the whole column with every head's (classic_ops, the baseline); softmax statistics and
-weighted values are merged along the rows. Attention sinks (a learned logit per head that takes part in the softmax
-and weights no value) enter the row's maximum and sum at column 0.
+weighted values are merged along the rows. Attention sinks (a learned logit per head that
+takes part in the softmax and weights no value) enter the row's maximum and sum at column 0.
 """
 from __future__ import annotations
 
