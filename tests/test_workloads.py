@@ -187,3 +187,33 @@ def test_prefill_conserves_flops(model, small):
     assert simulated == pr.executed_flops
     assert pr.ttft_cycles == spec.layers * pr.layer_cycles + pr.kernels["lm_head"]
     assert np.all(np.array(list(pr.kernels.values())) > 0)
+
+
+@pytest.mark.parametrize("name, layer, P, Q, kw", [
+    ("tiny-mla", 1, 8, 16, dict(batch=2)),  # every PE its own program: row offsets, column runs
+    ("tiny-oss", 0, 8, 16, dict(weights="bf16", attention="classic")),
+    ("moe16", 1, 8, 16, dict(batch=3, weights="fp8")),
+])
+def test_shared_parts_build_the_same_programs(name, layer, P, Q, kw, monkeypatch):
+    """Region builders share each program part among the PEs that agree on what it reads
+    (region.PartCache) and remember GEMV tiles' ops (gemv._GEMV_OPS): the trace is the one built
+    without either."""
+    from wse import hardware
+    from wse.workload import gemv
+    from wse.workload.layer import decode_layer, plan_layer
+    from wse.workload.mesh import MeshBuilder, Region
+    from wse.workload.models import load_model
+    from wse.workload.region import THREADS, Lanes, PartCache
+    cfg = hardware.load_preset("small").with_overrides(["sram.sram_bytes=2097152", "wafer.mesh_height=128"])
+    plan = plan_layer(load_model(name), layer, P, cfg, DecodeParams(context=64, **kw), Q=Q)
+
+    def built():
+        b = MeshBuilder(P, Q, THREADS)
+        decode_layer(plan, Region(0, 0, P, Q), b, Lanes(None, {}, None, {}))
+        tr = b.build()
+        tr.tensors = None
+        return tr.content_hash()
+    shared = built()
+    monkeypatch.setattr(PartCache, "enabled", False)
+    monkeypatch.setattr(gemv, "_GEMV_OPS_MAX", 0)
+    assert built() == shared

@@ -100,7 +100,7 @@ def gemv_ops(shape: GemvShape, in_pos: int, out_pos: int, x: int, y: int, batch:
     # (everything the ops depend on: region builders ask for the same tile many times)
     key = (mt, nt, shape.store, shape.weights, shape.pitch, x, y, batch, x_stride, y_stride) \
         + ((shape.scratch, shape.scales, shape.block_rows(), shape.scratch_pitch()) if low else ())
-    ops = _GEMV_OPS.get(key)
+    ops = _GEMV_OPS.get(key) if _GEMV_OPS_MAX > 0 else None
     if ops is None:
         ops = _gemv_ops(shape, mt, nt, x, y, batch, x_stride, y_stride)
         _GEMV_HELD[0] += len(ops)
