@@ -179,7 +179,10 @@ def test_auto_keeps_local_experts_where_they_fit_and_falls_back_to_regions(small
     tight = small.with_overrides(["wafer.mesh_width=96", "wafer.mesh_height=48", "sram.sram_bytes=2112",
                                   "sram.sram_reserved_bytes=0"])
     with pytest.raises(WseError, match="found no slot size"):
-        plan_model(spec, tight, DecodeParams(context=8, moe_mapping="local"))
+        plan_model(spec, tight, DecodeParams(context=8, moe_mapping="local", tables="slots"))
+    # (with the tables in strips the local experts fit; --tables auto tries strips only where
+    # neither mapping places with table slots)
+    assert plan_model(spec, tight, DecodeParams(context=8, moe_mapping="local")).slots[0].strip
     plan = plan_model(spec, tight, DecodeParams(context=8))
     assert plan.experts_per_region == 4 and [s.kind for s in plan.slots].count("experts") == 2
     composed = compose(plan, lambda t: run(t, tight))

@@ -106,6 +106,9 @@ def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Cal
 @click.option("--dense-ffn", type=click.Choice(["auto", "layer", "region"]), default="auto", show_default=True,
               help="a dense layer's FFN in its layer region, in a slot of its own after it, or auto: its own "
                    "where a MoE model's routed experts are in expert regions")
+@click.option("--tables", type=click.Choice(["auto", "slots", "strips"]), default="auto", show_default=True,
+              help="the embedding and LM head in slots of the bands, in strips as wide as the mesh above and "
+                   "below them, or auto: whichever gives the larger layer slots")
 @click.option("--generate", type=int, default=1, show_default=True,
               help="tokens generated from --context: TPOT as the context grows (simulated at the first, middle "
                    "and last token; wafers hold the last token's KV cache)")

@@ -273,6 +273,7 @@ def _prefill_model(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan]
     if labels is not None and len(stage_slot) != len(labels):
         raise WseError("the prefill stages do not match the decode pipeline's")
     lm_width = plans[-1].slots[-1].region.width
+    lm_rows = plans[-1].slots[-1].region.height if plans[-1].slots[-1].strip else None  # (a table strip)
     samples: dict[tuple[int, int], dict[int, dict[str, int]]] = {}
     head = 0
     sims: list[tuple[tuple[int, int], int, int]] = []
@@ -282,8 +283,8 @@ def _prefill_model(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan]
             S_run = max(S, P, Q)  # every row (and key column) of the region needs a token
             note(f"prefill kernels: {P}x{Q} slots, prompt {S_run:,}")
             kernels = prefill_kernels(spec, cfg, P, S_run, lm_width, simulate,
-                                      f"{spec.name} prefill on {P}x{Q}", fanout, prefix=prefix, Q=Q)
-            pr = prefill(spec, cfg, P, S_run, lm_width, 1, simulate, kernels=kernels, Q=Q)
+                                      f"{spec.name} prefill on {P}x{Q}", fanout, prefix=prefix, Q=Q, lm_rows=lm_rows)
+            pr = prefill(spec, cfg, P, S_run, lm_width, 1, simulate, kernels=kernels, Q=Q, lm_rows=lm_rows)
             samples[(P, Q)][S_run] = {k: v for k, v in pr.kernels.items() if k != "lm_head"}
             head = pr.kernels["lm_head"]
             sims.append(((P, Q), S_run, pr.layer_cycles))

@@ -102,7 +102,7 @@ def check_options(system: SystemConfig, *, model: str, wafers: str | int = "pres
 
 
 _PARAM_KEYS = ("moe_mapping", "experts_per_region", "slot_shape", "uniform_slots", "attention", "attention_block",
-               "norms", "dense_ffn")
+               "norms", "dense_ffn", "tables")
 
 
 def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], object], *, wafers: int | None = None,
@@ -110,7 +110,8 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
                expert_skew: float = 0.0, moe_mapping: str = "auto", experts_per_region: int = 0,
                slot_shape: str = "tall", uniform_slots: bool = False, weights: str | None = None,
                attention: str = "flash", attention_block: int = 0, norms: str = "fused", generate: int = 1,
-               fanout: Fanout | None = None, prefill_steps: int = 16, dense_ffn: str = "auto") -> SystemJob:
+               fanout: Fanout | None = None, prefill_steps: int = 16, dense_ffn: str = "auto",
+               tables: str = "auto") -> SystemJob:
     """Simulate the wafer system, evaluate the GPU model, and tabulate both (fanout: where the
     stage simulations run and the cache they share, pool.Fanout). generate > 1: the wafers
     hold the KV cache of the generation's last token, and the step is also simulated there and
@@ -119,7 +120,7 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     params = DecodeParams(batch=batch, context=context, expert_skew=expert_skew, moe_mapping=moe_mapping,
                           experts_per_region=experts_per_region, slot_shape=slot_shape, uniform_slots=uniform_slots,
                           weights=weights, attention=attention, attention_block=attention_block, norms=norms,
-                          dense_ffn=dense_ffn)
+                          dense_ffn=dense_ffn, tables=tables)
     gw = weights_for(spec, weights_of(spec, weights))  # the GPU nodes store the weights alike
     if generate < 1:
         raise WseError(f"--generate {generate} must be at least 1")

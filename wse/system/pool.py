@@ -284,11 +284,12 @@ def run_tasks(tasks: list[Task], cfg: WaferConfig, simulate: Callable[[Trace], o
 
 def prefill_kernels(spec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, simulate: Callable[[Trace], object],
                     where: str, fanout: Fanout | None = None, algo: str = "meshgemm", prefix: int = 0,
-                    Q: int | None = None):
+                    Q: int | None = None, lm_rows: int | None = None):
     """A `kernels` function for workload.prefill.prefill on P x Q layer regions: each named
     kernel's pieces (prefill.pieces: the whole kernel, a GEMM's first prefix / 2 and prefix
     steps, or a weight-stationary GEMM's token blocks) from the cache, built and simulated here
-    through `simulate`, or on the fanout's workers (traces not sent back), and combined."""
+    through `simulate`, or on the fanout's workers (traces not sent back), and combined. The LM
+    head's GEMV runs on lm_width columns by lm_rows rows (default P)."""
     fanout = fanout or Fanout()
     Q = Q or P
     from ..workload.prefill import Combined, pieces
@@ -297,10 +298,12 @@ def prefill_kernels(spec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, 
     def work(n: str, kw: dict[str, int]) -> Work:
         return Work(content_key("prefill-kernel", spec, cfg, *shape, prompt, n, algo,
                                 lm_width if n == "lm_head" else None,  # only the head's region has that width
+                                *([("rows", lm_rows)] if lm_rows and n == "lm_head" else []),  # (a strip)
                                 *([kw["steps"]] if "steps" in kw else []),
                                 *([("batch", kw["batch"])] if "batch" in kw else [])),
-                    (lambda: _prefill_here(spec, cfg, P, prompt, n, algo, lm_width, simulate, where, Q, kw)),
-                    _prefill_task, (spec, cfg, P, prompt, n, algo, lm_width, fanout.worker_threads(), where, Q, kw))
+                    (lambda: _prefill_here(spec, cfg, P, prompt, n, algo, lm_width, simulate, where, Q, kw, lm_rows)),
+                    _prefill_task, (spec, cfg, P, prompt, n, algo, lm_width, fanout.worker_threads(), where, Q, kw,
+                                    lm_rows))
 
     def kernels(names):
         parts = {n: pieces(spec, cfg, P, prompt, n, algo, Q, prefix) if n != "lm_head" else [(1.0, {})]
@@ -317,17 +320,18 @@ def prefill_kernels(spec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, 
 
 def _prefill_here(spec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str, lm_width: int,
                   simulate: Callable[[Trace], object], where: str, Q: int | None = None,
-                  kw: dict[str, int] | None = None) -> tuple[EngineResult, dict[str, Any]]:
+                  kw: dict[str, int] | None = None, lm_rows: int | None = None) -> tuple[EngineResult, dict[str, Any]]:
     from ..workload.prefill import kernel_trace
-    tr, facts = kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, Q=Q, **(kw or {}))
+    tr, facts = kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, Q=Q, lm_rows=lm_rows, **(kw or {}))
     validate(tr, cfg, where=where)
     return simulate(tr), {"facts": {k: int(v) for k, v in facts.items()}}
 
 
 def _prefill_task(spec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str, lm_width: int, threads: int,
-                  where: str, Q: int | None = None, kw: dict[str, int] | None = None
+                  where: str, Q: int | None = None, kw: dict[str, int] | None = None, lm_rows: int | None = None
                   ) -> tuple[EngineResult, dict[str, Any]]:
     """Worker side: one prefill kernel piece built, validated and simulated with `threads` Numba threads."""
     from ..engine.run import STAGE_TIMELINE, simulate
     return _prefill_here(spec, cfg, P, prompt, name, algo, lm_width,
-                         lambda t: simulate(t, cfg, threads=threads, validated=True, timeline=STAGE_TIMELINE), where, Q, kw)
+                         lambda t: simulate(t, cfg, threads=threads, validated=True, timeline=STAGE_TIMELINE), where, Q, kw,
+                         lm_rows)

@@ -103,6 +103,31 @@ def wafer_shares(spec: ModelSpec, params: DecodeParams, wafers: int, units: bool
     return [(g.start, g.stop) for g in split_layers(spec, params, wafers)]
 
 
+def share_candidates(spec: ModelSpec, params: DecodeParams, wafers: int, units: bool) -> list[list[tuple[int, int]]]:
+    """The splits a system tries, in order: balanced by bytes (wafer_shares), then, for whole
+    layers, as many layers on each wafer as can be (the tables no longer take a layer's place
+    when they are strips: --tables)."""
+    out = [wafer_shares(spec, params, wafers, units)]
+    if not units:
+        even = balanced([1] * spec.layers, wafers, f"layers of {spec.name}")
+        if even != out[0]:
+            out.append(even)
+    return out
+
+
+def placed_shares(spec: ModelSpec, cfg, params: DecodeParams, wafers: int, units: bool
+                  ) -> tuple[list[tuple[int, int]], list[ModelPlan]]:
+    """The first of share_candidates whose every share places, with its plans (the first
+    split's error if none does)."""
+    first: WseError | None = None
+    for shares in share_candidates(spec, params, wafers, units):
+        try:
+            return shares, [share_plan(spec, cfg, params, shares, w, units) for w in range(wafers)]
+        except FitError as e:
+            first = first or e
+    raise first
+
+
 def share_plan(spec: ModelSpec, cfg, params: DecodeParams, shares: list[tuple[int, int]], w: int, units: bool,
                P: int | None = None, Q: int | None = None) -> ModelPlan:
     """Wafer w's decode plan for its share (wafer_shares), on P x Q slots if given (WseError
@@ -124,12 +149,11 @@ def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, waf
     cut at routed experts (default: uses_units)."""
     cfg = system.wafer_config
     units = uses_units(spec, system, params) if units is None else units
-    shares = wafer_shares(spec, params, wafers, units)
+    shares, plans = placed_shares(spec, cfg, params, wafers, units)
 
     def plan(w: int, P: int | None = None, Q: int | None = None) -> ModelPlan:
         return share_plan(spec, cfg, params, shares, w, units, P, Q)
 
-    plans = [plan(w) for w in range(wafers)]
     if not params.uniform_slots or wafers == 1:
         return plans
     # one slot shape for every wafer: no wafer places a larger area than its own best, so try
@@ -154,7 +178,8 @@ def fewest_wafers(spec: ModelSpec, system: SystemConfig, params: DecodeParams, m
     top = min(most, len(weight))
     last: WseError | None = None
     for w in range(max(1, -(-total // have)), top + 1):
-        if any(sum(weight[a:b]) > have for a, b in balanced(weight, w)):  # (the split wafer_plans makes)
+        if all(any(sum(weight[a:b]) > have for a, b in shares)  # (the splits wafer_plans tries)
+               for shares in [balanced(weight, w)] + ([balanced([1] * len(weight), w)] if not units else [])):
             continue
         try:
             wafer_plans(spec, system, params, w, units)
@@ -466,10 +491,12 @@ def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan
         shape = (plan.P, plan.Q)
         if shape not in layer_cycles or last:
             lm_width = plan.slots[-1].region.width
+            lm_rows = plan.slots[-1].region.height if plan.slots[-1].strip else None  # (a table strip)
             S = max(prompt, plan.P, plan.Q)  # a shorter prompt still occupies every row (and key column)
             kernels = prefill_kernels(spec, cfg, plan.P, S, lm_width, simulate,
-                                      f"{spec.name} prefill on {plan.P}x{plan.Q}", fanout, prefix=prefix, Q=plan.Q)
-            pr = prefill(spec, cfg, plan.P, S, lm_width, 1, simulate, kernels=kernels, Q=plan.Q)
+                                      f"{spec.name} prefill on {plan.P}x{plan.Q}", fanout, prefix=prefix, Q=plan.Q,
+                                      lm_rows=lm_rows)
+            pr = prefill(spec, cfg, plan.P, S, lm_width, 1, simulate, kernels=kernels, Q=plan.Q, lm_rows=lm_rows)
             layer_cycles[shape] = pr.layer_cycles
             if last:
                 head_cycles = pr.ttft_cycles - pr.layer_cycles

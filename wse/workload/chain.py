@@ -104,12 +104,12 @@ def region_key(plan: ModelPlan, slot: Slot, role: ExpertRole | None = None) -> t
         return ("experts", experts_key(plan, slot), role.last, role.barrier, role.d_out is not None)
     if slot.kind == "embedding":  # (which columns look the batch's tokens up)
         from .tables import token_columns
-        return (slot.kind, slot.region.width, slot.region.height,
+        return (slot.kind, slot.region.width, slot.region.height, slot.strip,
                 tuple(token_columns(spec, slot.region.width, plan.params.token, plan.params.batch)))
     if slot.kind == "ffn":  # a split dense layer's FFN: the same in every such layer
         return ("ffn",)
     if slot.kind != "layer":
-        return (slot.kind, slot.region.width, slot.region.height)
+        return (slot.kind, slot.region.width, slot.region.height, slot.strip)
     moe = spec.is_moe_layer(slot.index)
     if moe and plan.expert_regions:  # router and shared experts only: the same in every MoE layer
         return ("layer", moe, "expert-regions", spec.attended(slot.index, plan.params.context))
@@ -134,7 +134,7 @@ def sender_key(plan: ModelPlan, u: int | None) -> tuple:
         return ("standin", plan.P, plan.Q)
     s = plan.slots[u]
     table = s.kind == "embedding"
-    return (table, s.region.width, s.region.height, plan.token_col if table else -1)
+    return (table, s.region.width, s.region.height, plan.token_col if table else -1, s.strip)
 
 
 def key_S(plan: ModelPlan, u: int, v: int) -> tuple:

@@ -19,7 +19,7 @@ from .precision import value_bytes, weights_of
 from .tables import embedding_memory, lm_memory, token_columns
 from .mesh import split_ranges
 from .models import ModelSpec
-from .placement import (PlacementError, Slot, serpentine)
+from .placement import PlacementError, Slot, serpentine, strip_rows
 from .plan import FitError, check_colors, usable_sram
 
 ELEM = 2
@@ -161,6 +161,33 @@ def _table_slots(spec: ModelSpec, P: int, cfg: WaferConfig, head: bool, params: 
                          "or a larger --region give it more)")
 
 
+def _strip_rows(spec: ModelSpec, P: int, cfg: WaferConfig, head: bool, params: DecodeParams) -> int:
+    """Fewest rows of a table strip as wide as the mesh (embedding or LM head) for P lanes:
+    its table fits and a lane spans at most two of its rows (placement.strip_rows)."""
+    W = cfg.mesh_width
+
+    def fits(h: int) -> bool:
+        try:
+            (lm_memory if head else embedding_memory)(spec, W, h, cfg, params, P)
+            return True
+        except FitError:
+            return False
+    lo, hi = 1, min(P, cfg.mesh_height)
+    what = "LM head" if head else "embedding"
+    if not fits(hi):
+        raise PlacementError(f"the {what} does not fit a strip of {W} columns and up to {hi} rows")
+    while lo < hi:  # (the table's bytes per PE fall as rows are added)
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    for h in (lo, min(P, cfg.mesh_height)):  # (rows as many as lanes: each row one lane)
+        try:
+            strip_rows(spec.hidden_size, P, h)
+            return h
+        except PlacementError as e:
+            last = e
+    raise PlacementError(f"the {what} strip: {last}")
+
+
 def plan_model(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: int | None = None,
                P: int | None = None, first_layer: int = 0, embed: bool = True, head: bool = True,
                Q: int | None = None) -> ModelPlan:
@@ -185,11 +212,14 @@ def plan_model(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers
     if not any(spec.is_moe_layer(layer) for layer in range(first_layer, first_layer + n_layers)):
         mappings = ("local",)  # a group of dense layers (e.g. DeepSeek-V3's first three)
     last_error: Exception | None = None
-    for mapping in mappings:
-        try:
-            return _place(spec, cfg, params, n_layers, P, first_layer, embed, head, mapping == "regions", Q=Q)
-        except (PlacementError, FitError) as e:
-            last_error = e
+    # tables in slots before strips (auto): with either expert mapping before strips with any
+    for tables in ("slots", "strips") if params.tables == "auto" else (params.tables,):
+        for mapping in mappings:
+            try:
+                return _place(spec, cfg, params, n_layers, P, first_layer, embed, head, mapping == "regions", Q=Q,
+                              tables=tables)
+            except (PlacementError, FitError) as e:
+                last_error = last_error if tables == "strips" and last_error else e
     raise _does_not_fit(spec, cfg, params, n_layers, last_error, first_layer, embed, head)
 
 
@@ -240,117 +270,158 @@ def _table_bytes(spec: ModelSpec, embed: bool, head: bool) -> int:
 
 def _place(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: int, P: int | None,
            first_layer: int, embed: bool, head: bool, expert_regions: bool,
-           units: list[tuple[int, int]] | None = None, Q: int | None = None) -> ModelPlan:
+           units: list[tuple[int, int]] | None = None, Q: int | None = None, tables: str | None = None
+           ) -> ModelPlan:
     """The largest slot (or P x Q) that places the chain and fits every region; `units` cuts
-    the chain at routed experts (plan_units) instead of whole layers."""
-    if units is None:
-        layer_ids = list(range(first_layer, first_layer + n_layers))
-        expert_layers = [layer for layer in layer_ids if spec.is_moe_layer(layer)] if expert_regions else []
-    else:
-        layer_ids = [layer for layer, e in units if e < 0]
-        expert_layers = sorted({layer for layer, e in units if e >= 0})
-    split = splits_ffn(spec, params, expert_regions)
-    apart = ffn_layers(spec, layer_ids, split)
-    W, Hm = cfg.mesh_width, cfg.mesh_height
-    # one slot per layer region (and FFN region) and at least one per layer's run of experts bounds the side
-    least = len(layer_ids) + len(apart) + len(expert_layers) + embed + head
-    area_bound = int((W * Hm / least) ** 0.5)
-    top = min(W, Hm, spec.hidden_size, area_bound)
-    first_error: Exception | None = None  # at the largest slot: what the smaller ones only repeat
-    placed_error: Exception | None = None  # at the largest slot that placed the chain
+    the chain at routed experts (plan_units) instead of whole layers. The tables go in slots or
+    strips as `tables` (default params.tables) says (auto: strips only if no slot size places
+    them in slots)."""
+    search = _SlotSearch(spec, cfg, params, n_layers, first_layer, embed, head, expert_regions, units)
+    layouts = {"slots": [False], "strips": [True], "auto": [False, True]}[tables or params.tables] \
+        if embed or head else [False]
+    for strip in layouts:
+        try:
+            return search.square(P, Q, strip) if P or params.slot_shape == "square" else search.tall(strip)
+        except (PlacementError, FitError):
+            continue
+    raise search.failed()
 
-    chains: dict[tuple[int, int], tuple[list, int]] = {}
 
-    def chain_for(p: int, q: int) -> tuple[list, int]:
-        if (p, q) not in chains:
-            chains[p, q] = _chain_for(p, q)
-        chain, per_region = chains[p, q]
+class _SlotSearch:
+    """_place's search: a wafer share's chain tried at candidate slot sizes, the first errors kept
+    (at the largest slot, and at the largest that placed the chain: what smaller ones repeat)."""
+
+    def __init__(self, spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, n_layers: int, first_layer: int,
+                 embed: bool, head: bool, expert_regions: bool, units: list[tuple[int, int]] | None):
+        self.spec, self.cfg, self.params, self.n_layers, self.first_layer = spec, cfg, params, n_layers, first_layer
+        self.embed, self.head, self.expert_regions, self.units = embed, head, expert_regions, units
+        if units is None:
+            self.layer_ids = list(range(first_layer, first_layer + n_layers))
+            self.expert_layers = [layer for layer in self.layer_ids if spec.is_moe_layer(layer)] \
+                if expert_regions else []
+        else:
+            self.layer_ids = [layer for layer, e in units if e < 0]
+            self.expert_layers = sorted({layer for layer, e in units if e >= 0})
+        self.split = splits_ffn(spec, params, expert_regions)
+        self.apart = ffn_layers(spec, self.layer_ids, self.split)
+        self.W, self.Hm = cfg.mesh_width, cfg.mesh_height
+        # one slot per layer region (and FFN region) and at least one per layer's run of experts bounds the side
+        least = len(self.layer_ids) + len(self.apart) + len(self.expert_layers) + embed + head
+        self.top = min(self.W, self.Hm, spec.hidden_size, int((self.W * self.Hm / least) ** 0.5))
+        self.q_cap = min(self.Hm, most_rows(spec))
+        self.first_error: Exception | None = None
+        self.placed_error: Exception | None = None
+        self._chains: dict[tuple[int, int], tuple[list, int]] = {}
+        self._strips: dict[int, tuple[int, int]] = {}
+
+    def chain_for(self, p: int, q: int) -> tuple[list, int]:
+        """The chain's elements on p x q slots and the most experts an expert region holds."""
+        if (p, q) not in self._chains:
+            spec, per_region = self.spec, 0
+            if self.expert_layers:
+                per_region = most_experts(spec, self.expert_layers[0], p, self.cfg, self.params, q)
+                if not per_region:
+                    raise FitError(f"not one routed expert of {spec.name} fits a {p}x{q} region")
+                per_region = min(per_region, self.params.experts_per_region or per_region)
+            chain = chain_elements(spec, self.first_layer, self.n_layers, per_region, self.apart) \
+                if self.units is None else list(_units_chain(tuple(self.units), per_region, self.apart))
+            self._chains[p, q] = (chain, per_region)
+        chain, per_region = self._chains[p, q]
         return list(chain), per_region
 
-    def _chain_for(p: int, q: int) -> tuple[list, int]:
-        per_region = 0
-        if expert_layers:
-            per_region = most_experts(spec, expert_layers[0], p, cfg, params, q)
-            if not per_region:
-                raise FitError(f"not one routed expert of {spec.name} fits a {p}x{q} region")
-            per_region = min(per_region, params.experts_per_region or per_region)
-        chain = chain_elements(spec, first_layer, n_layers, per_region, apart) if units is None \
-            else list(_units_chain(tuple(units), per_region, apart))
-        return chain, per_region
-
-    def tables(p: int) -> tuple[int, int]:
-        k_e = _table_slots(spec, p, cfg, False, params, W // p - 1) if embed else 0
-        k_h = _table_slots(spec, p, cfg, True, params, W // p) if head else 0
+    def tables(self, p: int) -> tuple[int, int]:
+        """Slots the embedding and the LM head take (table slots)."""
+        k_e = _table_slots(self.spec, p, self.cfg, False, self.params, self.W // p - 1) if self.embed else 0
+        k_h = _table_slots(self.spec, p, self.cfg, True, self.params, self.W // p) if self.head else 0
         return k_e, k_h
 
-    def attempt(p: int, q: int) -> ModelPlan:
-        nonlocal first_error, placed_error
+    def strips(self, p: int) -> tuple[int, int]:
+        """Rows the embedding and the LM head take (table strips)."""
+        if p not in self._strips:
+            self._strips[p] = (_strip_rows(self.spec, p, self.cfg, False, self.params) if self.embed else 0,
+                               _strip_rows(self.spec, p, self.cfg, True, self.params) if self.head else 0)
+        return self._strips[p]
+
+    def attempt(self, p: int, q: int, strip: bool) -> ModelPlan:
+        """The plan on p x q slots (PlacementError or FitError, remembered, if it fails)."""
+        spec, cfg, params, W, Hm = self.spec, self.cfg, self.params, self.W, self.Hm
         placed = False
         try:
-            chain, per_region = chain_for(p, q)
-            k_e, k_h = tables(p)
-            slots = serpentine(len(chain), k_e, k_h, p, W, Hm, first_layer, chain, q)
+            chain, per_region = self.chain_for(p, q)
+            if strip:
+                slots = serpentine(len(chain), 0, 0, p, W, Hm, self.first_layer, chain, q, self.strips(p),
+                                   spec.hidden_size)
+            else:
+                k_e, k_h = self.tables(p)
+                slots = serpentine(len(chain), k_e, k_h, p, W, Hm, self.first_layer, chain, q)
             placed = True
-            kinds = {layer_ids[0], layer_ids[-1]} if layer_ids else set()
-            if spec.moe and spec.moe.dense_layers in layer_ids:
+            kinds = {self.layer_ids[0], self.layer_ids[-1]} if self.layer_ids else set()
+            if spec.moe and spec.moe.dense_layers in self.layer_ids:
                 kinds.add(spec.moe.dense_layers)
             for layer in sorted(kinds):
-                for part in ("attention", "ffn") if layer in apart else ("all",):
-                    plan_layer(spec, layer, p, cfg, params, routed=not expert_regions, Q=q, part=part)
-            token_col = token_columns(spec, k_e * p, params.token, params.batch)[-1][0] if embed else 0
-            return ModelPlan(spec, cfg, params, p, n_layers, slots, token_col, first_layer, embed, head, per_region,
-                             expert_regions and bool(spec.moe), Q=q, split_ffn=split)
+                for part in ("attention", "ffn") if layer in self.apart else ("all",):
+                    plan_layer(spec, layer, p, cfg, params, routed=not self.expert_regions, Q=q, part=part)
+            token_col = token_columns(spec, slots[0].region.width, params.token, params.batch)[-1][0] \
+                if self.embed else 0
+            return ModelPlan(spec, cfg, params, p, self.n_layers, slots, token_col, self.first_layer, self.embed,
+                             self.head, per_region, self.expert_regions and bool(spec.moe), Q=q,
+                             split_ffn=self.split)
         except (PlacementError, FitError) as e:
-            first_error = first_error or e
-            if placed and placed_error is None:
-                placed_error = e
+            self.first_error = self.first_error or e
+            if placed and self.placed_error is None:
+                self.placed_error = e
             raise
 
-    def failed() -> Exception:
-        return placed_error or first_error or PlacementError("no slot size to try")
+    def failed(self) -> Exception:
+        return self.placed_error or self.first_error or PlacementError("no slot size to try")
 
-    if P or params.slot_shape == "square":
-        for p, q in ([(P, Q or P)] if P else [(p, p) for p in range(top, 0, -1)]):
+    def square(self, P: int | None, Q: int | None, strip: bool) -> ModelPlan:
+        """P x Q if given, else the largest square slot that places."""
+        for p, q in ([(P, Q or P)] if P else [(p, p) for p in range(self.top, 0, -1)]):
             try:
-                return attempt(p, q)
+                return self.attempt(p, q, strip)
             except (PlacementError, FitError):
                 continue
-        raise failed()
-    # tall slots: for each width P, as many rows as leave bands for every slot of the chain;
-    # the largest area wins
-    q_cap = min(Hm, most_rows(spec))
-    best: ModelPlan | None = None
-    for p in range(min(top, q_cap), 0, -1):  # Q >= P
-        if best and p * q_cap <= best.P * best.Q:
-            break
-        nx, q = W // p, q_cap
-        try:
-            k_e, k_h = tables(p)
-            for _ in range(16):  # rows shrink as the chain (more expert regions) grows
-                n = len(chain_for(p, q)[0]) + k_e + k_h
-                q_next = min(q_cap, Hm // -(-n // nx))
-                if q_next >= q or q_next < p:
-                    q = min(q, q_next)
-                    break
-                q = q_next
-            if q < p:
-                continue
-        except (PlacementError, FitError) as e:
-            first_error = first_error or e
-            continue
-        for q_try in sorted({q, Hm // (Hm // q + 1)}, reverse=True):  # one band more if the head needs it
-            if q_try < p:
-                continue
+        raise self.failed()
+
+    def rows(self, p: int, extra: int, free: int) -> int:
+        """Most rows (at most q_cap) that leave `free` rows enough bands for the chain and `extra` slots."""
+        nx, q = self.W // p, self.q_cap
+        for _ in range(16):  # rows shrink as the chain (more expert regions) grows
+            n = len(self.chain_for(p, q)[0]) + extra
+            q_next = min(self.q_cap, free // -(-n // nx))
+            if q_next >= q or q_next < p:
+                return min(q, q_next)
+            q = q_next
+        return q
+
+    def tall(self, strip: bool) -> ModelPlan:
+        """Tall slots: for each width P, as many rows as leave bands for every slot of the chain
+        (and the tables' slots or strips); the largest area wins."""
+        best: ModelPlan | None = None
+        for p in range(min(self.top, self.q_cap), 0, -1):  # Q >= P
+            if best and p * self.q_cap <= best.P * best.Q:
+                break
             try:
-                plan = attempt(p, q_try)
-            except (PlacementError, FitError):
+                if strip:
+                    tries = [self.rows(p, 0, self.Hm - sum(self.strips(p)))]
+                else:
+                    q = self.rows(p, sum(self.tables(p)), self.Hm)
+                    tries = [q, self.Hm // (self.Hm // q + 1)]  # one band more if the head needs it
+            except (PlacementError, FitError) as e:
+                self.first_error = self.first_error or e
                 continue
-            if best is None or p * q_try > best.P * best.Q:
-                best = plan
-            break
-    if best is None:
-        raise failed()
-    return best
+            for q_try in sorted(set(tries), reverse=True):
+                if q_try < p or (best is not None and p * q_try <= best.P * best.Q):
+                    continue
+                try:
+                    best = self.attempt(p, q_try, strip)
+                except (PlacementError, FitError):
+                    continue
+                break
+        if best is None:
+            raise self.failed()
+        return best
 
 
 def bytes_needed(spec: ModelSpec, params: DecodeParams, n_layers: int, first_layer: int = 0,

@@ -150,7 +150,8 @@ def _model_plan(name: str, cfg: WaferConfig, phase: str, **kw):
                           experts_per_region=kw.get("experts_per_region") or 0,
                           slot_shape=kw.get("slot_shape") or "tall", weights=kw.get("weights"),
                           attention=kw.get("attention") or "flash", attention_block=kw.get("attention_block") or 0,
-                          norms=kw.get("norms") or "fused", dense_ffn=kw.get("dense_ffn") or "auto")
+                          norms=kw.get("norms") or "fused", dense_ffn=kw.get("dense_ffn") or "auto",
+                          tables=kw.get("tables") or "auto")
     if params.batch < 1 or params.context < 1:
         raise WseError("--batch and --context must be positive")
     return plan_model(spec, cfg, params, kw.get("layers"), region[0] if region else None,
@@ -180,7 +181,7 @@ def step_check_traces(name: str, cfg: WaferConfig, wafers: int | None = None, **
     if wafers is None:
         plan = _model_plan(name, cfg, "decode", **kw)
         return [(f"--model {name} decode step ({plan.n_layers} layers, {plan.P}x{plan.Q} slots)", step_trace(plan))]
-    from ..system.wafers import share_plan, wafer_shares
+    from ..system.wafers import placed_shares, share_plan, wafer_shares
     if kw.get("layers"):
         raise WseError("--wafers splits the whole model: leave out --layers")
     if wafers < 1:
@@ -188,8 +189,9 @@ def step_check_traces(name: str, cfg: WaferConfig, wafers: int | None = None, **
     base = _model_plan(name, cfg, "decode", **dict(kw, layers=1))  # (the options checked once)
     spec, params = base.spec, base.params
     units = bool(spec.moe) and params.moe_mapping == "regions"  # cut at routed experts, as `wse system` does
-    shares = wafer_shares(spec, params, wafers, units)
     P, Q = kw.get("region") or (None, None)
+    shares = placed_shares(spec, cfg, params, wafers, units)[0] if P is None else \
+        wafer_shares(spec, params, wafers, units)
     out = []
     for w, (a, b) in enumerate(shares):
         plan = share_plan(spec, cfg, params, shares, w, units, P, Q)

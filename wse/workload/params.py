@@ -11,6 +11,7 @@ SLOT_SHAPES = ("square", "tall")
 ATTENTION = ("flash", "classic")
 NORMS = ("fused", "separate")
 DENSE_FFN = ("auto", "layer", "region")
+TABLES = ("auto", "slots", "strips")
 MAX_CONTEXT = 131_072  # longest context a run may ask for (Llama 3.1's 128k)
 
 
@@ -33,6 +34,9 @@ class DecodeParams:
     # a dense layer's FFN: in its layer region ("layer"), in a slot of its own after it ("region"),
     # or "auto": in a slot of its own where a MoE model's routed experts are in expert regions
     dense_ffn: str = "auto"
+    # the embedding and the LM head: in slots of the bands ("slots"), in strips as wide as the
+    # mesh above and below the bands ("strips"), or "auto": whichever gives the larger slots
+    tables: str = "auto"
 
     def __post_init__(self) -> None:
         if self.moe_mapping not in MOE_MAPPINGS:
@@ -47,6 +51,8 @@ class DecodeParams:
             raise WseError(f"--norms {self.norms!r} is not one of {', '.join(NORMS)}")
         if self.dense_ffn not in DENSE_FFN:
             raise WseError(f"--dense-ffn {self.dense_ffn!r} is not one of {', '.join(DENSE_FFN)}")
+        if self.tables not in TABLES:
+            raise WseError(f"--tables {self.tables!r} is not one of {', '.join(TABLES)}")
         if self.attention_block < 0:
             raise WseError(f"--attention-block {self.attention_block} must be at least 0 (0: automatic)")
         if not 1 <= self.context <= MAX_CONTEXT:

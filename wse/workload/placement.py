@@ -7,15 +7,18 @@ wide), the layers (one slot each; with expert parallelism a MoE layer's slot is 
 expert regions, one slot each), the LM head (k_h slots wide). A token's activations flow
 along the chain; between consecutive regions lane d carries hidden chunk d on its own straight
 row or column, all lanes of a transition on one color (alternating between two colors along
-the chain, so neighbouring transitions never share a route).
+the chain, so neighbouring transitions never share a route). With table strips (--tables) the
+embedding and the LM head are instead strips as wide as the mesh above and below the bands, and
+their lanes cross the strip's edge on their columns (strip_rows).
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 
 from .. import isa
 from ..errors import WseError
-from .mesh import MeshBuilder, Region
+from .mesh import MeshBuilder, Region, offsets, split
 
 
 class PlacementError(WseError):
@@ -28,18 +31,39 @@ class Slot:
     index: int  # layer index (embedding -1, LM head = layers)
     region: Region
     experts: tuple[int, int] | None = None  # an expert region's routed experts [first, last)
+    strip: tuple[tuple[int, int], ...] | None = None  # a table strip: each lane's first and last row (strip_rows)
 
 
 SQUARE_KINDS = ("layer", "ffn", "experts")  # P x Q slot regions whose lanes enter and leave on the diagonal
 
 
+def strip_rows(hidden: int, P: int, rows: int) -> tuple[tuple[int, int], ...]:
+    """Each lane's (first, last) row in a table strip of `rows` rows: lane d carries chunk d of
+    split(hidden, P), row j holds chunk j of split(hidden, rows); PlacementError if a lane
+    would span more than two rows (its two parts meet over one hop)."""
+    if not 1 <= rows <= P:
+        raise PlacementError(f"a table strip of {rows} rows for {P} lanes: it needs 1 to {P}")
+    if rows < P and hidden // rows < -(-hidden // P):
+        raise PlacementError(f"a table strip of {rows} rows: its rows ({hidden // rows} elements) are shorter "
+                             f"than the lanes ({-(-hidden // P)})")
+    lane0, row0 = offsets(split(hidden, P)), offsets(split(hidden, rows)) + [hidden]
+    out = []
+    for d, n in enumerate(split(hidden, P)):
+        first = bisect.bisect_right(row0, lane0[d]) - 1
+        out.append((first, bisect.bisect_right(row0, lane0[d] + n - 1) - 1))
+    return tuple(out)
+
+
 def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, height: int,
                first_layer: int = 0, chain: list[tuple[str, int, tuple[int, int] | None]] | None = None,
-               Q: int | None = None) -> list[Slot]:
+               Q: int | None = None, strips: tuple[int, int] | None = None, hidden: int = 0) -> list[Slot]:
     """Slots of the chain on a width x height mesh of P x Q slots (PlacementError if it fails).
 
     The embedding and the LM head are k slots wide and P rows tall, at the top of their band
-    (lanes run on rows 0..P-1).
+    (lanes run on rows 0..P-1). With `strips` = (embedding rows, LM head rows) they are
+    instead strips as wide as the mesh (k_embed and k_head unused; 0 rows: not held): the
+    embedding above the first band, the LM head below the band of the chain's last region;
+    lanes cross a strip's edge on their columns (strip_rows, for a hidden size `hidden`).
 
     k_embed = 0 leaves the embedding out and k_head = 0 the LM head (a wafer holding only a
     group of layers of a model split over several wafers); layers are numbered from first_layer.
@@ -50,13 +74,18 @@ def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, hei
         chain = [("layer", first_layer + k, None) for k in range(n_layers)]
     n_layers = len(chain)
     Q = Q or P
-    nx, ny = width // P, height // Q
+    top = strips[0] if strips else 0
+    if strips:
+        k_embed = k_head = 0
+    nx, ny = width // P, (height - top) // Q
     if nx < 1 or ny < 1:
         raise PlacementError(f"a {P}x{Q} slot does not fit the {width}x{height} mesh")
     if k_embed >= nx:
         raise PlacementError(f"the embedding needs {k_embed} slots of {P}x{P}; a band holds {nx}, "
                              f"leaving none for the first layer beside it")
     slots = [Slot("embedding", -1, Region(0, 0, k_embed * P, P))] if k_embed else []
+    if top:
+        slots = [Slot("embedding", -1, Region(0, 0, width, top), strip=strip_rows(hidden, P, top))]
     band, col = 0, k_embed  # next free slot; band 0 runs east
 
     def advance(b: int, c: int) -> tuple[int, int]:
@@ -70,9 +99,16 @@ def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, hei
         if band >= ny:
             raise PlacementError(f"{n_layers} regions do not fit: {nx * ny} slots of {P}x{Q}, "
                                  f"{k_embed} + {n_layers} + {k_head} needed")
-        slots.append(Slot(kind, layer, Region(col * P, band * Q, P, Q), experts))
+        slots.append(Slot(kind, layer, Region(col * P, top + band * Q, P, Q), experts))
         if k < n_layers - 1:
             band, col = advance(band, col)
+    if strips and strips[1]:
+        y = top + (band + 1) * Q
+        if y + strips[1] > height:
+            raise PlacementError(f"the LM head strip ({strips[1]} rows) does not fit below the last band "
+                                 f"({height - y} rows left)")
+        return slots + [Slot("lm_head", chain[-1][1] + 1, Region(0, y, width, strips[1]),
+                             strip=strip_rows(hidden, P, strips[1]))]
     if not k_head:
         return slots
     # the LM head continues the band if there is room, else starts below the last layer
@@ -96,6 +132,8 @@ def serpentine(n_layers: int, k_embed: int, k_head: int, P: int, width: int, hei
 def lane_sources(slot: Slot, P: int, token_col: int) -> dict[int, tuple[int, int]]:
     """Lane -> local (x, y) sending it: the diagonal of a layer, the token's column of the
     embedding, the one column (or row) of a relay stand-in (decode.py's compressed stages)."""
+    if slot.kind == "embedding" and slot.strip:  # (the first layer's slot lies below, at column 0)
+        return {d: (d, last) for d, (_, last) in enumerate(slot.strip)}
     if slot.kind == "embedding":
         return {d: (token_col, d) for d in range(P)}
     if slot.kind == "relay":
@@ -132,7 +170,7 @@ def lane_targets(src: Slot, dst: Slot, sources: dict[int, tuple[int, int]], P: i
         else:
             if not b.x0 <= ax < b.x0 + b.width:
                 raise PlacementError("a vertical lane misses the region below")
-            out[d] = (ax - b.x0, 0 if dst.kind == "relay" else d)
+            out[d] = (ax - b.x0, 0 if dst.kind == "relay" else dst.strip[d][0] if dst.strip else d)
             if dst.kind in SQUARE_KINDS and ax - b.x0 != d:
                 raise PlacementError("a vertical lane would not land on the layer's diagonal")
     return out

@@ -16,7 +16,9 @@ routes):
 A MoE layer with expert regions (dispatch.py) reuses colors that its expert regions leave free:
 its dispatch leaves the layer region on the chain's transfer color and switches to 19 (no KV
 shift in expert regions) where a turn needs another color; its combine leaves on 23 and
-alternates with 22 region by region.
+alternates with 22 region by region. Table strips (tables.py) use colors their regions leave
+free: the embedding's relays 18 and 23 and its lanes' one-row hops 21; the LM head's gathers 19
+and 22 and its one-row hops 18.
 """
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ Kernels = Callable[[list[str]], "Iterator[tuple[str, object, dict[str, int], Tra
 
 def prefill(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, layers: int,
             simulate: Callable[[Trace], object], algo: str = "meshgemm", kernels: Kernels | None = None,
-            Q: int | None = None) -> PrefillResult:
+            Q: int | None = None, lm_rows: int | None = None) -> PrefillResult:
     """Time to first token of a `prompt`-token prompt on P x Q layer regions (module docstring).
     `kernels(names)`, if given, yields (name, result, facts, trace or None) for the named kernels
     (e.g. from worker processes, system/pool.py); by default each is built and run through
@@ -105,7 +105,8 @@ def prefill(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, lm_width: in
         def kernels(todo):
             for name in todo:
                 parts = pieces(spec, cfg, P, prompt, name, algo, Q) if name != "lm_head" else [(1.0, {})]
-                built = [kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, Q=Q, **kw) for _, kw in parts]
+                built = [kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, Q=Q, lm_rows=lm_rows, **kw)
+                         for _, kw in parts]
                 r = Combined.assemble(parts, [simulate(tr) for tr, _ in built])
                 yield name, r, built[0][1], None if isinstance(r, Combined) else built[0][0]
     cycles: dict[str, int] = {}
@@ -141,17 +142,18 @@ def kernel_names(spec: ModelSpec) -> list[str]:
 
 def kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str = "meshgemm",
                  lm_width: int | None = None, steps: int | None = None, Q: int | None = None,
-                 batch: int | None = None, record: bool = False) -> tuple[Trace, dict[str, int]]:
+                 batch: int | None = None, record: bool = False, lm_rows: int | None = None
+                 ) -> tuple[Trace, dict[str, int]]:
     """One prefill kernel (kernel_names, or "lm_head": the last token's LM-head GEMV on an
-    lm_width x P region) on a P x Q layer region: (trace, facts). A kernel the prompt makes too
-    big for the region's SRAM is an error naming --prompt-len. GEMMs run as `mapping` says:
-    `steps` builds a MeshGEMM/Cannon/SUMMA kernel's first steps only (gemm.standalone); a
+    lm_width x lm_rows region, default P rows) on a P x Q layer region: (trace, facts). A
+    kernel the prompt makes too big for the region's SRAM is an error naming --prompt-len. GEMMs
+    run as `mapping` says: `steps` builds a MeshGEMM/Cannon/SUMMA kernel's first steps only (gemm.standalone); a
     weight-stationary kernel's trace is one block of `batch` tokens (default: the largest,
     stationary_block) while its facts are the whole kernel's. record: the elementwise kernel
     records its /tensors too (the GEMMs always do)."""
     Q = Q or P
     try:
-        return _kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, steps, Q, batch, record)
+        return _kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, steps, Q, batch, record, lm_rows)
     except WseError as e:
         if "--prompt-len" in str(e) or "SRAM" not in str(e):
             raise
@@ -190,14 +192,14 @@ def stationary_block(spec: ModelSpec, cfg: WaferConfig, P: int, Q: int, prompt: 
 
 
 def _kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str,
-                  lm_width: int | None, steps: int | None, Q: int, batch: int | None, record: bool = False
-                  ) -> tuple[Trace, dict[str, int]]:
+                  lm_width: int | None, steps: int | None, Q: int, batch: int | None, record: bool = False,
+                  lm_rows: int | None = None) -> tuple[Trace, dict[str, int]]:
     if prompt < max(P, Q):
         raise WseError(f"--prompt-len {prompt} is shorter than the region's longer side {max(P, Q)}: every row "
                        "(and every key column) needs a token")
     H, S = spec.hidden_size, prompt
     if name == "lm_head":
-        return gemv_trace(H, spec.vocab_size, lm_width or P, P, cfg)
+        return gemv_trace(H, spec.vocab_size, lm_width or P, lm_rows or P, cfg)
     if name == "elementwise":
         return elementwise(spec, P, S, cfg, Q=Q, record=record)
     if name not in kernel_names(spec):

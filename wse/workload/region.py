@@ -201,14 +201,15 @@ class Lanes:
         self.color_out, self.out_lanes = color_out, dict(out_lanes) if color_out is not None else {}
         self.spread, self.bcast_color = spread, bcast_color
 
-    def install(self, builder: MeshBuilder, prog: RegionProgram) -> None:
+    def install(self, builder: MeshBuilder, prog: RegionProgram, spread: bool = True) -> None:
+        """Mark the lane PEs; `spread`: add the routes spreading each input lane along its line."""
         R = prog.region
         for d, (x, y) in self.in_lanes.items():
             prog.mark(x, y, "in", d)
         for d, (x, y) in self.out_lanes.items():
             prog.mark(x, y, "out", d)
         n = R.size(self.spread)
-        if not self.in_lanes or n == 1:
+        if not self.in_lanes or n == 1 or not spread:
             return
         bc = LineBroadcast(n, self.bcast_color)
         for x, y in self.in_lanes.values():

@@ -39,9 +39,9 @@ class StageTrace:
 def build_region(plan: ModelPlan, slot: Slot, region: Region, builder: MeshBuilder, lanes: Lanes,
                  role: ExpertRole | None = None, name: str | None = None) -> RegionBuild:
     if slot.kind == "embedding":
-        return embedding(plan.spec, region, builder, plan.cfg, plan.params, lanes)
+        return embedding(plan.spec, region, builder, plan.cfg, plan.params, lanes, slot.strip)
     if slot.kind == "lm_head":
-        return lm_head(plan.spec, region, builder, plan.cfg, plan.params, lanes)
+        return lm_head(plan.spec, region, builder, plan.cfg, plan.params, lanes, slot.strip)
     if slot.kind == "experts":
         ep = plan_experts(plan.spec, slot.index, slot.experts, plan.P, plan.cfg, plan.params, plan.Q)
         return decode_experts(ep, region, builder, role, name)
