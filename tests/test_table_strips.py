@@ -105,3 +105,28 @@ def test_a_bad_tables_value_is_one_error_line(tmp_path):
         DecodeParams(tables="rows")
     r = CliRunner().invoke(cli, ["system", "--model", "tiny", "--tables", "rows", "-o", str(tmp_path / "x.h5")])
     assert r.exit_code == 2 and "rows" in r.output and not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("tables", ["slots", "strips"])
+def test_every_wafers_prefill_times_the_lm_head_on_its_region(monkeypatch, tables):
+    """TTFT's LM head GEMV runs on the last wafer's LM head region, whatever the wafer whose
+    layer kernels are being timed ends with (found: wafers before the last timed it on their
+    last layer slot's width, which llama3.1-70b's head does not fit)."""
+    import types
+    from wse.system import pool
+    from wse.system.config import load_system
+    from wse.system.wafers import prefill_seconds, wafer_plans
+    from wse.workload import prefill as pf
+    system = load_system("cs3", ['system.wafer="small"', "system.wafers=2"])
+    spec = load_model("tiny")
+    plans = wafer_plans(spec, system, DecodeParams(context=64, tables=tables), 2)
+    seen = []
+    monkeypatch.setattr(pool, "prefill_kernels", lambda *a, **k: None)
+
+    def timed(spec, cfg, P, S, lm_width, layers, simulate, kernels=None, Q=None, lm_rows=None):
+        seen.append((lm_width, lm_rows))
+        return types.SimpleNamespace(layer_cycles=1, ttft_cycles=2)
+    monkeypatch.setattr(pf, "prefill", timed)
+    prefill_seconds(spec, system, plans, 64, simulate=None)
+    head = plans[-1].slots[-1].region
+    assert plans[0].slots[-1].kind == "layer" and len(seen) == 2 and set(seen) == {(head.width, head.height)}

@@ -272,8 +272,7 @@ def _prefill_model(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan]
             stage_slot.append(-1)
     if labels is not None and len(stage_slot) != len(labels):
         raise WseError("the prefill stages do not match the decode pipeline's")
-    lm_width = plans[-1].slots[-1].region.width
-    lm_rows = plans[-1].slots[-1].region.height if plans[-1].slots[-1].strip else None  # (a table strip)
+    lm_width, lm_rows = plans[-1].slots[-1].region.width, plans[-1].slots[-1].region.height  # (the LM head's)
     samples: dict[tuple[int, int], dict[int, dict[str, int]]] = {}
     head = 0
     sims: list[tuple[tuple[int, int], int, int]] = []

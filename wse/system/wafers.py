@@ -490,8 +490,8 @@ def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan
         last = i == len(plans) - 1
         shape = (plan.P, plan.Q)
         if shape not in layer_cycles or last:
-            lm_width = plan.slots[-1].region.width
-            lm_rows = plan.slots[-1].region.height if plan.slots[-1].strip else None  # (a table strip)
+            head = plans[-1].slots[-1].region  # (the LM head's, on the last wafer, for every shape's kernels)
+            lm_width, lm_rows = head.width, head.height
             S = max(prompt, plan.P, plan.Q)  # a shorter prompt still occupies every row (and key column)
             kernels = prefill_kernels(spec, cfg, plan.P, S, lm_width, simulate,
                                       f"{spec.name} prefill on {plan.P}x{plan.Q}", fanout, prefix=prefix, Q=plan.Q,
