@@ -285,6 +285,42 @@ def test_a_late_combine_holds_the_collector_up_by_exactly_its_delay():
     assert standin_delta(plan, 1) == soonest and standin_delta(plan, soonest + 5) == soonest + 5
 
 
+def test_a_late_combine_starts_the_wafers_critical_path_at_its_arrival():
+    """Where the combine from the wafer before decides the collector, the wafer's regions hold
+    the token from the combine's arrival (the wait before it is the wafer before's and the
+    link's): every region is crossed by the combine and the holds sum to the step less delta.
+    Where its own experts decide, the holds cover the whole step from the dispatch."""
+    spec = load_model("tiny-moe")
+    system = load_system("cs3x4", ['system.wafer="small"'])
+    plan = wafer_plans(spec, system, DecodeParams(context=16, moe_mapping="regions", experts_per_region=1,
+                                                  batch=2), 3)[1]
+    wide = hardware.resolve("small", None, ["wafer.mesh_width=128"])
+    late = compose(plan, lambda t: run(t, wide), delta=4000)
+    assert late.lead_c == 4000 and sum({**late.holds, **late.holds_c}.values()) == late.total_cycles - 4000
+    assert sum(late.holds.values()) == late.total_cycles  # (from the dispatch: the wafer's occupancy)
+    g, cfg = chain_of(plan).leading, plan.cfg
+    crossing = {e.slot: (plan.P if e.way in ("east", "west") else plan.Q) for e in compressed(plan, chain_of(plan), g)}
+    for e in g.experts[:-1]:
+        assert late.holds_c[e] == crossing[e] * cfg.hop_latency_cycles + 2 * cfg.ramp_latency_cycles
+    soon = compose(plan, lambda t: run(t, wide))
+    assert soon.lead_c == 0 and soon.holds_c is None and sum(soon.holds.values()) == soon.total_cycles
+
+
+@pytest.mark.parametrize("wafers", [3, 5])
+def test_wafer_spans_and_links_partition_the_latency(wafers, small):
+    """On the critical path each wafer's span starts where its deciding input arrives and ends
+    where the output the next wafer waits for leaves: the spans do not overlap, so with every
+    link's latency between them they fit in the token's latency (found: a wafer continuing a
+    layer counted the wait for the combine that the wafer before also counted)."""
+    spec = load_model("tiny-moe")
+    system = load_system("cs3x4", ['system.wafer="small"'])
+    params = DecodeParams(context=16, moe_mapping="regions", experts_per_region=1, batch=2)
+    r = run_decode(spec, system, params, wafers, lambda t: run(t, small))
+    spans = sum(s.cycles for s in r.steps) / r.clock_hz
+    assert spans + (wafers - 1) * system.link_latency_s <= r.latency_s + 1e-12
+    assert all(sum(s.region_cycles) == s.cycles for s in r.steps)
+
+
 def test_deltas_are_predicted_from_the_wafer_before(small):
     """A wafer continuing a layer is composed with the delta the timeline gives it; on a chain the
     prediction from the wafer before's own stages is right, so no stage is simulated twice."""

@@ -200,7 +200,7 @@ class WaferStep:
     slot: int  # P: columns of a layer or expert slot
     slot_rows: int  # Q
     cycles: int
-    region_cycles: list[int]  # time each region holds the micro-batch (a pipeline stage)
+    region_cycles: list[int]  # time each region holds the token on its critical path (a pipeline stage)
     flops: int
     sram_bytes: int
     wavelet_hops: int
@@ -283,12 +283,6 @@ class SystemDecode:
         return sum(s.simulations for s in self.steps)
 
 
-def _region_cycles(plan: ModelPlan, d) -> list[int]:
-    """Each region's hold time (compose.DecodeResult.holds): anchored regions from anchor to
-    anchor; a MoE layer's expert regions share its expert phase by the combine's progress."""
-    return [d.holds.get(s, 0) for s in range(len(plan.slots))]
-
-
 def _extra_in_flight(plan: ModelPlan) -> int:
     """Micro-batches beyond the first whose KV caches fit in every layer region of the plan:
     the SRAM a region's PEs have left over, in units of one micro-batch's KV data per PE
@@ -353,16 +347,17 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
 
     cache: dict[tuple, object] = {}
     line = Timeline(spec, params, net, cfg.clock_hz)
-    steps, times = [], []
+    composed, times = [], []
     for w, plan in enumerate(plans):
         delta = line.delta() if chain_of(plan).leading else None
         key = (_group_key(plan), delta)
         if key not in cache:
             cache[key] = compose(plan, missed, shared, delta)
-        d = cache[key]
-        t0, t1 = line.add(w, d)
-        times.append((t0, t1))
-        holds = _region_cycles(plan, d)
+        composed.append(cache[key])
+        times.append(line.add(w, cache[key]))
+    steps = []
+    for w, (plan, d, (t0, t1), holds) in enumerate(zip(plans, composed, *_critical_path(plans, composed, times,
+                                                                                      cfg.clock_hz, system))):
         g = range(plan.first_layer, plan.first_layer + plan.n_layers)
         steps.append(WaferStep(
             w, g, plan.embed, plan.head, plan.P, plan.Q, round((t1 - t0) * cfg.clock_hz), holds, d.total("flops"),
@@ -386,6 +381,54 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
     result.representative = max((r for d in cache.values() for r in d.results.values()),
                                 key=lambda r: r.pe_counters.shape[0] * r.pe_counters.shape[1] * r.total_cycles)
     return result
+
+
+def _critical_path(plans: list[ModelPlan], composed: list, times: list[tuple[float, float]], clock_hz: float,
+                   system: SystemConfig) -> tuple[list[tuple[float, float]], list[list[int]]]:
+    """Each wafer's span on the token's critical path and its regions' holds, so the spans and
+    the links between them partition the latency (no wafer's time is also another's). Walking
+    back from the last wafer: a wafer continuing a layer whose combine input decides it starts
+    when that combine arrives (the wafer before holds the token until it leaves, then the
+    link); a wafer whose dispatch output is what the next waits for ends when it leaves (its
+    experts still computing are off the path), and on a switch the wafers between the
+    dispatch's source and that wafer are off the path."""
+    n = len(plans)
+    out_of = ["end"] * n  # the output the next wafer waits for: end, d, c or off (not on the path)
+    in_of = ["in"] * n
+    for w in range(n - 1, -1, -1):
+        d = composed[w]
+        if out_of[w] == "off" or d.inputs != "dc":
+            in_of[w] = "off" if out_of[w] == "off" else "in"
+        else:
+            in_of[w] = "d" if out_of[w] == "d" or not d.lead_c else "c"
+        if w == 0:
+            break
+        if in_of[w] in ("in", "c"):
+            out_of[w - 1] = "end" if in_of[w] == "in" else "c"
+        elif in_of[w] == "d":  # from the dispatch's source: the wafer before, or on a switch the last anchored
+            src = w - 1 if system.topology == "chain" else \
+                next((u for u in range(w - 1, -1, -1) if composed[u].anchored), 0)
+            out_of[src] = "d"
+            for u in range(src + 1, w):
+                out_of[u] = "off"
+        # (an off wafer lies between a dispatch's source, already marked, and the wafer it reaches)
+    spans, holds = [], []
+    for w, (plan, d, (t0, t1)) in enumerate(zip(plans, composed, times)):
+        h = dict(d.holds)
+        if out_of[w] == "off":
+            spans.append((t0, t0))
+            holds.append([0] * len(plan.slots))
+            continue
+        if in_of[w] == "c":
+            h.update(d.holds_c)
+            t0 += d.lead_c / clock_hz
+        if out_of[w] in ("d", "c") and out_of[w] in d.outputs:
+            if out_of[w] == "d" and d.holds_d is not None:
+                h.update(d.holds_d)
+            t1 = times[w][0] + d.outputs[out_of[w]] / clock_hz
+        spans.append((t0, t1))
+        holds.append([h.get(s, 0) for s in range(len(plan.slots))])
+    return spans, holds
 
 
 class Timeline:

@@ -121,6 +121,13 @@ class DecodeResult:
     outputs: dict[str, int] = dataclasses.field(default_factory=dict)  # "end", or "d" and "c" (trailing part)
     delta: int | None = None  # a leading part: the combine's arrival after the dispatch's
     at: dict[int, int] = dataclasses.field(default_factory=dict)  # anchored slot -> its anchor's cycle
+    # the token's critical path (system/wafers.py): a leading part whose combine input, not its
+    # own experts, decides its collector starts `lead_c` cycles after its dispatch (the combine's
+    # arrival; 0: the dispatch decides); a trailing part's holds if its dispatch output, not its
+    # combine, is what the next wafer waits for
+    lead_c: int = 0
+    holds_c: dict[int, int] | None = None  # a leading part's holds from the combine's arrival (lead_c)
+    holds_d: dict[int, int] | None = None
 
     def total(self, counter: str) -> int:
         """A PE counter summed over the whole step (e.g. flops): the signed sum of the stages'
@@ -181,10 +188,11 @@ def compose(plan: ModelPlan, simulate: Callable[[Trace], object],
             out.outputs = {"d": tag_end(gk, f"element {last} input") - b0,
                            "c": tag_end(gk, f"element {last} combine") - b0}
             out.total_cycles = max(out.outputs.values())
-            out.holds = _group_holds(plan, ch, g0, store[gk][0], b0, out.total_cycles)
+            _lead_holds(out, plan, ch, g0, store[gk][0], b0, out.outputs["c"])
+            out.holds_d = _group_holds(plan, ch, g0, store[gk][0], b0, out.outputs["d"], "d")
             return out
         a[g0.last] = finish(gk) - b0
-        out.holds.update(_group_holds(plan, ch, g0, store[gk][0], b0, a[g0.last]))
+        _lead_holds(out, plan, ch, g0, store[gk][0], b0, a[g0.last])
         end_key, end_from = gk, b0
     else:
         a0 = next(it)[0]
@@ -204,6 +212,7 @@ def compose(plan: ModelPlan, simulate: Callable[[Trace], object],
                        "c": a[last] + tag_end(gk, f"element {n} combine") - finish(bk)}
         out.total_cycles = max(out.outputs.values())
         out.holds.update(_group_holds(plan, ch, g, store[gk][0], finish(bk), out.total_cycles - a[last]))
+        out.holds_d = _group_holds(plan, ch, g, store[gk][0], finish(bk), out.outputs["d"] - a[last], "d")
     else:
         out.total_cycles = store[end_key][0].total_cycles + shift.get(end_key, 0) - end_from
         tail = plan.slots[last]
@@ -222,15 +231,11 @@ def compose(plan: ModelPlan, simulate: Callable[[Trace], object],
     return out
 
 
-def _group_holds(plan: ModelPlan, ch: Chain, g: Group, result, start: int, span: int) -> dict[int, int]:
-    """How the `span` cycles from a group's layer region's anchor (`start` in its stage) to its
-    collector's anchor (or the wafer's boundary) split over its expert regions, along the
-    critical path: the dispatch crosses the regions before the critical one (the chosen region
-    whose outputs, ready at the measured end of its experts, reach the end last) at wire speed;
-    the critical region holds from there until its outputs are ready; the combine then crosses
-    each later region at wire speed plus one relay (a ramp each way); the last region
-    holds the rest (receiving, adding, its barrier). Crossing a region is its extent along the
-    chain (P or Q hops) at hop_latency_cycles."""
+def _critical(plan: ModelPlan, ch: Chain, g: Group, result) -> tuple[list[int], int | None, int, int | None]:
+    """A group stage's elements' crossings (P or Q hops at hop_latency_cycles each) and its
+    critical chosen element: the one whose outputs, ready at the measured end of its experts,
+    reach the end last (with the compressed relays' hops added back): (crossings, its index
+    or None, when its outputs are ready, when they reach the end)."""
     ends = {str(n): int(e) for n, e in zip(result.ops["name"], result.ops["end_cycle"])}
     hop, rho = plan.cfg.hop_latency_cycles, 2 * plan.cfg.ramp_latency_cycles
     elements = compressed(plan, ch, g)
@@ -246,8 +251,45 @@ def _group_holds(plan: ModelPlan, ch: Chain, g: Group, result, start: int, span:
         reach = ready + extra + sum(x + rho for x in cross[k + 1:-1]) + (cross[-1] if k < len(elements) - 1 else 0)
         if best is None or reach > best:
             best, c, c_ready = reach, k, ready + extra
+    return cross, c, c_ready, best
+
+
+def _lead_holds(out: DecodeResult, plan: ModelPlan, ch: Chain, g: Group, result, b0: int, end: int) -> None:
+    """A leading part's holds up to `end` (cycles after the stand-in's anchor b0): from the
+    dispatch (its experts decide), and where the combine sent out.delta later decides, from
+    the combine's arrival (lead_c, holds_c)."""
+    out.holds.update(_group_holds(plan, ch, g, result, b0, end))
+    if _combine_decides(plan, ch, g, result, b0, out.delta):
+        out.lead_c = out.delta
+        out.holds_c = _group_holds(plan, ch, g, result, b0 + out.delta, end - out.delta, "c")
+
+
+def _combine_decides(plan: ModelPlan, ch: Chain, g: Group, result, start: int, delta: int) -> bool:
+    """Whether a leading part's combine input (sent `delta` after the dispatch from the stand-in
+    anchored at `start`) reaches its end no sooner than any of its chosen regions' outputs."""
+    cross, c, _, best = _critical(plan, ch, g, result)
+    rho = 2 * plan.cfg.ramp_latency_cycles
+    return c is None or start + delta + sum(x + rho for x in cross[:-1]) + cross[-1] >= best
+
+
+def _group_holds(plan: ModelPlan, ch: Chain, g: Group, result, start: int, span: int,
+                 via: str | None = None) -> dict[int, int]:
+    """How the `span` cycles from a group's layer region's anchor (`start` in its stage) to its
+    collector's anchor (or the wafer's boundary) split over its expert regions, along the
+    critical path: the dispatch crosses the regions before the critical one (the chosen region
+    whose outputs, ready at the measured end of its experts, reach the end last) at wire speed;
+    the critical region holds from there until its outputs are ready; the combine then crosses
+    each later region at wire speed plus one relay (a ramp each way); the last region
+    holds the rest (receiving, adding, its barrier). Crossing a region is its extent along the
+    chain (P or Q hops) at hop_latency_cycles. `via` "c": the combine arriving at `start`
+    decides (it crosses every region), "d": the dispatch leaving the last region does (it
+    crosses every region before)."""
+    rho = 2 * plan.cfg.ramp_latency_cycles
+    cross, c, c_ready, _ = _critical(plan, ch, g, result)
+    if via:
+        c = -1 if via == "c" else len(cross)
     out = {}
-    for k, e in enumerate(elements[:-1]):
+    for k, e in enumerate(compressed(plan, ch, g)[:-1]):
         if c is None or k > c:  # the combine passing
             out[e.slot] = cross[k] + rho
         elif k < c:  # the dispatch passing
