@@ -480,3 +480,19 @@ def test_summa_prefixes_start_after_the_relays_have_filled_their_buffers():
     assert [kw for _, kw in pieces(spec, cfg, 152, 512, "scores", "meshgemm", 293, 16)] == \
         [{"steps": k1}, {"steps": 2 * k1}] and k1 > 8
     assert [kw for _, kw in pieces(spec, cfg, 127, 512, "scores", "meshgemm", 127, 16)] == [{"steps": 8}, {"steps": 16}]
+
+
+def test_serve_passes_the_placement_options_to_the_decode_plan(tmp_path, monkeypatch):
+    """`wse serve --moe-mapping/--dense-ffn/--tables` reach the decode parameters as in `wse system`
+    (the plan is made, then the run stopped before simulating)."""
+    from wse.serving import serve as S
+    seen = {}
+
+    def stop(spec, system, params, *a, **k):
+        seen.update(moe_mapping=params.moe_mapping, dense_ffn=params.dense_ffn, tables=params.tables)
+        raise WseError("planned")
+    monkeypatch.setattr(S, "wafer_plans", stop)
+    res = CliRunner().invoke(cli, ["serve", "--model", "tiny-moe", "--system", "cs3", "--rate", "1", "--wafers", "1",
+                                   "--moe-mapping", "regions", "--dense-ffn", "layer", "--tables", "strips",
+                                   "-o", str(tmp_path / "s.h5"), "--no-cache", "--jobs", "1"])
+    assert "planned" in res.output and seen == dict(moe_mapping="regions", dense_ffn="layer", tables="strips")

@@ -72,13 +72,21 @@ def _numbers(text: str | None, option: str, kind: type = int) -> list:
 @click.option("--uniform-slots", is_flag=True, help="every wafer on one slot shape")
 @click.option("--slot-shape", type=click.Choice(["tall", "square"]), default="tall", show_default=True,
               help="layer slots: tall P x Q regions of the largest area, or square P x P")
+@click.option("--moe-mapping", type=click.Choice(["auto", "local", "regions"]), default="auto", show_default=True,
+              help="routed experts in the layer region (local), in expert regions (regions), or local where it fits")
+@click.option("--dense-ffn", type=click.Choice(["auto", "layer", "region"]), default="auto", show_default=True,
+              help="a dense layer's FFN in its layer region, in a slot of its own after it, or auto: its own "
+                   "where a MoE model's routed experts are in expert regions")
+@click.option("--tables", type=click.Choice(["auto", "slots", "strips"]), default="auto", show_default=True,
+              help="the embedding and LM head in slots, in strips as wide as the mesh, or auto: strips only "
+                   "where slots do not place")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
 @_fanout_options
 @_clean_errors
 def serve_cmd(model, system_name, sets, wafers, batch, context, rate, arrivals, requests_file, prompt_len, output_len,
               duration, seed, slo_ttft, slo_tpot, gpu, nodes, gpu_tp, weights, prefill_prompts, prefill_checks, prefill_steps, prefill_chunk, prefill_wafers, sharing_check, gpu_max_seqs,
-              gpu_max_prefill_tokens, curve, sensitivity, attention, norms, uniform_slots, slot_shape, output, jobs, scheduler,
-              threads, cache_dir, no_cache, quiet) -> None:
+              gpu_max_prefill_tokens, curve, sensitivity, attention, norms, uniform_slots, slot_shape, moe_mapping,
+              dense_ffn, tables, output, jobs, scheduler, threads, cache_dir, no_cache, quiet) -> None:
     """Serve a request stream on a wafer system and on GPU nodes: TTFT, TPOT, goodput, J/token, $/Mtok."""
     from .serving import requests as R
     from .serving.serve import check_slos, run_serve
@@ -119,7 +127,7 @@ def serve_cmd(model, system_name, sets, wafers, batch, context, rate, arrivals, 
     system = load_system(system_name, sets)
     kw = check_options(system, model=model, wafers=wafers, batch=batch, context=max(context, 1), prompt_len=0,
                        gpu=gpu, weights=weights, attention=attention, norms=norms, uniform_slots=uniform_slots,
-                       slot_shape=slot_shape)
+                       slot_shape=slot_shape, moe_mapping=moe_mapping, dense_ffn=dense_ffn, tables=tables)
     cfg = system.wafer_config
     t0 = time.perf_counter()
     with _fanout(jobs, scheduler, threads, cache_dir, no_cache, quiet) as fanout:
@@ -137,7 +145,8 @@ def serve_cmd(model, system_name, sets, wafers, batch, context, rate, arrivals, 
                             sensitivity=sensitivity, note=note, prefill_steps=prefill_steps, prefill_chunk=prefill_chunk,
                             prefill_wafers=prefill_wafers, sharing_check=sharing_check,
                             attention=attention, norms=norms,
-                            uniform_slots=uniform_slots, slot_shape=slot_shape)
+                            uniform_slots=uniform_slots, slot_shape=slot_shape, moe_mapping=moe_mapping,
+                            dense_ffn=dense_ffn, tables=tables)
         except KeyboardInterrupt:
             claim(output)
             raise
