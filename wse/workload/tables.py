@@ -151,11 +151,11 @@ def strip_relays(spec: ModelSpec, region: Region, builder: MeshBuilder, prog: Re
                 x = d
             chains.append(tuple((pos, n) for _, pos, n, _ in chain))
         prog.mark(c, j, "source", (local, chains[0], chains[1]))
+    row0, lane0 = offsets(split(spec.hidden_size, region.height)), offsets(Lc)
     for d, (j1, j2) in enumerate(strip):
         prog.mark(d, j2, "chunk", Lc[d])
         if j2 > j1:
-            n = split(spec.hidden_size, max(last for _, last in strip) + 1)  # (row sizes)
-            first = offsets(n)[j2] - offsets(Lc)[d]  # elements of the lane on its first row
+            first = row0[j2] - lane0[d]  # elements of the lane on its first row
             _hop_routes(builder, region, Y, d, j1, j2, HOP)
             prog.mark(d, j1, "hop_send", (first, Lc[d]))
             prog.mark(d, j2, "hop_recv", (first, Lc[d]))
