@@ -207,8 +207,8 @@ def _workload_options(fn):
                      help="a dense layer's FFN in its layer region, in a slot of its own after it, or auto "
                           "(default): its own where a MoE model's routed experts are in expert regions"),
         click.option("--tables", type=click.Choice(["auto", "slots", "strips"]),
-                     help="the embedding and LM head in slots of the bands, in strips as wide as the mesh, or "
-                          "auto (default): whichever gives the larger layer slots"),
+                     help="the embedding and LM head in slots beside the layers, in strips as wide as the mesh, "
+                          "or auto (default): strips only where slots place nothing"),
         click.option("--heads", type=int, help="attention heads (--op attention)"),
         click.option("--kv-heads", "kv_heads", type=int, help="KV heads (--op attention)"),
         click.option("--head-dim", "head_dim", type=int, help="head dimension (--op attention)"),

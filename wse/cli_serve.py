@@ -7,7 +7,7 @@ import time
 import click
 
 from .cli import _clean_errors, cli
-from .cli_system import _cache_line, _fanout, _fanout_options, _in_process
+from .cli_system import _cache_line, _fanout, _fanout_options, _in_process, _placement_options
 from .errors import WseError
 from .files import check_output, claim
 
@@ -72,14 +72,7 @@ def _numbers(text: str | None, option: str, kind: type = int) -> list:
 @click.option("--uniform-slots", is_flag=True, help="every wafer on one slot shape")
 @click.option("--slot-shape", type=click.Choice(["tall", "square"]), default="tall", show_default=True,
               help="layer slots: tall P x Q regions of the largest area, or square P x P")
-@click.option("--moe-mapping", type=click.Choice(["auto", "local", "regions"]), default="auto", show_default=True,
-              help="routed experts in the layer region (local), in expert regions (regions), or local where it fits")
-@click.option("--dense-ffn", type=click.Choice(["auto", "layer", "region"]), default="auto", show_default=True,
-              help="a dense layer's FFN in its layer region, in a slot of its own after it, or auto: its own "
-                   "where a MoE model's routed experts are in expert regions")
-@click.option("--tables", type=click.Choice(["auto", "slots", "strips"]), default="auto", show_default=True,
-              help="the embedding and LM head in slots, in strips as wide as the mesh, or auto: strips only "
-                   "where slots do not place")
+@_placement_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
 @_fanout_options
 @_clean_errors

@@ -16,6 +16,23 @@ from .errors import WseError
 from .files import check_output, claim
 
 
+def _placement_options(fn: Callable) -> Callable:
+    """--moe-mapping, --dense-ffn and --tables: where a model's parts go (wse system, wse serve)."""
+    for opt in reversed([
+        click.option("--moe-mapping", type=click.Choice(["auto", "local", "regions"]), default="auto",
+                     show_default=True, help="routed experts in the layer region (local), in expert regions "
+                                             "(regions), or local where it fits"),
+        click.option("--dense-ffn", type=click.Choice(["auto", "layer", "region"]), default="auto", show_default=True,
+                     help="a dense layer's FFN in its layer region, in a slot of its own after it, or auto: its "
+                          "own where a MoE model's routed experts are in expert regions"),
+        click.option("--tables", type=click.Choice(["auto", "slots", "strips"]), default="auto", show_default=True,
+                     help="the embedding and LM head in slots beside the layers, in strips as wide as the mesh "
+                          "above and below them, or auto: strips only where slots place nothing"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
 def _fanout_options(fn: Callable) -> Callable:
     options = [
         click.option("--jobs", type=int, default=0, show_default=True, envvar="WSE_JOBS",
@@ -87,8 +104,7 @@ def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Cal
 @click.option("--prompt-len", type=int, default=512, show_default=True, help="prompt tokens for TTFT (0: skip)")
 @click.option("--expert-skew", type=float, default=0.0, show_default=True,
               help="MoE expert choice: 0 uniform, s > 0 Zipf-skewed popularity")
-@click.option("--moe-mapping", type=click.Choice(["auto", "local", "regions"]), default="auto", show_default=True,
-              help="routed experts in the layer region (local), in expert regions (regions), or local where it fits")
+@_placement_options
 @click.option("--experts-per-region", type=int, default=0, show_default=True,
               help="expert regions hold at most this many routed experts (0: as many as fit)")
 @click.option("--slot-shape", type=click.Choice(["tall", "square"]), default="tall", show_default=True,
@@ -103,12 +119,6 @@ def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Cal
               help="flash: cached tokens per block and column (0: automatic)")
 @click.option("--norms", type=click.Choice(["fused", "separate"]), default="fused", show_default=True,
               help="RMSNorm sums in the next GEMV's all-reduce (fused) or their own")
-@click.option("--dense-ffn", type=click.Choice(["auto", "layer", "region"]), default="auto", show_default=True,
-              help="a dense layer's FFN in its layer region, in a slot of its own after it, or auto: its own "
-                   "where a MoE model's routed experts are in expert regions")
-@click.option("--tables", type=click.Choice(["auto", "slots", "strips"]), default="auto", show_default=True,
-              help="the embedding and LM head in slots of the bands, in strips as wide as the mesh above and "
-                   "below them, or auto: whichever gives the larger layer slots")
 @click.option("--generate", type=int, default=1, show_default=True,
               help="tokens generated from --context: TPOT as the context grows (simulated at the first, middle "
                    "and last token; wafers hold the last token's KV cache)")

@@ -35,7 +35,7 @@ class DecodeParams:
     # or "auto": in a slot of its own where a MoE model's routed experts are in expert regions
     dense_ffn: str = "auto"
     # the embedding and the LM head: in slots of the bands ("slots"), in strips as wide as the
-    # mesh above and below the bands ("strips"), or "auto": whichever gives the larger slots
+    # mesh above and below the bands ("strips"), or "auto": strips only where slots place nothing
     tables: str = "auto"
 
     def __post_init__(self) -> None:
