@@ -17,8 +17,8 @@ from wse.system.link import Link, Network
 from wse.system.pool import Fanout
 from wse.system.progress import Progress
 from wse.workload.chain import chain_of
-from wse.system.wafers import (Timeline, balanced, fewest_wafers, pipeline_point, run_decode, split_layers,
-                               wafer_plans)
+from wse.system.wafers import (Timeline, _critical_path, balanced, fewest_wafers, pipeline_point, run_decode,
+                               split_layers, wafer_plans)
 from wse.workload.compose import compose
 from wse.workload.stages import full_trace
 from wse.workload.decode import kv_bytes, plan_model
@@ -339,12 +339,14 @@ def test_wafers_share_their_identical_stage_simulations(small_system):
     plans = wafer_plans(spec, small_system, params, 4)
     net = Network(small_system.topology, 4, Link(small_system.link_bytes_per_s, small_system.link_latency_s),
                   small_system.links_per_wafer)
-    line, alone = Timeline(spec, params, net, small.clock_hz), []
+    line, alone, times = Timeline(spec, params, net, small.clock_hz), [], []
     for w, p in enumerate(plans):  # each wafer with its own stage simulations, on one timeline
         alone.append(compose(p, sim(small), delta=line.delta() if chain_of(p).leading else None))
-        line.add(w, alone[-1])
+        times.append(line.add(w, alone[-1]))
     assert any(chain_of(p).leading for p in plans)  # a wafer continues a layer: its delta matters
-    assert [s.cycles for s in d.steps] == [a.total_cycles for a in alone]
+    spans, holds = _critical_path(plans, alone, times, small.clock_hz, small_system)
+    assert [s.cycles for s in d.steps] == [round((t1 - t0) * small.clock_hz) for t0, t1 in spans]
+    assert [s.region_cycles for s in d.steps] == holds
     assert [s.flops for s in d.steps] == [a.total("flops") for a in alone]
     assert len(calls) == d.simulations < sum(a.simulations for a in alone)
 
