@@ -371,3 +371,34 @@ def test_a_topology_the_links_cannot_express_is_named():
         load_system("cs3", ['system.topology="torus"'])
     with pytest.raises(WseError, match="links_per_wafer"):
         load_system("cs3", ["system.links_per_wafer=0"])
+
+
+def test_the_critical_path_walks_back_through_the_inputs_that_decide():
+    """_critical_path on hand-made wafer steps: a wafer whose own layer region ends it takes its
+    combine input's arrival as its start whatever the next wafer waits for; a wafer inside one
+    layer's experts passes the dispatch straight on; on a switch the wafers a dispatch bypasses
+    are off the path."""
+    from types import SimpleNamespace as NS
+    from wse.system.wafers import _critical_path
+
+    def step(inputs, anchored, lead_c=0, outputs=None, holds_c=None, holds_d=None):
+        return NS(inputs=inputs, anchored=anchored, lead_c=lead_c, outputs=outputs or {"end": 100},
+                  holds={0: 50, 1: 50}, holds_c=holds_c, holds_d=holds_d)
+    plans = [NS(slots=[0, 1])] * 4
+    hz = 1.0
+    system = NS(topology="chain")
+    # 0: a layer region sending the dispatch (d) and the combine (c); 1: its experts, ending the layer
+    # and sending a dispatch on (its combine decided: lead 30); 2: experts only; 3: the rest
+    steps = [step("in", [1], outputs={"d": 80, "c": 100}),
+             step("dc", [1], lead_c=30, outputs={"d": 90, "c": 120}, holds_c={0: 10}, holds_d={1: 20}),
+             step("dc", [], lead_c=5, outputs={"d": 40, "c": 70}, holds_c={0: 1}, holds_d={0: 15, 1: 25}),
+             step("dc", [1], lead_c=0)]
+    times = [(0, 100), (200, 320), (500, 570), (700, 800)]
+    spans, holds = _critical_path(plans, steps, times, hz, system)
+    # wafer 3's own experts decide (lead 0): it waits for wafer 2's dispatch, which passes straight
+    # through 2 from wafer 1's dispatch; wafer 1 starts at its combine's arrival: wafer 0's combine
+    assert spans == [(0, 100), (230, 290), (500, 540), (700, 800)]
+    assert holds[1] == [10, 20] and holds[2] == [15, 25] and holds[0] == [50, 50]
+    # on a switch, wafer 3's dispatch comes from wafer 1 (the last anchored) directly: wafer 2 is off
+    spans, holds = _critical_path(plans, steps, times, hz, NS(topology="switch"))
+    assert spans[2] == (500, 500) and holds[2] == [0, 0] and spans[1] == (230, 290)

@@ -399,8 +399,8 @@ def _critical_path(plans: list[ModelPlan], composed: list, times: list[tuple[flo
         d = composed[w]
         if out_of[w] == "off" or d.inputs != "dc":
             in_of[w] = "off" if out_of[w] == "off" else "in"
-        else:
-            in_of[w] = "d" if out_of[w] == "d" or not d.lead_c else "c"
+        else:  # (a wafer inside one layer's experts passes the dispatch straight on)
+            in_of[w] = "d" if (out_of[w] == "d" and not d.anchored) or not d.lead_c else "c"
         if w == 0:
             break
         if in_of[w] in ("in", "c"):
