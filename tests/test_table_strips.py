@@ -64,6 +64,20 @@ def test_a_step_with_table_strips_composes_exactly(monkeypatch, model, rows, kw,
     composed_equals_full(_strip_plan(monkeypatch, model, small, rows, context=12, **kw), small)
 
 
+def test_strips_compose_counter_for_counter_beside_sixteen_experts_on_a_128_mesh(monkeypatch):
+    """Beyond the tiny models: moe16 (hidden 512, 16 experts in expert regions, batch 2) on a
+    128x128 mesh with 5- and 7-row strips (lanes across two rows, the head after a collector)."""
+    from test_expert_regions import assert_composed_equals_full
+    cfg = hardware.resolve("small", None, ["wafer.mesh_width=128", "wafer.mesh_height=128"])
+    monkeypatch.setattr(decode, "_strip_rows", lambda spec, P, cfg, head, params: (5, 7)[head])
+    plan = plan_model(load_model("moe16"), cfg, DecodeParams(context=32, batch=2, moe_mapping="regions",
+                                                              experts_per_region=2, tables="strips"))
+    assert [s.kind for s in plan.slots if s.strip] == ["embedding", "lm_head"] and plan.slots[-2].kind == "experts"
+    assert any(j2 > j1 for s in plan.slots if s.strip for j1, j2 in s.strip)
+    d, full = assert_composed_equals_full(plan, cfg)
+    assert d.total_cycles == full.total_cycles
+
+
 @pytest.mark.parametrize("rows, batch, token", [((6, 5), 2, 165), ((4, 9), 3, 159), ((1, 1), 1, 1000)])
 def test_a_step_with_table_strips_computes_the_greedy_token(monkeypatch, rows, batch, token):
     """Relays west and east of the token's column (and through it), lanes across two rows, a

@@ -178,8 +178,7 @@ def fewest_wafers(spec: ModelSpec, system: SystemConfig, params: DecodeParams, m
     top = min(most, len(weight))
     last: WseError | None = None
     for w in range(max(1, -(-total // have)), top + 1):
-        if all(any(sum(weight[a:b]) > have for a, b in shares)  # (the splits wafer_plans tries)
-               for shares in [balanced(weight, w)] + ([balanced([1] * len(weight), w)] if not units else [])):
+        if all(any(sum(weight[a:b]) > have for a, b in shares) for shares in share_candidates(spec, params, w, units)):
             continue
         try:
             wafer_plans(spec, system, params, w, units)
@@ -529,12 +528,12 @@ def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan
     cfg = system.wafer_config
     layer_cycles: dict[tuple[int, int], int] = {}
     head_cycles = 0
+    head = plans[-1].slots[-1].region  # (the LM head's, on the last wafer, for every shape's kernels)
+    lm_width, lm_rows = head.width, head.height
     for i, plan in enumerate(plans):
         last = i == len(plans) - 1
         shape = (plan.P, plan.Q)
         if shape not in layer_cycles or last:
-            head = plans[-1].slots[-1].region  # (the LM head's, on the last wafer, for every shape's kernels)
-            lm_width, lm_rows = head.width, head.height
             S = max(prompt, plan.P, plan.Q)  # a shorter prompt still occupies every row (and key column)
             kernels = prefill_kernels(spec, cfg, plan.P, S, lm_width, simulate,
                                       f"{spec.name} prefill on {plan.P}x{plan.Q}", fanout, prefix=prefix, Q=plan.Q,

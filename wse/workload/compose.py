@@ -258,22 +258,24 @@ def _lead_holds(out: DecodeResult, plan: ModelPlan, ch: Chain, g: Group, result,
     """A leading part's holds up to `end` (cycles after the stand-in's anchor b0): from the
     dispatch (its experts decide), and where the combine sent out.delta later decides, from
     the combine's arrival (lead_c, holds_c)."""
-    out.holds.update(_group_holds(plan, ch, g, result, b0, end))
-    if _combine_decides(plan, ch, g, result, b0, out.delta):
+    crit = _critical(plan, ch, g, result)
+    out.holds.update(_group_holds(plan, ch, g, result, b0, end, crit=crit))
+    if _combine_decides(plan, crit, b0, out.delta):
         out.lead_c = out.delta
-        out.holds_c = _group_holds(plan, ch, g, result, b0 + out.delta, end - out.delta, "c")
+        out.holds_c = _group_holds(plan, ch, g, result, b0 + out.delta, end - out.delta, "c", crit)
 
 
-def _combine_decides(plan: ModelPlan, ch: Chain, g: Group, result, start: int, delta: int) -> bool:
+def _combine_decides(plan: ModelPlan, crit: tuple, start: int, delta: int) -> bool:
     """Whether a leading part's combine input (sent `delta` after the dispatch from the stand-in
-    anchored at `start`) reaches its end no sooner than any of its chosen regions' outputs."""
-    cross, c, _, best = _critical(plan, ch, g, result)
+    anchored at `start`) reaches its end no sooner than any of its chosen regions' outputs
+    (`crit`: its group's _critical)."""
+    cross, c, _, best = crit
     rho = 2 * plan.cfg.ramp_latency_cycles
     return c is None or start + delta + sum(x + rho for x in cross[:-1]) + cross[-1] >= best
 
 
 def _group_holds(plan: ModelPlan, ch: Chain, g: Group, result, start: int, span: int,
-                 via: str | None = None) -> dict[int, int]:
+                 via: str | None = None, crit: tuple | None = None) -> dict[int, int]:
     """How the `span` cycles from a group's layer region's anchor (`start` in its stage) to its
     collector's anchor (or the wafer's boundary) split over its expert regions, along the
     critical path: the dispatch crosses the regions before the critical one (the chosen region
@@ -283,9 +285,9 @@ def _group_holds(plan: ModelPlan, ch: Chain, g: Group, result, start: int, span:
     holds the rest (receiving, adding, its barrier). Crossing a region is its extent along the
     chain (P or Q hops) at hop_latency_cycles. `via` "c": the combine arriving at `start`
     decides (it crosses every region), "d": the dispatch leaving the last region does (it
-    crosses every region before)."""
+    crosses every region before). `crit`: the group's _critical, if known."""
     rho = 2 * plan.cfg.ramp_latency_cycles
-    cross, c, c_ready, _ = _critical(plan, ch, g, result)
+    cross, c, c_ready, _ = crit or _critical(plan, ch, g, result)
     if via:
         c = -1 if via == "c" else len(cross)
     out = {}

@@ -69,10 +69,7 @@ def embedding(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params
     prog.add_roles(Y, [(red[Y].role(j), Hr[j]) for j in range(region.height)])
     lanes.install(builder, prog)
     for k in range(len(cols) - 1):  # column k hands sequences [0, its last) to column k + 1
-        c0, c1 = cols[k][0], cols[k + 1][0]
-        per = {c0: (RAMP, (HI,)), c1: (LO, (RAMP,))}
-        per.update({c: (LO, (HI,)) for c in range(c0 + 1, c1)})
-        builder.line_routes(region, X, GATHER[k % 2], per)
+        _hop_routes(builder, region, X, None, cols[k][0], cols[k + 1][0], GATHER[k % 2])
     if strip:
         if lanes.color_out not in (None, TRANSFER[0]):  # (the chain's first transfer: HOP stays free)
             raise WseError(f"an embedding strip sends on color {TRANSFER[0]}, not {lanes.color_out}")
@@ -119,12 +116,13 @@ def strip_pieces(hidden: int, strip: tuple) -> list[list[tuple[int, int, int, in
     return out
 
 
-def _hop_routes(builder: MeshBuilder, region: Region, axis, line: int, a: int, b: int, color: int) -> None:
-    """A route on `line` of the region from position a to position b (a != b), delivering at b."""
+def _hop_routes(builder: MeshBuilder, region: Region, axis, line: int | None, a: int, b: int, color: int) -> None:
+    """A route on `line` of the region (None: on every line) from position a to position b
+    (a != b), delivering at b."""
     way, back = (HI, LO) if b > a else (LO, HI)
     per = {a: (RAMP, (way,)), b: (back, (RAMP,))}
     per.update({p: (back, (way,)) for p in range(min(a, b) + 1, max(a, b))})
-    builder.line_routes(region, axis, color, per, lines=[line])
+    builder.line_routes(region, axis, color, per, lines=None if line is None else [line])
 
 
 def strip_relays(spec: ModelSpec, region: Region, builder: MeshBuilder, prog: RegionProgram, strip: tuple,
@@ -349,9 +347,8 @@ def gather_ops(sp: dict, color_in: int, hj: int, B: int, h: int, lane: int, widt
     the row's chunk, a second part sent one row down), or that part received; the row's parts
     before its own received and handed on with its own; the row's chunk spread from the root."""
     out = []
-    pos = sp["gather"][0] if "gather" in sp else 0
-    if "lane" in sp:
-        first, second = sp["lane"]
+    if "lane" in sp:  # (a lane's first row holds its first part: a gather mark there too)
+        pos, first, second = sp["gather"][0], *sp["lane"]
         for b in range(B):
             out.append(recv(color_in, first, h + (b * hj + pos) * ELEM))
             if second:
