@@ -377,11 +377,13 @@ def test_check_model_bad_input_is_one_error_line(args, message):
 
 # dense, MoE (the experts' width), latent attention (its two latent norms; a column straddling both latents),
 # gpt-oss-shaped; uneven token rows, key columns, rotary-pair cuts (a column's pairs across vectors)
-@pytest.mark.parametrize("name, P, Q, S", [("tiny", 4, 8, 16), ("tiny", 3, 5, 13), ("tiny-moe", 4, 4, 9),
-                                           ("tiny-mla", 5, 7, 20), ("tiny-oss", 4, 6, 8)])
-def test_the_prefill_elementwise_kernel_computes_each_part(name, P, Q, S, roomy):
+# a chunk of a longer prompt (keys: its queries attend more tokens than it holds, workload/chunked.py)
+@pytest.mark.parametrize("name, P, Q, S, keys", [("tiny", 4, 8, 16, None), ("tiny", 3, 5, 13, None),
+                                                 ("tiny-moe", 4, 4, 9, None), ("tiny-mla", 5, 7, 20, None),
+                                                 ("tiny-oss", 4, 6, 8, None), ("tiny", 3, 5, 8, 29)])
+def test_the_prefill_elementwise_kernel_computes_each_part(name, P, Q, S, keys, roomy):
     from wse.workload.prefill_elementwise import elementwise
-    tr, facts = elementwise(load_model(name), P, S, roomy, Q=Q, record=True)
+    tr, facts = elementwise(load_model(name), P, S, roomy, Q=Q, record=True, keys=keys)
     rows, res = _run(tr, roomy)
     assert {"xn1", "rope_out", "probs", "h1", "xn2", "act", "out"} <= {r.name for r in rows} and not res.raced
     assert all(r.error < 0.01 and r.copies_disagree == 0 for r in rows), rows

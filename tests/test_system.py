@@ -232,7 +232,7 @@ def test_system_command_writes_the_table_and_plots(tmp_path):
 
 @pytest.mark.slow  # 46 s; test_worker_processes_give_the_same_step covers the worker path, the serial prefill many tests
 def test_prefill_kernels_in_worker_processes_give_the_same_ttft(small_system):
-    from wse.system.wafers import prefill_seconds
+    from wse.system.ttft import prefill_seconds
     spec = load_model("tiny-moe")
     small = small_system.wafer_config
     plans = wafer_plans(spec, small_system, PARAMS, 2)

@@ -129,7 +129,8 @@ def test_every_wafers_prefill_times_the_lm_head_on_its_region(monkeypatch, table
     import types
     from wse.system import pool
     from wse.system.config import load_system
-    from wse.system.wafers import prefill_seconds, wafer_plans
+    from wse.system.ttft import prefill_seconds
+    from wse.system.wafers import wafer_plans
     from wse.workload import prefill as pf
     system = load_system("cs3", ['system.wafer="small"', "system.wafers=2"])
     spec = load_model("tiny")

@@ -125,6 +125,11 @@ def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Cal
 @click.option("--gpu", type=click.Choice(["h100", "h200", "b200"]), default="h100", show_default=True)
 @click.option("--prefill-steps", type=int, default=16, show_default=True,
               help="TTFT: simulate each prefill GEMM for its first N/2 and N steps and extrapolate (0: every step)")
+@click.option("--prefill-chunk", type=int, default=0, show_default=True,
+              help="TTFT: prefill in chunks of N tokens pipelined through the layers (0: the whole prompt at once; "
+                   "long prompts need chunks)")
+@click.option("--prefill-samples", type=int, default=3, show_default=True,
+              help="chunked TTFT: chunks at which the attention kernels are simulated (interpolated between)")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
 @_fanout_options
 @_clean_errors

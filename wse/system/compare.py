@@ -22,7 +22,8 @@ from ..workload.precision import weights_of
 from .gpu import GpuResult, curve, gpu_decode, gpu_prefill, load_gpu, weights_for
 from .gpu_parallel import best_decode, gpu_label
 from .pool import Fanout
-from .wafers import SystemDecode, prefill_seconds, run_decode, wafer_plans
+from .ttft import prefill_seconds
+from .wafers import SystemDecode, run_decode, wafer_plans
 
 ELEM_BYTES = 2.0  # both sides keep a 16-bit KV cache
 
@@ -88,6 +89,12 @@ def check_options(system: SystemConfig, *, model: str, wafers: str | int = "pres
     steps = kw.get("prefill_steps", 16)
     if steps != 0 and steps < 4:
         raise WseError(f"--prefill-steps {steps}: 0 (every step) or at least 4")
+    if kw.get("prefill_chunk", 0) < 0:
+        raise WseError(f"--prefill-chunk {kw['prefill_chunk']} must be at least 0 (0: the whole prompt)")
+    if kw.get("prefill_samples", 3) < 2:
+        raise WseError(f"--prefill-samples {kw['prefill_samples']}: at least 2 (the first and the last chunk)")
+    if prompt_len > MAX_CONTEXT:
+        raise WseError(f"--prompt-len {prompt_len} exceeds {MAX_CONTEXT:,} tokens")
     if generate < 1:
         raise WseError(f"--generate {generate} must be at least 1")
     load_model(model)
@@ -111,7 +118,7 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
                slot_shape: str = "tall", uniform_slots: bool = False, weights: str | None = None,
                attention: str = "flash", attention_block: int = 0, norms: str = "fused", generate: int = 1,
                fanout: Fanout | None = None, prefill_steps: int = 16, dense_ffn: str = "auto",
-               tables: str = "auto") -> SystemJob:
+               tables: str = "auto", prefill_chunk: int = 0, prefill_samples: int = 3) -> SystemJob:
     """Simulate the wafer system, evaluate the GPU model, and tabulate both (fanout: where the
     stage simulations run and the cache they share, pool.Fanout). generate > 1: the wafers
     hold the KV cache of the generation's last token, and the step is also simulated there and
@@ -135,7 +142,7 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     ttft = math.nan
     if prompt:
         ttft = prefill_seconds(spec, system, wafer_plans(spec, system, params, dec.wafers), prompt, simulate,
-                               fanout, prefill_steps)
+                               fanout, prefill_steps, prefill_chunk, prefill_samples)
     g, g_cfg = best_decode(spec, load_gpu(gpu), batch=batch, context=context, weight_bytes=gw, kv_bytes=ELEM_BYTES,
                            utilization=system.utilization)
     g_ttft = gpu_prefill(spec, g_cfg, prompt, batch=batch, nodes=g.nodes, weight_bytes=gw,

@@ -284,30 +284,34 @@ def run_tasks(tasks: list[Task], cfg: WaferConfig, simulate: Callable[[Trace], o
 
 def prefill_kernels(spec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, simulate: Callable[[Trace], object],
                     where: str, fanout: Fanout | None = None, algo: str = "meshgemm", prefix: int = 0,
-                    Q: int | None = None, lm_rows: int | None = None):
+                    Q: int | None = None, lm_rows: int | None = None, keys: int | None = None):
     """A `kernels` function for workload.prefill.prefill on P x Q layer regions: each named
     kernel's pieces (prefill.pieces: the whole kernel, a GEMM's first prefix / 2 and prefix
     steps, or a weight-stationary GEMM's token blocks) from the cache, built and simulated here
     through `simulate`, or on the fanout's workers (traces not sent back), and combined. The LM
-    head's GEMV runs on lm_width columns by lm_rows rows (default P)."""
+    head's GEMV runs on lm_width columns by lm_rows rows (default P). keys: the tokens a chunk's
+    queries attend (the key kernels' pieces carry it, so the others share one cache entry)."""
     fanout = fanout or Fanout()
     Q = Q or P
-    from ..workload.prefill import Combined, pieces
+    from ..workload.prefill import KEY_KERNELS, Combined, pieces
     shape = (P,) if Q == P else (P, Q)  # square slots keep their cache keys
+    keys = keys if keys != prompt else None
 
     def work(n: str, kw: dict[str, int]) -> Work:
         return Work(content_key("prefill-kernel", spec, cfg, *shape, prompt, n, algo,
                                 lm_width if n == "lm_head" else None,  # only the head's region has that width
                                 *([("rows", lm_rows)] if lm_rows and n == "lm_head" else []),  # (a strip)
                                 *([kw["steps"]] if "steps" in kw else []),
-                                *([("batch", kw["batch"])] if "batch" in kw else [])),
+                                *([("batch", kw["batch"])] if "batch" in kw else []),
+                                *([("keys", kw["keys"])] if "keys" in kw else [])),
                     (lambda: _prefill_here(spec, cfg, P, prompt, n, algo, lm_width, simulate, where, Q, kw, lm_rows)),
                     _prefill_task, (spec, cfg, P, prompt, n, algo, lm_width, fanout.worker_threads(), where, Q, kw,
                                     lm_rows))
 
     def kernels(names):
-        parts = {n: pieces(spec, cfg, P, prompt, n, algo, Q, prefix) if n != "lm_head" else [(1.0, {})]
-                 for n in names}
+        parts = {n: [(w, dict(kw, keys=keys)) if keys and n in KEY_KERNELS else (w, kw)
+                     for w, kw in pieces(spec, cfg, P, prompt, n, algo, Q, prefix, keys)] if n != "lm_head"
+                 else [(1.0, {})] for n in names}
         todo = [(n, i) for n in names for i in range(len(parts[n]))]
         got: dict[tuple[str, int], tuple] = {}
         for j, result, extra in fanout.run([work(n, parts[n][i][1]) for n, i in todo]):

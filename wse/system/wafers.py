@@ -514,35 +514,3 @@ def pipeline_point(r: SystemDecode, system: SystemConfig, in_flight: int) -> Pip
     j = r.dynamic_j_per_step / r.batch + r.static_w * period / tokens_per_period / system.utilization
     usd = r.wafers * system.usd_per_system_hour / 3600.0 / (rate * system.utilization) * 1e6
     return PipelinePoint(in_flight, period, 1.0 / period, rate, j, usd)
-
-
-def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan], prompt: int,
-                    simulate: Callable[[Trace], object], fanout: Fanout | None = None, prefix: int = 0) -> float:
-    """Time to first token: each wafer's layers prefill on its own P x Q slots (simulated kernels,
-    workload/prefill.py; from the cache or on the fanout's workers), then the LM head; the prompt's
-    activations (prompt x hidden x 2 bytes) cross each link. A prompt shorter than a slot's longer
-    side is prefilled as one of that length (every row and key column holds a token). prefix > 0: GEMM kernels from their
-    first prefix / 2 and prefix steps (pool.prefill_kernels)."""
-    from ..workload.prefill import prefill
-    from .pool import prefill_kernels
-    cfg = system.wafer_config
-    layer_cycles: dict[tuple[int, int], int] = {}
-    head_cycles = 0
-    head = plans[-1].slots[-1].region  # (the LM head's, on the last wafer, for every shape's kernels)
-    lm_width, lm_rows = head.width, head.height
-    for i, plan in enumerate(plans):
-        last = i == len(plans) - 1
-        shape = (plan.P, plan.Q)
-        if shape not in layer_cycles or last:
-            S = max(prompt, plan.P, plan.Q)  # a shorter prompt still occupies every row (and key column)
-            kernels = prefill_kernels(spec, cfg, plan.P, S, lm_width, simulate,
-                                      f"{spec.name} prefill on {plan.P}x{plan.Q}", fanout, prefix=prefix, Q=plan.Q,
-                                      lm_rows=lm_rows)
-            pr = prefill(spec, cfg, plan.P, S, lm_width, 1, simulate, kernels=kernels, Q=plan.Q, lm_rows=lm_rows)
-            layer_cycles[shape] = pr.layer_cycles
-            if last:
-                head_cycles = pr.ttft_cycles - pr.layer_cycles
-    cycles = sum(sum(s.kind == "layer" for s in plan.slots) * layer_cycles[(plan.P, plan.Q)] for plan in plans) \
-        + head_cycles
-    link = Link(system.link_bytes_per_s, system.link_latency_s)
-    return cycles / cfg.clock_hz + (len(plans) - 1) * link.seconds(prompt * spec.hidden_size * ELEM)

@@ -35,9 +35,11 @@ from .gemm import ALGOS as GEMM_ALGOS, standalone as gemm_trace, summa_depth, su
 from .gemv import largest_batch, standalone as gemv_trace
 from .mesh import split
 from .models import ModelSpec
+from .params import MAX_CONTEXT
 from .prefill_elementwise import elementwise
 
 SUMMA_SETTLE_DEPTHS = 4  # [U] a SUMMA prefix extrapolates from at least this many buffer depths of steps
+KEY_KERNELS = ("scores", "values", "elementwise")  # the kernels whose work grows with the keys attended
 
 
 
@@ -94,18 +96,20 @@ Kernels = Callable[[list[str]], "Iterator[tuple[str, object, dict[str, int], Tra
 
 def prefill(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, layers: int,
             simulate: Callable[[Trace], object], algo: str = "meshgemm", kernels: Kernels | None = None,
-            Q: int | None = None, lm_rows: int | None = None) -> PrefillResult:
+            Q: int | None = None, lm_rows: int | None = None, keys: int | None = None) -> PrefillResult:
     """Time to first token of a `prompt`-token prompt on P x Q layer regions (module docstring).
     `kernels(names)`, if given, yields (name, result, facts, trace or None) for the named kernels
     (e.g. from worker processes, system/pool.py); by default each is built and run through
-    `simulate` here."""
+    `simulate` here. keys: the tokens the prompt's queries attend (default the prompt; a chunk
+    of a longer prompt attends every token up to its own last, workload/chunked.py)."""
     H, S, Q = spec.hidden_size, prompt, Q or P
     names = kernel_names(spec) + ["lm_head"]
     if kernels is None:
         def kernels(todo):
             for name in todo:
-                parts = pieces(spec, cfg, P, prompt, name, algo, Q) if name != "lm_head" else [(1.0, {})]
-                built = [kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, Q=Q, lm_rows=lm_rows, **kw)
+                parts = pieces(spec, cfg, P, prompt, name, algo, Q, keys=keys) if name != "lm_head" else [(1.0, {})]
+                built = [kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, Q=Q, lm_rows=lm_rows, keys=keys,
+                                      **kw)
                          for _, kw in parts]
                 r = Combined.assemble(parts, [simulate(tr) for tr, _ in built])
                 yield name, r, built[0][1], None if isinstance(r, Combined) else built[0][0]
@@ -142,18 +146,19 @@ def kernel_names(spec: ModelSpec) -> list[str]:
 
 def kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str = "meshgemm",
                  lm_width: int | None = None, steps: int | None = None, Q: int | None = None,
-                 batch: int | None = None, record: bool = False, lm_rows: int | None = None
-                 ) -> tuple[Trace, dict[str, int]]:
+                 batch: int | None = None, record: bool = False, lm_rows: int | None = None,
+                 keys: int | None = None) -> tuple[Trace, dict[str, int]]:
     """One prefill kernel (kernel_names, or "lm_head": the last token's LM-head GEMV on an
     lm_width x lm_rows region, default P rows) on a P x Q layer region: (trace, facts). A
     kernel the prompt makes too big for the region's SRAM is an error naming --prompt-len. GEMMs
     run as `mapping` says: `steps` builds a MeshGEMM/Cannon/SUMMA kernel's first steps only (gemm.standalone); a
     weight-stationary kernel's trace is one block of `batch` tokens (default: the largest,
     stationary_block) while its facts are the whole kernel's. record: the elementwise kernel
-    records its /tensors too (the GEMMs always do)."""
+    records its /tensors too (the GEMMs always do). keys: the tokens attended (default the
+    prompt's; the attention GEMMs and the softmax span them)."""
     Q = Q or P
     try:
-        return _kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, steps, Q, batch, record, lm_rows)
+        return _kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, steps, Q, batch, record, lm_rows, keys)
     except WseError as e:
         if "--prompt-len" in str(e) or "SRAM" not in str(e):
             raise
@@ -193,18 +198,20 @@ def stationary_block(spec: ModelSpec, cfg: WaferConfig, P: int, Q: int, prompt: 
 
 def _kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str,
                   lm_width: int | None, steps: int | None, Q: int, batch: int | None, record: bool = False,
-                  lm_rows: int | None = None) -> tuple[Trace, dict[str, int]]:
+                  lm_rows: int | None = None, keys: int | None = None) -> tuple[Trace, dict[str, int]]:
     if prompt < max(P, Q):
         raise WseError(f"--prompt-len {prompt} is shorter than the region's longer side {max(P, Q)}: every row "
                        "(and every key column) needs a token")
     H, S = spec.hidden_size, prompt
     if name == "lm_head":
         return gemv_trace(H, spec.vocab_size, lm_width or P, lm_rows or P, cfg)
+    if keys is not None and not S <= keys <= MAX_CONTEXT:
+        raise WseError(f"prefill keys {keys}: from the prompt's {S} tokens to {MAX_CONTEXT:,}")
     if name == "elementwise":
-        return elementwise(spec, P, S, cfg, Q=Q, record=record)
+        return elementwise(spec, P, S, cfg, Q=Q, record=record, keys=keys)
     if name not in kernel_names(spec):
         raise WseError(f"{spec.name} has no prefill kernel {name!r}")
-    mm, k, n, a, b = _gemm_shape(spec, S, name)
+    mm, k, n, a, b = _gemm_shape(spec, S, name, keys)
     how = mapping(algo, P, Q, name)
     if how != "stationary":
         return gemm_trace(mm, k, n, P, cfg, how, a, b, steps=steps, Q=Q)
@@ -216,9 +223,10 @@ def _kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: 
                 "sram_bytes_per_pe": f["sram_bytes_per_pe"]}
 
 
-def _gemm_shape(spec: ModelSpec, S: int, name: str) -> tuple[int, int, int, bool, bool]:
-    """(m, k, n, align A, align B) of a prefill GEMM kernel for an S-token prompt."""
-    H = spec.hidden_size
+def _gemm_shape(spec: ModelSpec, S: int, name: str, keys: int | None = None) -> tuple[int, int, int, bool, bool]:
+    """(m, k, n, align A, align B) of a prefill GEMM kernel for an S-token prompt whose queries
+    attend `keys` tokens (default S)."""
+    H, K = spec.hidden_size, keys or S
     ffn = ffn_width(spec)
     m = spec.mla  # MLA: the latent form without weight absorption, keys and values materialized
     shapes = {  # (the KV latent plus the shared RoPE key: what the cache holds per token)
@@ -226,8 +234,8 @@ def _gemm_shape(spec: ModelSpec, S: int, name: str) -> tuple[int, int, int, bool
         "q_b": lambda: (S, m.q_lora_rank, spec.q_size, True, False),
         "kv_b": lambda: (S, m.kv_lora_rank, spec.heads * (m.qk_nope_head_dim + m.v_head_dim), True, False),
         "qkv": lambda: (S, H, spec.q_size + 2 * spec.kv_size, True, False),
-        "scores": lambda: (S, spec.q_size, S, True, True),
-        "values": lambda: (S, S, spec.attn_out_size, True, True),
+        "scores": lambda: (S, spec.q_size, K, True, True),
+        "values": lambda: (S, K, spec.attn_out_size, True, True),
         "o": lambda: (S, spec.attn_out_size, H, True, False),
         "gate_up": lambda: (S, H, 2 * ffn, True, False),
         "down": lambda: (S, ffn, H, True, False),
@@ -241,18 +249,18 @@ def is_gemm(name: str) -> bool:
 
 
 def gemm_steps(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str = "meshgemm",
-               Q: int | None = None) -> int:
+               Q: int | None = None, keys: int | None = None) -> int:
     """How many steps a MeshGEMM/Cannon/SUMMA prefill kernel takes on a P x Q region: P, or
     SUMMA's panel count."""
     Q = Q or P
     if mapping(algo, P, Q, name) != "summa":
         return P
-    m, k, n, _, _ = _gemm_shape(spec, prompt, name)
+    m, k, n, _, _ = _gemm_shape(spec, prompt, name, keys)
     return summa_panels(m, k, n, P, Q, cfg)
 
 
 def pieces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str = "meshgemm",
-           Q: int | None = None, prefix: int = 0) -> list[tuple[float, dict[str, int]]]:
+           Q: int | None = None, prefix: int = 0, keys: int | None = None) -> list[tuple[float, dict[str, int]]]:
     """What to simulate for a kernel and how its cycles follow: [(weight, kernel_trace keyword
     arguments)], cycles = sum of weight x simulated cycles. A weight-stationary GEMM: its token
     blocks (as few as fit, sizes differing by at most one), one after another (each starts when
@@ -267,12 +275,12 @@ def pieces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, al
         blocks = -(-prompt // stationary_block(spec, cfg, P, Q, prompt, name))
         lo, big = divmod(prompt, blocks)  # `big` blocks of lo + 1 tokens, the rest of lo
         return [(float(n), {"batch": size}) for n, size in ((big, lo + 1), (blocks - big, lo)) if n]
-    T = gemm_steps(spec, cfg, P, prompt, name, algo, Q)
+    T = gemm_steps(spec, cfg, P, prompt, name, algo, Q, keys)
     k1 = prefix // 2
     if prefix and mapping(algo, P, Q, name) == "summa":
         # its relays run up to `depth` steps ahead of the compute: the steps settle only once
         # several depths of them have filled the pipeline (docs/serving.md)
-        m, k, n, _, _ = _gemm_shape(spec, prompt, name)
+        m, k, n, _, _ = _gemm_shape(spec, prompt, name, keys)
         k1 = max(k1, SUMMA_SETTLE_DEPTHS * summa_depth(m, k, n, P, Q, T, cfg))
     k2 = 2 * k1
     if not prefix or 2 * k2 >= T:

@@ -55,9 +55,9 @@ def latents(spec: ModelSpec) -> tuple[int, int]:
 class Cut:
     """How a prefill layer's vectors are cut over P columns and its tokens over Q rows."""
 
-    def __init__(self, spec: ModelSpec, P: int, Q: int, S: int, act: int):
-        self.S, self.act = S, act
-        self.Sr, self.Hc, self.Kc = split(S, Q), split(spec.hidden_size, P), split(S, P)
+    def __init__(self, spec: ModelSpec, P: int, Q: int, S: int, act: int, keys: int | None = None):
+        self.S, self.act, self.K = S, act, keys or S
+        self.Sr, self.Hc, self.Kc = split(S, Q), split(spec.hidden_size, P), split(self.K, P)
         self.lat_c = split(sum(latents(spec)), P)
         n, d = rope_vectors(spec)
         self.rope_pairs = split(n * (d // 2), P)  # the concatenated vectors' pairs over the columns
@@ -67,12 +67,13 @@ class Cut:
 
 
 def elementwise(spec: ModelSpec, P: int, S: int, cfg: WaferConfig, algo: str = "two-level", Q: int | None = None,
-                act: int | None = None, record: bool = False) -> tuple[Trace, dict[str, int]]:
+                act: int | None = None, record: bool = False, keys: int | None = None) -> tuple[Trace, dict[str, int]]:
     """The elementwise kernel of one prefill layer of an S-token prompt on a P x Q region (Q = P
-    by default; act: the FFN width, default the model's); record: with its /tensors."""
+    by default; act: the FFN width, default the model's; keys: the tokens its softmax spans,
+    default S); record: with its /tensors."""
     from .prefill import ffn_width
     Q = Q or P
-    c = Cut(spec, P, Q, S, act or ffn_width(spec))
+    c = Cut(spec, P, Q, S, act or ffn_width(spec), keys)
     heads, (ql, kl) = spec.heads, latents(spec)
     sm, hm, km, lm, pm, am = (max(v) for v in (c.Sr, c.Hc, c.Kc, c.lat_c, c.rope_pairs, c.act_c))
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
@@ -94,9 +95,11 @@ def elementwise(spec: ModelSpec, P: int, S: int, cfg: WaferConfig, algo: str = "
     buf["zeros"] = mem.alloc("zeros", n_scal * ELEM, "constants", 0)
     buf["scal"] = mem.alloc("scal", n_scal * ELEM, "scratch", 4)
     buf["tmp"] = mem.alloc("tmp", n_scal * ELEM, "scratch", 0)
-    fit_check(mem, cfg, f"{spec.name} prefill elementwise kernel (S={S}) on {P}x{Q}")
+    fit_check(mem, cfg, f"{spec.name} prefill elementwise kernel (S={S}{'' if c.K == S else f', keys {c.K}'}) "
+                        f"on {P}x{Q}")
     region = Region(0, 0, P, Q)
-    b = MeshBuilder(P, Q, 2, kernel="prefill-elementwise", **model_meta(spec), prompt=S, act=c.act)
+    b = MeshBuilder(P, Q, 2, kernel="prefill-elementwise", **model_meta(spec), prompt=S, act=c.act,
+                    **({"keys": c.K} if c.K != S else {}))
     rx = reducers(region, b, DecodeParams(algo=algo))[X]
     prog = RegionProgram(region, 2)
     prog.add_roles(X, [(c.Hc[i], c.Kc[i], _lat_split(c, i, ql), c.rope_pairs[i], c.act_c[i], rx.role(i))
@@ -194,11 +197,11 @@ def _softmax(out: dict, rx, role, buf: dict, sj: int, heads: int, ki: int) -> No
 def elementwise_flops(spec: ModelSpec, c: Cut, P: int) -> dict[str, int]:
     """Executed and model FLOPs of the kernel in closed form (the 1/RMS and 1/sum of each token
     are taken on every column: executed, not model)."""
-    S, H, heads = c.S, spec.hidden_size, spec.heads
+    S, K, H, heads = c.S, c.K, spec.hidden_size, spec.heads
     ql, kl = latents(spec)
     lat = 2 if ql or kl else 0  # the latents' two sums per token
     n, d = rope_vectors(spec)
-    once = (2 * 5 * S * H + 5 * S * (ql + kl) + 3 * S * n * d + (1 + 1 + EXP_FLOPS + 1 + 1) * S * S * heads
+    once = (2 * 5 * S * H + 5 * S * (ql + kl) + 3 * S * n * d + (1 + 1 + EXP_FLOPS + 1 + 1) * S * K * heads
             + (SILU_FLOPS + 1) * S * c.act + 2 * S * H)
     per_token = (2 + lat) * RSQRT_FLOPS * S + RECIP_FLOPS * S * heads  # on every column
     allreduce = (P - 1) * (2 * S + lat * S + 2 * S * heads)
@@ -241,7 +244,7 @@ def _record(t, spec: ModelSpec, c: Cut, buf: dict, P: int, Q: int) -> None:
                        ("inv_q_lora", K_INV_QA, 1 / max(ql, 1)), ("inv_kv_lora", K_INV_KV, 1 / max(kl, 1))):
         t.pieces(t.add(name, "constant", (1,), value=v), pe, buf["consts"] + k * ELEM, 1, 0)
     _record_rope(t, c, buf, pe, col, row, n, d)
-    sc_in, sc_out = t.add("scores", "input", (S, heads, S)), t.add("probs", "output", (S, heads, S))
+    sc_in, sc_out = t.add("scores", "input", (S, heads, c.K)), t.add("probs", "output", (S, heads, c.K))
     kc, k0 = np.array(c.Kc), np.array(c.k0)
     for tt in range(max(c.Sr)):
         for hh in range(heads):
@@ -249,7 +252,7 @@ def _record(t, spec: ModelSpec, c: Cut, buf: dict, P: int, Q: int) -> None:
             r = tt * heads + hh
             for k in (sc_in, sc_out):
                 t.pieces(k, pe[m], buf["sc"] + r * kc[col[m]] * ELEM, kc[col[m]],
-                         ((s0[row[m]] + tt) * heads + hh) * S + k0[col[m]])
+                         ((s0[row[m]] + tt) * heads + hh) * c.K + k0[col[m]])
     ac, a0 = np.array(c.act_c), np.array(c.a0)
     gu, act = t.add("gate_up", "input", (S, 2 * c.act)), t.add("act", "output", (S, c.act))
     for tt in range(max(c.Sr)):
