@@ -106,6 +106,8 @@ def test_a_chunks_attention_kernels_span_its_keys():
     assert chunk["model_flops"] - whole["model_flops"] == per_score * 64 * 128 * spec.heads
     # the key-free kernels do not change; keys below the chunk's own tokens are an error
     assert pf.kernel_trace(spec, cfg, 16, 64, "o", Q=16, keys=192)[1] == pf.kernel_trace(spec, cfg, 16, 64, "o", Q=16)[1]
+    with pytest.raises(WseError, match=r"--prefill-chunk 64 at 131,072 keys: the prefill scores kernel does not fit"):
+        pf.kernel_trace(spec, cfg, 16, 64, "scores", Q=16, keys=131_072)
     with pytest.raises(WseError, match="prefill keys 32"):
         pf.kernel_trace(spec, cfg, 16, 64, "scores", Q=16, keys=32)
 

@@ -79,6 +79,19 @@ def test_builder_program_ids_are_shared_by_identical_programs():
     assert int(np.count_nonzero(t.pe_program >= 0)) == 2
 
 
+def test_programs_pack_the_same_a_block_at_a_time(monkeypatch):
+    progs = {tuple(send(j % 3, 1 + i, 8 * j) for j in range(1 + i % 4)): i for i in range(11)}  # 26 ops
+    whole = T.pack_programs(progs)
+    monkeypatch.setattr(T, "PACK_BLOCK_OPS", 3)  # blocks that end inside programs, and a last short one
+    blocked = T.pack_programs(progs)
+    assert all(np.array_equal(whole[0][k], blocked[0][k]) and whole[0][k].dtype == blocked[0][k].dtype
+               for k in whole[0])
+    assert np.array_equal(whole[1], blocked[1]) and np.array_equal(whole[2], blocked[2])
+    assert len(whole[0]["opcode"]) == sum(len(p) for p in progs) == int(whole[2].sum())
+    with pytest.raises(TraceError, match="op field length"):
+        T.pack_programs({(send(0, 1 << 40, 0),): 0})
+
+
 def test_builder_rejects_an_empty_program():
     with pytest.raises(ValueError):
         TraceBuilder(2, 2).program([])

@@ -427,16 +427,26 @@ def _column(what: str, values, dt) -> np.ndarray:
     return np.asarray(a, dtype=dt)
 
 
+PACK_BLOCK_OPS = 1 << 22  # ops packed at a time: the int64 staging table stays ~370 MB however long the programs
+
+
 def pack_programs(programs: dict[tuple[Op, ...], int]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Deduplicated programs (ops -> program id) as op columns, program starts and lengths."""
-    progs = sorted(programs.items(), key=lambda kv: kv[1])
-    flat = [op for ops, _ in progs for op in ops]
-    lens = np.array([len(ops) for ops, _ in progs], dtype=np.int32)
-    starts = (np.cumsum(lens) - lens).astype(np.int32)
-    n = len(OP_COLUMNS)  # columns in Op field order; fromiter: ~4x np.array on a list of tuples
-    table = np.fromiter(itertools.chain.from_iterable(flat), dtype=np.int64, count=len(flat) * n).reshape(-1, n)
-    ops = {name: _column(f"op field {name}", table[:, i], dt) for i, (name, dt) in enumerate(OP_COLUMNS)}
-    return ops, starts, lens
+    """Deduplicated programs (ops -> program id) as op columns, program starts and lengths. The
+    columns are filled a block of ops at a time, so packing adds about their own size to the
+    programs' memory (a prefill GEMM prefix has hundreds of millions of ops)."""
+    progs = [ops for ops, _ in sorted(programs.items(), key=lambda kv: kv[1])]
+    lens = np.array([len(ops) for ops in progs], dtype=np.int32)
+    starts = (np.cumsum(lens, dtype=np.int64) - lens).astype(np.int32)
+    total, n = int(lens.sum(dtype=np.int64)), len(OP_COLUMNS)  # columns in Op field order
+    cols = {name: np.empty(total, dtype=dt) for name, dt in OP_COLUMNS}
+    stream = itertools.chain.from_iterable(progs)
+    for at in range(0, total, PACK_BLOCK_OPS):
+        k = min(PACK_BLOCK_OPS, total - at)  # fromiter: ~4x np.array on a list of tuples
+        table = np.fromiter(itertools.chain.from_iterable(itertools.islice(stream, k)), dtype=np.int64,
+                            count=k * n).reshape(-1, n)
+        for i, (name, dt) in enumerate(OP_COLUMNS):
+            cols[name][at:at + k] = _column(f"op field {name}", table[:, i], dt)
+    return cols, starts, lens
 
 
 class TraceBuilder:

@@ -36,11 +36,11 @@ def _u(i):
 def complete_op(p, h, t, grp, F, I, n_tags, max_events, T, n_colors):
     """Thread h of PE p completed its op at cycle t: count it whole (counters, per-tag
     statistics of group grp, the PE's event log) and load its next op, which starts at t + 1."""
-    th, pe, ot, acc = F.th, F.pe, F.ot, F.acc
+    th, pe, ot, om, acc = F.th, F.pe, F.ot, F.omap, F.acc
     P = F.finish.shape[0]
     hb = (p * T + h) << 3
     op = th[_u(hb + TH_OP)]
-    ob = op * OT_FIELDS
+    ob = om[_u(op)] * OT_FIELDS
     n = ot[_u(ob + OT_LENGTH)]
     if n != 0:
         acc[_u(A_FLOPS * P + p)] += n * ot[_u(ob + OT_FLOPS)]
@@ -77,7 +77,7 @@ def complete_op(p, h, t, grp, F, I, n_tags, max_events, T, n_colors):
     op += 1
     th[_u(hb + TH_OP)] = op
     if op < th[_u(hb + TH_END)]:
-        ob = op * OT_FIELDS
+        ob = om[_u(op)] * OT_FIELDS
         th[_u(hb + TH_LEFT)] = ot[_u(ob + OT_LENGTH)]
         th[_u(hb + TH_SETUP)] = ot[_u(ob + OT_SETUP)]
         th[_u(hb + TH_CTRL)] = ot[_u(ob + OT_CTRL)]
@@ -96,7 +96,7 @@ def local_compute(ctrl):
 
 
 @hot
-def chain_end(p, h, t, T, th, ot):
+def chain_end(p, h, t, T, th, ot, om):
     """Cycle of the last step of the run of local compute ops thread h is in, the current op
     (mid-op after cycle t's step) and the following ones: each next op costs its setup and
     one cycle per step."""
@@ -106,7 +106,7 @@ def chain_end(p, h, t, T, th, ot):
     op = th[_u(hb + TH_OP)] + 1
     stop = th[_u(hb + TH_END)]
     while op < stop:
-        ob = op * OT_FIELDS
+        ob = om[_u(op)] * OT_FIELDS
         if not local_compute(ot[_u(ob + OT_CTRL)]):
             break
         w = ot[_u(ob + OT_WIDTH)]
@@ -215,7 +215,7 @@ def fold(t, F, I, A, n_tags, max_events, T, n_colors, R, pe_cnt, link_cnt, regio
                 for h in range(T):
                     hb = (p * T + h) << 3
                     if (F.th[hb + TH_CTRL] & CTRL_CODE) != CODE_DONE:
-                        ob = F.th[hb + TH_OP] * OT_FIELDS
+                        ob = F.omap[_u(F.th[hb + TH_OP])] * OT_FIELDS
                         flops += (F.ot[ob + OT_LENGTH] - F.th[hb + TH_LEFT]) * F.ot[ob + OT_FLOPS]
                 if full:
                     for c in range(n_cls):

@@ -184,6 +184,7 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
     cyc = F.cyc
     finish = F.finish
     ot = F.ot
+    om = F.omap
     th_start = I.th_start
     sleep_until = F.sleep_until
     sleep_from = F.sleep_from
@@ -368,7 +369,7 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
                     elif stepped == 1 and ff_h >= 0 and not st_sram:
                         # one thread computes from SRAM alone, the others wait for events or setup:
                         # it steps identically until its op's last step or the first setup ends
-                        until = chain_end(p, ff_h, t, T, th, ot)
+                        until = chain_end(p, ff_h, t, T, th, ot, om)
                         if setup and t + 1 + min_setup < until:
                             until = t + 1 + min_setup
                         pe[_u(pb + PE_SLEEP_THREAD)] = ff_h

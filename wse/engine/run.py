@@ -99,8 +99,8 @@ class _Run:
                  tile: tuple[int, int] | None = None,
                  timeline: tuple[int, int] = (TIMELINE_START_CYCLES, TIMELINE_MAX_SAMPLES)):
         self.trace, self.cfg, self.skip = trace, cfg, skip
-        S, C, ot = build_state(trace, cfg)
-        self.S, self.ot, self.F = S, ot, flat(S, ot)
+        S, C, ot, omap = build_state(trace, cfg)
+        self.S, self.ot, self.omap, self.F = S, ot, omap, flat(S, ot, omap)
         P = self.P = trace.n_pes
         if parallel is None:
             parallel = P >= PARALLEL_MIN_PES and (threads is None or threads > 1)
@@ -144,7 +144,7 @@ class _Run:
 
     def op_counters(self) -> np.ndarray:
         """[N_OP_COUNTERS, P]: completed ops' counters plus the finished part of ops in progress."""
-        return self.S.acc + _in_progress(self.S, self.ot)
+        return self.S.acc + _in_progress(self.S, self.ot, self.omap)
 
     def sample(self) -> None:
         flops, in_flight = accounting.totals(self.A)
@@ -219,7 +219,7 @@ class _Run:
         pe_cnt[:, isa.C_FLOPS:isa.C_OPS + 1] = self.op_counters().T
         pe_cnt[:, isa.C_FINISH] = S.finish
         pe_cnt[:, isa.C_PEAK_QUEUE] = S.pe[:, L.PE_PEAK]
-        stuck = [] if stop == isa.STOP_COMPLETE else stuck_report(trace, S, self.ot)
+        stuck = [] if stop == isa.STOP_COMPLETE else stuck_report(trace, S, self.ot, self.omap)
         return EngineResult(
             total_cycles=self.t, stop=stop,
             pe_counters=pe_cnt.reshape(H, W, isa.N_PE_COUNTERS),
@@ -388,7 +388,7 @@ def pe_regions(trace: Trace) -> tuple[list[str], np.ndarray]:
     return names, label[inverse.reshape(-1)]
 
 
-def _in_progress(S: State, ot: np.ndarray) -> np.ndarray:
+def _in_progress(S: State, ot: np.ndarray, omap: np.ndarray) -> np.ndarray:
     """Per-op counters [N_OP_COUNTERS, P] of the finished elements of ops still in progress.
 
     The kernel counts an op's elements when it completes; a run that stops early adds these.
@@ -397,7 +397,7 @@ def _in_progress(S: State, ot: np.ndarray) -> np.ndarray:
     live = (S.th[:, :, L.TH_CTRL] & L.CTRL_CODE) != L.CODE_DONE
     if not live.any() or not len(ot):
         return out
-    row = ot[np.where(live, S.th[:, :, L.TH_OP], 0)]
+    row = ot[omap[np.where(live, S.th[:, :, L.TH_OP], 0)]]
     n = np.where(live, row[:, :, L.OT_LENGTH] - S.th[:, :, L.TH_LEFT], 0)
     for a, col in ((L.A_FLOPS, L.OT_FLOPS), (L.A_SRAM_READ, L.OT_RBYTES), (L.A_SRAM_WRITE, L.OT_WBYTES),
                    (L.A_SENT, L.OT_SEND), (L.A_RECEIVED, L.OT_RECV)):
@@ -405,7 +405,7 @@ def _in_progress(S: State, ot: np.ndarray) -> np.ndarray:
     return out
 
 
-def stuck_report(trace: Trace, S: State, ot: np.ndarray, limit: int = 20) -> list[str]:
+def stuck_report(trace: Trace, S: State, ot: np.ndarray, omap: np.ndarray, limit: int = 20) -> list[str]:
     """Human-readable lines naming unfinished threads and queues that still hold wavelets."""
     W = trace.mesh_width
     lines: list[str] = []
@@ -413,7 +413,7 @@ def stuck_report(trace: Trace, S: State, ot: np.ndarray, limit: int = 20) -> lis
         for h in range(S.th.shape[1]):
             rec = S.th[p, h]
             if rec[L.TH_CTRL] & L.CTRL_CODE != L.CODE_DONE:
-                lines.append(f"PE ({p % W}, {p // W}) thread {h}: {_waiting_on(trace, S, ot, int(p), rec)}")
+                lines.append(f"PE ({p % W}, {p // W}) thread {h}: {_waiting_on(trace, S, ot[omap[int(rec[L.TH_OP])]], int(p), rec)}")
     colors = np.full(S.q.shape[:2], -1, dtype=np.int64)
     pp, cc = np.nonzero(S.color_slot >= 0)
     colors[pp, S.color_slot[pp, cc]] = cc
@@ -428,9 +428,8 @@ def stuck_report(trace: Trace, S: State, ot: np.ndarray, limit: int = 20) -> lis
     return lines
 
 
-def _waiting_on(trace: Trace, S: State, ot: np.ndarray, p: int, rec: np.ndarray) -> str:
+def _waiting_on(trace: Trace, S: State, row: np.ndarray, p: int, rec: np.ndarray) -> str:
     op = int(rec[L.TH_OP])
-    row = ot[op]
     desc = f"op {op - int(trace.prog_start[np.searchsorted(trace.prog_start, op, 'right') - 1])} " \
            f"({trace.op(op).describe()})"
     if rec[L.TH_SETUP] > 0:

@@ -61,14 +61,15 @@ class Flat(NamedTuple):
     finish: np.ndarray
     sleep_until: np.ndarray
     sleep_from: np.ndarray
-    ot: np.ndarray
+    ot: np.ndarray  # per distinct op (its tag included): OT_FIELDS constants
+    omap: np.ndarray  # per op of the trace: its row of ot
 
 
-def flat(S: State, ot: np.ndarray) -> Flat:
+def flat(S: State, ot: np.ndarray, omap: np.ndarray) -> Flat:
     """Flat views of the state (shared memory: kernel writes land in S)."""
     views = [a.reshape(-1) for a in S]
     assert all(np.shares_memory(v, a) for v, a in zip(views, S) if a.size)
-    return Flat(*views, np.ascontiguousarray(ot).reshape(-1))
+    return Flat(*views, np.ascontiguousarray(ot).reshape(-1), omap)
 
 
 class Ins(NamedTuple):
@@ -163,8 +164,11 @@ def staggered(arrays: dict[str, np.ndarray | tuple]) -> dict[str, np.ndarray]:
     return out
 
 
-def op_constants(trace: Trace, cfg: WaferConfig) -> np.ndarray:
-    """Configuration-dependent per-op constants (docs/model.md, 'Ops'): int64 [n_ops, OT_FIELDS]."""
+def op_constants(trace: Trace, cfg: WaferConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Configuration-dependent per-op constants (docs/model.md, 'Ops'): (int64 [n_distinct,
+    OT_FIELDS] per distinct op, its tag included; int32 [n_ops] each op's row). Programs repeat
+    a few thousand distinct ops hundreds of millions of times in a big prefill GEMM, so the table
+    is kept per distinct op and each op holds an index into it."""
     reps, inverse = distinct_ops(trace)
     ot = np.zeros((len(reps), L.OT_FIELDS), dtype=np.int64)
     for u, i in enumerate(reps):  # once per distinct op (all columns but the tag)
@@ -192,9 +196,14 @@ def op_constants(trace: Trace, cfg: WaferConfig) -> np.ndarray:
         two = len(reads) == 2 and (cfg.sram_read_ports < 2 or _banks_conflict(reads[0][0], reads[1][0], cfg))
         row[L.OT_CTRL] = L.ctrl_word(op.opcode, two, 1 if two else 0, 1 if two else len(reads),
                                      len(writes), op.sem)
-    ot = ot[inverse]
-    ot[:, L.OT_TAG] = trace.ops["tag"]
-    return ot
+    tag = trace.ops["tag"]
+    if not len(tag):
+        return ot, np.zeros(0, dtype=np.int32)
+    _, first, omap = np.unique(inverse.astype(np.int64) * (int(tag.max()) + 1) + tag, return_index=True,
+                               return_inverse=True)  # (content, tag) pairs, exactly
+    ot = ot[inverse[first]]
+    ot[:, L.OT_TAG] = tag[first]
+    return ot, omap.reshape(-1).astype(np.int32)
 
 
 def _banks_conflict(a0: int, a1: int, cfg: WaferConfig) -> bool:
@@ -203,8 +212,9 @@ def _banks_conflict(a0: int, a1: int, cfg: WaferConfig) -> bool:
     return group(a0) == group(a1)
 
 
-def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarray]:
-    """Initial engine state, constants and op table for a validated trace on a configuration."""
+def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarray, np.ndarray]:
+    """Initial engine state, constants, op table and op map (op_constants) for a validated trace
+    on a configuration."""
     W, H, T = trace.mesh_width, trace.mesh_height, trace.threads
     P = W * H
     r = trace.routes
@@ -253,7 +263,7 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
         rt[pe[m], slot[m], L.RT_DOWNQ] = (nb * R + dslot) * L.Q_FIELDS
     rt[pe[n_links > 1], slot[n_links > 1], L.RT_DOWNQ] = -2
 
-    ot = op_constants(trace, cfg)
+    ot, omap = op_constants(trace, cfg)
     pp = trace.pe_program.reshape(P, T)
     has = pp >= 0
     safe = np.where(has, pp, 0)
@@ -267,13 +277,14 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     th[:, :, L.TH_OUT] = -1
     th[:, :, L.TH_CTRL] = L.CODE_DONE
     if len(ot):  # the first op's constants, gathered a column at a time
+        row0 = omap[op0]
         for field, col in ((L.TH_LEFT, L.OT_LENGTH), (L.TH_SETUP, L.OT_SETUP), (L.TH_CTRL, L.OT_CTRL),
                            (L.TH_WIDTH, L.OT_WIDTH)):
-            th[:, :, field] = np.where(has, ot[op0, col], th[:, :, field])
+            th[:, :, field] = np.where(has, ot[row0, col], th[:, :, field])
         pes = np.broadcast_to(np.arange(P)[:, None], has.shape)
         for field, col, flag in ((L.TH_IN, L.OT_CIN, L.OT_RECV), (L.TH_OUT, L.OT_COUT, L.OT_SEND)):
-            use = has & (ot[op0, flag] != 0)
-            th[:, :, field] = np.where(use, color_slot[pes, np.where(use, ot[op0, col], 0)], -1)
+            use = has & (ot[row0, flag] != 0)
+            th[:, :, field] = np.where(use, color_slot[pes, np.where(use, ot[row0, col], 0)], -1)
 
     pe_rec = arrays["pe"]
     pe_rec[:, L.PE_ROUTES] = n_routes
@@ -283,4 +294,4 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     consts = Consts(W, R, T, max(cfg.colors, 1), cfg.queue_depth_wavelets, cfg.hop_latency_cycles,
                     cfg.ramp_latency_cycles, cfg.link_wavelets_per_cycle,
                     cfg.sram_read_ports, cfg.sram_write_ports)
-    return state, consts, ot
+    return state, consts, ot, omap

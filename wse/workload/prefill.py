@@ -160,9 +160,10 @@ def kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: s
     try:
         return _kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, steps, Q, batch, record, lm_rows, keys)
     except WseError as e:
-        if "--prompt-len" in str(e) or "SRAM" not in str(e):
+        if "--prompt-len" in str(e) or "--prefill-chunk" in str(e) or "SRAM" not in str(e):
             raise
-        raise WseError(f"--prompt-len {prompt}: the prefill {name} kernel does not fit a {P}x{Q} region: {e}") from None
+        what = f"--prompt-len {prompt}" if keys in (None, prompt) else f"--prefill-chunk {prompt} at {keys:,} keys"
+        raise WseError(f"{what}: the prefill {name} kernel does not fit a {P}x{Q} region: {e}") from None
 
 
 ATTENTION_GEMMS = ("scores", "values")  # activations times activations: no stationary weights
