@@ -374,19 +374,56 @@ def op_location(t: Trace, op_index: int) -> str:
     return f"op {op_index} ({desc}, in no PE's program)"
 
 
-def distinct_ops(t: Trace, idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Ops that differ in any column but the tag: (representatives, inverse).
+DISTINCT_BLOCK_OPS = 1 << 22  # ops coded at a time by distinct_ops: its temporaries stay bounded
+
+
+def distinct_ops(t: Trace, idx: np.ndarray | None = None, tag: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Ops that differ in any column but the tag (tag=True: in any column): (representatives, inverse).
 
     representatives[u] is the first op index (in `idx` order; default all ops) with distinct
-    content u; inverse[j] is the content of op idx[j]. Traces repeat the same few ops on
-    thousands of PEs, so per-op work done once per distinct op is exact and fast.
-    """
-    idx = np.arange(len(t.ops["opcode"])) if idx is None else idx
-    if not len(idx):
+    content u, the contents ranked in the columns' lexicographic order; inverse[j] is the content
+    of op idx[j]. Traces repeat the same few ops on thousands of PEs, so per-op work done once
+    per distinct op is exact and fast. Each op's columns are packed into one or more 64-bit words
+    by the columns' value ranges and the ops are coded a block at a time (their distinct words
+    merged, then each block's looked up), so a trace of hundreds of millions of ops needs a few
+    bytes an op, not a sort of all of them."""
+    n = len(t.ops["opcode"]) if idx is None else len(idx)
+    if not n:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    codes = row_codes([t.ops[name][idx] for name, _ in OP_COLUMNS if name != "tag"])
-    _, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
-    return idx[first], inverse.reshape(-1)
+    cols = [t.ops[name] for name, _ in OP_COLUMNS if tag or name != "tag"]
+    words: list[list[tuple[np.ndarray, int, int]]] = [[]]  # per word: (column, lowest value, bits)
+    bits = 0
+    for c in cols:
+        lo = int(c.min())
+        width = max(1, (int(c.max()) - lo).bit_length())
+        if bits + width > 63:
+            words.append([])
+            bits = 0
+        words[-1].append((c, lo, width))
+        bits += width
+    dtype = np.dtype([(f"w{k}", np.uint64) for k in range(len(words))])
+
+    def keys(a: int, b: int) -> np.ndarray:
+        sel = slice(a, b) if idx is None else idx[a:b]
+        out = np.zeros(b - a, dtype=dtype)
+        for k, word in enumerate(words):
+            w = np.zeros(b - a, dtype=np.uint64)
+            for c, lo, width in word:
+                w = (w << np.uint64(width)) | (c[sel].astype(np.int64) - lo).astype(np.uint64)
+            out[f"w{k}"] = w
+        return out
+    spans = [(a, min(n, a + DISTINCT_BLOCK_OPS)) for a in range(0, n, DISTINCT_BLOCK_OPS)]
+    found, firsts = [], []
+    for a, b in spans:
+        u, first = np.unique(keys(a, b), return_index=True)
+        found.append(u)
+        firsts.append(first + a)
+    uniq, pos = np.unique(np.concatenate(found), return_index=True)  # (blocks in order: the earliest op wins)
+    reps = np.concatenate(firsts)[pos]
+    inverse = np.empty(n, dtype=np.int64)
+    for a, b in spans:
+        inverse[a:b] = np.searchsorted(uniq, keys(a, b))
+    return (reps if idx is None else np.asarray(idx)[reps]).astype(np.int64), inverse
 
 
 def row_codes(columns: list[np.ndarray]) -> np.ndarray:

@@ -169,9 +169,9 @@ def op_constants(trace: Trace, cfg: WaferConfig) -> tuple[np.ndarray, np.ndarray
     OT_FIELDS] per distinct op, its tag included; int32 [n_ops] each op's row). Programs repeat
     a few thousand distinct ops hundreds of millions of times in a big prefill GEMM, so the table
     is kept per distinct op and each op holds an index into it."""
-    reps, inverse = distinct_ops(trace)
+    reps, inverse = distinct_ops(trace, tag=True)
     ot = np.zeros((len(reps), L.OT_FIELDS), dtype=np.int64)
-    for u, i in enumerate(reps):  # once per distinct op (all columns but the tag)
+    for u, i in enumerate(reps):  # once per distinct op and tag
         op = trace.op(int(i))
         reads, writes = isa.op_streams(op.opcode, op.kind, op.dtype, op.dst, op.src0, op.src1)
         row = ot[u]
@@ -196,14 +196,8 @@ def op_constants(trace: Trace, cfg: WaferConfig) -> tuple[np.ndarray, np.ndarray
         two = len(reads) == 2 and (cfg.sram_read_ports < 2 or _banks_conflict(reads[0][0], reads[1][0], cfg))
         row[L.OT_CTRL] = L.ctrl_word(op.opcode, two, 1 if two else 0, 1 if two else len(reads),
                                      len(writes), op.sem)
-    tag = trace.ops["tag"]
-    if not len(tag):
-        return ot, np.zeros(0, dtype=np.int32)
-    _, first, omap = np.unique(inverse.astype(np.int64) * (int(tag.max()) + 1) + tag, return_index=True,
-                               return_inverse=True)  # (content, tag) pairs, exactly
-    ot = ot[inverse[first]]
-    ot[:, L.OT_TAG] = tag[first]
-    return ot, omap.reshape(-1).astype(np.int32)
+        row[L.OT_TAG] = op.tag
+    return ot, inverse.astype(np.int32)
 
 
 def _banks_conflict(a0: int, a1: int, cfg: WaferConfig) -> bool:
