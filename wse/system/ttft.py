@@ -69,7 +69,7 @@ def prefill_chunked(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan
     for i, plan in enumerate(plans):
         shape = (plan.P, plan.Q)
         parts = chunks(prompt, chunk, plan.P, plan.Q)
-        if shape not in per_shape or i == len(plans) - 1:
+        if shape not in per_shape:  # (every shape's LM head kernel is the last wafer's head region's)
             shared = SharedKernels(lambda tokens, keys, plan=plan: prefill_kernels(
                 spec, cfg, plan.P, tokens, lm_width, simulate, f"{spec.name} prefill on {plan.P}x{plan.Q}", fanout,
                 prefix=prefix, Q=plan.Q, lm_rows=lm_rows, keys=keys))
