@@ -59,7 +59,7 @@ PE_ARRIVE = 12  # 12 + port: bit k, a wavelet travelling through `port` enters s
 #                 (written in phase 1 by the neighbour it comes from, cleared in phase 2)
 PE_FIELDS = 16
 
-# ot[op, :] int64 - per-op constants for a configuration
+# ot[omap[op], :] int64 - per-op constants for a configuration, one row per distinct op and tag
 OT_CODE = 0
 OT_LENGTH = 1  # elements
 OT_CIN = 2  # color received from, else -1

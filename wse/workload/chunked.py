@@ -63,8 +63,6 @@ def interpolate(xs: Sequence[int], ys: Sequence[float], x: int) -> float:
     for k in range(len(xs) - 1):
         if xs[k] <= x <= xs[k + 1]:
             return ys[k] + (ys[k + 1] - ys[k]) * (x - xs[k]) / (xs[k + 1] - xs[k])
-    if len(xs) == 1 and x == xs[0]:
-        return ys[0]
     raise ValueError(f"{x} outside {xs[0]}..{xs[-1]}")
 
 
@@ -117,10 +115,11 @@ class SharedKernels:
         def kernels(names: list[str]):
             todo = [n for n in names if n in KEY_KERNELS or (tokens, n) not in self.memo]
             got = {item[0]: item for item in inner(todo)} if todo else {}
-            for n in names:
+            for n, item in got.items():
                 if n not in KEY_KERNELS:
-                    got[n] = self.memo.setdefault((tokens, n), got.get(n) or self.memo[(tokens, n)])
-                yield got[n]
+                    self.memo[(tokens, n)] = item
+            for n in names:
+                yield got[n] if n in KEY_KERNELS else self.memo[(tokens, n)]
         return kernels
 
 
