@@ -119,6 +119,9 @@ def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Cal
               help="flash: cached tokens per block and column (0: automatic)")
 @click.option("--norms", type=click.Choice(["fused", "separate"]), default="fused", show_default=True,
               help="RMSNorm sums in the next GEMV's all-reduce (fused) or their own")
+@click.option("--allreduce", type=click.Choice(["auto", "two-level", "chain"]), default="auto", show_default=True,
+              help="line all-reduces in the layer regions: two-level, with long vectors in one two-way chain "
+                   "(auto), always two-level, or one chain to the line's end")
 @click.option("--generate", type=int, default=1, show_default=True,
               help="tokens generated from --context: TPOT as the context grows (simulated at the first, middle "
                    "and last token; wafers hold the last token's KV cache)")

@@ -99,7 +99,7 @@ def check_options(system: SystemConfig, *, model: str, wafers: str | int = "pres
         raise WseError(f"--generate {generate} must be at least 1")
     load_model(model)
     DecodeParams(batch=batch, context=context, expert_skew=expert_skew, weights=weights or None,
-                 **{k: v for k, v in kw.items() if k in _PARAM_KEYS})
+                 algo=kw.get("allreduce", "auto"), **{k: v for k, v in kw.items() if k in _PARAM_KEYS})
     if context + generate - 1 > MAX_CONTEXT:
         raise WseError(f"--context {context} + --generate {generate}: the last token's context exceeds "
                        f"{MAX_CONTEXT:,}")
@@ -118,7 +118,8 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
                slot_shape: str = "tall", uniform_slots: bool = False, weights: str | None = None,
                attention: str = "flash", attention_block: int = 0, norms: str = "fused", generate: int = 1,
                fanout: Fanout | None = None, prefill_steps: int = 16, dense_ffn: str = "auto",
-               tables: str = "auto", prefill_chunk: int = 0, prefill_samples: int = 3) -> SystemJob:
+               tables: str = "auto", prefill_chunk: int = 0, prefill_samples: int = 3,
+               allreduce: str = "auto") -> SystemJob:
     """Simulate the wafer system, evaluate the GPU model, and tabulate both (fanout: where the
     stage simulations run and the cache they share, pool.Fanout). generate > 1: the wafers
     hold the KV cache of the generation's last token, and the step is also simulated there and
@@ -127,7 +128,7 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     params = DecodeParams(batch=batch, context=context, expert_skew=expert_skew, moe_mapping=moe_mapping,
                           experts_per_region=experts_per_region, slot_shape=slot_shape, uniform_slots=uniform_slots,
                           weights=weights, attention=attention, attention_block=attention_block, norms=norms,
-                          dense_ffn=dense_ffn, tables=tables)
+                          dense_ffn=dense_ffn, tables=tables, algo=allreduce)
     gw = weights_for(spec, weights_of(spec, weights))  # the GPU nodes store the weights alike
     if generate < 1:
         raise WseError(f"--generate {generate} must be at least 1")

@@ -24,6 +24,9 @@ SEM_REDUCE = 0  # semaphore: thread 1 tells thread 0 that the upper-side partial
 # ... and thread 0 tells thread 1 it has added it: tmp may take the next one (without this, a root
 # combining two upper sides, or a later all-reduce, could overwrite tmp before it was read)
 SEM_TMP_FREE = 4
+# ... and, at a group root above the final root of a line that also runs the flat variant, thread 0
+# tells thread 1 that it has taken its last flat-chain wavelet on the color thread 1 receives next
+SEM_FLAT_CLEAR = 5
 
 
 def default_groups(n: int) -> int:
@@ -61,7 +64,8 @@ class LineAllReduce:
     """All-reduce of a vector held by every position of a line; the result lands everywhere."""
 
     def __init__(self, n: int, colors: ReduceColors, groups: int | None = None, root: str = "middle",
-                 segments: bool = False):
+                 segments: bool = False, flat_latency: tuple[int, int] | None = None,
+                 root_at: int | None = None):
         self.n = n
         self.segments = segments  # also route the per-group all-reduce (segment_ops)
         self.colors = colors
@@ -74,13 +78,44 @@ class LineAllReduce:
         a = 0
         for s in sizes:
             b = a + s
-            r = b - 1 if root == "end" else (a + b - 1) // 2
+            r = b - 1 if root == "end" else (a + b - 1) // 2 if root_at is None else root_at
             self.bounds.append((a, b, r))
             a = b
         self.roots = [r for _, _, r in self.bounds]
         self.mid = self.groups - 1 if root == "end" else (self.groups - 1) // 2
         self.final_root = self.roots[self.mid]
         self.group_of = [g for g, (a, b, _) in enumerate(self.bounds) for _ in range(a, b)]
+        # flat_latency (hop, ramp cycles): vectors of at least flat_from elements take the flat
+        # variant, one two-way chain over the whole line to the final root, on the same colors
+        self.flat: LineAllReduce | None = None
+        self.flat_from: int | None = None
+        if flat_latency is not None and self.groups > 1 and not segments and root != "end":
+            self.flat = LineAllReduce(n, colors, groups=1, root_at=self.final_root)
+            self.flat_from = self.flat_threshold(*flat_latency)
+
+    def flat_threshold(self, hop_cycles: int, ramp_cycles: int) -> int:
+        """The vector length from which the flat variant (one two-way chain over the whole line
+        to the final root, then the same broadcast) is expected to finish first.
+
+        Both are pipelines limited by what their busiest PE, the final root, takes in over its
+        ramp: each chain side it combines brings m wavelets, so the two-level root takes in
+        (level-1 sides + level-2 sides) m and the flat root (its sides) m. The flat chain's
+        longer legs cost latency instead: hop + 2 ramps per PE it passes through (a receive-add-
+        forward), where the two-level's level-2 chains pass most PEs on the fabric alone (hop).
+        The broadcast is the same in both. So flat from m = extra latency / wavelets saved."""
+        stage = hop_cycles + 2 * ramp_cycles
+        f = self.final_root
+        flat = stage * max(f, self.n - 1 - f)
+        level1 = max(max(r - a, b - 1 - r) for a, b, r in self.bounds)
+        lo = [r for r in self.roots if r < f]
+        hi = [r for r in self.roots if r > f]
+        level2 = max((len(side) * 2 * ramp_cycles + abs(f - side[0 if side is lo else -1]) * hop_cycles
+                      for side in (lo, hi) if side), default=0)
+        a, b, _ = self.bounds[self.mid]
+        sides = lambda lo_n, hi_n: (lo_n > 0) + (hi_n > 0)  # noqa: E731
+        saved = sides(f - a, b - 1 - f) + sides(len(lo), len(hi)) - sides(f, self.n - 1 - f)
+        extra = flat - (stage * level1 + level2)
+        return max(1, -(-extra // saved)) if saved > 0 else 2 ** 62
 
     # ---- routes ------------------------------------------------------------------------------
 
@@ -128,6 +163,12 @@ class LineAllReduce:
                 add(c.bcast, i, HI, (RAMP,) + ((LO,) if i > 0 else ()))
             else:
                 add(c.bcast, i, LO, (RAMP,) + ((HI,) if i < self.n - 1 else ()))
+        if self.flat is not None:  # the flat chains use the level-1 colors as the groups do where both use one
+            for color, per in self.flat.routes().items():
+                for pos, route in per.items():
+                    if out.get(color, {}).setdefault(pos, route) != route:
+                        raise AssertionError(("flat all-reduce route conflict", color, pos))
+                    out.setdefault(color, {})[pos] = route
         return out
 
     def _segment_routes(self, add) -> None:
@@ -208,7 +249,8 @@ class LineAllReduce:
                 l2 = ("down", g == self.groups - 1)
             else:
                 l2 = ("root", g > 0, g < self.groups - 1)
-        return (i % 2, l1, g % 2 if i == r else 0, l2, i == self.final_root)
+        flat = self.flat.role(i) if self.flat is not None else None
+        return (i % 2, l1, g % 2 if i == r else 0, l2, flat, i == self.final_root)
 
     def ops(self, i: int, m: int, buf: int, tmp: int, kind: int = isa.KIND_ADD,
             dtype: int = isa.DTYPE_FP16) -> dict[int, list[Op]]:
@@ -228,12 +270,20 @@ class LineAllReduce:
         """
         if self.n == 1 or m == 0:
             return {t: list(v) for t, v in (at_root or {}).items()} if role[-1] else {}
-        par, l1, gpar, l2, final = role
+        par, l1, gpar, l2, flat, final = role
+        if self.flat_from is not None and m >= self.flat_from:  # one two-way chain to the final root
+            return self.flat.role_ops(flat, m, buf, tmp, kind, dtype, at_root)
         c = self.colors
         t0: list[Op] = []
         t1: list[Op] = []
+        # a group root above the final root takes its upper side on thread 1, on the color the flat
+        # variant's chain reaches it by on thread 0: not before thread 0 is past any flat call
+        guard = flat is not None and flat[1][0] == "down" and l1[0] == "root" and l1[2]
 
         def combine(lo_color: int | None, hi_color: int | None) -> None:
+            if guard and not t0 and hi_color is not None:
+                t0.append(signal(SEM_FLAT_CLEAR))
+                t1.append(wait(SEM_FLAT_CLEAR))
             if lo_color is not None:
                 t0.append(recv_compute(lo_color, kind, m, dst=buf, src0=buf, dtype=dtype))
             if hi_color is not None:

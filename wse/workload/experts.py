@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import WseError
+from ..hardware import WaferConfig
 from ..trace import Op, compute, recv, recv_compute_send, send, signal, wait
 from .collectives import LineBroadcast
 from .dispatch import ExpertRole
@@ -52,6 +53,7 @@ class ExpertPlan:
     shapes: dict[str, GemvShape]
     buf: dict[str, int]
     Q: int = 0  # rows (0: P)
+    cfg: WaferConfig | None = None  # the wafer (the auto all-reduce's latencies, region.reducers)
 
     def __post_init__(self) -> None:
         self.Q = self.Q or self.P
@@ -113,7 +115,7 @@ def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, 
     if dequant:
         alloc_scales(mem, shapes, {k: e1 - e0 for k in shapes})
     fit_check(mem, cfg, f"{spec.name} layer {layer} experts {e0}..{e1 - 1} on a {P}x{Q} region (batch {B})")
-    return ExpertPlan(spec, layer, experts, P, params, mem, Hc, f_r, shapes, buf, Q)
+    return ExpertPlan(spec, layer, experts, P, params, mem, Hc, f_r, shapes, buf, Q, cfg)
 
 
 def most_experts(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, Q: int | None = None) -> int:
@@ -163,7 +165,7 @@ def decode_experts(plan: ExpertPlan, region: Region, builder: MeshBuilder, role:
     spec, P, Q, B = plan.spec, plan.P, plan.Q, plan.params.batch
     Hc, f_r, b_ = plan.Hc, plan.f_r, plan.buf
     k = spec.moe.experts_per_token
-    red = reducers(region, builder, plan.params, plan.spec)
+    red = reducers(region, builder, plan.params, plan.spec, plan.cfg)
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [(i_chunk(Hc, i), red[X].role(i)) for i in range(P)])
     prog.add_roles(Y, [(i_chunk(f_r, j), red[Y].role(j)) for j in range(Q)])

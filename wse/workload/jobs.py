@@ -135,15 +135,15 @@ def model_trace(name: str, cfg: WaferConfig, phase: str = "decode", **kw) -> tup
 
 def _model_plan(name: str, cfg: WaferConfig, phase: str, **kw):
     from .decode import plan_model
-    from .params import DecodeParams
+    from .params import ALLREDUCE, DecodeParams
     from .models import load_model
     spec = load_model(name)
     region = kw.get("region")
     if region is not None and region[0] > region[1]:
         raise WseError("--region PxQ for a model needs Q >= P (at least as many rows as columns)")
-    algo = kw.get("algo") or "two-level"
-    if algo not in ("two-level", "chain"):
-        raise WseError(f"--algo {algo!r}: decode uses the all-reduce algorithms two-level or chain")
+    algo = kw.get("algo") or "auto"
+    if algo not in ALLREDUCE:
+        raise WseError(f"--algo {algo!r}: decode uses the all-reduce algorithms {', '.join(ALLREDUCE)}")
     params = DecodeParams(batch=kw.get("batch") or 1, context=kw.get("context") or 128,
                           token=kw.get("token") or 1, algo=algo, groups=kw.get("groups"),
                           expert_skew=kw.get("expert_skew") or 0.0, moe_mapping=kw.get("moe_mapping") or "auto",

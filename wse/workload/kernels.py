@@ -30,7 +30,7 @@ def allreduce(region: tuple[int, int], elements: int, axis: str, cfg: WaferConfi
     fit_check(mem, cfg, f"an all-reduce of {elements} elements")
     b = MeshBuilder(w, h, 2, kernel="allreduce", elements=elements, axis=axis, algo=algo)
     params = DecodeParams(algo=algo, groups=groups)
-    red = reducers(R, b, params)
+    red = reducers(R, b, params, cfg=cfg)
     ax = X if axis == "x" else Y
     prog = RegionProgram(R, 2)
     roles = [red[ax].role(p) for p in range(R.size(ax))]

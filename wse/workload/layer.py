@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import WseError
+from ..hardware import WaferConfig
 from ..trace import Op, compute
 from .attention import (HeadRows, attention_segments, attn_row, block_tokens, by_heads, classic_ops, flash_ops,
                         head_rows, owned_heads)
@@ -59,6 +60,7 @@ class LayerPlan:
     segments: int = 0  # flash: row blocks reducing their heads' scores (attention_segments)
     rows: HeadRows | None = None  # dense layers: the rows' KV heads and rotary pairs (attention.head_rows)
     part: str = "all"  # a dense layer split over two slots: "attention" (its layer region) or "ffn"
+    cfg: WaferConfig | None = None  # the wafer (the auto all-reduce's latencies, region.reducers)
 
     def __post_init__(self) -> None:
         self.Q = self.Q or self.P
@@ -161,7 +163,7 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         heads_r = hr.hb_r if hr else [spec.heads] * Q
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
     plan = LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, {}, {},
-                     routed or not moe, ms, Q, attention_segments(spec, Q, params), hr, part)
+                     routed or not moe, ms, Q, attention_segments(spec, Q, params), hr, part, cfg)
     _alloc_buffers(plan, _alloc_weights(plan))
     what = "" if part == "all" else f" ({part})"
     fit_check(mem, cfg, f"{spec.name} layer {layer}{what} on a {P}x{Q} region (batch {B}, context {T})")
@@ -424,7 +426,7 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     B = prm.batch
     b_ = plan.buf
     Hc, qkv_r, o_r, f_r, e_r = plan.Hc, plan.qkv_r, plan.o_r, plan.f_r, plan.e_r
-    red = reducers(region, builder, prm, spec)
+    red = reducers(region, builder, prm, spec, plan.cfg)
     ctx = LayerCtx(plan, red)
     h, yb, qkv = b_["h"], b_["y"], b_.get("qkv", 0)
     prog = RegionProgram(region, THREADS)

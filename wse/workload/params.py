@@ -9,6 +9,7 @@ from .precision import WEIGHTS
 MOE_MAPPINGS = ("auto", "local", "regions")
 SLOT_SHAPES = ("square", "tall")
 ATTENTION = ("flash", "classic")
+ALLREDUCE = ("auto", "two-level", "chain")
 NORMS = ("fused", "separate")
 DENSE_FFN = ("auto", "layer", "region")
 TABLES = ("auto", "slots", "strips")
@@ -20,7 +21,9 @@ class DecodeParams:
     batch: int = 1
     context: int = 128  # cached tokens attended to, the current one included
     token: int = 1  # token id looked up in the embedding (all sequences of a batch: adjacent ids)
-    algo: str = "two-level"  # all-reduce algorithm: two-level or chain
+    # line all-reduces: "two-level" (MeshGEMV's), "chain" (one chain to the end), or "auto": two-level,
+    # with long vectors in one two-way chain to the same root on the same colors (collectives.py)
+    algo: str = "auto"
     groups: int | None = None  # two-level group count (default: divisor of P nearest sqrt P)
     expert_skew: float = 0.0  # MoE expert choice: 0 uniform, s > 0 Zipf-skewed popularity (ffn.moe_experts)
     moe_mapping: str = "auto"  # routed experts: "local" (in the layer region), "regions" (expert regions), "auto"
@@ -45,6 +48,8 @@ class DecodeParams:
             raise WseError(f"--slot-shape {self.slot_shape!r} is not one of {', '.join(SLOT_SHAPES)}")
         if self.weights is not None and self.weights not in WEIGHTS:
             raise WseError(f"--weights {self.weights!r} is not one of {', '.join(WEIGHTS)}")
+        if self.algo not in ALLREDUCE:
+            raise WseError(f"--allreduce {self.algo!r} is not one of {', '.join(ALLREDUCE)}")
         if self.attention not in ATTENTION:
             raise WseError(f"--attention {self.attention!r} is not one of {', '.join(ATTENTION)}")
         if self.norms not in NORMS:

@@ -66,8 +66,8 @@ def check_groups(groups: int | None, algo: str, region: Region) -> None:
     it use one group per PE)."""
     if groups is None:
         return
-    if algo != "two-level":
-        raise WseError(f"--groups {groups}: applies to --algo two-level only (not {algo})")
+    if algo not in ("two-level", "auto"):
+        raise WseError(f"--groups {groups}: applies to the two-level all-reduce only (not {algo})")
     longest = max(region.width, region.height)
     if not 1 <= groups <= longest:
         raise WseError(f"--groups {groups}: must be in [1, {longest}] (PEs along the longest line of the "

@@ -61,8 +61,10 @@ class RegionBuild:
     anchor: tuple[int, int]  # local (x, y) of the hand-off anchor PE
 
 
-def reducers(region: Region, builder: MeshBuilder | None, params: DecodeParams, spec=None) -> dict:
-    """The all-reduce of each axis of a region (routes added to the builder when given).
+def reducers(region: Region, builder: MeshBuilder | None, params: DecodeParams, spec=None, cfg=None) -> dict:
+    """The all-reduce of each axis of a region (routes added to the builder when given). With
+    params.algo "auto" (it needs the wafer `cfg`'s latencies) an unsegmented line's long vectors
+    take the flat variant (LineAllReduce.flat_threshold).
 
     With the model's `spec`, a region whose flash attention reduces scores inside row blocks
     (attention.attention_segments) gets a column all-reduce of that many groups, each also an
@@ -79,10 +81,13 @@ def reducers(region: Region, builder: MeshBuilder | None, params: DecodeParams, 
                                 segments=True)
         elif params.algo == "chain":
             red = LineAllReduce(n, colors, groups=1, root="end")
-        elif params.algo == "two-level":
-            red = LineAllReduce(n, colors, groups=min(params.groups, n) if params.groups else None)
+        elif params.algo in ("two-level", "auto"):
+            if params.algo == "auto" and cfg is None:
+                raise ValueError("the auto all-reduce needs the wafer configuration")
+            flat = (cfg.hop_latency_cycles, cfg.ramp_latency_cycles) if params.algo == "auto" else None
+            red = LineAllReduce(n, colors, groups=min(params.groups, n) if params.groups else None, flat_latency=flat)
         else:
-            raise WseError(f"unknown all-reduce algorithm {params.algo!r} (two-level, chain)")
+            raise WseError(f"unknown all-reduce algorithm {params.algo!r} (auto, two-level, chain)")
         if builder is not None:
             for color, per in red.routes().items():
                 builder.line_routes(region, axis, color, per)

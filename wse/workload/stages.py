@@ -122,7 +122,7 @@ def _sender(plan: ModelPlan, b: MeshBuilder, slot: Slot, color: int, src: dict, 
     (elements, buffer[, color]) parts); returns its anchor (mesh x, y). delta: a stand-in, its
     last part (the combine) sent `delta` cycles after its first (delay_ops)."""
     ra = slot.region
-    red = reducers(ra, b, plan.params, plan.spec)
+    red = reducers(ra, b, plan.params, plan.spec, plan.cfg)
     prog = RegionProgram(ra, THREADS)
     prog.add_roles(X, [red[X].role(i) for i in range(ra.width)])
     prog.add_roles(Y, [(red[Y].role(j),) for j in range(ra.height)])
@@ -214,7 +214,7 @@ def stage_B(plan: ModelPlan, u: int | None) -> StageTrace:
     w0, h0 = (plan.slots[u].region.width, plan.slots[u].region.height) if u is not None else (plan.P, plan.Q)
     b = MeshBuilder(w0, h0, 4, stage="B")
     region = Region(0, 0, w0, h0)
-    red = reducers(region, b, plan.params, plan.spec)
+    red = reducers(region, b, plan.params, plan.spec, plan.cfg)
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [red[X].role(i) for i in range(region.width)])
     prog.add_roles(Y, [red[Y].role(j) for j in range(region.height)])

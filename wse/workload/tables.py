@@ -62,7 +62,7 @@ def embedding(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params
     cols = token_columns(spec, region.width, params.token, B)
     first_row = offsets(split(spec.vocab_size, region.width))  # each column's first vocab row
     pitch = -(-max(Hr) * ELEM // 8) * 8
-    red = reducers(region, builder, params, spec)
+    red = reducers(region, builder, params, spec, cfg)
     prog = RegionProgram(region, THREADS)
     k_of = {c: k for k, (c, _, _) in enumerate(cols)}
     prog.add_roles(X, [(red[X].role(i), k_of.get(i, -1)) for i in range(region.width)])
@@ -256,7 +256,7 @@ def lm_head(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params: 
     W_, H_ = region.width, region.height
     mem, shape, Hr, Vc, buf = lm_memory(spec, W_, H_, cfg, params, len(strip) if strip else 0)
     g, h, xn, logits, scal, tmp, z = (buf[k] for k in ("g", "h", "xn", "logits", "scal", "tmp", "zeros"))
-    red = reducers(region, builder, params, spec)
+    red = reducers(region, builder, params, spec, cfg)
     rx, ry = red[X], red[Y]
     prog = RegionProgram(region, THREADS)
     prog.add_roles(X, [(i_chunk(Vc, i), rx.role(i)) for i in range(W_)])
