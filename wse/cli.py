@@ -179,7 +179,7 @@ def _workload_options(fn):
         click.option("--n", "n", type=int, help="GEMV/GEMM output columns (N)"),
         click.option("--k", "k", type=int, help="GEMM contraction length (K)"),
         click.option("--region", help="region WxH (kernels) or layer slot PxP (models; default: automatic)"),
-        click.option("--algo", help="all-reduce (models: auto, the default, two-level, chain; kernels: two-level, chain) or GEMM (meshgemm, cannon, summa; prefill also stationary)"),
+        click.option("--algo", help="all-reduce (auto: models' default, two-level, chain; --op gemv: the last two) or GEMM (meshgemm, cannon, summa; prefill also stationary)"),
         click.option("--groups", type=int, help="two-level all-reduce group count"),
         click.option("--batch", type=int, help="sequences decoded together (default 1)"),
         click.option("--context", type=int, help="cached tokens attended to (default 128)"),

@@ -66,6 +66,9 @@ class LineAllReduce:
     def __init__(self, n: int, colors: ReduceColors, groups: int | None = None, root: str = "middle",
                  segments: bool = False, flat_latency: tuple[int, int] | None = None,
                  root_at: int | None = None):
+        """groups/root: the two-level's groups and where their roots sit (each group's middle,
+        or its end: the chain baseline); root_at: the root of a one-group line (the flat
+        variant's: the two-level's final root); flat_latency: see below."""
         self.n = n
         self.segments = segments  # also route the per-group all-reduce (segment_ops)
         self.colors = colors
@@ -112,7 +115,9 @@ class LineAllReduce:
         level2 = max((len(side) * 2 * ramp_cycles + abs(f - side[0 if side is lo else -1]) * hop_cycles
                       for side in (lo, hi) if side), default=0)
         a, b, _ = self.bounds[self.mid]
-        sides = lambda lo_n, hi_n: (lo_n > 0) + (hi_n > 0)  # noqa: E731
+
+        def sides(below: int, above: int) -> int:
+            return (below > 0) + (above > 0)
         saved = sides(f - a, b - 1 - f) + sides(len(lo), len(hi)) - sides(f, self.n - 1 - f)
         extra = flat - (stage * level1 + level2)
         return max(1, -(-extra // saved)) if saved > 0 else 2 ** 62
@@ -165,10 +170,10 @@ class LineAllReduce:
                 add(c.bcast, i, LO, (RAMP,) + ((HI,) if i < self.n - 1 else ()))
         if self.flat is not None:  # the flat chains use the level-1 colors as the groups do where both use one
             for color, per in self.flat.routes().items():
+                mine = out.setdefault(color, {})
                 for pos, route in per.items():
-                    if out.get(color, {}).setdefault(pos, route) != route:
+                    if mine.setdefault(pos, route) != route:
                         raise AssertionError(("flat all-reduce route conflict", color, pos))
-                    out.setdefault(color, {})[pos] = route
         return out
 
     def _segment_routes(self, add) -> None:
