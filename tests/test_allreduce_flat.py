@@ -14,7 +14,7 @@ from wse.workload.kernels import allreduce
 from wse.workload.mesh import X, Y, MeshBuilder, Region, RegionProgram, tagged
 from wse.workload.models import load_model
 from wse.workload.params import DecodeParams
-from wse.workload.region import merge
+from wse.workload.region import THREADS, merge
 from wse.workload.stages import full_trace
 
 COLORS = ReduceColors.from_base(0)
@@ -62,11 +62,11 @@ def _flat_only(n: int, elements: int, cfg) -> int:
 def _sequence(n: int, lengths: list[int], kinds: list[int] | None = None):
     """One line running all-reduces of these lengths one after another on the same buffer."""
     R = Region(0, 0, n, 1)
-    b = MeshBuilder(n, 1, 2, kernel="sequence")
+    b = MeshBuilder(n, 1, THREADS, kernel="sequence")
     red = LineAllReduce(n, COLORS, flat_latency=(2, 2))
     for color, per in red.routes().items():
         b.line_routes(R, X, color, per)
-    prog = RegionProgram(R, 2)
+    prog = RegionProgram(R, THREADS)
     prog.add_roles(X, [red.role(i) for i in range(n)])
     prog.add_roles(Y, [0])
     t = b.tag("allreduce", -1, "allreduce")
@@ -119,3 +119,26 @@ def test_a_model_composes_exactly_with_flat_all_reduces(small):
         out[algo] = (full.total_cycles, full.pe("flops").sum(), sum(b.weight_bytes for b in builds))
     assert out["auto"][0] < out["two-level"][0]
     assert out["auto"][1:] == out["two-level"][1:]
+
+
+@pytest.mark.parametrize("w, h", [(3, 3), (3, 5), (5, 3), (16, 16)])
+def test_the_hand_off_barrier_nests_a_flat_column_all_reduce(w, h, small):
+    """On short lines even the barrier's one element goes flat (the threshold is 1 on 3 PEs):
+    the column all-reduce nested at the row root brings its own broadcast thread's ops along.
+    (Found: only threads 0 and 1 of the nested ops were kept, leaving a semaphore signalled and
+    never waited.)"""
+    from wse.workload.region import handoff, reducers
+    R = Region(0, 0, w, h)
+    b = MeshBuilder(w, h, THREADS, kernel="barrier")
+    red = reducers(R, b, DecodeParams(), cfg=small)
+    prog = RegionProgram(R, THREADS)
+    prog.add_roles(X, [red[X].role(i) for i in range(w)])
+    prog.add_roles(Y, [red[Y].role(j) for j in range(h)])
+    t = b.tag("barrier", -1, "handoff")
+    prog.add(lambda xr, yr, sp: tagged(handoff(red, xr[0], yr[0], 64, 128), t))
+    prog.program_ids(b)
+    tr = b.build()
+    validate(tr, small)
+    fast = simulate(tr, small)
+    assert fast.complete and fast.pe("flops").sum() == h * (w - 1) + (h - 1)
+    assert_same(fast, reference.simulate(tr, small), f"barrier {w}x{h}")

@@ -27,6 +27,12 @@ SEM_TMP_FREE = 4
 # ... and, at a group root above the final root of a line that also runs the flat variant, thread 0
 # tells thread 1 that it has taken its last flat-chain wavelet on the color thread 1 receives next
 SEM_FLAT_CLEAR = 5
+# the flat variant: a position's thread 1 tells thread 0 that the broadcast sum is in `tmp`; the
+# root's thread 0 tells thread 1 that a chunk is combined, and thread 1 that it has sent them all
+SEM_FLAT_BCAST, SEM_FLAT_CHUNK, SEM_FLAT_SENT = 6, 7, 8
+FLAT_SEND_THREAD = 4  # the flat root's broadcast sends (threads 2 and 3: the KV shift, region.THREADS)
+FLAT_ROOT_CHUNKS = 8  # [U] the flat root combines and broadcasts in this many chunks ...
+FLAT_CHUNK_MIN = 32  # [U] ... of at least this many elements
 
 
 def default_groups(n: int) -> int:
@@ -101,11 +107,13 @@ class LineAllReduce:
         to the final root, then the same broadcast) is expected to finish first.
 
         Both are pipelines limited by what their busiest PE, the final root, takes in over its
-        ramp: each chain side it combines brings m wavelets, so the two-level root takes in
-        (level-1 sides + level-2 sides) m and the flat root (its sides) m. The flat chain's
-        longer legs cost latency instead: hop + 2 ramps per PE it passes through (a receive-add-
-        forward), where the two-level's level-2 chains pass most PEs on the fabric alone (hop).
-        The broadcast is the same in both. So flat from m = extra latency / wavelets saved."""
+        ramp (one wavelet a cycle): each chain side it combines brings m wavelets. The two-level
+        root takes in (level-1 sides + level-2 sides) m and then broadcasts m; the flat root
+        takes in (its sides) m and broadcasts each chunk as it is combined, behind the intake,
+        all but the last chunk (m / flat_chunks(m)).
+        The flat chain's longer legs cost latency instead: hop + 2 ramps per PE it passes
+        through (a receive-add-forward), where the two-level's level-2 chains pass most PEs on
+        the fabric alone (hop). So flat from m = extra latency / wavelets saved."""
         stage = hop_cycles + 2 * ramp_cycles
         f = self.final_root
         flat = stage * max(f, self.n - 1 - f)
@@ -118,9 +126,17 @@ class LineAllReduce:
 
         def sides(below: int, above: int) -> int:
             return (below > 0) + (above > 0)
-        saved = sides(f - a, b - 1 - f) + sides(len(lo), len(hi)) - sides(f, self.n - 1 - f)
+        saved = sides(f - a, b - 1 - f) + sides(len(lo), len(hi)) + 1 - sides(f, self.n - 1 - f)
         extra = flat - (stage * level1 + level2)
-        return max(1, -(-extra // saved)) if saved > 0 else 2 ** 62
+        m = 1
+        for _ in range(8):  # m = extra / (saved - 1 / chunks(m)): chunks grow with m, so iterate to it
+            k = flat_chunks(m)
+            per = saved * k - 1  # wavelets saved per element, times k
+            m_next = max(1, -(-extra * k // per)) if per > 0 else 2 ** 62
+            if m_next == m:
+                break
+            m = m_next
+        return m
 
     # ---- routes ------------------------------------------------------------------------------
 
@@ -277,7 +293,7 @@ class LineAllReduce:
             return {t: list(v) for t, v in (at_root or {}).items()} if role[-1] else {}
         par, l1, gpar, l2, flat, final = role
         if self.flat_from is not None and m >= self.flat_from:  # one two-way chain to the final root
-            return self.flat.role_ops(flat, m, buf, tmp, kind, dtype, at_root)
+            return _flat_ops(self.colors, flat, m, buf, tmp, kind, dtype, at_root)
         c = self.colors
         t0: list[Op] = []
         t1: list[Op] = []
@@ -309,18 +325,74 @@ class LineAllReduce:
 
         if level(l1, c.up1, c.down1, par):
             level(l2, c.up2, c.down2, gpar)
+        out = {0: t0, 1: t1}
         if final and at_root:
-            t0.extend(at_root.get(0, ()))
-            t1.extend(at_root.get(1, ()))
+            for t, ops in at_root.items():
+                out.setdefault(t, []).extend(ops)
         t0.append(send(c.bcast, m, buf, dtype) if final else recv(c.bcast, m, buf, dtype))
-        out = {0: t0}
-        if t1:
-            out[1] = t1
-        return out
+        return {t: ops for t, ops in out.items() if ops}
 
     def combine_flops(self, m: int) -> int:
         """`kind` operations the all-reduce performs for m elements: (n - 1) per element."""
         return (self.n - 1) * m if self.n > 1 else 0
+
+
+def flat_chunks(m: int) -> int:
+    """Chunks the flat root combines and broadcasts an m-element all-reduce in."""
+    return max(1, min(FLAT_ROOT_CHUNKS, m // FLAT_CHUNK_MIN))
+
+
+def _flat_ops(c: ReduceColors, role: tuple, m: int, buf: int, tmp: int, kind: int, dtype: int,
+              at_root: dict[int, list[Op]] | None = None) -> dict[int, list[Op]]:
+    """The flat variant's ops at a position with this role (the one-group line's role()).
+
+    Every PE takes in one wavelet a cycle over its ramp, so nothing may wait for a whole phase.
+    The root takes the lower side into `buf` on thread 0 and the upper side into `tmp` on thread
+    1, chunk by chunk (FLAT_ROOT_CHUNKS); thread 0 combines each chunk and FLAT_SEND_THREAD
+    broadcasts it while the next arrives. Every other position passes its partial sum on
+    (thread 0) while thread 1 takes the broadcast into `tmp`: a position still passing partials
+    on must take broadcast wavelets too, or the root's broadcast and its chain would wait for
+    each other. Thread 0 then moves the sum into `buf`. Thread 1 starts only once thread 0 has
+    reached the call (SEM_FLAT_CLEAR: a broadcast thread 0 waits for may still be arriving) and
+    takes nothing more into `tmp` before thread 0 has read it (SEM_TMP_FREE). `at_root` ops (the
+    hand-off barrier's nested all-reduce) run at the root between the sum and its broadcast, in
+    one chunk."""
+    par, l1 = role[:2]
+    if l1[0] in ("up", "down"):
+        col = c.up1 if l1[0] == "up" else c.down1
+        t0 = [signal(SEM_FLAT_CLEAR),
+              send(col[par], m, buf, dtype) if l1[1] else
+              recv_compute_send(col[1 - par], col[par], kind, m, src0=buf, dtype=dtype),
+              wait(SEM_FLAT_BCAST), compute(isa.KIND_MOV, m, dst=buf, src0=tmp, dtype=dtype), signal(SEM_TMP_FREE)]
+        t1 = [wait(SEM_FLAT_CLEAR), recv(c.bcast, m, tmp, dtype), signal(SEM_FLAT_BCAST), wait(SEM_TMP_FREE)]
+        return {0: t0, 1: t1}
+    lo, hi = (c.up1[1 - par] if l1[1] else None), (c.down1[1 - par] if l1[2] else None)
+    t0, t1, ts = [], [], []
+    elem = isa.DTYPE_DST_BYTES[dtype]
+    k_chunks = 1 if at_root else flat_chunks(m)
+    a = 0
+    for i in range(k_chunks):
+        k = m // k_chunks + (1 if i < m % k_chunks else 0)
+        at, tt = buf + a * elem, tmp + a * elem
+        if lo is not None:
+            t0.append(recv_compute(lo, kind, k, dst=at, src0=at, dtype=dtype))
+        if hi is not None:
+            t1 += [recv(hi, k, tt, dtype), signal(SEM_REDUCE)]
+            t0 += [wait(SEM_REDUCE), compute(kind, k, dst=at, src0=at, src1=tt, dtype=dtype)]
+        if at_root:  # (its own ops may take `tmp` on thread 1: not before thread 0 has read it)
+            t1.append(wait(SEM_TMP_FREE))
+            t0.append(signal(SEM_TMP_FREE))
+            for t, ops in at_root.items():  # (an all-reduce's: threads 0, 1 and FLAT_SEND_THREAD)
+                {0: t0, 1: t1, FLAT_SEND_THREAD: ts}[t].extend(ops)
+        t0.append(signal(SEM_FLAT_CHUNK))
+        ts += [wait(SEM_FLAT_CHUNK), send(c.bcast, k, at, dtype)]
+        a += k
+    ts.append(signal(SEM_FLAT_SENT))
+    t0.append(wait(SEM_FLAT_SENT))
+    if not at_root:
+        t0.append(signal(SEM_TMP_FREE))
+        t1.append(wait(SEM_TMP_FREE))
+    return {0: t0, 1: t1, FLAT_SEND_THREAD: ts}
 
 
 class LineBroadcast:

@@ -42,7 +42,7 @@ NORM_EPS = 1e-5  # the RMSNorms' epsilon [U] (Llama 3.1's)
 G0, G1, G2, G3 = 0, 2, 4, 6  # byte offsets selecting bank groups 0..3
 # semaphores (0 is the all-reduce's)
 SEM_KV_READY, SEM_KV_RECEIVED, SEM_KV_SENT = 1, 2, 3
-THREADS = 4  # 0 main, 1 all-reduce upper-side receives, 2 KV shift send, 3 KV shift receive
+THREADS = 5  # 0 main, 1 all-reduce upper-side receives, 2 KV shift send, 3 KV shift receive, 4 flat all-reduce sends
 
 Ops = dict[int, list[Op]]  # thread -> ops
 
