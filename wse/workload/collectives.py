@@ -24,8 +24,9 @@ SEM_REDUCE = 0  # semaphore: thread 1 tells thread 0 that the upper-side partial
 # ... and thread 0 tells thread 1 it has added it: tmp may take the next one (without this, a root
 # combining two upper sides, or a later all-reduce, could overwrite tmp before it was read)
 SEM_TMP_FREE = 4
-# ... and, at a group root above the final root of a line that also runs the flat variant, thread 0
-# tells thread 1 that it has taken its last flat-chain wavelet on the color thread 1 receives next
+# ... and, on a line that also runs the flat variant, thread 0 tells thread 1 that it has reached
+# the call: at a group root above the final root (two-level calls) it has taken its last flat-chain
+# wavelet on the color thread 1 receives next; elsewhere (flat calls) its last broadcast wavelet
 SEM_FLAT_CLEAR = 5
 # the flat variant: a position's thread 1 tells thread 0 that the broadcast sum is in `tmp`; the
 # root's thread 0 tells thread 1 that a chunk is combined, and thread 1 that it has sent them all
@@ -75,6 +76,8 @@ class LineAllReduce:
         """groups/root: the two-level's groups and where their roots sit (each group's middle,
         or its end: the chain baseline); root_at: the root of a one-group line (the flat
         variant's: the two-level's final root); flat_latency: see below."""
+        if root_at is not None and groups != 1:
+            raise ValueError("root_at places the root of a one-group line")
         self.n = n
         self.segments = segments  # also route the per-group all-reduce (segment_ops)
         self.colors = colors
@@ -99,10 +102,11 @@ class LineAllReduce:
         self.flat: LineAllReduce | None = None
         self.flat_from: int | None = None
         if flat_latency is not None and self.groups > 1 and not segments and root != "end":
-            self.flat = LineAllReduce(n, colors, groups=1, root_at=self.final_root)
             self.flat_from = self.flat_threshold(*flat_latency)
+            if self.flat_from is not None:
+                self.flat = LineAllReduce(n, colors, groups=1, root_at=self.final_root)
 
-    def flat_threshold(self, hop_cycles: int, ramp_cycles: int) -> int:
+    def flat_threshold(self, hop_cycles: int, ramp_cycles: int) -> int | None:
         """The vector length from which the flat variant (one two-way chain over the whole line
         to the final root, then the same broadcast) is expected to finish first.
 
@@ -113,7 +117,22 @@ class LineAllReduce:
         all but the last chunk (m / flat_chunks(m)).
         The flat chain's longer legs cost latency instead: hop + 2 ramps per PE it passes
         through (a receive-add-forward), where the two-level's level-2 chains pass most PEs on
-        the fabric alone (hop). So flat from m = extra latency / wavelets saved."""
+        the fabric alone (hop). So flat from the least m with m (saved - 1 / chunks(m)) >= extra
+        latency; None where the flat root saves nothing."""
+        extra, saved = self.flat_model(hop_cycles, ramp_cycles)
+        for k in range(1, FLAT_ROOT_CHUNKS + 1):  # the lengths m that take k chunks, shortest first
+            first = 1 if k == 1 else k * FLAT_CHUNK_MIN
+            last = (k + 1) * FLAT_CHUNK_MIN - 1 if k < FLAT_ROOT_CHUNKS else None
+            per = saved * k - 1  # wavelets saved per element, times k
+            if per > 0:
+                m = max(first, -(-extra * k // per))
+                if last is None or m <= last:
+                    return m
+        return None
+
+    def flat_model(self, hop_cycles: int, ramp_cycles: int) -> tuple[int, int]:
+        """flat_threshold's terms: (the flat chain's extra latency in cycles, the wavelets per
+        element its root saves before the last chunk's broadcast)."""
         stage = hop_cycles + 2 * ramp_cycles
         f = self.final_root
         flat = stage * max(f, self.n - 1 - f)
@@ -127,16 +146,7 @@ class LineAllReduce:
         def sides(below: int, above: int) -> int:
             return (below > 0) + (above > 0)
         saved = sides(f - a, b - 1 - f) + sides(len(lo), len(hi)) + 1 - sides(f, self.n - 1 - f)
-        extra = flat - (stage * level1 + level2)
-        m = 1
-        for _ in range(8):  # m = extra / (saved - 1 / chunks(m)): chunks grow with m, so iterate to it
-            k = flat_chunks(m)
-            per = saved * k - 1  # wavelets saved per element, times k
-            m_next = max(1, -(-extra * k // per)) if per > 0 else 2 ** 62
-            if m_next == m:
-                break
-            m = m_next
-        return m
+        return flat - (stage * level1 + level2), saved
 
     # ---- routes ------------------------------------------------------------------------------
 
@@ -285,7 +295,8 @@ class LineAllReduce:
 
         Roots that receive from both sides take the upper side on thread 1 into `tmp` and
         combine it on thread 0; thread 1 takes nothing more into `tmp` until thread 0 has read it
-        (SEM_TMP_FREE). One `kind` operation per element per combining stage.
+        (SEM_TMP_FREE). One `kind` operation per element per combining stage. A line built with
+        flat_latency runs vectors of at least flat_from elements as the flat variant (_flat_ops).
         `at_root` ops run at the final root between the reduction and the broadcast (the
         hand-off barrier nests a column all-reduce there).
         """

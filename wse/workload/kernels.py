@@ -7,7 +7,7 @@ from ..hardware import WaferConfig
 from ..trace import Trace
 from .layer import decode_layer, plan_layer
 from .params import DecodeParams
-from .region import Lanes, reducers
+from .region import THREADS, Lanes, reducers
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, tagged
 from .models import ModelSpec
 from .plan import fit_check
@@ -28,11 +28,11 @@ def allreduce(region: tuple[int, int], elements: int, axis: str, cfg: WaferConfi
     buf = mem.alloc("vector", elements * ELEM, "activations", 4)
     tmp = mem.alloc("tmp", elements * ELEM, "scratch")
     fit_check(mem, cfg, f"an all-reduce of {elements} elements")
-    b = MeshBuilder(w, h, 5, kernel="allreduce", elements=elements, axis=axis, algo=algo)
+    b = MeshBuilder(w, h, THREADS, kernel="allreduce", elements=elements, axis=axis, algo=algo)
     params = DecodeParams(algo=algo, groups=groups)
     red = reducers(R, b, params, cfg=cfg)
     ax = X if axis == "x" else Y
-    prog = RegionProgram(R, 5)
+    prog = RegionProgram(R, THREADS)
     roles = [red[ax].role(p) for p in range(R.size(ax))]
     if ax is X:
         prog.add_roles(X, roles)

@@ -49,7 +49,7 @@ class DecodeParams:
         if self.weights is not None and self.weights not in WEIGHTS:
             raise WseError(f"--weights {self.weights!r} is not one of {', '.join(WEIGHTS)}")
         if self.algo not in ALLREDUCE:
-            raise WseError(f"--allreduce {self.algo!r} is not one of {', '.join(ALLREDUCE)}")
+            raise WseError(f"all-reduce algorithm {self.algo!r} is not one of {', '.join(ALLREDUCE)}")
         if self.attention not in ATTENTION:
             raise WseError(f"--attention {self.attention!r} is not one of {', '.join(ATTENTION)}")
         if self.norms not in NORMS:
