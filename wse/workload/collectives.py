@@ -280,7 +280,7 @@ class LineAllReduce:
                 l2 = ("down", g == self.groups - 1)
             else:
                 l2 = ("root", g > 0, g < self.groups - 1)
-        flat = self.flat.role(i) if self.flat is not None else None
+        flat = self.flat.role(i)[:2] if self.flat is not None else None  # (parity, leg): what _flat_ops reads
         return (i % 2, l1, g % 2 if i == r else 0, l2, flat, i == self.final_root)
 
     def ops(self, i: int, m: int, buf: int, tmp: int, kind: int = isa.KIND_ADD,
@@ -355,7 +355,7 @@ def flat_chunks(m: int) -> int:
 
 def _flat_ops(c: ReduceColors, role: tuple, m: int, buf: int, tmp: int, kind: int, dtype: int,
               at_root: dict[int, list[Op]] | None = None) -> dict[int, list[Op]]:
-    """The flat variant's ops at a position with this role (the one-group line's role()).
+    """The flat variant's ops at a position with this role ((parity, leg) of the one-group line's role()).
 
     Every PE takes in one wavelet a cycle over its ramp, so nothing may wait for a whole phase.
     The root takes the lower side into `buf` on thread 0 and the upper side into `tmp` on thread
@@ -368,7 +368,7 @@ def _flat_ops(c: ReduceColors, role: tuple, m: int, buf: int, tmp: int, kind: in
     takes nothing more into `tmp` before thread 0 has read it (SEM_TMP_FREE). `at_root` ops (the
     hand-off barrier's nested all-reduce) run at the root between the sum and its broadcast, in
     one chunk."""
-    par, l1 = role[:2]
+    par, l1 = role
     if l1[0] in ("up", "down"):
         col = c.up1 if l1[0] == "up" else c.down1
         t0 = [signal(SEM_FLAT_CLEAR),
