@@ -95,8 +95,16 @@ class TensorRecorder:
     def pieces(self, tensor: int, pe, addr, count, start, stride=1) -> None:
         """Pieces of `tensor` (arrays broadcast together): count elements at SRAM byte addr of PE
         pe hold the tensor's flat elements start, start + stride, ..."""
-        cols = np.broadcast_arrays(*(np.asarray(v, np.int64) for v in (tensor, pe, addr, count, start, stride)))
-        self._pieces.append(np.stack([c.reshape(-1) for c in cols], axis=1))
+        vals = (tensor, pe, addr, count, start, stride)
+        lens = {len(v) for v in vals if np.ndim(v) == 1 and len(v) != 1}
+        if len(lens) <= 1 and all(np.ndim(v) <= 1 for v in vals):  # (builders call this per PE: fast path)
+            a = np.empty((lens.pop() if lens else 1, 6), np.int64)
+            for k, v in enumerate(vals):
+                a[:, k] = v
+        else:
+            cols = np.broadcast_arrays(*(np.asarray(v, np.int64) for v in vals))
+            a = np.stack([c.reshape(-1) for c in cols], axis=1)
+        self._pieces.append(a)
 
     def build(self) -> TensorTable | None:
         if not self.tensors:

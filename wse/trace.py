@@ -8,6 +8,7 @@ normative description of the file; trace_check.py checks a trace against a wafer
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -110,10 +111,12 @@ def recv_compute_send(color_in: int, color_out: int, kind: int, length: int, src
               length=length, dst=dst, src0=src0)
 
 
+@functools.cache
 def signal(sem: int) -> Op:
     return Op(isa.OP_SIGNAL, sem=sem)
 
 
+@functools.cache
 def wait(sem: int) -> Op:
     return Op(isa.OP_WAIT, sem=sem)
 
@@ -384,8 +387,8 @@ def distinct_ops(t: Trace, idx: np.ndarray | None = None, tag: bool = False) -> 
     content u, the contents ranked in the columns' lexicographic order; inverse[j] is the content
     of op idx[j]. Traces repeat the same few ops on thousands of PEs, so per-op work done once
     per distinct op is exact and fast. Each op's columns are packed into one or more 64-bit words
-    by the columns' value ranges and the ops are coded a block at a time (their distinct words
-    merged, then each block's looked up), so a trace of hundreds of millions of ops needs a few
+    by the columns' value ranges and the ops are coded a block at a time (each block's distinct
+    words found, then merged over the blocks), so a trace of hundreds of millions of ops needs a few
     bytes an op, not a sort of all of them."""
     n = len(t.ops["opcode"]) if idx is None else len(idx)
     if not n:
@@ -401,29 +404,50 @@ def distinct_ops(t: Trace, idx: np.ndarray | None = None, tag: bool = False) -> 
             bits = 0
         words[-1].append((c, lo, width))
         bits += width
-    dtype = np.dtype([(f"w{k}", np.uint64) for k in range(len(words))])
 
-    def keys(a: int, b: int) -> np.ndarray:
+    def keys(a: int, b: int) -> list[np.ndarray]:
         sel = slice(a, b) if idx is None else idx[a:b]
-        out = np.zeros(b - a, dtype=dtype)
-        for k, word in enumerate(words):
+        out = []
+        for word in words:
             w = np.zeros(b - a, dtype=np.uint64)
             for c, lo, width in word:
                 w = (w << np.uint64(width)) | (c[sel].astype(np.int64) - lo).astype(np.uint64)
-            out[f"w{k}"] = w
+            out.append(w)
         return out
     spans = [(a, min(n, a + DISTINCT_BLOCK_OPS)) for a in range(0, n, DISTINCT_BLOCK_OPS)]
-    found, firsts = [], []
-    for a, b in spans:
-        u, first = np.unique(keys(a, b), return_index=True)
-        found.append(u)
-        firsts.append(first + a)
-    uniq, pos = np.unique(np.concatenate(found), return_index=True)  # (blocks in order: the earliest op wins)
-    reps = np.concatenate(firsts)[pos]
     inverse = np.empty(n, dtype=np.int64)
-    for a, b in spans:
-        inverse[a:b] = np.searchsorted(uniq, keys(a, b))
+    found: list[list[np.ndarray]] = []
+    firsts, offsets = [], []
+    at = 0
+    for a, b in spans:  # each block's distinct ops (their local ids into inverse for now)
+        kw = keys(a, b)
+        first, inverse[a:b] = _unique_rows(kw)
+        found.append([w[first] for w in kw])
+        firsts.append(first + a)
+        offsets.append(at)
+        at += len(first)
+    # merged over the blocks, in block order: the earliest op of each content wins
+    merged = [np.concatenate([f[k] for f in found]) for k in range(len(words))]
+    pos, ginv = _unique_rows(merged)
+    reps = np.concatenate(firsts)[pos]
+    for (a, b), off in zip(spans, offsets):
+        inverse[a:b] = ginv[off + inverse[a:b]]
     return (reps if idx is None else np.asarray(idx)[reps]).astype(np.int64), inverse
+
+
+def _unique_rows(words: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows of the uint64 key columns `words` (the first most significant): (the first
+    index of each, in the rows' lexicographic order; each row's rank among them). A stable
+    lexsort: several times faster than np.unique on a structured array of the same words."""
+    order = np.lexsort(words[::-1])
+    new = np.zeros(len(order), dtype=bool)
+    new[0] = True
+    for w in words:
+        ws = w[order]
+        new[1:] |= ws[1:] != ws[:-1]
+    ranks = np.empty(len(order), dtype=np.int64)
+    ranks[order] = np.cumsum(new) - 1
+    return order[new], ranks
 
 
 def row_codes(columns: list[np.ndarray]) -> np.ndarray:

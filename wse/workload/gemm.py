@@ -148,6 +148,11 @@ class Relay:
                 1 - t_in: [op for a, c in chunks for op in (wait(sem), send(cout, c, buf + a * ELEM))]}
 
 
+def _joined(a: dict[int, list[Op]], b: dict[int, list[Op]]) -> dict[int, list[Op]]:
+    """Two steps' thread -> ops laid end to end."""
+    return {t: a.get(t, []) + b.get(t, []) for t in dict.fromkeys([*a, *b])}
+
+
 def _record_tensors(b: MeshBuilder, m: int, k: int, n: int, P: int, Kt: int, A: int, B: int, C: int, pb: int,
                     phys: list[int], align_a: bool = False, align_b: bool = False) -> None:
     """/tensors of a Cannon-style GEMM: PE (i, j) (logical li, lj on the ring) starts with K block
@@ -356,6 +361,12 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
         return steps[key]
 
     retagged: dict[tuple[Op, int], Op] = {}
+    relay_ops: dict[tuple[int, ...], dict[int, list[Op]]] = {}
+    relays = (T_A_SEND, T_A_RECV, T_B_SEND, T_B_RECV)  # SUMMA's semaphore ops, tagged once
+    relay_done = {t: wait(S_DONE[t])._replace(tag=t_move) for t in relays}
+    relay_in = {t: signal(S_RELAY_IN[t])._replace(tag=t_move) for t in relays}
+    compute_waits = [wait(S_RELAY_IN[t])._replace(tag=t_compute) for t in relays]
+    compute_signals = [signal(S_DONE[t])._replace(tag=t_compute) for t in relays]
 
     def retag(op: Op, tag: int) -> Op:
         if op.tag == tag:
@@ -372,54 +383,92 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
         # RECV take contiguous elements)
         a_len, b_len = mj * Kt, Kt * (pb // ELEM)
         out: dict[int, list[Op]] = {}
+        wanted = prog.building  # (program_ids builds one group of threads at a time)
 
         def add(t: int, ops: list[Op]) -> None:
+            if t not in wanted:
+                return
             tag = t_compute if t == T_COMPUTE else t_move
             out.setdefault(t, []).extend(op if op.tag == tag else retag(op, tag) for op in ops)
 
-        for s in window:
-            if algo == "summa":
-                # step s: column s mod P relays its A panel along the rows (threads 2 east, 3 west),
-                # row s mod Q its B panel down the columns (4, 5), each from its own storage; a relay
-                # may start once compute s - depth has released the buffer it fills
-                ra, rb = s % P, s % Q
-                a_own = A_own + (s // P) * max(Mr) * Kt * ELEM if xr[0][1] == ra else None
-                b_own = B_own + (s // Q) * Kt * pb if yr[0][1] == rb else None
-                for rel, pos, root, n_line, length, buf, own, t_first in (
-                        (relay_x, xr[0][1], ra, P, a_len, A, a_own, T_A_SEND),
-                        (relay_y, yr[0][1], rb, Q, b_len, B, b_own, T_B_SEND)):
-                    ops = rel.ops(pos, root, n_line, length, buf[s % depth] if own is None else own)
-                    for dt in (0, 1):
-                        t = t_first + dt
-                        add(t, ([wait(S_DONE[t])] if s >= depth else []) + ops.get(dt, []) + [signal(S_RELAY_IN[t])])
-                add(T_COMPUTE, [wait(S_RELAY_IN[t]) for t in (T_A_SEND, T_A_RECV, T_B_SEND, T_B_RECV)])
-                out.setdefault(T_COMPUTE, []).extend(step_compute(s, mj, ni, a_own, b_own))  # tagged already
-                if s < K - depth:
-                    add(T_COMPUTE, [signal(S_DONE[t]) for t in (T_A_SEND, T_A_RECV, T_B_SEND, T_B_RECV)])
-                continue
-            # Cannon-style shift: send this step's tiles, receive the next step's
-            if s == 0:
-                for t_send, t_recv, buf, length, sc, rc, rounds in (
-                        (T_A_SEND, T_A_RECV, A, a_len, xr[0][1], xr[0][2], yr[0][3]),
-                        (T_B_SEND, T_B_RECV, B, b_len, yr[0][1], yr[0][2], xr[0][3])):
-                    if rounds:
-                        _align(add, t_send, t_recv, buf, length, sc, rc, rounds)
-                        add(T_COMPUTE, [wait(S_IN_C[t_recv])])
-            if s > 0:
-                add(T_COMPUTE, [wait(S_IN_C[T_A_RECV]), wait(S_IN_C[T_B_RECV])])
-            out.setdefault(T_COMPUTE, []).extend(step_compute(s, mj, ni))  # tagged already
+        if algo == "summa":
+            summa_steps(out, xr, yr, mj, ni, a_len, b_len, wanted)
+            return out
+        # Cannon-style shifts: the operands' initial alignment, then each step sends this step's
+        # tiles and receives the next step's
+        for t_send, t_recv, buf, length, sc, rc, rounds in (
+                (T_A_SEND, T_A_RECV, A, a_len, xr[0][1], xr[0][2], yr[0][3]),
+                (T_B_SEND, T_B_RECV, B, b_len, yr[0][1], yr[0][2], xr[0][3])):
+            if rounds:
+                _align(add, t_send, t_recv, buf, length, sc, rc, rounds)
+                add(T_COMPUTE, [wait(S_IN_C[t_recv])])
+
+        def step(s: int) -> dict[int, list[Op]]:
+            part: dict[int, list[Op]] = {}
+
+            def put(t: int, ops: list[Op]) -> None:
+                if t in wanted:
+                    tag = t_compute if t == T_COMPUTE else t_move
+                    part.setdefault(t, []).extend(retag(op, tag) for op in ops)
+            put(T_COMPUTE, [wait(S_IN_C[T_A_RECV]), wait(S_IN_C[T_B_RECV])] if s > 0 else [])
+            if T_COMPUTE in wanted:
+                part.setdefault(T_COMPUTE, []).extend(step_compute(s, mj, ni))  # tagged already
             if s < K - 2:
-                add(T_COMPUTE, [signal(S_DONE[T_A_RECV]), signal(S_DONE[T_B_RECV])])
+                put(T_COMPUTE, [signal(S_DONE[T_A_RECV]), signal(S_DONE[T_B_RECV])])
             if s < K - 1:
                 for t_send, t_recv, buf, length, sc, rc in (
                         (T_A_SEND, T_A_RECV, A, a_len, xr[0][1], xr[0][2]),
                         (T_B_SEND, T_B_RECV, B, b_len, yr[0][1], yr[0][2])):
-                    add(t_send, ([wait(S_IN_SEND[t_recv])] if s > 0 else []) + [send(sc, length, buf[s % 2])]
+                    put(t_send, ([wait(S_IN_SEND[t_recv])] if s > 0 else []) + [send(sc, length, buf[s % 2])]
                         + ([signal(S_OUT[t_send])] if s < K - 2 else []))
-                    add(t_recv, ([wait(S_DONE[t_recv]), wait(S_OUT[t_send])] if s > 0 else [])
+                    put(t_recv, ([wait(S_DONE[t_recv]), wait(S_OUT[t_send])] if s > 0 else [])
                         + [recv(rc, length, buf[(s + 1) % 2]), signal(S_IN_C[t_recv])]
                         + ([signal(S_IN_SEND[t_recv])] if s < K - 2 else []))
+            return part
+
+        # steps 1 .. K-3 differ only by their buffers' parity: built as two steps repeated
+        # (a prefill GEMM repeats them hundreds of times on each of thousands of programs)
+        middle = K - 3 if K > 5 else 0
+        parts = [(step(s), 1) for s in window] if not middle else \
+            [(step(0), 1), (_joined(step(1), step(2)), middle // 2)] + [(step(1), 1)] * (middle % 2) \
+            + [(step(K - 2), 1), (step(K - 1), 1)]
+        for part, times in parts:
+            for t, ops in part.items():
+                out.setdefault(t, []).extend(ops * times if times > 1 else ops)
         return out
+
+    def summa_steps(out, xr, yr, mj: int, ni: int, a_len: int, b_len: int, wanted) -> None:
+        """SUMMA's steps: column s mod P relays its A panel along the rows (threads 2 east, 3
+        west), row s mod Q its B panel down the columns (4, 5), each from its own storage; a
+        relay may start once compute s - depth has released the buffer it fills."""
+        for s in window:
+            ra, rb = s % P, s % Q
+            a_own = A_own + (s // P) * max(Mr) * Kt * ELEM if xr[0][1] == ra else None
+            b_own = B_own + (s // Q) * Kt * pb if yr[0][1] == rb else None
+            for rel, pos, root, n_line, length, buf, own, t_first in (
+                    (relay_x, xr[0][1], ra, P, a_len, A, a_own, T_A_SEND),
+                    (relay_y, yr[0][1], rb, Q, b_len, B, b_own, T_B_SEND)):
+                if t_first not in wanted and t_first + 1 not in wanted:
+                    continue
+                key = (t_first, pos, root, length, buf[s % depth] if own is None else own)
+                if key not in relay_ops:  # (a position's relay ops repeat every line length steps)
+                    relay_ops[key] = {dt: [retag(op, t_move) for op in ops]
+                                      for dt, ops in rel.ops(pos, root, n_line, length, key[-1]).items()}
+                ops = relay_ops[key]
+                for dt in (0, 1):
+                    t = t_first + dt
+                    if t in wanted:
+                        o = out.setdefault(t, [])
+                        if s >= depth:
+                            o.append(relay_done[t])
+                        o.extend(ops.get(dt, ()))  # (all tagged already)
+                        o.append(relay_in[t])
+            if T_COMPUTE in wanted:
+                o = out.setdefault(T_COMPUTE, [])
+                o.extend(compute_waits)
+                o.extend(step_compute(s, mj, ni, a_own, b_own))
+                if s < K - depth:
+                    o.extend(compute_signals)
 
     def _align(add, t_send: int, t_recv: int, buf: list[int], length: int, sc: int, rc: int, rounds: int) -> None:
         """`rounds` single logical shifts of one operand (send / receive threads in lockstep; the

@@ -136,6 +136,9 @@ class RegionProgram:
         self.y_roles: list[list[Hashable]] = [[] for _ in range(region.height)]
         self.special: dict[tuple[int, int], dict[str, Hashable]] = {}
         self.thread_roles: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        # the threads whose ops program_ids is building now (all of them outside it): a step may
+        # skip building the others, which are discarded
+        self.building: frozenset[int] = frozenset(range(threads))
 
     def add_roles(self, axis: Axis, roles: list[Hashable]) -> int:
         """Append one role column for an axis; returns its index in the per-position tuples."""
@@ -180,6 +183,7 @@ class RegionProgram:
             cols = self.thread_roles.get(t)
             groups.setdefault(cols, []).append(t)
         for cols, threads in groups.items():
+            self.building = frozenset(threads)
             xc, yc = cols if cols is not None else (None, None)
             xkeys = [tuple(r) if xc is None else tuple(_flat(r)[c] for c in xc) for r in self.x_roles]
             ykeys = [tuple(r) if yc is None else tuple(_flat(r)[c] for c in yc) for r in self.y_roles]
@@ -207,6 +211,7 @@ class RegionProgram:
                         pids[u, n] = builder.program(ops)
             for n, t in enumerate(threads):
                 builder.pe_program[R.y0:R.y0 + R.height, R.x0:R.x0 + R.width, t] = pids[inverse, n]
+        self.building = frozenset(range(self.threads))
 
 
 def _flat(entries: list) -> tuple:
