@@ -117,19 +117,21 @@ def test_the_kv_hand_off_sends_each_layers_cache_when_the_prompt_leaves_its_regi
     assert pool.handoff(S, dep, exit_s)[0] == pytest.approx(done)
 
 
-def test_prefill_wafers_against_the_interleaved_run():
+def test_prefill_wafers_against_the_interleaved_run(tmp_path):
     """A lone request with prefill wafers laid out as the decode wafers: the same first token,
     and the rest later by exactly the hand-off (first token to KV on the decode wafers; links
-    slow enough that the hand-off outlasts the LM head)."""
+    slow enough that the hand-off outlasts the LM head). The two runs share a stage cache (the
+    second simulates no stage the first did)."""
     from wse.engine.run import simulate
     from wse.serving.serve import run_serve
+    from wse.system.cache import StageCache
     from wse.system.config import load_system
     from wse.system.pool import Fanout
     system = load_system("cs3", SMALL + ["system.link_bytes_per_s=1e8"])
     cfg = system.wafer_config
     sim = lambda t: simulate(t, cfg, validated=True)  # noqa: E731
     r = reqs([0.0], [60], [4])
-    kw = dict(fanout=Fanout(1), wafers=2, context=80, prefill_steps=16, curve=[])
+    kw = dict(fanout=Fanout(1, cache=StageCache(tmp_path)), wafers=2, context=80, prefill_steps=16, curve=[])
     inter = run_serve("tiny", system, sim, r, **kw)
     split = run_serve("tiny", system, sim, r, prefill_wafers=2, **kw)
     a, b = inter.wafer.outcome, split.wafer.outcome

@@ -347,9 +347,12 @@ def _pe_program_classes(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     return rows[first], inverse.reshape(-1)
 
 
-def _program_tags(trace: Trace, pid: int) -> set[int]:
-    s = int(trace.prog_start[pid])
-    return set(int(v) for v in np.unique(trace.ops["tag"][s:s + int(trace.prog_len[pid])]))
+def _program_tags(trace: Trace, pid: int, memo: dict[int, frozenset[int]]) -> frozenset[int]:
+    """The tags of program pid's ops (memo: per trace; many PE classes share a program)."""
+    if pid not in memo:
+        s = int(trace.prog_start[pid])
+        memo[pid] = frozenset(int(v) for v in np.unique(trace.ops["tag"][s:s + int(trace.prog_len[pid])]))
+    return memo[pid]
 
 
 def tag_pe_counts(trace: Trace) -> np.ndarray:
@@ -357,11 +360,12 @@ def tag_pe_counts(trace: Trace) -> np.ndarray:
     uniq, inverse = _pe_program_classes(trace)
     weight = np.bincount(inverse.reshape(-1), minlength=len(uniq))
     out = np.zeros(len(trace.tags), dtype=np.int64)
+    memo: dict[int, frozenset[int]] = {}
     for u, row in enumerate(uniq):
         tags: set[int] = set()
         for pid in row:
             if pid >= 0:
-                tags |= _program_tags(trace, int(pid))
+                tags |= _program_tags(trace, int(pid), memo)
         for tg in tags:
             out[tg] += weight[u]
     return out
@@ -373,11 +377,12 @@ def pe_regions(trace: Trace) -> tuple[list[str], np.ndarray]:
     names: list[str] = []
     index: dict[str, int] = {}
     label = np.zeros(len(uniq), dtype=np.int64)
+    memo: dict[int, frozenset[int]] = {}
     for u, row in enumerate(uniq):
         tags: set[int] = set()
         for pid in row:
             if pid >= 0:
-                tags |= _program_tags(trace, int(pid))
+                tags |= _program_tags(trace, int(pid), memo)
         layers = sorted(trace.tags[t].layer for t in tags if trace.tags[t].layer >= 0)
         named = sorted(trace.tags[t].name for t in tags if t != 0)
         name = f"layer {layers[0]}" if layers else (named[0] if named else "idle")
