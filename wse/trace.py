@@ -79,9 +79,9 @@ def with_tag(op: Op, tag: int) -> Op:
 
 
 def compute(kind: int, length: int, dst: int, src0: int, src1: int = 0,
-            dtype: int = isa.DTYPE_FP16) -> Op:
+            dtype: int = isa.DTYPE_FP16, tag: int = 0) -> Op:
     """Vector op over local SRAM (see isa.op_streams for which operands it reads)."""
-    return Op(isa.OP_COMPUTE, kind, dtype, length=length, dst=dst, src0=src0, src1=src1)
+    return Op(isa.OP_COMPUTE, kind, dtype, length=length, dst=dst, src0=src0, src1=src1, tag=tag)
 
 
 def send(color: int, length: int, src: int, dtype: int = isa.DTYPE_FP16) -> Op:

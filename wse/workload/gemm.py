@@ -356,7 +356,7 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
         key = (a0, b0, mj, ni)
         if key not in steps:
             steps[key] = [compute(FMAC, ni, dst=C + r * pb, src0=b0 + q * pb,
-                                  src1=a0 + (r * Kt + q) * ELEM)._replace(tag=t_compute)
+                                  src1=a0 + (r * Kt + q) * ELEM, tag=t_compute)
                           for r in range(mj) for q in range(Kt)]
         return steps[key]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from .. import isa
-from ..trace import compute
+from ..trace import compute, with_tag
 from .mesh import X, Y, Axis, Allocator, RegionProgram, split
 from .precision import SCRATCH_BYTES, STORE, row_bytes, value_bytes
 
@@ -215,7 +215,7 @@ def standalone(m: int, n: int, px: int, py: int, cfg, algo: str = "two-level", g
         # the batch's output chunks back to back: the all-reduce takes them as one nt * batch vector
         ops = gemv_ops(shape, in_index[mt], out_index[nt], x, y, batch, max(shape.in_chunks) * ELEM, nt * ELEM)
         out = tagged(red.role_ops(role, nt * batch, y, tmp), t_reduce)
-        out[0] = [op._replace(tag=t_local) for op in ops] + out.get(0, [])
+        out[0] = [with_tag(op, t_local) for op in ops] + out.get(0, [])
         return out
 
     prog.add(body)
