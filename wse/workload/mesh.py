@@ -273,9 +273,11 @@ class MeshBuilder:
         """
         if not per_position:
             return
-        pos = np.array(sorted(per_position), dtype=np.int64)
-        rx = np.array([axis.port(per_position[p][0]) for p in pos])
-        tx = np.array([isa.tx_mask(*(axis.port(s) for s in per_position[p][1])) for p in pos])
+        pos = sorted(per_position)
+        codes = [_route_code(axis is X, per_position[p]) for p in pos]
+        rx = np.array([c[0] for c in codes], dtype=np.int64)
+        tx = np.array([c[1] for c in codes], dtype=np.int64)
+        pos = np.array(pos, dtype=np.int64)
         other = region.height if axis is X else region.width
         lines = np.arange(other) if lines is None else np.asarray(lines, np.int64)
         pp, ll = np.meshgrid(pos, lines, indexing="xy")
@@ -291,14 +293,22 @@ class MeshBuilder:
         ops, starts, lens = pack_programs(self._programs)
         r = np.concatenate(self._routes) if self._routes else np.zeros((0, 4), np.int64)
         key = r[:, 0] * 64 + r[:, 1]
-        if len(key) and np.bincount(key).max() > 1:
-            order = np.argsort(key, kind="stable")
-            dup = r[order[np.nonzero(np.diff(key[order]) == 0)[0][0] + 1]]
+        order = np.argsort(key, kind="stable")  # (a sort, not a count over every PE's 64 colors)
+        same = np.nonzero(np.diff(key[order]) == 0)[0]
+        if len(same):
+            dup = r[order[same[0] + 1]]
             raise TraceError(f"internal: two routes for color {dup[1]} at PE "
                              f"({dup[0] % self.width}, {dup[0] // self.width})")
         routes = {name: _column(f"route field {name}", r[:, i], dt) for i, (name, dt) in enumerate(ROUTE_COLUMNS)}
         return Trace(self.width, self.height, routes, ops, starts, lens, self.pe_program.copy(), dict(self.meta),
                      list(self.tags), self.tensors.build())
+
+
+@functools.cache
+def _route_code(along_x: bool, route: tuple[str, tuple[str, ...]]) -> tuple[int, int]:
+    """A line route's (rx port, tx port mask) from its (rx side, tx sides) along X or Y."""
+    axis = X if along_x else Y
+    return axis.port(route[0]), isa.tx_mask(*(axis.port(side) for side in route[1]))
 
 
 def tagged(part: dict[int, list[Op]], tag: int) -> dict[int, list[Op]]:
