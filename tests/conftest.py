@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from wse import hardware  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one test worker per core: the engine's default is then one Numba thread (tests that ask
+    # for more still get them); oversubscribed cores would stall the parallel kernel's
+    # per-cycle barrier for tens of times its work
+    import numba
+    numba.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

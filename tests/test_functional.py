@@ -170,9 +170,10 @@ def test_allreduce_sums_every_line(axis, algo, groups, tiny):
 
 
 @pytest.mark.parametrize("algo", ["meshgemm", "cannon"])
-@pytest.mark.parametrize("m, k, n, P", [(16, 16, 16, 4), (13, 22, 9, 3), (40, 37, 24, 6)])
+@pytest.mark.parametrize("m, k, n, P", [(16, 16, 16, 4), (13, 22, 9, 3), (40, 37, 24, 6), (28, 30, 21, 7)])
 def test_cannon_style_gemm_computes_a_times_b(algo, m, k, n, P, tiny):
-    """(n = 9 on 3 columns found B tiles shifted without their row pitch.)"""
+    """(n = 9 on 3 columns found B tiles shifted without their row pitch. 6 and 7 steps: the
+    middle steps are built as two and repeated, an odd and an even number of them.)"""
     rows, res = _check(gemm.standalone(m, k, n, P, tiny, algo)[0], tiny)
     assert all(r.ok for r in rows) and not res.raced
 

@@ -67,7 +67,8 @@ def simulate(trace: Trace, cfg: WaferConfig, *, threads: int | None = None,
              functional: bool = False, sram: np.ndarray | None = None) -> EngineResult:
     """Run a trace to completion (or deadlock / max_cycles) and return its counters.
 
-    threads: Numba threads for the parallel kernel (default: all). parallel: force the
+    threads: Numba threads for the parallel kernel (default: numba.get_num_threads(), all cores
+    unless lowered with numba.set_num_threads). parallel: force the
     parallel (True) or serial (False) kernel; by default meshes of PARALLEL_MIN_PES or more
     PEs step in parallel. Results are identical either way. `progress` is called after every
     chunk. `snapshot` is called with the measurements so far (stop "running") every
@@ -102,10 +103,13 @@ class _Run:
         S, C, ot, omap = build_state(trace, cfg)
         self.S, self.ot, self.omap, self.F = S, ot, omap, flat(S, ot, omap)
         P = self.P = trace.n_pes
+        # default: the Numba threads in force (numba.set_num_threads lowers it, e.g. for test
+        # workers sharing the cores: a parallel kernel's per-cycle barrier on oversubscribed
+        # cores waits for descheduled threads)
+        self.n_threads = threads if threads is not None else numba.get_num_threads()
         if parallel is None:
-            parallel = P >= PARALLEL_MIN_PES and (threads is None or threads > 1)
+            parallel = P >= PARALLEL_MIN_PES and self.n_threads > 1
         self.parallel = parallel
-        self.n_threads = threads if threads is not None else numba.config.NUMBA_NUM_THREADS
         self.kernel = kernels.run_cycles_parallel if parallel else kernels.run_cycles_serial
         self.n_groups = GROUPS_PER_THREAD * max(1, self.n_threads) if parallel else 1
         self.C = C
