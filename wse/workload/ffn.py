@@ -10,6 +10,7 @@ residual stream.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from .. import isa
 from ..errors import WseError
@@ -85,15 +86,21 @@ def moe_ffn_ops(ctx, i: int, jf: int, je: int, e0: int, xrole: tuple, yrole: tup
     this region computes over the sequences that chose it, its gate-weighted output added into
     the residual stream (shared experts: weight 1). The choice itself is the workload's
     (moe_choices), not the logits' top-k (`ctx`: LayerCtx)."""
+    return merge(moe_router_ops(ctx, i, je, e0, xrole, yrole), moe_expert_ops(ctx, i, jf, xrole, yrole))
+
+
+def moe_router_ops(ctx, i: int, je: int, e0: int, xrole: tuple, yrole: tuple) -> Ops:
+    """moe_ffn_ops' first half, up to the gates: it depends on the row's router experts (je, e0),
+    the second on its FFN rows (jf) only, so a builder shares each half among more PEs."""
     plan, rx, ry = ctx.plan, ctx.rx, ctx.ry
     spec, b_, B, S = plan.spec, plan.buf, plan.params.batch, plan.shapes
     m = spec.moe
     k = m.experts_per_token
     e_r, Hc = plan.e_r, plan.Hc
-    xn, qkv, tmp, h, yb, z = b_["xn"], b_["qkv"], b_["tmp"], b_["h"], b_["y"], b_["zeros"]
-    gates, scal, one = b_["gates"], b_["scal"], b_["consts"] + C_ONE * ELEM
-    hi, ej = Hc[i], e_r[je]
-    hs = hi * ELEM
+    xn, qkv, tmp, z = b_["xn"], b_["qkv"], b_["tmp"], b_["zeros"]
+    gates, scal = b_["gates"], b_["scal"]
+    ej = e_r[je]
+    hs = Hc[i] * ELEM
     out = {0: [compute(MOV, ej * B, dst=qkv, src0=z)] if ej else []}
     out[0] += gemv_ops(S["router"], i, je, xn, qkv, B, hs, ej * ELEM)
     merge(out, rx.role_ops(xrole, ej * B, qkv, tmp))
@@ -111,6 +118,22 @@ def moe_ffn_ops(ctx, i: int, jf: int, je: int, e0: int, xrole: tuple, yrole: tup
                    compute(EXP, k, dst=g, src0=g, src1=mx), compute(MOV, 1, dst=sm, src0=z),
                    compute(RSUM, k, dst=sm, src0=g), compute(RECIP, 1, dst=sm, src0=sm),
                    compute(SCALE, k, dst=g, src0=g, src1=sm)]
+    return out
+
+
+def moe_expert_ops(ctx, i: int, jf: int, xrole: tuple, yrole: tuple) -> Ops:
+    """moe_ffn_ops' second half: the experts this region computes, each output added into the
+    residual stream weighted by its gate (computed by moe_router_ops) or by 1 (shared experts)."""
+    plan, b_, B, S = ctx.plan, ctx.plan.buf, ctx.plan.params.batch, ctx.plan.shapes
+    spec, Hc = plan.spec, plan.Hc
+    m = spec.moe
+    k = m.experts_per_token
+    h, yb, gates = b_["h"], b_["y"], b_["gates"]
+    one = b_["consts"] + C_ONE * ELEM
+    hi = Hc[i]
+    hs = hi * ELEM
+    choices = moe_choices(spec, plan.layer, B, plan.params.expert_skew)
+    out: Ops = {0: []}
     for e, seqs in expert_sequences(spec, plan.layer, B, plan.params.expert_skew).items():
         if e < m.experts and not plan.routed:
             continue
@@ -128,6 +151,12 @@ def moe_gate_flops(k: int) -> int:
 
 
 def moe_choices(spec: ModelSpec, layer: int, batch: int, skew: float = 0.0) -> list[list[int]]:
+    """(_moe_choices, remembered: region builders ask for it once per distinct program.)"""
+    return [list(c) for c in _moe_choices(spec, layer, batch, skew)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _moe_choices(spec: ModelSpec, layer: int, batch: int, skew: float = 0.0) -> tuple[tuple[int, ...], ...]:
     """The routed experts each sequence of a MoE layer's decode step chooses, in draw order:
     k distinct ones by weighted sampling without replacement from a generator seeded by
     (layer, sequence), uniformly for skew = 0 (default: a token's experts land anywhere among the
@@ -148,9 +177,10 @@ def moe_choices(spec: ModelSpec, layer: int, batch: int, skew: float = 0.0) -> l
         weight[order] = np.exp(log_w - log_w.max())
         p = weight / weight.sum()
         if np.count_nonzero(p) < k:  # so skewed that only the most popular can be drawn: those k
-            return [[int(e) for e in order[:k]] for _ in range(batch)]
-    return [[int(e) for e in np.random.default_rng([layer, b, 104729]).choice(m.experts, size=k, replace=False, p=p)]
-            for b in range(batch)]
+            return tuple(tuple(int(e) for e in order[:k]) for _ in range(batch))
+    return tuple(tuple(int(e) for e in np.random.default_rng([layer, b, 104729]).choice(m.experts, size=k, replace=False,
+                                                                                        p=p))
+                 for b in range(batch))
 
 
 def expert_sequences(spec: ModelSpec, layer: int, batch: int, skew: float = 0.0) -> dict[int, tuple[int, ...]]:

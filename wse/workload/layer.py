@@ -18,7 +18,7 @@ from ..hardware import WaferConfig
 from ..trace import Op, compute
 from .attention import (HeadRows, attention_segments, attn_row, block_tokens, by_heads, classic_ops, flash_ops,
                         head_rows, owned_heads)
-from .ffn import ffn_ops, moe_experts, moe_ffn_ops, norm_scale_ops
+from .ffn import ffn_ops, moe_expert_ops, moe_experts, moe_router_ops, norm_scale_ops
 from .gemv import ELEM, GemvShape, alloc_scales, gemv_ops
 from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, offsets, split
 from .mla import MlaSplit, mla_output_ops, mla_project_parts, mla_split, most_mla_rows
@@ -497,7 +497,10 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
                     ops = mla_output_ops(ctx, i, jo, xr[1], yr[1], xrole, yrole, sp)
                     ops[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
                     return ops
-                part(out, "o", (i, jo, xr[1], yr[1], xrole, yrole, spk), o_part)
+                # (what mla_output_ops reads: the column's o dims and runs, the row's v dims and
+                # O rows, the all-reduce roles, whether it is a diagonal PE; not the whole latent
+                # layout, which differs on every PE)
+                part(out, "o", (hi, xr[1][4:7], yr[1][3], yr[1][6:8], xrole, yrole, "diag" in sp), o_part)
             else:
                 part(out, "o", (i, jo, yrole), lambda: o_ops(ctx, i, jo, yrole))
         if "norm2" in parts:
@@ -505,7 +508,10 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
                  lambda: norm_ops(ctx, hi, xrole, b_["g2"], (b_["gu"], 2 * f_r[jf]) if fused2 else None))
         if "ffn" in parts:
             if plan.moe:  # (the experts' gate-weighted sums go into h themselves)
-                part(out, "ffn", (i, jf, je, e0, xrole, yrole), lambda: moe_ffn_ops(ctx, i, jf, je, e0, xrole, yrole))
+                # (two parts: the router's depends on the row's router experts, the experts' on its
+                # FFN rows: each is shared by more PEs than their pair would be)
+                part(out, "ffn", ("router", i, je, e0, xrole, yrole), lambda: moe_router_ops(ctx, i, je, e0, xrole, yrole))
+                part(out, "ffn", ("experts", i, jf, xrole, yrole), lambda: moe_expert_ops(ctx, i, jf, xrole, yrole))
             else:
                 def ffn_part() -> Ops:
                     ops = ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, 0, B, fused2)

@@ -24,6 +24,7 @@ transpose back is a broadcast from each diagonal PE down its column.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from ..errors import WseError
 from ..trace import Op, compute, recv, send
@@ -114,9 +115,11 @@ def most_mla_rows(spec) -> int:
     return spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim // 2
 
 
+@functools.lru_cache(maxsize=512)
 def mla_split(spec, P: int, Q: int | None = None) -> MlaSplit:
     """Cut a MLA layer's vectors over P columns and Q rows (default P; Q at most most_mla_rows:
-    the cache's latent dims and rotary pairs are split over rows as units)."""
+    the cache's latent dims and rotary pairs are split over rows as units). Remembered: the
+    placement search plans the same slot sizes over and over (callers must not change it)."""
     Q = Q or P
     m = spec.mla
     heads, nope, rope, vd = spec.heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
