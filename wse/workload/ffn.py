@@ -79,19 +79,13 @@ def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, b
     return out
 
 
-def moe_ffn_ops(ctx, i: int, jf: int, je: int, e0: int, xrole: tuple, yrole: tuple) -> Ops:
-    """A MoE layer's FFN on a layer region: router GEMV (reduce X; row j's logits are experts
-    e0.. of its chunk), router bias, the chosen experts' logits gathered (each from the row that
-    holds it, summed down the columns), their softmax per sequence (the gates), then each expert
-    this region computes over the sequences that chose it, its gate-weighted output added into
-    the residual stream (shared experts: weight 1). The choice itself is the workload's
-    (moe_choices), not the logits' top-k (`ctx`: LayerCtx)."""
-    return merge(moe_router_ops(ctx, i, je, e0, xrole, yrole), moe_expert_ops(ctx, i, jf, xrole, yrole))
-
-
 def moe_router_ops(ctx, i: int, je: int, e0: int, xrole: tuple, yrole: tuple) -> Ops:
-    """moe_ffn_ops' first half, up to the gates: it depends on the row's router experts (je, e0),
-    the second on its FFN rows (jf) only, so a builder shares each half among more PEs."""
+    """A MoE layer's FFN on a layer region, first half: router GEMV (reduce X; row j's logits
+    are experts e0.. of its chunk), router bias, the chosen experts' logits gathered (each from
+    the row that holds it, summed down the columns), their softmax per sequence (the gates).
+    The choice itself is the workload's (moe_choices), not the logits' top-k (`ctx`: LayerCtx).
+    This half depends on the row's router experts (je, e0), the second (moe_expert_ops) on its
+    FFN rows (jf) only, so a builder shares each among more PEs than it would the pair."""
     plan, rx, ry = ctx.plan, ctx.rx, ctx.ry
     spec, b_, B, S = plan.spec, plan.buf, plan.params.batch, plan.shapes
     m = spec.moe
@@ -122,8 +116,9 @@ def moe_router_ops(ctx, i: int, je: int, e0: int, xrole: tuple, yrole: tuple) ->
 
 
 def moe_expert_ops(ctx, i: int, jf: int, xrole: tuple, yrole: tuple) -> Ops:
-    """moe_ffn_ops' second half: the experts this region computes, each output added into the
-    residual stream weighted by its gate (computed by moe_router_ops) or by 1 (shared experts)."""
+    """A MoE layer's FFN on a layer region, second half: each expert this region computes over
+    the sequences that chose it, its output added into the residual stream weighted by its gate
+    (moe_router_ops computed them) or by 1 (shared experts)."""
     plan, b_, B, S = ctx.plan, ctx.plan.buf, ctx.plan.params.batch, ctx.plan.shapes
     spec, Hc = plan.spec, plan.Hc
     m = spec.moe
