@@ -21,7 +21,7 @@ import dataclasses
 from .. import isa
 from ..errors import WseError
 from ..hardware import WaferConfig
-from ..trace import Op, compute, recv, send, signal, wait
+from ..trace import Op, compute, recv, send, signal, wait, with_tag
 from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
 from .plan import fit_check
 
@@ -362,19 +362,20 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
 
     retagged: dict[tuple[Op, int], Op] = {}
     relay_ops: dict[tuple[int, ...], dict[int, list[Op]]] = {}
-    relays = (T_A_SEND, T_A_RECV, T_B_SEND, T_B_RECV)  # SUMMA's semaphore ops, tagged once
-    relay_done = {t: wait(S_DONE[t])._replace(tag=t_move) for t in relays}
-    relay_in = {t: signal(S_RELAY_IN[t])._replace(tag=t_move) for t in relays}
-    compute_waits = [wait(S_RELAY_IN[t])._replace(tag=t_compute) for t in relays]
-    compute_signals = [signal(S_DONE[t])._replace(tag=t_compute) for t in relays]
 
     def retag(op: Op, tag: int) -> Op:
         if op.tag == tag:
             return op
         key = (op, tag)
         if key not in retagged:
-            retagged[key] = op._replace(tag=tag)
+            retagged[key] = with_tag(op, tag)
         return retagged[key]
+
+    relays = (T_A_SEND, T_A_RECV, T_B_SEND, T_B_RECV)  # SUMMA's semaphore ops, tagged once
+    relay_done = {t: retag(wait(S_DONE[t]), t_move) for t in relays}
+    relay_in = {t: retag(signal(S_RELAY_IN[t]), t_move) for t in relays}
+    compute_waits = [retag(wait(S_RELAY_IN[t]), t_compute) for t in relays]
+    compute_signals = [retag(signal(S_DONE[t]), t_compute) for t in relays]
 
     def body(xr, yr, sp):
         ic, jc = xr[0][0], yr[0][0]
@@ -385,11 +386,14 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
         out: dict[int, list[Op]] = {}
         wanted = prog.building  # (program_ids builds one group of threads at a time)
 
+        def put(into: dict[int, list[Op]], t: int, ops: list[Op]) -> None:
+            """Append ops to thread t of `into`, tagged by the thread's kind (if t is wanted)."""
+            if t in wanted:
+                tag = t_compute if t == T_COMPUTE else t_move
+                into.setdefault(t, []).extend(retag(op, tag) for op in ops)
+
         def add(t: int, ops: list[Op]) -> None:
-            if t not in wanted:
-                return
-            tag = t_compute if t == T_COMPUTE else t_move
-            out.setdefault(t, []).extend(op if op.tag == tag else retag(op, tag) for op in ops)
+            put(out, t, ops)
 
         if algo == "summa":
             summa_steps(out, xr, yr, mj, ni, a_len, b_len, wanted)
@@ -405,23 +409,18 @@ def standalone(m: int, k: int, n: int, P: int, cfg: WaferConfig, algo: str = "me
 
         def step(s: int) -> dict[int, list[Op]]:
             part: dict[int, list[Op]] = {}
-
-            def put(t: int, ops: list[Op]) -> None:
-                if t in wanted:
-                    tag = t_compute if t == T_COMPUTE else t_move
-                    part.setdefault(t, []).extend(retag(op, tag) for op in ops)
-            put(T_COMPUTE, [wait(S_IN_C[T_A_RECV]), wait(S_IN_C[T_B_RECV])] if s > 0 else [])
+            put(part, T_COMPUTE, [wait(S_IN_C[T_A_RECV]), wait(S_IN_C[T_B_RECV])] if s > 0 else [])
             if T_COMPUTE in wanted:
                 part.setdefault(T_COMPUTE, []).extend(step_compute(s, mj, ni))  # tagged already
             if s < K - 2:
-                put(T_COMPUTE, [signal(S_DONE[T_A_RECV]), signal(S_DONE[T_B_RECV])])
+                put(part, T_COMPUTE, [signal(S_DONE[T_A_RECV]), signal(S_DONE[T_B_RECV])])
             if s < K - 1:
                 for t_send, t_recv, buf, length, sc, rc in (
                         (T_A_SEND, T_A_RECV, A, a_len, xr[0][1], xr[0][2]),
                         (T_B_SEND, T_B_RECV, B, b_len, yr[0][1], yr[0][2])):
-                    put(t_send, ([wait(S_IN_SEND[t_recv])] if s > 0 else []) + [send(sc, length, buf[s % 2])]
+                    put(part, t_send, ([wait(S_IN_SEND[t_recv])] if s > 0 else []) + [send(sc, length, buf[s % 2])]
                         + ([signal(S_OUT[t_send])] if s < K - 2 else []))
-                    put(t_recv, ([wait(S_DONE[t_recv]), wait(S_OUT[t_send])] if s > 0 else [])
+                    put(part, t_recv, ([wait(S_DONE[t_recv]), wait(S_OUT[t_send])] if s > 0 else [])
                         + [recv(rc, length, buf[(s + 1) % 2]), signal(S_IN_C[t_recv])]
                         + ([signal(S_IN_SEND[t_recv])] if s < K - 2 else []))
             return part
