@@ -48,6 +48,7 @@ def _run(tr, cfg, seed=0):
     (2, 70, 2, 8, dict(attention_block=3)),  # 35 rows a KV head, 32 rotary pairs: three rows hold none
     (4, 8, 2, 16, dict(attention_block=1)),  # more heads than a block's tokens: vector ops over the heads
     (8, 16, 2, 40, dict(groups=2)),  # two-level all-reduces of two groups (rows; columns: the KV heads')
+    (4, 8, 2, 256, {}),  # blocks of 256 scores a row: the segment all-reduces' pipelined roots (auto)
     # the classic mapping on the same rows: owners of a block's heads, rows owning none, whole heads per row
     (3, 5, 2, 13, dict(attention="classic")),
     (2, 70, 2, 8, dict(attention="classic")),
@@ -254,12 +255,13 @@ def test_a_layer_with_low_precision_tiles_computes_the_models_layer(name, layer,
     ("tiny", 0, {}), ("tiny", 0, dict(weights="int4")), ("tiny-moe", 1, dict(weights="fp8")),
     ("tiny-mla", 1, dict(attention_block=2)), ("tiny-oss", 0, dict(weights="bf16")),
     ("tiny", 0, dict(attention="classic")), ("tiny-mla", 1, dict(attention="classic")),
+    ("tiny", 0, dict(context=256)),  # blocks of 256 scores: pipelined segment roots, broadcasts into tmp
 ])
 def test_every_write_of_a_layer_stays_in_its_buffer(name, layer, kw, roomy):
     """Each op's SRAM writes lie inside one buffer of the layer's plan (a static check of what the
     race above was: a receive running past `tmp` into the next buffer)."""
     from wse.workload.layer import plan_layer
-    prm = DecodeParams(batch=2, context=40, **kw)
+    prm = DecodeParams(**dict(dict(batch=2, context=40), **kw))
     plan = plan_layer(load_model(name), layer, 4, roomy, prm, Q=8)
     tr = layer_trace(load_model(name), layer, 4, 8, roomy, prm)
     spans = sorted((a, a + n, k) for k, (a, n, _) in plan.mem.buffers.items() if n)

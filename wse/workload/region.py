@@ -70,7 +70,8 @@ def reducers(region: Region, builder: MeshBuilder | None, params: DecodeParams, 
 
     With the model's `spec`, a region whose flash attention reduces scores inside row blocks
     (attention.attention_segments) gets a column all-reduce of that many groups, each also an
-    all-reduce of its own (LineAllReduce.segment_ops)."""
+    all-reduce of its own (LineAllReduce.segment_ops; with "auto", long ones with a pipelined
+    root)."""
     from .attention import attention_segments
     y_segments = attention_segments(spec, region.height, params)
     out = {}
@@ -80,7 +81,7 @@ def reducers(region: Region, builder: MeshBuilder | None, params: DecodeParams, 
         colors = ReduceColors.from_base(REDUCE_BASE[axis])
         if axis == Y and y_segments:
             red = LineAllReduce(n, colors, groups=y_segments, root="end" if params.algo == "chain" else "middle",
-                                segments=True)
+                                segments=True, pipelined_segments=params.algo == "auto")
         elif params.algo == "chain":
             red = LineAllReduce(n, colors, groups=1, root="end")
         elif params.algo in ("two-level", "auto"):
