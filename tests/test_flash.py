@@ -169,21 +169,23 @@ def test_pipelined_segment_roots_match_the_reference_and_save_cycles(n, groups, 
     assert cycles[True] < cycles[False]
 
 
-def test_long_blocks_take_the_pipelined_segment_root(small):
+def test_long_blocks_take_the_pipelined_segment_root(small, monkeypatch):
     """A tiny layer whose blocks hold 80 scores a row (two chunks): under the auto all-reduce its
-    segment all-reduces pipeline their roots — fewer cycles than two-level, the same FLOPs, the
-    reference stepper agreeing — and the step composes exactly."""
+    segment all-reduces pipeline their roots — fewer cycles than auto with plain segment roots,
+    the same FLOPs, the reference stepper agreeing — and the step composes exactly."""
+    import wse.workload.collectives as collectives
     spec = load_model("tiny")
+    params = DecodeParams(batch=2, context=160)  # 20 tokens a column on 8
     out = {}
-    for algo in ("two-level", "auto"):
-        params = DecodeParams(batch=2, context=160, algo=algo)
+    for pipelined in (False, True):
+        monkeypatch.setattr(collectives, "SEGMENT_PIPELINED_FROM", SEGMENT_PIPELINED_FROM if pipelined else 10**9)
         plan, build, trace = _layer(spec, small, params, 8, 16, ATTN[:-1] + ("norm2", "ffn", "handoff"))
-        assert plan.segments and 2 * 20 * 2 >= SEGMENT_PIPELINED_FROM  # heads a block x tokens a column x batch
+        assert plan.segments and plan.rows.hb_r[0] * max(plan.T_c) * params.batch >= SEGMENT_PIPELINED_FROM
         fast = run(trace, small)
-        assert_same(fast, reference.simulate(trace, small), f"layer {algo}")
-        out[algo] = (fast.total_cycles, int(fast.pe("flops").sum()))
-        assert out[algo][1] == sum(build.flops.values())
-    assert out["auto"][0] < out["two-level"][0] and out["auto"][1] == out["two-level"][1]
+        assert_same(fast, reference.simulate(trace, small), f"layer, pipelined={pipelined}")
+        out[pipelined] = (fast.total_cycles, int(fast.pe("flops").sum()), trace.content_hash())
+        assert out[pipelined][1] == sum(build.flops.values())
+    assert out[True][0] < out[False][0] and out[True][1] == out[False][1] and out[True][2] != out[False][2]
     step = plan_model(spec, small, DecodeParams(batch=2, context=320), P=16)  # 20 tokens a column
     assert layer_plan(step, 0).segments and step.P == 16
     composed_equals_full(step, small)
