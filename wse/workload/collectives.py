@@ -18,7 +18,7 @@ import math
 
 from .. import isa
 from ..trace import Op, recv, recv_compute, recv_compute_send, send, signal, wait, compute
-from .mesh import HI, LO, RAMP
+from .mesh import HI, LO, RAMP, split_ranges
 
 SEM_REDUCE = 0  # semaphore: thread 1 tells thread 0 that the upper-side partial arrived
 # ... and thread 0 tells thread 1 it has added it: tmp may take the next one (without this, a root
@@ -361,6 +361,7 @@ def flat_chunks(m: int) -> int:
     return max(1, min(FLAT_ROOT_CHUNKS, m // FLAT_CHUNK_MIN))
 
 
+
 def _chain_and_take(c: ReduceColors, par: int, leg: tuple, bcast: int, m: int, buf: int, tmp: int, kind: int,
                     dtype: int) -> dict[int, list[Op]]:
     """A non-root position of a pipelined root's all-reduce (_flat_ops, _pipelined_segment_ops):
@@ -396,10 +397,8 @@ def _flat_ops(c: ReduceColors, role: tuple, m: int, buf: int, tmp: int, kind: in
     lo, hi = (c.up1[1 - par] if l1[1] else None), (c.down1[1 - par] if l1[2] else None)
     t0, t1, ts = [], [], []
     elem = isa.DTYPE_DST_BYTES[dtype]
-    k_chunks = 1 if at_root else flat_chunks(m)
-    a = 0
-    for i in range(k_chunks):
-        k = m // k_chunks + (1 if i < m % k_chunks else 0)
+    for r in split_ranges(m, 1 if at_root else flat_chunks(m)):
+        a, k = r.start, len(r)
         at, tt = buf + a * elem, tmp + a * elem
         if lo is not None:
             t0.append(recv_compute(lo, kind, k, dst=at, src0=at, dtype=dtype))
@@ -413,7 +412,6 @@ def _flat_ops(c: ReduceColors, role: tuple, m: int, buf: int, tmp: int, kind: in
                 {0: t0, 1: t1, FLAT_SEND_THREAD: ts}[t].extend(ops)
         t0.append(signal(SEM_FLAT_CHUNK))
         ts += [wait(SEM_FLAT_CHUNK), send(c.bcast, k, at, dtype)]
-        a += k
     ts.append(signal(SEM_FLAT_SENT))
     t0.append(wait(SEM_FLAT_SENT))
     if not at_root:
@@ -451,16 +449,12 @@ def _pipelined_segment_ops(c: ReduceColors, role: tuple, m: int, buf: int, tmp: 
     t0: list[Op] = []
     ts: list[Op] = []
     elem = isa.DTYPE_DST_BYTES[dtype]
-    k_chunks = flat_chunks(m)
-    a = 0
-    for i in range(k_chunks):
-        k = m // k_chunks + (1 if i < m % k_chunks else 0)
-        at = buf + a * elem
+    for r in split_ranges(m, flat_chunks(m)):
+        k, at = len(r), buf + r.start * elem
         t0 += [recv_compute(rx, kind, k, dst=at, src0=at, dtype=dtype) for rx, _ in sides]
         t0.append(signal(SEM_FLAT_CHUNK))
         ts.append(wait(SEM_FLAT_CHUNK))
         ts += [send(tx, k, at, dtype) for _, tx in reversed(sides)]
-        a += k
     ts.append(signal(SEM_FLAT_SENT))
     t0.append(wait(SEM_FLAT_SENT))
     out = {0: t0, FLAT_SEND_THREAD: ts}
