@@ -13,7 +13,7 @@ from checked import composed_equals_full, run
 from engine_compare import assert_same
 from wse import hardware
 from wse.engine import reference
-from wse.workload.attention import head_rows
+from wse.workload.attention import block_tokens, blocks, head_rows
 from wse.workload.collectives import SEGMENT_PIPELINED_FROM, LineAllReduce, ReduceColors
 from wse.workload.decode import layer_plan, plan_model
 from wse.workload.layer import decode_layer, largest_context, layer_flops, layer_weight_bytes, plan_layer
@@ -21,7 +21,7 @@ from wse.workload.mesh import MeshBuilder, Region
 from wse.workload.models import load_model
 from wse.workload.params import DecodeParams
 from wse.workload.plan import FitError
-from wse.workload.region import Lanes
+from wse.workload.region import THREADS, Lanes
 
 ATTN = ("norm1", "qkv", "attention", "o", "handoff")
 
@@ -189,6 +189,35 @@ def test_long_blocks_take_the_pipelined_segment_root(small, monkeypatch):
     step = plan_model(spec, small, DecodeParams(batch=2, context=320), P=16)  # 20 tokens a column
     assert layer_plan(step, 0).segments and step.P == 16
     composed_equals_full(step, small)
+
+
+@pytest.mark.parametrize("name, P, Q, kw", [("tiny", 8, 16, dict(batch=2, context=160, attention_block=5)),
+                                           ("tiny-mla", 4, 8, dict(context=48, attention_block=2)),
+                                           ("tiny", 4, 8, dict(context=30, attention_block=3, algo="two-level"))])
+def test_overlapped_flash_blocks_match_the_reference_and_save_cycles(name, P, Q, kw, small):
+    """Each block's score reduction on a thread of its own (T_SCORES), overlapping the previous
+    block's softmax: serial and overlapped blocks both match the reference stepper counter for
+    counter and execute the closed form's FLOPs, the same in both; the overlapped layer (one
+    more thread, two score buffers) finishes sooner. Head by head (tiny, GQA row blocks) and
+    over the heads (latent attention: the whole column reduces)."""
+    spec = load_model(name)
+    out = {}
+    for mode in ("serial", "overlapped"):
+        params = DecodeParams(flash_blocks=mode, **kw)
+        plan, build, trace = _layer(spec, small, params, P, Q, ATTN[:-1] + ("norm2", "ffn", "handoff"))
+        assert plan.overlap == (mode == "overlapped") and len(blocks_of(plan)) >= 3
+        assert ("sc2" in plan.buf) == plan.overlap and trace.threads == THREADS + plan.overlap
+        fast = run(trace, small)
+        assert_same(fast, reference.simulate(trace, small), f"{name} {mode}")
+        out[mode] = (fast.total_cycles, int(fast.pe("flops").sum()))
+        assert out[mode][1] == sum(build.flops.values())
+    assert out["overlapped"][1] == out["serial"][1]
+    assert out["overlapped"][0] < out["serial"][0]
+
+
+def blocks_of(plan) -> list[int]:
+    """The flash blocks of the plan's fullest column."""
+    return blocks(max(plan.T_c), block_tokens(plan.params, max(plan.heads_r)))
 
 
 def test_flash_scratch_does_not_grow_with_the_context():

@@ -49,6 +49,7 @@ def _run(tr, cfg, seed=0):
     (4, 8, 2, 16, dict(attention_block=1)),  # more heads than a block's tokens: vector ops over the heads
     (8, 16, 2, 40, dict(groups=2)),  # two-level all-reduces of two groups (rows; columns: the KV heads')
     (4, 8, 2, 256, {}),  # blocks of 256 scores a row: the segment all-reduces' pipelined roots (auto)
+    (3, 5, 2, 13, dict(attention_block=2, flash_blocks="serial")),  # (the default overlaps them)
     # the classic mapping on the same rows: owners of a block's heads, rows owning none, whole heads per row
     (3, 5, 2, 13, dict(attention="classic")),
     (2, 70, 2, 8, dict(attention="classic")),
@@ -158,6 +159,7 @@ def test_moe_and_gpt_oss_layers_compute_the_models_layer(name, layer, P, Q, batc
 @pytest.mark.parametrize("layer, P, Q, batch, context, kw", [
     (0, 4, 8, 1, 16, {}),
     (0, 3, 5, 2, 13, dict(attention_block=2)),
+    (0, 3, 5, 2, 13, dict(attention_block=2, flash_blocks="serial")),
     (0, 1, 1, 2, 9, dict(attention_block=3)),
     (2, 2, 36, 1, 8, dict(attention_block=1)),
     (0, 5, 7, 3, 23, dict(attention_block=3, algo="chain")),

@@ -109,14 +109,15 @@ def check_options(system: SystemConfig, *, model: str, wafers: str | int = "pres
 
 
 _PARAM_KEYS = ("moe_mapping", "experts_per_region", "slot_shape", "uniform_slots", "attention", "attention_block",
-               "norms", "dense_ffn", "tables")
+               "flash_blocks", "norms", "dense_ffn", "tables")
 
 
 def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], object], *, wafers: int | None = None,
                batch: int = 1, context: int = 1024, prompt: int | None = 512, gpu: str = "h100",
                expert_skew: float = 0.0, moe_mapping: str = "auto", experts_per_region: int = 0,
                slot_shape: str = "tall", uniform_slots: bool = False, weights: str | None = None,
-               attention: str = "flash", attention_block: int = 0, norms: str = "fused", generate: int = 1,
+               attention: str = "flash", attention_block: int = 0, flash_blocks: str = "overlapped",
+               norms: str = "fused", generate: int = 1,
                fanout: Fanout | None = None, prefill_steps: int = 16, dense_ffn: str = "auto",
                tables: str = "auto", prefill_chunk: int = 0, prefill_samples: int = 3,
                allreduce: str = "auto") -> SystemJob:
@@ -127,8 +128,8 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     spec = load_model(model)
     params = DecodeParams(batch=batch, context=context, expert_skew=expert_skew, moe_mapping=moe_mapping,
                           experts_per_region=experts_per_region, slot_shape=slot_shape, uniform_slots=uniform_slots,
-                          weights=weights, attention=attention, attention_block=attention_block, norms=norms,
-                          dense_ffn=dense_ffn, tables=tables, algo=allreduce)
+                          weights=weights, attention=attention, attention_block=attention_block,
+                          flash_blocks=flash_blocks, norms=norms, dense_ffn=dense_ffn, tables=tables, algo=allreduce)
     gw = weights_for(spec, weights_of(spec, weights))  # the GPU nodes store the weights alike
     if generate < 1:
         raise WseError(f"--generate {generate} must be at least 1")

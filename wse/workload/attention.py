@@ -21,12 +21,16 @@ from ..errors import WseError
 from .mesh import offsets, split
 from .plan import KV_SHIFT
 from .region import (ADD, C_ATTN, DOT, EXP, EXP_FLOPS, FMAC, MAX, MOV, MUL, RECIP, RECIP_FLOPS, RMAX,
-                     RSUM, SCALE, SOFTMAX_FLOPS, SUB, SEM_KV_READY, SEM_KV_RECEIVED, SEM_KV_SENT, Ops,
+                     RSUM, SCALE, SOFTMAX_FLOPS, SUB, THREADS, SEM_KV_READY, SEM_KV_RECEIVED, SEM_KV_SENT, Ops,
                      merge)
 
 SINK_FLOPS = 1 + EXP_FLOPS + 1  # per head and sequence: max, exp(sink - max), add to the sum
 SINK_FLOPS_BY_HEADS = SINK_FLOPS + 1  # ... over the heads (_flash_by_heads): the subtraction is its own op
 BLOCK_ELEMENTS = 1024  # [U] flash: score elements (heads x tokens x batch) per block when not given
+# overlapped flash blocks (_run_blocks): the thread reducing a block's scores, and its semaphores
+# with thread 0 (region.THREADS counts it; 0-8 are the all-reduces' and the KV shift's)
+T_SCORES = THREADS
+SEM_SCORES_READY, SEM_SCORES_REDUCED = 9, 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +367,45 @@ def _open_block(receives: bool, e: int, sc: int, z: int) -> list:
     return [compute(MOV, e, dst=sc, src0=z)] + ([wait(SEM_KV_RECEIVED)] if receives else [])
 
 
+def _run_blocks(ctx, srole: tuple, lengths: list[int], scores: Callable[[int, int], list],
+                softmax: Callable[[int, int], list], out: Ops) -> None:
+    """A row's flash blocks: block k's scores (thread 0, `scores(k, buffer)`), their reduction
+    among the rows sharing the heads (ctx.seg_reduce), then its softmax and values
+    (`softmax(k, buffer)`, thread 0).
+
+    Serial (--flash-blocks serial): one block after another, the reduction's own ops on thread 0.
+    Overlapped: the reduction's thread-0 ops run on thread T_SCORES, so block k + 1's scores are
+    reduced while thread 0 runs block k's softmax and values and block k + 2's scores, in two
+    score buffers taken in turn; thread 0 signals SEM_SCORES_READY when a block's scores are
+    written and waits for SEM_SCORES_REDUCED before its softmax. Thread 0 runs no other
+    all-reduce meanwhile, so the reductions' semaphores keep one user at a time."""
+    plan = ctx.plan
+    bufs = [plan.buf["sc"]] + ([plan.buf["sc2"]] if plan.overlap else [])
+    n = len(lengths)
+    if not plan.overlap:
+        for k, e in enumerate(lengths):
+            out[0].extend(scores(k, bufs[0]))
+            merge(out, ctx.seg_reduce(srole, e, bufs[0]))
+            out[0].extend(softmax(k, bufs[0]))
+        return
+    reduced = []  # whether block k's reduction has ops here (one row alone has none)
+    for k in range(n + 1):
+        if k < n:
+            sc = bufs[k % 2]
+            out[0].extend(scores(k, sc))
+            red = ctx.seg_reduce(srole, lengths[k], sc)
+            reduced.append(bool(red))
+            if red:
+                out[0].append(signal(SEM_SCORES_READY))
+                out.setdefault(T_SCORES, []).extend(
+                    [wait(SEM_SCORES_READY)] + red.pop(0, []) + [signal(SEM_SCORES_REDUCED)])
+                merge(out, red)
+        if k:
+            if reduced[k - 1]:
+                out[0].append(wait(SEM_SCORES_REDUCED))
+            out[0].extend(softmax(k - 1, bufs[(k - 1) % 2]))
+
+
 def _flash_by_head(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, srole: tuple, out: Ops) -> Ops:
     """flash_ops head by head: per head and query dim an FMAC over a block's tokens, per head an
     RMAX, EXP and RSUM, per head and value dim a DOT (rows with few heads and long blocks)."""
@@ -377,40 +420,45 @@ def _flash_by_head(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, sr
     def o_at(b: int, h: int) -> int:
         return att + (b * oj + h * vh) * ELEM
 
-    t0 = out[0]
-    t0.append(compute(MOV, oj * B + s, dst=att, src0=z))  # o = 0, l = 0
-    cur, s0 = 0, 1
+    out[0].append(compute(MOV, oj * B + s, dst=att, src0=z))  # o = 0, l = 0
     bks = blocks(tc, block_tokens(plan.params, hb))
-    for k, t in enumerate(bks):
-        e = hb * t * B
+    starts = [1 + a for a in offsets(bks)]  # each block's first slot
+    st = {"cur": 0}  # the running maximum's buffer (ping-pong)
 
-        def sc_at(b: int, h: int) -> int:
-            return sc + (b * hb + h) * t * ELEM
-        t0 += _open_block(k == len(bks) - 1 and not first_col, e, sc, z)
-        t0 += [compute(FMAC, t, dst=sc_at(b, h), src0=row.at(b, h // row.g * kh + dd, s0), src1=row.q_at(b, h, dd))
-               for b, h in heads for dd in range(kh)]
-        merge(out, ctx.seg_reduce(srole, e, sc))
-        t0 = out[0]
-        t0.append(compute(SCALE, e, dst=sc, src0=sc, src1=c + C_ATTN * ELEM))
+    def sc_at(sc: int, t: int, b: int, h: int) -> int:
+        return sc + (b * hb + h) * t * ELEM
+
+    def scores(k: int, sc: int) -> list:
+        t, s0 = bks[k], starts[k]
+        return _open_block(k == len(bks) - 1 and not first_col, hb * t * B, sc, z) + [
+            compute(FMAC, t, dst=sc_at(sc, t, b, h), src0=row.at(b, h // row.g * kh + dd, s0), src1=row.q_at(b, h, dd))
+            for b, h in heads for dd in range(kh)]
+
+    def softmax(k: int, sc: int) -> list:
+        t, s0, cur = bks[k], starts[k], st["cur"]
+        t0 = [compute(SCALE, hb * t * B, dst=sc, src0=sc, src1=c + C_ATTN * ELEM)]
         nxt = 1 - cur if k else cur
         if k:
             t0.append(compute(MOV, s, dst=m[nxt], src0=m[cur]))
         for b, h in heads:
             if not k:
-                t0.append(compute(MOV, 1, dst=stat(m[cur], b, h), src0=sc_at(b, h)))
-            t0.append(compute(RMAX, t, dst=stat(m[nxt], b, h), src0=sc_at(b, h)))
+                t0.append(compute(MOV, 1, dst=stat(m[cur], b, h), src0=sc_at(sc, t, b, h)))
+            t0.append(compute(RMAX, t, dst=stat(m[nxt], b, h), src0=sc_at(sc, t, b, h)))
         if k:  # the sum and output so far rescaled by exp(m_old - m_new)
             t0 += [compute(EXP, 1, dst=stat(al, b, h), src0=stat(m[cur], b, h), src1=stat(m[nxt], b, h))
                    for b, h in heads]
             t0.append(compute(MUL, s, dst=lsum, src0=lsum, src1=al))
             t0 += [compute(SCALE, vh, dst=o_at(b, h), src0=o_at(b, h), src1=stat(al, b, h)) for b, h in heads if vh]
-            cur = nxt
+            st["cur"] = cur = nxt
         for b, h in heads:
-            t0.append(compute(EXP, t, dst=sc_at(b, h), src0=sc_at(b, h), src1=stat(m[cur], b, h)))
-            t0.append(compute(RSUM, t, dst=stat(lsum, b, h), src0=sc_at(b, h)))
-            t0 += [compute(DOT, t, dst=o_at(b, h) + dv * ELEM, src0=sc_at(b, h),
+            t0.append(compute(EXP, t, dst=sc_at(sc, t, b, h), src0=sc_at(sc, t, b, h), src1=stat(m[cur], b, h)))
+            t0.append(compute(RSUM, t, dst=stat(lsum, b, h), src0=sc_at(sc, t, b, h)))
+            t0 += [compute(DOT, t, dst=o_at(b, h) + dv * ELEM, src0=sc_at(sc, t, b, h),
                            src1=row.at(b, row.v_dim(h // row.g, dv), s0)) for dv in range(vh)]
-        s0 += t
+        return t0
+    _run_blocks(ctx, srole, [hb * t * B for t in bks], scores, softmax, out)
+    cur = st["cur"]
+    t0 = out[0]
     if not bks and not first_col:  # (a column with no token)
         t0.append(wait(SEM_KV_RECEIVED))
     # merge the columns: global maximum, each column's share rescaled, summed in one vector
@@ -451,45 +499,51 @@ def _flash_by_heads(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, s
 
     def o_vec(b: int, dv: int) -> int:
         return att + (b * oj + dv * hb) * ELEM
-    t0 = out[0]
-    t0.append(compute(MOV, oj * B + s, dst=att, src0=z))  # o = 0, l = 0
-    cur, s0 = 0, 1
+    out[0].append(compute(MOV, oj * B + s, dst=att, src0=z))  # o = 0, l = 0
     bks = blocks(tc, block_tokens(plan.params, hb))
-    for k, t in enumerate(bks):
-        e = hb * t * B
+    starts = [1 + a for a in offsets(bks)]  # each block's first slot
+    st = {"cur": 0}  # the running maximum's buffer (ping-pong)
 
-        def sc_t(b: int, tt: int) -> int:
-            return sc + (b * t + tt) * hb * ELEM
-        t0 += _open_block(k == len(bks) - 1 and not first_col, e, sc, z)
-        t0 += [compute(FMAC, g, dst=sc_t(b, tt) + p * g * ELEM, src0=row.q_vec(b, dd) + p * g * ELEM,
-                       src1=row.at(b, p * kh + dd, s0 + tt))
-               for b in range(B) for tt in range(t) for p in range(nk) for dd in range(kh)]
-        merge(out, ctx.seg_reduce(srole, e, sc))
-        t0 = out[0]
-        t0.append(compute(SCALE, e, dst=sc, src0=sc, src1=c + C_ATTN * ELEM))
+    def sc_t(sc: int, t: int, b: int, tt: int) -> int:
+        return sc + (b * t + tt) * hb * ELEM
+
+    def scores(k: int, sc: int) -> list:
+        t, s0 = bks[k], starts[k]
+        return _open_block(k == len(bks) - 1 and not first_col, hb * t * B, sc, z) + [
+            compute(FMAC, g, dst=sc_t(sc, t, b, tt) + p * g * ELEM, src0=row.q_vec(b, dd) + p * g * ELEM,
+                    src1=row.at(b, p * kh + dd, s0 + tt))
+            for b in range(B) for tt in range(t) for p in range(nk) for dd in range(kh)]
+
+    def softmax(k: int, sc: int) -> list:
+        t, s0, cur = bks[k], starts[k], st["cur"]
+        e = hb * t * B
+        t0 = [compute(SCALE, e, dst=sc, src0=sc, src1=c + C_ATTN * ELEM)]
         nxt = 1 - cur if k else cur
         if k:
             t0.append(compute(MOV, s, dst=m[nxt], src0=m[cur]))
         for b in range(B):
             if not k:
-                t0.append(compute(MOV, hb, dst=vec(m[cur], b), src0=sc_t(b, 0)))
-            t0 += [compute(MAX, hb, dst=vec(m[nxt], b), src0=vec(m[nxt], b), src1=sc_t(b, tt))
+                t0.append(compute(MOV, hb, dst=vec(m[cur], b), src0=sc_t(sc, t, b, 0)))
+            t0 += [compute(MAX, hb, dst=vec(m[nxt], b), src0=vec(m[nxt], b), src1=sc_t(sc, t, b, tt))
                    for tt in range(0 if k else 1, t)]
         if k:  # the sum and output so far rescaled by exp(m_old - m_new)
             t0 += [compute(SUB, s, dst=al, src0=m[cur], src1=m[nxt]), compute(EXP, s, dst=al, src0=al, src1=z),
                    compute(MUL, s, dst=lsum, src0=lsum, src1=al)]
             t0 += [compute(MUL, hb, dst=o_vec(b, dv), src0=o_vec(b, dv), src1=vec(al, b))
                    for b in range(B) for dv in range(vh)]
-            cur = nxt
-        t0 += [compute(SUB, hb, dst=sc_t(b, tt), src0=sc_t(b, tt), src1=vec(m[cur], b))
+            st["cur"] = cur = nxt
+        t0 += [compute(SUB, hb, dst=sc_t(sc, t, b, tt), src0=sc_t(sc, t, b, tt), src1=vec(m[cur], b))
                for b in range(B) for tt in range(t)]
         t0.append(compute(EXP, e, dst=sc, src0=sc, src1=z))
-        t0 += [compute(ADD, hb, dst=vec(lsum, b), src0=vec(lsum, b), src1=sc_t(b, tt))
+        t0 += [compute(ADD, hb, dst=vec(lsum, b), src0=vec(lsum, b), src1=sc_t(sc, t, b, tt))
                for b in range(B) for tt in range(t)]
-        t0 += [compute(FMAC, g, dst=o_vec(b, dv) + p * g * ELEM, src0=sc_t(b, tt) + p * g * ELEM,
+        t0 += [compute(FMAC, g, dst=o_vec(b, dv) + p * g * ELEM, src0=sc_t(sc, t, b, tt) + p * g * ELEM,
                        src1=row.at(b, row.v_dim(p, dv), s0 + tt))
                for b in range(B) for tt in range(t) for p in range(nk) for dv in range(vh)]
-        s0 += t
+        return t0
+    _run_blocks(ctx, srole, [hb * t * B for t in bks], scores, softmax, out)
+    cur = st["cur"]
+    t0 = out[0]
     if not bks and not first_col:
         t0.append(wait(SEM_KV_RECEIVED))
     sink = "sinks" in b_ and first_col and hb

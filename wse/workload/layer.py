@@ -85,6 +85,16 @@ class LayerPlan:
         return self.params.attention == "flash"
 
     @property
+    def overlap(self) -> bool:
+        """Flash reduces a block's scores on a thread of its own while thread 0 runs the previous
+        block's softmax (attention._run_blocks): two score buffers, one more thread."""
+        return self.flash and self.has_attention and self.params.flash_blocks == "overlapped"
+
+    @property
+    def threads(self) -> int:
+        return THREADS + 1 if self.overlap else THREADS
+
+    @property
     def column_scores(self) -> bool:
         """Flash reduces a block's scores down the whole column: every row attends with one
         latent (MLA) or one KV head; otherwise inside row blocks (segments) or not at all."""
@@ -257,6 +267,8 @@ def _alloc_buffers(plan: LayerPlan, n_copies: dict[str, int]) -> None:
     buf["xn"] = mem.alloc("xn", max(Hc) * B * ELEM, "activations", G3)
     if att_here:
         buf["sc"] = mem.alloc("scores", max(scores, 1) * B * ELEM, "activations", G3)
+        if plan.overlap:  # (the block being reduced while the one before runs its softmax)
+            buf["sc2"] = mem.alloc("scores2", max(scores, 1) * B * ELEM, "activations", G3)
         buf["qkv"] = mem.alloc("qkv", (max(max(qkv_r), max(e_r)) + 1) * B * ELEM, "activations", G2)
         buf["att"] = mem.alloc("att", (max(o_r) + (hb if flash else 0)) * B * ELEM, "activations", G2)
     if ffn_here:
@@ -429,7 +441,7 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     red = reducers(region, builder, prm, spec, plan.cfg)
     ctx = LayerCtx(plan, red)
     h, yb, qkv = b_["h"], b_["y"], b_.get("qkv", 0)
-    prog = RegionProgram(region, THREADS)
+    prog = RegionProgram(region, plan.threads)
     prog.add_roles(X, [(i_chunk(Hc, i), i % 2, red[X].role(i), plan.T_c[i], i == 0, i == P - 1) for i in range(P)])
     seg = red[Y].segment_role if plan.segments else red[Y].role
     hr = plan.rows  # the rows of a dense layer: (query heads, KV pieces, dims per piece, by heads)

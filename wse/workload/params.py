@@ -9,6 +9,7 @@ from .precision import WEIGHTS
 MOE_MAPPINGS = ("auto", "local", "regions")
 SLOT_SHAPES = ("square", "tall")
 ATTENTION = ("flash", "classic")
+FLASH_BLOCKS = ("overlapped", "serial")
 ALLREDUCE = ("auto", "two-level", "chain")
 NORMS = ("fused", "separate")
 DENSE_FFN = ("auto", "layer", "region")
@@ -33,6 +34,9 @@ class DecodeParams:
     weights: str | None = None  # linear weights' precision (precision.WEIGHTS); None: the model's checkpoint
     attention: str = "flash"  # decode attention: "flash" (blocked, online softmax) or "classic" (attention.py)
     attention_block: int = 0  # flash: cached tokens per block and column (0: attention.block_tokens)
+    # flash: a block's score reduction on a thread of its own, overlapping the previous block's softmax
+    # ("overlapped"), or each block in turn ("serial"; attention._run_blocks)
+    flash_blocks: str = "overlapped"
     norms: str = "fused"  # RMSNorm's mean square in the next GEMV's all-reduce ("fused") or its own
     # a dense layer's FFN: in its layer region ("layer"), in a slot of its own after it ("region"),
     # or "auto": in a slot of its own where a MoE model's routed experts are in expert regions
@@ -52,6 +56,8 @@ class DecodeParams:
             raise WseError(f"all-reduce algorithm {self.algo!r} is not one of {', '.join(ALLREDUCE)}")
         if self.attention not in ATTENTION:
             raise WseError(f"--attention {self.attention!r} is not one of {', '.join(ATTENTION)}")
+        if self.flash_blocks not in FLASH_BLOCKS:
+            raise WseError(f"--flash-blocks {self.flash_blocks!r} is not one of {', '.join(FLASH_BLOCKS)}")
         if self.norms not in NORMS:
             raise WseError(f"--norms {self.norms!r} is not one of {', '.join(NORMS)}")
         if self.dense_ffn not in DENSE_FFN:

@@ -40,10 +40,12 @@ C_INV_H, C_EPS, C_ATTN, C_ONE = range(4)
 N_CONSTS = 4
 NORM_EPS = 1e-5  # the RMSNorms' epsilon [U] (Llama 3.1's)
 G0, G1, G2, G3 = 0, 2, 4, 6  # byte offsets selecting bank groups 0..3
-# semaphores (0 and 4-8 are the all-reduce's, collectives.py)
+# semaphores (0 and 4-8 are the all-reduce's, collectives.py; 9 and 10 overlapped flash blocks',
+# attention.py)
 SEM_KV_READY, SEM_KV_RECEIVED, SEM_KV_SENT = 1, 2, 3
 # threads: 0 main, 1 the all-reduces' upper-side and flat broadcast receives, 2 KV shift send,
-# 3 KV shift receive, 4 the flat all-reduce root's broadcast sends
+# 3 KV shift receive, 4 the flat all-reduce root's broadcast sends (a layer region with overlapped
+# flash blocks has one more: attention.T_SCORES)
 THREADS = 5
 
 Ops = dict[int, list[Op]]  # thread -> ops
