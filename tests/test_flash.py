@@ -191,7 +191,7 @@ def test_long_blocks_take_the_pipelined_segment_root(small, monkeypatch):
     composed_equals_full(step, small)
 
 
-@pytest.mark.parametrize("name, P, Q, kw", [("tiny", 8, 16, dict(batch=2, context=160, attention_block=5)),
+@pytest.mark.parametrize("name, P, Q, kw", [("tiny", 4, 8, dict(batch=2, context=40, attention_block=3)),
                                            ("tiny-mla", 4, 8, dict(context=48, attention_block=2)),
                                            ("tiny", 4, 8, dict(context=30, attention_block=3, algo="two-level"))])
 def test_overlapped_flash_blocks_match_the_reference_and_save_cycles(name, P, Q, kw, small):
