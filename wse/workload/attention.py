@@ -361,6 +361,12 @@ def _flash_buffers(ctx, row: AttnRow) -> tuple:
             st + 2 * s * ELEM, att + row.hb * row.vh * B * ELEM)
 
 
+def _column_blocks(plan, tc: int, hb: int) -> tuple[list[int], list[int]]:
+    """A column's flash blocks (tokens each) and each block's first cache slot (slots 1..tc)."""
+    bks = blocks(tc, block_tokens(plan.params, hb))
+    return bks, [1 + a for a in offsets(bks)]
+
+
 def _open_block(receives: bool, e: int, sc: int, z: int) -> list:
     """A block's first ops: its e scores cleared, and (the block with slot tc, receives) the wait
     for the token the column west of it passed."""
@@ -421,8 +427,7 @@ def _flash_by_head(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, sr
         return att + (b * oj + h * vh) * ELEM
 
     out[0].append(compute(MOV, oj * B + s, dst=att, src0=z))  # o = 0, l = 0
-    bks = blocks(tc, block_tokens(plan.params, hb))
-    starts = [1 + a for a in offsets(bks)]  # each block's first slot
+    bks, starts = _column_blocks(plan, tc, hb)
     st = {"cur": 0}  # the running maximum's buffer (ping-pong)
 
     def sc_at(sc: int, t: int, b: int, h: int) -> int:
@@ -500,8 +505,7 @@ def _flash_by_heads(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, s
     def o_vec(b: int, dv: int) -> int:
         return att + (b * oj + dv * hb) * ELEM
     out[0].append(compute(MOV, oj * B + s, dst=att, src0=z))  # o = 0, l = 0
-    bks = blocks(tc, block_tokens(plan.params, hb))
-    starts = [1 + a for a in offsets(bks)]  # each block's first slot
+    bks, starts = _column_blocks(plan, tc, hb)
     st = {"cur": 0}  # the running maximum's buffer (ping-pong)
 
     def sc_t(sc: int, t: int, b: int, tt: int) -> int:
