@@ -215,6 +215,20 @@ def test_overlapped_flash_blocks_match_the_reference_and_save_cycles(name, P, Q,
     assert out["overlapped"][0] < out["serial"][0]
 
 
+def test_auto_flash_blocks_overlap_where_the_second_score_buffer_fits():
+    """--flash-blocks auto (the default) overlaps the blocks up to the longest context whose second
+    score buffer fits the slot, and from the next token on keeps them serial, so the longest
+    context a slot holds is the serial mapping's."""
+    spec, cfg = load_model("llama3.1-8b"), hardware.load_preset("wse3")
+    most = {f: largest_context(spec, 0, 127, cfg, DecodeParams(flash_blocks=f), Q=195)
+            for f in ("auto", "overlapped", "serial")}
+    assert most["overlapped"] < most["serial"] == most["auto"]
+    for c, overlap in ((most["overlapped"], True), (most["overlapped"] + 1, False)):
+        assert plan_layer(spec, 0, 127, cfg, DecodeParams(context=c), Q=195).overlap == overlap
+    with pytest.raises(FitError):
+        plan_layer(spec, 0, 127, cfg, DecodeParams(context=most["overlapped"] + 1, flash_blocks="overlapped"), Q=195)
+
+
 def blocks_of(plan) -> list[int]:
     """The flash blocks of the plan's fullest column."""
     return blocks(max(plan.T_c), block_tokens(plan.params, max(plan.heads_r)))

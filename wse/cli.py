@@ -199,9 +199,10 @@ def _workload_options(fn):
                                        "published checkpoint)"),
         click.option("--attention", type=click.Choice(["flash", "classic"]),
                      help="decode attention: blocked with an online softmax (flash, default) or classic"),
-        click.option("--flash-blocks", "flash_blocks", type=click.Choice(["overlapped", "serial"]),
+        click.option("--flash-blocks", "flash_blocks", type=click.Choice(["auto", "overlapped", "serial"]),
                      help="flash: a block's score reduction overlapping the previous block's softmax "
-                          "(overlapped, default) or each block in turn (serial)"),
+                          "(overlapped), each block in turn (serial), or auto (default): overlapped where "
+                          "its second score buffer fits"),
         click.option("--attention-block", "attention_block", type=int,
                      help="flash: cached tokens per block and column (default: automatic)"),
         click.option("--norms", type=click.Choice(["fused", "separate"]),

@@ -115,9 +115,9 @@ def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Cal
                                 "checkpoint; the GPU nodes store them alike)")
 @click.option("--attention", type=click.Choice(["flash", "classic"]), default="flash", show_default=True,
               help="decode attention: blocked with an online softmax (flash) or classic")
-@click.option("--flash-blocks", type=click.Choice(["overlapped", "serial"]), default="overlapped",
+@click.option("--flash-blocks", type=click.Choice(["auto", "overlapped", "serial"]), default="auto",
               show_default=True, help="flash: a block's score reduction overlapping the previous block's softmax, "
-                                      "or each block in turn")
+                                      "each block in turn, or overlapped where its second score buffer fits")
 @click.option("--attention-block", type=int, default=0, show_default=True,
               help="flash: cached tokens per block and column (0: automatic)")
 @click.option("--norms", type=click.Choice(["fused", "separate"]), default="fused", show_default=True,

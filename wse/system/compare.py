@@ -116,7 +116,7 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
                batch: int = 1, context: int = 1024, prompt: int | None = 512, gpu: str = "h100",
                expert_skew: float = 0.0, moe_mapping: str = "auto", experts_per_region: int = 0,
                slot_shape: str = "tall", uniform_slots: bool = False, weights: str | None = None,
-               attention: str = "flash", attention_block: int = 0, flash_blocks: str = "overlapped",
+               attention: str = "flash", attention_block: int = 0, flash_blocks: str = "auto",
                norms: str = "fused", generate: int = 1,
                fanout: Fanout | None = None, prefill_steps: int = 16, dense_ffn: str = "auto",
                tables: str = "auto", prefill_chunk: int = 0, prefill_samples: int = 3,

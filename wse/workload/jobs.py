@@ -150,7 +150,7 @@ def _model_plan(name: str, cfg: WaferConfig, phase: str, **kw):
                           experts_per_region=kw.get("experts_per_region") or 0,
                           slot_shape=kw.get("slot_shape") or "tall", weights=kw.get("weights"),
                           attention=kw.get("attention") or "flash", attention_block=kw.get("attention_block") or 0,
-                          flash_blocks=kw.get("flash_blocks") or "overlapped",
+                          flash_blocks=kw.get("flash_blocks") or "auto",
                           norms=kw.get("norms") or "fused", dense_ffn=kw.get("dense_ffn") or "auto",
                           tables=kw.get("tables") or "auto")
     if params.batch < 1 or params.context < 1:

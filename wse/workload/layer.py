@@ -61,6 +61,9 @@ class LayerPlan:
     rows: HeadRows | None = None  # dense layers: the rows' KV heads and rotary pairs (attention.head_rows)
     part: str = "all"  # a dense layer split over two slots: "attention" (its layer region) or "ffn"
     cfg: WaferConfig | None = None  # the wafer (the auto all-reduce's latencies, region.reducers)
+    # flash reduces a block's scores on a thread of its own while thread 0 runs the previous block's
+    # softmax (attention._run_blocks; --flash-blocks): two score buffers, one more thread
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         self.Q = self.Q or self.P
@@ -83,12 +86,6 @@ class LayerPlan:
     @property
     def flash(self) -> bool:
         return self.params.attention == "flash"
-
-    @property
-    def overlap(self) -> bool:
-        """Flash reduces a block's scores on a thread of its own while thread 0 runs the previous
-        block's softmax (attention._run_blocks): two score buffers, one more thread."""
-        return self.flash and self.has_attention and self.params.flash_blocks == "overlapped"
 
     @property
     def threads(self) -> int:
@@ -171,13 +168,21 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
         heads_r = [n for _, _, n in owned_heads(spec, Q, hr)]
     else:  # flash: the heads of the row's block (latent attention: every head)
         heads_r = hr.hb_r if hr else [spec.heads] * Q
-    mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
-    plan = LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, {}, {},
-                     routed or not moe, ms, Q, attention_segments(spec, Q, params), hr, part, cfg)
-    _alloc_buffers(plan, _alloc_weights(plan))
     what = "" if part == "all" else f" ({part})"
-    fit_check(mem, cfg, f"{spec.name} layer {layer}{what} on a {P}x{Q} region (batch {B}, context {T})")
-    return plan
+    # overlapped flash blocks need a second score buffer: "auto" takes them where it fits
+    overlap = params.attention == "flash" and part != "ffn" and params.flash_blocks != "serial"
+    while True:
+        mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
+        plan = LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, {}, {},
+                         routed or not moe, ms, Q, attention_segments(spec, Q, params), hr, part, cfg, overlap)
+        _alloc_buffers(plan, _alloc_weights(plan))
+        try:
+            fit_check(mem, cfg, f"{spec.name} layer {layer}{what} on a {P}x{Q} region (batch {B}, context {T})")
+            return plan
+        except FitError:
+            if not (overlap and params.flash_blocks == "auto"):
+                raise
+            overlap = False
 
 
 def _alloc_weights(plan: LayerPlan) -> dict[str, int]:

@@ -9,7 +9,7 @@ from .precision import WEIGHTS
 MOE_MAPPINGS = ("auto", "local", "regions")
 SLOT_SHAPES = ("square", "tall")
 ATTENTION = ("flash", "classic")
-FLASH_BLOCKS = ("overlapped", "serial")
+FLASH_BLOCKS = ("auto", "overlapped", "serial")
 ALLREDUCE = ("auto", "two-level", "chain")
 NORMS = ("fused", "separate")
 DENSE_FFN = ("auto", "layer", "region")
@@ -35,8 +35,9 @@ class DecodeParams:
     attention: str = "flash"  # decode attention: "flash" (blocked, online softmax) or "classic" (attention.py)
     attention_block: int = 0  # flash: cached tokens per block and column (0: attention.block_tokens)
     # flash: a block's score reduction on a thread of its own, overlapping the previous block's softmax
-    # ("overlapped"), or each block in turn ("serial"; attention._run_blocks)
-    flash_blocks: str = "overlapped"
+    # ("overlapped"), each block in turn ("serial"; attention._run_blocks), or "auto": overlapped where
+    # its second score buffer fits the slot
+    flash_blocks: str = "auto"
     norms: str = "fused"  # RMSNorm's mean square in the next GEMV's all-reduce ("fused") or its own
     # a dense layer's FFN: in its layer region ("layer"), in a slot of its own after it ("region"),
     # or "auto": in a slot of its own where a MoE model's routed experts are in expert regions
