@@ -218,7 +218,7 @@ def test_overlapped_flash_blocks_match_the_reference_and_save_cycles(name, P, Q,
 def test_auto_flash_blocks_overlap_where_the_second_score_buffer_fits():
     """--flash-blocks auto (the default) overlaps the blocks up to the longest context whose second
     score buffer fits the slot, and from the next token on keeps them serial, so the longest
-    context a slot holds is the serial mapping's."""
+    context a slot holds is the serial mapping's; on a wafer without a sixth microthread, too."""
     spec, cfg = load_model("llama3.1-8b"), hardware.load_preset("wse3")
     most = {f: largest_context(spec, 0, 127, cfg, DecodeParams(flash_blocks=f), Q=195)
             for f in ("auto", "overlapped", "serial")}
@@ -227,6 +227,8 @@ def test_auto_flash_blocks_overlap_where_the_second_score_buffer_fits():
         assert plan_layer(spec, 0, 127, cfg, DecodeParams(context=c), Q=195).overlap == overlap
     with pytest.raises(FitError):
         plan_layer(spec, 0, 127, cfg, DecodeParams(context=most["overlapped"] + 1, flash_blocks="overlapped"), Q=195)
+    five = hardware.load_preset("small").with_overrides(["compute.microthreads=5"])  # (no sixth thread)
+    assert not plan_layer(load_model("tiny"), 0, 4, five, DecodeParams(context=40), Q=8).overlap
 
 
 def blocks_of(plan) -> list[int]:

@@ -169,8 +169,10 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     else:  # flash: the heads of the row's block (latent attention: every head)
         heads_r = hr.hb_r if hr else [spec.heads] * Q
     what = "" if part == "all" else f" ({part})"
-    # overlapped flash blocks need a second score buffer: "auto" takes them where it fits
-    overlap = params.attention == "flash" and part != "ffn" and params.flash_blocks != "serial"
+    # overlapped flash blocks need a second score buffer and a sixth thread: "auto" takes them where
+    # both are there (an explicit "overlapped" on a wafer with fewer microthreads fails its trace check)
+    overlap = params.attention == "flash" and part != "ffn" and params.flash_blocks != "serial" and \
+        (params.flash_blocks == "overlapped" or cfg.microthreads > THREADS)
     while True:
         mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
         plan = LayerPlan(spec, layer, P, params, mem, Hc, q_r, k_r, qkv_r, o_r, f_r, e_r, T_c, heads_r, {}, {},
