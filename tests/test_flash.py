@@ -192,8 +192,7 @@ def test_long_blocks_take_the_pipelined_segment_root(small, monkeypatch):
 
 
 @pytest.mark.parametrize("name, P, Q, kw", [("tiny", 4, 8, dict(batch=2, context=40, attention_block=3)),
-                                           ("tiny-mla", 4, 8, dict(context=48, attention_block=2)),
-                                           ("tiny", 4, 8, dict(context=30, attention_block=3, algo="two-level"))])
+                                           ("tiny-mla", 4, 8, dict(context=48, attention_block=2))])
 def test_overlapped_flash_blocks_match_the_reference_and_save_cycles(name, P, Q, kw, small):
     """Each block's score reduction on a thread of its own (T_SCORES), overlapping the previous
     block's softmax: serial and overlapped blocks both match the reference stepper counter for
