@@ -16,8 +16,9 @@ import dataclasses
 from ..errors import WseError
 from ..hardware import WaferConfig
 from ..trace import Op, compute
-from .attention import (HeadRows, attention_segments, attn_row, block_tokens, by_heads, classic_ops, flash_ops,
+from .attention import (HeadRows, attention_segments, attn_row, block_tokens, by_heads, classic_ops,
                         head_rows, owned_heads)
+from .flash import flash_ops
 from .ffn import ffn_ops, moe_expert_ops, moe_experts, moe_router_ops, norm_scale_ops
 from .gemv import ELEM, GemvShape, alloc_scales, gemv_ops
 from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, offsets, split
@@ -62,7 +63,7 @@ class LayerPlan:
     part: str = "all"  # a dense layer split over two slots: "attention" (its layer region) or "ffn"
     cfg: WaferConfig | None = None  # the wafer (the auto all-reduce's latencies, region.reducers)
     # flash reduces a block's scores on a thread of its own while thread 0 runs the previous block's
-    # softmax (attention._run_blocks; --flash-blocks): two score buffers, one more thread
+    # softmax (flash._run_blocks; --flash-blocks): two score buffers, one more thread
     overlap: bool = False
 
     def __post_init__(self) -> None:

@@ -5,7 +5,8 @@ RMSNorms end in the next GEMV's all-reduce, are decided here for both sides.
 """
 from __future__ import annotations
 
-from .attention import SINK_FLOPS, classic_flops, flash_flops
+from .attention import SINK_FLOPS, classic_flops
+from .flash import flash_flops
 from .ffn import moe_gate_flops
 from .gemv import ELEM
 from .mesh import Region

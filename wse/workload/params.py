@@ -35,7 +35,7 @@ class DecodeParams:
     attention: str = "flash"  # decode attention: "flash" (blocked, online softmax) or "classic" (attention.py)
     attention_block: int = 0  # flash: cached tokens per block and column (0: attention.block_tokens)
     # flash: a block's score reduction on a thread of its own, overlapping the previous block's softmax
-    # ("overlapped"), each block in turn ("serial"; attention._run_blocks), or "auto": overlapped where
+    # ("overlapped"), each block in turn ("serial"; flash._run_blocks), or "auto": overlapped where
     # its second score buffer fits the slot
     flash_blocks: str = "auto"
     norms: str = "fused"  # RMSNorm's mean square in the next GEMV's all-reduce ("fused") or its own

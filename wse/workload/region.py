@@ -45,7 +45,7 @@ G0, G1, G2, G3 = 0, 2, 4, 6  # byte offsets selecting bank groups 0..3
 SEM_KV_READY, SEM_KV_RECEIVED, SEM_KV_SENT = 1, 2, 3
 # threads: 0 main, 1 the all-reduces' upper-side and flat broadcast receives, 2 KV shift send,
 # 3 KV shift receive, 4 the flat all-reduce root's broadcast sends (a layer region with overlapped
-# flash blocks has one more: attention.T_SCORES)
+# flash blocks has one more: flash.T_SCORES)
 THREADS = 5
 
 Ops = dict[int, list[Op]]  # thread -> ops
