@@ -65,6 +65,7 @@ def test_flash_and_classic_do_the_same_model_work(name, small):
 @pytest.mark.parametrize("kw", [dict(attention_block=2), dict(attention_block=5, norms="separate"),
                                 dict(attention="classic", norms="fused")])
 def test_a_flash_layer_matches_the_reference_stepper(kw, small):
+    """(Its FFN ends with the fused hand-off's sync: test_handoff.)"""
     spec = load_model("tiny")
     plan, build, trace = _layer(spec, small, DecodeParams(batch=2, context=14, **kw), 4, 8,
                                 ATTN[:-1] + ("norm2", "ffn", "handoff"))

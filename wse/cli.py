@@ -213,6 +213,9 @@ def _workload_options(fn):
         click.option("--tables", type=click.Choice(["auto", "slots", "strips"]),
                      help="the embedding and LM head in slots beside the layers, in strips as wide as the mesh, "
                           "or auto (default): strips only where slots place nothing"),
+        click.option("--handoff", type=click.Choice(["fused", "barrier"]),
+                     help="a region's hand-off: its sync nested in the FFN's down all-reduce (fused, default) "
+                          "or a region-wide barrier of its own"),
         click.option("--heads", type=int, help="attention heads (--op attention)"),
         click.option("--kv-heads", "kv_heads", type=int, help="KV heads (--op attention)"),
         click.option("--head-dim", "head_dim", type=int, help="head dimension (--op attention)"),

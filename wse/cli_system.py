@@ -125,6 +125,8 @@ def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Cal
 @click.option("--allreduce", type=click.Choice(["auto", "two-level", "chain"]), default="auto", show_default=True,
               help="line all-reduces in the layer regions: two-level, with long vectors in one two-way chain "
                    "(auto), always two-level, or one chain to the line's end")
+@click.option("--handoff", type=click.Choice(["fused", "barrier"]), default="fused", show_default=True,
+              help="a region's hand-off: its sync nested in the FFN's down all-reduce, or a region-wide barrier")
 @click.option("--generate", type=int, default=1, show_default=True,
               help="tokens generated from --context: TPOT as the context grows (simulated at the first, middle "
                    "and last token; wafers hold the last token's KV cache)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .decode import ModelPlan
+from .decode import ModelPlan, handoff_plan
 from .dispatch import ExpertRole, Group, anchored, expert_roles, groups_of, transfer_colors
 from .experts import plan_experts
 from .ffn import moe_experts
@@ -121,20 +121,28 @@ def key_A0(plan: ModelPlan) -> tuple:
     return ("A", plan.P, plan.Q, region_key(plan, plan.slots[0]))
 
 
+def handoff_key(plan: ModelPlan, u: int | None) -> tuple:
+    """What of region u's hand-off a stage standing in for it depends on beyond its size: a
+    fused hand-off's FFN end (LayerPlan.handoff_key); nothing for a barrier."""
+    lp = handoff_plan(plan, plan.slots[u] if u is not None else None)
+    return lp.handoff_key() if lp else ()
+
+
 def key_B(plan: ModelPlan, u: int | None) -> tuple:
-    """Stage B_u runs only region u's barrier (None: a stand-in's): its size is all that matters."""
+    """Stage B_u runs only region u's hand-off (None: a stand-in's barrier): its size and how
+    it hands off are all that matter."""
     r = plan.slots[u].region if u is not None else Region(0, 0, plan.P, plan.Q)
-    return ("B", r.width, r.height)
+    return ("B", r.width, r.height) + handoff_key(plan, u)
 
 
 def sender_key(plan: ModelPlan, u: int | None) -> tuple:
-    """What of region u a stage S_u or G_u depends on: it runs only its barrier and its lane
+    """What of region u a stage S_u or G_u depends on: it runs only its hand-off and its lane
     sends (from the token's table column or the diagonal; None: a stand-in)."""
     if u is None:
         return ("standin", plan.P, plan.Q)
     s = plan.slots[u]
     table = s.kind == "embedding"
-    return (table, s.region.width, s.region.height, plan.token_col if table else -1, s.strip)
+    return (table, s.region.width, s.region.height, plan.token_col if table else -1, s.strip) + handoff_key(plan, u)
 
 
 def key_S(plan: ModelPlan, u: int, v: int) -> tuple:

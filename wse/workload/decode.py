@@ -68,6 +68,15 @@ def ffn_plan(plan: ModelPlan, layer: int) -> LayerPlan:
     return plan_layer(plan.spec, layer, plan.P, plan.cfg, plan.params, Q=plan.Q, part="ffn")
 
 
+def handoff_plan(plan: ModelPlan, slot: Slot | None) -> LayerPlan | None:
+    """The plan of a slot's region if its hand-off is fused into its FFN's end
+    (LayerPlan.fused_handoff); None where the region ends with a barrier (or is a stand-in)."""
+    if slot is None or slot.kind not in ("layer", "ffn") or plan.params.handoff != "fused":
+        return None
+    lp = ffn_plan(plan, slot.index) if slot.kind == "ffn" else layer_plan(plan, slot.index)
+    return lp if lp.fused_handoff else None
+
+
 def splits_ffn(spec: ModelSpec, params: DecodeParams, expert_regions: bool) -> bool:
     """Whether a plan's dense layers keep their FFN in a slot of its own after their layer
     region (--dense-ffn region; auto: where a MoE model's routed experts are in expert regions,

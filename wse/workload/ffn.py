@@ -35,7 +35,7 @@ def norm_scale_ops(n: int, batch: int, out: int, scal: int, consts: int) -> list
 
 def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, buf: dict[str, int], i: int,
             j: int, xrole: tuple, yrole: tuple, expert: int, batch: int, norm: bool = False,
-            seqs: tuple[int, ...] | None = None) -> Ops:
+            seqs: tuple[int, ...] | None = None, at_root: Ops | None = None) -> Ops:
     """Gated FFN of PE (i, j) on `batch` sequences: gate/up (reduce X), SiLU(gate) * up, down
     (reduce Y).
 
@@ -48,6 +48,7 @@ def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, b
     copy of the tiles (and of the biases, where buf holds b_gu and b_dn: experts with biases add
     them to the reduced gate/up and down outputs). seqs: the sequences of xn the `batch` outputs
     are for (default the first `batch`; a routed expert serves the sequences that chose it).
+    at_root: ops nested at the down all-reduce's root (down_reduce_ops).
     """
     s_gu, s_dn = (dataclasses.replace(S[k], weights=S[k].weights + expert * S[k].tile_bytes(),
                                       scales=S[k].scales + expert * ELEM) for k in ("gate_up", "down"))
@@ -72,9 +73,19 @@ def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, b
         out[0] += [compute(SILU, fj, dst=g, src0=g), compute(MUL, fj, dst=g, src0=g, src1=g + fj * ELEM)]
     out[0].append(compute(MOV, hi * batch, dst=yb, src0=z))
     out[0] += gemv_ops(s_dn, j, i, gu, yb, batch, gs, ys)
-    merge(out, red[Y].role_ops(yrole, hi * batch, yb, tmp))
-    if bias:
-        db = buf["b_dn"] + expert * max(Hc) * ELEM
+    return merge(out, down_reduce_ops(red, buf, Hc, i, yrole, batch, expert, at_root))
+
+
+def down_reduce_ops(red: dict, buf: dict[str, int], Hc: list[int], i: int, yrole: tuple, batch: int,
+                    expert: int = 0, at_root: Ops | None = None) -> Ops:
+    """The end of a gated FFN on column i: the down projection's column all-reduce of the batch's
+    output chunks at y (`at_root`: ops nested at its root between the sum and the broadcast, a
+    fused hand-off's sync) and, where buf holds b_dn, the expert's down biases added after it."""
+    hi, yb = Hc[i], buf["y"]
+    out = red[Y].role_ops(yrole, hi * batch, yb, buf["tmp"], at_root=at_root)
+    if "b_dn" in buf:
+        out.setdefault(0, [])
+        db, ys = buf["b_dn"] + expert * max(Hc) * ELEM, hi * ELEM
         out[0] += [compute(ADD, hi, dst=yb + b * ys, src0=yb + b * ys, src1=db) for b in range(batch)]
     return out
 
@@ -115,29 +126,43 @@ def moe_router_ops(ctx, i: int, je: int, e0: int, xrole: tuple, yrole: tuple) ->
     return out
 
 
-def moe_expert_ops(ctx, i: int, jf: int, xrole: tuple, yrole: tuple) -> Ops:
+def moe_expert_ops(ctx, i: int, jf: int, xrole: tuple, yrole: tuple, sync: Ops | None = None) -> Ops:
     """A MoE layer's FFN on a layer region, second half: each expert this region computes over
     the sequences that chose it, its output added into the residual stream weighted by its gate
-    (moe_router_ops computed them) or by 1 (shared experts)."""
-    plan, b_, B, S = ctx.plan, ctx.plan.buf, ctx.plan.params.batch, ctx.plan.shapes
-    spec, Hc = plan.spec, plan.Hc
-    m = spec.moe
-    k = m.experts_per_token
+    (moe_router_ops computed them) or by 1 (shared experts). sync: a fused hand-off's, nested in
+    the last expert's down all-reduce (region.handoff_sync)."""
+    plan, b_, S = ctx.plan, ctx.plan.buf, ctx.plan.shapes
+    out: Ops = {0: []}
+    run = experts_run(plan)
+    for n, (e, seqs, c) in enumerate(run):
+        last = n == len(run) - 1
+        merge(out, ffn_ops(S, plan.f_r, plan.Hc, ctx.red, b_, i, jf, xrole, yrole, c, len(seqs), seqs=seqs,
+                           at_root=sync if last else None))
+        out[0] += weighted_sum_ops(plan, i, e, seqs)
+    return out
+
+
+def experts_run(plan) -> list[tuple[int, tuple[int, ...], int]]:
+    """The experts a MoE layer's region computes, in order: (expert, the sequences using it,
+    its tile copy in the region) — routed ones only where they live in the region."""
+    m = plan.spec.moe
+    return [(e, seqs, e if plan.routed else e - m.experts)
+            for e, seqs in expert_sequences(plan.spec, plan.layer, plan.params.batch, plan.params.expert_skew).items()
+            if e >= m.experts or plan.routed]
+
+
+def weighted_sum_ops(plan, i: int, e: int, seqs: tuple[int, ...]) -> list:
+    """Expert e's outputs (at y, one per sequence in `seqs`) added into the residual stream of
+    column i, each weighted by the sequence's gate for e (a shared expert's: 1)."""
+    m, b_ = plan.spec.moe, plan.buf
     h, yb, gates = b_["h"], b_["y"], b_["gates"]
     one = b_["consts"] + C_ONE * ELEM
-    hi = Hc[i]
+    hi, k = plan.Hc[i], m.experts_per_token
     hs = hi * ELEM
-    choices = moe_choices(spec, plan.layer, B, plan.params.expert_skew)
-    out: Ops = {0: []}
-    for e, seqs in expert_sequences(spec, plan.layer, B, plan.params.expert_skew).items():
-        if e < m.experts and not plan.routed:
-            continue
-        c = e if plan.routed else e - m.experts  # the expert's tile copy in this region
-        merge(out, ffn_ops(S, plan.f_r, Hc, ctx.red, b_, i, jf, xrole, yrole, c, len(seqs), seqs=seqs))
-        for n, b in enumerate(seqs):  # the gate-weighted sum into h
-            gate = one if e >= m.experts else gates + (b * k + choices[b].index(e)) * ELEM
-            out[0].append(compute(FMAC, hi, dst=h + b * hs, src0=yb + n * hs, src1=gate))
-    return out
+    choices = moe_choices(plan.spec, plan.layer, plan.params.batch, plan.params.expert_skew)
+    return [compute(FMAC, hi, dst=h + b * hs, src0=yb + n * hs,
+                    src1=one if e >= m.experts else gates + (b * k + choices[b].index(e)) * ELEM)
+            for n, b in enumerate(seqs)]
 
 
 def moe_gate_flops(k: int) -> int:

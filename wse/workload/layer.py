@@ -15,11 +15,12 @@ import dataclasses
 
 from ..errors import WseError
 from ..hardware import WaferConfig
-from ..trace import Op, compute
+from ..trace import Op, compute, with_tag
 from .attention import (HeadRows, attention_segments, attn_row, block_tokens, by_heads, classic_ops,
                         head_rows, owned_heads)
 from .flash import flash_ops
-from .ffn import ffn_ops, moe_expert_ops, moe_experts, moe_router_ops, norm_scale_ops
+from .ffn import (down_reduce_ops, experts_run, ffn_ops, moe_expert_ops, moe_experts, moe_router_ops, norm_scale_ops,
+                  weighted_sum_ops)
 from .gemv import ELEM, GemvShape, alloc_scales, gemv_ops
 from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, offsets, split
 from .mla import MlaSplit, mla_output_ops, mla_project_parts, mla_split, most_mla_rows
@@ -28,10 +29,10 @@ from .params import DecodeParams
 from .precision import weights_of
 from .plan import COMBINE, DIAG_BCAST, KV_SHIFT, FitError, fit_check
 from .collectives import LineBroadcast
-from .layer_costs import SPLIT_PARTS, fused_norms, layer_flops, layer_weight_bytes
+from .layer_costs import SPLIT_PARTS, fused_handoff, fused_norms, layer_flops, layer_weight_bytes
 from .region import (ADD, C_EPS, C_INV_H, G0, G1, G2, G3, MOV, MUL, N_CONSTS, THREADS, Lanes, Ops, PartCache,
-                     RegionBuild, anchor_of, handoff, i_chunk, mean_square_ops, merge, reducers, rms_apply_ops,
-                     rope_ops, special_key)
+                     RegionBuild, anchor_of, handoff, handoff_sync, i_chunk, mean_square_ops, merge, reducers,
+                     rms_apply_ops, rope_ops, special_key)
 from .experts import dispatch_parts
 
 
@@ -109,6 +110,27 @@ class LayerPlan:
     @property
     def moe(self) -> bool:
         return self.spec.is_moe_layer(self.layer)
+
+    @property
+    def fused_handoff(self) -> bool:
+        """The region's hand-off sync rides its FFN's last down all-reduce (--handoff fused;
+        region.handoff_sync): a dense FFN's, or a MoE layer's last expert's where the region
+        computes one; a region ending otherwise (a split layer's attention half, a MoE layer
+        region whose experts all live in expert regions) keeps the barrier."""
+        return self.params.handoff == "fused" and self.has_ffn and (not self.moe or bool(experts_run(self)))
+
+    def handoff_key(self) -> tuple:
+        """What a stage trace standing in for this region's hand-off depends on beyond the slot
+        (stages.py): the barrier's nothing; the fused one's the FFN end's buffers (a MoE layer:
+        its last expert's tile copy and the gates its outputs are weighted by)."""
+        if not self.fused_handoff:
+            return ("barrier",)
+        b = self.buf
+        key = ("fused", b["y"], b["h"], b["tmp"], b["scal"], b.get("b_dn", -1))
+        if not self.moe:
+            return key
+        e, seqs, c = experts_run(self)[-1]
+        return key + (c, tuple((op.src0, op.src1) for op in weighted_sum_ops(self, 0, e, seqs)))
 
     @property
     def kv_bytes_per_pe(self) -> int:
@@ -485,6 +507,11 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
 
     cache = PartCache(tag)
     part = cache.add
+    fused_end = fused_handoff(plan, parts)
+
+    def fused_sync(xrole) -> Ops:  # (tagged as the hand-off: the FFN part nests it)
+        return {t: [with_tag(op, tag["handoff"]) for op in ops]
+                for t, ops in handoff_sync(red, xrole, b_["scal"], b_["tmp"]).items()}
 
     def body(xr, yr, sp):
         i, parity, xrole, tc, first_col, last_col = xr[0]
@@ -531,14 +558,16 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
                 # (two parts: the router's depends on the row's router experts, the experts' on its
                 # FFN rows: each is shared by more PEs than their pair would be)
                 part(out, "ffn", ("router", i, je, e0, xrole, yrole), lambda: moe_router_ops(ctx, i, je, e0, xrole, yrole))
-                part(out, "ffn", ("experts", i, jf, xrole, yrole), lambda: moe_expert_ops(ctx, i, jf, xrole, yrole))
+                part(out, "ffn", ("experts", i, jf, xrole, yrole),
+                     lambda: moe_expert_ops(ctx, i, jf, xrole, yrole, fused_sync(xrole) if fused_end else None))
             else:
                 def ffn_part() -> Ops:
-                    ops = ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, 0, B, fused2)
+                    sync = fused_sync(xrole) if fused_end else None
+                    ops = ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, 0, B, fused2, at_root=sync)
                     ops[0].append(compute(ADD, hi * B, dst=h, src0=h, src1=yb))
                     return ops
                 part(out, "ffn", (i, jf, xrole, yrole), ffn_part)
-        if "handoff" in parts:
+        if "handoff" in parts and not fused_end:
             part(out, "handoff", (xrole, yrole), lambda: handoff(red, xrole, yrole, b_["scal"], b_["tmp"]))
         if plan.routed:
             part(out, "output", (spk, hi), lambda: lanes.send(sp, hi * B, h))
@@ -553,3 +582,20 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     kv = spec.kv_cache_width * sum(plan.T_c) * B * ELEM if plan.has_attention else 0
     return RegionBuild("layer" if plan.has_attention else "ffn", region, plan.mem, executed, model,
                        layer_weight_bytes(plan), kv, anchor_of(red))
+
+
+def fused_handoff_ops(plan: LayerPlan, red: dict, i: int, xrole: tuple, yrole: tuple) -> Ops:
+    """A fused hand-off's region alone, column i: its FFN's end (the last down all-reduce with
+    the sync nested, the down biases) and the residual add (a MoE layer: the last expert's
+    gate-weighted sums), at the layer's own buffers — what a stage trace runs in place of the
+    barrier (stages.py): from the anchor on it is the layer's."""
+    hi, b_ = plan.Hc[i], plan.buf
+    sync = handoff_sync(red, xrole, b_["scal"], b_["tmp"])
+    if plan.moe:  # the last expert's down all-reduce, its gate-weighted sums
+        e, seqs, c = experts_run(plan)[-1]
+        out = down_reduce_ops(red, b_, plan.Hc, i, yrole, len(seqs), c, sync)
+        out.setdefault(0, []).extend(weighted_sum_ops(plan, i, e, seqs))
+        return out
+    out = down_reduce_ops(red, b_, plan.Hc, i, yrole, plan.params.batch, 0, sync)
+    out.setdefault(0, []).append(compute(ADD, hi * plan.params.batch, dst=b_["h"], src0=b_["h"], src1=b_["y"]))
+    return out

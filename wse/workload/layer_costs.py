@@ -26,6 +26,11 @@ def fused_norms(plan) -> tuple[bool, bool]:
     return f and not plan.mla, f and not plan.moe
 
 
+def fused_handoff(plan, parts) -> bool:
+    """Whether a program of these parts nests its hand-off's sync in the FFN's last down
+    all-reduce (LayerPlan.fused_handoff) rather than ending with the barrier."""
+    return plan.fused_handoff and "ffn" in parts and "handoff" in parts
+
 
 def layer_weight_bytes(plan) -> int:
     """Weight bytes (at their precision, no padding) the layer's region holds: its part's of a
@@ -145,7 +150,7 @@ def layer_flops(plan, parts: tuple[str, ...] = PARTS) -> tuple[dict[str, int], i
             add(row, "ffn", B * SILU_MUL_FLOPS * f)
             ar += nx * 2 * f * B + ny * H * B
     if "handoff" in parts:
-        ar += handoff_flops(Region(0, 0, P, Q))
+        ar += handoff_flops(Region(0, 0, P, Q), fused_handoff(plan, parts))
     S = plan.shapes
     dq = {"qkv": ("a", "qb") if ml else ("qkv",), "o": ("o",), "ffn": ("gate_up", "down")}
     copies = {"ffn": len(plan.local_experts()) if plan.moe else 1}

@@ -14,6 +14,7 @@ ALLREDUCE = ("auto", "two-level", "chain")
 NORMS = ("fused", "separate")
 DENSE_FFN = ("auto", "layer", "region")
 TABLES = ("auto", "slots", "strips")
+HANDOFF = ("fused", "barrier")
 MAX_CONTEXT = 131_072  # longest context a run may ask for (Llama 3.1's 128k)
 
 
@@ -45,6 +46,10 @@ class DecodeParams:
     # the embedding and the LM head: in slots of the bands ("slots"), in strips as wide as the
     # mesh above and below the bands ("strips"), or "auto": strips only where slots place nothing
     tables: str = "auto"
+    # how a region hands the token on exactly (composition's anchor): its sync nested in the FFN's
+    # down all-reduce where a dense FFN ends the region ("fused"), or a barrier of its own
+    # ("barrier": a one-element all-reduce over the region after everything else)
+    handoff: str = "fused"
 
     def __post_init__(self) -> None:
         if self.moe_mapping not in MOE_MAPPINGS:
@@ -65,6 +70,8 @@ class DecodeParams:
             raise WseError(f"--dense-ffn {self.dense_ffn!r} is not one of {', '.join(DENSE_FFN)}")
         if self.tables not in TABLES:
             raise WseError(f"--tables {self.tables!r} is not one of {', '.join(TABLES)}")
+        if self.handoff not in HANDOFF:
+            raise WseError(f"--handoff {self.handoff!r} is not one of {', '.join(HANDOFF)}")
         if self.attention_block < 0:
             raise WseError(f"--attention-block {self.attention_block} must be at least 0 (0: automatic)")
         if not 1 <= self.context <= MAX_CONTEXT:

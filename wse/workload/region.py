@@ -5,7 +5,9 @@ A region receives its input at one PE per lane (lane d carries hidden chunk d) a
 output on at one PE per lane after a hand-off barrier: a region-wide all-reduce of one element
 whose single anchor PE (the root of the column all-reduce nested at the row all-reduces' root
 column) makes everything after it a pure time shift of the anchor's send. That is what lets a
-token's stages compose exactly (decode.py).
+token's stages compose exactly (decode.py). A region that ends with an FFN (--handoff fused)
+nests a one-element row all-reduce at the roots of the FFN's last down all-reduce instead
+(handoff_sync): the same anchor PE, one all-reduce less.
 
 Operand placement avoids SRAM bank conflicts the way a compiler would: weights in bank group 0,
 a dot-product scratch in group 1, GEMV outputs in group 2, the residual stream and caches in
@@ -130,8 +132,9 @@ class PartCache:
 
     program_ids builds every distinct PE program, and PEs whose roles differ (a row's router
     offset, a column's latent runs) still share most of their parts; a part built once per
-    distinct key is reused, tag included, by every program that has it. `make` must depend on
-    nothing but the key (and what is fixed for the region)."""
+    distinct key is reused, tag included, by every program that has it (ops `make` tagged
+    already keep their tag: a part may nest another's). `make` must depend on nothing but the
+    key (and what is fixed for the region)."""
 
     enabled = True  # (tests build without it: the programs must be the same)
 
@@ -145,7 +148,8 @@ class PartCache:
         ops = self.memo.get(k) if PartCache.enabled else None
         if ops is None:
             tag = self.tags[name]
-            ops = self.memo[k] = {t: [with_tag(op, tag) for op in o] for t, o in make().items()}
+            ops = self.memo[k] = {t: [with_tag(op, tag) if op.tag == 0 else op for op in o]
+                                  for t, o in make().items()}
         merge(out, ops)
 
 
@@ -160,8 +164,22 @@ def handoff(red: dict, xrole: tuple, yrole: tuple, buf: int, tmp: int) -> Ops:
     return red[X].role_ops(xrole, 1, buf, tmp, ADD, FP16, at_root=inner)
 
 
-def handoff_flops(region: Region) -> int:
-    return region.height * (region.width - 1) + (region.height - 1)
+def handoff_flops(region: Region, fused: bool = False) -> int:
+    """Adds of the hand-off's all-reduce: the barrier's over the region, the fused sync's over its root row."""
+    return region.width - 1 if fused else region.height * (region.width - 1) + (region.height - 1)
+
+
+def handoff_sync(red: dict, xrole: tuple, buf: int, tmp: int) -> Ops:
+    """A fused hand-off's sync: a one-element row all-reduce nested at the root of every
+    column's last FFN down all-reduce (ffn.down_reduce_ops; a MoE layer's last expert's), so
+    run by the columns' root row alone.
+
+    When its final root (the anchor, the barrier's PE) has the sum, every PE of the region has
+    sent its last partial and waits for a broadcast, and the fabric is empty: what follows — the
+    sync's broadcast, the down outputs' broadcast, the residual add, the output lanes — is a pure
+    time shift of the anchor, as after the barrier, which it replaces with one row's all-reduce
+    (the barrier: every row's, then the root column's)."""
+    return red[X].role_ops(xrole, 1, buf, tmp)
 
 
 def mean_square_ops(count: int, src: int, dst: int, stride: int, n: int, sums: int, inv: int) -> list[Op]:

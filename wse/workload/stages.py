@@ -14,10 +14,10 @@ import dataclasses
 
 from ..trace import Trace, compute
 from .chain import Chain, Element, chain_of, compressed, key_A0, key_B, key_G, key_S
-from .decode import ModelPlan, ffn_plan, layer_plan
+from .decode import ModelPlan, ffn_plan, handoff_plan, layer_plan
 from .dispatch import ExpertRole, Group, add_group_routes
 from .experts import decode_experts, decode_relays, dispatch_parts, plan_experts
-from .layer import decode_layer
+from .layer import decode_layer, fused_handoff_ops
 from .gemv import ELEM
 from .mesh import ALIGN_BYTES, X, Y, MeshBuilder, Region, RegionProgram, split
 from .placement import Slot, add_lane_routes, lane_sources, lane_targets
@@ -122,17 +122,14 @@ def _sender(plan: ModelPlan, b: MeshBuilder, slot: Slot, color: int, src: dict, 
     (elements, buffer[, color]) parts); returns its anchor (mesh x, y). delta: a stand-in, its
     last part (the combine) sent `delta` cycles after its first (delay_ops)."""
     ra = slot.region
-    red = reducers(ra, b, plan.params, plan.spec, plan.cfg)
-    prog = RegionProgram(ra, THREADS)
-    prog.add_roles(X, [red[X].role(i) for i in range(ra.width)])
-    prog.add_roles(Y, [(red[Y].role(j),) for j in range(ra.height)])
+    red, prog, hand = _handoff_region(plan, b, slot if delta is None else None)
     lanes = Lanes(None, {}, color, src)
     lanes.install(b, prog)
     chunks = split(plan.spec.hidden_size, plan.P)
     t_hand = b.tag("handoff", -1, "barrier")
 
     def body(xr, yr, sp):
-        out = handoff(red, xr[0], yr[0][0], 0, 64)
+        out = hand(xr, yr)
         if "out" in sp:
             hi = chunks[sp["out"]]
             sends = lanes.send_parts(sp, parts(hi))[0]
@@ -209,16 +206,30 @@ def stage_A0(plan: ModelPlan) -> StageTrace:
     return StageTrace(key_A0(plan), b.build(), (rb.region.x0 + ax, rb.region.y0 + ay))
 
 
-def stage_B(plan: ModelPlan, u: int | None) -> StageTrace:
-    """Region u (None: a stand-in) running only its hand-off barrier."""
-    w0, h0 = (plan.slots[u].region.width, plan.slots[u].region.height) if u is not None else (plan.P, plan.Q)
-    b = MeshBuilder(w0, h0, 4, stage="B")
-    region = Region(0, 0, w0, h0)
+def _handoff_region(plan: ModelPlan, b: MeshBuilder, slot: Slot | None):
+    """The reducers and program of a slot's region (None: a stand-in's, of the plan's slot
+    size) running only its hand-off, and the hand-off's ops of a PE by its roles: the barrier
+    (at scratch addresses), or a fused region's FFN end at the layer's own buffers
+    (layer.fused_handoff_ops). Returns (reducers, program, ops(xr, yr))."""
+    region = slot.region if slot is not None else Region(0, 0, plan.P, plan.Q)
     red = reducers(region, b, plan.params, plan.spec, plan.cfg)
-    prog = RegionProgram(region, THREADS)
-    prog.add_roles(X, [red[X].role(i) for i in range(region.width)])
-    prog.add_roles(Y, [red[Y].role(j) for j in range(region.height)])
-    prog.add(lambda xr, yr, sp: handoff(red, xr[0], yr[0], 0, 64))
+    lp = handoff_plan(plan, slot)
+    prog = RegionProgram(region, lp.threads if lp else THREADS)
+    prog.add_roles(X, [(red[X].role(i), i) for i in range(region.width)])
+    prog.add_roles(Y, [(red[Y].role(j),) for j in range(region.height)])
+    if lp is None:
+        return red, prog, lambda xr, yr: handoff(red, xr[0][0], yr[0][0], 0, 64)
+    return red, prog, lambda xr, yr: fused_handoff_ops(lp, red, xr[0][1], xr[0][0], yr[0][0])
+
+
+def stage_B(plan: ModelPlan, u: int | None) -> StageTrace:
+    """Region u (None: a stand-in) running only its hand-off."""
+    slot = plan.slots[u] if u is not None else None
+    w0, h0 = (slot.region.width, slot.region.height) if slot is not None else (plan.P, plan.Q)
+    b = MeshBuilder(w0, h0, 4, stage="B")
+    at0 = Slot(slot.kind, slot.index, Region(0, 0, w0, h0), slot.experts) if slot is not None else None
+    red, prog, hand = _handoff_region(plan, b, at0)
+    prog.add(lambda xr, yr, sp: hand(xr, yr))
     prog.program_ids(b)
     return StageTrace(key_B(plan, u), b.build(), (red[X].final_root, red[Y].final_root))
 
