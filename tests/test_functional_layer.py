@@ -55,6 +55,7 @@ def _run(tr, cfg, seed=0):
     (2, 70, 2, 8, dict(attention="classic")),
     (1, 1, 2, 9, dict(attention="classic", norms="separate")),
     (8, 16, 2, 40, dict(attention="classic", groups=2)),
+    (4, 8, 2, 16, dict(down_gemv="dot")),  # the down tile by output (auto takes it on the 3x5 layers too)
 ])
 def test_a_dense_layer_computes_the_models_layer(P, Q, batch, context, kw, roomy):
     tr = layer_trace(load_model("tiny"), 0, P, Q, roomy, DecodeParams(batch=batch, context=context, **kw))
@@ -139,6 +140,7 @@ def test_layer_tensors_cover_every_weight_once(name, roomy):
 @pytest.mark.parametrize("name, layer, P, Q, batch, kw", [
     ("tiny-moe", 0, 4, 8, 1, {}),
     ("tiny-moe", 1, 3, 5, 3, dict(attention_block=2)),  # three sequences choosing different experts
+    ("tiny-moe", 0, 4, 8, 2, dict(down_gemv="dot")),  # every expert's down tile by output
     ("moe16", 1, 4, 8, 2, dict(expert_skew=1.0)),  # 16 experts, a router bias, skewed choices
     ("tiny-oss", 0, 8, 16, 2, dict(weights="bf16")),  # a sliding-window layer with sinks, biased experts
     ("tiny-oss", 1, 8, 16, 1, dict(weights="bf16", attention_block=5)),  # a full-attention one

@@ -213,6 +213,9 @@ def _workload_options(fn):
         click.option("--tables", type=click.Choice(["auto", "slots", "strips"]),
                      help="the embedding and LM head in slots beside the layers, in strips as wide as the mesh, "
                           "or auto (default): strips only where slots place nothing"),
+        click.option("--down-gemv", "down_gemv", type=click.Choice(["auto", "axpy", "dot"]),
+                     help="the FFN's down GEMV: a FMAC per input element (axpy), a DOT per output element "
+                          "(dot, 16-bit weights), or whichever is fewer cycles (auto, default)"),
         click.option("--handoff", type=click.Choice(["fused", "barrier"]),
                      help="a region's hand-off: its sync nested in the FFN's down all-reduce (fused, default) "
                           "or a region-wide barrier of its own"),

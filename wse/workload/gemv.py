@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from .. import isa
+from ..errors import WseError
 from ..trace import compute, with_tag
 from .mesh import X, Y, Axis, Allocator, RegionProgram, split
 from .precision import SCRATCH_BYTES, STORE, row_bytes, value_bytes
@@ -34,6 +35,9 @@ class GemvShape:
     precision: str = "bf16"  # how the weights are stored (precision.py)
     scratch: int = 0  # where a low-precision tile's rows are dequantized to fp16
     scales: int = 0  # a low-precision tile's scale (fp16; copy c of the tile: scales + c * ELEM)
+    # the tile stored by output (16-bit weights): each output element's weights contiguous, one DOT
+    # per output over the input chunk, instead of one FMAC per input element over the output chunk
+    dots: bool = False
 
     @property
     def out_axis(self) -> Axis:
@@ -45,11 +49,15 @@ class GemvShape:
         return STORE[self.precision]
 
     def set_pitch(self) -> None:
-        """Row pitch for the widest output chunk at the shape's precision, a multiple of 8 bytes."""
-        self.pitch = -(-row_bytes(self.precision, max(self.out_chunks)) // 8) * 8
+        """Row pitch for the widest output chunk at the shape's precision (by output: the widest
+        input chunk), a multiple of 8 bytes."""
+        if self.dots and self.store != FP16:
+            raise WseError(f"gemv: a tile stored by output holds 16-bit weights, not {self.precision}")
+        width = row_bytes(self.precision, max(self.in_chunks if self.dots else self.out_chunks))
+        self.pitch = -(-width // 8) * 8
 
     def tile_bytes(self) -> int:
-        return max(self.in_chunks) * self.pitch
+        return max(self.out_chunks if self.dots else self.in_chunks) * self.pitch
 
     def scratch_pitch(self) -> int:
         """Bytes of one dequantized row: a stored byte per element of the dequantize op."""
@@ -76,6 +84,22 @@ class GemvShape:
         return rows_per_pe * self.pitch * isa.DTYPE_VALUES[self.store]
 
 
+def dots_cheaper(shape: GemvShape, cfg) -> bool:
+    """Whether the longest tile's products take fewer cycles as DOTs over the outputs (nt ops
+    of mt elements) than as FMACs over the inputs (mt ops of nt): each op pays the vector setup,
+    so the form with fewer, longer ops wins (a 16-bit tile; the ops' SIMD widths and ports)."""
+    if shape.store != FP16:
+        return False
+    mt, nt = max(shape.in_chunks), max(shape.out_chunks)
+    port = cfg.sram_port_bytes // ELEM
+
+    def steps(kind: int, n: int) -> int:
+        return -(-n // min(cfg.simd_width(kind, FP16) or cfg.simd_width(isa.KIND_FMAC, FP16), port))
+
+    setup = cfg.vector_setup_cycles
+    return nt * (setup + steps(isa.KIND_DOT, mt)) < mt * (setup + steps(isa.KIND_FMAC, nt))
+
+
 def plan_gemv(m: int, n: int, reduce_axis: Axis, px: int, py: int) -> GemvShape:
     rn, on = (py, px) if reduce_axis is Y else (px, py)
     return GemvShape(m, n, reduce_axis, split(m, rn), split(n, on))
@@ -98,7 +122,7 @@ def gemv_ops(shape: GemvShape, in_pos: int, out_pos: int, x: int, y: int, batch:
         return []
     low = shape.store != FP16
     # (everything the ops depend on: region builders ask for the same tile many times)
-    key = (mt, nt, shape.store, shape.weights, shape.pitch, x, y, batch, x_stride, y_stride) \
+    key = (mt, nt, shape.store, shape.weights, shape.pitch, shape.dots, x, y, batch, x_stride, y_stride) \
         + ((shape.scratch, shape.scales, shape.block_rows(), shape.scratch_pitch()) if low else ())
     ops = _GEMV_OPS.get(key) if _GEMV_OPS_MAX > 0 else None
     if ops is None:
@@ -118,6 +142,9 @@ _GEMV_OPS_MAX = 200_000  # ops remembered at most (~30 MB; a decode tile has ten
 
 def _gemv_ops(shape: GemvShape, mt: int, nt: int, x: int, y: int, batch: int, x_stride: int, y_stride: int) -> list:
     ops = []
+    if shape.dots:  # one DOT per output element: its weights (contiguous) . the input chunk
+        return [compute(isa.KIND_DOT, mt, dst=y + b * y_stride + c * ELEM, src0=shape.weights + c * shape.pitch,
+                        src1=x + b * x_stride, dtype=FP16) for b in range(batch) for c in range(nt)]
     if shape.store == FP16:
         for b in range(batch):
             for r in range(mt):
@@ -139,6 +166,8 @@ def _gemv_ops(shape: GemvShape, mt: int, nt: int, x: int, y: int, batch: int, x_
 def tile_addr(shape: GemvShape, row, col, copy: int = 0):
     """Where element (row, col) of a PE's tile (copy `copy`) lies, in /tensors address units: a
     byte address, or for an int4 tile a nibble address (tensors.addr_units)."""
+    if shape.dots:
+        return shape.weights + copy * shape.tile_bytes() + col * shape.pitch + row * ELEM
     base = shape.weights + copy * shape.tile_bytes() + row * shape.pitch
     if shape.store == FP16:
         return base + col * ELEM

@@ -152,7 +152,8 @@ def _model_plan(name: str, cfg: WaferConfig, phase: str, **kw):
                           attention=kw.get("attention") or "flash", attention_block=kw.get("attention_block") or 0,
                           flash_blocks=kw.get("flash_blocks") or "auto",
                           norms=kw.get("norms") or "fused", dense_ffn=kw.get("dense_ffn") or "auto",
-                          tables=kw.get("tables") or "auto", handoff=kw.get("handoff") or "fused")
+                          tables=kw.get("tables") or "auto", handoff=kw.get("handoff") or "fused",
+                          down_gemv=kw.get("down_gemv") or "auto")
     if params.batch < 1 or params.context < 1:
         raise WseError("--batch and --context must be positive")
     return plan_model(spec, cfg, params, kw.get("layers"), region[0] if region else None,

@@ -21,7 +21,7 @@ from .attention import (HeadRows, attention_segments, attn_row, block_tokens, by
 from .flash import flash_ops
 from .ffn import (down_reduce_ops, experts_run, ffn_ops, moe_expert_ops, moe_experts, moe_router_ops, norm_scale_ops,
                   weighted_sum_ops)
-from .gemv import ELEM, GemvShape, alloc_scales, gemv_ops
+from .gemv import ELEM, FP16, GemvShape, alloc_scales, dots_cheaper, gemv_ops
 from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, offsets, split
 from .mla import MlaSplit, mla_output_ops, mla_project_parts, mla_split, most_mla_rows
 from .models import ModelSpec
@@ -225,6 +225,10 @@ def _alloc_weights(plan: LayerPlan) -> dict[str, int]:
     def weights(name: str, m: int, n: int, axis, ins: list[int], outs: list[int], copies: int = 1,
                 precision: str = dense_w) -> None:
         s = GemvShape(m, n, axis, ins, outs, precision=precision)
+        if name == "down":  # (--down-gemv; a low-precision tile stays by input row)
+            form = plan.params.down_gemv
+            s.dots = s.store == FP16 and (form == "dot" or (form == "auto" and plan.cfg is not None
+                                                             and dots_cheaper(s, plan.cfg)))
         s.set_pitch()
         s.weights = mem.alloc(f"w_{name}", s.tile_bytes() * copies, "weights", G0)
         shapes[name], n_copies[name] = s, copies

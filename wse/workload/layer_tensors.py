@@ -266,6 +266,11 @@ def _record_ffn(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int, F: int, e
             for k, w in enumerate((wg, wu)):
                 t.pieces(w, pe[m], tile_addr(gu, r, k * fr[row[m]], c), fr[row[m]],
                          e * H * F + (ho[col[m]] + r) * F + fo[row[m]])
+        if dn.dots:  # stored by output: output o of the column's chunk, the row's ffn dims (stride H)
+            for o in range(int(hc.max())):
+                m = (hc[col] > o) & (fr[row] > 0)
+                t.pieces(wd, pe[m], tile_addr(dn, 0, o, c), fr[row[m]], e * F * H + fo[row[m]] * H + ho[col[m]] + o, H)
+            continue
         for r in range(int(fr.max())):  # down tile row r: ffn dim fo[j] + r, the column's hidden chunk
             m = fr[row] > r
             t.pieces(wd, pe[m], tile_addr(dn, r, 0, c), hc[col[m]], e * F * H + (fo[row[m]] + r) * H + ho[col[m]])

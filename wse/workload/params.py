@@ -15,6 +15,7 @@ NORMS = ("fused", "separate")
 DENSE_FFN = ("auto", "layer", "region")
 TABLES = ("auto", "slots", "strips")
 HANDOFF = ("fused", "barrier")
+DOWN_GEMV = ("auto", "axpy", "dot")
 MAX_CONTEXT = 131_072  # longest context a run may ask for (Llama 3.1's 128k)
 
 
@@ -50,6 +51,9 @@ class DecodeParams:
     # down all-reduce where a dense FFN ends the region ("fused"), or a barrier of its own
     # ("barrier": a one-element all-reduce over the region after everything else)
     handoff: str = "fused"
+    # the FFN's down GEMV tiles (16-bit weights): stored by input row, one FMAC per input element
+    # ("axpy"), or by output, one DOT per output element ("dot"); "auto": whichever takes fewer cycles
+    down_gemv: str = "auto"
 
     def __post_init__(self) -> None:
         if self.moe_mapping not in MOE_MAPPINGS:
@@ -70,6 +74,8 @@ class DecodeParams:
             raise WseError(f"--dense-ffn {self.dense_ffn!r} is not one of {', '.join(DENSE_FFN)}")
         if self.tables not in TABLES:
             raise WseError(f"--tables {self.tables!r} is not one of {', '.join(TABLES)}")
+        if self.down_gemv not in DOWN_GEMV:
+            raise WseError(f"--down-gemv {self.down_gemv!r} is not one of {', '.join(DOWN_GEMV)}")
         if self.handoff not in HANDOFF:
             raise WseError(f"--handoff {self.handoff!r} is not one of {', '.join(HANDOFF)}")
         if self.attention_block < 0:
