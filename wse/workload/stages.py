@@ -122,7 +122,7 @@ def _sender(plan: ModelPlan, b: MeshBuilder, slot: Slot, color: int, src: dict, 
     (elements, buffer[, color]) parts); returns its anchor (mesh x, y). delta: a stand-in, its
     last part (the combine) sent `delta` cycles after its first (delay_ops)."""
     ra = slot.region
-    red, prog, hand = _handoff_region(plan, b, slot if delta is None else None)
+    red, prog, hand = _handoff_region(plan, b, ra, slot if delta is None else None)
     lanes = Lanes(None, {}, color, src)
     lanes.install(b, prog)
     chunks = split(plan.spec.hidden_size, plan.P)
@@ -206,12 +206,11 @@ def stage_A0(plan: ModelPlan) -> StageTrace:
     return StageTrace(key_A0(plan), b.build(), (rb.region.x0 + ax, rb.region.y0 + ay))
 
 
-def _handoff_region(plan: ModelPlan, b: MeshBuilder, slot: Slot | None):
-    """The reducers and program of a slot's region (None: a stand-in's, of the plan's slot
-    size) running only its hand-off, and the hand-off's ops of a PE by its roles: the barrier
-    (at scratch addresses), or a fused region's FFN end at the layer's own buffers
+def _handoff_region(plan: ModelPlan, b: MeshBuilder, region: Region, slot: Slot | None):
+    """The reducers and program of `region` running only the hand-off of the slot's region
+    (None: a stand-in's), and the hand-off's ops of a PE by its roles: the barrier (at scratch
+    addresses), or a fused region's FFN end at the layer's own buffers
     (layer.fused_handoff_ops). Returns (reducers, program, ops(xr, yr))."""
-    region = slot.region if slot is not None else Region(0, 0, plan.P, plan.Q)
     red = reducers(region, b, plan.params, plan.spec, plan.cfg)
     lp = handoff_plan(plan, slot)
     prog = RegionProgram(region, lp.threads if lp else THREADS)
@@ -227,8 +226,7 @@ def stage_B(plan: ModelPlan, u: int | None) -> StageTrace:
     slot = plan.slots[u] if u is not None else None
     w0, h0 = (slot.region.width, slot.region.height) if slot is not None else (plan.P, plan.Q)
     b = MeshBuilder(w0, h0, 4, stage="B")
-    at0 = Slot(slot.kind, slot.index, Region(0, 0, w0, h0), slot.experts) if slot is not None else None
-    red, prog, hand = _handoff_region(plan, b, at0)
+    red, prog, hand = _handoff_region(plan, b, Region(0, 0, w0, h0), slot)
     prog.add(lambda xr, yr, sp: hand(xr, yr))
     prog.program_ids(b)
     return StageTrace(key_B(plan, u), b.build(), (red[X].final_root, red[Y].final_root))
