@@ -12,7 +12,7 @@ from wse import hardware
 from wse.errors import WseError
 from wse.system.wafers import _extra_in_flight, region_infos
 from wse.workload.decode import chain_elements, ffn_plan, layer_plan, plan_model, splits_ffn
-from wse.workload.layer import plan_layer
+from wse.workload.layer_sizes import plan_layer
 from wse.workload.mesh import Region
 from wse.workload.models import load_model
 from wse.workload.params import DecodeParams

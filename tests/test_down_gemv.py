@@ -9,7 +9,8 @@ from checked import run
 from engine_compare import assert_same
 from wse.engine import reference
 from wse.workload.gemv import dots_cheaper
-from wse.workload.layer import decode_layer, layer_flops, layer_weight_bytes, plan_layer
+from wse.workload.layer import decode_layer, layer_flops, layer_weight_bytes
+from wse.workload.layer_sizes import plan_layer
 from wse.workload.mesh import MeshBuilder, Region
 from wse.workload.models import load_model
 from wse.workload.params import DecodeParams

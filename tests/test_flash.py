@@ -16,7 +16,8 @@ from wse.engine import reference
 from wse.workload.attention import block_tokens, blocks, head_rows
 from wse.workload.collectives import SEGMENT_PIPELINED_FROM, LineAllReduce, ReduceColors
 from wse.workload.decode import layer_plan, plan_model
-from wse.workload.layer import decode_layer, largest_context, layer_flops, layer_weight_bytes, plan_layer
+from wse.workload.layer import decode_layer, layer_flops, layer_weight_bytes
+from wse.workload.layer_sizes import largest_context, plan_layer
 from wse.workload.mesh import MeshBuilder, Region
 from wse.workload.models import load_model
 from wse.workload.params import DecodeParams

@@ -186,7 +186,7 @@ def test_a_wrong_absorbed_operand_is_caught(roomy):
     the latent attention is not."""
     tr = layer_trace(load_model("tiny-mla"), 0, 4, 8, roomy, DecodeParams(context=16))
     tag = [k for k, t in enumerate(tr.tags) if t.name == "layer 0 qkv"][0]
-    from wse.workload.layer import plan_layer
+    from wse.workload.layer_sizes import plan_layer
     uk = plan_layer(load_model("tiny-mla"), 0, 4, roomy, DecodeParams(context=16), Q=8).shapes["uk"]
     sel = (tr.ops["kind"] == isa.KIND_FMAC) & (tr.ops["tag"] == tag) & (tr.ops["src0"] >= uk.weights) \
         & (tr.ops["src0"] < uk.weights + uk.tile_bytes())
@@ -264,7 +264,7 @@ def test_a_layer_with_low_precision_tiles_computes_the_models_layer(name, layer,
 def test_every_write_of_a_layer_stays_in_its_buffer(name, layer, kw, roomy):
     """Each op's SRAM writes lie inside one buffer of the layer's plan (a static check of what the
     race above was: a receive running past `tmp` into the next buffer)."""
-    from wse.workload.layer import plan_layer
+    from wse.workload.layer_sizes import plan_layer
     prm = DecodeParams(**dict(dict(batch=2, context=40), **kw))
     plan = plan_layer(load_model(name), layer, 4, roomy, prm, Q=8)
     tr = layer_trace(load_model(name), layer, 4, 8, roomy, prm)

@@ -11,7 +11,8 @@ from wse.system import gpu as g
 from wse.workload.attention import SINK_FLOPS, SINK_FLOPS_BY_HEADS, by_heads
 from wse.workload.compose import compose
 from wse.workload.decode import bytes_needed, kv_bytes, plan_model
-from wse.workload.layer import decode_layer, layer_flops, plan_layer
+from wse.workload.layer import decode_layer, layer_flops
+from wse.workload.layer_sizes import plan_layer
 from wse.workload.mesh import MeshBuilder, Region
 from wse.workload.models import ModelError, load_model
 from wse.workload.params import DecodeParams

@@ -8,7 +8,8 @@ import pytest
 from checked import composed_equals_full, run
 from wse.workload.chain import chain_of, key_B
 from wse.workload.decode import ffn_plan, layer_plan, plan_model
-from wse.workload.layer import layer_flops, plan_layer
+from wse.workload.layer import layer_flops
+from wse.workload.layer_sizes import plan_layer
 from wse.workload.mesh import Region, Y
 from wse.workload.models import load_model
 from wse.workload.params import DecodeParams

@@ -15,7 +15,8 @@ from wse import hardware
 from wse.engine import reference
 from wse.system.config import load_system
 from wse.workload.decode import plan_model
-from wse.workload.layer import decode_layer, layer_flops, layer_weight_bytes, plan_layer
+from wse.workload.layer import decode_layer, layer_flops, layer_weight_bytes
+from wse.workload.layer_sizes import plan_layer
 from wse.workload.params import DecodeParams
 from wse.workload.region import Lanes
 from wse.workload.mesh import MeshBuilder, Region

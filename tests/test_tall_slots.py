@@ -11,7 +11,7 @@ from wse import hardware
 from wse.cli import cli
 from wse.errors import WseError
 from wse.workload.decode import plan_model
-from wse.workload.layer import most_rows, plan_layer
+from wse.workload.layer_sizes import most_rows, plan_layer
 from wse.workload.params import DecodeParams
 from wse.workload.models import load_model
 from wse.workload.placement import direction, serpentine

@@ -200,7 +200,8 @@ def test_shared_parts_build_the_same_programs(name, layer, P, Q, kw, monkeypatch
     without either."""
     from wse import hardware
     from wse.workload import gemv
-    from wse.workload.layer import decode_layer, plan_layer
+    from wse.workload.layer import decode_layer
+    from wse.workload.layer_sizes import plan_layer
     from wse.workload.mesh import MeshBuilder, Region
     from wse.workload.models import load_model
     from wse.workload.region import THREADS, Lanes, PartCache

@@ -287,7 +287,7 @@ def by_heads(params, hb: int, tc: int) -> bool:
 
 
 def attn_row(plan, qkv_row: tuple | None, qkvj: int, yr: tuple) -> AttnRow:
-    """Flash attention's view of a row of a layer plan (layer.LayerPlan): a dense row's qkv layout
+    """Flash attention's view of a row of a layer plan (layer_sizes.LayerPlan): a dense row's qkv layout
     (dense_row; qkv_row = (heads, KV pieces, dims per piece, by heads)), or latent attention's
     (every head over the row's latent dims yr[0][2], the query absorbed into q_absorbed)."""
     b_, slots = plan.buf, max(plan.T_c) + 1

@@ -13,7 +13,7 @@ import functools
 from ..errors import WseError
 from ..hardware import WaferConfig
 from .experts import most_experts
-from .layer import LayerPlan, most_rows, plan_layer
+from .layer_sizes import LayerPlan, most_rows, plan_layer
 from .params import DecodeParams
 from .precision import value_bytes, weights_of
 from .tables import embedding_memory, lm_memory, token_columns

@@ -5,7 +5,8 @@ from __future__ import annotations
 from ..errors import WseError
 from ..hardware import WaferConfig
 from ..trace import Trace
-from .layer import decode_layer, plan_layer
+from .layer import decode_layer
+from .layer_sizes import plan_layer
 from .params import DecodeParams
 from .region import THREADS, Lanes, reducers
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, tagged

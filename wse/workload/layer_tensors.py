@@ -44,7 +44,7 @@ class Prefixed:
 
 def record_layer(t: TensorRecorder | Prefixed, plan, P: int, origin: tuple[int, int, int] | None = None,
                  h_input: bool = True) -> None:
-    """/tensors of a layer region P columns wide (plan: layer.LayerPlan), at origin = (mesh width,
+    """/tensors of a layer region P columns wide (plan: layer_sizes.LayerPlan), at origin = (mesh width,
     x0, y0) (default: alone at the mesh origin); h_input: h is an input (else lanes bring it)."""
     spec, b_, B = plan.spec, plan.buf, plan.params.batch
     Q, Hc, f_r = plan.Q, plan.Hc, plan.f_r
@@ -494,7 +494,8 @@ def layer_trace(spec, layer: int, P: int, Q: int, cfg, params):
     """One dense decode layer on a P x Q region at the mesh origin, with its /tensors: h in by
     /tensors (no lanes), out in place. WseError naming what is missing when it cannot be checked."""
     from ..errors import WseError
-    from .layer import decode_layer, plan_layer
+    from .layer import decode_layer
+    from .layer_sizes import plan_layer
     from .mesh import MeshBuilder, Region
     from .models import model_meta
     from .region import THREADS, Lanes
