@@ -7,7 +7,8 @@ from wse.cli import cli
 from wse.errors import WseError
 from wse.hardware import load_preset
 from wse.workload import prefill as pf
-from wse.workload.chunked import Chunk, SharedKernels, chunk_cycles, chunks, interpolate, pipeline, sample_indices
+from wse.workload.chunked import (Chunk, SharedKernels, chunk_cycles, chunk_cycles_blocked, chunks, interpolate,
+                                  pipeline, sample_indices)
 from wse.workload.models import load_model
 
 
@@ -76,6 +77,56 @@ def test_key_kernels_are_simulated_at_the_samples_and_interpolated_between():
     assert calls == [(128, 128), (128, 256), (64, 300)] and len(cc.layer) == 3
 
 
+def test_blocked_keys_run_the_first_chunks_kernels_and_one_block_per_chunk_before():
+    calls = []
+
+    def run(tokens, keys):
+        calls.append(("run", tokens, keys))
+        return {"qkv": 100, "scores": 2 * keys, "values": 3 * keys, "elementwise": keys + 50 * tokens, "o": 40,
+                "transfer": 9, "lm_head": 1234}
+
+    def block(tokens, keys):
+        calls.append(("block", tokens, keys))
+        return {"scores": 2 * keys + tokens, "values": 3 * keys, "softmax_block": 11 + keys}
+    parts = chunks(300, 128, 32, 64)  # 128, 128, 44 (run as 64), attending 128, 256, 300 keys
+    cc = chunk_cycles_blocked(parts, run, block)
+    assert calls == [("run", 128, 128), ("block", 128, 128), ("run", 64, 64), ("block", 64, 128)]
+    first = 100 + 5 * 128 + 128 + 50 * 128 + 40 + 9
+    short = 100 + 5 * 64 + 64 + 50 * 64 + 40 + 9
+    assert cc.layer == [first, first + (5 * 128 + 128 + 11 + 128), short + 2 * (5 * 128 + 64 + 11 + 128)]
+    assert cc.simulated == [0, 2] and cc.head == 1234 and cc.kernels[2]["block softmax_block"] == 139
+    # no chunk before: the first chunk's kernels alone, nothing else simulated
+    calls.clear()
+    assert chunk_cycles_blocked(chunks(100, 128, 32, 64), run, block).layer == [100 + 5 * 100 + 100 + 5000 + 49]
+    assert calls == [("run", 100, 100)]
+
+
+@pytest.mark.parametrize("name, P, Q, S, keys", [("tiny", 4, 8, 16, 16), ("tiny", 3, 5, 13, 29),
+                                                 ("tiny-mla", 5, 7, 20, 20)])
+def test_the_softmax_block_folds_a_key_block_into_the_running_softmax(name, P, Q, S, keys):
+    """Values against the numpy reference (the running sums positive, as they are), FLOPs in
+    closed form: uneven token rows, key columns and output columns (heads cut across columns)."""
+    import numpy as np
+    from wse.engine.functional import sram_extent
+    from wse.engine.run import simulate
+    from wse.results import functional as RF
+    from wse.trace_check import validate
+    from wse.workload.prefill_blocks import softmax_block
+    cfg = load_preset("small")
+    tr, facts = softmax_block(load_model(name), P, S, cfg, Q=Q, keys=keys, record=True)
+    validate(tr, cfg)
+    fn = RF.FunctionalRun(seed=1)
+    x = RF.random_inputs(tr, 1)
+    x["l"] = np.abs(x["l"]) + 0.5
+    fn.inputs = x
+    res = simulate(tr, cfg, functional=True, sram=RF.fill(tr, x, sram_extent(tr)))
+    rows, _, _ = fn.finish(tr, res)
+    assert {r.name for r in rows} == {"probs", "m_new", "l_new", "o_new"} and not res.raced
+    assert all(r.error < 0.01 and r.copies_disagree == 0 for r in rows), rows
+    assert int(res.pe("flops").sum()) == facts["executed_flops"]
+    assert pf.kernel_trace(load_model(name), cfg, P, S, "softmax_block", Q=Q, keys=keys)[1] == facts
+
+
 def test_shared_kernels_run_the_key_free_kernels_once_per_chunk_size():
     asked = []
 
@@ -135,7 +186,7 @@ def test_chunked_ttft_is_the_pipeline_of_each_chunks_simulated_layer():
         if key not in memo:
             memo[key] = simulate(t, cfg, validated=True)
         return memo[key]
-    ttft = prefill_seconds(spec, system, plans, 60, sim, chunk=20, samples=3)
+    ttft = prefill_seconds(spec, system, plans, 60, sim, chunk=20, samples=3, key_mode="whole")
     n_sims = len(memo)
     head = plans[-1].slots[-1].region
     layer = {}
@@ -152,13 +203,36 @@ def test_chunked_ttft_is_the_pipeline_of_each_chunks_simulated_layer():
     assert layer[20][0] < layer[20][1] < layer[20][2]  # the attention kernels grow with the keys
     assert len(memo) == n_sims  # the chunked run simulated every kernel the check needs, each once
     # one chunk of the whole prompt is the unchunked prefill (the link to the cycle)
-    one = prefill_chunked(spec, system, plans, 60, sim, None, 0, 60, 3)
+    one = prefill_chunked(spec, system, plans, 60, sim, None, 0, 60, 3, "whole")
     assert one * cfg.clock_hz == pytest.approx(prefill_seconds(spec, system, plans, 60, sim) * cfg.clock_hz, abs=1)
+    # the keys in blocks: each chunk is the first chunk's layer plus one key block per chunk before it, with a
+    # short last chunk of its own (70 = 20 + 20 + 20 + 10); one chunk of the whole prompt is again the unchunked
+    blocked = prefill_seconds(spec, system, plans, 70, sim, chunk=20)
+    n_sims = len(memo)
+    stages = []
+    for plan in plans:
+        parts = chunks(70, 20, plan.P, plan.Q)
+        rows = []
+        for c, part in enumerate(parts):
+            kw = dict(Q=plan.Q, lm_rows=head.height)
+            base = pf.prefill(spec, cfg, plan.P, part.tokens, head.width, 1, sim, **kw)
+            blk = {n: sim(pf.kernel_trace(spec, cfg, plan.P, part.tokens, n, "meshgemm", Q=plan.Q,
+                                          keys=20 if part.tokens != 20 else None)[0]).total_cycles
+                   for n in pf.BLOCK_KERNELS}
+            rows.append(base.layer_cycles + c * sum(blk.values()))
+        stages += [[round(link.seconds(c.tokens * spec.hidden_size * 2) * cfg.clock_hz) for c in parts]] if stages \
+            else []
+        stages.append(rows)
+    assert blocked * cfg.clock_hz == pytest.approx(pipeline(stages) + base.kernels["lm_head"], abs=1e-6)
+    assert len(memo) == n_sims  # the run simulated every kernel the check needs
+    assert prefill_chunked(spec, system, plans, 60, sim, None, 0, 60, 3) * cfg.clock_hz == \
+        pytest.approx(prefill_seconds(spec, system, plans, 60, sim) * cfg.clock_hz, abs=1)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--prefill-chunk", "-1"], "--prefill-chunk -1 must be at least 0"),
     (["--prefill-samples", "1"], "--prefill-samples 1: at least 2"),
+    (["--prefill-keys", "some"], "'some' is not one of 'blocked', 'whole'"),
     (["--prompt-len", "200000"], "--prompt-len 200000 exceeds 131,072 tokens"),
 ])
 def test_bad_chunk_options_are_one_error_line(args, message):

@@ -140,7 +140,11 @@ def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Cal
               help="TTFT: prefill in chunks of N tokens pipelined through the layers (0: the whole prompt at once; "
                    "long prompts need chunks)")
 @click.option("--prefill-samples", type=int, default=3, show_default=True,
-              help="chunked TTFT: chunks at which the attention kernels are simulated (interpolated between)")
+              help="chunked TTFT with --prefill-keys whole: chunks at which the attention kernels are simulated "
+                   "(interpolated between)")
+@click.option("--prefill-keys", type=click.Choice(["blocked", "whole"]), default="blocked", show_default=True,
+              help="chunked TTFT: a chunk attends the chunks so far one block of keys at a time (online softmax; "
+                   "every kernel at the chunk's size) or all its keys at once")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
 @_fanout_options
 @_clean_errors

@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import WseError
 from ..results.analysis import format_region_classes, region_classes
 from ..trace import Trace
+from ..workload.chunked import PREFILL_KEYS
 from ..workload.params import MAX_CONTEXT, DecodeParams
 from ..workload.models import load_model
 from .config import SystemConfig
@@ -91,6 +92,8 @@ def check_options(system: SystemConfig, *, model: str, wafers: str | int = "pres
         raise WseError(f"--prefill-steps {steps}: 0 (every step) or at least 4")
     if kw.get("prefill_chunk", 0) < 0:
         raise WseError(f"--prefill-chunk {kw['prefill_chunk']} must be at least 0 (0: the whole prompt)")
+    if kw.get("prefill_keys", "blocked") not in PREFILL_KEYS:
+        raise WseError(f"--prefill-keys {kw['prefill_keys']!r} is not one of {', '.join(PREFILL_KEYS)}")
     if kw.get("prefill_samples", 3) < 2:
         raise WseError(f"--prefill-samples {kw['prefill_samples']}: at least 2 (the first and the last chunk)")
     if prompt_len > MAX_CONTEXT:
@@ -120,7 +123,8 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
                norms: str = "fused", generate: int = 1,
                fanout: Fanout | None = None, prefill_steps: int = 16, dense_ffn: str = "auto",
                tables: str = "auto", prefill_chunk: int = 0, prefill_samples: int = 3,
-               allreduce: str = "auto", handoff: str = "fused", down_gemv: str = "auto") -> SystemJob:
+               allreduce: str = "auto", handoff: str = "fused", down_gemv: str = "auto",
+               prefill_keys: str = "blocked") -> SystemJob:
     """Simulate the wafer system, evaluate the GPU model, and tabulate both (fanout: where the
     stage simulations run and the cache they share, pool.Fanout). generate > 1: the wafers
     hold the KV cache of the generation's last token, and the step is also simulated there and
@@ -145,7 +149,7 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     ttft = math.nan
     if prompt:
         ttft = prefill_seconds(spec, system, wafer_plans(spec, system, params, dec.wafers), prompt, simulate,
-                               fanout, prefill_steps, prefill_chunk, prefill_samples)
+                               fanout, prefill_steps, prefill_chunk, prefill_samples, prefill_keys)
     g, g_cfg = best_decode(spec, load_gpu(gpu), batch=batch, context=context, weight_bytes=gw, kv_bytes=ELEM_BYTES,
                            utilization=system.utilization)
     g_ttft = gpu_prefill(spec, g_cfg, prompt, batch=batch, nodes=g.nodes, weight_bytes=gw,

@@ -293,7 +293,7 @@ def prefill_kernels(spec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, 
     queries attend (the key kernels' pieces carry it, so the others share one cache entry)."""
     fanout = fanout or Fanout()
     Q = Q or P
-    from ..workload.prefill import KEY_KERNELS, Combined, pieces
+    from ..workload.prefill import KEYED_KERNELS, Combined, pieces
     shape = (P,) if Q == P else (P, Q)  # square slots keep their cache keys
     keys = keys if keys != prompt else None
 
@@ -309,7 +309,7 @@ def prefill_kernels(spec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, 
                                     lm_rows))
 
     def kernels(names):
-        parts = {n: [(w, dict(kw, keys=keys)) if keys and n in KEY_KERNELS else (w, kw)
+        parts = {n: [(w, dict(kw, keys=keys)) if keys and n in KEYED_KERNELS else (w, kw)
                      for w, kw in pieces(spec, cfg, P, prompt, n, algo, Q, prefix, keys)] if n != "lm_head"
                  else [(1.0, {})] for n in names}
         todo = [(n, i) for n in names for i in range(len(parts[n]))]

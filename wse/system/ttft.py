@@ -15,15 +15,16 @@ from .pool import Fanout
 
 def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan], prompt: int,
                     simulate: Callable[[Trace], object], fanout: Fanout | None = None, prefix: int = 0,
-                    chunk: int = 0, samples: int = 3) -> float:
+                    chunk: int = 0, samples: int = 3, key_mode: str = "blocked") -> float:
     """Time to first token: each wafer's layers prefill on its own P x Q slots (simulated kernels,
     workload/prefill.py; from the cache or on the fanout's workers), then the LM head; the prompt's
     activations (prompt x hidden x 2 bytes) cross each link. A prompt shorter than a slot's longer
     side is prefilled as one of that length (every row and key column holds a token). prefix > 0: GEMM kernels from their
     first prefix / 2 and prefix steps (pool.prefill_kernels). chunk > 0 (and below the prompt):
-    prefilled in chunks of that many tokens pipelined through the layers (prefill_chunked)."""
+    prefilled in chunks of that many tokens pipelined through the layers (prefill_chunked), a chunk's
+    keys in blocks with an online softmax (key_mode "blocked") or all at once ("whole")."""
     if chunk and chunk < prompt:
-        return prefill_chunked(spec, system, plans, prompt, simulate, fanout, prefix, chunk, samples)
+        return prefill_chunked(spec, system, plans, prompt, simulate, fanout, prefix, chunk, samples, key_mode)
     from ..workload.prefill import prefill
     from .pool import prefill_kernels
     cfg = system.wafer_config
@@ -51,13 +52,18 @@ def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan
 
 def prefill_chunked(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan], prompt: int,
                     simulate: Callable[[Trace], object], fanout: Fanout | None, prefix: int, chunk: int,
-                    samples: int) -> float:
+                    samples: int, key_mode: str = "blocked") -> float:
     """Time to first token of a prompt prefilled in chunks (workload/chunked.py): per slot shape,
-    each chunk's layer cycles (the key kernels simulated at `samples` chunks, interpolated between);
+    each chunk's layer cycles (key_mode "blocked": the first chunk's kernels and one key block's per
+    chunk before it, chunk_cycles_blocked; "whole": the key kernels simulated at `samples` chunks,
+    interpolated between, chunk_cycles);
     every layer region and every link between wafers is a pipeline stage the chunks pass in turn
     (a link's stage: its latency plus the chunk's activations at its bandwidth); then the LM head."""
-    from ..workload.chunked import SharedKernels, chunk_cycles, chunks, pipeline
-    from ..workload.prefill import prefill
+    from ..errors import WseError
+    from ..workload.chunked import PREFILL_KEYS, SharedKernels, chunk_cycles, chunk_cycles_blocked, chunks, pipeline
+    from ..workload.prefill import block_cycles, prefill
+    if key_mode not in PREFILL_KEYS:
+        raise WseError(f"--prefill-keys {key_mode!r} is not one of {', '.join(PREFILL_KEYS)}")
     from .pool import prefill_kernels
     cfg = system.wafer_config
     head = plans[-1].slots[-1].region
@@ -77,7 +83,11 @@ def prefill_chunked(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan
             def run(tokens: int, keys: int, plan=plan, shared=shared) -> dict[str, int]:
                 return prefill(spec, cfg, plan.P, tokens, lm_width, 1, simulate, kernels=shared(tokens, keys),
                                Q=plan.Q, lm_rows=lm_rows, keys=keys).kernels
-            cc = chunk_cycles(parts, run, samples)
+
+            def block(tokens: int, keys: int, shared=shared) -> dict[str, int]:
+                return block_cycles(shared(tokens, keys))
+            cc = chunk_cycles_blocked(parts, run, block) if key_mode == "blocked" else \
+                chunk_cycles(parts, run, samples)
             per_shape[shape], head_cycles = cc.layer, cc.head
         if i:
             stages.append([round(link.seconds(c.tokens * spec.hidden_size * ELEM) * cfg.clock_hz) for c in parts])

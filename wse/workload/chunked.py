@@ -8,7 +8,10 @@ projection and FFN GEMMs are the same for every full chunk and are simulated onc
 whose work grows with the keys (KEY_KERNELS: the attention GEMMs and the softmax) are simulated
 at `samples` chunks spread evenly from the first to the last and interpolated linearly in the
 keys in between (exact at the simulated chunks; the error at a held-out chunk is measured in
-docs/workloads.md). A short last chunk is simulated on its own.
+docs/workloads.md). A short last chunk is simulated on its own. With the keys in blocks
+(`--prefill-keys blocked`, the default) a chunk attends the chunks so far one block of keys at a
+time with an online softmax (prefill_blocks.py), so every kernel is simulated at C keys at most
+and nothing is interpolated (chunk_cycles_blocked).
 
 Layer regions are separate hardware, so chunks pipeline through them: chunk c enters layer l
 when layer l has finished chunk c - 1 and layer l - 1 has passed it on,
@@ -22,9 +25,10 @@ from typing import Callable, Sequence
 
 from ..errors import WseError
 from .params import MAX_CONTEXT
-from .prefill import KEY_KERNELS
+from .prefill import KEY_KERNELS, KEYED_KERNELS
 
 SAMPLES = 3  # [U] default chunks at which the key-dependent kernels are simulated
+PREFILL_KEYS = ("blocked", "whole")  # --prefill-keys: a chunk's keys in blocks (online softmax) or all at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +104,30 @@ def chunk_cycles(parts: list[Chunk], run: Callable[[int, int], dict[str, int]], 
     return ChunkCycles(layer, got[sims[0]]["lm_head"], sims, got)
 
 
+def chunk_cycles_blocked(parts: list[Chunk], run: Callable[[int, int], dict[str, int]],
+                         block: Callable[[int, int], dict[str, int]]) -> ChunkCycles:
+    """Per chunk, one layer's cycles with its keys in blocks of the full chunk's C tokens: chunk c
+    (c chunks before it) runs the first chunk's kernels, run(t, t) for its t tokens (its own keys
+    the first block, its softmax normalized over them), then for each chunk before it one block:
+    block(t, C), the scores and values GEMMs over C keys and the online softmax between them
+    (prefill_blocks.py). Every kernel is simulated once per chunk size; none is interpolated."""
+    C = parts[0].tokens
+    got: dict[int, dict[str, int]] = {}
+    blk: dict[int, dict[str, int]] = {}
+    sims, layer = [], []
+    for c, part in enumerate(parts):
+        t = part.tokens
+        if t not in got:
+            got[t] = run(t, t)
+            sims.append(c)
+        if c and t not in blk:
+            blk[t] = block(t, C)
+        layer.append(sum(v for n, v in got[t].items() if n != "lm_head") + c * sum(blk.get(t, {}).values()))
+    kernels = {c: dict(got[parts[c].tokens], **{f"block {n}": v for n, v in blk.get(parts[c].tokens, {}).items()})
+               for c in sims}
+    return ChunkCycles(layer, got[C]["lm_head"], sims, kernels)
+
+
 class SharedKernels:
     """Wraps a `kernels` maker (tokens, keys) -> prefill `kernels` function so the kernels that do
     not depend on the keys run once per chunk size, whatever the keys (in-process runs have no
@@ -113,13 +141,13 @@ class SharedKernels:
         inner = self.make(tokens, keys)
 
         def kernels(names: list[str]):
-            todo = [n for n in names if n in KEY_KERNELS or (tokens, n) not in self.memo]
+            todo = [n for n in names if n in KEYED_KERNELS or (tokens, n) not in self.memo]
             got = {item[0]: item for item in inner(todo)} if todo else {}
             for n, item in got.items():
-                if n not in KEY_KERNELS:
+                if n not in KEYED_KERNELS:
                     self.memo[(tokens, n)] = item
             for n in names:
-                yield got[n] if n in KEY_KERNELS else self.memo[(tokens, n)]
+                yield got[n] if n in KEYED_KERNELS else self.memo[(tokens, n)]
         return kernels
 
 

@@ -40,6 +40,10 @@ from .prefill_elementwise import elementwise
 
 SUMMA_SETTLE_DEPTHS = 4  # [U] a SUMMA prefix extrapolates from at least this many buffer depths of steps
 KEY_KERNELS = ("scores", "values", "elementwise")  # the kernels whose work grows with the keys attended
+# a chunk's further key block with --prefill-keys blocked (chunked.py): the attention GEMMs over the block's
+# keys and the online softmax between them (prefill_blocks.py)
+BLOCK_KERNELS = ("scores", "values", "softmax_block")
+KEYED_KERNELS = KEY_KERNELS + ("softmax_block",)  # the kernels whose trace depends on the keys
 
 
 
@@ -135,6 +139,12 @@ def prefill(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, lm_width: in
     return PrefillResult(layers * layer + cycles["lm_head"], layer, kern, executed, model, results, traces)
 
 
+def block_cycles(kernels: Kernels) -> dict[str, int]:
+    """A chunk's further key block (BLOCK_KERNELS, --prefill-keys blocked) from a `kernels`
+    function for the chunk's tokens at the block's keys: kernel -> cycles."""
+    return {n: _complete(r, f"prefill {n} kernel").total_cycles for n, r, _, _ in kernels(list(BLOCK_KERNELS))}
+
+
 def kernel_names(spec: ModelSpec) -> list[str]:
     """The kernels of one prefill layer, in order."""
     if spec.mla:
@@ -148,7 +158,8 @@ def kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: s
                  lm_width: int | None = None, steps: int | None = None, Q: int | None = None,
                  batch: int | None = None, record: bool = False, lm_rows: int | None = None,
                  keys: int | None = None) -> tuple[Trace, dict[str, int]]:
-    """One prefill kernel (kernel_names, or "lm_head": the last token's LM-head GEMV on an
+    """One prefill kernel (kernel_names, "softmax_block": a chunk's further key block's online
+    softmax, prefill_blocks.py, or "lm_head": the last token's LM-head GEMV on an
     lm_width x lm_rows region, default P rows) on a P x Q layer region: (trace, facts). A
     kernel the prompt makes too big for the region's SRAM is an error naming --prompt-len. GEMMs
     run as `mapping` says: `steps` builds a MeshGEMM/Cannon/SUMMA kernel's first steps only (gemm.standalone); a
@@ -210,6 +221,9 @@ def _kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: 
         raise WseError(f"prefill keys {keys}: from the prompt's {S} tokens to {MAX_CONTEXT:,}")
     if name == "elementwise":
         return elementwise(spec, P, S, cfg, Q=Q, record=record, keys=keys)
+    if name == "softmax_block":
+        from .prefill_blocks import softmax_block
+        return softmax_block(spec, P, S, cfg, Q=Q, record=record, keys=keys)
     if name not in kernel_names(spec):
         raise WseError(f"{spec.name} has no prefill kernel {name!r}")
     mm, k, n, a, b = _gemm_shape(spec, S, name, keys)
@@ -246,7 +260,7 @@ def _gemm_shape(spec: ModelSpec, S: int, name: str, keys: int | None = None) -> 
 
 def is_gemm(name: str) -> bool:
     """Whether a prefill kernel is a GEMM (steps of one pattern: prefix-extrapolable)."""
-    return name not in ("elementwise", "lm_head")
+    return name not in ("elementwise", "softmax_block", "lm_head")
 
 
 def gemm_steps(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str = "meshgemm",

@@ -40,6 +40,11 @@ def _prefill_elementwise(meta: dict, x: dict) -> dict:
     return reference(meta, x)
 
 
+def _prefill_softmax_block(meta: dict, x: dict) -> dict:
+    from .prefill_blocks import reference
+    return reference(meta, x)
+
+
 def _layer(meta: dict, x: dict) -> dict:
     from .layer_tensors import reference
     return reference(meta, x)
@@ -52,7 +57,8 @@ def _step(meta: dict, x: dict) -> dict:
 
 REFERENCES: dict[str, Callable[[dict, dict], dict]] = {
     "gemv": _gemv, "allreduce": _allreduce, "gemm": _gemm, "attention": _attention, "layer": _layer,
-    "decode_step": _step, "prefill-elementwise": _prefill_elementwise}
+    "decode_step": _step, "prefill-elementwise": _prefill_elementwise,
+    "prefill-softmax-block": _prefill_softmax_block}
 
 
 def dequantized(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
