@@ -73,6 +73,18 @@ def split_ranges(total: int, parts: int) -> list[range]:
     return out
 
 
+def head_runs(heads: int, width: int, parts: int) -> list[tuple[tuple[int, int, int], ...]]:
+    """heads x width elements (head-major) cut over `parts` chunks (split): per chunk, its pieces
+    of each head as (head, position in the chunk, length)."""
+    out, o0 = [], 0
+    for n in split(heads * width, parts):
+        o1 = o0 + n
+        out.append(tuple((h, max(o0, h * width) - o0, min(o1, (h + 1) * width) - max(o0, h * width))
+                         for h in range(o0 // width, (o1 - 1) // width + 1)) if n else ())
+        o0 = o1
+    return out
+
+
 def offsets(sizes: list[int]) -> list[int]:
     return [int(v) for v in np.cumsum([0] + sizes[:-1])]
 

@@ -30,7 +30,7 @@ from ..errors import WseError
 from ..trace import Op, compute, recv, send
 from .attention import by_heads
 from .gemv import ELEM, gemv_ops
-from .mesh import split
+from .mesh import head_runs, split
 from .plan import DIAG_BCAST
 from .region import C_EPS, DOT, FMAC, MOV, MUL, RSQRT, SCALE, Ops, merge, rope_ops
 
@@ -156,13 +156,7 @@ def mla_split(spec, P: int, Q: int | None = None) -> MlaSplit:
         nope_runs.append(tuple(nr))
         pe_runs.append(tuple(pr))
         u0 = u1
-    oh_r, oh_runs = split(heads * vd, P), []
-    o0 = 0
-    for n in oh_r:
-        o1 = o0 + n
-        oh_runs.append(tuple((h, max(o0, h * vd) - o0, min(o1, (h + 1) * vd) - max(o0, h * vd))
-                             for h in range(o0 // vd, (o1 - 1) // vd + 1)) if n else ())
-        o0 = o1
+    oh_r, oh_runs = split(heads * vd, P), head_runs(heads, vd, P)
     return MlaSplit(P, heads, split(m.q_lora_rank, Q), c_r, v_r, rope_lo, r_r, qn_r, nope_runs, pe_runs, oh_r,
                     oh_runs)
 

@@ -26,7 +26,7 @@ from ..hardware import WaferConfig
 from ..trace import Trace, compute
 from .attention import attn_scale
 from .gemv import ELEM
-from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, offsets, split, tagged
+from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, head_runs, offsets, split, tagged
 from .models import ModelSpec, model_meta
 from .params import DecodeParams
 from .plan import fit_check
@@ -36,26 +36,14 @@ from .region import ADD, EXP, EXP_FLOPS, MAX, MOV, MUL, RECIP, RECIP_FLOPS, RMAX
 K_ATTN = 0  # the `consts` buffer: the softmax scale
 
 
-def out_pieces(spec: ModelSpec, P: int) -> list[tuple[tuple[int, int, int], ...]]:
-    """Per column: its pieces of the attention output (heads x v dims, head-major), as (head,
-    position in the column's chunk, length)."""
-    vd = spec.attn_out_size // spec.heads
-    out, o0 = [], 0
-    for n in split(spec.attn_out_size, P):
-        o1 = o0 + n
-        out.append(tuple((h, max(o0, h * vd) - o0, min(o1, (h + 1) * vd) - max(o0, h * vd))
-                         for h in range(o0 // vd, (o1 - 1) // vd + 1)) if n else ())
-        o0 = o1
-    return out
-
-
 def softmax_block(spec: ModelSpec, P: int, S: int, cfg: WaferConfig, algo: str = "two-level", Q: int | None = None,
                   keys: int | None = None, record: bool = False) -> tuple[Trace, dict[str, int]]:
     """The online-softmax kernel of one key block (module docstring): S tokens on a P x Q region,
     a block of `keys` keys (default S); record: with its /tensors."""
     Q = Q or P
     c = Cut(spec, P, Q, S, 1, keys)
-    heads, oc, pieces = spec.heads, split(spec.attn_out_size, P), out_pieces(spec, P)
+    heads, oc = spec.heads, split(spec.attn_out_size, P)
+    pieces = head_runs(heads, spec.attn_out_size // heads, P)
     sm, km, om = max(c.Sr), max(c.Kc), max(oc)
     n_max = sm * heads
     mem = Allocator(0, cfg.sram_bytes - cfg.sram_reserved_bytes)
@@ -137,8 +125,8 @@ def _record(t, spec: ModelSpec, c: Cut, buf: dict, P: int, Q: int, oc: list[int]
     sr, s0 = np.array(c.Sr), np.array(c.s0)
     kc, k0 = np.array(c.Kc), np.array(c.k0)
     sc_in, sc_out = t.add("scores", "input", (S, heads, c.K)), t.add("probs", "output", (S, heads, c.K))
-    stats = {(name, role): t.add(name, role, (S, heads)) for name, role in (
-        ("m", "input"), ("l", "input"), ("m_new", "output"), ("l_new", "output"))}
+    stats = [(t.add(name, role, (S, heads)), key) for name, role, key in (
+        ("m", "input", "m"), ("l", "input", "l"), ("m_new", "output", "m2"), ("l_new", "output", "l"))]
     o_in, o_out = t.add("o", "input", (S, spec.attn_out_size)), t.add("o_new", "output", (S, spec.attn_out_size))
     ocs, o0 = np.array(oc), np.array(offsets(oc))
     for tt in range(max(c.Sr)):
@@ -148,8 +136,7 @@ def _record(t, spec: ModelSpec, c: Cut, buf: dict, P: int, Q: int, oc: list[int]
             r = tt * heads + hh
             for k in (sc_in, sc_out):
                 t.pieces(k, pe[m], buf["sc"] + r * kc[col[m]] * ELEM, kc[col[m]], (tok * heads + hh) * c.K + k0[col[m]])
-            for (name, _), k in stats.items():
-                key = {"m": "m", "l": "l", "m_new": "m2", "l_new": "l"}[name]
+            for k, key in stats:
                 t.pieces(k, pe[m], buf[key] + r * ELEM, 1, tok * heads + hh)
         mo = m & (ocs[col] > 0)
         for k in (o_in, o_out):
