@@ -29,11 +29,18 @@ def composed_equals_full(plan, cfg):
 
 def model_bytes(plan) -> float:
     """Bytes of a whole model's weights at the plan's precisions: its linear weights at theirs,
-    the rest (norms, router, tables, ...) 16-bit."""
+    the rest (norms, router, tables, ...) 16-bit. Latent attention in row groups (--mla-groups G)
+    holds G copies of what a group's rows need of every latent dim: W_a's latent and rotary
+    columns, W_uk and W_uv (16-bit) and the latent norm's weight."""
     from wse.workload.precision import value_bytes, weights_of
     spec = plan.spec
     dense, expert = (value_bytes(w) for w in weights_of(spec, plan.params.weights))
     layers = sum(spec.layer_bytes(i, dense, expert) for i in range(spec.layers))
+    if spec.mla and plan.params.mla_groups > 1:
+        m = spec.mla
+        copy = spec.hidden_size * spec.kv_cache_width * dense + 2 * m.kv_lora_rank * (
+            spec.heads * (m.qk_nope_head_dim + m.v_head_dim) + 1)
+        layers += (plan.params.mla_groups - 1) * copy * spec.layers
     return layers + 2 * (spec.total_params() - sum(spec.layer_params(i) for i in range(spec.layers)))
 
 

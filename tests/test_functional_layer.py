@@ -181,6 +181,23 @@ def test_a_latent_attention_layer_computes_the_models_layer(layer, P, Q, batch, 
     assert all(r.error < 0.02 and r.copies_disagree == 0 for r in rows), rows
 
 
+@pytest.mark.parametrize("layer, P, Q, batch, context, kw", [
+    (0, 4, 8, 1, 16, dict(mla_groups=2)),  # groups of 4 rows: whole latent dims, the rotary pairs on the last
+    (0, 3, 5, 2, 40, dict(attention_block=2, flash_blocks="serial", mla_groups=5)),  # one row a group
+    (1, 8, 16, 2, 40, dict(mla_groups=3)),  # uneven groups (6, 5, 5 rows), a later group with fewer tokens
+    (2, 2, 36, 1, 8, dict(attention_block=1, mla_groups=2)),  # a token a column in each group
+])
+def test_latent_attention_in_row_groups_computes_the_models_layer(layer, P, Q, batch, context, kw, roomy):
+    """--mla-groups: each group attends its own tokens; the groups' maxima and sums merge down the
+    columns and W_uv's all-reduce adds their shares, so o and the layer's output are the model's
+    (a row's latent attention output is its group's share: not an output here)."""
+    tr = layer_trace(load_model("tiny-mla"), layer, P, Q, roomy, DecodeParams(batch=batch, context=context, **kw))
+    rows, res = _run(tr, roomy)
+    names = {r.name for r in rows}
+    assert {"out", "q", "latent", "o_heads"} <= names and "attn_latent" not in names and not res.raced
+    assert all(r.error < 0.02 and r.copies_disagree == 0 for r in rows), rows
+
+
 def test_a_wrong_absorbed_operand_is_caught(roomy):
     """One W_uk FMAC of one PE reading the q_nope scalar next to the right one: q is still right,
     the latent attention is not."""

@@ -8,11 +8,14 @@ with keys and values materialized) must cover every projection.
 import math
 
 import pytest
+from click.testing import CliRunner
 
 from checked import composed_equals_full, run
 from engine_compare import assert_same
 from wse import hardware
+from wse.cli import cli
 from wse.engine import reference
+from wse.errors import WseError
 from wse.system.config import load_system
 from wse.workload.decode import plan_model
 from wse.workload.layer import decode_layer, layer_flops, layer_weight_bytes
@@ -56,16 +59,49 @@ def test_the_cut_covers_every_dimension_once(name, P):
     assert len(moved) == spec.heads * m.qk_rope_head_dim
 
 
+@pytest.mark.parametrize("name, Q, groups", [("tiny-mla", 8, 2), ("tiny-mla", 7, 3), ("deepseek-v3", 195, 3),
+                                              ("kimi-k2", 130, 2)])
+def test_row_groups_each_hold_every_latent_dim(name, Q, groups):
+    """--mla-groups: every group's rows cover the cache's dims once (its own tokens' whole
+    latent), q_a is cut over all rows once, and each row's latent dims start where its group's
+    rows before it end."""
+    spec = load_model(name)
+    width = spec.kv_cache_width
+    s = mla_split(spec, Q // 2, Q, groups)
+    assert s.groups == groups and sum(s.qa_r) == spec.mla.q_lora_rank
+    assert sum(s.c_r) == groups * width and sum(s.v_r) == groups * spec.mla.kv_lora_rank
+    for g in range(groups):
+        rows = [j for j in range(Q) if s.group_r[j] == g]
+        assert rows == list(range(rows[0], rows[-1] + 1)) and all(s.lead_r[j] == rows[0] for j in rows)
+        assert sorted(d for j in rows for d in cache_dims(spec, s, j)) == list(range(width))
+    with pytest.raises(WseError, match="--mla-groups 9"):
+        mla_split(spec, 4, 8, 9)
+
+
+def test_row_groups_are_validated(small):
+    spec = load_model("tiny-mla")
+    with pytest.raises(WseError, match="--mla-groups 0"):
+        DecodeParams(mla_groups=0)
+    with pytest.raises(WseError, match="needs --attention flash"):
+        plan_layer(spec, 1, 4, small, DecodeParams(mla_groups=2, attention="classic"))
+    r = CliRunner().invoke(cli, ["run", "--model", "tiny-mla", "--wafer", "small", "--layers", "1", "--region", "4x8",
+                                 "--mla-groups", "9", "-o", "x.h5"])
+    assert r.exit_code == 2 and r.output.startswith("error:") and "--mla-groups 9" in r.output, r.output
+
+
 def test_kv_cache_width_is_the_latent_plus_the_rope_key():
     assert load_model("deepseek-v3").kv_cache_width == 576
     assert load_model("llama3.1-8b").kv_cache_width == 2 * 8 * 128
 
 
-def test_a_latent_attention_layer_matches_the_reference_stepper(small):
+@pytest.mark.parametrize("groups, context", [(1, 6), (2, 9), (4, 17)])
+def test_a_latent_attention_layer_matches_the_reference_stepper(small, groups, context):
+    """(--mla-groups: groups of two and of one row, a later group with fewer tokens than the first;
+    the closed-form FLOPs count the groups' repeated latent, absorbed query and output and their merge.)"""
     spec = load_model("tiny-mla")
     roomy = small.with_overrides(["sram.sram_bytes=131072"])  # a whole layer on 4 x 4 PEs
     parts = ("norm1", "qkv", "attention", "o", "handoff")
-    plan = plan_layer(spec, 1, 4, roomy, DecodeParams(batch=2, context=6))
+    plan = plan_layer(spec, 1, 4, roomy, DecodeParams(batch=2, context=context, mla_groups=groups))
     b = MeshBuilder(4, 4, 4)
     build = decode_layer(plan, Region(0, 0, 4, 4), b, Lanes(None, {}, None, {}), parts)
     trace = b.build()
@@ -75,7 +111,8 @@ def test_a_latent_attention_layer_matches_the_reference_stepper(small):
 
 
 @pytest.mark.parametrize("kw", [dict(batch=1, context=16), dict(batch=2, context=30),
-                                dict(batch=2, context=16, moe_mapping="regions", experts_per_region=2)])
+                                dict(batch=2, context=16, moe_mapping="regions", experts_per_region=2),
+                                dict(batch=2, context=40, moe_mapping="regions", experts_per_region=2, mla_groups=2)])
 def test_composed_step_equals_the_full_simulation(kw, small):
     spec = load_model("tiny-mla")
     plan = plan_model(spec, small, DecodeParams(**kw))

@@ -243,6 +243,26 @@ def test_progress_line_counts_cache_hits_and_points():
     assert piped._bar is None and stream.getvalue() == ""
 
 
+def test_progress_lines_where_stderr_is_a_log_at_most_one_per_interval():
+    now = [100.0]
+    stream = __import__("io").StringIO()
+    p = Progress(True, stream, log_every_s=60, clock=lambda: now[0])
+    p.add(5, cached=1)  # the first change: a line
+    now[0] = 130
+    p.done()  # within the interval: none
+    now[0] = 161
+    p.done()
+    p.point(total=2)  # (one line per interval, however many changes)
+    now[0] = 162
+    p.done()
+    p.done()  # every simulation listed is done: a line whatever the interval
+    p.done(0)  # nothing changed: no repeat
+    assert stream.getvalue().splitlines() == ["[0:00:00] simulations 0/4 · 1 from cache",
+                                              "[0:01:01] simulations 2/4 · 1 from cache",
+                                              "[0:01:02] simulations 4/4 · 1 from cache · points 0/2"]
+    assert Progress(False, __import__("io").StringIO(), log_every_s=1)._log_every is None  # --quiet wins
+
+
 # ---- the commands -------------------------------------------------------------------------------
 
 def _invoke(*args):
@@ -270,8 +290,13 @@ def test_a_repeated_system_run_comes_from_the_cache_with_the_same_figures(tmp_pa
     assert d["entries"] > 0 and d["last_run"]["misses"] == 0 and d["last_run"]["hits"] == d["entries"]
     assert _invoke("cache", "clear", "--cache", cache).exit_code == 0
     assert json.loads(_invoke("cache", "info", "--cache", cache, "--json").output)["entries"] == 0
-    c = _invoke(*SYSTEM, "--no-cache", "-o", tmp_path / "c.h5")
+    c = _invoke(*SYSTEM, "--no-cache", "--log-progress", "0.001", "-o", tmp_path / "c.h5")
     assert c.exit_code == 0 and "stage cache" not in c.output
+    # stderr is not a terminal here: --log-progress gives plain lines, the last with every simulation done
+    lines = [ln for ln in c.stderr.splitlines() if "simulations" in ln]
+    n = d["entries"]
+    assert lines and lines[-1].startswith("[0:") and lines[-1].endswith(f"simulations {n}/{n}"), c.stderr
+    assert _invoke(*SYSTEM, "--log-progress", "0", "-o", tmp_path / "d.h5").exit_code == 2
 
 
 def test_wafer_values_can_be_set_on_a_system(tmp_path):

@@ -32,7 +32,7 @@ for run in "$@"; do
       || status=$?
   else
     PYTHONUNBUFFERED=1 "$py" -m wse.cli system --model "$target" --system cs3x64 --wafers auto --uniform-slots \
-      --prompt-len 0 --context "$context" --jobs "$jobs" ${extra[@]+"${extra[@]}"} -o "$h5/$name.h5" \
+      --prompt-len 0 --context "$context" --jobs "$jobs" --log-progress 60 ${extra[@]+"${extra[@]}"} -o "$h5/$name.h5" \
       > "$out/$name.txt" 2> "$out/$name.err" || status=$?
   fi
   wall=$(( $(date +%s) - start ))

@@ -3,7 +3,7 @@
 #   OUT=runs JOBS=16 tools/system_runs.sh kimi-k2:fp8 deepseek-v3:bf16 deepseek-v3:fp8:512
 # Each RUN is MODEL:WEIGHTS[:PROMPT] (PROMPT 0 or absent: no TTFT) on cs3x64 with --wafers auto
 # and --uniform-slots. Per run: OUT/NAME.txt (the table, wafers, depth, region breakdown),
-# OUT/NAME.report.txt (`wse report`), OUT/NAME.err (stage progress); wall times in
+# OUT/NAME.report.txt (`wse report`), OUT/NAME.err (progress: a line a minute); wall times in
 # OUT/walltimes.txt. The run files are large (they hold the largest stage's counters): they go
 # to H5 (default OUT).
 set -euo pipefail
@@ -18,7 +18,7 @@ for run in "$@"; do
   name="${model}_${weights}$([ "$prompt" != 0 ] && echo "_p$prompt" || true)"
   start=$(date +%s)
   PYTHONUNBUFFERED=1 "$py" -m wse.cli system --model "$model" --system cs3x64 --wafers auto --weights "$weights" \
-    --uniform-slots --jobs "$jobs" --prompt-len "$prompt" -o "$h5/$name.h5" > "$out/$name.txt" 2> "$out/$name.err"
+    --uniform-slots --jobs "$jobs" --log-progress 60 --prompt-len "$prompt" -o "$h5/$name.h5" > "$out/$name.txt" 2> "$out/$name.err"
   wall=$(( $(date +%s) - start ))
   "$py" -m wse.cli report "$h5/$name.h5" > "$out/$name.report.txt"
   echo "$name: ${wall} s wall, --jobs $jobs on $(nproc) cores ($(uname -m))" | tee -a "$out/walltimes.txt"

@@ -205,6 +205,9 @@ def _workload_options(fn):
                           "its second score buffer fits"),
         click.option("--attention-block", "attention_block", type=int,
                      help="flash: cached tokens per block and column (default: automatic)"),
+        click.option("--mla-groups", "mla_groups", type=int,
+                     help="latent attention: the layer region's rows in N groups, each attending its own share "
+                          "of the context over every latent dim (default 1)"),
         click.option("--norms", type=click.Choice(["fused", "separate"]),
                      help="RMSNorm sums in the next GEMV's all-reduce (fused, default) or their own"),
         click.option("--dense-ffn", "dense_ffn", type=click.Choice(["auto", "layer", "region"]),

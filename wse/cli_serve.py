@@ -79,7 +79,7 @@ def _numbers(text: str | None, option: str, kind: type = int) -> list:
 def serve_cmd(model, system_name, sets, wafers, batch, context, rate, arrivals, requests_file, prompt_len, output_len,
               duration, seed, slo_ttft, slo_tpot, gpu, nodes, gpu_tp, weights, prefill_prompts, prefill_checks, prefill_steps, prefill_chunk, prefill_wafers, sharing_check, gpu_max_seqs,
               gpu_max_prefill_tokens, curve, sensitivity, attention, norms, uniform_slots, slot_shape, moe_mapping,
-              dense_ffn, tables, output, jobs, scheduler, threads, cache_dir, no_cache, quiet) -> None:
+              dense_ffn, tables, output, jobs, scheduler, threads, cache_dir, no_cache, quiet, log_every) -> None:
     """Serve a request stream on a wafer system and on GPU nodes: TTFT, TPOT, goodput, J/token, $/Mtok."""
     from .serving import requests as R
     from .serving.serve import check_slos, run_serve
@@ -123,7 +123,7 @@ def serve_cmd(model, system_name, sets, wafers, batch, context, rate, arrivals, 
                        slot_shape=slot_shape, moe_mapping=moe_mapping, dense_ffn=dense_ffn, tables=tables)
     cfg = system.wafer_config
     t0 = time.perf_counter()
-    with _fanout(jobs, scheduler, threads, cache_dir, no_cache, quiet) as fanout:
+    with _fanout(jobs, scheduler, threads, cache_dir, no_cache, quiet, log_every) as fanout:
         def note(msg: str) -> None:
             if not quiet:
                 fanout.progress.clear()

@@ -46,6 +46,9 @@ def _fanout_options(fn: Callable) -> Callable:
                                                                      "the user cache folder)"),
         click.option("--no-cache", is_flag=True, help="neither read nor write the stage cache"),
         click.option("--quiet", is_flag=True, help="print nothing but errors"),
+        click.option("--log-progress", "log_every", type=float, metavar="SECONDS",
+                     help="where stderr is not a terminal (a log file), a plain progress line (elapsed, "
+                          "simulations run of those to run, from cache) at most every SECONDS"),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -53,8 +56,9 @@ def _fanout_options(fn: Callable) -> Callable:
 
 
 def _fanout(jobs: int, scheduler: str | None, threads: int | None, cache_dir: str | None, no_cache: bool,
-            quiet: bool):
-    """The Fanout the options describe, with a terminal status line unless quiet or piped."""
+            quiet: bool, log_every: float | None = None):
+    """The Fanout the options describe, with a terminal status line unless quiet or piped (piped:
+    plain lines with --log-progress)."""
     from .system.cache import StageCache, default_dir
     from .system.pool import Fanout
     from .system.progress import Progress
@@ -64,7 +68,9 @@ def _fanout(jobs: int, scheduler: str | None, threads: int | None, cache_dir: st
         raise WseError("give either --cache or --no-cache, not both")
     if scheduler is not None and not scheduler.strip():
         raise WseError("--scheduler: empty address")
-    progress = Progress(not quiet and sys.stderr.isatty())
+    if log_every is not None and not log_every > 0:
+        raise WseError(f"--log-progress {log_every:g}: the interval must be a positive number of seconds")
+    progress = Progress(not quiet, sys.stderr, log_every)
 
     def warn(msg: str) -> None:
         progress.clear()
@@ -130,6 +136,9 @@ def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Cal
                    "or whichever is fewer cycles")
 @click.option("--handoff", type=click.Choice(["fused", "barrier"]), default="fused", show_default=True,
               help="a region's hand-off: its sync nested in the FFN's down all-reduce, or a region-wide barrier")
+@click.option("--mla-groups", type=int, default=1, show_default=True,
+              help="latent attention: the layer regions' rows in N groups, each attending its own share of the "
+                   "context over every latent dim")
 @click.option("--generate", type=int, default=1, show_default=True,
               help="tokens generated from --context: TPOT as the context grows (simulated at the first, middle "
                    "and last token; wafers hold the last token's KV cache)")
@@ -148,7 +157,7 @@ def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Cal
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run file to write")
 @_fanout_options
 @_clean_errors
-def system_cmd(model, system_name, sets, output, jobs, scheduler, threads, cache_dir, no_cache, quiet,
+def system_cmd(model, system_name, sets, output, jobs, scheduler, threads, cache_dir, no_cache, quiet, log_every,
                **options) -> None:
     """A model on a multi-wafer system and on GPU nodes, side by side (docs/system.md)."""
     from .results.store import RunInfo, write_run
@@ -159,7 +168,7 @@ def system_cmd(model, system_name, sets, output, jobs, scheduler, threads, cache
     system = load_system(system_name, sets)
     cfg = system.wafer_config
     t0 = time.perf_counter()
-    with _fanout(jobs, scheduler, threads, cache_dir, no_cache, quiet) as fanout:
+    with _fanout(jobs, scheduler, threads, cache_dir, no_cache, quiet, log_every) as fanout:
         kw = compare.check_options(system, model=model, **options)
         try:
             job = compare.run_system(system=system, simulate=_in_process(threads, quiet, fanout)(cfg),
@@ -195,7 +204,7 @@ def _cache_line(fanout) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
 @_fanout_options
 @_clean_errors
-def sweep_cmd(spec_file, output, as_json, jobs, scheduler, threads, cache_dir, no_cache, quiet) -> None:
+def sweep_cmd(spec_file, output, as_json, jobs, scheduler, threads, cache_dir, no_cache, quiet, log_every) -> None:
     """`wse system` over a grid of points (SPEC.toml: [base], [grid], [[points]]), a table row per point."""
     from .system.sweep import load_spec, run_sweep
 
@@ -214,7 +223,7 @@ def sweep_cmd(spec_file, output, as_json, jobs, scheduler, threads, cache_dir, n
             click.echo(f"  {label}: {row['tokens_per_s_per_user'][0]:,.1f} tokens/s per user, "
                        f"${row['cost_per_mtok_usd'][0]:,.3g}/Mtok, {row['system_wafers'][0]} wafers")
 
-    with _fanout(jobs, scheduler, threads, cache_dir, no_cache, quiet) as fanout:
+    with _fanout(jobs, scheduler, threads, cache_dir, no_cache, quiet, log_every) as fanout:
         if not quiet and not as_json:
             click.echo(f"{len(spec.points)} points, axes: {', '.join(spec.axes) or 'none'}")
         rows = run_sweep(spec, output, fanout, _in_process(threads, quiet, fanout), report)

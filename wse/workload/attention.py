@@ -52,11 +52,14 @@ class HeadRows:
 
 def attention_segments(spec, Q: int, params) -> int:
     """Row blocks whose scores flash attention reduces inside the block (0: none of its own,
-    the column all-reduce serves). Only GQA with 1 < kv_heads < Q has them; every region
-    builder of a model passes its spec to `reducers`, so a region's column all-reduce (and
-    with it the hand-off barrier) is the same in full and stage traces."""
-    if spec is None or params.attention != "flash" or spec.mla:
+    the column all-reduce serves). GQA with 1 < kv_heads < Q has them, and latent attention in
+    row groups (--mla-groups: each group's blocks hold its own tokens); every region builder of
+    a model passes its spec to `reducers`, so a region's column all-reduce (and with it the
+    hand-off barrier) is the same in full and stage traces."""
+    if spec is None or params.attention != "flash":
         return 0
+    if spec.mla:
+        return params.mla_groups if 1 < params.mla_groups <= Q else 0
     return spec.kv_heads if 1 < spec.kv_heads < Q else 0
 
 
@@ -290,13 +293,13 @@ def attn_row(plan, qkv_row: tuple | None, qkvj: int, yr: tuple) -> AttnRow:
     """Flash attention's view of a row of a layer plan (layer_sizes.LayerPlan): a dense row's qkv layout
     (dense_row; qkv_row = (heads, KV pieces, dims per piece, by heads)), or latent attention's
     (every head over the row's latent dims yr[0][2], the query absorbed into q_absorbed)."""
-    b_, slots = plan.buf, max(plan.T_c) + 1
+    b_, slots = plan.buf, plan.tc_max + 1
     if qkv_row is not None:
         hb, nk, kh, vec = qkv_row
         return dense_row(hb, hb // nk if nk else hb, kh, b_["qkv"], qkvj, b_["kv"], slots, vec)
     heads, kh, qa, v = plan.spec.heads, yr[0][2], yr[1][1], yr[1][3]
     qst, ast = heads * kh * ELEM, qkvj * ELEM  # (the row's vectors back to back, sequence by sequence)
-    vec = by_heads(plan.params, heads, max(plan.T_c))  # (the absorbed query dim-major when by heads)
+    vec = by_heads(plan.params, heads, plan.tc_max)  # (the absorbed query dim-major when by heads)
     return AttnRow(heads, heads, kh, v, 0, slots, b_["kv"],
                    lambda b, h, dd: b_["qabs"] + b * qst + ((dd * heads + h) if vec else (h * kh + dd)) * ELEM,
                    lambda b, d: b_["qkv"] + b * ast + (qa + d) * ELEM, vec)

@@ -24,7 +24,7 @@ SEM_SCORES_READY, SEM_SCORES_REDUCED = 9, 10
 
 
 def flash_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row: AttnRow, xrole: tuple,
-              srole: tuple) -> Ops:
+              srole: tuple, shift: bool = True, grouped: tuple | None = None) -> Ops:
     """Blocked decode attention with an online softmax (flash-decoding on the mesh).
 
     The column's tc cached tokens (slots 1..tc) go in blocks of t: per block and head, the
@@ -35,15 +35,45 @@ def flash_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row: A
     exp(s - m); l += sum p (RSUM); o += p . v per value dim (DOT). The columns then merge:
     M = max m along the row, each column's l and o scaled by exp(m - M), both all-reduced in
     one vector, o / l. Scratch is one block, not the context. A row with more heads than a
-    block has tokens runs the same steps with its vector ops over the heads (row.by_heads)."""
-    out = kv_shift_dims(ctx, first_col, last_col, parity, tc, row)
+    block has tokens runs the same steps with its vector ops over the heads (row.by_heads).
+
+    Latent attention in row groups (--mla-groups; grouped = (the column all-reduce's role, whether
+    the row is its group's first)): each group attends its own tokens (the first group's take
+    the new one and shift: `shift`; the others' stay) and reduces their scores inside the group,
+    so after the row merge a row holds its group's m, l and o. The groups then merge down the
+    column: M = max m (column all-reduce), l and o scaled by exp(m - M), L = the sum of l over
+    the groups (one row of each contributes it), o / L. Each row's o is then its group's share
+    of the output on its latent dims; the value up-projection's column all-reduce adds them."""
+    out = kv_shift_dims(ctx, first_col, last_col, parity, tc, row) if shift else {0: []}
+    receives = shift and not first_col
     if row.by_heads:
-        _flash_by_heads(ctx, first_col, tc, row, xrole, srole, out)
+        _flash_by_heads(ctx, first_col, receives, tc, row, xrole, srole, grouped, out)
     else:
-        _flash_by_head(ctx, first_col, tc, row, xrole, srole, out)
-    if not last_col:
+        _flash_by_head(ctx, first_col, receives, tc, row, xrole, srole, grouped, out)
+    if shift and not last_col:
         out[0].append(wait(SEM_KV_SENT))
     return out
+
+
+def _merge_groups(ctx, grouped: tuple, s: int, m0: int, m1: int, al: int, lsum: int, z: int, out: Ops,
+                  factors: Callable[[], list], scale_o: Callable[[int], list]) -> None:
+    """The row groups' merge down the column (flash_ops), after the row merge left the group's
+    maximum in `al`, its sum in `lsum` and its output unnormalized: al = M over the groups (a
+    column MAX all-reduce; m0 keeps the group's), m0 = exp(m0 - M) (`factors`), l and o scaled
+    by it, L = the column sum of l at each group's first row (m1, zero elsewhere), o / L."""
+    yrole, lead = grouped
+    ry, tmp = ctx.ry, ctx.plan.buf["tmp"]
+    out[0].append(compute(MOV, s, dst=m0, src0=al))
+    merge(out, ry.role_ops(yrole, s, al, tmp, MAX))
+    t0 = out[0]
+    t0 += factors()
+    t0.append(compute(MUL, s, dst=lsum, src0=lsum, src1=m0))
+    t0 += scale_o(m0)
+    t0.append(compute(MOV, s, dst=m1, src0=lsum if lead else z))
+    merge(out, ry.role_ops(yrole, s, m1, tmp))
+    t0 = out[0]
+    t0.append(compute(RECIP, s, dst=al, src0=m1))
+    t0 += scale_o(al)
 
 
 def _flash_buffers(ctx, row: AttnRow) -> tuple:
@@ -109,7 +139,8 @@ def _run_blocks(ctx, srole: tuple, lengths: list[int], scores: Callable[[int, in
             out[0].extend(softmax(k - 1, bufs[(k - 1) % 2]))
 
 
-def _flash_by_head(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, srole: tuple, out: Ops) -> Ops:
+def _flash_by_head(ctx, first_col: bool, receives: bool, tc: int, row: AttnRow, xrole: tuple, srole: tuple,
+                   grouped: tuple | None, out: Ops) -> Ops:
     """flash_ops head by head: per head and query dim an FMAC over a block's tokens, per head an
     RMAX, EXP and RSUM, per head and value dim a DOT (rows with few heads and long blocks)."""
     plan, rx, B, b_, z, sc, tmp, att, c, s, m, al, lsum = _flash_buffers(ctx, row)
@@ -132,7 +163,7 @@ def _flash_by_head(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, sr
 
     def scores(k: int, sc: int) -> list:
         t, s0 = bks[k], starts[k]
-        return _open_block(k == len(bks) - 1 and not first_col, hb * t * B, sc, z) + [
+        return _open_block(k == len(bks) - 1 and receives, hb * t * B, sc, z) + [
             compute(FMAC, t, dst=sc_at(sc, t, b, h), src0=row.at(b, h // row.g * kh + dd, s0), src1=row.q_at(b, h, dd))
             for b, h in heads for dd in range(kh)]
 
@@ -161,7 +192,7 @@ def _flash_by_head(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, sr
     _run_blocks(ctx, srole, [hb * t * B for t in bks], scores, softmax, out)
     cur = st["cur"]
     t0 = out[0]
-    if not bks and not first_col:  # (a column with no token)
+    if not bks and receives:  # (a column with no token)
         t0.append(wait(SEM_KV_RECEIVED))
     # merge the columns: global maximum, each column's share rescaled, summed in one vector
     sink = "sinks" in b_ and first_col and hb
@@ -179,13 +210,22 @@ def _flash_by_head(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, sr
                for b, h in heads]
         t0.append(compute(ADD, s, dst=lsum, src0=lsum, src1=sx))
     merge(out, rx.role_ops(xrole, oj * B + s, att, tmp))
+
+    def scale_o(f: int) -> list:
+        return [compute(SCALE, vh, dst=o_at(b, h), src0=o_at(b, h), src1=stat(f, b, h)) for b, h in heads if vh]
+    if grouped:
+        _merge_groups(ctx, grouped, s, m[cur], m[1 - cur], al, lsum, z, out,
+                      lambda: [compute(EXP, 1, dst=stat(m[cur], b, h), src0=stat(m[cur], b, h), src1=stat(al, b, h))
+                               for b, h in heads], scale_o)
+        return out
     t0 = out[0]
     t0.append(compute(RECIP, s, dst=al, src0=lsum))
-    t0 += [compute(SCALE, vh, dst=o_at(b, h), src0=o_at(b, h), src1=stat(al, b, h)) for b, h in heads if vh]
+    t0 += scale_o(al)
     return out
 
 
-def _flash_by_heads(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, srole: tuple, out: Ops) -> Ops:
+def _flash_by_heads(ctx, first_col: bool, receives: bool, tc: int, row: AttnRow, xrole: tuple, srole: tuple,
+                    grouped: tuple | None, out: Ops) -> Ops:
     """flash_ops for a row with more heads than a block has tokens (latent attention's 128 heads
     over a few latent dims; a row holding several KV heads at a short context): every vector op
     runs over the heads — per token and query dim an FMAC of the query's heads (dim-major,
@@ -210,7 +250,7 @@ def _flash_by_heads(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, s
 
     def scores(k: int, sc: int) -> list:
         t, s0 = bks[k], starts[k]
-        return _open_block(k == len(bks) - 1 and not first_col, hb * t * B, sc, z) + [
+        return _open_block(k == len(bks) - 1 and receives, hb * t * B, sc, z) + [
             compute(FMAC, g, dst=sc_t(sc, t, b, tt) + p * g * ELEM, src0=row.q_vec(b, dd) + p * g * ELEM,
                     src1=row.at(b, p * kh + dd, s0 + tt))
             for b in range(B) for tt in range(t) for p in range(nk) for dd in range(kh)]
@@ -245,7 +285,7 @@ def _flash_by_heads(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, s
     _run_blocks(ctx, srole, [hb * t * B for t in bks], scores, softmax, out)
     cur = st["cur"]
     t0 = out[0]
-    if not bks and not first_col:
+    if not bks and receives:
         t0.append(wait(SEM_KV_RECEIVED))
     sink = "sinks" in b_ and first_col and hb
     t0.append(compute(MOV, s, dst=al, src0=m[cur]))
@@ -262,39 +302,61 @@ def _flash_by_heads(ctx, first_col: bool, tc: int, row: AttnRow, xrole: tuple, s
         t0 += [compute(SUB, hb, dst=vec(sx, b), src0=b_["sinks"], src1=vec(al, b)) for b in range(B)]
         t0 += [compute(EXP, s, dst=sx, src0=sx, src1=z), compute(ADD, s, dst=lsum, src0=lsum, src1=sx)]
     merge(out, rx.role_ops(xrole, oj * B + s, att, tmp))
+
+    def scale_o(f: int) -> list:
+        return [compute(MUL, hb, dst=o_vec(b, dv), src0=o_vec(b, dv), src1=vec(f, b)) for b in range(B) for dv in range(vh)]
+    if grouped:
+        m0 = m[cur]
+        _merge_groups(ctx, grouped, s, m0, m[1 - cur], al, lsum, z, out,
+                      lambda: [compute(SUB, s, dst=m0, src0=m0, src1=al), compute(EXP, s, dst=m0, src0=m0, src1=z)],
+                      scale_o)
+        return out
     t0 = out[0]
     t0.append(compute(RECIP, s, dst=al, src0=lsum))
-    t0 += [compute(MUL, hb, dst=o_vec(b, dv), src0=o_vec(b, dv), src1=vec(al, b)) for b in range(B) for dv in range(vh)]
+    t0 += scale_o(al)
     return out
 
 
 def flash_flops(plan) -> dict[str, int]:
     """Executed FLOPs of flash_ops over the region, by component (scores, softmax, values,
-    allreduce), in closed form per row class and column."""
+    allreduce), in closed form per row class and column (per row group and its columns' tokens
+    with latent attention's --mla-groups)."""
     B, P, Q = plan.params.batch, plan.P, plan.Q
     q_r, o_r, hb_r = plan.q_r, plan.o_r, plan.heads_r
-    T = sum(plan.T_c)
-    S_hb, S_o = sum(hb_r), sum(o_r)
-    softmax = 0
+    ms = plan.mla
+    G = ms.groups if ms else 1
+    rows_g = [[j for j in range(Q) if ms.group_r[j] == g] for g in range(G)] if G > 1 else [list(range(Q))]
+    softmax = scores = values = 0
     sinks = "sinks" in plan.buf
-    for hb, o, n in _row_classes(hb_r, o_r):  # n rows of hb heads, o value dims in all
-        vec = by_heads(plan.params, hb, max(plan.T_c))
-        bk = block_tokens(plan.params, hb)
-        for i, tc in enumerate(plan.T_c):
-            nb = len(blocks(tc, bk))
-            if vec:  # scale, subtract, exp, sum per score; a max per score but a column's first
-                f = n * ((1 + 1 + EXP_FLOPS + 1 + 1) * hb * tc - (hb if nb else 0))
-                f += max(0, nb - 1) * (n * (1 + EXP_FLOPS + 1) * hb + o)  # exp(m_old - m_new), rescales
-                f += n * (1 + EXP_FLOPS + 1 + RECIP_FLOPS) * hb + 2 * o  # the merge
-                f += n * SINK_FLOPS_BY_HEADS * hb if i == 0 and sinks else 0
-            else:  # scale, max, exp, sum per score
-                f = n * SOFTMAX_FLOPS * hb * tc + max(0, nb - 1) * (n * (EXP_FLOPS + 1) * hb + o)
-                f += n * (EXP_FLOPS + 1 + RECIP_FLOPS) * hb + 2 * o
-                f += n * SINK_FLOPS * hb if i == 0 and sinks else 0
-            softmax += f * B
-    red_y = plan.seg_flops(T * B) if Q > 1 else 0
+    for rows, T_c in zip(rows_g, plan.T_g):
+        T = sum(T_c)
+        scores += 2 * sum(q_r[j] for j in rows) * T * B
+        values += 2 * sum(o_r[j] for j in rows) * T * B
+        for hb, o, n in _row_classes([hb_r[j] for j in rows], [o_r[j] for j in rows]):  # n rows, o value dims in all
+            vec = by_heads(plan.params, hb, plan.tc_max)
+            bk = block_tokens(plan.params, hb)
+            for i, tc in enumerate(T_c):
+                nb = len(blocks(tc, bk))
+                if vec:  # scale, subtract, exp, sum per score; a max per score but a column's first
+                    f = n * ((1 + 1 + EXP_FLOPS + 1 + 1) * hb * tc - (hb if nb else 0))
+                    f += max(0, nb - 1) * (n * (1 + EXP_FLOPS + 1) * hb + o)  # exp(m_old - m_new), rescales
+                    f += n * (1 + EXP_FLOPS + 1 + RECIP_FLOPS) * hb + 2 * o  # the merge
+                    f += n * (1 + EXP_FLOPS + 1) * hb + o if G > 1 else 0  # the groups' merge
+                    f += n * SINK_FLOPS_BY_HEADS * hb if i == 0 and sinks else 0
+                else:  # scale, max, exp, sum per score
+                    f = n * SOFTMAX_FLOPS * hb * tc + max(0, nb - 1) * (n * (EXP_FLOPS + 1) * hb + o)
+                    f += n * (EXP_FLOPS + 1 + RECIP_FLOPS) * hb + 2 * o
+                    f += n * (EXP_FLOPS + 1) * hb + o if G > 1 else 0
+                    f += n * SINK_FLOPS * hb if i == 0 and sinks else 0
+                softmax += f * B
+    if G > 1:  # each group's scores reduced inside it; the groups' maxima and sums down every column
+        red_y = sum((len(rows) - 1) * hb_r[0] * sum(T_c) * B for rows, T_c in zip(rows_g, plan.T_g))
+        red_y += 2 * P * (Q - 1) * hb_r[0] * B
+    else:
+        red_y = plan.seg_flops(sum(plan.T_c) * B) if Q > 1 else 0
+    S_hb, S_o = sum(hb_r), sum(o_r)
     ar = red_y + (P - 1) * (S_hb * B + (S_o + S_hb) * B)
-    return {"scores": 2 * sum(q_r) * T * B, "softmax": softmax, "values": 2 * S_o * T * B, "allreduce": ar}
+    return {"scores": scores, "softmax": softmax, "values": values, "allreduce": ar}
 
 
 def _row_classes(hb_r: list[int], o_r: list[int]) -> list[tuple[int, int, int]]:

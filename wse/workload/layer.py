@@ -135,7 +135,7 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     prog.add_roles(X, [(i_chunk(Hc, i), i % 2, red[X].role(i), plan.T_c[i], i == 0, i == P - 1) for i in range(P)])
     seg = red[Y].segment_role if plan.segments else red[Y].role
     hr = plan.rows  # the rows of a dense layer: (query heads, KV pieces, dims per piece, by heads)
-    qkv_rows = [(hr.hb_r[j], len(hr.kv_r[j]), hr.kh_r[j], by_heads(prm, hr.hb_r[j], max(plan.T_c))) if hr else None
+    qkv_rows = [(hr.hb_r[j], len(hr.kv_r[j]), hr.kh_r[j], by_heads(prm, hr.hb_r[j], plan.tc_max)) if hr else None
                 for j in range(Q)]
     e0_r = offsets(e_r)  # the first expert of each row's router logits (MoE: the gates are gathered by it)
     own = owned_heads(spec, Q, hr) if not plan.flash else [None] * Q  # classic: the heads whose softmax it computes
@@ -146,10 +146,10 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     ms = plan.mla
     if ms:
         prog.add_roles(X, [(i_chunk(ms.qn_r, i), ms.qn_r[i], ms.nope_runs[i], ms.pe_runs[i], i_chunk(ms.oh_r, i),
-                            ms.oh_r[i], ms.oh_runs[i]) for i in range(P)])
+                            ms.oh_r[i], ms.oh_runs[i], tuple(t[i] for t in plan.T_g)) for i in range(P)])
         hc_rows = Hc + [0] * (Q - P)  # the O projection's rows: column chunks on the first P
         prog.add_roles(Y, [(i_chunk(ms.qa_r, j), ms.qa_r[j], ms.c_r[j], ms.v_r[j], ms.rope_lo[j], ms.r_r[j],
-                            i_chunk(hc_rows, j), hc_rows[j]) for j in range(Q)])
+                            i_chunk(hc_rows, j), hc_rows[j], ms.group_r[j], ms.lead_r[j] == j) for j in range(Q)])
         if Q > 1 and "o" in parts:  # the transpose back to column layout: each diagonal PE broadcasts down its column
             bc = LineBroadcast(Q, DIAG_BCAST)
             for d in range(P):
@@ -189,15 +189,22 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
             else:
                 part(out, "qkv", (i, jq, qkv_row, xrole), lambda: qkv_ops(ctx, i, jq, qkv_row, xrole, fused1))
         if "attention" in parts:
+            # latent attention in row groups: the group's tokens of the column; the first group takes
+            # the new token and shifts, the groups' outputs merge down the columns (flash.flash_ops)
+            grouped = None
+            if ms and ms.groups > 1:
+                tc, grouped = xr[1][7][yr[1][8]], (yrole, yr[1][9])  # (the column all-reduce, a group's first row)
+            shift = grouped is None or yr[1][8] == 0
+
             def attention() -> Ops:
                 row = attn_row(plan, qkv_row, qkv_r[jq], yr)
                 if plan.flash:
-                    return flash_ops(ctx, first_col, last_col, parity, tc, row, xrole, srole)
+                    return flash_ops(ctx, first_col, last_col, parity, tc, row, xrole, srole, shift, grouped)
                 return classic_ops(ctx, first_col, last_col, parity, tc, row, own_j, xrole, yrole)
             # (attn_row reads the row's layout, and with latent attention its dims and offsets)
             row_key = (qkv_row, qkv_r[jq]) + ((yr[0][2], yr[1][1], yr[1][3]) if ms else ())
-            part(out, "attention", (first_col, last_col, parity, tc, row_key, xrole, srole, own_j, yrole),
-                 attention)
+            part(out, "attention", (first_col, last_col, parity, tc, row_key, xrole, srole, own_j, yrole, shift,
+                                    grouped), attention)
         if "o" in parts:
             if ms:
                 def o_part() -> Ops:

@@ -91,17 +91,20 @@ def layer_flops(plan, parts: tuple[str, ...] = PARTS) -> tuple[dict[str, int], i
         if f and consumer in parts:
             add(row, "norm", n * B)
     ml = spec.mla
+    G = plan.mla.groups if ml else 1  # latent attention's row groups: each computes the new token's latent,
+    extra: dict[str, int] = {}  # its norm and RoPE, and the absorbed query and output on its own rows
     if "qkv" in parts and ml:
         width, heads = spec.kv_cache_width, spec.heads
         a_n = ml.q_lora_rank + width
-        model["qkv"] = 2 * H * a_n * B + 2 * ml.q_lora_rank * spec.q_size * B \
-            + 2 * heads * ml.qk_nope_head_dim * ml.kv_lora_rank * B
+        absorb = 2 * heads * ml.qk_nope_head_dim * ml.kv_lora_rank * B
+        model["qkv"] = 2 * H * a_n * B + 2 * ml.q_lora_rank * spec.q_size * B + absorb
+        extra["qkv"] = (G - 1) * (2 * H * width * B + absorb)
         # the latent norms: x/n, mean square (2), 1/RMS scale, weight per element; 1/RMS of both on every PE
-        add(row, "norm", 5 * (ml.q_lora_rank + ml.kv_lora_rank) * B)
+        add(row, "norm", 5 * (ml.q_lora_rank + G * ml.kv_lora_rank) * B)
         per_pe["norm"] = per_pe.get("norm", 0) + NORM_SCALE_FLOPS * P * Q * 2 * B
-        add(row, "rope", 3 * ml.qk_rope_head_dim * B)
+        add(row, "rope", 3 * G * ml.qk_rope_head_dim * B)
         add(col, "rope", 3 * heads * ml.qk_rope_head_dim * B)
-        ar += nx * a_n * B + P * ny * 2 * B + ny * spec.q_size * B + nx * heads * width * B
+        ar += nx * (a_n + (G - 1) * width) * B + P * ny * 2 * B + ny * spec.q_size * B + nx * G * heads * width * B
     elif "qkv" in parts:
         model["qkv"] = 2 * H * qkv_n * B
         add(row, "rope", 3 * (spec.q_size + spec.kv_size) * B)
@@ -125,6 +128,7 @@ def layer_flops(plan, parts: tuple[str, ...] = PARTS) -> tuple[dict[str, int], i
         model["o"] = 2 * spec.attn_out_size * H * B
         if ml:  # W_uv reduces along Y, then W_o along X
             model["o"] += 2 * spec.heads * ml.kv_lora_rank * ml.v_head_dim * B
+            extra["o"] = (G - 1) * 2 * spec.heads * ml.kv_lora_rank * ml.v_head_dim * B
             ar += ny * spec.attn_out_size * B + nx * H * B
         else:
             ar += ny * H * B
@@ -157,6 +161,9 @@ def layer_flops(plan, parts: tuple[str, ...] = PARTS) -> tuple[dict[str, int], i
     dequant = sum(S[k].dequant_flops() * copies.get(part, 1) for part, ks in dq.items() if part in parts for k in ks)
     executed = dict(model, dequant=dequant) if dequant else dict(model)
     executed.update(flash_exec)
+    for k, v in extra.items():
+        if v:
+            executed[k] += v
     for reps, d in ((Q, col), (P, row)):
         for k, v in d.items():
             executed[k] = executed.get(k, 0) + reps * v

@@ -81,6 +81,18 @@ class LayerPlan:
         return THREADS + 1 if self.overlap else THREADS
 
     @property
+    def T_g(self) -> list[list[int]]:
+        """Cached tokens per row group (latent attention's --mla-groups) and column: the context
+        split over the groups, each group's share over the columns; one group: T_c."""
+        G = self.mla.groups if self.mla else 1
+        return [self.T_c] if G == 1 else [split(n, self.P) for n in split(sum(self.T_c), G)]
+
+    @property
+    def tc_max(self) -> int:
+        """The most cached tokens one PE holds (a column's, or a column's in one row group)."""
+        return max(max(t) for t in self.T_g)
+
+    @property
     def column_scores(self) -> bool:
         """Flash reduces a block's scores down the whole column: every row attends with one
         latent (MLA) or one KV head; otherwise inside row blocks (segments) or not at all."""
@@ -127,7 +139,7 @@ class LayerPlan:
         re-read the row's value dimensions once per head), a footprint the data of whichever
         micro-batch is in the region serves; another micro-batch in flight needs only its data."""
         per_token = max(self.k_r) if self.mla else 2 * max(self.k_r)
-        return (max(self.T_c) + 1) * per_token * self.params.batch * ELEM
+        return (self.tc_max + 1) * per_token * self.params.batch * ELEM
 
     def local_experts(self) -> dict[int, int]:
         """Experts this region computes (index of its tile copy -> sequences using it)."""
@@ -163,7 +175,9 @@ def plan_layer(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams, r
     Hc = split(H, P)
     ms = hr = None
     if spec.mla:  # rows own the latent cache's dims: q_r, k_r, o_r are the per-token lengths
-        ms = mla_split(spec, P, Q)
+        if params.mla_groups > 1 and params.attention != "flash":
+            raise WseError(f"--mla-groups {params.mla_groups} needs --attention flash (its blocks reduce inside a group)")
+        ms = mla_split(spec, P, Q, params.mla_groups)
         q_r, k_r, qkv_r = [spec.heads * c for c in ms.c_r], ms.c_r, ms.a_r
         o_r = [spec.heads * v for v in ms.v_r]
     else:
@@ -225,8 +239,9 @@ def _alloc_weights(plan: LayerPlan) -> dict[str, int]:
         weights("a", H, m_.q_lora_rank + sum(ms.c_r), X, Hc, qkv_r)
         weights("qb", m_.q_lora_rank, spec.q_size, Y, ms.qa_r, ms.qn_r)
         # block-diagonal absorbed up-projections: a PE's tile covers its column's heads only
-        weights("uk", spec.heads * m_.qk_nope_head_dim, m_.kv_lora_rank, X, ms.nope_n, ms.v_r, precision="bf16")
-        weights("uv", m_.kv_lora_rank, spec.heads * m_.v_head_dim, Y, ms.v_r, ms.oh_r, precision="bf16")
+        # (with row groups every group holds the blocks of all its latent dims: kv_lora_rank x groups)
+        weights("uk", spec.heads * m_.qk_nope_head_dim, sum(ms.v_r), X, ms.nope_n, ms.v_r, precision="bf16")
+        weights("uv", sum(ms.v_r), spec.heads * m_.v_head_dim, Y, ms.v_r, ms.oh_r, precision="bf16")
         weights("o", spec.attn_out_size, H, X, ms.oh_r, Hc + [0] * (Q - P))  # rows j >= P: none
     elif att_here:
         weights("qkv", H, spec.q_size + 2 * spec.kv_size, X, Hc, qkv_r)
@@ -269,7 +284,7 @@ def _alloc_buffers(plan: LayerPlan, n_copies: dict[str, int]) -> None:
     flash = params.attention == "flash"
     hb = max(heads_r)
     # scores held at once: a block of the column's tokens (flash) or all of them (classic)
-    scores = max(h * min(block_tokens(params, h), max(T_c)) for h in set(heads_r)) if flash \
+    scores = max(h * min(block_tokens(params, h), plan.tc_max) for h in set(heads_r)) if flash \
         else spec.heads * max(T_c)
     if moe and spec.moe.expert_bias:  # every expert's gate/up and down biases, a copy per PE's chunk
         n_exp = (spec.moe.experts if routed else 0) + spec.moe.shared_experts
@@ -283,7 +298,7 @@ def _alloc_buffers(plan: LayerPlan, n_copies: dict[str, int]) -> None:
         buf["mla_c"] = mem.alloc("mla_consts", 2 * ELEM, "constants", G0)  # (mla.C_INV_QA, C_INV_KV)
     kv_tok = max(k_r) if ms else 2 * max(k_r)  # (LayerPlan.kv_bytes_per_pe)
     if att_here:
-        buf["kv"] = mem.alloc("kv_cache", max((max(T_c) + 1) * kv_tok, max(o_r)) * B * ELEM, "kv_cache", G3)
+        buf["kv"] = mem.alloc("kv_cache", max((plan.tc_max + 1) * kv_tok, max(o_r)) * B * ELEM, "kv_cache", G3)
     buf["h"] = mem.alloc("h", max(Hc) * B * ELEM, "activations", G3)
     buf["xn"] = mem.alloc("xn", max(Hc) * B * ELEM, "activations", G3)
     if att_here:

@@ -137,7 +137,7 @@ def _record_heads(t, plan, pe, col, rowi, tensors: tuple, pe_of) -> None:
                 t.pieces(sinks, rows, b_["sinks"] + h * ELEM, 1, head)
         if not L:
             continue
-        vec = by_heads(plan.params, hb, max(plan.T_c))
+        vec = by_heads(plan.params, hb, plan.tc_max)
         for local, gcol, n, stride in qkv_runs(spec, kv, p0, kh, g, vec):  # W_qkv: a piece per tile row and run
             r = np.arange(hc.max())
             pr, rr = np.meshgrid(np.arange(len(rows)), r, indexing="ij")
@@ -484,9 +484,10 @@ def functional_gap(spec, layer: int, params, plan=None, in_step: bool = False) -
     step (a layer with expert regions is checked there, with them)."""
     if spec.is_moe_layer(layer) and plan is not None and not plan.routed and not in_step:
         return "a MoE layer with expert regions is checked with them, in the whole step (give --full)"
-    if plan is not None and min(plan.T_c) < 1:
-        return (f"it attends to {sum(plan.T_c)} tokens, fewer than the region's {plan.P} columns (a column would "
-                "hold none)")
+    if plan is not None and min(min(t) for t in plan.T_g) < 1:
+        groups = f" x {len(plan.T_g)} row groups" if len(plan.T_g) > 1 else ""
+        return (f"it attends to {sum(plan.T_c)} tokens, fewer than the region's {plan.P} columns{groups} (a column "
+                "would hold none)")
     return None
 
 

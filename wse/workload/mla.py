@@ -53,6 +53,12 @@ class MlaSplit:
     pe_runs: list[tuple[tuple[int, int, int, int], ...]]  # per column: (head, first pair, last + 1, position)
     oh_r: list[int]  # per column: o dims, heads x v_head_dim, head-major
     oh_runs: list[tuple[tuple[int, int, int], ...]]  # per column: (head, position, count) of o dims
+    group_r: list[int] = dataclasses.field(default_factory=list)  # per row: its row group (--mla-groups)
+    lead_r: list[int] = dataclasses.field(default_factory=list)  # per row: its group's first row
+
+    @property
+    def groups(self) -> int:
+        return self.group_r[-1] + 1 if self.group_r else 1
 
     @property
     def nope_n(self) -> list[int]:
@@ -91,10 +97,15 @@ def q_dims(spec, ms: MlaSplit, i: int) -> list[int]:
     return out
 
 
+def latent_offset(ms: MlaSplit, j: int) -> int:
+    """Row j's first latent (c_kv) dim: the latent dims of the rows before it in its group."""
+    return sum(ms.v_r[ms.lead_r[j]:j]) if ms.lead_r else sum(ms.v_r[:j])
+
+
 def cache_dims(spec, ms: MlaSplit, j: int) -> list[int]:
     """The cache dim (c_kv, then k_pe) at each of row j's cache positions."""
     kvl, rp = spec.mla.kv_lora_rank, spec.mla.qk_rope_head_dim // 2
-    v0, lo, n = sum(ms.v_r[:j]), ms.rope_lo[j], ms.r_r[j] // 2
+    v0, lo, n = latent_offset(ms, j), ms.rope_lo[j], ms.r_r[j] // 2
     return list(range(v0, v0 + ms.v_r[j])) + [kvl + half * rp + lo + t for half in (0, 1) for t in range(n)]
 
 
@@ -116,26 +127,33 @@ def most_mla_rows(spec) -> int:
 
 
 @functools.lru_cache(maxsize=512)
-def mla_split(spec, P: int, Q: int | None = None) -> MlaSplit:
-    """Cut a MLA layer's vectors over P columns and Q rows (default P; Q at most most_mla_rows:
-    the cache's latent dims and rotary pairs are split over rows as units). Remembered: the
-    placement search plans the same slot sizes over and over (callers must not change it)."""
+def mla_split(spec, P: int, Q: int | None = None, groups: int = 1) -> MlaSplit:
+    """Cut a MLA layer's vectors over P columns and Q rows (default P): the rows in `groups`
+    consecutive groups (split(Q, groups) rows each), over each of which the cache's latent dims
+    and rotary pairs are split as units (a group at most most_mla_rows rows); q_a over all rows.
+    Remembered: the placement search plans the same slot sizes over and over (callers must not
+    change it)."""
     Q = Q or P
     m = spec.mla
     heads, nope, rope, vd = spec.heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
     if rope % 2:
         raise WseError(f"{spec.name}: qk_rope_head_dim {rope} is odd (rotary pairs need an even one)")
+    if not 1 <= groups <= Q:
+        raise WseError(f"--mla-groups {groups}: a {P}x{Q} region has {Q} rows to group")
     kvl, rp = m.kv_lora_rank, rope // 2
-    c_r, v_r, r_r, rope_lo = [], [], [], []
-    c0 = 0
-    for u in split(kvl + rp, Q):
-        c1 = c0 + u
-        v, pairs = max(0, min(c1, kvl) - c0), max(0, c1 - max(c0, kvl))
-        c_r.append(v + 2 * pairs)
-        v_r.append(v)
-        r_r.append(2 * pairs)
-        rope_lo.append(max(c0, kvl) - kvl)
-        c0 = c1
+    c_r, v_r, r_r, rope_lo, group_r, lead_r = [], [], [], [], [], []
+    for g, rows in enumerate(split(Q, groups)):
+        c0, lead = 0, len(c_r)
+        for u in split(kvl + rp, rows):
+            c1 = c0 + u
+            v, pairs = max(0, min(c1, kvl) - c0), max(0, c1 - max(c0, kvl))
+            c_r.append(v + 2 * pairs)
+            v_r.append(v)
+            r_r.append(2 * pairs)
+            rope_lo.append(max(c0, kvl) - kvl)
+            group_r.append(g)
+            lead_r.append(lead)
+            c0 = c1
     U = nope + rp  # a head's units: nope dims and rotary pairs
     qn_r, nope_runs, pe_runs = [], [], []
     u0 = 0
@@ -158,7 +176,7 @@ def mla_split(spec, P: int, Q: int | None = None) -> MlaSplit:
         u0 = u1
     oh_r, oh_runs = split(heads * vd, P), head_runs(heads, vd, P)
     return MlaSplit(P, heads, split(m.q_lora_rank, Q), c_r, v_r, rope_lo, r_r, qn_r, nope_runs, pe_runs, oh_r,
-                    oh_runs)
+                    oh_runs, group_r, lead_r)
 
 
 def mla_project_parts(ctx, i: int, ja: int, xm: tuple, ym: tuple, xrole: tuple, yrole: tuple) -> list:
@@ -242,7 +260,7 @@ def _absorb_ops(plan, heads: int, c: int, v: int, r: int, rope_lo: int, nope_run
     all-reduce sums the columns): head-major, or dim-major when flash runs over the heads
     (attention.attn_row), the FMACs then accumulating in a scratch whose elements move into place."""
     b_, B, uk = plan.buf, plan.params.batch, plan.shapes["uk"]
-    vec = by_heads(plan.params, heads, max(plan.T_c))
+    vec = by_heads(plan.params, heads, plan.tc_max)
     qabs, z, dot = b_["qabs"], b_["zeros"], b_["dot"]
     nr = len(nope_runs)
     ops = [compute(MOV, heads * c * B, dst=qabs, src0=z)]
@@ -275,7 +293,7 @@ def mla_output_ops(ctx, i: int, jo: int, xm: tuple, ym: tuple, xrole: tuple, yro
     att, yb, tmp, z = b_["att"], b_["y"], b_["tmp"], b_["zeros"]
     io, ohn, oh_runs = xm[4:7]
     v, jh, hj_ = ym[3], ym[6], ym[7]
-    vec = by_heads(plan.params, heads, max(plan.T_c))
+    vec = by_heads(plan.params, heads, plan.tc_max)
     ost, ohs, oh = heads * v * ELEM, ohn * ELEM, b_["oh"]
     ops: list[Op] = [compute(MOV, ohn * B, dst=oh, src0=z)] if ohn else []
     for b in range(B):

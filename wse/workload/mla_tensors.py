@@ -17,7 +17,7 @@ import numpy as np
 from .attention import AttnRow, by_heads
 from .gemv import ELEM, record_scale, tile_addr
 from .mesh import offsets
-from .mla import C_INV_KV, C_INV_QA, cache_dims, q_dims
+from .mla import C_INV_KV, C_INV_QA, cache_dims, latent_offset, q_dims
 
 
 def runs(dims: list[int]) -> list[tuple[int, int, int]]:
@@ -39,9 +39,11 @@ def record_mla(t, plan, pe: np.ndarray, col: np.ndarray, row: np.ndarray, pe_of)
     kvl, rope, vd = m.kv_lora_rank, m.qk_rope_head_dim, m.v_head_dim
     qlen, width, A = spec.q_size, kvl + rope, m.q_lora_rank + kvl + rope
     hc, ho = np.array(plan.Hc), np.array(offsets(plan.Hc))
-    qa_off, v_off, o_off = offsets(ms.qa_r), offsets(ms.v_r), offsets(ms.oh_r)
-    vec = by_heads(plan.params, heads, max(plan.T_c))
-    for name, c, v in (("inv_q_lora", C_INV_QA, 1 / m.q_lora_rank), ("inv_kv_lora", C_INV_KV, 1 / kvl)):
+    qa_off, o_off = offsets(ms.qa_r), offsets(ms.oh_r)
+    v_off = [latent_offset(ms, j) for j in range(Q)]  # (each row group holds every latent dim)
+    vec = by_heads(plan.params, heads, plan.tc_max)
+    # (row groups: every group's rows add their mean squares of c_kv in one column all-reduce)
+    for name, c, v in (("inv_q_lora", C_INV_QA, 1 / m.q_lora_rank), ("inv_kv_lora", C_INV_KV, 1 / (ms.groups * kvl))):
         t.pieces(t.add(name, "constant", (1,), value=v), pe, b_["mla_c"] + c * ELEM, 1, 0)
     w_a = t.add("w_a", "weight", (H, A), S["a"].store)
     w_qb = t.add("w_qb", "weight", (m.q_lora_rank, qlen), S["qb"].store)
@@ -52,7 +54,9 @@ def record_mla(t, plan, pe: np.ndarray, col: np.ndarray, row: np.ndarray, pe_of)
     g_qa, g_kv = t.add("g_qa", "weight", (m.q_lora_rank,)), t.add("g_kv", "weight", (kvl,))
     cos, sin = t.add("rope_cos", "input", (rope // 2,)), t.add("rope_sin", "input", (rope // 2,))
     q_out, o_heads = t.add("q", "output", (B, qlen)), t.add("o_heads", "output", (B, heads * vd))
-    o_lat, latent = t.add("attn_latent", "output", (B, heads * kvl)), t.add("latent", "output", (B, width))
+    latent = t.add("latent", "output", (B, width))
+    # (row groups: a row's latent attention output is its group's share, summed by W_uv's all-reduce)
+    o_lat = t.add("attn_latent", "output", (B, heads * kvl)) if ms.groups == 1 else None
     kp = max(ms.q_pairs)  # the row's k pairs in the RoPE tables after the widest column's q pairs
     for j in range(Q):
         sel = row == j
@@ -72,18 +76,18 @@ def record_mla(t, plan, pe: np.ndarray, col: np.ndarray, row: np.ndarray, pe_of)
         if rp:
             t.pieces(cos, pes, b_["cos"] + kp * ELEM, rp, ms.rope_lo[j])
             t.pieces(sin, pes, b_["sin"] + kp * ELEM, rp, ms.rope_lo[j])
-        for b in range(B):  # the latent attention output: the row's heads' v latent dims
-            a0 = b_["att"] + b * heads * v * ELEM
+        for b in range(B if ms.groups == 1 else 0):  # the latent attention output: the row's heads' v latent
+            a0 = b_["att"] + b * heads * v * ELEM    # dims (row groups: each holds its group's share)
             if vec:
                 for cc in range(v):
                     t.pieces(o_lat, pes, a0 + cc * heads * ELEM, heads, b * heads * kvl + v_off[j] + cc, kvl)
             else:
                 for h in range(heads if v else 0):
                     t.pieces(o_lat, pes, a0 + h * v * ELEM, v, b * heads * kvl + h * kvl + v_off[j])
-        c0 = pe_of(0, j)  # this token's cache entry: column 0's slot T_c[0]
-        for b in range(B):
+        c0 = pe_of(0, j)  # this token's cache entry: column 0's slot T_c[0] (of the first row group)
+        for b in range(B if ms.group_r[j] == 0 else 0):
             for d, gd in enumerate(cd):
-                t.pieces(latent, c0, _slot(plan, b, d, ms.c_r[j], plan.T_c[0]), 1, b * width + gd)
+                t.pieces(latent, c0, _slot(plan, b, d, ms.c_r[j], plan.T_g[0][0]), 1, b * width + gd)
         for i in range(P):
             _record_pe(t, plan, i, j, pe_of(i, j), (w_qb, w_uk, w_uv, w_o), qa_off[j], v_off[j], o_off[i])
     for i in range(P):
@@ -106,7 +110,7 @@ def record_mla(t, plan, pe: np.ndarray, col: np.ndarray, row: np.ndarray, pe_of)
 def _slot(plan, b: int, d: int, c: int, slot: int) -> int:
     """Address of cache dim d of sequence b in a slot, on a row of c cache dims (the layout
     attention.AttnRow gives latent attention's rows: one key piece of c dims, values inside it)."""
-    return AttnRow(plan.spec.heads, plan.spec.heads, c, 0, 0, max(plan.T_c) + 1, plan.buf["kv"], None,
+    return AttnRow(plan.spec.heads, plan.spec.heads, c, 0, 0, plan.tc_max + 1, plan.buf["kv"], None,
                    None).at(b, d, slot)
 
 
@@ -137,17 +141,29 @@ def _record_pe(t, plan, i: int, j: int, pe: int, w: tuple, qa0: int, v0: int, o0
 
 def _record_cache(t, plan, pe_of) -> None:
     """c_cache [batch, tokens - 1, kv_lora_rank + rope]: column i holds tokens in slots 1..tc-1 and
-    (but the last column) the one it passes east in slot 0 (as the dense layers' caches)."""
+    (but the last column) the one it passes east in slot 0 (as the dense layers' caches); with
+    row groups that is the first group's (it takes the new token), the others' columns hold
+    theirs in slots 1..tc."""
     spec, ms, B, P = plan.spec, plan.mla, plan.params.batch, plan.P
     width, T1 = spec.kv_cache_width, sum(plan.T_c) - 1
     cache = t.add("c_cache", "input", (B, T1, width))
-    stay = [tc - 1 for tc in plan.T_c]
+    T_g = plan.T_g
+    stay = [tc - 1 for tc in T_g[0]]
     first = offsets(stay)
+    base = [sum(stay) + P - 1]  # where each later group's tokens start in c_cache
+    for T_c in T_g[1:]:
+        base.append(base[-1] + sum(T_c))
     for j in range(plan.Q):
-        c = ms.c_r[j]
+        c, g = ms.c_r[j], ms.group_r[j]
         for d, gd in enumerate(cache_dims(spec, ms, j)):
             for i in range(P):
                 for b in range(B):
+                    if g:  # a later group: slots 1..tc, no shift
+                        at = base[g - 1] + sum(T_g[g][:i])
+                        if T_g[g][i]:
+                            t.pieces(cache, pe_of(i, j), _slot(plan, b, d, c, 1), T_g[g][i], (b * T1 + at) * width + gd,
+                                     width)
+                        continue
                     if stay[i] > 0:
                         t.pieces(cache, pe_of(i, j), _slot(plan, b, d, c, 1), stay[i],
                                  (b * T1 + first[i]) * width + gd, width)

@@ -54,6 +54,10 @@ class DecodeParams:
     # the FFN's down GEMV tiles (16-bit weights): stored by input row, one FMAC per input element
     # ("axpy"), or by output, one DOT per output element ("dot"); "auto": whichever takes fewer cycles
     down_gemv: str = "auto"
+    # latent attention: the region's rows in this many groups, each holding every latent dim for its
+    # share of the context's tokens (mla.py): G x fewer tokens per PE to score, reduce and softmax,
+    # at G x the absorbed query, W_uk, W_uv and the new token's latent computed in every group
+    mla_groups: int = 1
 
     def __post_init__(self) -> None:
         if self.moe_mapping not in MOE_MAPPINGS:
@@ -76,6 +80,8 @@ class DecodeParams:
             raise WseError(f"--tables {self.tables!r} is not one of {', '.join(TABLES)}")
         if self.down_gemv not in DOWN_GEMV:
             raise WseError(f"--down-gemv {self.down_gemv!r} is not one of {', '.join(DOWN_GEMV)}")
+        if self.mla_groups < 1:
+            raise WseError(f"--mla-groups {self.mla_groups} must be at least 1")
         if self.handoff not in HANDOFF:
             raise WseError(f"--handoff {self.handoff!r} is not one of {', '.join(HANDOFF)}")
         if self.attention_block < 0:
