@@ -229,6 +229,19 @@ def test_chunked_ttft_is_the_pipeline_of_each_chunks_simulated_layer():
         pytest.approx(prefill_seconds(spec, system, plans, 60, sim) * cfg.clock_hz, abs=1)
 
 
+def test_a_chunk_the_slots_cannot_take_fails_before_anything_is_simulated():
+    """(A DeepSeek-V3 run simulated its whole decode step, ~2 hours on the VM, before --prefill-chunk
+    64 was found shorter than its 127x130 slots.)"""
+    from wse.system.compare import run_system
+    from wse.system.config import load_system
+
+    def never(trace):
+        raise AssertionError("simulated before the chunk was checked")
+    system = load_system("cs3", ['system.wafer="small"'])
+    with pytest.raises(WseError, match="--prefill-chunk 8 is shorter than the"):
+        run_system("tiny", system, never, prompt=64, prefill_chunk=8)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--prefill-chunk", "-1"], "--prefill-chunk -1 must be at least 0"),
     (["--prefill-samples", "1"], "--prefill-samples 1: at least 2"),

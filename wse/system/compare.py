@@ -23,8 +23,8 @@ from ..workload.precision import weights_of
 from .gpu import GpuResult, curve, gpu_decode, gpu_prefill, load_gpu, weights_for
 from .gpu_parallel import best_decode, gpu_label
 from .pool import Fanout
-from .ttft import prefill_seconds
-from .wafers import SystemDecode, run_decode, wafer_plans
+from .ttft import check_chunks, prefill_seconds
+from .wafers import SystemDecode, fewest_wafers, run_decode, wafer_plans
 
 ELEM_BYTES = 2.0  # both sides keep a 16-bit KV cache
 
@@ -145,11 +145,14 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
             if c not in ends and c != context:
                 ends[c] = run_decode(spec, system, dataclasses.replace(params, context=c), wafers, simulate, fanout)
                 wafers = ends[c].wafers
-    dec = run_decode(spec, system, params, wafers, simulate, fanout)
+    plans = wafer_plans(spec, system, params, wafers or fewest_wafers(spec, system, params))
+    if prompt:  # (a chunk the slots cannot take fails here, before anything is simulated)
+        check_chunks(plans, prompt, prefill_chunk)
+    dec = run_decode(spec, system, params, len(plans), simulate, fanout, plans)
     ttft = math.nan
     if prompt:
-        ttft = prefill_seconds(spec, system, wafer_plans(spec, system, params, dec.wafers), prompt, simulate,
-                               fanout, prefill_steps, prefill_chunk, prefill_samples, prefill_keys)
+        ttft = prefill_seconds(spec, system, plans, prompt, simulate, fanout, prefill_steps, prefill_chunk,
+                               prefill_samples, prefill_keys)
     g, g_cfg = best_decode(spec, load_gpu(gpu), batch=batch, context=context, weight_bytes=gw, kv_bytes=ELEM_BYTES,
                            utilization=system.utilization)
     g_ttft = gpu_prefill(spec, g_cfg, prompt, batch=batch, nodes=g.nodes, weight_bytes=gw,

@@ -13,6 +13,16 @@ from .link import Link
 from .pool import Fanout
 
 
+def check_chunks(plans: list[ModelPlan], prompt: int, chunk: int) -> None:
+    """The prompt's chunks run on every wafer's slots (chunked.chunks' error if a chunk is shorter
+    than a slot's longer side): checked on the plans before the decode step is simulated, so a
+    bad --prefill-chunk costs no simulation."""
+    if chunk and chunk < prompt:
+        from ..workload.chunked import chunks
+        for plan in plans:
+            chunks(prompt, chunk, plan.P, plan.Q)
+
+
 def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan], prompt: int,
                     simulate: Callable[[Trace], object], fanout: Fanout | None = None, prefix: int = 0,
                     chunk: int = 0, samples: int = 3, key_mode: str = "blocked") -> float:
