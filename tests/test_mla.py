@@ -121,6 +121,20 @@ def test_composed_step_equals_the_full_simulation(kw, small):
         spec.layers * spec.kv_cache_width * plan.params.context * plan.params.batch * 2
 
 
+def test_row_groups_compose_counter_for_counter_on_a_128_mesh():
+    """Latent attention in three row groups on 32 x 32 slots of a 128 x 128 mesh, with expert
+    regions over several bands: each group's columns hold 4-5 tokens in blocks of 2 (several
+    blocks, a short last one, a later group with fewer tokens), composed exactly."""
+    cfg = hardware.resolve("small", None, ["wafer.mesh_width=128", "wafer.mesh_height=128"])
+    params = DecodeParams(batch=2, context=400, moe_mapping="regions", experts_per_region=1, mla_groups=3,
+                          attention_block=2)
+    plan = plan_model(load_model("tiny-mla"), cfg, params)
+    lp = plan_layer(plan.spec, 1, plan.P, cfg, params, Q=plan.Q, routed=False)
+    assert (plan.P, plan.Q) == (32, 32) and lp.mla.groups == 3 and max(map(max, lp.T_g)) > min(map(min, lp.T_g)) > 2
+    assert [s.kind for s in plan.slots].count("experts") == 8
+    composed_equals_full(plan, cfg)
+
+
 def test_deepseek_layers_size_as_the_spec_says():
     spec, cfg = load_model("deepseek-v3"), hardware.load_preset("wse3")
     params = DecodeParams(context=1024, weights="bf16")

@@ -145,8 +145,9 @@ def decode_layer(plan: LayerPlan, region: Region, builder: MeshBuilder, lanes: L
     lanes.install(builder, prog)
     ms = plan.mla
     if ms:
+        T_g = plan.T_g  # (each column's tokens per row group)
         prog.add_roles(X, [(i_chunk(ms.qn_r, i), ms.qn_r[i], ms.nope_runs[i], ms.pe_runs[i], i_chunk(ms.oh_r, i),
-                            ms.oh_r[i], ms.oh_runs[i], tuple(t[i] for t in plan.T_g)) for i in range(P)])
+                            ms.oh_r[i], ms.oh_runs[i], tuple(t[i] for t in T_g)) for i in range(P)])
         hc_rows = Hc + [0] * (Q - P)  # the O projection's rows: column chunks on the first P
         prog.add_roles(Y, [(i_chunk(ms.qa_r, j), ms.qa_r[j], ms.c_r[j], ms.v_r[j], ms.rope_lo[j], ms.r_r[j],
                             i_chunk(hc_rows, j), hc_rows[j], ms.group_r[j], ms.lead_r[j] == j) for j in range(Q)])

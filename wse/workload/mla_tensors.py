@@ -150,18 +150,17 @@ def _record_cache(t, plan, pe_of) -> None:
     T_g = plan.T_g
     stay = [tc - 1 for tc in T_g[0]]
     first = offsets(stay)
-    base = [sum(stay) + P - 1]  # where each later group's tokens start in c_cache
-    for T_c in T_g[1:]:
-        base.append(base[-1] + sum(T_c))
+    later = [n for T_c in T_g[1:] for n in T_c]  # the later groups' columns' tokens, after the first group's
+    at = [sum(stay) + P - 1 + a for a in offsets(later)]
     for j in range(plan.Q):
         c, g = ms.c_r[j], ms.group_r[j]
         for d, gd in enumerate(cache_dims(spec, ms, j)):
             for i in range(P):
                 for b in range(B):
                     if g:  # a later group: slots 1..tc, no shift
-                        at = base[g - 1] + sum(T_g[g][:i])
-                        if T_g[g][i]:
-                            t.pieces(cache, pe_of(i, j), _slot(plan, b, d, c, 1), T_g[g][i], (b * T1 + at) * width + gd,
+                        k = (g - 1) * P + i
+                        if later[k]:
+                            t.pieces(cache, pe_of(i, j), _slot(plan, b, d, c, 1), later[k], (b * T1 + at[k]) * width + gd,
                                      width)
                         continue
                     if stay[i] > 0:
