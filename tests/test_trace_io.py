@@ -92,6 +92,41 @@ def test_programs_pack_the_same_a_block_at_a_time(monkeypatch):
         T.pack_programs({(send(0, 1 << 40, 0),): 0})
 
 
+def test_programs_find_ops_by_object_and_by_content():
+    """Programs keeps each distinct op once: a program of new objects equal to kept ones, of the
+    kept objects themselves, or of a mix gets the same id, and the packed columns are every
+    program's ops in id order, as an op-by-op stack of their fields would give."""
+    rng = np.random.default_rng(5)
+    pool = [T.Op(*(int(v) for v in rng.integers(0, 9, 11))) for _ in range(40)]
+    progs = [[pool[i] for i in rng.integers(0, 40, 1 + int(rng.integers(0, 12)))] for _ in range(60)]
+    table = T.Programs()
+    ids = [table.add(ops) for ops in progs]
+    fresh = [table.add([T.Op(*op) for op in ops]) for ops in progs]  # equal content, new objects
+    mixed = [table.add([T.Op(*op) if k % 2 else op for k, op in enumerate(ops)]) for ops in progs]
+    assert ids == fresh == mixed and len(table) == len({tuple(p) for p in progs})
+    assert len(table.op_ids) == len({op for p in progs for op in p})
+    cols, starts, lens = table.pack()
+    first = {}
+    for i, ops in zip(ids, progs):
+        first.setdefault(i, ops)
+    expect = np.array([op for i in sorted(first) for op in first[i]], dtype=np.int64)
+    for k, (name, _) in enumerate(T.OP_COLUMNS):
+        assert np.array_equal(cols[name], expect[:, k])
+    assert list(lens) == [len(first[i]) for i in sorted(first)] and starts[0] == 0
+
+
+def test_part_cache_tags_equal_ops_as_one_object():
+    from wse.workload.region import PartCache
+    cache = PartCache({"a": 3, "b": 4})
+    out: dict = {}
+    cache.add(out, "a", 1, lambda: {0: [send(0, 4, 0), send(0, 4, 0), recv(1, 4, 16)._replace(tag=9)]})
+    cache.add(out, "a", 2, lambda: {0: [send(0, 4, 0)]})
+    cache.add(out, "b", 1, lambda: {0: [send(0, 4, 0)]})
+    a0, a1, kept, a2, b0 = out[0]
+    assert a0 is a1 is a2 and a0 == send(0, 4, 0)._replace(tag=3)
+    assert kept.tag == 9 and b0.tag == 4
+
+
 @pytest.mark.parametrize("block", [7, 1000, 1 << 22])
 def test_distinct_ops_a_block_at_a_time_equal_a_sort_of_all_rows(monkeypatch, block):
     from wse.hardware import load_preset

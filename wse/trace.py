@@ -12,6 +12,7 @@ import functools
 import hashlib
 import itertools
 import json
+from array import array
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -488,26 +489,75 @@ def _column(what: str, values, dt) -> np.ndarray:
     return np.asarray(a, dtype=dt)
 
 
-PACK_BLOCK_OPS = 1 << 22  # ops packed at a time: the int64 staging table stays ~370 MB however long the programs
+PACK_BLOCK_OPS = 1 << 22  # ops gathered into the columns at a time (their int32 ids staged)
+
+
+class Programs:
+    """Deduplicated programs, each kept as the int32 ids of its ops in a table of distinct ops.
+
+    A builder adds hundreds of thousands of programs (one per distinct PE role; a prefill GEMM
+    prefix has hundreds of millions of ops), most of whose ops recur across programs: an op
+    costs one dict lookup and 4 bytes here, the program's ops can be dropped once added, and
+    packing gathers the distinct ops' columns by id instead of staging every op's fields."""
+
+    def __init__(self) -> None:
+        self.op_ids: dict[Op, int] = {}  # distinct op -> id (insertion order)
+        # id() of each op object kept as a key above -> its id: builders reuse op objects
+        # (region.PartCache), and an int lookup is several times cheaper than an op's hash; the
+        # objects are kept alive by op_ids, so their id()s cannot be reused
+        self.by_object: dict[int, int] = {}
+        self.ids: dict[bytes, int] = {}  # a program's op ids (int32 bytes) -> program id
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def op_id(self, op: Op) -> int:
+        """The id of op's content (a new id, and op kept, the first time it is seen)."""
+        i = self.op_ids.get(op)
+        if i is None:
+            i = self.op_ids[op] = len(self.op_ids)
+            self.by_object[id(op)] = i
+        return i
+
+    def add(self, ops: Iterable[Op]) -> int:
+        """Id of a program with these ops; identical programs share one id."""
+        ops = ops if isinstance(ops, (list, tuple)) else list(ops)
+        try:
+            seq = array("i", map(self.by_object.__getitem__, map(id, ops)))
+        except KeyError:  # an op object not kept: by content
+            seq = array("i", map(self.op_id, ops))
+        return self.ids.setdefault(seq.tobytes(), len(self.ids))
+
+    def pack(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """The programs (in id order) as op columns (TraceError naming a field whose value does
+        not fit the file format), program starts and lengths."""
+        n, width = len(self.op_ids), len(OP_COLUMNS)  # columns in Op field order
+        table = np.fromiter(itertools.chain.from_iterable(self.op_ids), dtype=np.int64,
+                            count=n * width).reshape(n, width)
+        distinct = {name: _column(f"op field {name}", table[:, i], dt) for i, (name, dt) in enumerate(OP_COLUMNS)}
+        lens = np.fromiter((len(k) // 4 for k in self.ids), dtype=np.int32, count=len(self.ids))
+        starts = (np.cumsum(lens, dtype=np.int64) - lens).astype(np.int32)
+        total = int(lens.sum(dtype=np.int64))
+        cols = {name: np.empty(total, dtype=dt) for name, dt in OP_COLUMNS}
+        at, block, size = 0, [], 0
+        for key in itertools.chain(self.ids, [None]):
+            if key is not None:
+                block.append(key)
+                size += len(key) // 4
+            if size and (size >= PACK_BLOCK_OPS or key is None):
+                idx = np.frombuffer(b"".join(block), dtype=np.int32)
+                for name, _ in OP_COLUMNS:
+                    cols[name][at:at + size] = distinct[name][idx]
+                at, block, size = at + size, [], 0
+        return cols, starts, lens
 
 
 def pack_programs(programs: dict[tuple[Op, ...], int]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Deduplicated programs (ops -> program id) as op columns, program starts and lengths. The
-    columns are filled a block of ops at a time, so packing adds about their own size to the
-    programs' memory (a prefill GEMM prefix has hundreds of millions of ops)."""
-    progs = [ops for ops, _ in sorted(programs.items(), key=lambda kv: kv[1])]
-    lens = np.array([len(ops) for ops in progs], dtype=np.int32)
-    starts = (np.cumsum(lens, dtype=np.int64) - lens).astype(np.int32)
-    total, n = int(lens.sum(dtype=np.int64)), len(OP_COLUMNS)  # columns in Op field order
-    cols = {name: np.empty(total, dtype=dt) for name, dt in OP_COLUMNS}
-    stream = itertools.chain.from_iterable(progs)
-    for at in range(0, total, PACK_BLOCK_OPS):
-        k = min(PACK_BLOCK_OPS, total - at)  # fromiter: ~4x np.array on a list of tuples
-        table = np.fromiter(itertools.chain.from_iterable(itertools.islice(stream, k)), dtype=np.int64,
-                            count=k * n).reshape(-1, n)
-        for i, (name, dt) in enumerate(OP_COLUMNS):
-            cols[name][at:at + k] = _column(f"op field {name}", table[:, i], dt)
-    return cols, starts, lens
+    """Programs given as ops -> program id (ids 0..n-1) packed as Programs.pack does."""
+    table = Programs()
+    for ops, _ in sorted(programs.items(), key=lambda kv: kv[1]):
+        table.add(ops)
+    return table.pack()
 
 
 class TraceBuilder:
@@ -517,7 +567,7 @@ class TraceBuilder:
         self.mesh_width, self.mesh_height = mesh_width, mesh_height
         self.pe_program = np.full((mesh_height, mesh_width, threads), -1, dtype=np.int32)
         self._routes: list[tuple[int, int, int, int]] = []
-        self._programs: dict[tuple[Op, ...], int] = {}
+        self._programs = Programs()
         self.meta = {k: str(v) for k, v in meta.items()}
         self.tags: list[Tag] = [UNTAGGED]
         self.tensors = TensorRecorder()
@@ -535,10 +585,10 @@ class TraceBuilder:
 
     def program(self, ops: Iterable[Op]) -> int:
         """Id of a program with these ops; identical programs share one id."""
-        key = tuple(ops)
-        if not key:
+        ops = list(ops)
+        if not ops:
             raise ValueError("a program needs at least one op")
-        return self._programs.setdefault(key, len(self._programs))
+        return self._programs.add(ops)
 
     def assign(self, x: int, y: int, thread: int, ops: Iterable[Op]) -> None:
         """Run `ops` on microthread `thread` of PE (x, y)."""
@@ -548,7 +598,7 @@ class TraceBuilder:
         self.pe_program[y, x, thread] = self.program(ops)
 
     def build(self) -> Trace:
-        ops, starts, lens = pack_programs(self._programs)
+        ops, starts, lens = self._programs.pack()
         r = np.array(self._routes, dtype=np.int64).reshape(-1, 4)
         routes = {name: _column(f"route field {name}", r[:, i], dt) for i, (name, dt) in enumerate(ROUTE_COLUMNS)}
         return Trace(self.mesh_width, self.mesh_height, routes, ops, starts, lens,

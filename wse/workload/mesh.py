@@ -17,7 +17,7 @@ import numpy as np
 from .. import isa
 from ..errors import TraceError
 from ..tensors import TensorRecorder
-from ..trace import ROUTE_COLUMNS, UNTAGGED, Op, Tag, Trace, _column, pack_programs, with_tag
+from ..trace import ROUTE_COLUMNS, UNTAGGED, Op, Tag, Programs, Trace, _column, with_tag
 
 # Sides of a position on a line: toward the lower index, toward the higher index, the CE.
 LO, HI, RAMP = "lo", "hi", "ramp"
@@ -240,7 +240,7 @@ class MeshBuilder:
         self.width, self.height = width, height
         self.pe_program = np.full((height, width, threads), -1, dtype=np.int32)
         self._routes: list[np.ndarray] = []  # each [n, 4]: pe, color, rx, tx mask
-        self._programs: dict[tuple[Op, ...], int] = {}
+        self._programs = Programs()
         self.meta = {k: str(v) for k, v in meta.items()}
         self.tags: list[Tag] = [UNTAGGED]
         self._tag_ids: dict[Tag, int] = {UNTAGGED: 0}
@@ -260,8 +260,7 @@ class MeshBuilder:
             self.pe_program = np.concatenate([self.pe_program, extra], axis=2)
 
     def program(self, ops: Iterable[Op]) -> int:
-        key = tuple(ops)
-        return self._programs.setdefault(key, len(self._programs))
+        return self._programs.add(ops)
 
     def routes(self, x: np.ndarray, y: np.ndarray, color: int | np.ndarray, rx: np.ndarray,
                tx: np.ndarray) -> None:
@@ -302,7 +301,7 @@ class MeshBuilder:
         self.routes(xs.ravel(), ys.ravel(), color, rr.ravel(), tt.ravel())
 
     def build(self) -> Trace:
-        ops, starts, lens = pack_programs(self._programs)
+        ops, starts, lens = self._programs.pack()
         r = np.concatenate(self._routes) if self._routes else np.zeros((0, 4), np.int64)
         key = r[:, 0] * 64 + r[:, 1]
         order = np.argsort(key, kind="stable")  # (a sort, not a count over every PE's 64 colors)

@@ -141,6 +141,7 @@ class PartCache:
     def __init__(self, tags: dict[str, int]):
         self.tags = tags
         self.memo: dict[tuple, Ops] = {}
+        self.tagged: dict[int, dict[Op, Op]] = {}  # per tag: an untagged op -> its one tagged object
 
     def add(self, out: Ops, name: str, key: Hashable, make: Callable[[], Ops]) -> None:
         """Append part `name`'s ops for `key` to out (building and tagging them once)."""
@@ -148,9 +149,24 @@ class PartCache:
         ops = self.memo.get(k) if PartCache.enabled else None
         if ops is None:
             tag = self.tags[name]
-            ops = self.memo[k] = {t: [with_tag(op, tag) if op.tag == 0 else op for op in o]
-                                  for t, o in make().items()}
+            ops = self.memo[k] = {t: self._tag(o, tag) for t, o in make().items()}
         merge(out, ops)
+
+    def _tag(self, ops: list[Op], tag: int) -> list[Op]:
+        """ops labelled with tag (those tagged already kept), equal ops as one object: the
+        parts built for different keys share most ops, and a program's ops found by object
+        (trace.Programs) are cheap."""
+        memo = self.tagged.setdefault(tag, {})
+        get = memo.get
+        out = []
+        for op in ops:
+            if op.tag == 0:
+                t = get(op)
+                if t is None:
+                    t = memo[op] = with_tag(op, tag)
+                op = t
+            out.append(op)
+        return out
 
 
 def special_key(sp: dict) -> tuple:
