@@ -172,3 +172,78 @@ def test_a_latent_attention_model_has_a_time_to_first_token(small):
     job = run_system("tiny-mla", system, lambda t: run(t, small), wafers=1, context=16, prompt=32,
                      moe_mapping="local", slot_shape="square")
     assert math.isfinite(job.ttft_s) and job.ttft_s > 0
+
+
+def _small_system():
+    return load_system("cs3", ['system.wafer="small"', "system.wafers=1"])
+
+
+def test_auto_row_groups_take_the_fewest_simulated_cycles(small):
+    """--mla-groups auto: every G tried is the representative layer region alone on the plan
+    that G gets, simulated exactly (a fresh build and run give the same cycles); the choice is
+    the fewest, and the search stopped where it says (slower than the G before, or the next G
+    does not place)."""
+    from wse.system.mla_groups import choose_groups, layer_region_trace
+    from wse.system.wafers import wafer_plans
+    spec, system = load_model("tiny-mla"), _small_system()
+    params = DecodeParams(context=4096, moe_mapping="local", slot_shape="square")
+    choice = choose_groups(spec, system, params, 1, lambda t: run(t, small))
+    assert choice.groups == min(choice.cycles, key=lambda g: (choice.cycles[g], g))
+    assert len(choice.cycles) > 2 and choice.groups > 1  # (at 4k tokens more groups gain here)
+    assert list(choice.cycles) == list(range(1, len(choice.cycles) + 1)) and choice.layer == 1
+    for G, cycles in choice.cycles.items():
+        plans = wafer_plans(spec, system, DecodeParams(context=4096, moe_mapping="local", slot_shape="square",
+                                                       mla_groups=G), 1)
+        trace, layer = layer_region_trace(plans[0])
+        assert layer == 1 and run(trace, small).total_cycles == cycles
+    last = max(choice.cycles)
+    if last == 1 or choice.cycles[last] < choice.cycles[last - 1]:
+        with pytest.raises(WseError):
+            layer_region_trace(wafer_plans(spec, system, DecodeParams(
+                context=4096, moe_mapping="local", slot_shape="square", mla_groups=last + 1), 1)[0])
+
+
+@pytest.mark.parametrize("cycles, fits, chosen, tried", [
+    ([100, 90, 95, 80], 9, 2, 3),   # stops at the first G slower than the one before
+    ([100, 100, 90], 9, 1, 2),      # a tie is no gain: the fewer groups
+    ([100, 90, 80], 2, 2, 2),       # G = 3 does not place
+    ([100], 1, 1, 1),               # G = 2 does not place
+])
+def test_auto_row_groups_search(monkeypatch, cycles, fits, chosen, tried):
+    import types
+    from wse.system import mla_groups as M
+    real = M.wafer_plans
+
+    def plans(spec, system, params, n):
+        if params.mla_groups > fits:
+            raise WseError("does not fit")
+        return real(spec, system, params, n)
+    monkeypatch.setattr(M, "wafer_plans", plans)
+    calls = []
+
+    def simulate(trace):
+        calls.append(trace)
+        return types.SimpleNamespace(complete=True, total_cycles=cycles[len(calls) - 1])
+    choice = M.choose_groups(load_model("tiny-mla"), _small_system(),
+                             DecodeParams(context=64, moe_mapping="local", slot_shape="square"), 1, simulate)
+    assert (choice.groups, len(calls), list(choice.cycles.values())) == (chosen, tried, cycles[:tried])
+    assert M.choose_groups(load_model("tiny"), _small_system(), DecodeParams(context=64), 1, simulate).groups == 1
+    assert len(calls) == tried  # a model without latent attention simulates nothing
+
+
+def test_system_reports_the_auto_choice(tmp_path):
+    import h5py
+    out = tmp_path / "auto.h5"
+    r = CliRunner().invoke(cli, ["system", "--model", "tiny-mla", "--system", "cs3", "--set", 'system.wafer="small"',
+                                 "--wafers", "1", "--prompt-len", "0", "--context", "512", "--moe-mapping", "local",
+                                 "--slot-shape", "square", "--mla-groups", "auto", "--jobs", "1", "--no-cache",
+                                 "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    line = next(s for s in r.output.splitlines() if "--mla-groups auto" in s)
+    with h5py.File(out) as f:
+        assert f"latent attention in {int(f['summary/mla_groups'][()])} row group" in line
+    for bad, said in (("x", "expected a number or 'auto'"), ("0", "must be at least 1")):
+        r = CliRunner().invoke(cli, ["system", "--model", "tiny-mla", "--system", "cs3", "--mla-groups", bad,
+                                     "-o", str(tmp_path / "bad.h5")])
+        assert r.exit_code == 2 and r.output.startswith("error:") and said in r.output, r.output
+        assert not (tmp_path / "bad.h5").exists()

@@ -136,9 +136,10 @@ def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Cal
                    "or whichever is fewer cycles")
 @click.option("--handoff", type=click.Choice(["fused", "barrier"]), default="fused", show_default=True,
               help="a region's hand-off: its sync nested in the FFN's down all-reduce, or a region-wide barrier")
-@click.option("--mla-groups", type=int, default=1, show_default=True,
+@click.option("--mla-groups", default="1", show_default=True,
               help="latent attention: the layer regions' rows in N groups, each attending its own share of the "
-                   "context over every latent dim")
+                   "context over every latent dim, or auto: the fewest layer-region cycles of N = 1, 2, ... "
+                   "simulated on this run's wafers")
 @click.option("--generate", type=int, default=1, show_default=True,
               help="tokens generated from --context: TPOT as the context grows (simulated at the first, middle "
                    "and last token; wafers hold the last token's KV cache)")

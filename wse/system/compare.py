@@ -22,6 +22,7 @@ from .config import SystemConfig
 from ..workload.precision import weights_of
 from .gpu import GpuResult, curve, gpu_decode, gpu_prefill, load_gpu, weights_for
 from .gpu_parallel import best_decode, gpu_label
+from .mla_groups import AUTO, GroupChoice, choose_groups
 from .pool import Fanout
 from .ttft import check_chunks, prefill_seconds
 from .wafers import SystemDecode, fewest_wafers, run_decode, wafer_plans
@@ -39,6 +40,7 @@ class SystemJob:
     gpu_curve: list[Any]
     precisions: tuple[str, str] = ("bf16", "bf16")  # (dense, routed experts) weights on both sides
     tpot: "Generation | None" = None  # --generate: the per-token time as the context grows
+    groups: GroupChoice | None = None  # --mla-groups auto: what it chose, and why
 
 
 @dataclasses.dataclass
@@ -101,14 +103,30 @@ def check_options(system: SystemConfig, *, model: str, wafers: str | int = "pres
     if generate < 1:
         raise WseError(f"--generate {generate} must be at least 1")
     load_model(model)
+    if "mla_groups" in kw:
+        kw["mla_groups"] = _groups(kw["mla_groups"])
     DecodeParams(batch=batch, context=context, expert_skew=expert_skew, weights=weights or None,
-                 algo=kw.get("allreduce", "auto"), **{k: v for k, v in kw.items() if k in _PARAM_KEYS})
+                 algo=kw.get("allreduce", "auto"),
+                 **{k: (v or 1 if k == "mla_groups" else v) for k, v in kw.items() if k in _PARAM_KEYS})
     if context + generate - 1 > MAX_CONTEXT:
         raise WseError(f"--context {context} + --generate {generate}: the last token's context exceeds "
                        f"{MAX_CONTEXT:,}")
     load_gpu(gpu)
     return dict(model=model, wafers=n, batch=batch, context=context, prompt=prompt_len or None, gpu=gpu,
                 expert_skew=expert_skew, weights=weights or None, generate=generate, **kw)
+
+
+def _groups(value: str | int) -> int:
+    """--mla-groups: a number of row groups, or 'auto' (AUTO)."""
+    if value == "auto":
+        return AUTO
+    try:
+        groups = int(value)
+    except (TypeError, ValueError):
+        raise WseError(f"--mla-groups {value!r}: expected a number or 'auto'") from None
+    if groups < 1:
+        raise WseError(f"--mla-groups {groups} must be at least 1 (or 'auto')")
+    return groups
 
 
 _PARAM_KEYS = ("moe_mapping", "experts_per_region", "slot_shape", "uniform_slots", "attention", "attention_block",
@@ -128,8 +146,18 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     """Simulate the wafer system, evaluate the GPU model, and tabulate both (fanout: where the
     stage simulations run and the cache they share, pool.Fanout). generate > 1: the wafers
     hold the KV cache of the generation's last token, and the step is also simulated there and
-    half way (Generation)."""
+    half way (Generation). mla_groups AUTO: chosen by simulation (mla_groups.choose_groups, at
+    the last token's context)."""
     spec = load_model(model)
+    choice = None
+    if mla_groups == AUTO:
+        at = DecodeParams(batch=batch, context=context + generate - 1, expert_skew=expert_skew,
+                          moe_mapping=moe_mapping, experts_per_region=experts_per_region, slot_shape=slot_shape,
+                          uniform_slots=uniform_slots, weights=weights, attention=attention,
+                          attention_block=attention_block, flash_blocks=flash_blocks, norms=norms,
+                          dense_ffn=dense_ffn, tables=tables, algo=allreduce, handoff=handoff, down_gemv=down_gemv)
+        choice = choose_groups(spec, system, at, wafers, simulate, fanout)
+        mla_groups, wafers = choice.groups, wafers or choice.wafers
     params = DecodeParams(batch=batch, context=context, expert_skew=expert_skew, moe_mapping=moe_mapping,
                           experts_per_region=experts_per_region, slot_shape=slot_shape, uniform_slots=uniform_slots,
                           weights=weights, attention=attention, attention_block=attention_block,
@@ -191,7 +219,7 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
         rows += [(f"TPOT at context {' / '.join(f'{c:,}' for c in tpot.contexts)}", "ms", " / ".join(ms),
                   " / ".join(f"{v * 1e3:.3g}" for v in tpot.gpu_s)),
                  (f"TPOT, mean over {generate:,} tokens", "ms", tpot.wafer_mean_s * 1e3, tpot.gpu_mean_s * 1e3)]
-    return SystemJob(dec, g, g_ttft, ttft, rows, g_curve, weights_of(spec, weights), tpot)
+    return SystemJob(dec, g, g_ttft, ttft, rows, g_curve, weights_of(spec, weights), tpot, choice)
 
 
 def _wafer_bound(dec: SystemDecode) -> str:
@@ -222,6 +250,8 @@ def format_rows(job: SystemJob) -> str:
                      f"{f', {s.expert_regions} expert region' + 's' * (s.expert_regions > 1) if s.expert_regions else ''}, "
                      f"{s.cycles:,} cycles/token, weights + KV fill {s.packing:.0%} of its usable SRAM")
     lines.append(f"pipeline depth: {d.max_in_flight} micro-batches in flight, bounded by {d.depth_bound}")
+    if job.groups and job.groups.cycles:
+        lines.append(job.groups.describe())
     if d.wafers > 1:
         lines.append(f"links: up to {max(d.link_bytes):,} B per token each, {d.link_seconds * 1e6:.2f} us per "
                      f"transfer on average")
@@ -303,4 +333,6 @@ def figures(job: SystemJob) -> dict[str, tuple[Any, str, str]]:
         "gpu_energy_per_token_j": (job.gpu.j_per_token, "J", "GPU energy per token"),
         "gpu_cost_per_mtok_usd": (job.gpu.usd_per_mtok, "USD", "GPU cost per million tokens"),
         "gpus": (job.gpu.gpus, "GPUs", "GPUs in the baseline"),
+        **({"mla_groups": (job.groups.groups, "groups", "latent attention's row groups --mla-groups auto chose "
+                           f"(layer region cycles {job.groups.cycles} by groups)")} if job.groups else {}),
     }
