@@ -98,3 +98,71 @@ def test_bad_precisions_are_one_error_line(args, match, tmp_path):
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], r.output
     assert not (tmp_path / "r.h5").exists()
+
+
+def test_prefill_weights_follow_the_decode_precisions():
+    """Prefill stores a weight GEMM's weights as the decode step does: the FFN GEMMs at the
+    routed experts' precision in a MoE model, the other weight GEMMs at the dense one, the
+    attention GEMMs, the elementwise kernel and the LM head at 16 bits."""
+    from wse.workload.prefill import kernel_names, kernel_weights
+    moe, dense = load_model("kimi-k2"), load_model("llama3.1-8b")
+    got = {n: kernel_weights(moe, n, ("fp8", "int4")) for n in kernel_names(moe) + ["lm_head"]}
+    assert got == {"q_kv_a": "fp8", "q_b": "fp8", "kv_b": "fp8", "scores": "bf16", "values": "bf16", "o": "fp8",
+                   "gate_up": "int4", "down": "int4", "elementwise": "bf16", "lm_head": "bf16"}
+    assert {kernel_weights(dense, n, ("int8", "int8")) for n in ("qkv", "o", "gate_up", "down")} == {"int8"}
+
+
+@pytest.mark.parametrize("weights", ["fp8", "int4"])
+def test_a_low_precision_prefill_kernel_conserves_flops(weights, small):
+    """A weight-stationary prefill GEMM at low precision: its executed FLOPs (products, the
+    reduction, each block's dequantize) are what the engine counts, and its tile takes the
+    precision's bytes; on a square slot it runs weight-stationary (MeshGEMM moves 16-bit tiles)."""
+    from wse.workload.prefill import kernel_trace, mapping, pieces
+    spec = load_model("tiny")
+    assert mapping("meshgemm", 16, 16, "gate_up", weights) == "stationary"
+    assert mapping("meshgemm", 16, 16, "scores", weights) == "meshgemm"
+    parts = pieces(spec, small, 16, 64, "gate_up", "meshgemm", 24, weights=weights)
+    assert len(parts) == 1 and parts[0][1]["batch"] == 64  # (one block: its facts are the kernel's)
+    lo = kernel_trace(spec, small, 16, 64, "gate_up", Q=24, weights=weights, **parts[0][1])
+    hi = kernel_trace(spec, small, 16, 64, "gate_up", Q=24, **parts[0][1])
+    r = run(lo[0], small)
+    assert int(r.pe("flops").sum()) == lo[1]["executed_flops"] > hi[1]["executed_flops"] == hi[1]["model_flops"] + \
+        23 * 2 * spec.ffn_size * 64
+    assert lo[1]["model_flops"] == hi[1]["model_flops"]
+
+
+def test_low_precision_prefill_fits_where_16_bits_do_not():
+    """Kimi K2's dense-layer gate/up GEMM on its fewest-wafer 95x130 slot holds its fp8 tile
+    (blocks of a few tokens) but not a 16-bit one: TTFT at the decode's precision places where
+    prefill at 16 bits did not."""
+    from wse import hardware
+    from wse.workload.prefill import stationary_block
+    spec, cfg = load_model("kimi-k2"), hardware.load_preset("wse3")
+    assert stationary_block(spec, cfg, 95, 130, 256, "gate_up", "fp8") > 0
+    with pytest.raises(WseError, match="bytes missing per PE"):
+        stationary_block(spec, cfg, 95, 130, 256, "gate_up", "bf16")
+
+
+def test_time_to_first_token_stores_the_run_precision(small, monkeypatch):
+    """`wse system --weights`: the prefill kernels' pieces carry the precision (their cache keys
+    too), so fp8 weights prefill with their dequantize and a different TTFT than bf16."""
+    from checked import run as checked_run
+    from wse.system import pool
+    from wse.system.compare import run_system
+    from wse.system.config import load_system
+    system = load_system("cs3", ['system.wafer="small"', "system.wafers=1"])
+    seen = []
+    real = pool._prefill_here
+
+    def here(spec, cfg, P, prompt, name, algo, lm_width, simulate, where, Q=None, kw=None, lm_rows=None):
+        seen.append((name, (kw or {}).get("weights", "bf16")))
+        return real(spec, cfg, P, prompt, name, algo, lm_width, simulate, where, Q, kw, lm_rows)
+    monkeypatch.setattr(pool, "_prefill_here", here)
+    ttft, stored = {}, {}
+    for w in ("bf16", "fp8"):
+        seen.clear()
+        ttft[w] = run_system("tiny", system, lambda t: checked_run(t, small), wafers=1, context=16, prompt=64,
+                             weights=w).ttft_s
+        stored[w] = {n for n, s in seen if s == w}
+    assert ttft["fp8"] != ttft["bf16"]
+    assert stored["fp8"] == {"qkv", "o", "gate_up", "down"} and "scores" in stored["bf16"]

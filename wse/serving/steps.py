@@ -262,6 +262,7 @@ def _prefill_model(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan]
                    prompts: list[int], checks: list[int], simulate, fanout: Fanout, note,
                    prefix: int = 0) -> PrefillModel:
     from ..system.pool import prefill_kernels
+    from ..workload.precision import weights_of
     from ..workload.prefill import prefill
     cfg = system.wafer_config
     stage_slot: list[tuple[int, int] | int] = []
@@ -282,7 +283,8 @@ def _prefill_model(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan]
             S_run = max(S, P, Q)  # every row (and key column) of the region needs a token
             note(f"prefill kernels: {P}x{Q} slots, prompt {S_run:,}")
             kernels = prefill_kernels(spec, cfg, P, S_run, lm_width, simulate,
-                                      f"{spec.name} prefill on {P}x{Q}", fanout, prefix=prefix, Q=Q, lm_rows=lm_rows)
+                                      f"{spec.name} prefill on {P}x{Q}", fanout, prefix=prefix, Q=Q, lm_rows=lm_rows,
+                                      precisions=weights_of(spec, plans[0].params.weights))
             pr = prefill(spec, cfg, P, S_run, lm_width, 1, simulate, kernels=kernels, Q=Q, lm_rows=lm_rows)
             samples[(P, Q)][S_run] = {k: v for k, v in pr.kernels.items() if k != "lm_head"}
             head = pr.kernels["lm_head"]

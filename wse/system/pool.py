@@ -284,16 +284,19 @@ def run_tasks(tasks: list[Task], cfg: WaferConfig, simulate: Callable[[Trace], o
 
 def prefill_kernels(spec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, simulate: Callable[[Trace], object],
                     where: str, fanout: Fanout | None = None, algo: str = "meshgemm", prefix: int = 0,
-                    Q: int | None = None, lm_rows: int | None = None, keys: int | None = None):
+                    Q: int | None = None, lm_rows: int | None = None, keys: int | None = None,
+                    precisions: tuple[str, str] = ("bf16", "bf16")):
     """A `kernels` function for workload.prefill.prefill on P x Q layer regions: each named
     kernel's pieces (prefill.pieces: the whole kernel, a GEMM's first prefix / 2 and prefix
     steps, or a weight-stationary GEMM's token blocks) from the cache, built and simulated here
     through `simulate`, or on the fanout's workers (traces not sent back), and combined. The LM
     head's GEMV runs on lm_width columns by lm_rows rows (default P). keys: the tokens a chunk's
-    queries attend (the key kernels' pieces carry it, so the others share one cache entry)."""
+    queries attend (the key kernels' pieces carry it, so the others share one cache entry).
+    precisions: the (dense, routed experts') weights the decode step stores (prefill.kernel_weights:
+    a weight GEMM's pieces below 16 bits carry theirs)."""
     fanout = fanout or Fanout()
     Q = Q or P
-    from ..workload.prefill import KEYED_KERNELS, Combined, pieces
+    from ..workload.prefill import KEYED_KERNELS, Combined, kernel_weights, pieces
     shape = (P,) if Q == P else (P, Q)  # square slots keep their cache keys
     keys = keys if keys != prompt else None
 
@@ -303,14 +306,20 @@ def prefill_kernels(spec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, 
                                 *([("rows", lm_rows)] if lm_rows and n == "lm_head" else []),  # (a strip)
                                 *([kw["steps"]] if "steps" in kw else []),
                                 *([("batch", kw["batch"])] if "batch" in kw else []),
-                                *([("keys", kw["keys"])] if "keys" in kw else [])),
+                                *([("keys", kw["keys"])] if "keys" in kw else []),
+                                *([("weights", kw["weights"])] if "weights" in kw else [])),
                     (lambda: _prefill_here(spec, cfg, P, prompt, n, algo, lm_width, simulate, where, Q, kw, lm_rows)),
                     _prefill_task, (spec, cfg, P, prompt, n, algo, lm_width, fanout.worker_threads(), where, Q, kw,
                                     lm_rows))
 
+    def stored(n: str) -> dict[str, str]:
+        w = kernel_weights(spec, n, precisions)
+        return {"weights": w} if w != "bf16" else {}
+
     def kernels(names):
-        parts = {n: [(w, dict(kw, keys=keys)) if keys and n in KEYED_KERNELS else (w, kw)
-                     for w, kw in pieces(spec, cfg, P, prompt, n, algo, Q, prefix, keys)] if n != "lm_head"
+        parts = {n: [(w, dict(kw, keys=keys, **stored(n))) if keys and n in KEYED_KERNELS else (w, dict(kw, **stored(n)))
+                     for w, kw in pieces(spec, cfg, P, prompt, n, algo, Q, prefix, keys,
+                                         kernel_weights(spec, n, precisions))] if n != "lm_head"
                  else [(1.0, {})] for n in names}
         todo = [(n, i) for n in names for i in range(len(parts[n]))]
         got: dict[tuple[str, int], tuple] = {}

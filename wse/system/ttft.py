@@ -8,6 +8,7 @@ from typing import Callable
 from ..trace import Trace
 from ..workload.decode import ELEM, ModelPlan
 from ..workload.models import ModelSpec
+from ..workload.precision import weights_of
 from .config import SystemConfig
 from .link import Link
 from .pool import Fanout
@@ -38,6 +39,7 @@ def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan
     from ..workload.prefill import prefill
     from .pool import prefill_kernels
     cfg = system.wafer_config
+    precisions = weights_of(spec, plans[0].params.weights)
     layer_cycles: dict[tuple[int, int], int] = {}
     head_cycles = 0
     head = plans[-1].slots[-1].region  # (the LM head's, on the last wafer, for every shape's kernels)
@@ -49,7 +51,7 @@ def prefill_seconds(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan
             S = max(prompt, plan.P, plan.Q)  # a shorter prompt still occupies every row (and key column)
             kernels = prefill_kernels(spec, cfg, plan.P, S, lm_width, simulate,
                                       f"{spec.name} prefill on {plan.P}x{plan.Q}", fanout, prefix=prefix, Q=plan.Q,
-                                      lm_rows=lm_rows)
+                                      lm_rows=lm_rows, precisions=precisions)
             pr = prefill(spec, cfg, plan.P, S, lm_width, 1, simulate, kernels=kernels, Q=plan.Q, lm_rows=lm_rows)
             layer_cycles[shape] = pr.layer_cycles
             if last:
@@ -76,6 +78,7 @@ def prefill_chunked(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan
         raise WseError(f"--prefill-keys {key_mode!r} is not one of {', '.join(PREFILL_KEYS)}")
     from .pool import prefill_kernels
     cfg = system.wafer_config
+    precisions = weights_of(spec, plans[0].params.weights)
     head = plans[-1].slots[-1].region
     lm_width, lm_rows = head.width, head.height
     link = Link(system.link_bytes_per_s, system.link_latency_s)
@@ -88,7 +91,7 @@ def prefill_chunked(spec: ModelSpec, system: SystemConfig, plans: list[ModelPlan
         if shape not in per_shape:  # (every shape's LM head kernel is the last wafer's head region's)
             shared = SharedKernels(lambda tokens, keys, plan=plan: prefill_kernels(
                 spec, cfg, plan.P, tokens, lm_width, simulate, f"{spec.name} prefill on {plan.P}x{plan.Q}", fanout,
-                prefix=prefix, Q=plan.Q, lm_rows=lm_rows, keys=keys))
+                prefix=prefix, Q=plan.Q, lm_rows=lm_rows, keys=keys, precisions=precisions))
 
             def run(tokens: int, keys: int, plan=plan, shared=shared) -> dict[str, int]:
                 return prefill(spec, cfg, plan.P, tokens, lm_width, 1, simulate, kernels=shared(tokens, keys),

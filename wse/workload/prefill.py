@@ -100,20 +100,24 @@ Kernels = Callable[[list[str]], "Iterator[tuple[str, object, dict[str, int], Tra
 
 def prefill(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, layers: int,
             simulate: Callable[[Trace], object], algo: str = "meshgemm", kernels: Kernels | None = None,
-            Q: int | None = None, lm_rows: int | None = None, keys: int | None = None) -> PrefillResult:
+            Q: int | None = None, lm_rows: int | None = None, keys: int | None = None,
+            precisions: tuple[str, str] = ("bf16", "bf16")) -> PrefillResult:
     """Time to first token of a `prompt`-token prompt on P x Q layer regions (module docstring).
     `kernels(names)`, if given, yields (name, result, facts, trace or None) for the named kernels
     (e.g. from worker processes, system/pool.py); by default each is built and run through
     `simulate` here. keys: the tokens the prompt's queries attend (default the prompt; a chunk
-    of a longer prompt attends every token up to its own last, workload/chunked.py)."""
+    of a longer prompt attends every token up to its own last, workload/chunked.py). precisions:
+    the (dense, routed experts') linear weights (kernel_weights)."""
     H, S, Q = spec.hidden_size, prompt, Q or P
     names = kernel_names(spec) + ["lm_head"]
     if kernels is None:
         def kernels(todo):
             for name in todo:
-                parts = pieces(spec, cfg, P, prompt, name, algo, Q, keys=keys) if name != "lm_head" else [(1.0, {})]
+                w = kernel_weights(spec, name, precisions)
+                parts = pieces(spec, cfg, P, prompt, name, algo, Q, keys=keys, weights=w) if name != "lm_head" \
+                    else [(1.0, {})]
                 built = [kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, Q=Q, lm_rows=lm_rows, keys=keys,
-                                      **kw)
+                                      weights=w, **kw)
                          for _, kw in parts]
                 r = Combined.assemble(parts, [simulate(tr) for tr, _ in built])
                 yield name, r, built[0][1], None if isinstance(r, Combined) else built[0][0]
@@ -157,7 +161,7 @@ def kernel_names(spec: ModelSpec) -> list[str]:
 def kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str = "meshgemm",
                  lm_width: int | None = None, steps: int | None = None, Q: int | None = None,
                  batch: int | None = None, record: bool = False, lm_rows: int | None = None,
-                 keys: int | None = None) -> tuple[Trace, dict[str, int]]:
+                 keys: int | None = None, weights: str = "bf16") -> tuple[Trace, dict[str, int]]:
     """One prefill kernel (kernel_names, "softmax_block": a chunk's further key block's online
     softmax, prefill_blocks.py, or "lm_head": the last token's LM-head GEMV on an
     lm_width x lm_rows region, default P rows) on a P x Q layer region: (trace, facts). A
@@ -166,10 +170,12 @@ def kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: s
     weight-stationary kernel's trace is one block of `batch` tokens (default: the largest,
     stationary_block) while its facts are the whole kernel's. record: the elementwise kernel
     records its /tensors too (the GEMMs always do). keys: the tokens attended (default the
-    prompt's; the attention GEMMs and the softmax span them)."""
+    prompt's; the attention GEMMs and the softmax span them). weights: the precision a weight GEMM's
+    weights are stored at (kernel_weights; below 16 bits it runs weight-stationary, `mapping`)."""
     Q = Q or P
     try:
-        return _kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, steps, Q, batch, record, lm_rows, keys)
+        return _kernel_trace(spec, cfg, P, prompt, name, algo, lm_width, steps, Q, batch, record, lm_rows, keys,
+                             weights)
     except WseError as e:
         if "--prompt-len" in str(e) or "--prefill-chunk" in str(e) or "SRAM" not in str(e):
             raise
@@ -178,30 +184,45 @@ def kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: s
 
 
 ATTENTION_GEMMS = ("scores", "values")  # activations times activations: no stationary weights
+FFN_GEMMS = ("gate_up", "down")
 
 
-def mapping(algo: str, P: int, Q: int, name: str) -> str:
+def kernel_weights(spec: ModelSpec, name: str, precisions: tuple[str, str]) -> str:
+    """The precision a prefill kernel's weights are stored at, of the (dense, routed experts')
+    precisions the decode step stores: the FFN GEMMs take the routed experts' in a MoE model (its
+    prefill FFN stands for the chosen experts, module docstring; a dense layer's FFN there too),
+    the other weight GEMMs the dense one; the LM head and the kernels without weights 16 bits."""
+    if name in ATTENTION_GEMMS or not is_gemm(name):
+        return "bf16"
+    return precisions[1] if name in FFN_GEMMS and spec.moe else precisions[0]
+
+
+def mapping(algo: str, P: int, Q: int, name: str, weights: str = "bf16") -> str:
     """How a prefill GEMM kernel runs on a P x Q region. `algo` meshgemm, cannon or summa: that
-    algorithm on a square region. A tall region (MeshGEMM and Cannon need a square grid), or
-    algo `stationary`: the weight GEMMs weight-stationary (token blocks through the decode GEMV
-    layout, stationary_block), the attention GEMMs as SUMMA (MeshGEMM on a square region)."""
+    algorithm on a square region. A tall region (MeshGEMM and Cannon need a square grid), algo
+    `stationary`, or weights below 16 bits (the MeshGEMM/Cannon/SUMMA kernels move 16-bit tiles;
+    a stationary tile is dequantized in place, as the decode GEMVs do): the weight GEMMs
+    weight-stationary (token blocks through the decode GEMV layout, stationary_block), the
+    attention GEMMs as SUMMA (MeshGEMM on a square region)."""
     if algo not in (*GEMM_ALGOS, "stationary"):
         raise WseError(f"unknown prefill GEMM algorithm {algo!r} ({', '.join(GEMM_ALGOS)}, stationary)")
-    if algo == "stationary" or P != Q:
+    if algo == "stationary" or P != Q or (weights != "bf16" and name not in ATTENTION_GEMMS):
         if name in ATTENTION_GEMMS:
             return "summa" if P != Q else "meshgemm"
         return "stationary"
     return algo
 
 
-def stationary_block(spec: ModelSpec, cfg: WaferConfig, P: int, Q: int, prompt: int, name: str) -> int:
+def stationary_block(spec: ModelSpec, cfg: WaferConfig, P: int, Q: int, prompt: int, name: str,
+                     weights: str = "bf16") -> int:
     """Tokens per block of a weight-stationary prefill GEMM: the most (up to the prompt) whose
-    inputs, outputs and reduction scratch fit beside the kernel's weight tile."""
+    inputs, outputs and reduction scratch fit beside the kernel's weight tile (stored at
+    `weights`)."""
     _, k, n, _, _ = _gemm_shape(spec, prompt, name)
-    b = largest_batch(k, n, P, Q, cfg, prompt)
+    b = largest_batch(k, n, P, Q, cfg, prompt, weights)
     if b < 1:
         try:
-            gemv_trace(k, n, P, Q, cfg)  # the fit error naming the bytes
+            gemv_trace(k, n, P, Q, cfg, weights=weights)  # the fit error naming the bytes
         except WseError as e:
             raise WseError(f"the prefill {name} kernel does not fit a {P}x{Q} region: {e}") from None
         raise WseError(f"the prefill {name} kernel does not fit a {P}x{Q} region")
@@ -210,7 +231,8 @@ def stationary_block(spec: ModelSpec, cfg: WaferConfig, P: int, Q: int, prompt: 
 
 def _kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str,
                   lm_width: int | None, steps: int | None, Q: int, batch: int | None, record: bool = False,
-                  lm_rows: int | None = None, keys: int | None = None) -> tuple[Trace, dict[str, int]]:
+                  lm_rows: int | None = None, keys: int | None = None, weights: str = "bf16"
+                  ) -> tuple[Trace, dict[str, int]]:
     if prompt < max(P, Q):
         raise WseError(f"--prompt-len {prompt} is shorter than the region's longer side {max(P, Q)}: every row "
                        "(and every key column) needs a token")
@@ -227,14 +249,17 @@ def _kernel_trace(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: 
     if name not in kernel_names(spec):
         raise WseError(f"{spec.name} has no prefill kernel {name!r}")
     mm, k, n, a, b = _gemm_shape(spec, S, name, keys)
-    how = mapping(algo, P, Q, name)
+    weights = weights if name not in ATTENTION_GEMMS else "bf16"
+    how = mapping(algo, P, Q, name, weights)
     if how != "stationary":
         return gemm_trace(mm, k, n, P, cfg, how, a, b, steps=steps, Q=Q)
-    block = batch or stationary_block(spec, cfg, P, Q, S, name)
-    tr, f = gemv_trace(k, n, P, Q, cfg, batch=block)
+    block = batch or stationary_block(spec, cfg, P, Q, S, name, weights)
+    tr, f = gemv_trace(k, n, P, Q, cfg, batch=block, weights=weights)
     model = 2 * S * k * n
-    return tr, {"model_flops": model, "executed_flops": model + (Q - 1) * n * S, "block_tokens": block,
-                "block_executed_flops": f["model_flops"] + f["reduce_flops"],
+    # each block dequantizes the tile once (pieces: as few blocks as fit, the prompt over them)
+    dequant = f["dequant_flops"] * -(-S // stationary_block(spec, cfg, P, Q, S, name, weights))
+    return tr, {"model_flops": model, "executed_flops": model + (Q - 1) * n * S + dequant, "block_tokens": block,
+                "block_executed_flops": f["model_flops"] + f["reduce_flops"] + f["dequant_flops"],
                 "sram_bytes_per_pe": f["sram_bytes_per_pe"]}
 
 
@@ -275,19 +300,21 @@ def gemm_steps(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str
 
 
 def pieces(spec: ModelSpec, cfg: WaferConfig, P: int, prompt: int, name: str, algo: str = "meshgemm",
-           Q: int | None = None, prefix: int = 0, keys: int | None = None) -> list[tuple[float, dict[str, int]]]:
+           Q: int | None = None, prefix: int = 0, keys: int | None = None,
+           weights: str = "bf16") -> list[tuple[float, dict[str, int]]]:
     """What to simulate for a kernel and how its cycles follow: [(weight, kernel_trace keyword
     arguments)], cycles = sum of weight x simulated cycles. A weight-stationary GEMM: its token
     blocks (as few as fit, sizes differing by at most one), one after another (each starts when
     the block before has finished everywhere, as the prefill's kernels do). A MeshGEMM/Cannon/SUMMA kernel with
     `prefix` below half its steps: its first k1 = prefix / 2 and k2 = 2 k1 steps, extrapolated
     linearly (c1 + (T - k1)(c2 - c1)/(k2 - k1)); for SUMMA k1 is at least SUMMA_SETTLE_DEPTHS
-    times its buffer depth. Otherwise (2 k2 >= T) the whole kernel."""
+    times its buffer depth. Otherwise (2 k2 >= T) the whole kernel. weights: the kernel's
+    (kernel_weights)."""
     Q = Q or P
     if not is_gemm(name):
         return [(1.0, {})]
-    if mapping(algo, P, Q, name) == "stationary":
-        blocks = -(-prompt // stationary_block(spec, cfg, P, Q, prompt, name))
+    if mapping(algo, P, Q, name, weights) == "stationary":
+        blocks = -(-prompt // stationary_block(spec, cfg, P, Q, prompt, name, weights))
         lo, big = divmod(prompt, blocks)  # `big` blocks of lo + 1 tokens, the rest of lo
         return [(float(n), {"batch": size}) for n, size in ((big, lo + 1), (blocks - big, lo)) if n]
     T = gemm_steps(spec, cfg, P, prompt, name, algo, Q, keys)
