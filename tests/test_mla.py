@@ -207,7 +207,7 @@ def test_auto_row_groups_take_the_fewest_simulated_cycles(small):
     ([100, 90, 95, 80], 9, 2, 3),   # stops at the first G slower than the one before
     ([100, 100, 90], 9, 1, 2),      # a tie is no gain: the fewer groups
     ([100, 90, 80], 2, 2, 2),       # G = 3 does not place
-    ([100], 1, 1, 1),               # G = 2 does not place
+    ([100], 1, 1, 0),               # G = 2 does not place: nothing to simulate
 ])
 def test_auto_row_groups_search(monkeypatch, cycles, fits, chosen, tried):
     import types
@@ -227,6 +227,8 @@ def test_auto_row_groups_search(monkeypatch, cycles, fits, chosen, tried):
     choice = M.choose_groups(load_model("tiny-mla"), _small_system(),
                              DecodeParams(context=64, moe_mapping="local", slot_shape="square"), 1, simulate)
     assert (choice.groups, len(calls), list(choice.cycles.values())) == (chosen, tried, cycles[:tried])
+    said = choice.describe()
+    assert f"in {chosen} row group" in said and ("do not place" in said if not tried else "at G = 1 /" in said)
     assert M.choose_groups(load_model("tiny"), _small_system(), DecodeParams(context=64), 1, simulate).groups == 1
     assert len(calls) == tried  # a model without latent attention simulates nothing
 

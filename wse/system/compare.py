@@ -250,7 +250,7 @@ def format_rows(job: SystemJob) -> str:
                      f"{f', {s.expert_regions} expert region' + 's' * (s.expert_regions > 1) if s.expert_regions else ''}, "
                      f"{s.cycles:,} cycles/token, weights + KV fill {s.packing:.0%} of its usable SRAM")
     lines.append(f"pipeline depth: {d.max_in_flight} micro-batches in flight, bounded by {d.depth_bound}")
-    if job.groups and job.groups.cycles:
+    if job.groups and job.groups.layer >= 0:
         lines.append(job.groups.describe())
     if d.wafers > 1:
         lines.append(f"links: up to {max(d.link_bytes):,} B per token each, {d.link_seconds * 1e6:.2f} us per "

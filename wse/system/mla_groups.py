@@ -42,10 +42,12 @@ class GroupChoice:
     wafers: int | None = None  # the wafers the candidates were planned on
 
     def describe(self) -> str:
+        head = f"latent attention in {self.groups} row group{'s' * (self.groups > 1)} (--mla-groups auto: "
+        if not self.cycles:
+            return head + f"2 groups do not place on these {self.slot[0]}x{self.slot[1]} slots)"
         tried = " / ".join(f"{c:,}" for c in self.cycles.values())
-        return (f"latent attention in {self.groups} row group{'s' * (self.groups > 1)} (--mla-groups auto: "
-                f"layer {self.layer}'s region on {self.slot[0]}x{self.slot[1]} alone took {tried} cycles with "
-                f"{' / '.join(map(str, self.cycles))} groups)")
+        return head + (f"layer {self.layer}'s region on {self.slot[0]}x{self.slot[1]} alone took {tried} cycles "
+                       f"at G = {' / '.join(map(str, self.cycles))})")
 
 
 def layer_region_trace(plan: ModelPlan) -> tuple[Trace, int]:
@@ -79,29 +81,35 @@ def choose_groups(spec: ModelSpec, system: SystemConfig, params: DecodeParams, w
     n = wafers or fewest_wafers(spec, system, dataclasses.replace(params, mla_groups=1))
     fanout = fanout or Fanout()
     cfg = system.wafer_config
-    cycles: dict[int, int] = {}
-    layer, slot = -1, (0, 0)
-    G = 1
-    while True:
-        try:  # (a G the slots' rows or SRAM cannot take ends the search)
-            plans = wafer_plans(spec, system, dataclasses.replace(params, mla_groups=G), n)
-            plan = _representative(plans)
-            trace, layer_g = layer_region_trace(plan)
+
+    def region(G: int) -> tuple[Trace, int, ModelPlan] | None:
+        """G's representative layer region, or None where G's plans do not place (its rows, SRAM)."""
+        try:
+            plan = _representative(wafer_plans(spec, system, dataclasses.replace(params, mla_groups=G), n))
+            return (*layer_region_trace(plan), plan)
         except WseError:
             if G == 1:
                 raise
-            break
+            return None
+
+    first = region(1)
+    nxt = region(2)
+    if nxt is None:  # one candidate: nothing to simulate
+        return GroupChoice(1, {}, first[1], (first[2].P, first[2].Q), n)
+    cycles: dict[int, int] = {}
+    G, now = 1, first
+    while now is not None:
+        trace, layer, _ = now
         work = Work(content_key("mla-groups-layer", trace.content_hash(), cfg), lambda t=trace: (simulate(t), {}),
                     _simulate_trace, (trace, cfg, fanout.worker_threads()))
         result = next(iter(fanout.run([work])))[1]
         if not result.complete:
-            raise WseError(f"--mla-groups auto: layer {layer_g}'s region with {G} groups did not finish "
+            raise WseError(f"--mla-groups auto: layer {layer}'s region with {G} groups did not finish "
                            f"({result.stop_name})")
-        if G == 1:
-            layer, slot = layer_g, (plan.P, plan.Q)
         cycles[G] = int(result.total_cycles)
         if G > 1 and cycles[G] >= cycles[G - 1]:
             break
         G += 1
+        now, nxt = nxt, (region(G + 1) if nxt is not None else None)
     best = min(cycles, key=lambda g: (cycles[g], g))
-    return GroupChoice(best, cycles, layer, slot, n)
+    return GroupChoice(best, cycles, first[1], (first[2].P, first[2].Q), n)
