@@ -98,7 +98,7 @@ def choose_groups(spec: ModelSpec, system: SystemConfig, params: DecodeParams, w
         return GroupChoice(1, {}, first[1], (first[2].P, first[2].Q), n)
     cycles: dict[int, int] = {}
     G, now = 1, first
-    while now is not None:
+    while True:
         trace, layer, _ = now
         work = Work(content_key("mla-groups-layer", trace.content_hash(), cfg), lambda t=trace: (simulate(t), {}),
                     _simulate_trace, (trace, cfg, fanout.worker_threads()))
@@ -110,6 +110,8 @@ def choose_groups(spec: ModelSpec, system: SystemConfig, params: DecodeParams, w
         if G > 1 and cycles[G] >= cycles[G - 1]:
             break
         G += 1
-        now, nxt = nxt, (region(G + 1) if nxt is not None else None)
+        now = nxt if G == 2 else region(G)  # (built only once the search goes on to it)
+        if now is None:
+            break
     best = min(cycles, key=lambda g: (cycles[g], g))
     return GroupChoice(best, cycles, first[1], (first[2].P, first[2].Q), n)
