@@ -149,20 +149,16 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     half way (Generation). mla_groups AUTO: chosen by simulation (mla_groups.choose_groups, at
     the last token's context)."""
     spec = load_model(model)
-    choice = None
-    if mla_groups == AUTO:
-        at = DecodeParams(batch=batch, context=context + generate - 1, expert_skew=expert_skew,
-                          moe_mapping=moe_mapping, experts_per_region=experts_per_region, slot_shape=slot_shape,
-                          uniform_slots=uniform_slots, weights=weights, attention=attention,
-                          attention_block=attention_block, flash_blocks=flash_blocks, norms=norms,
-                          dense_ffn=dense_ffn, tables=tables, algo=allreduce, handoff=handoff, down_gemv=down_gemv)
-        choice = choose_groups(spec, system, at, wafers, simulate, fanout)
-        mla_groups, wafers = choice.groups, wafers or choice.wafers
     params = DecodeParams(batch=batch, context=context, expert_skew=expert_skew, moe_mapping=moe_mapping,
                           experts_per_region=experts_per_region, slot_shape=slot_shape, uniform_slots=uniform_slots,
                           weights=weights, attention=attention, attention_block=attention_block,
                           flash_blocks=flash_blocks, norms=norms, dense_ffn=dense_ffn, tables=tables, algo=allreduce,
-                          handoff=handoff, down_gemv=down_gemv, mla_groups=mla_groups)
+                          handoff=handoff, down_gemv=down_gemv, mla_groups=max(mla_groups, 1))
+    choice = None
+    if mla_groups == AUTO:  # (chosen at the last token's context, where the wafers hold the KV cache)
+        choice = choose_groups(spec, system, dataclasses.replace(params, context=context + generate - 1), wafers,
+                               simulate, fanout)
+        params, wafers = dataclasses.replace(params, mla_groups=choice.groups), wafers or choice.wafers
     gw = weights_for(spec, weights_of(spec, weights))  # the GPU nodes store the weights alike
     if generate < 1:
         raise WseError(f"--generate {generate} must be at least 1")

@@ -312,15 +312,16 @@ def prefill_kernels(spec, cfg: WaferConfig, P: int, prompt: int, lm_width: int, 
                     _prefill_task, (spec, cfg, P, prompt, n, algo, lm_width, fanout.worker_threads(), where, Q, kw,
                                     lm_rows))
 
-    def stored(n: str) -> dict[str, str]:
+    def kernel_pieces(n: str) -> list[tuple[float, dict]]:
+        """n's pieces, each carrying its keys (a key kernel's) and its weights (below 16 bits)."""
+        if n == "lm_head":
+            return [(1.0, {})]
         w = kernel_weights(spec, n, precisions)
-        return {"weights": w} if w != "bf16" else {}
+        extra = {**({"keys": keys} if keys and n in KEYED_KERNELS else {}), **({"weights": w} if w != "bf16" else {})}
+        return [(f, dict(kw, **extra)) for f, kw in pieces(spec, cfg, P, prompt, n, algo, Q, prefix, keys, w)]
 
     def kernels(names):
-        parts = {n: [(w, dict(kw, keys=keys, **stored(n))) if keys and n in KEYED_KERNELS else (w, dict(kw, **stored(n)))
-                     for w, kw in pieces(spec, cfg, P, prompt, n, algo, Q, prefix, keys,
-                                         kernel_weights(spec, n, precisions))] if n != "lm_head"
-                 else [(1.0, {})] for n in names}
+        parts = {n: kernel_pieces(n) for n in names}
         todo = [(n, i) for n in names for i in range(len(parts[n]))]
         got: dict[tuple[str, int], tuple] = {}
         for j, result, extra in fanout.run([work(n, parts[n][i][1]) for n, i in todo]):
