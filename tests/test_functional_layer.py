@@ -168,6 +168,7 @@ def test_moe_and_gpt_oss_layers_compute_the_models_layer(name, layer, P, Q, batc
     (1, 8, 16, 2, 40, {}),
     (0, 3, 5, 2, 13, dict(attention="classic")),
     (2, 2, 36, 1, 8, dict(attention="classic")),
+    (0, 4, 8, 2, 16, dict(gemv_form="dot", down_gemv="dot")),  # every weight tile by output (16-bit)
 ])
 def test_a_latent_attention_layer_computes_the_models_layer(layer, P, Q, batch, context, kw, roomy):
     """(Found: the absorbed query written head-major while flash over the heads reads it dim-major,
@@ -260,6 +261,10 @@ def test_the_latent_reference_is_the_textbook_attention():
     ("tiny-moe", 1, 4, 8, 3, dict(weights="int4")),
     ("tiny-mla", 1, 3, 5, 2, dict(weights="fp8")),
     ("tiny-mla", 0, 4, 8, 1, dict(weights="int4", attention_block=2)),
+    # every weight tile by output (--gemv-form dot --down-gemv dot): DOTs over dequantized blocks of
+    # outputs' weights, int4 pieces a nibble each
+    ("tiny", 0, 3, 5, 2, dict(weights="fp8", gemv_form="dot", down_gemv="dot")),
+    ("tiny-moe", 1, 4, 8, 3, dict(weights="int4", gemv_form="dot", down_gemv="dot")),
 ])
 def test_a_layer_with_low_precision_tiles_computes_the_models_layer(name, layer, P, Q, batch, kw, roomy):
     """(Found: the dequantize ops read their scale at SRAM address 0; and the all-reduce scratch

@@ -64,6 +64,19 @@ def test_a_low_precision_moe_step_composes_exactly(weights, kw, small):
     assert model_bytes(plan) < 2 * plan.spec.total_params()
 
 
+def test_tiles_by_output_compose_exactly(small):
+    """--gemv-form auto: low-precision tiles by output where fewer cycles (tiny-moe's expert and
+    layer regions take them), composed equal to full, FLOPs with their dequantize."""
+    plan = plan_model(load_model("tiny-moe"), small, DecodeParams(weights="int4", batch=2, context=16,
+                                                                  moe_mapping="regions", experts_per_region=4,
+                                                                  gemv_form="auto"))
+    builds = composed_equals_full(plan, small)
+    assert sum(b.flops.get("dequant", 0) for b in builds) > 0
+    from wse.workload.experts import plan_experts
+    region = plan_experts(plan.spec, 0, (0, 4), plan.P, small, plan.params, Q=plan.Q)
+    assert region.shapes["gate_up"].dots  # (8 gate/up outputs by 13 hidden inputs a PE, on 21x32)
+
+
 def test_the_published_checkpoint_is_the_default():
     ds, kimi, l8b = load_model("deepseek-v3"), load_model("kimi-k2"), load_model("llama3.1-8b")
     assert weights_of(ds, None) == ("fp8", "fp8") and weights_of(kimi, None) == ("fp8", "fp8")

@@ -218,7 +218,10 @@ def _workload_options(fn):
                           "or auto (default): strips only where slots place nothing"),
         click.option("--down-gemv", "down_gemv", type=click.Choice(["auto", "axpy", "dot"]),
                      help="the FFN's down GEMV: a FMAC per input element (axpy), a DOT per output element "
-                          "(dot, 16-bit weights), or whichever is fewer cycles (auto, default)"),
+                          "(dot), or whichever is fewer cycles (auto, default)"),
+        click.option("--gemv-form", "gemv_form", type=click.Choice(["auto", "axpy", "dot"]),
+                     help="the other weight GEMVs (QKV, O, router, gate/up, latent attention's W_a, W_qb, W_o) "
+                          "and low-precision down tiles under --down-gemv auto: as --down-gemv (default axpy)"),
         click.option("--handoff", type=click.Choice(["fused", "barrier"]),
                      help="a region's hand-off: its sync nested in the FFN's down all-reduce (fused, default) "
                           "or a region-wide barrier of its own"),

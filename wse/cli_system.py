@@ -132,8 +132,11 @@ def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Cal
               help="line all-reduces in the layer regions: two-level, with long vectors in one two-way chain "
                    "(auto), always two-level, or one chain to the line's end")
 @click.option("--down-gemv", type=click.Choice(["auto", "axpy", "dot"]), default="auto", show_default=True,
-              help="the FFN's down GEMV: a FMAC per input element, a DOT per output element (16-bit weights), "
+              help="the FFN's down GEMV: a FMAC per input element, a DOT per output element, "
                    "or whichever is fewer cycles")
+@click.option("--gemv-form", type=click.Choice(["auto", "axpy", "dot"]), default="axpy", show_default=True,
+              help="the other weight GEMVs (QKV, O, router, gate/up, latent attention's W_a, W_qb, W_o) and "
+                   "low-precision down tiles under --down-gemv auto: as --down-gemv")
 @click.option("--handoff", type=click.Choice(["fused", "barrier"]), default="fused", show_default=True,
               help="a region's hand-off: its sync nested in the FFN's down all-reduce, or a region-wide barrier")
 @click.option("--mla-groups", default="1", show_default=True,

@@ -130,7 +130,8 @@ def _groups(value: str | int) -> int:
 
 
 _PARAM_KEYS = ("moe_mapping", "experts_per_region", "slot_shape", "uniform_slots", "attention", "attention_block",
-               "flash_blocks", "norms", "dense_ffn", "tables", "handoff", "down_gemv", "mla_groups")
+               "flash_blocks", "norms", "dense_ffn", "tables", "handoff", "down_gemv", "gemv_form",
+               "mla_groups")
 
 
 def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], object], *, wafers: int | None = None,
@@ -142,7 +143,7 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
                fanout: Fanout | None = None, prefill_steps: int = 16, dense_ffn: str = "auto",
                tables: str = "auto", prefill_chunk: int = 0, prefill_samples: int = 3,
                allreduce: str = "auto", handoff: str = "fused", down_gemv: str = "auto",
-               prefill_keys: str = "blocked", mla_groups: int = 1) -> SystemJob:
+               prefill_keys: str = "blocked", mla_groups: int = 1, gemv_form: str = "axpy") -> SystemJob:
     """Simulate the wafer system, evaluate the GPU model, and tabulate both (fanout: where the
     stage simulations run and the cache they share, pool.Fanout). generate > 1: the wafers
     hold the KV cache of the generation's last token, and the step is also simulated there and
@@ -153,7 +154,8 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
                           experts_per_region=experts_per_region, slot_shape=slot_shape, uniform_slots=uniform_slots,
                           weights=weights, attention=attention, attention_block=attention_block,
                           flash_blocks=flash_blocks, norms=norms, dense_ffn=dense_ffn, tables=tables, algo=allreduce,
-                          handoff=handoff, down_gemv=down_gemv, mla_groups=max(mla_groups, 1))
+                          handoff=handoff, down_gemv=down_gemv, mla_groups=max(mla_groups, 1),
+                          gemv_form=gemv_form)
     choice = None
     if mla_groups == AUTO:  # (chosen at the last token's context, where the wafers hold the KV cache)
         choice = choose_groups(spec, system, dataclasses.replace(params, context=context + generate - 1), wafers,

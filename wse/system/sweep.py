@@ -32,7 +32,8 @@ OPTIONS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "uniform_slots": (bool, False), "weights": (str, ""), "attention": (str, "flash"), "attention_block": (int, 0),
     "flash_blocks": (str, "auto"),
     "norms": (str, "fused"), "dense_ffn": (str, "auto"), "tables": (str, "auto"), "generate": (int, 1), "gpu": (str, "h100"), "prefill_steps": (int, 16), "prefill_chunk": (int, 0), "prefill_samples": (int, 3), "prefill_keys": (str, "blocked"),
-    "allreduce": (str, "auto"), "handoff": (str, "fused"), "down_gemv": (str, "auto"), "mla_groups": ((str, int), 1),
+    "allreduce": (str, "auto"), "handoff": (str, "fused"), "down_gemv": (str, "auto"), "gemv_form": (str, "axpy"),
+    "mla_groups": ((str, int), 1),
 }
 
 

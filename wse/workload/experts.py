@@ -16,7 +16,7 @@ from ..trace import Op, compute, recv, recv_compute_send, send, signal, wait
 from .collectives import LineBroadcast
 from .dispatch import ExpertRole
 from .ffn import chosen_experts, expert_sequences, ffn_ops, moe_choices
-from .gemv import ELEM, GemvShape, alloc_scales
+from .gemv import ELEM, GemvShape, alloc_scales, choose_form, tile_form
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
 from .models import ModelSpec
 from .params import DecodeParams
@@ -101,7 +101,8 @@ def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, 
               for name, (mm, n, axis, ins, outs) in {
                   "gate_up": (H, 2 * m.expert_ffn_size, X, Hc, [2 * f for f in f_r]),
                   "down": (m.expert_ffn_size, H, Y, f_r, Hc)}.items()}
-    for sh in shapes.values():
+    for name, sh in shapes.items():  # (by input under gemv_form "axpy": expert regions as they were built)
+        choose_form(sh, "axpy" if params.gemv_form == "axpy" else tile_form(params, name, sh.precision), cfg)
         sh.set_pitch()
     dequant = max(sh.scratch_bytes() for sh in shapes.values())
     if dequant:  # (a scratch the size of the tiles', not of their number: below the weights too)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from .. import isa
-from ..errors import WseError
 from ..trace import compute, with_tag
 from .mesh import X, Y, Axis, Allocator, RegionProgram, split
 from .precision import SCRATCH_BYTES, STORE, row_bytes, value_bytes
@@ -35,8 +36,9 @@ class GemvShape:
     precision: str = "bf16"  # how the weights are stored (precision.py)
     scratch: int = 0  # where a low-precision tile's rows are dequantized to fp16
     scales: int = 0  # a low-precision tile's scale (fp16; copy c of the tile: scales + c * ELEM)
-    # the tile stored by output (16-bit weights): each output element's weights contiguous, one DOT
-    # per output over the input chunk, instead of one FMAC per input element over the output chunk
+    # the tile stored by output: each output element's weights contiguous, one DOT per output over
+    # the input chunk, instead of one FMAC per input element over the output chunk (a low-precision
+    # tile dequantizes a block of outputs' weights at a time)
     dots: bool = False
 
     @property
@@ -51,8 +53,6 @@ class GemvShape:
     def set_pitch(self) -> None:
         """Row pitch for the widest output chunk at the shape's precision (by output: the widest
         input chunk), a multiple of 8 bytes."""
-        if self.dots and self.store != FP16:
-            raise WseError(f"gemv: a tile stored by output holds 16-bit weights, not {self.precision}")
         width = row_bytes(self.precision, max(self.in_chunks if self.dots else self.out_chunks))
         self.pitch = -(-width // 8) * 8
 
@@ -67,9 +67,13 @@ class GemvShape:
         """Tile rows one dequantize op converts (its fp16 rows within SCRATCH_BYTES)."""
         return max(1, SCRATCH_BYTES // self.scratch_pitch())
 
+    def stored_rows(self) -> list[int]:
+        """The tile's stored rows per position: input rows, or by output the output columns."""
+        return self.out_chunks if self.dots else self.in_chunks
+
     def scratch_bytes(self) -> int:
         """The fp16 scratch a low-precision tile needs (0 for fp16 weights)."""
-        return 0 if self.store == FP16 else min(self.block_rows(), max(self.in_chunks)) * self.scratch_pitch()
+        return 0 if self.store == FP16 else min(self.block_rows(), max(self.stored_rows())) * self.scratch_pitch()
 
     def weight_bytes(self) -> float:
         """Bytes of real weights over the region (no padding), at the shape's precision."""
@@ -80,16 +84,16 @@ class GemvShape:
         over the PEs that hold a tile."""
         if self.store == FP16:
             return 0
-        rows_per_pe = self.m * sum(1 for c in self.out_chunks if c)
-        return rows_per_pe * self.pitch * isa.DTYPE_VALUES[self.store]
+        rows = self.n * sum(1 for c in self.in_chunks if c) if self.dots \
+            else self.m * sum(1 for c in self.out_chunks if c)
+        return rows * self.pitch * isa.DTYPE_VALUES[self.store]
 
 
 def dots_cheaper(shape: GemvShape, cfg) -> bool:
     """Whether the longest tile's products take fewer cycles as DOTs over the outputs (nt ops
     of mt elements) than as FMACs over the inputs (mt ops of nt): each op pays the vector setup,
-    so the form with fewer, longer ops wins (a 16-bit tile; the ops' SIMD widths and ports)."""
-    if shape.store != FP16:
-        return False
+    so the form with fewer, longer ops wins (the ops' SIMD widths and ports; a low-precision tile
+    runs them on its dequantized fp16 rows, and dequantizes every stored value either way)."""
     mt, nt = max(shape.in_chunks), max(shape.out_chunks)
     port = cfg.sram_port_bytes // ELEM
 
@@ -98,6 +102,22 @@ def dots_cheaper(shape: GemvShape, cfg) -> bool:
 
     setup = cfg.vector_setup_cycles
     return nt * (setup + steps(isa.KIND_DOT, mt)) < mt * (setup + steps(isa.KIND_FMAC, nt))
+
+
+def choose_form(shape: GemvShape, form: str, cfg) -> None:
+    """Store the tile by output (`form` "dot"), by input ("axpy"), or ("auto") whichever takes
+    fewer cycles on `cfg` (dots_cheaper; by input without a configuration). The form also moves
+    the padding (each stored row is padded to 8 bytes), so a tile may grow or shrink."""
+    shape.dots = form == "dot" or (form == "auto" and cfg is not None and dots_cheaper(shape, cfg))
+
+
+def tile_form(params, name: str, precision: str) -> str:
+    """The form (params.py) of GEMV tile `name` stored at `precision`: a down tile follows
+    down_gemv, except that under down_gemv "auto" a low-precision one follows gemv_form (by
+    input unless that says otherwise, as before both existed); every other tile gemv_form."""
+    if name == "down" and (params.down_gemv != "auto" or STORE[precision] == FP16):
+        return params.down_gemv
+    return params.gemv_form
 
 
 def plan_gemv(m: int, n: int, reduce_axis: Axis, px: int, py: int) -> GemvShape:
@@ -142,7 +162,7 @@ _GEMV_OPS_MAX = 200_000  # ops remembered at most (~30 MB; a decode tile has ten
 
 def _gemv_ops(shape: GemvShape, mt: int, nt: int, x: int, y: int, batch: int, x_stride: int, y_stride: int) -> list:
     ops = []
-    if shape.dots:  # one DOT per output element: its weights (contiguous) . the input chunk
+    if shape.dots and shape.store == FP16:  # a DOT per output element: its weights (contiguous) . the input
         return [compute(isa.KIND_DOT, mt, dst=y + b * y_stride + c * ELEM, src0=shape.weights + c * shape.pitch,
                         src1=x + b * x_stride, dtype=FP16) for b in range(batch) for c in range(nt)]
     if shape.store == FP16:
@@ -152,6 +172,14 @@ def _gemv_ops(shape: GemvShape, mt: int, nt: int, x: int, y: int, batch: int, x_
                                    src1=x + b * x_stride + r * ELEM, dtype=FP16))
         return ops
     k, sp = shape.block_rows(), shape.scratch_pitch()
+    if shape.dots:  # dequantize a block of outputs' weights, then their DOTs
+        for c0 in range(0, nt if mt else 0, k):
+            cols = min(k, nt - c0)
+            ops.append(compute(isa.KIND_SCALE, cols * shape.pitch, dst=shape.scratch,
+                               src0=shape.weights + c0 * shape.pitch, src1=shape.scales, dtype=shape.store))
+            ops += [compute(isa.KIND_DOT, mt, dst=y + b * y_stride + c * ELEM, src0=shape.scratch + (c - c0) * sp,
+                            src1=x + b * x_stride, dtype=FP16) for b in range(batch) for c in range(c0, c0 + cols)]
+        return ops
     for r0 in range(0, mt, k):  # dequantize a block of rows, then the FMACs that use them
         rows = min(k, mt - r0)
         ops.append(compute(isa.KIND_SCALE, rows * shape.pitch, dst=shape.scratch,
@@ -166,12 +194,25 @@ def _gemv_ops(shape: GemvShape, mt: int, nt: int, x: int, y: int, batch: int, x_
 def tile_addr(shape: GemvShape, row, col, copy: int = 0):
     """Where element (row, col) of a PE's tile (copy `copy`) lies, in /tensors address units: a
     byte address, or for an int4 tile a nibble address (tensors.addr_units)."""
-    if shape.dots:
-        return shape.weights + copy * shape.tile_bytes() + col * shape.pitch + row * ELEM
-    base = shape.weights + copy * shape.tile_bytes() + row * shape.pitch
+    run, at = (col, row) if shape.dots else (row, col)  # the stored row, the element in it
+    base = shape.weights + copy * shape.tile_bytes() + run * shape.pitch
     if shape.store == FP16:
-        return base + col * ELEM
-    return 2 * base + col if shape.store == isa.DTYPE_INT4 else base + col
+        return base + at * ELEM
+    return 2 * base + at if shape.store == isa.DTYPE_INT4 else base + at
+
+
+def tile_pieces(t, tensor: int, shape: GemvShape, pe, row, col, count, start, copy: int = 0, stride=1) -> None:
+    """Tensor pieces of `count` elements of tile row `row` from column `col` (PE arrays broadcast
+    together), holding the tensor's elements start, start + stride, ...: one piece per run by
+    input; by output the run's elements lie a pitch apart, one piece each."""
+    if not shape.dots:
+        t.pieces(tensor, pe, tile_addr(shape, row, col, copy), count, start, stride)
+        return
+    pe, row, col, count, start, stride = np.broadcast_arrays(
+        *(np.atleast_1d(np.asarray(v, np.int64)) for v in (pe, row, col, count, start, stride)))
+    k = np.repeat(np.arange(len(pe)), count)  # a piece per element
+    e = np.arange(len(k)) - np.repeat(np.cumsum(count) - count, count)  # its place in the run
+    t.pieces(tensor, pe[k], tile_addr(shape, row[k], col[k] + e, copy), 1, start[k] + e * stride[k])
 
 
 def record_scale(t, names: str, shape: GemvShape, pe, copies: dict[int, int], n: int) -> None:

@@ -153,7 +153,8 @@ def _model_plan(name: str, cfg: WaferConfig, phase: str, **kw):
                           flash_blocks=kw.get("flash_blocks") or "auto",
                           norms=kw.get("norms") or "fused", dense_ffn=kw.get("dense_ffn") or "auto",
                           tables=kw.get("tables") or "auto", handoff=kw.get("handoff") or "fused",
-                          down_gemv=kw.get("down_gemv") or "auto", mla_groups=kw.get("mla_groups") or 1)
+                          down_gemv=kw.get("down_gemv") or "auto", mla_groups=kw.get("mla_groups") or 1,
+                          gemv_form=kw.get("gemv_form") or "axpy")
     if params.batch < 1 or params.context < 1:
         raise WseError("--batch and --context must be positive")
     return plan_model(spec, cfg, params, kw.get("layers"), region[0] if region else None,

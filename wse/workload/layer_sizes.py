@@ -12,7 +12,7 @@ from ..errors import WseError
 from ..hardware import WaferConfig
 from .attention import HeadRows, attention_segments, block_tokens, head_rows, owned_heads
 from .ffn import experts_run, moe_experts, weighted_sum_ops
-from .gemv import ELEM, FP16, GemvShape, alloc_scales, dots_cheaper
+from .gemv import ELEM, GemvShape, alloc_scales, choose_form, tile_form
 from .layer_costs import SPLIT_PARTS
 from .mesh import X, Y, Allocator, split
 from .mla import MlaSplit, mla_split, most_mla_rows
@@ -226,10 +226,8 @@ def _alloc_weights(plan: LayerPlan) -> dict[str, int]:
     def weights(name: str, m: int, n: int, axis, ins: list[int], outs: list[int], copies: int = 1,
                 precision: str = dense_w) -> None:
         s = GemvShape(m, n, axis, ins, outs, precision=precision)
-        if name == "down":  # (--down-gemv; a low-precision tile stays by input row)
-            form = plan.params.down_gemv
-            s.dots = s.store == FP16 and (form == "dot" or (form == "auto" and plan.cfg is not None
-                                                             and dots_cheaper(s, plan.cfg)))
+        if name not in ("uk", "uv"):  # (the absorbed up-projections run loops of their own: mla.py)
+            choose_form(s, tile_form(plan.params, name, precision), plan.cfg)
         s.set_pitch()
         s.weights = mem.alloc(f"w_{name}", s.tile_bytes() * copies, "weights", G0)
         shapes[name], n_copies[name] = s, copies

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..tensors import TensorRecorder
 from .attention import attn_scale, by_heads
-from .gemv import ELEM, record_scale, tile_addr, weight_tensor
+from .gemv import ELEM, record_scale, tile_addr, tile_pieces, weight_tensor
 from .mesh import offsets
 from .region import C_ATTN, C_EPS, C_INV_H, C_ONE, NORM_EPS
 
@@ -143,8 +143,8 @@ def _record_heads(t, plan, pe, col, rowi, tensors: tuple, pe_of) -> None:
             pr, rr = np.meshgrid(np.arange(len(rows)), r, indexing="ij")
             keep = rr < hc[cj][pr]
             if w_qkv is not None:
-                t.pieces(w_qkv, rows[pr][keep], tile_addr(S["qkv"], rr[keep], local), n,
-                         (ho[cj][pr][keep] + rr[keep]) * n_qkv + gcol, stride)
+                tile_pieces(t, w_qkv, S["qkv"], rows[pr][keep], rr[keep], local, n,
+                            (ho[cj][pr][keep] + rr[keep]) * n_qkv + gcol, stride=stride)
             if b_qkv is not None:
                 t.pieces(b_qkv, rows, b_["b_qkv"] + local * ELEM, n, gcol, stride)
             for b in range(B if qkv_out is not None else 0):
@@ -157,7 +157,7 @@ def _record_heads(t, plan, pe, col, rowi, tensors: tuple, pe_of) -> None:
             t.pieces(sin, rows, b_["sin"] + at * ELEM, n, start, stride)
         for r, grow in enumerate(o_rows(spec, kv, p0, kh, g, vec)):  # W_o: row j's attention dims
             if w_o is not None:
-                t.pieces(w_o, rows, tile_addr(S["o"], r, 0), hc[cj], grow * H + ho[cj])
+                tile_pieces(t, w_o, S["o"], rows, r, 0, hc[cj], grow * H + ho[cj])
             for b in range(B):
                 t.pieces(attn, rows, b_["att"] + (b * plan.o_r[j] + r) * ELEM, 1, b * spec.attn_out_size + grow)
     _record_cache(t, plan, plan.P, pe_of)
@@ -264,8 +264,8 @@ def _record_ffn(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int, F: int, e
         for r in range(int(hc.max())):  # gate_up tile row r of PE (i, j): hidden row ho[i] + r, the row's f dims
             m = (hc[col] > r) & (fr[row] > 0)
             for k, w in enumerate((wg, wu)):
-                t.pieces(w, pe[m], tile_addr(gu, r, k * fr[row[m]], c), fr[row[m]],
-                         e * H * F + (ho[col[m]] + r) * F + fo[row[m]])
+                tile_pieces(t, w, gu, pe[m], r, k * fr[row[m]], fr[row[m]],
+                            e * H * F + (ho[col[m]] + r) * F + fo[row[m]], c)
         if dn.dots:  # stored by output: output o of the column's chunk, the row's ffn dims (stride H)
             for o in range(int(hc.max())):
                 m = (hc[col] > o) & (fr[row] > 0)
@@ -306,8 +306,7 @@ def _record_moe(t: TensorRecorder, plan, pe, col, row, ho, fo, H: int) -> None:
     logits = t.add("router", "output", (B, E))
     for r in range(int(hc.max())):
         sel = (hc[col] > r) & (er[row] > 0)
-        t.pieces(wr, pe[sel], S["router"].weights + r * S["router"].pitch, er[row[sel]],
-                 (ho[col[sel]] + r) * E + eo[row[sel]])
+        tile_pieces(t, wr, S["router"], pe[sel], r, 0, er[row[sel]], (ho[col[sel]] + r) * E + eo[row[sel]])
     sel = er[row] > 0
     for b in range(B):
         t.pieces(logits, pe[sel], b_["qkv"] + b * er[row[sel]] * ELEM, er[row[sel]], b * E + eo[row[sel]])

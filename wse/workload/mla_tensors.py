@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .attention import AttnRow, by_heads
-from .gemv import ELEM, record_scale, tile_addr
+from .gemv import ELEM, record_scale, tile_pieces
 from .mesh import offsets
 from .mla import C_INV_KV, C_INV_QA, cache_dims, latent_offset, q_dims
 
@@ -67,7 +67,7 @@ def record_mla(t, plan, pe: np.ndarray, col: np.ndarray, row: np.ndarray, pe_of)
         for local, g, n in runs(a_dims):  # W_a: tile row r of PE (i, j) is hidden row ho[i] + r
             for r in range(int(hc.max())):
                 k = hc[cols] > r
-                t.pieces(w_a, pes[k], tile_addr(S["a"], r, local), n, (ho[cols[k]] + r) * A + g)
+                tile_pieces(t, w_a, S["a"], pes[k], r, local, n, (ho[cols[k]] + r) * A + g)
         if qa:
             t.pieces(g_qa, pes, b_["g_qa"], qa, qa_off[j])
         if v:
@@ -123,7 +123,7 @@ def _record_pe(t, plan, i: int, j: int, pe: int, w: tuple, qa0: int, v0: int, o0
     qa, v = ms.qa_r[j], ms.v_r[j]
     for local, g, n in runs(q_dims(spec, ms, i)):  # W_qb: tile row r is q_a dim qa0 + r
         r = np.arange(qa)
-        t.pieces(w_qb, pe, tile_addr(S["qb"], r, local), n, (qa0 + r) * qlen + g)
+        tile_pieces(t, w_qb, S["qb"], pe, r, local, n, (qa0 + r) * qlen + g)
     row = 0
     for h, _, n, d0 in ms.nope_runs[i]:  # W_uk: a tile row per (head, nope dim), the row's latent dims
         if v:
@@ -136,7 +136,7 @@ def _record_pe(t, plan, i: int, j: int, pe: int, w: tuple, qa0: int, v0: int, o0
                  (h * kvl + v0 + cc) * vd + o0 + pos - h * vd)
     if j < plan.P and plan.Hc[j]:  # W_o: tile row r is o dim o0 + r, row j's hidden chunk
         r = np.arange(ms.oh_r[i])
-        t.pieces(w_o, pe, tile_addr(S["o"], r, 0), plan.Hc[j], (o0 + r) * H + sum(plan.Hc[:j]))
+        tile_pieces(t, w_o, S["o"], pe, r, 0, plan.Hc[j], (o0 + r) * H + sum(plan.Hc[:j]))
 
 
 def _record_cache(t, plan, pe_of) -> None:

@@ -16,6 +16,7 @@ DENSE_FFN = ("auto", "layer", "region")
 TABLES = ("auto", "slots", "strips")
 HANDOFF = ("fused", "barrier")
 DOWN_GEMV = ("auto", "axpy", "dot")
+GEMV_FORM = ("auto", "axpy", "dot")
 MAX_CONTEXT = 131_072  # longest context a run may ask for (Llama 3.1's 128k)
 
 
@@ -51,13 +52,18 @@ class DecodeParams:
     # down all-reduce where a dense FFN ends the region ("fused"), or a barrier of its own
     # ("barrier": a one-element all-reduce over the region after everything else)
     handoff: str = "fused"
-    # the FFN's down GEMV tiles (16-bit weights): stored by input row, one FMAC per input element
-    # ("axpy"), or by output, one DOT per output element ("dot"); "auto": whichever takes fewer cycles
+    # the FFN's down GEMV tiles: stored by input row, one FMAC per input element ("axpy"), or by
+    # output, one DOT per output element ("dot"); "auto": whichever takes fewer cycles
     down_gemv: str = "auto"
     # latent attention: the region's rows in this many groups, each holding every latent dim for its
     # share of the context's tokens (mla.py): G x fewer tokens per PE to score, reduce and softmax,
     # at G x the absorbed query, W_uk, W_uv and the new token's latent computed in every group
     mla_groups: int = 1
+    # every other weight GEMV tile that runs as gemv.gemv_ops (QKV, O, router, gate/up, latent
+    # attention's W_a, W_qb, W_o; the expert regions' gate/up and down), and low-precision down
+    # tiles under down_gemv "auto": as down_gemv. "axpy" (default) is the mapping before the
+    # option; "auto" is faster but pads some tiles more (Kimi K2 then needs a wafer more)
+    gemv_form: str = "axpy"
 
     def __post_init__(self) -> None:
         if self.moe_mapping not in MOE_MAPPINGS:
@@ -80,6 +86,8 @@ class DecodeParams:
             raise WseError(f"--tables {self.tables!r} is not one of {', '.join(TABLES)}")
         if self.down_gemv not in DOWN_GEMV:
             raise WseError(f"--down-gemv {self.down_gemv!r} is not one of {', '.join(DOWN_GEMV)}")
+        if self.gemv_form not in GEMV_FORM:
+            raise WseError(f"--gemv-form {self.gemv_form!r} is not one of {', '.join(GEMV_FORM)}")
         if self.mla_groups < 1:
             raise WseError(f"--mla-groups {self.mla_groups} must be at least 1")
         if self.handoff not in HANDOFF:
