@@ -161,33 +161,22 @@ _GEMV_OPS_MAX = 200_000  # ops remembered at most (~30 MB; a decode tile has ten
 
 
 def _gemv_ops(shape: GemvShape, mt: int, nt: int, x: int, y: int, batch: int, x_stride: int, y_stride: int) -> list:
-    ops = []
-    if shape.dots and shape.store == FP16:  # a DOT per output element: its weights (contiguous) . the input
-        return [compute(isa.KIND_DOT, mt, dst=y + b * y_stride + c * ELEM, src0=shape.weights + c * shape.pitch,
-                        src1=x + b * x_stride, dtype=FP16) for b in range(batch) for c in range(nt)]
+    stored = nt if shape.dots else mt  # the tile's stored rows: its outputs by output, its inputs by input
+
+    def product(b: int, r: int, w: int):  # sequence b times stored row r (its 16-bit weights at w)
+        if shape.dots:  # a DOT per output element: its weights . the input chunk
+            return compute(isa.KIND_DOT, mt, dst=y + b * y_stride + r * ELEM, src0=w, src1=x + b * x_stride,
+                           dtype=FP16)
+        return compute(isa.KIND_FMAC, nt, dst=y + b * y_stride, src0=w, src1=x + b * x_stride + r * ELEM, dtype=FP16)
     if shape.store == FP16:
-        for b in range(batch):
-            for r in range(mt):
-                ops.append(compute(isa.KIND_FMAC, nt, dst=y + b * y_stride, src0=shape.weights + r * shape.pitch,
-                                   src1=x + b * x_stride + r * ELEM, dtype=FP16))
-        return ops
+        return [product(b, r, shape.weights + r * shape.pitch) for b in range(batch) for r in range(stored)]
     k, sp = shape.block_rows(), shape.scratch_pitch()
-    if shape.dots:  # dequantize a block of outputs' weights, then their DOTs
-        for c0 in range(0, nt if mt else 0, k):
-            cols = min(k, nt - c0)
-            ops.append(compute(isa.KIND_SCALE, cols * shape.pitch, dst=shape.scratch,
-                               src0=shape.weights + c0 * shape.pitch, src1=shape.scales, dtype=shape.store))
-            ops += [compute(isa.KIND_DOT, mt, dst=y + b * y_stride + c * ELEM, src0=shape.scratch + (c - c0) * sp,
-                            src1=x + b * x_stride, dtype=FP16) for b in range(batch) for c in range(c0, c0 + cols)]
-        return ops
-    for r0 in range(0, mt, k):  # dequantize a block of rows, then the FMACs that use them
-        rows = min(k, mt - r0)
+    ops = []
+    for r0 in range(0, stored if mt else 0, k):  # dequantize a block of stored rows, then their products
+        rows = min(k, stored - r0)
         ops.append(compute(isa.KIND_SCALE, rows * shape.pitch, dst=shape.scratch,
                            src0=shape.weights + r0 * shape.pitch, src1=shape.scales, dtype=shape.store))
-        for b in range(batch):
-            for r in range(r0, r0 + rows):
-                ops.append(compute(isa.KIND_FMAC, nt, dst=y + b * y_stride, src0=shape.scratch + (r - r0) * sp,
-                                   src1=x + b * x_stride + r * ELEM, dtype=FP16))
+        ops += [product(b, r, shape.scratch + (r - r0) * sp) for b in range(batch) for r in range(r0, r0 + rows)]
     return ops
 
 
