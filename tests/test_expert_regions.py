@@ -68,7 +68,9 @@ def test_composed_step_equals_the_full_simulation(kw, small):
 @pytest.mark.parametrize("mesh,kw", [(128, dict(experts_per_region=1)),
                                      (128, dict(experts_per_region=2, batch=3, expert_skew=1.0)),
                                      (96, dict(experts_per_region=3, slot_shape="square")),
-                                     (128, dict(experts_per_region=2, batch=2, attention="classic"))])
+                                     (128, dict(experts_per_region=2, batch=2, attention="classic")),
+                                     # expert gate/up tiles by output (--gemv-form auto), 8-bit weights
+                                     (128, dict(experts_per_region=2, batch=2, weights="fp8", gemv_form="auto"))])
 def test_sixteen_experts_on_a_128_mesh_compose_counter_for_counter(mesh, kw):
     """A MoE model with 16 routed experts per layer on 96..128-PE meshes: up to 16 expert
     regions per layer over several bands (turns of every kind, relayed dispatch, compressed
