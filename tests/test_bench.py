@@ -1,6 +1,9 @@
 """`wse bench`: figures, the history file and regression flags (smoke-test sizes)."""
 import json
+import subprocess
+import sys
 
+import pytest
 from click.testing import CliRunner
 
 from wse import bench
@@ -39,8 +42,34 @@ def test_regressions_are_flagged_beyond_the_threshold():
     assert bench.changes(after, None) == []
 
 
-def test_system_benchmark_runs_cold():
-    """The `system` benchmark: a cold `wse system` in a fresh process, its wall time and figures."""
+def test_system_benchmark_runs_cold(monkeypatch):
+    """The `system` benchmark: a cold `wse system` in a fresh process, its wall time and figures.
+    Its command as the benchmark gives it, on a 16 x 16 wafer: the fresh process, its two-worker
+    cluster and the figures read back are the same, each stage a fraction of one on a wse3's 128 x
+    128 slots (test_system_benchmark_runs_cold_at_its_size runs them there)."""
+    real, commands = subprocess.run, []
+
+    def on_a_small_wafer(cmd, *a, **kw):
+        if cmd[1:4] == ["-c", "from wse.cli import cli; cli()", "system"]:
+            commands.append(cmd)
+            cmd = [*cmd, "--set", 'system.wafer="small"', "--set", "wafer.mesh_width=16", "--set",
+                   "wafer.mesh_height=16"]
+        return real(cmd, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "run", on_a_small_wafer)
+    r = bench.run_one("system", quick=True)
+    assert len(commands) == 1 and commands[0][0] == sys.executable
+    args = commands[0][4:]
+    assert args[:args.index("-o")] == ["--model", "tiny-moe", "--wafers", "auto", "--uniform-slots", "--jobs", "2",
+                                       "--prompt-len", "0", "--quiet"]
+    assert r["wall_s"] > 0 and r["wafers"] >= 1 and r["tokens_per_s_per_user"] > 0
+    assert "system" in bench.format_results({"system": r})[0]
+
+
+@pytest.mark.slow  # ~15 s; test_system_benchmark_runs_cold covers this path (the same command, on a 16 x 16 wafer)
+def test_system_benchmark_runs_cold_at_its_size():
+    """The `system` benchmark as `wse bench` runs it: a cold `wse system` in a fresh process, its
+    wall time and figures."""
     r = bench.run_one("system", quick=True)
     assert r["wall_s"] > 0 and r["wafers"] >= 1 and r["tokens_per_s_per_user"] > 0
     assert "system" in bench.format_results({"system": r})[0]

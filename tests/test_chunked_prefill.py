@@ -166,19 +166,20 @@ def test_a_chunks_attention_kernels_span_its_keys():
 def test_chunked_ttft_is_the_pipeline_of_each_chunks_simulated_layer():
     """End to end on tiny over two wafers of different slot sizes (one layer each): with every
     chunk sampled, the system's TTFT is the pipeline of the chunks' layer cycles (each from its
-    own kernels on its wafer's slot), the link between the wafers and the LM head."""
+    own kernels on its wafer's slot), the link between the wafers and the LM head. (Slots of 6x6
+    and 7x7 with 7-token chunks keep the simulated kernels small.)"""
     from wse.engine.run import simulate
     from wse.system.config import load_system
     from wse.system.link import Link
     from wse.system.ttft import prefill_chunked, prefill_seconds
     from wse.system.wafers import wafer_plans
     from wse.workload.params import DecodeParams
-    system = load_system("cs3", ['system.wafer="small"', "system.wafers=2", "wafer.mesh_width=24",
-                                 "wafer.mesh_height=40"])
+    system = load_system("cs3", ['system.wafer="small"', "system.wafers=2", "wafer.mesh_width=12",
+                                 "wafer.mesh_height=14"])
     cfg = system.wafer_config
     spec = load_model("tiny")
     plans = wafer_plans(spec, system, DecodeParams(batch=1, context=64, slot_shape="square"), 2)
-    assert [(p.P, p.Q) for p in plans] == [(12, 12), (20, 20)]
+    assert [(p.P, p.Q) for p in plans] == [(6, 6), (7, 7)]
     memo = {}
 
     def sim(t):  # each distinct kernel once: the check below runs the same kernels again
@@ -186,47 +187,54 @@ def test_chunked_ttft_is_the_pipeline_of_each_chunks_simulated_layer():
         if key not in memo:
             memo[key] = simulate(t, cfg, validated=True)
         return memo[key]
-    ttft = prefill_seconds(spec, system, plans, 60, sim, chunk=20, samples=3, key_mode="whole")
+    ttft = prefill_seconds(spec, system, plans, 21, sim, chunk=7, samples=3, key_mode="whole")
     n_sims = len(memo)
     head = plans[-1].slots[-1].region
     layer = {}
     for plan in plans:
         layer[plan.P] = []
-        for c in chunks(60, 20, plan.P, plan.Q):
+        for c in chunks(21, 7, plan.P, plan.Q):
             pr = pf.prefill(spec, cfg, plan.P, c.tokens, head.width, 1, sim, Q=plan.Q, lm_rows=head.height,
                             keys=c.keys)
             layer[plan.P].append(pr.layer_cycles)
     link = Link(system.link_bytes_per_s, system.link_latency_s)
-    hop = round(link.seconds(20 * spec.hidden_size * 2) * cfg.clock_hz)
-    expect = pipeline([layer[12], [hop] * 3, layer[20]]) + pr.kernels["lm_head"]
+    hop = round(link.seconds(7 * spec.hidden_size * 2) * cfg.clock_hz)
+    expect = pipeline([layer[6], [hop] * 3, layer[7]]) + pr.kernels["lm_head"]
     assert ttft * cfg.clock_hz == pytest.approx(expect, abs=1e-6)
-    assert layer[20][0] < layer[20][1] < layer[20][2]  # the attention kernels grow with the keys
+    assert layer[7][0] < layer[7][1] < layer[7][2]  # the attention kernels grow with the keys
     assert len(memo) == n_sims  # the chunked run simulated every kernel the check needs, each once
-    # one chunk of the whole prompt is the unchunked prefill (the link to the cycle)
-    one = prefill_chunked(spec, system, plans, 60, sim, None, 0, 60, 3, "whole")
-    assert one * cfg.clock_hz == pytest.approx(prefill_seconds(spec, system, plans, 60, sim) * cfg.clock_hz, abs=1)
+    # one chunk of the whole prompt is the unchunked prefill (the link to the cycle); a one-chunk prompt,
+    # so both run the first chunk's kernels, simulated above
+    one = prefill_chunked(spec, system, plans, 7, sim, None, 0, 7, 3, "whole")
+    assert one * cfg.clock_hz == pytest.approx(prefill_seconds(spec, system, plans, 7, sim) * cfg.clock_hz, abs=1)
+    assert len(memo) == n_sims
     # the keys in blocks: each chunk is the first chunk's layer plus one key block per chunk before it, with a
-    # short last chunk of its own (70 = 20 + 20 + 20 + 10); one chunk of the whole prompt is again the unchunked
-    blocked = prefill_seconds(spec, system, plans, 70, sim, chunk=20)
+    # short last chunk of its own (24 = 7 + 7 + 7 + 3, run as 6 tokens on the 6x6 slot, as 7 on the 7x7);
+    # one chunk of the whole prompt is again the unchunked
+    blocked = prefill_seconds(spec, system, plans, 24, sim, chunk=7)
     n_sims = len(memo)
     stages = []
     for plan in plans:
-        parts = chunks(70, 20, plan.P, plan.Q)
-        rows = []
+        parts = chunks(24, 7, plan.P, plan.Q)
+        assert [c.tokens for c in parts] == [7, 7, 7, max(plan.P, 3)]
+        rows, per_size = [], {}  # (the kernels depend on the chunk's tokens alone: each size's built once)
         for c, part in enumerate(parts):
-            kw = dict(Q=plan.Q, lm_rows=head.height)
-            base = pf.prefill(spec, cfg, plan.P, part.tokens, head.width, 1, sim, **kw)
-            blk = {n: sim(pf.kernel_trace(spec, cfg, plan.P, part.tokens, n, "meshgemm", Q=plan.Q,
-                                          keys=20 if part.tokens != 20 else None)[0]).total_cycles
-                   for n in pf.BLOCK_KERNELS}
+            if part.tokens not in per_size:
+                kw = dict(Q=plan.Q, lm_rows=head.height)
+                base = pf.prefill(spec, cfg, plan.P, part.tokens, head.width, 1, sim, **kw)
+                blk = {n: sim(pf.kernel_trace(spec, cfg, plan.P, part.tokens, n, "meshgemm", Q=plan.Q,
+                                              keys=7 if part.tokens != 7 else None)[0]).total_cycles
+                       for n in pf.BLOCK_KERNELS}
+                per_size[part.tokens] = base, blk
+            base, blk = per_size[part.tokens]
             rows.append(base.layer_cycles + c * sum(blk.values()))
         stages += [[round(link.seconds(c.tokens * spec.hidden_size * 2) * cfg.clock_hz) for c in parts]] if stages \
             else []
         stages.append(rows)
     assert blocked * cfg.clock_hz == pytest.approx(pipeline(stages) + base.kernels["lm_head"], abs=1e-6)
     assert len(memo) == n_sims  # the run simulated every kernel the check needs
-    assert prefill_chunked(spec, system, plans, 60, sim, None, 0, 60, 3) * cfg.clock_hz == \
-        pytest.approx(prefill_seconds(spec, system, plans, 60, sim) * cfg.clock_hz, abs=1)
+    assert prefill_chunked(spec, system, plans, 7, sim, None, 0, 7, 3) * cfg.clock_hz == \
+        pytest.approx(prefill_seconds(spec, system, plans, 7, sim) * cfg.clock_hz, abs=1)
 
 
 def test_a_chunk_the_slots_cannot_take_fails_before_anything_is_simulated():

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from engine_compare import compare_values
 from randomtrace import privatize, random_trace, random_wide_trace
@@ -51,12 +51,30 @@ def test_rounding_to_fp16_and_fp32_is_numpys():
 
 def test_evaluator_matches_the_reference_stepper_on_random_traces():
     """Threads of a PE given their own SRAM windows (privatize): streams, multicast, forwarded
-    chains, every compute kind and dtype, semaphores; random fp16 bytes everywhere."""
-    outcomes = [compare_values(privatize(random_trace(s)[0]), random_trace(s)[1], s) for s in range(400)]
-    assert outcomes.count("same") >= 120
+    chains, every compute kind and dtype, semaphores; random fp16 bytes everywhere. 150 seeds
+    (tools/soak.py --values soaks thousands): the runs compared value for value take every
+    opcode and every compute kind and dtype of the generator."""
+    from randomtrace import KINDS
+    compared, kinds, opcodes = 0, set(), set()
+    for s in range(150):
+        tr, cfg = random_trace(s)
+        if compare_values(privatize(tr), cfg, s) == "same":
+            compared += 1
+            computing = tr.ops["kind"] != isa.KIND_NONE
+            kinds |= set(zip(tr.ops["kind"][computing].tolist(), tr.ops["dtype"][computing].tolist()))
+            opcodes |= set(tr.ops["opcode"].tolist())
+    assert compared >= 45  # (30 % of the seeds: 54 of these 150 compare)
+    assert opcodes == set(range(isa.N_OPCODES)) and set(KINDS) <= kinds
 
 
-@settings(max_examples=30, deadline=None)
+# Fixed wide seeds besides the drawn ones (few, so the suite stays short; tools/soak.py --values
+# soaks thousands): compared value for value on a 9x10 mesh with multicast to three link ports (45),
+# a deadlock (69) and a max_cycles stop (118) on 9x11 meshes, whose payloads must not change the
+# timing either (test_wide_traces_cover_every_outcome keeps the generator yielding all three).
+@settings(max_examples=10, deadline=None)
+@example(45)
+@example(69)
+@example(118)
 @given(st.integers(0, 2**32 - 1))
 def test_evaluator_matches_the_reference_stepper_on_wide_traces(seed):
     tr, cfg = random_wide_trace(seed)

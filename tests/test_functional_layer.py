@@ -419,8 +419,9 @@ def test_the_prefill_elementwise_kernel_computes_each_part(name, P, Q, S, keys, 
 
 
 def test_check_model_prefill_checks_every_kernel_of_a_layer():
-    r = CliRunner().invoke(cli, ["check", "--model", "tiny", "--phase", "prefill", "--prompt-len", "32",
-                                 "--wafer", "small", "--set", "wafer.mesh_width=32", "--set", "wafer.mesh_height=32"])
+    # (a 16x16 wafer: tiny's layers on 8x8 slots, two tokens a row, keep the functional runs short)
+    r = CliRunner().invoke(cli, ["check", "--model", "tiny", "--phase", "prefill", "--prompt-len", "16",
+                                 "--wafer", "small", "--set", "wafer.mesh_width=16", "--set", "wafer.mesh_height=16"])
     assert r.exit_code == 0, r.output
     assert r.output.count("prefill ") == 7 and "WRONG" not in r.output  # six GEMMs and the elementwise kernel
 

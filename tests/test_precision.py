@@ -156,14 +156,17 @@ def test_low_precision_prefill_fits_where_16_bits_do_not():
         stationary_block(spec, cfg, 95, 130, 256, "gate_up", "bf16")
 
 
-def test_time_to_first_token_stores_the_run_precision(small, monkeypatch):
+def test_time_to_first_token_stores_the_run_precision(monkeypatch):
     """`wse system --weights`: the prefill kernels' pieces carry the precision (their cache keys
-    too), so fp8 weights prefill with their dequantize and a different TTFT than bf16."""
+    too), so fp8 weights prefill with their dequantize and a different TTFT than bf16. (A 16x16
+    wafer: 8x8 slots and a 16-token prompt keep the simulated kernels small.)"""
     from checked import run as checked_run
     from wse.system import pool
     from wse.system.compare import run_system
     from wse.system.config import load_system
-    system = load_system("cs3", ['system.wafer="small"', "system.wafers=1"])
+    system = load_system("cs3", ['system.wafer="small"', "system.wafers=1", "wafer.mesh_width=16",
+                                 "wafer.mesh_height=16"])
+    cfg = system.wafer_config
     seen = []
     real = pool._prefill_here
 
@@ -174,7 +177,7 @@ def test_time_to_first_token_stores_the_run_precision(small, monkeypatch):
     ttft, stored = {}, {}
     for w in ("bf16", "fp8"):
         seen.clear()
-        ttft[w] = run_system("tiny", system, lambda t: checked_run(t, small), wafers=1, context=16, prompt=64,
+        ttft[w] = run_system("tiny", system, lambda t: checked_run(t, cfg), wafers=1, context=16, prompt=16,
                              weights=w).ttft_s
         stored[w] = {n for n, s in seen if s == w}
     assert ttft["fp8"] != ttft["bf16"]

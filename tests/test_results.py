@@ -94,16 +94,16 @@ def test_long_runs_keep_an_exact_timeline_by_merging_intervals():
     assert tl["busy_pe_cycles"].sum() == res.pe("busy_cycles").sum()
 
 
-def _long_run(tmp_path):
+def _long_run(tmp_path, side=256, snapshot_s=0.5, poll_s=0.5):
     trace = tmp_path / "long.h5"
-    syn.neighbor(256, 256, 12000, 4).save(trace)  # ~25 s: long enough to interrupt
+    syn.neighbor(side, side, 12000, 4).save(trace)  # side 256: ~25 s, long enough to interrupt
     out = tmp_path / "long-run.h5"
     proc = subprocess.Popen([sys.executable, "-m", "wse.cli", "run", "--trace", str(trace), "--wafer", "wse3",
-                             "--snapshot-seconds", "0.5", "-o", str(out)],
+                             "--snapshot-seconds", str(snapshot_s), "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait for a snapshot with measurements in it
-        time.sleep(0.5)
+        time.sleep(poll_s)
         assert proc.poll() is None, proc.communicate()
         if out.exists():
             try:
@@ -125,7 +125,9 @@ def test_a_killed_run_leaves_a_readable_incomplete_file(tmp_path):
 
 
 def test_ctrl_c_flushes_what_was_measured(tmp_path):
-    proc, out = _long_run(tmp_path)
+    # 60 x 60 PEs: ~3-6 s of 12,000 cycles on the serial kernel (below PARALLEL_MIN_PES), in chunks of
+    # at most a quarter second; interrupted a few tenths of a second in, at its first snapshot
+    proc, out = _long_run(tmp_path, side=60, snapshot_s=0.2, poll_s=0.1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

@@ -40,6 +40,12 @@ def small_system():
     return load_system("cs3", ['system.wafer="small"'])
 
 
+# a 16 x 16 mesh: tiny-moe's 4-wafer MOE layout keeps its slots (embedding + layer, four expert
+# regions, layer + experts, experts + LM head; two wafers continuing a layer) at a quarter of the
+# side, so each stage simulates in a fraction of the time
+MINI = ['system.wafer="small"', "wafer.mesh_width=16", "wafer.mesh_height=16"]
+
+
 def _sim(cfg):
     return lambda t: simulate(t, cfg, validated=True)
 
@@ -201,16 +207,19 @@ def test_a_worker_that_dies_mid_task_costs_a_retry(tmp_path):
     assert got == [(0, 0), (1, 1), (2, 2)] and Path(marker).exists()
 
 
-def test_a_cluster_and_this_process_give_the_same_step_and_share_the_cache(small_system, tmp_path):
+def test_a_cluster_and_this_process_give_the_same_step_and_share_the_cache(tmp_path):
+    system = load_system("cs3", MINI)
     spec = load_model("tiny-moe")
-    cfg = small_system.wafer_config
-    here = run_decode(spec, small_system, MOE, 4, _sim(cfg))
+    cfg = system.wafer_config
+    plans = wafer_plans(spec, system, MOE, 4)
+    assert sum(bool(chain_of(p).leading) for p in plans) == 2  # the delta stages run on the cluster too
+    here = run_decode(spec, system, MOE, 4, _sim(cfg))
     c = StageCache(tmp_path)
     with Fanout(jobs=2, cache=c) as f:
-        remote = run_decode(spec, small_system, MOE, 4, _sim(cfg), f)
+        remote = run_decode(spec, system, MOE, 4, _sim(cfg), f)
     assert _steps(remote) == _steps(here) and c.stats.stored == c.stats.misses > 0
     with Fanout(jobs=0, cache=StageCache(tmp_path)) as f:  # auto: all hits, no cluster started
-        again = run_decode(spec, small_system, MOE, 4, _sim(cfg), f)
+        again = run_decode(spec, system, MOE, 4, _sim(cfg), f)
         assert f._cluster is None
     assert _steps(again) == _steps(here)
 
@@ -274,29 +283,35 @@ SYSTEM = ["system", "--model", "tiny", "--system", "cs3", "--set", 'system.wafer
           "--prompt-len", "32"]
 
 
+# SYSTEM on a 16 x 16 mesh: the same four 8 x 8 slots, and a prompt as long as a slot's side (as 32
+# on small's 32 x 32 slots), so TTFT's prefill kernels are simulated whole and cached as there
+SYSTEM_MINI = [*SYSTEM[:-2], "--set", "wafer.mesh_width=16", "--set", "wafer.mesh_height=16", "--prompt-len", "8"]
+
+
 def test_a_repeated_system_run_comes_from_the_cache_with_the_same_figures(tmp_path):
     cache = tmp_path / "cache"
-    a = _invoke(*SYSTEM, "--cache", cache, "-o", tmp_path / "a.h5")
+    a = _invoke(*SYSTEM_MINI, "--cache", cache, "-o", tmp_path / "a.h5")
     assert a.exit_code == 0, a.output
-    b = _invoke(*SYSTEM, "--cache", cache, "-o", tmp_path / "b.h5")
+    b = _invoke(*SYSTEM_MINI, "--cache", cache, "-o", tmp_path / "b.h5")
     assert b.exit_code == 0, b.output
     assert "0 misses" in b.output and " 0 hits" not in b.output
     table = lambda out: out.split("stage cache:")[0]  # noqa: E731
     assert table(a.output) == table(b.output)
     with h5py.File(tmp_path / "a.h5") as fa, h5py.File(tmp_path / "b.h5") as fb:
         assert {k: fa["summary"][k][()] for k in fa["summary"]} == {k: fb["summary"][k][()] for k in fb["summary"]}
+        assert math.isfinite(fa["summary"]["ttft_s"][()])  # the prefill's kernels are among the cached stages
     info = _invoke("cache", "info", "--cache", cache, "--json")
     d = json.loads(info.output)
     assert d["entries"] > 0 and d["last_run"]["misses"] == 0 and d["last_run"]["hits"] == d["entries"]
     assert _invoke("cache", "clear", "--cache", cache).exit_code == 0
     assert json.loads(_invoke("cache", "info", "--cache", cache, "--json").output)["entries"] == 0
-    c = _invoke(*SYSTEM, "--no-cache", "--log-progress", "0.001", "-o", tmp_path / "c.h5")
+    c = _invoke(*SYSTEM_MINI, "--no-cache", "--log-progress", "0.001", "-o", tmp_path / "c.h5")
     assert c.exit_code == 0 and "stage cache" not in c.output
     # stderr is not a terminal here: --log-progress gives plain lines, the last with every simulation done
     lines = [ln for ln in c.stderr.splitlines() if "simulations" in ln]
     n = d["entries"]
     assert lines and lines[-1].startswith("[0:") and lines[-1].endswith(f"simulations {n}/{n}"), c.stderr
-    assert _invoke(*SYSTEM, "--log-progress", "0", "-o", tmp_path / "d.h5").exit_code == 2
+    assert _invoke(*SYSTEM_MINI, "--log-progress", "0", "-o", tmp_path / "d.h5").exit_code == 2
 
 
 def test_wafer_values_can_be_set_on_a_system(tmp_path):
@@ -321,9 +336,28 @@ context = 24
 """
 
 
+# SPEC on a 16 x 16 mesh (8 x 8 slots rather than 32 x 32): the same points, axes and stages, each
+# simulated in a fraction of the time
+SPEC_MINI = """
+[base]
+model = "tiny"
+system = "cs3"
+"system.wafer" = "small"
+"wafer.mesh_width" = 16
+"wafer.mesh_height" = 16
+prompt_len = 0
+[grid]
+batch = [1, 2]
+"fabric.hop_latency_cycles" = [1, 2]
+[[points]]
+batch = 3
+context = 24
+"""
+
+
 def test_a_sweep_on_a_two_worker_cluster_writes_the_table_plots_and_csv(tmp_path):
     spec = tmp_path / "s.toml"
-    spec.write_text(SPEC)
+    spec.write_text(SPEC_MINI)
     out = tmp_path / "s.h5"
     r = _invoke("sweep", spec, "-o", out, "--jobs", "2", "--cache", tmp_path / "c")
     assert r.exit_code == 0, r.output

@@ -10,6 +10,10 @@ from wse.serving import requests as R
 from wse.serving.sim import serve_pipeline
 from test_serving import SMALL, FakePipeline, _copy, _stream, reqs
 
+# two 16 x 16 wafers: 8 x 16 layer slots (small's are 32 x 64), the same stages and prefill kernels
+# (weight-stationary GEMMs, whole SUMMA attention), so the steps simulate in seconds
+MINI16 = SMALL + ["wafer.mesh_width=16", "wafer.mesh_height=16"]
+
 
 class FakePool:
     """A prefill pipeline of `stages` stages holding `p x tokens` each; the KV arrives `gap`
@@ -127,11 +131,12 @@ def test_prefill_wafers_against_the_interleaved_run(tmp_path):
     from wse.system.cache import StageCache
     from wse.system.config import load_system
     from wse.system.pool import Fanout
-    system = load_system("cs3", SMALL + ["system.link_bytes_per_s=1e8"])
+    system = load_system("cs3", MINI16 + ["system.link_bytes_per_s=1e8"])
     cfg = system.wafer_config
     sim = lambda t: simulate(t, cfg, validated=True)  # noqa: E731
-    r = reqs([0.0], [60], [4])
-    kw = dict(fanout=Fanout(1, cache=StageCache(tmp_path)), wafers=2, context=80, prefill_steps=16, curve=[])
+    # a prompt between the slots' sides, as 60 is on small's 32 x 64 slots: prefilled as one of 16
+    r = reqs([0.0], [12], [4])
+    kw = dict(fanout=Fanout(1, cache=StageCache(tmp_path)), wafers=2, context=24, prefill_steps=16, curve=[])
     inter = run_serve("tiny", system, sim, r, **kw)
     split = run_serve("tiny", system, sim, r, prefill_wafers=2, **kw)
     a, b = inter.wafer.outcome, split.wafer.outcome
@@ -156,8 +161,9 @@ def test_bad_prefill_wafers_or_sharing_check_is_one_error_line(tmp_path, option,
 def test_serve_command_with_prefill_wafers_and_a_sharing_check(tmp_path):
     import h5py
     out = tmp_path / "s.h5"
-    args = ["serve", "--model", "tiny", "--system", "cs3", *sum((["--set", s] for s in SMALL), []), "--wafers", "2",
-            "--rate", "40", "--duration", "0.5", "--prompt-len", "uniform:40:70", "--output-len", "uniform:1:6",
+    # prompts longer than the 8 x 8 prefill slots' side, as 40-70 are than small's 32 x 32
+    args = ["serve", "--model", "tiny", "--system", "cs3", *sum((["--set", s] for s in MINI16), []), "--wafers", "2",
+            "--rate", "40", "--duration", "0.5", "--prompt-len", "uniform:10:20", "--output-len", "uniform:1:6",
             "--prefill-wafers", "auto", "--sharing-check", "2", "--curve", "", "--jobs", "1", "--cache", str(tmp_path / "c"), "-o", str(out)]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0 and "prefill on 1 separate wafer(s)" in res.output, res.output

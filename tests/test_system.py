@@ -210,8 +210,11 @@ def test_system_command_writes_the_table_and_plots(tmp_path):
     cfg.write_text('base = "cs3"\n[system]\nname = "chain"\nwafer = "small"\nwafers = 2\n')
     out = tmp_path / "sys.h5"
     runner = CliRunner()
+    # 16 x 16 wafers: 8 x 16 slots (not 32 x 64), the prompt as long as their short side as 32 is on
+    # small's: the same stages and prefill kernels (weight-stationary GEMMs, whole SUMMA attention)
     r = runner.invoke(cli, ["system", "--model", "tiny", "--system", str(cfg), "--batch", "2", "--context", "12",
-                            "--prompt-len", "32", "--gpu", "h200", "-o", str(out)])
+                            "--set", "wafer.mesh_width=16", "--set", "wafer.mesh_height=16",
+                            "--prompt-len", "8", "--gpu", "h200", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "tokens/s per user" in r.output and "J/token" in r.output and "$/Mtok" in r.output
     with h5py.File(out) as f:
@@ -351,18 +354,22 @@ def test_wafers_share_their_identical_stage_simulations(small_system):
     assert len(calls) == d.simulations < sum(a.simulations for a in alone)
 
 
-def test_worker_processes_give_the_same_step(small_system):
+def test_worker_processes_give_the_same_step():
+    # 16 x 16 wafers: the 4-wafer layout of small's (embedding + layer, four expert regions, layer +
+    # experts, experts + LM head; two wafers continuing a layer) on slots a quarter the side
+    system = load_system("cs3", ['system.wafer="small"', "wafer.mesh_width=16", "wafer.mesh_height=16"])
     spec = load_model("tiny-moe")
-    small = small_system.wafer_config
+    cfg = system.wafer_config
     params = DecodeParams(batch=2, context=16, moe_mapping="regions", experts_per_region=1)
-    one = run_decode(spec, small_system, params, 4, sim(small))
+    assert sum(bool(chain_of(p).leading) for p in wafer_plans(spec, system, params, 4)) == 2
+    one = run_decode(spec, system, params, 4, sim(cfg))
 
     def not_here(t):
         raise AssertionError("with jobs > 1 the workers simulate")
 
     progress = Progress(False)
     with Fanout(jobs=2, progress=progress) as fanout:
-        two = run_decode(spec, small_system, params, 4, not_here, fanout)
+        two = run_decode(spec, system, params, 4, not_here, fanout)
     assert [dataclasses.astuple(s) for s in two.steps] == [dataclasses.astuple(s) for s in one.steps]
     assert (two.latency_s, two.dynamic_j_per_step) == (one.latency_s, one.dynamic_j_per_step)
     assert progress.simulated == progress.listed == one.simulations and progress.cached == 0
