@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from wse import hardware, isa
+from wse import hardware, isa, op_codes
 from wse import trace as T
 from wse.trace_check import validate
 from wse.errors import TraceError, WseError
@@ -133,14 +133,14 @@ def test_distinct_ops_a_block_at_a_time_equal_a_sort_of_all_rows(monkeypatch, bl
     from wse.workload.models import load_model
     from wse.workload.prefill import kernel_trace
     t, _ = kernel_trace(load_model("tiny-mla"), load_preset("wse3"), 16, 64, "q_kv_a", Q=24)
-    monkeypatch.setattr(T, "DISTINCT_BLOCK_OPS", block)
+    monkeypatch.setattr(op_codes, "DISTINCT_BLOCK_OPS", block)
     idx = np.random.default_rng(3).permutation(len(t.ops["opcode"]))[:5000]
     for tag in (False, True):
         rows = np.stack([t.ops[n].astype(np.int64) for n, _ in T.OP_COLUMNS if tag or n != "tag"], axis=1)
         for ix in (None, idx):
             sel = rows if ix is None else rows[ix]
             _, first, inverse = np.unique(sel, axis=0, return_index=True, return_inverse=True)  # lexicographic
-            reps, inv = T.distinct_ops(t, ix, tag=tag)
+            reps, inv = op_codes.distinct_ops(t, ix, tag=tag)
             assert np.array_equal(reps, first if ix is None else ix[first])
             assert np.array_equal(inv, inverse.reshape(-1))
 

@@ -8,7 +8,8 @@ import numpy as np
 from . import isa
 from .errors import TraceError
 from .hardware import WaferConfig
-from .trace import Op, Trace, check_structure, distinct_ops, op_location, row_codes
+from .op_codes import distinct_ops, row_codes
+from .trace import Op, Trace, check_structure, op_location
 
 
 def validate(t: Trace, cfg: WaferConfig, where: str = "trace", fit: bool = True) -> None:

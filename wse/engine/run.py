@@ -12,7 +12,8 @@ import numpy as np
 
 from .. import isa
 from ..hardware import WaferConfig
-from ..trace import Trace, row_codes
+from ..op_codes import row_codes
+from ..trace import Trace
 from ..trace_check import validate
 from . import accounting, kernels
 from . import layout as L

@@ -13,7 +13,8 @@ import numpy as np
 
 from .. import isa
 from ..hardware import WaferConfig
-from ..trace import Trace, distinct_ops
+from ..op_codes import distinct_ops
+from ..trace import Trace
 from . import layout as L
 
 
