@@ -8,11 +8,9 @@ from click.testing import CliRunner
 from wse.cli import cli
 from wse.serving import requests as R
 from wse.serving.sim import serve_pipeline
-from test_serving import SMALL, FakePipeline, _copy, _stream, reqs
-
-# two 16 x 16 wafers: 8 x 16 layer slots (small's are 32 x 64), the same stages and prefill kernels
-# (weight-stationary GEMMs, whole SUMMA attention), so the steps simulate in seconds
-MINI16 = SMALL + ["wafer.mesh_width=16", "wafer.mesh_height=16"]
+# MINI: two 16 x 16 wafers, 8 x 16 layer slots (small's are 32 x 64), the same stages and prefill
+# kernels (weight-stationary GEMMs, whole SUMMA attention), so the steps simulate in seconds
+from test_serving import MINI, SMALL, FakePipeline, _copy, _stream, reqs
 
 
 class FakePool:
@@ -131,7 +129,7 @@ def test_prefill_wafers_against_the_interleaved_run(tmp_path):
     from wse.system.cache import StageCache
     from wse.system.config import load_system
     from wse.system.pool import Fanout
-    system = load_system("cs3", MINI16 + ["system.link_bytes_per_s=1e8"])
+    system = load_system("cs3", MINI + ["system.link_bytes_per_s=1e8"])
     cfg = system.wafer_config
     sim = lambda t: simulate(t, cfg, validated=True)  # noqa: E731
     # a prompt between the slots' sides, as 60 is on small's 32 x 64 slots: prefilled as one of 16
@@ -162,7 +160,7 @@ def test_serve_command_with_prefill_wafers_and_a_sharing_check(tmp_path):
     import h5py
     out = tmp_path / "s.h5"
     # prompts longer than the 8 x 8 prefill slots' side, as 40-70 are than small's 32 x 32
-    args = ["serve", "--model", "tiny", "--system", "cs3", *sum((["--set", s] for s in MINI16), []), "--wafers", "2",
+    args = ["serve", "--model", "tiny", "--system", "cs3", *sum((["--set", s] for s in MINI), []), "--wafers", "2",
             "--rate", "40", "--duration", "0.5", "--prompt-len", "uniform:10:20", "--output-len", "uniform:1:6",
             "--prefill-wafers", "auto", "--sharing-check", "2", "--curve", "", "--jobs", "1", "--cache", str(tmp_path / "c"), "-o", str(out)]
     res = CliRunner().invoke(cli, args)
