@@ -7,10 +7,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from wse import hardware  # noqa: E402
-# the compiled kernels' folder is chosen now, before the fixture below points WSE_CACHE at the
-# session's temporary folder: keyed by the sources' digest (engine/jit_cache.py), it is shared by
-# both test workers and by every later run instead of compiled afresh in each worker
-import wse.engine  # noqa: E402,F401
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # one test worker per core: the engine's default is then one Numba thread (tests that ask

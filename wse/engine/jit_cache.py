@@ -33,10 +33,9 @@ def digest(paths: list[Path] | None = None) -> str:
 
 
 def root() -> Path:
-    """$WSE_CACHE/numba, else the user's cache directory (platformdirs) / wse-sim / numba."""
-    env = os.environ.get("WSE_CACHE")
-    if env:
-        return Path(env) / "numba"
+    """The user's cache directory (platformdirs) / wse-sim / numba. Not under $WSE_CACHE: that
+    names the stage cache (docs/scale-out.md), which runs and tests point at fresh folders, and
+    compiled kernels depend only on the sources and the machine (set $NUMBA_CACHE_DIR to move them)."""
     import platformdirs
     return Path(platformdirs.user_cache_dir("wse-sim", appauthor=False)) / "numba"
 
