@@ -36,6 +36,7 @@ from ..workload.models import ModelSpec
 from ..workload.plan import FitError, usable_sram
 from .config import SystemConfig
 from .link import Link, Network
+from .packing import filled_plans
 from .pool import Fanout, distinct_tasks, run_tasks
 
 
@@ -146,26 +147,54 @@ def share_plan(spec: ModelSpec, cfg, params: DecodeParams, shares: list[tuple[in
 def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int,
                 units: bool | None = None) -> list[ModelPlan]:
     """One decode plan per wafer (WseError naming the wafer if a group does not fit); `units`:
-    cut at routed experts (default: uses_units)."""
+    cut at routed experts (default: uses_units). A split cut at routed experts is balanced by
+    bytes or, where that places no slots as large or none at all, fills each wafer's slots with
+    whole expert regions (packing.py)."""
     cfg = system.wafer_config
     units = uses_units(spec, system, params) if units is None else units
-    shares, plans = placed_shares(spec, cfg, params, wafers, units)
-
-    def plan(w: int, P: int | None = None, Q: int | None = None) -> ModelPlan:
-        return share_plan(spec, cfg, params, shares, w, units, P, Q)
-
+    try:
+        shares, plans = placed_shares(spec, cfg, params, wafers, units)
+    except FitError:
+        filled = filled_plans(spec, cfg, params, wafers) if units else None
+        if filled is None:
+            raise
+        if params.uniform_slots:
+            return filled[1]
+        return [_own_best(spec, cfg, params, filled[0], w, plan) for w, plan in enumerate(filled[1])]
     if not params.uniform_slots or wafers == 1:
         return plans
-    # one slot shape for every wafer: no wafer places a larger area than its own best, so try
-    # the smallest of the wafers' best shapes (largest area first) on all of them
+    uniform = _uniform(spec, cfg, params, shares, plans, units)
+    filled = filled_plans(spec, cfg, params, wafers, uniform[0].P * uniform[0].Q if uniform else 0) \
+        if units else None
+    if filled is not None:
+        return filled[1]
+    if uniform is None:
+        raise FitError(f"--uniform-slots: no wafer's best slot shape of {min(p.P * p.Q for p in plans):,} PEs "
+                       f"places every wafer's share of {spec.name} on {wafers} wafers; drop --uniform-slots")
+    return uniform
+
+
+def _uniform(spec: ModelSpec, cfg, params: DecodeParams, shares: list[tuple[int, int]], plans: list[ModelPlan],
+             units: bool) -> list[ModelPlan] | None:
+    """The byte-balanced shares on one slot shape: no wafer places a larger area than its own
+    best, so the smallest of the wafers' best shapes (largest area first) on all of them."""
     least = min(p.P * p.Q for p in plans)
     for P, Q in sorted({(p.P, p.Q) for p in plans if p.P * p.Q == least}, reverse=True):
         try:
-            return [plan(w, P, Q) for w in range(wafers)]
+            return [share_plan(spec, cfg, params, shares, w, units, P, Q) for w in range(len(plans))]
         except FitError:
             continue
-    raise FitError(f"--uniform-slots: no wafer's best slot shape of {least:,} PEs places every wafer's share "
-                   f"of {spec.name} on {wafers} wafers; drop --uniform-slots")
+    return None
+
+
+def _own_best(spec: ModelSpec, cfg, params: DecodeParams, shares: list[tuple[int, int]], w: int,
+              filled: ModelPlan) -> ModelPlan:
+    """Wafer w's filled share on its own best slot shape, if larger than the shape that filled it."""
+    try:
+        best = share_plan(spec, cfg, params, shares, w, True)
+    except FitError:
+        return filled
+    return best if best.P * best.Q > filled.P * filled.Q else filled
 
 
 def fewest_wafers(spec: ModelSpec, system: SystemConfig, params: DecodeParams, most: int = 4096) -> int:
@@ -178,7 +207,8 @@ def fewest_wafers(spec: ModelSpec, system: SystemConfig, params: DecodeParams, m
     top = min(most, len(weight))
     last: WseError | None = None
     for w in range(max(1, -(-total // have)), top + 1):
-        if all(any(sum(weight[a:b]) > have for a, b in shares) for shares in share_candidates(spec, params, w, units)):
+        if not units and all(any(sum(weight[a:b]) > have for a, b in shares)
+                             for shares in share_candidates(spec, params, w, units)):
             continue
         try:
             wafer_plans(spec, system, params, w, units)
