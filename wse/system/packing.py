@@ -84,26 +84,40 @@ def filled_shares(spec: ModelSpec, cfg, params: DecodeParams, wafers: int, P: in
                        f"hold at most {most}")
     n, cuts = cut_points(spec, params, per)
     starts = sorted(cuts)
+
+    def place(a: int, e: int, w: int) -> ModelPlan | None:
+        try:
+            return plan_units(spec, cfg, params, cuts[a], cuts[e], w == 0, w == wafers - 1, P, Q)
+        except FitError:
+            return None
+
+    # the last wafer (its LM head takes rows) first: its share of the whole, or the most it places
+    tail = [e for e in starts if n - e >= 1 and e >= min(wafers - 1, n - 1)]
+    tail = [e for e in tail if e >= n - -(-n // wafers)][:cols + 2]
+    for z in tail:
+        end_plan = place(z, n, wafers - 1)
+        if end_plan is not None:
+            break
+    else:
+        raise FitError(f"{spec.name} on {P}x{Q} slots: the last of {wafers} wafers places none of its regions")
     shares: Shares = []
     plans: list[ModelPlan] = []
     a = 0
-    for w in range(wafers):
-        last = w == wafers - 1
-        target = n if last else a + -(-(n - a) // (wafers - w))
-        ends = [e for e in starts if a < e <= target and n - e >= wafers - w - 1][::-1][:cols + 2]
+    for w in range(wafers - 1):  # the others share what is left, each its part or the most it places
+        target = a + -(-(z - a) // (wafers - 1 - w))
+        ends = [z] if w == wafers - 2 else \
+            [e for e in starts if a < e <= target and z - e >= wafers - 2 - w][::-1][:cols + 2]
         for e in ends:
-            try:
-                plan = plan_units(spec, cfg, params, cuts[a], cuts[e], w == 0, last, P, Q)
-            except FitError:
-                continue
-            shares.append((cuts[a], cuts[e]))
-            plans.append(plan)
-            a = e
-            break
+            plan = place(a, e, w)
+            if plan is not None:
+                shares.append((cuts[a], cuts[e]))
+                plans.append(plan)
+                a = e
+                break
         else:
             raise FitError(f"{spec.name} on {P}x{Q} slots: wafer {w} of {wafers} places none of "
                            f"regions {a}..{target - 1} of {n} filling its slots")
-    return shares, plans
+    return shares + [(cuts[z], cuts[n])], plans + [end_plan]
 
 
 def filled_plans(spec: ModelSpec, cfg, params: DecodeParams, wafers: int, more_than: int = 0
