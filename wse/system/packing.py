@@ -74,14 +74,15 @@ def filled_shares(spec: ModelSpec, cfg, params: DecodeParams, wafers: int, P: in
     most = wafers * cols * bands
     expert = unit_bytes(spec, params, (spec.moe.dense_layers, 0))
     if count(max(1, P * Q * usable_sram(cfg) // expert)) > most:  # (SRAM alone bounds a region)
-        raise FitError(f"{spec.name} on {P}x{Q} slots: more regions than {wafers} wafers hold ({most})")
+        raise FitError(f"{spec.name} on {P}x{Q} slots: {wafers} wafers hold at most {most} regions, fewer than "
+                       f"it needs even with as many experts a region as its SRAM holds")
     per = most_experts(spec, spec.moe.dense_layers, P, cfg, params, Q)
     per = min(per, params.experts_per_region or per)
     if not per:
         raise FitError(f"not one routed expert of {spec.name} fits a {P}x{Q} region")
     if count(per) > most:
-        raise FitError(f"{count(per)} regions of {spec.name} on {P}x{Q} slots: {wafers} wafers "
-                       f"hold at most {most}")
+        raise FitError(f"{spec.name} on {P}x{Q} slots: {wafers} wafers hold at most {most} regions, fewer than "
+                       f"its {count(per)}")
     n, cuts = cut_points(spec, params, per)
     starts = sorted(cuts)
 
@@ -92,8 +93,7 @@ def filled_shares(spec: ModelSpec, cfg, params: DecodeParams, wafers: int, P: in
             return None
 
     # the last wafer (its LM head takes rows) first: its share of the whole, or the most it places
-    tail = [e for e in starts if n - e >= 1 and e >= min(wafers - 1, n - 1)]
-    tail = [e for e in tail if e >= n - -(-n // wafers)][:cols + 2]
+    tail = [e for e in starts if wafers - 1 <= e < n and e >= n - -(-n // wafers)][:cols + 2] if wafers > 1 else [0]
     for z in tail:
         end_plan = place(z, n, wafers - 1)
         if end_plan is not None:
@@ -115,8 +115,8 @@ def filled_shares(spec: ModelSpec, cfg, params: DecodeParams, wafers: int, P: in
                 a = e
                 break
         else:
-            raise FitError(f"{spec.name} on {P}x{Q} slots: wafer {w} of {wafers} places none of "
-                           f"regions {a}..{target - 1} of {n} filling its slots")
+            raise FitError(f"{spec.name} on {P}x{Q} slots: wafer {w} of {wafers} places no run of the chain's "
+                           f"regions from {a} of {n} (at most {target - a})")
     return shares + [(cuts[z], cuts[n])], plans + [end_plan]
 
 
