@@ -3,7 +3,9 @@ pipelining of sequences in flight, energy and cost (docs/system.md).
 
 The layers are split into consecutive groups balanced by bytes, one per wafer (the first also
 holds the embedding, the last the LM head). With expert regions the chain is cut at routed
-experts instead (decode.model_units), so one layer's experts may span wafers. Each wafer's
+experts instead (decode.model_units), so one layer's experts may span wafers; where that split
+places nothing, or with --uniform-slots smaller slots, shares that fill each wafer with whole
+expert regions are taken instead (packing.py). Each wafer's
 decode step is simulated cycle by cycle (composed from its distinct stage traces,
 compose.compose, which is exact); identical stage traces are simulated once for all wafers.
 Between wafers the activations of the batch (batch x hidden x 2 bytes) cross the links, or,
