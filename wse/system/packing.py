@@ -60,7 +60,8 @@ def slot_shapes(spec: ModelSpec, cfg, more_than: int = 0) -> list[tuple[int, int
     largest area first, of more than `more_than` PEs."""
     W, H = cfg.mesh_width, cfg.mesh_height
     q_cap = min(H, most_rows(spec))
-    out = {(P, min(q_cap, H // bands)) for P in range(1, min(W, spec.hidden_size) + 1) for bands in range(1, H + 1)}
+    out = {(P, min(q_cap, H // bands)) for P in range(1, min(W, spec.hidden_size) + 1)
+           for bands in range(1, H // P + 1)}
     return sorted(((P, Q) for P, Q in out if Q >= P and P * Q > more_than), key=lambda s: (-s[0] * s[1], -s[1]))
 
 
@@ -72,11 +73,12 @@ def filled_shares(spec: ModelSpec, cfg, params: DecodeParams, wafers: int, P: in
     count = count or regions(spec, params)
     cols, bands = cfg.mesh_width // P, cfg.mesh_height // Q
     most = wafers * cols * bands
-    expert = unit_bytes(spec, params, (spec.moe.dense_layers, 0))
+    moe = next(layer for layer in range(spec.layers) if spec.is_moe_layer(layer))
+    expert = unit_bytes(spec, params, (moe, 0))
     if count(max(1, P * Q * usable_sram(cfg) // expert)) > most:  # (SRAM alone bounds a region)
         raise FitError(f"{spec.name} on {P}x{Q} slots: {wafers} wafers hold at most {most} regions, fewer than "
                        f"it needs even with as many experts a region as its SRAM holds")
-    per = most_experts(spec, spec.moe.dense_layers, P, cfg, params, Q)
+    per = most_experts(spec, moe, P, cfg, params, Q)
     per = min(per, params.experts_per_region or per)
     if not per:
         raise FitError(f"not one routed expert of {spec.name} fits a {P}x{Q} region")
