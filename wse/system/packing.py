@@ -4,8 +4,8 @@ The split by bytes (wafers.balanced) cuts a model with expert regions at any rou
 layer's experts may end a wafer in a part-filled expert region and begin the next in another,
 and each wafer's share is as near the mean of the bytes as the units allow. On large slots,
 where a wafer holds a couple of layers in 20-odd slots, those part-filled regions and the
-uneven region counts of byte-equal shares decide whether a slot size places: Kimi K2 on 32
-CS-3 needs 26-27 slots a wafer of 152x234 by bytes where 25 hold every region filled.
+uneven region counts of byte-equal shares decide whether a slot size places: Kimi K2 with its
+weight tiles by output needs 33 CS-3 (108x130 slots) split by bytes, 32 (152x234) filled.
 
 Here the whole model's chain is laid out on one slot shape first (model_units cut into expert
 regions of the most experts a region of that shape holds, decode.units_chain), and each wafer
