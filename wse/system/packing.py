@@ -10,9 +10,9 @@ weight tiles by output needs 33 CS-3 (108x130 slots) split by bytes, 32 (152x234
 Here the whole model's chain is laid out on one slot shape first (model_units cut into expert
 regions of the most experts a region of that shape holds, decode.units_chain), and each wafer
 takes a run of its elements, cut only before a layer region or an expert region (a layer's
-FFN region stays with it), as many as its slots place: the k-th wafer of n takes its share of
-what is left, ceil(left / (n - k)) elements, or fewer where they do not place (the embedding's
-or the LM head's rows take a band). Every wafer is planned on that shape (decode.plan_units),
+FFN region stays with it): the last wafer first, its share of the whole or the most it places
+beside the LM head (whose rows take a band), then each other wafer its share of what is left,
+ceil(left / wafers left) elements, or the most it places (the embedding's rows take a band). Every wafer is planned on that shape (decode.plan_units),
 so the result is checked as every split is. Slot shapes are tried largest first.
 """
 from __future__ import annotations
@@ -29,14 +29,18 @@ from ..workload.plan import FitError, usable_sram
 Shares = list[tuple[int, int]]
 
 
+def _split(spec: ModelSpec, params: DecodeParams) -> frozenset[int]:
+    """The layers whose FFN takes a region of its own after the layer's, with expert regions."""
+    return ffn_layers(spec, range(spec.layers), splits_ffn(spec, params, True))
+
+
 def cut_points(spec: ModelSpec, params: DecodeParams, per_region: int) -> tuple[int, dict[int, int]]:
     """The whole model's chain on regions of `per_region` routed experts: (its element count,
     element index -> model_units index for each element a wafer may begin with)."""
     units = model_units(spec)
-    split = ffn_layers(spec, range(spec.layers), splits_ffn(spec, params, True))
     first = {u: i for i, u in enumerate(units)}
     cuts: dict[int, int] = {}
-    chain = units_chain(units, per_region, split)
+    chain = units_chain(units, per_region, _split(spec, params))
     for k, (kind, layer, experts) in enumerate(chain):
         if kind == "layer":
             cuts[k] = first[layer, -1]
@@ -49,9 +53,8 @@ def cut_points(spec: ModelSpec, params: DecodeParams, per_region: int) -> tuple[
 def regions(spec: ModelSpec, params: DecodeParams) -> Callable[[int], int]:
     """Elements of the whole model's chain (what cut_points counts) as a function of the routed
     experts a region holds, by arithmetic."""
-    split = ffn_layers(spec, range(spec.layers), splits_ffn(spec, params, True))
     moe = sum(spec.is_moe_layer(layer) for layer in range(spec.layers))
-    fixed = spec.layers + len(split)
+    fixed = spec.layers + len(_split(spec, params))
     return lambda per_region: fixed + moe * -(-spec.moe.experts // per_region)
 
 
