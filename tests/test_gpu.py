@@ -276,6 +276,22 @@ def test_curve_is_a_tradeoff(h100):
     assert all(p.tokens_per_s_per_user >= q.tokens_per_s_per_user for p, q in zip(pts, pts[1:]))
 
 
+def test_curve_prices_every_point(h100):
+    """On fixed nodes power and price are fixed, so J/token and $/Mtok fall exactly as the
+    aggregate rises: each point is the step model's at that batch, utilization included."""
+    m = load_model("mixtral-8x7b")
+    pts = curve(m, h100, 2048, utilization=0.5)
+    nodes = gpu_decode(m, h100, batch=1, context=2048).nodes
+    for p in pts:
+        r = gpu_decode(m, h100, batch=p.batch, context=2048, nodes=nodes, utilization=0.5)
+        assert (p.j_per_token, p.usd_per_mtok) == (r.j_per_token, r.usd_per_mtok)
+        served = p.aggregate_tokens_per_s * 0.5
+        assert p.j_per_token == pytest.approx(nodes * h100.node_power_w / served, rel=1e-12)
+        assert p.usd_per_mtok == pytest.approx(
+            nodes * h100.gpus_per_node * h100.cost_per_gpu_hour_usd / 3600 / served * 1e6, rel=1e-12)
+    assert [p.usd_per_mtok for p in pts] == sorted((p.usd_per_mtok for p in pts), reverse=True)
+
+
 # ---- prefill ---------------------------------------------------------------------------------
 
 def test_prefill_reproduces_the_compute_bound_closed_form(h100, l8b):
@@ -311,3 +327,23 @@ def test_best_parallelism_is_the_cheapest_feasible_one():
     assert g is h100 and r.gpus == 8
     with pytest.raises(WseError, match="tensor parallelism"):
         with_tp(h100, 16)
+
+
+def test_cheapest_point_sizes_the_nodes_for_each_batch():
+    """The cost frontier takes each batch's cheapest parallelism; its cheapest point undercuts
+    every point of the fixed-node curve sized for batch 1 (llama3.1-70b: TP2 holds a batch of 8
+    at most, TP4 serves 256 for far less per token)."""
+    from wse.system.gpu_parallel import best_decode, cheapest, cost_frontier
+    h100, spec = load_gpu("h100"), load_model("llama3.1-70b")
+    frontier = cost_frontier(spec, h100, context=1024)
+    assert [r.batch for r, _ in frontier] == list(g.DEFAULT_BATCHES)
+    for r, c in frontier:
+        assert r.usd_per_mtok == best_decode(spec, h100, batch=r.batch, context=1024)[0].usd_per_mtok
+    low, cfg = cheapest(frontier)
+    assert low.usd_per_mtok == min(r.usd_per_mtok for r, _ in frontier)
+    one, one_cfg = best_decode(spec, h100, batch=1, context=1024)
+    fixed = curve(spec, one_cfg, 1024, nodes=one.nodes)
+    assert max(p.batch for p in fixed) < 256 and low.batch == 256 and cfg.gpus_per_node > one_cfg.gpus_per_node
+    assert low.usd_per_mtok < min(p.usd_per_mtok for p in fixed)
+    with pytest.raises(WseError, match="no batch fits"):
+        cheapest([])

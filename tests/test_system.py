@@ -4,6 +4,7 @@ import dataclasses
 import math
 
 import h5py
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -226,8 +227,23 @@ def test_system_command_writes_the_table_and_plots(tmp_path):
         assert f["summary/wafers"][()] == 2 and f["summary/gpus"][()] == 1
         assert math.isfinite(f["summary/ttft_s"][()]) and f["summary/energy_per_token_j"][()] > 0
         assert len(f["curve_wafer/tokens_per_s"]) >= 1 and len(f["curve_gpu/batch"]) >= 1
+        # on fixed GPU nodes the most aggregate is also the least $ and J per token
+        usd, j = f["curve_gpu/usd_per_mtok"][()], f["curve_gpu/j_per_token"][()]
+        best = int(np.argmax(f["curve_gpu/tokens_per_s"][()]))
+        assert usd[best] == usd.min() and j[best] == j.min()
+        # both sides at their cheapest point: the wafers' deepest pipeline, the GPUs' cheapest
+        # batch and parallelism, which no fixed-node point undercuts
+        low = f["curve_gpu_cheapest/usd_per_mtok"][()]
+        k = int(np.argmin(low))
+        assert f["summary/gpu_cost_per_mtok_cheapest_usd"][()] == low[k] <= usd.min()
+        assert f["summary/gpu_cheapest_batch"][()] == f["curve_gpu_cheapest/batch"][k]
+        assert f["summary/gpu_energy_per_token_cheapest_j"][()] == f["curve_gpu_cheapest/j_per_token"][k]
+        assert f["summary/cost_per_mtok_full_usd"][()] == f["curve_wafer/usd_per_mtok"][-1] \
+            == f["curve_wafer/usd_per_mtok"][()].min()
+        assert f["summary/energy_per_token_full_j"][()] == f["curve_wafer/j_per_token"][-1]
     p = runner.invoke(cli, ["plot", str(out), "-o", str(tmp_path / "plots")])
-    assert p.exit_code == 0 and (tmp_path / "plots" / "throughput-latency.png").exists()
+    assert p.exit_code == 0
+    assert all((tmp_path / "plots" / name).exists() for name in ("throughput-latency.png", "cost-latency.png"))
     rep = runner.invoke(cli, ["report", str(out)])
     assert rep.exit_code == 0 and "energy_per_token_j" in rep.output
     for shown in ("tokens/s per user", "J/token", "$/Mtok", "wafer 1:", "pipeline depth:", "layer region: "):

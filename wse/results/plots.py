@@ -114,6 +114,23 @@ def plot_run(rf: RunFile, outdir: str | Path) -> list[Path]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         save(fig, "throughput-latency.png")
+        fc = rf.tables.get("curve_gpu_cheapest")  # (run files before 2026-12-01 have none)
+        if fc is not None:  # cost against interactivity: the GPU side sized for each batch
+            fig, ax = plt.subplots(figsize=(7, 5))
+            ax.plot(wc["tokens_per_s_per_user"], wc["usd_per_mtok"], "o-", label=f"{label_w} (micro-batches in flight)")
+            if len(fc["batch"]):
+                ax.plot(fc["tokens_per_s_per_user"], fc["usd_per_mtok"], "s-",
+                        label="GPU nodes, the cheapest parallelism for each batch (batch)")
+                for x, y, b in zip(fc["tokens_per_s_per_user"], fc["usd_per_mtok"], fc["batch"]):
+                    ax.annotate(str(b), (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("tokens/s per user (interactivity)")
+            ax.set_ylabel("$ per million tokens")
+            ax.set_title(f"{rf.attrs.get('trace_path', '')}"[:80], fontsize=8)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+            save(fig, "cost-latency.png")
     from .serving import plot_serve
     plot_serve(rf, save, plt)
     return written

@@ -20,8 +20,8 @@ from ..workload.params import MAX_CONTEXT, DecodeParams
 from ..workload.models import load_model
 from .config import SystemConfig
 from ..workload.precision import weights_of
-from .gpu import GpuResult, curve, gpu_decode, gpu_prefill, load_gpu, weights_for
-from .gpu_parallel import best_decode, gpu_label
+from .gpu import CurvePoint, GpuResult, curve, gpu_decode, gpu_prefill, load_gpu, weights_for
+from .gpu_parallel import best_decode, cheapest, cost_frontier, gpu_label
 from .mla_groups import AUTO, GroupChoice, choose_groups
 from .pool import Fanout
 from .ttft import check_chunks, prefill_seconds
@@ -41,6 +41,7 @@ class SystemJob:
     precisions: tuple[str, str] = ("bf16", "bf16")  # (dense, routed experts) weights on both sides
     tpot: "Generation | None" = None  # --generate: the per-token time as the context grows
     groups: GroupChoice | None = None  # --mla-groups auto: what it chose, and why
+    gpu_frontier: list[tuple[GpuResult, Any]] = dataclasses.field(default_factory=list)  # cheapest per batch
 
 
 @dataclasses.dataclass
@@ -183,7 +184,8 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
                            utilization=system.utilization)
     g_ttft = gpu_prefill(spec, g_cfg, prompt, batch=batch, nodes=g.nodes, weight_bytes=gw,
                          kv_bytes=ELEM_BYTES).ttft_s if prompt else math.nan
-    g_curve = curve(spec, g_cfg, context, nodes=g.nodes, weight_bytes=gw, kv_bytes=ELEM_BYTES)
+    g_curve = curve(spec, g_cfg, context, nodes=g.nodes, weight_bytes=gw, kv_bytes=ELEM_BYTES,
+                    utilization=system.utilization)
     tpot = None
     if generate > 1:
         ends[context] = dec
@@ -194,6 +196,10 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
         tpot = Generation(generate, cs, [ends[c].latency_s for c in cs], [g_at[c] for c in cs],
                           sum(g_at.values()) / len(g_at))
     one, most = dec.curve[0], dec.curve[-1]
+    g_most = gpu_best(g, g_curve)
+    frontier = cost_frontier(spec, load_gpu(gpu), context=context, weight_bytes=gw, kv_bytes=ELEM_BYTES,
+                             utilization=system.utilization)
+    low, low_cfg = cheapest(frontier)
     wafer_name = f"{system.name}: {dec.wafers} x {system.wafer}"
     gpu_name = gpu_label(g_cfg, g.nodes)
     rows = [
@@ -201,15 +207,16 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
         ("chips", "", dec.wafers, g.gpus),
         ("tokens/s per user", "tokens/s", one.tokens_per_s_per_user, g.tokens_per_s_per_user),
         ("aggregate tokens/s", "tokens/s", one.tokens_per_s, g.aggregate_tokens_per_s),
-        ("aggregate tokens/s, best on curve", "tokens/s", most.tokens_per_s,
-         max(p.aggregate_tokens_per_s for p in g_curve) if g_curve else g.aggregate_tokens_per_s),
-        ("  at micro-batches in flight / batch", "", most.in_flight,
-         max(g_curve, key=lambda p: p.aggregate_tokens_per_s).batch if g_curve else batch),
         ("TTFT", "s", ttft, g_ttft),
         ("J/token", "J", one.j_per_token, g.j_per_token),
-        ("J/token, pipeline full", "J", most.j_per_token, None),
         ("$/Mtok", "USD", one.usd_per_mtok, g.usd_per_mtok),
-        ("$/Mtok, pipeline full", "USD", most.usd_per_mtok, None),
+        ("aggregate tokens/s, best on curve", "tokens/s", most.tokens_per_s, g_most.aggregate_tokens_per_s),
+        ("  at micro-batches in flight / batch", "", most.in_flight, g_most.batch),
+        ("cheapest point", "", f"{most.in_flight} in flight", f"batch {low.batch}, {gpu_label(low_cfg, low.nodes)}"),
+        ("  tokens/s per user there", "tokens/s", most.tokens_per_s_per_user, low.tokens_per_s_per_user),
+        ("  aggregate tokens/s there", "tokens/s", most.tokens_per_s, low.aggregate_tokens_per_s),
+        ("  J/token there", "J", most.j_per_token, low.j_per_token),
+        ("  $/Mtok there", "USD", most.usd_per_mtok, low.usd_per_mtok),
         ("bound", "", _wafer_bound(dec), g.bound),
     ]
     if tpot:
@@ -217,7 +224,15 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
         rows += [(f"TPOT at context {' / '.join(f'{c:,}' for c in tpot.contexts)}", "ms", " / ".join(ms),
                   " / ".join(f"{v * 1e3:.3g}" for v in tpot.gpu_s)),
                  (f"TPOT, mean over {generate:,} tokens", "ms", tpot.wafer_mean_s * 1e3, tpot.gpu_mean_s * 1e3)]
-    return SystemJob(dec, g, g_ttft, ttft, rows, g_curve, weights_of(spec, weights), tpot, choice)
+    return SystemJob(dec, g, g_ttft, ttft, rows, g_curve, weights_of(spec, weights), tpot, choice, frontier)
+
+
+def gpu_best(g: GpuResult, points: list[CurvePoint]) -> CurvePoint:
+    """The GPU nodes' point of most aggregate tokens/s on their curve (on fixed nodes also the
+    least energy and cost per token), or the run's own batch if the curve kept none."""
+    if points:
+        return max(points, key=lambda p: p.aggregate_tokens_per_s)
+    return CurvePoint(g.batch, g.tokens_per_s_per_user, g.aggregate_tokens_per_s, g.j_per_token, g.usd_per_mtok)
 
 
 def _wafer_bound(dec: SystemDecode) -> str:
@@ -303,13 +318,23 @@ def tables(job: SystemJob) -> dict[str, dict[str, np.ndarray]]:
                         "usd_per_mtok": np.array([p.usd_per_mtok for p in d.curve])},
         "curve_gpu": {"batch": np.array([p.batch for p in job.gpu_curve], dtype=np.int64),
                       "tokens_per_s_per_user": np.array([p.tokens_per_s_per_user for p in job.gpu_curve]),
-                      "tokens_per_s": np.array([p.aggregate_tokens_per_s for p in job.gpu_curve])},
+                      "tokens_per_s": np.array([p.aggregate_tokens_per_s for p in job.gpu_curve]),
+                      "j_per_token": np.array([p.j_per_token for p in job.gpu_curve]),
+                      "usd_per_mtok": np.array([p.usd_per_mtok for p in job.gpu_curve])},
+        "curve_gpu_cheapest": {"batch": np.array([r.batch for r, _ in job.gpu_frontier], dtype=np.int64),
+                               "gpus": np.array([r.gpus for r, _ in job.gpu_frontier], dtype=np.int64),
+                               "config": np.array([gpu_label(c, r.nodes) for r, c in job.gpu_frontier], dtype=object),
+                               "tokens_per_s_per_user": np.array([r.tokens_per_s_per_user for r, _ in job.gpu_frontier]),
+                               "tokens_per_s": np.array([r.aggregate_tokens_per_s for r, _ in job.gpu_frontier]),
+                               "j_per_token": np.array([r.j_per_token for r, _ in job.gpu_frontier]),
+                               "usd_per_mtok": np.array([r.usd_per_mtok for r, _ in job.gpu_frontier])},
     }
 
 
 def figures(job: SystemJob) -> dict[str, tuple[Any, str, str]]:
     """/summary scalars of a system run."""
     d, one, most = job.decode, job.decode.curve[0], job.decode.curve[-1]
+    low = cheapest(job.gpu_frontier)[0] if job.gpu_frontier else job.gpu
     return {
         "wafers": (d.wafers, "wafers", "wafer systems in the chain"),
         "token_latency_s": (d.latency_s, "s", "one token through every wafer and link"),
@@ -326,10 +351,19 @@ def figures(job: SystemJob) -> dict[str, tuple[Any, str, str]]:
            if job.tpot else {}),
         "energy_per_token_j": (one.j_per_token, "J", "energy per token, one micro-batch in flight"),
         "cost_per_mtok_usd": (one.usd_per_mtok, "USD", "cost per million tokens, one micro-batch in flight"),
+        "energy_per_token_full_j": (most.j_per_token, "J", f"energy per token, {most.in_flight} micro-batches in "
+                                    "flight"),
+        "cost_per_mtok_full_usd": (most.usd_per_mtok, "USD", f"cost per million tokens, {most.in_flight} "
+                                   "micro-batches in flight"),
         "gpu_tokens_per_s_per_user": (job.gpu.tokens_per_s_per_user, "tokens/s", f"{job.gpu.gpu} nodes (analytic)"),
         "gpu_tokens_per_s": (job.gpu.aggregate_tokens_per_s, "tokens/s", "GPU aggregate at this batch"),
         "gpu_energy_per_token_j": (job.gpu.j_per_token, "J", "GPU energy per token"),
         "gpu_cost_per_mtok_usd": (job.gpu.usd_per_mtok, "USD", "GPU cost per million tokens"),
+        "gpu_cheapest_batch": (low.batch, "sequences", f"GPU nodes' cheapest point: batch, on {low.gpus} GPUs"),
+        "gpu_tokens_per_s_per_user_cheapest": (low.tokens_per_s_per_user, "tokens/s", "GPU, cheapest point"),
+        "gpu_tokens_per_s_cheapest": (low.aggregate_tokens_per_s, "tokens/s", "GPU aggregate, cheapest point"),
+        "gpu_energy_per_token_cheapest_j": (low.j_per_token, "J", "GPU energy per token, cheapest point"),
+        "gpu_cost_per_mtok_cheapest_usd": (low.usd_per_mtok, "USD", "GPU cost per million tokens, cheapest point"),
         "gpus": (job.gpu.gpus, "GPUs", "GPUs in the baseline"),
         **({"mla_groups": (job.groups.groups, "groups", "latent attention's row groups --mla-groups auto chose "
                            f"(layer region cycles {job.groups.cycles} by groups)")} if job.groups else {}),

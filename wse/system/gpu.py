@@ -458,20 +458,24 @@ class CurvePoint(NamedTuple):
     batch: int
     tokens_per_s_per_user: float
     aggregate_tokens_per_s: float
+    j_per_token: float
+    usd_per_mtok: float
 
 
 def curve(spec: ModelSpec, gpu: GpuConfig, context: int, batches: Sequence[int] = DEFAULT_BATCHES, *,
           nodes: int | None = None, weight_bytes: float | None = None,
-          kv_bytes: float = 2.0) -> list[CurvePoint]:
-    """Throughput-vs-latency points on a fixed node count (given, or the fewest that hold batch 1);
-    batches whose KV cache no longer fits are dropped."""
+          kv_bytes: float = 2.0, utilization: float = 1.0) -> list[CurvePoint]:
+    """Throughput-vs-latency points on a fixed node count (given, or the fewest that hold batch 1),
+    with energy and cost per token at each (utilization as in gpu_decode); batches whose KV cache
+    no longer fits are dropped."""
     nodes = _resolve_nodes(spec, gpu, nodes, context, weight_bytes, kv_bytes, context)
     out = []
     for b in batches:
         if fits(spec, gpu, nodes, b * context, weight_bytes, kv_bytes, context):
             r = gpu_decode(spec, gpu, batch=b, context=context, weight_bytes=weight_bytes,
-                           kv_bytes=kv_bytes, nodes=nodes)
-            out.append(CurvePoint(b, r.tokens_per_s_per_user, r.aggregate_tokens_per_s))
+                           kv_bytes=kv_bytes, nodes=nodes, utilization=utilization)
+            out.append(CurvePoint(b, r.tokens_per_s_per_user, r.aggregate_tokens_per_s, r.j_per_token,
+                                  r.usd_per_mtok))
     return out
 
 

@@ -7,7 +7,7 @@ import dataclasses
 
 from ..errors import WseError
 from ..workload.models import ModelSpec
-from .gpu import GpuConfig, GpuResult, gpu_decode
+from .gpu import DEFAULT_BATCHES, GpuConfig, GpuResult, gpu_decode
 
 TP_CHOICES = (1, 2, 4, 8)
 
@@ -47,6 +47,27 @@ def best_decode(spec: ModelSpec, gpu: GpuConfig, *, batch: int, context: int, we
     if best is None:
         raise last or WseError(f"{spec.name} fits no parallelism on {gpu.name} nodes")
     return best
+
+
+def cost_frontier(spec: ModelSpec, gpu: GpuConfig, *, context: int, batches=DEFAULT_BATCHES, weight_bytes=None,
+                  kv_bytes: float = 2.0, utilization: float = 1.0) -> list[tuple[GpuResult, GpuConfig]]:
+    """For each batch that fits some parallelism, its cheapest (best_decode): what an operator
+    pays per token at each interactivity, free to size the nodes for the batch."""
+    out = []
+    for b in batches:
+        try:
+            out.append(best_decode(spec, gpu, batch=b, context=context, weight_bytes=weight_bytes, kv_bytes=kv_bytes,
+                                   utilization=utilization))
+        except WseError:
+            continue
+    return out
+
+
+def cheapest(frontier: list[tuple[GpuResult, GpuConfig]]) -> tuple[GpuResult, GpuConfig]:
+    """The point of least $/Mtok on a cost frontier (ties: the shorter step)."""
+    if not frontier:
+        raise WseError("no batch fits any parallelism on the GPU nodes")
+    return min(frontier, key=lambda rc: (rc[0].usd_per_mtok, rc[0].step_latency_s))
 
 
 def gpu_label(g: GpuConfig, groups: int) -> str:
