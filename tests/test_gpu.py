@@ -347,3 +347,16 @@ def test_cheapest_point_sizes_the_nodes_for_each_batch():
     assert low.usd_per_mtok < min(p.usd_per_mtok for p in fixed)
     with pytest.raises(WseError, match="no batch fits"):
         cheapest([])
+
+
+def test_undercut_is_the_fastest_cheaper_point():
+    """Below the undercutting point's rate per user some GPU point is cheaper than a given cost;
+    every frontier point faster than it costs at least that much."""
+    from wse.system.gpu_parallel import cost_frontier, undercut
+    frontier = cost_frontier(load_model("llama3.1-70b"), load_gpu("h100"), context=1024)
+    for usd in (0.6, 6.39, 20.0, 1e9):
+        r, _ = undercut(frontier, usd)
+        assert r.usd_per_mtok < usd
+        assert all(q.usd_per_mtok >= usd for q, _ in frontier if q.tokens_per_s_per_user > r.tokens_per_s_per_user)
+    assert undercut(frontier, 1e9)[0].tokens_per_s_per_user == max(q.tokens_per_s_per_user for q, _ in frontier)
+    assert undercut(frontier, min(q.usd_per_mtok for q, _ in frontier)) is None

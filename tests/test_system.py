@@ -241,12 +241,18 @@ def test_system_command_writes_the_table_and_plots(tmp_path):
         assert f["summary/cost_per_mtok_full_usd"][()] == f["curve_wafer/usd_per_mtok"][-1] \
             == f["curve_wafer/usd_per_mtok"][()].min()
         assert f["summary/energy_per_token_full_j"][()] == f["curve_wafer/j_per_token"][-1]
+        # the crossover: the fastest GPU point cheaper than the wafers' cheapest (0: none is)
+        rates = f["curve_gpu_cheapest/tokens_per_s_per_user"][()]
+        cheaper = rates[low < f["summary/cost_per_mtok_full_usd"][()]]
+        assert f["summary/crossover_tokens_per_s_per_user"][()] == (cheaper.max() if len(cheaper) else 0.0)
+    assert "cost crossover: the wafers' cheapest point" in r.output
     p = runner.invoke(cli, ["plot", str(out), "-o", str(tmp_path / "plots")])
     assert p.exit_code == 0
     assert all((tmp_path / "plots" / name).exists() for name in ("throughput-latency.png", "cost-latency.png"))
     rep = runner.invoke(cli, ["report", str(out)])
     assert rep.exit_code == 0 and "energy_per_token_j" in rep.output
-    for shown in ("tokens/s per user", "J/token", "$/Mtok", "wafer 1:", "pipeline depth:", "layer region: "):
+    for shown in ("tokens/s per user", "J/token", "$/Mtok", "wafer 1:", "pipeline depth:", "layer region: ",
+                  "cost crossover:", "cheapest point"):
         assert shown in rep.output
 
 

@@ -21,7 +21,7 @@ from ..workload.models import load_model
 from .config import SystemConfig
 from ..workload.precision import weights_of
 from .gpu import CurvePoint, GpuResult, curve, gpu_decode, gpu_prefill, load_gpu, weights_for
-from .gpu_parallel import best_decode, cheapest, cost_frontier, gpu_label
+from .gpu_parallel import best_decode, cheapest, cost_frontier, gpu_label, undercut
 from .mla_groups import AUTO, GroupChoice, choose_groups
 from .pool import Fanout
 from .ttft import check_chunks, prefill_seconds
@@ -235,6 +235,24 @@ def gpu_best(g: GpuResult, points: list[CurvePoint]) -> CurvePoint:
     return CurvePoint(g.batch, g.tokens_per_s_per_user, g.aggregate_tokens_per_s, g.j_per_token, g.usd_per_mtok)
 
 
+def crossover_line(job: SystemJob) -> str:
+    """Where the GPU nodes' cost frontier undercuts the wafers' cheapest point, in tokens/s per user."""
+    most = job.decode.curve[-1]
+    fastest = max(r.tokens_per_s_per_user for r, _ in job.gpu_frontier)
+    head = (f"cost crossover: the wafers' cheapest point (${most.usd_per_mtok:,.3g}/Mtok at "
+            f"{most.tokens_per_s_per_user:,.0f} tokens/s per user) against the GPU nodes sized for each batch (up to "
+            f"{fastest:,.0f} tokens/s per user): ")
+    under = undercut(job.gpu_frontier, most.usd_per_mtok)
+    if under is None:
+        return head + "no GPU point is cheaper per token"
+    r, c = under
+    rate = r.tokens_per_s_per_user
+    tail = ("so at every rate the wafers serve" if rate >= most.tokens_per_s_per_user
+            else "above it the wafers are cheaper")
+    return head + (f"the GPU nodes are cheaper up to {rate:,.0f} tokens/s per user (batch {r.batch} on "
+                   f"{gpu_label(c, r.nodes)}: ${r.usd_per_mtok:,.3g}/Mtok); {tail}")
+
+
 def _wafer_bound(dec: SystemDecode) -> str:
     link_share = dec.link_seconds * (dec.wafers - 1) / dec.latency_s if dec.latency_s else 0.0
     return f"regions {100 * (1 - link_share):.0f}%, links {100 * link_share:.0f}% of latency"
@@ -263,6 +281,8 @@ def format_rows(job: SystemJob) -> str:
                      f"{f', {s.expert_regions} expert region' + 's' * (s.expert_regions > 1) if s.expert_regions else ''}, "
                      f"{s.cycles:,} cycles/token, weights + KV fill {s.packing:.0%} of its usable SRAM")
     lines.append(f"pipeline depth: {d.max_in_flight} micro-batches in flight, bounded by {d.depth_bound}")
+    if job.gpu_frontier:
+        lines.append(crossover_line(job))
     if job.groups and job.groups.layer >= 0:
         lines.append(job.groups.describe())
     if d.wafers > 1:
@@ -310,7 +330,8 @@ def tables(job: SystemJob) -> dict[str, dict[str, np.ndarray]]:
                     "cycles": np.array([c for s in d.steps for c in s.region_cycles], dtype=np.int64),
                     "class": np.array([r.label for s in d.steps for r in s.regions], dtype=object)},
         "pipeline": {"max_in_flight": np.array([d.max_in_flight], dtype=np.int64),
-                     "bound": np.array([d.depth_bound], dtype=object)},
+                     "bound": np.array([d.depth_bound], dtype=object),
+                     "crossover": np.array([crossover_line(job) if job.gpu_frontier else ""], dtype=object)},
         "curve_wafer": {"in_flight": np.array([p.in_flight for p in d.curve], dtype=np.int64),
                         "tokens_per_s_per_user": np.array([p.tokens_per_s_per_user for p in d.curve]),
                         "tokens_per_s": np.array([p.tokens_per_s for p in d.curve]),
@@ -335,6 +356,7 @@ def figures(job: SystemJob) -> dict[str, tuple[Any, str, str]]:
     """/summary scalars of a system run."""
     d, one, most = job.decode, job.decode.curve[0], job.decode.curve[-1]
     low = cheapest(job.gpu_frontier)[0] if job.gpu_frontier else job.gpu
+    under = (undercut(job.gpu_frontier, most.usd_per_mtok) or (None,))[0]
     return {
         "wafers": (d.wafers, "wafers", "wafer systems in the chain"),
         "token_latency_s": (d.latency_s, "s", "one token through every wafer and link"),
@@ -359,6 +381,9 @@ def figures(job: SystemJob) -> dict[str, tuple[Any, str, str]]:
         "gpu_tokens_per_s": (job.gpu.aggregate_tokens_per_s, "tokens/s", "GPU aggregate at this batch"),
         "gpu_energy_per_token_j": (job.gpu.j_per_token, "J", "GPU energy per token"),
         "gpu_cost_per_mtok_usd": (job.gpu.usd_per_mtok, "USD", "GPU cost per million tokens"),
+        "crossover_tokens_per_s_per_user": (under.tokens_per_s_per_user if under else 0.0, "tokens/s",
+                                            "the highest rate per user at which a GPU point (the cheapest parallelism "
+                                            "for its batch) costs less per token than the wafers' cheapest point"),
         "gpu_cheapest_batch": (low.batch, "sequences", f"GPU nodes' cheapest point: batch, on {low.gpus} GPUs"),
         "gpu_tokens_per_s_per_user_cheapest": (low.tokens_per_s_per_user, "tokens/s", "GPU, cheapest point"),
         "gpu_tokens_per_s_cheapest": (low.aggregate_tokens_per_s, "tokens/s", "GPU aggregate, cheapest point"),

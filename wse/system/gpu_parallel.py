@@ -70,6 +70,15 @@ def cheapest(frontier: list[tuple[GpuResult, GpuConfig]]) -> tuple[GpuResult, Gp
     return min(frontier, key=lambda rc: (rc[0].usd_per_mtok, rc[0].step_latency_s))
 
 
+def undercut(frontier: list[tuple[GpuResult, GpuConfig]], usd_per_mtok: float
+             ) -> tuple[GpuResult, GpuConfig] | None:
+    """The frontier point of highest tokens/s per user that costs less per token than
+    `usd_per_mtok` (None: none does): below its rate per user the GPU nodes serve cheaper, above
+    it every point of the frontier costs more."""
+    below = [rc for rc in frontier if rc[0].usd_per_mtok < usd_per_mtok]
+    return max(below, key=lambda rc: rc[0].tokens_per_s_per_user) if below else None
+
+
 def gpu_label(g: GpuConfig, groups: int) -> str:
     """How a baseline reads in tables: 2 x 8xh100 (whole nodes), or 3 x TP4 h100 (TP groups)."""
     return f"{groups} x {g.gpus_per_node}x{g.name}" if g.gpus_per_node >= 8 else f"{groups} x TP{g.gpus_per_node} {g.name}"
