@@ -165,3 +165,12 @@ def test_check_model_full_wafers_checks_every_share():
     r = CliRunner().invoke(cli, ["check", "--model", "tiny-moe", "--full", "--wafers", "3", "--moe-mapping", "regions",
                                  "--experts-per-region", "1", "--wafer", "small", "--context", "64"])
     assert r.exit_code == 0 and r.output.count("wafer ") == 3 and "combine_out" in r.output, r.output
+    # the shares `wse system` would simulate on these wafers (wafers.plans_on)
+    import re
+    from wse.system.wafers import plans_on
+    from wse.workload.models import load_model
+    from wse.workload.params import DecodeParams
+    params = DecodeParams(context=64, moe_mapping="regions", experts_per_region=1)
+    plans = plans_on(load_model("tiny-moe"), hardware.load_preset("small"), params, 3, True)
+    shown = [tuple(int(v) for v in m) for m in re.findall(r"units (\d+)\.\.(\d+)", r.output)]
+    assert shown == [(a, b - 1) for a, b in (p.units for p in plans)]

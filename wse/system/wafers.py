@@ -152,8 +152,12 @@ def wafer_plans(spec: ModelSpec, system: SystemConfig, params: DecodeParams, waf
     cut at routed experts (default: uses_units). A split cut at routed experts is balanced by
     bytes or, where that places no slots as large or none at all, fills each wafer's slots with
     whole expert regions (packing.py)."""
-    cfg = system.wafer_config
     units = uses_units(spec, system, params) if units is None else units
+    return plans_on(spec, system.wafer_config, params, wafers, units)
+
+
+def plans_on(spec: ModelSpec, cfg, params: DecodeParams, wafers: int, units: bool) -> list[ModelPlan]:
+    """wafer_plans on `wafers` wafers of configuration cfg (`wse check --full --wafers` splits so)."""
     try:
         shares, plans = placed_shares(spec, cfg, params, wafers, units)
     except FitError:

@@ -178,13 +178,15 @@ def layer_check_traces(name: str, cfg: WaferConfig, **kw) -> list[tuple[str, Tra
 def step_check_traces(name: str, cfg: WaferConfig, wafers: int | None = None, **kw) -> list[tuple[str, Trace]]:
     """The whole decode step of a model (its --layers on the wafer) in one trace with its
     /tensors, for `wse check --model --full`: [(label, trace)]; with `wafers`, the model split
-    over that many wafers of this configuration as `wse system` splits it, balanced by bytes —
-    whole layers, or with --moe-mapping regions at routed experts — one trace per wafer's share."""
+    over that many wafers of this configuration as `wse system` splits it (wafers.plans_on:
+    whole layers, or with --moe-mapping regions at routed experts, balanced by bytes or filled
+    with whole expert regions; with --region every share on that slot size, balanced by bytes)
+    — one trace per wafer's share."""
     from .step_tensors import step_trace
     if wafers is None:
         plan = _model_plan(name, cfg, "decode", **kw)
         return [(f"--model {name} decode step ({plan.n_layers} layers, {plan.P}x{plan.Q} slots)", step_trace(plan))]
-    from ..system.wafers import placed_shares, share_plan, wafer_shares
+    from ..system.wafers import plans_on, share_plan, wafer_shares
     if kw.get("layers"):
         raise WseError("--wafers splits the whole model: leave out --layers")
     if wafers < 1:
@@ -193,12 +195,14 @@ def step_check_traces(name: str, cfg: WaferConfig, wafers: int | None = None, **
     spec, params = base.spec, base.params
     units = bool(spec.moe) and params.moe_mapping == "regions"  # cut at routed experts, as `wse system` does
     P, Q = kw.get("region") or (None, None)
-    shares = placed_shares(spec, cfg, params, wafers, units)[0] if P is None else \
-        wafer_shares(spec, params, wafers, units)
+    if P is None:
+        plans = plans_on(spec, cfg, params, wafers, units)
+    else:
+        shares = wafer_shares(spec, params, wafers, units)
+        plans = [share_plan(spec, cfg, params, shares, w, units, P, Q) for w in range(wafers)]
     out = []
-    for w, (a, b) in enumerate(shares):
-        plan = share_plan(spec, cfg, params, shares, w, units, P, Q)
-        what = f"units {a}..{b - 1}, " if units else ""
+    for w, plan in enumerate(plans):
+        what = f"units {plan.units[0]}..{plan.units[1] - 1}, " if units else ""
         out.append((f"--model {name} wafer {w} of {wafers} (layers {plan.first_layer}.."
                     f"{plan.first_layer + plan.n_layers - 1}, {what}{plan.P}x{plan.Q} slots)", step_trace(plan)))
     return out
