@@ -94,43 +94,37 @@ def plot_run(rf: RunFile, outdir: str | Path) -> list[Path]:
             ax.legend(fontsize=7)
             save(fig, "layers.png")
     wc, gc = rf.tables.get("curve_wafer"), rf.tables.get("curve_gpu")
-    if wc is not None and gc is not None:  # a `wse system` run: throughput against latency
-        fig, ax = plt.subplots(figsize=(7, 5))
+    if wc is not None and gc is not None:  # a `wse system` run: both sides' curves
         system = rf.tables.get("system", {})
         names = dict(zip(system.get("metric", []), zip(system.get("wafer_system", []), system.get("gpu", []))))
         label_w, label_g = names.get("system", ("wafer system", "GPU nodes"))
-        ax.plot(wc["tokens_per_s_per_user"], wc["tokens_per_s"], "o-", label=f"{label_w} (micro-batches in flight)")
-        for x, y, m in zip(wc["tokens_per_s_per_user"], wc["tokens_per_s"], wc["in_flight"]):
-            ax.annotate(str(m), (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
-        if len(gc["batch"]):
-            ax.plot(gc["tokens_per_s_per_user"], gc["tokens_per_s"], "s-", label=f"{label_g} (batch)")
-            for x, y, b in zip(gc["tokens_per_s_per_user"], gc["tokens_per_s"], gc["batch"]):
-                ax.annotate(str(b), (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("tokens/s per user (interactivity)")
-        ax.set_ylabel("aggregate tokens/s (throughput)")
-        ax.set_title(f"{rf.attrs.get('trace_path', '')}"[:80], fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        save(fig, "throughput-latency.png")
+        title = f"{rf.attrs.get('trace_path', '')}"[:80]
+        save(_curves(plt, title, "tokens_per_s", "aggregate tokens/s (throughput)", (wc, label_w), (gc, label_g)),
+             "throughput-latency.png")
         fc = rf.tables.get("curve_gpu_cheapest")  # (run files before 2026-12-01 have none)
         if fc is not None:  # cost against interactivity: the GPU side sized for each batch
-            fig, ax = plt.subplots(figsize=(7, 5))
-            ax.plot(wc["tokens_per_s_per_user"], wc["usd_per_mtok"], "o-", label=f"{label_w} (micro-batches in flight)")
-            if len(fc["batch"]):
-                ax.plot(fc["tokens_per_s_per_user"], fc["usd_per_mtok"], "s-",
-                        label="GPU nodes, the cheapest parallelism for each batch (batch)")
-                for x, y, b in zip(fc["tokens_per_s_per_user"], fc["usd_per_mtok"], fc["batch"]):
-                    ax.annotate(str(b), (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("tokens/s per user (interactivity)")
-            ax.set_ylabel("$ per million tokens")
-            ax.set_title(f"{rf.attrs.get('trace_path', '')}"[:80], fontsize=8)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-            save(fig, "cost-latency.png")
+            save(_curves(plt, title, "usd_per_mtok", "$ per million tokens", (wc, label_w),
+                         (fc, "GPU nodes, the cheapest parallelism for each batch")), "cost-latency.png")
     from .serving import plot_serve
     plot_serve(rf, save, plt)
     return written
+
+
+def _curves(plt, title: str, y: str, y_label: str, wafer: tuple[dict, str], gpu: tuple[dict, str]):
+    """Column `y` of the wafers' curve (points labelled by micro-batches in flight) and of a GPU
+    curve (by batch) against tokens/s per user, log-log."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (t, label), key, style in ((wafer, "in_flight", "o-"), (gpu, "batch", "s-")):
+        if len(t[key]):
+            name = "micro-batches in flight" if key == "in_flight" else "batch"
+            ax.plot(t["tokens_per_s_per_user"], t[y], style, label=f"{label} ({name})")
+            for px, py, n in zip(t["tokens_per_s_per_user"], t[y], t[key]):
+                ax.annotate(str(n), (px, py), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens/s per user (interactivity)")
+    ax.set_ylabel(y_label)
+    ax.set_title(title, fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
