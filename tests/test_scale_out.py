@@ -364,6 +364,9 @@ def test_a_sweep_on_a_two_worker_cluster_writes_the_table_plots_and_csv(tmp_path
     for k in cols:
         same = [a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)) for a, b in zip(cols[k], cols2[k])]
         assert all(same), k
+    # each point priced at both sides' cheapest points too (pareto.png draws them)
+    assert {"tokens_per_s_per_user_full", "cost_per_mtok_full_usd", "gpu_tokens_per_s_per_user_cheapest",
+            "gpu_cost_per_mtok_cheapest_usd", "crossover_tokens_per_s_per_user"} <= set(cols)
     import xarray as xr  # the table opens as a labelled Dataset along `point`
     with xr.open_dataset(out, group="points", engine="h5netcdf") as ds:
         assert ds.sizes == {"point": 5} and ds["cost_per_mtok_usd"].attrs["units"] == "USD"

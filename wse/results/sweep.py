@@ -169,7 +169,11 @@ def plot_sweep(path: str | Path, outdir: str | Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for side, rate_k, cost_k, mark in (("wafer system", *need, "o"),
-                                       ("GPU nodes", "gpu_tokens_per_s_per_user", "gpu_cost_per_mtok_usd", "s")):
+                                       ("GPU nodes", "gpu_tokens_per_s_per_user", "gpu_cost_per_mtok_usd", "s"),
+                                       ("wafer system, deepest pipeline", "tokens_per_s_per_user_full",
+                                        "cost_per_mtok_full_usd", "^"),
+                                       ("GPU nodes, cheapest batch", "gpu_tokens_per_s_per_user_cheapest",
+                                        "gpu_cost_per_mtok_cheapest_usd", "v")):
         if rate_k not in cols:
             continue
         rate, cost = _floats(cols[rate_k]), _floats(cols[cost_k])

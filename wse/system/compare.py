@@ -373,6 +373,8 @@ def figures(job: SystemJob) -> dict[str, tuple[Any, str, str]]:
            if job.tpot else {}),
         "energy_per_token_j": (one.j_per_token, "J", "energy per token, one micro-batch in flight"),
         "cost_per_mtok_usd": (one.usd_per_mtok, "USD", "cost per million tokens, one micro-batch in flight"),
+        "tokens_per_s_per_user_full": (most.tokens_per_s_per_user, "tokens/s",
+                                       f"per user, {most.in_flight} micro-batches in flight"),
         "energy_per_token_full_j": (most.j_per_token, "J", f"energy per token, {most.in_flight} micro-batches in "
                                     "flight"),
         "cost_per_mtok_full_usd": (most.usd_per_mtok, "USD", f"cost per million tokens, {most.in_flight} "
