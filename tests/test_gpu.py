@@ -360,3 +360,20 @@ def test_undercut_is_the_fastest_cheaper_point():
         assert all(q.usd_per_mtok >= usd for q, _ in frontier if q.tokens_per_s_per_user > r.tokens_per_s_per_user)
     assert undercut(frontier, 1e9)[0].tokens_per_s_per_user == max(q.tokens_per_s_per_user for q, _ in frontier)
     assert undercut(frontier, min(q.usd_per_mtok for q, _ in frontier)) is None
+
+
+def test_the_crossover_line_names_each_case():
+    """`wse system`'s cost crossover: no GPU point cheaper; GPU points cheaper up to a rate the
+    wafers exceed; cheaper at every rate the wafers serve."""
+    from types import SimpleNamespace
+    from wse.system.compare import crossover_line
+    from wse.system.gpu_parallel import cost_frontier
+    frontier = cost_frontier(load_model("llama3.1-70b"), load_gpu("h100"), context=1024)
+
+    def line(usd, rate):
+        point = SimpleNamespace(usd_per_mtok=usd, tokens_per_s_per_user=rate)
+        return crossover_line(SimpleNamespace(decode=SimpleNamespace(curve=[point]), gpu_frontier=frontier))
+    assert line(0.1, 1000.0).endswith("no GPU point is cheaper per token")
+    assert "cheaper up to 69 tokens/s per user (batch 16 on 1 x TP4 h100" in line(6.39, 1144.0)
+    assert line(6.39, 1144.0).endswith("above it the wafers are cheaper")
+    assert line(6.39, 50.0).endswith("so at every rate the wafers serve")
