@@ -6,7 +6,7 @@ import pytest
 
 from wse.errors import WseError
 from wse.system.config import load_system
-from wse.system.packing import cut_points, filled_shares, regions, slot_shapes
+from wse.system.packing import cut_points, filled_plans, filled_shares, regions, slot_shapes
 from wse.system.wafers import _own_best, placed_shares, wafer_plans
 from wse.workload.layer_sizes import most_rows
 from wse.workload.decode import ffn_layers, model_units, splits_ffn, units_chain
@@ -104,3 +104,29 @@ def test_without_uniform_slots_each_filled_share_takes_its_own_best_shape():
         own = _own_best(spec, cfg, params, shares, w, plans[w])
         assert own.units == shares[w] and own.P * own.Q >= 95 * 130
         assert own is plans[w] or own.P * own.Q > 95 * 130
+
+
+def test_filled_shares_of_moe16_compose_to_their_full_simulations():
+    """moe16 (16 experts a layer, top-2, a shared expert) filled into 3 wafers of 128x128 PEs on
+    32x42 slots, each cut inside a layer's experts: every wafer's composed step equals its full
+    simulation, counter for counter (cycles where it ends in a hand-off, FLOPs, SRAM bytes,
+    wavelets, ops, wavelet-hops), the stand-in's own work taken out."""
+    from checked import COUNTERS, run, standin_work
+    from wse import hardware
+    from wse.workload.chain import chain_of
+    from wse.workload.compose import compose
+    from wse.workload.stages import full_trace
+    cfg = hardware.resolve("small", None, ["wafer.mesh_width=128", "wafer.mesh_height=128"])
+    spec = load_model("moe16")
+    shares, plans = filled_plans(spec, cfg, DecodeParams(context=32, moe_mapping="regions", experts_per_region=1), 3)
+    assert {(p.P, p.Q) for p in plans} == {(32, 42)} and [b for _, b in shares][-1] == len(model_units(spec))
+    assert any(chain_of(p).leading for p in plans) and any(chain_of(p).trailing for p in plans)
+    for plan in plans:
+        full = run(full_trace(plan)[0], cfg)
+        d = compose(plan, lambda t: run(t, cfg))
+        minus, b0 = standin_work(plan, cfg) if chain_of(plan).leading else ({}, 0)
+        if "end" in d.outputs:
+            assert d.total_cycles == full.total_cycles - b0
+        for c in COUNTERS:
+            assert d.total(c) == full.pe(c).sum() - minus.get(c, 0), c
+        assert d.link_total("wavelets") == full.link("wavelets").sum() - minus.get("hops", 0)

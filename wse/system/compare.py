@@ -298,6 +298,7 @@ def tables(job: SystemJob) -> dict[str, dict[str, np.ndarray]]:
     """Columnar tables for the run file: the side-by-side table, the wafers, their regions, both
     curves."""
     d = job.decode
+    low = [r for r, _ in job.gpu_frontier]  # the GPU nodes' cheapest point of each batch
 
     def text(v: Any) -> str:
         return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
@@ -342,13 +343,13 @@ def tables(job: SystemJob) -> dict[str, dict[str, np.ndarray]]:
                       "tokens_per_s": np.array([p.aggregate_tokens_per_s for p in job.gpu_curve]),
                       "j_per_token": np.array([p.j_per_token for p in job.gpu_curve]),
                       "usd_per_mtok": np.array([p.usd_per_mtok for p in job.gpu_curve])},
-        "curve_gpu_cheapest": {"batch": np.array([r.batch for r, _ in job.gpu_frontier], dtype=np.int64),
-                               "gpus": np.array([r.gpus for r, _ in job.gpu_frontier], dtype=np.int64),
+        "curve_gpu_cheapest": {"batch": np.array([r.batch for r in low], dtype=np.int64),
+                               "gpus": np.array([r.gpus for r in low], dtype=np.int64),
                                "config": np.array([gpu_label(c, r.nodes) for r, c in job.gpu_frontier], dtype=object),
-                               "tokens_per_s_per_user": np.array([r.tokens_per_s_per_user for r, _ in job.gpu_frontier]),
-                               "tokens_per_s": np.array([r.aggregate_tokens_per_s for r, _ in job.gpu_frontier]),
-                               "j_per_token": np.array([r.j_per_token for r, _ in job.gpu_frontier]),
-                               "usd_per_mtok": np.array([r.usd_per_mtok for r, _ in job.gpu_frontier])},
+                               "tokens_per_s_per_user": np.array([r.tokens_per_s_per_user for r in low]),
+                               "tokens_per_s": np.array([r.aggregate_tokens_per_s for r in low]),
+                               "j_per_token": np.array([r.j_per_token for r in low]),
+                               "usd_per_mtok": np.array([r.usd_per_mtok for r in low])},
     }
 
 

@@ -12,8 +12,9 @@ regions of the most experts a region of that shape holds, decode.units_chain), a
 takes a run of its elements, cut only before a layer region or an expert region (a layer's
 FFN region stays with it): the last wafer first, its share of the whole or the most it places
 beside the LM head (whose rows take a band), then each other wafer its share of what is left,
-ceil(left / wafers left) elements, or the most it places (the embedding's rows take a band). Every wafer is planned on that shape (decode.plan_units),
-so the result is checked as every split is. Slot shapes are tried largest first.
+ceil(left / wafers left) elements, or the most it places (the embedding's rows take a band).
+Every wafer is planned on that shape (decode.plan_units), so the result is checked as every split
+is. Slot shapes are tried largest first.
 """
 from __future__ import annotations
 
