@@ -19,7 +19,7 @@ KINDS = [(isa.KIND_FMAC, isa.DTYPE_FP16), (isa.KIND_FMAC, isa.DTYPE_FP32), (isa.
          (isa.KIND_DOT, isa.DTYPE_FP16), (isa.KIND_DOT, isa.DTYPE_MIXED), (isa.KIND_EXP, isa.DTYPE_FP16),
          (isa.KIND_RSQRT, isa.DTYPE_FP32), (isa.KIND_RECIP, isa.DTYPE_FP16), (isa.KIND_SILU, isa.DTYPE_FP16),
          (isa.KIND_RMAX, isa.DTYPE_FP16), (isa.KIND_RSUM, isa.DTYPE_FP32), (isa.KIND_SUB, isa.DTYPE_FP16),
-         (isa.KIND_RFIND, isa.DTYPE_MIXED)]
+         (isa.KIND_RFIND, isa.DTYPE_MIXED), (isa.KIND_FILL, isa.DTYPE_FP16), (isa.KIND_FILL, isa.DTYPE_FP32)]
 
 
 def random_config(rng: np.random.Generator) -> hardware.WaferConfig:

@@ -270,7 +270,7 @@ def test_the_largest_context_is_found_exactly():
         plan_layer(spec, 0, P, cfg, dataclasses.replace(p, context=n), Q=Q)
         with pytest.raises(FitError, match="bytes missing per PE"):
             plan_layer(spec, 0, P, cfg, dataclasses.replace(p, context=n + 1), Q=Q)
-    assert largest_context(spec, 0, 127, cfg, params, 195) > 6 * largest_context(
+    assert largest_context(spec, 0, 127, cfg, params, 195) > 5 * largest_context(
         spec, 0, 127, cfg, dataclasses.replace(params, attention="classic"), 195)
 
 

@@ -429,7 +429,7 @@ def test_check_model_prefill_checks_every_kernel_of_a_layer():
 # ---- the kinds the layer is built from ----------------------------------------------------------------
 
 KINDS = [isa.KIND_DOT, isa.KIND_RMAX, isa.KIND_RSUM, isa.KIND_EXP, isa.KIND_RSQRT, isa.KIND_RECIP, isa.KIND_SILU,
-         isa.KIND_SUB]
+         isa.KIND_SUB, isa.KIND_FILL]
 
 
 def _one_op_trace(kind: int, n: int, dtype: int = isa.DTYPE_FP16):
@@ -442,7 +442,7 @@ def _numpy(kind, a, b, s, acc):
     with np.errstate(all="ignore"):
         return {isa.KIND_DOT: acc + np.sum(a * b), isa.KIND_RMAX: max(acc, a.max()), isa.KIND_RSUM: acc + a.sum(),
                 isa.KIND_EXP: np.exp(a - s), isa.KIND_RSQRT: 1 / np.sqrt(a + s), isa.KIND_RECIP: 1 / a,
-                isa.KIND_SILU: a / (1 + np.exp(-a)), isa.KIND_SUB: a - b}[kind]
+                isa.KIND_SILU: a / (1 + np.exp(-a)), isa.KIND_SUB: a - b, isa.KIND_FILL: np.full_like(a, s)}[kind]
 
 
 @pytest.mark.parametrize("kind", KINDS)

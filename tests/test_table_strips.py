@@ -100,15 +100,16 @@ def test_auto_keeps_table_slots_where_they_place():
 
 
 def test_llama_70b_places_on_four_cs3_with_table_strips():
-    """80 layers of ~1.7 GB fill 20 slots of 152x276 on each CS-3; the tables' 2.1 GB each fit
-    the rows left over as strips, not as slots beside the layers."""
+    """80 layers of ~1.7 GB fill 20 slots of 76x553 on each CS-3 (the largest area: 152x276
+    holds 76 PEs fewer); the tables' 2.1 GB each fit the rows left over as strips, not as slots
+    beside the layers."""
     from wse.system.config import load_system
     from wse.system.wafers import fewest_wafers, wafer_plans
     spec, system = load_model("llama3.1-70b"), load_system("cs3x4")
     params = DecodeParams(context=1024, uniform_slots=True)
     assert fewest_wafers(spec, system, params) == 4
     plans = wafer_plans(spec, system, params, 4)
-    assert [p.n_layers for p in plans] == [20] * 4 and {(p.P, p.Q) for p in plans} == {(152, 276)}
+    assert [p.n_layers for p in plans] == [20] * 4 and {(p.P, p.Q) for p in plans} == {(76, 553)}
     assert plans[0].slots[0].strip and plans[0].slots[0].kind == "embedding"
     assert plans[-1].slots[-1].strip and plans[-1].slots[-1].kind == "lm_head"
     assert fewest_wafers(spec, system, DecodeParams(context=1024, uniform_slots=True, tables="slots")) == 5

@@ -33,6 +33,7 @@ SIMD_KEYS = (
     "silu_fp16", "silu_fp32",  # [U] each pass as fmac
     "rmax_fp16", "rmax_fp32", "rsum_fp16", "rsum_fp32", "sub_fp16", "sub_fp32",  # [U] as max, add, add
     "rfind_mixed",  # [U] as max over fp16 sources into an fp32 index
+    "fill_fp16", "fill_fp32",  # [U] as mov: a scalar source, no SRAM read
 )
 
 

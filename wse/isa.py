@@ -52,17 +52,18 @@ KIND_RMAX = 12  # dst[0] = max(dst[0], max(src0)): a stride-0 accumulator, like 
 KIND_RSUM = 13  # dst[0] = dst[0] + sum(src0): a stride-0 accumulator, like DOT
 KIND_SUB = 14  # dst = src0 - src1
 KIND_RFIND = 15  # dst[0] = max(dst[0], -e) for each element e with src0[e] == scalar: -(the first match's index)
-N_KINDS = 16
+KIND_FILL = 16  # dst = scalar: no SRAM source (clearing an accumulator)
+N_KINDS = 17
 KIND_NAMES = ("none", "fmac", "add", "mul", "max", "mov", "scale", "dot", "exp", "rsqrt", "recip", "silu", "rmax",
-              "rsum", "sub", "rfind")
-KIND_SOURCES = (0, 2, 2, 2, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1)
+              "rsum", "sub", "rfind", "fill")
+KIND_SOURCES = (0, 2, 2, 2, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1, 0)
 # Passes over the vector per element [U]: the CE has no instruction for these functions, so they
 # are FMAC-like passes (range reduction and a polynomial; Newton steps); each pass reads the
 # source stream and writes dst, and does 2 FLOPs per element.
-KIND_PASSES = (1, 1, 1, 1, 1, 1, 1, 1, 5, 3, 3, 6, 1, 1, 1, 1)
-KIND_FLOPS = (0, 2, 1, 1, 1, 0, 1, 2, 10, 6, 6, 12, 1, 1, 1, 1)  # per element, all passes
+KIND_PASSES = (1, 1, 1, 1, 1, 1, 1, 1, 5, 3, 3, 6, 1, 1, 1, 1, 1)
+KIND_FLOPS = (0, 2, 1, 1, 1, 0, 1, 2, 10, 6, 6, 12, 1, 1, 1, 1, 0)  # per element, all passes
 KIND_REDUCES = (KIND_DOT, KIND_RMAX, KIND_RSUM, KIND_RFIND)  # kinds whose dst is one element (a stride-0 accumulator)
-KIND_SCALAR = (KIND_FMAC, KIND_SCALE, KIND_EXP, KIND_RSQRT, KIND_RFIND)  # kinds reading a scalar at src1
+KIND_SCALAR = (KIND_FMAC, KIND_SCALE, KIND_EXP, KIND_RSQRT, KIND_RFIND, KIND_FILL)  # kinds reading a scalar at src1
 FIRST_COMPUTE_ONLY_KIND = KIND_DOT  # kinds from here on are not fused into receive ops
 
 # --- dtypes ---------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def op_streams(opcode: int, kind: int, dtype: int, dst: int, src0: int, src1: in
     """SRAM streams an op touches: ([(addr, bytes_per_element) read], [... written]).
 
     A compute kind reads its sources in a fixed order (FMAC: accumulator dst, then src0;
-    ADD/MUL/MAX: src0, src1; MOV/SCALE: src0). A fused receive op takes the wavelet in place
+    ADD/MUL/MAX: src0, src1; MOV/SCALE: src0; FILL: none). A fused receive op takes the wavelet in place
     of the last source; RECV_COMPUTE writes dst, RECV_COMPUTE_SEND sends instead of writing.
     """
     sb, db = DTYPE_SRC_BYTES[dtype], DTYPE_DST_BYTES[dtype]
@@ -175,6 +176,8 @@ def op_streams(opcode: int, kind: int, dtype: int, dst: int, src0: int, src1: in
         sources = [(dst, db), (src0, sb)]
     elif KIND_SOURCES[kind] == 2:
         sources = [(src0, sb), (src1, sb)]
+    elif kind == KIND_FILL:
+        sources = []
     else:
         sources = [(src0, sb)]
     if opcode == OP_COMPUTE:

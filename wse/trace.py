@@ -85,6 +85,12 @@ def compute(kind: int, length: int, dst: int, src0: int, src1: int = 0,
     return Op(isa.OP_COMPUTE, kind, dtype, length=length, dst=dst, src0=src0, src1=src1, tag=tag)
 
 
+def fill(length: int, dst: int, scalar: int, dtype: int = isa.DTYPE_FP16, tag: int = 0) -> Op:
+    """Write the scalar at SRAM `scalar` to `length` elements at `dst` (no source stream; src0
+    is set to dst so that every address the op names lies in its destination)."""
+    return Op(isa.OP_COMPUTE, isa.KIND_FILL, dtype, length=length, dst=dst, src0=dst, src1=scalar, tag=tag)
+
+
 def send(color: int, length: int, src: int, dtype: int = isa.DTYPE_FP16) -> Op:
     """Send `length` elements from SRAM at `src`, one per wavelet, on `color`."""
     return Op(isa.OP_SEND, dtype=dtype, color_out=color, length=length, src0=src)

@@ -259,11 +259,11 @@ def _run(sram, sem, opc, kind, dtype, cin, cout, sems, length, dst, src0, src1,
                         r = route_of[p * C + cout[op]] if sends else -1
                         kd = kind[op]
                         # two SRAM sources (ADD, SUB, MUL, MAX, DOT); a scalar at src1 (SCALE, EXP,
-                        # RSQRT, RFIND); a reduction into dst[0] (DOT, RMAX, RSUM, RFIND)
+                        # RSQRT, RFIND, FILL); a reduction into dst[0] (DOT, RMAX, RSUM, RFIND)
                         two = kd == isa.KIND_ADD or kd == isa.KIND_SUB or kd == isa.KIND_MUL or \
                             kd == isa.KIND_MAX or kd == isa.KIND_DOT
                         scalar = kd == isa.KIND_SCALE or kd == isa.KIND_EXP or kd == isa.KIND_RSQRT or \
-                            kd == isa.KIND_RFIND
+                            kd == isa.KIND_RFIND or kd == isa.KIND_FILL
                         reduce = kd == isa.KIND_DOT or kd == isa.KIND_RMAX or kd == isa.KIND_RSUM or \
                             kd == isa.KIND_RFIND
                         while i < n and budget > 0:
@@ -291,7 +291,10 @@ def _run(sram, sem, opc, kind, dtype, cin, cout, sems, length, dst, src0, src1,
                                 x = w if receives else V.load(sram, p, src0[op] + i * sb, sk)
                                 res = acc + x * V.load(sram, p, src1[op], scal_kind)
                             else:
-                                x = w if receives and two == 0 else V.load(sram, p, src0[op] + i * sb, sk)
+                                if kd == isa.KIND_FILL:  # (no source)
+                                    x = 0.0
+                                else:
+                                    x = w if receives and two == 0 else V.load(sram, p, src0[op] + i * sb, sk)
                                 if two:
                                     y = w if receives else V.load(sram, p, src1[op] + i * sb, sk)
                                 elif scalar:

@@ -92,6 +92,8 @@ def apply(kind: int, a: float, b: float, acc: float, e: int = 0) -> float:
         return acc if (acc >= a or acc != acc) else a
     if kind == isa.KIND_RFIND:
         return acc if (a != b or acc >= -e) else float(-e)
+    if kind == isa.KIND_FILL:
+        return b
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         if kind == isa.KIND_EXP:
             return float(np.exp(np.float64(a) - b))
@@ -123,6 +125,8 @@ def element(mem: np.ndarray, op, e: int, w: float | None) -> float | None:
         acc = load(mem, op.dst + e * db, dt)
         a = w if w is not None else load(mem, op.src0 + e * sb, st)
         b = load(mem, op.src1, scalar_t)
+    elif k == isa.KIND_FILL:  # no source: the scalar
+        a, b = 0.0, load(mem, op.src1, scalar_t)
     elif isa.KIND_SOURCES[k] == 1:
         a = w if w is not None else load(mem, op.src0 + e * sb, st)
         b = load(mem, op.src1, scalar_t) if k in isa.KIND_SCALAR else 0.0

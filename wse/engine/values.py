@@ -160,6 +160,8 @@ def apply(kind: int, a: float, b: float, acc: float, e: int) -> float:
         return a if a >= b or math.isnan(a) else b
     if kind == isa.KIND_MOV:
         return a
+    if kind == isa.KIND_FILL:
+        return b
     if kind == isa.KIND_DOT:
         return acc + a * b
     if kind == isa.KIND_RSUM:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from ..trace import recv, send, signal, wait, compute
+from ..trace import recv, send, signal, wait, compute, fill
 from .gemv import ELEM
 from ..errors import WseError
 from .mesh import offsets, split
@@ -154,9 +154,9 @@ def classic_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row:
     out = kv_shift_dims(ctx, first_col, last_col, parity, tc, row)
     t0 = out[0]
     if tc:  # (a column holding no token takes part in the row all-reduces only)
-        t0.append(compute(MOV, ns, dst=sc, src0=z))
+        t0.append(fill(ns, sc, z))
     if oj:
-        t0.append(compute(MOV, oj * B, dst=att, src0=z))
+        t0.append(fill(oj * B, att, z))
     if not first_col:
         t0.append(wait(SEM_KV_RECEIVED))  # (slot tc: the token the column west of it passed)
     t0 += [compute(FMAC, tc, dst=sc_at(b, h0 + h), src0=row.at(b, h // row.g * kh + dd, 1), src1=row.q_at(b, h, dd))
@@ -177,7 +177,7 @@ def classic_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row:
         merge(out, ctx.rx.role_ops(xrole, s, mx, tmp, MAX))
     t0 = out[0]
     if n:
-        t0.append(compute(MOV, s, dst=sm, src0=z))
+        t0.append(fill(s, sm, z))
     for b, k in owned if tc else ():  # exp(s - max), summed
         t0.append(compute(EXP, tc, dst=sc_at(b, h0 + o0 + k), src0=sc_at(b, h0 + o0 + k), src1=stat(mx, b, k)))
         t0.append(compute(RSUM, tc, dst=stat(sm, b, k), src0=sc_at(b, h0 + o0 + k)))
@@ -194,7 +194,7 @@ def classic_ops(ctx, first_col: bool, last_col: bool, parity: int, tc: int, row:
            for b, k in owned if tc]
     for b in range(B if tc else 0):  # the heads this row does not own take no part in the sum below
         lo, hi = h0 + o0, h0 + o0 + n
-        t0 += [compute(MOV, m * tc, dst=sc_at(b, a), src0=z) for a, m in ((0, lo), (hi, H - hi)) if m]
+        t0 += [fill(m * tc, sc_at(b, a), z) for a, m in ((0, lo), (hi, H - hi)) if m]
     if tc:
         merge(out, ctx.ry.role_ops(yrole, ns, sc, tmp))
     t0 = out[0]

@@ -12,7 +12,7 @@ import dataclasses
 
 from ..errors import WseError
 from ..hardware import WaferConfig
-from ..trace import Op, compute, recv, recv_compute_send, send, signal, wait
+from ..trace import Op, compute, recv, recv_compute_send, send, signal, wait, fill
 from .collectives import LineBroadcast
 from .dispatch import ExpertRole
 from .ffn import chosen_experts, expert_sequences, ffn_ops, moe_choices
@@ -23,8 +23,8 @@ from .params import DecodeParams
 from .precision import weights_of
 from .plan import FitError, fit_check
 from .plan import DIAG_BCAST
-from .region import (ADD, FMAC, G0, G1, G2, G3, MOV, SILU_MUL_FLOPS, THREADS, Ops, PartCache, RegionBuild, anchor_of,
-                     handoff, handoff_flops, i_chunk, merge, reducers)
+from .region import (ADD, FMAC, G0, G1, G2, G3, MOV, SILU_MUL_FLOPS, THREADS, ZERO_BYTES, Ops, PartCache,
+                     RegionBuild, anchor_of, handoff, handoff_flops, i_chunk, merge, reducers)
 
 SEM_COMBINE = 1  # an expert region's collector: the combine has arrived
 
@@ -90,7 +90,7 @@ def plan_experts(spec: ModelSpec, layer: int, experts: tuple[int, int], P: int, 
            "acc": mem.alloc("acc", hb, "activations", G3),
            "hin": mem.alloc("h_in", hb, "activations", G1),
            "h": mem.alloc("h", hb, "activations", G2),
-           "zeros": mem.alloc("zeros", max(max(Hc), 2 * max(f_r)) * B * ELEM, "activations", G0),
+           "zeros": mem.alloc("zeros", ZERO_BYTES, "constants", G0),
            "gu": mem.alloc("gate_up", 2 * max(f_r) * B * ELEM, "activations", G2),
            "y": mem.alloc("y", hb, "activations", G2)}
     longest = max(max(Hc), 2 * max(f_r)) * B
@@ -212,7 +212,7 @@ def decode_experts(plan: ExpertPlan, region: Region, builder: MeshBuilder, role:
         part(out, "input", (lane, hi), payload)
         if use:
             def experts() -> Ops:
-                ffn: Ops = {0: [compute(MOV, mc, dst=acc, src0=b_["zeros"])] if lane else []}
+                ffn: Ops = {0: [fill(mc, acc, b_["zeros"])] if lane else []}
                 for c, seqs in seqs_of.items():  # each chosen expert over the sequences that chose it
                     merge(ffn, ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, c, len(seqs), seqs=seqs))
                     if lane:  # its gate-weighted outputs into each sequence's sum

@@ -14,7 +14,7 @@ import functools
 
 from .. import isa
 from ..errors import WseError
-from ..trace import compute
+from ..trace import compute, fill
 from .gemv import ELEM, GemvShape, gemv_ops
 from .mesh import X, Y
 from .models import ModelSpec
@@ -55,7 +55,7 @@ def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, b
     gu, yb, tmp, z = buf["gu"], buf["y"], buf["tmp"], buf["zeros"]
     fj, hi = f_r[j], Hc[i]
     gs, ys = 2 * fj * ELEM, hi * ELEM
-    out = {0: [] if norm or not fj else [compute(MOV, 2 * fj * batch, dst=gu, src0=z)]}
+    out = {0: [] if norm or not fj else [fill(2 * fj * batch, gu, z)]}
     if seqs is None or tuple(seqs) == tuple(range(batch)):
         out[0] += gemv_ops(s_gu, i, j, buf["xn"], gu, batch, ys, gs)
     else:
@@ -71,7 +71,7 @@ def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, b
     for b in range(batch if fj else 0):  # (a row with no FFN dims when there are more rows than FFN dims)
         g = gu + b * gs
         out[0] += [compute(SILU, fj, dst=g, src0=g), compute(MUL, fj, dst=g, src0=g, src1=g + fj * ELEM)]
-    out[0].append(compute(MOV, hi * batch, dst=yb, src0=z))
+    out[0].append(fill(hi * batch, yb, z))
     out[0] += gemv_ops(s_dn, j, i, gu, yb, batch, gs, ys)
     return merge(out, down_reduce_ops(red, buf, Hc, i, yrole, batch, expert, at_root))
 
@@ -106,21 +106,21 @@ def moe_router_ops(ctx, i: int, je: int, e0: int, xrole: tuple, yrole: tuple) ->
     gates, scal = b_["gates"], b_["scal"]
     ej = e_r[je]
     hs = Hc[i] * ELEM
-    out = {0: [compute(MOV, ej * B, dst=qkv, src0=z)] if ej else []}
+    out = {0: [fill(ej * B, qkv, z)] if ej else []}
     out[0] += gemv_ops(S["router"], i, je, xn, qkv, B, hs, ej * ELEM)
     merge(out, rx.role_ops(xrole, ej * B, qkv, tmp))
     if "b_router" in b_ and ej:
         out[0] += [compute(ADD, ej, dst=qkv + b * ej * ELEM, src0=qkv + b * ej * ELEM, src1=b_["b_router"])
                    for b in range(B)]
     choices = moe_choices(spec, plan.layer, B, plan.params.expert_skew)
-    out[0].append(compute(MOV, k * B, dst=gates, src0=z))
+    out[0].append(fill(k * B, gates, z))
     out[0] += [compute(MOV, 1, dst=gates + (b * k + n) * ELEM, src0=qkv + (b * ej + e - e0) * ELEM)
                for b in range(B) for n, e in enumerate(choices[b]) if e0 <= e < e0 + ej]
     merge(out, ry.role_ops(yrole, k * B, gates, tmp))
     for b in range(B):  # softmax over the sequence's k logits
         g, mx, sm = gates + b * k * ELEM, scal + 2 * b * ELEM, scal + (2 * b + 1) * ELEM
         out[0] += [compute(MOV, 1, dst=mx, src0=g), compute(RMAX, k, dst=mx, src0=g),
-                   compute(EXP, k, dst=g, src0=g, src1=mx), compute(MOV, 1, dst=sm, src0=z),
+                   compute(EXP, k, dst=g, src0=g, src1=mx), fill(1, sm, z),
                    compute(RSUM, k, dst=sm, src0=g), compute(RECIP, 1, dst=sm, src0=sm),
                    compute(SCALE, k, dst=g, src0=g, src1=sm)]
     return out

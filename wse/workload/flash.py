@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..trace import signal, wait, compute
+from ..trace import signal, wait, compute, fill
 from .gemv import ELEM
 from .attention import SINK_FLOPS, SINK_FLOPS_BY_HEADS, AttnRow, block_tokens, blocks, by_heads, kv_shift_dims
 from .mesh import offsets
@@ -69,7 +69,7 @@ def _merge_groups(ctx, grouped: tuple, s: int, m0: int, m1: int, al: int, lsum: 
     t0 += factors()
     t0.append(compute(MUL, s, dst=lsum, src0=lsum, src1=m0))
     t0 += scale_o(m0)
-    t0.append(compute(MOV, s, dst=m1, src0=lsum if lead else z))
+    t0.append(compute(MOV, s, dst=m1, src0=lsum) if lead else fill(s, m1, z))
     merge(out, ry.role_ops(yrole, s, m1, tmp))
     t0 = out[0]
     t0.append(compute(RECIP, s, dst=al, src0=m1))
@@ -97,7 +97,7 @@ def _column_blocks(plan, tc: int, hb: int) -> tuple[list[int], list[int]]:
 def _open_block(receives: bool, e: int, sc: int, z: int) -> list:
     """A block's first ops: its e scores cleared, and (the block with slot tc, receives) the wait
     for the token the column west of it passed."""
-    return [compute(MOV, e, dst=sc, src0=z)] + ([wait(SEM_KV_RECEIVED)] if receives else [])
+    return [fill(e, sc, z)] + ([wait(SEM_KV_RECEIVED)] if receives else [])
 
 
 def _run_blocks(ctx, srole: tuple, lengths: list[int], scores: Callable[[int, int], list],
@@ -154,7 +154,7 @@ def _flash_by_head(ctx, first_col: bool, receives: bool, tc: int, row: AttnRow, 
     def o_at(b: int, h: int) -> int:
         return att + (b * oj + h * vh) * ELEM
 
-    out[0].append(compute(MOV, oj * B + s, dst=att, src0=z))  # o = 0, l = 0
+    out[0].append(fill(oj * B + s, att, z))  # o = 0, l = 0
     bks, starts = _column_blocks(plan, tc, hb)
     st = {"cur": 0}  # the running maximum's buffer (ping-pong)
 
@@ -241,7 +241,7 @@ def _flash_by_heads(ctx, first_col: bool, receives: bool, tc: int, row: AttnRow,
 
     def o_vec(b: int, dv: int) -> int:
         return att + (b * oj + dv * hb) * ELEM
-    out[0].append(compute(MOV, oj * B + s, dst=att, src0=z))  # o = 0, l = 0
+    out[0].append(fill(oj * B + s, att, z))  # o = 0, l = 0
     bks, starts = _column_blocks(plan, tc, hb)
     st = {"cur": 0}  # the running maximum's buffer (ping-pong)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import WseError
-from ..trace import Op, compute, with_tag
+from ..trace import Op, compute, with_tag, fill
 from .attention import attn_row, by_heads, classic_ops, owned_heads
 from .collectives import LineBroadcast
 from .experts import dispatch_parts
@@ -27,7 +27,7 @@ from .layer_sizes import LayerPlan
 from .mesh import HI, LO, RAMP, X, Y, MeshBuilder, Region, RegionProgram, offsets
 from .mla import mla_output_ops, mla_project_parts
 from .plan import COMBINE, DIAG_BCAST, KV_SHIFT
-from .region import (ADD, C_EPS, C_INV_H, MOV, MUL, Lanes, Ops, PartCache, RegionBuild, anchor_of, handoff,
+from .region import (ADD, C_EPS, C_INV_H, MUL, Lanes, Ops, PartCache, RegionBuild, anchor_of, handoff,
                      handoff_sync, i_chunk, mean_square_ops, merge, reducers, rms_apply_ops, rope_ops, special_key)
 
 
@@ -66,7 +66,7 @@ def norm_ops(ctx: LayerCtx, hi: int, xrole: tuple, g: int, fused: tuple[int, int
     h, xn, scal, tmp, z = b_["h"], b_["xn"], b_["scal"], b_["tmp"], b_["zeros"]
     hs = hi * ELEM  # column-layout vectors: the column's chunk per sequence, back to back
     sums, n = (fused[0] + fused[1] * B * ELEM, fused[1]) if fused else (scal, 0)
-    out = {0: [compute(MOV, (n + 1) * B, dst=sums - n * B * ELEM, src0=z)]}
+    out = {0: [fill((n + 1) * B, sums - n * B * ELEM, z)]}
     out[0] += mean_square_ops(B, h, xn, hs, hi, sums, b_["consts"] + C_INV_H * ELEM)
     if fused:
         out[0] += [compute(MUL, hi, dst=xn + b * hs, src0=h + b * hs, src1=g) for b in range(B)]
@@ -86,7 +86,7 @@ def qkv_ops(ctx: LayerCtx, i: int, jq: int, qkv_row: tuple, xrole: tuple, norm: 
     xn, qkv, tmp = b_["xn"], b_["qkv"], b_["tmp"]
     qkvj = qkv_r[jq]
     ls = qkvj * ELEM  # the row's q|k|v per sequence, back to back
-    out: Ops = {0: [] if norm or not qkvj else [compute(MOV, qkvj * B, dst=qkv, src0=b_["zeros"])]}
+    out: Ops = {0: [] if norm or not qkvj else [fill(qkvj * B, qkv, b_["zeros"])]}
     out[0] += gemv_ops(S["qkv"], i, jq, xn, qkv, B, plan.Hc[i] * ELEM, ls)
     merge(out, ctx.rx.role_ops(xrole, qkvj * B + (B if norm else 0), qkv, tmp))
     if norm:
@@ -108,7 +108,7 @@ def o_ops(ctx: LayerCtx, i: int, jo: int, yrole: tuple):
     hi = Hc[i]
     hs = hi * ELEM
     ostride = o_r[jo] * ELEM
-    out = {0: [compute(MOV, hi * B, dst=yb, src0=b_["zeros"])]}
+    out = {0: [fill(hi * B, yb, b_["zeros"])]}
     out[0] += gemv_ops(S["o"], jo, i, att, yb, B, ostride, hs)
     merge(out, ctx.ry.role_ops(yrole, hi * B, yb, tmp))
     if "b_o" in b_:

@@ -20,7 +20,7 @@ from .models import ModelSpec
 from .params import DecodeParams
 from .plan import FitError, fit_check
 from .precision import weights_of
-from .region import G0, G1, G2, G3, N_CONSTS, THREADS
+from .region import G0, G1, G2, G3, N_CONSTS, THREADS, ZERO_BYTES
 
 
 @dataclasses.dataclass
@@ -318,8 +318,9 @@ def _alloc_buffers(plan: LayerPlan, n_copies: dict[str, int]) -> None:
     longest = max(att_long, max(Hc), 2 * max(f_r) if ffn_here else 0) * B
     if (ms or moe) and att_here:  # scratch of latent attention and MoE routing
         buf["dot"] = mem.alloc("dot", longest * ELEM, "scratch", G1)
-    # a zero source the accumulators are cleared from (GEMV outputs and the norms' sums; scores)
-    buf["zeros"] = mem.alloc("zeros", (longest + B) * ELEM, "constants", G1)
+    # the zero scalar accumulators are filled from (GEMV outputs and the norms' sums; scores) and
+    # exponentials subtract (an fp32 zero: 4 bytes)
+    buf["zeros"] = mem.alloc("zeros", ZERO_BYTES, "constants", G1)
     buf["consts"] = mem.alloc("consts", N_CONSTS * ELEM, "constants", G0)
     rope = 0
     if hr and att_here:  # RoPE's cos and sin of the row's pairs, once per head it rotates (attention.dense_row)

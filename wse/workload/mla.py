@@ -27,7 +27,7 @@ import dataclasses
 import functools
 
 from ..errors import WseError
-from ..trace import Op, compute, recv, send
+from ..trace import Op, compute, recv, send, fill
 from .attention import by_heads
 from .gemv import ELEM, gemv_ops
 from .mesh import head_runs, split
@@ -200,13 +200,13 @@ def _latent_ops(ctx, i: int, ja: int, qa: int, v: int, r: int, xrole: tuple, yro
     xn, qkv, tmp, dot, z, scal = b_["xn"], b_["qkv"], b_["tmp"], b_["dot"], b_["zeros"], b_["scal"]
     aj = plan.qkv_r[ja]
     ast = aj * ELEM
-    out = {0: [compute(MOV, aj * B, dst=qkv, src0=z)]}
+    out = {0: [fill(aj * B, qkv, z)]}
     out[0] += gemv_ops(S["a"], i, ja, xn, qkv, B, plan.Hc[i] * ELEM, ast)
     merge(out, rx.role_ops(xrole, aj * B, qkv, tmp))
     # RMSNorms of q_a and c_kv: mean squares (x . x/n), one column all-reduce for both, 1/RMS, weight
     norms = [(k, off, n, g) for k, (off, n, g) in enumerate(((0, qa, b_["g_qa"]), (qa, v, b_["g_kv"]))) if n]
     t0 = out[0]
-    t0.append(compute(MOV, 2 * B, dst=scal, src0=z))
+    t0.append(fill(2 * B, scal, z))
     for b in range(B):
         for k, off, n, _ in norms:
             a = qkv + b * ast + off * ELEM
@@ -233,7 +233,7 @@ def _query_ops(ctx, ja: int, jqa: int, iq: int, qn: int, pe_runs: tuple, yrole: 
     S, b_, B = plan.shapes, plan.buf, plan.params.batch
     qkv, tmp, z, q = b_["qkv"], b_["tmp"], b_["zeros"], b_["q"]
     ast, qst = plan.qkv_r[ja] * ELEM, qn * ELEM
-    out: Ops = {0: [compute(MOV, qn * B, dst=q, src0=z)] if qn else []}
+    out: Ops = {0: [fill(qn * B, q, z)] if qn else []}
     out[0] += gemv_ops(S["qb"], jqa, iq, qkv, q, B, ast, qst)
     merge(out, ry.role_ops(yrole, qn * B, q, tmp))
     t0 = out[0]
@@ -263,9 +263,9 @@ def _absorb_ops(plan, heads: int, c: int, v: int, r: int, rope_lo: int, nope_run
     vec = by_heads(plan.params, heads, plan.tc_max)
     qabs, z, dot = b_["qabs"], b_["zeros"], b_["dot"]
     nr = len(nope_runs)
-    ops = [compute(MOV, heads * c * B, dst=qabs, src0=z)]
+    ops = [fill(heads * c * B, qabs, z)]
     if vec and v and nr:
-        ops.append(compute(MOV, nr * v * B, dst=dot, src0=z))
+        ops.append(fill(nr * v * B, dot, z))
     for b in range(B):
         def at(hd: int, dd: int) -> int:
             return qabs + b * cst + ((dd * heads + hd) if vec else (hd * c + dd)) * ELEM
@@ -295,7 +295,7 @@ def mla_output_ops(ctx, i: int, jo: int, xm: tuple, ym: tuple, xrole: tuple, yro
     v, jh, hj_ = ym[3], ym[6], ym[7]
     vec = by_heads(plan.params, heads, plan.tc_max)
     ost, ohs, oh = heads * v * ELEM, ohn * ELEM, b_["oh"]
-    ops: list[Op] = [compute(MOV, ohn * B, dst=oh, src0=z)] if ohn else []
+    ops: list[Op] = [fill(ohn * B, oh, z)] if ohn else []
     for b in range(B):
         for cc in range(v):
             for hd, pos, n in oh_runs:
@@ -305,7 +305,7 @@ def mla_output_ops(ctx, i: int, jo: int, xm: tuple, ym: tuple, xrole: tuple, yro
     out = {0: ops}
     merge(out, ry.role_ops(yrole, ohn * B, oh, tmp))
     if hj_:
-        out[0].append(compute(MOV, hj_ * B, dst=yb, src0=z))
+        out[0].append(fill(hj_ * B, yb, z))
     out[0] += gemv_ops(S["o"], io, jh, oh, yb, B, ohs, hj_ * ELEM)
     merge(out, rx.role_ops(xrole, hj_ * B, yb, tmp))
     if plan.Q > 1:

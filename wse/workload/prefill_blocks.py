@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..hardware import WaferConfig
-from ..trace import Trace, compute
+from ..trace import Trace, compute, fill
 from .attention import attn_scale
 from .gemv import ELEM
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, head_runs, offsets, split, tagged
@@ -31,7 +31,8 @@ from .models import ModelSpec, model_meta
 from .params import DecodeParams
 from .plan import fit_check
 from .prefill_elementwise import Cut
-from .region import ADD, EXP, EXP_FLOPS, MAX, MOV, MUL, RECIP, RECIP_FLOPS, RMAX, RSUM, SCALE, SUB, merge, reducers
+from .region import (ADD, EXP, EXP_FLOPS, MAX, MOV, MUL, RECIP, RECIP_FLOPS, RMAX, RSUM, SCALE, SUB, ZERO_BYTES,
+                     merge, reducers)
 
 K_ATTN = 0  # the `consts` buffer: the softmax scale
 
@@ -51,7 +52,7 @@ def softmax_block(spec: ModelSpec, P: int, S: int, cfg: WaferConfig, algo: str =
            "att": mem.alloc("att", sm * om * ELEM, "activations", 4)}
     for k, g in (("m", 0), ("m2", 2), ("l", 4), ("bs", 6), ("al", 0), ("g", 2), ("be", 4), ("tmp", 6)):
         buf[k] = mem.alloc(k, n_max * ELEM, "scratch" if k in ("bs", "al", "g", "be", "tmp") else "activations", g)
-    buf["zeros"] = mem.alloc("zeros", n_max * ELEM, "constants", 0)
+    buf["zeros"] = mem.alloc("zeros", ZERO_BYTES, "constants", 0)  # FILL's scalar and EXP's zero
     buf["consts"] = mem.alloc("consts", ELEM, "constants", 0)
     fit_check(mem, cfg, f"{spec.name} prefill softmax block (S={S}, keys {c.K}) on {P}x{Q}")
     region = Region(0, 0, P, Q)
@@ -90,7 +91,7 @@ def _block_ops(rx, role, buf: dict, sj: int, heads: int, ki: int, oi: int, pcs: 
     t0 += [compute(SUB, n, dst=al, src0=m, src1=m2), compute(EXP, n, dst=al, src0=al, src1=z)]
     t0 += [compute(EXP, ki, dst=sc + r * ki * ELEM, src0=sc + r * ki * ELEM, src1=m2 + r * ELEM)
            for r in range(n if ki else 0)]
-    t0.append(compute(MOV, n, dst=bs, src0=z))
+    t0.append(fill(n, bs, z))
     t0 += [compute(RSUM, ki, dst=bs + r * ELEM, src0=sc + r * ki * ELEM) for r in range(n if ki else 0)]
     merge(out, rx.role_ops(role, n, bs, buf["tmp"]))
     t0 = out[0]
@@ -142,8 +143,8 @@ def _record(t, spec: ModelSpec, c: Cut, buf: dict, P: int, Q: int, oc: list[int]
         for k in (o_in, o_out):
             t.pieces(k, pe[mo], buf["att"] + tt * ocs[col[mo]] * ELEM, ocs[col[mo]],
                      (s0[row[mo]] + tt) * spec.attn_out_size + o0[col[mo]])
-    z = t.add("zeros", "zero", (max(c.Sr) * heads,))
-    t.pieces(z, pe, buf["zeros"], max(c.Sr) * heads, 0)
+    z = t.add("zeros", "zero", (ZERO_BYTES // ELEM,))
+    t.pieces(z, pe, buf["zeros"], ZERO_BYTES // ELEM, 0)
     t.pieces(t.add("attn_scale", "constant", (1,), value=attn_scale(spec)), pe, buf["consts"] + K_ATTN * ELEM, 1, 0)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..hardware import WaferConfig
-from ..trace import Trace, compute
+from ..trace import Trace, compute, fill
 from .attention import attn_scale
 from .gemv import ELEM
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, offsets, split, tagged
@@ -31,8 +31,8 @@ from .models import ModelSpec, model_meta
 from .params import DecodeParams
 from .plan import fit_check
 from .region import (ADD, DOT, EXP, EXP_FLOPS, MAX, MOV, MUL, RECIP, RECIP_FLOPS, RMAX, RSQRT, RSQRT_FLOPS,
-                     RSUM, SCALE, SILU, SILU_FLOPS, NORM_EPS, mean_square_ops, merge, reducers, rms_apply_ops,
-                     rope_ops)
+                     RSUM, SCALE, SILU, SILU_FLOPS, NORM_EPS, ZERO_BYTES, mean_square_ops, merge, reducers,
+                     rms_apply_ops, rope_ops)
 
 # the `consts` buffer (element index): 1/hidden, eps, the softmax scale, the lowest fp16 (a column
 # without keys' maximum), 1/q_lora_rank, 1/kv_lora_rank
@@ -92,7 +92,7 @@ def elementwise(spec: ModelSpec, P: int, S: int, cfg: WaferConfig, algo: str = "
     buf["glat"] = mem.alloc("g_latents", max(lm, 1) * ELEM, "weights", 0)
     buf["consts"] = mem.alloc("consts", 6 * ELEM, "constants", 0)
     n_scal = sm * max(heads, 2)
-    buf["zeros"] = mem.alloc("zeros", n_scal * ELEM, "constants", 0)
+    buf["zeros"] = mem.alloc("zeros", ZERO_BYTES, "constants", 0)  # FILL's scalar
     buf["scal"] = mem.alloc("scal", n_scal * ELEM, "scratch", 4)
     buf["tmp"] = mem.alloc("tmp", n_scal * ELEM, "scratch", 0)
     fit_check(mem, cfg, f"{spec.name} prefill elementwise kernel (S={S}{'' if c.K == S else f', keys {c.K}'}) "
@@ -144,7 +144,7 @@ def _lat_split(c: Cut, i: int, ql: int) -> tuple[int, int]:
 def _norm(out: dict, rx, role, buf: dict, src: str, dst: str, g: str, sj: int, hi: int) -> None:
     """RMSNorm per token of the row's tokens: mean squares, row all-reduce, rsqrt, scale, weight."""
     scal, k = buf["scal"], buf["consts"]
-    out[0].append(compute(MOV, sj, dst=scal, src0=buf["zeros"]))
+    out[0].append(fill(sj, scal, buf["zeros"]))
     out[0] += mean_square_ops(sj, buf[src], buf[dst], hi * ELEM, hi, scal, k + K_INV_H * ELEM)
     merge(out, rx.role_ops(role, sj, scal, buf["tmp"]))
     out[0] += rms_apply_ops(sj, buf[src], buf[dst], hi * ELEM, hi, scal, buf[g], k + K_EPS * ELEM)
@@ -155,7 +155,7 @@ def _latent_norms(out: dict, rx, role, buf: dict, sj: int, nq: int, nk: int) -> 
     squares (the column's dims of each), one row all-reduce of both."""
     t0, scal, k, lat = out[0], buf["scal"], buf["consts"], buf["lat"]
     n, parts = nq + nk, [(0, nq, K_INV_QA, 0), (nq, nk, K_INV_KV, 1)]
-    t0.append(compute(MOV, 2 * sj, dst=scal, src0=buf["zeros"]))
+    t0.append(fill(2 * sj, scal, buf["zeros"]))
     for t in range(sj):
         for off, m, kc, s in parts:
             if m:
@@ -185,7 +185,7 @@ def _softmax(out: dict, rx, role, buf: dict, sj: int, heads: int, ki: int) -> No
     t0 = out[0]
     t0 += [compute(EXP, ki, dst=sc + r * ki * ELEM, src0=sc + r * ki * ELEM, src1=scal + r * ELEM)
            for r in range(n)]
-    t0.append(compute(MOV, n, dst=scal, src0=z))
+    t0.append(fill(n, scal, z))
     t0 += [compute(RSUM, ki, dst=scal + r * ELEM, src0=sc + r * ki * ELEM) for r in range(n)]
     merge(out, rx.role_ops(role, n, scal, buf["tmp"]))
     t0 = out[0]
@@ -237,8 +237,8 @@ def _record(t, spec: ModelSpec, c: Cut, buf: dict, P: int, Q: int) -> None:
         tiles("latents_normed", "output", "lat", ql + kl, lc, l0)
         t.pieces(t.add("g_latents", "weight", (ql + kl,)), pe[lc[col] > 0], buf["glat"], lc[col][lc[col] > 0],
                  l0[col][lc[col] > 0])
-    z = t.add("zeros", "zero", (max(c.Sr) * max(heads, 2),))
-    t.pieces(z, pe, buf["zeros"], max(c.Sr) * max(heads, 2), 0)
+    z = t.add("zeros", "zero", (ZERO_BYTES // ELEM,))
+    t.pieces(z, pe, buf["zeros"], ZERO_BYTES // ELEM, 0)
     for name, k, v in (("inv_hidden", K_INV_H, 1 / H), ("norm_eps", K_EPS, NORM_EPS),
                        ("attn_scale", K_ATTN, attn_scale(spec)), ("lowest", K_LOW, -65504.0),
                        ("inv_q_lora", K_INV_QA, 1 / max(ql, 1)), ("inv_kv_lora", K_INV_KV, 1 / max(kl, 1))):

@@ -40,6 +40,7 @@ NORM_SCALE_FLOPS = RSQRT_FLOPS  # per sequence: 1/RMS = rsqrt(mean square + eps)
 # epsilon, 1/sqrt(head_dim), 1 (a shared expert's gate)
 C_INV_H, C_EPS, C_ATTN, C_ONE = range(4)
 N_CONSTS = 4
+ZERO_BYTES = 4  # a region's `zeros`: the scalar FILL clears accumulators from (an fp32 zero covers fp16 too)
 NORM_EPS = 1e-5  # the RMSNorms' epsilon [U] (Llama 3.1's)
 G0, G1, G2, G3 = 0, 2, 4, 6  # byte offsets selecting bank groups 0..3
 # semaphores (0 and 4-8 are the all-reduce's, collectives.py; 9 and 10 overlapped flash blocks',

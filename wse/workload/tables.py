@@ -4,16 +4,16 @@ from __future__ import annotations
 import bisect
 
 from .. import isa
-from ..trace import compute, recv, send
+from ..trace import compute, recv, send, fill
 from .gemv import ELEM, GemvShape, gemv_ops
 from .collectives import LineBroadcast
 from .mesh import HI, LO, RAMP, X, Y, Allocator, MeshBuilder, Region, RegionProgram, offsets, split, tagged
 from .models import ModelSpec
 from .params import DecodeParams
 from .plan import DIAG_BCAST, KV_SHIFT, ROW_BCAST, TRANSFER, fit_check
-from .region import (C_EPS, C_INV_H, G0, G1, G2, G3, MAX, MOV, N_CONSTS, RMAX, RSQRT_FLOPS, SUB, THREADS, Lanes,
-                     RegionBuild, anchor_of, handoff, handoff_flops, i_chunk, mean_square_ops, merge, reducers,
-                     rms_apply_ops)
+from .region import (C_EPS, C_INV_H, G0, G1, G2, G3, MAX, MOV, N_CONSTS, RMAX, RSQRT_FLOPS, SUB, THREADS,
+                     ZERO_BYTES, Lanes, RegionBuild, anchor_of, handoff, handoff_flops, i_chunk, mean_square_ops,
+                     merge, reducers, rms_apply_ops)
 from ..errors import WseError
 
 RFIND, FP32, MIXED = isa.KIND_RFIND, isa.DTYPE_FP32, isa.DTYPE_MIXED
@@ -222,7 +222,7 @@ def lm_memory(spec: ModelSpec, width: int, height: int, cfg, params: DecodeParam
            "h": mem.alloc("h", max(Hr) * B * ELEM, "activations", G3),
            "xn": mem.alloc("xn", max(Hr) * B * ELEM, "activations", G3),
            "logits": mem.alloc("logits", max(Vc) * B * ELEM, "activations", G2),
-           "zeros": mem.alloc("zeros", max(max(Hr), max(Vc)) * B * ELEM, "constants", G1),
+           "zeros": mem.alloc("zeros", ZERO_BYTES, "constants", G1),
            "consts": mem.alloc("consts", N_CONSTS * ELEM, "constants", G0),
            "scal": mem.alloc("scalars", 16 * B * ELEM, "scratch", G1),
            "best": mem.alloc("best", B * ELEM, "activations", G2),
@@ -278,11 +278,11 @@ def lm_head(spec: ModelSpec, region: Region, builder: MeshBuilder, cfg, params: 
         out = {0: gather_ops(sp, lanes.color_in, hj, B, h, buf["lane"], W_)} if strip \
             else lanes.receive(sp, hj * B, h, W_)
         # the final RMSNorm: mean squares (h . h / H), down the column, 1/RMS, scale, weight
-        out[0].append(compute(MOV, B, dst=scal, src0=z))
+        out[0].append(fill(B, scal, z))
         out[0] += mean_square_ops(B, h, xn, hs, hj, scal, buf["consts"] + C_INV_H * ELEM)
         merge(out, ry.role_ops(yrole, B, scal, tmp))
         out[0] += rms_apply_ops(B, h, xn, hs, hj, scal, g, buf["consts"] + C_EPS * ELEM)
-        out[0].append(compute(MOV, vi * B, dst=logits, src0=z))
+        out[0].append(fill(vi * B, logits, z))
         out[0] += gemv_ops(shape, j, i, xn, logits, B, hs, vi * ELEM)
         merge(out, ry.role_ops(yrole, vi * B, logits, tmp))
         # the greedy token's logit: each sequence's maximum over the column's slice, then along the row
