@@ -109,8 +109,9 @@ def system_section(rf: RunFile) -> dict[str, Any] | None:
     if "pipeline" in t:
         out["pipeline"] = {"max_in_flight": int(t["pipeline"]["max_in_flight"][0]),
                            "bound": str(t["pipeline"]["bound"][0])}
-        if "crossover" in t["pipeline"]:  # (run files before 2026-12-01 have none)
-            out["pipeline"]["crossover"] = str(t["pipeline"]["crossover"][0])
+        for k in ("crossover", "wafer_search"):  # (run files before 2026-12-01 have neither)
+            if k in t["pipeline"]:
+                out["pipeline"][k] = str(t["pipeline"][k][0])
     r = t.get("regions")
     if r is not None and "class" in r:
         out["regions"] = region_classes(map(str, r["class"]), map(int, r["cycles"]), int(w["cycles"].sum()))
@@ -150,8 +151,7 @@ def _format_system(s: dict[str, Any]) -> list[str]:
     if "pipeline" in s:
         p = s["pipeline"]
         lines.append(f"  pipeline depth: {p['max_in_flight']} micro-batches in flight, bounded by {p['bound']}")
-        if p.get("crossover"):
-            lines.append(f"  {p['crossover']}")
+        lines += [f"  {p[k]}" for k in ("crossover", "wafer_search") if p.get(k)]
     if s.get("regions"):
         lines += format_region_classes(s["regions"], "  ")
     return lines

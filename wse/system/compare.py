@@ -25,9 +25,11 @@ from .gpu_parallel import best_decode, cheapest, cost_frontier, gpu_label, under
 from .mla_groups import AUTO, GroupChoice, choose_groups
 from .pool import Fanout
 from .ttft import check_chunks, prefill_seconds
+from .wafer_search import WaferSearch, search as search_wafers
 from .wafers import SystemDecode, fewest_wafers, run_decode, wafer_plans
 
 ELEM_BYTES = 2.0  # both sides keep a 16-bit KV cache
+CHEAPEST = "cheapest"  # --wafers cheapest (wafer_search.py)
 
 
 @dataclasses.dataclass
@@ -42,6 +44,7 @@ class SystemJob:
     tpot: "Generation | None" = None  # --generate: the per-token time as the context grows
     groups: GroupChoice | None = None  # --mla-groups auto: what it chose, and why
     gpu_frontier: list[tuple[GpuResult, Any]] = dataclasses.field(default_factory=list)  # cheapest per batch
+    search: WaferSearch | None = None  # --wafers cheapest: the counts planned and the one chosen
 
 
 @dataclasses.dataclass
@@ -75,17 +78,22 @@ def check_options(system: SystemConfig, *, model: str, wafers: str | int = "pres
                   weights: str | None = None, generate: int = 1, **kw: Any) -> dict[str, Any]:
     """Everything about `wse system`'s options that can be checked without simulating (the model
     loads, numbers in range, the decode parameters and the GPU valid), as run_system's keyword
-    arguments: wafers a number, "auto" (the fewest that hold the model) or "preset"; prompt_len
-    0 skips the prefill."""
+    arguments: wafers a number, "auto" (the fewest that hold the model), "cheapest" (CHEAPEST) or
+    "preset"; prompt_len 0 skips the prefill."""
     if wafers == "preset":
         n = system.wafers
     elif wafers == "auto":
         n = None
+    elif wafers == CHEAPEST:
+        n = CHEAPEST
+        if generate != 1 or str(kw.get("mla_groups", 1)) == "auto":
+            raise WseError("--wafers cheapest: not with --generate N > 1 or --mla-groups auto (they choose the "
+                           "wafers at another context or by simulation); give --wafers a number there")
     else:
         try:
             n = int(wafers)
         except ValueError:
-            raise WseError(f"--wafers {wafers!r}: expected a number, 'auto' or 'preset'") from None
+            raise WseError(f"--wafers {wafers!r}: expected a number, 'auto', 'cheapest' or 'preset'") from None
         if n < 1:
             raise WseError("--wafers must be at least 1")
     if prompt_len < 0:
@@ -135,7 +143,8 @@ _PARAM_KEYS = ("moe_mapping", "experts_per_region", "slot_shape", "uniform_slots
                "mla_groups")
 
 
-def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], object], *, wafers: int | None = None,
+def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], object], *,
+               wafers: int | str | None = None,
                batch: int = 1, context: int = 1024, prompt: int | None = 512, gpu: str = "h100",
                expert_skew: float = 0.0, moe_mapping: str = "auto", experts_per_region: int = 0,
                slot_shape: str = "tall", uniform_slots: bool = False, weights: str | None = None,
@@ -149,7 +158,8 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     stage simulations run and the cache they share, pool.Fanout). generate > 1: the wafers
     hold the KV cache of the generation's last token, and the step is also simulated there and
     half way (Generation). mla_groups AUTO: chosen by simulation (mla_groups.choose_groups, at
-    the last token's context)."""
+    the last token's context). wafers CHEAPEST: the fewest simulated, then the count of least
+    estimated cost per token (wafer_search.py) simulated if it is another."""
     spec = load_model(model)
     params = DecodeParams(batch=batch, context=context, expert_skew=expert_skew, moe_mapping=moe_mapping,
                           experts_per_region=experts_per_region, slot_shape=slot_shape, uniform_slots=uniform_slots,
@@ -157,7 +167,11 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
                           flash_blocks=flash_blocks, norms=norms, dense_ffn=dense_ffn, tables=tables, algo=allreduce,
                           handoff=handoff, down_gemv=down_gemv, mla_groups=max(mla_groups, 1),
                           gemv_form=gemv_form)
-    choice = None
+    choice = search = first = None
+    if wafers == CHEAPEST:
+        first = run_decode(spec, system, params, None, simulate, fanout)
+        search = search_wafers(spec, system, params, first)
+        wafers = search.chosen
     if mla_groups == AUTO:  # (chosen at the last token's context, where the wafers hold the KV cache)
         choice = choose_groups(spec, system, dataclasses.replace(params, context=context + generate - 1), wafers,
                                simulate, fanout)
@@ -175,7 +189,8 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     plans = wafer_plans(spec, system, params, wafers or fewest_wafers(spec, system, params))
     if prompt:  # (a chunk the slots cannot take fails here, before anything is simulated)
         check_chunks(plans, prompt, prefill_chunk)
-    dec = run_decode(spec, system, params, len(plans), simulate, fanout, plans)
+    dec = first if first is not None and first.wafers == len(plans) else \
+        run_decode(spec, system, params, len(plans), simulate, fanout, plans)
     ttft = math.nan
     if prompt:
         ttft = prefill_seconds(spec, system, plans, prompt, simulate, fanout, prefill_steps, prefill_chunk,
@@ -224,7 +239,7 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
         rows += [(f"TPOT at context {' / '.join(f'{c:,}' for c in tpot.contexts)}", "ms", " / ".join(ms),
                   " / ".join(f"{v * 1e3:.3g}" for v in tpot.gpu_s)),
                  (f"TPOT, mean over {generate:,} tokens", "ms", tpot.wafer_mean_s * 1e3, tpot.gpu_mean_s * 1e3)]
-    return SystemJob(dec, g, g_ttft, ttft, rows, g_curve, weights_of(spec, weights), tpot, choice, frontier)
+    return SystemJob(dec, g, g_ttft, ttft, rows, g_curve, weights_of(spec, weights), tpot, choice, frontier, search)
 
 
 def gpu_best(g: GpuResult, points: list[CurvePoint]) -> CurvePoint:
@@ -285,6 +300,8 @@ def format_rows(job: SystemJob) -> str:
         lines.append(crossover_line(job))
     if job.groups and job.groups.layer >= 0:
         lines.append(job.groups.describe())
+    if job.search:
+        lines.append(job.search.describe())
     if d.wafers > 1:
         lines.append(f"links: up to {max(d.link_bytes):,} B per token each, {d.link_seconds * 1e6:.2f} us per "
                      f"transfer on average")
@@ -332,7 +349,8 @@ def tables(job: SystemJob) -> dict[str, dict[str, np.ndarray]]:
                     "class": np.array([r.label for s in d.steps for r in s.regions], dtype=object)},
         "pipeline": {"max_in_flight": np.array([d.max_in_flight], dtype=np.int64),
                      "bound": np.array([d.depth_bound], dtype=object),
-                     "crossover": np.array([crossover_line(job) if job.gpu_frontier else ""], dtype=object)},
+                     "crossover": np.array([crossover_line(job) if job.gpu_frontier else ""], dtype=object),
+                     "wafer_search": np.array([job.search.describe() if job.search else ""], dtype=object)},
         "curve_wafer": {"in_flight": np.array([p.in_flight for p in d.curve], dtype=np.int64),
                         "tokens_per_s_per_user": np.array([p.tokens_per_s_per_user for p in d.curve]),
                         "tokens_per_s": np.array([p.tokens_per_s for p in d.curve]),
@@ -350,6 +368,7 @@ def tables(job: SystemJob) -> dict[str, dict[str, np.ndarray]]:
                                "tokens_per_s": np.array([r.aggregate_tokens_per_s for r in low]),
                                "j_per_token": np.array([r.j_per_token for r in low]),
                                "usd_per_mtok": np.array([r.usd_per_mtok for r in low])},
+        **({"wafer_search": job.search.table()} if job.search else {}),
     }
 
 
@@ -395,4 +414,6 @@ def figures(job: SystemJob) -> dict[str, tuple[Any, str, str]]:
         "gpus": (job.gpu.gpus, "GPUs", "GPUs in the baseline"),
         **({"mla_groups": (job.groups.groups, "groups", "latent attention's row groups --mla-groups auto chose "
                            f"(layer region cycles {job.groups.cycles} by groups)")} if job.groups else {}),
+        **({"fewest_wafers": (job.search.fewest, "wafers", "the fewest that hold the model (--wafers cheapest "
+                              "simulated them first)")} if job.search else {}),
     }
