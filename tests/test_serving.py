@@ -233,6 +233,7 @@ def test_request_file_round_trip(tmp_path):
     (["--rate", "1", "--slo-tpot", "-1"], "--slo-tpot"), (["--rate", "1", "--prompt-len", "zipf:3"], "--prompt-len"),
     ([], "give --rate"), (["--rate", "1", "--duration", "0"], "--duration"),
     (["--rate", "1", "--curve", "1,-2"], "--curve"), (["--rate", "1", "--batch", "0"], "--batch"),
+    (["--rate", "1", "--wafers", "cheapest"], "--wafers cheapest"),
 ])
 def test_serve_bad_input_is_one_error_line(tmp_path, args, err):
     res = CliRunner().invoke(cli, ["serve", "--model", "tiny", "--system", "cs3", "-o", str(tmp_path / "s.h5"),

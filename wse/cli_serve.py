@@ -117,6 +117,9 @@ def serve_cmd(model, system_name, sets, wafers, batch, context, rate, arrivals, 
 
         def regen(k: float):
             return R.generate(R.Arrivals(arr.rate_per_s * k, arr.cv), p, o, duration, seed)
+    if wafers == "cheapest":
+        raise WseError("--wafers cheapest is wse system's (it simulates the fewest wafers first); wse serve takes "
+                       "a number, 'auto' or 'preset'")
     system = load_system(system_name, sets)
     kw = check_options(system, model=model, wafers=wafers, batch=batch, context=max(context, 1), prompt_len=0,
                        gpu=gpu, weights=weights, attention=attention, norms=norms, uniform_slots=uniform_slots,
