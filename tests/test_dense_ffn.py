@@ -10,7 +10,7 @@ import pytest
 from test_expert_regions import assert_composed_equals_full
 from wse import hardware
 from wse.errors import WseError
-from wse.system.wafers import _extra_in_flight, region_infos
+from wse.system.wafers import extra_in_flight_of, region_infos
 from wse.workload.decode import chain_elements, ffn_plan, layer_plan, plan_model, splits_ffn
 from wse.workload.layer_sizes import plan_layer
 from wse.workload.mesh import Region
@@ -54,7 +54,7 @@ def test_the_split_conserves_flops_weights_and_kv_and_adds_one_handoff(small):
     att, ffn = layer_plan(p1, 0), ffn_plan(p1, 0)
     assert "kv" in att.buf and "kv" not in ffn.buf and "gu" in ffn.buf and "gu" not in att.buf
     assert not {"w_gate_up", "w_down"} & set(att.mem.buffers) and not {"w_a", "w_o"} & set(ffn.mem.buffers)
-    assert _extra_in_flight(p1) > _extra_in_flight(p0)
+    assert extra_in_flight_of(p1) > extra_in_flight_of(p0)
 
 
 @pytest.mark.parametrize("name,kw", [("tiny-mla", dict(batch=2)),

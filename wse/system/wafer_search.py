@@ -25,7 +25,7 @@ from ..workload.decode import ModelPlan
 from ..workload.models import ModelSpec
 from ..workload.params import DecodeParams
 from .config import SystemConfig
-from .wafers import SystemDecode, _extra_in_flight, wafer_plans
+from .wafers import SystemDecode, extra_in_flight_of, wafer_plans
 
 MOST_WAFERS = 4096  # (as fewest_wafers)
 
@@ -77,7 +77,7 @@ def full_depth(first: SystemDecode) -> int:
 
 def kv_in_flight(plans: list[ModelPlan]) -> int:
     """Micro-batches whose KV caches every layer region of the plans holds."""
-    return 1 + min(_extra_in_flight(p) for p in plans)
+    return 1 + min(extra_in_flight_of(p) for p in plans)
 
 
 def search(spec: ModelSpec, system: SystemConfig, params: DecodeParams, first: SystemDecode,

@@ -318,7 +318,7 @@ class SystemDecode:
         return sum(s.simulations for s in self.steps)
 
 
-def _extra_in_flight(plan: ModelPlan) -> int:
+def extra_in_flight_of(plan: ModelPlan) -> int:
     """Micro-batches beyond the first whose KV caches fit in every layer region of the plan:
     the SRAM a region's PEs have left over, in units of one micro-batch's KV data per PE
     (LayerPlan.kv_bytes_per_pe)."""
@@ -397,7 +397,7 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
         steps.append(WaferStep(
             w, g, plan.embed, plan.head, plan.P, plan.Q, round((t1 - t0) * cfg.clock_hz), holds, d.total("flops"),
             d.total("sram_read_bytes") + d.total("sram_write_bytes"), d.link_total("wavelets"),
-            first[w] + d.simulations, _extra_in_flight(plan), sum(s.kind == "experts" for s in plan.slots),
+            first[w] + d.simulations, extra_in_flight_of(plan), sum(s.kind == "experts" for s in plan.slots),
             region_infos(plan), resident_bytes(plan), usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height))
     latency = times[-1][1]
     stages = [(c / cfg.clock_hz, info.label) for s in steps for c, info in zip(s.region_cycles, s.regions)]
