@@ -266,6 +266,7 @@ def _run(sram, sem, opc, kind, dtype, cin, cout, sems, length, dst, src0, src1,
                             kd == isa.KIND_RFIND or kd == isa.KIND_FILL
                         reduce = kd == isa.KIND_DOT or kd == isa.KIND_RMAX or kd == isa.KIND_RSUM or \
                             kd == isa.KIND_RFIND
+                        sourced = kd != isa.KIND_FILL  # (FILL reads no SRAM stream)
                         while i < n and budget > 0:
                             w = 0.0
                             if receives:
@@ -291,9 +292,8 @@ def _run(sram, sem, opc, kind, dtype, cin, cout, sems, length, dst, src0, src1,
                                 x = w if receives else V.load(sram, p, src0[op] + i * sb, sk)
                                 res = acc + x * V.load(sram, p, src1[op], scal_kind)
                             else:
-                                if kd == isa.KIND_FILL:  # (no source)
-                                    x = 0.0
-                                else:
+                                x = 0.0
+                                if sourced:
                                     x = w if receives and two == 0 else V.load(sram, p, src0[op] + i * sb, sk)
                                 if two:
                                     y = w if receives else V.load(sram, p, src1[op] + i * sb, sk)

@@ -25,7 +25,7 @@ from ..workload.decode import ModelPlan
 from ..workload.models import ModelSpec
 from ..workload.params import DecodeParams
 from .config import SystemConfig
-from .wafers import SystemDecode, extra_in_flight_of, wafer_plans
+from .wafers import SystemDecode, extra_in_flight_of, fill_depth, wafer_plans
 
 MOST_WAFERS = 4096  # (as fewest_wafers)
 
@@ -72,7 +72,7 @@ class WaferSearch:
 
 def full_depth(first: SystemDecode) -> int:
     """Micro-batches that fill a simulated chain's pipeline (as wafers.pipeline_depth counts them)."""
-    return max(1, math.ceil(first.latency_s / first.bottleneck_s - 1e-9))
+    return fill_depth(first.latency_s, first.bottleneck_s)
 
 
 def kv_in_flight(plans: list[ModelPlan]) -> int:

@@ -530,12 +530,17 @@ def _predicted_deltas(plans: list[ModelPlan], shared: dict, spec: ModelSpec, par
     return out
 
 
+def fill_depth(latency_s: float, longest_s: float) -> int:
+    """Micro-batches that fill a pipeline: m x (longest stage) >= latency."""
+    return max(1, math.ceil(latency_s / longest_s - 1e-9))
+
+
 def pipeline_depth(stages: list[tuple[float, str]], latency_s: float, kv: int, clock_hz: float) -> tuple[int, str]:
     """Micro-batches worth keeping in flight, and what bounds them: the KV caches the layer
     regions hold (`kv`), or the pipeline being full, m x (longest stage) >= latency, beyond
     which more micro-batches add latency and no throughput. `stages`: (seconds, label)."""
     longest, label = max(stages)
-    full = max(1, math.ceil(latency_s / longest - 1e-9))
+    full = fill_depth(latency_s, longest)
     if kv < full:
         return kv, f"KV-cache SRAM of the layer regions ({kv}; {full} would fill the pipeline)"
     return full, (f"the pipeline is full (period = latency; longest stage: {label}, "
