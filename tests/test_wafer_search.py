@@ -7,10 +7,14 @@ import pytest
 from click.testing import CliRunner
 
 from wse.cli import cli
+from wse.errors import WseError
 from wse.engine.run import simulate
 from wse.system.config import load_system
-from wse.system.wafer_search import Candidate, WaferSearch, full_depth, kv_in_flight, search
-from wse.system.wafers import fewest_wafers, run_decode, wafer_plans
+from wse.system.mla_groups import layer_region_trace, representative
+from wse.system import wafer_search
+from wse.system.wafer_search import (PATIENCE, Candidate, WaferSearch, kv_in_flight, search, stage_seconds,
+                                      usd_floor)
+from wse.system.wafers import fewest_wafers, fill_depth, run_decode, wafer_plans
 from wse.workload.models import load_model
 from wse.workload.params import DecodeParams
 
@@ -29,30 +33,95 @@ def test_the_search_plans_upward_from_the_fewest_and_picks_the_least_estimate(sm
     sim = lambda t: simulate(t, cfg, validated=True)  # noqa: E731
     n0 = fewest_wafers(spec, small_system, LONG)
     first = run_decode(spec, small_system, LONG, n0, sim)
-    s = search(spec, small_system, LONG, first)
-    F = full_depth(first)
-    assert s.fewest == n0 == 1 and s.full_depth == F == math.ceil(first.latency_s / first.bottleneck_s - 1e-9)
+    s = search(spec, small_system, LONG, first, sim)
+    assert s.fewest == n0 == 1
     assert [c.wafers for c in s.candidates] == list(range(n0, n0 + len(s.candidates)))
-    for c in s.candidates:  # each count's KV depth from its own plans; the estimate n / min(kv, F)
-        kv = kv_in_flight(wafer_plans(spec, small_system, LONG, c.wafers))
-        assert c.kv_in_flight == kv and c.estimate == c.wafers / min(kv, F)
-    assert s.candidates[0].kv_in_flight == first.max_in_flight == 1 < F
-    best = min(c.estimate for c in s.candidates)
-    assert s.chosen == min(c.wafers for c in s.candidates if c.estimate == best) == 2
-    # it stops at the first count that could not beat the best even with a full pipeline
-    last = s.candidates[-1].wafers
-    assert (last + 1) / F >= best and all(c.wafers / F < min(x.estimate for x in s.candidates if x.wafers < c.wafers)
-                                          for c in s.candidates[1:])
-    # simulated, the chosen count is cheaper per token at its deepest pipeline than the fewest
+    # the fewest count's estimate is its simulated pipeline, figure for figure
+    c0 = s.candidates[0]
+    assert (c0.latency_s, c0.longest_s, c0.in_flight) == (first.latency_s, first.bottleneck_s, first.max_in_flight)
+    assert c0.usd_per_mtok == first.curve[-1].usd_per_mtok
+    assert c0.kv_in_flight == 1 < fill_depth(first.latency_s, first.bottleneck_s)
+    layer, other = stage_seconds(first)
+    for c in s.candidates:  # each count from its own plans and its own layer region alone
+        if c.kv_in_flight == 0:  # (does not place: tiny has 2 layers)
+            with pytest.raises(WseError):
+                wafer_plans(spec, small_system, LONG, c.wafers)
+            continue
+        plans = wafer_plans(spec, small_system, LONG, c.wafers)
+        trace, _ = layer_region_trace(representative(plans))
+        cycles = sim(trace).total_cycles
+        assert c.kv_in_flight == kv_in_flight(plans) and c.layer_cycles == cycles
+        d = (cycles - c0.layer_cycles) / first.clock_hz
+        assert c.latency_s == pytest.approx(first.latency_s + len(layer) * d)
+        assert c.longest_s == pytest.approx(max([t + d for t in layer] + other))
+        F = math.ceil(c.latency_s / c.longest_s - 1e-9)
+        assert c.in_flight == min(c.kv_in_flight, F)
+        rate = c.in_flight * LONG.batch / max(c.latency_s, c.in_flight * c.longest_s)
+        assert c.usd_per_mtok == pytest.approx(c.wafers * small_system.usd_per_system_hour / 3600
+                                               / (rate * small_system.utilization) * 1e6)
+    best = min(c.usd_per_mtok for c in s.candidates)
+    assert s.chosen == min(c.wafers for c in s.candidates if c.usd_per_mtok == best) == 2
+    # it stops after PATIENCE counts in a row that are full (or do not place) and no cheaper
+    tail = s.candidates[-PATIENCE:]
+    assert len(s.candidates) > PATIENCE and "in a row" in s.stop
+    assert all((c.full or c.kv_in_flight == 0) and c.usd_per_mtok >= best for c in tail)
+    # simulated, the chosen count is cheaper per token at its deepest pipeline than the fewest,
+    # and the estimate is close to the simulation
     chosen = run_decode(spec, small_system, LONG, s.chosen, sim)
+    pick = s.candidates[s.chosen - n0]
     assert chosen.max_in_flight > first.max_in_flight
     assert chosen.curve[-1].usd_per_mtok < first.curve[-1].usd_per_mtok
+    assert chosen.curve[-1].usd_per_mtok == pytest.approx(pick.usd_per_mtok, rel=0.2)
     assert "chose 2 on" in s.describe() and "the fewest, 1, hold 1" in s.describe()
 
 
+def test_the_search_stops_where_no_count_can_be_cheaper(small_system, monkeypatch):
+    """A stage the estimate keeps (here a link made 10x the latency) bounds every count's cost
+    from below: once n x that stage costs more than the best, the search ends unplanned."""
+    spec, cfg = load_model("tiny"), small_system.wafer_config
+    sim = lambda t: simulate(t, cfg, validated=True)  # noqa: E731
+    first = run_decode(spec, small_system, LONG, 1, sim)
+    slow = 10 * first.latency_s
+    real = wafer_search.stage_seconds
+    monkeypatch.setattr(wafer_search, "stage_seconds", lambda r: (real(r)[0], real(r)[1] + [slow]))
+    s = search(spec, small_system, LONG, first, sim)
+    assert [c.wafers for c in s.candidates] == [1] and s.chosen == 1 and "no count from 2 on" in s.stop
+    assert s.candidates[0].longest_s == slow and s.candidates[0].in_flight == 1
+    assert usd_floor(first, small_system, 2, slow) >= s.candidates[0].usd_per_mtok
+    assert usd_floor(first, small_system, 2, slow) == pytest.approx(2 * small_system.usd_per_system_hour / 3600
+                                                                  * slow / LONG.batch / small_system.utilization * 1e6)
+
+
+def test_kv_bound_counts_never_end_the_search_and_full_ones_do(small_system, monkeypatch):
+    """The stop rule on made-up counts (plans, KV room and layer cycles faked; the stages are a
+    simulated fewest count's): 2 and 3 dearer but KV-bound go on, 4 and 5 dearer at a full
+    pipeline end it; a count that does not place counts as one of those."""
+    from types import SimpleNamespace
+    spec, cfg = load_model("tiny"), small_system.wafer_config
+    sim = lambda t: simulate(t, cfg, validated=True)  # noqa: E731
+    first = run_decode(spec, small_system, LONG, 1, sim)
+    kv = {1: 1, 2: 1, 3: 1, 4: 50, 5: 50, 6: 50}
+
+    def plans(spec_, system_, params_, n):
+        if n == 5 and not_placing:
+            raise WseError("does not place")
+        return [SimpleNamespace(P=8, Q=8, n=n)]
+    monkeypatch.setattr(wafer_search, "wafer_plans", plans)
+    monkeypatch.setattr(wafer_search, "kv_in_flight", lambda ps: kv[ps[0].n])
+    monkeypatch.setattr(wafer_search, "representative", lambda ps, what: ps[0])
+    monkeypatch.setattr(wafer_search, "layer_region_trace", lambda plan: (plan, 0))
+    monkeypatch.setattr(wafer_search, "region_cycles", lambda plan, *a: 1000)  # every count as fast
+    for not_placing in (False, True):
+        s = search(spec, small_system, LONG, first, sim)
+        assert [c.wafers for c in s.candidates] == [1, 2, 3, 4, 5] and s.chosen == 1, s.candidates
+        assert [c.full for c in s.candidates] == [False, False, False, True, not not_placing]
+        assert s.candidates[4].kv_in_flight == (0 if not_placing else 50) and "2 counts in a row" in s.stop
+
+
 def test_a_count_that_does_not_place_is_kept_and_never_chosen():
-    s = WaferSearch(1, 4, [Candidate(1, (32, 32), 1, 1.0), Candidate(2, (0, 0), 0, math.inf)], 1)
+    s = WaferSearch(1, [Candidate(1, (32, 32), 1, 100, 1e-3, 1e-3, 1, 5.0), Candidate(2, (0, 0), 0)], 1, "x")
     assert s.table()["kv_in_flight"].tolist() == [1, 0] and s.table()["chosen"].tolist() == [True, False]
+    assert not s.candidates[1].full and s.candidates[0].full
     assert s.describe().startswith("wafers: --wafers cheapest planned 1..2 and chose 1 on 32x32")
 
 
@@ -62,12 +131,13 @@ def test_wafers_cheapest_on_the_command_line(tmp_path):
                                  "--wafers", "cheapest", "--batch", "8", "--context", "4500", "--prompt-len", "0",
                                  "-o", str(out)])
     assert r.exit_code == 0, r.output
-    assert "wafers: --wafers cheapest planned 1..2 and chose 2" in r.output
+    assert "wafers: --wafers cheapest planned 1..4 and chose 2" in r.output
     with h5py.File(out) as f:
         assert f["summary/wafers"][()] == 2 and f["summary/fewest_wafers"][()] == 1
-        assert f["wafer_search/wafers"][()].tolist() == [1, 2] and f["wafer_search/chosen"][()].tolist() == [0, 1]
+        assert f["wafer_search/wafers"][()].tolist() == [1, 2, 3, 4]
+        assert f["wafer_search/chosen"][()].tolist() == [0, 1, 0, 0]
     rep = CliRunner().invoke(cli, ["report", str(out)])
-    assert rep.exit_code == 0 and "--wafers cheapest planned 1..2" in rep.output
+    assert rep.exit_code == 0 and "--wafers cheapest planned 1..4" in rep.output
 
 
 @pytest.mark.parametrize("extra", [["--generate", "3"], ["--mla-groups", "auto"]])

@@ -170,7 +170,7 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     choice = search = first = None
     if wafers == CHEAPEST:
         first = run_decode(spec, system, params, None, simulate, fanout)
-        search = search_wafers(spec, system, params, first)
+        search = search_wafers(spec, system, params, first, simulate, fanout)
         wafers = search.chosen
     if mla_groups == AUTO:  # (chosen at the last token's context, where the wafers hold the KV cache)
         choice = choose_groups(spec, system, dataclasses.replace(params, context=context + generate - 1), wafers,

@@ -9,6 +9,7 @@ first MoE layer's, else the first layer's: attention, router and shared expert; 
 out) for G = 1, 2, ... and keeps the fewest cycles. The search stops at the first G whose
 plans do not fit and at the first G slower than the one before (the saving shrinks as 1/G while
 the price grows with G). The simulations go through the fanout and its cache like the stages.
+`--wafers cheapest` (wafer_search.py) simulates the same representative region alone per count.
 """
 from __future__ import annotations
 
@@ -62,14 +63,26 @@ def layer_region_trace(plan: ModelPlan) -> tuple[Trace, int]:
     return builder.build(), layer
 
 
-def _representative(plans: list[ModelPlan]) -> ModelPlan:
+def representative(plans: list[ModelPlan], what: str = "--mla-groups auto") -> ModelPlan:
     """The first wafer with a MoE layer region (else with any layer region)."""
     def moe(p: ModelPlan) -> bool:
         return any(s.kind == "layer" and p.spec.is_moe_layer(s.index) for s in p.slots)
     with_layers = [p for p in plans if any(s.kind == "layer" for s in p.slots)]
     if not with_layers:
-        raise WseError("--mla-groups auto: no wafer holds a layer region")
+        raise WseError(f"{what}: no wafer holds a layer region")
     return next((p for p in with_layers if moe(p)), with_layers[0])
+
+
+def region_cycles(trace: Trace, layer: int, cfg, simulate: Callable[[Trace], object], fanout: Fanout,
+                  what: str) -> int:
+    """Cycles of a layer region simulated alone (layer_region_trace), through the fanout and its
+    cache like the stages; one error line if it does not finish."""
+    work = Work(content_key("layer-region", trace.content_hash(), cfg), lambda: (simulate(trace), {}),
+                _simulate_trace, (trace, cfg, fanout.worker_threads()))
+    result = next(iter(fanout.run([work])))[1]
+    if not result.complete:
+        raise WseError(f"{what}: layer {layer}'s region did not finish ({result.stop_name})")
+    return int(result.total_cycles)
 
 
 def choose_groups(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafers: int | None,
@@ -85,7 +98,7 @@ def choose_groups(spec: ModelSpec, system: SystemConfig, params: DecodeParams, w
     def region(G: int) -> tuple[Trace, int, ModelPlan] | None:
         """G's representative layer region, or None where G's plans do not place (its rows, SRAM)."""
         try:
-            plan = _representative(wafer_plans(spec, system, dataclasses.replace(params, mla_groups=G), n))
+            plan = representative(wafer_plans(spec, system, dataclasses.replace(params, mla_groups=G), n))
             return (*layer_region_trace(plan), plan)
         except WseError:
             if G == 1:
@@ -100,13 +113,7 @@ def choose_groups(spec: ModelSpec, system: SystemConfig, params: DecodeParams, w
     G, now = 1, first
     while True:
         trace, layer, _ = now
-        work = Work(content_key("mla-groups-layer", trace.content_hash(), cfg), lambda t=trace: (simulate(t), {}),
-                    _simulate_trace, (trace, cfg, fanout.worker_threads()))
-        result = next(iter(fanout.run([work])))[1]
-        if not result.complete:
-            raise WseError(f"--mla-groups auto: layer {layer}'s region with {G} groups did not finish "
-                           f"({result.stop_name})")
-        cycles[G] = int(result.total_cycles)
+        cycles[G] = region_cycles(trace, layer, cfg, simulate, fanout, f"--mla-groups auto with {G} groups")
         if G > 1 and cycles[G] >= cycles[G - 1]:
             break
         G += 1
