@@ -139,9 +139,9 @@ def search(spec: ModelSpec, system: SystemConfig, params: DecodeParams, first: S
         return region_cycles(trace, layer, cfg, simulate, fanout, WHAT)
 
     n0 = first.wafers
-    cycles0 = layer_cycles(wafer_plans(spec, system, params, n0))
-    kv0 = 1 + min(s.extra_in_flight for s in first.steps)
-    found = [estimate(first, system, n0, (first.steps[0].slot, first.steps[0].slot_rows), kv0, cycles0, cycles0)]
+    plans = wafer_plans(spec, system, params, n0)  # (the plans `first` simulated)
+    cycles0 = layer_cycles(plans)
+    found = [estimate(first, system, n0, (plans[0].P, plans[0].Q), kv_in_flight(plans), cycles0, cycles0)]
     floor = max(stage_seconds(first)[1], default=0.0)  # the longest stage no estimate moves
     best, misses, n, stop = found[0], 0, n0 + 1, f"stopped at {most} wafers"
     while n <= most:
