@@ -1,5 +1,6 @@
 """`--wafers cheapest` (system/wafer_search.py): the counts planned, the estimate, where the search
 stops, and that the count it picks is cheaper per token when both are simulated."""
+import dataclasses
 import math
 
 import h5py
@@ -118,6 +119,76 @@ def test_kv_bound_counts_never_end_the_search_and_full_ones_do(small_system, mon
         assert s.candidates[4].kv_in_flight == (0 if not_placing else 50) and "2 counts in a row" in s.stop
 
 
+def test_the_cheapest_estimate_is_simulated_and_rebases_the_counts_above_it(small_system):
+    """With `run`, the search ends on a count simulated whole: every count not simulated is
+    estimated from the largest simulated count below it, by the formula, and the chosen is the
+    least of the simulated figures and the estimates."""
+    spec, cfg = load_model("tiny"), small_system.wafer_config
+    sim = lambda t: simulate(t, cfg, validated=True)  # noqa: E731
+    first = run_decode(spec, small_system, LONG, 1, sim)
+    runs = []
+
+    def run(n):
+        runs.append(n)
+        return run_decode(spec, small_system, LONG, n, sim)
+    s = search(spec, small_system, LONG, first, sim, run=run)
+    found = {c.wafers: c for c in s.candidates}
+    assert runs == [2] and sorted(s.decodes) == [1, 2] and s.decodes[1] is first
+    pick = found[s.chosen]
+    assert s.chosen == 2 and pick.simulated and pick.base == 1
+    assert pick.simulated_usd_per_mtok == s.decodes[2].curve[-1].usd_per_mtok
+    assert all(pick.cost <= c.cost for c in s.candidates)
+    for c in s.candidates:
+        if c.kv_in_flight == 0 or c.wafers == 1:
+            continue
+        assert c.base == max(n for n in s.decodes if n < c.wafers)
+        again = wafer_search.estimate(s.decodes[c.base], small_system, c.wafers, c.slot, c.kv_in_flight,
+                                      c.layer_cycles, found[c.base].layer_cycles)
+        assert (again.latency_s, again.longest_s, again.in_flight, again.usd_per_mtok) == \
+            (c.latency_s, c.longest_s, c.in_flight, c.usd_per_mtok)
+    t = s.table()
+    assert t["estimated_from"].tolist() == [1, 1, 0, 0]  # (3 and 4 do not place: tiny has 2 layers)
+    assert t["simulated_usd_per_mtok"][1] == pick.simulated_usd_per_mtok and math.isnan(t["simulated_usd_per_mtok"][2])
+    assert "simulated 1, 2 whole and chose 2" in s.describe() and "simulated (estimated $" in s.describe()
+
+
+def test_a_simulated_count_dearer_than_its_estimate_sends_the_search_back(small_system, monkeypatch):
+    """Faked estimates and simulated figures: 4, estimated cheapest from 1, simulates dearer; 5,
+    estimated from 4, is then the least and simulates dearer too; 3, estimated from 1, simulates
+    the cheapest. The scan from 3 ends after 4 and 5 (simulated, no cheaper), which drops 6 and
+    7's estimates (made from 5); 3 is chosen."""
+    from types import SimpleNamespace
+    spec, cfg = load_model("tiny"), small_system.wafer_config
+    sim = lambda t: simulate(t, cfg, validated=True)  # noqa: E731
+    real = run_decode(spec, small_system, LONG, 1, sim)
+
+    def decode(n, usd):
+        return dataclasses.replace(real, wafers=n, curve=real.curve[:-1] + [
+            dataclasses.replace(real.curve[-1], usd_per_mtok=usd)])
+    est = {1: {1: 10, 2: 9, 3: 7, 4: 5, 5: 8, 6: 8}, 4: {5: 6.8, 6: 7.0, 7: 7.1}, 5: {6: 7.3, 7: 7.4}, 3: {}}
+    sims = {4: 7.5, 5: 7.2, 3: 6.9}
+    monkeypatch.setattr(wafer_search, "wafer_plans", lambda *a: [SimpleNamespace(P=8, Q=8, n=a[-1])])
+    monkeypatch.setattr(wafer_search, "kv_in_flight", lambda ps: 50)
+    monkeypatch.setattr(wafer_search, "representative", lambda ps, what: ps[0])
+    monkeypatch.setattr(wafer_search, "layer_region_trace", lambda plan: (plan, 0))
+    monkeypatch.setattr(wafer_search, "region_cycles", lambda plan, *a: 1000)
+    monkeypatch.setattr(wafer_search, "usd_floor", lambda *a: 0.0)  # (only the patience rule stops)
+    monkeypatch.setattr(wafer_search, "estimate", lambda dec, system, n, slot, kv, cycles, cycles0: Candidate(
+        n, slot, kv, cycles, 1e-3, 1e-3, 1, est[dec.wafers][n], dec.wafers))
+    runs = []
+
+    def run(n):
+        runs.append(n)
+        return decode(n, sims[n])
+    s = search(spec, small_system, LONG, decode(1, 10), sim, run=run)
+    assert runs == [4, 5, 3] and s.chosen == 3 and sorted(s.decodes) == [1, 3, 4, 5]
+    assert [(c.wafers, c.base, c.cost) for c in s.candidates] == [
+        (1, 1, 10), (2, 1, 9), (3, 1, 6.9), (4, 1, 7.5), (5, 4, 7.2)]
+    assert "2 counts in a row" in s.stop
+    # without `run` the first scan's least estimate is chosen
+    assert search(spec, small_system, LONG, decode(1, 10), sim).chosen == 4
+
+
 def test_a_count_that_does_not_place_is_kept_and_never_chosen():
     s = WaferSearch(1, [Candidate(1, (32, 32), 1, 100, 1e-3, 1e-3, 1, 5.0), Candidate(2, (0, 0), 0)], 1, "x")
     assert s.table()["kv_in_flight"].tolist() == [1, 0] and s.table()["chosen"].tolist() == [True, False]
@@ -131,7 +202,7 @@ def test_wafers_cheapest_on_the_command_line(tmp_path):
                                  "--wafers", "cheapest", "--batch", "8", "--context", "4500", "--prompt-len", "0",
                                  "-o", str(out)])
     assert r.exit_code == 0, r.output
-    assert "wafers: --wafers cheapest planned 1..4 and chose 2" in r.output
+    assert "wafers: --wafers cheapest planned 1..4, simulated 1, 2 whole and chose 2" in r.output
     with h5py.File(out) as f:
         assert f["summary/wafers"][()] == 2 and f["summary/fewest_wafers"][()] == 1
         assert f["wafer_search/wafers"][()].tolist() == [1, 2, 3, 4]

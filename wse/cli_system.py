@@ -105,8 +105,9 @@ def _in_process(threads: int | None, quiet: bool, fanout) -> Callable[[Any], Cal
               help="override a system value, or a wafer value (e.g. fabric.hop_latency_cycles=2)")
 @click.option("--wafers", default="preset", show_default=True,
               help="wafers in the chain: a number, 'auto' (fewest that hold weights + KV cache), 'cheapest' (least "
-                   "estimated cost per token at the deepest pipeline: the fewest simulated, more planned, each "
-                   "with its layer region simulated alone) or 'preset'")
+                   "cost per token at the deepest pipeline: the fewest simulated, more planned, each with its "
+                   "layer region simulated alone, the cheapest estimate simulated until a simulated count is "
+                   "the cheapest) or 'preset'")
 @click.option("--batch", type=int, default=1, show_default=True, help="sequences decoded together")
 @click.option("--context", type=int, default=1024, show_default=True, help="cached tokens attended to")
 @click.option("--prompt-len", type=int, default=512, show_default=True, help="prompt tokens for TTFT (0: skip)")

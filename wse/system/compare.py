@@ -158,8 +158,8 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     stage simulations run and the cache they share, pool.Fanout). generate > 1: the wafers
     hold the KV cache of the generation's last token, and the step is also simulated there and
     half way (Generation). mla_groups AUTO: chosen by simulation (mla_groups.choose_groups, at
-    the last token's context). wafers CHEAPEST: the fewest simulated, then the count of least
-    estimated cost per token (wafer_search.py) simulated if it is another."""
+    the last token's context). wafers CHEAPEST: the fewest simulated, then counts up from it
+    estimated until the cheapest per token is one simulated whole (wafer_search.py)."""
     spec = load_model(model)
     params = DecodeParams(batch=batch, context=context, expert_skew=expert_skew, moe_mapping=moe_mapping,
                           experts_per_region=experts_per_region, slot_shape=slot_shape, uniform_slots=uniform_slots,
@@ -170,7 +170,8 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     choice = search = first = None
     if wafers == CHEAPEST:
         first = run_decode(spec, system, params, None, simulate, fanout)
-        search = search_wafers(spec, system, params, first, simulate, fanout)
+        search = search_wafers(spec, system, params, first, simulate, fanout,
+                               run=lambda n: run_decode(spec, system, params, n, simulate, fanout))
         wafers = search.chosen
     if mla_groups == AUTO:  # (chosen at the last token's context, where the wafers hold the KV cache)
         choice = choose_groups(spec, system, dataclasses.replace(params, context=context + generate - 1), wafers,
@@ -189,8 +190,8 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
     plans = wafer_plans(spec, system, params, wafers or fewest_wafers(spec, system, params))
     if prompt:  # (a chunk the slots cannot take fails here, before anything is simulated)
         check_chunks(plans, prompt, prefill_chunk)
-    dec = first if first is not None and first.wafers == len(plans) else \
-        run_decode(spec, system, params, len(plans), simulate, fanout, plans)
+    dec = search.decodes.get(len(plans)) if search is not None else None
+    dec = dec or run_decode(spec, system, params, len(plans), simulate, fanout, plans)
     ttft = math.nan
     if prompt:
         ttft = prefill_seconds(spec, system, plans, prompt, simulate, fanout, prefill_steps, prefill_chunk,

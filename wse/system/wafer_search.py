@@ -1,5 +1,5 @@
-"""`--wafers cheapest`: the wafer count of least estimated cost per token at the deepest
-pipeline its KV SRAM allows (docs/system.md, "The cheapest wafer count").
+"""`--wafers cheapest`: the wafer count of least cost per token at the deepest pipeline its KV
+SRAM allows (docs/system.md, "The cheapest wafer count").
 
 The fewest wafers that hold a model (`--wafers auto`) can leave its layer regions SRAM for few
 KV caches, so few micro-batches in flight, while one wafer more holds many more; and more
@@ -7,18 +7,22 @@ wafers give larger slots, so faster layer regions, whose time is most of the tok
 and the longest pipeline stage. The search simulates the fewest count n0 whole. For each count
 n >= n0 it plans the wafers (placement and SRAM: the micro-batches its layer regions' KV SRAM
 holds, kv(n)) and simulates the representative layer region alone (mla_groups: seconds to a
-minute), r(n) cycles. Its estimate of count n is n0's simulated pipeline with every layer
-region's stage moved by r(n) - r(n0) [U] (expert regions, links and the other stages kept as
-n0's): the latency, the longest stage, the depth that fills the pipeline F(n), the micro-batches
-in flight min(kv(n), F(n)), and from those the cost per token as `wafers.pipeline_point` computes
-it — for n0 exactly its simulated figure. The search stops at the first count that no estimate
-can make cheaper than the best (its wafers x the longest stage the estimate leaves unchanged),
-or after PATIENCE counts in a row that do not place or run a full pipeline and are no cheaper
-than the best [U]; the chosen count is then simulated whole.
+minute), r(n) cycles. Its estimate of count n is the pipeline of its *base* b, the largest count
+below it simulated whole, with every layer region's stage moved by r(n) - r(b) [U] (expert
+regions, links and the other stages kept as b's): the latency, the longest stage, the depth
+that fills the pipeline F(n), the micro-batches in flight min(kv(n), F(n)), and from those the
+cost per token as `wafers.pipeline_point` computes it. A scan upward from the base stops at the
+first count that no estimate can make cheaper than the best (its wafers x the longest stage the
+estimate keeps from the base), or after PATIENCE counts in a row that do not place or run a full
+pipeline and are no cheaper than the best [U]. If the cheapest count is then an estimate, it is
+simulated whole, becomes the base of the counts above it (re-estimated from it: its stages the
+estimate keeps are those of its own slots) and the scan goes on from it; the search ends when
+the cheapest count is one simulated whole, whose simulation the run reports.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import numpy as np
@@ -49,32 +53,51 @@ class Candidate:
     longest_s: float = 0.0  # estimated: the longest pipeline stage
     in_flight: int = 0  # min(kv_in_flight, micro-batches that fill the estimated pipeline)
     usd_per_mtok: float = float("inf")  # estimated cost per token at that depth
+    base: int = 0  # the count simulated whole it was estimated from
+    simulated_usd_per_mtok: float = math.nan  # its own whole simulation's, where it was simulated
 
     @property
     def full(self) -> bool:
         """It places, and its KV room fills the estimated pipeline (more room would not help)."""
         return self.kv_in_flight > 0 and self.in_flight == fill_depth(self.latency_s, self.longest_s)
 
+    @property
+    def simulated(self) -> bool:
+        return not math.isnan(self.simulated_usd_per_mtok)
+
+    @property
+    def cost(self) -> float:
+        """Its cost per token: simulated where it was, else estimated."""
+        return self.simulated_usd_per_mtok if self.simulated else self.usd_per_mtok
+
 
 @dataclasses.dataclass
 class WaferSearch:
-    """What `--wafers cheapest` planned, and what it chose."""
+    """What `--wafers cheapest` planned and simulated, and what it chose."""
 
     fewest: int
     candidates: list[Candidate]
     chosen: int
-    stop: str = ""  # why the search ended where it did
+    stop: str = ""  # why the last scan ended where it did
+    decodes: dict[int, SystemDecode] = dataclasses.field(default_factory=dict)  # the counts simulated whole
 
     def describe(self) -> str:
         pick = next(c for c in self.candidates if c.wafers == self.chosen)
         first = self.candidates[0]
         last = self.candidates[-1].wafers
+        sims = ", ".join(str(c.wafers) for c in self.candidates if c.simulated)
+        figure = (f"${pick.simulated_usd_per_mtok:,.3g}/Mtok simulated (estimated ${pick.usd_per_mtok:,.3g})"
+                  if pick.simulated and pick.base != pick.wafers else f"${pick.cost:,.3g}/Mtok "
+                  + ("simulated" if pick.simulated else "estimated"))
         tail = "" if pick.wafers == first.wafers else (
-            f"; the fewest, {first.wafers}, hold {first.kv_in_flight} (${first.usd_per_mtok:,.3g}/Mtok simulated)")
-        return (f"wafers: --wafers cheapest planned {first.wafers}..{last} and chose {pick.wafers} on "
-                f"{pick.slot[0]}x{pick.slot[1]} slots: layer region alone {pick.layer_cycles:,} cycles, "
-                f"{pick.in_flight} micro-batches in flight (KV room {pick.kv_in_flight}), estimated "
-                f"${pick.usd_per_mtok:,.3g}/Mtok{tail}; {self.stop}")
+            f"; the fewest, {first.wafers}, hold {first.kv_in_flight} (${first.cost:,.3g}/Mtok simulated)")
+        sims = f", simulated {sims} whole" if sims else ""
+        dec = self.decodes.get(pick.wafers)
+        depth = dec.max_in_flight if dec is not None else pick.in_flight
+        return (f"wafers: --wafers cheapest planned {first.wafers}..{last}{sims} and chose {pick.wafers} on "
+                f"{pick.slot[0]}x{pick.slot[1]} slots: layer region alone {pick.layer_cycles:,} "
+                f"cycles, {depth} micro-batches in flight (KV room {pick.kv_in_flight}), {figure}{tail}; "
+                f"{self.stop}")
 
     def table(self) -> dict[str, np.ndarray]:
         c = self.candidates
@@ -83,10 +106,12 @@ class WaferSearch:
                 "slot_rows": np.array([x.slot[1] for x in c], dtype=np.int64),
                 "kv_in_flight": np.array([x.kv_in_flight for x in c], dtype=np.int64),
                 "layer_region_cycles": np.array([x.layer_cycles for x in c], dtype=np.int64),
+                "estimated_from": np.array([x.base for x in c], dtype=np.int64),
                 "latency_s": np.array([x.latency_s for x in c], dtype=np.float64),
                 "longest_stage_s": np.array([x.longest_s for x in c], dtype=np.float64),
                 "in_flight": np.array([x.in_flight for x in c], dtype=np.int64),
                 "estimated_usd_per_mtok": np.array([x.usd_per_mtok for x in c], dtype=np.float64),
+                "simulated_usd_per_mtok": np.array([x.simulated_usd_per_mtok for x in c], dtype=np.float64),
                 "chosen": np.array([x.wafers == self.chosen for x in c], dtype=bool)}
 
 
@@ -108,7 +133,7 @@ def stage_seconds(first: SystemDecode) -> tuple[list[float], list[float]]:
 def estimate(first: SystemDecode, system: SystemConfig, wafers: int, slot: tuple[int, int], kv: int,
              cycles: int, cycles0: int) -> Candidate:
     """Count `wafers` as the simulated `first` with every layer region's stage moved by
-    `cycles` - `cycles0` (its and n0's layer region alone)."""
+    `cycles` - `cycles0` (its and `first`'s layer region alone)."""
     layer, other = stage_seconds(first)
     delta = (cycles - cycles0) / first.clock_hz
     latency = first.latency_s + len(layer) * delta
@@ -116,7 +141,7 @@ def estimate(first: SystemDecode, system: SystemConfig, wafers: int, slot: tuple
     m = min(kv, fill_depth(latency, longest))
     at = dataclasses.replace(first, wafers=wafers, latency_s=latency, bottleneck_s=longest)
     point = pipeline_point(at, system, m)
-    return Candidate(wafers, slot, kv, cycles, latency, longest, m, point.usd_per_mtok)
+    return Candidate(wafers, slot, kv, cycles, latency, longest, m, point.usd_per_mtok, first.wafers)
 
 
 def usd_floor(first: SystemDecode, system: SystemConfig, wafers: int, longest_s: float) -> float:
@@ -128,9 +153,10 @@ def usd_floor(first: SystemDecode, system: SystemConfig, wafers: int, longest_s:
 
 def search(spec: ModelSpec, system: SystemConfig, params: DecodeParams, first: SystemDecode,
            simulate: Callable[[Trace], object], fanout: Fanout | None = None, most: int = MOST_WAFERS,
-           patience: int = PATIENCE) -> WaferSearch:
-    """The count of least estimated cost per token from `first`, the simulated fewest count
-    (module docstring); counts that do not place are kept with kv_in_flight 0."""
+           patience: int = PATIENCE, run: Callable[[int], SystemDecode] | None = None) -> WaferSearch:
+    """The count of least cost per token from `first`, the simulated fewest count (module
+    docstring); counts that do not place are kept with kv_in_flight 0. `run` simulates a count
+    whole (wafers.run_decode); without it the search ends at its first scan's least estimate."""
     fanout = fanout or Fanout()
     cfg = system.wafer_config
 
@@ -138,25 +164,54 @@ def search(spec: ModelSpec, system: SystemConfig, params: DecodeParams, first: S
         trace, layer = layer_region_trace(representative(plans, WHAT))
         return region_cycles(trace, layer, cfg, simulate, fanout, WHAT)
 
+    def simulated(base: SystemDecode, c: Candidate) -> Candidate:
+        return dataclasses.replace(c, simulated_usd_per_mtok=base.curve[-1].usd_per_mtok)
+
     n0 = first.wafers
     plans = wafer_plans(spec, system, params, n0)  # (the plans `first` simulated)
     cycles0 = layer_cycles(plans)
-    found = [estimate(first, system, n0, (plans[0].P, plans[0].Q), kv_in_flight(plans), cycles0, cycles0)]
-    floor = max(stage_seconds(first)[1], default=0.0)  # the longest stage no estimate moves
-    best, misses, n, stop = found[0], 0, n0 + 1, f"stopped at {most} wafers"
-    while n <= most:
-        if floor > 0 and usd_floor(first, system, n, floor) >= best.usd_per_mtok:
-            stop = f"no count from {n} on can be cheaper (its longest stage at least the stages the estimate keeps)"
+    found = {n0: simulated(first, estimate(first, system, n0, (plans[0].P, plans[0].Q), kv_in_flight(plans),
+                                           cycles0, cycles0))}
+    decodes = {n0: first}
+    base, stop = found[n0], ""
+    while True:
+        stop = _scan(spec, system, params, decodes[base.wafers], base, found, layer_cycles, most, patience)
+        best = min(found.values(), key=lambda c: (c.cost, c.wafers))
+        if best.simulated or run is None:
             break
-        try:
-            plans = wafer_plans(spec, system, params, n)
-        except WseError:  # (a count may fail to place where a larger one places)
-            found.append(Candidate(n, (0, 0), 0))
-        else:
-            found.append(estimate(first, system, n, (plans[0].P, plans[0].Q), kv_in_flight(plans),
-                                  layer_cycles(plans), cycles0))
-        c = found[-1]
-        if c.usd_per_mtok < best.usd_per_mtok:
+        decodes[best.wafers] = run(best.wafers)  # the cheapest is an estimate: simulate it, rebase on it
+        found[best.wafers] = simulated(decodes[best.wafers], best)
+        base = found[best.wafers]
+    out = [found[n] for n in sorted(found)]
+    return WaferSearch(n0, out, best.wafers, stop, decodes)
+
+
+def _scan(spec: ModelSpec, system: SystemConfig, params: DecodeParams, dec: SystemDecode, base: Candidate,
+          found: dict[int, Candidate], layer_cycles: Callable[[list], int], most: int, patience: int) -> str:
+    """Estimate the counts above `base` (simulated whole as `dec`) from it, those planned before
+    again, planning the others, until a stop rule ends the scan (module docstring); estimates of
+    counts beyond that, from an earlier base, are dropped. Returns why the scan ended."""
+    floor = max(stage_seconds(dec)[1], default=0.0)  # the longest stage no estimate from dec moves
+    best = min((c for n, c in found.items() if n <= base.wafers), key=lambda c: (c.cost, c.wafers))
+    misses, n, stop = 0, base.wafers + 1, f"stopped at {most} wafers"
+    while n <= most:
+        if floor > 0 and usd_floor(dec, system, n, floor) >= best.cost:
+            stop = (f"no count from {n} on can be cheaper (its longest stage at least the stages the estimate "
+                    f"keeps from {base.wafers})")
+            n -= 1
+            break
+        c = found.get(n)
+        if c is None:
+            try:
+                plans = wafer_plans(spec, system, params, n)
+            except WseError:  # (a count may fail to place where a larger one places)
+                c = Candidate(n, (0, 0), 0)
+            else:
+                c = Candidate(n, (plans[0].P, plans[0].Q), kv_in_flight(plans), layer_cycles(plans))
+        if c.kv_in_flight > 0 and not c.simulated:
+            c = estimate(dec, system, n, c.slot, c.kv_in_flight, c.layer_cycles, base.layer_cycles)
+        found[n] = c
+        if c.cost < best.cost:
             best, misses = c, 0
         elif c.kv_in_flight == 0 or c.full:
             misses += 1
@@ -166,4 +221,6 @@ def search(spec: ModelSpec, system: SystemConfig, params: DecodeParams, first: S
         else:  # KV-bound: a count more may hold more
             misses = 0
         n += 1
-    return WaferSearch(n0, found, best.wafers, stop)
+    for k in [k for k, c in found.items() if k > n and not c.simulated]:
+        del found[k]
+    return stop
