@@ -14,7 +14,7 @@ from .layout import (
     A_FLOPS, A_OPS, A_RECEIVED, A_SENT, A_SRAM_READ, A_SRAM_WRITE, CODE_DONE, CTRL_CODE, CTRL_TWO,
     EVENT_FIELDS, OT_CIN, OT_COUT, OT_CTRL, OT_FIELDS, OT_FLOPS, OT_LENGTH, OT_RBYTES, OT_RECV, OT_SEND,
     OT_SETUP, OT_TAG, OT_WBYTES, OT_WIDTH, PE_HELD, PE_LIVE, PE_ROUTES, Q_GRANTS, RT_TX, TL_DIRTY, TL_FIELDS, TL_FLOPS, TL_HELD,
-    TL_PROGRESSED, PE_SLEEP_CLASS, PE_SLEEP_THREAD, PE_TRACE,
+    TL_PROGRESSED, PE_SLEEP_CLASS, PE_SLEEP_THREAD, PE_TRACE, SLOT_SHIFT, ROUTES_MASK, SPAN_SHIFT,
     TH_CTRL, TH_END, TH_IN, TH_LEFT, TH_OP, TH_OUT, TH_SETUP, TH_WIDTH, TS_BYTES, TS_FIELDS, TS_FIRST,
     TS_FLOPS, TS_LAST, TS_OPS, TS_WAVELETS,
 )
@@ -126,7 +126,7 @@ def account_sleep(p, t, T, grp, F, I, n_tags, max_events, n_colors):
     skipped = t - t0
     if skipped > 0:
         cls = pe[_u((p << PSHIFT) + PE_SLEEP_CLASS)]
-        for h in range(T):
+        for h in range(pe[_u((p << PSHIFT) + PE_ROUTES)] >> SPAN_SHIFT):
             hb = (p * T + h) << 3
             if (th[_u(hb + TH_CTRL)] & CTRL_CODE) != CODE_DONE and th[_u(hb + TH_SETUP)] > 0 and \
                     (cls != C_BUSY or h != pe[_u((p << PSHIFT) + PE_SLEEP_THREAD)]):
@@ -226,11 +226,11 @@ def fold(t, F, I, A, n_tags, max_events, T, n_colors, R, pe_cnt, link_cnt, regio
                             i = ((c * P + p) << 2) + port
                             link_cnt[p, port, c] += F.link_acc[i]
                             F.link_acc[i] = 0
-                    for k in range(F.pe[(p << PSHIFT) + PE_ROUTES]):
-                        qi = ((p * R + k) << 3) + Q_GRANTS
+                    for k in range(F.pe[(p << PSHIFT) + PE_ROUTES] & ROUTES_MASK):
+                        qi = ((p * R + k) << SLOT_SHIFT) + Q_GRANTS
                         g = F.q[qi]
                         if g != 0:
-                            tx = F.rt[((p * R + k) << 3) + RT_TX]
+                            tx = F.rt[((p * R + k) << SLOT_SHIFT) + RT_TX]
                             for port in range(4):
                                 if (tx >> port) & 1:
                                     link_cnt[p, port, L_WAVELETS] += g

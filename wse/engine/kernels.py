@@ -8,9 +8,10 @@ the groups in the parallel kernel, integer-sum reductions only), so results do n
 the thread count or the tile shape. Kernels import only numpy, numba and integer constants (ISA
 codes and record layouts).
 
-The state arrives as flat 1-D arrays (layout.py gives the record fields; route, queue and
-thread records have 8 fields, so a field's index is base + (slot << 3) + FIELD, PE records 16,
-base p << PSHIFT) and every index is cast to uint64
+The state arrives as flat 1-D arrays (layout.py gives the record fields: a route slot's rt and
+q records share one 64-byte record, rt the flat records and q the same memory 8 fields on, so a
+field's index is base + (slot << SLOT_SHIFT) + FIELD; thread records have 8 fields, base
+(p * T + h) << 3; PE records 16, base p << PSHIFT) and every index is cast to uint64
 at the point of use: Numba then emits a plain load, without the negative-index wraparound and
 runtime-stride multiplications it adds for signed, multi-dimensional indexing.
 """
@@ -31,7 +32,7 @@ from .layout import (
     PE_ARRIVE, PE_LIVE, PE_PEAK, PE_PIPES, PE_READY, PE_ROUTES, PE_RR, PE_SLEEP_CLASS, PE_SLEEP_THREAD,
     Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_CROSS, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX,
     TH_CTRL, TH_IN, TH_LEFT, TH_OUT, TH_SETUP, TH_WIDTH, TL_NEED1, TL_NEXT, TL_PENDING, TL_PROGRESSED,
-    TL_WAKE, TL_FIELDS, TL_DIRTY,
+    TL_WAKE, TL_FIELDS, TL_DIRTY, SLOT_SHIFT, ROUTES_MASK, SPAN_SHIFT,
 )
 
 RUNNING = -1  # returned when the chunk ended before the run did
@@ -71,7 +72,7 @@ def _route_tile(b, F, A, W, R, depth, cap):
     pe = F.pe
     link_acc = F.link_acc
     P = F.finish.shape[0]
-    rshift = 3
+    rshift = SLOT_SHIFT
     # adding bias to a field sets its bit 3 exactly when the field exceeds cap (cap <= 8)
     bias = 0
     for port in range(5):
@@ -81,7 +82,7 @@ def _route_tile(b, F, A, W, R, depth, cap):
     for y in range(y0, y1):
         for p in range(y * W + x0, y * W + x1):
             pb = p << PSHIFT
-            nr = pe[_u(pb + PE_ROUTES)]
+            nr = pe[_u(pb + PE_ROUTES)] & ROUTES_MASK
             if nr == 0:
                 continue
             ready = pe[_u(pb + PE_READY)] & MASK32
@@ -189,7 +190,7 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
     sleep_until = F.sleep_until
     sleep_from = F.sleep_from
     P = finish.shape[0]
-    rshift = 3
+    rshift = SLOT_SHIFT
     pending = 0
     progressed = 0
     next_wake = NEVER
@@ -200,7 +201,7 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
     for y in range(y0, y1):
         for p in range(y * W + x0, y * W + x1):
             pb = p << PSHIFT
-            nr = pe[_u(pb + PE_ROUTES)]
+            nr = pe[_u(pb + PE_ROUTES)] & ROUTES_MASK
             lv = pe[_u(pb + PE_LIVE)]
             if nr == 0 and lv == 0:
                 continue
@@ -251,11 +252,12 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
                 stepped = 0  # threads that did something this cycle
                 ff_h = -1  # the thread that took a step of a local compute op it did not finish
                 h = pe[_u(pb + PE_CE_RR)]
+                span = pe[_u(pb + PE_ROUTES)] >> SPAN_SHIFT  # (threads from span on have no program)
                 first = -1  # the first thread that took a step
-                for _j in range(T):
+                for _j in range(span):
                     if first < 0 and busy:
-                        first = h - 1 if h > 0 else T - 1
-                    hb = (p * T + h) << rshift
+                        first = h - 1 if h > 0 else span - 1
+                    hb = (p * T + h) << 3
                     ctrl = th[_u(hb + TH_CTRL)]
                     code = ctrl & CTRL_CODE
                     if code != CODE_DONE:
@@ -333,12 +335,12 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
                         if done:
                             complete_op(p, h, t, grp, F, I, n_tags, max_events, T, n_colors)
                     h += 1
-                    if h == T:
+                    if h == span:
                         h = 0
                 if first < 0 and busy:
-                    first = h - 1 if h > 0 else T - 1
+                    first = h - 1 if h > 0 else span - 1
                 if first >= 0:
-                    pe[_u(pb + PE_CE_RR)] = first + 1 if first + 1 < T else 0
+                    pe[_u(pb + PE_CE_RR)] = first + 1 if first + 1 < span else 0
                 if signalled:
                     for s in range(MAX_SEMAPHORES):
                         si = _u(p * MAX_SEMAPHORES + s)

@@ -2,15 +2,23 @@
 
 Each PE's hot state sits in a few small contiguous records instead of dozens of separate
 arrays: the kernel then keeps a handful of base pointers in registers and touches one or two
-cache lines per record. Route, queue and thread records have exactly 8 fields (the kernels index
-them as base + (slot << 3) + field); PE records have 16 (base p << 4).
+cache lines per record. Route and queue records have 8 fields each and share a 64-byte slot
+record (base + (slot << SLOT_SHIFT) + field, below); thread records have 8 (base + (thread << 3)
++ field); PE records have 16 (base p << 4).
 """
+
+# A route slot's static record (rt) and its queues (q) share one 64-byte record, rt's 8 fields
+# then q's, so the fields either phase reads for a slot lie in one cache line; the kernels see
+# rt as the flat records and q as the same buffer 8 fields on, both indexed (slot << SLOT_SHIFT).
+SLOT_FIELDS = 16
+SLOT_SHIFT = 4
 
 # rt[p, slot, :] int32 - static route table, slots sorted by color
 RT_RX = 0  # rx port
 RT_TX = 1  # tx port mask
 RT_INC = 4  # sum over tx ports of 1 << (4 * port): the route's use of per-port capacity
-RT_DOWNQ = 5  # one link port in tx: flat q index of the neighbour's record; none: -1; more: -2
+RT_DOWNQ = 5  # one link port in tx: flat q index of the neighbour's record (its slot << SLOT_SHIFT);
+#              none: -1; more: -2
 RT_DOWNS = 6  # byte `port` holds 1 + the neighbour's slot for each link port in tx (0: none)
 RT_CROSS = 7  # link ports in tx whose neighbour lies in another tile (set with the tiles)
 RT_FIELDS = 8
@@ -43,7 +51,10 @@ CTRL_SUB = 1 << 4
 CTRL_TWO = 1 << 5
 
 # pe[p, :] int32 - per-PE scalars
-PE_ROUTES = 0  # number of routes
+PE_ROUTES = 0  # bits 0-7: number of routes; bits 8-15: the PE's thread span (1 + its highest thread
+#               with a program: the CE step visits threads 0 .. span-1 only)
+ROUTES_MASK = 255
+SPAN_SHIFT = 8
 PE_RR = 1  # round-robin start slot
 PE_LIVE = 2  # threads with ops left
 PE_GRANT = 3  # bit k: slot k granted in this cycle's phase 1

@@ -21,9 +21,9 @@ from . import layout as L
 class State(NamedTuple):
     """Mutable engine state and counters (record layouts in layout.py)."""
 
-    rt: np.ndarray  # int32 [P, R, RT_FIELDS] static routes
+    rt: np.ndarray  # int32 [P, R, RT_FIELDS] static routes (a view: slots' first half)
     color_slot: np.ndarray  # int8 [P, colors] slot of a color's route, else -1
-    q: np.ndarray  # int32 [P, R, Q_FIELDS] queues
+    q: np.ndarray  # int32 [P, R, Q_FIELDS] queues (a view: slots' second half)
     th: np.ndarray  # int32 [P, T, TH_FIELDS] microthreads
     pe: np.ndarray  # int32 [P, PE_FIELDS]
     sem: np.ndarray  # int32 [P, MAX_SEMAPHORES]
@@ -39,6 +39,7 @@ class State(NamedTuple):
     finish: np.ndarray  # int64 [P] cycle after the PE's last op completed
     sleep_until: np.ndarray  # int64 [P] first cycle the CE must run again (0: awake)
     sleep_from: np.ndarray  # int64 [P] first cycle not yet counted while asleep
+    slots: np.ndarray  # int32 [P, R, SLOT_FIELDS] each route slot's rt and q records side by side
 
 
 N_CLASSES = isa.C_STALL_SYNC + 1
@@ -67,10 +68,14 @@ class Flat(NamedTuple):
 
 
 def flat(S: State, ot: np.ndarray, omap: np.ndarray) -> Flat:
-    """Flat views of the state (shared memory: kernel writes land in S)."""
-    views = [a.reshape(-1) for a in S]
-    assert all(np.shares_memory(v, a) for v, a in zip(views, S) if a.size)
-    return Flat(*views, np.ascontiguousarray(ot).reshape(-1), omap)
+    """Flat views of the state (shared memory: kernel writes land in S). rt and q are the two
+    halves of one array of slot records (S.slots, layout.SLOT_FIELDS): the kernels get the
+    records flat as rt, and the same memory from q's first field on as q."""
+    whole = S.slots.reshape(-1)
+    views = {k: getattr(S, k).reshape(-1) for k in Flat._fields if k not in ("rt", "q", "ot", "omap")}
+    assert all(np.shares_memory(v, getattr(S, k)) for k, v in views.items() if v.size)
+    assert np.shares_memory(whole, S.slots) or not whole.size
+    return Flat(rt=whole, q=whole[L.RT_FIELDS:], **views, ot=np.ascontiguousarray(ot).reshape(-1), omap=omap)
 
 
 class Ins(NamedTuple):
@@ -225,8 +230,8 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
 
     # the state arrays are views into one staggered buffer, filled in place (no second copy)
     arrays = staggered(dict(
-        rt=((P, R, L.RT_FIELDS), np.int32), color_slot=((P, max(cfg.colors, 1)), np.int8),
-        q=((P, R, L.Q_FIELDS), np.int32), th=((P, T, L.TH_FIELDS), np.int32), pe=((P, L.PE_FIELDS), np.int32),
+        slots=((P, R, L.SLOT_FIELDS), np.int32), color_slot=((P, max(cfg.colors, 1)), np.int8),
+        th=((P, T, L.TH_FIELDS), np.int32), pe=((P, L.PE_FIELDS), np.int32),
         sem=((P, isa.MAX_SEMAPHORES), np.int32),
         sem_add=((P, isa.MAX_SEMAPHORES), np.int32),
         cyc=((N_CLASSES, P), np.int32),
@@ -234,7 +239,8 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
         link_acc=((isa.N_LINK_COUNTERS, P, isa.N_LINK_PORTS), np.int32),
         finish=((P,), np.int64), sleep_until=((P,), np.int64), sleep_from=((P,), np.int64),
     ))
-    rt = arrays["rt"]
+    arrays["rt"] = rt = arrays["slots"][:, :, :L.RT_FIELDS]
+    arrays["q"] = arrays["slots"][:, :, L.RT_FIELDS:]
     rt.fill(-1)
     rt[:, :, L.RT_RX] = isa.PORT_RAMP
     rt[:, :, L.RT_TX] = 0
@@ -255,7 +261,7 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
         nb = (y[m] + isa.PORT_DY[port]) * W + x[m] + isa.PORT_DX[port]
         dslot = color_slot[nb, color[m]].astype(np.int64)
         rt[pe[m], slot[m], L.RT_DOWNS] += (dslot + 1) << (8 * port)
-        rt[pe[m], slot[m], L.RT_DOWNQ] = (nb * R + dslot) * L.Q_FIELDS
+        rt[pe[m], slot[m], L.RT_DOWNQ] = (nb * R + dslot) << L.SLOT_SHIFT
     rt[pe[n_links > 1], slot[n_links > 1], L.RT_DOWNQ] = -2
 
     ot, omap = op_constants(trace, cfg)
@@ -282,7 +288,8 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
             th[:, :, field] = np.where(use, color_slot[pes, np.where(use, ot[row0, col], 0)], -1)
 
     pe_rec = arrays["pe"]
-    pe_rec[:, L.PE_ROUTES] = n_routes
+    span = np.where(has.any(axis=1), T - np.argmax(has[:, ::-1], axis=1), 0) if T else np.zeros(P, np.int64)
+    pe_rec[:, L.PE_ROUTES] = n_routes | span << L.SPAN_SHIFT
     pe_rec[:, L.PE_LIVE] = has.sum(axis=1)
     pe_rec[:, L.PE_TRACE] = -1
     state = State(**arrays)
