@@ -80,3 +80,18 @@ def test_functional_benchmark_checks_its_values():
     r = bench.run_one("functional", quick=True)
     assert r["wall_s"] > 0 and r["element_ops_per_s"] > 0 and r["max_error"] < 0.05
     assert "functional" in bench.format_results({"functional": r})[0]
+
+
+def test_stage_benchmark_simulates_a_wafers_largest_stage_on_one_thread():
+    """The `stage` benchmark: the wafer's stage of most PEs, simulated as a pool worker does."""
+    from wse.system.config import load_system
+    from wse.system.wafers import wafer_plans
+    from wse.workload.compose import build_stage, stages
+    from wse.workload.models import load_model
+    from wse.workload.params import DecodeParams
+    r = bench.run_one("stage", quick=True)
+    plan = wafer_plans(load_model("tiny-moe"), load_system("cs3", []), DecodeParams(uniform_slots=True), 1)[0]
+    most = max(build_stage(plan, kind, ref).trace.n_pes for _, kind, ref in stages(plan))
+    assert r["pes"] == most and r["wafers"] == 1 and r["cycles"] > 0
+    assert r["pe_cycles_per_s"] == pytest.approx(r["pes"] * r["cycles"] / r["wall_s"])
+    assert "its largest stage" in bench.format_results({"stage": r})[0]

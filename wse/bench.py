@@ -8,6 +8,8 @@ Benchmarks (--quick shrinks each to a smoke-test size):
   token8b   a whole llama3.1-8b decode token on one wse3, composed: wall seconds
   token70b  llama3.1-70b at its per-wafer share of layers, composed: wall seconds
   jit       cold JIT compile (empty cache) and warm start (cached), process start to finish
+  stage     the largest stage of kimi-k2 (fp8) wafer 4 on its fewest CS-3 (uniform slots), on one thread
+            as a `wse system` worker runs it: simulated PE-cycles per wall second
   system    `wse system` for kimi-k2 on the fewest CS-3 (uniform slots, --jobs 2, no TTFT), empty stage
             cache: wall seconds from process start, planning and every stage simulation included
   functional  the values of a gemv 8192x8192 and of a tiny-model decode layer on a 128x128 region
@@ -33,11 +35,11 @@ from typing import Any
 
 from .errors import WseError
 
-NAMES = ("dense", "wse3", "layer", "token8b", "token70b", "jit", "system", "functional")
+NAMES = ("dense", "wse3", "layer", "token8b", "token70b", "jit", "stage", "system", "functional")
 # Figures compared against the previous history line: (benchmark, key, higher is better).
 HEADLINE = (("dense", "pe_cycles_per_s", True), ("wse3", "pe_cycles_per_s", True),
             ("layer", "pe_cycles_per_s", True), ("token8b", "wall_s", False), ("token70b", "wall_s", False),
-            ("jit", "warm_start_s", False), ("system", "wall_s", False), ("functional", "wall_s", False))
+            ("jit", "warm_start_s", False), ("stage", "pe_cycles_per_s", True), ("system", "wall_s", False), ("functional", "wall_s", False))
 REGRESSION = 0.15  # a headline figure this much worse than last time is flagged
 TINY_RUN = (
     "from wse import hardware; from wse.workload import synthetic as s; "
@@ -169,6 +171,37 @@ def bench_jit() -> dict[str, Any]:
     return {"cold_compile_s": cold, "warm_start_s": warm}
 
 
+def bench_stage(model: str, system_name: str, weights: str | None, wafer: int) -> dict[str, Any]:
+    """The stage of most PEs among a wafer's distinct stages (the fewest wafers that hold the
+    model, uniform slots: `wse system --wafers auto --uniform-slots`), simulated on one Numba
+    thread with a pool worker's options: the stages that dominate a big system run."""
+    import numba
+
+    from .engine.run import simulate, stage_options
+    from .system.config import load_system
+    from .system.wafers import fewest_wafers, wafer_plans
+    from .workload.compose import build_stage, stages
+    from .workload.models import load_model
+    from .workload.params import DecodeParams
+    system, spec = load_system(system_name, []), load_model(model)
+    params = DecodeParams(weights=weights, uniform_slots=True)
+    plans = wafer_plans(spec, system, params, fewest_wafers(spec, system, params))
+    plan = plans[min(wafer, len(plans) - 1)]
+    t0 = time.perf_counter()
+    built = [build_stage(plan, kind, ref) for _, kind, ref in stages(plan)]
+    st = max(built, key=lambda s: s.trace.n_pes)
+    build = time.perf_counter() - t0
+    numba.set_num_threads(1)
+    _warm_kernels()
+    r = simulate(st.trace, system.wafer_config, threads=1, validated=True, **stage_options(1))
+    pe_cycles = st.trace.n_pes * r.total_cycles
+    return {"model": model, "weights": weights or "", "wafer": min(wafer, len(plans) - 1), "wafers": len(plans),
+            "mesh": f"{st.trace.mesh_width}x{st.trace.mesh_height}", "pes": st.trace.n_pes,
+            "cycles": r.total_cycles, "wall_s": r.wall_seconds, "build_s": build,
+            "pe_cycles_per_s": pe_cycles / r.wall_seconds,
+            "stepped_fraction": r.stepped_pe_cycles / max(1, pe_cycles)}
+
+
 def bench_system(model: str, jobs: int) -> dict[str, Any]:
     """`wse system --model M --wafers auto --uniform-slots --jobs N --prompt-len 0` in a fresh
     process with an empty stage cache (a cold run): wall seconds, and the run's figures."""
@@ -252,6 +285,9 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
                else bench_token("llama3.1-70b", "wse3", 1024, True))
     elif name == "jit":
         out = bench_jit()
+    elif name == "stage":
+        out = (bench_stage("tiny-moe", "cs3", None, 4) if quick
+               else bench_stage("kimi-k2", "cs3x64", "fp8", 4))
     elif name == "system":
         out = bench_system("tiny-moe" if quick else "kimi-k2", 2)
     elif name == "functional":
@@ -345,6 +381,11 @@ def format_results(results: dict[str, Any]) -> list[str]:
                          f"{r['tokens_per_s']:,.0f} tokens/s), peak {r['peak_rss_mb']:,.0f} MB")
         elif name == "jit":
             lines.append(f"{name:9s} cold compile {r['cold_compile_s']:.1f} s, warm start {r['warm_start_s']:.2f} s")
+        elif name == "stage":
+            lines.append(f"{name:9s} {r['model']} {r['weights']} wafer {r['wafer']} of {r['wafers']}, its largest stage "
+                         f"({r['mesh']}, one thread): {r['pe_cycles_per_s'] / 1e6:.0f} M PE-cycles/s "
+                         f"({r['cycles']:,} cycles in {r['wall_s']:.1f} s; {100 * r['stepped_fraction']:.1f}% "
+                         f"stepped; stages built in {r['build_s']:.1f} s), peak {r['peak_rss_mb']:,.0f} MB")
         elif name == "system":
             lines.append(f"{name:9s} wse system {r['model']} on {r['wafers']} wafers (cold, --jobs {r['jobs']}): "
                          f"{r['wall_s']:.1f} s wall, {r['tokens_per_s_per_user']:,.0f} tokens/s per user, "
