@@ -87,8 +87,9 @@ def test_the_search_stops_where_no_count_can_be_cheaper(small_system, monkeypatc
     monkeypatch.setattr(wafer_search, "stage_seconds", lambda r: (real(r)[0], real(r)[1] + [slow]))
     s = search(spec, small_system, LONG, first, sim)
     assert [c.wafers for c in s.candidates] == [1] and s.chosen == 1 and "no count from 2 on" in s.stop
-    assert s.candidates[0].longest_s == slow and s.candidates[0].in_flight == 1
-    assert usd_floor(first, small_system, 2, slow) >= s.candidates[0].usd_per_mtok
+    c0 = s.candidates[0]  # (simulated: its figures are the simulation's, its estimate kept the slow stage)
+    assert (c0.longest_s, c0.in_flight) == (first.bottleneck_s, first.max_in_flight) and c0.usd_per_mtok > c0.cost
+    assert usd_floor(first, small_system, 2, slow) >= c0.cost
     assert usd_floor(first, small_system, 2, slow) == pytest.approx(2 * small_system.usd_per_system_hour / 3600
                                                                   * slow / LONG.batch / small_system.utilization * 1e6)
 
@@ -139,54 +140,82 @@ def test_the_cheapest_estimate_is_simulated_and_rebases_the_counts_above_it(smal
     assert pick.simulated_usd_per_mtok == s.decodes[2].curve[-1].usd_per_mtok
     assert all(pick.cost <= c.cost for c in s.candidates)
     for c in s.candidates:
+        if c.simulated:  # its simulation's latency, longest stage and depth
+            d = s.decodes[c.wafers]
+            assert (c.latency_s, c.longest_s, c.in_flight) == (d.latency_s, d.bottleneck_s, d.max_in_flight)
         if c.kv_in_flight == 0 or c.wafers == 1:
             continue
         assert c.base == max(n for n in s.decodes if n < c.wafers)
         again = wafer_search.estimate(s.decodes[c.base], small_system, c.wafers, c.slot, c.kv_in_flight,
                                       c.layer_cycles, found[c.base].layer_cycles)
-        assert (again.latency_s, again.longest_s, again.in_flight, again.usd_per_mtok) == \
-            (c.latency_s, c.longest_s, c.in_flight, c.usd_per_mtok)
+        assert again.usd_per_mtok == c.usd_per_mtok
+        if not c.simulated:
+            assert (again.latency_s, again.longest_s, again.in_flight) == (c.latency_s, c.longest_s, c.in_flight)
     t = s.table()
     assert t["estimated_from"].tolist() == [1, 1, 0, 0]  # (3 and 4 do not place: tiny has 2 layers)
     assert t["simulated_usd_per_mtok"][1] == pick.simulated_usd_per_mtok and math.isnan(t["simulated_usd_per_mtok"][2])
     assert "simulated 1, 2 whole and chose 2" in s.describe() and "simulated (estimated $" in s.describe()
 
 
-def test_a_simulated_count_dearer_than_its_estimate_sends_the_search_back(small_system, monkeypatch):
-    """Faked estimates and simulated figures: 4, estimated cheapest from 1, simulates dearer; 5,
-    estimated from 4, is then the least and simulates dearer too; 3, estimated from 1, simulates
-    the cheapest. The scan from 3 ends after 4 and 5 (simulated, no cheaper), which drops 6 and
-    7's estimates (made from 5); 3 is chosen."""
+def _faked_search(small_system, monkeypatch, est, sims, with_run=True):
+    """search() on made-up counts: every count places with KV room 50 and the same layer cycles;
+    est[base][n] is count n's estimated $/Mtok from base (a tuple ("kv", usd): KV-bound, else at a
+    full pipeline), sims[n] = (usd,) or (usd, full) its whole simulation's. Returns (search, counts run)."""
     from types import SimpleNamespace
     spec, cfg = load_model("tiny"), small_system.wafer_config
     sim = lambda t: simulate(t, cfg, validated=True)  # noqa: E731
     real = run_decode(spec, small_system, LONG, 1, sim)
 
-    def decode(n, usd):
-        return dataclasses.replace(real, wafers=n, curve=real.curve[:-1] + [
+    def decode(n, usd, full=True):
+        depth = fill_depth(real.latency_s, real.bottleneck_s) if full else 1
+        return dataclasses.replace(real, wafers=n, max_in_flight=depth, curve=real.curve[:-1] + [
             dataclasses.replace(real.curve[-1], usd_per_mtok=usd)])
-    est = {1: {1: 10, 2: 9, 3: 7, 4: 5, 5: 8, 6: 8}, 4: {5: 6.8, 6: 7.0, 7: 7.1}, 5: {6: 7.3, 7: 7.4}, 3: {}}
-    sims = {4: 7.5, 5: 7.2, 3: 6.9}
+
+    def estimate(dec, system, n, slot, kv, cycles, cycles0):
+        e = est[dec.wafers][n]
+        kv_bound = isinstance(e, tuple)
+        return Candidate(n, slot, kv, cycles, 2e-3 if kv_bound else 1e-3, 1e-3, 1, e[1] if kv_bound else e, dec.wafers)
     monkeypatch.setattr(wafer_search, "wafer_plans", lambda *a: [SimpleNamespace(P=8, Q=8, n=a[-1])])
     monkeypatch.setattr(wafer_search, "kv_in_flight", lambda ps: 50)
     monkeypatch.setattr(wafer_search, "representative", lambda ps, what: ps[0])
     monkeypatch.setattr(wafer_search, "layer_region_trace", lambda plan: (plan, 0))
     monkeypatch.setattr(wafer_search, "region_cycles", lambda plan, *a: 1000)
     monkeypatch.setattr(wafer_search, "usd_floor", lambda *a: 0.0)  # (only the patience rule stops)
-    monkeypatch.setattr(wafer_search, "estimate", lambda dec, system, n, slot, kv, cycles, cycles0: Candidate(
-        n, slot, kv, cycles, 1e-3, 1e-3, 1, est[dec.wafers][n], dec.wafers))
+    monkeypatch.setattr(wafer_search, "estimate", estimate)
     runs = []
 
     def run(n):
         runs.append(n)
-        return decode(n, sims[n])
-    s = search(spec, small_system, LONG, decode(1, 10), sim, run=run)
+        return decode(n, *sims[n])
+    return search(spec, small_system, LONG, decode(1, est[1][1]), sim, run=run if with_run else None), runs
+
+
+def test_a_simulated_count_dearer_than_its_estimate_sends_the_search_back(small_system, monkeypatch):
+    """4, estimated cheapest from 1, simulates dearer; 5, estimated from 4, is then the least and
+    simulates dearer too (and KV-bound); 3, estimated from 1, simulates the cheapest. The last
+    scan, from 3, passes 4 and 5 (simulated: each the base of the counts above it), so 6 and 7
+    are estimated from 5, and ends after two full dearer counts; 3 is chosen."""
+    est = {1: {1: 10, 2: 9, 3: 7, 4: 5, 5: 8, 6: 8}, 4: {5: 6.8, 6: 7.0, 7: 7.1}, 5: {6: 7.3, 7: 7.4}, 3: {}}
+    sims = {4: (7.5,), 5: (7.2, False), 3: (6.9,)}
+    s, runs = _faked_search(small_system, monkeypatch, est, sims)
     assert runs == [4, 5, 3] and s.chosen == 3 and sorted(s.decodes) == [1, 3, 4, 5]
     assert [(c.wafers, c.base, c.cost) for c in s.candidates] == [
-        (1, 1, 10), (2, 1, 9), (3, 1, 6.9), (4, 1, 7.5), (5, 4, 7.2)]
+        (1, 1, 10), (2, 1, 9), (3, 1, 6.9), (4, 1, 7.5), (5, 4, 7.2), (6, 5, 7.3), (7, 5, 7.4)]
+    assert not s.candidates[4].full and s.candidates[3].full  # (a simulated count: its simulation's depth)
+    assert s.candidates[4].in_flight == s.decodes[5].max_in_flight == 1
     assert "2 counts in a row" in s.stop
     # without `run` the first scan's least estimate is chosen
-    assert search(spec, small_system, LONG, decode(1, 10), sim).chosen == 4
+    assert _faked_search(small_system, monkeypatch, est, sims, with_run=False)[0].chosen == 4
+
+
+def test_estimates_beyond_the_last_scan_from_an_older_base_are_dropped(small_system, monkeypatch):
+    """The first scan goes on past 4 (KV-bound) to 6; 3, the cheapest, simulated, is the base of
+    the second scan, which stops at 5: 6's estimate, from 1, is dropped."""
+    est = {1: {1: 10, 2: 9, 3: 5, 4: ("kv", 8), 5: 8, 6: 8}, 3: {4: 6, 5: 6.5}}
+    s, runs = _faked_search(small_system, monkeypatch, est, {3: (5.5,)})
+    assert runs == [3] and s.chosen == 3
+    assert [(c.wafers, c.base, c.cost) for c in s.candidates] == [
+        (1, 1, 10), (2, 1, 9), (3, 1, 5.5), (4, 3, 6), (5, 3, 6.5)]
 
 
 def test_a_count_that_does_not_place_is_kept_and_never_chosen():

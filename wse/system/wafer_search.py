@@ -16,8 +16,9 @@ first count that no estimate can make cheaper than the best (its wafers x the lo
 estimate keeps from the base), or after PATIENCE counts in a row that do not place or run a full
 pipeline and are no cheaper than the best [U]. If the cheapest count is then an estimate, it is
 simulated whole, becomes the base of the counts above it (re-estimated from it: its stages the
-estimate keeps are those of its own slots) and the scan goes on from it; the search ends when
-the cheapest count is one simulated whole, whose simulation the run reports.
+estimate keeps are those of its own slots) and the scan goes on from it, each simulated count it
+passes the base of those above that; the search ends when the cheapest count is one simulated
+whole, whose simulation the run reports.
 """
 from __future__ import annotations
 
@@ -49,9 +50,10 @@ class Candidate:
     slot: tuple[int, int]  # P x Q of its layer slots (the first wafer's)
     kv_in_flight: int  # micro-batches whose KV caches every layer region holds (0: it does not place)
     layer_cycles: int = 0  # its representative layer region simulated alone
-    latency_s: float = 0.0  # estimated: one token through the chain
-    longest_s: float = 0.0  # estimated: the longest pipeline stage
-    in_flight: int = 0  # min(kv_in_flight, micro-batches that fill the estimated pipeline)
+    # latency, longest stage and depth: the whole simulation's where it was simulated, else estimated
+    latency_s: float = 0.0  # one token through the chain
+    longest_s: float = 0.0  # the longest pipeline stage
+    in_flight: int = 0  # min(kv_in_flight, micro-batches that fill the pipeline)
     usd_per_mtok: float = float("inf")  # estimated cost per token at that depth
     base: int = 0  # the count simulated whole it was estimated from
     simulated_usd_per_mtok: float = math.nan  # its own whole simulation's, where it was simulated
@@ -92,11 +94,9 @@ class WaferSearch:
         tail = "" if pick.wafers == first.wafers else (
             f"; the fewest, {first.wafers}, hold {first.kv_in_flight} (${first.cost:,.3g}/Mtok simulated)")
         sims = f", simulated {sims} whole" if sims else ""
-        dec = self.decodes.get(pick.wafers)
-        depth = dec.max_in_flight if dec is not None else pick.in_flight
         return (f"wafers: --wafers cheapest planned {first.wafers}..{last}{sims} and chose {pick.wafers} on "
                 f"{pick.slot[0]}x{pick.slot[1]} slots: layer region alone {pick.layer_cycles:,} "
-                f"cycles, {depth} micro-batches in flight (KV room {pick.kv_in_flight}), {figure}{tail}; "
+                f"cycles, {pick.in_flight} micro-batches in flight (KV room {pick.kv_in_flight}), {figure}{tail}; "
                 f"{self.stop}")
 
     def table(self) -> dict[str, np.ndarray]:
@@ -164,8 +164,10 @@ def search(spec: ModelSpec, system: SystemConfig, params: DecodeParams, first: S
         trace, layer = layer_region_trace(representative(plans, WHAT))
         return region_cycles(trace, layer, cfg, simulate, fanout, WHAT)
 
-    def simulated(base: SystemDecode, c: Candidate) -> Candidate:
-        return dataclasses.replace(c, simulated_usd_per_mtok=base.curve[-1].usd_per_mtok)
+    def simulated(dec: SystemDecode, c: Candidate) -> Candidate:
+        """c with its whole simulation's figures (the estimate's cost kept beside them)."""
+        return dataclasses.replace(c, latency_s=dec.latency_s, longest_s=dec.bottleneck_s,
+                                   in_flight=dec.max_in_flight, simulated_usd_per_mtok=dec.curve[-1].usd_per_mtok)
 
     n0 = first.wafers
     plans = wafer_plans(spec, system, params, n0)  # (the plans `first` simulated)
@@ -175,7 +177,7 @@ def search(spec: ModelSpec, system: SystemConfig, params: DecodeParams, first: S
     decodes = {n0: first}
     base, stop = found[n0], ""
     while True:
-        stop = _scan(spec, system, params, decodes[base.wafers], base, found, layer_cycles, most, patience)
+        stop = _scan(spec, system, params, decodes, base, found, layer_cycles, most, patience)
         best = min(found.values(), key=lambda c: (c.cost, c.wafers))
         if best.simulated or run is None:
             break
@@ -186,11 +188,14 @@ def search(spec: ModelSpec, system: SystemConfig, params: DecodeParams, first: S
     return WaferSearch(n0, out, best.wafers, stop, decodes)
 
 
-def _scan(spec: ModelSpec, system: SystemConfig, params: DecodeParams, dec: SystemDecode, base: Candidate,
-          found: dict[int, Candidate], layer_cycles: Callable[[list], int], most: int, patience: int) -> str:
-    """Estimate the counts above `base` (simulated whole as `dec`) from it, those planned before
-    again, planning the others, until a stop rule ends the scan (module docstring); estimates of
-    counts beyond that, from an earlier base, are dropped. Returns why the scan ended."""
+def _scan(spec: ModelSpec, system: SystemConfig, params: DecodeParams, decodes: dict[int, SystemDecode],
+          base: Candidate, found: dict[int, Candidate], layer_cycles: Callable[[list], int], most: int,
+          patience: int) -> str:
+    """Estimate the counts above `base` from it — from each count simulated whole (`decodes`) the
+    scan passes, the counts above that — those planned before again, planning the others, until a
+    stop rule ends the scan (module docstring); estimates beyond that from another base than the
+    largest simulated count below them are dropped. Returns why the scan ended."""
+    dec = decodes[base.wafers]
     floor = max(stage_seconds(dec)[1], default=0.0)  # the longest stage no estimate from dec moves
     best = min((c for n, c in found.items() if n <= base.wafers), key=lambda c: (c.cost, c.wafers))
     misses, n, stop = 0, base.wafers + 1, f"stopped at {most} wafers"
@@ -211,6 +216,9 @@ def _scan(spec: ModelSpec, system: SystemConfig, params: DecodeParams, dec: Syst
         if c.kv_in_flight > 0 and not c.simulated:
             c = estimate(dec, system, n, c.slot, c.kv_in_flight, c.layer_cycles, base.layer_cycles)
         found[n] = c
+        if c.simulated:  # the base of the counts above it
+            base, dec = c, decodes[n]
+            floor = max(stage_seconds(dec)[1], default=0.0)
         if c.cost < best.cost:
             best, misses = c, 0
         elif c.kv_in_flight == 0 or c.full:
@@ -222,5 +230,6 @@ def _scan(spec: ModelSpec, system: SystemConfig, params: DecodeParams, dec: Syst
             misses = 0
         n += 1
     for k in [k for k, c in found.items() if k > n and not c.simulated]:
-        del found[k]
+        if found[k].base != max(b for b in decodes if b < k):
+            del found[k]
     return stop
