@@ -60,7 +60,7 @@ class Candidate:
 
     @property
     def full(self) -> bool:
-        """It places, and its KV room fills the estimated pipeline (more room would not help)."""
+        """It places, and its KV room fills the pipeline (more room would not help)."""
         return self.kv_in_flight > 0 and self.in_flight == fill_depth(self.latency_s, self.longest_s)
 
     @property
