@@ -39,7 +39,8 @@ NAMES = ("dense", "wse3", "layer", "token8b", "token70b", "jit", "stage", "syste
 # Figures compared against the previous history line: (benchmark, key, higher is better).
 HEADLINE = (("dense", "pe_cycles_per_s", True), ("wse3", "pe_cycles_per_s", True),
             ("layer", "pe_cycles_per_s", True), ("token8b", "wall_s", False), ("token70b", "wall_s", False),
-            ("jit", "warm_start_s", False), ("stage", "pe_cycles_per_s", True), ("system", "wall_s", False), ("functional", "wall_s", False))
+            ("jit", "warm_start_s", False), ("stage", "pe_cycles_per_s", True), ("system", "wall_s", False),
+            ("functional", "wall_s", False))
 REGRESSION = 0.15  # a headline figure this much worse than last time is flagged
 TINY_RUN = (
     "from wse import hardware; from wse.workload import synthetic as s; "
@@ -382,8 +383,8 @@ def format_results(results: dict[str, Any]) -> list[str]:
         elif name == "jit":
             lines.append(f"{name:9s} cold compile {r['cold_compile_s']:.1f} s, warm start {r['warm_start_s']:.2f} s")
         elif name == "stage":
-            lines.append(f"{name:9s} {r['model']} {r['weights']} wafer {r['wafer']} of {r['wafers']}, its largest stage "
-                         f"({r['mesh']}, one thread): {r['pe_cycles_per_s'] / 1e6:.0f} M PE-cycles/s "
+            lines.append(f"{name:9s} {r['model']} {r['weights']} wafer {r['wafer']} of {r['wafers']}, its largest "
+                         f"stage ({r['mesh']}, one thread): {r['pe_cycles_per_s'] / 1e6:.0f} M PE-cycles/s "
                          f"({r['cycles']:,} cycles in {r['wall_s']:.1f} s; {100 * r['stepped_fraction']:.1f}% "
                          f"stepped; stages built in {r['build_s']:.1f} s), peak {r['peak_rss_mb']:,.0f} MB")
         elif name == "system":

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import isa
+from ..errors import WseError
 from ..hardware import WaferConfig
 from ..op_codes import distinct_ops
 from ..trace import Trace
@@ -225,6 +226,9 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     rx, tx = r["rx"].astype(np.int64)[order], r["tx"].astype(np.int64)[order]
     n_routes = np.bincount(pe, minlength=P)
     R = max(1, int(n_routes.max()) if P else 1)
+    if (P * R) << L.SLOT_SHIFT > np.iinfo(np.int32).max:  # (RT_DOWNQ holds a flat q index in int32)
+        raise WseError(f"{W}x{H} mesh with up to {R} routes a PE: too many route slots for the engine's "
+                       f"int32 record indices ({P * R:,}; at most {np.iinfo(np.int32).max >> L.SLOT_SHIFT:,})")
     first = np.cumsum(n_routes) - n_routes
     slot = np.arange(len(pe)) - first[pe]
 
