@@ -201,7 +201,8 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
     for y in range(y0, y1):
         for p in range(y * W + x0, y * W + x1):
             pb = p << PSHIFT
-            nr = pe[_u(pb + PE_ROUTES)] & ROUTES_MASK
+            routes = pe[_u(pb + PE_ROUTES)]  # (route count and thread span)
+            nr = routes & ROUTES_MASK
             lv = pe[_u(pb + PE_LIVE)]
             if nr == 0 and lv == 0:
                 continue
@@ -252,7 +253,7 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
                 stepped = 0  # threads that did something this cycle
                 ff_h = -1  # the thread that took a step of a local compute op it did not finish
                 h = pe[_u(pb + PE_CE_RR)]
-                span = pe[_u(pb + PE_ROUTES)] >> SPAN_SHIFT  # (threads from span on have no program)
+                span = routes >> SPAN_SHIFT  # (threads from span on have no program)
                 first = -1  # the first thread that took a step
                 for _j in range(span):
                     if first < 0 and busy:

@@ -167,11 +167,10 @@ def run_system(model: str, system: SystemConfig, simulate: Callable[[Trace], obj
                           flash_blocks=flash_blocks, norms=norms, dense_ffn=dense_ffn, tables=tables, algo=allreduce,
                           handoff=handoff, down_gemv=down_gemv, mla_groups=max(mla_groups, 1),
                           gemv_form=gemv_form)
-    choice = search = first = None
+    choice = search = None
     if wafers == CHEAPEST:
-        first = run_decode(spec, system, params, None, simulate, fanout)
-        search = search_wafers(spec, system, params, first, simulate, fanout,
-                               run=lambda n: run_decode(spec, system, params, n, simulate, fanout))
+        search = search_wafers(spec, system, params, run_decode(spec, system, params, None, simulate, fanout),
+                               simulate, fanout, run=lambda n: run_decode(spec, system, params, n, simulate, fanout))
         wafers = search.chosen
     if mla_groups == AUTO:  # (chosen at the last token's context, where the wafers hold the KV cache)
         choice = choose_groups(spec, system, dataclasses.replace(params, context=context + generate - 1), wafers,

@@ -196,7 +196,7 @@ def _scan(spec: ModelSpec, system: SystemConfig, params: DecodeParams, decodes: 
     stop rule ends the scan (module docstring); estimates beyond that from another base than the
     largest simulated count below them are dropped. Returns why the scan ended."""
     dec = decodes[base.wafers]
-    floor = max(stage_seconds(dec)[1], default=0.0)  # the longest stage no estimate from dec moves
+    floor = _kept(dec)
     best = min((c for n, c in found.items() if n <= base.wafers), key=lambda c: (c.cost, c.wafers))
     misses, n, stop = 0, base.wafers + 1, f"stopped at {most} wafers"
     while n <= most:
@@ -218,7 +218,7 @@ def _scan(spec: ModelSpec, system: SystemConfig, params: DecodeParams, decodes: 
         found[n] = c
         if c.simulated:  # the base of the counts above it
             base, dec = c, decodes[n]
-            floor = max(stage_seconds(dec)[1], default=0.0)
+            floor = _kept(dec)
         if c.cost < best.cost:
             best, misses = c, 0
         elif c.kv_in_flight == 0 or c.full:
@@ -229,7 +229,11 @@ def _scan(spec: ModelSpec, system: SystemConfig, params: DecodeParams, decodes: 
         else:  # KV-bound: a count more may hold more
             misses = 0
         n += 1
-    for k in [k for k, c in found.items() if k > n and not c.simulated]:
-        if found[k].base != max(b for b in decodes if b < k):
-            del found[k]
+    for k in [k for k, c in found.items() if k > n and not c.simulated and c.base != max(b for b in decodes if b < k)]:
+        del found[k]
     return stop
+
+
+def _kept(dec: SystemDecode) -> float:
+    """The longest stage no estimate from `dec` moves (the floor's stage)."""
+    return max(stage_seconds(dec)[1], default=0.0)
