@@ -27,6 +27,7 @@ from ..isa import (
 from numba.cpython.unsafe.numbers import trailing_zeros
 
 from .accounting import PSHIFT, _u, chain_end, complete_op, hot, wake_ce
+from .prefetch import prefetch
 from .layout import (
     CODE_DONE, CQ_OCC, CQ_PIPE, CQ_READY, CTRL_CODE, CTRL_SUB, CTRL_TWO, PE_CE_RR, PE_GRANT, PE_HELD,
     PE_ARRIVE, PE_LIVE, PE_PEAK, PE_PIPES, PE_READY, PE_ROUTES, PE_RR, PE_SLEEP_CLASS, PE_SLEEP_THREAD,
@@ -79,6 +80,15 @@ def _route_tile(b, F, A, W, R, depth, cap):
         bias |= (7 - cap) << (4 * port)
     granted = 0
     evaluated = 0
+    for y in range(y0, y1):  # first, the downstream queues of every ready slot, misses overlapped
+        for p in range(y * W + x0, y * W + x1):
+            m = pe[_u((p << PSHIFT) + PE_READY)] & MASK32
+            qb = (p * R) << rshift
+            while m != 0:
+                down = rt[_u(qb + (trailing_zeros(m) << rshift) + RT_DOWNQ)]
+                m &= m - 1
+                if down >= 0:
+                    prefetch(q, _u(down))
     for y in range(y0, y1):
         for p in range(y * W + x0, y * W + x1):
             pb = p << PSHIFT
@@ -198,6 +208,17 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
     need1 = False
     again = False  # phase 2 must visit the tile next cycle
     sleepers = 0  # CEs asleep in busy or setup after this cycle
+    for y in range(y0, y1):  # first, the records of the slots that move and of awake CEs' threads
+        for p in range(y * W + x0, y * W + x1):
+            pb = p << PSHIFT
+            m = (pe[_u(pb + PE_PIPES)] | pe[_u(pb + PE_GRANT)] | pe[_u(pb + PE_ARRIVE)] | pe[_u(pb + PE_ARRIVE + 1)]
+                 | pe[_u(pb + PE_ARRIVE + 2)] | pe[_u(pb + PE_ARRIVE + 3)]) & MASK32
+            qb = (p * R) << rshift
+            while m != 0:
+                prefetch(q, _u(qb + (trailing_zeros(m) << rshift)))
+                m &= m - 1
+            if pe[_u(pb + PE_LIVE)] > 0 and sleep_until[_u(p)] <= t:
+                prefetch(th, _u((p * T + pe[_u(pb + PE_CE_RR)]) << 3))
     for y in range(y0, y1):
         for p in range(y * W + x0, y * W + x1):
             pb = p << PSHIFT
