@@ -174,7 +174,7 @@ def wake_ce(p, t, T, grp, F, I, n_tags, max_events, n_colors):
 
 
 @hot
-def fold(t, F, I, A, n_tags, max_events, T, n_colors, R, pe_cnt, link_cnt, region_of, region_busy, full):
+def fold(t, F, I, A, n_tags, max_events, T, n_colors, pe_cnt, link_cnt, region_of, region_busy, full):
     """Bring the totals up to cycle t at the end of a chunk.
 
     Always (the timeline's figures): busy cycles into pe_cnt [P, classes..] and region_busy
@@ -227,10 +227,10 @@ def fold(t, F, I, A, n_tags, max_events, T, n_colors, R, pe_cnt, link_cnt, regio
                             link_cnt[p, port, c] += F.link_acc[i]
                             F.link_acc[i] = 0
                     for k in range(F.pe[(p << PSHIFT) + PE_ROUTES] & ROUTES_MASK):
-                        qi = ((p * R + k) << SLOT_SHIFT) + Q_GRANTS
+                        qi = ((F.slot0[p] + k) << SLOT_SHIFT) + Q_GRANTS
                         g = F.q[qi]
                         if g != 0:
-                            tx = F.rt[((p * R + k) << SLOT_SHIFT) + RT_TX]
+                            tx = F.rt[((F.slot0[p] + k) << SLOT_SHIFT) + RT_TX]
                             for port in range(4):
                                 if (tx >> port) & 1:
                                     link_cnt[p, port, L_WAVELETS] += g

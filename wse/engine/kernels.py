@@ -10,7 +10,8 @@ codes and record layouts).
 
 The state arrives as flat 1-D arrays (layout.py gives the record fields: a route slot's rt and
 q records share one 64-byte record, rt the flat records and q the same memory 8 fields on, so a
-field's index is base + (slot << SLOT_SHIFT) + FIELD; thread records have 8 fields, base
+field's index is ((slot0[p] + k) << SLOT_SHIFT) + FIELD for a PE's slot k (slots are kept only for
+the routes a PE has); thread records have 8 fields, base
 (p * T + h) << 3; PE records 16, base p << PSHIFT) and every index is cast to uint64
 at the point of use: Numba then emits a plain load, without the negative-index wraparound and
 runtime-stride multiplications it adds for signed, multi-dimensional indexing.
@@ -54,7 +55,7 @@ def _neighbour(p, port, W):
 
 
 @hot
-def _route_tile(b, F, A, W, R, depth, cap):
+def _route_tile(b, F, A, W, depth, cap):
     """Phase 1 for the PEs of tile b: round-robin grants from last cycle's state.
 
     Returns (PEs that granted a route, PEs with ready wavelets). Writes only those PEs' grant
@@ -71,6 +72,7 @@ def _route_tile(b, F, A, W, R, depth, cap):
     rt = F.rt
     q = F.q
     pe = F.pe
+    slot0 = F.slot0
     link_acc = F.link_acc
     P = F.finish.shape[0]
     rshift = SLOT_SHIFT
@@ -83,7 +85,7 @@ def _route_tile(b, F, A, W, R, depth, cap):
     for y in range(y0, y1):  # first, the downstream queues of every ready slot, misses overlapped
         for p in range(y * W + x0, y * W + x1):
             m = pe[_u((p << PSHIFT) + PE_READY)] & MASK32
-            qb = (p * R) << rshift
+            qb = slot0[_u(p)] << rshift
             while m != 0:
                 down = rt[_u(qb + (trailing_zeros(m) << rshift) + RT_DOWNQ)]
                 m &= m - 1
@@ -101,7 +103,7 @@ def _route_tile(b, F, A, W, R, depth, cap):
                     pe[_u(pb + PE_GRANT)] = 0
                 continue
             evaluated += 1
-            qb = (p * R) << rshift
+            qb = slot0[_u(p)] << rshift
             g = 0  # granted slots
             used = 0  # 4 bits of carried-wavelet count per port
             waiting = 0  # link ports with a ready wavelet that was not granted
@@ -127,7 +129,7 @@ def _route_tile(b, F, A, W, R, depth, cap):
                             for port in range(4):
                                 d = (slots >> (8 * port)) & 255
                                 if d != 0:
-                                    nbq = (_neighbour(p, port, W) * R + d - 1) << rshift
+                                    nbq = (slot0[_u(_neighbour(p, port, W))] + d - 1) << rshift
                                     if q[_u(nbq + Q_OCC)] >= depth:
                                         ok = False
                     if ok:
@@ -165,7 +167,7 @@ def _route_tile(b, F, A, W, R, depth, cap):
 
 
 @hot
-def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, depth, cap, hop_bit,
+def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, T, n_colors, depth, cap, hop_bit,
                  ramp_bit, read_ports, write_ports, skip):
     """Phase 2 for the PEs of tile b: CE step, then queue update.
 
@@ -190,6 +192,7 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
     q = F.q
     th = F.th
     pe = F.pe
+    slot0 = F.slot0
     sem = F.sem
     sem_add = F.sem_add
     cyc = F.cyc
@@ -213,7 +216,7 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
             pb = p << PSHIFT
             m = (pe[_u(pb + PE_PIPES)] | pe[_u(pb + PE_GRANT)] | pe[_u(pb + PE_ARRIVE)] | pe[_u(pb + PE_ARRIVE + 1)]
                  | pe[_u(pb + PE_ARRIVE + 2)] | pe[_u(pb + PE_ARRIVE + 3)]) & MASK32
-            qb = (p * R) << rshift
+            qb = slot0[_u(p)] << rshift
             while m != 0:
                 prefetch(q, _u(qb + (trailing_zeros(m) << rshift)))
                 m &= m - 1
@@ -244,7 +247,7 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
                     need1 = True
                 continue
             active += 1
-            qb = (p * R) << rshift
+            qb = slot0[_u(p)] << rshift
             held = pe[_u(pb + PE_HELD)]
             if arrived != 0:
                 for port in range(4):
@@ -488,7 +491,7 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, R, T, n_colors, dept
 
 
 @hot
-def _phase1(g, n_groups, F, A, W, R, depth, cap, skip):
+def _phase1(g, n_groups, F, A, W, depth, cap, skip):
     """Phase 1 for group g's tiles (those with a ready wavelet or a grant to clear, or all
     without skip): (PEs that granted, PEs evaluated)."""
     tl = A.state
@@ -499,14 +502,14 @@ def _phase1(g, n_groups, F, A, W, R, depth, cap, skip):
     for c in range(g, -(-n_tiles // run), n_groups):
         for b in range(c * run, min(c * run + run, n_tiles)):
             if not skip or tl[b * TL_FIELDS + TL_NEED1] != 0:
-                a, e = _route_tile(b, F, A, W, R, depth, cap)
+                a, e = _route_tile(b, F, A, W, depth, cap)
                 granted += a
                 evaluated += e
     return granted, evaluated
 
 
 @hot
-def _phase2(g, n_groups, t, F, I, A, n_tags, max_events, W, R, T, n_colors, depth, cap, hop_bit, ramp_bit,
+def _phase2(g, n_groups, t, F, I, A, n_tags, max_events, W, T, n_colors, depth, cap, hop_bit, ramp_bit,
             read_ports, write_ports, skip):
     """Phase 2 for group g's tiles that are due, kicked, or (without skip) all; a tile that
     runs records its totals for the cycles it may then be skipped. Returns the group's
@@ -530,7 +533,7 @@ def _phase2(g, n_groups, t, F, I, A, n_tags, max_events, W, R, T, n_colors, dept
                 kick[kb + 2] = 0
                 kick[kb + 3] = 0
                 pd, pr, wk, ac, need1, again, sleepers = _update_tile(
-                    b, t, F, I, A, g, n_tags, max_events, W, R, T, n_colors, depth, cap, hop_bit, ramp_bit,
+                    b, t, F, I, A, g, n_tags, max_events, W, T, n_colors, depth, cap, hop_bit, ramp_bit,
                     read_ports, write_ports, skip)
                 tl[tb + TL_PENDING] = pd
                 tl[tb + TL_PROGRESSED] = sleepers
@@ -551,7 +554,7 @@ def _phase2(g, n_groups, t, F, I, A, n_tags, max_events, W, R, T, n_colors, dept
 def _make_run(parallel: bool):
     loop = prange if parallel else range
 
-    def run_cycles(t, t_stop, last_progress, watchdog, F, I, A, n_tags, max_events, n_groups, W, R, T,
+    def run_cycles(t, t_stop, last_progress, watchdog, F, I, A, n_tags, max_events, n_groups, W, T,
                    n_colors, depth, cap, hop_latency, ramp_latency, read_ports, write_ports, skip):
         """Step cycles t .. t_stop-1. Returns (next cycle, stop code or RUNNING, last progress).
 
@@ -576,10 +579,10 @@ def _make_run(parallel: bool):
         ramp_bit = 1 << (ramp_latency - 1)
         while t < t_stop:
             for g in loop(n_groups):
-                granted[g], evaluated[g] = _phase1(g, n_groups, F, A, W, R, depth, cap, skip)
+                granted[g], evaluated[g] = _phase1(g, n_groups, F, A, W, depth, cap, skip)
             for g in loop(n_groups):
                 pending[g], progressed[g], wake[g], active[g] = _phase2(
-                    g, n_groups, t, F, I, A, n_tags, max_events, W, R, T, n_colors, depth, cap, hop_bit, ramp_bit,
+                    g, n_groups, t, F, I, A, n_tags, max_events, W, T, n_colors, depth, cap, hop_bit, ramp_bit,
                     read_ports, write_ports, skip)
             moved = granted.sum() + progressed.sum() > 0
             if moved:

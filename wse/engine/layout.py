@@ -3,7 +3,7 @@
 Each PE's hot state sits in a few small contiguous records instead of dozens of separate
 arrays: the kernel then keeps a handful of base pointers in registers and touches one or two
 cache lines per record. Route and queue records have 8 fields each and share a 64-byte slot
-record (base + (slot << SLOT_SHIFT) + field, below); thread records have 8 (base + (thread << 3)
+record ((slot << SLOT_SHIFT) + field, below; a PE's slot k is slot0[p] + k); thread records have 8 (base + (thread << 3)
 + field); PE records have 16 (base p << 4).
 """
 
@@ -13,17 +13,17 @@ record (base + (slot << SLOT_SHIFT) + field, below); thread records have 8 (base
 SLOT_FIELDS = 16
 SLOT_SHIFT = 4
 
-# rt[p, slot, :] int32 - static route table, slots sorted by color
+# rt[slot, :] int32 - static route table, a PE's slots sorted by color
 RT_RX = 0  # rx port
 RT_TX = 1  # tx port mask
 RT_INC = 4  # sum over tx ports of 1 << (4 * port): the route's use of per-port capacity
 RT_DOWNQ = 5  # one link port in tx: flat q index of the neighbour's record (its slot << SLOT_SHIFT);
 #              none: -1; more: -2
-RT_DOWNS = 6  # byte `port` holds 1 + the neighbour's slot for each link port in tx (0: none)
+RT_DOWNS = 6  # byte `port` holds 1 + the neighbour's slot among its routes for each link port in tx (0: none)
 RT_CROSS = 7  # link ports in tx whose neighbour lies in another tile (set with the tiles)
 RT_FIELDS = 8
 
-# q[p, slot, :] int32 - the route's router queue and (tx has the ramp) its CE queue
+# q[slot, :] int32 - the route's router queue and (tx has the ramp) its CE queue
 Q_READY = 0
 Q_OCC = 1
 Q_PIPE = 2  # bit i: a wavelet in flight becomes ready after i more cycles

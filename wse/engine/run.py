@@ -135,7 +135,7 @@ class _Run:
     def call(self, t: int, t_stop: int, last_progress: int) -> tuple[int, int, int]:
         C, cfg = self.C, self.cfg
         return self.kernel(t, t_stop, last_progress, cfg.watchdog_cycles, self.F, self.I, self.A, self.n_tags,
-                           MAX_EVENTS, self.n_groups, C.mesh_width, C.n_routes, C.n_threads, C.n_colors, C.depth, C.link_capacity,
+                           MAX_EVENTS, self.n_groups, C.mesh_width, C.n_threads, C.n_colors, C.depth, C.link_capacity,
                            C.hop_latency, C.ramp_latency, C.read_ports, C.write_ports, self.skip)
 
     def fold(self, full: bool) -> None:
@@ -143,7 +143,7 @@ class _Run:
         up to date (sleeping CEs accounted as if they had been stepped: all of them when full,
         else those whose busy cycles the timeline counts; they stay asleep)."""
         accounting.fold(self.t, self.F, self.I, self.A, self.n_tags, MAX_EVENTS, self.C.n_threads, self.C.n_colors,
-                        self.C.n_routes, self.pe_cnt, self.link_cnt, self.region_of, self.region_busy, full)
+                        self.pe_cnt, self.link_cnt, self.region_of, self.region_busy, full)
         if full:
             self.full_at = self.t
 
@@ -424,15 +424,18 @@ def stuck_report(trace: Trace, S: State, ot: np.ndarray, omap: np.ndarray, limit
             rec = S.th[p, h]
             if rec[L.TH_CTRL] & L.CTRL_CODE != L.CODE_DONE:
                 lines.append(f"PE ({p % W}, {p // W}) thread {h}: {_waiting_on(trace, S, ot[omap[int(rec[L.TH_OP])]], int(p), rec)}")
-    colors = np.full(S.q.shape[:2], -1, dtype=np.int64)
+    n = int((S.pe[:, L.PE_ROUTES] & L.ROUTES_MASK).sum())
+    owner = np.repeat(np.arange(len(S.pe)), S.pe[:, L.PE_ROUTES] & L.ROUTES_MASK)  # each slot's PE
+    colors = np.full(n, -1, dtype=np.int64)
     pp, cc = np.nonzero(S.color_slot >= 0)
-    colors[pp, S.color_slot[pp, cc]] = cc
-    for p, k in zip(*np.nonzero((S.q[:, :, L.Q_OCC] > 0) | (S.q[:, :, L.CQ_OCC] > 0))):
-        where = f"PE ({p % W}, {p // W}) color {colors[p, k]}"
-        if S.q[p, k, L.Q_OCC]:
-            lines.append(f"{where}: {S.q[p, k, L.Q_OCC]} wavelet(s) in the router queue")
-        if S.q[p, k, L.CQ_OCC]:
-            lines.append(f"{where}: {S.q[p, k, L.CQ_OCC]} wavelet(s) not taken by the CE")
+    colors[S.slot0[pp] + S.color_slot[pp, cc]] = cc
+    for i in np.nonzero((S.q[:n, L.Q_OCC] > 0) | (S.q[:n, L.CQ_OCC] > 0))[0]:
+        p = owner[i]
+        where = f"PE ({p % W}, {p // W}) color {colors[i]}"
+        if S.q[i, L.Q_OCC]:
+            lines.append(f"{where}: {S.q[i, L.Q_OCC]} wavelet(s) in the router queue")
+        if S.q[i, L.CQ_OCC]:
+            lines.append(f"{where}: {S.q[i, L.CQ_OCC]} wavelet(s) not taken by the CE")
     if len(lines) > limit:
         lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
     return lines
@@ -447,7 +450,7 @@ def _waiting_on(trace: Trace, S: State, row: np.ndarray, p: int, rec: np.ndarray
     if row[L.OT_CODE] == isa.OP_WAIT:
         sem = trace.op(op).sem
         return f"{desc} waits on semaphore {sem} (value {S.sem[p, sem]})"
-    if row[L.OT_RECV] and S.q[p, rec[L.TH_IN], L.CQ_READY] == 0:
+    if row[L.OT_RECV] and S.q[S.slot0[p] + rec[L.TH_IN], L.CQ_READY] == 0:
         return f"{desc} waits for wavelets on color {row[L.OT_CIN]} ({rec[L.TH_LEFT]} elements left)"
     if row[L.OT_SEND]:
         return f"{desc} blocked sending on color {row[L.OT_COUT]} (queue full)"

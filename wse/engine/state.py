@@ -1,7 +1,9 @@
 """Engine state built from a trace and a wafer configuration.
 
-PE axis first (PE index y*W + x of the trace's mesh), then small fixed trailing dims: route
-slot (a PE's routes sorted by color), thread, record field (layout.py). Per-op constants that depend on the
+PE axis first (PE index y*W + x of the trace's mesh), then small fixed trailing dims: thread,
+record field (layout.py); route slots are one array of records, each PE's routes (sorted by
+color) from its first slot on, no room kept for routes a PE lacks (most PEs of a decode stage
+have none). Per-op constants that depend on the
 configuration (SIMD width, substeps, bytes, setup) are computed here once, so the kernels see
 only integers.
 """
@@ -22,9 +24,9 @@ from . import layout as L
 class State(NamedTuple):
     """Mutable engine state and counters (record layouts in layout.py)."""
 
-    rt: np.ndarray  # int32 [P, R, RT_FIELDS] static routes (a view: slots' first half)
-    color_slot: np.ndarray  # int8 [P, colors] slot of a color's route, else -1
-    q: np.ndarray  # int32 [P, R, Q_FIELDS] queues (a view: slots' second half)
+    rt: np.ndarray  # int32 [S, RT_FIELDS] static routes (a view: slots' first half)
+    color_slot: np.ndarray  # int8 [P, colors] slot of a color's route among the PE's, else -1
+    q: np.ndarray  # int32 [S, Q_FIELDS] queues (a view: slots' second half)
     th: np.ndarray  # int32 [P, T, TH_FIELDS] microthreads
     pe: np.ndarray  # int32 [P, PE_FIELDS]
     sem: np.ndarray  # int32 [P, MAX_SEMAPHORES]
@@ -40,7 +42,9 @@ class State(NamedTuple):
     finish: np.ndarray  # int64 [P] cycle after the PE's last op completed
     sleep_until: np.ndarray  # int64 [P] first cycle the CE must run again (0: awake)
     sleep_from: np.ndarray  # int64 [P] first cycle not yet counted while asleep
-    slots: np.ndarray  # int32 [P, R, SLOT_FIELDS] each route slot's rt and q records side by side
+    slots: np.ndarray  # int32 [S, SLOT_FIELDS] each route slot's rt and q records side by side: a PE's
+    #                   routes (sorted by color) are slots slot0[p] .., no room kept for routes it lacks
+    slot0: np.ndarray  # int32 [P] the PE's first slot (its slot k is slot0[p] + k)
 
 
 N_CLASSES = isa.C_STALL_SYNC + 1
@@ -64,6 +68,7 @@ class Flat(NamedTuple):
     finish: np.ndarray
     sleep_until: np.ndarray
     sleep_from: np.ndarray
+    slot0: np.ndarray
     ot: np.ndarray  # per distinct op (its tag included): OT_FIELDS constants
     omap: np.ndarray  # per op of the trace: its row of ot
 
@@ -117,13 +122,14 @@ def make_tiles(S: State, W: int, H: int, rows: int, cols: int, run: int = 1) -> 
     rect = np.stack([tx * cols, np.minimum(W, tx * cols + cols), ty * rows, np.minimum(H, ty * rows + rows)], axis=1)
     p = np.arange(W * H)
     pe_tile = (p // W // rows) * nx + (p % W) // cols
-    tx_mask = S.rt[:, :, L.RT_TX].astype(np.int64)
-    cross = np.zeros(tx_mask.shape, dtype=np.int64)
+    owner = np.repeat(p, S.pe[:, L.PE_ROUTES] & L.ROUTES_MASK)  # each slot's PE
+    tx_mask = S.rt[:len(owner), L.RT_TX].astype(np.int64)
+    cross = np.zeros(len(owner), dtype=np.int64)
     for port in range(isa.N_LINK_PORTS):
-        nb = np.clip(p + isa.PORT_DY[port] * W + isa.PORT_DX[port], 0, max(0, W * H - 1))
-        other = (pe_tile[nb] != pe_tile)[:, None]
+        nb = np.clip(owner + isa.PORT_DY[port] * W + isa.PORT_DX[port], 0, max(0, W * H - 1))
+        other = pe_tile[nb] != pe_tile[owner]
         cross |= np.where(((tx_mask >> port) & 1 == 1) & other, 1 << port, 0)
-    S.rt[:, :, L.RT_CROSS] = cross
+    S.rt[:len(owner), L.RT_CROSS] = cross
     state = np.zeros((len(rect), L.TL_FIELDS), dtype=np.int64)
     state[:, L.TL_NEED1] = 1
     state[:, L.TL_WAKE] = 1 << 62
@@ -133,7 +139,6 @@ def make_tiles(S: State, W: int, H: int, rows: int, cols: int, run: int = 1) -> 
 
 class Consts(NamedTuple):
     mesh_width: int
-    n_routes: int  # route slots per PE (R)
     n_threads: int
     n_colors: int
     depth: int
@@ -225,16 +230,17 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     pe, color = pe[order], color[order]
     rx, tx = r["rx"].astype(np.int64)[order], r["tx"].astype(np.int64)[order]
     n_routes = np.bincount(pe, minlength=P)
-    R = max(1, int(n_routes.max()) if P else 1)
-    if (P * R) << L.SLOT_SHIFT > np.iinfo(np.int32).max:  # (RT_DOWNQ holds a flat q index in int32)
-        raise WseError(f"{W}x{H} mesh with up to {R} routes a PE: too many route slots for the engine's "
-                       f"int32 record indices ({P * R:,}; at most {np.iinfo(np.int32).max >> L.SLOT_SHIFT:,})")
+    n = len(pe)  # route slots: slot i is route i in this order
+    if n << L.SLOT_SHIFT > np.iinfo(np.int32).max:  # (RT_DOWNQ holds a flat q index in int32)
+        raise WseError(f"{W}x{H} mesh with {n:,} routes: too many route slots for the engine's int32 record "
+                       f"indices (at most {np.iinfo(np.int32).max >> L.SLOT_SHIFT:,})")
     first = np.cumsum(n_routes) - n_routes
-    slot = np.arange(len(pe)) - first[pe]
+    slot = np.arange(n) - first[pe]  # among the PE's routes
 
     # the state arrays are views into one staggered buffer, filled in place (no second copy)
     arrays = staggered(dict(
-        slots=((P, R, L.SLOT_FIELDS), np.int32), color_slot=((P, max(cfg.colors, 1)), np.int8),
+        slots=((max(n, 1), L.SLOT_FIELDS), np.int32), slot0=first.astype(np.int32),
+        color_slot=((P, max(cfg.colors, 1)), np.int8),
         th=((P, T, L.TH_FIELDS), np.int32), pe=((P, L.PE_FIELDS), np.int32),
         sem=((P, isa.MAX_SEMAPHORES), np.int32),
         sem_add=((P, isa.MAX_SEMAPHORES), np.int32),
@@ -243,30 +249,29 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
         link_acc=((isa.N_LINK_COUNTERS, P, isa.N_LINK_PORTS), np.int32),
         finish=((P,), np.int64), sleep_until=((P,), np.int64), sleep_from=((P,), np.int64),
     ))
-    arrays["rt"] = rt = arrays["slots"][:, :, :L.RT_FIELDS]
-    arrays["q"] = arrays["slots"][:, :, L.RT_FIELDS:]
-    rt.fill(-1)
-    rt[:, :, L.RT_RX] = isa.PORT_RAMP
-    rt[:, :, L.RT_TX] = 0
-    rt[:, :, L.RT_INC] = 0
-    rt[:, :, L.RT_DOWNS] = 0
-    rt[pe, slot, L.RT_RX], rt[pe, slot, L.RT_TX] = rx, tx
+    arrays["rt"] = rt = arrays["slots"][:, :L.RT_FIELDS]
+    arrays["q"] = arrays["slots"][:, L.RT_FIELDS:]
+    rt[:n, L.RT_RX], rt[:n, L.RT_TX] = rx, tx
+    rt[:, L.RT_DOWNQ] = -1
     color_slot = arrays["color_slot"]
     color_slot.fill(-1)
     color_slot[pe, color] = slot
     x, y = pe % W, pe // W
-    n_links = np.zeros(len(pe), dtype=np.int64)
+    n_links = np.zeros(n, dtype=np.int64)
+    inc = np.zeros(n, dtype=np.int64)
+    downs = np.zeros(n, dtype=np.int64)
     for port in range(isa.N_PORTS):
         m = (tx >> port & 1) == 1
-        rt[pe[m], slot[m], L.RT_INC] += 1 << (4 * port)
+        inc[m] += 1 << (4 * port)
         if port == isa.PORT_RAMP:
             continue
         n_links += m
         nb = (y[m] + isa.PORT_DY[port]) * W + x[m] + isa.PORT_DX[port]
         dslot = color_slot[nb, color[m]].astype(np.int64)
-        rt[pe[m], slot[m], L.RT_DOWNS] += (dslot + 1) << (8 * port)
-        rt[pe[m], slot[m], L.RT_DOWNQ] = (nb * R + dslot) << L.SLOT_SHIFT
-    rt[pe[n_links > 1], slot[n_links > 1], L.RT_DOWNQ] = -2
+        downs[m] += (dslot + 1) << (8 * port)
+        rt[np.nonzero(m)[0], L.RT_DOWNQ] = (first[nb] + dslot) << L.SLOT_SHIFT
+    rt[:n, L.RT_INC], rt[:n, L.RT_DOWNS] = inc, downs
+    rt[np.nonzero(n_links > 1)[0], L.RT_DOWNQ] = -2
 
     ot, omap = op_constants(trace, cfg)
     pp = trace.pe_program.reshape(P, T)
@@ -297,7 +302,7 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     pe_rec[:, L.PE_LIVE] = has.sum(axis=1)
     pe_rec[:, L.PE_TRACE] = -1
     state = State(**arrays)
-    consts = Consts(W, R, T, max(cfg.colors, 1), cfg.queue_depth_wavelets, cfg.hop_latency_cycles,
+    consts = Consts(W, T, max(cfg.colors, 1), cfg.queue_depth_wavelets, cfg.hop_latency_cycles,
                     cfg.ramp_latency_cycles, cfg.link_wavelets_per_cycle,
                     cfg.sram_read_ports, cfg.sram_write_ports)
     return state, consts, ot, omap
