@@ -222,6 +222,15 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, T, n_colors, depth, 
                 m &= m - 1
             if pe[_u(pb + PE_LIVE)] > 0 and sleep_until[_u(p)] <= t:
                 prefetch(th, _u((p * T + pe[_u(pb + PE_CE_RR)]) << 3))
+    for y in range(y0, y1):  # then the CE queues awake CEs' threads receive from
+        for p in range(y * W + x0, y * W + x1):
+            pb = p << PSHIFT
+            if pe[_u(pb + PE_LIVE)] > 0 and sleep_until[_u(p)] <= t:
+                qb = slot0[_u(p)] << rshift
+                for h in range(pe[_u(pb + PE_ROUTES)] >> SPAN_SHIFT):
+                    islot = th[_u(((p * T + h) << 3) + TH_IN)]
+                    if islot >= 0:
+                        prefetch(q, _u(qb + (islot << rshift)))
     for y in range(y0, y1):
         for p in range(y * W + x0, y * W + x1):
             pb = p << PSHIFT
