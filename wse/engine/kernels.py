@@ -5,15 +5,14 @@ grant counts and link counters, plus the arrival field (and tile kick flag) its 
 it writes. Phase 2 runs each PE's CE step and queue update, reading its arrivals and writing
 only that PE's records. Each phase is a loop over tiles of PEs dealt to groups (`prange` over
 the groups in the parallel kernel, integer-sum reductions only), so results do not depend on
-the thread count or the tile shape. Kernels import only numpy, numba and integer constants (ISA
-codes and record layouts).
+the thread count or the tile shape. Kernels import only numpy, numba, the prefetch hint
+(prefetch.py) and integer constants (ISA codes and record layouts).
 
 The state arrives as flat 1-D arrays (layout.py gives the record fields: a route slot's rt and
 q records share one 64-byte record, rt the flat records and q the same memory 8 fields on, so a
 field's index is ((slot0[p] + k) << SLOT_SHIFT) + FIELD for a PE's slot k (slots are kept only for
-the routes a PE has); thread records have 8 fields, base
-(p * T + h) << 3; PE records 16, base p << PSHIFT) and every index is cast to uint64
-at the point of use: Numba then emits a plain load, without the negative-index wraparound and
+the routes a PE has); thread records have 8 fields, base (p * T + h) << 3; PE records 16, base
+p << PSHIFT) and every index is cast to uint64 at the point of use: Numba then emits a plain load, without the negative-index wraparound and
 runtime-stride multiplications it adds for signed, multi-dimensional indexing.
 """
 from __future__ import annotations
