@@ -1,6 +1,6 @@
 """Numba kernels: the two-phase cycle of docs/model.md over packed per-PE records.
 
-Phase 1 reads only last cycle's state and writes each PE's own grant mask, round-robin pointer,
+Phase 1 (arbitration.py) reads only last cycle's state and writes each PE's own grant mask, round-robin pointer,
 grant counts and link counters, plus the arrival field (and tile kick flag) its grants send to, which only
 it writes. Phase 2 runs each PE's CE step and queue update, reading its arrivals and writing
 only that PE's records. Each phase is a loop over tiles of PEs dealt to groups (`prange` over
@@ -12,8 +12,9 @@ The state arrives as flat 1-D arrays (layout.py gives the record fields: a route
 q records share one 64-byte record, rt the flat records and q the same memory 8 fields on, so a
 field's index is ((slot0[p] + k) << SLOT_SHIFT) + FIELD for a PE's slot k (slots are kept only for
 the routes a PE has); thread records have 8 fields, base (p * T + h) << 3; PE records 16, base
-p << PSHIFT) and every index is cast to uint64 at the point of use: Numba then emits a plain load, without the negative-index wraparound and
-runtime-stride multiplications it adds for signed, multi-dimensional indexing.
+p << PSHIFT) and every index is cast to uint64 at the point of use: Numba then emits a plain
+load, without the negative-index wraparound and runtime-stride multiplications it adds for
+signed, multi-dimensional indexing.
 """
 from __future__ import annotations
 
@@ -21,148 +22,24 @@ import numpy as np
 from numba import njit, prange
 
 from ..isa import (
-    C_BUSY, C_SETUP, C_STALL_RECV, C_STALL_SEND, C_STALL_SRAM, C_STALL_SYNC, L_BLOCKED, L_CONTENTION,
-    MAX_SEMAPHORES, OP_SIGNAL, OP_WAIT, PORT_RAMP, STOP_COMPLETE, STOP_DEADLOCK,
+    C_BUSY, C_SETUP, C_STALL_RECV, C_STALL_SEND, C_STALL_SRAM, C_STALL_SYNC, MAX_SEMAPHORES, OP_SIGNAL, OP_WAIT,
+    PORT_RAMP, STOP_COMPLETE, STOP_DEADLOCK,
 )
 from numba.cpython.unsafe.numbers import trailing_zeros
 
 from .accounting import PSHIFT, _u, chain_end, complete_op, hot, wake_ce
+from .arbitration import _phase1
 from .prefetch import prefetch
 from .layout import (
     CODE_DONE, CQ_OCC, CQ_PIPE, CQ_READY, CTRL_CODE, CTRL_SUB, CTRL_TWO, PE_CE_RR, PE_GRANT, PE_HELD,
-    PE_ARRIVE, PE_LIVE, PE_PEAK, PE_PIPES, PE_READY, PE_ROUTES, PE_RR, PE_SLEEP_CLASS, PE_SLEEP_THREAD,
-    Q_GRANTS, Q_OCC, Q_PIPE, Q_READY, RT_CROSS, RT_DOWNQ, RT_DOWNS, RT_INC, RT_RX, RT_TX,
+    PE_ARRIVE, PE_LIVE, PE_PEAK, PE_PIPES, PE_READY, PE_ROUTES, PE_SLEEP_CLASS, PE_SLEEP_THREAD,
+    Q_OCC, Q_PIPE, Q_READY, RT_RX, RT_TX,
     TH_CTRL, TH_IN, TH_LEFT, TH_OUT, TH_SETUP, TH_WIDTH, TL_NEED1, TL_NEXT, TL_PENDING, TL_PROGRESSED,
-    TL_WAKE, TL_FIELDS, TL_DIRTY, SLOT_SHIFT, ROUTES_MASK, SPAN_SHIFT,
+    TL_WAKE, TL_FIELDS, TL_DIRTY, SLOT_SHIFT, ROUTES_MASK, SPAN_SHIFT, MASK32,
 )
 
 RUNNING = -1  # returned when the chunk ended before the run did
 NEVER = 1 << 62  # a wake-up time that never comes
-MASK32 = 0xFFFFFFFF  # route-slot masks are stored in int32 fields (at most 32 slots)
-
-
-@njit(cache=True, inline="always")
-def _neighbour(p, port, W):
-    """PE index through link port 0..3 (north, south, east, west)."""
-    if port == 0:
-        return p - W
-    if port == 1:
-        return p + W
-    if port == 2:
-        return p + 1
-    return p - 1
-
-
-@hot
-def _route_tile(b, F, A, W, depth, cap):
-    """Phase 1 for the PEs of tile b: round-robin grants from last cycle's state.
-
-    Returns (PEs that granted a route, PEs with ready wavelets). Writes only those PEs' grant
-    mask, round-robin pointer, grant counts and link counters, the arrival fields of the neighbours their
-    grants send to (PE_ARRIVE + port: only the neighbour on that side writes it) and the kick
-    flags of the tiles those lie in (one per tile and port, likewise).
-    Port use is counted in 4-bit fields of `used` (one per port); a route fits when no field
-    of used + its RT_INC exceeds `cap`.
-    """
-    x0, x1 = A.rect[_u(b << 2)], A.rect[_u((b << 2) + 1)]
-    y0, y1 = A.rect[_u((b << 2) + 2)], A.rect[_u((b << 2) + 3)]
-    kick = A.kick
-    pe_tile = A.pe_tile
-    rt = F.rt
-    q = F.q
-    pe = F.pe
-    slot0 = F.slot0
-    link_acc = F.link_acc
-    P = F.finish.shape[0]
-    rshift = SLOT_SHIFT
-    # adding bias to a field sets its bit 3 exactly when the field exceeds cap (cap <= 8)
-    bias = 0
-    for port in range(5):
-        bias |= (7 - cap) << (4 * port)
-    granted = 0
-    evaluated = 0
-    for y in range(y0, y1):  # first, the downstream queues of every ready slot, misses overlapped
-        for p in range(y * W + x0, y * W + x1):
-            m = pe[_u((p << PSHIFT) + PE_READY)] & MASK32
-            qb = slot0[_u(p)] << rshift
-            while m != 0:
-                down = rt[_u(qb + (trailing_zeros(m) << rshift) + RT_DOWNQ)]
-                m &= m - 1
-                if down >= 0:
-                    prefetch(q, _u(down))
-    for y in range(y0, y1):
-        for p in range(y * W + x0, y * W + x1):
-            pb = p << PSHIFT
-            nr = pe[_u(pb + PE_ROUTES)] & ROUTES_MASK
-            if nr == 0:
-                continue
-            ready = pe[_u(pb + PE_READY)] & MASK32
-            if ready == 0:  # nothing to forward: no grant, no link waiting
-                if pe[_u(pb + PE_GRANT)] != 0:
-                    pe[_u(pb + PE_GRANT)] = 0
-                continue
-            evaluated += 1
-            qb = slot0[_u(p)] << rshift
-            g = 0  # granted slots
-            used = 0  # 4 bits of carried-wavelet count per port
-            waiting = 0  # link ports with a ready wavelet that was not granted
-            first = -1
-            rr = pe[_u(pb + PE_RR)]
-            below = (1 << rr) - 1
-            for half in range(2):  # ready slots in round-robin order: rr .. nr-1, then 0 .. rr-1
-                m = ready & ~below if half == 0 else ready & below
-                while m != 0:
-                    k = trailing_zeros(m)
-                    m &= m - 1
-                    kb = qb + (k << rshift)
-                    inc = rt[_u(kb + RT_INC)]
-                    ok = ((used + inc + bias) & (inc << 3)) == 0
-                    if ok and (inc >> (4 * PORT_RAMP)) != 0 and q[_u(kb + CQ_OCC)] >= depth:
-                        ok = False
-                    if ok:
-                        down = rt[_u(kb + RT_DOWNQ)]
-                        if down >= 0:
-                            ok = q[_u(down + Q_OCC)] < depth
-                        elif down == -2:
-                            slots = rt[_u(kb + RT_DOWNS)]
-                            for port in range(4):
-                                d = (slots >> (8 * port)) & 255
-                                if d != 0:
-                                    nbq = (slot0[_u(_neighbour(p, port, W))] + d - 1) << rshift
-                                    if q[_u(nbq + Q_OCC)] >= depth:
-                                        ok = False
-                    if ok:
-                        g |= 1 << k
-                        q[_u(kb + Q_GRANTS)] += 1
-                        used += inc
-                        slots = rt[_u(kb + RT_DOWNS)]
-                        if slots != 0:  # tell each neighbour which of its slots receives
-                            for port in range(4):
-                                d = (slots >> (8 * port)) & 255
-                                if d != 0:
-                                    nb = _neighbour(p, port, W)
-                                    pe[_u((nb << PSHIFT) + PE_ARRIVE + port)] |= 1 << (d - 1)
-                            cross = rt[_u(kb + RT_CROSS)]
-                            if cross != 0:  # and wake the tiles this wavelet enters
-                                for port in range(4):
-                                    if (cross >> port) & 1:
-                                        kick[_u((pe_tile[_u(_neighbour(p, port, W))] << 2) + port)] = 1
-                        if first < 0:
-                            first = k
-                    else:
-                        waiting |= rt[_u(kb + RT_TX)] & 15
-            pe[_u(pb + PE_GRANT)] = g
-            if first >= 0:
-                pe[_u(pb + PE_RR)] = first + 1 if first + 1 < nr else 0
-                granted += 1
-            if waiting != 0:
-                for port in range(4):
-                    if (waiting >> port) & 1:
-                        if ((used >> (4 * port)) & 15) >= cap:
-                            link_acc[_u(((L_CONTENTION * P + p) << 2) + port)] += 1
-                        else:
-                            link_acc[_u(((L_BLOCKED * P + p) << 2) + port)] += 1
-    return granted, evaluated
 
 
 @hot
@@ -496,24 +373,6 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, T, n_colors, depth, 
             elif pe[_u(pb + PE_LIVE)] > 0:
                 again = True  # an awake CE
     return pending, progressed, next_wake, active, need1, again or need1, sleepers
-
-
-@hot
-def _phase1(g, n_groups, F, A, W, depth, cap, skip):
-    """Phase 1 for group g's tiles (those with a ready wavelet or a grant to clear, or all
-    without skip): (PEs that granted, PEs evaluated)."""
-    tl = A.state
-    n_tiles = A.rect.shape[0] >> 2
-    granted = 0
-    evaluated = 0
-    run = A.mesh[2]
-    for c in range(g, -(-n_tiles // run), n_groups):
-        for b in range(c * run, min(c * run + run, n_tiles)):
-            if not skip or tl[b * TL_FIELDS + TL_NEED1] != 0:
-                a, e = _route_tile(b, F, A, W, depth, cap)
-                granted += a
-                evaluated += e
-    return granted, evaluated
 
 
 @hot

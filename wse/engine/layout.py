@@ -12,6 +12,7 @@ record ((slot << SLOT_SHIFT) + field, below; a PE's slot k is slot0[p] + k); thr
 # rt as the flat records and q as the same buffer 8 fields on, both indexed (slot << SLOT_SHIFT).
 SLOT_FIELDS = 16
 SLOT_SHIFT = 4
+MASK32 = 0xFFFFFFFF  # route-slot masks are stored in int32 fields (at most 32 slots)
 
 # rt[slot, :] int32 - static route table, a PE's slots sorted by color
 RT_RX = 0  # rx port

@@ -19,7 +19,7 @@ from . import accounting, kernels
 from . import layout as L
 from .result import EngineResult
 from .state import (MAX_CHUNK_CYCLES, N_OP_COUNTERS, State, build_state, flat,
-                    make_ins, make_tiles)
+                    make_ins, make_tiles, slot_owners)
 
 # Below this many PEs the serial kernel is used unless parallel stepping is forced.
 PARALLEL_MIN_PES = 4096
@@ -424,8 +424,8 @@ def stuck_report(trace: Trace, S: State, ot: np.ndarray, omap: np.ndarray, limit
             rec = S.th[p, h]
             if rec[L.TH_CTRL] & L.CTRL_CODE != L.CODE_DONE:
                 lines.append(f"PE ({p % W}, {p // W}) thread {h}: {_waiting_on(trace, S, ot[omap[int(rec[L.TH_OP])]], int(p), rec)}")
-    n = int((S.pe[:, L.PE_ROUTES] & L.ROUTES_MASK).sum())
-    owner = np.repeat(np.arange(len(S.pe)), S.pe[:, L.PE_ROUTES] & L.ROUTES_MASK)  # each slot's PE
+    owner = slot_owners(S)
+    n = len(owner)
     colors = np.full(n, -1, dtype=np.int64)
     pp, cc = np.nonzero(S.color_slot >= 0)
     colors[S.slot0[pp] + S.color_slot[pp, cc]] = cc

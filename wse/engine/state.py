@@ -112,6 +112,11 @@ class Tiles(NamedTuple):
     mesh: np.ndarray  # int64 [3]: mesh width, height, tiles per run (a group steps runs g, g + groups, ...)
 
 
+def slot_owners(S: State) -> np.ndarray:
+    """The PE of each route slot (slots 0 .. routes-1; the slot array keeps one row even without routes)."""
+    return np.repeat(np.arange(len(S.pe)), S.pe[:, L.PE_ROUTES] & L.ROUTES_MASK)
+
+
 def make_tiles(S: State, W: int, H: int, rows: int, cols: int, run: int = 1) -> Tiles:
     """Tiles of rows x cols PEs over a W x H mesh (row-major), every one due at cycle 0, dealt to
     thread groups in runs of `run` consecutive tiles; sets each route's RT_CROSS (the link ports
@@ -122,7 +127,7 @@ def make_tiles(S: State, W: int, H: int, rows: int, cols: int, run: int = 1) -> 
     rect = np.stack([tx * cols, np.minimum(W, tx * cols + cols), ty * rows, np.minimum(H, ty * rows + rows)], axis=1)
     p = np.arange(W * H)
     pe_tile = (p // W // rows) * nx + (p % W) // cols
-    owner = np.repeat(p, S.pe[:, L.PE_ROUTES] & L.ROUTES_MASK)  # each slot's PE
+    owner = slot_owners(S)
     tx_mask = S.rt[:len(owner), L.RT_TX].astype(np.int64)
     cross = np.zeros(len(owner), dtype=np.int64)
     for port in range(isa.N_LINK_PORTS):
