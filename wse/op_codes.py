@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .engine.tables import distinct_rows, or_column
 from .trace import OP_COLUMNS, Trace
 
 
@@ -23,8 +24,8 @@ def distinct_ops(t: Trace, idx: np.ndarray | None = None, tag: bool = False) -> 
     of op idx[j]. Traces repeat the same few ops on thousands of PEs, so per-op work done once
     per distinct op is exact and fast. Each op's columns are packed into one or more 64-bit words
     by the columns' value ranges and the ops are coded a block at a time (each block's distinct
-    words found, then merged over the blocks), so a trace of hundreds of millions of ops needs a few
-    bytes an op, not a sort of all of them."""
+    words found by hashing, then merged and ranked over the blocks), so a trace of hundreds of
+    millions of ops needs a few bytes an op, not a sort of all of them."""
     n = len(t.ops["opcode"]) if idx is None else len(idx)
     if not n:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -40,24 +41,28 @@ def distinct_ops(t: Trace, idx: np.ndarray | None = None, tag: bool = False) -> 
         words[-1].append((c, lo, width))
         bits += width
 
-    def keys(a: int, b: int) -> list[np.ndarray]:
-        sel = slice(a, b) if idx is None else idx[a:b]
-        out = []
-        for word in words:
-            w = np.zeros(b - a, dtype=np.uint64)
+    none = np.zeros(0, dtype=np.int64)
+    sel = None if idx is None else np.ascontiguousarray(idx, dtype=np.int64)
+
+    def keys(a: int, b: int) -> np.ndarray:
+        """The block's words [word, op] (compiled: one pass a column, no temporaries)."""
+        out = np.zeros((len(words), b - a), dtype=np.uint64)
+        for k, word in enumerate(words):
             for c, lo, width in word:
-                w = (w << np.uint64(width)) | (c[sel].astype(np.int64) - lo).astype(np.uint64)
-            out.append(w)
+                if sel is None:
+                    or_column(out[k], np.ascontiguousarray(c[a:b]), none, lo, width)
+                else:
+                    or_column(out[k], c, sel[a:b], lo, width)
         return out
     spans = [(a, min(n, a + DISTINCT_BLOCK_OPS)) for a in range(0, n, DISTINCT_BLOCK_OPS)]
     inverse = np.empty(n, dtype=np.int64)
-    found: list[list[np.ndarray]] = []
+    found: list[np.ndarray] = []
     firsts, offsets = [], []
     at = 0
     for a, b in spans:  # each block's distinct ops (their local ids into inverse for now)
         kw = keys(a, b)
-        first, inverse[a:b] = _unique_rows(kw)
-        found.append([w[first] for w in kw])
+        first, inverse[a:b] = distinct_rows(kw)
+        found.append(kw[:, first])
         firsts.append(first + a)
         offsets.append(at)
         at += len(first)

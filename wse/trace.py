@@ -430,11 +430,12 @@ class Programs:
     def add(self, ops: Iterable[Op]) -> int:
         """Id of a program with these ops; identical programs share one id."""
         ops = ops if isinstance(ops, (list, tuple)) else list(ops)
-        try:
-            seq = array("i", map(self.by_object.__getitem__, map(id, ops)))
-        except KeyError:  # an op object not kept: by content
-            seq = array("i", map(self.op_id, ops))
-        return self.ids.setdefault(seq.tobytes(), len(self.ids))
+        ids = list(map(self.by_object.get, map(id, ops)))
+        if None in ids:  # op objects not kept: by content
+            for k, i in enumerate(ids):
+                if i is None:
+                    ids[k] = self.op_id(ops[k])
+        return self.ids.setdefault(array("i", ids).tobytes(), len(self.ids))
 
     def pack(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """The programs (in id order) as op columns (TraceError naming a field whose value does

@@ -8,6 +8,7 @@ import numpy as np
 from . import isa
 from .errors import TraceError
 from .hardware import WaferConfig
+from .engine.tables import route_order, routes_broken
 from .op_codes import distinct_ops, row_codes
 from .trace import Op, Trace, check_structure, op_location
 
@@ -33,6 +34,19 @@ def validate(t: Trace, cfg: WaferConfig, where: str = "trace", fit: bool = True)
 
 
 def _validate_routes(t: Trace, cfg: WaferConfig, where: str) -> None:
+    """Every route rule checked in one compiled pass (engine.tables.routes_broken); where one
+    is broken, the whole-array checks below name the first route at fault."""
+    r = t.routes
+    if not len(r["pe"]):
+        return
+    order = route_order(r["pe"], r["color"], t.n_pes)
+    if routes_broken(r["pe"], r["color"], r["rx"], r["tx"], order, t.mesh_width, t.mesh_height, cfg.colors):
+        _name_route_problem(t, cfg, where)
+        raise AssertionError(f"{where}: a route rule is broken, but the checks naming it found none")
+
+
+def _name_route_problem(t: Trace, cfg: WaferConfig, where: str) -> None:
+    """Raise TraceError naming the first route that breaks a rule (whole-array checks)."""
     r = t.routes
     pe, color, rx, tx = (r[k].astype(np.int64) for k in ("pe", "color", "rx", "tx"))
     W, H = t.mesh_width, t.mesh_height

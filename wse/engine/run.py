@@ -18,7 +18,7 @@ from ..trace_check import validate
 from . import accounting, kernels
 from . import layout as L
 from .result import EngineResult
-from .state import (MAX_CHUNK_CYCLES, N_OP_COUNTERS, State, build_state, flat,
+from .state import (MAX_CHUNK_CYCLES, N_OP_COUNTERS, State, build_state, flat, release_buffer,
                     make_ins, make_tiles, slot_owners)
 
 # Below this many PEs the serial kernel is used unless parallel stepping is forced.
@@ -182,7 +182,10 @@ class _Run:
                 signal.signal(signal.SIGINT, previous_handler)
         if self.full_at != self.t:  # an interrupt can come between a chunk and its full fold
             self.fold(full=True)
-        return self.result(stop, time.perf_counter() - t0)
+        res = self.result(stop, time.perf_counter() - t0)
+        release_buffer(self.S)  # the result holds copies: the next run here reuses the memory
+        self.S = self.F = None
+        return res
 
     def _step(self, progress, snapshot, snapshot_seconds: float, t0: float) -> int:
         """Call the kernel in chunks (about a quarter second each) that end on sample points."""

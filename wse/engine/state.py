@@ -9,9 +9,11 @@ only integers.
 """
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import numpy as np
+from numba import njit
 
 from .. import isa
 from ..errors import WseError
@@ -19,6 +21,7 @@ from ..hardware import WaferConfig
 from ..op_codes import distinct_ops
 from ..trace import Trace
 from . import layout as L
+from .tables import route_order
 
 
 class State(NamedTuple):
@@ -160,7 +163,8 @@ def staggered(arrays: dict[str, np.ndarray | tuple]) -> dict[str, np.ndarray]:
 
     Separately allocated large arrays all start page-aligned, so parallel streams through them
     collide in the same L1 sets and alias at 4 KiB; staggered starts avoid that. Contents and
-    shapes are unchanged. The buffer comes zeroed from the OS, page by page as it is touched.
+    shapes are unchanged. The buffer is a released one (release_buffer) cleared in place where
+    one is large enough, else fresh zeros from the OS.
     """
     specs = {k: (a.shape, a.dtype) if isinstance(a, np.ndarray) else (tuple(a[0]), np.dtype(a[1]))
              for k, a in arrays.items()}
@@ -169,7 +173,7 @@ def staggered(arrays: dict[str, np.ndarray | tuple]) -> dict[str, np.ndarray]:
         start = -(-end // 4096) * 4096 + (i * 320) % 4096
         offsets[name] = start
         end = start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buf = np.zeros(end + 64, dtype=np.uint8)
+    buf = _zeroed(end + 64)
     base = (-buf.ctypes.data) % 64
     out = {}
     for name, (shape, dtype) in specs.items():
@@ -179,6 +183,38 @@ def staggered(arrays: dict[str, np.ndarray | tuple]) -> dict[str, np.ndarray]:
             v[...] = arrays[name]
         out[name] = v
     return out
+
+
+# A state buffer a finished simulation released, kept for the next one in this process. A pool
+# worker simulates stage after stage of a few hundred MB each; a fresh buffer costs the OS a
+# page fault per page (with transparent huge pages, compaction too: ~0.5 s of system time for a
+# Kimi K2 group stage), clearing a kept one a memset (~0.03 s). At most one is kept.
+_SPARE: list[np.ndarray] = []
+_SPARE_LOCK = threading.Lock()
+
+
+def _zeroed(nbytes: int) -> np.ndarray:
+    """nbytes of zeros: the spare buffer cleared, where it is large enough, else new."""
+    with _SPARE_LOCK:
+        spare = _SPARE.pop() if _SPARE else None
+    if spare is not None and len(spare) >= nbytes:
+        out = spare[:nbytes]
+        out.fill(0)
+        return out
+    del spare  # (freed before the larger one is allocated)
+    return np.zeros(nbytes, dtype=np.uint8)
+
+
+def release_buffer(state: "State") -> None:
+    """Keep the buffer under `state`'s arrays for the next build_state; `state` must not be
+    used afterwards (its arrays are cleared and reused)."""
+    buf = state.slots
+    while buf.base is not None:
+        buf = buf.base
+    if isinstance(buf, np.ndarray) and buf.dtype == np.uint8 and buf.ndim == 1:
+        with _SPARE_LOCK:
+            if not _SPARE or len(_SPARE[0]) < len(buf):
+                _SPARE[:] = [buf]
 
 
 def op_constants(trace: Trace, cfg: WaferConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -229,18 +265,13 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     W, H, T = trace.mesh_width, trace.mesh_height, trace.threads
     P = W * H
     r = trace.routes
-    pe = r["pe"].astype(np.int64)
-    color = r["color"].astype(np.int64)
-    order = np.argsort(pe * 64 + color, kind="stable")  # by PE, then color (colors < 64)
-    pe, color = pe[order], color[order]
-    rx, tx = r["rx"].astype(np.int64)[order], r["tx"].astype(np.int64)[order]
-    n_routes = np.bincount(pe, minlength=P)
-    n = len(pe)  # route slots: slot i is route i in this order
+    n = len(r["pe"])  # route slots: slot i is route order[i] (by PE, then color)
     if n << L.SLOT_SHIFT > np.iinfo(np.int32).max:  # (RT_DOWNQ holds a flat q index in int32)
         raise WseError(f"{W}x{H} mesh with {n:,} routes: too many route slots for the engine's int32 record "
                        f"indices (at most {np.iinfo(np.int32).max >> L.SLOT_SHIFT:,})")
+    order = route_order(r["pe"], r["color"], P) if n else np.zeros(0, np.int64)
+    n_routes = np.bincount(r["pe"], minlength=P) if n else np.zeros(P, np.int64)
     first = np.cumsum(n_routes) - n_routes
-    slot = np.arange(n) - first[pe]  # among the PE's routes
 
     # the state arrays are views into one staggered buffer, filled in place (no second copy)
     arrays = staggered(dict(
@@ -254,60 +285,93 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
         link_acc=((isa.N_LINK_COUNTERS, P, isa.N_LINK_PORTS), np.int32),
         finish=((P,), np.int64), sleep_until=((P,), np.int64), sleep_from=((P,), np.int64),
     ))
-    arrays["rt"] = rt = arrays["slots"][:, :L.RT_FIELDS]
+    arrays["rt"] = arrays["slots"][:, :L.RT_FIELDS]
     arrays["q"] = arrays["slots"][:, L.RT_FIELDS:]
-    rt[:n, L.RT_RX], rt[:n, L.RT_TX] = rx, tx
-    rt[:, L.RT_DOWNQ] = -1
+    arrays["slots"][n:, L.RT_DOWNQ] = -1  # (the one row kept when there are no routes)
     color_slot = arrays["color_slot"]
-    color_slot.fill(-1)
-    color_slot[pe, color] = slot
-    x, y = pe % W, pe // W
-    n_links = np.zeros(n, dtype=np.int64)
-    inc = np.zeros(n, dtype=np.int64)
-    downs = np.zeros(n, dtype=np.int64)
-    for port in range(isa.N_PORTS):
-        m = (tx >> port & 1) == 1
-        inc[m] += 1 << (4 * port)
-        if port == isa.PORT_RAMP:
-            continue
-        n_links += m
-        nb = (y[m] + isa.PORT_DY[port]) * W + x[m] + isa.PORT_DX[port]
-        dslot = color_slot[nb, color[m]].astype(np.int64)
-        downs[m] += (dslot + 1) << (8 * port)
-        rt[np.nonzero(m)[0], L.RT_DOWNQ] = (first[nb] + dslot) << L.SLOT_SHIFT
-    rt[:n, L.RT_INC], rt[:n, L.RT_DOWNS] = inc, downs
-    rt[np.nonzero(n_links > 1)[0], L.RT_DOWNQ] = -2
+    _fill_routes(arrays["slots"], color_slot, first, r["pe"], r["color"], r["rx"], r["tx"], order, W)
 
     ot, omap = op_constants(trace, cfg)
-    pp = trace.pe_program.reshape(P, T)
-    has = pp >= 0
-    safe = np.where(has, pp, 0)
-    start = np.append(trace.prog_start, 0)  # a dummy entry keeps empty program tables indexable
-    length = np.append(trace.prog_len, 0)
-    op0 = np.where(has, start[safe], 0)
-    th = arrays["th"]
-    th[:, :, L.TH_OP] = op0
-    th[:, :, L.TH_END] = np.where(has, start[safe] + length[safe], 0)
-    th[:, :, L.TH_IN] = -1
-    th[:, :, L.TH_OUT] = -1
-    th[:, :, L.TH_CTRL] = L.CODE_DONE
-    if len(ot):  # the first op's constants, gathered a column at a time
-        row0 = omap[op0]
-        for field, col in ((L.TH_LEFT, L.OT_LENGTH), (L.TH_SETUP, L.OT_SETUP), (L.TH_CTRL, L.OT_CTRL),
-                           (L.TH_WIDTH, L.OT_WIDTH)):
-            th[:, :, field] = np.where(has, ot[row0, col], th[:, :, field])
-        pes = np.broadcast_to(np.arange(P)[:, None], has.shape)
-        for field, col, flag in ((L.TH_IN, L.OT_CIN, L.OT_RECV), (L.TH_OUT, L.OT_COUT, L.OT_SEND)):
-            use = has & (ot[row0, flag] != 0)
-            th[:, :, field] = np.where(use, color_slot[pes, np.where(use, ot[row0, col], 0)], -1)
-
-    pe_rec = arrays["pe"]
-    span = np.where(has.any(axis=1), T - np.argmax(has[:, ::-1], axis=1), 0) if T else np.zeros(P, np.int64)
-    pe_rec[:, L.PE_ROUTES] = n_routes | span << L.SPAN_SHIFT
-    pe_rec[:, L.PE_LIVE] = has.sum(axis=1)
-    pe_rec[:, L.PE_TRACE] = -1
+    start = np.append(trace.prog_start, 0).astype(np.int64)  # a dummy entry keeps empty tables indexable
+    length = np.append(trace.prog_len, 0).astype(np.int64)
+    _fill_threads(arrays["th"], arrays["pe"], trace.pe_program.reshape(P, T), start, length, ot,
+                  omap if len(omap) else np.zeros(1, np.int32), color_slot, n_routes)
     state = State(**arrays)
     consts = Consts(W, T, max(cfg.colors, 1), cfg.queue_depth_wavelets, cfg.hop_latency_cycles,
                     cfg.ramp_latency_cycles, cfg.link_wavelets_per_cycle,
                     cfg.sram_read_ports, cfg.sram_write_ports)
     return state, consts, ot, omap
+
+
+_DX = np.array(isa.PORT_DX[:isa.N_LINK_PORTS], dtype=np.int64)
+_DY = np.array(isa.PORT_DY[:isa.N_LINK_PORTS], dtype=np.int64)
+
+
+@njit(cache=True)
+def _fill_routes(slots, color_slot, first, pe, color, rx, tx, order, W):
+    """Each route slot's static record (rt: RX, TX, INC, DOWNQ, DOWNS) and the PEs' color ->
+    slot table, slot i holding route order[i]."""
+    n = len(order)
+    for c in range(color_slot.shape[0]):
+        color_slot[c, :] = -1
+    for i in range(n):
+        k = order[i]
+        color_slot[pe[k], color[k]] = i - first[pe[k]]
+    for i in range(n):
+        k = order[i]
+        p, c, t = np.int64(pe[k]), np.int64(color[k]), np.int64(tx[k])
+        x, y = p % W, p // W
+        inc = 0
+        downs = 0
+        links = 0
+        downq = -1
+        for port in range(isa.N_PORTS):
+            if (t >> port) & 1:
+                inc += 1 << (4 * port)
+                if port != isa.PORT_RAMP:
+                    links += 1
+                    nb = (y + _DY[port]) * W + x + _DX[port]
+                    d = np.int64(color_slot[nb, c])
+                    downs += (d + 1) << (8 * port)
+                    downq = (first[nb] + d) << L.SLOT_SHIFT
+        rec = slots[i]
+        rec[L.RT_RX] = rx[k]
+        rec[L.RT_TX] = t
+        rec[L.RT_INC] = inc
+        rec[L.RT_DOWNS] = downs
+        rec[L.RT_DOWNQ] = -2 if links > 1 else downq
+
+
+@njit(cache=True)
+def _fill_threads(th, pe_rec, pp, start, length, ot, omap, color_slot, n_routes):
+    """Each thread record at its program's first op (the op's constants copied in, its colors'
+    slots looked up) and each PE record's routes, thread span and live threads."""
+    P, T = pp.shape
+    for p in range(P):
+        live = 0
+        span = 0
+        for h in range(T):
+            rec = th[p, h]
+            rec[L.TH_IN] = -1
+            rec[L.TH_OUT] = -1
+            rec[L.TH_CTRL] = L.CODE_DONE
+            pid = pp[p, h]
+            if pid < 0:
+                continue
+            live += 1
+            span = h + 1
+            op0 = start[pid]
+            rec[L.TH_OP] = op0
+            rec[L.TH_END] = op0 + length[pid]
+            row = omap[op0]
+            rec[L.TH_LEFT] = ot[row, L.OT_LENGTH]
+            rec[L.TH_SETUP] = ot[row, L.OT_SETUP]
+            rec[L.TH_CTRL] = ot[row, L.OT_CTRL]
+            rec[L.TH_WIDTH] = ot[row, L.OT_WIDTH]
+            if ot[row, L.OT_RECV] != 0:
+                rec[L.TH_IN] = color_slot[p, ot[row, L.OT_CIN]]
+            if ot[row, L.OT_SEND] != 0:
+                rec[L.TH_OUT] = color_slot[p, ot[row, L.OT_COUT]]
+        pe_rec[p, L.PE_ROUTES] = n_routes[p] | span << L.SPAN_SHIFT
+        pe_rec[p, L.PE_LIVE] = live
+        pe_rec[p, L.PE_TRACE] = -1

@@ -15,6 +15,7 @@ from typing import Callable, Hashable, Iterable
 import numpy as np
 
 from .. import isa
+from ..engine.tables import route_order
 from ..errors import TraceError
 from ..tensors import TensorRecorder
 from ..trace import ROUTE_COLUMNS, UNTAGGED, Op, Tag, Programs, Trace, _column, with_tag
@@ -303,9 +304,9 @@ class MeshBuilder:
     def build(self) -> Trace:
         ops, starts, lens = self._programs.pack()
         r = np.concatenate(self._routes) if self._routes else np.zeros((0, 4), np.int64)
-        key = r[:, 0] * 64 + r[:, 1]
-        order = np.argsort(key, kind="stable")  # (a sort, not a count over every PE's 64 colors)
-        same = np.nonzero(np.diff(key[order]) == 0)[0]
+        order = route_order(r[:, 0], r[:, 1], self.width * self.height)  # (compiled: by PE, then color)
+        pe, color = r[order, 0], r[order, 1]
+        same = np.nonzero((pe[1:] == pe[:-1]) & (color[1:] == color[:-1]))[0]
         if len(same):
             dup = r[order[same[0] + 1]]
             raise TraceError(f"internal: two routes for color {dup[1]} at PE "

@@ -156,17 +156,18 @@ class PartCache:
     def _tag(self, ops: list[Op], tag: int) -> list[Op]:
         """ops labelled with tag (those tagged already kept), equal ops as one object: the
         parts built for different keys share most ops, and a program's ops found by object
-        (trace.Programs) are cheap."""
+        (trace.Programs) are cheap. (Looked up with map: a part has hundreds of ops, most seen
+        before; an op tagged already maps to itself.)"""
         memo = self.tagged.setdefault(tag, {})
-        get = memo.get
-        out = []
-        for op in ops:
-            if op.tag == 0:
-                t = get(op)
+        out = list(map(memo.get, ops))
+        if None in out:
+            for k, t in enumerate(out):
                 if t is None:
-                    t = memo[op] = with_tag(op, tag)
-                op = t
-            out.append(op)
+                    op = ops[k]
+                    t = memo.get(op)  # (an op twice in this part)
+                    if t is None:
+                        t = memo[op] = op if op.tag else with_tag(op, tag)
+                    out[k] = t
         return out
 
 
