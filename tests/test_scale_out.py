@@ -199,6 +199,28 @@ def _flaky(marker: str, value: int):
     return value, {"pid": os.getpid()}
 
 
+def _square(value: int):
+    return value * value, {}
+
+
+def test_a_cluster_started_while_planning_serves_the_run_and_closes():
+    """Fanout.start brings the workers up in the background; the run then uses them, and a
+    fanout closed before anything ran closes them too."""
+    works = [Work(f"{i:064x}", lambda: (None, {}), _square, (i,)) for i in range(3)]
+    with Fanout(jobs=2) as f:
+        f.start()
+        f.start()  # (once)
+        got = sorted((i, r) for i, r, _ in f.run(works))
+        cluster = f._cluster
+    assert got == [(0, 0), (1, 1), (2, 4)] and cluster is not None and f._cluster is None
+    with Fanout(jobs=2) as f:
+        f.start()
+    assert f._cluster is None and f._client is None
+    one = Fanout(jobs=1)
+    one.start()  # (no cluster for one job)
+    assert one._starting is None
+
+
 def test_a_worker_that_dies_mid_task_costs_a_retry(tmp_path):
     marker = str(tmp_path / "died")
     works = [Work(f"{i:064x}", lambda: (None, {}), _flaky, (marker, i)) for i in range(3)]

@@ -177,6 +177,7 @@ def system_cmd(model, system_name, sets, output, jobs, scheduler, threads, cache
     t0 = time.perf_counter()
     with _fanout(jobs, scheduler, threads, cache_dir, no_cache, quiet, log_every) as fanout:
         kw = compare.check_options(system, model=model, **options)
+        fanout.start()  # (workers start while the system is planned)
         try:
             job = compare.run_system(system=system, simulate=_in_process(threads, quiet, fanout)(cfg),
                                      fanout=fanout, **kw)

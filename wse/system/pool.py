@@ -60,6 +60,7 @@ class Fanout:
         # to the cluster, as two threads must never step the engine in this process together
         self.concurrent = False
         self._aborted = False
+        self._starting: threading.Thread | None = None
 
     def __enter__(self) -> "Fanout":
         return self
@@ -73,7 +74,22 @@ class Fanout:
         self._aborted = True
         self.close()
 
+    def start(self) -> None:
+        """Start the local cluster of `jobs` > 1 workers in the background, while the job plans
+        (a few seconds of process starts and imports), so its first simulation need not wait;
+        a failure to start surfaces when a simulation asks for the cluster."""
+        if self.jobs > 1 and not self.scheduler and self._starting is None:
+            def start_quietly() -> None:
+                try:
+                    self.client()
+                except Exception:  # (client() raises it again, on the job's thread)
+                    pass
+            self._starting = threading.Thread(target=start_quietly, name="wse-cluster-start", daemon=True)
+            self._starting.start()
+
     def close(self) -> None:
+        if self._starting is not None:  # (a cluster being started is closed once it is up)
+            self._starting.join()
         if self._client is not None:
             self._client.close()
             self._client = None

@@ -126,7 +126,7 @@ def most_mla_rows(spec) -> int:
     return spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim // 2
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=4096)
 def mla_split(spec, P: int, Q: int | None = None, groups: int = 1) -> MlaSplit:
     """Cut a MLA layer's vectors over P columns and Q rows (default P): the rows in `groups`
     consecutive groups (split(Q, groups) rows each), over each of which the cache's latent dims
