@@ -15,7 +15,7 @@ from ..hardware import WaferConfig
 from ..trace import Op, compute, recv, recv_compute_send, send, signal, wait, fill
 from .collectives import LineBroadcast
 from .dispatch import ExpertRole
-from .ffn import chosen_experts, expert_sequences, ffn_ops, moe_choices
+from .ffn import chosen_experts, expert_sequences, ffn_parts, moe_choices
 from .gemv import ELEM, GemvShape, alloc_scales, choose_form, tile_form
 from .mesh import X, Y, Allocator, MeshBuilder, Region, RegionProgram, split
 from .models import ModelSpec
@@ -24,7 +24,7 @@ from .precision import weights_of
 from .plan import FitError, fit_check
 from .plan import DIAG_BCAST
 from .region import (ADD, FMAC, G0, G1, G2, G3, MOV, SILU_MUL_FLOPS, THREADS, ZERO_BYTES, Ops, PartCache,
-                     RegionBuild, anchor_of, handoff, handoff_flops, i_chunk, merge, reducers)
+                     RegionBuild, anchor_of, handoff, handoff_flops, i_chunk, reducers)
 
 SEM_COMBINE = 1  # an expert region's collector: the combine has arrived
 
@@ -210,17 +210,16 @@ def decode_experts(plan: ExpertPlan, region: Region, builder: MeshBuilder, role:
                 ops.append(recv(DIAG_BCAST, md, pay))
             return {0: ops}
         part(out, "input", (lane, hi), payload)
-        if use:
-            def experts() -> Ops:
-                ffn: Ops = {0: [fill(mc, acc, b_["zeros"])] if lane else []}
-                for c, seqs in seqs_of.items():  # each chosen expert over the sequences that chose it
-                    merge(ffn, ffn_ops(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, c, len(seqs), seqs=seqs))
-                    if lane:  # its gate-weighted outputs into each sequence's sum
-                        ffn[0] += [compute(FMAC, hi, dst=acc + b * hs, src0=yb + n * hs,
-                                           src1=gates + (b * k + choices[b].index(e0 + c)) * ELEM)
-                                   for n, b in enumerate(seqs)]
-                return ffn
-            part(out, "ffn", (i, jf, xrole, yrole, lane), experts)
+        if use:  # each chosen expert over the sequences that chose it, a step at a time
+            if lane:
+                part(out, "ffn", ("zero", hi), lambda: {0: [fill(mc, acc, b_["zeros"])]})
+            for c, seqs in seqs_of.items():
+                for key, make in ffn_parts(plan.shapes, f_r, Hc, red, b_, i, jf, xrole, yrole, c, len(seqs), seqs=seqs):
+                    part(out, "ffn", key, make)
+                if lane:  # its gate-weighted outputs into each sequence's sum
+                    part(out, "ffn", ("gates", hi, c, tuple(seqs)), lambda c=c, seqs=seqs: {0: [
+                        compute(FMAC, hi, dst=acc + b * hs, src0=yb + n * hs,
+                                src1=gates + (b * k + choices[b].index(e0 + c)) * ELEM) for n, b in enumerate(seqs)]})
         if not role.last:
             if lane:
                 if use:

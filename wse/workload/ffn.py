@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 from .. import isa
 from ..errors import WseError
@@ -50,30 +51,58 @@ def ffn_ops(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, b
     are for (default the first `batch`; a routed expert serves the sequences that chose it).
     at_root: ops nested at the down all-reduce's root (down_reduce_ops).
     """
-    s_gu, s_dn = (dataclasses.replace(S[k], weights=S[k].weights + expert * S[k].tile_bytes(),
-                                      scales=S[k].scales + expert * ELEM) for k in ("gate_up", "down"))
-    gu, yb, tmp, z = buf["gu"], buf["y"], buf["tmp"], buf["zeros"]
+    out: Ops = {0: []}
+    for _, make in ffn_parts(S, f_r, Hc, red, buf, i, j, xrole, yrole, expert, batch, norm, seqs)[:-1]:
+        merge(out, make())
+    return merge(out, down_reduce_ops(red, buf, Hc, i, yrole, batch, expert, at_root))
+
+
+def ffn_parts(S: dict[str, GemvShape], f_r: list[int], Hc: list[int], red: dict, buf: dict[str, int], i: int,
+              j: int, xrole: tuple, yrole: tuple, expert: int, batch: int, norm: bool = False,
+              seqs: tuple[int, ...] | None = None) -> list[tuple[tuple, Callable[[], Ops]]]:
+    """ffn_ops (without at_root) in four steps, each as (key, make): gate/up's products, their X
+    all-reduce, the products' end and down's products, down's Y all-reduce. The key is what a
+    step depends on beyond the region (S, f_r, Hc, red and buf), so a region builder shares each
+    step among the PEs that agree on it (region.PartCache): the all-reduces by role, the
+    products by tile, where one key of the whole FFN had every PE class build it afresh."""
+    seqs = tuple(seqs) if seqs is not None else None
+    whole = seqs is None or seqs == tuple(range(batch))
     fj, hi = f_r[j], Hc[i]
     gs, ys = 2 * fj * ELEM, hi * ELEM
-    out = {0: [] if norm or not fj else [fill(2 * fj * batch, gu, z)]}
-    if seqs is None or tuple(seqs) == tuple(range(batch)):
-        out[0] += gemv_ops(s_gu, i, j, buf["xn"], gu, batch, ys, gs)
-    else:
+    gu, yb, tmp, z = buf["gu"], buf["y"], buf["tmp"], buf["zeros"]
+
+    def gate_up() -> Ops:
+        s_gu = _expert_shape(S["gate_up"], expert)
+        ops = [] if norm or not fj else [fill(2 * fj * batch, gu, z)]
+        if whole:
+            return {0: ops + gemv_ops(s_gu, i, j, buf["xn"], gu, batch, ys, gs)}
         for n, b in enumerate(seqs):
-            out[0] += gemv_ops(s_gu, i, j, buf["xn"] + b * ys, gu + n * gs, 1, ys, gs)
-    merge(out, red[X].role_ops(xrole, 2 * fj * batch + (batch if norm else 0), gu, tmp))
-    if norm:
-        out[0] += norm_scale_ops(2 * fj, batch, gu, buf["scal"], buf["consts"])
-    bias = "b_gu" in buf
-    if bias and fj:
-        gb = buf["b_gu"] + expert * 2 * max(f_r) * ELEM
-        out[0] += [compute(ADD, 2 * fj, dst=gu + b * gs, src0=gu + b * gs, src1=gb) for b in range(batch)]
-    for b in range(batch if fj else 0):  # (a row with no FFN dims when there are more rows than FFN dims)
-        g = gu + b * gs
-        out[0] += [compute(SILU, fj, dst=g, src0=g), compute(MUL, fj, dst=g, src0=g, src1=g + fj * ELEM)]
-    out[0].append(fill(hi * batch, yb, z))
-    out[0] += gemv_ops(s_dn, j, i, gu, yb, batch, gs, ys)
-    return merge(out, down_reduce_ops(red, buf, Hc, i, yrole, batch, expert, at_root))
+            ops += gemv_ops(s_gu, i, j, buf["xn"] + b * ys, gu + n * gs, 1, ys, gs)
+        return {0: ops}
+
+    def end_and_down() -> Ops:
+        ops = norm_scale_ops(2 * fj, batch, gu, buf["scal"], buf["consts"]) if norm else []
+        if "b_gu" in buf and fj:
+            gb = buf["b_gu"] + expert * 2 * max(f_r) * ELEM
+            ops += [compute(ADD, 2 * fj, dst=gu + b * gs, src0=gu + b * gs, src1=gb) for b in range(batch)]
+        for b in range(batch if fj else 0):  # (a row with no FFN dims when there are more rows than FFN dims)
+            g = gu + b * gs
+            ops += [compute(SILU, fj, dst=g, src0=g), compute(MUL, fj, dst=g, src0=g, src1=g + fj * ELEM)]
+        ops.append(fill(hi * batch, yb, z))
+        return {0: ops + gemv_ops(_expert_shape(S["down"], expert), j, i, gu, yb, batch, gs, ys)}
+
+    m = 2 * fj * batch + (batch if norm else 0)
+    return [(("gate_up", i, j, expert, batch, norm, None if whole else seqs), gate_up),
+            (("gate_up_reduce", xrole, m), lambda: red[X].role_ops(xrole, m, gu, tmp)),
+            (("down", i, j, expert, batch, norm), end_and_down),
+            (("down_reduce", i, yrole, batch, expert if "b_dn" in buf else None),
+             lambda: down_reduce_ops(red, buf, Hc, i, yrole, batch, expert))]
+
+
+def _expert_shape(shape: GemvShape, expert: int) -> GemvShape:
+    """shape with its weights and scales at expert's copy of the tiles."""
+    return dataclasses.replace(shape, weights=shape.weights + expert * shape.tile_bytes(),
+                               scales=shape.scales + expert * ELEM)
 
 
 def down_reduce_ops(red: dict, buf: dict[str, int], Hc: list[int], i: int, yrole: tuple, batch: int,
