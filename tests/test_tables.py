@@ -21,6 +21,8 @@ def test_route_order_is_a_stable_sort_by_pe_then_color():
         color = rng.integers(0, 24, n).astype(np.int8)  # duplicates included: their order is kept
         want = np.argsort(pe.astype(np.int64) * 64 + color, kind="stable")
         assert np.array_equal(route_order(pe, color, n_pes), want)
+    with pytest.raises(IndexError):
+        route_order(np.array([0, 3], np.int32), np.zeros(2, np.int8), 3)
 
 
 def _mutated(t, rng):

@@ -90,6 +90,8 @@ def route_order(pe: np.ndarray, color: np.ndarray, n_pes: int) -> np.ndarray:
     n = len(pe)
     start = np.zeros(n_pes + 1, dtype=np.int64)
     for i in range(n):
+        if pe[i] < 0 or pe[i] >= n_pes:  # (callers check first; never index out of bounds)
+            raise IndexError("a route's PE is outside the mesh")
         start[pe[i] + 1] += 1
     for p in range(n_pes):
         start[p + 1] += start[p]
