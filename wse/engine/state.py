@@ -21,7 +21,7 @@ from ..hardware import WaferConfig
 from ..op_codes import distinct_ops
 from ..trace import Trace
 from . import layout as L
-from .tables import route_order
+from .tables import DX, DY, route_order
 
 
 class State(NamedTuple):
@@ -303,10 +303,6 @@ def build_state(trace: Trace, cfg: WaferConfig) -> tuple[State, Consts, np.ndarr
     return state, consts, ot, omap
 
 
-_DX = np.array(isa.PORT_DX[:isa.N_LINK_PORTS], dtype=np.int64)
-_DY = np.array(isa.PORT_DY[:isa.N_LINK_PORTS], dtype=np.int64)
-
-
 @njit(cache=True)
 def _fill_routes(slots, color_slot, first, pe, color, rx, tx, order, W):
     """Each route slot's static record (rt: RX, TX, INC, DOWNQ, DOWNS) and the PEs' color ->
@@ -330,7 +326,7 @@ def _fill_routes(slots, color_slot, first, pe, color, rx, tx, order, W):
                 inc += 1 << (4 * port)
                 if port != isa.PORT_RAMP:
                     links += 1
-                    nb = (y + _DY[port]) * W + x + _DX[port]
+                    nb = (y + DY[port]) * W + x + DX[port]
                     d = np.int64(color_slot[nb, c])
                     downs += (d + 1) << (8 * port)
                     downq = (first[nb] + d) << L.SLOT_SHIFT

@@ -11,8 +11,8 @@ from numba import njit
 from .. import isa
 
 _HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
-_DX = np.array(isa.PORT_DX[:isa.N_LINK_PORTS], dtype=np.int64)
-_DY = np.array(isa.PORT_DY[:isa.N_LINK_PORTS], dtype=np.int64)
+DX = np.array(isa.PORT_DX[:isa.N_LINK_PORTS], dtype=np.int64)  # a link port's step in x and y
+DY = np.array(isa.PORT_DY[:isa.N_LINK_PORTS], dtype=np.int64)
 _OPP = np.array(isa.PORT_OPPOSITE[:isa.N_LINK_PORTS], dtype=np.int64)
 
 
@@ -84,17 +84,25 @@ def distinct_rows(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(cache=True)
-def route_order(pe: np.ndarray, color: np.ndarray, n_pes: int) -> np.ndarray:
-    """Route indices sorted by PE, then color, equal keys in their given order (a stable sort
-    of pe * 64 + color): counted by PE, then each PE's few routes insertion-sorted by color."""
-    n = len(pe)
+def pe_starts(pe: np.ndarray, n_pes: int) -> np.ndarray:
+    """int64 [n_pes + 1]: where each PE's routes start among routes ordered by PE (a count and
+    a running sum)."""
     start = np.zeros(n_pes + 1, dtype=np.int64)
-    for i in range(n):
+    for i in range(len(pe)):
         if pe[i] < 0 or pe[i] >= n_pes:  # (callers check first; never index out of bounds)
             raise IndexError("a route's PE is outside the mesh")
         start[pe[i] + 1] += 1
     for p in range(n_pes):
         start[p + 1] += start[p]
+    return start
+
+
+@njit(cache=True)
+def route_order(pe: np.ndarray, color: np.ndarray, n_pes: int) -> np.ndarray:
+    """Route indices sorted by PE, then color, equal keys in their given order (a stable sort
+    of pe * 64 + color): counted by PE, then each PE's few routes insertion-sorted by color."""
+    n = len(pe)
+    start = pe_starts(pe, n_pes)
     fill = start[:-1].copy()
     order = np.empty(n, dtype=np.int64)
     for i in range(n):
@@ -119,12 +127,7 @@ def routes_broken(pe: np.ndarray, color: np.ndarray, rx: np.ndarray, tx: np.ndar
     two routes for one PE and color, tx holding the rx port, a port off the mesh, a link port in
     tx whose neighbour has no route for the color receiving from this side. `order`: route_order."""
     n = len(order)
-    P = W * H
-    start = np.zeros(P + 1, dtype=np.int64)  # the PE's first position in order
-    for i in range(n):
-        start[pe[i] + 1] += 1
-    for p in range(P):
-        start[p + 1] += start[p]
+    start = pe_starts(pe, W * H)  # each PE's first position in order
     for a in range(n):
         i = order[a]
         c, r, t = np.int64(color[i]), np.int64(rx[i]), np.int64(tx[i])
@@ -133,8 +136,8 @@ def routes_broken(pe: np.ndarray, color: np.ndarray, rx: np.ndarray, tx: np.ndar
         if a > 0 and pe[order[a - 1]] == pe[i] and color[order[a - 1]] == c:
             return True
         x, y = pe[i] % W, pe[i] // W
-        for port in range(len(_DX)):
-            nx, ny = x + _DX[port], y + _DY[port]
+        for port in range(len(DX)):
+            nx, ny = x + DX[port], y + DY[port]
             off = nx < 0 or nx >= W or ny < 0 or ny >= H
             sends = (t >> port) & 1
             if off and (sends or r == port):
