@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -22,7 +23,7 @@ from wse.results.sweep import pareto, read_table
 from wse.system import cache as cache_mod
 from wse.system.cache import StageCache, canonical, content_key
 from wse.system.config import load_system
-from wse.system.pool import Fanout, Work, stage_key
+from wse.system.pool import WORKER_MALLOC, Fanout, Work, stage_key
 from wse.system.progress import Progress
 from wse.system.sweep import SweepError, load_spec
 from wse.system.wafers import run_decode, wafer_plans
@@ -129,10 +130,27 @@ def test_entries_round_trip_every_counter_and_table(tmp_path, result):
     for f in dataclasses.fields(result):
         a, b = getattr(result, f.name), getattr(got, f.name)
         if isinstance(a, dict):
-            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), f.name
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype
+                                                for k in a), f.name
         else:
-            assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b, f.name
+            assert np.array_equal(a, b) and a.dtype == b.dtype if isinstance(a, np.ndarray) else a == b, f.name
     assert c.get("0" * 64) is None and (c.stats.hits, c.stats.misses) == (1, 1)
+
+
+@pytest.mark.parametrize("lo, hi, stored", [(0, 0, "i1"), (-128, 127, "i1"), (-129, 0, "i2"), (0, 32767, "i2"),
+                                            (0, 32768, "i4"), (-2**31, 2**31 - 1, "i4"), (0, 2**31, "i8"),
+                                            (-2**62, 5, "i8")])
+def test_counters_are_stored_narrow_and_read_back_exactly(tmp_path, result, lo, hi, stored):
+    r = dataclasses.replace(result, pe_counters=result.pe_counters.copy(), ops=dict(result.ops))
+    r.pe_counters.flat[[0, -1]] = lo, hi
+    r.ops["start_cycle"] = np.full(len(next(iter(r.ops.values()))), hi, dtype=np.int64)
+    c = StageCache(tmp_path)
+    c.put("k" * 64, r)
+    with np.load(next(tmp_path.rglob("*.npz"))) as z:
+        assert z["pe_counters"].dtype.str[1:] == stored and z["link_counters"].dtype.itemsize <= 8
+    got, _ = c.get("k" * 64)
+    assert got.pe_counters.dtype == np.int64 and np.array_equal(got.pe_counters, r.pe_counters)
+    assert got.ops["start_cycle"].dtype == np.int64 and np.array_equal(got.ops["start_cycle"], r.ops["start_cycle"])
 
 
 def test_a_damaged_entry_is_reported_once_and_recomputed(tmp_path, result):
@@ -142,8 +160,12 @@ def test_a_damaged_entry_is_reported_once_and_recomputed(tmp_path, result):
         c.put(k, result)
         p = c._path(k)
         data = bytearray(p.read_bytes())
-        if damage == "flip":
-            data[len(data) // 3] ^= 0xFF
+        if damage == "flip":  # a byte of the counters' compressed data (zip headers hold only names and sizes)
+            with zipfile.ZipFile(p) as z:
+                m = z.getinfo("pe_counters.npy")
+            start = m.header_offset + 30 + int.from_bytes(data[m.header_offset + 26:m.header_offset + 28], "little") \
+                + int.from_bytes(data[m.header_offset + 28:m.header_offset + 30], "little")
+            data[start + m.compress_size // 2] ^= 0xFF
         elif damage == "truncate":
             data = data[: len(data) // 2]
         else:
@@ -199,20 +221,29 @@ def _flaky(marker: str, value: int):
     return value, {"pid": os.getpid()}
 
 
+def _malloc_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in WORKER_MALLOC if k in os.environ}
+
+
 def _square(value: int):
     return value * value, {}
 
 
-def test_a_cluster_started_while_planning_serves_the_run_and_closes():
+def test_a_cluster_started_while_planning_serves_the_run_and_closes(monkeypatch):
     """Fanout.start brings the workers up in the background; the run then uses them, and a
     fanout closed before anything ran closes them too."""
+    for k in WORKER_MALLOC:  # (a variable set here would win, as Dask gives the environment precedence)
+        monkeypatch.delenv(k, raising=False)
     works = [Work(f"{i:064x}", lambda: (None, {}), _square, (i,)) for i in range(3)]
     with Fanout(jobs=2) as f:
         f.start()
         f.start()  # (once)
         got = sorted((i, r) for i, r, _ in f.run(works))
         cluster = f._cluster
+        env = f._client.run(_malloc_env)
     assert got == [(0, 0), (1, 1), (2, 4)] and cluster is not None and f._cluster is None
+    # the workers' allocator keeps arrays up to 32 MiB on the heap (pool.WORKER_MALLOC)
+    assert len(env) == 2 and all(e == {k: str(v) for k, v in WORKER_MALLOC.items()} for e in env.values())
     with Fanout(jobs=2) as f:
         f.start()
     assert f._cluster is None and f._client is None

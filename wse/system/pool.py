@@ -29,6 +29,14 @@ from ..workload.decode import ModelPlan
 from .cache import StageCache, content_key
 from .progress import Progress
 
+# glibc's allocator in the local cluster's workers (set before each worker process starts).
+# Dask sets MALLOC_TRIM_THRESHOLD_=65536, which also pins the mmap threshold at 128 KiB: every
+# array above that (a stage's op columns, route tables, result counters) came from fresh pages,
+# faulted in and zeroed, and went back to the OS when freed. Arrays up to 32 MiB (glibc's most)
+# now come from the heap, and up to 1 GiB of freed heap is kept for the next stage: measured on
+# ten Kimi K2 stages in a row, 923k page faults became 61k and 6.0 s of system time 1.7 s.
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 1 << 30}
+
 Task = tuple[tuple, ModelPlan, str, object, object]  # (key, plan, stage kind, ref, delta)
 
 
@@ -128,8 +136,11 @@ class Fanout:
                     except (OSError, TimeoutError, ValueError) as e:
                         raise WseError(f"--scheduler {self.scheduler}: cannot connect ({e})") from None
                 else:
-                    self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
-                                                 dashboard_address=":0", silence_logs=logging.CRITICAL)
+                    import dask
+                    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v
+                                          for k, v in WORKER_MALLOC.items()}):
+                        self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                                     dashboard_address=":0", silence_logs=logging.CRITICAL)
                     self._client = Client(self._cluster)
             return self._client
 
@@ -163,6 +174,7 @@ class Fanout:
         try:
             for f in as_completed(list(futures)):
                 r, extra = _result(f, self.scheduler)
+                f.release()  # the worker may drop its copy now, not when the last one is in
                 i = futures[f]
                 self._store(works[i].key, r, extra)
                 self.progress.done()
