@@ -34,8 +34,8 @@ from .progress import Progress
 # array above that (a stage's op columns, route tables, result counters) came from fresh pages,
 # faulted in and zeroed, and went back to the OS when freed. Arrays up to 32 MiB (glibc's most)
 # now come from the heap, and up to 256 MiB of freed heap is kept for the next stage: measured on
-# ten Kimi K2 stages in a row, 923k page faults became 65k and 6.0 s of system time 1.7 s (a
-# larger trim threshold faults no less; 128 and 64 MiB: 80k and 125k).
+# ten Kimi K2 stages in a row, 923k page faults became 65k (a larger trim threshold faults no
+# less; 128 and 64 MiB: 80k and 125k).
 WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 256 << 20}
 
 Task = tuple[tuple, ModelPlan, str, object, object]  # (key, plan, stage kind, ref, delta)
