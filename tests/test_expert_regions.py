@@ -342,6 +342,15 @@ def test_deltas_are_predicted_from_the_wafer_before(small):
         keys |= {k for k, _, _ in stages(plan, delta)}
         line.add(w, compose(plan, lambda t: run(t, small), delta=delta))
     assert len(calls) == len(keys)
+    # each simulation is counted once, for the first wafer needing it (leading stages included:
+    # they start as their wafer before's trailing stage comes in, not after every other stage)
+    seen, first = set(), []
+    for w, plan in enumerate(plans):
+        new = {k for k, _, _ in stages(plan, line_deltas[w])} - seen
+        seen |= new
+        first.append(len(new))
+    assert [s.simulations for s in r.steps] == first and sum(first) == len(keys)
+    assert any(first[w] and chain_of(plan).leading for w, plan in enumerate(plans))
 
 
 def test_a_layer_over_wafers_on_a_system(small):
@@ -404,3 +413,36 @@ def test_the_critical_path_walks_back_through_the_inputs_that_decide():
     # on a switch, wafer 3's dispatch comes from wafer 1 (the last anchored) directly: wafer 2 is off
     spans, holds = _critical_path(plans, steps, times, hz, NS(topology="switch"))
     assert spans[2] == (500, 500) and holds[2] == [0, 0] and spans[1] == (230, 290)
+
+
+@pytest.mark.parametrize("model,preset", [("tiny-moe", "small"), ("kimi-k2", "wse3"), ("gpt-oss-120b", "wse3")])
+def test_most_experts_is_the_largest_count_that_fits(model, preset):
+    """experts._most_experts (a guess from two experts' SRAM, checked, then a narrowed binary
+    search) equals the plain binary search over plan_experts, fits at its answer and not one more."""
+    from wse.workload.experts import _most_experts
+    from wse.workload.plan import FitError
+    spec, cfg = load_model(model), hardware.load_preset(preset)
+    layer = next(layer for layer in range(spec.layers) if spec.is_moe_layer(layer))
+
+    def fits(n, P, Q, params):
+        try:
+            plan_experts(spec, layer, (0, n), P, cfg, params, Q)
+            return True
+        except FitError:
+            return False
+
+    between = 0
+    for weights in ("bf16", "int4"):
+        params = DecodeParams(weights=weights, batch=2)
+        for P, Q in ((2, 2), (3, 3), (4, 4), (33, 66), (76, 130), (190, 293)):
+            if P > spec.hidden_size:
+                continue
+            lo, hi = 0, spec.moe.experts
+            while lo < hi:
+                n = (lo + hi + 1) // 2
+                lo, hi = (n, hi) if fits(n, P, Q, params) else (lo, n - 1)
+            got = _most_experts(spec, layer, P, cfg, params, Q)
+            assert got == lo and (got == 0 or fits(got, P, Q, params))
+            assert got == spec.moe.experts or not fits(got + 1, P, Q, params)
+            between += 0 < got < spec.moe.experts
+    assert between >= 2

@@ -58,6 +58,22 @@ def test_every_schema_field_round_trips(small_run):
             assert np.array_equal(np.asarray(table[key]).astype(np.asarray(v).dtype), np.asarray(v)), (group, k)
 
 
+def test_a_narrowed_result_writes_the_same_file(small_run, tmp_path):
+    """A result whose counters came back narrow (a pool worker's, the stage cache's) writes the
+    same int64 datasets and summary as the result it was narrowed from."""
+    path, res, cfg, _ = small_run
+    narrow = res.narrowed()
+    assert narrow.pe_counters.dtype.itemsize < 8 and narrow.link_counters.dtype.itemsize < 8
+    other = tmp_path / "narrow.h5"
+    write_run(other, narrow, cfg, RunInfo("chain.h5", "", (8, 8), res.threads, res.wall_seconds))
+    a, b = read_run(path), read_run(other)
+    assert a.summary == b.summary
+    for name in isa.PE_COUNTER_NAMES:
+        assert b.pe[name].dtype == np.int64 and np.array_equal(a.pe[name], b.pe[name]), name
+    for name in isa.LINK_COUNTER_NAMES:
+        assert b.link[name].dtype == np.int64 and np.array_equal(a.link[name], b.link[name]), name
+
+
 def test_every_dataset_has_units_description_and_dims(small_run):
     path = small_run[0]
     missing = []

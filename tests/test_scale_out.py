@@ -132,8 +132,15 @@ def test_entries_round_trip_every_counter_and_table(tmp_path, result):
         if isinstance(a, dict):
             assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype
                                                 for k in a), f.name
+        elif f.name in ("pe_counters", "link_counters"):  # (read back narrow: EngineResult.narrowed)
+            assert np.array_equal(a, b) and b.dtype.itemsize <= a.dtype.itemsize, f.name
         else:
             assert np.array_equal(a, b) and a.dtype == b.dtype if isinstance(a, np.ndarray) else a == b, f.name
+    for name in isa.PE_COUNTER_NAMES:
+        assert got.pe(name).dtype == np.int64 and np.array_equal(got.pe(name), result.pe(name))
+    for name in isa.LINK_COUNTER_NAMES:
+        assert got.link(name).dtype == np.int64 and np.array_equal(got.link(name), result.link(name))
+    assert np.array_equal(got.idle_cycles(), result.idle_cycles())
     assert c.get("0" * 64) is None and (c.stats.hits, c.stats.misses) == (1, 1)
 
 
@@ -149,7 +156,10 @@ def test_counters_are_stored_narrow_and_read_back_exactly(tmp_path, result, lo, 
     with np.load(next(tmp_path.rglob("*.npz"))) as z:
         assert z["pe_counters"].dtype.str[1:] == stored and z["link_counters"].dtype.itemsize <= 8
     got, _ = c.get("k" * 64)
-    assert got.pe_counters.dtype == np.int64 and np.array_equal(got.pe_counters, r.pe_counters)
+    assert got.pe_counters.dtype.str[1:] == stored and np.array_equal(got.pe_counters, r.pe_counters)
+    assert r.narrowed().pe_counters.dtype == got.pe_counters.dtype  # what a pool worker sends back
+    assert got.pe(isa.PE_COUNTER_NAMES[0]).dtype == np.int64
+    assert got.pe(isa.PE_COUNTER_NAMES[0])[0, 0] == lo and got.pe(isa.PE_COUNTER_NAMES[-1])[-1, -1] == hi
     assert got.ops["start_cycle"].dtype == np.int64 and np.array_equal(got.ops["start_cycle"], r.ops["start_cycle"])
 
 
@@ -258,6 +268,50 @@ def test_a_worker_that_dies_mid_task_costs_a_retry(tmp_path):
     with Fanout(jobs=2) as f:
         got = sorted((i, r) for i, r, _ in f.run(works))
     assert got == [(0, 0), (1, 1), (2, 2)] and Path(marker).exists()
+
+
+def _after(marker: str, value: int):
+    """Waits (up to a minute) for the marker a follow-up work writes."""
+    import time
+    for _ in range(600):
+        if os.path.exists(marker):
+            return value, {}
+        time.sleep(0.1)
+    raise TimeoutError("the follow-up never ran")
+
+
+def _mark(marker: str, value: int):
+    Path(marker).write_text("follow-up ran")
+    return value, {}
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_follow_up_works_start_once_their_parent_is_in(tmp_path, jobs):
+    """Fanout.run's `more`: works added as a result comes in run and come back like the rest; on
+    a cluster they start while other works still run (work 0 waits for the follow-up of work 1,
+    which would never run if follow-ups waited for every first work)."""
+    marker = str(tmp_path / "marker")
+    if jobs == 1:
+        Path(marker).write_text("")  # (one after another here: work 0 must not wait)
+    works = [Work(f"{0:064x}", lambda: _after(marker, 0), _after, (marker, 0)),
+             Work(f"{1:064x}", lambda: _square(1), _square, (1,))]
+    parents = []
+
+    def more(i, r, extra):
+        parents.append((i, r))
+        if i == 1:
+            return [Work(f"{2:064x}", lambda: _mark(marker, 2), _mark, (marker, 2)),
+                    Work(f"{3:064x}", lambda: _square(3), _square, (3,))]
+        return []
+
+    with Fanout(jobs=jobs) as f:
+        got = list(f.run(works, more))
+    assert sorted((i, r) for i, r, _ in got) == [(0, 0), (1, 1), (2, 2), (3, 9)]
+    assert sorted(parents) == sorted((i, r) for i, r, _ in got)  # more: called once for each
+    order = [i for i, _, _ in got]
+    assert order.index(1) < order.index(2) and order.index(1) < order.index(3)
+    if jobs == 2:
+        assert order.index(2) < order.index(0)
 
 
 def test_a_cluster_and_this_process_give_the_same_step_and_share_the_cache(tmp_path):

@@ -77,3 +77,19 @@ def test_widths_beyond_the_row_cap_are_skipped(small):
     plan = plan_model(spec, wide, DecodeParams(context=8, moe_mapping="regions"), 1, None, 1, False, False)
     assert plan.P <= plan.Q <= most_rows(spec) == 36
     assert [s.kind for s in plan.slots][0] == "layer" and "experts" in [s.kind for s in plan.slots]
+
+
+def test_the_slot_search_remembers_each_layer_fit_check_with_its_answer():
+    """decode._layer_fit answers as plan_layer does (None where it fits, its FitError where not)
+    and asks plan_layer once per distinct question (the wafer-count searches repeat them)."""
+    from wse.workload import decode
+    spec, cfg = load_model("llama3.1-8b"), hardware.load_preset("wse3")
+    params = DecodeParams(context=1024)
+    decode._FITS.clear()
+    assert decode._layer_fit(spec, 0, 127, cfg, params, True, 127, "all") is None
+    err = decode._layer_fit(spec, 0, 4, cfg, params, True, 4, "all")
+    with pytest.raises(FitError) as direct:
+        plan_layer(spec, 0, 4, cfg, params, Q=4)
+    assert isinstance(err, FitError) and str(err) == str(direct.value)
+    n = len(decode._FITS)
+    assert decode._layer_fit(spec, 0, 4, cfg, params, True, 4, "all") is err and len(decode._FITS) == n == 2

@@ -14,8 +14,11 @@ class EngineResult:
 
     total_cycles: int
     stop: int  # isa.STOP_*
-    pe_counters: np.ndarray  # int64 [H, W, isa.N_PE_COUNTERS]
-    link_counters: np.ndarray  # int64 [H, W, 4, isa.N_LINK_COUNTERS]
+    # int64, or the narrowest signed integer type that holds the values where the result came
+    # from another process or the stage cache (narrowed()); pe(), link() and idle_cycles() give
+    # int64 either way
+    pe_counters: np.ndarray  # [H, W, isa.N_PE_COUNTERS]
+    link_counters: np.ndarray  # [H, W, 4, isa.N_LINK_COUNTERS]
     stuck: list[str] = dataclasses.field(default_factory=list)  # deadlock / max-cycles report
     wall_seconds: float = 0.0
     threads: int = 1
@@ -40,14 +43,33 @@ class EngineResult:
         return isa.STOP_NAMES[self.stop]
 
     def pe(self, name: str) -> np.ndarray:
-        """One per-PE counter as an [H, W] array."""
-        return self.pe_counters[:, :, isa.PE_COUNTER_NAMES.index(name)]
+        """One per-PE counter as an [H, W] int64 array."""
+        return self.pe_counters[:, :, isa.PE_COUNTER_NAMES.index(name)].astype(np.int64, copy=False)
 
     def link(self, name: str) -> np.ndarray:
-        """One per-link counter as an [H, W, 4] array (ports north, south, east, west)."""
-        return self.link_counters[:, :, :, isa.LINK_COUNTER_NAMES.index(name)]
+        """One per-link counter as an [H, W, 4] int64 array (ports north, south, east, west)."""
+        return self.link_counters[:, :, :, isa.LINK_COUNTER_NAMES.index(name)].astype(np.int64, copy=False)
 
     def idle_cycles(self) -> np.ndarray:
         """Per PE: cycles in none of the busy / setup / stall classes."""
-        classes = self.pe_counters[:, :, isa.C_BUSY:isa.C_STALL_SYNC + 1].sum(axis=2)
+        classes = self.pe_counters[:, :, isa.C_BUSY:isa.C_STALL_SYNC + 1].sum(axis=2, dtype=np.int64)
         return self.total_cycles - classes
+
+    def narrowed(self) -> "EngineResult":
+        """The same result with its counters in the narrowest integer types that hold them: what
+        a pool worker sends back (a group stage's 75 MB of int64 counters are ~10 MB so) and the
+        stage cache stores."""
+        return dataclasses.replace(self, pe_counters=narrowest(self.pe_counters),
+                                   link_counters=narrowest(self.link_counters))
+
+
+def narrowest(a: np.ndarray) -> np.ndarray:
+    """An integer array in the narrowest signed integer type that holds its values (a itself
+    where none is narrower)."""
+    if a.dtype.kind not in "iu" or a.size == 0:
+        return a
+    lo, hi = int(a.min()), int(a.max())
+    for dt in (np.int8, np.int16, np.int32):
+        if np.dtype(dt).itemsize < a.dtype.itemsize and np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
+            return a.astype(dt)
+    return a

@@ -78,7 +78,7 @@ class RunInfo:
 
 def summary_values(res: EngineResult, cfg: WaferConfig) -> dict[str, tuple[Any, str, str]]:
     """Scalars for /summary: name -> (value, units, description)."""
-    pe = res.pe_counters
+    pe = res.pe_counters.astype(np.int64, copy=False)
     H, W = pe.shape[:2]
     cycles = res.total_cycles
     n_pe = H * W
@@ -141,13 +141,13 @@ def write_run(path: str | Path, res: EngineResult, cfg: WaferConfig, info: RunIn
                 _dataset(g, name, value, units, desc, "")
             g = f.create_group("pe")
             for i, (name, units, desc) in enumerate(isa.PE_COUNTERS):
-                _dataset(g, name, res.pe_counters[:, :, i], units, desc, "y,x")
+                _dataset(g, name, res.pe(name), units, desc, "y,x")
             _dataset(g, "idle_cycles", res.idle_cycles(), "cycles",
                      "cycles in none of the busy, setup or stall classes", "y,x")
             g = f.create_group("link")
             g.attrs["ports"] = LINK_PORTS
-            for i, (name, units, desc) in enumerate(isa.LINK_COUNTERS):
-                _dataset(g, name, res.link_counters[:, :, :, i], units,
+            for name, units, desc in isa.LINK_COUNTERS:
+                _dataset(g, name, res.link(name), units,
                          f"{desc} (port order {LINK_PORTS})", "y,x,port")
             if res.timeline is not None:
                 g = f.create_group("timeline")

@@ -9,7 +9,7 @@ progress, threads, worker count) are not in it: they do not change a counter.
 
 Entries are `.npz` files (numpy arrays and one JSON metadata string, no pickles; integer arrays
 stored in the narrowest integer type that holds their values and widened back on reading,
-deflated at level 1: a big stage's 75 MB of counters, mostly zeros, write in a quarter of the
+except the counters, which stay narrow (EngineResult.narrowed), deflated at level 1: a big stage's 75 MB of counters, mostly zeros, write in a quarter of the
 time numpy's default compression takes, in the process that waits on the workers), written
 through files.replacing (a temporary name in the same folder, renamed into place), so a killed
 writer leaves no entry that reads as valid; zip's CRC-32 of every member is checked on reading, and an entry that fails
@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..engine.result import EngineResult
+from ..engine.result import EngineResult, narrowest
 from ..errors import WseError
 from ..files import replacing
 
@@ -39,6 +39,7 @@ TEMPORARY = ".wse-*.partial"  # files.temp_path: a write in progress, or left by
 # what builds and steps a stage: a change to any of these files changes every key
 _SOURCES = ("engine", "workload", "trace.py", "isa.py", "hardware.py", "system/wafers.py")
 _TABLES = ("ops", "timeline", "events")
+COUNTERS = ("pe_counters", "link_counters")  # read back in the narrow types they are stored in
 _SCALARS = ("total_cycles", "stop", "wall_seconds", "threads", "stepped_pe_cycles", "stepped_cycles",
             "jumped_cycles")
 
@@ -234,7 +235,7 @@ def _write(f, key: str, r: EngineResult, extra: dict[str, Any]) -> None:
             meta.setdefault("tables", []).append(t)
     widen = {}
     for name, a in arrays.items():
-        small = _narrowed(a)
+        small = narrowest(a)
         if small is not a:
             widen[name] = a.dtype.str
             arrays[name] = small
@@ -246,18 +247,6 @@ def _write(f, key: str, r: EngineResult, extra: dict[str, Any]) -> None:
                 np.lib.format.write_array(member, a, allow_pickle=False)
 
 
-def _narrowed(a: np.ndarray) -> np.ndarray:
-    """An integer array in the narrowest signed integer type that holds its values (a itself
-    where none is narrower)."""
-    if a.dtype.kind not in "iu" or a.size == 0:
-        return a
-    lo, hi = int(a.min()), int(a.max())
-    for dt in (np.int8, np.int16, np.int32):
-        if np.dtype(dt).itemsize < a.dtype.itemsize and np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
-            return a.astype(dt)
-    return a
-
-
 def _read(path: Path, key: str) -> tuple[EngineResult, dict[str, Any]]:
     with np.load(path, allow_pickle=False) as z:
         data = {name: z[name] for name in z.files}  # reads every member: zip checks each CRC-32
@@ -265,7 +254,8 @@ def _read(path: Path, key: str) -> tuple[EngineResult, dict[str, Any]]:
     if meta.get("format") != ENTRY_FORMAT or meta.get("key") != key:
         raise ValueError("entry does not belong to its key")
     for name, dt in meta["widen"].items():
-        data[name] = data[name].astype(np.dtype(dt))
+        if name not in COUNTERS:  # (counters stay narrow: EngineResult.narrowed)
+            data[name] = data[name].astype(np.dtype(dt))
     tables: dict[str, dict[str, np.ndarray]] = {t: {} for t in meta.get("tables", [])}
     for name, a in data.items():
         if "." in name:

@@ -12,6 +12,7 @@ them. A worker that dies mid-task costs a retry on another (Dask reschedules los
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -145,41 +146,74 @@ class Fanout:
                     self._client = Client(self._cluster)
             return self._client
 
-    def run(self, works: list[Work]) -> Iterator[tuple[int, EngineResult, dict[str, Any]]]:
-        """(index, result, extra) of every work, cache hits first, the rest as they finish."""
+    def run(self, works: list[Work], more: Callable[[int, EngineResult, dict[str, Any]], list[Work]] | None = None
+            ) -> Iterator[tuple[int, EngineResult, dict[str, Any]]]:
+        """(index, result, extra) of every work, cache hits first, the rest as they finish.
+
+        more(index, result, extra), called as each result comes in: works that may start now
+        (their indices follow those before), looked up, run and yielded like the rest, so work
+        that depends on a result need not wait for all of them."""
         if self._aborted:
             raise WseError("stopped: the sweep ended before this point finished")
-        todo = []
-        for i, w in enumerate(works):
-            got = self._lookup(w.key)
-            if got is None:
-                todo.append(i)
-                continue
-            self.progress.add(1, cached=1)
-            yield i, got[0], got[1]
-        self.progress.add(len(todo))
+        works = list(works)
+        unseen = collections.deque(range(len(works)))  # not looked up yet
+        todo: list[int] = []  # looked up and missing
+
+        def finished(i: int, r: EngineResult, extra: dict[str, Any]):
+            if more is not None:
+                for w in more(i, r, extra):
+                    works.append(w)
+                    unseen.append(len(works) - 1)
+            yield i, r, extra
+
+        def lookups():
+            while unseen:
+                i = unseen.popleft()
+                got = self._lookup(works[i].key)
+                if got is None:
+                    todo.append(i)
+                    self.progress.add(1)
+                    continue
+                self.progress.add(1, cached=1)
+                yield from finished(i, got[0], got[1])
+
+        yield from lookups()
         if not todo:
             return
         if not self.remote(len(todo)):
-            for i in todo:
+            while todo:
+                i = todo.pop(0)
                 r, extra = works[i].here()
                 self._store(works[i].key, r, extra)
                 self.progress.done()
-                yield i, r, extra
+                yield from finished(i, r, extra)
+                yield from lookups()
             return
         from distributed import as_completed
         client = self.client()
         code = code_identity()
-        futures = {client.submit(_on_worker, code, works[i].fn, *works[i].args, key=f"wse-stage-{works[i].key}",
-                                 pure=False): i for i in todo}
+        futures = {}
+        pending = as_completed()
+
+        def submit() -> None:
+            for i in todo:
+                f = client.submit(_on_worker, code, works[i].fn, *works[i].args, key=f"wse-stage-{works[i].key}",
+                                  pure=False)
+                futures[f] = i
+                pending.add(f)
+            todo.clear()
+
+        submit()
         try:
-            for f in as_completed(list(futures)):
+            for f in pending:
                 r, extra = _result(f, self.scheduler)
                 f.release()  # the worker may drop its copy now, not when the last one is in
-                i = futures[f]
+                i = futures.pop(f)
                 self._store(works[i].key, r, extra)
                 self.progress.done()
-                yield i, r, extra
+                yield from finished(i, r, extra)
+                yield from lookups()
+                submit()
         finally:
             for f in futures:
                 f.release()
@@ -239,31 +273,23 @@ def _on_worker(code: tuple[int, str], fn: Callable, *args: Any):
     return fn(*args)
 
 
-def distinct_tasks(plans: list[ModelPlan], known: set | dict = (), deltas: dict[int, int] | None = None
-                   ) -> tuple[list[Task], list[int]]:
+def distinct_tasks(plans: list[ModelPlan], known: set | dict = ()) -> tuple[list[Task], list[int]]:
     """The stage simulations the plans need that are not in `known`, each once, and how many of
     them each plan is the first to need. A plan that begins with a leading part needs its delta
-    (compose.stages): with `deltas` (plan index -> delta) given, only those plans' leading
-    stages are listed; without, every stage but the leading ones."""
+    (compose.stages) for that part's stage, which is left out (system.wafers.run_decode lists it
+    once the delta is known)."""
     seen = set(known)
     tasks: list[Task] = []
     first = []
-    for w, plan in enumerate(plans):
+    for plan in plans:
         before = len(tasks)
-        lead = chain_of(plan).leading is not None
-        if deltas is not None and w not in deltas:
-            first.append(0)
-            continue
-        delta = deltas[w] if deltas is not None else None
-        listed = stages(plan, delta)
-        if deltas is not None:
-            listed = listed[:1]  # the leading part's stage
-        elif lead:
+        listed = stages(plan)
+        if chain_of(plan).leading is not None:
             listed = listed[1:]
         for key, kind, ref in listed:
             if key not in seen:
                 seen.add(key)
-                tasks.append((key, plan, kind, ref, delta))
+                tasks.append((key, plan, kind, ref, None))
         first.append(len(tasks) - before)
     return tasks, first
 
@@ -292,21 +318,36 @@ def _run_task(task: Task, cfg: WaferConfig, simulate: Callable[[Trace], object],
 
 
 def _simulate_task(task: Task, cfg: WaferConfig, threads: int, where: str) -> tuple[EngineResult, dict[str, Any]]:
-    """Worker side: one stage on the engine with `threads` Numba threads."""
+    """Worker side: one stage on the engine with `threads` Numba threads, its counters sent back
+    narrowed (EngineResult.narrowed: a group stage's 75 MB become ~10 MB to send, receive and hold)."""
     from ..engine.run import simulate, stage_options
-    return _run_task(task, cfg, lambda t: simulate(t, cfg, threads=threads, validated=True,
-                                                   **stage_options(threads)), where)
+    r, extra = _run_task(task, cfg, lambda t: simulate(t, cfg, threads=threads, validated=True,
+                                                       **stage_options(threads)), where)
+    return r.narrowed(), extra
 
 
 def run_tasks(tasks: list[Task], cfg: WaferConfig, simulate: Callable[[Trace], object], where: str,
-              fanout: Fanout | None = None) -> Iterator[tuple[tuple, EngineResult, tuple[int, int] | None]]:
+              fanout: Fanout | None = None,
+              more: Callable[[tuple, EngineResult, tuple[int, int] | None], list[Task]] | None = None
+              ) -> Iterator[tuple[tuple, EngineResult, tuple[int, int] | None]]:
     """(key, result, anchor) of every task: from the cache, simulated here through `simulate`,
-    or on the fanout's workers; in the order they become available."""
+    or on the fanout's workers; in the order they become available. more(key, result, anchor),
+    called as each comes in: tasks that may start now (Fanout.run)."""
     fanout = fanout or Fanout()
     threads = fanout.worker_threads()
-    works = [Work(stage_key(t[1], t[0]), (lambda t=t: _run_task(t, cfg, simulate, where)), _simulate_task,
-                  (t, cfg, threads, where)) for t in tasks]
-    for i, result, extra in fanout.run(works):
+    tasks = list(tasks)
+
+    def work(t: Task) -> Work:
+        return Work(stage_key(t[1], t[0]), (lambda: _run_task(t, cfg, simulate, where)), _simulate_task,
+                    (t, cfg, threads, where))
+
+    def follow(i: int, result: EngineResult, extra: dict[str, Any]) -> list[Work]:
+        anchor = extra.get("anchor")
+        new = more(tasks[i][0], checked_stage(tasks[i][0], result), tuple(anchor) if anchor else None)
+        tasks.extend(new)
+        return [work(t) for t in new]
+
+    for i, result, extra in fanout.run([work(t) for t in tasks], follow if more is not None else None):
         anchor = extra.get("anchor")
         yield tasks[i][0], checked_stage(tasks[i][0], result), tuple(anchor) if anchor else None
 

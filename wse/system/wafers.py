@@ -348,10 +348,10 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
     """Simulate one decode step on every distinct wafer and put the chain together.
 
     The distinct stage simulations run first (pool.run_tasks: from the stage cache, through
-    `simulate`, or on the fanout's Dask workers):
-    every stage, then the leading-part stages of wafers continuing a layer, whose combine
-    arrives a delta after the dispatch that the wafer before and the links decide (predicted
-    from the wafer before's own stages). Each wafer's step is then composed and put on one
+    `simulate`, or on the fanout's Dask workers): every stage, and the leading-part stages of
+    wafers continuing a layer, whose combine arrives a delta after the dispatch that the wafer
+    before and the links decide (predicted from the wafer before's trailing stage, so each starts
+    as soon as that one is in). Each wafer's step is then composed and put on one
     timeline with the links (Timeline); a delta the prediction missed is simulated then.
     `plans`: the wafers' plans, made for another batch or context (the serving model's sampled
     points keep one layout), with `params` put in each."""
@@ -366,15 +366,39 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
     tasks, first = distinct_tasks(plans)
     shared: dict[tuple, tuple] = {}  # stage simulations shared by all wafers
     fanout = fanout or Fanout()
-    for key, result, anchor in run_tasks(tasks, cfg, simulate, where, fanout):
+    seen = {t[0] for t in tasks}
+    waiting: dict[tuple | None, list[int]] = {}  # a stage's key -> the wafers whose delta it predicts
+    for w in range(1, len(plans)):
+        if _predicts(plans, w):
+            waiting.setdefault(_delta_source(plans, w), []).append(w)
+    deltas: dict[int, int] = {}
+    lead_keys: dict[int, tuple] = {}
+
+    def leading(ws: list[int]) -> list:
+        """The leading-part stages of wafers ws, now that their deltas are known."""
+        out = []
+        for w in ws:
+            deltas[w] = _predicted_delta(plans, w, shared, spec, params, system, cfg.clock_hz)
+            key, kind, ref = stages(plans[w], deltas[w])[0]
+            lead_keys[w] = key
+            if key not in seen:
+                seen.add(key)
+                out.append((key, plans[w], kind, ref, deltas[w]))
+        return out
+
+    def arrived(key: tuple, result, anchor) -> list:
         shared[key] = (result, anchor)
+        return leading(waiting.pop(key, []))
+
+    for _ in run_tasks(tasks + leading(waiting.pop(None, [])), cfg, simulate, where, fanout, arrived):
+        pass
+    known = {t[0] for t in tasks}  # each leading stage counted for the first wafer needing it
+    for w in sorted(lead_keys):
+        if lead_keys[w] not in known:
+            known.add(lead_keys[w])
+            first[w] += 1
     net = Network(system.topology, wafers, Link(system.link_bytes_per_s, system.link_latency_s),
                   system.links_per_wafer)
-    deltas = _predicted_deltas(plans, shared, spec, params, system, cfg.clock_hz)
-    tasks, lead_first = distinct_tasks(plans, shared, deltas)
-    for key, result, anchor in run_tasks(tasks, cfg, simulate, where, fanout):
-        shared[key] = (result, anchor)
-    first = [a + b for a, b in zip(first, lead_first)]
 
     def missed(t: Trace):  # a delta the prediction missed: simulated here
         validate(t, cfg, where=where, fit=False)
@@ -400,10 +424,10 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
             first[w] + d.simulations, extra_in_flight_of(plan), sum(s.kind == "experts" for s in plan.slots),
             region_infos(plan), resident_bytes(plan), usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height))
     latency = times[-1][1]
-    stages = [(c / cfg.clock_hz, info.label) for s in steps for c, info in zip(s.region_cycles, s.regions)]
-    stages += [(t, "link") for t in net.busy.values()]
-    bottleneck = max(stages)[0]
-    max_in_flight, depth = pipeline_depth(stages, latency, 1 + min(s.extra_in_flight for s in steps), cfg.clock_hz)
+    held = [(c / cfg.clock_hz, info.label) for s in steps for c, info in zip(s.region_cycles, s.regions)]
+    held += [(t, "link") for t in net.busy.values()]
+    bottleneck = max(held)[0]
+    max_in_flight, depth = pipeline_depth(held, latency, 1 + min(s.extra_in_flight for s in steps), cfg.clock_hz)
     dyn = (sum(s.flops for s in steps) / 2 * system.pj_per_fmac + sum(s.sram_bytes for s in steps) * system.pj_per_sram_byte
            + sum(s.wavelet_hops for s in steps) * system.pj_per_wavelet_hop
            + sum(net.sent) * system.pj_per_link_byte) * 1e-12
@@ -502,32 +526,39 @@ class Timeline:
         return start, max(outs.values())
 
 
-def _predicted_deltas(plans: list[ModelPlan], shared: dict, spec: ModelSpec, params: DecodeParams,
-                      system: SystemConfig, clock_hz: float) -> dict[int, int]:
-    """The delta of each wafer continuing a layer whose wafer before holds the layer's region or
-    closes an earlier layer (its outputs' offset comes from its own trailing stage), on links
-    busy with nothing else; other deltas come out of the timeline."""
-    out = {}
-    for w in range(1, len(plans)):
-        prev = chain_of(plans[w - 1])
-        if not chain_of(plans[w]).leading or (prev.leading and not prev.anchored):
-            continue
-        offset = 0
-        if prev.trailing:  # combine after dispatch at its boundary, from its trailing stage
-            key, _, g = stages(plans[w - 1])[-2]
-            ops = shared[key][0].ops
-            names = list(ops["name"])
-            n = len(compressed(plans[w - 1], prev, g))
-            offset = int(ops["end_cycle"][names.index(f"element {n} combine")]) \
-                - int(ops["end_cycle"][names.index(f"element {n} input")])
-        net = Network(system.topology, 2, Link(system.link_bytes_per_s, system.link_latency_s),
-                      system.links_per_wafer)
-        line = Timeline(spec, params, net, clock_hz)
-        line.inputs = {"d": 0.0, "c": 0.0}
-        line.src = (0, 0.0)
-        line.inputs = {"d": net.transfer(0, 1, line.disp, 0.0), "c": net.transfer(0, 1, line.act, offset / clock_hz)}
-        out[w] = line.delta()
-    return out
+def _predicts(plans: list[ModelPlan], w: int) -> bool:
+    """Whether wafer w's delta is predicted before the timeline is put together: it continues a
+    layer whose wafer before holds the layer's region or closes an earlier layer (other deltas
+    come out of the timeline)."""
+    prev = chain_of(plans[w - 1])
+    return chain_of(plans[w]).leading is not None and not (prev.leading and not prev.anchored)
+
+
+def _delta_source(plans: list[ModelPlan], w: int) -> tuple | None:
+    """The stage whose result predicts wafer w's delta: the wafer before's trailing stage (its
+    combine after its dispatch at its boundary), or None where that wafer has no trailing part."""
+    return stages(plans[w - 1])[-2][0] if chain_of(plans[w - 1]).trailing else None
+
+
+def _predicted_delta(plans: list[ModelPlan], w: int, shared: dict, spec: ModelSpec, params: DecodeParams,
+                     system: SystemConfig, clock_hz: float) -> int:
+    """Wafer w's delta (_predicts) on links busy with nothing else; `shared` holds _delta_source's
+    result."""
+    prev = chain_of(plans[w - 1])
+    offset = 0
+    if prev.trailing:  # combine after dispatch at its boundary, from its trailing stage
+        key, _, g = stages(plans[w - 1])[-2]
+        ops = shared[key][0].ops
+        names = list(ops["name"])
+        n = len(compressed(plans[w - 1], prev, g))
+        offset = int(ops["end_cycle"][names.index(f"element {n} combine")]) \
+            - int(ops["end_cycle"][names.index(f"element {n} input")])
+    net = Network(system.topology, 2, Link(system.link_bytes_per_s, system.link_latency_s),
+                  system.links_per_wafer)
+    line = Timeline(spec, params, net, clock_hz)
+    line.src = (0, 0.0)
+    line.inputs = {"d": net.transfer(0, 1, line.disp, 0.0), "c": net.transfer(0, 1, line.act, offset / clock_hz)}
+    return line.delta()
 
 
 def fill_depth(latency_s: float, longest_s: float) -> int:

@@ -272,6 +272,26 @@ def _units_chain(units: tuple[tuple[int, int], ...], experts_per_region: int, sp
     return tuple(units_chain(list(units), experts_per_region, split))
 
 
+_FITS: dict[tuple, FitError | None] = {}  # _layer_fit's answers
+
+
+def _layer_fit(spec: ModelSpec, layer: int, P: int, cfg: WaferConfig, params: DecodeParams, routed: bool, Q: int,
+               part: str) -> FitError | None:
+    """plan_layer's fit check, remembered: None, or the FitError it raised (the searches for
+    several wafer counts try the same layer on the same slot size many times: 4,096 checks, 997
+    distinct, in planning Kimi K2's fewest wafers)."""
+    key = (spec, layer, P, cfg.key(), params, routed, Q, part)
+    if key not in _FITS:
+        if len(_FITS) >= 8192:
+            _FITS.clear()
+        try:
+            plan_layer(spec, layer, P, cfg, params, routed=routed, Q=Q, part=part)
+            _FITS[key] = None
+        except FitError as e:
+            _FITS[key] = e
+    return _FITS[key]
+
+
 def _table_bytes(spec: ModelSpec, embed: bool, head: bool) -> int:
     return ELEM * ((spec.embedding_params() if embed else 0)
                    + (spec.lm_head_params() + spec.hidden_size if head else 0))
@@ -369,7 +389,9 @@ class _SlotSearch:
                 kinds.add(spec.moe.dense_layers)
             for layer in sorted(kinds):
                 for part in ("attention", "ffn") if layer in self.apart else ("all",):
-                    plan_layer(spec, layer, p, cfg, params, routed=not self.expert_regions, Q=q, part=part)
+                    err = _layer_fit(spec, layer, p, cfg, params, not self.expert_regions, q, part)
+                    if err is not None:
+                        raise err.with_traceback(None)
             token_col = token_columns(spec, slots[0].region.width, params.token, params.batch)[-1][0] \
                 if self.embed else 0
             return ModelPlan(spec, cfg, params, p, self.n_layers, slots, token_col, self.first_layer, self.embed,
