@@ -57,7 +57,7 @@ class EngineResult:
 
     def narrowed(self) -> "EngineResult":
         """The same result with its counters in the narrowest integer types that hold them: what
-        a pool worker sends back (a group stage's 75 MB of int64 counters are ~10 MB so) and the
+        a pool worker sends back (a group stage's 75 MB of int64 counters are 19 MB so) and the
         stage cache stores."""
         return dataclasses.replace(self, pe_counters=narrowest(self.pe_counters),
                                    link_counters=narrowest(self.link_counters))

@@ -9,8 +9,9 @@ progress, threads, worker count) are not in it: they do not change a counter.
 
 Entries are `.npz` files (numpy arrays and one JSON metadata string, no pickles; integer arrays
 stored in the narrowest integer type that holds their values and widened back on reading,
-except the counters, which stay narrow (EngineResult.narrowed), deflated at level 1: a big stage's 75 MB of counters, mostly zeros, write in a quarter of the
-time numpy's default compression takes, in the process that waits on the workers), written
+except the counters, which stay narrow (EngineResult.narrowed), deflated at level 1: a big
+stage's 75 MB of counters, mostly zeros, write in a quarter of the time numpy's default
+compression takes, in the process that waits on the workers), written
 through files.replacing (a temporary name in the same folder, renamed into place), so a killed
 writer leaves no entry that reads as valid; zip's CRC-32 of every member is checked on reading, and an entry that fails
 it (or does not parse) is reported once, removed and recomputed.

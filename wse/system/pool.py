@@ -319,7 +319,7 @@ def _run_task(task: Task, cfg: WaferConfig, simulate: Callable[[Trace], object],
 
 def _simulate_task(task: Task, cfg: WaferConfig, threads: int, where: str) -> tuple[EngineResult, dict[str, Any]]:
     """Worker side: one stage on the engine with `threads` Numba threads, its counters sent back
-    narrowed (EngineResult.narrowed: a group stage's 75 MB become ~10 MB to send, receive and hold)."""
+    narrowed (EngineResult.narrowed: a group stage's 75 MB become 19 MB to send, receive and hold)."""
     from ..engine.run import simulate, stage_options
     r, extra = _run_task(task, cfg, lambda t: simulate(t, cfg, threads=threads, validated=True,
                                                        **stage_options(threads)), where)

@@ -371,19 +371,18 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
     for w in range(1, len(plans)):
         if _predicts(plans, w):
             waiting.setdefault(_delta_source(plans, w), []).append(w)
-    deltas: dict[int, int] = {}
     lead_keys: dict[int, tuple] = {}
 
     def leading(ws: list[int]) -> list:
         """The leading-part stages of wafers ws, now that their deltas are known."""
         out = []
         for w in ws:
-            deltas[w] = _predicted_delta(plans, w, shared, spec, params, system, cfg.clock_hz)
-            key, kind, ref = stages(plans[w], deltas[w])[0]
+            delta = _predicted_delta(plans, w, shared, spec, params, system, cfg.clock_hz)
+            key, kind, ref = stages(plans[w], delta)[0]
             lead_keys[w] = key
             if key not in seen:
                 seen.add(key)
-                out.append((key, plans[w], kind, ref, deltas[w]))
+                out.append((key, plans[w], kind, ref, delta))
         return out
 
     def arrived(key: tuple, result, anchor) -> list:

@@ -278,8 +278,8 @@ _FITS: dict[tuple, FitError | None] = {}  # _layer_fit's answers
 def _layer_fit(spec: ModelSpec, layer: int, P: int, cfg: WaferConfig, params: DecodeParams, routed: bool, Q: int,
                part: str) -> FitError | None:
     """plan_layer's fit check, remembered: None, or the FitError it raised (the searches for
-    several wafer counts try the same layer on the same slot size many times: 4,096 checks, 997
-    distinct, in planning Kimi K2's fewest wafers)."""
+    several wafer counts try the same layer on the same slot size many times: about 4,000
+    checks, 997 distinct, in planning Kimi K2's fewest wafers)."""
     key = (spec, layer, P, cfg.key(), params, routed, Q, part)
     if key not in _FITS:
         if len(_FITS) >= 8192:
