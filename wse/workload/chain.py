@@ -16,7 +16,7 @@ import dataclasses
 from .decode import ModelPlan, handoff_plan
 from .dispatch import ExpertRole, Group, anchored, expert_roles, groups_of, transfer_colors
 from .experts import plan_experts
-from .ffn import moe_experts
+from .ffn import chosen_experts, moe_experts
 from .mesh import ALIGN_BYTES, Region
 from .placement import Slot, direction
 
@@ -176,8 +176,7 @@ def compressed(plan: ModelPlan, ch: Chain, g: Group) -> list[Element]:
         way = direction(chain[j - 1].region, chain[j].region)
         role = ch.roles[s]
         straight = not role.last and role.d_out is None and direction(chain[j].region, chain[j + 1].region) == way
-        idle = not plan_experts(plan.spec, slots[s].index, slots[s].experts, plan.P, plan.cfg, plan.params,
-                                plan.Q).local_experts()
+        idle = not chosen_experts(plan.spec, slots[s].index, slots[s].experts, plan.params)
         out.append(Element(s, straight and idle, way))
     return out
 
