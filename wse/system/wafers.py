@@ -363,39 +363,8 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
         wafers = wafers or fewest_wafers(spec, system, params)
         plans = wafer_plans(spec, system, params, wafers)
     where = f"{spec.name} on {system.name}"
-    tasks, first = distinct_tasks(plans)
-    shared: dict[tuple, tuple] = {}  # stage simulations shared by all wafers
     fanout = fanout or Fanout()
-    seen = {t[0] for t in tasks}
-    waiting: dict[tuple | None, list[int]] = {}  # a stage's key -> the wafers whose delta it predicts
-    for w in range(1, len(plans)):
-        if _predicts(plans, w):
-            waiting.setdefault(_delta_source(plans, w), []).append(w)
-    lead_keys: dict[int, tuple] = {}
-
-    def leading(ws: list[int]) -> list:
-        """The leading-part stages of wafers ws, now that their deltas are known."""
-        out = []
-        for w in ws:
-            delta = _predicted_delta(plans, w, shared, spec, params, system, cfg.clock_hz)
-            key, kind, ref = stages(plans[w], delta)[0]
-            lead_keys[w] = key
-            if key not in seen:
-                seen.add(key)
-                out.append((key, plans[w], kind, ref, delta))
-        return out
-
-    def arrived(key: tuple, result, anchor) -> list:
-        shared[key] = (result, anchor)
-        return leading(waiting.pop(key, []))
-
-    for _ in run_tasks(tasks + leading(waiting.pop(None, [])), cfg, simulate, where, fanout, arrived):
-        pass
-    known = {t[0] for t in tasks}  # each leading stage counted for the first wafer needing it
-    for w in sorted(lead_keys):
-        if lead_keys[w] not in known:
-            known.add(lead_keys[w])
-            first[w] += 1
+    shared, first = _run_stages(plans, spec, params, system, simulate, where, fanout)
     net = Network(system.topology, wafers, Link(system.link_bytes_per_s, system.link_latency_s),
                   system.links_per_wafer)
 
@@ -439,6 +408,47 @@ def run_decode(spec: ModelSpec, system: SystemConfig, params: DecodeParams, wafe
     result.representative = max((r for d in cache.values() for r in d.results.values()),
                                 key=lambda r: r.pe_counters.shape[0] * r.pe_counters.shape[1] * r.total_cycles)
     return result
+
+
+def _run_stages(plans: list[ModelPlan], spec: ModelSpec, params: DecodeParams, system: SystemConfig,
+                simulate: Callable[[Trace], object], where: str, fanout: Fanout) -> tuple[dict, list[int]]:
+    """Every distinct stage simulation of the plans (pool.run_tasks), a leading part's listed as
+    soon as the stage predicting its delta is in: (key -> (result, anchor), how many of them each
+    wafer is the first to need)."""
+    cfg = system.wafer_config
+    tasks, first = distinct_tasks(plans)
+    shared: dict[tuple, tuple] = {}  # stage simulations shared by all wafers
+    seen = {t[0] for t in tasks}
+    waiting: dict[tuple | None, list[int]] = {}  # a stage's key -> the wafers whose delta it predicts
+    for w in range(1, len(plans)):
+        if _predicts(plans, w):
+            waiting.setdefault(_delta_source(plans, w), []).append(w)
+    lead_keys: dict[int, tuple] = {}
+
+    def leading(ws: list[int]) -> list:
+        """The leading-part stages of wafers ws, now that their deltas are known."""
+        out = []
+        for w in ws:
+            delta = _predicted_delta(plans, w, shared, spec, params, system, cfg.clock_hz)
+            key, kind, ref = stages(plans[w], delta)[0]
+            lead_keys[w] = key
+            if key not in seen:
+                seen.add(key)
+                out.append((key, plans[w], kind, ref, delta))
+        return out
+
+    def arrived(key: tuple, result, anchor) -> list:
+        shared[key] = (result, anchor)
+        return leading(waiting.pop(key, []))
+
+    for _ in run_tasks(tasks + leading(waiting.pop(None, [])), cfg, simulate, where, fanout, arrived):
+        pass
+    known = {t[0] for t in tasks}  # each leading stage counted for the first wafer needing it
+    for w in sorted(lead_keys):
+        if lead_keys[w] not in known:
+            known.add(lead_keys[w])
+            first[w] += 1
+    return shared, first
 
 
 def _critical_path(plans: list[ModelPlan], composed: list, times: list[tuple[float, float]], clock_hz: float,
