@@ -157,16 +157,12 @@ def _most_experts(spec: ModelSpec, layer: int, P: int, cfg, params: DecodeParams
         return 1
     lo = 2
     guess = min(hi, max(2, 2 + (usable_sram(cfg) - two) // max(1, two - one)))
-    if guess > lo:
-        if top(guess) is None:
-            hi = guess - 1
-        else:
-            lo = guess
-    if lo == guess and guess < hi:
-        if top(guess + 1) is None:
-            hi = guess
-        else:
-            lo = guess + 1
+    for n in (guess, guess + 1):  # the guess, then one more
+        if lo < n <= hi:
+            if top(n) is None:
+                hi = n - 1
+                break
+            lo = n
     while lo < hi:
         n = (lo + hi + 1) // 2
         if top(n) is None:
