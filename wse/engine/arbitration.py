@@ -13,7 +13,7 @@ from ..isa import L_BLOCKED, L_CONTENTION, PORT_RAMP
 from .accounting import PSHIFT, _u, hot
 from .layout import (
     CQ_OCC, MASK32, PE_ARRIVE, PE_GRANT, PE_READY, PE_ROUTES, PE_RR, Q_GRANTS, Q_OCC, ROUTES_MASK, RT_CROSS,
-    RT_DOWNQ, RT_DOWNS, RT_INC, RT_TX, SLOT_SHIFT, TL_FIELDS, TL_NEED1,
+    RT_DOWNQ, RT_DOWNS, RT_INC, RT_TX, SLOT_SHIFT, TL_BUSY1, TL_FIELDS, TL_NEED1,
 )
 from .prefetch import prefetch
 
@@ -31,8 +31,9 @@ def _neighbour(p, port, W):
 
 
 @hot
-def _route_tile(b, F, A, W, depth, cap):
-    """Phase 1 for the PEs of tile b: round-robin grants from last cycle's state.
+def _route_tile(b, F, A, W, depth, cap, pf):
+    """Phase 1 for the PEs of tile b: round-robin grants from last cycle's state; with pf, a
+    first pass prefetches what the PEs with ready wavelets will read.
 
     Returns (PEs that granted a route, PEs with ready wavelets). Writes only those PEs' grant
     mask, round-robin pointer, grant counts and link counters, the arrival fields of the neighbours their
@@ -58,7 +59,7 @@ def _route_tile(b, F, A, W, depth, cap):
         bias |= (7 - cap) << (4 * port)
     granted = 0
     evaluated = 0
-    for y in range(y0, y1):  # first, the downstream queues of every ready slot, misses overlapped
+    for y in range(y0, y1 if pf else y0):  # first, the downstream queues of every ready slot, misses overlapped
         for p in range(y * W + x0, y * W + x1):
             m = pe[_u((p << PSHIFT) + PE_READY)] & MASK32
             qb = slot0[_u(p)] << rshift
@@ -145,7 +146,8 @@ def _route_tile(b, F, A, W, depth, cap):
 @hot
 def _phase1(g, n_groups, F, A, W, depth, cap, skip):
     """Phase 1 for group g's tiles (those with a ready wavelet or a grant to clear, or all
-    without skip): (PEs that granted, PEs evaluated)."""
+    without skip): (PEs that granted, PEs evaluated). A one-row tile where over half the PEs
+    were evaluated at its last visit is stepped without the prefetch pass (kernels._phase2)."""
     tl = A.state
     n_tiles = A.rect.shape[0] >> 2
     granted = 0
@@ -153,8 +155,12 @@ def _phase1(g, n_groups, F, A, W, depth, cap, skip):
     run = A.mesh[2]
     for c in range(g, -(-n_tiles // run), n_groups):
         for b in range(c * run, min(c * run + run, n_tiles)):
-            if not skip or tl[b * TL_FIELDS + TL_NEED1] != 0:
-                a, e = _route_tile(b, F, A, W, depth, cap)
+            tb = b * TL_FIELDS
+            if not skip or tl[tb + TL_NEED1] != 0:
+                kb = b << 2
+                pf = A.rect[kb + 3] - A.rect[kb + 2] > 1 or 2 * tl[tb + TL_BUSY1] <= A.rect[kb + 1] - A.rect[kb]
+                a, e = _route_tile(b, F, A, W, depth, cap, pf)
+                tl[tb + TL_BUSY1] = e
                 granted += a
                 evaluated += e
     return granted, evaluated
