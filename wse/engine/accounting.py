@@ -11,7 +11,7 @@ from numba import njit
 
 from ..isa import C_BUSY, C_SETUP, L_WAVELETS, OP_COMPUTE
 from .layout import (
-    A_FLOPS, A_OPS, A_RECEIVED, A_SENT, A_SRAM_READ, A_SRAM_WRITE, CODE_DONE, CTRL_CODE, CTRL_STARTED, CTRL_TWO,
+    A_FLOPS, A_OPS, A_RECEIVED, A_SENT, A_SRAM_READ, A_SRAM_WRITE, CODE_DONE, CTRL_CODE, CTRL_TWO,
     EVENT_FIELDS, OT_CIN, OT_COUT, OT_CTRL, OT_FIELDS, OT_FLOPS, OT_LENGTH, OT_RBYTES, OT_RECV, OT_SEND,
     OT_SETUP, OT_TAG, OT_WBYTES, OT_WIDTH, PE_HELD, PE_LIVE, PE_ROUTES, Q_GRANTS, RT_TX, TL_DIRTY, TL_FIELDS, TL_FLOPS, TL_HELD,
     TL_PROGRESSED, PE_SLEEP_CLASS, PE_SLEEP_THREAD, PE_TRACE, SLOT_SHIFT, ROUTES_MASK, SPAN_SHIFT,
@@ -148,9 +148,8 @@ def account_sleep(p, t, T, grp, F, I, n_tags, max_events, n_colors):
                     setup += k
                     c += k
                     continue
-                if (th[_u(hb + TH_CTRL)] & CTRL_STARTED) == 0:
+                if I.th_start[si] < 0:
                     I.th_start[si] = c
-                    th[_u(hb + TH_CTRL)] |= CTRL_STARTED
                 width = th[_u(hb + TH_WIDTH)]
                 steps = max(1, (th[_u(hb + TH_LEFT)] + width - 1) // width)
                 if c + steps <= t:  # the op's last step falls inside the sleep: replay it
@@ -172,7 +171,6 @@ def wake_ce(p, t, T, grp, F, I, n_tags, max_events, n_colors):
     """Wake a sleeping CE at cycle t."""
     account_sleep(p, t, T, grp, F, I, n_tags, max_events, n_colors)
     F.sleep_until[_u(p)] = 0
-    F.pe[_u((p << PSHIFT) + PE_SLEEP_CLASS)] = -1
 
 
 @hot
@@ -205,8 +203,7 @@ def fold(t, F, I, A, n_tags, max_events, T, n_colors, pe_cnt, link_cnt, region_o
         held = 0
         for y in range(y0, y1):
             for p in range(y * W + x0, y * W + x1):
-                cls = F.pe[(p << PSHIFT) + PE_SLEEP_CLASS]  # -1: awake
-                if cls >= 0 and (full or cls <= C_SETUP):
+                if F.sleep_until[p] > 0 and (full or F.pe[(p << PSHIFT) + PE_SLEEP_CLASS] <= C_SETUP):
                     account_sleep(p, t, T, 0, F, I, n_tags, max_events, n_colors)
                 busy = F.cyc[C_BUSY * P + p]
                 if busy != 0:

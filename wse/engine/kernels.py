@@ -31,7 +31,7 @@ from .accounting import PSHIFT, _u, chain_end, complete_op, hot, wake_ce
 from .arbitration import _phase1
 from .prefetch import prefetch
 from .layout import (
-    CODE_DONE, CQ_OCC, CQ_PIPE, CQ_READY, CTRL_CODE, CTRL_STARTED, CTRL_SUB, CTRL_TWO, PE_CE_RR, PE_GRANT, PE_HELD,
+    CODE_DONE, CQ_OCC, CQ_PIPE, CQ_READY, CTRL_CODE, CTRL_SUB, CTRL_TWO, PE_CE_RR, PE_GRANT, PE_HELD,
     PE_ARRIVE, PE_LIVE, PE_PEAK, PE_PIPES, PE_READY, PE_ROUTES, PE_SLEEP_CLASS, PE_SLEEP_THREAD,
     Q_OCC, Q_PIPE, Q_READY, RT_RX, RT_TX,
     TH_CTRL, TH_IN, TH_LEFT, TH_OUT, TH_SETUP, TH_WIDTH, TL_NEED1, TL_NEXT, TL_PENDING, TL_PROGRESSED,
@@ -97,12 +97,12 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, T, n_colors, depth, 
             while m != 0:
                 prefetch(q, _u(qb + (trailing_zeros(m) << rshift)))
                 m &= m - 1
-            if pe[_u(pb + PE_LIVE)] > 0 and (pe[_u(pb + PE_SLEEP_CLASS)] < 0 or sleep_until[_u(p)] <= t):
+            if pe[_u(pb + PE_LIVE)] > 0 and sleep_until[_u(p)] <= t:
                 prefetch(th, _u((p * T + pe[_u(pb + PE_CE_RR)]) << 3))
     for y in range(y0, y1 if pf else y0):  # then the CE queues awake CEs' threads receive from
         for p in range(y * W + x0, y * W + x1):
             pb = p << PSHIFT
-            if pe[_u(pb + PE_LIVE)] > 0 and (pe[_u(pb + PE_SLEEP_CLASS)] < 0 or sleep_until[_u(p)] <= t):
+            if pe[_u(pb + PE_LIVE)] > 0 and sleep_until[_u(p)] <= t:
                 qb = slot0[_u(p)] << rshift
                 for h in range(pe[_u(pb + PE_ROUTES)] >> SPAN_SHIFT):
                     islot = th[_u(((p * T + h) << 3) + TH_IN)]
@@ -116,8 +116,7 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, T, n_colors, depth, 
             lv = pe[_u(pb + PE_LIVE)]
             if nr == 0 and lv == 0:
                 continue
-            sc = pe[_u(pb + PE_SLEEP_CLASS)]  # -1: awake (sleep_until is 0)
-            asleep = lv > 0 and sc >= 0 and sleep_until[_u(p)] > t
+            asleep = lv > 0 and sleep_until[_u(p)] > t
             arrived = (pe[_u(pb + PE_ARRIVE)] | pe[_u(pb + PE_ARRIVE + 1)] | pe[_u(pb + PE_ARRIVE + 2)]
                        | pe[_u(pb + PE_ARRIVE + 3)]) & MASK32
             if skip and (lv == 0 or asleep) and pe[_u(pb + PE_GRANT)] == 0 and pe[_u(pb + PE_PIPES)] == 0 \
@@ -148,7 +147,7 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, T, n_colors, depth, 
                 if pe[_u(pb + PE_SLEEP_CLASS)] <= C_SETUP:
                     progressed += 1
             elif lv > 0:
-                if sc >= 0:
+                if sleep_until[_u(p)] != 0:
                     wake_ce(p, t, T, grp, F, I, n_tags, max_events, n_colors)
                 min_setup = NEVER  # setup cycles left, after this cycle, of threads in setup
                 rd = read_ports
@@ -202,12 +201,11 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, T, n_colors, depth, 
                                 st_sram = True
                             else:
                                 rd -= need_r
-                                if (ctrl & CTRL_STARTED) == 0:
-                                    th_start[_u(p * T + h)] = t
-                                    ctrl |= CTRL_STARTED
                                 th[_u(hb + TH_CTRL)] = ctrl | CTRL_SUB
                                 busy = True
                                 stepped += 1
+                                if th_start[_u(p * T + h)] < 0:
+                                    th_start[_u(p * T + h)] = t
                         else:
                             islot = th[_u(hb + TH_IN)]
                             oslot = th[_u(hb + TH_OUT)]
@@ -225,10 +223,9 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, T, n_colors, depth, 
                                 wr -= need_w
                                 busy = True
                                 stepped += 1
-                                if (ctrl & CTRL_STARTED) == 0:
+                                if th_start[_u(p * T + h)] < 0:
                                     th_start[_u(p * T + h)] = t
-                                    th[_u(hb + TH_CTRL)] = (ctrl | CTRL_STARTED) & ~CTRL_SUB
-                                elif ctrl & CTRL_SUB:
+                                if ctrl & CTRL_SUB:
                                     th[_u(hb + TH_CTRL)] = ctrl ^ CTRL_SUB
                                 if islot >= 0:
                                     ib = qb + (islot << rshift)
@@ -360,7 +357,7 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, T, n_colors, depth, 
                     pe[_u(pb + PE_PEAK)] = top
                 pe[_u(pb + PE_READY)] = ready_m
                 pe[_u(pb + PE_PIPES)] = pipes
-                if woke and pe[_u(pb + PE_SLEEP_CLASS)] >= 0 and sleep_until[_u(p)] > t + 1:
+                if woke and sleep_until[_u(p)] > t + 1:
                     sleep_until[_u(p)] = t + 1
                 if ready_m != 0 or g != 0:
                     need1 = True
@@ -368,7 +365,7 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, T, n_colors, depth, 
                     again = True
             pe[_u(pb + PE_HELD)] = held
             pending += held + pe[_u(pb + PE_LIVE)]
-            if lv > 0 and pe[_u(pb + PE_SLEEP_CLASS)] >= 0 and sleep_until[_u(p)] > t:
+            if lv > 0 and sleep_until[_u(p)] > t:
                 w = sleep_until[_u(p)]
                 if w < next_wake:
                     next_wake = w

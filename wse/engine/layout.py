@@ -50,9 +50,6 @@ CTRL_CODE = 15  # opcode mask; CODE_DONE marks a finished or idle thread
 CODE_DONE = 15
 CTRL_SUB = 1 << 4
 CTRL_TWO = 1 << 5
-# set in a thread record once the current op took its first step (its start cycle is in
-# Ins.th_start), so a step reads th_start only then; never set on signal and wait ops
-CTRL_STARTED = 1 << 30
 
 # pe[p, :] int32 - per-PE scalars
 PE_ROUTES = 0  # bits 0-7: number of routes; bits 8-15: the PE's thread span (1 + its highest thread
@@ -64,8 +61,7 @@ PE_LIVE = 2  # threads with ops left
 PE_GRANT = 3  # bit k: slot k granted in this cycle's phase 1
 PE_PEAK = 4  # largest queue occupancy seen
 PE_TRACE = 5  # slot in the event log when this PE's op timeline is recorded, else -1
-PE_SLEEP_CLASS = 6  # cycle class counted while the CE sleeps (see kernels: exact skipping); -1 while it
-#                     is awake (sleep_until 0), so an awake CE's step does not read sleep_until
+PE_SLEEP_CLASS = 6  # cycle class counted while the CE sleeps (see kernels: exact skipping)
 PE_READY = 7  # bit k: slot k's router queue holds a ready wavelet
 PE_PIPES = 8  # bit k: slot k has a wavelet in flight towards its router or CE queue
 PE_HELD = 9  # wavelets held in the PE's queues (ready or in flight)

@@ -371,4 +371,3 @@ def _fill_threads(th, pe_rec, pp, start, length, ot, omap, color_slot, n_routes)
         pe_rec[p, L.PE_ROUTES] = n_routes[p] | span << L.SPAN_SHIFT
         pe_rec[p, L.PE_LIVE] = live
         pe_rec[p, L.PE_TRACE] = -1
-        pe_rec[p, L.PE_SLEEP_CLASS] = -1
