@@ -13,7 +13,7 @@ from ..isa import L_BLOCKED, L_CONTENTION, PORT_RAMP
 from .accounting import PSHIFT, _u, hot
 from .layout import (
     CQ_OCC, MASK32, PE_ARRIVE, PE_GRANT, PE_READY, PE_ROUTES, PE_RR, Q_GRANTS, Q_OCC, ROUTES_MASK, RT_CROSS,
-    RT_DOWNQ, RT_DOWNS, RT_INC, RT_TX, SLOT_SHIFT, TL_BUSY1, TL_FIELDS, TL_NEED1,
+    RT_DOWNQ, RT_DOWNS, RT_INC, RT_TX, SLOT_SHIFT, TL_FIELDS, TL_NEED1,
 )
 from .prefetch import prefetch
 
@@ -158,9 +158,9 @@ def _phase1(g, n_groups, F, A, W, depth, cap, skip):
             tb = b * TL_FIELDS
             if not skip or tl[tb + TL_NEED1] != 0:
                 kb = b << 2
-                pf = A.rect[kb + 3] - A.rect[kb + 2] > 1 or 2 * tl[tb + TL_BUSY1] <= A.rect[kb + 1] - A.rect[kb]
+                pf = A.rect[kb + 3] - A.rect[kb + 2] > 1 or 2 * A.busy[b << 1] <= A.rect[kb + 1] - A.rect[kb]
                 a, e = _route_tile(b, F, A, W, depth, cap, pf)
-                tl[tb + TL_BUSY1] = e
+                A.busy[b << 1] = e
                 granted += a
                 evaluated += e
     return granted, evaluated

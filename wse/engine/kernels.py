@@ -35,7 +35,7 @@ from .layout import (
     PE_ARRIVE, PE_LIVE, PE_PEAK, PE_PIPES, PE_READY, PE_ROUTES, PE_SLEEP_CLASS, PE_SLEEP_THREAD,
     Q_OCC, Q_PIPE, Q_READY, RT_RX, RT_TX,
     TH_CTRL, TH_IN, TH_LEFT, TH_OUT, TH_SETUP, TH_WIDTH, TL_NEED1, TL_NEXT, TL_PENDING, TL_PROGRESSED,
-    TL_WAKE, TL_FIELDS, TL_DIRTY, TL_BUSY2, SLOT_SHIFT, ROUTES_MASK, SPAN_SHIFT, MASK32,
+    TL_WAKE, TL_FIELDS, TL_DIRTY, SLOT_SHIFT, ROUTES_MASK, SPAN_SHIFT, MASK32,
 )
 
 RUNNING = -1  # returned when the chunk ended before the run did
@@ -405,11 +405,11 @@ def _phase2(g, n_groups, t, F, I, A, n_tags, max_events, W, T, n_colors, depth, 
                 kick[kb + 1] = 0
                 kick[kb + 2] = 0
                 kick[kb + 3] = 0
-                pf = A.rect[kb + 3] - A.rect[kb + 2] > 1 or 2 * tl[tb + TL_BUSY2] <= A.rect[kb + 1] - A.rect[kb]
+                pf = A.rect[kb + 3] - A.rect[kb + 2] > 1 or 2 * A.busy[(b << 1) + 1] <= A.rect[kb + 1] - A.rect[kb]
                 pd, pr, wk, ac, need1, again, sleepers = _update_tile(
                     b, t, F, I, A, g, n_tags, max_events, W, T, n_colors, depth, cap, hop_bit, ramp_bit,
                     read_ports, write_ports, skip, pf)
-                tl[tb + TL_BUSY2] = ac
+                A.busy[(b << 1) + 1] = ac
                 tl[tb + TL_PENDING] = pd
                 tl[tb + TL_PROGRESSED] = sleepers
                 tl[tb + TL_WAKE] = wk

@@ -124,6 +124,4 @@ TL_WAKE = 4  # earliest wake-up of a sleeping CE, likewise
 TL_HELD = 5  # wavelets held in the tile's queues, as of the last fold
 TL_FLOPS = 6  # FLOPs done (completed ops and finished elements of ops in progress), as of the last fold
 TL_DIRTY = 7  # 1: stepped since the last fold
-TL_BUSY1 = 8  # PEs phase 1 evaluated in the tile at its last visit (above half: no prefetch pass)
-TL_BUSY2 = 9  # PEs on phase 2's full path in the tile at its last visit, likewise
-TL_FIELDS = 16
+TL_FIELDS = 8

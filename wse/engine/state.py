@@ -112,6 +112,10 @@ class Tiles(NamedTuple):
     pe_tile: np.ndarray  # int64 [P] tile of each PE
     state: np.ndarray  # int64 [tiles * TL_FIELDS] (layout.py, TL_*)
     kick: np.ndarray  # int8 [tiles * 4]: a grant through port i of a neighbour tile enters this one
+    # int64 [tiles * 2]: PEs phase 1 evaluated and PEs phase 2 stepped on the full path at the
+    # tile's last visit (kernels._phase2: the prefetch passes); apart from `state`, whose
+    # records the stepping loops scan every cycle, so those stay one cache line a tile
+    busy: np.ndarray
     mesh: np.ndarray  # int64 [3]: mesh width, height, tiles per run (a group steps runs g, g + groups, ...)
 
 
@@ -142,7 +146,8 @@ def make_tiles(S: State, W: int, H: int, rows: int, cols: int, run: int = 1) -> 
     state[:, L.TL_NEED1] = 1
     state[:, L.TL_WAKE] = 1 << 62
     return Tiles(rect.astype(np.int64).reshape(-1), pe_tile.astype(np.int64), state.reshape(-1),
-                 np.zeros(len(rect) * 4, dtype=np.int8), np.array([W, H, max(1, run)], dtype=np.int64))
+                 np.zeros(len(rect) * 4, dtype=np.int8), np.zeros(len(rect) * 2, dtype=np.int64),
+                 np.array([W, H, max(1, run)], dtype=np.int64))
 
 
 class Consts(NamedTuple):
