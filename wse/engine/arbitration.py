@@ -15,7 +15,7 @@ from .layout import (
     CQ_OCC, MASK32, PE_ARRIVE, PE_GRANT, PE_READY, PE_ROUTES, PE_RR, Q_GRANTS, Q_OCC, ROUTES_MASK, RT_CROSS,
     RT_DOWNQ, RT_DOWNS, RT_INC, RT_TX, SLOT_SHIFT, TL_FIELDS, TL_NEED1,
 )
-from .prefetch import prefetch
+from .prefetch import passes_pay, prefetch
 
 
 @njit(cache=True, inline="always")
@@ -31,13 +31,13 @@ def _neighbour(p, port, W):
 
 
 @hot
-def _route_tile(b, F, A, W, depth, cap, pf):
-    """Phase 1 for the PEs of tile b: round-robin grants from last cycle's state; with pf, a
-    first pass prefetches what the PEs with ready wavelets will read.
+def _route_tile(b, F, A, W, depth, cap):
+    """Phase 1 for the PEs of tile b: round-robin grants from last cycle's state; where it pays
+    (prefetch.passes_pay), a first pass prefetches what the PEs with ready wavelets will read.
 
-    Returns (PEs that granted a route, PEs with ready wavelets). Writes only those PEs' grant
-    mask, round-robin pointer, grant counts and link counters, the arrival fields of the neighbours their
-    grants send to (PE_ARRIVE + port: only the neighbour on that side writes it) and the kick
+    Returns (PEs that granted a route, PEs with ready wavelets) and keeps the latter as the
+    tile's phase-1 busy count. Writes only those PEs' grant mask, round-robin pointer, grant
+    counts and link counters, the arrival fields of the neighbours their grants send to (PE_ARRIVE + port: only the neighbour on that side writes it) and the kick
     flags of the tiles those lie in (one per tile and port, likewise).
     Port use is counted in 4-bit fields of `used` (one per port); a route fits when no field
     of used + its RT_INC exceeds `cap`.
@@ -59,7 +59,8 @@ def _route_tile(b, F, A, W, depth, cap, pf):
         bias |= (7 - cap) << (4 * port)
     granted = 0
     evaluated = 0
-    for y in range(y0, y1 if pf else y0):  # first, the downstream queues of every ready slot, misses overlapped
+    y_pf = y1 if passes_pay(A.busy[_u(b << 1)], x0, x1, y0, y1) else y0
+    for y in range(y0, y_pf):  # first, the downstream queues of every ready slot, misses overlapped
         for p in range(y * W + x0, y * W + x1):
             m = pe[_u((p << PSHIFT) + PE_READY)] & MASK32
             qb = slot0[_u(p)] << rshift
@@ -140,14 +141,14 @@ def _route_tile(b, F, A, W, depth, cap, pf):
                             link_acc[_u(((L_CONTENTION * P + p) << 2) + port)] += 1
                         else:
                             link_acc[_u(((L_BLOCKED * P + p) << 2) + port)] += 1
+    A.busy[_u(b << 1)] = evaluated
     return granted, evaluated
 
 
 @hot
 def _phase1(g, n_groups, F, A, W, depth, cap, skip):
     """Phase 1 for group g's tiles (those with a ready wavelet or a grant to clear, or all
-    without skip): (PEs that granted, PEs evaluated). A one-row tile where over half the PEs
-    were evaluated at its last visit is stepped without the prefetch pass (kernels._phase2)."""
+    without skip): (PEs that granted, PEs evaluated)."""
     tl = A.state
     n_tiles = A.rect.shape[0] >> 2
     granted = 0
@@ -155,12 +156,8 @@ def _phase1(g, n_groups, F, A, W, depth, cap, skip):
     run = A.mesh[2]
     for c in range(g, -(-n_tiles // run), n_groups):
         for b in range(c * run, min(c * run + run, n_tiles)):
-            tb = b * TL_FIELDS
-            if not skip or tl[tb + TL_NEED1] != 0:
-                kb = b << 2
-                pf = A.rect[kb + 3] - A.rect[kb + 2] > 1 or 2 * A.busy[b << 1] <= A.rect[kb + 1] - A.rect[kb]
-                a, e = _route_tile(b, F, A, W, depth, cap, pf)
-                A.busy[b << 1] = e
+            if not skip or tl[b * TL_FIELDS + TL_NEED1] != 0:
+                a, e = _route_tile(b, F, A, W, depth, cap)
                 granted += a
                 evaluated += e
     return granted, evaluated

@@ -5,7 +5,7 @@ grant counts and link counters, plus the arrival field (and tile kick flag) its 
 it writes. Phase 2 runs each PE's CE step and queue update, reading its arrivals and writing
 only that PE's records. Each phase is a loop over tiles of PEs dealt to groups (`prange` over
 the groups in the parallel kernel, integer-sum reductions only), so results do not depend on
-the thread count or the tile shape. Kernels import only numpy, numba, the prefetch hint
+the thread count or the tile shape. Kernels import only numpy, numba, the prefetch hint and its rule
 (prefetch.py) and integer constants (ISA codes and record layouts).
 
 The state arrives as flat 1-D arrays (layout.py gives the record fields: a route slot's rt and
@@ -29,7 +29,7 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 
 from .accounting import PSHIFT, _u, chain_end, complete_op, hot, wake_ce
 from .arbitration import _phase1
-from .prefetch import prefetch
+from .prefetch import passes_pay, prefetch
 from .layout import (
     CODE_DONE, CQ_OCC, CQ_PIPE, CQ_READY, CTRL_CODE, CTRL_SUB, CTRL_TWO, PE_CE_RR, PE_GRANT, PE_HELD,
     PE_ARRIVE, PE_LIVE, PE_PEAK, PE_PIPES, PE_READY, PE_ROUTES, PE_SLEEP_CLASS, PE_SLEEP_THREAD,
@@ -44,15 +44,15 @@ NEVER = 1 << 62  # a wake-up time that never comes
 
 @hot
 def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, T, n_colors, depth, cap, hop_bit,
-                 ramp_bit, read_ports, write_ports, skip, pf):
-    """Phase 2 for the PEs of tile b: CE step, then queue update; with pf, first passes
-    prefetch the records those steps will read.
+                 ramp_bit, read_ports, write_ports, skip):
+    """Phase 2 for the PEs of tile b: CE step, then queue update; where they pay
+    (prefetch.passes_pay), first passes prefetch the records those steps will read.
 
     Returns (wavelets held + live threads, PEs that progressed, earliest wake-up of a sleeping
     CE, PEs that took the full path, whether phase 1 must visit the tile next cycle (a ready
     wavelet or a grant to clear), whether phase 2 must (that, a wavelet in flight or an awake
     CE), CEs asleep in busy or setup). Reads the PEs' arrival fields; writes
-    only these PEs' records; grp indexes the tag statistics of the group stepping the tile.
+    only these PEs' records and the tile's phase-2 busy count; grp indexes the tag statistics of the group stepping the tile.
 
     Exact skipping (skip=True): a CE whose threads all stall or count down setup sleeps until
     the first setup ends or a wavelet arrives in one of its CE queues or leaves one of its
@@ -88,7 +88,8 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, T, n_colors, depth, 
     need1 = False
     again = False  # phase 2 must visit the tile next cycle
     sleepers = 0  # CEs asleep in busy or setup after this cycle
-    for y in range(y0, y1 if pf else y0):  # first, the records of the slots that move and of awake CEs' threads
+    y_pf = y1 if passes_pay(A.busy[_u((b << 1) + 1)], x0, x1, y0, y1) else y0
+    for y in range(y0, y_pf):  # first, the records of the slots that move and of awake CEs' threads
         for p in range(y * W + x0, y * W + x1):
             pb = p << PSHIFT
             m = (pe[_u(pb + PE_PIPES)] | pe[_u(pb + PE_GRANT)] | pe[_u(pb + PE_ARRIVE)] | pe[_u(pb + PE_ARRIVE + 1)]
@@ -99,7 +100,7 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, T, n_colors, depth, 
                 m &= m - 1
             if pe[_u(pb + PE_LIVE)] > 0 and sleep_until[_u(p)] <= t:
                 prefetch(th, _u((p * T + pe[_u(pb + PE_CE_RR)]) << 3))
-    for y in range(y0, y1 if pf else y0):  # then the CE queues awake CEs' threads receive from
+    for y in range(y0, y_pf):  # then the CE queues awake CEs' threads receive from
         for p in range(y * W + x0, y * W + x1):
             pb = p << PSHIFT
             if pe[_u(pb + PE_LIVE)] > 0 and sleep_until[_u(p)] <= t:
@@ -373,6 +374,7 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, T, n_colors, depth, 
                     sleepers += 1
             elif pe[_u(pb + PE_LIVE)] > 0:
                 again = True  # an awake CE
+    A.busy[_u((b << 1) + 1)] = active
     return pending, progressed, next_wake, active, need1, again or need1, sleepers
 
 
@@ -381,12 +383,7 @@ def _phase2(g, n_groups, t, F, I, A, n_tags, max_events, W, T, n_colors, depth, 
             read_ports, write_ports, skip):
     """Phase 2 for group g's tiles that are due, kicked, or (without skip) all; a tile that
     runs records its totals for the cycles it may then be skipped. Returns the group's
-    (pending, progressed, earliest wake-up, PEs on the full path). A one-row tile where over
-    half the PEs took the full path at its last visit is stepped without the prefetch passes:
-    its records lie in one run, read in order, which the hardware prefetcher follows by itself
-    (dense traffic: the passes cost a quarter of the time). A 2-D tile's records lie in short
-    runs a mesh row apart, where the passes pay even when most of its PEs are busy (a Kimi K2
-    group stage on 8x8 tiles: a quarter slower without them)."""
+    (pending, progressed, earliest wake-up, PEs on the full path)."""
     tl = A.state
     kick = A.kick
     n_tiles = A.rect.shape[0] >> 2
@@ -405,11 +402,9 @@ def _phase2(g, n_groups, t, F, I, A, n_tags, max_events, W, T, n_colors, depth, 
                 kick[kb + 1] = 0
                 kick[kb + 2] = 0
                 kick[kb + 3] = 0
-                pf = A.rect[kb + 3] - A.rect[kb + 2] > 1 or 2 * A.busy[(b << 1) + 1] <= A.rect[kb + 1] - A.rect[kb]
                 pd, pr, wk, ac, need1, again, sleepers = _update_tile(
                     b, t, F, I, A, g, n_tags, max_events, W, T, n_colors, depth, cap, hop_bit, ramp_bit,
-                    read_ports, write_ports, skip, pf)
-                A.busy[(b << 1) + 1] = ac
+                    read_ports, write_ports, skip)
                 tl[tb + TL_PENDING] = pd
                 tl[tb + TL_PROGRESSED] = sleepers
                 tl[tb + TL_WAKE] = wk

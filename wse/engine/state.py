@@ -113,7 +113,7 @@ class Tiles(NamedTuple):
     state: np.ndarray  # int64 [tiles * TL_FIELDS] (layout.py, TL_*)
     kick: np.ndarray  # int8 [tiles * 4]: a grant through port i of a neighbour tile enters this one
     # int64 [tiles * 2]: PEs phase 1 evaluated and PEs phase 2 stepped on the full path at the
-    # tile's last visit (kernels._phase2: the prefetch passes); apart from `state`, whose
+    # tile's last visit (prefetch.passes_pay); apart from `state`, whose
     # records the stepping loops scan every cycle, so those stay one cache line a tile
     busy: np.ndarray
     mesh: np.ndarray  # int64 [3]: mesh width, height, tiles per run (a group steps runs g, g + groups, ...)
