@@ -203,6 +203,9 @@ def fold(t, F, I, A, n_tags, max_events, T, n_colors, pe_cnt, link_cnt, region_o
         held = 0
         for y in range(y0, y1):
             for p in range(y * W + x0, y * W + x1):
+                routes = F.pe[(p << PSHIFT) + PE_ROUTES]
+                if routes == 0:  # no route and no program: nothing was ever counted here
+                    continue
                 if F.sleep_until[p] > 0 and (full or F.pe[(p << PSHIFT) + PE_SLEEP_CLASS] <= C_SETUP):
                     account_sleep(p, t, T, 0, F, I, n_tags, max_events, n_colors)
                 busy = F.cyc[C_BUSY * P + p]
@@ -212,7 +215,7 @@ def fold(t, F, I, A, n_tags, max_events, T, n_colors, pe_cnt, link_cnt, region_o
                     F.cyc[C_BUSY * P + p] = 0
                 flops += F.acc[A_FLOPS * P + p]
                 held += F.pe[(p << PSHIFT) + PE_HELD]
-                for h in range(T):
+                for h in range(routes >> SPAN_SHIFT):  # the threads with a program
                     hb = (p * T + h) << 3
                     if (F.th[hb + TH_CTRL] & CTRL_CODE) != CODE_DONE:
                         ob = F.omap[_u(F.th[hb + TH_OP])] * OT_FIELDS
@@ -226,7 +229,7 @@ def fold(t, F, I, A, n_tags, max_events, T, n_colors, pe_cnt, link_cnt, region_o
                             i = ((c * P + p) << 2) + port
                             link_cnt[p, port, c] += F.link_acc[i]
                             F.link_acc[i] = 0
-                    for k in range(F.pe[(p << PSHIFT) + PE_ROUTES] & ROUTES_MASK):
+                    for k in range(routes & ROUTES_MASK):
                         qi = ((F.slot0[p] + k) << SLOT_SHIFT) + Q_GRANTS
                         g = F.q[qi]
                         if g != 0:

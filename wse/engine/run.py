@@ -182,7 +182,7 @@ class _Run:
                 signal.signal(signal.SIGINT, previous_handler)
         if self.full_at != self.t:  # an interrupt can come between a chunk and its full fold
             self.fold(full=True)
-        res = self.result(stop, time.perf_counter() - t0)
+        res = self.result(stop, time.perf_counter() - t0, final=True)
         release_buffer(self.S)  # the result holds copies: the next run here reuses the memory
         self.S = self.F = None
         return res
@@ -220,10 +220,12 @@ class _Run:
                 last_snapshot = time.perf_counter()
             chunk = int(min(max(chunk * min(4.0, 0.25 / max(dt, 1e-6)), 16), 1 << 24))
 
-    def result(self, stop: int, wall: float) -> EngineResult:
+    def result(self, stop: int, wall: float, final: bool = False) -> EngineResult:
+        """The measurements so far; final: the run's last, which takes the 64-bit totals
+        themselves instead of copies (a group stage's are ~45 MB; nothing counts into them after)."""
         S, trace = self.S, self.trace
         H, W = trace.mesh_height, trace.mesh_width
-        pe_cnt = self.pe_cnt.copy()
+        pe_cnt = self.pe_cnt if final else self.pe_cnt.copy()
         pe_cnt[:, isa.C_FLOPS:isa.C_OPS + 1] = self.op_counters().T
         pe_cnt[:, isa.C_FINISH] = S.finish
         pe_cnt[:, isa.C_PEAK_QUEUE] = S.pe[:, L.PE_PEAK]
@@ -231,7 +233,8 @@ class _Run:
         return EngineResult(
             total_cycles=self.t, stop=stop,
             pe_counters=pe_cnt.reshape(H, W, isa.N_PE_COUNTERS),
-            link_counters=self.link_cnt.reshape(H, W, isa.N_LINK_PORTS, isa.N_LINK_COUNTERS).copy(),
+            link_counters=self.link_cnt.reshape(H, W, isa.N_LINK_PORTS, isa.N_LINK_COUNTERS)
+            if final else self.link_cnt.reshape(H, W, isa.N_LINK_PORTS, isa.N_LINK_COUNTERS).copy(),
             stuck=stuck, wall_seconds=wall, threads=self.n_threads if self.parallel else 1,
             timeline=self.timeline.arrays(self.region_names), ops=self.ops_table(), events=self.event_log(),
             stepped_pe_cycles=int(self.I.work[0]), stepped_cycles=int(self.I.work[1]), jumped_cycles=int(self.I.work[2]))
