@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from .. import isa
 from .mesh import MeshBuilder
-from .placement import PlacementError, Slot, add_lane_routes, direction, lane_paths, lane_sources, lane_targets
+from .placement import PlacementError, Slot, add_lane_routes, direction, lane_cells, lane_sources, lane_targets
 from .plan import COMBINE, DISPATCH_ALT, TRANSFER
 
 TURNS_NEEDING_RELAY = {("east", "south"), ("south", "east")}  # one color would cross itself
@@ -154,31 +156,62 @@ def add_group_routes(builder: MeshBuilder, slots: list[Slot], chain: list[int], 
             run = []
 
 
+def _cell_key(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A mesh cell as one integer (coordinates within +-2**20)."""
+    return ((y + (1 << 20)) << 21) + (x + (1 << 20))
+
+
 def _multicast(builder: MeshBuilder, slots: list[Slot], run: list[tuple[int, int]], color: int, P: int,
                ox: int, oy: int) -> None:
     """One route per lane along a run of segments: the first cell takes the sender's ramp, every
-    junction at an expert region's lane PE forwards and delivers to its ramp, the last delivers."""
-    cells: dict[tuple[int, int], tuple[int, int]] = {}  # (x, y) -> (rx port, tx mask)
+    junction at an expert region's lane PE forwards and delivers to its ramp, the last delivers.
+
+    Built as arrays, cells in the order a walk along the run's segments and lanes first reaches
+    them: a junction (a segment's first cell after the first segment) keeps its place and its
+    receive port and takes the forward (and, at an expert region, the copy to its ramp) as its
+    transmit set; a cell past a lane's first reached a second time is a lane crossing itself."""
+    xs, ys, rxs, txs, firsts, junctions = [], [], [], [], [], []
     for k, (s, t) in enumerate(run):
         src = lane_sources(slots[s], P, 0)
-        for d, (path, out_port, in_port) in lane_paths(slots[s], slots[t], src,
-                                                        lane_targets(slots[s], slots[t], src, P), ox, oy).items():
-            last = len(path) - 1
-            for n, xy in enumerate(path):
-                if n == 0:
-                    if k == 0:
-                        rx, tx = isa.PORT_RAMP, isa.tx_mask(out_port)
-                    else:  # a junction: the previous segment's last cell forwards here too
-                        prx, ptx = cells[xy]
-                        copy = isa.tx_mask(isa.PORT_RAMP) if slots[s].kind in ("experts", "relay") else 0
-                        rx, tx = prx, isa.tx_mask(out_port) | copy
-                elif n == last:
-                    rx, tx = in_port, isa.tx_mask(isa.PORT_RAMP)
-                else:
-                    rx, tx = in_port, isa.tx_mask(out_port)
-                if n != 0 and xy in cells:
-                    raise PlacementError(f"a dispatch lane crosses itself at {xy}")
-                cells[xy] = (rx, tx)
-    xs = [x for x, _ in cells]
-    ys = [y for _, y in cells]
-    builder.routes(xs, ys, color, [v[0] for v in cells.values()], [v[1] for v in cells.values()])
+        x, y, n, counts, out_port, in_port = lane_cells(slots[s], slots[t], src,
+                                                        lane_targets(slots[s], slots[t], src, P), ox, oy)
+        last = n == np.repeat(counts - 1, counts)
+        rx = np.where(n == 0, isa.PORT_RAMP, in_port)
+        tx = np.left_shift(1, np.where(last & (n != 0), isa.PORT_RAMP, out_port))
+        keep = n != 0 if k else np.ones(n.size, dtype=bool)
+        if k:
+            copy = isa.tx_mask(isa.PORT_RAMP) if slots[s].kind in ("experts", "relay") else 0
+            head = n == 0
+            junctions.append((x[head], y[head], tx[head] | copy))
+        xs.append(x[keep])
+        ys.append(y[keep])
+        rxs.append(rx[keep])
+        txs.append(tx[keep])
+        firsts.append(n[keep] == 0)
+    x, y, rx, tx, first = (np.concatenate(a) for a in (xs, ys, rxs, txs, firsts))
+    key = _cell_key(x, y)
+    order = np.argsort(key, kind="stable")
+    ks = key[order]
+    again = np.zeros(key.size, dtype=bool)  # reached before
+    again[order[1:]] = ks[1:] == ks[:-1]
+    crossing = np.nonzero(again & ~first)[0]
+    if crossing.size:
+        c = int(crossing[0])
+        raise PlacementError(f"a dispatch lane crosses itself at {(int(x[c]), int(y[c]))}")
+    # a cell reached again is a lane's first cell in the first segment: the later one's route, the first's place
+    group_start = np.ones(ks.size, dtype=bool)
+    group_start[1:] = ks[1:] != ks[:-1]
+    gid = np.cumsum(group_start) - 1
+    place = order[group_start]
+    latest = np.zeros(place.size, dtype=np.int64)
+    np.maximum.at(latest, gid, order)
+    rx, tx = rx[latest], tx[latest]
+    uniq = ks[group_start]
+    for jx, jy, jtx in junctions:
+        jk = _cell_key(jx, jy)
+        at = np.searchsorted(uniq, jk)
+        if np.any(at >= uniq.size) or np.any(uniq[np.minimum(at, uniq.size - 1)] != jk):
+            raise PlacementError("a dispatch junction is not the end of the segment before")
+        tx[at] = jtx
+    by_place = np.argsort(place, kind="stable")
+    builder.routes(x[place[by_place]], y[place[by_place]], color, rx[by_place], tx[by_place])

@@ -16,6 +16,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 
+import numpy as np
+
 from .. import isa
 from ..errors import WseError
 from .mesh import MeshBuilder, Region, offsets, split
@@ -176,38 +178,45 @@ def lane_targets(src: Slot, dst: Slot, sources: dict[int, tuple[int, int]], P: i
     return out
 
 
-def lane_paths(src: Slot, dst: Slot, sources: dict[int, tuple[int, int]], targets: dict[int, tuple[int, int]],
-               ox: int = 0, oy: int = 0) -> dict[int, tuple[list[tuple[int, int]], int, int]]:
-    """Lane -> (mesh cells from its source PE to its target PE, the port a wavelet leaves each
-    cell by, the port it enters the next by): every lane runs along one row or column."""
+def _lane_ends(src: Slot, dst: Slot, sources: dict[int, tuple[int, int]], targets: dict[int, tuple[int, int]],
+               ox: int, oy: int):
+    """Per lane: (lane, first cell, cells, step (dx, dy), the port a wavelet leaves each cell by,
+    the port it enters the next by); every lane runs along one row or column."""
     a, b = src.region, dst.region
-    out = {}
     for d, (sx, sy) in sources.items():
         x0, y0 = a.x0 + sx - ox, a.y0 + sy - oy
         x1, y1 = b.x0 + targets[d][0] - ox, b.y0 + targets[d][1] - oy
         if y0 == y1:
-            step = 1 if x1 > x0 else -1
-            out_port = isa.PORT_EAST if step > 0 else isa.PORT_WEST
-            cells = [(x, y0) for x in range(x0, x1 + step, step)]
+            step = (1 if x1 > x0 else -1, 0)
+            out_port = isa.PORT_EAST if step[0] > 0 else isa.PORT_WEST
         elif x0 == x1:
-            step = 1 if y1 > y0 else -1
-            out_port = isa.PORT_SOUTH if step > 0 else isa.PORT_NORTH
-            cells = [(x0, y) for y in range(y0, y1 + step, step)]
+            step = (0, 1 if y1 > y0 else -1)
+            out_port = isa.PORT_SOUTH if step[1] > 0 else isa.PORT_NORTH
         else:
             raise PlacementError("a lane must run along one row or column")
-        out[d] = (cells, out_port, isa.PORT_OPPOSITE[out_port])
-    return out
+        yield d, (x0, y0), abs(x1 - x0) + abs(y1 - y0) + 1, step, out_port, isa.PORT_OPPOSITE[out_port]
+
+
+def lane_cells(src: Slot, dst: Slot, sources: dict[int, tuple[int, int]], targets: dict[int, tuple[int, int]],
+               ox: int = 0, oy: int = 0) -> tuple[np.ndarray, ...]:
+    """The cells of every lane from its source PE to its target PE, lane after lane, each lane along
+    one row or column: the cells' x, y and position on their lane (0 at the source), each lane's
+    cell count, the port a wavelet leaves each cell by and the port it enters the next by."""
+    lanes = list(_lane_ends(src, dst, sources, targets, ox, oy))
+    counts = np.array([c for _, _, c, _, _, _ in lanes], dtype=np.int64)
+    start = np.cumsum(counts) - counts
+    n = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(start, counts)
+    per = np.array([(x0, y0, dx, dy, o, i) for _, (x0, y0), _, (dx, dy), o, i in lanes], dtype=np.int64
+                   ).reshape(-1, 6)
+    x0, y0, dx, dy, out_port, in_port = (np.repeat(per[:, k], counts) for k in range(6))
+    return x0 + n * dx, y0 + n * dy, n, counts, out_port, in_port
 
 
 def add_lane_routes(builder: MeshBuilder, src: Slot, dst: Slot, sources: dict[int, tuple[int, int]],
                     targets: dict[int, tuple[int, int]], color: int, ox: int = 0, oy: int = 0) -> None:
     """Straight routes of every lane from src to dst on one color (mesh offset ox, oy)."""
-    xs, ys, rx, tx = [], [], [], []
-    for cells, out_port, in_port in lane_paths(src, dst, sources, targets, ox, oy).values():
-        for n, (x, y) in enumerate(cells):
-            xs.append(x)
-            ys.append(y)
-            first, last = n == 0, n == len(cells) - 1
-            rx.append(isa.PORT_RAMP if first else in_port)
-            tx.append(isa.tx_mask(isa.PORT_RAMP if last else out_port))
+    xs, ys, n, counts, out_port, in_port = lane_cells(src, dst, sources, targets, ox, oy)
+    last = n == np.repeat(counts - 1, counts)
+    rx = np.where(n == 0, isa.PORT_RAMP, in_port)
+    tx = np.left_shift(1, np.where(last, isa.PORT_RAMP, out_port))
     builder.routes(xs, ys, color, rx, tx)
