@@ -13,7 +13,7 @@ from ..isa import L_BLOCKED, L_CONTENTION, PORT_RAMP
 from .accounting import PSHIFT, _u, hot
 from .layout import (
     CQ_OCC, MASK32, PE_ARRIVE, PE_GRANT, PE_READY, PE_ROUTES, PE_RR, Q_GRANTS, Q_OCC, ROUTES_MASK, RT_CROSS,
-    RT_DOWNQ, RT_DOWNS, RT_INC, RT_TX, SLOT_SHIFT, TL_FIELDS, TL_NEED1,
+    RT_DOWNQ, RT_DOWNS, RT_INC, RT_TX, SLOT_SHIFT,
 )
 from .prefetch import passes_pay, prefetch
 
@@ -149,14 +149,14 @@ def _route_tile(b, F, A, W, depth, cap):
 def _phase1(g, n_groups, F, A, W, depth, cap, skip):
     """Phase 1 for group g's tiles (those with a ready wavelet or a grant to clear, or all
     without skip): (PEs that granted, PEs evaluated)."""
-    tl = A.state
+    need1 = A.need1
     n_tiles = A.rect.shape[0] >> 2
     granted = 0
     evaluated = 0
     run = A.mesh[2]
     for c in range(g, -(-n_tiles // run), n_groups):
         for b in range(c * run, min(c * run + run, n_tiles)):
-            if not skip or tl[b * TL_FIELDS + TL_NEED1] != 0:
+            if not skip or need1[b] != 0:
                 a, e = _route_tile(b, F, A, W, depth, cap)
                 granted += a
                 evaluated += e

@@ -34,7 +34,7 @@ from .layout import (
     CODE_DONE, CQ_OCC, CQ_PIPE, CQ_READY, CTRL_CODE, CTRL_SUB, CTRL_TWO, PE_CE_RR, PE_GRANT, PE_HELD,
     PE_ARRIVE, PE_LIVE, PE_PEAK, PE_PIPES, PE_READY, PE_ROUTES, PE_SLEEP_CLASS, PE_SLEEP_THREAD,
     Q_OCC, Q_PIPE, Q_READY, RT_RX, RT_TX,
-    TH_CTRL, TH_IN, TH_LEFT, TH_OUT, TH_SETUP, TH_WIDTH, TL_NEED1, TL_NEXT, TL_PENDING, TL_PROGRESSED,
+    TH_CTRL, TH_IN, TH_LEFT, TH_OUT, TH_SETUP, TH_WIDTH, TL_PENDING, TL_PROGRESSED,
     TL_WAKE, TL_FIELDS, TL_DIRTY, SLOT_SHIFT, ROUTES_MASK, SPAN_SHIFT, MASK32,
 )
 
@@ -379,46 +379,72 @@ def _update_tile(b, t, F, I, A, grp, n_tags, max_events, W, T, n_colors, depth, 
 
 
 @hot
-def _phase2(g, n_groups, t, F, I, A, n_tags, max_events, W, T, n_colors, depth, cap, hop_bit, ramp_bit,
+def _phase2(g, n_groups, t, F, I, A, sums, n_tags, max_events, W, T, n_colors, depth, cap, hop_bit, ramp_bit,
             read_ports, write_ports, skip):
     """Phase 2 for group g's tiles that are due, kicked, or (without skip) all; a tile that
-    runs records its totals for the cycles it may then be skipped. Returns the group's
-    (pending, progressed, earliest wake-up, PEs on the full path)."""
+    runs records its totals for the cycles it may then be skipped, and the group's sums of
+    them (sums[2g]: pending, sums[2g + 1]: CEs asleep in busy or setup; _group_sums) follow.
+    Returns the group's (pending, progressed, PEs on the full path)."""
     tl = A.state
-    kick = A.kick
+    kick = A.kick.view(np.int32)  # (a tile's four flags as one word)
+    due = A.due
+    need1 = A.need1
     n_tiles = A.rect.shape[0] >> 2
-    pending = 0
-    progressed = 0
-    wake = NEVER
+    pending = sums[2 * g]
+    asleep = sums[2 * g + 1]  # (CEs asleep in busy or setup progress this cycle unless their tile runs)
+    progressed = asleep
     active = 0
     run = A.mesh[2]
     for c in range(g, -(-n_tiles // run), n_groups):
         for b in range(c * run, min(c * run + run, n_tiles)):
-            tb = b * TL_FIELDS
-            kb = b << 2
-            if (not skip or tl[tb + TL_NEXT] <= t or kick[kb] != 0 or kick[kb + 1] != 0 or kick[kb + 2] != 0
-                    or kick[kb + 3] != 0):
-                kick[kb] = 0
-                kick[kb + 1] = 0
-                kick[kb + 2] = 0
-                kick[kb + 3] = 0
-                pd, pr, wk, ac, need1, again, sleepers = _update_tile(
+            if not skip or due[b] <= t or kick[b] != 0:
+                kick[b] = 0
+                pd, pr, wk, ac, n1, again, sleepers = _update_tile(
                     b, t, F, I, A, g, n_tags, max_events, W, T, n_colors, depth, cap, hop_bit, ramp_bit,
                     read_ports, write_ports, skip)
+                tb = b * TL_FIELDS
+                pending += pd - tl[tb + TL_PENDING]
+                progressed += pr - tl[tb + TL_PROGRESSED]
+                asleep += sleepers - tl[tb + TL_PROGRESSED]
                 tl[tb + TL_PENDING] = pd
                 tl[tb + TL_PROGRESSED] = sleepers
                 tl[tb + TL_WAKE] = wk
-                tl[tb + TL_NEED1] = 1 if need1 else 0
-                tl[tb + TL_NEXT] = t + 1 if again else wk
                 tl[tb + TL_DIRTY] = 1
+                need1[b] = 1 if n1 else 0
+                due[b] = t + 1 if again else wk
                 active += ac
-                progressed += pr
-            else:
-                progressed += tl[tb + TL_PROGRESSED]
-            pending += tl[tb + TL_PENDING]
-            if tl[tb + TL_WAKE] < wake:
-                wake = tl[tb + TL_WAKE]
-    return pending, progressed, wake, active
+    sums[2 * g] = pending
+    sums[2 * g + 1] = asleep
+    return pending, progressed, active
+
+
+@hot
+def _group_sums(g, n_groups, A, sums):
+    """sums[2g], sums[2g + 1]: group g's tiles' pending and CEs asleep in busy or setup, as
+    recorded (phase 2 keeps them up to date from then on)."""
+    tl = A.state
+    n_tiles = A.rect.shape[0] >> 2
+    run = A.mesh[2]
+    pending = 0
+    asleep = 0
+    for c in range(g, -(-n_tiles // run), n_groups):
+        for b in range(c * run, min(c * run + run, n_tiles)):
+            pending += tl[b * TL_FIELDS + TL_PENDING]
+            asleep += tl[b * TL_FIELDS + TL_PROGRESSED]
+    sums[2 * g] = pending
+    sums[2 * g + 1] = asleep
+
+
+@hot
+def _first_wake(A):
+    """The earliest wake-up of a sleeping CE any tile recorded (NEVER if none)."""
+    tl = A.state
+    first = NEVER
+    for b in range(A.rect.shape[0] >> 2):
+        w = tl[b * TL_FIELDS + TL_WAKE]
+        if w < first:
+            first = w
+    return first
 
 
 def _make_run(parallel: bool):
@@ -443,17 +469,19 @@ def _make_run(parallel: bool):
         evaluated = np.zeros(n_groups, dtype=np.int64)
         pending = np.zeros(n_groups, dtype=np.int64)
         progressed = np.zeros(n_groups, dtype=np.int64)
-        wake = np.zeros(n_groups, dtype=np.int64)
         active = np.zeros(n_groups, dtype=np.int64)
+        sums = np.zeros(2 * n_groups, dtype=np.int64)
+        for g in loop(n_groups):
+            _group_sums(g, n_groups, A, sums)
         hop_bit = 1 << (hop_latency - 1)
         ramp_bit = 1 << (ramp_latency - 1)
         while t < t_stop:
             for g in loop(n_groups):
                 granted[g], evaluated[g] = _phase1(g, n_groups, F, A, W, depth, cap, skip)
             for g in loop(n_groups):
-                pending[g], progressed[g], wake[g], active[g] = _phase2(
-                    g, n_groups, t, F, I, A, n_tags, max_events, W, T, n_colors, depth, cap, hop_bit, ramp_bit,
-                    read_ports, write_ports, skip)
+                pending[g], progressed[g], active[g] = _phase2(
+                    g, n_groups, t, F, I, A, sums, n_tags, max_events, W, T, n_colors, depth, cap, hop_bit,
+                    ramp_bit, read_ports, write_ports, skip)
             moved = granted.sum() + progressed.sum() > 0
             if moved:
                 last_progress = t
@@ -465,7 +493,7 @@ def _make_run(parallel: bool):
             if skip and evaluated.sum() == 0 and active.sum() == 0:
                 # every PE is quiet: nothing happens before the first CE wakes (setup sleepers
                 # make progress every cycle meanwhile); with none, only the watchdog remains
-                first = wake.min()
+                first = _first_wake(A)
                 if first < NEVER:
                     target = min(first, t_stop)
                     if moved:

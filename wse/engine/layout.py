@@ -115,13 +115,13 @@ TS_FIELDS = 6
 EVENT_FIELDS = 4  # op, thread, start cycle, end cycle
 
 
-# tile state [tile, :] int64 - activity of a rectangle of PEs (kernels: exact skipping by tile)
-TL_NEXT = 0  # first cycle the tile must run phase 2 on its own (t + 1 while anything moves in it)
-TL_NEED1 = 1  # 1: a PE holds a ready wavelet or a grant to clear, so phase 1 must visit the tile
-TL_PENDING = 2  # wavelets held + live threads, as of the tile's last phase 2
-TL_PROGRESSED = 3  # sleeping CEs in busy or setup (each progresses every cycle), likewise
-TL_WAKE = 4  # earliest wake-up of a sleeping CE, likewise
-TL_HELD = 5  # wavelets held in the tile's queues, as of the last fold
-TL_FLOPS = 6  # FLOPs done (completed ops and finished elements of ops in progress), as of the last fold
-TL_DIRTY = 7  # 1: stepped since the last fold
-TL_FIELDS = 8
+# tile state [tile, :] int64 - activity of a rectangle of PEs (kernels: exact skipping by tile).
+# Whether a tile is due this cycle is kept apart (Tiles.due, Tiles.need1, Tiles.kick): the
+# stepping loops check every tile every cycle, and those compact arrays stay in the cache.
+TL_PENDING = 0  # wavelets held + live threads, as of the tile's last phase 2
+TL_PROGRESSED = 1  # sleeping CEs in busy or setup (each progresses every cycle), likewise
+TL_WAKE = 2  # earliest wake-up of a sleeping CE, likewise
+TL_HELD = 3  # wavelets held in the tile's queues, as of the last fold
+TL_FLOPS = 4  # FLOPs done (completed ops and finished elements of ops in progress), as of the last fold
+TL_DIRTY = 5  # 1: stepped since the last fold
+TL_FIELDS = 8  # (one 64-byte record a tile)

@@ -112,6 +112,8 @@ class Tiles(NamedTuple):
     pe_tile: np.ndarray  # int64 [P] tile of each PE
     state: np.ndarray  # int64 [tiles * TL_FIELDS] (layout.py, TL_*)
     kick: np.ndarray  # int8 [tiles * 4]: a grant through port i of a neighbour tile enters this one
+    due: np.ndarray  # int64 [tiles]: first cycle the tile must run phase 2 on its own (t + 1 while anything moves in it)
+    need1: np.ndarray  # int8 [tiles]: 1 while a PE holds a ready wavelet or a grant to clear (phase 1 visits the tile)
     # int64 [tiles * 2]: PEs phase 1 evaluated and PEs phase 2 stepped on the full path at the
     # tile's last visit (prefetch.passes_pay); apart from `state`, whose
     # records the stepping loops scan every cycle, so those stay one cache line a tile
@@ -143,10 +145,10 @@ def make_tiles(S: State, W: int, H: int, rows: int, cols: int, run: int = 1) -> 
         cross |= np.where(((tx_mask >> port) & 1 == 1) & other, 1 << port, 0)
     S.rt[:len(owner), L.RT_CROSS] = cross
     state = np.zeros((len(rect), L.TL_FIELDS), dtype=np.int64)
-    state[:, L.TL_NEED1] = 1
     state[:, L.TL_WAKE] = 1 << 62
     return Tiles(rect.astype(np.int64).reshape(-1), pe_tile.astype(np.int64), state.reshape(-1),
-                 np.zeros(len(rect) * 4, dtype=np.int8), np.zeros(len(rect) * 2, dtype=np.int64),
+                 np.zeros(len(rect) * 4, dtype=np.int8), np.zeros(len(rect), dtype=np.int64),
+                 np.ones(len(rect), dtype=np.int8), np.zeros(len(rect) * 2, dtype=np.int64),
                  np.array([W, H, max(1, run)], dtype=np.int64))
 
 
