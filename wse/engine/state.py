@@ -115,8 +115,8 @@ class Tiles(NamedTuple):
     due: np.ndarray  # int64 [tiles]: first cycle the tile must run phase 2 on its own (t + 1 while anything moves in it)
     need1: np.ndarray  # int8 [tiles]: 1 while a PE holds a ready wavelet or a grant to clear (phase 1 visits the tile)
     # int64 [tiles * 2]: PEs phase 1 evaluated and PEs phase 2 stepped on the full path at the
-    # tile's last visit (prefetch.passes_pay); apart from `state`, whose
-    # records the stepping loops scan every cycle, so those stay one cache line a tile
+    # tile's last visit (prefetch.passes_pay); apart from `state`, so a tile's record stays one
+    # cache line
     busy: np.ndarray
     mesh: np.ndarray  # int64 [3]: mesh width, height, tiles per run (a group steps runs g, g + groups, ...)
 
