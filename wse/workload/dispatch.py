@@ -173,9 +173,8 @@ def _multicast(builder: MeshBuilder, slots: list[Slot], run: list[tuple[int, int
     xs, ys, rxs, txs, firsts, junctions = [], [], [], [], [], []
     for k, (s, t) in enumerate(run):
         src = lane_sources(slots[s], P, 0)
-        x, y, n, counts, out_port, in_port = lane_cells(slots[s], slots[t], src,
-                                                        lane_targets(slots[s], slots[t], src, P), ox, oy)
-        last = n == np.repeat(counts - 1, counts)
+        x, y, n, last, out_port, in_port = lane_cells(slots[s], slots[t], src,
+                                                      lane_targets(slots[s], slots[t], src, P), ox, oy)
         rx = np.where(n == 0, isa.PORT_RAMP, in_port)
         tx = np.left_shift(1, np.where(last & (n != 0), isa.PORT_RAMP, out_port))
         keep = n != 0 if k else np.ones(n.size, dtype=bool)

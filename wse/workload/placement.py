@@ -178,45 +178,36 @@ def lane_targets(src: Slot, dst: Slot, sources: dict[int, tuple[int, int]], P: i
     return out
 
 
-def _lane_ends(src: Slot, dst: Slot, sources: dict[int, tuple[int, int]], targets: dict[int, tuple[int, int]],
-               ox: int, oy: int):
-    """Per lane: (lane, first cell, cells, step (dx, dy), the port a wavelet leaves each cell by,
-    the port it enters the next by); every lane runs along one row or column."""
+def lane_cells(src: Slot, dst: Slot, sources: dict[int, tuple[int, int]], targets: dict[int, tuple[int, int]],
+               ox: int = 0, oy: int = 0) -> tuple[np.ndarray, ...]:
+    """The cells of every lane from its source PE to its target PE, lane after lane, each lane along
+    one row or column: the cells' x, y, position on their lane (0 at the source) and whether each
+    is its lane's last, the port a wavelet leaves each cell by and the port it enters the next by."""
     a, b = src.region, dst.region
+    lanes = []  # per lane: first cell, step, cells, out port, in port
     for d, (sx, sy) in sources.items():
         x0, y0 = a.x0 + sx - ox, a.y0 + sy - oy
         x1, y1 = b.x0 + targets[d][0] - ox, b.y0 + targets[d][1] - oy
         if y0 == y1:
-            step = (1 if x1 > x0 else -1, 0)
-            out_port = isa.PORT_EAST if step[0] > 0 else isa.PORT_WEST
+            dx, dy = (1 if x1 > x0 else -1), 0
+            out_port = isa.PORT_EAST if dx > 0 else isa.PORT_WEST
         elif x0 == x1:
-            step = (0, 1 if y1 > y0 else -1)
-            out_port = isa.PORT_SOUTH if step[1] > 0 else isa.PORT_NORTH
+            dx, dy = 0, (1 if y1 > y0 else -1)
+            out_port = isa.PORT_SOUTH if dy > 0 else isa.PORT_NORTH
         else:
             raise PlacementError("a lane must run along one row or column")
-        yield d, (x0, y0), abs(x1 - x0) + abs(y1 - y0) + 1, step, out_port, isa.PORT_OPPOSITE[out_port]
-
-
-def lane_cells(src: Slot, dst: Slot, sources: dict[int, tuple[int, int]], targets: dict[int, tuple[int, int]],
-               ox: int = 0, oy: int = 0) -> tuple[np.ndarray, ...]:
-    """The cells of every lane from its source PE to its target PE, lane after lane, each lane along
-    one row or column: the cells' x, y and position on their lane (0 at the source), each lane's
-    cell count, the port a wavelet leaves each cell by and the port it enters the next by."""
-    lanes = list(_lane_ends(src, dst, sources, targets, ox, oy))
-    counts = np.array([c for _, _, c, _, _, _ in lanes], dtype=np.int64)
-    start = np.cumsum(counts) - counts
-    n = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(start, counts)
-    per = np.array([(x0, y0, dx, dy, o, i) for _, (x0, y0), _, (dx, dy), o, i in lanes], dtype=np.int64
-                   ).reshape(-1, 6)
-    x0, y0, dx, dy, out_port, in_port = (np.repeat(per[:, k], counts) for k in range(6))
-    return x0 + n * dx, y0 + n * dy, n, counts, out_port, in_port
+        lanes.append((x0, y0, dx, dy, abs(x1 - x0) + abs(y1 - y0) + 1, out_port, isa.PORT_OPPOSITE[out_port]))
+    per = np.array(lanes, dtype=np.int64).reshape(-1, 7)
+    counts = per[:, 4]
+    n = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    x0, y0, dx, dy, cells, out_port, in_port = (np.repeat(per[:, k], counts) for k in range(7))
+    return x0 + n * dx, y0 + n * dy, n, n == cells - 1, out_port, in_port
 
 
 def add_lane_routes(builder: MeshBuilder, src: Slot, dst: Slot, sources: dict[int, tuple[int, int]],
                     targets: dict[int, tuple[int, int]], color: int, ox: int = 0, oy: int = 0) -> None:
     """Straight routes of every lane from src to dst on one color (mesh offset ox, oy)."""
-    xs, ys, n, counts, out_port, in_port = lane_cells(src, dst, sources, targets, ox, oy)
-    last = n == np.repeat(counts - 1, counts)
+    xs, ys, n, last, out_port, in_port = lane_cells(src, dst, sources, targets, ox, oy)
     rx = np.where(n == 0, isa.PORT_RAMP, in_port)
     tx = np.left_shift(1, np.where(last, isa.PORT_RAMP, out_port))
     builder.routes(xs, ys, color, rx, tx)
