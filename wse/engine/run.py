@@ -125,7 +125,8 @@ class _Run:
         self.pe_cnt = np.zeros((P, isa.N_PE_COUNTERS), dtype=np.int64)
         self.link_cnt = np.zeros((P, isa.N_LINK_PORTS, isa.N_LINK_COUNTERS), dtype=np.int64)
         self.full_at = 0  # cycle of the last full fold
-        self.region_names, self.region_of = pe_regions(trace)
+        self.classes = _class_tags(trace)
+        self.region_names, self.region_of = pe_regions(trace, self.classes)
         self.region_busy = np.zeros(len(self.region_names), dtype=np.int64)  # busy PE-cycles so far
         self.timeline = _Timeline(len(self.region_names), *timeline)
         self.t = 0
@@ -245,7 +246,7 @@ class _Run:
         first = st[:, :, L.TS_FIRST].min(axis=0)
         last = st[:, :, L.TS_LAST].max(axis=0)
         sums = st.sum(axis=0)
-        pes = tag_pe_counts(self.trace)
+        pes = tag_pe_counts(self.trace, self.classes)
         keep = [k for k in range(self.n_tags) if sums[k, L.TS_OPS] > 0]
         tags = self.trace.tags
         return {
@@ -358,50 +359,77 @@ def _pe_program_classes(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     return rows[first], inverse.reshape(-1)
 
 
-def _program_tags(trace: Trace, pid: int, memo: dict[int, frozenset[int]]) -> frozenset[int]:
-    """The tags of program pid's ops (memo: per trace; many PE classes share a program)."""
-    if pid not in memo:
-        s = int(trace.prog_start[pid])
-        memo[pid] = frozenset(int(v) for v in np.unique(trace.ops["tag"][s:s + int(trace.prog_len[pid])]))
-    return memo[pid]
+def _expand(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The indices start .. start + count - 1 of every (start, count) pair, one run after another."""
+    total = int(counts.sum())
+    ends = np.cumsum(counts)
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - (ends - counts), counts)
 
 
-def tag_pe_counts(trace: Trace) -> np.ndarray:
-    """Per tag: the number of PEs whose programs contain an op with that tag."""
+def _class_tags(trace: Trace) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """PE classes (distinct per-PE program rows) and their tags: (each PE's class, PEs per class,
+    class, tag) with one (class, tag) pair for each tag some op of the class's programs carries."""
     uniq, inverse = _pe_program_classes(trace)
-    weight = np.bincount(inverse.reshape(-1), minlength=len(uniq))
+    weight = np.bincount(inverse, minlength=len(uniq)).astype(np.int64)
+    n_tags = max(1, len(trace.tags))
+    cls, thread_pid = np.nonzero(uniq >= 0)
+    pid = uniq[cls, thread_pid].astype(np.int64)
+    used = np.unique(pid)
+    lens = trace.prog_len[used].astype(np.int64)
+    op_tags = trace.ops["tag"][_expand(trace.prog_start[used].astype(np.int64), lens)].astype(np.int64)
+    codes = np.repeat(np.arange(len(used), dtype=np.int64), lens) * n_tags + op_tags
+    keep = np.ones(len(codes), dtype=bool)  # (a program's ops come in runs of one tag)
+    keep[1:] = codes[1:] != codes[:-1]
+    pairs = np.unique(codes[keep])
+    p_prog, p_tag = pairs // n_tags, pairs % n_tags  # (program's index in used, tag), sorted
+    p_start = np.searchsorted(p_prog, np.arange(len(used)))
+    p_count = np.bincount(p_prog, minlength=len(used))
+    k = np.searchsorted(used, pid)
+    sel = _expand(p_start[k], p_count[k])
+    codes = np.unique(np.repeat(cls.astype(np.int64), p_count[k]) * n_tags + p_tag[sel])
+    return inverse, weight, codes // n_tags, codes % n_tags
+
+
+ClassTags = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def tag_pe_counts(trace: Trace, classes: ClassTags | None = None) -> np.ndarray:
+    """Per tag: the number of PEs whose programs contain an op with that tag (classes: the
+    trace's _class_tags, if known)."""
+    _, weight, cls, tag = classes if classes is not None else _class_tags(trace)
     out = np.zeros(len(trace.tags), dtype=np.int64)
-    memo: dict[int, frozenset[int]] = {}
-    for u, row in enumerate(uniq):
-        tags: set[int] = set()
-        for pid in row:
-            if pid >= 0:
-                tags |= _program_tags(trace, int(pid), memo)
-        for tg in tags:
-            out[tg] += weight[u]
+    np.add.at(out, tag, weight[cls])
     return out
 
 
-def pe_regions(trace: Trace) -> tuple[list[str], np.ndarray]:
-    """A region label per PE from its ops' tags: "layer L" for layer ops, else the tag's name."""
-    uniq, inverse = _pe_program_classes(trace)
-    names: list[str] = []
-    index: dict[str, int] = {}
-    label = np.zeros(len(uniq), dtype=np.int64)
-    memo: dict[int, frozenset[int]] = {}
-    for u, row in enumerate(uniq):
-        tags: set[int] = set()
-        for pid in row:
-            if pid >= 0:
-                tags |= _program_tags(trace, int(pid), memo)
-        layers = sorted(trace.tags[t].layer for t in tags if trace.tags[t].layer >= 0)
-        named = sorted(trace.tags[t].name for t in tags if t != 0)
-        name = f"layer {layers[0]}" if layers else (named[0] if named else "idle")
-        if name not in index:
-            index[name] = len(names)
-            names.append(name)
-        label[u] = index[name]
-    return names, label[inverse.reshape(-1)]
+def pe_regions(trace: Trace, classes: ClassTags | None = None) -> tuple[list[str], np.ndarray]:
+    """A region label per PE from its ops' tags: "layer L" for layer ops, else the tag's name
+    (the first in name order), else "idle"; labels numbered in the order of their first class."""
+    inverse, weight, cls, tag = classes if classes is not None else _class_tags(trace)
+    n_cls = len(weight)
+    tags = trace.tags
+    layer = np.array([tg.layer for tg in tags], dtype=np.int64)
+    by_name = sorted(range(len(tags)), key=lambda t: tags[t].name)
+    rank = np.empty(len(tags), dtype=np.int64)
+    rank[by_name] = np.arange(len(tags))
+    big = np.int64(1) << 40
+    lowest_layer = np.full(n_cls, big)
+    lay = layer[tag] >= 0
+    np.minimum.at(lowest_layer, cls[lay], layer[tag[lay]])
+    first_name = np.full(n_cls, big)
+    named = tag != 0
+    np.minimum.at(first_name, cls[named], rank[tag[named]])
+    # one key per class: its lowest layer, else big + its first name's rank, else idle
+    key = np.where(lowest_layer < big, lowest_layer, np.where(first_name < big, big + first_name, 2 * big))
+    keys, first, label = np.unique(key, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    names = []
+    for kv in keys[order]:
+        kv = int(kv)
+        names.append(f"layer {kv}" if kv < big else tags[by_name[kv - big]].name if kv < 2 * big else "idle")
+    renumber = np.empty(len(keys), dtype=np.int64)
+    renumber[order] = np.arange(len(keys))
+    return names, renumber[label.reshape(-1)][inverse]
 
 
 def _in_progress(S: State, ot: np.ndarray, omap: np.ndarray) -> np.ndarray:
