@@ -34,7 +34,10 @@ def _random_trace(seed: int) -> Trace:
     rng = np.random.default_rng(seed)
     W, H, T = int(rng.integers(1, 9)), int(rng.integers(1, 9)), int(rng.integers(1, 4))
     b = TraceBuilder(W, H, threads=T)
-    tags = [0] + [b.tag(f"op{int(rng.integers(0, 6))}", int(rng.integers(-1, 4)), "k") for _ in range(6)]
+    # tags that share a name (another kind) or are named like a layer's region
+    names = [f"op{int(rng.integers(0, 4))}" for _ in range(5)] + ["layer 1", "idle"]
+    tags = [0] + [b.tag(str(rng.choice(names)), int(rng.integers(-1, 4)), str(rng.choice(["k", "j"])))
+                  for _ in range(8)]
     programs = []
     for _ in range(int(rng.integers(1, 6))):
         n = int(rng.integers(1, 5))
@@ -48,7 +51,7 @@ def _random_trace(seed: int) -> Trace:
     return b.build()
 
 
-@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize("seed", range(80))
 def test_tag_figures_match_a_walk_over_every_pe(seed):
     trace = _random_trace(seed)
     counts, names, label = _walk(trace)

@@ -409,9 +409,9 @@ def pe_regions(trace: Trace, classes: ClassTags | None = None) -> tuple[list[str
     n_cls = len(weight)
     tags = trace.tags
     layer = np.array([tg.layer for tg in tags], dtype=np.int64)
-    by_name = sorted(range(len(tags)), key=lambda t: tags[t].name)
-    rank = np.empty(len(tags), dtype=np.int64)
-    rank[by_name] = np.arange(len(tags))
+    distinct = sorted({tg.name for tg in tags})  # (tags may share a name)
+    at = {name: i for i, name in enumerate(distinct)}
+    rank = np.array([at[tg.name] for tg in tags], dtype=np.int64)
     big = np.int64(1) << 40
     lowest_layer = np.full(n_cls, big)
     lay = layer[tag] >= 0
@@ -422,13 +422,16 @@ def pe_regions(trace: Trace, classes: ClassTags | None = None) -> tuple[list[str
     # one key per class: its lowest layer, else big + its first name's rank, else idle
     key = np.where(lowest_layer < big, lowest_layer, np.where(first_name < big, big + first_name, 2 * big))
     keys, first, label = np.unique(key, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    names = []
-    for kv in keys[order]:
-        kv = int(kv)
-        names.append(f"layer {kv}" if kv < big else tags[by_name[kv - big]].name if kv < 2 * big else "idle")
+    names: list[str] = []
+    index: dict[str, int] = {}
     renumber = np.empty(len(keys), dtype=np.int64)
-    renumber[order] = np.arange(len(keys))
+    for j in np.argsort(first, kind="stable"):  # keys in the order of their first class
+        kv = int(keys[j])
+        name = f"layer {kv}" if kv < big else distinct[kv - big] if kv < 2 * big else "idle"
+        if name not in index:  # (a tag may be named like a layer)
+            index[name] = len(names)
+            names.append(name)
+        renumber[j] = index[name]
     return names, renumber[label.reshape(-1)][inverse]
 
 
