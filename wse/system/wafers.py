@@ -32,7 +32,7 @@ from ..trace_check import validate
 from ..workload.chain import chain_of, compressed, region_key
 from ..workload.compose import compose, stages
 from ..workload.decode import (ELEM, ModelPlan, bytes_needed, model_units, plan_model, plan_units, resident_bytes,
-                               unit_bytes, _table_bytes)
+                               units_bytes, _table_bytes)
 from ..workload.params import DecodeParams
 from ..workload.models import ModelSpec
 from ..workload.plan import FitError, usable_sram
@@ -63,7 +63,7 @@ def _weights(spec: ModelSpec, params: DecodeParams, units: bool) -> list[int]:
     """Bytes (weights and KV cache) of each piece a split may cut between: layers, or with
     `units` model_units; the embedding counted on the first piece, the LM head on the last."""
     if units:
-        weight = [unit_bytes(spec, params, u) for u in model_units(spec)]
+        weight = [units_bytes(spec, params, i, i + 1) for i in range(len(model_units(spec)))]
     else:
         weight = [bytes_needed(spec, params, 1, layer, False, False) for layer in range(spec.layers)]
     weight[0] += _table_bytes(spec, True, False)

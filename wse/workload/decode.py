@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 from ..errors import WseError
 from ..hardware import WaferConfig
@@ -98,8 +99,15 @@ def chain_elements(spec: ModelSpec, first_layer: int, n_layers: int, experts_per
     parallelism (experts_per_region > 0) each MoE layer followed by its expert regions, the
     routed experts split into the fewest groups of at most experts_per_region (sizes differing
     by at most one); a layer in `split` followed by its FFN region ("ffn")."""
-    return units_chain(model_units(spec, first_layer, n_layers, bool(experts_per_region)), experts_per_region,
-                       split)
+    return list(_chain_elements(spec, first_layer, n_layers, experts_per_region, split))
+
+
+@functools.lru_cache(maxsize=4096)
+def _chain_elements(spec: ModelSpec, first_layer: int, n_layers: int, experts_per_region: int,
+                    split: frozenset[int]) -> tuple:
+    """chain_elements, remembered (placement searches ask for the same chain at many slot sizes)."""
+    return tuple(units_chain(model_units(spec, first_layer, n_layers, bool(experts_per_region)), experts_per_region,
+                             split))
 
 
 def model_units(spec: ModelSpec, first_layer: int = 0, n_layers: int | None = None, experts: bool = True
@@ -123,6 +131,23 @@ def unit_bytes(spec: ModelSpec, params: DecodeParams, unit: tuple[int, int]) -> 
         lin = spec.linear_params(layer)[1] // spec.moe.experts
         return round(expert * lin + ELEM * (spec.expert_params() - lin))
     return round(spec.layer_bytes(layer, dense, expert, routed=False)) + kv_bytes(spec, params, layer, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_sums(spec: ModelSpec, params: DecodeParams) -> tuple[int, ...]:
+    """Prefix sums of unit_bytes over model_units(spec) (placement searches ask for many runs)."""
+    return (0, *itertools.accumulate(unit_bytes(spec, params, u) for u in model_units(spec)))
+
+
+@functools.lru_cache(maxsize=64)
+def _all_units(spec: ModelSpec) -> tuple[tuple[int, int], ...]:
+    return tuple(model_units(spec))
+
+
+def units_bytes(spec: ModelSpec, params: DecodeParams, u0: int, u1: int) -> int:
+    """unit_bytes summed over model_units(spec)[u0:u1]."""
+    sums = _unit_sums(spec, params)
+    return sums[u1] - sums[u0]
 
 
 def units_chain(units: list[tuple[int, int]], experts_per_region: int, split: frozenset[int] = frozenset()
@@ -153,6 +178,25 @@ def units_chain(units: list[tuple[int, int]], experts_per_region: int, split: fr
     return out
 
 
+_TABLE_FITS: dict[tuple, bool] = {}  # _table_fits' answers
+
+
+def _table_fits(spec: ModelSpec, width: int, height: int, cfg: WaferConfig, params: DecodeParams, head: bool,
+                lanes: int = 0) -> bool:
+    """Whether the embedding (or LM head) table fits a width x height region, remembered (a
+    placement search asks ~41,000 times for ~6,900 distinct regions in planning Kimi K2)."""
+    key = (spec, width, height, cfg.key(), params, head, lanes)
+    if key not in _TABLE_FITS:
+        if len(_TABLE_FITS) >= 16384:
+            _TABLE_FITS.clear()
+        try:
+            (lm_memory if head else embedding_memory)(spec, width, height, cfg, params, lanes)
+            _TABLE_FITS[key] = True
+        except FitError:
+            _TABLE_FITS[key] = False
+    return _TABLE_FITS[key]
+
+
 def _table_slots(spec: ModelSpec, P: int, cfg: WaferConfig, head: bool, params: DecodeParams,
                  most: int) -> int:
     """Fewest P x P slots (at most `most`) a vocab x hidden table needs (embedding or LM head)."""
@@ -161,11 +205,8 @@ def _table_slots(spec: ModelSpec, P: int, cfg: WaferConfig, head: bool, params: 
         raise PlacementError(f"the {what} has no room: the layers take every {P}x{P} slot of the wafer (more "
                              "wafers, --wafers, or a smaller --region leave it some)")
     for k in range(1, most + 1):
-        try:
-            (lm_memory if head else embedding_memory)(spec, k * P, P, cfg, params)
+        if _table_fits(spec, k * P, P, cfg, params, head):
             return k
-        except FitError:
-            continue
     raise PlacementError(f"the {what} does not fit in the {most} free slots of {P}x{P} (more wafers, --wafers, "
                          "or a larger --region give it more)")
 
@@ -176,11 +217,7 @@ def _strip_rows(spec: ModelSpec, P: int, cfg: WaferConfig, head: bool, params: D
     W = cfg.mesh_width
 
     def fits(h: int) -> bool:
-        try:
-            (lm_memory if head else embedding_memory)(spec, W, h, cfg, params, P)
-            return True
-        except FitError:
-            return False
+        return _table_fits(spec, W, h, cfg, params, head, P)
     lo, hi = 1, min(P, cfg.mesh_height)
     what = "LM head" if head else "embedding"
     if not fits(hi):
@@ -238,11 +275,11 @@ def plan_units(spec: ModelSpec, cfg: WaferConfig, params: DecodeParams, u0: int,
     routed experts, every MoE layer with expert regions (a layer's experts may continue on the
     next wafer)."""
     check_colors(cfg)
-    units = model_units(spec)
+    units = _all_units(spec)
     if not 0 <= u0 < u1 <= len(units):
         raise WseError(f"units {u0}..{u1 - 1} are outside {spec.name}'s {len(units)} units")
-    share = units[u0:u1]
-    need = sum(unit_bytes(spec, params, u) for u in share) + _table_bytes(spec, embed, head)
+    share = list(units[u0:u1])
+    need = units_bytes(spec, params, u0, u1) + _table_bytes(spec, embed, head)
     have = usable_sram(cfg) * cfg.mesh_width * cfg.mesh_height
     what = f"{spec.name} units {u0}..{u1 - 1} (layers {share[0][0]}..{share[-1][0]})"
     if need > have:
@@ -261,8 +298,7 @@ def resident_bytes(plan: ModelPlan) -> int:
     spec, params = plan.spec, plan.params
     if plan.units:
         u0, u1 = plan.units
-        return sum(unit_bytes(spec, params, u) for u in model_units(spec)[u0:u1]) \
-            + _table_bytes(spec, plan.embed, plan.head)
+        return units_bytes(spec, params, u0, u1) + _table_bytes(spec, plan.embed, plan.head)
     return bytes_needed(spec, params, plan.n_layers, plan.first_layer, plan.embed, plan.head)
 
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import numpy as np
+
 from ..errors import WseError
 from ..trace import Op, compute, recv, send, fill
 from .attention import by_heads
@@ -143,17 +145,16 @@ def mla_split(spec, P: int, Q: int | None = None, groups: int = 1) -> MlaSplit:
     kvl, rp = m.kv_lora_rank, rope // 2
     c_r, v_r, r_r, rope_lo, group_r, lead_r = [], [], [], [], [], []
     for g, rows in enumerate(split(Q, groups)):
-        c0, lead = 0, len(c_r)
-        for u in split(kvl + rp, rows):
-            c1 = c0 + u
-            v, pairs = max(0, min(c1, kvl) - c0), max(0, c1 - max(c0, kvl))
-            c_r.append(v + 2 * pairs)
-            v_r.append(v)
-            r_r.append(2 * pairs)
-            rope_lo.append(max(c0, kvl) - kvl)
-            group_r.append(g)
-            lead_r.append(lead)
-            c0 = c1
+        units = np.array(split(kvl + rp, rows), dtype=np.int64)  # a row's latent dims and pairs c0 .. c1-1
+        c1 = np.cumsum(units)
+        c0 = c1 - units
+        v, pairs = np.maximum(0, np.minimum(c1, kvl) - c0), np.maximum(0, c1 - np.maximum(c0, kvl))
+        lead_r += [len(c_r)] * rows
+        group_r += [g] * rows
+        c_r += (v + 2 * pairs).tolist()
+        v_r += v.tolist()
+        r_r += (2 * pairs).tolist()
+        rope_lo += (np.maximum(c0, kvl) - kvl).tolist()
     U = nope + rp  # a head's units: nope dims and rotary pairs
     qn_r, nope_runs, pe_runs = [], [], []
     u0 = 0
