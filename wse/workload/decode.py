@@ -141,6 +141,7 @@ def _unit_sums(spec: ModelSpec, params: DecodeParams) -> tuple[int, ...]:
 
 @functools.lru_cache(maxsize=64)
 def _all_units(spec: ModelSpec) -> tuple[tuple[int, int], ...]:
+    """model_units(spec), remembered (23k units for Kimi K2; plan_units asks for every share)."""
     return tuple(model_units(spec))
 
 
