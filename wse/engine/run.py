@@ -13,6 +13,7 @@ import numpy as np
 from .. import isa
 from ..hardware import WaferConfig
 from ..op_codes import row_codes
+from ..runs import positions
 from ..trace import Trace
 from ..trace_check import validate
 from . import accounting, kernels
@@ -361,9 +362,7 @@ def _pe_program_classes(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
 
 def _expand(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """The indices start .. start + count - 1 of every (start, count) pair, one run after another."""
-    total = int(counts.sum())
-    ends = np.cumsum(counts)
-    return np.arange(total, dtype=np.int64) + np.repeat(starts - (ends - counts), counts)
+    return np.repeat(starts, counts) + positions(counts)
 
 
 def _class_tags(trace: Trace) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

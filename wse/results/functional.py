@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import isa
 from ..errors import WseError
+from ..runs import positions
 from ..tensors import LOW, TensorTable, addr_units, end_byte
 from ..trace import Trace
 
@@ -94,7 +95,7 @@ def _spots(table: TensorTable, i: int):
     while a < len(counts):
         b = max(a + 1, int(np.searchsorted(ends, (ends[a - 1] if a else 0) + BLOCK_ELEMENTS, "right")))
         n = counts[a:b]
-        k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        k = positions(n)
         yield (np.repeat(p["pe"][a:b].astype(np.int64), n), np.repeat(p["addr"][a:b].astype(np.int64), n) + k * eb,
                np.repeat(p["start"][a:b], n) + k * np.repeat(p["stride"][a:b], n))
         a = b

@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from .. import isa
+from ..runs import positions
 from ..trace import compute, with_tag
 from .mesh import X, Y, Axis, Allocator, RegionProgram, split
 from .precision import SCRATCH_BYTES, STORE, row_bytes, value_bytes
@@ -200,7 +201,7 @@ def tile_pieces(t, tensor: int, shape: GemvShape, pe, row, col, count, start, co
     pe, row, col, count, start, stride = np.broadcast_arrays(
         *(np.atleast_1d(np.asarray(v, np.int64)) for v in (pe, row, col, count, start, stride)))
     k = np.repeat(np.arange(len(pe)), count)  # a piece per element
-    e = np.arange(len(k)) - np.repeat(np.cumsum(count) - count, count)  # its place in the run
+    e = positions(count)  # its place in the run
     t.pieces(tensor, pe[k], tile_addr(shape, row[k], col[k] + e, copy), 1, start[k] + e * stride[k])
 
 

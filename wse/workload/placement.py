@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import isa
 from ..errors import WseError
+from ..runs import positions
 from .mesh import MeshBuilder, Region, offsets, split
 
 
@@ -199,7 +200,7 @@ def lane_cells(src: Slot, dst: Slot, sources: dict[int, tuple[int, int]], target
         lanes.append((x0, y0, dx, dy, abs(x1 - x0) + abs(y1 - y0) + 1, out_port, isa.PORT_OPPOSITE[out_port]))
     per = np.array(lanes, dtype=np.int64).reshape(-1, 7)
     counts = per[:, 4]
-    n = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    n = positions(counts)
     x0, y0, dx, dy, cells, out_port, in_port = (np.repeat(per[:, k], counts) for k in range(7))
     return x0 + n * dx, y0 + n * dy, n, n == cells - 1, out_port, in_port
 
